@@ -1,0 +1,158 @@
+//! Error codes and the JSON error body. Every error a client sees, over HTTP or in a WebSocket
+//! `error` frame, has a stable [`ErrorCode`]; the message is for humans and may change.
+
+use crate::ids::DeviceId;
+use serde::{Deserialize, Serialize};
+
+/// A stable, machine-readable error code. Clients branch on these; they never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The body is not valid JSON or does not match the expected shape.
+    BadJson,
+    /// A request parameter is invalid (the message says which).
+    BadRequest,
+    /// A WebSocket frame is malformed (not JSON, wrong shape, binary when text is expected).
+    BadFrame,
+    /// A WebSocket frame has an unknown `type`.
+    UnknownFrame,
+    /// The request, frame or an envelope is larger than the server's limit.
+    TooLarge,
+    /// No access token was given.
+    MissingToken,
+    /// The access token is unknown, was revoked, or its device was removed.
+    UnknownToken,
+    /// Username or password is wrong.
+    WrongCredentials,
+    /// The authenticated device may not do this.
+    Forbidden,
+    /// The resource does not exist.
+    NotFound,
+    /// The user id is already registered.
+    UserTaken,
+    /// The username is not a valid localpart.
+    InvalidUsername,
+    /// The password does not meet the server's rules.
+    InvalidPassword,
+    /// Registration is closed on this server.
+    RegistrationClosed,
+    /// Registration needs a valid registration token, and none or a wrong one was given.
+    InvalidRegistrationToken,
+    /// The user already has the maximum number of devices.
+    TooManyDevices,
+    /// A send did not target exactly the current devices; the body lists the difference.
+    DevicesMismatch,
+    /// The target user does not exist.
+    UnknownUser,
+    /// Too many requests; retry after `retry_after_ms`.
+    RateLimited,
+    /// The server is shutting down or overloaded; retry later.
+    Unavailable,
+    /// A bug or an unexpected failure on the server. Details are in the server's log.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadJson => "bad_json",
+            Self::BadRequest => "bad_request",
+            Self::BadFrame => "bad_frame",
+            Self::UnknownFrame => "unknown_frame",
+            Self::TooLarge => "too_large",
+            Self::MissingToken => "missing_token",
+            Self::UnknownToken => "unknown_token",
+            Self::WrongCredentials => "wrong_credentials",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::UserTaken => "user_taken",
+            Self::InvalidUsername => "invalid_username",
+            Self::InvalidPassword => "invalid_password",
+            Self::RegistrationClosed => "registration_closed",
+            Self::InvalidRegistrationToken => "invalid_registration_token",
+            Self::TooManyDevices => "too_many_devices",
+            Self::DevicesMismatch => "devices_mismatch",
+            Self::UnknownUser => "unknown_user",
+            Self::RateLimited => "rate_limited",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status that goes with this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::BadJson | Self::BadRequest | Self::BadFrame | Self::UnknownFrame => 400,
+            Self::InvalidUsername | Self::InvalidPassword => 400,
+            Self::TooLarge => 413,
+            Self::MissingToken | Self::UnknownToken | Self::WrongCredentials => 401,
+            Self::Forbidden | Self::RegistrationClosed | Self::InvalidRegistrationToken => 403,
+            Self::TooManyDevices => 403,
+            Self::NotFound | Self::UnknownUser => 404,
+            Self::UserTaken | Self::DevicesMismatch => 409,
+            Self::RateLimited => 429,
+            Self::Unavailable => 503,
+            Self::Internal => 500,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The JSON body of every error response, and the payload of a WebSocket `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[non_exhaustive]
+pub struct ErrorBody {
+    /// Stable error code.
+    pub code: ErrorCode,
+    /// Human-readable explanation.
+    pub message: String,
+    /// With `rate_limited`: how long to wait before retrying, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    /// With `devices_mismatch`: which devices were missing or should not have been targeted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<DevicesMismatch>,
+}
+
+impl ErrorBody {
+    /// An error body with just a code and a message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), retry_after_ms: None, devices: None }
+    }
+}
+
+/// The difference between the devices a send targeted and the current devices.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[non_exhaustive]
+pub struct DevicesMismatch {
+    /// Recipient devices that exist but got no envelope.
+    pub missing: Vec<DeviceId>,
+    /// Targeted devices that do not exist (or are the sending device itself).
+    pub extra: Vec<DeviceId>,
+}
+
+impl DevicesMismatch {
+    /// Builds a mismatch report.
+    pub fn new(missing: Vec<DeviceId>, extra: Vec<DeviceId>) -> Self {
+        Self { missing, extra }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_serialize_as_their_str() {
+        for code in [ErrorCode::BadJson, ErrorCode::DevicesMismatch, ErrorCode::RateLimited, ErrorCode::Internal] {
+            assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{}\"", code.as_str()));
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Identifiers: server names, user ids and device ids. Each is constructed only by parsing, so a
+//! value of one of these types is always well formed.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Why a string is not a valid identifier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    /// A server name must be a DNS name or IP literal, optionally with `:port`.
+    #[error("invalid server name: {0}")]
+    ServerName(&'static str),
+    /// A user id is `@localpart:server`.
+    #[error("invalid user id: {0}")]
+    UserId(&'static str),
+    /// A localpart is `[a-z0-9._=-]+`, at most 64 bytes.
+    #[error("invalid localpart: {0}")]
+    Localpart(&'static str),
+    /// A device id is `[A-Za-z0-9_-]`, 1 to 32 bytes.
+    #[error("invalid device id: {0}")]
+    DeviceId(&'static str),
+}
+
+/// Longest localpart, in bytes.
+pub const MAX_LOCALPART_BYTES: usize = 64;
+/// Longest server name, in bytes (a DNS name is at most 253, plus `:65535`).
+pub const MAX_SERVER_NAME_BYTES: usize = 255 + 6;
+/// Longest device id, in bytes.
+pub const MAX_DEVICE_ID_BYTES: usize = 32;
+
+macro_rules! string_newtype {
+    ($name:ident, $parse:path, $example:literal) => {
+        impl $name {
+            /// The identifier as a string.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+        impl std::str::FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                $parse(s)
+            }
+        }
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                $parse(&s)
+            }
+        }
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+/// A server name: a DNS name or IP literal, optionally followed by `:port`
+/// (`example.org`, `chat.example.org:8448`, `127.0.0.1:8008`, `[::1]:8448`).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, example = "example.org")]
+pub struct ServerName(String);
+string_newtype!(ServerName, ServerName::parse, "example.org");
+
+impl ServerName {
+    /// Parses a server name.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        if s.is_empty() {
+            return Err(IdError::ServerName("empty"));
+        }
+        if s.len() > MAX_SERVER_NAME_BYTES {
+            return Err(IdError::ServerName("too long"));
+        }
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let end = rest.find(']').ok_or(IdError::ServerName("unclosed ["))?;
+            let host = &rest[..end];
+            host.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| IdError::ServerName("bad IPv6 literal"))?;
+            (None, &rest[end + 1..])
+        } else {
+            match s.rfind(':') {
+                Some(i) => (Some(&s[..i]), &s[i..]),
+                None => (Some(s), ""),
+            }
+        };
+        if let Some(host) = host {
+            if host.is_empty() || host.len() > 253 {
+                return Err(IdError::ServerName("bad host length"));
+            }
+            let ok = host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+            if !ok {
+                return Err(IdError::ServerName("bad host"));
+            }
+        }
+        if !port.is_empty() {
+            let digits = port
+                .strip_prefix(':')
+                .ok_or(IdError::ServerName("junk after host"))?;
+            if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(IdError::ServerName("bad port"));
+            }
+            if digits.parse::<u32>().map_or(true, |p| p == 0 || p > 65535) {
+                return Err(IdError::ServerName("port out of range"));
+            }
+        }
+        Ok(Self(s.to_ascii_lowercase()))
+    }
+}
+
+/// A user id: `@localpart:server`, with localpart `[a-z0-9._=-]+` of at most 64 bytes.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, example = "@alice:example.org")]
+pub struct UserId(String);
+string_newtype!(UserId, UserId::parse, "@alice:example.org");
+
+impl UserId {
+    /// Parses `@localpart:server`.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let rest = s.strip_prefix('@').ok_or(IdError::UserId("must start with @"))?;
+        let colon = rest.find(':').ok_or(IdError::UserId("missing :server"))?;
+        validate_localpart(&rest[..colon]).map_err(|_| IdError::UserId("bad localpart"))?;
+        let server = ServerName::parse(&rest[colon + 1..]).map_err(|_| IdError::UserId("bad server"))?;
+        Ok(Self(format!("@{}:{}", &rest[..colon], server)))
+    }
+
+    /// Builds a user id from parts that are already valid.
+    pub fn new(localpart: &str, server: &ServerName) -> Result<Self, IdError> {
+        validate_localpart(localpart)?;
+        Ok(Self(format!("@{localpart}:{server}")))
+    }
+
+    /// The localpart (between `@` and the first `:`).
+    pub fn localpart(&self) -> &str {
+        let colon = self.0.find(':').unwrap_or(self.0.len()); // invariant: parsed with a colon
+        &self.0[1..colon]
+    }
+
+    /// The server part.
+    pub fn server(&self) -> &str {
+        let colon = self.0.find(':').unwrap_or(self.0.len()); // invariant: parsed with a colon
+        &self.0[colon + 1..]
+    }
+}
+
+/// Checks a localpart: `[a-z0-9._=-]+`, at most [`MAX_LOCALPART_BYTES`].
+pub fn validate_localpart(localpart: &str) -> Result<(), IdError> {
+    if localpart.is_empty() {
+        return Err(IdError::Localpart("empty"));
+    }
+    if localpart.len() > MAX_LOCALPART_BYTES {
+        return Err(IdError::Localpart("longer than 64 bytes"));
+    }
+    if !localpart
+        .bytes()
+        .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-'))
+    {
+        return Err(IdError::Localpart("only a-z, 0-9 and . _ = - are allowed"));
+    }
+    Ok(())
+}
+
+/// A device id, unique per user: `[A-Za-z0-9_-]`, 1 to 32 bytes. Chosen by the server.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, example = "QWERTYUIOP")]
+pub struct DeviceId(String);
+string_newtype!(DeviceId, DeviceId::parse, "QWERTYUIOP");
+
+impl DeviceId {
+    /// Parses a device id.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        if s.is_empty() || s.len() > MAX_DEVICE_ID_BYTES {
+            return Err(IdError::DeviceId("must be 1 to 32 bytes"));
+        }
+        if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(IdError::DeviceId("only A-Z, a-z, 0-9, _ and - are allowed"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names() {
+        for ok in ["example.org", "chat.example.org:8448", "127.0.0.1:8008", "[::1]:8448", "localhost"] {
+            assert!(ServerName::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "exa mple.org", "example.org:", "example.org:0", "example.org:70000", "-a.org", "[::1", "a..b", "[zz]"] {
+            assert!(ServerName::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ServerName::parse("Example.ORG").unwrap().as_str(), "example.org");
+    }
+
+    #[test]
+    fn user_ids() {
+        let u = UserId::parse("@alice.b=c-d_e:example.org:8448").unwrap();
+        assert_eq!(u.localpart(), "alice.b=c-d_e");
+        assert_eq!(u.server(), "example.org:8448");
+        for bad in ["alice:example.org", "@Alice:example.org", "@:example.org", "@alice", "@alice:", "@al ice:x.org"] {
+            assert!(UserId::parse(bad).is_err(), "{bad}");
+        }
+        let long = format!("@{}:x.org", "a".repeat(65));
+        assert!(UserId::parse(&long).is_err());
+        let max = format!("@{}:x.org", "a".repeat(64));
+        assert!(UserId::parse(&max).is_ok());
+    }
+
+    #[test]
+    fn serde_parses() {
+        let u: UserId = serde_json::from_str("\"@bob:example.org\"").unwrap();
+        assert_eq!(serde_json::to_string(&u).unwrap(), "\"@bob:example.org\"");
+        assert!(serde_json::from_str::<UserId>("\"bob\"").is_err());
+        assert!(serde_json::from_str::<DeviceId>("\"a/b\"").is_err());
+    }
+}

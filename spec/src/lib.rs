@@ -1,0 +1,15 @@
+//! The Parley protocol: wire types for the client API, WebSocket frames, identifiers and error
+//! codes. Every other crate speaks through these types; the Markdown next to them (`spec/*.md`)
+//! explains them, and `spec/openapi.json` is generated from them (see [`openapi`]).
+//!
+//! This crate has no I/O and no async runtime: it is serde types, parsing and constants only.
+
+pub mod base64bytes;
+pub mod error;
+pub mod ids;
+pub mod openapi;
+pub mod v1;
+
+pub use base64bytes::Base64Bytes;
+pub use error::{ErrorBody, ErrorCode};
+pub use ids::{DeviceId, IdError, ServerName, UserId};

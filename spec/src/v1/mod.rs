@@ -1,0 +1,16 @@
+//! Version 1 of the client API. See `spec/client-api.md` for the prose.
+//!
+//! One module per area; each endpoint has its request/response types and an OpenAPI stub
+//! function named after the handler (`register`, `send_message`, ...) whose doc line is
+//! `METHOD /path`.
+
+pub mod account;
+pub mod devices;
+pub mod events;
+pub mod messages;
+pub mod presence;
+pub mod sync;
+pub mod ws;
+
+/// Milliseconds since the Unix epoch, as used in every timestamp on the wire.
+pub type Timestamp = u64;

@@ -1,0 +1,220 @@
+//! The WebSocket: `GET /v1/ws?since=N`, one per device, JSON text frames.
+//!
+//! Authenticate with `Authorization: Bearer <token>` on the upgrade request. The server first
+//! sends `hello`, then every inbox event after `since` (and acknowledges everything up to it),
+//! then `caught_up`, then live events. The client acknowledges with `ack` (cumulative), and
+//! must send a frame (a `ping` if nothing else) at least every `heartbeat_interval_ms`; after
+//! `heartbeat_timeout_ms` of silence the server closes the connection and the device counts
+//! as offline.
+
+use crate::{
+    error::ErrorBody,
+    v1::{
+        events::SequencedEvent,
+        messages::{ReadRequest, SendRequest, SentResponse},
+        presence::PresenceInfo,
+    },
+    DeviceId, UserId,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+/// Query of the WebSocket upgrade.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct WsQuery {
+    /// Resume after this inbox position (acknowledges everything up to it). 0 at first.
+    #[serde(default)]
+    pub since: u64,
+}
+
+/// A frame from the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ClientFrame {
+    /// Send a message; answered by `sent` or `error` (with the same `client_msg_id`).
+    Send(SendRequest),
+    /// Everything up to `seq` was received: deletes it from the inbox (unless the server keeps
+    /// history) and sends `delivered` receipts to the senders.
+    Ack(AckFrame),
+    /// Read marker: sends `read` receipts.
+    Read(ReadRequest),
+    /// Typing notification to a user's online devices. Never stored.
+    Typing(TypingFrame),
+    /// Heartbeat; answered by `pong`.
+    Ping(PingFrame),
+}
+
+/// Cumulative acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AckFrame {
+    /// The highest inbox position received.
+    pub seq: u64,
+}
+
+impl AckFrame {
+    /// Builds an ack.
+    pub fn new(seq: u64) -> Self {
+        Self { seq }
+    }
+}
+
+/// Typing on or off, to a user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TypingFrame {
+    /// The other user in the conversation.
+    pub to: UserId,
+    /// Whether the user is typing now.
+    pub typing: bool,
+}
+
+impl TypingFrame {
+    /// Builds a typing notification.
+    pub fn new(to: UserId, typing: bool) -> Self {
+        Self { to, typing }
+    }
+}
+
+/// Heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PingFrame {
+    /// Echoed in the `pong`.
+    #[serde(default)]
+    pub nonce: u64,
+}
+
+impl PingFrame {
+    /// Builds a ping.
+    pub fn new(nonce: u64) -> Self {
+        Self { nonce }
+    }
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ServerFrame {
+    /// First frame on a connection.
+    Hello(HelloFrame),
+    /// An inbox event.
+    Event(SequencedEvent),
+    /// The backlog after `since` has been sent; what follows is live.
+    CaughtUp(CaughtUpFrame),
+    /// Answer to `send`: durably stored.
+    Sent(SentResponse),
+    /// Answer to a frame that failed. `client_msg_id` is set when it answers a `send`.
+    Error(ErrorFrame),
+    /// Someone is typing to this user.
+    Typing(TypingNotice),
+    /// A contact's presence changed (or its current state, right after subscribing).
+    Presence(PresenceInfo),
+    /// Answer to `ping`.
+    Pong(PingFrame),
+}
+
+/// First frame on a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct HelloFrame {
+    /// The authenticated user.
+    pub user_id: UserId,
+    /// The authenticated device.
+    pub device_id: DeviceId,
+    /// Send a frame at least this often.
+    pub heartbeat_interval_ms: u64,
+    /// The server closes the connection after this long without a frame.
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl HelloFrame {
+    /// Builds a hello.
+    pub fn new(user_id: UserId, device_id: DeviceId, heartbeat_interval_ms: u64, heartbeat_timeout_ms: u64) -> Self {
+        Self { user_id, device_id, heartbeat_interval_ms, heartbeat_timeout_ms }
+    }
+}
+
+/// The backlog is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct CaughtUpFrame {
+    /// The inbox position of the last event sent so far (or `since`).
+    pub cursor: u64,
+}
+
+impl CaughtUpFrame {
+    /// Builds the frame.
+    pub fn new(cursor: u64) -> Self {
+        Self { cursor }
+    }
+}
+
+/// An error answering a frame. The connection stays open unless the server closes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct ErrorFrame {
+    /// Set when answering a `send`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<Uuid>,
+    /// The error.
+    #[serde(flatten)]
+    pub error: ErrorBody,
+}
+
+impl ErrorFrame {
+    /// Builds an error frame.
+    pub fn new(client_msg_id: Option<Uuid>, error: ErrorBody) -> Self {
+        Self { client_msg_id, error }
+    }
+}
+
+/// Someone is typing (or stopped).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct TypingNotice {
+    /// Who is typing.
+    pub from: UserId,
+    /// Typing now or stopped.
+    pub typing: bool,
+}
+
+impl TypingNotice {
+    /// Builds the notice.
+    pub fn new(from: UserId, typing: bool) -> Self {
+        Self { from, typing }
+    }
+}
+
+/// GET /v1/ws
+///
+/// Upgrades to the device's WebSocket. Frames are described by `ClientFrame` and `ServerFrame`.
+#[utoipa::path(get, path = "/v1/ws", tag = "realtime", security(("bearer" = [])), params(WsQuery),
+    responses(
+        (status = 101, description = "Switching protocols; frames follow"),
+        (status = 401, description = "`missing_token`, `unknown_token`", body = ErrorBody),
+    ))]
+pub fn websocket() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_reject_unknown_fields_and_types() {
+        let ok = r#"{"type":"ack","seq":5}"#;
+        assert_eq!(serde_json::from_str::<ClientFrame>(ok).unwrap(), ClientFrame::Ack(AckFrame::new(5)));
+        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"ack","seq":5,"x":1}"#).is_err());
+        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
+        let send = r#"{"type":"send","client_msg_id":"7f1b7e4e-8f3a-4a53-9a8e-0d4cbb7b1f6e","to":"@bob:x.org","envelopes":[],"sender_device":"EVIL"}"#;
+        assert!(serde_json::from_str::<ClientFrame>(send).is_err());
+    }
+}
