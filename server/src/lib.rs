@@ -1,1 +1,18 @@
-//! stub
+//! The Parley homeserver: HTTP + WebSocket client API, accounts and devices, inboxes,
+//! receipts, presence, rate limits, metrics and storage. The binary `parleyd` (main.rs) is a
+//! thin CLI around [`app::run`] and [`admin`].
+
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod directory;
+pub mod error;
+pub mod hub;
+pub mod messaging;
+pub mod metrics;
+pub mod presence;
+pub mod ratelimit;
+pub mod storage;
+pub mod ws;

@@ -1,7 +1,7 @@
 //! Error codes and the JSON error body. Every error a client sees, over HTTP or in a WebSocket
 //! `error` frame, has a stable [`ErrorCode`]; the message is for humans and may change.
 
-use crate::ids::DeviceId;
+use crate::ids::{DeviceId, UserId};
 use serde::{Deserialize, Serialize};
 
 /// A stable, machine-readable error code. Clients branch on these; they never change meaning.
@@ -132,16 +132,33 @@ impl ErrorBody {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct DevicesMismatch {
-    /// Recipient devices that exist but got no envelope.
-    pub missing: Vec<DeviceId>,
-    /// Targeted devices that do not exist (or are the sending device itself).
-    pub extra: Vec<DeviceId>,
+    /// Devices that exist but got no envelope.
+    pub missing: Vec<DeviceRef>,
+    /// Targeted devices that do not exist, appear twice, or are the sending device itself.
+    pub extra: Vec<DeviceRef>,
 }
 
 impl DevicesMismatch {
     /// Builds a mismatch report.
-    pub fn new(missing: Vec<DeviceId>, extra: Vec<DeviceId>) -> Self {
+    pub fn new(missing: Vec<DeviceRef>, extra: Vec<DeviceRef>) -> Self {
         Self { missing, extra }
+    }
+}
+
+/// A device of a user (device ids are unique per user only).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[non_exhaustive]
+pub struct DeviceRef {
+    /// The owner.
+    pub user: UserId,
+    /// The device.
+    pub device: DeviceId,
+}
+
+impl DeviceRef {
+    /// Builds a device reference.
+    pub fn new(user: UserId, device: DeviceId) -> Self {
+        Self { user, device }
     }
 }
 

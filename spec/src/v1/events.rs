@@ -86,3 +86,10 @@ pub struct SequencedEvent {
     /// The event.
     pub event: InboxEvent,
 }
+
+impl SequencedEvent {
+    /// Builds a sequenced event.
+    pub fn new(seq: u64, event: InboxEvent) -> Self {
+        Self { seq, event }
+    }
+}

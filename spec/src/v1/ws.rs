@@ -21,13 +21,22 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 /// Query of the WebSocket upgrade.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Default, Serialize, Deserialize, IntoParams)]
 #[non_exhaustive]
 pub struct WsQuery {
     /// Resume after this inbox position (acknowledges everything up to it). 0 at first.
     #[serde(default)]
     pub since: u64,
+    /// For browsers, which cannot set headers on a WebSocket: the access token. Prefer the
+    /// `Authorization` header everywhere else (URLs end up in logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+}
+
+impl std::fmt::Debug for WsQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsQuery").field("since", &self.since).finish_non_exhaustive()
+    }
 }
 
 /// A frame from the client.

@@ -1,0 +1,410 @@
+//! The background task that owns the WebSocket: a connected phase (frames, commands, timers)
+//! and a reconnecting phase (backoff, commands queued), until closed.
+
+use super::{
+    pending::{ErrorOutcome, PendingSends, Reply},
+    socket::{self, describe_close, Link},
+    state::{AckTracker, Backoff, DedupeWindow},
+    ConnectOptions, Event, Shared,
+};
+use crate::error::Error;
+use futures_util::StreamExt;
+use parley_spec::v1::{
+    events::InboxEvent,
+    messages::{ReadRequest, SendRequest},
+    ws::{AckFrame, ClientFrame, ErrorFrame, HelloFrame, PingFrame, ServerFrame, TypingFrame},
+};
+use std::{
+    collections::VecDeque,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+use tokio_tungstenite::tungstenite::{self, Message};
+use url::Url;
+use uuid::Uuid;
+
+/// A request from a [`Connection`](super::Connection) handle to the task.
+pub(crate) enum Command {
+    Send { req: SendRequest, reply: Reply },
+    /// The waiter of this send gave up (timeout); forget the send if nobody else waits.
+    Prune(Uuid),
+    Read { req: ReadRequest, reply: oneshot::Sender<Result<(), Error>> },
+    Typing { frame: TypingFrame, reply: oneshot::Sender<Result<(), Error>> },
+    Close { done: oneshot::Sender<()> },
+}
+
+/// Why a phase ended.
+enum Exit {
+    /// The socket is gone; reconnect.
+    Lost(String),
+    /// Closing on request (with someone to tell), or because every handle was dropped.
+    Shutdown(Option<oneshot::Sender<()>>),
+    /// Reconnecting is pointless (the token was refused).
+    Fatal(Error),
+}
+
+type Step = Result<(), String>;
+
+pub(crate) struct Task {
+    base: Url,
+    token: String,
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<Event>,
+    pending: PendingSends,
+    reads: VecDeque<(ReadRequest, oneshot::Sender<Result<(), Error>>)>,
+    dedupe: DedupeWindow,
+    acks: AckTracker,
+    backoff: Backoff,
+    cursor: u64,
+    ping_nonce: u64,
+}
+
+impl Task {
+    pub(crate) fn new(
+        base: Url,
+        token: String,
+        opts: ConnectOptions,
+        shared: Arc<Shared>,
+        commands: mpsc::UnboundedReceiver<Command>,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Self {
+        Self {
+            base,
+            token,
+            shared,
+            commands,
+            events,
+            pending: PendingSends::default(),
+            reads: VecDeque::new(),
+            dedupe: DedupeWindow::new(opts.dedupe_window),
+            acks: AckTracker::new(opts.ack_batch, opts.ack_delay, opts.since),
+            backoff: Backoff::new(opts.min_backoff, opts.max_backoff),
+            cursor: opts.since,
+            ping_nonce: 0,
+        }
+    }
+
+    /// Runs until closed, starting with an already open socket.
+    pub(crate) async fn run(mut self, ws: socket::Ws, hello: HelloFrame) {
+        let mut link = Some(Link::new(ws, &hello));
+        loop {
+            let current = match link.take() {
+                Some(l) => l,
+                None => match self.reconnect().await {
+                    Ok(l) => l,
+                    Err(exit) => return self.finish(exit),
+                },
+            };
+            match self.drive(current).await {
+                Exit::Lost(reason) => {
+                    self.shared.connected.store(false, Ordering::Release);
+                    tracing::info!(%reason, cursor = self.cursor, pending = self.pending.len(), "connection lost");
+                    self.emit(Event::Disconnected { reason });
+                }
+                exit => return self.finish(exit),
+            }
+        }
+    }
+
+    /// The connected phase.
+    async fn drive(&mut self, mut link: Link) -> Exit {
+        self.backoff.reset();
+        self.acks.acked(self.cursor); // connecting with since=cursor acknowledged it
+        self.shared.connected.store(true, Ordering::Release);
+        tracing::debug!(cursor = self.cursor, "connected");
+        self.emit(Event::Connected { cursor: self.cursor });
+        if let Err(reason) = self.after_hello(&mut link).await {
+            return Exit::Lost(reason);
+        }
+        let timer = tokio::time::sleep_until(self.next_deadline(&link));
+        tokio::pin!(timer);
+        loop {
+            timer.as_mut().reset(self.next_deadline(&link));
+            let step = tokio::select! {
+                msg = link.ws.next() => self.on_socket(&mut link, msg).await,
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Close { done }) => {
+                        self.close_link(link).await;
+                        return Exit::Shutdown(Some(done));
+                    }
+                    None => {
+                        self.close_link(link).await;
+                        return Exit::Shutdown(None);
+                    }
+                    Some(cmd) => self.on_command(&mut link, cmd).await,
+                },
+                () = &mut timer => self.on_timer(&mut link).await,
+            };
+            if let Err(reason) = step {
+                return Exit::Lost(reason);
+            }
+        }
+    }
+
+    /// Re-sends pending sends (original order, same ids) and queued read markers.
+    async fn after_hello(&mut self, link: &mut Link) -> Step {
+        let resend = self.pending.take_resend(Instant::now());
+        if !resend.is_empty() {
+            tracing::debug!(count = resend.len(), "re-sending pending sends");
+        }
+        for req in resend {
+            link.send(&ClientFrame::Send(req)).await?;
+        }
+        while let Some((req, reply)) = self.reads.pop_front() {
+            if let Err(reason) = link.send(&ClientFrame::Read(req.clone())).await {
+                self.reads.push_front((req, reply));
+                return Err(reason);
+            }
+            let _ = reply.send(Ok(()));
+        }
+        Ok(())
+    }
+
+    fn next_deadline(&self, link: &Link) -> Instant {
+        [self.acks.deadline(), self.pending.next_retry()]
+            .into_iter()
+            .flatten()
+            .fold(link.hb.ping_at().min(link.hb.dead_at()), Instant::min)
+    }
+
+    async fn on_timer(&mut self, link: &mut Link) -> Step {
+        let now = Instant::now();
+        if now >= link.hb.dead_at() {
+            return Err("heartbeat timeout: the server went silent".into());
+        }
+        if self.acks.deadline().is_some_and(|t| t <= now) {
+            self.send_ack(link).await?;
+        }
+        for req in self.pending.take_due(now) {
+            tracing::debug!(client_msg_id = %req.client_msg_id, "retrying send");
+            link.send(&ClientFrame::Send(req)).await?;
+        }
+        if link.hb.ping_at() <= now {
+            self.ping_nonce = self.ping_nonce.wrapping_add(1);
+            link.send(&ClientFrame::Ping(PingFrame::new(self.ping_nonce))).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_ack(&mut self, link: &mut Link) -> Step {
+        if self.acks.needs_ack(self.cursor) {
+            link.send(&ClientFrame::Ack(AckFrame::new(self.cursor))).await?;
+            tracing::trace!(seq = self.cursor, "acked");
+        }
+        self.acks.acked(self.cursor);
+        Ok(())
+    }
+
+    async fn on_socket(&mut self, link: &mut Link, msg: Option<Result<Message, tungstenite::Error>>) -> Step {
+        let msg = match msg {
+            None => return Err("closed by the server".into()),
+            Some(Err(e)) => return Err(format!("read failed: {e}")),
+            Some(Ok(msg)) => msg,
+        };
+        link.hb.received(Instant::now());
+        match msg {
+            Message::Text(text) => self.on_frame(link, text.as_str()).await,
+            Message::Close(frame) => Err(format!("closed by the server ({})", describe_close(frame.as_ref()))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn on_frame(&mut self, link: &mut Link, text: &str) -> Step {
+        let frame = match serde_json::from_str::<ServerFrame>(text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::debug!(len = text.len(), error = %e, "ignoring undecodable frame");
+                return Ok(());
+            }
+        };
+        match frame {
+            ServerFrame::Event(ev) => {
+                if self.on_event(ev.seq, ev.event) {
+                    self.send_ack(link).await?;
+                }
+            }
+            ServerFrame::CaughtUp(c) => {
+                tracing::debug!(cursor = self.cursor, server_cursor = c.cursor, "caught up");
+                self.emit(Event::CaughtUp { cursor: self.cursor });
+            }
+            ServerFrame::Sent(resp) => {
+                if !self.pending.resolve(resp) {
+                    tracing::debug!(client_msg_id = %resp.client_msg_id, "sent answer for no pending send");
+                }
+            }
+            ServerFrame::Error(e) => self.on_error_frame(e),
+            ServerFrame::Typing(notice) => self.emit(Event::Typing(notice)),
+            ServerFrame::Presence(info) => self.emit(Event::Presence(info)),
+            ServerFrame::Pong(_) | ServerFrame::Hello(_) => {}
+            _ => tracing::debug!("ignoring unknown frame type"),
+        }
+        Ok(())
+    }
+
+    /// Handles one inbox event; true when an ack should go out now.
+    fn on_event(&mut self, seq: u64, event: InboxEvent) -> bool {
+        if self.events.is_closed() {
+            return false; // nobody receives: do not acknowledge what nobody saw
+        }
+        if seq <= self.cursor {
+            tracing::trace!(seq, cursor = self.cursor, "dropping old event");
+            return false;
+        }
+        match event {
+            InboxEvent::Message(m) => {
+                if self.dedupe.insert(&m.sender, m.id) {
+                    self.emit(Event::Message(m));
+                } else {
+                    tracing::debug!(seq, sender = %m.sender, id = m.id, "dropping repeated message");
+                }
+            }
+            InboxEvent::Receipt(r) => self.emit(Event::Receipt(r)),
+            _ => tracing::debug!(seq, "skipping unknown event kind"),
+        }
+        self.cursor = seq;
+        self.shared.cursor.store(seq, Ordering::Release);
+        self.acks.record(Instant::now())
+    }
+
+    fn on_error_frame(&mut self, frame: ErrorFrame) {
+        let code = frame.error.code;
+        let Some(id) = frame.client_msg_id else {
+            tracing::warn!(%code, message = %frame.error.message, "server reported an error");
+            return;
+        };
+        let backoff = &self.backoff;
+        match self.pending.on_error(id, frame.error, Instant::now(), |n| backoff.delay_for(n)) {
+            ErrorOutcome::Retry(at) => {
+                let in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64;
+                tracing::debug!(client_msg_id = %id, %code, in_ms, "send will be retried");
+            }
+            ErrorOutcome::Failed => tracing::debug!(client_msg_id = %id, %code, "send failed"),
+            ErrorOutcome::Unknown => tracing::debug!(client_msg_id = %id, %code, "error for no pending send"),
+        }
+    }
+
+    async fn on_command(&mut self, link: &mut Link, cmd: Command) -> Step {
+        match cmd {
+            Command::Send { req, reply } => {
+                if let Some(req) = self.pending.insert(req, reply) {
+                    link.send(&ClientFrame::Send(req)).await?;
+                }
+            }
+            Command::Prune(id) => self.pending.prune(id),
+            Command::Read { req, reply } => {
+                if let Err(reason) = link.send(&ClientFrame::Read(req.clone())).await {
+                    self.reads.push_front((req, reply));
+                    return Err(reason);
+                }
+                let _ = reply.send(Ok(()));
+            }
+            Command::Typing { frame, reply } => {
+                let written = link.send(&ClientFrame::Typing(frame)).await;
+                let _ = reply.send(written.as_ref().map_err(|_| Error::NotConnected).copied());
+                written?;
+            }
+            Command::Close { done } => {
+                // Handled by `drive`; kept for exhaustiveness.
+                let _ = done.send(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles a command while reconnecting; `Some` when the task should stop.
+    fn on_command_offline(&mut self, cmd: Option<Command>) -> Option<Exit> {
+        match cmd? {
+            Command::Send { req, reply } => drop(self.pending.insert(req, reply)),
+            Command::Prune(id) => self.pending.prune(id),
+            Command::Read { req, reply } => self.reads.push_back((req, reply)),
+            Command::Typing { reply, .. } => drop(reply.send(Err(Error::NotConnected))),
+            Command::Close { done } => return Some(Exit::Shutdown(Some(done))),
+        }
+        None
+    }
+
+    /// The reconnecting phase: waits (backoff), tries, repeats until a `hello`.
+    async fn reconnect(&mut self) -> Result<Link, Exit> {
+        let mut retry_after: Option<Duration> = None;
+        loop {
+            let delay = self.backoff.next_delay().max(retry_after.take().unwrap_or_default());
+            tracing::debug!(delay_ms = delay.as_millis() as u64, cursor = self.cursor, "reconnecting");
+            let wake = Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(wake) => break,
+                    cmd = self.commands.recv() => match cmd {
+                        None => return Err(Exit::Shutdown(None)),
+                        cmd => if let Some(exit) = self.on_command_offline(cmd) { return Err(exit) },
+                    },
+                }
+            }
+            let attempt = socket::connect(self.base.clone(), self.token.clone(), self.cursor);
+            tokio::pin!(attempt);
+            let result = loop {
+                tokio::select! {
+                    r = &mut attempt => break r,
+                    cmd = self.commands.recv() => match cmd {
+                        None => return Err(Exit::Shutdown(None)),
+                        cmd => if let Some(exit) = self.on_command_offline(cmd) { return Err(exit) },
+                    },
+                }
+            };
+            match result {
+                Ok((ws, hello)) => return Ok(Link::new(ws, &hello)),
+                Err(e) if e.is_fatal_for_reconnect() => return Err(Exit::Fatal(e)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reconnect attempt failed");
+                    retry_after = e.retry_after();
+                }
+            }
+        }
+    }
+
+    /// Graceful close: final ack, close frame, late `sent` answers still resolve sends.
+    async fn close_link(&mut self, mut link: Link) {
+        if self.acks.needs_ack(self.cursor) {
+            let _ = link.send(&ClientFrame::Ack(AckFrame::new(self.cursor))).await;
+            self.acks.acked(self.cursor);
+        }
+        let pending = &mut self.pending;
+        link.close(|text| {
+            if let Ok(ServerFrame::Sent(resp)) = serde_json::from_str::<ServerFrame>(text) {
+                pending.resolve(resp);
+            }
+        })
+        .await;
+        tracing::debug!(cursor = self.cursor, "closed");
+    }
+
+    /// Stops for good: fails what is still waiting and ends the event stream.
+    fn finish(mut self, exit: Exit) {
+        self.shared.connected.store(false, Ordering::Release);
+        let (err, done) = match exit {
+            Exit::Fatal(e) => {
+                tracing::warn!(error = %e, "cannot reconnect; connection closed");
+                self.emit(Event::Disconnected { reason: format!("cannot reconnect: {e}") });
+                (e.for_waiter(), None)
+            }
+            Exit::Shutdown(done) => (Error::Closed, done),
+            Exit::Lost(_) => (Error::Closed, None),
+        };
+        self.pending.fail_all(&err);
+        for (_, reply) in self.reads.drain(..) {
+            let _ = reply.send(Err(err.for_waiter()));
+        }
+        drop(self); // ends `Events` before `close` returns
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+}

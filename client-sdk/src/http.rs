@@ -1,0 +1,179 @@
+//! [`Api`]: the authenticated HTTP endpoints (devices, sending, sync, presence, privacy).
+//!
+//! Every method is one request. Errors come back as [`Error::Server`] with the server's
+//! [`ErrorBody`](parley_spec::ErrorBody); nothing is retried automatically here.
+
+use crate::{
+    client::endpoint,
+    error::{parse_retry_after, server_error, Error},
+    Session,
+};
+use parley_spec::{
+    v1::{
+        account::WhoAmIResponse,
+        devices::{DeleteDeviceRequest, DevicesResponse, UserDevicesResponse},
+        messages::{ReadRequest, SendRequest, SentResponse},
+        presence::{PresenceInfo, PrivacySettings, SubscribeRequest, SubscriptionsResponse, Visibility},
+        sync::SyncResponse,
+    },
+    DeviceId, UserId,
+};
+use reqwest::{
+    header::{HeaderValue, AUTHORIZATION, RETRY_AFTER},
+    Method, RequestBuilder, Response,
+};
+use serde::de::DeserializeOwned;
+use std::{fmt, time::Duration};
+use url::Url;
+
+/// Timeout for establishing a TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout for a whole ordinary request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Authenticated HTTP access for one device.
+///
+/// Cheap to clone. [`Client::api`](crate::Client::api) builds one that shares the client's
+/// connection pool.
+#[derive(Clone)]
+pub struct Api {
+    session: Session,
+    base: Url,
+    auth: HeaderValue,
+    http: reqwest::Client,
+}
+
+impl fmt::Debug for Api {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Api").field("session", &self.session).finish_non_exhaustive()
+    }
+}
+
+impl Api {
+    /// An API handle for `session`, with its own connection pool.
+    pub fn new(session: &Session) -> Result<Self, Error> {
+        Self::with_http_client(session, new_http_client()?)
+    }
+
+    /// An API handle for `session` using an existing `reqwest` client.
+    pub fn with_http_client(session: &Session, http: reqwest::Client) -> Result<Self, Error> {
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", session.access_token()))
+            .map_err(|_| Error::InvalidToken)?;
+        auth.set_sensitive(true);
+        Ok(Self { session: session.clone(), base: session.base()?, auth, http })
+    }
+
+    /// The session this handle authenticates as.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// `GET /v1/whoami`.
+    pub async fn whoami(&self) -> Result<WhoAmIResponse, Error> {
+        decode(self.request(Method::GET, &["v1", "whoami"])?.send().await?).await
+    }
+
+    /// `GET /v1/devices`: the caller's devices, oldest first.
+    pub async fn devices(&self) -> Result<DevicesResponse, Error> {
+        decode(self.request(Method::GET, &["v1", "devices"])?.send().await?).await
+    }
+
+    /// `DELETE /v1/devices/{device_id}`: removes one of the caller's devices (needs the password).
+    pub async fn delete_device(&self, device_id: &DeviceId, password: &str) -> Result<(), Error> {
+        let req = self.request(Method::DELETE, &["v1", "devices", device_id.as_str()])?;
+        no_content(req.json(&DeleteDeviceRequest::new(password)).send().await?).await
+    }
+
+    /// `GET /v1/users/{user_id}/devices`: the device ids a sender must encrypt to.
+    pub async fn user_devices(&self, user_id: &UserId) -> Result<UserDevicesResponse, Error> {
+        let req = self.request(Method::GET, &["v1", "users", user_id.as_str(), "devices"])?;
+        decode(req.send().await?).await
+    }
+
+    /// `POST /v1/logout`: removes this device; the session stops working.
+    pub async fn logout(&self) -> Result<(), Error> {
+        no_content(self.request(Method::POST, &["v1", "logout"])?.send().await?).await
+    }
+
+    /// `POST /v1/send`: sends a message over HTTP (the twin of [`Connection::send_request`](crate::Connection::send_request)).
+    pub async fn send(&self, req: SendRequest) -> Result<SentResponse, Error> {
+        decode(self.request(Method::POST, &["v1", "send"])?.json(&req).send().await?).await
+    }
+
+    /// `POST /v1/read`: marks messages from `req.peer` as read.
+    pub async fn read(&self, req: ReadRequest) -> Result<(), Error> {
+        no_content(self.request(Method::POST, &["v1", "read"])?.json(&req).send().await?).await
+    }
+
+    /// `GET /v1/sync`: events after `since` (which acknowledges everything up to it), waiting up
+    /// to `timeout_ms` for one when there is none.
+    pub async fn sync(&self, since: u64, timeout_ms: u64, limit: Option<u32>) -> Result<SyncResponse, Error> {
+        let mut query = vec![("since", since.to_string()), ("timeout_ms", timeout_ms.to_string())];
+        if let Some(limit) = limit {
+            query.push(("limit", limit.to_string()));
+        }
+        let req = self
+            .request(Method::GET, &["v1", "sync"])?
+            .query(&query)
+            .timeout(REQUEST_TIMEOUT + Duration::from_millis(timeout_ms));
+        decode(req.send().await?).await
+    }
+
+    /// `GET /v1/presence/{user_id}`.
+    pub async fn presence(&self, user_id: &UserId) -> Result<PresenceInfo, Error> {
+        decode(self.request(Method::GET, &["v1", "presence", user_id.as_str()])?.send().await?).await
+    }
+
+    /// `PUT /v1/presence/subscriptions`: adds `users` to the caller's contacts.
+    pub async fn subscribe_presence(&self, users: Vec<UserId>) -> Result<SubscriptionsResponse, Error> {
+        let req = self.request(Method::PUT, &["v1", "presence", "subscriptions"])?;
+        decode(req.json(&SubscribeRequest::new(users)).send().await?).await
+    }
+
+    /// `GET /v1/presence/subscriptions`: the caller's contacts with their presence.
+    pub async fn subscriptions(&self) -> Result<SubscriptionsResponse, Error> {
+        decode(self.request(Method::GET, &["v1", "presence", "subscriptions"])?.send().await?).await
+    }
+
+    /// `PUT /v1/account/privacy`: who may see this user's online state and last-seen time.
+    pub async fn set_privacy(&self, last_seen: Visibility) -> Result<(), Error> {
+        let req = self.request(Method::PUT, &["v1", "account", "privacy"])?;
+        no_content(req.json(&PrivacySettings::new(last_seen)).send().await?).await
+    }
+
+    fn request(&self, method: Method, path: &[&str]) -> Result<RequestBuilder, Error> {
+        let url = endpoint(&self.base, path)?;
+        tracing::debug!(%method, path = url.path(), "request");
+        Ok(self.http.request(method, url).header(AUTHORIZATION, self.auth.clone()).timeout(REQUEST_TIMEOUT))
+    }
+}
+
+/// The HTTP client the SDK uses: connect timeout, no global request timeout (long polls set
+/// their own), rustls.
+pub(crate) fn new_http_client() -> Result<reqwest::Client, Error> {
+    Ok(reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).build()?)
+}
+
+/// Decodes a 2xx JSON answer, or turns a non-2xx answer into [`Error::Server`].
+pub(crate) async fn decode<T: DeserializeOwned>(resp: Response) -> Result<T, Error> {
+    let resp = check(resp).await?;
+    let bytes = resp.bytes().await?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Accepts any 2xx answer and ignores its body.
+async fn no_content(resp: Response) -> Result<(), Error> {
+    check(resp).await.map(drop)
+}
+
+async fn check(resp: Response) -> Result<Response, Error> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry_after = parse_retry_after(resp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()));
+    let body = resp.bytes().await.unwrap_or_default();
+    let err = server_error(status.as_u16(), retry_after, &body);
+    tracing::debug!(status = status.as_u16(), code = ?err.server_code(), "server error");
+    Err(err)
+}

@@ -1,0 +1,54 @@
+//! `parleyd admin …`: operations on the database of a (running or stopped) server.
+
+use crate::auth::{generate_token, hash_password, hash_token};
+use crate::config::Config;
+use crate::storage::{now_ms, Store, StoreError};
+use parley_spec::ids::validate_localpart;
+use parley_spec::UserId;
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// Why an admin command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Bad arguments.
+    #[error("{0}")]
+    Invalid(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+async fn open(config: &Config) -> Result<Store, AdminError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| AdminError::Invalid(format!("data dir: {e}")))?;
+    let (store, _writer) = Store::open(config, crate::metrics::Metrics::new(), Arc::new(|_| {})).await?;
+    Ok(store)
+}
+
+/// Creates a user with a password; returns its user id.
+pub async fn create_user(config: &Config, username: &str, password: Zeroizing<String>, admin: bool) -> Result<UserId, AdminError> {
+    validate_localpart(username).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    let server_name = parley_spec::ServerName::parse(&config.server_name).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    if password.len() < config.auth.min_password_bytes {
+        return Err(AdminError::Invalid(format!("password must be at least {} bytes", config.auth.min_password_bytes)));
+    }
+    let hash = hash_password(&config.auth, password).await.map_err(|e| AdminError::Invalid(e.body.message))?;
+    let store = open(config).await?;
+    match store.create_user(username, &hash, admin).await {
+        Ok(_) => {}
+        Err(StoreError::Conflict) => return Err(AdminError::Invalid(format!("user {username} already exists"))),
+        Err(e) => return Err(e.into()),
+    }
+    store.close().await;
+    UserId::new(username, &server_name).map_err(|e| AdminError::Invalid(e.to_string()))
+}
+
+/// Creates a registration token usable `uses` times (unlimited when None) until `expires_in`.
+pub async fn create_registration_token(config: &Config, uses: Option<u32>, expires_in: Option<std::time::Duration>) -> Result<Zeroizing<String>, AdminError> {
+    let store = open(config).await?;
+    let token = generate_token();
+    let expires = expires_in.map(|d| now_ms() + d.as_millis() as i64);
+    store.create_registration_token(&hash_token(&token), uses, expires).await?;
+    store.close().await;
+    Ok(token)
+}

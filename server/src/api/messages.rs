@@ -1,0 +1,69 @@
+//! Messages over HTTP: send, read markers and the long-poll sync fallback.
+
+use super::Json;
+use crate::app::AppState;
+use crate::auth::AuthDevice;
+use crate::error::{ApiError, ApiResult};
+use crate::messaging;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use parley_spec::v1::events::{InboxEvent, SequencedEvent};
+use parley_spec::v1::messages::{ReadRequest, SendRequest, SentResponse};
+use parley_spec::v1::sync::{SyncQuery, SyncResponse};
+use parley_spec::ErrorCode;
+use std::time::Duration;
+
+/// POST /v1/send
+pub async fn send_message(State(state): State<AppState>, auth: AuthDevice, Json(request): Json<SendRequest>) -> ApiResult<axum::Json<SentResponse>> {
+    Ok(axum::Json(messaging::send(&state, &auth, request).await?))
+}
+
+/// POST /v1/read
+pub async fn mark_read(State(state): State<AppState>, auth: AuthDevice, Json(request): Json<ReadRequest>) -> ApiResult<StatusCode> {
+    messaging::mark_read(&state, &auth, request).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// GET /v1/sync
+pub async fn sync(
+    State(state): State<AppState>,
+    auth: AuthDevice,
+    query: Result<Query<SyncQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<axum::Json<SyncResponse>> {
+    let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let limits = &state.config.limits;
+    let limit = query.limit.unwrap_or(limits.sync_page).clamp(1, limits.sync_page);
+    let acked = state.store.acked_seq(auth.device_pk).await?;
+    if query.since > acked {
+        messaging::ack_from_store(&state, &auth, acked, query.since).await?;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(query.timeout_ms.min(limits.max_sync_timeout_ms));
+    let mut shutdown = state.shutdown.clone();
+    let waiter = state.hub.waiter(auth.device_pk);
+    loop {
+        // Register for the wake-up before reading, so an event committed in between is not missed.
+        let notified = waiter.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let rows = state.store.inbox_after(auth.device_pk, query.since, limit).await?;
+        if !rows.is_empty() {
+            let cursor = rows.last().map_or(query.since, |r| r.seq);
+            let events = rows
+                .into_iter()
+                .map(|row| {
+                    let event: InboxEvent = serde_json::from_slice(&row.payload).map_err(ApiError::internal)?;
+                    Ok(SequencedEvent::new(row.seq, event))
+                })
+                .collect::<ApiResult<Vec<_>>>()?;
+            return Ok(axum::Json(SyncResponse::new(events, cursor)));
+        }
+        if *shutdown.borrow() {
+            return Ok(axum::Json(SyncResponse::new(Vec::new(), query.since)));
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(deadline) => return Ok(axum::Json(SyncResponse::new(Vec::new(), query.since))),
+            _ = shutdown.changed() => {}
+        }
+    }
+}

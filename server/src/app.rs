@@ -1,0 +1,162 @@
+//! Wiring: the shared [`AppState`], the router ([`app`]) and [`run`], which serves a listener
+//! until a shutdown signal and then drains connections and flushes pending writes.
+
+use crate::config::Config;
+use crate::directory::Directory;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::presence::Presence;
+use crate::ratelimit::RateLimits;
+use crate::storage::{Store, StoreError};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::Router;
+use parley_spec::ServerName;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Everything a handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// This server's name.
+    pub server_name: ServerName,
+    /// Storage.
+    pub store: Arc<Store>,
+    /// Live connections.
+    pub hub: Arc<Hub>,
+    /// Device cache.
+    pub directory: Arc<Directory>,
+    /// Online counts.
+    pub presence: Arc<Presence>,
+    /// Rate limiters.
+    pub limits: Arc<RateLimits>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Becomes true when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// A running server's handles that [`run`] needs to shut down cleanly.
+pub struct Server {
+    /// The state shared by handlers.
+    pub state: AppState,
+    writer: tokio::task::JoinHandle<()>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl Server {
+    /// Opens storage and builds the state.
+    pub async fn open(config: Config) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+        let server_name = ServerName::parse(&config.server_name).map_err(|e| StoreError::Database(sqlx::Error::Configuration(e.into())))?;
+        let metrics = Metrics::new();
+        let hub = Arc::new(Hub::default());
+        let on_commit = {
+            let hub = hub.clone();
+            Arc::new(move |committed| hub.deliver(committed)) as crate::storage::writer::OnCommit
+        };
+        let (store, writer) = Store::open(&config, metrics.clone(), on_commit).await?;
+        let store = Arc::new(store);
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let state = AppState {
+            directory: Arc::new(Directory::new(store.clone(), server_name.clone())),
+            limits: Arc::new(RateLimits::new(&config.rate_limits)),
+            config: Arc::new(config),
+            server_name,
+            store,
+            hub,
+            presence: Arc::new(Presence::default()),
+            metrics,
+            shutdown,
+        };
+        Ok(Self { state, writer, shutdown_tx })
+    }
+
+    /// Serves `listener` until `signal` completes, then closes every WebSocket (1001), waits
+    /// for in-flight requests, and lets the writer commit everything queued before returning.
+    pub async fn run(self, listener: TcpListener, signal: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let Server { state, writer, shutdown_tx } = self;
+        let limits = state.limits.clone();
+        let sweeper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                limits.shrink();
+            }
+        });
+        let router = app(state.clone());
+        let mut shutdown = state.shutdown.clone();
+        let serve = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        });
+        let trigger = tokio::spawn(async move {
+            signal.await;
+            tracing::info!("shutting down: closing connections and flushing writes");
+            let _ = shutdown_tx.send(true);
+        });
+        let result = serve.await;
+        trigger.abort();
+        sweeper.abort();
+        // Every connection task holds a clone of the state; once they are gone the writer's
+        // queue closes, and the writer commits what is left and stops.
+        drop(state);
+        if tokio::time::timeout(Duration::from_secs(30), writer).await.is_err() {
+            tracing::error!("writer did not finish within 30 s");
+        }
+        result
+    }
+}
+
+/// The router of the client API.
+pub fn app(state: AppState) -> Router {
+    use crate::api;
+    let send_limit = state.config.limits.max_send_bytes();
+    let body_limit = state.config.limits.max_request_bytes;
+    Router::new()
+        .route("/v1/register", post(api::account::register))
+        .route("/v1/login", post(api::account::login))
+        .route("/v1/logout", post(api::account::logout))
+        .route("/v1/whoami", get(api::account::whoami))
+        .route("/v1/devices", get(api::account::list_devices))
+        .route("/v1/devices/{device_id}", delete(api::account::delete_device))
+        .route("/v1/users/{user_id}/devices", get(api::account::user_devices))
+        .route("/v1/send", post(api::messages::send_message).layer(DefaultBodyLimit::max(send_limit)))
+        .route("/v1/read", post(api::messages::mark_read))
+        .route("/v1/sync", get(api::messages::sync))
+        .route("/v1/presence/subscriptions", put(api::presence::subscribe).get(api::presence::list_subscriptions))
+        .route("/v1/presence/{user_id}", get(api::presence::get_presence))
+        .route("/v1/account/privacy", put(api::presence::set_privacy))
+        .route("/v1/ws", get(crate::ws::upgrade))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limit_ip))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { crate::error::ApiError::new(parley_spec::ErrorCode::NotFound, "no such endpoint") })
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            crate::error::ApiError::new(parley_spec::ErrorCode::Internal, "internal server error").into_response()
+        }))
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            // The path only: queries may hold an access token.
+            tracing::info_span!("http", method = %request.method(), path = %request.uri().path())
+        }))
+        .with_state(state)
+}
+
+async fn limit_ip(State(state): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request, next: Next) -> Response {
+    match state.limits.check_ip(peer.ip(), &state.metrics) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render())
+}

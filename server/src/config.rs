@@ -1,0 +1,349 @@
+//! Configuration: one typed [`Config`], layered defaults → TOML file → environment
+//! (`PARLEY__SECTION__KEY`) → command-line flags, then checked. `parleyd` starts with no file
+//! at all. `server/parleyd.example.toml` documents every key; a test keeps it current.
+
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole server configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This server's name: the part after `:` in its user ids.
+    pub server_name: String,
+    /// Address of the client API (HTTP and WebSocket).
+    pub listen: SocketAddr,
+    /// Where the database, the server key and media live.
+    pub data_dir: PathBuf,
+    /// Who may register.
+    pub registration: RegistrationConfig,
+    /// Password hashing.
+    pub auth: AuthConfig,
+    /// Sizes and counts.
+    pub limits: LimitsConfig,
+    /// Rate limits.
+    pub rate_limits: RateLimitConfig,
+    /// Presence and heartbeats.
+    pub presence: PresenceConfig,
+    /// Storage.
+    pub storage: StorageConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Registration settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationConfig {
+    /// `open`, `closed` (admin creates users), or `token` (a registration token is needed).
+    pub mode: RegistrationMode,
+}
+
+/// Who may register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistrationMode {
+    /// Anyone.
+    Open,
+    /// No one; `parleyd admin create-user` only.
+    Closed,
+    /// Whoever has a token from `parleyd admin create-registration-token`.
+    Token,
+}
+
+/// argon2id cost parameters for password hashes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Memory cost in KiB (OWASP: 19456).
+    pub argon2_memory_kib: u32,
+    /// Iterations.
+    pub argon2_iterations: u32,
+    /// Parallelism.
+    pub argon2_parallelism: u32,
+    /// Shortest accepted password, in bytes.
+    pub min_password_bytes: usize,
+}
+
+/// Size and count limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest ciphertext of one envelope (decoded bytes). 256 KiB fits 100,000 characters.
+    pub max_envelope_bytes: usize,
+    /// Most devices per user.
+    pub max_devices_per_user: usize,
+    /// Largest HTTP request body.
+    pub max_request_bytes: usize,
+    /// Most events in one sync answer or backlog page.
+    pub sync_page: u32,
+    /// Longest long-poll wait, in milliseconds.
+    pub max_sync_timeout_ms: u64,
+    /// Live events buffered per connection before it falls back to reading its inbox.
+    pub connection_buffer: usize,
+    /// WebSocket read buffer per connection, in bytes (kept small: most connections idle).
+    pub ws_read_buffer_bytes: usize,
+    /// WebSocket write buffer per connection, in bytes.
+    pub ws_write_buffer_bytes: usize,
+}
+
+impl LimitsConfig {
+    /// Largest WebSocket frame or HTTP send body: every envelope of a send at its maximum,
+    /// base64-encoded, plus room for the JSON around it.
+    pub fn max_send_bytes(&self) -> usize {
+        let per_envelope = self.max_envelope_bytes.div_ceil(3) * 4 + 256;
+        per_envelope * self.max_devices_per_user * 2 + 4096
+    }
+}
+
+/// Rate limits (token buckets, governor). Exceeding one gives `rate_limited` with a retry time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Frames and authenticated requests per second per device.
+    pub device_per_second: u32,
+    /// Burst per device.
+    pub device_burst: u32,
+    /// HTTP requests (including WebSocket upgrades) per second per client IP.
+    pub ip_per_second: u32,
+    /// Burst per IP.
+    pub ip_burst: u32,
+    /// Register and login attempts per minute per client IP (they cost an argon2 hash).
+    pub auth_per_minute: u32,
+    /// Burst of register and login attempts per IP.
+    pub auth_burst: u32,
+}
+
+/// Presence and heartbeat timing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Clients send a frame at least this often.
+    pub heartbeat_interval_ms: u64,
+    /// The server closes a connection silent for this long; the device goes offline.
+    pub heartbeat_timeout_ms: u64,
+}
+
+/// Storage settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Database file name under `data_dir`.
+    pub sqlite_file: String,
+    /// SQLite `synchronous`: `full` (fsync every commit; a commit survives power loss) or
+    /// `normal` (survives a crash of the process, not of the machine).
+    pub synchronous: Synchronous,
+    /// Keep acknowledged inbox entries as history instead of deleting them.
+    pub keep_history: bool,
+    /// Most operations committed in one transaction (group commit).
+    pub max_batch: usize,
+    /// Operations waiting for the writer before new ones are refused with `unavailable`.
+    pub writer_queue: usize,
+}
+
+/// SQLite synchronous mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// fsync at every commit.
+    Full,
+    /// fsync at checkpoints only.
+    Normal,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `parley_server=debug,info`. `RUST_LOG` overrides it.
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
+            data_dir: PathBuf::from("data"),
+            registration: RegistrationConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            rate_limits: RateLimitConfig::default(),
+            presence: PresenceConfig::default(),
+            storage: StorageConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self { mode: RegistrationMode::Open }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { argon2_memory_kib: 19456, argon2_iterations: 2, argon2_parallelism: 1, min_password_bytes: 8 }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_envelope_bytes: 256 * 1024,
+            max_devices_per_user: 10,
+            max_request_bytes: 64 * 1024,
+            sync_page: 500,
+            max_sync_timeout_ms: 60_000,
+            connection_buffer: 256,
+            ws_read_buffer_bytes: 4096,
+            ws_write_buffer_bytes: 4096,
+        }
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self { device_per_second: 100, device_burst: 500, ip_per_second: 50, ip_burst: 200, auth_per_minute: 30, auth_burst: 10 }
+    }
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self { heartbeat_interval_ms: 15_000, heartbeat_timeout_ms: 45_000 }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            sqlite_file: "parley.db".into(),
+            synchronous: Synchronous::Full,
+            keep_history: false,
+            max_batch: 2048,
+            writer_queue: 65_536,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { filter: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// A configuration that failed to load or is inconsistent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file, variable or flag has the wrong shape.
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    /// The values load but do not make sense together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads defaults, then `file` (when given), then `PARLEY__*` environment variables, then
+    /// `overrides` (flags), and checks the result.
+    pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!("config file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("PARLEY__").split("__").lowercase(true))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(Box::new)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Semantic checks that serde cannot express.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if parley_spec::ServerName::parse(&self.server_name).is_err() {
+            return bad("server_name must be a DNS name or IP literal, optionally with :port");
+        }
+        if self.presence.heartbeat_timeout_ms <= self.presence.heartbeat_interval_ms {
+            return bad("presence.heartbeat_timeout_ms must be greater than heartbeat_interval_ms");
+        }
+        if self.limits.max_devices_per_user == 0 || self.limits.max_envelope_bytes == 0 || self.limits.sync_page == 0 {
+            return bad("limits must be positive");
+        }
+        if self.storage.max_batch == 0 || self.storage.writer_queue == 0 {
+            return bad("storage.max_batch and storage.writer_queue must be positive");
+        }
+        let rl = &self.rate_limits;
+        if [rl.device_per_second, rl.device_burst, rl.ip_per_second, rl.ip_burst, rl.auth_per_minute, rl.auth_burst].contains(&0) {
+            return bad("rate limits must be positive");
+        }
+        if self.auth.argon2_iterations == 0 || self.auth.argon2_parallelism == 0 || self.auth.argon2_memory_kib < 8 * self.auth.argon2_parallelism {
+            return bad("argon2 parameters out of range");
+        }
+        Ok(())
+    }
+
+    /// The database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join(&self.storage.sqlite_file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../parleyd.example.toml");
+
+    #[test]
+    fn example_config_is_the_default_and_complete() {
+        let parsed: Config = toml::from_str(EXAMPLE).expect("example parses");
+        assert_eq!(parsed, Config::default(), "parleyd.example.toml must show the defaults");
+        // Every key of the default config appears in the example (so new keys get documented).
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let example: toml::Value = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(defaults, example, "parleyd.example.toml must list every key");
+        // Every key line is preceded by a comment line.
+        let lines: Vec<&str> = EXAMPLE.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.contains(" = ") && !line.starts_with('#') {
+                assert!(i > 0 && lines[i - 1].starts_with('#'), "key without comment: {line}");
+            }
+        }
+    }
+
+    #[test]
+    fn env_and_overrides_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "server_name = \"a.example\"\n[limits]\nmax_devices_per_user = 3\n").unwrap();
+        let overrides = serde_json::json!({ "listen": "127.0.0.1:0" });
+        let config = Config::load(Some(&file), overrides).unwrap();
+        assert_eq!(config.server_name, "a.example");
+        assert_eq!(config.limits.max_devices_per_user, 3);
+        assert_eq!(config.listen.port(), 0);
+        std::fs::write(&file, "bogus_key = 1\n").unwrap();
+        assert!(Config::load(Some(&file), serde_json::json!({})).is_err());
+    }
+}

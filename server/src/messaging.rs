@@ -1,0 +1,188 @@
+//! The messaging service, shared by the WebSocket and the HTTP fallback: checking and storing
+//! sends, turning acknowledgements into delivered receipts, read markers, typing.
+
+use crate::app::AppState;
+use crate::auth::AuthDevice;
+use crate::error::{ApiError, ApiResult};
+use crate::storage::{now_ms, MessageOutcome, NewEvent, NewMessage};
+use bytes::Bytes;
+use parley_spec::error::{DeviceRef, DevicesMismatch};
+use parley_spec::v1::events::{InboxEvent, MessageEvent, ReceiptEvent, ReceiptKind};
+use parley_spec::v1::messages::{ReadRequest, SendRequest, SentResponse, MAX_READ_IDS};
+use parley_spec::v1::ws::{ServerFrame, TypingNotice};
+use parley_spec::{ErrorCode, UserId};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// Checks a send against the limits and the current devices, and builds what to store:
+/// one inbox event per target device, each with its own ciphertext.
+pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequest) -> ApiResult<NewMessage> {
+    let limits = &state.config.limits;
+    if request.envelopes.len() > limits.max_devices_per_user * 2 {
+        return Err(ApiError::new(ErrorCode::TooLarge, "too many envelopes"));
+    }
+    if let Some(big) = request.envelopes.iter().find(|e| e.ciphertext.0.len() > limits.max_envelope_bytes) {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("envelope for {} is {} bytes; the limit is {}", big.device, big.ciphertext.0.len(), limits.max_envelope_bytes),
+        ));
+    }
+    if request.to.server() != state.server_name.as_str() {
+        return Err(ApiError::new(ErrorCode::BadRequest, "remote users are not reachable from this server yet (no federation)"));
+    }
+    let recipient = state.directory.user(&request.to).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
+    let sender = state
+        .directory
+        .local(auth.user_id.localpart())
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownToken, "the sending account no longer exists"))?;
+
+    // Expected targets: every device of the recipient and every other device of the sender.
+    let mut expected: BTreeMap<DeviceRef, i64> = BTreeMap::new();
+    for (pk, id) in &recipient.devices {
+        expected.insert(DeviceRef::new(recipient.user_id.clone(), id.clone()), *pk);
+    }
+    for (pk, id) in &sender.devices {
+        if *pk != auth.device_pk {
+            expected.insert(DeviceRef::new(sender.user_id.clone(), id.clone()), *pk);
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut extra = Vec::new();
+    for envelope in &request.envelopes {
+        let target = DeviceRef::new(envelope.user.clone(), envelope.device.clone());
+        if !expected.contains_key(&target) || !seen.insert(target.clone()) {
+            extra.push(target);
+        }
+    }
+    let missing: Vec<DeviceRef> = expected.keys().filter(|t| !seen.contains(*t)).cloned().collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        return Err(ApiError::devices_mismatch(DevicesMismatch::new(missing, extra)));
+    }
+
+    let id = state.store.next_message_id();
+    let ts = now_ms();
+    let origin = Some((sender.user_id_arc.clone(), id));
+    let mut events = Vec::with_capacity(request.envelopes.len());
+    for envelope in request.envelopes {
+        let device = expected[&DeviceRef::new(envelope.user, envelope.device)];
+        let event = InboxEvent::Message(MessageEvent::new(
+            id,
+            auth.user_id.clone(),
+            auth.device_id.clone(),
+            request.to.clone(),
+            ts as u64,
+            envelope.ciphertext.0,
+        ));
+        events.push(NewEvent { device, origin: origin.clone(), payload: to_bytes(&event)? });
+    }
+    Ok(NewMessage { id, sender_device: auth.device_pk, client_msg_id: request.client_msg_id, recipient: request.to.to_string(), ts, events })
+}
+
+/// The `sent` answer for a store outcome.
+pub fn sent_response(client_msg_id: uuid::Uuid, outcome: MessageOutcome) -> SentResponse {
+    match outcome {
+        MessageOutcome::Stored { id, ts } => SentResponse::new(client_msg_id, id, ts as u64, false),
+        MessageOutcome::Duplicate { id, ts } => SentResponse::new(client_msg_id, id, ts as u64, true),
+    }
+}
+
+/// Stores a send and waits for its commit (the HTTP path).
+pub async fn send(state: &AppState, auth: &AuthDevice, request: SendRequest) -> ApiResult<SentResponse> {
+    let client_msg_id = request.client_msg_id;
+    let message = prepare_send(state, auth, request).await?;
+    let started = std::time::Instant::now();
+    let outcome = state.store.store_message(message).await?;
+    state.metrics.send_latency.observe(started.elapsed().as_secs_f64());
+    if matches!(outcome, MessageOutcome::Stored { .. }) {
+        state.metrics.messages_stored.inc();
+    }
+    Ok(sent_response(client_msg_id, outcome))
+}
+
+/// Receipt events (to every device of each sender) for messages that `auth` received or read.
+/// Messages the user sent itself (copies on its other devices) produce none.
+pub async fn receipts(
+    state: &AppState,
+    auth: &AuthDevice,
+    kind: ReceiptKind,
+    origins: impl IntoIterator<Item = (Arc<str>, u64)>,
+) -> ApiResult<Vec<NewEvent>> {
+    let mut by_sender: BTreeMap<Arc<str>, Vec<u64>> = BTreeMap::new();
+    for (sender, id) in origins {
+        if sender.as_ref() != auth.user_id.as_str() {
+            by_sender.entry(sender).or_default().push(id);
+        }
+    }
+    let ts = now_ms() as u64;
+    let mut events = Vec::new();
+    for (sender, ids) in by_sender {
+        let Ok(sender_id) = sender.parse::<UserId>() else { continue };
+        let Some(entry) = state.directory.user(&sender_id).await? else { continue };
+        for chunk in ids.chunks(MAX_READ_IDS) {
+            let event = InboxEvent::Receipt(ReceiptEvent::new(kind, auth.user_id.clone(), auth.device_id.clone(), sender_id.clone(), chunk.to_vec(), ts));
+            let payload = to_bytes(&event)?;
+            events.extend(entry.devices.iter().map(|(device, _)| NewEvent { device: *device, origin: None, payload: payload.clone() }));
+        }
+    }
+    Ok(events)
+}
+
+/// Acknowledges `(from, to]` of the device's inbox, reading which messages that covers from the
+/// database (used for `since` on connect and by `GET /v1/sync`).
+pub async fn ack_from_store(state: &AppState, auth: &AuthDevice, from: u64, to: u64) -> ApiResult<()> {
+    if to <= from {
+        return Ok(());
+    }
+    let mut origins = Vec::new();
+    let mut cursor = from;
+    loop {
+        let rows = state.store.inbox_after(auth.device_pk, cursor, 1000).await?;
+        let Some(last) = rows.last() else { break };
+        let full = rows.len() == 1000;
+        cursor = last.seq;
+        origins.extend(rows.into_iter().filter(|r| r.seq <= to).filter_map(|r| r.origin));
+        if !full || cursor >= to {
+            break;
+        }
+    }
+    let events = receipts(state, auth, ReceiptKind::Delivered, origins).await?;
+    state.store.ack(auth.device_pk, to, events).await?;
+    Ok(())
+}
+
+/// A read marker: `read` receipts to every device of the peer and to the reader's other devices.
+pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest) -> ApiResult<()> {
+    if request.message_ids.is_empty() || request.message_ids.len() > MAX_READ_IDS {
+        return Err(ApiError::new(ErrorCode::BadRequest, format!("message_ids must hold 1 to {MAX_READ_IDS} ids")));
+    }
+    let peer = state.directory.user(&request.peer).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
+    let me = state.directory.local(auth.user_id.localpart()).await?.ok_or_else(|| ApiError::internal("authenticated user vanished"))?;
+    let event = InboxEvent::Receipt(ReceiptEvent::new(
+        ReceiptKind::Read,
+        auth.user_id.clone(),
+        auth.device_id.clone(),
+        peer.user_id.clone(),
+        request.message_ids,
+        now_ms() as u64,
+    ));
+    let payload = to_bytes(&event)?;
+    let targets = peer.devices.iter().chain(me.devices.iter().filter(|(pk, _)| *pk != auth.device_pk));
+    let events = targets.map(|(device, _)| NewEvent { device: *device, origin: None, payload: payload.clone() }).collect();
+    state.store.append_events(events).await?;
+    Ok(())
+}
+
+/// Typing: to the recipient's connected devices only; never stored.
+pub async fn typing(state: &AppState, auth: &AuthDevice, to: &UserId, typing: bool) -> ApiResult<()> {
+    let peer = state.directory.user(to).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
+    let frame = to_bytes(&ServerFrame::Typing(TypingNotice::new(auth.user_id.clone(), typing)))?;
+    for (device, _) in &peer.devices {
+        state.hub.send_ephemeral(*device, frame.clone());
+    }
+    Ok(())
+}
+
+fn to_bytes<T: serde::Serialize>(value: &T) -> ApiResult<Bytes> {
+    serde_json::to_vec(value).map(Bytes::from).map_err(ApiError::internal)
+}

@@ -1,0 +1,82 @@
+//! Prometheus metrics (prometheus-client), served at `GET /metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+/// The server's metrics. Cheap to clone (every metric is an `Arc` inside).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// Open WebSocket connections.
+    pub connections: Gauge,
+    /// Messages accepted (answered `sent`, not counting duplicates).
+    pub messages_stored: Counter,
+    /// Inbox events made durable (messages per device, receipts).
+    pub events_stored: Counter,
+    /// Events written to a device's socket.
+    pub events_delivered: Counter,
+    /// Seconds from receiving a send to answering `sent`.
+    pub send_latency: Histogram,
+    /// Seconds one group commit took.
+    pub commit_seconds: Histogram,
+    /// Operations per group commit.
+    pub batch_size: Histogram,
+    /// Operations waiting for the writer.
+    pub writer_queue_depth: Gauge,
+    /// Requests and frames refused by a rate limit.
+    pub rate_limited: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("parley");
+        let connections = Gauge::default();
+        let messages_stored = Counter::default();
+        let events_stored = Counter::default();
+        let events_delivered = Counter::default();
+        let latency_buckets = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+        let send_latency = Histogram::new(latency_buckets);
+        let commit_seconds = Histogram::new(latency_buckets);
+        let batch_size = Histogram::new([1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0]);
+        let writer_queue_depth = Gauge::default();
+        let rate_limited = Counter::default();
+        registry.register("ws_connections", "Open WebSocket connections", connections.clone());
+        registry.register("messages_stored", "Messages accepted and stored", messages_stored.clone());
+        registry.register("inbox_events_stored", "Inbox events made durable", events_stored.clone());
+        registry.register("inbox_events_delivered", "Inbox events written to device sockets", events_delivered.clone());
+        registry.register("send_latency_seconds", "From receiving a send to answering sent", send_latency.clone());
+        registry.register("store_commit_seconds", "Duration of one group commit", commit_seconds.clone());
+        registry.register("store_batch_operations", "Operations per group commit", batch_size.clone());
+        registry.register("store_queue_depth", "Operations waiting for the writer", writer_queue_depth.clone());
+        registry.register("rate_limited", "Requests and frames refused by a rate limit", rate_limited.clone());
+        Self {
+            registry: Arc::new(registry),
+            connections,
+            messages_stored,
+            events_stored,
+            events_delivered,
+            send_latency,
+            commit_seconds,
+            batch_size,
+            writer_queue_depth,
+            rate_limited,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,127 @@
+//! Presence: a user is online while at least one device holds a heartbeating WebSocket, and
+//! offline with a last-seen time otherwise. Changes go to the user's subscribers (the users who
+//! added them as a contact) as `presence` frames, filtered by the user's privacy setting.
+//! Presence is ephemeral: a subscriber that is offline simply gets the current state when it
+//! subscribes or asks again.
+
+use crate::app::AppState;
+use crate::directory::UserEntry;
+use crate::storage::{now_ms, StoreError, UserPk};
+use bytes::Bytes;
+use parley_spec::v1::presence::{PresenceInfo, PresenceStatus, Visibility};
+use parley_spec::v1::ws::ServerFrame;
+use parley_spec::UserId;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Online device counts per user.
+#[derive(Default)]
+pub struct Presence {
+    online: Mutex<HashMap<UserPk, usize>>,
+}
+
+impl Presence {
+    /// A device of `user` connected. Returns true when the user just came online.
+    pub fn connected(&self, user: UserPk) -> bool {
+        let mut online = self.online.lock().unwrap_or_else(|e| e.into_inner());
+        let count = online.entry(user).or_insert(0);
+        *count += 1;
+        *count == 1
+    }
+
+    /// A device of `user` disconnected. Returns true when the user just went offline.
+    pub fn disconnected(&self, user: UserPk) -> bool {
+        let mut online = self.online.lock().unwrap_or_else(|e| e.into_inner());
+        match online.get_mut(&user) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            Some(_) => {
+                online.remove(&user);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether any device of `user` is connected.
+    pub fn is_online(&self, user: UserPk) -> bool {
+        self.online.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&user)
+    }
+}
+
+/// Whether `viewer` may see `target`'s presence, given the target's setting and whether the
+/// target has the viewer as a contact.
+pub fn visible(visibility: Visibility, viewer_is_contact: bool, viewer_is_target: bool) -> bool {
+    viewer_is_target
+        || match visibility {
+            Visibility::Everyone => true,
+            Visibility::Contacts => viewer_is_contact,
+            Visibility::Nobody => false,
+        }
+}
+
+/// `target`'s presence as `viewer` may see it.
+pub async fn view(state: &AppState, viewer: &UserId, target: &UserEntry) -> Result<PresenceInfo, StoreError> {
+    let Some(row) = state.store.user_by_localpart(target.user_id.localpart()).await? else {
+        return Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Hidden, None));
+    };
+    let visibility = Visibility::parse(&row.visibility).unwrap_or_default();
+    let is_contact = visibility == Visibility::Contacts && state.store.has_contact(target.user_id.as_str(), viewer.as_str()).await?;
+    if !visible(visibility, is_contact, viewer == &target.user_id) {
+        return Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Hidden, None));
+    }
+    if state.presence.is_online(target.pk) {
+        Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Online, None))
+    } else {
+        Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Offline, row.last_seen_ts.map(|t| t as u64)))
+    }
+}
+
+/// Tells `user`'s subscribers that it came online or went offline (in the background).
+pub fn announce(state: &AppState, user: Arc<UserEntry>, online: bool, last_seen: Option<i64>) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        if let Err(error) = announce_now(&state, &user, online, last_seen).await {
+            tracing::warn!(%error, "presence announcement failed");
+        }
+    });
+}
+
+async fn announce_now(state: &AppState, user: &UserEntry, online: bool, last_seen: Option<i64>) -> Result<(), StoreError> {
+    let subscribers = state.store.subscribers_of(user.user_id.as_str()).await?;
+    if subscribers.is_empty() {
+        return Ok(());
+    }
+    let Some(row) = state.store.user_by_localpart(user.user_id.localpart()).await? else { return Ok(()) };
+    let visibility = Visibility::parse(&row.visibility).unwrap_or_default();
+    let (status, last_seen_ts) = if online {
+        (PresenceStatus::Online, None)
+    } else {
+        (PresenceStatus::Offline, last_seen.or(row.last_seen_ts).map(|t| t as u64))
+    };
+    let shown = frame(PresenceInfo::new(user.user_id.clone(), status, last_seen_ts));
+    for (subscriber, is_contact) in subscribers {
+        let Ok(subscriber) = subscriber.parse::<UserId>() else { continue };
+        if !visible(visibility, is_contact, false) {
+            continue;
+        }
+        if let Some(entry) = state.directory.user(&subscriber).await? {
+            for (device, _) in &entry.devices {
+                state.hub.send_ephemeral(*device, shown.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A serialized `presence` frame.
+pub fn frame(info: PresenceInfo) -> Bytes {
+    Bytes::from(serde_json::to_vec(&ServerFrame::Presence(info)).unwrap_or_default())
+}
+
+/// Now, for last-seen.
+pub fn now() -> i64 {
+    now_ms()
+}

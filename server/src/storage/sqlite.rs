@@ -1,0 +1,360 @@
+//! The SQLite backend: WAL mode, a small pool for reads and account writes, and the
+//! group-commit [`Writer`](super::writer) for the hot path.
+
+use super::writer::{OnCommit, WriteOp, Writer};
+use super::*;
+use crate::config::{Config, Synchronous};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions as _, Row as _};
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))];
+
+/// The database handle shared by all services.
+pub struct Store {
+    pool: SqlitePool,
+    writer: mpsc::Sender<WriteOp>,
+    next_msg_id: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database, runs migrations and starts the writer task.
+    /// `on_commit` receives every inbox event after it is durable.
+    pub async fn open(config: &Config, metrics: crate::metrics::Metrics, on_commit: OnCommit) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(config.database_path())
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match config.storage.synchronous {
+                Synchronous::Full => SqliteSynchronous::Full,
+                Synchronous::Normal => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .statement_cache_capacity(256)
+            .disable_statement_logging();
+        let pool = SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(options.clone()).await?;
+        migrator().run(&pool).await?;
+        let conn = options.connect().await?;
+        let max_id: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM messages").fetch_one(&pool).await?;
+        let (tx, rx) = mpsc::channel(config.storage.writer_queue);
+        let writer = Writer {
+            conn,
+            rx,
+            max_batch: config.storage.max_batch,
+            keep_history: config.storage.keep_history,
+            on_commit,
+            metrics,
+            next_seq: Default::default(),
+        };
+        let handle = tokio::spawn(writer.run());
+        Ok((Self { pool, writer: tx, next_msg_id: AtomicU64::new(max_id as u64 + 1) }, handle))
+    }
+
+    /// Stops accepting writes; the writer commits what is queued and its task ends.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A fresh, never reused message id.
+    pub fn next_message_id(&self) -> u64 {
+        self.next_msg_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues a write. Waits for room when the queue is full (backpressure).
+    async fn queue(&self, op: WriteOp) -> Result<(), StoreError> {
+        self.writer.send(op).await.map_err(|_| StoreError::Unavailable)
+    }
+
+    async fn wait<T>(rx: oneshot::Receiver<Result<T, StoreError>>) -> Result<T, StoreError> {
+        rx.await.unwrap_or(Err(StoreError::Unavailable))
+    }
+
+    /// Stores a message durably (or finds its earlier copy).
+    pub async fn store_message(&self, message: NewMessage) -> Result<MessageOutcome, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(WriteOp::Message(message, tx)).await?;
+        Self::wait(rx).await
+    }
+
+    /// Queues a message and returns a receiver for the outcome, so a connection can pipeline.
+    pub async fn queue_message(&self, message: NewMessage) -> Result<oneshot::Receiver<Result<MessageOutcome, StoreError>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(WriteOp::Message(message, tx)).await?;
+        Ok(rx)
+    }
+
+    /// Records an acknowledgement and its delivered receipts.
+    pub async fn ack(&self, device: DevicePk, seq: u64, receipts: Vec<NewEvent>) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(WriteOp::Ack { device, seq, receipts, reply }).await?;
+        Self::wait(rx).await
+    }
+
+    /// Appends events to inboxes.
+    pub async fn append_events(&self, events: Vec<NewEvent>) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(WriteOp::Events(events, reply)).await?;
+        Self::wait(rx).await
+    }
+
+    /// Removes a device, its token and its inbox.
+    pub async fn delete_device(&self, device: DevicePk) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(WriteOp::DeleteDevice(device, reply)).await?;
+        Self::wait(rx).await
+    }
+
+    /// Records last-seen (fire and forget; batched with everything else).
+    pub async fn record_last_seen(&self, user: UserPk, device: DevicePk, ts: i64) {
+        let _ = self.queue(WriteOp::LastSeen { user, device, ts }).await;
+    }
+
+    /// Inbox entries of `device` after `after`, oldest first.
+    pub async fn inbox_after(&self, device: DevicePk, after: u64, limit: u32) -> Result<Vec<InboxRow>, StoreError> {
+        let rows = sqlx::query("SELECT seq, sender, msg_id, payload FROM inbox WHERE device = ? AND seq > ? ORDER BY seq LIMIT ?")
+            .bind(device)
+            .bind(after as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let sender: Option<String> = row.try_get(1)?;
+                let msg_id: Option<i64> = row.try_get(2)?;
+                let payload: Vec<u8> = row.try_get(3)?;
+                Ok(InboxRow {
+                    seq: row.try_get::<i64, _>(0)? as u64,
+                    origin: sender.zip(msg_id).map(|(s, id)| (Arc::from(s), id as u64)),
+                    payload: Bytes::from(payload),
+                })
+            })
+            .collect()
+    }
+
+    /// The device's acknowledged position.
+    pub async fn acked_seq(&self, device: DevicePk) -> Result<u64, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = ?").bind(device).fetch_optional(&self.pool).await?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+
+    // ---- accounts -------------------------------------------------------------------------
+
+    /// Creates a user; `Conflict` when the localpart is taken.
+    pub async fn create_user(&self, localpart: &str, password_hash: &str, is_admin: bool) -> Result<UserPk, StoreError> {
+        let result = sqlx::query("INSERT INTO users (localpart, password_hash, created_ts, is_admin) VALUES (?, ?, ?, ?)")
+            .bind(localpart)
+            .bind(password_hash)
+            .bind(now_ms())
+            .bind(is_admin)
+            .execute(&self.pool)
+            .await;
+        match result {
+            Ok(done) => Ok(done.last_insert_rowid()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates a user and its first device atomically.
+    pub async fn create_user_with_device(
+        &self,
+        localpart: &str,
+        password_hash: &str,
+        device_id: &str,
+        display_name: Option<&str>,
+        token_hash: &[u8],
+        registration_token: Option<&[u8]>,
+    ) -> Result<(UserPk, DevicePk), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(token_hash) = registration_token {
+            let now = now_ms();
+            let used = sqlx::query(
+                "UPDATE registration_tokens SET uses_left = uses_left - 1 WHERE token_hash = ? \
+                 AND (uses_left IS NULL OR uses_left > 0) AND (expires_ts IS NULL OR expires_ts > ?)",
+            )
+            .bind(token_hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if used.rows_affected() != 1 {
+                return Err(StoreError::TokenRejected);
+            }
+        }
+        let user = match sqlx::query("INSERT INTO users (localpart, password_hash, created_ts) VALUES (?, ?, ?)")
+            .bind(localpart)
+            .bind(password_hash)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await
+        {
+            Ok(done) => done.last_insert_rowid(),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(StoreError::Conflict),
+            Err(e) => return Err(e.into()),
+        };
+        let device = insert_device(&mut tx, user, device_id, display_name, token_hash).await?;
+        tx.commit().await?;
+        Ok((user, device))
+    }
+
+    /// Adds a device to a user unless it already has `max_devices`.
+    pub async fn create_device(
+        &self,
+        user: UserPk,
+        device_id: &str,
+        display_name: Option<&str>,
+        token_hash: &[u8],
+        max_devices: usize,
+    ) -> Result<DevicePk, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = ?").bind(user).fetch_one(&mut *tx).await?;
+        if count as usize >= max_devices {
+            return Err(StoreError::TooMany);
+        }
+        let device = insert_device(&mut tx, user, device_id, display_name, token_hash).await?;
+        tx.commit().await?;
+        Ok(device)
+    }
+
+    /// The user with this localpart.
+    pub async fn user_by_localpart(&self, localpart: &str) -> Result<Option<UserRow>, StoreError> {
+        let row = sqlx::query("SELECT id, localpart, password_hash, last_seen_visibility, last_seen_ts FROM users WHERE localpart = ?")
+            .bind(localpart)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(UserRow {
+                pk: row.try_get(0)?,
+                localpart: row.try_get(1)?,
+                password_hash: row.try_get(2)?,
+                visibility: row.try_get(3)?,
+                last_seen_ts: row.try_get(4)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// The device an access token hash belongs to.
+    pub async fn auth_by_token(&self, token_hash: &[u8]) -> Result<Option<AuthRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT u.id, u.localpart, d.id, d.device_id FROM devices d JOIN users u ON u.id = d.user_id WHERE d.token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(AuthRow { user_pk: row.try_get(0)?, localpart: row.try_get(1)?, device_pk: row.try_get(2)?, device_id: row.try_get(3)? })
+        })
+        .transpose()
+    }
+
+    /// A user's devices, oldest first.
+    pub async fn devices_of(&self, user: UserPk) -> Result<Vec<DeviceRow>, StoreError> {
+        let rows = sqlx::query("SELECT id, device_id, display_name, created_ts, last_seen_ts FROM devices WHERE user_id = ? ORDER BY id")
+            .bind(user)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(DeviceRow {
+                    pk: row.try_get(0)?,
+                    device_id: row.try_get(1)?,
+                    display_name: row.try_get(2)?,
+                    created_ts: row.try_get(3)?,
+                    last_seen_ts: row.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Creates a registration token (stored hashed).
+    pub async fn create_registration_token(&self, token_hash: &[u8], uses: Option<u32>, expires_ts: Option<i64>) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO registration_tokens (token_hash, uses_left, expires_ts, created_ts) VALUES (?, ?, ?, ?)")
+            .bind(token_hash)
+            .bind(uses.map(i64::from))
+            .bind(expires_ts)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- presence -------------------------------------------------------------------------
+
+    /// Sets a user's presence visibility.
+    pub async fn set_visibility(&self, user: UserPk, visibility: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE users SET last_seen_visibility = ? WHERE id = ?").bind(visibility).bind(user).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Adds contacts (presence subscriptions).
+    pub async fn add_contacts(&self, owner: &str, contacts: &[String]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for contact in contacts {
+            sqlx::query("INSERT OR IGNORE INTO contacts (owner, contact) VALUES (?, ?)").bind(owner).bind(contact).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The users `owner` subscribed to.
+    pub async fn contacts_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = ? ORDER BY contact").bind(owner).fetch_all(&self.pool).await?)
+    }
+
+    /// Who subscribed to `contact`, each with whether `contact` has them as a contact too.
+    pub async fn subscribers_of(&self, contact: &str) -> Result<Vec<(String, bool)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT c.owner, EXISTS (SELECT 1 FROM contacts r WHERE r.owner = c.contact AND r.contact = c.owner)              FROM contacts c WHERE c.contact = ?",
+        )
+        .bind(contact)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).collect()
+    }
+
+    /// Whether `owner` has `contact` as a contact.
+    pub async fn has_contact(&self, owner: &str, contact: &str) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM contacts WHERE owner = ? AND contact = ?")
+            .bind(owner)
+            .bind(contact)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.is_some())
+    }
+}
+
+async fn insert_device(
+    tx: &mut sqlx::SqliteConnection,
+    user: UserPk,
+    device_id: &str,
+    display_name: Option<&str>,
+    token_hash: &[u8],
+) -> Result<DevicePk, StoreError> {
+    let result = sqlx::query("INSERT INTO devices (user_id, device_id, display_name, token_hash, created_ts) VALUES (?, ?, ?, ?, ?)")
+        .bind(user)
+        .bind(device_id)
+        .bind(display_name)
+        .bind(token_hash)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await;
+    match result {
+        Ok(done) => Ok(done.last_insert_rowid()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn migrator() -> Migrator {
+    let migrations: Vec<Migration> = MIGRATIONS
+        .iter()
+        .map(|(version, description, sql)| {
+            Migration::new(*version, Cow::Borrowed(*description), MigrationType::Simple, Cow::Borrowed(*sql), false)
+        })
+        .collect();
+    Migrator { migrations: Cow::Owned(migrations), ignore_missing: false, locking: true, no_tx: false }
+}

@@ -1,0 +1,332 @@
+//! The group-commit writer: one task, one connection, one transaction per batch of whatever
+//! operations queued up while the previous batch was committing. It also owns the per-device
+//! inbox sequence counters, so sequence numbers are assigned in commit order without locks.
+//!
+//! Sequence invariant: rows are deleted only at or below a device's persisted `acked_seq`
+//! (in the same transaction that raises it), so after a restart the next sequence number is
+//! `max(acked_seq, max(seq)) + 1` and is never reused.
+
+use super::{DevicePk, InboxRow, StoreError, UserPk};
+use bytes::Bytes;
+use sqlx::{Connection as _, QueryBuilder, Row as _, Sqlite, SqliteConnection};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+/// Rows per multi-row statement (5 binds a row stays far below SQLite's variable limit).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// An event to append to a device's inbox.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Target device.
+    pub device: DevicePk,
+    /// For message events: sender and message id (used for delivered receipts).
+    pub origin: Option<(Arc<str>, u64)>,
+    /// The event JSON.
+    pub payload: Bytes,
+}
+
+/// A message to store: its idempotency record plus one inbox event per target device.
+#[derive(Debug)]
+pub struct NewMessage {
+    /// Pre-assigned server message id (wasted if this turns out to be a duplicate).
+    pub id: u64,
+    /// Sending device.
+    pub sender_device: DevicePk,
+    /// Client's idempotency key.
+    pub client_msg_id: Uuid,
+    /// Recipient user id.
+    pub recipient: String,
+    /// Server timestamp.
+    pub ts: i64,
+    /// One event per target device.
+    pub events: Vec<NewEvent>,
+}
+
+/// What became of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageOutcome {
+    /// Stored now.
+    Stored {
+        /// Server message id.
+        id: u64,
+        /// Server timestamp.
+        ts: i64,
+    },
+    /// Stored earlier under the same (device, client_msg_id): nothing new was written.
+    Duplicate {
+        /// The original id.
+        id: u64,
+        /// The original timestamp.
+        ts: i64,
+    },
+}
+
+/// An inbox event that is now durable, handed to live delivery.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// Target device.
+    pub device: DevicePk,
+    /// The stored row.
+    pub row: InboxRow,
+}
+
+/// Called after each commit with the events it made durable.
+pub type OnCommit = Arc<dyn Fn(Vec<Committed>) + Send + Sync>;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One queued write.
+pub enum WriteOp {
+    /// Store a message.
+    Message(NewMessage, Reply<MessageOutcome>),
+    /// A device acknowledged its inbox up to `seq`; append the resulting receipts.
+    Ack {
+        /// The acknowledging device.
+        device: DevicePk,
+        /// Cumulative position.
+        seq: u64,
+        /// Delivered receipts to append to senders' inboxes.
+        receipts: Vec<NewEvent>,
+        /// Answered after commit.
+        reply: Reply<()>,
+    },
+    /// Append events (read receipts, for example).
+    Events(Vec<NewEvent>, Reply<()>),
+    /// Remove a device with its inbox and token.
+    DeleteDevice(DevicePk, Reply<()>),
+    /// Record when a user and device were last online.
+    LastSeen {
+        /// The user.
+        user: UserPk,
+        /// The device.
+        device: DevicePk,
+        /// When.
+        ts: i64,
+    },
+}
+
+pub(super) struct Writer {
+    pub conn: SqliteConnection,
+    pub rx: mpsc::Receiver<WriteOp>,
+    pub max_batch: usize,
+    pub keep_history: bool,
+    pub on_commit: OnCommit,
+    pub metrics: crate::metrics::Metrics,
+    /// Next sequence number per device (loaded on first use).
+    pub next_seq: HashMap<DevicePk, u64>,
+}
+
+impl Writer {
+    pub async fn run(mut self) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while let Some(op) = self.rx.recv().await {
+            batch.push(op);
+            while batch.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.metrics.writer_queue_depth.set(self.rx.len() as i64);
+            let started = std::time::Instant::now();
+            let size = batch.len();
+            self.commit_batch(&mut batch).await;
+            self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics.batch_size.observe(size as f64);
+        }
+        tracing::info!("writer drained and stopped");
+    }
+
+    async fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
+        let mut work = Work::default();
+        match self.apply(batch, &mut work).await {
+            Ok(()) => {
+                let committed = std::mem::take(&mut work.committed);
+                for (reply, outcome) in work.message_replies.drain(..) {
+                    let _ = reply.send(Ok(outcome));
+                }
+                for reply in work.unit_replies.drain(..) {
+                    let _ = reply.send(Ok(()));
+                }
+                if !committed.is_empty() {
+                    (self.on_commit)(committed);
+                }
+            }
+            Err(error) => {
+                // Dropping the replies answers every operation of the batch with `Unavailable`.
+                tracing::error!(%error, "batch failed; rolled back");
+                // Sequence numbers handed out in the failed batch were not stored: forget them.
+                self.next_seq.clear();
+            }
+        }
+        batch.clear();
+    }
+
+    async fn apply(&mut self, batch: &mut Vec<WriteOp>, work: &mut Work) -> Result<(), StoreError> {
+        let next_seq = &mut self.next_seq;
+        let mut tx = self.conn.begin().await?;
+        let mut messages = Vec::new();
+        let mut events: Vec<NewEvent> = Vec::new();
+        let mut acks: HashMap<DevicePk, u64> = HashMap::new();
+        let mut deleted = Vec::new();
+        let mut last_seen = Vec::new();
+        for op in batch.drain(..) {
+            match op {
+                WriteOp::Message(message, reply) => messages.push((message, reply)),
+                WriteOp::Ack { device, seq, receipts, reply } => {
+                    let entry = acks.entry(device).or_insert(0);
+                    *entry = (*entry).max(seq);
+                    events.extend(receipts);
+                    work.unit_replies.push(reply);
+                }
+                WriteOp::Events(new, reply) => {
+                    events.extend(new);
+                    work.unit_replies.push(reply);
+                }
+                WriteOp::DeleteDevice(device, reply) => {
+                    deleted.push(device);
+                    work.unit_replies.push(reply);
+                }
+                WriteOp::LastSeen { user, device, ts } => last_seen.push((user, device, ts)),
+            }
+        }
+
+        // 1. Idempotency records; RETURNING names the rows that are new.
+        let mut inserted = HashSet::new();
+        for chunk in messages.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO messages (id, sender_device, client_msg_id, recipient, ts) ");
+            query.push_values(chunk, |mut row, (m, _)| {
+                row.push_bind(m.id as i64)
+                    .push_bind(m.sender_device)
+                    .push_bind(m.client_msg_id.as_bytes().as_slice())
+                    .push_bind(m.recipient.as_str())
+                    .push_bind(m.ts);
+            });
+            query.push(" ON CONFLICT DO NOTHING RETURNING id");
+            for row in query.build().fetch_all(&mut *tx).await? {
+                inserted.insert(row.try_get::<i64, _>(0)? as u64);
+            }
+        }
+        let mut message_events = Vec::new();
+        for (message, reply) in messages {
+            if inserted.contains(&message.id) {
+                work.message_replies.push((reply, MessageOutcome::Stored { id: message.id, ts: message.ts }));
+                message_events.extend(message.events);
+            } else {
+                let row = sqlx::query("SELECT id, ts FROM messages WHERE sender_device = ? AND client_msg_id = ?")
+                    .bind(message.sender_device)
+                    .bind(message.client_msg_id.as_bytes().as_slice())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let outcome = MessageOutcome::Duplicate { id: row.try_get::<i64, _>(0)? as u64, ts: row.try_get(1)? };
+                work.message_replies.push((reply, outcome));
+            }
+        }
+        message_events.append(&mut events);
+        let events = message_events;
+
+        // 2. Devices removed in this batch lose their inbox, token and counters.
+        for device in &deleted {
+            next_seq.remove(device);
+            sqlx::query("DELETE FROM inbox WHERE device = ?").bind(device).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM devices WHERE id = ?").bind(device).execute(&mut *tx).await?;
+        }
+
+        // 3. Inbox events with their sequence numbers (events for unknown devices are dropped).
+        let mut rows = Vec::with_capacity(events.len());
+        for event in events {
+            if let Some(seq) = allocate_seq(next_seq, &mut tx, event.device).await? {
+                rows.push((event, seq));
+            }
+        }
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO inbox (device, seq, sender, msg_id, payload) ");
+            query.push_values(chunk, |mut row, (event, seq)| {
+                let (sender, msg_id) = match &event.origin {
+                    Some((sender, id)) => (Some(sender.as_ref()), Some(*id as i64)),
+                    None => (None, None),
+                };
+                row.push_bind(event.device)
+                    .push_bind(*seq as i64)
+                    .push_bind(sender)
+                    .push_bind(msg_id)
+                    .push_bind(event.payload.as_ref());
+            });
+            query.build().execute(&mut *tx).await?;
+        }
+
+        // 4. Acks: raise acked_seq (clamped to what exists) and drop acknowledged entries.
+        let mut clamped = Vec::with_capacity(acks.len());
+        for (device, seq) in acks {
+            if let Some(next) = peek_next_seq(next_seq, &mut tx, device).await? {
+                clamped.push((device, seq.min(next - 1)));
+            }
+        }
+        for chunk in clamped.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new("WITH v(d, s) AS (");
+            query.push_values(chunk, |mut row, (device, seq)| {
+                row.push_bind(*device).push_bind(*seq as i64);
+            });
+            query.push(") UPDATE devices SET acked_seq = v.s FROM v WHERE devices.id = v.d AND v.s > devices.acked_seq");
+            query.build().execute(&mut *tx).await?;
+            if !self.keep_history {
+                let mut query = QueryBuilder::<Sqlite>::new("WITH v(d, s) AS (");
+                query.push_values(chunk, |mut row, (device, seq)| {
+                    row.push_bind(*device).push_bind(*seq as i64);
+                });
+                query.push(") DELETE FROM inbox WHERE device IN (SELECT d FROM v) AND seq <= (SELECT s FROM v WHERE v.d = inbox.device)");
+                query.build().execute(&mut *tx).await?;
+            }
+        }
+
+        // 5. Last seen.
+        for (user, device, ts) in last_seen {
+            sqlx::query("UPDATE users SET last_seen_ts = ? WHERE id = ?").bind(ts).bind(user).execute(&mut *tx).await?;
+            sqlx::query("UPDATE devices SET last_seen_ts = ? WHERE id = ?").bind(ts).bind(device).execute(&mut *tx).await?;
+        }
+
+        tx.commit().await?;
+        self.metrics.events_stored.inc_by(rows.len() as u64);
+        work.committed = rows
+            .into_iter()
+            .map(|(event, seq)| Committed {
+                device: event.device,
+                row: InboxRow { seq, origin: event.origin, payload: event.payload },
+            })
+            .collect();
+        Ok(())
+    }
+}
+
+/// The next sequence number of `device` without taking it; `None` if the device is gone.
+async fn peek_next_seq(cache: &mut HashMap<DevicePk, u64>, tx: &mut SqliteConnection, device: DevicePk) -> Result<Option<u64>, StoreError> {
+    if let Some(next) = cache.get(&device) {
+        return Ok(Some(*next));
+    }
+    let row = sqlx::query(
+        "SELECT max(acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = ?1), 0)) FROM devices WHERE id = ?1",
+    )
+    .bind(device)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let next = row.try_get::<i64, _>(0)? as u64 + 1;
+    cache.insert(device, next);
+    Ok(Some(next))
+}
+
+async fn allocate_seq(cache: &mut HashMap<DevicePk, u64>, tx: &mut SqliteConnection, device: DevicePk) -> Result<Option<u64>, StoreError> {
+    let Some(next) = peek_next_seq(cache, tx, device).await? else { return Ok(None) };
+    cache.insert(device, next + 1);
+    Ok(Some(next))
+}
+
+#[derive(Default)]
+struct Work {
+    message_replies: Vec<(Reply<MessageOutcome>, MessageOutcome)>,
+    unit_replies: Vec<Reply<()>>,
+    committed: Vec<Committed>,
+}
