@@ -1,1 +1,5 @@
-//! it
+//! Integration tests: every test starts real `parleyd` processes on loopback (see
+//! `parley_tests::TestServer`). All compile into this one binary.
+
+mod bad_input;
+mod raw;

@@ -26,6 +26,10 @@ struct Pending {
     attempts: u32,
     /// Set while waiting to retry.
     retry_at: Option<Instant>,
+    /// The connection (generation) it was last written on, 0 if never.
+    written_on: u64,
+    /// Size of the frame as last written, in bytes.
+    frame_len: usize,
 }
 
 /// What an `error` frame for a pending send led to.
@@ -62,7 +66,7 @@ impl PendingSends {
         self.next_order += 1;
         self.by_id.insert(req.client_msg_id, order);
         let frame = req.clone();
-        self.by_order.insert(order, Pending { req, waiters: vec![reply], attempts: 0, retry_at: None });
+        self.by_order.insert(order, Pending { req, waiters: vec![reply], attempts: 0, retry_at: None, written_on: 0, frame_len: 0 });
         Some(frame)
     }
 
@@ -116,6 +120,34 @@ impl PendingSends {
         if empty {
             self.remove(id);
         }
+    }
+
+    /// Records that the send went out on connection `generation` as a frame of `len` bytes.
+    pub(crate) fn written(&mut self, id: Uuid, generation: u64, len: usize) {
+        if let Some(p) = self.by_id.get(&id).and_then(|order| self.by_order.get_mut(order)) {
+            p.written_on = generation;
+            p.frame_len = len;
+        }
+    }
+
+    /// The server closed connection `generation` with 1009 (a frame over its size limit): the
+    /// culprit is taken to be the largest unanswered send written on it, which fails with
+    /// `too_large` instead of being re-sent forever. Returns its id.
+    pub(crate) fn fail_largest_written(&mut self, generation: u64) -> Option<Uuid> {
+        let id = self
+            .by_order
+            .values()
+            .filter(|p| p.written_on == generation)
+            .max_by_key(|p| p.frame_len)?
+            .req
+            .client_msg_id;
+        let p = self.remove(id)?;
+        let body = ErrorBody::new(ErrorCode::TooLarge, "the send frame exceeded the server's size limit");
+        let err = Error::from_body(body);
+        for w in p.waiters {
+            let _ = w.send(Err(err.for_waiter()));
+        }
+        Some(id)
     }
 
     /// When the earliest scheduled retry is due.

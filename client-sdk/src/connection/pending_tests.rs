@@ -107,3 +107,24 @@ fn prune_and_fail_all() {
     assert!(matches!(rx2.try_recv().unwrap(), Err(Error::Closed)));
     assert_eq!(p.len(), 0);
 }
+
+#[test]
+fn too_large_fails_the_largest_send_of_that_connection() {
+    let mut p = PendingSends::default();
+    let mut rxs = Vec::new();
+    for n in 1..=3 {
+        let (tx, rx) = oneshot::channel();
+        p.insert(req(n), tx);
+        rxs.push(rx);
+    }
+    p.written(Uuid::from_u128(1), 1, 500);
+    p.written(Uuid::from_u128(2), 2, 100);
+    p.written(Uuid::from_u128(3), 2, 300);
+    assert_eq!(p.fail_largest_written(2), Some(Uuid::from_u128(3)));
+    let err = rxs[2].try_recv().unwrap().unwrap_err();
+    assert_eq!(err.server_code(), Some(ErrorCode::TooLarge));
+    assert_eq!(err.status(), Some(413));
+    assert!(rxs[0].try_recv().is_err() && rxs[1].try_recv().is_err());
+    assert_eq!(p.fail_largest_written(7), None);
+    assert_eq!(p.len(), 2);
+}

@@ -85,9 +85,11 @@ impl Link {
         Self { ws, hb }
     }
 
-    /// Writes one frame. An error means the connection is lost; the string says why.
-    pub(crate) async fn send(&mut self, frame: &ClientFrame) -> Result<(), String> {
+    /// Writes one frame and returns its size. An error means the connection is lost; the
+    /// string says why.
+    pub(crate) async fn send(&mut self, frame: &ClientFrame) -> Result<usize, String> {
         let json = serde_json::to_string(frame).map_err(|e| format!("cannot encode frame: {e}"))?;
+        let len = json.len();
         match tokio::time::timeout(WRITE_TIMEOUT, self.ws.send(Message::text(json))).await {
             Ok(Ok(())) => {
                 if matches!(frame, ClientFrame::Ping(_)) {
@@ -95,7 +97,7 @@ impl Link {
                 } else {
                     self.hb.sent(Instant::now());
                 }
-                Ok(())
+                Ok(len)
             }
             Ok(Err(e)) => Err(format!("write failed: {e}")),
             Err(_) => Err("write timed out".into()),

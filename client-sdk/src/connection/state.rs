@@ -97,11 +97,13 @@ pub(crate) struct AckTracker {
     acked: u64,
     unacked: usize,
     first_unacked_at: Option<Instant>,
+    /// Set when an `ack` may have been refused (`rate_limited`): send it again then.
+    resend_at: Option<Instant>,
 }
 
 impl AckTracker {
     pub(crate) fn new(batch: usize, delay: Duration, acked: u64) -> Self {
-        Self { batch: batch.max(1), delay, acked, unacked: 0, first_unacked_at: None }
+        Self { batch: batch.max(1), delay, acked, unacked: 0, first_unacked_at: None, resend_at: None }
     }
 
     /// Everything up to `cursor` is acknowledged (sent an `ack`, or connected with `since`).
@@ -109,6 +111,15 @@ impl AckTracker {
         self.acked = self.acked.max(cursor);
         self.unacked = 0;
         self.first_unacked_at = None;
+        self.resend_at = None;
+    }
+
+    /// The last `ack` may have been refused: repeat it at `at` (acks are cumulative, so a
+    /// repeat is harmless).
+    pub(crate) fn resend_at(&mut self, at: Instant) {
+        if self.acked > 0 {
+            self.resend_at = Some(at);
+        }
     }
 
     /// One more event was handled; true when a batch is full and the ack should go now.
@@ -120,12 +131,16 @@ impl AckTracker {
 
     /// Whether `cursor` is ahead of the last acknowledgement.
     pub(crate) fn needs_ack(&self, cursor: u64) -> bool {
-        cursor > self.acked
+        cursor > self.acked || (self.resend_at.is_some() && cursor > 0)
     }
 
-    /// When the ack delay of the oldest unacknowledged event runs out.
+    /// When the ack delay of the oldest unacknowledged event (or a repeat) is due.
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.first_unacked_at.map(|t| t + self.delay)
+        let batch = self.first_unacked_at.map(|t| t + self.delay);
+        match (batch, self.resend_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -250,6 +265,12 @@ mod tests {
         a.acked(3);
         assert!(!a.needs_ack(8), "acks never go backwards");
         assert!(AckTracker::new(0, MS(1), 0).record(t0), "batch 0 means every event");
+        a.resend_at(t0 + MS(50));
+        assert!(a.needs_ack(8), "a refused ack is repeated");
+        assert_eq!(a.deadline(), Some(t0 + MS(50)));
+        a.acked(8);
+        assert!(!a.needs_ack(8));
+        assert_eq!(a.deadline(), None);
     }
 
     #[test]
