@@ -120,10 +120,7 @@ pub(crate) fn parse_base(base_url: &str) -> Result<Url, Error> {
 /// `base` with `segments` appended as path segments (each percent-encoded as needed).
 pub(crate) fn endpoint(base: &Url, segments: &[&str]) -> Result<Url, Error> {
     let mut url = base.clone();
-    url.path_segments_mut()
-        .map_err(|()| Error::InvalidUrl(format!("{base}: cannot be a base")))?
-        .pop_if_empty()
-        .extend(segments);
+    url.path_segments_mut().map_err(|()| Error::InvalidUrl(format!("{base}: cannot be a base")))?.pop_if_empty().extend(segments);
     Ok(url)
 }
 
@@ -135,8 +132,7 @@ pub(crate) fn ws_url(base: &Url, since: u64) -> Result<Url, Error> {
         "https" | "wss" => "wss",
         other => return Err(Error::InvalidUrl(format!("{base}: unsupported scheme {other}"))),
     };
-    url.set_scheme(scheme)
-        .map_err(|()| Error::InvalidUrl(format!("{base}: cannot switch to {scheme}")))?;
+    url.set_scheme(scheme).map_err(|()| Error::InvalidUrl(format!("{base}: cannot switch to {scheme}")))?;
     url.query_pairs_mut().append_pair("since", &since.to_string());
     Ok(url)
 }
@@ -182,12 +178,7 @@ mod tests {
 
     #[test]
     fn session_debug_hides_token() {
-        let s = Session::new(
-            "http://h/",
-            UserId::parse("@a:h").unwrap(),
-            DeviceId::parse("DEV").unwrap(),
-            "secret-token",
-        );
+        let s = Session::new("http://h/", UserId::parse("@a:h").unwrap(), DeviceId::parse("DEV").unwrap(), "secret-token");
         let dbg = format!("{s:?}");
         assert!(!dbg.contains("secret-token"));
         assert!(dbg.contains("@a:h"));

@@ -178,9 +178,7 @@ impl Connection {
     /// are only logged; use [`Api::read`](crate::Api::read) to see them).
     pub async fn read(&self, peer: UserId, message_ids: Vec<u64>) -> Result<(), Error> {
         let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Read { req: ReadRequest::new(peer, message_ids), reply })
-            .map_err(|_| Error::Closed)?;
+        self.commands.send(Command::Read { req: ReadRequest::new(peer, message_ids), reply }).map_err(|_| Error::Closed)?;
         rx.await.unwrap_or(Err(Error::Closed))
     }
 
@@ -188,9 +186,7 @@ impl Connection {
     /// [`Error::NotConnected`] while reconnecting.
     pub async fn typing(&self, to: UserId, typing: bool) -> Result<(), Error> {
         let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Typing { frame: TypingFrame::new(to, typing), reply })
-            .map_err(|_| Error::Closed)?;
+        self.commands.send(Command::Typing { frame: TypingFrame::new(to, typing), reply }).map_err(|_| Error::Closed)?;
         rx.await.unwrap_or(Err(Error::Closed))
     }
 

@@ -1,18 +1,19 @@
 //! The background task that owns the WebSocket: a connected phase (frames, commands, timers)
 //! and a reconnecting phase (backoff, commands queued), until closed.
 
+mod frames;
+
 use super::{
-    pending::{ErrorOutcome, PendingSends, Reply},
-    socket::{self, describe_close, Link},
+    pending::{PendingSends, Reply},
+    socket::{self, Link},
     state::{AckTracker, Backoff, DedupeWindow},
     ConnectOptions, Event, Shared,
 };
 use crate::error::Error;
 use futures_util::StreamExt;
 use parley_spec::v1::{
-    events::InboxEvent,
     messages::{ReadRequest, SendRequest},
-    ws::{AckFrame, ClientFrame, ErrorFrame, HelloFrame, PingFrame, ServerFrame, TypingFrame},
+    ws::{AckFrame, ClientFrame, HelloFrame, PingFrame, ServerFrame, TypingFrame},
 };
 use std::{
     collections::VecDeque,
@@ -23,7 +24,6 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::Instant,
 };
-use tokio_tungstenite::tungstenite::{self, Message};
 use url::Url;
 use uuid::Uuid;
 
@@ -41,13 +41,37 @@ pub(crate) enum Command {
 enum Exit {
     /// The socket is gone; reconnect.
     Lost(String),
+    /// A newer connection of the same device took over (close 1008 "replaced"): stop rather
+    /// than fight it.
+    Replaced(String),
     /// Closing on request (with someone to tell), or because every handle was dropped.
     Shutdown(Option<oneshot::Sender<()>>),
     /// Reconnecting is pointless (the token was refused).
     Fatal(Error),
 }
 
-type Step = Result<(), String>;
+/// Why the connected phase must end early.
+enum Stop {
+    Lost(String),
+    Replaced(String),
+}
+
+impl From<String> for Stop {
+    fn from(reason: String) -> Self {
+        Stop::Lost(reason)
+    }
+}
+
+type Step = Result<(), Stop>;
+
+impl From<Stop> for Exit {
+    fn from(stop: Stop) -> Self {
+        match stop {
+            Stop::Lost(reason) => Exit::Lost(reason),
+            Stop::Replaced(reason) => Exit::Replaced(reason),
+        }
+    }
+}
 
 pub(crate) struct Task {
     base: Url,
@@ -62,6 +86,8 @@ pub(crate) struct Task {
     backoff: Backoff,
     cursor: u64,
     ping_nonce: u64,
+    /// Counts connections, to tell which one a send was written on.
+    generation: u64,
 }
 
 impl Task {
@@ -86,6 +112,7 @@ impl Task {
             backoff: Backoff::new(opts.min_backoff, opts.max_backoff),
             cursor: opts.since,
             ping_nonce: 0,
+            generation: 0,
         }
     }
 
@@ -113,13 +140,14 @@ impl Task {
 
     /// The connected phase.
     async fn drive(&mut self, mut link: Link) -> Exit {
+        self.generation += 1;
         self.backoff.reset();
         self.acks.acked(self.cursor); // connecting with since=cursor acknowledged it
         self.shared.connected.store(true, Ordering::Release);
         tracing::debug!(cursor = self.cursor, "connected");
         self.emit(Event::Connected { cursor: self.cursor });
-        if let Err(reason) = self.after_hello(&mut link).await {
-            return Exit::Lost(reason);
+        if let Err(stop) = self.after_hello(&mut link).await {
+            return stop.into();
         }
         let timer = tokio::time::sleep_until(self.next_deadline(&link));
         tokio::pin!(timer);
@@ -140,8 +168,8 @@ impl Task {
                 },
                 () = &mut timer => self.on_timer(&mut link).await,
             };
-            if let Err(reason) = step {
-                return Exit::Lost(reason);
+            if let Err(stop) = step {
+                return stop.into();
             }
         }
     }
@@ -153,15 +181,22 @@ impl Task {
             tracing::debug!(count = resend.len(), "re-sending pending sends");
         }
         for req in resend {
-            link.send(&ClientFrame::Send(req)).await?;
+            self.write_send(link, req).await?;
         }
         while let Some((req, reply)) = self.reads.pop_front() {
             if let Err(reason) = link.send(&ClientFrame::Read(req.clone())).await {
                 self.reads.push_front((req, reply));
-                return Err(reason);
+                return Err(reason.into());
             }
             let _ = reply.send(Ok(()));
         }
+        Ok(())
+    }
+
+    async fn write_send(&mut self, link: &mut Link, req: SendRequest) -> Step {
+        let id = req.client_msg_id;
+        let len = link.send(&ClientFrame::Send(req)).await?;
+        self.pending.written(id, self.generation, len);
         Ok(())
     }
 
@@ -175,14 +210,14 @@ impl Task {
     async fn on_timer(&mut self, link: &mut Link) -> Step {
         let now = Instant::now();
         if now >= link.hb.dead_at() {
-            return Err("heartbeat timeout: the server went silent".into());
+            return Err(Stop::Lost("heartbeat timeout: the server went silent".into()));
         }
         if self.acks.deadline().is_some_and(|t| t <= now) {
             self.send_ack(link).await?;
         }
         for req in self.pending.take_due(now) {
             tracing::debug!(client_msg_id = %req.client_msg_id, "retrying send");
-            link.send(&ClientFrame::Send(req)).await?;
+            self.write_send(link, req).await?;
         }
         if link.hb.ping_at() <= now {
             self.ping_nonce = self.ping_nonce.wrapping_add(1);
@@ -200,112 +235,24 @@ impl Task {
         Ok(())
     }
 
-    async fn on_socket(&mut self, link: &mut Link, msg: Option<Result<Message, tungstenite::Error>>) -> Step {
-        let msg = match msg {
-            None => return Err("closed by the server".into()),
-            Some(Err(e)) => return Err(format!("read failed: {e}")),
-            Some(Ok(msg)) => msg,
-        };
-        link.hb.received(Instant::now());
-        match msg {
-            Message::Text(text) => self.on_frame(link, text.as_str()).await,
-            Message::Close(frame) => Err(format!("closed by the server ({})", describe_close(frame.as_ref()))),
-            _ => Ok(()),
-        }
-    }
-
-    async fn on_frame(&mut self, link: &mut Link, text: &str) -> Step {
-        let frame = match serde_json::from_str::<ServerFrame>(text) {
-            Ok(frame) => frame,
-            Err(e) => {
-                tracing::debug!(len = text.len(), error = %e, "ignoring undecodable frame");
-                return Ok(());
-            }
-        };
-        match frame {
-            ServerFrame::Event(ev) => {
-                if self.on_event(ev.seq, ev.event) {
-                    self.send_ack(link).await?;
-                }
-            }
-            ServerFrame::CaughtUp(c) => {
-                tracing::debug!(cursor = self.cursor, server_cursor = c.cursor, "caught up");
-                self.emit(Event::CaughtUp { cursor: self.cursor });
-            }
-            ServerFrame::Sent(resp) => {
-                if !self.pending.resolve(resp) {
-                    tracing::debug!(client_msg_id = %resp.client_msg_id, "sent answer for no pending send");
-                }
-            }
-            ServerFrame::Error(e) => self.on_error_frame(e),
-            ServerFrame::Typing(notice) => self.emit(Event::Typing(notice)),
-            ServerFrame::Presence(info) => self.emit(Event::Presence(info)),
-            ServerFrame::Pong(_) | ServerFrame::Hello(_) => {}
-            _ => tracing::debug!("ignoring unknown frame type"),
-        }
-        Ok(())
-    }
-
-    /// Handles one inbox event; true when an ack should go out now.
-    fn on_event(&mut self, seq: u64, event: InboxEvent) -> bool {
-        if self.events.is_closed() {
-            return false; // nobody receives: do not acknowledge what nobody saw
-        }
-        if seq <= self.cursor {
-            tracing::trace!(seq, cursor = self.cursor, "dropping old event");
-            return false;
-        }
-        match event {
-            InboxEvent::Message(m) => {
-                if self.dedupe.insert(&m.sender, m.id) {
-                    self.emit(Event::Message(m));
-                } else {
-                    tracing::debug!(seq, sender = %m.sender, id = m.id, "dropping repeated message");
-                }
-            }
-            InboxEvent::Receipt(r) => self.emit(Event::Receipt(r)),
-            _ => tracing::debug!(seq, "skipping unknown event kind"),
-        }
-        self.cursor = seq;
-        self.shared.cursor.store(seq, Ordering::Release);
-        self.acks.record(Instant::now())
-    }
-
-    fn on_error_frame(&mut self, frame: ErrorFrame) {
-        let code = frame.error.code;
-        let Some(id) = frame.client_msg_id else {
-            tracing::warn!(%code, message = %frame.error.message, "server reported an error");
-            return;
-        };
-        let backoff = &self.backoff;
-        match self.pending.on_error(id, frame.error, Instant::now(), |n| backoff.delay_for(n)) {
-            ErrorOutcome::Retry(at) => {
-                let in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64;
-                tracing::debug!(client_msg_id = %id, %code, in_ms, "send will be retried");
-            }
-            ErrorOutcome::Failed => tracing::debug!(client_msg_id = %id, %code, "send failed"),
-            ErrorOutcome::Unknown => tracing::debug!(client_msg_id = %id, %code, "error for no pending send"),
-        }
-    }
-
     async fn on_command(&mut self, link: &mut Link, cmd: Command) -> Step {
         match cmd {
             Command::Send { req, reply } => {
                 if let Some(req) = self.pending.insert(req, reply) {
-                    link.send(&ClientFrame::Send(req)).await?;
+                    self.write_send(link, req).await?;
                 }
             }
             Command::Prune(id) => self.pending.prune(id),
             Command::Read { req, reply } => {
                 if let Err(reason) = link.send(&ClientFrame::Read(req.clone())).await {
                     self.reads.push_front((req, reply));
-                    return Err(reason);
+                    return Err(reason.into());
                 }
                 let _ = reply.send(Ok(()));
             }
             Command::Typing { frame, reply } => {
                 let written = link.send(&ClientFrame::Typing(frame)).await;
-                let _ = reply.send(written.as_ref().map_err(|_| Error::NotConnected).copied());
+                let _ = reply.send(written.as_ref().map(drop).map_err(|_| Error::NotConnected));
                 written?;
             }
             Command::Close { done } => {
@@ -390,6 +337,11 @@ impl Task {
                 tracing::warn!(error = %e, "cannot reconnect; connection closed");
                 self.emit(Event::Disconnected { reason: format!("cannot reconnect: {e}") });
                 (e.for_waiter(), None)
+            }
+            Exit::Replaced(reason) => {
+                tracing::info!(%reason, "replaced by a newer connection of this device; not reconnecting");
+                self.emit(Event::Disconnected { reason });
+                (Error::Closed, None)
             }
             Exit::Shutdown(done) => (Error::Closed, done),
             Exit::Lost(_) => (Error::Closed, None),

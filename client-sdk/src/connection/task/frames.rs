@@ -1,0 +1,126 @@
+//! Handling what the server sends on a live connection: inbox events (cursor, dedupe,
+//! acks), answers to sends, ephemeral frames, and close frames.
+
+use super::{Step, Stop, Task};
+use crate::connection::{pending::ErrorOutcome, socket::{describe_close, Link}, Event};
+use parley_spec::{
+    v1::{
+        events::InboxEvent,
+        ws::{ErrorFrame, ServerFrame},
+    },
+    ErrorCode,
+};
+use std::{sync::atomic::Ordering, time::Duration};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{self, protocol::CloseFrame, Message};
+
+impl Task {
+    pub(super) async fn on_socket(&mut self, link: &mut Link, msg: Option<Result<Message, tungstenite::Error>>) -> Step {
+        let msg = match msg {
+            None => return Err(Stop::Lost("closed by the server".into())),
+            Some(Err(e)) => return Err(Stop::Lost(format!("read failed: {e}"))),
+            Some(Ok(msg)) => msg,
+        };
+        link.hb.received(Instant::now());
+        match msg {
+            Message::Text(text) => self.on_frame(link, text.as_str()).await,
+            Message::Close(frame) => Err(self.on_close(frame.as_ref())),
+            _ => Ok(()),
+        }
+    }
+
+    /// The server closed the socket. 1008 "replaced": stop; 1009: a send was too large, fail it
+    /// rather than re-send it forever; anything else: reconnect.
+    fn on_close(&mut self, frame: Option<&CloseFrame>) -> Stop {
+        let reason = format!("closed by the server ({})", describe_close(frame));
+        match frame.map(|f| (u16::from(f.code), f.reason.as_str())) {
+            Some((1008, text)) if text.contains("replaced") => Stop::Replaced(reason),
+            Some((1009, _)) => {
+                if let Some(id) = self.pending.fail_largest_written(self.generation) {
+                    tracing::warn!(client_msg_id = %id, "send too large for the server; failed");
+                }
+                Stop::Lost(reason)
+            }
+            _ => Stop::Lost(reason),
+        }
+    }
+
+    async fn on_frame(&mut self, link: &mut Link, text: &str) -> Step {
+        let frame = match serde_json::from_str::<ServerFrame>(text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::debug!(len = text.len(), error = %e, "ignoring undecodable frame");
+                return Ok(());
+            }
+        };
+        match frame {
+            ServerFrame::Event(ev) => {
+                if self.on_event(ev.seq, ev.event) {
+                    self.send_ack(link).await?;
+                }
+            }
+            ServerFrame::CaughtUp(c) => {
+                tracing::debug!(cursor = self.cursor, server_cursor = c.cursor, "caught up");
+                self.emit(Event::CaughtUp { cursor: self.cursor });
+            }
+            ServerFrame::Sent(resp) => {
+                if !self.pending.resolve(resp) {
+                    tracing::debug!(client_msg_id = %resp.client_msg_id, "sent answer for no pending send");
+                }
+            }
+            ServerFrame::Error(e) => self.on_error_frame(e),
+            ServerFrame::Typing(notice) => self.emit(Event::Typing(notice)),
+            ServerFrame::Presence(info) => self.emit(Event::Presence(info)),
+            ServerFrame::Pong(_) | ServerFrame::Hello(_) => {}
+            _ => tracing::debug!("ignoring unknown frame type"),
+        }
+        Ok(())
+    }
+
+    /// Handles one inbox event; true when an ack should go out now.
+    fn on_event(&mut self, seq: u64, event: InboxEvent) -> bool {
+        if self.events.is_closed() {
+            return false; // nobody receives: do not acknowledge what nobody saw
+        }
+        if seq <= self.cursor {
+            tracing::trace!(seq, cursor = self.cursor, "dropping old event");
+            return false;
+        }
+        match event {
+            InboxEvent::Message(m) => {
+                if self.dedupe.insert(&m.sender, m.id) {
+                    self.emit(Event::Message(m));
+                } else {
+                    tracing::debug!(seq, sender = %m.sender, id = m.id, "dropping repeated message");
+                }
+            }
+            InboxEvent::Receipt(r) => self.emit(Event::Receipt(r)),
+            _ => tracing::debug!(seq, "skipping unknown event kind"),
+        }
+        self.cursor = seq;
+        self.shared.cursor.store(seq, Ordering::Release);
+        self.acks.record(Instant::now())
+    }
+
+    fn on_error_frame(&mut self, frame: ErrorFrame) {
+        let code = frame.error.code;
+        let Some(id) = frame.client_msg_id else {
+            tracing::warn!(%code, message = %frame.error.message, "server reported an error");
+            if code == ErrorCode::RateLimited {
+                // It may have refused an ack: repeat the (cumulative) ack later.
+                let wait = frame.error.retry_after_ms.map_or(self.backoff.delay_for(0), Duration::from_millis);
+                self.acks.resend_at(Instant::now() + wait);
+            }
+            return;
+        };
+        let backoff = &self.backoff;
+        match self.pending.on_error(id, frame.error, Instant::now(), |n| backoff.delay_for(n)) {
+            ErrorOutcome::Retry(at) => {
+                let in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64;
+                tracing::debug!(client_msg_id = %id, %code, in_ms, "send will be retried");
+            }
+            ErrorOutcome::Failed => tracing::debug!(client_msg_id = %id, %code, "send failed"),
+            ErrorOutcome::Unknown => tracing::debug!(client_msg_id = %id, %code, "error for no pending send"),
+        }
+    }
+}
