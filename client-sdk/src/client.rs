@@ -15,6 +15,7 @@ use url::Url;
 /// Cheap to clone; clones share one HTTP connection pool.
 #[derive(Debug, Clone)]
 pub struct Client {
+    base_url: String,
     base: Url,
     http: reqwest::Client,
 }
@@ -23,12 +24,12 @@ impl Client {
     /// A client for the server at `base_url` (`http://host:port` or `https://host`, optionally
     /// with a path prefix).
     pub fn new(base_url: &str) -> Result<Self, Error> {
-        Ok(Self { base: parse_base(base_url)?, http: http::new_http_client()? })
+        Ok(Self { base_url: base_url.to_owned(), base: parse_base(base_url)?, http: http::new_http_client()? })
     }
 
-    /// The normalized base URL.
-    pub fn base_url(&self) -> &Url {
-        &self.base
+    /// The base URL, as given to [`Client::new`].
+    pub fn base_url(&self) -> &str {
+        &self.base_url
     }
 
     /// `POST /v1/register`: creates an account and its first device.
@@ -52,7 +53,7 @@ impl Client {
         let session: SessionResponse = http::decode(resp).await?;
         tracing::debug!(user_id = %session.user_id, device_id = %session.device_id, "session started");
         Ok(Session {
-            base_url: self.base.to_string(),
+            base_url: self.base_url.clone(),
             user_id: session.user_id,
             device_id: session.device_id,
             access_token: session.access_token,
@@ -66,7 +67,7 @@ impl Client {
 /// token, so store it like a password. `Debug` never prints the token.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
-    /// The server's base URL, as given to [`Client::new`] (normalized).
+    /// The server's base URL, as given to [`Client::new`].
     pub base_url: String,
     /// The account.
     pub user_id: UserId,

@@ -54,10 +54,7 @@ impl From<tungstenite::Error> for Error {
     fn from(e: tungstenite::Error) -> Self {
         match e {
             tungstenite::Error::Http(resp) => {
-                let retry_after = resp
-                    .headers()
-                    .get(tungstenite::http::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok());
+                let retry_after = resp.headers().get(tungstenite::http::header::RETRY_AFTER).and_then(|v| v.to_str().ok());
                 let retry_after_ms = parse_retry_after(retry_after);
                 let body = resp.body().as_deref().unwrap_or_default();
                 server_error(resp.status().as_u16(), retry_after_ms, body)

@@ -57,8 +57,7 @@ impl Api {
 
     /// An API handle for `session` using an existing `reqwest` client.
     pub fn with_http_client(session: &Session, http: reqwest::Client) -> Result<Self, Error> {
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", session.access_token()))
-            .map_err(|_| Error::InvalidToken)?;
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", session.access_token())).map_err(|_| Error::InvalidToken)?;
         auth.set_sensitive(true);
         Ok(Self { session: session.clone(), base: session.base()?, auth, http })
     }

@@ -2,6 +2,9 @@
 //! dedupe, reconnect with resume, re-sent sends, rate-limit retries, heartbeats and a refused
 //! token. The real server is tested end to end elsewhere.
 
+// The handshake callback's error type is fixed by tungstenite.
+#![allow(clippy::result_large_err)]
+
 use futures_util::{SinkExt, StreamExt};
 use parley_sdk::{ConnectOptions, Connection, DeviceId, Error, ErrorCode, Event, Events, Session, UserId};
 use parley_spec::v1::ws::ClientFrame;
@@ -12,6 +15,7 @@ use tokio_tungstenite::{
     tungstenite::{
         handshake::server::{ErrorResponse, Request, Response},
         http::StatusCode,
+        protocol::{frame::coding::CloseCode, CloseFrame},
         Message,
     },
     WebSocketStream,
@@ -210,7 +214,7 @@ async fn rate_limited_send_is_retried_and_other_errors_fail() {
     let send = tokio::spawn(async move { sender.send(bob(), Vec::new()).await });
     let ClientFrame::Send(req) = c.recv().await else { panic!("expected send") };
     c.send(json!({"type": "error", "client_msg_id": req.client_msg_id.to_string(),
-        "code": "devices_mismatch", "message": "no", "devices": {"missing": ["BDEV"], "extra": []}}))
+        "code": "devices_mismatch", "message": "no", "devices": {"missing": [{"user": "@bob:x.org", "device": "BDEV"}], "extra": []}}))
         .await;
     let err = tokio::time::timeout(WAIT, send).await.unwrap().unwrap().unwrap_err();
     assert_eq!(err.server_code(), Some(ErrorCode::DevicesMismatch));
@@ -254,7 +258,6 @@ async fn refused_token_fails_open_and_stops_reconnecting() {
 async fn reconnects_after_connection_refused() {
     let server = FakeServer::start().await;
     let addr = server.listener.local_addr().unwrap();
-    let session = server.session();
     let (conn, mut events, c) = open(&server, 10_000).await;
     assert_eq!(next(&mut events).await, Event::Connected { cursor: 0 });
     drop(server);
@@ -268,4 +271,84 @@ async fn reconnects_after_connection_refused() {
     assert_eq!(next(&mut events).await, Event::Connected { cursor: 0 });
     conn.read(bob(), vec![1, 2]).await.unwrap();
     assert!(matches!(c.recv().await, ClientFrame::Read(r) if r.message_ids == vec![1, 2]));
+}
+
+#[tokio::test]
+async fn replaced_connection_does_not_fight_back() {
+    let server = FakeServer::start().await;
+    let (conn, mut events, mut c) = open(&server, 10_000).await;
+    assert_eq!(next(&mut events).await, Event::Connected { cursor: 0 });
+    let close = CloseFrame { code: CloseCode::Policy, reason: "replaced by a newer connection".into() };
+    c.ws.close(Some(close)).await.unwrap();
+    assert!(matches!(next(&mut events).await, Event::Disconnected { reason } if reason.contains("replaced")));
+    assert!(tokio::time::timeout(WAIT, events.next()).await.unwrap().is_none());
+    assert!(!conn.is_connected());
+    assert!(tokio::time::timeout(Duration::from_millis(200), server.listener.accept()).await.is_err(), "no reconnect");
+}
+
+#[tokio::test]
+async fn oversized_send_fails_instead_of_looping() {
+    let server = FakeServer::start().await;
+    let (conn, mut events, mut c) = open(&server, 10_000).await;
+    assert_eq!(next(&mut events).await, Event::Connected { cursor: 0 });
+    let (small, big) = (conn.clone(), conn.clone());
+    let small = tokio::spawn(async move { small.send(bob(), Vec::new()).await });
+    let ClientFrame::Send(first) = c.recv().await else { panic!("expected send") };
+    let envelope = parley_sdk::Envelope::new(bob(), DeviceId::parse("BDEV").unwrap(), vec![7; 4096]);
+    let big = tokio::spawn(async move { big.send(bob(), vec![envelope]).await });
+    let ClientFrame::Send(_) = c.recv().await else { panic!("expected send") };
+    c.ws.close(Some(CloseFrame { code: CloseCode::Size, reason: "too_large".into() })).await.unwrap();
+    let err = tokio::time::timeout(WAIT, big).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(err.server_code(), Some(ErrorCode::TooLarge));
+    // The small one is re-sent on the next connection and answered there.
+    let mut c2 = server.accept().await;
+    c2.hello(10_000).await;
+    let ClientFrame::Send(again) = c2.recv().await else { panic!("expected re-send") };
+    assert_eq!(again.client_msg_id, first.client_msg_id);
+    c2.send(sent(again.client_msg_id, 3)).await;
+    assert_eq!(tokio::time::timeout(WAIT, small).await.unwrap().unwrap().unwrap().server_msg_id, 3);
+}
+
+#[tokio::test]
+async fn pipelined_sends_resolve_out_of_order() {
+    let server = FakeServer::start().await;
+    let (conn, _events, mut c) = open(&server, 10_000).await;
+    let sends: Vec<_> = (0..200)
+        .map(|_| {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.send(bob(), Vec::new()).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    while ids.len() < 200 {
+        if let ClientFrame::Send(req) = c.recv().await {
+            ids.push(req.client_msg_id);
+        }
+    }
+    for (n, id) in ids.iter().enumerate().rev() {
+        c.send(sent(id, n as u64 + 1)).await;
+    }
+    let mut got: Vec<u64> = Vec::new();
+    for send in sends {
+        got.push(tokio::time::timeout(WAIT, send).await.unwrap().unwrap().unwrap().server_msg_id);
+    }
+    got.sort_unstable();
+    assert_eq!(got, (1..=200).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn send_timeout_gives_up() {
+    let server = FakeServer::start().await;
+    let session = server.session();
+    let opts = ConnectOptions { send_timeout: Some(Duration::from_millis(100)), ..fast() };
+    let (opened, mut c) = tokio::join!(Connection::open(&session, opts), async {
+        let mut c = server.accept().await;
+        c.hello(10_000).await;
+        c
+    });
+    let (conn, _events) = opened.unwrap();
+    let started = tokio::time::Instant::now();
+    assert!(matches!(conn.send(bob(), Vec::new()).await, Err(Error::Timeout)));
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert!(matches!(c.recv().await, ClientFrame::Send(_)));
 }

@@ -1,11 +1,12 @@
 //! The Parley homeserver: HTTP + WebSocket client API, accounts and devices, inboxes,
-//! receipts, presence, rate limits, metrics and storage. The binary `parleyd` (main.rs) is a
-//! thin CLI around [`app::run`] and [`admin`].
+//! receipts, presence, rate limits, metrics and storage. The binary `parleyd` is
+//! [`cli::main`].
 
 pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod directory;
 pub mod error;

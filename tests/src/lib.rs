@@ -28,25 +28,17 @@ auth_per_minute = 1000000
 auth_burst = 100000
 "#;
 
-/// The `parleyd` binary of this build, built on first use (a no-op when it is up to date).
+/// The `parleyd` binary under test: `parleyd-it` (the same entry point as `parleyd`, built by
+/// cargo with this package's tests and binaries), found next to the running executable.
 pub fn parleyd_path() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> or target/<profile>/<bin>
-        let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    static PARLEYD: OnceLock<PathBuf> = OnceLock::new();
+    PARLEYD.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current executable path");
+        let mut dir = exe.parent().expect("executable directory").to_path_buf();
         if dir.ends_with("deps") {
             dir.pop();
         }
-        let release = dir.ends_with("release");
-        let mut build = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"));
-        build.args(["build", "--quiet", "-p", "parley-server", "--bin", "parleyd"]);
-        if release {
-            build.arg("--release");
-        }
-        let status = build.status().expect("running cargo build for parleyd");
-        assert!(status.success(), "building parleyd failed");
-        dir.join("parleyd")
+        dir.join("parleyd-it")
     })
 }
 
@@ -96,7 +88,11 @@ impl TestServer {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        let mut child = Command::new(parleyd_path())
+        let binary = parleyd_path();
+        if !binary.exists() {
+            bail!("{} not found: build it with `cargo build -p parley-tests --bins`", binary.display());
+        }
+        let mut child = Command::new(binary)
             .arg("--config")
             .arg(self.dir.path().join("parleyd.toml"))
             .arg("--data-dir")

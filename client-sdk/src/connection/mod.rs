@@ -224,7 +224,10 @@ impl Connection {
 
 /// The stream of [`Event`]s. Ends (`None`) when the connection is closed for good.
 ///
-/// Events are buffered without limit, so the connection never waits for the application.
+/// Events are buffered without limit, so the connection never waits for the application; an
+/// event counts as handled (and is acknowledged) once it is in this buffer. Dropping `Events`
+/// discards later events: they are still acknowledged, so a send-only client does not leave
+/// its receipts piling up on the server.
 #[derive(Debug)]
 pub struct Events {
     rx: mpsc::UnboundedReceiver<Event>,

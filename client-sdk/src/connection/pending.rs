@@ -66,7 +66,8 @@ impl PendingSends {
         self.next_order += 1;
         self.by_id.insert(req.client_msg_id, order);
         let frame = req.clone();
-        self.by_order.insert(order, Pending { req, waiters: vec![reply], attempts: 0, retry_at: None, written_on: 0, frame_len: 0 });
+        self.by_order
+            .insert(order, Pending { req, waiters: vec![reply], attempts: 0, retry_at: None, written_on: 0, frame_len: 0 });
         Some(frame)
     }
 
@@ -134,13 +135,7 @@ impl PendingSends {
     /// culprit is taken to be the largest unanswered send written on it, which fails with
     /// `too_large` instead of being re-sent forever. Returns its id.
     pub(crate) fn fail_largest_written(&mut self, generation: u64) -> Option<Uuid> {
-        let id = self
-            .by_order
-            .values()
-            .filter(|p| p.written_on == generation)
-            .max_by_key(|p| p.frame_len)?
-            .req
-            .client_msg_id;
+        let id = self.by_order.values().filter(|p| p.written_on == generation).max_by_key(|p| p.frame_len)?.req.client_msg_id;
         let p = self.remove(id)?;
         let body = ErrorBody::new(ErrorCode::TooLarge, "the send frame exceeded the server's size limit");
         let err = Error::from_body(body);

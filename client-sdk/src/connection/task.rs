@@ -29,12 +29,23 @@ use uuid::Uuid;
 
 /// A request from a [`Connection`](super::Connection) handle to the task.
 pub(crate) enum Command {
-    Send { req: SendRequest, reply: Reply },
+    Send {
+        req: SendRequest,
+        reply: Reply,
+    },
     /// The waiter of this send gave up (timeout); forget the send if nobody else waits.
     Prune(Uuid),
-    Read { req: ReadRequest, reply: oneshot::Sender<Result<(), Error>> },
-    Typing { frame: TypingFrame, reply: oneshot::Sender<Result<(), Error>> },
-    Close { done: oneshot::Sender<()> },
+    Read {
+        req: ReadRequest,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Typing {
+        frame: TypingFrame,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Why a phase ended.
@@ -146,7 +157,7 @@ impl Task {
         self.shared.connected.store(true, Ordering::Release);
         tracing::debug!(cursor = self.cursor, "connected");
         self.emit(Event::Connected { cursor: self.cursor });
-        if let Err(stop) = self.after_hello(&mut link).await {
+        if let Err(stop) = self.after_hello(&mut link) {
             return stop.into();
         }
         let timer = tokio::time::sleep_until(self.next_deadline(&link));
@@ -154,7 +165,7 @@ impl Task {
         loop {
             timer.as_mut().reset(self.next_deadline(&link));
             let step = tokio::select! {
-                msg = link.ws.next() => self.on_socket(&mut link, msg).await,
+                msg = link.stream.next() => self.on_socket(&mut link, msg),
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Close { done }) => {
                         self.close_link(link).await;
@@ -164,9 +175,12 @@ impl Task {
                         self.close_link(link).await;
                         return Exit::Shutdown(None);
                     }
-                    Some(cmd) => self.on_command(&mut link, cmd).await,
+                    Some(cmd) => self.on_command(&mut link, cmd),
                 },
-                () = &mut timer => self.on_timer(&mut link).await,
+                () = &mut timer => self.on_timer(&mut link),
+                failure = &mut link.writer_failed => {
+                    Err(Stop::Lost(failure.unwrap_or_else(|_| "writer stopped".to_owned())))
+                }
             };
             if let Err(stop) = step {
                 return stop.into();
@@ -175,16 +189,16 @@ impl Task {
     }
 
     /// Re-sends pending sends (original order, same ids) and queued read markers.
-    async fn after_hello(&mut self, link: &mut Link) -> Step {
+    fn after_hello(&mut self, link: &mut Link) -> Step {
         let resend = self.pending.take_resend(Instant::now());
         if !resend.is_empty() {
             tracing::debug!(count = resend.len(), "re-sending pending sends");
         }
         for req in resend {
-            self.write_send(link, req).await?;
+            self.write_send(link, req)?;
         }
         while let Some((req, reply)) = self.reads.pop_front() {
-            if let Err(reason) = link.send(&ClientFrame::Read(req.clone())).await {
+            if let Err(reason) = link.send(&ClientFrame::Read(req.clone())) {
                 self.reads.push_front((req, reply));
                 return Err(reason.into());
             }
@@ -193,9 +207,9 @@ impl Task {
         Ok(())
     }
 
-    async fn write_send(&mut self, link: &mut Link, req: SendRequest) -> Step {
+    fn write_send(&mut self, link: &mut Link, req: SendRequest) -> Step {
         let id = req.client_msg_id;
-        let len = link.send(&ClientFrame::Send(req)).await?;
+        let len = link.send(&ClientFrame::Send(req))?;
         self.pending.written(id, self.generation, len);
         Ok(())
     }
@@ -207,51 +221,51 @@ impl Task {
             .fold(link.hb.ping_at().min(link.hb.dead_at()), Instant::min)
     }
 
-    async fn on_timer(&mut self, link: &mut Link) -> Step {
+    fn on_timer(&mut self, link: &mut Link) -> Step {
         let now = Instant::now();
         if now >= link.hb.dead_at() {
             return Err(Stop::Lost("heartbeat timeout: the server went silent".into()));
         }
         if self.acks.deadline().is_some_and(|t| t <= now) {
-            self.send_ack(link).await?;
+            self.send_ack(link)?;
         }
         for req in self.pending.take_due(now) {
             tracing::debug!(client_msg_id = %req.client_msg_id, "retrying send");
-            self.write_send(link, req).await?;
+            self.write_send(link, req)?;
         }
         if link.hb.ping_at() <= now {
             self.ping_nonce = self.ping_nonce.wrapping_add(1);
-            link.send(&ClientFrame::Ping(PingFrame::new(self.ping_nonce))).await?;
+            link.send(&ClientFrame::Ping(PingFrame::new(self.ping_nonce)))?;
         }
         Ok(())
     }
 
-    async fn send_ack(&mut self, link: &mut Link) -> Step {
+    fn send_ack(&mut self, link: &mut Link) -> Step {
         if self.acks.needs_ack(self.cursor) {
-            link.send(&ClientFrame::Ack(AckFrame::new(self.cursor))).await?;
+            link.send(&ClientFrame::Ack(AckFrame::new(self.cursor)))?;
             tracing::trace!(seq = self.cursor, "acked");
         }
         self.acks.acked(self.cursor);
         Ok(())
     }
 
-    async fn on_command(&mut self, link: &mut Link, cmd: Command) -> Step {
+    fn on_command(&mut self, link: &mut Link, cmd: Command) -> Step {
         match cmd {
             Command::Send { req, reply } => {
                 if let Some(req) = self.pending.insert(req, reply) {
-                    self.write_send(link, req).await?;
+                    self.write_send(link, req)?;
                 }
             }
             Command::Prune(id) => self.pending.prune(id),
             Command::Read { req, reply } => {
-                if let Err(reason) = link.send(&ClientFrame::Read(req.clone())).await {
+                if let Err(reason) = link.send(&ClientFrame::Read(req.clone())) {
                     self.reads.push_front((req, reply));
                     return Err(reason.into());
                 }
                 let _ = reply.send(Ok(()));
             }
             Command::Typing { frame, reply } => {
-                let written = link.send(&ClientFrame::Typing(frame)).await;
+                let written = link.send(&ClientFrame::Typing(frame));
                 let _ = reply.send(written.as_ref().map(drop).map_err(|_| Error::NotConnected));
                 written?;
             }
@@ -316,7 +330,7 @@ impl Task {
     /// Graceful close: final ack, close frame, late `sent` answers still resolve sends.
     async fn close_link(&mut self, mut link: Link) {
         if self.acks.needs_ack(self.cursor) {
-            let _ = link.send(&ClientFrame::Ack(AckFrame::new(self.cursor))).await;
+            let _ = link.send(&ClientFrame::Ack(AckFrame::new(self.cursor)));
             self.acks.acked(self.cursor);
         }
         let pending = &mut self.pending;

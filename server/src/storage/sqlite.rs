@@ -169,7 +169,7 @@ impl Store {
         token_hash: &[u8],
         registration_token: Option<&[u8]>,
     ) -> Result<(UserPk, DevicePk), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         if let Some(token_hash) = registration_token {
             let now = now_ms();
             let used = sqlx::query(
@@ -209,7 +209,7 @@ impl Store {
         token_hash: &[u8],
         max_devices: usize,
     ) -> Result<DevicePk, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let count: i64 = sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = ?").bind(user).fetch_one(&mut *tx).await?;
         if count as usize >= max_devices {
             return Err(StoreError::TooMany);
@@ -292,7 +292,7 @@ impl Store {
 
     /// Adds contacts (presence subscriptions).
     pub async fn add_contacts(&self, owner: &str, contacts: &[String]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for contact in contacts {
             sqlx::query("INSERT OR IGNORE INTO contacts (owner, contact) VALUES (?, ?)").bind(owner).bind(contact).execute(&mut *tx).await?;
         }

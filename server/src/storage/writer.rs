@@ -167,7 +167,7 @@ impl Writer {
 
     async fn apply(&mut self, batch: &mut Vec<WriteOp>, work: &mut Work) -> Result<(), StoreError> {
         let next_seq = &mut self.next_seq;
-        let mut tx = self.conn.begin().await?;
+        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
         let mut messages = Vec::new();
         let mut events: Vec<NewEvent> = Vec::new();
         let mut acks: HashMap<DevicePk, u64> = HashMap::new();

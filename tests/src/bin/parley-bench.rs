@@ -1,1 +1,396 @@
-fn main() {}
+//! `parley-bench`: 1:1 relay through one real `parleyd` (release build, durable SQLite with
+//! `synchronous = full`) on loopback. Prints a Markdown table.
+//!
+//! ```sh
+//! cargo run --release -p parley-tests --bin parley-bench -- --devices 1000 --seconds 10
+//! ```
+//!
+//! Phases: (1) saturation — every device keeps a window of sends in flight to the next
+//! device, and we count messages delivered to recipients per second; (2) latency — a fixed
+//! offered load (default 5,000 msgs/s spread over all devices), send→receive latency measured
+//! with a timestamp inside the ciphertext; (3) idle — a fresh server, N idle WebSockets, and
+//! the server's RSS growth per connection. The load generator is a lean raw WebSocket client
+//! (no SDK) so that it costs the shared two cores as little as possible.
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use clap::Parser;
+use futures_util::stream::{self, StreamExt as _};
+use futures_util::SinkExt as _;
+use parley_tests::TestServer;
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser)]
+struct Args {
+    /// Connected devices in the saturation and latency phases.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Sends in flight per device in the saturation phase.
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// Offered load of the latency phase, messages per second (all devices together).
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+    /// Idle connections for the memory phase.
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    /// Ciphertext bytes per message.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+}
+
+const BENCH_CONFIG: &str = "[storage]\nsynchronous = \"full\"\n[log]\nfilter = \"warn\"\n";
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Account {
+    user_id: String,
+    device_id: String,
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct Frame {
+    #[serde(rename = "type")]
+    kind: String,
+    seq: Option<u64>,
+    event: Option<Event>,
+}
+
+#[derive(Deserialize)]
+struct Event {
+    #[serde(rename = "type")]
+    kind: String,
+    ciphertext: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let epoch = Instant::now();
+    println!("parley-bench: {} devices, {} s per phase, window {}, latency load {} msg/s, {} idle connections", args.devices, args.seconds, args.window, args.rate, args.idle);
+
+    let server = TestServer::start_with(BENCH_CONFIG).await?;
+    let accounts = register_all(&server.base_url, args.devices, "u").await?;
+    let saturation = relay_phase(&server.base_url, &accounts, &args, Load::Saturate(args.window), epoch).await?;
+    let latency = relay_phase(&server.base_url, &accounts, &args, Load::Rate(args.rate), epoch).await?;
+    drop(server);
+
+    let idle = idle_phase(args.idle).await?;
+
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| delivered msgs/s at saturation ({} devices, window {}) | {:.0} |", args.devices, args.window, saturation.delivered_per_sec);
+    println!("| sent answers/s at saturation | {:.0} |", saturation.sent_per_sec);
+    println!("| p50 / p99 send→receive latency at saturation | {:.1} ms / {:.1} ms |", saturation.p50_ms, saturation.p99_ms);
+    println!("| offered load (latency phase) | {} msgs/s |", args.rate);
+    println!("| delivered msgs/s (latency phase) | {:.0} |", latency.delivered_per_sec);
+    println!("| p50 / p99 send→receive latency at {} msgs/s | {:.2} ms / {:.2} ms |", args.rate, latency.p50_ms, latency.p99_ms);
+    println!("| server RSS, baseline → {} idle connections | {:.1} MiB → {:.1} MiB |", args.idle, idle.0 as f64 / 1048576.0, idle.1 as f64 / 1048576.0);
+    println!("| server memory per idle connection | {:.1} KiB |", (idle.1.saturating_sub(idle.0)) as f64 / args.idle as f64 / 1024.0);
+    Ok(())
+}
+
+async fn register_all(base: &str, n: usize, prefix: &str) -> anyhow::Result<Vec<Account>> {
+    let started = Instant::now();
+    let http = reqwest::Client::new();
+    let accounts: Vec<anyhow::Result<Account>> = stream::iter(0..n)
+        .map(|i| {
+            let http = http.clone();
+            let base = base.to_owned();
+            let name = format!("{prefix}{i}");
+            async move {
+                let response = http
+                    .post(format!("{base}/v1/register"))
+                    .json(&json!({"username": name, "password": "benchmark password"}))
+                    .send()
+                    .await?;
+                let status = response.status();
+                let body: serde_json::Value = response.json().await?;
+                if !status.is_success() {
+                    bail!("register: {status} {body}");
+                }
+                Ok(Account {
+                    user_id: body["user_id"].as_str().context("user_id")?.to_owned(),
+                    device_id: body["device_id"].as_str().context("device_id")?.to_owned(),
+                    token: body["access_token"].as_str().context("token")?.to_owned(),
+                })
+            }
+        })
+        .buffered(32)
+        .collect()
+        .await;
+    let accounts = accounts.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    eprintln!("registered {n} users in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(accounts)
+}
+
+async fn connect(base: &str, token: &str, small: bool) -> anyhow::Result<Socket> {
+    let url = format!("{}/v1/ws", base.replacen("http", "ws", 1));
+    let mut request = url.into_client_request()?;
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    let config = if small {
+        WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
+    } else {
+        WebSocketConfig::default().read_buffer_size(64 * 1024)
+    };
+    let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
+    Ok(socket)
+}
+
+/// Reads frames until `caught_up`.
+async fn until_caught_up(socket: &mut Socket) -> anyhow::Result<()> {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(60), socket.next()).await?.context("closed")??;
+        if let Message::Text(text) = message {
+            let frame: Frame = serde_json::from_str(text.as_str())?;
+            if frame.kind == "caught_up" {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Load {
+    Saturate(usize),
+    Rate(u64),
+}
+
+struct PhaseResult {
+    delivered_per_sec: f64,
+    sent_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+async fn relay_phase(base: &str, accounts: &[Account], args: &Args, load: Load, epoch: Instant) -> anyhow::Result<PhaseResult> {
+    let n = accounts.len();
+    let mut sockets = Vec::with_capacity(n);
+    for account in accounts {
+        let mut socket = connect(base, &account.token, false).await?;
+        until_caught_up(&mut socket).await?;
+        sockets.push(socket);
+    }
+    let delivered = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_at = Instant::now() + Duration::from_secs(1 + args.seconds); // 1 s warm-up
+    let mut tasks = Vec::with_capacity(n);
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let peer = &accounts[(i + 1) % n];
+        let to = peer.user_id.clone();
+        let device = peer.device_id.clone();
+        let delivered = delivered.clone();
+        let sent = sent.clone();
+        let measuring = measuring.clone();
+        let payload = args.payload;
+        let per_device_interval = match load {
+            Load::Rate(rate) => Some(Duration::from_secs_f64(n as f64 / rate as f64)),
+            Load::Saturate(_) => None,
+        };
+        let window = match load {
+            Load::Saturate(w) => w,
+            Load::Rate(_) => usize::MAX,
+        };
+        let offset = Duration::from_secs_f64(per_device_interval.map_or(0.0, |d| d.as_secs_f64() * i as f64 / n as f64));
+        tasks.push(tokio::spawn(async move {
+            device_loop(socket, to, device, payload, window, per_device_interval, offset, stop_at, epoch, delivered, sent, measuring).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Release);
+    let start_delivered = delivered.load(Ordering::Acquire);
+    let start_sent = sent.load(Ordering::Acquire);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let delivered_n = delivered.load(Ordering::Acquire) - start_delivered;
+    let sent_n = sent.load(Ordering::Acquire) - start_sent;
+    measuring.store(false, Ordering::Release);
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1e6;
+    Ok(PhaseResult { delivered_per_sec: delivered_n as f64 / elapsed, sent_per_sec: sent_n as f64 / elapsed, p50_ms: pct(0.50), p99_ms: pct(0.99) })
+}
+
+/// One device: sends (windowed or paced), receives, acks; returns the latencies (ns) it measured.
+#[allow(clippy::too_many_arguments)]
+async fn device_loop(
+    socket: Socket,
+    to: String,
+    device: String,
+    payload: usize,
+    window: usize,
+    interval: Option<Duration>,
+    offset: Duration,
+    stop_at: Instant,
+    epoch: Instant,
+    delivered: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+    measuring: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<Vec<u64>> {
+    let (mut sink, mut stream) = socket.split();
+    let mut latencies = Vec::new();
+    let mut in_flight = 0usize;
+    let mut last_seq = 0u64;
+    let mut unacked = 0u32;
+    let mut pace = interval.map(|d| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + offset, d);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        i
+    });
+    let mut ack_tick = tokio::time::interval(Duration::from_millis(20));
+    let filler = vec![0x5au8; payload.saturating_sub(8)];
+    let frame_for = |now_ns: u64| {
+        let mut bytes = now_ns.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&filler);
+        let ciphertext = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        format!(
+            r#"{{"type":"send","client_msg_id":"{}","to":"{}","envelopes":[{{"user":"{}","device":"{}","ciphertext":"{}"}}]}}"#,
+            uuid::Uuid::new_v4(),
+            to,
+            to,
+            device,
+            ciphertext
+        )
+    };
+    loop {
+        if Instant::now() >= stop_at {
+            break;
+        }
+        // Saturation: keep the window full.
+        if pace.is_none() {
+            while in_flight < window {
+                sink.feed(Message::Text(frame_for(epoch.elapsed().as_nanos() as u64).into())).await?;
+                in_flight += 1;
+            }
+            sink.flush().await?;
+        }
+        tokio::select! {
+            _ = async { pace.as_mut().unwrap().tick().await }, if pace.is_some() => {
+                sink.send(Message::Text(frame_for(epoch.elapsed().as_nanos() as u64).into())).await?;
+                in_flight += 1;
+            }
+            _ = ack_tick.tick() => {
+                if unacked > 0 {
+                    sink.send(Message::Text(format!(r#"{{"type":"ack","seq":{last_seq}}}"#).into())).await?;
+                    unacked = 0;
+                }
+            }
+            _ = tokio::time::sleep_until(stop_at.into()) => break,
+            message = stream.next() => {
+                let Some(message) = message else { bail!("socket closed") };
+                let Message::Text(text) = message? else { continue };
+                let frame: Frame = serde_json::from_str(text.as_str())?;
+                match frame.kind.as_str() {
+                    "sent" => {
+                        in_flight = in_flight.saturating_sub(1);
+                        if measuring.load(Ordering::Relaxed) {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    "event" => {
+                        last_seq = frame.seq.unwrap_or(last_seq);
+                        unacked += 1;
+                        if let Some(event) = frame.event {
+                            if event.kind == "message" {
+                                if let Some(ct) = event.ciphertext {
+                                    let bytes = base64::engine::general_purpose::STANDARD.decode(ct)?;
+                                    let sent_ns = u64::from_le_bytes(bytes[..8].try_into()?);
+                                    if measuring.load(Ordering::Relaxed) {
+                                        delivered.fetch_add(1, Ordering::Relaxed);
+                                        latencies.push((epoch.elapsed().as_nanos() as u64).saturating_sub(sent_ns));
+                                    }
+                                }
+                            }
+                        }
+                        if unacked >= 64 {
+                            sink.send(Message::Text(format!(r#"{{"type":"ack","seq":{last_seq}}}"#).into())).await?;
+                            unacked = 0;
+                        }
+                    }
+                    "error" => bail!("server error frame: {text}"),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let _ = sink.send(Message::Close(None)).await;
+    Ok(latencies)
+}
+
+/// A fresh server, `n` idle connections; returns (baseline RSS, RSS with the connections).
+async fn idle_phase(n: usize) -> anyhow::Result<(u64, u64)> {
+    let server = TestServer::start_with(BENCH_CONFIG).await?;
+    let pid = server.pid().context("pid")?;
+    let users = n.div_ceil(10);
+    let accounts = register_all(&server.base_url, users, "idle").await?;
+    // Ten devices per user: log in nine more times each.
+    let http = reqwest::Client::new();
+    let mut tokens: Vec<String> = accounts.iter().map(|a| a.token.clone()).collect();
+    let more: Vec<anyhow::Result<String>> = stream::iter(accounts.iter().flat_map(|a| std::iter::repeat_n(a.user_id.clone(), 9)))
+        .map(|user| {
+            let http = http.clone();
+            let base = server.base_url.clone();
+            async move {
+                let response = http.post(format!("{base}/v1/login")).json(&json!({"username": user, "password": "benchmark password"})).send().await?;
+                let body: serde_json::Value = response.json().await?;
+                Ok(body["access_token"].as_str().with_context(|| format!("login: {body}"))?.to_owned())
+            }
+        })
+        .buffered(32)
+        .collect()
+        .await;
+    for token in more {
+        tokens.push(token?);
+    }
+    tokens.truncate(n);
+    // Warm up: one connection opened and closed, so one-off allocations are in the baseline.
+    let mut warm = connect(&server.base_url, &tokens[0], true).await?;
+    until_caught_up(&mut warm).await?;
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let baseline = rss(pid)?;
+    let started = Instant::now();
+    let sockets: Vec<anyhow::Result<Socket>> = stream::iter(tokens.iter())
+        .map(|token| {
+            let base = server.base_url.clone();
+            async move {
+                let mut socket = connect(&base, token, true).await?;
+                until_caught_up(&mut socket).await?;
+                Ok(socket)
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let sockets = sockets.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    eprintln!("opened {} idle connections in {:.1} s", sockets.len(), started.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loaded = rss(pid)?;
+    drop(sockets);
+    Ok((baseline, loaded))
+}
+
+fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("VmRSS")?;
+    let kib: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
+    Ok(kib * 1024)
+}

@@ -2,7 +2,11 @@
 //! acks), answers to sends, ephemeral frames, and close frames.
 
 use super::{Step, Stop, Task};
-use crate::connection::{pending::ErrorOutcome, socket::{describe_close, Link}, Event};
+use crate::connection::{
+    pending::ErrorOutcome,
+    socket::{describe_close, Link},
+    Event,
+};
 use parley_spec::{
     v1::{
         events::InboxEvent,
@@ -15,7 +19,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, protocol::CloseFrame, Message};
 
 impl Task {
-    pub(super) async fn on_socket(&mut self, link: &mut Link, msg: Option<Result<Message, tungstenite::Error>>) -> Step {
+    /// Handles what the socket yielded: a frame, an error, or its end.
+    pub(super) fn on_socket(&mut self, link: &mut Link, msg: Option<Result<Message, tungstenite::Error>>) -> Step {
         let msg = match msg {
             None => return Err(Stop::Lost("closed by the server".into())),
             Some(Err(e)) => return Err(Stop::Lost(format!("read failed: {e}"))),
@@ -23,7 +28,7 @@ impl Task {
         };
         link.hb.received(Instant::now());
         match msg {
-            Message::Text(text) => self.on_frame(link, text.as_str()).await,
+            Message::Text(text) => self.on_frame(link, text.as_str()),
             Message::Close(frame) => Err(self.on_close(frame.as_ref())),
             _ => Ok(()),
         }
@@ -45,7 +50,8 @@ impl Task {
         }
     }
 
-    async fn on_frame(&mut self, link: &mut Link, text: &str) -> Step {
+    /// Handles one text frame; undecodable or unknown frames are ignored.
+    fn on_frame(&mut self, link: &mut Link, text: &str) -> Step {
         let frame = match serde_json::from_str::<ServerFrame>(text) {
             Ok(frame) => frame,
             Err(e) => {
@@ -56,7 +62,7 @@ impl Task {
         match frame {
             ServerFrame::Event(ev) => {
                 if self.on_event(ev.seq, ev.event) {
-                    self.send_ack(link).await?;
+                    self.send_ack(link)?;
                 }
             }
             ServerFrame::CaughtUp(c) => {
@@ -79,9 +85,6 @@ impl Task {
 
     /// Handles one inbox event; true when an ack should go out now.
     fn on_event(&mut self, seq: u64, event: InboxEvent) -> bool {
-        if self.events.is_closed() {
-            return false; // nobody receives: do not acknowledge what nobody saw
-        }
         if seq <= self.cursor {
             tracing::trace!(seq, cursor = self.cursor, "dropping old event");
             return false;
@@ -102,6 +105,7 @@ impl Task {
         self.acks.record(Instant::now())
     }
 
+    /// An `error` frame: resolves or schedules a retry of the send it answers.
     fn on_error_frame(&mut self, frame: ErrorFrame) {
         let code = frame.error.code;
         let Some(id) = frame.client_msg_id else {

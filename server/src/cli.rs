@@ -1,0 +1,170 @@
+//! The `parleyd` command line: serve, admin subcommands, example config. The binary
+//! `parleyd` is just [`main`]; the test harness runs the same entry point.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use crate::app::Server;
+use crate::config::{Config, LogFormat};
+use serde::Serialize;
+use std::io::{BufRead as _, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use zeroize::Zeroizing;
+
+/// The Parley homeserver. With no arguments it serves on 127.0.0.1:8008 with an embedded
+/// SQLite database under ./data.
+#[derive(Parser)]
+#[command(name = "parleyd", version, about, long_about = None)]
+struct Cli {
+    /// TOML configuration file (see parleyd.example.toml). Optional.
+    #[arg(short, long, env = "PARLEY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Data directory (database, server key). Overrides the config file.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:8008 (port 0 picks a free port).
+    #[arg(long, global = true)]
+    listen: Option<SocketAddr>,
+    /// Server name (the part after ':' in user ids).
+    #[arg(long, global = true)]
+    server_name: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the homeserver (the default).
+    Serve,
+    /// Administer users and registration tokens (works while the server runs).
+    #[command(subcommand)]
+    Admin(Admin),
+    /// Print the commented example configuration (all defaults).
+    ConfigExample,
+}
+
+#[derive(Subcommand)]
+enum Admin {
+    /// Create a user. The password is read from the first line of standard input unless
+    /// --password is given.
+    CreateUser {
+        /// Username (localpart): a-z, 0-9 and . _ = -
+        username: String,
+        /// Password (visible to other local users in the process list; prefer stdin).
+        #[arg(long)]
+        password: Option<String>,
+        /// Make the user a server admin.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Create a registration token and print it (for registration.mode = "token").
+    CreateRegistrationToken {
+        /// How many registrations it allows (unlimited if omitted).
+        #[arg(long)]
+        uses: Option<u32>,
+        /// Hours until it expires (never if omitted).
+        #[arg(long)]
+        expires_in_hours: Option<u64>,
+    },
+}
+
+#[derive(Serialize)]
+struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_name: Option<String>,
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::ConfigExample)) {
+        print!("{}", include_str!("../parleyd.example.toml"));
+        return Ok(());
+    }
+    let overrides = Overrides { data_dir: cli.data_dir.clone(), listen: cli.listen, server_name: cli.server_name.clone() };
+    let config = Config::load(cli.config.as_deref(), overrides)?;
+    init_tracing(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            None | Some(Command::Serve) => serve(config).await,
+            Some(Command::Admin(Admin::CreateUser { username, password, admin })) => {
+                let password = match password {
+                    Some(p) => Zeroizing::new(p),
+                    None => read_password()?,
+                };
+                let user = crate::admin::create_user(&config, &username, password, admin).await?;
+                println!("{user}");
+                Ok(())
+            }
+            Some(Command::Admin(Admin::CreateRegistrationToken { uses, expires_in_hours })) => {
+                let expires = expires_in_hours.map(|h| std::time::Duration::from_secs(h * 3600));
+                let token = crate::admin::create_registration_token(&config, uses, expires).await?;
+                println!("{}", token.as_str());
+                Ok(())
+            }
+            Some(Command::ConfigExample) => Ok(()),
+        }
+    })
+}
+
+fn read_password() -> anyhow::Result<Zeroizing<String>> {
+    let mut line = Zeroizing::new(String::new());
+    std::io::stdin().lock().read_line(&mut line).context("reading the password from stdin")?;
+    Ok(Zeroizing::new(line.trim_end_matches(['\r', '\n']).to_owned()))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    // Each WebSocket is a file descriptor: raise the soft limit to the hard one.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open file limit"),
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let server_name = config.server_name.clone();
+    let server = Server::open(config).await.context("opening storage")?;
+    // A stable line that scripts and tests wait for.
+    println!("parleyd listening on http://{address} (server name {server_name})");
+    std::io::stdout().flush()?;
+    tracing::info!(%address, "listening");
+    server.run(listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
