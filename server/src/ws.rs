@@ -131,7 +131,9 @@ async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSo
     state.hub.unregister(auth.device_pk, registration.conn_id);
     state.metrics.connections.dec();
     let ts = now_ms();
-    state.store.record_last_seen(auth.user_pk, auth.device_pk, ts).await;
+    if let Err(error) = state.store.record_last_seen(auth.user_pk, auth.device_pk, ts).await {
+        tracing::warn!(%error, "last-seen not recorded");
+    }
     if state.presence.disconnected(auth.user_pk) {
         if let Some(entry) = user_entry {
             presence::announce(&state, entry, false, Some(ts));

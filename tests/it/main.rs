@@ -2,4 +2,7 @@
 //! `parley_tests::TestServer`). All compile into this one binary.
 
 mod bad_input;
+mod delivery;
+mod presence;
 mod raw;
+mod support;

@@ -108,9 +108,11 @@ impl Store {
         Self::wait(rx).await
     }
 
-    /// Records last-seen (fire and forget; batched with everything else).
-    pub async fn record_last_seen(&self, user: UserPk, device: DevicePk, ts: i64) {
-        let _ = self.queue(WriteOp::LastSeen { user, device, ts }).await;
+    /// Records when a user and device were last online (batched with everything else).
+    pub async fn record_last_seen(&self, user: UserPk, device: DevicePk, ts: i64) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(WriteOp::LastSeen { user, device, ts, reply }).await?;
+        Self::wait(rx).await
     }
 
     /// Inbox entries of `device` after `after`, oldest first.

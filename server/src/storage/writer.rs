@@ -105,6 +105,8 @@ pub enum WriteOp {
         device: DevicePk,
         /// When.
         ts: i64,
+        /// Answered after commit.
+        reply: Reply<()>,
     },
 }
 
@@ -190,7 +192,10 @@ impl Writer {
                     deleted.push(device);
                     work.unit_replies.push(reply);
                 }
-                WriteOp::LastSeen { user, device, ts } => last_seen.push((user, device, ts)),
+                WriteOp::LastSeen { user, device, ts, reply } => {
+                    last_seen.push((user, device, ts));
+                    work.unit_replies.push(reply);
+                }
             }
         }
 
