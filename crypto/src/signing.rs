@@ -80,9 +80,7 @@ impl PublicKey {
 
     /// Parses unpadded standard base64.
     pub fn from_base64(text: &str) -> Result<Self, SignatureError> {
-        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(text)
-            .map_err(|_| SignatureError::Malformed)?;
+        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD.decode(text).map_err(|_| SignatureError::Malformed)?;
         Self::from_bytes(&bytes)
     }
 
@@ -117,10 +115,7 @@ mod tests {
         // RFC 8032 section 7.1, TEST 1 (empty message).
         let seed: [u8; 32] = hex32("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60");
         let key = KeyPair::from_seed(&seed);
-        assert_eq!(
-            key.public().as_bytes(),
-            &hex32("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
-        );
+        assert_eq!(key.public().as_bytes(), &hex32("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"));
         let sig = key.sign_bytes(b"");
         assert_eq!(
             hex(&sig),

@@ -26,7 +26,12 @@ async fn open(config: &Config) -> Result<Store, AdminError> {
 }
 
 /// Creates a user with a password; returns its user id.
-pub async fn create_user(config: &Config, username: &str, password: Zeroizing<String>, admin: bool) -> Result<UserId, AdminError> {
+pub async fn create_user(
+    config: &Config,
+    username: &str,
+    password: Zeroizing<String>,
+    admin: bool,
+) -> Result<UserId, AdminError> {
     validate_localpart(username).map_err(|e| AdminError::Invalid(e.to_string()))?;
     let server_name = parley_spec::ServerName::parse(&config.server_name).map_err(|e| AdminError::Invalid(e.to_string()))?;
     if password.len() < config.auth.min_password_bytes {
@@ -44,7 +49,11 @@ pub async fn create_user(config: &Config, username: &str, password: Zeroizing<St
 }
 
 /// Creates a registration token usable `uses` times (unlimited when None) until `expires_in`.
-pub async fn create_registration_token(config: &Config, uses: Option<u32>, expires_in: Option<std::time::Duration>) -> Result<Zeroizing<String>, AdminError> {
+pub async fn create_registration_token(
+    config: &Config,
+    uses: Option<u32>,
+    expires_in: Option<std::time::Duration>,
+) -> Result<Zeroizing<String>, AdminError> {
     let store = open(config).await?;
     let token = generate_token();
     let expires = expires_in.map(|d| now_ms() + d.as_millis() as i64);

@@ -56,7 +56,8 @@ impl Server {
     /// Opens storage and builds the state.
     pub async fn open(config: Config) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
-        let server_name = ServerName::parse(&config.server_name).map_err(|e| StoreError::Database(sqlx::Error::Configuration(e.into())))?;
+        let server_name =
+            ServerName::parse(&config.server_name).map_err(|e| StoreError::Database(sqlx::Error::Configuration(e.into())))?;
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::default());
         let on_commit = {
@@ -94,9 +95,11 @@ impl Server {
         });
         let router = app(state.clone());
         let mut shutdown = state.shutdown.clone();
-        let serve = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        });
+        let serve = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
+            async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            },
+        );
         let trigger = tokio::spawn(async move {
             signal.await;
             tracing::info!("shutting down: closing connections and flushing writes");
@@ -150,7 +153,12 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn limit_ip(State(state): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request, next: Next) -> Response {
+async fn limit_ip(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
     match state.limits.check_ip(peer.ip(), &state.metrics) {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),

@@ -1,10 +1,10 @@
 //! The `parleyd` command line: serve, admin subcommands, example config. The binary
 //! `parleyd` is just [`main`]; the test harness runs the same entry point.
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
 use crate::app::Server;
 use crate::config::{Config, LogFormat};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
 use serde::Serialize;
 use std::io::{BufRead as _, Write as _};
 use std::net::SocketAddr;

@@ -295,10 +295,14 @@ impl Config {
             return bad("storage.max_batch and storage.writer_queue must be positive");
         }
         let rl = &self.rate_limits;
-        if [rl.device_per_second, rl.device_burst, rl.ip_per_second, rl.ip_burst, rl.auth_per_minute, rl.auth_burst].contains(&0) {
+        if [rl.device_per_second, rl.device_burst, rl.ip_per_second, rl.ip_burst, rl.auth_per_minute, rl.auth_burst].contains(&0)
+        {
             return bad("rate limits must be positive");
         }
-        if self.auth.argon2_iterations == 0 || self.auth.argon2_parallelism == 0 || self.auth.argon2_memory_kib < 8 * self.auth.argon2_parallelism {
+        if self.auth.argon2_iterations == 0
+            || self.auth.argon2_parallelism == 0
+            || self.auth.argon2_memory_kib < 8 * self.auth.argon2_parallelism
+        {
             return bad("argon2 parameters out of range");
         }
         Ok(())

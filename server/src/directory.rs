@@ -56,10 +56,7 @@ impl Directory {
             pk: user.pk,
             user_id_arc: Arc::from(user_id.as_str()),
             user_id,
-            devices: devices
-                .into_iter()
-                .filter_map(|d| DeviceId::parse(&d.device_id).ok().map(|id| (d.pk, id)))
-                .collect(),
+            devices: devices.into_iter().filter_map(|d| DeviceId::parse(&d.device_id).ok().map(|id| (d.pk, id))).collect(),
         });
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
         // Cache only if no device changed while we were reading.

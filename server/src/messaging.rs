@@ -24,13 +24,19 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
     if let Some(big) = request.envelopes.iter().find(|e| e.ciphertext.0.len() > limits.max_envelope_bytes) {
         return Err(ApiError::new(
             ErrorCode::TooLarge,
-            format!("envelope for {} is {} bytes; the limit is {}", big.device, big.ciphertext.0.len(), limits.max_envelope_bytes),
+            format!(
+                "envelope for {} is {} bytes; the limit is {}",
+                big.device,
+                big.ciphertext.0.len(),
+                limits.max_envelope_bytes
+            ),
         ));
     }
     if request.to.server() != state.server_name.as_str() {
         return Err(ApiError::new(ErrorCode::BadRequest, "remote users are not reachable from this server yet (no federation)"));
     }
-    let recipient = state.directory.user(&request.to).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
+    let recipient =
+        state.directory.user(&request.to).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
     let sender = state
         .directory
         .local(auth.user_id.localpart())
@@ -76,7 +82,14 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
         ));
         events.push(NewEvent { device, origin: origin.clone(), payload: to_bytes(&event)? });
     }
-    Ok(NewMessage { id, sender_device: auth.device_pk, client_msg_id: request.client_msg_id, recipient: request.to.to_string(), ts, events })
+    Ok(NewMessage {
+        id,
+        sender_device: auth.device_pk,
+        client_msg_id: request.client_msg_id,
+        recipient: request.to.to_string(),
+        ts,
+        events,
+    })
 }
 
 /// The `sent` answer for a store outcome.
@@ -120,9 +133,20 @@ pub async fn receipts(
         let Ok(sender_id) = sender.parse::<UserId>() else { continue };
         let Some(entry) = state.directory.user(&sender_id).await? else { continue };
         for chunk in ids.chunks(MAX_READ_IDS) {
-            let event = InboxEvent::Receipt(ReceiptEvent::new(kind, auth.user_id.clone(), auth.device_id.clone(), sender_id.clone(), chunk.to_vec(), ts));
+            let event = InboxEvent::Receipt(ReceiptEvent::new(
+                kind,
+                auth.user_id.clone(),
+                auth.device_id.clone(),
+                sender_id.clone(),
+                chunk.to_vec(),
+                ts,
+            ));
             let payload = to_bytes(&event)?;
-            events.extend(entry.devices.iter().map(|(device, _)| NewEvent { device: *device, origin: None, payload: payload.clone() }));
+            events.extend(entry.devices.iter().map(|(device, _)| NewEvent {
+                device: *device,
+                origin: None,
+                payload: payload.clone(),
+            }));
         }
     }
     Ok(events)
@@ -157,7 +181,11 @@ pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest
         return Err(ApiError::new(ErrorCode::BadRequest, format!("message_ids must hold 1 to {MAX_READ_IDS} ids")));
     }
     let peer = state.directory.user(&request.peer).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
-    let me = state.directory.local(auth.user_id.localpart()).await?.ok_or_else(|| ApiError::internal("authenticated user vanished"))?;
+    let me = state
+        .directory
+        .local(auth.user_id.localpart())
+        .await?
+        .ok_or_else(|| ApiError::internal("authenticated user vanished"))?;
     let event = InboxEvent::Receipt(ReceiptEvent::new(
         ReceiptKind::Read,
         auth.user_id.clone(),

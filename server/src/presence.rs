@@ -68,7 +68,8 @@ pub async fn view(state: &AppState, viewer: &UserId, target: &UserEntry) -> Resu
         return Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Hidden, None));
     };
     let visibility = Visibility::parse(&row.visibility).unwrap_or_default();
-    let is_contact = visibility == Visibility::Contacts && state.store.has_contact(target.user_id.as_str(), viewer.as_str()).await?;
+    let is_contact =
+        visibility == Visibility::Contacts && state.store.has_contact(target.user_id.as_str(), viewer.as_str()).await?;
     if !visible(visibility, is_contact, viewer == &target.user_id) {
         return Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Hidden, None));
     }

@@ -27,14 +27,21 @@ impl RateLimits {
     /// Builds the limiters from config (values were checked to be positive).
     pub fn new(config: &RateLimitConfig) -> Self {
         Self {
-            device: governor::RateLimiter::keyed(Quota::per_second(nz(config.device_per_second)).allow_burst(nz(config.device_burst))),
+            device: governor::RateLimiter::keyed(
+                Quota::per_second(nz(config.device_per_second)).allow_burst(nz(config.device_burst)),
+            ),
             ip: governor::RateLimiter::keyed(Quota::per_second(nz(config.ip_per_second)).allow_burst(nz(config.ip_burst))),
             auth: governor::RateLimiter::keyed(Quota::per_minute(nz(config.auth_per_minute)).allow_burst(nz(config.auth_burst))),
             clock: DefaultClock::default(),
         }
     }
 
-    fn check<K: std::hash::Hash + Eq + Clone>(&self, limiter: &DefaultKeyedRateLimiter<K>, key: &K, metrics: &Metrics) -> Result<(), ApiError> {
+    fn check<K: std::hash::Hash + Eq + Clone>(
+        &self,
+        limiter: &DefaultKeyedRateLimiter<K>,
+        key: &K,
+        metrics: &Metrics,
+    ) -> Result<(), ApiError> {
         limiter.check_key(key).map_err(|not_until| {
             metrics.rate_limited.inc();
             ApiError::rate_limited(not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1)))

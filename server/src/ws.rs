@@ -12,7 +12,7 @@ use crate::error::ApiError;
 use crate::hub::{CloseReason, Push};
 use crate::messaging;
 use crate::presence;
-use crate::storage::{now_ms, InboxRow, MessageOutcome, StoreError};
+use crate::storage::{now_ms, InboxRow, MessageOutcome, Origin, StoreError};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +23,6 @@ use parley_spec::v1::ws::{CaughtUpFrame, ClientFrame, ErrorFrame, HelloFrame, Pi
 use parley_spec::{ErrorBody, ErrorCode};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -93,7 +92,11 @@ impl From<ApiError> for Stop {
 type SendResult = (Uuid, Instant, Result<Result<MessageOutcome, StoreError>, oneshot::error::RecvError>);
 type SendFuture = std::pin::Pin<Box<dyn std::future::Future<Output = SendResult> + Send>>;
 
-async fn await_sent(client_msg_id: Uuid, started: Instant, rx: oneshot::Receiver<Result<MessageOutcome, StoreError>>) -> SendResult {
+async fn await_sent(
+    client_msg_id: Uuid,
+    started: Instant,
+    rx: oneshot::Receiver<Result<MessageOutcome, StoreError>>,
+) -> SendResult {
     (client_msg_id, started, rx.await)
 }
 
@@ -104,7 +107,7 @@ struct Conn {
     /// Highest seq sent on this connection (or the client's `since`).
     cursor: u64,
     /// Sent, not yet acknowledged: seq and, for messages, (sender, id) for receipts.
-    pending: VecDeque<(u64, Option<(Arc<str>, u64)>)>,
+    pending: VecDeque<(u64, Option<Origin>)>,
     /// Live events were skipped; read the inbox before sending more.
     behind: bool,
     last_activity: Instant,
@@ -121,7 +124,15 @@ async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSo
         }
     }
     tracing::debug!(user = %auth.user_id, device = %auth.device_id, since, "connected");
-    let mut conn = Conn { state: state.clone(), auth: auth.clone(), socket, cursor: since, pending: VecDeque::new(), behind: false, last_activity: Instant::now() };
+    let mut conn = Conn {
+        state: state.clone(),
+        auth: auth.clone(),
+        socket,
+        cursor: since,
+        pending: VecDeque::new(),
+        behind: false,
+        last_activity: Instant::now(),
+    };
     let stop = conn.run(&mut rx, &registration.lagged).await;
     if let Stop::Close(code, reason) = stop {
         let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
@@ -150,7 +161,8 @@ impl Conn {
         }
         let presence_config = &self.state.config.presence;
         let timeout = Duration::from_millis(presence_config.heartbeat_timeout_ms);
-        let period = Duration::from_millis(presence_config.heartbeat_interval_ms.min(presence_config.heartbeat_timeout_ms / 3).max(10));
+        let period =
+            Duration::from_millis(presence_config.heartbeat_interval_ms.min(presence_config.heartbeat_timeout_ms / 3).max(10));
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.state.shutdown.clone();
@@ -281,7 +293,11 @@ impl Conn {
         self.last_activity = Instant::now();
         let text = match message {
             Message::Text(text) => text,
-            Message::Binary(_) => return self.error(None, ApiError::new(ErrorCode::BadFrame, "binary frames are not supported; send JSON text")).await,
+            Message::Binary(_) => {
+                return self
+                    .error(None, ApiError::new(ErrorCode::BadFrame, "binary frames are not supported; send JSON text"))
+                    .await
+            }
             Message::Ping(_) | Message::Pong(_) => return Ok(()),
             Message::Close(_) => return Err(Stop::Gone),
         };

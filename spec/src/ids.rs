@@ -91,8 +91,7 @@ impl ServerName {
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let end = rest.find(']').ok_or(IdError::ServerName("unclosed ["))?;
             let host = &rest[..end];
-            host.parse::<std::net::Ipv6Addr>()
-                .map_err(|_| IdError::ServerName("bad IPv6 literal"))?;
+            host.parse::<std::net::Ipv6Addr>().map_err(|_| IdError::ServerName("bad IPv6 literal"))?;
             (None, &rest[end + 1..])
         } else {
             match s.rfind(':') {
@@ -116,9 +115,7 @@ impl ServerName {
             }
         }
         if !port.is_empty() {
-            let digits = port
-                .strip_prefix(':')
-                .ok_or(IdError::ServerName("junk after host"))?;
+            let digits = port.strip_prefix(':').ok_or(IdError::ServerName("junk after host"))?;
             if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(IdError::ServerName("bad port"));
             }
@@ -174,10 +171,7 @@ pub fn validate_localpart(localpart: &str) -> Result<(), IdError> {
     if localpart.len() > MAX_LOCALPART_BYTES {
         return Err(IdError::Localpart("longer than 64 bytes"));
     }
-    if !localpart
-        .bytes()
-        .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-'))
-    {
+    if !localpart.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-')) {
         return Err(IdError::Localpart("only a-z, 0-9 and . _ = - are allowed"));
     }
     Ok(())

@@ -204,24 +204,26 @@ async fn registration_rejects_taken_and_invalid_names_and_respects_mode() -> any
     assert_eq!((status, body["code"].as_str()), (400, Some("invalid_password")));
     let (status, body) = post(&server.base_url, "/v1/register", None, &json!({"username": "dave"})).await?;
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_json")));
-    let (status, body) = post(&server.base_url, "/v1/login", None, &json!({"username": "alice", "password": "wrong password"})).await?;
+    let (status, body) =
+        post(&server.base_url, "/v1/login", None, &json!({"username": "alice", "password": "wrong password"})).await?;
     assert_eq!((status, body["code"].as_str()), (401, Some("wrong_credentials")));
-    let (status, body) = post(&server.base_url, "/v1/login", None, &json!({"username": "nobody", "password": "wrong password"})).await?;
+    let (status, body) =
+        post(&server.base_url, "/v1/login", None, &json!({"username": "nobody", "password": "wrong password"})).await?;
     assert_eq!((status, body["code"].as_str()), (401, Some("wrong_credentials")));
     still_serving(&server).await?;
 
     let closed = TestServer::start_with("[registration]\nmode = \"closed\"\n").await?;
-    let (status, body) = post(&closed.base_url, "/v1/register", None, &json!({"username": "erin", "password": "correct horse"})).await?;
+    let (status, body) =
+        post(&closed.base_url, "/v1/register", None, &json!({"username": "erin", "password": "correct horse"})).await?;
     assert_eq!((status, body["code"].as_str()), (403, Some("registration_closed")));
     Ok(())
 }
 
 #[tokio::test]
 async fn floods_hit_the_rate_limits_and_others_are_unaffected() -> anyhow::Result<()> {
-    let server = TestServer::start_with(
-        "[rate_limits]\ndevice_per_second = 5\ndevice_burst = 10\nauth_per_minute = 5\nauth_burst = 20\n",
-    )
-    .await?;
+    let server =
+        TestServer::start_with("[rate_limits]\ndevice_per_second = 5\ndevice_burst = 10\nauth_per_minute = 5\nauth_burst = 20\n")
+            .await?;
     let alice = register(&server.base_url, "alice").await?;
     let bob = register(&server.base_url, "bob").await?;
     let mut socket = connect(&server.base_url, &alice.token, 0).await.unwrap();

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod delivery;
+mod ops;
 mod presence;
 mod raw;
 mod support;

@@ -74,7 +74,8 @@ pub async fn connect(base: &str, token: &str, since: u64) -> Result<Socket, u16>
 /// The next text frame as JSON, skipping none; fails after `timeout`.
 pub async fn next_json(socket: &mut Socket, timeout: Duration) -> anyhow::Result<Value> {
     loop {
-        let message = tokio::time::timeout(timeout, socket.next()).await.context("no frame in time")?.context("socket ended")??;
+        let message =
+            tokio::time::timeout(timeout, socket.next()).await.context("no frame in time")?.context("socket ended")??;
         match message {
             Message::Text(text) => return Ok(serde_json::from_str(text.as_str())?),
             Message::Close(frame) => anyhow::bail!("closed: {frame:?}"),

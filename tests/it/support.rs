@@ -105,7 +105,11 @@ pub async fn envelopes(sender: &Session, to: &UserId, body: &[u8]) -> anyhow::Re
 }
 
 /// The first event `pick` accepts, skipping others; fails after `timeout`.
-pub async fn next_matching<T>(events: &mut Events, timeout: Duration, mut pick: impl FnMut(Event) -> Option<T>) -> anyhow::Result<T> {
+pub async fn next_matching<T>(
+    events: &mut Events,
+    timeout: Duration,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let event = tokio::time::timeout_at(deadline, events.next()).await.context("timed out waiting for an event")?;

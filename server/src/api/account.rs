@@ -46,12 +46,15 @@ pub async fn register(
     state.limits.check_auth(peer.ip(), &state.metrics)?;
     let password = Zeroizing::new(request.password);
     validate_localpart(&request.username).map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))?;
-    let user_id = UserId::new(&request.username, &state.server_name).map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))?;
+    let user_id = UserId::new(&request.username, &state.server_name)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))?;
     check_password(&state, &password)?;
     check_device_name(request.device_name.as_deref())?;
     let registration_token = match state.config.registration.mode {
         RegistrationMode::Open => None,
-        RegistrationMode::Closed => return Err(ApiError::new(ErrorCode::RegistrationClosed, "registration is closed on this server")),
+        RegistrationMode::Closed => {
+            return Err(ApiError::new(ErrorCode::RegistrationClosed, "registration is closed on this server"))
+        }
         RegistrationMode::Token => {
             let token = request
                 .registration_token
@@ -116,12 +119,21 @@ pub async fn login(
     let device_id = generate_device_id();
     match state
         .store
-        .create_device(user.pk, device_id.as_str(), request.device_name.as_deref(), &hash_token(&token), state.config.limits.max_devices_per_user)
+        .create_device(
+            user.pk,
+            device_id.as_str(),
+            request.device_name.as_deref(),
+            &hash_token(&token),
+            state.config.limits.max_devices_per_user,
+        )
         .await
     {
         Ok(_) => {}
         Err(StoreError::TooMany) => {
-            return Err(ApiError::new(ErrorCode::TooManyDevices, format!("at most {} devices per user", state.config.limits.max_devices_per_user)))
+            return Err(ApiError::new(
+                ErrorCode::TooManyDevices,
+                format!("at most {} devices per user", state.config.limits.max_devices_per_user),
+            ))
         }
         Err(other) => return Err(other.into()),
     }
@@ -169,7 +181,11 @@ pub async fn delete_device(
     Json(request): Json<DeleteDeviceRequest>,
 ) -> ApiResult<StatusCode> {
     let password = Zeroizing::new(request.password);
-    let user = state.store.user_by_localpart(auth.user_id.localpart()).await?.ok_or_else(|| ApiError::internal("authenticated user vanished"))?;
+    let user = state
+        .store
+        .user_by_localpart(auth.user_id.localpart())
+        .await?
+        .ok_or_else(|| ApiError::internal("authenticated user vanished"))?;
     if !verify_password(&state.config.auth, Some(user.password_hash), password).await? {
         return Err(ApiError::new(ErrorCode::WrongCredentials, "wrong password"));
     }
@@ -185,7 +201,11 @@ pub async fn delete_device(
 }
 
 /// GET /v1/users/{user_id}/devices
-pub async fn user_devices(State(state): State<AppState>, _auth: AuthDevice, Path(user_id): Path<String>) -> ApiResult<axum::Json<UserDevicesResponse>> {
+pub async fn user_devices(
+    State(state): State<AppState>,
+    _auth: AuthDevice,
+    Path(user_id): Path<String>,
+) -> ApiResult<axum::Json<UserDevicesResponse>> {
     let user_id = parse_user(&user_id)?;
     let entry = state.directory.user(&user_id).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
     let devices = entry.devices.iter().map(|(_, id)| id.clone()).collect();

@@ -14,12 +14,20 @@ use parley_spec::ErrorCode;
 use std::time::Duration;
 
 /// POST /v1/send
-pub async fn send_message(State(state): State<AppState>, auth: AuthDevice, Json(request): Json<SendRequest>) -> ApiResult<axum::Json<SentResponse>> {
+pub async fn send_message(
+    State(state): State<AppState>,
+    auth: AuthDevice,
+    Json(request): Json<SendRequest>,
+) -> ApiResult<axum::Json<SentResponse>> {
     Ok(axum::Json(messaging::send(&state, &auth, request).await?))
 }
 
 /// POST /v1/read
-pub async fn mark_read(State(state): State<AppState>, auth: AuthDevice, Json(request): Json<ReadRequest>) -> ApiResult<StatusCode> {
+pub async fn mark_read(
+    State(state): State<AppState>,
+    auth: AuthDevice,
+    Json(request): Json<ReadRequest>,
+) -> ApiResult<StatusCode> {
     messaging::mark_read(&state, &auth, request).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -14,14 +14,22 @@ use parley_spec::{ErrorCode, UserId};
 pub const MAX_SUBSCRIBE: usize = 1000;
 
 /// GET /v1/presence/{user_id}
-pub async fn get_presence(State(state): State<AppState>, auth: AuthDevice, Path(user_id): Path<String>) -> ApiResult<axum::Json<PresenceInfo>> {
+pub async fn get_presence(
+    State(state): State<AppState>,
+    auth: AuthDevice,
+    Path(user_id): Path<String>,
+) -> ApiResult<axum::Json<PresenceInfo>> {
     let user_id = parse_user(&user_id)?;
     let target = state.directory.user(&user_id).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
     Ok(axum::Json(presence::view(&state, &auth.user_id, &target).await?))
 }
 
 /// PUT /v1/presence/subscriptions
-pub async fn subscribe(State(state): State<AppState>, auth: AuthDevice, Json(request): Json<SubscribeRequest>) -> ApiResult<axum::Json<SubscriptionsResponse>> {
+pub async fn subscribe(
+    State(state): State<AppState>,
+    auth: AuthDevice,
+    Json(request): Json<SubscribeRequest>,
+) -> ApiResult<axum::Json<SubscriptionsResponse>> {
     if request.users.len() > MAX_SUBSCRIBE {
         return Err(ApiError::new(ErrorCode::BadRequest, format!("at most {MAX_SUBSCRIBE} users per request")));
     }
@@ -58,7 +66,11 @@ pub async fn contacts_presence(state: &AppState, viewer: &UserId) -> ApiResult<V
 }
 
 /// PUT /v1/account/privacy
-pub async fn set_privacy(State(state): State<AppState>, auth: AuthDevice, Json(request): Json<PrivacySettings>) -> ApiResult<StatusCode> {
+pub async fn set_privacy(
+    State(state): State<AppState>,
+    auth: AuthDevice,
+    Json(request): Json<PrivacySettings>,
+) -> ApiResult<StatusCode> {
     state.store.set_visibility(auth.user_pk, request.last_seen.as_str()).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -19,6 +19,9 @@ pub type UserPk = i64;
 /// Internal key of a device row (never reused, unlike device ids which are per user).
 pub type DevicePk = i64;
 
+/// The sender and id of a message, kept with each inbox entry to produce delivered receipts.
+pub type Origin = (Arc<str>, u64);
+
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -91,15 +94,12 @@ pub struct InboxRow {
     /// Position in the device's inbox.
     pub seq: u64,
     /// For message events: who sent it and its id (to produce delivered receipts).
-    pub origin: Option<(Arc<str>, u64)>,
+    pub origin: Option<Origin>,
     /// The event JSON.
     pub payload: Bytes,
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -24,7 +24,11 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database, runs migrations and starts the writer task.
     /// `on_commit` receives every inbox event after it is durable.
-    pub async fn open(config: &Config, metrics: crate::metrics::Metrics, on_commit: OnCommit) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
+    pub async fn open(
+        config: &Config,
+        metrics: crate::metrics::Metrics,
+        on_commit: OnCommit,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(config.database_path())
             .create_if_missing(true)
@@ -81,7 +85,10 @@ impl Store {
     }
 
     /// Queues a message and returns a receiver for the outcome, so a connection can pipeline.
-    pub async fn queue_message(&self, message: NewMessage) -> Result<oneshot::Receiver<Result<MessageOutcome, StoreError>>, StoreError> {
+    pub async fn queue_message(
+        &self,
+        message: NewMessage,
+    ) -> Result<oneshot::Receiver<Result<MessageOutcome, StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.queue(WriteOp::Message(message, tx)).await?;
         Ok(rx)
@@ -117,12 +124,13 @@ impl Store {
 
     /// Inbox entries of `device` after `after`, oldest first.
     pub async fn inbox_after(&self, device: DevicePk, after: u64, limit: u32) -> Result<Vec<InboxRow>, StoreError> {
-        let rows = sqlx::query("SELECT seq, sender, msg_id, payload FROM inbox WHERE device = ? AND seq > ? ORDER BY seq LIMIT ?")
-            .bind(device)
-            .bind(after as i64)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT seq, sender, msg_id, payload FROM inbox WHERE device = ? AND seq > ? ORDER BY seq LIMIT ?")
+                .bind(device)
+                .bind(after as i64)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
         rows.into_iter()
             .map(|row| {
                 let sender: Option<String> = row.try_get(1)?;
@@ -139,7 +147,8 @@ impl Store {
 
     /// The device's acknowledged position.
     pub async fn acked_seq(&self, device: DevicePk) -> Result<u64, StoreError> {
-        let seq: Option<i64> = sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = ?").bind(device).fetch_optional(&self.pool).await?;
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = ?").bind(device).fetch_optional(&self.pool).await?;
         Ok(seq.unwrap_or(0) as u64)
     }
 
@@ -212,7 +221,8 @@ impl Store {
         max_devices: usize,
     ) -> Result<DevicePk, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = ?").bind(user).fetch_one(&mut *tx).await?;
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = ?").bind(user).fetch_one(&mut *tx).await?;
         if count as usize >= max_devices {
             return Err(StoreError::TooMany);
         }
@@ -223,10 +233,11 @@ impl Store {
 
     /// The user with this localpart.
     pub async fn user_by_localpart(&self, localpart: &str) -> Result<Option<UserRow>, StoreError> {
-        let row = sqlx::query("SELECT id, localpart, password_hash, last_seen_visibility, last_seen_ts FROM users WHERE localpart = ?")
-            .bind(localpart)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT id, localpart, password_hash, last_seen_visibility, last_seen_ts FROM users WHERE localpart = ?")
+                .bind(localpart)
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|row| {
             Ok(UserRow {
                 pk: row.try_get(0)?,
@@ -248,17 +259,24 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.map(|row| {
-            Ok(AuthRow { user_pk: row.try_get(0)?, localpart: row.try_get(1)?, device_pk: row.try_get(2)?, device_id: row.try_get(3)? })
+            Ok(AuthRow {
+                user_pk: row.try_get(0)?,
+                localpart: row.try_get(1)?,
+                device_pk: row.try_get(2)?,
+                device_id: row.try_get(3)?,
+            })
         })
         .transpose()
     }
 
     /// A user's devices, oldest first.
     pub async fn devices_of(&self, user: UserPk) -> Result<Vec<DeviceRow>, StoreError> {
-        let rows = sqlx::query("SELECT id, device_id, display_name, created_ts, last_seen_ts FROM devices WHERE user_id = ? ORDER BY id")
-            .bind(user)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, device_id, display_name, created_ts, last_seen_ts FROM devices WHERE user_id = ? ORDER BY id",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?;
         rows.into_iter()
             .map(|row| {
                 Ok(DeviceRow {
@@ -273,7 +291,12 @@ impl Store {
     }
 
     /// Creates a registration token (stored hashed).
-    pub async fn create_registration_token(&self, token_hash: &[u8], uses: Option<u32>, expires_ts: Option<i64>) -> Result<(), StoreError> {
+    pub async fn create_registration_token(
+        &self,
+        token_hash: &[u8],
+        uses: Option<u32>,
+        expires_ts: Option<i64>,
+    ) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO registration_tokens (token_hash, uses_left, expires_ts, created_ts) VALUES (?, ?, ?, ?)")
             .bind(token_hash)
             .bind(uses.map(i64::from))
@@ -288,7 +311,11 @@ impl Store {
 
     /// Sets a user's presence visibility.
     pub async fn set_visibility(&self, user: UserPk, visibility: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE users SET last_seen_visibility = ? WHERE id = ?").bind(visibility).bind(user).execute(&self.pool).await?;
+        sqlx::query("UPDATE users SET last_seen_visibility = ? WHERE id = ?")
+            .bind(visibility)
+            .bind(user)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -296,7 +323,11 @@ impl Store {
     pub async fn add_contacts(&self, owner: &str, contacts: &[String]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for contact in contacts {
-            sqlx::query("INSERT OR IGNORE INTO contacts (owner, contact) VALUES (?, ?)").bind(owner).bind(contact).execute(&mut *tx).await?;
+            sqlx::query("INSERT OR IGNORE INTO contacts (owner, contact) VALUES (?, ?)")
+                .bind(owner)
+                .bind(contact)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -304,7 +335,10 @@ impl Store {
 
     /// The users `owner` subscribed to.
     pub async fn contacts_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = ? ORDER BY contact").bind(owner).fetch_all(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = ? ORDER BY contact")
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// Who subscribed to `contact`, each with whether `contact` has them as a contact too.
@@ -336,14 +370,15 @@ async fn insert_device(
     display_name: Option<&str>,
     token_hash: &[u8],
 ) -> Result<DevicePk, StoreError> {
-    let result = sqlx::query("INSERT INTO devices (user_id, device_id, display_name, token_hash, created_ts) VALUES (?, ?, ?, ?, ?)")
-        .bind(user)
-        .bind(device_id)
-        .bind(display_name)
-        .bind(token_hash)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await;
+    let result =
+        sqlx::query("INSERT INTO devices (user_id, device_id, display_name, token_hash, created_ts) VALUES (?, ?, ?, ?, ?)")
+            .bind(user)
+            .bind(device_id)
+            .bind(display_name)
+            .bind(token_hash)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await;
     match result {
         Ok(done) => Ok(done.last_insert_rowid()),
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),

@@ -23,7 +23,7 @@ pub struct NewEvent {
     /// Target device.
     pub device: DevicePk,
     /// For message events: sender and message id (used for delivered receipts).
-    pub origin: Option<(Arc<str>, u64)>,
+    pub origin: Option<super::Origin>,
     /// The event JSON.
     pub payload: Bytes,
 }
@@ -202,7 +202,8 @@ impl Writer {
         // 1. Idempotency records; RETURNING names the rows that are new.
         let mut inserted = HashSet::new();
         for chunk in messages.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO messages (id, sender_device, client_msg_id, recipient, ts) ");
+            let mut query =
+                QueryBuilder::<Sqlite>::new("INSERT INTO messages (id, sender_device, client_msg_id, recipient, ts) ");
             query.push_values(chunk, |mut row, (m, _)| {
                 row.push_bind(m.id as i64)
                     .push_bind(m.sender_device)
@@ -282,7 +283,9 @@ impl Writer {
                 query.push_values(chunk, |mut row, (device, seq)| {
                     row.push_bind(*device).push_bind(*seq as i64);
                 });
-                query.push(") DELETE FROM inbox WHERE device IN (SELECT d FROM v) AND seq <= (SELECT s FROM v WHERE v.d = inbox.device)");
+                query.push(
+                    ") DELETE FROM inbox WHERE device IN (SELECT d FROM v) AND seq <= (SELECT s FROM v WHERE v.d = inbox.device)",
+                );
                 query.build().execute(&mut *tx).await?;
             }
         }
@@ -307,7 +310,11 @@ impl Writer {
 }
 
 /// The next sequence number of `device` without taking it; `None` if the device is gone.
-async fn peek_next_seq(cache: &mut HashMap<DevicePk, u64>, tx: &mut SqliteConnection, device: DevicePk) -> Result<Option<u64>, StoreError> {
+async fn peek_next_seq(
+    cache: &mut HashMap<DevicePk, u64>,
+    tx: &mut SqliteConnection,
+    device: DevicePk,
+) -> Result<Option<u64>, StoreError> {
     if let Some(next) = cache.get(&device) {
         return Ok(Some(*next));
     }
@@ -323,7 +330,11 @@ async fn peek_next_seq(cache: &mut HashMap<DevicePk, u64>, tx: &mut SqliteConnec
     Ok(Some(next))
 }
 
-async fn allocate_seq(cache: &mut HashMap<DevicePk, u64>, tx: &mut SqliteConnection, device: DevicePk) -> Result<Option<u64>, StoreError> {
+async fn allocate_seq(
+    cache: &mut HashMap<DevicePk, u64>,
+    tx: &mut SqliteConnection,
+    device: DevicePk,
+) -> Result<Option<u64>, StoreError> {
     let Some(next) = peek_next_seq(cache, tx, device).await? else { return Ok(None) };
     cache.insert(device, next + 1);
     Ok(Some(next))

@@ -22,7 +22,12 @@ pub struct DeviceInfo {
 
 impl DeviceInfo {
     /// Builds a device description.
-    pub fn new(device_id: DeviceId, display_name: Option<String>, created_ts: Timestamp, last_seen_ts: Option<Timestamp>) -> Self {
+    pub fn new(
+        device_id: DeviceId,
+        display_name: Option<String>,
+        created_ts: Timestamp,
+        last_seen_ts: Option<Timestamp>,
+    ) -> Self {
         Self { device_id, display_name, created_ts, last_seen_ts }
     }
 }

@@ -79,7 +79,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let epoch = Instant::now();
-    println!("parley-bench: {} devices, {} s per phase, window {}, latency load {} msg/s, {} idle connections", args.devices, args.seconds, args.window, args.rate, args.idle);
+    println!(
+        "parley-bench: {} devices, {} s per phase, window {}, latency load {} msg/s, {} idle connections",
+        args.devices, args.seconds, args.window, args.rate, args.idle
+    );
 
     let server = TestServer::start_with(BENCH_CONFIG).await?;
     let accounts = register_all(&server.base_url, args.devices, "u").await?;
@@ -92,14 +95,25 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("| measure | value |");
     println!("|---|---|");
-    println!("| delivered msgs/s at saturation ({} devices, window {}) | {:.0} |", args.devices, args.window, saturation.delivered_per_sec);
+    println!(
+        "| delivered msgs/s at saturation ({} devices, window {}) | {:.0} |",
+        args.devices, args.window, saturation.delivered_per_sec
+    );
     println!("| sent answers/s at saturation | {:.0} |", saturation.sent_per_sec);
     println!("| p50 / p99 send→receive latency at saturation | {:.1} ms / {:.1} ms |", saturation.p50_ms, saturation.p99_ms);
     println!("| offered load (latency phase) | {} msgs/s |", args.rate);
     println!("| delivered msgs/s (latency phase) | {:.0} |", latency.delivered_per_sec);
     println!("| p50 / p99 send→receive latency at {} msgs/s | {:.2} ms / {:.2} ms |", args.rate, latency.p50_ms, latency.p99_ms);
-    println!("| server RSS, baseline → {} idle connections | {:.1} MiB → {:.1} MiB |", args.idle, idle.0 as f64 / 1048576.0, idle.1 as f64 / 1048576.0);
-    println!("| server memory per idle connection | {:.1} KiB |", (idle.1.saturating_sub(idle.0)) as f64 / args.idle as f64 / 1024.0);
+    println!(
+        "| server RSS, baseline → {} idle connections | {:.1} MiB → {:.1} MiB |",
+        args.idle,
+        idle.0 as f64 / 1048576.0,
+        idle.1 as f64 / 1048576.0
+    );
+    println!(
+        "| server memory per idle connection | {:.1} KiB |",
+        (idle.1.saturating_sub(idle.0)) as f64 / args.idle as f64 / 1024.0
+    );
     Ok(())
 }
 
@@ -207,7 +221,21 @@ async fn relay_phase(base: &str, accounts: &[Account], args: &Args, load: Load, 
         };
         let offset = Duration::from_secs_f64(per_device_interval.map_or(0.0, |d| d.as_secs_f64() * i as f64 / n as f64));
         tasks.push(tokio::spawn(async move {
-            device_loop(socket, to, device, payload, window, per_device_interval, offset, stop_at, epoch, delivered, sent, measuring).await
+            device_loop(
+                socket,
+                to,
+                device,
+                payload,
+                window,
+                per_device_interval,
+                offset,
+                stop_at,
+                epoch,
+                delivered,
+                sent,
+                measuring,
+            )
+            .await
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -225,8 +253,16 @@ async fn relay_phase(base: &str, accounts: &[Account], args: &Args, load: Load, 
         latencies.extend(task.await??);
     }
     latencies.sort_unstable();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1e6;
-    Ok(PhaseResult { delivered_per_sec: delivered_n as f64 / elapsed, sent_per_sec: sent_n as f64 / elapsed, p50_ms: pct(0.50), p99_ms: pct(0.99) })
+    let pct = |p: f64| {
+        latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(0) as f64
+            / 1e6
+    };
+    Ok(PhaseResult {
+        delivered_per_sec: delivered_n as f64 / elapsed,
+        sent_per_sec: sent_n as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+    })
 }
 
 /// One device: sends (windowed or paced), receives, acks; returns the latencies (ns) it measured.
@@ -349,7 +385,11 @@ async fn idle_phase(n: usize) -> anyhow::Result<(u64, u64)> {
             let http = http.clone();
             let base = server.base_url.clone();
             async move {
-                let response = http.post(format!("{base}/v1/login")).json(&json!({"username": user, "password": "benchmark password"})).send().await?;
+                let response = http
+                    .post(format!("{base}/v1/login"))
+                    .json(&json!({"username": user, "password": "benchmark password"}))
+                    .send()
+                    .await?;
                 let body: serde_json::Value = response.json().await?;
                 Ok(body["access_token"].as_str().with_context(|| format!("login: {body}"))?.to_owned())
             }
