@@ -95,6 +95,13 @@ impl Server {
         });
         let router = app(state.clone());
         let mut shutdown = state.shutdown.clone();
+        // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm and the
+        // peer's delayed ACKs add ~40 ms to a live event.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::warn!(%error, "could not set TCP_NODELAY");
+            }
+        });
         let serve = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
             async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;

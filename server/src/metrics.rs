@@ -19,6 +19,8 @@ pub struct Metrics {
     pub events_delivered: Counter,
     /// Seconds from receiving a send to answering `sent`.
     pub send_latency: Histogram,
+    /// Seconds from a commit to the event being written to a connected device's socket.
+    pub delivery_delay: Histogram,
     /// Seconds one group commit took.
     pub commit_seconds: Histogram,
     /// Operations per group commit.
@@ -46,6 +48,7 @@ impl Metrics {
         let latency_buckets = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
         let send_latency = Histogram::new(latency_buckets);
         let commit_seconds = Histogram::new(latency_buckets);
+        let delivery_delay = Histogram::new(latency_buckets);
         let batch_size = Histogram::new([1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0]);
         let writer_queue_depth = Gauge::default();
         let rate_limited = Counter::default();
@@ -54,6 +57,11 @@ impl Metrics {
         registry.register("inbox_events_stored", "Inbox events made durable", events_stored.clone());
         registry.register("inbox_events_delivered", "Inbox events written to device sockets", events_delivered.clone());
         registry.register("send_latency_seconds", "From receiving a send to answering sent", send_latency.clone());
+        registry.register(
+            "delivery_delay_seconds",
+            "From commit to the live event written to the device socket",
+            delivery_delay.clone(),
+        );
         registry.register("store_commit_seconds", "Duration of one group commit", commit_seconds.clone());
         registry.register("store_batch_operations", "Operations per group commit", batch_size.clone());
         registry.register("store_queue_depth", "Operations waiting for the writer", writer_queue_depth.clone());
@@ -65,6 +73,7 @@ impl Metrics {
             events_stored,
             events_delivered,
             send_latency,
+            delivery_delay,
             commit_seconds,
             batch_size,
             writer_queue_depth,

@@ -260,6 +260,9 @@ impl Conn {
         text.push('}');
         self.socket.feed(Message::Text(Utf8Bytes::from(text))).await?;
         self.cursor = row.seq;
+        if let Some(at) = row.committed_at {
+            self.state.metrics.delivery_delay.observe(at.elapsed().as_secs_f64());
+        }
         self.pending.push_back((row.seq, row.origin.clone()));
         self.state.metrics.events_delivered.inc();
         Ok(())

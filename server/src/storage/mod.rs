@@ -97,6 +97,8 @@ pub struct InboxRow {
     pub origin: Option<Origin>,
     /// The event JSON.
     pub payload: Bytes,
+    /// When the commit that stored it finished (live events only; for the delivery metric).
+    pub committed_at: Option<std::time::Instant>,
 }
 
 /// Milliseconds since the Unix epoch.

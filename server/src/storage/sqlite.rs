@@ -140,6 +140,7 @@ impl Store {
                     seq: row.try_get::<i64, _>(0)? as u64,
                     origin: sender.zip(msg_id).map(|(s, id)| (Arc::from(s), id as u64)),
                     payload: Bytes::from(payload),
+                    committed_at: None,
                 })
             })
             .collect()

@@ -283,8 +283,10 @@ impl Writer {
                 query.push_values(chunk, |mut row, (device, seq)| {
                     row.push_bind(*device).push_bind(*seq as i64);
                 });
+                // Driven by `v` through the primary key: cost follows the rows deleted, not the batch.
                 query.push(
-                    ") DELETE FROM inbox WHERE device IN (SELECT d FROM v) AND seq <= (SELECT s FROM v WHERE v.d = inbox.device)",
+                    ") DELETE FROM inbox WHERE (device, seq) IN \
+                     (SELECT i.device, i.seq FROM v JOIN inbox i ON i.device = v.d AND i.seq <= v.s)",
                 );
                 query.build().execute(&mut *tx).await?;
             }
@@ -297,12 +299,13 @@ impl Writer {
         }
 
         tx.commit().await?;
+        let committed_at = Some(std::time::Instant::now());
         self.metrics.events_stored.inc_by(rows.len() as u64);
         work.committed = rows
             .into_iter()
             .map(|(event, seq)| Committed {
                 device: event.device,
-                row: InboxRow { seq, origin: event.origin, payload: event.payload },
+                row: InboxRow { seq, origin: event.origin, payload: event.payload, committed_at },
             })
             .collect();
         Ok(())

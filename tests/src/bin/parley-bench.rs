@@ -86,8 +86,9 @@ async fn main() -> anyhow::Result<()> {
 
     let server = TestServer::start_with(BENCH_CONFIG).await?;
     let accounts = register_all(&server.base_url, args.devices, "u").await?;
-    let saturation = relay_phase(&server.base_url, &accounts, &args, Load::Saturate(args.window), epoch).await?;
-    let latency = relay_phase(&server.base_url, &accounts, &args, Load::Rate(args.rate), epoch).await?;
+    let pid = server.pid().context("pid")?;
+    let saturation = relay_phase(&server.base_url, pid, &accounts, &args, Load::Saturate(args.window), epoch).await?;
+    let latency = relay_phase(&server.base_url, pid, &accounts, &args, Load::Rate(args.rate), epoch).await?;
     drop(server);
 
     let idle = idle_phase(args.idle).await?;
@@ -103,7 +104,17 @@ async fn main() -> anyhow::Result<()> {
     println!("| p50 / p99 send→receive latency at saturation | {:.1} ms / {:.1} ms |", saturation.p50_ms, saturation.p99_ms);
     println!("| offered load (latency phase) | {} msgs/s |", args.rate);
     println!("| delivered msgs/s (latency phase) | {:.0} |", latency.delivered_per_sec);
+    println!(
+        "| p50 / p99 send→`sent` answer at {} msgs/s | {:.2} ms / {:.2} ms |",
+        args.rate, latency.sent_p50_ms, latency.sent_p99_ms
+    );
     println!("| p50 / p99 send→receive latency at {} msgs/s | {:.2} ms / {:.2} ms |", args.rate, latency.p50_ms, latency.p99_ms);
+    for (name, phase) in [("saturation", &saturation), ("latency phase", &latency)] {
+        println!(
+            "| {name}: server CPU / load generator CPU / mean group commit / ops per commit | {:.2} / {:.2} cores / {:.2} ms / {:.0} |",
+            phase.server_cores, phase.client_cores, phase.commit_ms, phase.batch
+        );
+    }
     println!(
         "| server RSS, baseline → {} idle connections | {:.1} MiB → {:.1} MiB |",
         args.idle,
@@ -188,9 +199,56 @@ struct PhaseResult {
     sent_per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Send → `sent` answer.
+    sent_p50_ms: f64,
+    sent_p99_ms: f64,
+    /// Mean group-commit duration (ms) and operations per commit, from the server's metrics.
+    commit_ms: f64,
+    batch: f64,
+    /// Server CPU used, in cores.
+    server_cores: f64,
+    /// Load generator CPU used, in cores.
+    client_cores: f64,
 }
 
-async fn relay_phase(base: &str, accounts: &[Account], args: &Args, load: Load, epoch: Instant) -> anyhow::Result<PhaseResult> {
+/// Sums and counts of the writer's histograms, and the server's CPU time, at one moment.
+#[derive(Default, Clone, Copy)]
+struct ServerSample {
+    commit_sum: f64,
+    commit_count: f64,
+    batch_sum: f64,
+    cpu_secs: f64,
+}
+
+async fn sample(base: &str, pid: u32) -> anyhow::Result<ServerSample> {
+    let text = reqwest::get(format!("{base}/metrics")).await?.text().await?;
+    let value = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or(0.0)
+    };
+    Ok(ServerSample {
+        commit_sum: value("parley_store_commit_seconds_sum"),
+        commit_count: value("parley_store_commit_seconds_count"),
+        batch_sum: value("parley_store_batch_operations_sum"),
+        cpu_secs: sample_cpu(pid)?,
+    })
+}
+
+/// User + system CPU seconds of a process (Linux, 100 ticks per second).
+fn sample_cpu(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    Ok((field(11) + field(12)) / 100.0)
+}
+
+async fn relay_phase(
+    base: &str,
+    pid: u32,
+    accounts: &[Account],
+    args: &Args,
+    load: Load,
+    epoch: Instant,
+) -> anyhow::Result<PhaseResult> {
     let n = accounts.len();
     let mut sockets = Vec::with_capacity(n);
     for account in accounts {
@@ -242,26 +300,41 @@ async fn relay_phase(base: &str, accounts: &[Account], args: &Args, load: Load, 
     measuring.store(true, Ordering::Release);
     let start_delivered = delivered.load(Ordering::Acquire);
     let start_sent = sent.load(Ordering::Acquire);
+    let before = sample(base, pid).await?;
+    let own_before = sample_cpu(std::process::id())?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let elapsed = started.elapsed().as_secs_f64();
+    let after = sample(base, pid).await?;
+    let own_after = sample_cpu(std::process::id())?;
+    let commits = (after.commit_count - before.commit_count).max(1.0);
     let delivered_n = delivered.load(Ordering::Acquire) - start_delivered;
     let sent_n = sent.load(Ordering::Acquire) - start_sent;
     measuring.store(false, Ordering::Release);
     let mut latencies = Vec::new();
+    let mut sent_latencies = Vec::new();
     for task in tasks {
-        latencies.extend(task.await??);
+        let (received, answered) = task.await??;
+        latencies.extend(received);
+        sent_latencies.extend(answered);
     }
     latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(0) as f64
-            / 1e6
+    sent_latencies.sort_unstable();
+    let percentile = |values: &[u64], p: f64| {
+        values.get(((values.len() as f64 * p) as usize).min(values.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1e6
     };
+    let pct = |p: f64| percentile(&latencies, p);
     Ok(PhaseResult {
         delivered_per_sec: delivered_n as f64 / elapsed,
         sent_per_sec: sent_n as f64 / elapsed,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
+        sent_p50_ms: percentile(&sent_latencies, 0.5),
+        sent_p99_ms: percentile(&sent_latencies, 0.99),
+        commit_ms: (after.commit_sum - before.commit_sum) / commits * 1000.0,
+        batch: (after.batch_sum - before.batch_sum) / commits,
+        server_cores: (after.cpu_secs - before.cpu_secs) / elapsed,
+        client_cores: (own_after - own_before) / elapsed,
     })
 }
 
@@ -280,9 +353,11 @@ async fn device_loop(
     delivered: Arc<AtomicU64>,
     sent: Arc<AtomicU64>,
     measuring: Arc<std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<Vec<u64>> {
+) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
     let (mut sink, mut stream) = socket.split();
     let mut latencies = Vec::new();
+    let mut sent_latencies = Vec::new();
+    let mut send_times = std::collections::VecDeque::new();
     let mut in_flight = 0usize;
     let mut last_seq = 0u64;
     let mut unacked = 0u32;
@@ -291,7 +366,8 @@ async fn device_loop(
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         i
     });
-    let mut ack_tick = tokio::time::interval(Duration::from_millis(20));
+    // Like the SDK: acknowledge 20 ms after the first unacknowledged event, or at 64 events.
+    let mut ack_deadline: Option<tokio::time::Instant> = None;
     let filler = vec![0x5au8; payload.saturating_sub(8)];
     let frame_for = |now_ns: u64| {
         let mut bytes = now_ns.to_le_bytes().to_vec();
@@ -313,21 +389,24 @@ async fn device_loop(
         // Saturation: keep the window full.
         if pace.is_none() {
             while in_flight < window {
-                sink.feed(Message::Text(frame_for(epoch.elapsed().as_nanos() as u64).into())).await?;
+                let now = epoch.elapsed().as_nanos() as u64;
+                send_times.push_back(now);
+                sink.feed(Message::Text(frame_for(now).into())).await?;
                 in_flight += 1;
             }
             sink.flush().await?;
         }
         tokio::select! {
             _ = async { pace.as_mut().unwrap().tick().await }, if pace.is_some() => {
-                sink.send(Message::Text(frame_for(epoch.elapsed().as_nanos() as u64).into())).await?;
+                let now = epoch.elapsed().as_nanos() as u64;
+                send_times.push_back(now);
+                sink.send(Message::Text(frame_for(now).into())).await?;
                 in_flight += 1;
             }
-            _ = ack_tick.tick() => {
-                if unacked > 0 {
-                    sink.send(Message::Text(format!(r#"{{"type":"ack","seq":{last_seq}}}"#).into())).await?;
-                    unacked = 0;
-                }
+            _ = async { tokio::time::sleep_until(ack_deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if ack_deadline.is_some() => {
+                sink.send(Message::Text(format!(r#"{{"type":"ack","seq":{last_seq}}}"#).into())).await?;
+                unacked = 0;
+                ack_deadline = None;
             }
             _ = tokio::time::sleep_until(stop_at.into()) => break,
             message = stream.next() => {
@@ -337,13 +416,16 @@ async fn device_loop(
                 match frame.kind.as_str() {
                     "sent" => {
                         in_flight = in_flight.saturating_sub(1);
+                        let at = send_times.pop_front().unwrap_or(0);
                         if measuring.load(Ordering::Relaxed) {
                             sent.fetch_add(1, Ordering::Relaxed);
+                            sent_latencies.push((epoch.elapsed().as_nanos() as u64).saturating_sub(at));
                         }
                     }
                     "event" => {
                         last_seq = frame.seq.unwrap_or(last_seq);
                         unacked += 1;
+                        ack_deadline.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(20));
                         if let Some(event) = frame.event {
                             if event.kind == "message" {
                                 if let Some(ct) = event.ciphertext {
@@ -359,6 +441,7 @@ async fn device_loop(
                         if unacked >= 64 {
                             sink.send(Message::Text(format!(r#"{{"type":"ack","seq":{last_seq}}}"#).into())).await?;
                             unacked = 0;
+                            ack_deadline = None;
                         }
                     }
                     "error" => bail!("server error frame: {text}"),
@@ -368,7 +451,7 @@ async fn device_loop(
         }
     }
     let _ = sink.send(Message::Close(None)).await;
-    Ok(latencies)
+    Ok((latencies, sent_latencies))
 }
 
 /// A fresh server, `n` idle connections; returns (baseline RSS, RSS with the connections).
