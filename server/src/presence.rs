@@ -6,7 +6,7 @@
 
 use crate::app::AppState;
 use crate::directory::UserEntry;
-use crate::storage::{now_ms, StoreError, UserPk};
+use crate::storage::{StoreError, UserPk};
 use bytes::Bytes;
 use parley_spec::v1::presence::{PresenceInfo, PresenceStatus, Visibility};
 use parley_spec::v1::ws::ServerFrame;
@@ -120,9 +120,4 @@ async fn announce_now(state: &AppState, user: &UserEntry, online: bool, last_see
 /// A serialized `presence` frame.
 pub fn frame(info: PresenceInfo) -> Bytes {
     Bytes::from(serde_json::to_vec(&ServerFrame::Presence(info)).unwrap_or_default())
-}
-
-/// Now, for last-seen.
-pub fn now() -> i64 {
-    now_ms()
 }

@@ -216,6 +216,9 @@ impl Conn {
         let acked = self.state.store.acked_seq(self.auth.device_pk).await?;
         if self.cursor > acked {
             messaging::ack_from_store(&self.state, &self.auth, acked, self.cursor).await?;
+            // A `since` beyond the end of the inbox was clamped when recorded: resume from
+            // there, or this connection would skip the next events.
+            self.cursor = self.cursor.min(self.state.store.acked_seq(self.auth.device_pk).await?);
         }
         for info in crate::api::presence::contacts_presence(&self.state, &self.auth.user_id).await? {
             self.send_frame(&ServerFrame::Presence(info)).await?;

@@ -275,3 +275,51 @@ async fn floods_hit_the_rate_limits_and_others_are_unaffected() -> anyhow::Resul
     assert_eq!(status, 200, "other requests still served");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_cursor_beyond_the_inbox_end_does_not_silence_the_device() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let alice = register(&server.base_url, "alice").await?;
+    let bob = register(&server.base_url, "bob").await?;
+    let mut socket = connect(&server.base_url, &bob.token, 1_000_000_000).await.unwrap();
+    let caught_up = next_of(&mut socket, "caught_up", T).await?;
+    assert_eq!(caught_up["cursor"], 0, "clamped to the real end of the inbox");
+    let send = json!({"client_msg_id": uuid::Uuid::new_v4(), "to": bob.user_id,
+        "envelopes": [{"user": bob.user_id, "device": bob.device_id, "ciphertext": b64(b"still here")}]});
+    let (status, _) = post(&server.base_url, "/v1/send", Some(&alice.token), &send).await?;
+    assert_eq!(status, 200);
+    let event = next_of(&mut socket, "event", T).await?;
+    assert_eq!(event["event"]["ciphertext"], b64(b"still here"));
+    // The same over long-poll sync.
+    let (status, body) = get(&server.base_url, "/v1/sync?since=999999999&timeout_ms=0", Some(&bob.token)).await?;
+    assert_eq!(status, 200);
+    assert!(body["cursor"].as_u64().unwrap() < 1000, "{body}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn device_count_is_limited_and_http_floods_get_429() -> anyhow::Result<()> {
+    let server =
+        TestServer::start_with("[limits]\nmax_devices_per_user = 2\n[rate_limits]\nip_per_second = 5\nip_burst = 20\n").await?;
+    register(&server.base_url, "alice").await?;
+    raw::login(&server.base_url, "alice").await?;
+    let (status, body) =
+        post(&server.base_url, "/v1/login", None, &json!({"username": "alice", "password": "correct horse"})).await?;
+    assert_eq!((status, body["code"].as_str()), (403, Some("too_many_devices")));
+    let mut limited = None;
+    for _ in 0..100 {
+        let response = reqwest::Client::new().get(format!("{}/v1/whoami", server.base_url)).send().await?;
+        if response.status().as_u16() == 429 {
+            limited = Some(response);
+            break;
+        }
+    }
+    let response = limited.expect("an HTTP flood from one IP is limited");
+    assert!(response.headers()["retry-after"].to_str()?.parse::<u64>()? >= 1);
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(body["code"], "rate_limited");
+    // Health checks are not rate limited, so monitoring keeps working during a flood.
+    let (status, _) = get(&server.base_url, "/healthz", None).await?;
+    assert_eq!(status, 200);
+    Ok(())
+}

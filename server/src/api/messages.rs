@@ -42,8 +42,11 @@ pub async fn sync(
     let limits = &state.config.limits;
     let limit = query.limit.unwrap_or(limits.sync_page).clamp(1, limits.sync_page);
     let acked = state.store.acked_seq(auth.device_pk).await?;
-    if query.since > acked {
-        messaging::ack_from_store(&state, &auth, acked, query.since).await?;
+    let mut since = query.since;
+    if since > acked {
+        messaging::ack_from_store(&state, &auth, acked, since).await?;
+        // A cursor beyond the end of the inbox was clamped when recorded.
+        since = since.min(state.store.acked_seq(auth.device_pk).await?);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_millis(query.timeout_ms.min(limits.max_sync_timeout_ms));
     let mut shutdown = state.shutdown.clone();
@@ -53,9 +56,9 @@ pub async fn sync(
         let notified = waiter.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let rows = state.store.inbox_after(auth.device_pk, query.since, limit).await?;
+        let rows = state.store.inbox_after(auth.device_pk, since, limit).await?;
         if !rows.is_empty() {
-            let cursor = rows.last().map_or(query.since, |r| r.seq);
+            let cursor = rows.last().map_or(since, |r| r.seq);
             let events = rows
                 .into_iter()
                 .map(|row| {
@@ -66,11 +69,11 @@ pub async fn sync(
             return Ok(axum::Json(SyncResponse::new(events, cursor)));
         }
         if *shutdown.borrow() {
-            return Ok(axum::Json(SyncResponse::new(Vec::new(), query.since)));
+            return Ok(axum::Json(SyncResponse::new(Vec::new(), since)));
         }
         tokio::select! {
             _ = &mut notified => {}
-            _ = tokio::time::sleep_until(deadline) => return Ok(axum::Json(SyncResponse::new(Vec::new(), query.since))),
+            _ = tokio::time::sleep_until(deadline) => return Ok(axum::Json(SyncResponse::new(Vec::new(), since))),
             _ = shutdown.changed() => {}
         }
     }

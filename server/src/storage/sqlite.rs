@@ -38,6 +38,9 @@ impl Store {
                 Synchronous::Normal => SqliteSynchronous::Normal,
             })
             .busy_timeout(Duration::from_secs(10))
+            // Checkpoints run in a background task (below), never inside a hot-path commit.
+            .pragma("wal_autocheckpoint", "0")
+            .pragma("journal_size_limit", (64 * 1024 * 1024).to_string())
             .statement_cache_capacity(256)
             .disable_statement_logging();
         let pool = SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(options.clone()).await?;
@@ -55,6 +58,7 @@ impl Store {
             next_seq: Default::default(),
         };
         let handle = tokio::spawn(writer.run());
+        tokio::spawn(checkpoints(pool.clone()));
         Ok((Self { pool, writer: tx, next_msg_id: AtomicU64::new(max_id as u64 + 1) }, handle))
     }
 
@@ -384,6 +388,26 @@ async fn insert_device(
         Ok(done) => Ok(done.last_insert_rowid()),
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Copies the WAL back into the database file once a second, on a pool connection, so the
+/// writer's commits never pay for a checkpoint. PASSIVE never blocks the writer; once the
+/// WAL has been fully copied, SQLite starts it over from the beginning.
+async fn checkpoints(pool: SqlitePool) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            if pool.is_closed() {
+                return;
+            }
+            tracing::warn!(%error, "WAL checkpoint failed");
+        }
     }
 }
 
