@@ -1,9 +1,16 @@
 //! Parley cryptography, with no I/O: canonical encoding of anything that is signed or hashed,
-//! and ed25519 signatures over it. Later issues add device identity, 1:1 sessions, MLS groups
-//! and media encryption here.
+//! ed25519 signatures, device identity and signed device lists, 1:1 sessions (X3DH + Double
+//! Ratchet), safety numbers and chunked media encryption. Primitives come from vetted crates
+//! (ed25519-dalek, x25519-dalek, chacha20poly1305, hkdf, hmac, sha2); this crate composes them.
+//! Randomness comes in through `rand_core` RNG parameters so tests can be deterministic.
 
 pub mod canonical;
+pub mod identity;
+pub mod media;
+pub mod ratchet;
+pub mod safety;
 pub mod signing;
+pub mod x3dh;
 
 pub use canonical::canonical_json;
 pub use signing::{KeyPair, PublicKey, SignatureError};

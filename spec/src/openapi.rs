@@ -17,6 +17,7 @@ use utoipa::OpenApi;
         v1::presence::get_presence, v1::presence::subscribe_presence, v1::presence::list_subscriptions,
         v1::presence::set_privacy,
         v1::ws::websocket,
+        v1::keys::upload_keys, v1::keys::put_device_list, v1::keys::get_device_list, v1::keys::claim_keys,
     ),
     components(schemas(v1::ws::ClientFrame, v1::ws::ServerFrame, crate::ErrorCode)),
     modifiers(&BearerAuth),

@@ -7,6 +7,7 @@
 pub mod account;
 pub mod devices;
 pub mod events;
+pub mod keys;
 pub mod messages;
 pub mod presence;
 pub mod sync;
