@@ -12,6 +12,7 @@ use parley_spec::{
     v1::{
         account::WhoAmIResponse,
         devices::{DeleteDeviceRequest, DevicesResponse, UserDevicesResponse},
+        keys::{ClaimRequest, ClaimResponse, SignedDeviceList, UploadKeysRequest, UploadKeysResponse},
         messages::{ReadRequest, SendRequest, SentResponse},
         presence::{PresenceInfo, PrivacySettings, SubscribeRequest, SubscriptionsResponse, Visibility},
         sync::SyncResponse,
@@ -138,6 +139,26 @@ impl Api {
     pub async fn set_privacy(&self, last_seen: Visibility) -> Result<(), Error> {
         let req = self.request(Method::PUT, &["v1", "account", "privacy"])?;
         no_content(req.json(&PrivacySettings::new(last_seen)).send().await?).await
+    }
+
+    /// `POST /v1/keys/upload`: device keys and prekeys; answers the one-time prekey count.
+    pub async fn upload_keys(&self, req: &UploadKeysRequest) -> Result<UploadKeysResponse, Error> {
+        decode(self.request(Method::POST, &["v1", "keys", "upload"])?.json(req).send().await?).await
+    }
+
+    /// `PUT /v1/keys/device-list`: publishes the user's signed device list.
+    pub async fn put_device_list(&self, list: &SignedDeviceList) -> Result<(), Error> {
+        no_content(self.request(Method::PUT, &["v1", "keys", "device-list"])?.json(list).send().await?).await
+    }
+
+    /// `GET /v1/users/{user_id}/device-list`: a user's signed device list (verify it!).
+    pub async fn device_list(&self, user_id: &UserId) -> Result<SignedDeviceList, Error> {
+        decode(self.request(Method::GET, &["v1", "users", user_id.as_str(), "device-list"])?.send().await?).await
+    }
+
+    /// `POST /v1/keys/claim`: one prekey bundle per device (verify them!).
+    pub async fn claim_keys(&self, req: &ClaimRequest) -> Result<ClaimResponse, Error> {
+        decode(self.request(Method::POST, &["v1", "keys", "claim"])?.json(req).send().await?).await
     }
 
     fn request(&self, method: Method, path: &[&str]) -> Result<RequestBuilder, Error> {

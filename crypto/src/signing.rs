@@ -106,6 +106,37 @@ impl PublicKey {
     }
 }
 
+/// The bytes an object signature covers: `context` followed by the canonical JSON of `value`
+/// with its top-level `signature` field removed (see `parley_spec::v1::keys`).
+pub fn object_signing_bytes<T: Serialize + ?Sized>(context: &[u8], value: &T) -> Result<Vec<u8>, SignatureError> {
+    let mut value = serde_json::to_value(value).map_err(crate::canonical::CanonicalError::from)?;
+    if let Some(object) = value.as_object_mut() {
+        object.remove("signature");
+    }
+    let mut bytes = context.to_vec();
+    bytes.extend_from_slice(&canonical_json(&value)?);
+    Ok(bytes)
+}
+
+impl KeyPair {
+    /// Signs an object under a domain-separation `context` ([`object_signing_bytes`]).
+    pub fn sign_object<T: Serialize + ?Sized>(&self, context: &[u8], value: &T) -> Result<[u8; 64], SignatureError> {
+        Ok(self.sign_bytes(&object_signing_bytes(context, value)?))
+    }
+}
+
+impl PublicKey {
+    /// Verifies an object signature made by [`KeyPair::sign_object`].
+    pub fn verify_object<T: Serialize + ?Sized>(
+        &self,
+        context: &[u8],
+        value: &T,
+        signature: &[u8],
+    ) -> Result<(), SignatureError> {
+        self.verify_bytes(&object_signing_bytes(context, value)?, signature)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +164,18 @@ mod tests {
         key.public().verify_json(&reordered, &sig).unwrap();
         let round = PublicKey::from_base64(&key.public().to_base64()).unwrap();
         assert_eq!(round, key.public());
+    }
+
+    #[test]
+    fn object_signatures_ignore_the_signature_field_and_bind_the_context() {
+        let key = KeyPair::generate();
+        let mut object = serde_json::json!({"a": 1, "signature": "x"});
+        let sig = key.sign_object(b"ctx\0", &object).unwrap();
+        object["signature"] = serde_json::json!("something else");
+        key.public().verify_object(b"ctx\0", &object, &sig).unwrap();
+        assert!(key.public().verify_object(b"other\0", &object, &sig).is_err());
+        object["a"] = serde_json::json!(2);
+        assert!(key.public().verify_object(b"ctx\0", &object, &sig).is_err());
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -88,6 +88,8 @@ pub struct LimitsConfig {
     pub ws_read_buffer_bytes: usize,
     /// WebSocket write buffer per connection, in bytes.
     pub ws_write_buffer_bytes: usize,
+    /// A device is told to upload more one-time prekeys when fewer than this are left.
+    pub prekey_low_watermark: u32,
 }
 
 impl LimitsConfig {
@@ -214,6 +216,7 @@ impl Default for LimitsConfig {
             connection_buffer: 256,
             ws_read_buffer_bytes: 4096,
             ws_write_buffer_bytes: 4096,
+            prekey_low_watermark: 20,
         }
     }
 }

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt as _, StreamExt as _};
 use parley_spec::v1::events::ReceiptKind;
-use parley_spec::v1::ws::{CaughtUpFrame, ClientFrame, ErrorFrame, HelloFrame, PingFrame, ServerFrame, WsQuery};
+use parley_spec::v1::ws::{CaughtUpFrame, ClientFrame, ErrorFrame, HelloFrame, PingFrame, PrekeysLowFrame, ServerFrame, WsQuery};
 use parley_spec::{ErrorBody, ErrorCode};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -223,6 +223,10 @@ impl Conn {
         for info in crate::api::presence::contacts_presence(&self.state, &self.auth.user_id).await? {
             self.send_frame(&ServerFrame::Presence(info)).await?;
         }
+        let (has_keys, prekeys) = self.state.store.prekey_count(self.auth.device_pk).await?;
+        if has_keys && prekeys < self.state.config.limits.prekey_low_watermark {
+            self.send_frame(&ServerFrame::PrekeysLow(PrekeysLowFrame::new(prekeys))).await?;
+        }
         self.catch_up().await?;
         self.send_frame(&ServerFrame::CaughtUp(CaughtUpFrame::new(self.cursor))).await
     }
@@ -394,6 +398,13 @@ impl Conn {
         let text = serde_json::to_string(frame).map_err(ApiError::internal)?;
         self.socket.send(Message::Text(Utf8Bytes::from(text))).await?;
         Ok(())
+    }
+}
+
+/// Tells a connected device that its one-time prekeys are running low.
+pub fn notify_prekeys_low(state: &AppState, device: crate::storage::DevicePk, remaining: u32) {
+    if let Ok(frame) = serde_json::to_vec(&ServerFrame::PrekeysLow(PrekeysLowFrame::new(remaining))) {
+        state.hub.send_ephemeral(device, bytes::Bytes::from(frame));
     }
 }
 

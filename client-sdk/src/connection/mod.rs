@@ -97,6 +97,11 @@ pub enum Event {
     Presence(PresenceInfo),
     /// Someone is typing to this user (or stopped).
     Typing(TypingNotice),
+    /// The server holds few one-time prekeys for this device: upload more.
+    PrekeysLow {
+        /// How many are left.
+        one_time_prekey_count: u32,
+    },
     /// The WebSocket was lost; the task is reconnecting (unless the stream ends next, which
     /// means the server refused the token and the connection is closed for good).
     Disconnected {

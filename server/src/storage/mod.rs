@@ -8,7 +8,7 @@
 mod sqlite;
 pub mod writer;
 
-pub use sqlite::Store;
+pub use sqlite::{ClaimedKeys, KeyUpload, Store};
 pub use writer::{MessageOutcome, NewEvent, NewMessage};
 
 use bytes::Bytes;

@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, "keys", include_str!("../../migrations/sqlite/0002_keys.sql")),
+];
 
 /// The database handle shared by all services.
 pub struct Store {
@@ -365,6 +368,160 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(found.is_some())
+    }
+}
+
+/// Key material uploaded by a device (each part optional).
+#[derive(Debug, Default)]
+pub struct KeyUpload {
+    /// `DeviceKeys` JSON; may be set once.
+    pub device_keys: Option<Vec<u8>>,
+    /// `SignedPrekey` JSON; replaces the current one.
+    pub signed_prekey: Option<Vec<u8>>,
+    /// Last-resort `SignedPrekey` JSON; replaces the current one.
+    pub last_resort_prekey: Option<Vec<u8>>,
+    /// One-time prekeys: (key id, public key).
+    pub one_time_prekeys: Vec<(u32, Vec<u8>)>,
+}
+
+/// What a claim took from the directory for one device.
+#[derive(Debug)]
+pub struct ClaimedKeys {
+    /// `DeviceKeys` JSON.
+    pub device_keys: Vec<u8>,
+    /// `SignedPrekey` JSON.
+    pub signed_prekey: Vec<u8>,
+    /// The one-time prekey handed out (now deleted), if any was left.
+    pub one_time_prekey: Option<(u32, Vec<u8>)>,
+    /// The last-resort prekey JSON, when no one-time prekey was left.
+    pub last_resort_prekey: Option<Vec<u8>>,
+    /// One-time prekeys left after this claim.
+    pub remaining: u32,
+}
+
+impl Store {
+    /// Stores uploaded keys; `Conflict` if different device keys were stored before.
+    /// Returns the number of unclaimed one-time prekeys.
+    pub async fn upload_keys(&self, device: DevicePk, upload: KeyUpload) -> Result<u32, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(json) = &upload.device_keys {
+            let existing: Option<Vec<u8>> =
+                sqlx::query_scalar("SELECT json FROM device_keys WHERE device = ?").bind(device).fetch_optional(&mut *tx).await?;
+            match existing {
+                Some(existing) if &existing != json => return Err(StoreError::Conflict),
+                Some(_) => {}
+                None => {
+                    sqlx::query("INSERT INTO device_keys (device, json) VALUES (?, ?)")
+                        .bind(device)
+                        .bind(json)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        if let Some(json) = &upload.signed_prekey {
+            sqlx::query("INSERT OR REPLACE INTO signed_prekeys (device, json) VALUES (?, ?)")
+                .bind(device)
+                .bind(json)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(json) = &upload.last_resort_prekey {
+            sqlx::query("INSERT OR REPLACE INTO last_resort_prekeys (device, json) VALUES (?, ?)")
+                .bind(device)
+                .bind(json)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (key_id, public_key) in &upload.one_time_prekeys {
+            // Re-uploading a key id keeps the first copy (a retried upload is harmless).
+            sqlx::query("INSERT OR IGNORE INTO one_time_prekeys (device, key_id, public_key) VALUES (?, ?, ?)")
+                .bind(device)
+                .bind(i64::from(*key_id))
+                .bind(public_key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM one_time_prekeys WHERE device = ?").bind(device).fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(count as u32)
+    }
+
+    /// The device keys a device uploaded (JSON), if any.
+    pub async fn stored_device_keys(&self, device: DevicePk) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT json FROM device_keys WHERE device = ?").bind(device).fetch_optional(&self.pool).await?)
+    }
+
+    /// Unclaimed one-time prekeys of a device, and whether it has uploaded device keys.
+    pub async fn prekey_count(&self, device: DevicePk) -> Result<(bool, u32), StoreError> {
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM device_keys WHERE device = ?1), (SELECT count(*) FROM one_time_prekeys WHERE device = ?1)",
+        )
+        .bind(device)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32))
+    }
+
+    /// Claims a bundle for `device`: its keys and one one-time prekey, which is deleted in the
+    /// same (write-locked) transaction, so no two claimers ever get the same one. `None` when
+    /// the device has not uploaded keys.
+    pub async fn claim_keys(&self, device: DevicePk) -> Result<Option<ClaimedKeys>, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query(
+            "SELECT k.json, s.json, l.json FROM device_keys k JOIN signed_prekeys s ON s.device = k.device \
+             LEFT JOIN last_resort_prekeys l ON l.device = k.device WHERE k.device = ?",
+        )
+        .bind(device)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let one_time = sqlx::query(
+            "DELETE FROM one_time_prekeys WHERE device = ?1 \
+             AND key_id = (SELECT min(key_id) FROM one_time_prekeys WHERE device = ?1) RETURNING key_id, public_key",
+        )
+        .bind(device)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let one_time_prekey = match one_time {
+            Some(r) => Some((r.try_get::<i64, _>(0)? as u32, r.try_get::<Vec<u8>, _>(1)?)),
+            None => None,
+        };
+        let remaining: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM one_time_prekeys WHERE device = ?").bind(device).fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        let last_resort: Option<Vec<u8>> = row.try_get(2)?;
+        Ok(Some(ClaimedKeys {
+            device_keys: row.try_get(0)?,
+            signed_prekey: row.try_get(1)?,
+            last_resort_prekey: if one_time_prekey.is_none() { last_resort } else { None },
+            one_time_prekey,
+            remaining: remaining as u32,
+        }))
+    }
+
+    /// Stores a user's signed device list if its version is newer; `Conflict` otherwise.
+    pub async fn put_device_list(&self, user: UserPk, version: u64, json: &[u8]) -> Result<(), StoreError> {
+        let version = i64::try_from(version).map_err(|_| StoreError::Conflict)?;
+        let done = sqlx::query(
+            "INSERT INTO device_lists (user_id, version, json) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (user_id) DO UPDATE SET version = excluded.version, json = excluded.json WHERE excluded.version > device_lists.version",
+        )
+        .bind(user)
+        .bind(version)
+        .bind(json)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    /// A user's latest signed device list (JSON).
+    pub async fn device_list(&self, user: UserPk) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT json FROM device_lists WHERE user_id = ?").bind(user).fetch_optional(&self.pool).await?)
     }
 }
 

@@ -237,7 +237,9 @@ impl Writer {
         // 2. Devices removed in this batch lose their inbox, token and counters.
         for device in &deleted {
             next_seq.remove(device);
-            sqlx::query("DELETE FROM inbox WHERE device = ?").bind(device).execute(&mut *tx).await?;
+            for table in ["inbox", "one_time_prekeys", "signed_prekeys", "last_resort_prekeys", "device_keys"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE device = ?")).bind(device).execute(&mut *tx).await?;
+            }
             sqlx::query("DELETE FROM devices WHERE id = ?").bind(device).execute(&mut *tx).await?;
         }
 

@@ -129,6 +129,24 @@ pub enum ServerFrame {
     Presence(PresenceInfo),
     /// Answer to `ping`.
     Pong(PingFrame),
+    /// The device's one-time prekeys are running low: upload more (`POST /v1/keys/upload`).
+    /// Sent on connect and after a claim, while the count is below the server's watermark.
+    PrekeysLow(PrekeysLowFrame),
+}
+
+/// How many one-time prekeys the server still holds for this device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct PrekeysLowFrame {
+    /// Unclaimed one-time prekeys left.
+    pub one_time_prekey_count: u32,
+}
+
+impl PrekeysLowFrame {
+    /// Builds the frame.
+    pub fn new(one_time_prekey_count: u32) -> Self {
+        Self { one_time_prekey_count }
+    }
 }
 
 /// First frame on a connection.

@@ -77,6 +77,7 @@ impl Task {
             ServerFrame::Error(e) => self.on_error_frame(e),
             ServerFrame::Typing(notice) => self.emit(Event::Typing(notice)),
             ServerFrame::Presence(info) => self.emit(Event::Presence(info)),
+            ServerFrame::PrekeysLow(low) => self.emit(Event::PrekeysLow { one_time_prekey_count: low.one_time_prekey_count }),
             ServerFrame::Pong(_) | ServerFrame::Hello(_) => {}
             _ => tracing::debug!("ignoring unknown frame type"),
         }
