@@ -18,18 +18,16 @@ pub struct RawSession {
 }
 
 pub async fn post(base: &str, path: &str, token: Option<&str>, body: &Value) -> anyhow::Result<(u16, Value)> {
-    let mut request = reqwest::Client::new().post(format!("{base}{path}")).json(body);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await?;
-    let status = response.status().as_u16();
-    let text = response.text().await?;
-    Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    call(reqwest::Client::new().post(format!("{base}{path}")).json(body), token).await
 }
 
 pub async fn get(base: &str, path: &str, token: Option<&str>) -> anyhow::Result<(u16, Value)> {
-    let mut request = reqwest::Client::new().get(format!("{base}{path}"));
+    call(reqwest::Client::new().get(format!("{base}{path}")), token).await
+}
+
+/// Sends a request (with the bearer token, if any) and returns the status and the JSON body
+/// (null when the body is not JSON).
+async fn call(mut request: reqwest::RequestBuilder, token: Option<&str>) -> anyhow::Result<(u16, Value)> {
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -40,18 +38,16 @@ pub async fn get(base: &str, path: &str, token: Option<&str>) -> anyhow::Result<
 }
 
 pub async fn register(base: &str, username: &str) -> anyhow::Result<RawSession> {
-    let (status, body) = post(base, "/v1/register", None, &json!({"username": username, "password": "correct horse"})).await?;
-    anyhow::ensure!(status == 200, "register {username}: {status} {body}");
-    Ok(RawSession {
-        user_id: body["user_id"].as_str().context("user_id")?.to_owned(),
-        device_id: body["device_id"].as_str().context("device_id")?.to_owned(),
-        token: body["access_token"].as_str().context("token")?.to_owned(),
-    })
+    session(base, "/v1/register", username).await
 }
 
 pub async fn login(base: &str, username: &str) -> anyhow::Result<RawSession> {
-    let (status, body) = post(base, "/v1/login", None, &json!({"username": username, "password": "correct horse"})).await?;
-    anyhow::ensure!(status == 200, "login {username}: {status} {body}");
+    session(base, "/v1/login", username).await
+}
+
+async fn session(base: &str, path: &str, username: &str) -> anyhow::Result<RawSession> {
+    let (status, body) = post(base, path, None, &json!({"username": username, "password": "correct horse"})).await?;
+    anyhow::ensure!(status == 200, "{path} {username}: {status} {body}");
     Ok(RawSession {
         user_id: body["user_id"].as_str().context("user_id")?.to_owned(),
         device_id: body["device_id"].as_str().context("device_id")?.to_owned(),

@@ -5,6 +5,7 @@
 //! `METHOD /path`.
 
 pub mod account;
+pub mod content;
 pub mod devices;
 pub mod events;
 pub mod keys;
