@@ -48,6 +48,9 @@ pub enum Error {
     /// The access token cannot be sent in an HTTP header.
     #[error("the access token is not a valid header value")]
     InvalidToken,
+    /// The local store failed.
+    #[error("local store: {0}")]
+    Store(String),
 }
 
 impl From<tungstenite::Error> for Error {

@@ -32,6 +32,7 @@ mod client;
 mod connection;
 mod error;
 mod http;
+pub mod store;
 
 pub use client::{Client, Session};
 pub use connection::{ConnectOptions, Connection, Event, Events};
