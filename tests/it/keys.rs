@@ -2,11 +2,13 @@
 //! under many parallel claims, the last-resort key follows, and devices are told to replenish.
 
 use crate::support::{register, Device};
+use parley_crypto::identity::DeviceIdentity;
 use parley_crypto::KeyPair;
+use rand::rngs::OsRng;
 use parley_sdk::spec::error::DeviceRef;
 use parley_sdk::spec::v1::keys::{
     ClaimRequest, DeviceKeys, DeviceListEntry, OneTimePrekey, SignedDeviceList, SignedPrekey, UploadKeysRequest,
-    DEVICE_KEYS_CONTEXT, DEVICE_LIST_CONTEXT, SIGNED_PREKEY_CONTEXT,
+    DEVICE_LIST_CONTEXT, SIGNED_PREKEY_CONTEXT,
 };
 use parley_sdk::{Api, ErrorCode, Event, Session};
 use parley_tests::TestServer;
@@ -18,20 +20,18 @@ struct Keys {
 }
 
 fn device_keys(session: &Session) -> Keys {
-    let signing = KeyPair::generate();
-    let mut device_keys = DeviceKeys::new(
-        session.user_id.clone(),
-        session.device_id.clone(),
-        signing.public().as_bytes().to_vec(),
-        rand::random::<[u8; 32]>().to_vec(),
-        vec![],
-    );
-    device_keys.signature.0 = signing.sign_object(DEVICE_KEYS_CONTEXT, &device_keys).unwrap().to_vec();
-    Keys { signing, device_keys }
+    let device = DeviceIdentity::generate(&mut OsRng);
+    let device_keys = device.device_keys(&session.user_id, &session.device_id);
+    Keys { signing: KeyPair::from_seed(&device.signing_key().seed()), device_keys }
+}
+
+/// A fresh, valid x25519 public key.
+fn x25519_public() -> Vec<u8> {
+    x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::random_from_rng(OsRng)).as_bytes().to_vec()
 }
 
 fn signed_prekey(signing: &KeyPair, key_id: u32) -> SignedPrekey {
-    let mut prekey = SignedPrekey::new(key_id, rand::random::<[u8; 32]>().to_vec(), vec![]);
+    let mut prekey = SignedPrekey::new(key_id, x25519_public(), vec![]);
     prekey.signature.0 = signing.sign_object(SIGNED_PREKEY_CONTEXT, &prekey).unwrap().to_vec();
     prekey
 }
@@ -50,7 +50,7 @@ async fn one_time_prekeys_are_claimed_at_most_once_under_parallel_claims() -> an
 
     // Prekeys before device keys, keys of another device, and bad signatures are refused.
     let mut early = UploadKeysRequest::default();
-    early.one_time_prekeys = vec![OneTimePrekey::new(1, vec![1; 32])];
+    early.one_time_prekeys = vec![OneTimePrekey::new(1, x25519_public())];
     assert_eq!(code(bob_api.upload_keys(&early).await), Some(ErrorCode::BadRequest));
     let mut foreign = UploadKeysRequest::default();
     foreign.device_keys = Some(keys.device_keys.clone());
@@ -65,7 +65,7 @@ async fn one_time_prekeys_are_claimed_at_most_once_under_parallel_claims() -> an
     upload.device_keys = Some(keys.device_keys.clone());
     upload.signed_prekey = Some(signed_prekey(&keys.signing, 1000));
     upload.last_resort_prekey = Some(signed_prekey(&keys.signing, 2000));
-    upload.one_time_prekeys = (1..=20).map(|id| OneTimePrekey::new(id, rand::random::<[u8; 32]>().to_vec())).collect();
+    upload.one_time_prekeys = (1..=20).map(|id| OneTimePrekey::new(id, x25519_public())).collect();
     assert_eq!(bob_api.upload_keys(&upload).await?.one_time_prekey_count, 20);
     // Uploading the same keys again is harmless; different device keys are refused.
     assert_eq!(bob_api.upload_keys(&upload).await?.one_time_prekey_count, 20);

@@ -10,12 +10,12 @@ use crate::error::{ApiError, ApiResult};
 use crate::storage::{KeyUpload, StoreError};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use parley_crypto::identity::{parse_x25519_public, verify_device_keys, verify_device_list, verify_signed_prekey};
 use parley_crypto::PublicKey;
 use parley_spec::error::DeviceRef;
 use parley_spec::v1::keys::{
     ClaimRequest, ClaimResponse, DeviceKeys, OneTimePrekey, PrekeyBundle, SignedDeviceList, SignedPrekey, UploadKeysRequest,
-    UploadKeysResponse, DEVICE_KEYS_CONTEXT, DEVICE_LIST_CONTEXT, MAX_CLAIM_DEVICES, MAX_ONE_TIME_PREKEYS_PER_UPLOAD,
-    SIGNED_PREKEY_CONTEXT,
+    UploadKeysResponse, MAX_CLAIM_DEVICES, MAX_ONE_TIME_PREKEYS_PER_UPLOAD,
 };
 use parley_spec::ErrorCode;
 
@@ -23,22 +23,13 @@ fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::BadRequest, message)
 }
 
-fn check_len(name: &str, bytes: &[u8], len: usize) -> ApiResult<()> {
-    if bytes.len() != len {
-        return Err(bad(format!("{name} must be {len} bytes")));
-    }
-    Ok(())
-}
-
+/// The verified signing key of a device's keys.
 fn signing_key(keys: &DeviceKeys) -> ApiResult<PublicKey> {
-    PublicKey::from_bytes(&keys.signing_key.0).map_err(|_| bad("signing_key is not an ed25519 public key"))
+    verify_device_keys(keys).map(|v| *v.device().signing_key()).map_err(|e| bad(format!("device keys: {e}")))
 }
 
 fn check_signed_prekey(name: &str, prekey: &SignedPrekey, signer: &PublicKey) -> ApiResult<()> {
-    check_len(name, &prekey.public_key.0, 32)?;
-    signer
-        .verify_object(SIGNED_PREKEY_CONTEXT, prekey, &prekey.signature.0)
-        .map_err(|_| bad(format!("{name} is not signed by the device's signing key")))
+    verify_signed_prekey(prekey, signer).map(drop).map_err(|e| bad(format!("{name}: {e}")))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> ApiResult<Vec<u8>> {
@@ -64,11 +55,7 @@ pub async fn upload_keys(
             if keys.user_id != auth.user_id || keys.device_id != auth.device_id {
                 return Err(ApiError::new(ErrorCode::Forbidden, "a device can only upload its own keys"));
             }
-            check_len("identity_key", &keys.identity_key.0, 32)?;
-            let signer = signing_key(keys)?;
-            signer
-                .verify_object(DEVICE_KEYS_CONTEXT, keys, &keys.signature.0)
-                .map_err(|_| bad("device keys are not self-signed"))?;
+            signing_key(keys)?;
             Some(keys.clone())
         }
         None => match state.store.stored_device_keys(auth.device_pk).await? {
@@ -92,7 +79,7 @@ pub async fn upload_keys(
         check_signed_prekey("last_resort_prekey", prekey, &signer)?;
     }
     for prekey in &request.one_time_prekeys {
-        check_len("one-time prekey", &prekey.public_key.0, 32)?;
+        parse_x25519_public(&prekey.public_key.0, "one-time prekey").map_err(|e| bad(e.to_string()))?;
     }
     let upload = KeyUpload {
         device_keys: request.device_keys.as_ref().map(to_json).transpose()?,
@@ -118,17 +105,9 @@ pub async fn put_device_list(
     if list.user_id != auth.user_id {
         return Err(ApiError::new(ErrorCode::Forbidden, "a user can only publish its own device list"));
     }
-    if !list.devices.windows(2).all(|w| w[0].device_id < w[1].device_id) {
-        return Err(bad("devices must be sorted by device_id without duplicates"));
-    }
-    for entry in &list.devices {
-        check_len("signing_key", &entry.signing_key.0, 32)?;
-        check_len("identity_key", &entry.identity_key.0, 32)?;
-    }
-    let identity = PublicKey::from_bytes(&list.identity_key.0).map_err(|_| bad("identity_key is not an ed25519 public key"))?;
-    identity
-        .verify_object(DEVICE_LIST_CONTEXT, &list, &list.signature.0)
-        .map_err(|_| bad("the device list is not signed by identity_key"))?;
+    // Signature, sorting and keys. Rollback is checked against the stored version below;
+    // identity changes are for clients to judge.
+    verify_device_list(&list, &auth.user_id, None, None).map_err(|e| bad(format!("device list: {e}")))?;
     match state.store.put_device_list(auth.user_pk, list.version, &to_json(&list)?).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
         Err(StoreError::Conflict) => Err(ApiError::new(ErrorCode::BadRequest, "version must be greater than the published one")),
