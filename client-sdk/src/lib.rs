@@ -32,6 +32,7 @@ mod client;
 mod connection;
 mod error;
 mod http;
+pub mod messenger;
 pub mod store;
 
 pub use client::{Client, Session};

@@ -4,7 +4,6 @@
 use crate::support::{register, Device};
 use parley_crypto::identity::DeviceIdentity;
 use parley_crypto::KeyPair;
-use rand::rngs::OsRng;
 use parley_sdk::spec::error::DeviceRef;
 use parley_sdk::spec::v1::keys::{
     ClaimRequest, DeviceKeys, DeviceListEntry, OneTimePrekey, SignedDeviceList, SignedPrekey, UploadKeysRequest,
@@ -12,6 +11,7 @@ use parley_sdk::spec::v1::keys::{
 };
 use parley_sdk::{Api, ErrorCode, Event, Session};
 use parley_tests::TestServer;
+use rand::rngs::OsRng;
 use std::collections::BTreeSet;
 
 struct Keys {

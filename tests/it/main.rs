@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod delivery;
+mod e2ee;
 mod keys;
 mod ops;
 mod presence;

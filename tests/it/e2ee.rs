@@ -1,0 +1,275 @@
+//! End-to-end encryption through a real server: devices chat, histories agree, an offline
+//! device catches up, the server holds no plaintext, and a malicious server is detected.
+
+use anyhow::{bail, Context as _};
+use parley_sdk::messenger::{Messenger, MessengerEvent, MessengerEvents};
+use parley_sdk::UserId;
+use parley_tests::TestServer;
+use std::path::Path;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+const PASSWORD: &str = "correct horse";
+
+/// Waits for an event `pick` accepts, skipping others.
+async fn next<T>(events: &mut MessengerEvents, mut pick: impl FnMut(MessengerEvent) -> Option<T>) -> anyhow::Result<T> {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.next()).await.context("timed out waiting for a messenger event")?;
+        let Some(event) = event else { bail!("messenger stopped") };
+        if let Some(found) = pick(event) {
+            return Ok(found);
+        }
+    }
+}
+
+async fn next_text(events: &mut MessengerEvents) -> anyhow::Result<(String, String)> {
+    next(events, |e| match e {
+        MessengerEvent::Message(m) => Some((m.sender, m.body)),
+        _ => None,
+    })
+    .await
+}
+
+struct Account {
+    messenger: Messenger,
+    events: MessengerEvents,
+}
+
+async fn register(server: &TestServer, dir: &Path, name: &str) -> anyhow::Result<(Account, zeroize::Zeroizing<[u8; 32]>)> {
+    let (messenger, events, recovery) =
+        Messenger::register(&server.base_url, &dir.join(format!("{name}-1.db")), name, PASSWORD).await?;
+    Ok((Account { messenger, events }, recovery))
+}
+
+async fn add_device(server: &TestServer, dir: &Path, name: &str, recovery: &[u8; 32]) -> anyhow::Result<Account> {
+    let (messenger, events) =
+        Messenger::add_device(&server.base_url, &dir.join(format!("{name}-2.db")), name, PASSWORD, recovery).await?;
+    Ok(Account { messenger, events })
+}
+
+fn user(account: &Account) -> UserId {
+    account.messenger.session().user_id.clone()
+}
+
+#[tokio::test]
+async fn two_users_with_two_devices_chat_end_to_end_and_the_server_sees_no_plaintext() -> anyhow::Result<()> {
+    let server = TestServer::start_with("[log]\nfilter = \"debug\"\n").await?;
+    let dir = tempfile::tempdir()?;
+    let (mut a1, alice_recovery) = register(&server, dir.path(), "alice").await?;
+    let (mut b1, bob_recovery) = register(&server, dir.path(), "bob").await?;
+    let mut a2 = add_device(&server, dir.path(), "alice", &alice_recovery).await?;
+    let mut b2 = add_device(&server, dir.path(), "bob", &bob_recovery).await?;
+    let (alice, bob) = (user(&a1), user(&b1));
+
+    let secrets = ["the eagle lands at midnight", "bring the blue folder", "réponse: oui 👍", "last one from a2"];
+    a1.messenger.send_text(&bob, secrets[0]).await?;
+    for device in [&mut b1, &mut b2, &mut a2] {
+        assert_eq!(next_text(&mut device.events).await?, (alice.to_string(), secrets[0].to_owned()));
+    }
+    b2.messenger.send_text(&alice, secrets[1]).await?;
+    for device in [&mut a1, &mut a2, &mut b1] {
+        assert_eq!(next_text(&mut device.events).await?, (bob.to_string(), secrets[1].to_owned()));
+    }
+    b1.messenger.send_text(&alice, secrets[2]).await?;
+    for device in [&mut a1, &mut a2, &mut b2] {
+        assert_eq!(next_text(&mut device.events).await?.1, secrets[2]);
+    }
+    a2.messenger.send_text(&bob, secrets[3]).await?;
+    for device in [&mut a1, &mut b1, &mut b2] {
+        assert_eq!(next_text(&mut device.events).await?.1, secrets[3]);
+    }
+
+    // Every device shows the same conversation, in the same order.
+    let history = |account: &Account, peer: &UserId| {
+        let store = account.messenger.store().clone();
+        let peer = peer.to_string();
+        async move {
+            let messages = store.history(&peer, 100).await?;
+            anyhow::Ok(messages.into_iter().map(|m| (m.sender, m.client_msg_id, m.body)).collect::<Vec<_>>())
+        }
+    };
+    let reference = history(&a1, &bob).await?;
+    assert_eq!(reference.len(), 4);
+    assert_eq!(history(&a2, &bob).await?, reference);
+    assert_eq!(history(&b1, &alice).await?, reference);
+    assert_eq!(history(&b2, &alice).await?, reference);
+
+    // The server's database (and its write-ahead log) and its logs hold none of the plaintexts.
+    let mut raw = Vec::new();
+    for entry in std::fs::read_dir(server.data_dir())? {
+        let path = entry?.path();
+        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("parley.db")) {
+            raw.extend(std::fs::read(&path)?);
+        }
+    }
+    assert!(raw.len() > 10_000, "read the database files");
+    let logs = server.logs();
+    for secret in secrets {
+        assert!(!contains(&raw, secret.as_bytes()), "plaintext {secret:?} found in the server database");
+        assert!(!logs.contains(secret), "plaintext {secret:?} found in the server log");
+    }
+    Ok(())
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn a_device_offline_for_500_messages_catches_up_decrypted() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let (a1, _) = register(&server, dir.path(), "alice").await?;
+    let (mut b1, _) = register(&server, dir.path(), "bob").await?;
+    let bob = user(&b1);
+    // A first message establishes the session, then bob goes offline.
+    a1.messenger.send_text(&bob, "hello").await?;
+    assert_eq!(next_text(&mut b1.events).await?.1, "hello");
+    b1.messenger.close().await;
+    drop(b1);
+    for i in 0..500 {
+        a1.messenger.send_text(&bob, &format!("message {i}")).await?;
+    }
+    let (messenger, mut events) = Messenger::open(&dir.path().join("bob-1.db")).await?;
+    for i in 0..500 {
+        assert_eq!(next_text(&mut events).await?.1, format!("message {i}"));
+    }
+    assert_eq!(messenger.store().history(user(&a1).as_str(), 1000).await?.len(), 501);
+    Ok(())
+}
+
+/// Opens the server's database to play a malicious server.
+async fn server_db(server: &TestServer) -> anyhow::Result<sqlx::SqlitePool> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(server.data_dir().join("parley.db"))
+        .busy_timeout(Duration::from_secs(10));
+    Ok(sqlx::SqlitePool::connect_with(options).await?)
+}
+
+/// Stops the server (SIGTERM), lets `tamper` edit its database as a malicious server would,
+/// and starts it again (its caches start empty); connected SDKs reconnect by themselves.
+async fn tamper<F, Fut>(server: &mut TestServer, tamper: F) -> anyhow::Result<()>
+where
+    F: FnOnce(sqlx::SqlitePool) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    server.stop().await?;
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(server.data_dir().join("parley.db"));
+    let db = sqlx::SqlitePool::connect_with(options).await?;
+    tamper(db.clone()).await?;
+    db.close().await;
+    server.restart().await
+}
+
+async fn list_json(db: &sqlx::SqlitePool, localpart: &str) -> anyhow::Result<Vec<u8>> {
+    Ok(sqlx::query_scalar("SELECT l.json FROM device_lists l JOIN users u ON u.id = l.user_id WHERE u.localpart = ?")
+        .bind(localpart)
+        .fetch_one(db)
+        .await?)
+}
+
+async fn set_list(db: &sqlx::SqlitePool, localpart: &str, version: i64, json: &[u8]) -> anyhow::Result<()> {
+    sqlx::query("UPDATE device_lists SET version = ?, json = ? WHERE user_id = (SELECT id FROM users WHERE localpart = ?)")
+        .bind(version)
+        .bind(json)
+        .bind(localpart)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+fn is_untrusted(error: &parley_sdk::messenger::MessengerError) -> bool {
+    matches!(error, parley_sdk::messenger::MessengerError::Untrusted { .. })
+}
+
+#[tokio::test]
+async fn a_server_that_replays_an_old_device_list_is_detected() -> anyhow::Result<()> {
+    let mut server = TestServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let (mut a1, _) = register(&server, dir.path(), "alice").await?;
+    let (mut b1, bob_recovery) = register(&server, dir.path(), "bob").await?;
+    let bob = user(&b1);
+    let db = server_db(&server).await?;
+    let list_v1 = list_json(&db, "bob").await?;
+    db.close().await;
+    // Bob adds a device (v2) and alice learns it.
+    let mut b2 = add_device(&server, dir.path(), "bob", &bob_recovery).await?;
+    a1.messenger.send_text(&bob, "hello both").await?;
+    assert_eq!(next_text(&mut b1.events).await?.1, "hello both");
+    assert_eq!(next_text(&mut b2.events).await?.1, "hello both");
+    // The server replays v1 (hiding the device list change): a rollback.
+    tamper(&mut server, |db| async move { set_list(&db, "bob", 1, &list_v1).await }).await?;
+    let error = a1.messenger.refresh_devices(&bob).await.expect_err("a replayed list is refused");
+    assert!(is_untrusted(&error) && error.to_string().contains("older than version 2"), "{error}");
+    next(&mut a1.events, |e| matches!(e, MessengerEvent::Untrusted { .. }).then_some(())).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_server_that_injects_a_device_gets_no_message_for_it() -> anyhow::Result<()> {
+    let mut server = TestServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let (a1, _) = register(&server, dir.path(), "alice").await?;
+    let (mut c1, _) = register(&server, dir.path(), "carol").await?;
+    let carol = user(&c1);
+    a1.messenger.send_text(&carol, "hi carol").await?;
+    assert_eq!(next_text(&mut c1.events).await?.1, "hi carol");
+    // The server adds a device to carol's account and to her device list (it cannot sign it).
+    tamper(&mut server, |db| async move {
+        let mut list: serde_json::Value = serde_json::from_slice(&list_json(&db, "carol").await?)?;
+        let mut evil = list["devices"][0].clone();
+        evil["device_id"] = serde_json::json!("ZZZZEVIL");
+        list["devices"].as_array_mut().context("devices")?.push(evil);
+        list["version"] = serde_json::json!(2);
+        set_list(&db, "carol", 2, &serde_json::to_vec(&list)?).await?;
+        sqlx::query(
+            "INSERT INTO devices (user_id, device_id, token_hash, created_ts) SELECT id, 'ZZZZEVIL', x'00', 0 FROM users WHERE localpart = 'carol'",
+        )
+        .execute(&db)
+        .await?;
+        Ok(())
+    })
+    .await?;
+    // The server now insists on an envelope for its device; alice refreshes, the forged list
+    // fails verification, and the message is held back.
+    let error = a1.messenger.send_text(&carol, "secret for carol only").await.expect_err("nothing for the injected device");
+    assert!(is_untrusted(&error), "{error}");
+    let db = server_db(&server).await?;
+    let injected: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM inbox WHERE device = (SELECT id FROM devices WHERE device_id = 'ZZZZEVIL')")
+            .fetch_one(&db)
+            .await?;
+    assert_eq!(injected, 0, "no ciphertext was made for the injected device");
+    assert_eq!(a1.messenger.store().outbox().await?.len(), 1, "the message waits in the outbox");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_server_that_swaps_a_prekey_bundle_is_detected() -> anyhow::Result<()> {
+    let mut server = TestServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let (a1, _) = register(&server, dir.path(), "alice").await?;
+    let (_d1, _) = register(&server, dir.path(), "dave").await?;
+    let dave = "@dave:localhost".parse::<UserId>()?;
+    // The server replaces dave's device keys with keys it made up (self-signed, but not the
+    // keys dave's signed device list names).
+    tamper(&mut server, |db| async move {
+        let forged = parley_crypto::identity::DeviceIdentity::generate(&mut rand::rngs::OsRng);
+        let (device, device_id): (i64, String) =
+            sqlx::query_as("SELECT d.id, d.device_id FROM devices d JOIN users u ON u.id = d.user_id WHERE u.localpart = 'dave'")
+                .fetch_one(&db)
+                .await?;
+        let keys = forged.device_keys(&"@dave:localhost".parse()?, &device_id.parse()?);
+        sqlx::query("UPDATE device_keys SET json = ? WHERE device = ?")
+            .bind(serde_json::to_vec(&keys)?)
+            .bind(device)
+            .execute(&db)
+            .await?;
+        Ok(())
+    })
+    .await?;
+    let error = a1.messenger.send_text(&dave, "for dave").await.expect_err("a swapped bundle is refused");
+    assert!(is_untrusted(&error) && error.to_string().contains("prekey bundle"), "{error}");
+    Ok(())
+}
