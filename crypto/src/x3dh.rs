@@ -31,8 +31,7 @@
 //!
 //! `SK` and `AD` feed the Double Ratchet in [`crate::ratchet`].
 
-use crate::signing::{KeyPair, PublicKey as SigningPublicKey, SignatureError};
-use base64::Engine as _;
+use crate::signing::{KeyPair, PublicKey as SigningPublicKey};
 use parley_spec::v1::keys::{PrekeyBundle, SignedPrekey, SIGNED_PREKEY_CONTEXT};
 use rand::{CryptoRng, RngCore};
 use sha2::Sha256;
@@ -381,22 +380,17 @@ fn is_canonical_u(bytes: &[u8; KEY_LEN]) -> bool {
 }
 
 /// The bytes a [`SignedPrekey`] signature covers: `SIGNED_PREKEY_CONTEXT ||
-/// canonical_json({"key_id": key_id, "public_key": base64(public_key)})` (standard base64 with
-/// padding, as [`parley_spec::Base64Bytes`] serializes).
+/// canonical_json({"key_id": key_id, "public_key": base64(public_key)})`, i.e. the shared
+/// object-signature rule of [`crate::signing::object_signing_bytes`].
 pub fn signed_prekey_payload(key_id: u32, public_key: &[u8]) -> Vec<u8> {
-    let unsigned = serde_json::json!({
-        "key_id": key_id,
-        "public_key": base64::engine::general_purpose::STANDARD.encode(public_key),
-    });
-    let json = crate::canonical::canonical_json(&unsigned).expect("an integer and a string always have a canonical encoding");
-    let mut out = Vec::with_capacity(SIGNED_PREKEY_CONTEXT.len() + json.len());
-    out.extend_from_slice(SIGNED_PREKEY_CONTEXT);
-    out.extend_from_slice(&json);
-    out
+    let unsigned = SignedPrekey::new(key_id, public_key.to_vec(), Vec::new());
+    crate::signing::object_signing_bytes(SIGNED_PREKEY_CONTEXT, &unsigned)
+        .expect("an integer and a string always have a canonical encoding") // invariant: no floats
 }
 
 /// Signs an X25519 prekey with the device's ed25519 signing key (for a signed or last-resort
-/// prekey upload).
+/// prekey upload). [`crate::identity::DeviceIdentity::sign_prekey`] is the same for a device
+/// identity.
 pub fn sign_prekey(signing_key: &KeyPair, key_id: u32, public_key: &X25519PublicKey) -> SignedPrekey {
     let signature = signing_key.sign_bytes(&signed_prekey_payload(key_id, public_key.as_bytes()));
     SignedPrekey::new(key_id, public_key.as_bytes().to_vec(), signature.to_vec())
@@ -408,18 +402,17 @@ pub fn verify_signed_prekey(signing_key: &SigningPublicKey, prekey: &SignedPreke
     verify_prekey(signing_key, prekey, "signed prekey")
 }
 
+/// [`crate::identity::verify_signed_prekey`], with this module's errors.
 fn verify_prekey(
     signing_key: &SigningPublicKey,
     prekey: &SignedPrekey,
     what: &'static str,
 ) -> Result<X25519PublicKey, X3dhError> {
-    let public = x25519_public_key(&prekey.public_key.0, what)?;
-    signing_key.verify_bytes(&signed_prekey_payload(prekey.key_id, &prekey.public_key.0), &prekey.signature.0).map_err(|e| {
-        match e {
-            SignatureError::Canonical(_) | SignatureError::Malformed | SignatureError::Invalid => X3dhError::BadSignature(what),
-        }
-    })?;
-    Ok(public)
+    crate::identity::verify_signed_prekey(prekey, signing_key).map_err(|e| match e {
+        crate::identity::IdentityError::BadSignature => X3dhError::BadSignature(what),
+        crate::identity::IdentityError::Malformed(field) if field.contains("signature") => X3dhError::BadSignature(what),
+        crate::identity::IdentityError::Malformed(_) => X3dhError::MalformedKey(what),
+    })
 }
 
 /// The initiator's half: checks `bundle` (sizes, prekey signatures), makes an ephemeral key and
@@ -521,6 +514,7 @@ fn take32(bytes: &[u8]) -> [u8; KEY_LEN] {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use base64::Engine as _;
     use parley_spec::v1::keys::{DeviceKeys, OneTimePrekey};
     use parley_spec::{DeviceId, UserId};
     use rand::SeedableRng as _;
