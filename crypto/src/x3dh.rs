@@ -1,7 +1,7 @@
 //! X3DH key agreement over Curve25519, as specified by Signal: *The X3DH Key Agreement
 //! Protocol*, revision 1, Marlinspike & Perrin, 2016 (<https://signal.org/docs/specifications/x3dh/>).
 //!
-//! Parley's parameters (spec section 2.1): curve X25519, hash SHA-256, info `"Parley X3DH v1"`,
+//! Parley's parameters (`spec/e2ee.md`, section 4): curve X25519, hash SHA-256, info `"Parley X3DH v1"`,
 //! and `Encode(PK)` is the raw 32-byte little-endian u-coordinate (the curve is fixed by the
 //! protocol version, so there is no curve-type byte).
 //!

@@ -43,10 +43,13 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownToken, "the sending account no longer exists"))?;
 
-    // Expected targets: every device of the recipient and every other device of the sender.
+    // Expected targets: every device of the recipient and every other device of the sender
+    // (never the sending device itself, also for a note to self).
     let mut expected: BTreeMap<DeviceRef, i64> = BTreeMap::new();
     for (pk, id) in &recipient.devices {
-        expected.insert(DeviceRef::new(recipient.user_id.clone(), id.clone()), *pk);
+        if *pk != auth.device_pk {
+            expected.insert(DeviceRef::new(recipient.user_id.clone(), id.clone()), *pk);
+        }
     }
     for (pk, id) in &sender.devices {
         if *pk != auth.device_pk {

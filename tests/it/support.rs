@@ -92,7 +92,10 @@ pub async fn envelopes(sender: &Session, to: &UserId, body: &[u8]) -> anyhow::Re
     let api = Api::new(sender)?;
     let mut out = Vec::new();
     for device in api.user_devices(to).await?.devices {
-        out.push(Envelope::new(to.clone(), device, body.to_vec()));
+        // Never the sending device itself (also for a note to self).
+        if !(to == &sender.user_id && device == sender.device_id) {
+            out.push(Envelope::new(to.clone(), device, body.to_vec()));
+        }
     }
     if to != &sender.user_id {
         for device in api.user_devices(&sender.user_id).await?.devices {

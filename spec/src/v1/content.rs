@@ -18,8 +18,8 @@ pub enum Content {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct TextContent {
-    /// The sender's id for this message (the same `client_msg_id` as the envelope), so every
-    /// device names it the same way before the server assigns an id.
+    /// The sender's id for this message (the `client_msg_id` of the `SendRequest` that carried
+    /// it), so every device names it the same way, also before the server assigns an id.
     pub client_msg_id: Uuid,
     /// The conversation's other party as the sender sees it (lets the sender's own devices file
     /// the copy under the right conversation).

@@ -241,12 +241,20 @@ pub const MAX_CLAIM_DEVICES: usize = 100;
 
 /// POST /v1/keys/upload
 #[utoipa::path(post, path = "/v1/keys/upload", tag = "keys", security(("bearer" = [])), request_body = UploadKeysRequest,
-    responses((status = 200, body = UploadKeysResponse), (status = 400, description = "`bad_request` (bad sizes or signatures, keys of another device)", body = ErrorBody)))]
+    responses(
+        (status = 200, body = UploadKeysResponse),
+        (status = 400, description = "`bad_request`: bad sizes, keys or signatures; prekeys before device keys", body = ErrorBody),
+        (status = 403, description = "`forbidden`: keys of another device, or changing device keys", body = ErrorBody),
+    ))]
 pub fn upload_keys() {}
 
 /// PUT /v1/keys/device-list
 #[utoipa::path(put, path = "/v1/keys/device-list", tag = "keys", security(("bearer" = [])), request_body = SignedDeviceList,
-    responses((status = 204, description = "Stored"), (status = 409, description = "`bad_request`: version not newer", body = ErrorBody)))]
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "`bad_request`: badly signed, unsorted, or version not newer", body = ErrorBody),
+        (status = 403, description = "`forbidden`: another user's list", body = ErrorBody),
+    ))]
 pub fn put_device_list() {}
 
 /// GET /v1/users/{user_id}/device-list

@@ -127,11 +127,15 @@ fn main() {
     let started = Instant::now();
     for _ in 0..n {
         for device in &devices {
-            let initiated = x3dh::initiate(&mut OsRng, alice.identity_secret(), &device.bundle, PrekeyPolicy::AllowThreeDh).expect("x3dh");
+            let initiated =
+                x3dh::initiate(&mut OsRng, alice.identity_secret(), &device.bundle, PrekeyPolicy::AllowThreeDh).expect("x3dh");
             let mut session = Session::initiate(&mut OsRng, initiated).expect("initiate");
             black_box(session.encrypt(&mut OsRng, &message).expect("encrypt"));
         }
     }
     let per = started.elapsed() / n;
-    println!("| fan-out to 10 devices with new sessions (X3DH, no signature checks) | {:.0} µs per message |", per.as_secs_f64() * 1e6);
+    println!(
+        "| fan-out to 10 devices with new sessions (X3DH, no signature checks) | {:.0} µs per message |",
+        per.as_secs_f64() * 1e6
+    );
 }
