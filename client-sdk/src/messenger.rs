@@ -36,7 +36,7 @@ use rand::rngs::OsRng;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, watch, Mutex};
 use uuid::Uuid;
 use x25519_dalek::StaticSecret;
 use zeroize::Zeroizing;
@@ -146,6 +146,20 @@ struct Inner {
     events: mpsc::UnboundedSender<MessengerEvent>,
     /// Serializes everything that touches ratchet state, prekeys and the outbox.
     lock: Mutex<()>,
+    /// Whether the backlog of the current connection has been processed (see
+    /// [`Messenger::caught_up`]).
+    sync: watch::Sender<SyncState>,
+}
+
+/// Where the receiving side stands, for [`Messenger::caught_up`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncState {
+    /// Connecting, or delivering the backlog.
+    Syncing,
+    /// The backlog is processed; what follows is live.
+    CaughtUp,
+    /// The connection is closed for good.
+    Stopped,
 }
 
 /// The stream of [`MessengerEvent`]s.
@@ -241,6 +255,7 @@ impl Messenger {
             identity,
             events: tx,
             lock: Mutex::new(()),
+            sync: watch::channel(SyncState::Syncing).0,
         });
         let messenger = Self { inner };
         tokio::spawn(messenger.clone().receive(events));
@@ -315,6 +330,19 @@ impl Messenger {
             }
         }
         outcome
+    }
+
+    /// Waits until the backlog is processed: every event that was waiting on the server when
+    /// the connection was (re)established has been received and handled (messages decrypted
+    /// and stored in history, receipts recorded). Returns at once when that is already the
+    /// case. Fails with [`Error::Closed`] if the connection stops for good first.
+    pub async fn caught_up(&self) -> Result<(), MessengerError> {
+        let mut state = self.inner.sync.subscribe();
+        let reached = state.wait_for(|s| *s != SyncState::Syncing).await.map(|s| *s);
+        match reached {
+            Ok(SyncState::CaughtUp) => Ok(()),
+            _ => Err(Error::Closed.into()),
+        }
     }
 
     /// Fetches and verifies `user`'s device list now (for example when a contact is opened or
@@ -475,6 +503,11 @@ impl Messenger {
 
     async fn receive(self, mut events: Events) {
         while let Some(event) = events.next().await {
+            let sync = match &event {
+                Event::Connected { .. } | Event::Disconnected { .. } => Some(SyncState::Syncing),
+                Event::CaughtUp { .. } => Some(SyncState::CaughtUp),
+                _ => None,
+            };
             let result = match event {
                 Event::Message(message) => self.on_message(message).await,
                 Event::Receipt(receipt) => self.on_receipt(receipt).await,
@@ -497,7 +530,11 @@ impl Messenger {
             if let Err(error) = self.inner.store.set("cursor", cursor.as_bytes()).await {
                 tracing::warn!(%error, "cursor not saved");
             }
+            if let Some(state) = sync {
+                self.inner.sync.send_replace(state);
+            }
         }
+        self.inner.sync.send_replace(SyncState::Stopped);
     }
 
     async fn on_message(&self, message: MessageEvent) -> Result<(), MessengerError> {

@@ -2,6 +2,7 @@
 //! `parley_tests::TestServer`). All compile into this one binary.
 
 mod bad_input;
+mod cli;
 mod delivery;
 mod e2ee;
 mod keys;

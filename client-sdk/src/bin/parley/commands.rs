@@ -1,0 +1,764 @@
+//! The commands. Those that need the device's connection (`register`, `login`, `send`,
+//! `history`, `chat`, `verify`) lock the profile, open a [`Messenger`] and close it cleanly at
+//! the end, so that everything the server already handed over is decrypted and stored before
+//! the process exits. The others (`devices`, `presence`, `whoami`) only read the stored session
+//! and make HTTP requests.
+
+use crate::output::{format_ts, grouped_hex, hex, indent_body, parse_secret, terminal_safe, Out};
+use crate::profile::{Profile, ProfileLock};
+use crate::{fail, one_line, report, DEFAULT_SERVER};
+use anyhow::Context as _;
+use parley_crypto::safety::safety_number;
+use parley_crypto::PublicKey;
+use parley_sdk::messenger::{Messenger, MessengerError, MessengerEvent, MessengerEvents};
+use parley_sdk::store::StoredMessage;
+use parley_sdk::{Api, ErrorCode, PresenceStatus, Session, UserId};
+use serde_json::json;
+use std::collections::HashSet;
+use std::future::Future;
+use std::io::IsTerminal as _;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
+use tokio::time::Instant;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+/// What every command gets: the output, the options, the profile.
+pub struct Ctx {
+    /// Where results go.
+    pub out: Out,
+    /// `--server`, if given.
+    pub server: Option<String>,
+    /// The selected profile.
+    pub profile: Profile,
+    /// How long to wait for the server.
+    pub timeout: Duration,
+}
+
+impl Ctx {
+    /// The server for a new profile.
+    fn new_server(&self) -> &str {
+        self.server.as_deref().unwrap_or(DEFAULT_SERVER)
+    }
+
+    /// Refuses an explicit `--server` that is not the profile's.
+    fn check_server(&self, session: &Session) -> anyhow::Result<()> {
+        match &self.server {
+            Some(given) if !same_server(given, &session.base_url) => Err(fail(
+                "server_mismatch",
+                format!(
+                    "profile {:?} belongs to {}, not {given}: leave out --server, or choose another profile with --profile",
+                    self.profile.name(),
+                    session.base_url
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The stored session and an HTTP handle for it.
+    async fn api(&self) -> anyhow::Result<(Session, Api)> {
+        let session = self.profile.session().await?;
+        self.check_server(&session)?;
+        let api = Api::new(&session)?;
+        Ok((session, api))
+    }
+
+    /// Locks the profile and connects its device.
+    async fn connect(&self) -> anyhow::Result<Device> {
+        let lock = self.profile.lock().await?;
+        let session = self.profile.session().await?;
+        self.check_server(&session)?;
+        let (messenger, events) = self
+            .within(&format!("connecting to {}", session.base_url), Messenger::open(&self.profile.store_path()))
+            .await?
+            .with_context(|| format!("cannot connect to {}", session.base_url))?;
+        Ok(Device { messenger, events, _lock: lock })
+    }
+
+    /// `future`, or a `timeout` failure after `--timeout`.
+    async fn within<T>(&self, what: &str, future: impl Future<Output = T>) -> anyhow::Result<T> {
+        tokio::time::timeout(self.timeout, future)
+            .await
+            .map_err(|_| fail("timeout", format!("{what}: no answer within {} s", self.timeout.as_secs())))
+    }
+}
+
+/// A connected device, holding the profile lock.
+struct Device {
+    messenger: Messenger,
+    events: MessengerEvents,
+    _lock: ProfileLock,
+}
+
+impl Device {
+    fn me(&self) -> &UserId {
+        &self.messenger.session().user_id
+    }
+
+    /// Closes the connection, then lets the messenger finish handling what the server already
+    /// handed over (it is acknowledged, so it must reach the store now), for at most `limit`.
+    /// `on_event` sees the events still to come.
+    async fn close(self, limit: Duration, mut on_event: impl FnMut(MessengerEvent)) {
+        let Device { messenger, mut events, _lock } = self;
+        let finished = tokio::time::timeout(limit, async move {
+            messenger.close().await;
+            // The stream ends once every handle is gone: ours now, the messenger's own when
+            // it has handled its last event.
+            drop(messenger);
+            while let Some(event) = events.next().await {
+                on_event(event);
+            }
+        })
+        .await;
+        if finished.is_err() {
+            eprintln!("warning: the connection did not shut down within {} s", limit.as_secs());
+        }
+    }
+}
+
+/// `parley register`.
+pub async fn register(ctx: &Ctx, username: &str, password: Option<String>) -> anyhow::Result<()> {
+    let password = read_password(password).await?;
+    let lock = ctx.profile.create().await?;
+    let server = ctx.new_server();
+    let (messenger, events, recovery) = ctx
+        .within("registering", Messenger::register(server, &ctx.profile.store_path(), username, &password))
+        .await?
+        .with_context(|| format!("cannot register {username:?} on {server}"))?;
+    let device = Device { messenger, events, _lock: lock };
+    let session = device.messenger.session().clone();
+    let secret = hex(recovery.as_slice());
+    ctx.out.record(
+        json!({ "user_id": session.user_id, "device_id": session.device_id, "recovery_secret": secret.as_str() }),
+        || {
+            format!(
+                "Registered {} on {} (device {}, profile {:?}).\n\n\
+                 RECOVERY SECRET - write it down now and keep it somewhere safe. It is shown only\n\
+                 this once and is the only way to add another device to this account\n\
+                 (parley login {} --recovery \"SECRET\"):\n\n    {}\n",
+                session.user_id,
+                session.base_url,
+                session.device_id,
+                ctx.profile.name(),
+                session.user_id.localpart(),
+                grouped_hex(recovery.as_slice()).as_str(),
+            )
+        },
+    );
+    device.close(ctx.timeout, |_| {}).await;
+    Ok(())
+}
+
+/// `parley login`.
+pub async fn login(ctx: &Ctx, username: &str, recovery: &str, password: Option<String>) -> anyhow::Result<()> {
+    let recovery = parse_secret(recovery).map_err(|m| fail("usage", m))?;
+    let password = read_password(password).await?;
+    let lock = ctx.profile.create().await?;
+    let server = ctx.new_server();
+    let added = ctx
+        .within("signing in", Messenger::add_device(server, &ctx.profile.store_path(), username, &password, &recovery))
+        .await?;
+    let (messenger, events) = added.map_err(|e| {
+        let hint = if matches!(e, MessengerError::Untrusted { .. }) {
+            format!("cannot add a device to {username:?}: the recovery secret does not match the account's identity")
+        } else {
+            format!("cannot sign in as {username:?} on {server}")
+        };
+        anyhow::Error::new(e).context(hint)
+    })?;
+    let device = Device { messenger, events, _lock: lock };
+    let session = device.messenger.session().clone();
+    ctx.out.record(json!({ "user_id": session.user_id, "device_id": session.device_id }), || {
+        format!(
+            "Signed in as {} on {}; profile {:?} is its new device {}.",
+            session.user_id,
+            session.base_url,
+            ctx.profile.name(),
+            session.device_id
+        )
+    });
+    device.close(ctx.timeout, |_| {}).await;
+    Ok(())
+}
+
+/// `parley send`.
+pub async fn send(ctx: &Ctx, user: &str, text: Vec<String>) -> anyhow::Result<()> {
+    let body = if text.is_empty() { read_body().await? } else { text.join(" ") };
+    if body.trim().is_empty() {
+        return Err(fail("usage", "the message is empty"));
+    }
+    let mut device = ctx.connect().await?;
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        let to = parse_user(user, device.me())?;
+        // What arrived while away goes into the history before the new message.
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        ensure_known(ctx, &device.messenger, &to).await?;
+        let sent = send_one(ctx, &device.messenger, &mut device.events, &to, &body, &mut |e| watcher.handle(e)).await?;
+        Ok((to, sent))
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let (to, (client_msg_id, server_msg_id)) = result?;
+    ctx.out.record(json!({ "client_msg_id": client_msg_id, "server_msg_id": server_msg_id }), || format!("Sent to {to}."));
+    Ok(())
+}
+
+/// `parley history`.
+pub async fn history(ctx: &Ctx, user: &str, limit: u32) -> anyhow::Result<()> {
+    let device = ctx.connect().await?;
+    let me = device.me().clone();
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        let peer = parse_user(user, &me)?;
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        let messages = device.messenger.store().history(peer.as_str(), limit).await?;
+        let queued = outbox_ids(&device.messenger).await?;
+        Ok((peer, messages, queued))
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let (peer, messages, queued) = result?;
+    if messages.is_empty() {
+        ctx.out.note(&format!("No messages with {peer} yet."));
+    }
+    for message in &messages {
+        let queued = queued.contains(&message.client_msg_id);
+        ctx.out.record(message_json(message, &me, queued), || message_line(message, &me, queued));
+    }
+    Ok(())
+}
+
+/// `parley chat`.
+pub async fn chat(ctx: &Ctx, user: &str, last: u32) -> anyhow::Result<()> {
+    let mut device = ctx.connect().await?;
+    let me = device.me().clone();
+    let peer = match parse_user(user, &me) {
+        Ok(peer) => peer,
+        Err(e) => {
+            device.close(ctx.timeout, |_| {}).await;
+            return Err(e);
+        }
+    };
+    let mut watcher = Watcher::chat(ctx.out.clone(), device.messenger.clone(), peer.clone());
+    let result = chat_loop(ctx, &mut device, &peer, last, &mut watcher).await;
+    // The messenger stops only once every handle on it is gone.
+    watcher.release();
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    result
+}
+
+async fn chat_loop(ctx: &Ctx, device: &mut Device, peer: &UserId, last: u32, watcher: &mut Watcher) -> anyhow::Result<()> {
+    let me = device.me().clone();
+    ensure_known(ctx, &device.messenger, peer).await?;
+    ctx.out.note(&format!("Chatting with {peer} as {me}. Type a message and press Enter; /quit or Ctrl-D leaves."));
+    // First the backlog, so the earlier messages shown include what arrived while away. What
+    // it delivered is in the store: take it off the event stream without showing it.
+    if let Err(error) =
+        ctx.within("fetching new messages", device.messenger.caught_up()).await.and_then(|r| r.map_err(Into::into))
+    {
+        eprintln!("warning: {}", one_line(&error));
+    }
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::ZERO, device.events.next()).await {
+        watcher.handle_quietly(event);
+    }
+    if last > 0 {
+        let queued = outbox_ids(&device.messenger).await?;
+        for message in device.messenger.store().history(peer.as_str(), last).await? {
+            let queued = queued.contains(&message.client_msg_id);
+            watcher.show_stored(&message, queued);
+        }
+    }
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            event = device.events.next() => match event {
+                Some(event) => watcher.handle(event),
+                None => return Err(fail("disconnected", "the connection closed")),
+            },
+            line = lines.next_line() => {
+                let Some(line) = line.context("cannot read stdin")? else { break };
+                let text = line.trim_end_matches('\r');
+                if text.trim() == "/quit" {
+                    break;
+                }
+                if text.trim().is_empty() {
+                    continue;
+                }
+                let Device { messenger, events, .. } = &mut *device;
+                match send_one(ctx, messenger, events, peer, text, &mut |e| watcher.handle(e)).await {
+                    Ok((client_msg_id, server_msg_id)) => ctx.out.json_only(
+                        json!({ "event": "sent", "client_msg_id": client_msg_id, "server_msg_id": server_msg_id }),
+                    ),
+                    Err(error) => report(&ctx.out, &error),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `parley devices`.
+pub async fn devices(ctx: &Ctx) -> anyhow::Result<()> {
+    let (session, api) = ctx.api().await?;
+    let list = ctx.within("listing devices", api.devices()).await?.context("cannot list the devices")?;
+    for device in list.devices {
+        let current = device.device_id == session.device_id;
+        ctx.out.record(
+            json!({
+                "device_id": device.device_id,
+                "display_name": device.display_name,
+                "created_ts": device.created_ts,
+                "last_seen_ts": device.last_seen_ts,
+                "current": current,
+            }),
+            || {
+                let mut line = device.device_id.to_string();
+                if let Some(name) = &device.display_name {
+                    line.push_str(&format!(" ({})", terminal_safe(name)));
+                }
+                line.push_str(&format!("  added {} UTC", format_ts(device.created_ts as i64)));
+                match device.last_seen_ts {
+                    Some(ts) => line.push_str(&format!(", last seen {} UTC", format_ts(ts as i64))),
+                    None => line.push_str(", never connected"),
+                }
+                if current {
+                    line.push_str("  <- this device");
+                }
+                line
+            },
+        );
+    }
+    Ok(())
+}
+
+/// `parley verify`.
+pub async fn verify(ctx: &Ctx, user: &str) -> anyhow::Result<()> {
+    let device = ctx.connect().await?;
+    let me = device.me().clone();
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        let peer = parse_user(user, &me)?;
+        if peer == me {
+            return Err(fail("usage", "verify compares your identity with someone else's (all your devices share one identity)"));
+        }
+        ctx.within("fetching keys", device.messenger.refresh_devices(&peer)).await?.map_err(|e| peer_error(&peer, e))?;
+        let (_, key, _) = device
+            .messenger
+            .store()
+            .device_list(peer.as_str())
+            .await?
+            .ok_or_else(|| fail("profile", format!("no verified device list of {peer} in the profile")))?;
+        let key =
+            PublicKey::from_bytes(&key).map_err(|_| fail("profile", format!("the stored identity key of {peer} is damaged")))?;
+        let number = safety_number(&me, &device.messenger.identity_key(), &peer, &key);
+        Ok((peer, number))
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let (peer, number) = result?;
+    ctx.out.record(
+        json!({ "user_id": me, "peer": peer, "safety_number": number.digits(), "display": number.to_string() }),
+        || {
+            let blocks: Vec<&str> = number.blocks().collect();
+            let rows: Vec<String> = blocks.chunks(4).map(|row| format!("    {}", row.join(" "))).collect();
+            format!(
+                "Safety number of {me} and {peer}:\n\n{}\n\n\
+                 Compare it with the one {peer} sees, in person or over a channel you trust.\n\
+                 If both match, nobody is in the middle of your conversation.",
+                rows.join("\n")
+            )
+        },
+    );
+    Ok(())
+}
+
+/// `parley presence`.
+pub async fn presence(ctx: &Ctx, user: &str) -> anyhow::Result<()> {
+    let (session, api) = ctx.api().await?;
+    let peer = parse_user(user, &session.user_id)?;
+    let contacts = ctx
+        .within("subscribing", api.subscribe_presence(vec![peer.clone()]))
+        .await?
+        .with_context(|| format!("cannot subscribe to the presence of {peer}"))?;
+    let info = match contacts.presence.into_iter().find(|p| p.user == peer) {
+        Some(info) => info,
+        None => ctx
+            .within("fetching presence", api.presence(&peer))
+            .await?
+            .with_context(|| format!("cannot get the presence of {peer}"))?,
+    };
+    ctx.out.record(serde_json::to_value(&info)?, || {
+        let last_seen = info.last_seen_ts.map(|ts| format!(" (last seen {} UTC)", format_ts(ts as i64))).unwrap_or_default();
+        match info.status {
+            PresenceStatus::Online => format!("{peer} is online."),
+            PresenceStatus::Offline => format!("{peer} is offline{last_seen}."),
+            PresenceStatus::Hidden => format!("{peer} does not share their presence with you."),
+        }
+    });
+    Ok(())
+}
+
+/// `parley whoami`.
+pub async fn whoami(ctx: &Ctx) -> anyhow::Result<()> {
+    let session = ctx.profile.session().await?;
+    ctx.out.record(
+        json!({
+            "user_id": session.user_id,
+            "device_id": session.device_id,
+            "server": session.base_url,
+            "profile": ctx.profile.name(),
+            "profile_dir": ctx.profile.dir(),
+        }),
+        || {
+            format!(
+                "{} (device {}) on {}\nprofile {:?} in {}",
+                session.user_id,
+                session.device_id,
+                session.base_url,
+                ctx.profile.name(),
+                ctx.profile.dir().display()
+            )
+        },
+    );
+    Ok(())
+}
+
+/// Sends `body` to `to` and waits (up to `--timeout`) for the server to store it; other events
+/// go to `others`. A message that failed for good is taken out of the outbox (the user was
+/// told it was not sent); one that failed for a passing reason stays queued for the next
+/// connection.
+async fn send_one(
+    ctx: &Ctx,
+    messenger: &Messenger,
+    events: &mut MessengerEvents,
+    to: &UserId,
+    body: &str,
+    others: &mut dyn FnMut(MessengerEvent),
+) -> anyhow::Result<(Uuid, u64)> {
+    let deadline = Instant::now() + ctx.timeout;
+    let queued = || {
+        format!(
+            "no answer from the server within {} s; the message stays queued and goes out the next time this profile connects",
+            ctx.timeout.as_secs()
+        )
+    };
+    let before: HashSet<String> = messenger.store().outbox().await?.into_iter().map(|e| e.client_msg_id).collect();
+    let client_msg_id = match tokio::time::timeout_at(deadline, messenger.send_text(to, body)).await {
+        Err(_) => return Err(fail("timeout", queued())),
+        Ok(Ok(id)) => id,
+        Ok(Err(error)) => {
+            if matches!(&error, MessengerError::Sdk(e) if e.is_transient()) {
+                return Err(anyhow::Error::new(error)
+                    .context("not sent yet; the message stays queued and goes out the next time this profile connects"));
+            }
+            for entry in messenger.store().outbox().await? {
+                if !before.contains(&entry.client_msg_id) && entry.to == to.as_str() && entry.body == body {
+                    messenger.store().dequeue(&entry.client_msg_id).await?;
+                }
+            }
+            return Err(anyhow::Error::new(error).context(format!("not sent to {to}")));
+        }
+    };
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => return Err(fail("timeout", queued())),
+            Ok(None) => return Err(fail("disconnected", "the connection closed before the server answered")),
+            Ok(Some(MessengerEvent::Sent { client_msg_id: id, server_msg_id })) if id == client_msg_id => {
+                return Ok((client_msg_id, server_msg_id))
+            }
+            Ok(Some(other)) => others(other),
+        }
+    }
+}
+
+/// Makes sure `user` exists and has a verified device list before anything is queued for
+/// them (a message to a user who does not exist would otherwise wait in the outbox forever).
+async fn ensure_known(ctx: &Ctx, messenger: &Messenger, user: &UserId) -> anyhow::Result<()> {
+    if messenger.store().device_list(user.as_str()).await?.is_some() {
+        return Ok(());
+    }
+    ctx.within("fetching keys", messenger.refresh_devices(user)).await?.map_err(|e| peer_error(user, e))?;
+    Ok(())
+}
+
+/// Explains a failure to get `user`'s keys.
+fn peer_error(user: &UserId, error: MessengerError) -> anyhow::Error {
+    let code = match &error {
+        MessengerError::Sdk(e) => e.server_code(),
+        _ => None,
+    };
+    let context = match code {
+        Some(ErrorCode::UnknownUser) => format!("no such user: {user}"),
+        Some(ErrorCode::NotFound) => format!("{user} has not set up end-to-end encryption"),
+        _ => format!("cannot get the keys of {user}"),
+    };
+    anyhow::Error::new(error).context(context)
+}
+
+/// Parses a user argument: `@name:server`, or `name` for a user of the own server.
+fn parse_user(text: &str, me: &UserId) -> anyhow::Result<UserId> {
+    let text = text.trim();
+    let full = if text.starts_with('@') || text.contains(':') { text.to_owned() } else { format!("@{text}:{}", me.server()) };
+    UserId::parse(&full).map_err(|e| fail("usage", format!("{text:?} is not a user ({e}); expected @name:server or a name")))
+}
+
+/// Whether two server URLs name the same server.
+fn same_server(a: &str, b: &str) -> bool {
+    match (url::Url::parse(a), url::Url::parse(b)) {
+        (Ok(a), Ok(b)) => a.as_str().trim_end_matches('/') == b.as_str().trim_end_matches('/'),
+        _ => a.trim_end_matches('/') == b.trim_end_matches('/'),
+    }
+}
+
+/// The ids of the messages waiting in the outbox.
+async fn outbox_ids(messenger: &Messenger) -> anyhow::Result<HashSet<String>> {
+    Ok(messenger.store().outbox().await?.into_iter().map(|e| e.client_msg_id).collect())
+}
+
+/// How far one of our messages got (`None` for someone else's): `queued` (waiting in the
+/// outbox), `failed` (never stored by the server), `sent`, `delivered` or `read`.
+fn status(message: &StoredMessage, me: &UserId, queued: bool) -> Option<&'static str> {
+    if message.sender != me.as_str() {
+        return None;
+    }
+    Some(match (message.server_msg_id, message.delivered, message.read) {
+        (None, ..) if queued => "queued",
+        (None, ..) => "failed",
+        (Some(_), _, true) => "read",
+        (Some(_), true, false) => "delivered",
+        (Some(_), false, false) => "sent",
+    })
+}
+
+/// A stored message as JSON.
+fn message_json(message: &StoredMessage, me: &UserId, queued: bool) -> serde_json::Value {
+    json!({
+        "peer": message.peer,
+        "sender": message.sender,
+        "sender_device": message.sender_device,
+        "outgoing": message.sender == me.as_str(),
+        "body": message.body,
+        "ts": message.ts,
+        "client_msg_id": message.client_msg_id,
+        "server_msg_id": message.server_msg_id,
+        "delivered": message.delivered,
+        "read": message.read,
+        "status": status(message, me, queued),
+    })
+}
+
+/// A stored message for people: time, sender, text, and for our own messages how far it got.
+fn message_line(message: &StoredMessage, me: &UserId, queued: bool) -> String {
+    let status = status(message, me, queued);
+    let who = if status.is_some() { "you".to_owned() } else { terminal_safe(&message.sender) };
+    let status = status.map(|s| format!("  [{s}]")).unwrap_or_default();
+    let prefix = format!("{}  {who}: ", format_ts(message.ts));
+    format!("{prefix}{}{status}", indent_body(&message.body, prefix.chars().count()))
+}
+
+/// Handles the messenger's events while a command runs: warnings always (on stderr), and in
+/// `chat` the conversation's messages and receipts.
+struct Watcher {
+    out: Out,
+    chat: Option<ChatView>,
+}
+
+/// What `chat` needs to show a conversation live.
+struct ChatView {
+    /// For read receipts; `None` once the chat is closing.
+    messenger: Option<Messenger>,
+    me: UserId,
+    peer: UserId,
+    /// Messages already shown from the store, by (sender, client_msg_id).
+    shown: HashSet<(String, String)>,
+}
+
+impl Watcher {
+    /// Warnings only.
+    fn quiet(out: Out) -> Self {
+        Self { out, chat: None }
+    }
+
+    /// Shows the conversation with `peer` and marks its messages read.
+    fn chat(out: Out, messenger: Messenger, peer: UserId) -> Self {
+        let me = messenger.session().user_id.clone();
+        Self { out, chat: Some(ChatView { messenger: Some(messenger), me, peer, shown: HashSet::new() }) }
+    }
+
+    /// Lets go of the messenger (so that it can stop); no more read receipts are sent.
+    fn release(&mut self) {
+        if let Some(chat) = &mut self.chat {
+            chat.messenger = None;
+        }
+    }
+
+    /// Shows a message from the store (the lead-in of `chat`).
+    fn show_stored(&mut self, message: &StoredMessage, queued: bool) {
+        if let Some(chat) = &mut self.chat {
+            chat.shown.insert((message.sender.clone(), message.client_msg_id.clone()));
+            let me = &chat.me;
+            let mut value = message_json(message, me, queued);
+            value["event"] = json!("message");
+            self.out.record(value, || message_line(message, me, queued));
+        }
+    }
+
+    /// An event whose messages are in the store already and are not to be shown.
+    fn handle_quietly(&mut self, event: MessengerEvent) {
+        if !matches!(event, MessengerEvent::Message(_)) {
+            self.handle(event);
+        }
+    }
+
+    fn handle(&mut self, event: MessengerEvent) {
+        match event {
+            MessengerEvent::Untrusted { user, reason } => {
+                eprintln!("warning: the keys of {user} cannot be trusted: {}", terminal_safe(&reason));
+                self.event(json!({ "event": "untrusted", "user": user, "reason": reason }));
+            }
+            MessengerEvent::Undecryptable { sender, device, reason } => {
+                eprintln!(
+                    "warning: a message from {sender} (device {device}) could not be decrypted: {}",
+                    terminal_safe(&reason)
+                );
+                self.event(json!({ "event": "undecryptable", "sender": sender, "device": device, "reason": reason }));
+            }
+            other => self.show(other),
+        }
+    }
+
+    /// A JSON-only event line, in `chat`.
+    fn event(&self, value: serde_json::Value) {
+        if self.chat.is_some() {
+            self.out.json_only(value);
+        }
+    }
+
+    fn show(&mut self, event: MessengerEvent) {
+        let Some(chat) = &mut self.chat else { return };
+        let me = chat.me.clone();
+        match event {
+            MessengerEvent::Message(message) if message.peer == chat.peer.as_str() => {
+                if chat.shown.remove(&(message.sender.clone(), message.client_msg_id.clone())) {
+                    return;
+                }
+                let mut value = message_json(&message, &me, false);
+                value["event"] = json!("message");
+                self.out.record(value, || message_line(&message, &me, false));
+                if message.sender != me.as_str() {
+                    if let (Some(id), Some(messenger)) = (message.server_msg_id, &chat.messenger) {
+                        let (messenger, peer) = (messenger.clone(), chat.peer.clone());
+                        tokio::spawn(async move {
+                            let _ = messenger.mark_read(&peer, vec![id]).await;
+                        });
+                    }
+                }
+            }
+            MessengerEvent::Message(message) => {
+                self.out.note(&format!("(new message from {}: parley chat {0})", terminal_safe(&message.peer)));
+            }
+            MessengerEvent::Sent { client_msg_id, server_msg_id } => {
+                self.event(json!({ "event": "sent", "client_msg_id": client_msg_id, "server_msg_id": server_msg_id }));
+            }
+            MessengerEvent::Delivered { by, message_ids } if by == chat.peer => {
+                self.event(json!({ "event": "delivered", "by": by, "message_ids": message_ids }));
+            }
+            MessengerEvent::Read { by, message_ids } if by == chat.peer => {
+                self.event(json!({ "event": "read", "by": by, "message_ids": message_ids }));
+            }
+            MessengerEvent::DevicesChanged { user, added, removed } if user == chat.peer || user == me => {
+                self.out.record(json!({ "event": "devices_changed", "user": user, "added": added, "removed": removed }), || {
+                    format!("({user} now has {} new and {} removed device(s))", added.len(), removed.len())
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The password: `given`, or the first line of stdin (not echoed when stdin is a terminal).
+async fn read_password(given: Option<String>) -> anyhow::Result<Zeroizing<String>> {
+    let password = match given {
+        Some(password) => Zeroizing::new(password),
+        None => {
+            let terminal = std::io::stdin().is_terminal();
+            let echo = if terminal {
+                eprint!("Password: ");
+                EchoOff::new()
+            } else {
+                None
+            };
+            let mut line = Zeroizing::new(String::new());
+            let mut stdin = BufReader::new(tokio::io::stdin());
+            let read = tokio::select! {
+                read = stdin.read_line(&mut line) => read.map(|_| ()),
+                _ = tokio::signal::ctrl_c() => Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted")),
+            };
+            drop(echo);
+            if terminal {
+                eprintln!();
+            }
+            read.context("cannot read the password from stdin")?;
+            Zeroizing::new(line.trim_end_matches(['\n', '\r']).to_owned())
+        }
+    };
+    if password.is_empty() {
+        return Err(fail("usage", "empty password: give it on the first line of stdin, with --password or with PARLEY_PASSWORD"));
+    }
+    Ok(password)
+}
+
+/// Terminal echo switched off (with `stty`) while it lives.
+struct EchoOff;
+
+impl EchoOff {
+    /// Switches echo off; `None` when that is not possible (the password then shows).
+    fn new() -> Option<Self> {
+        let ok = std::process::Command::new("stty")
+            .arg("-echo")
+            .stdin(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Self)
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("stty").arg("echo").stdin(std::process::Stdio::inherit()).status();
+    }
+}
+
+/// A message body from stdin (for `parley send USER` without text).
+async fn read_body() -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        eprintln!("Type the message, then press Ctrl-D:");
+    }
+    let mut body = String::new();
+    tokio::io::stdin().read_to_string(&mut body).await.context("cannot read the message from stdin")?;
+    Ok(body.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_arguments() {
+        let me = UserId::parse("@alice:example.org").unwrap();
+        assert_eq!(parse_user("bob", &me).unwrap().as_str(), "@bob:example.org");
+        assert_eq!(parse_user("@bob:other.net", &me).unwrap().as_str(), "@bob:other.net");
+        assert!(parse_user("Bob!", &me).is_err());
+        assert!(parse_user("bob:other.net", &me).is_err());
+    }
+
+    #[test]
+    fn servers_compare_as_urls() {
+        assert!(same_server("http://127.0.0.1:8008", "http://127.0.0.1:8008/"));
+        assert!(same_server("HTTP://Example.org", "http://example.org"));
+        assert!(!same_server("http://127.0.0.1:8008", "http://127.0.0.1:8009"));
+    }
+}
