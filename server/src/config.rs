@@ -90,6 +90,8 @@ pub struct LimitsConfig {
     pub ws_write_buffer_bytes: usize,
     /// A device is told to upload more one-time prekeys when fewer than this are left.
     pub prekey_low_watermark: u32,
+    /// Events sent to a connection but not yet acknowledged; beyond it delivery pauses until an `ack`.
+    pub max_unacked_events: usize,
 }
 
 impl LimitsConfig {
@@ -217,6 +219,7 @@ impl Default for LimitsConfig {
             ws_read_buffer_bytes: 4096,
             ws_write_buffer_bytes: 4096,
             prekey_low_watermark: 20,
+            max_unacked_events: 4096,
         }
     }
 }
@@ -291,7 +294,11 @@ impl Config {
         if self.presence.heartbeat_timeout_ms <= self.presence.heartbeat_interval_ms {
             return bad("presence.heartbeat_timeout_ms must be greater than heartbeat_interval_ms");
         }
-        if self.limits.max_devices_per_user == 0 || self.limits.max_envelope_bytes == 0 || self.limits.sync_page == 0 {
+        if self.limits.max_devices_per_user == 0
+            || self.limits.max_envelope_bytes == 0
+            || self.limits.sync_page == 0
+            || self.limits.max_unacked_events == 0
+        {
             return bad("limits must be positive");
         }
         if self.storage.max_batch == 0 || self.storage.writer_queue == 0 {

@@ -27,9 +27,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-/// Most events sent but not yet acknowledged; beyond it the server waits for an `ack`.
-pub const MAX_UNACKED: usize = 4096;
-
 /// Close codes.
 mod close {
     pub const GOING_AWAY: u16 = 1001;
@@ -110,6 +107,10 @@ struct Conn {
     pending: VecDeque<(u64, Option<Origin>)>,
     /// Live events were skipped; read the inbox before sending more.
     behind: bool,
+    /// `caught_up` was sent (once the backlog was fully delivered).
+    caught_up_sent: bool,
+    /// Most events sent but not yet acknowledged; beyond it the server waits for an `ack`.
+    max_unacked: usize,
     last_activity: Instant,
 }
 
@@ -131,6 +132,8 @@ async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSo
         cursor: since,
         pending: VecDeque::new(),
         behind: false,
+        caught_up_sent: false,
+        max_unacked: state.config.limits.max_unacked_events,
         last_activity: Instant::now(),
     };
     let stop = conn.run(&mut rx, &registration.lagged).await;
@@ -195,10 +198,13 @@ impl Conn {
             if lagged.swap(false, Ordering::AcqRel) {
                 self.behind = true;
             }
-            if self.behind && self.pending.len() < MAX_UNACKED {
+            if self.behind && self.pending.len() < self.max_unacked {
                 if let Err(stop) = self.catch_up().await {
                     return stop;
                 }
+            }
+            if let Err(stop) = self.announce_caught_up().await {
+                return stop;
             }
         }
     }
@@ -228,6 +234,16 @@ impl Conn {
             self.send_frame(&ServerFrame::PrekeysLow(PrekeysLowFrame::new(prekeys))).await?;
         }
         self.catch_up().await?;
+        self.announce_caught_up().await
+    }
+
+    /// Sends `caught_up` once, when the backlog has been delivered completely (a full
+    /// unacknowledged window pauses it until the client acknowledges).
+    async fn announce_caught_up(&mut self) -> Result<(), Stop> {
+        if self.caught_up_sent || self.behind {
+            return Ok(());
+        }
+        self.caught_up_sent = true;
         self.send_frame(&ServerFrame::CaughtUp(CaughtUpFrame::new(self.cursor))).await
     }
 
@@ -236,7 +252,7 @@ impl Conn {
     async fn catch_up(&mut self) -> Result<(), Stop> {
         let page = self.state.config.limits.sync_page;
         loop {
-            let room = (MAX_UNACKED - self.pending.len()).min(page as usize) as u32;
+            let room = (self.max_unacked.saturating_sub(self.pending.len())).min(page as usize) as u32;
             if room == 0 {
                 self.behind = true;
                 return Ok(());
@@ -281,7 +297,7 @@ impl Conn {
                 if row.seq <= self.cursor {
                     return Ok(());
                 }
-                if self.behind || row.seq != self.cursor + 1 || self.pending.len() >= MAX_UNACKED {
+                if self.behind || row.seq != self.cursor + 1 || self.pending.len() >= self.max_unacked {
                     self.behind = true;
                     return Ok(());
                 }

@@ -224,3 +224,33 @@ async fn sigkill_during_a_stream_loses_nothing_that_was_sent_and_duplicates_noth
     assert!(received.windows(2).all(|w| w[0] < w[1]), "in order");
     Ok(())
 }
+
+#[tokio::test]
+async fn caught_up_comes_after_the_whole_backlog_even_beyond_the_unacknowledged_window() -> anyhow::Result<()> {
+    // A window of 10 unacknowledged events and a backlog of 35.
+    let server = TestServer::start_with("[limits]\nmax_unacked_events = 10\n").await?;
+    let base = &server.base_url;
+    let alice = register(base, "alice").await?;
+    let bob = register(base, "bob").await?;
+    let a1 = Device::connect(&alice).await?;
+    let envelopes = envelopes(&alice, &bob.user_id, b"").await?;
+    let mut ids = Vec::new();
+    for i in 0..35 {
+        let mut envelopes = envelopes.clone();
+        for e in &mut envelopes {
+            e.ciphertext.0 = format!("m{i}").into_bytes();
+        }
+        ids.push(a1.conn.send(bob.user_id.clone(), envelopes).await?.server_msg_id);
+    }
+    // Device::connect returns at caught_up; the SDK acknowledges as it goes, so the server can
+    // deliver past the window. Every message must already be in the backlog buffer then.
+    let mut b1 = Device::connect_with(&bob, ConnectOptions { ack_batch: 5, ..ConnectOptions::default() }).await?;
+    let mut received = Vec::new();
+    while let Some(event) = b1.try_next() {
+        if let Event::Message(m) = event {
+            received.push(m.id);
+        }
+    }
+    assert_eq!(received, ids, "caught_up arrived only after all 35 messages");
+    Ok(())
+}
