@@ -33,6 +33,7 @@ use parley_spec::v1::keys::{ClaimRequest, OneTimePrekey, SignedDeviceList, Uploa
 use parley_spec::v1::messages::{Envelope, SendRequest};
 use parley_spec::{DeviceId, ErrorCode, UserId};
 use rand::rngs::OsRng;
+use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -91,6 +92,13 @@ pub enum MessengerEvent {
         user: UserId,
         /// What was wrong.
         reason: String,
+    },
+    /// An outbox message was refused for good by the server and removed from the outbox.
+    SendFailed {
+        /// Its id.
+        client_msg_id: Uuid,
+        /// The server's error code.
+        code: ErrorCode,
     },
     /// A ciphertext could not be decrypted (tampered, replayed, or from an unknown session).
     Undecryptable {
@@ -208,8 +216,16 @@ impl Messenger {
         let device = DeviceIdentity::generate(&mut OsRng);
         let api = Api::new(&session)?;
         let current = api.device_list(&session.user_id).await?;
-        let verified = verify_device_list(&current, &session.user_id, Some(&identity.public()), None)
-            .map_err(|e| MessengerError::Untrusted { user: session.user_id.clone(), reason: e.to_string() })?;
+        let verified = match verify_device_list(&current, &session.user_id, Some(&identity.public()), None) {
+            Ok(verified) => verified,
+            Err(e) => {
+                // A wrong recovery secret: remove the device the login just created.
+                if let Err(error) = api.logout().await {
+                    tracing::warn!(%error, "could not remove the half-added device");
+                }
+                return Err(MessengerError::Untrusted { user: session.user_id.clone(), reason: e.to_string() });
+            }
+        };
         let mut entries: Vec<_> = verified.devices().iter().map(VerifiedDevice::to_entry).collect();
         entries.push(device.list_entry(&session.device_id));
         let store = Store::open(path).await?;
@@ -244,7 +260,8 @@ impl Messenger {
             Some(bytes) => std::str::from_utf8(&bytes).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
             None => 0,
         };
-        let (conn, events) = Connection::open(&session, ConnectOptions::since(since)).await?;
+        let (conn, events) =
+            Connection::open(&session, ConnectOptions { since, manual_ack: true, ..ConnectOptions::default() }).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             store,
@@ -326,6 +343,11 @@ impl Messenger {
                         outcome = Err(e);
                     }
                 }
+                Err(MessengerError::Sdk(e)) if e.server_code().is_some_and(is_permanent) => {
+                    if report == Some(entry.client_msg_id.as_str()) {
+                        outcome = Err(MessengerError::Sdk(e));
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -343,6 +365,25 @@ impl Messenger {
             Ok(SyncState::CaughtUp) => Ok(()),
             _ => Err(Error::Closed.into()),
         }
+    }
+
+    /// Accepts `user`'s new identity key after a [`MessengerEvent::Untrusted`] about a changed
+    /// identity (compare safety numbers first): forgets the pinned key and device list, and
+    /// pins what the server serves now.
+    pub async fn trust_new_identity(&self, user: &UserId) -> Result<Vec<DeviceId>, MessengerError> {
+        self.inner.store.forget_device_list(user.as_str()).await?;
+        self.refresh_devices(user).await
+    }
+
+    /// The safety number of this user and `user`, from the verified (pinned) identity keys.
+    pub async fn safety_number(&self, user: &UserId) -> Result<parley_crypto::safety::SafetyNumber, MessengerError> {
+        let list = self.device_list(user, false).await?;
+        Ok(parley_crypto::safety::safety_number(
+            &self.inner.session.user_id,
+            &self.inner.identity.public(),
+            user,
+            list.identity_key(),
+        ))
     }
 
     /// Fetches and verifies `user`'s device list now (for example when a contact is opened or
@@ -371,13 +412,18 @@ impl Messenger {
                     return Ok(());
                 }
                 Err(e) if e.server_code() == Some(ErrorCode::DevicesMismatch) => refresh = true,
+                Err(e) if e.server_code().is_some_and(is_permanent) => {
+                    // The server will never take it (unknown user, too large, ...): drop it from
+                    // the outbox so it does not hold back later messages.
+                    self.inner.store.dequeue(&entry.client_msg_id).await?;
+                    let code = e.server_code().unwrap_or(ErrorCode::Internal);
+                    self.emit(MessengerEvent::SendFailed { client_msg_id, code });
+                    return Err(e.into());
+                }
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(MessengerError::Untrusted {
-            user: to,
-            reason: "the server's device list keeps differing from the signed device lists".into(),
-        })
+        Err(self.untrusted(&to, "the server's device list keeps differing from the signed device lists".into()))
     }
 
     /// One envelope per device of `to` and per other own device, from verified device lists.
@@ -400,12 +446,17 @@ impl Messenger {
         let mut sessions: BTreeMap<(String, String), Ratchet> = BTreeMap::new();
         let mut missing = Vec::new();
         for (user, device, _) in &targets {
-            match self.inner.store.session(user.as_str(), device.device_id().as_str()).await? {
-                Some(bytes) => {
-                    sessions
-                        .insert((user.to_string(), device.device_id().to_string()), Ratchet::from_bytes(&bytes).map_err(crypto)?);
+            let stored = match self.inner.store.session(user.as_str(), device.device_id().as_str()).await? {
+                Some(bytes) => Some(Ratchet::from_bytes(&bytes).map_err(crypto)?),
+                None => None,
+            };
+            match stored {
+                // A session is used only while the device still has the identity key it was
+                // made with (a device whose keys changed under the same id starts over).
+                Some(session) if session.remote_identity_key().as_bytes() == device.identity_key().as_bytes() => {
+                    sessions.insert((user.to_string(), device.device_id().to_string()), session);
                 }
-                None => missing.push(DeviceRef::new(user.clone(), device.device_id().clone())),
+                _ => missing.push(DeviceRef::new(user.clone(), device.device_id().clone())),
             }
         }
         if !missing.is_empty() {
@@ -502,6 +553,9 @@ impl Messenger {
     }
 
     async fn receive(self, mut events: Events) {
+        // Set when an event could not be processed (storage failed): from then on nothing is
+        // confirmed, so the server redelivers it after the next reconnect.
+        let mut failed = false;
         while let Some(event) = events.next().await {
             let sync = match &event {
                 Event::Connected { .. } | Event::Disconnected { .. } => Some(SyncState::Syncing),
@@ -512,7 +566,9 @@ impl Messenger {
                 Event::Message(message) => self.on_message(message).await,
                 Event::Receipt(receipt) => self.on_receipt(receipt).await,
                 Event::PrekeysLow { .. } => self.replenish().await,
+                Event::Checkpoint { seq } if !failed => self.checkpoint(seq).await,
                 Event::Connected { .. } => {
+                    failed = false;
                     let messenger = self.clone();
                     tokio::spawn(async move {
                         if let Err(error) = messenger.flush_outbox().await {
@@ -524,11 +580,8 @@ impl Messenger {
                 _ => Ok(()),
             };
             if let Err(error) = result {
-                tracing::warn!(%error, "event not processed");
-            }
-            let cursor = self.inner.conn.cursor().to_string();
-            if let Err(error) = self.inner.store.set("cursor", cursor.as_bytes()).await {
-                tracing::warn!(%error, "cursor not saved");
+                tracing::warn!(%error, "event not processed; it will be delivered again");
+                failed = true;
             }
             if let Some(state) = sync {
                 self.inner.sync.send_replace(state);
@@ -537,10 +590,22 @@ impl Messenger {
         self.inner.sync.send_replace(SyncState::Stopped);
     }
 
+    /// Everything up to `seq` is stored: remember the position, then let the server forget it.
+    async fn checkpoint(&self, seq: u64) -> Result<(), MessengerError> {
+        self.inner.store.set("cursor", seq.to_string().as_bytes()).await?;
+        self.inner.conn.confirm(seq);
+        Ok(())
+    }
+
     async fn on_message(&self, message: MessageEvent) -> Result<(), MessengerError> {
         let _guard = self.inner.lock.lock().await;
         let sender = message.sender.clone();
         let device = message.sender_device.clone();
+        // Delivered again (it was stored, but the acknowledgement did not reach the server):
+        // its message key is spent, and the history has it.
+        if self.inner.store.has_server_message(sender.as_str(), message.id).await? {
+            return Ok(());
+        }
         let plaintext = match self.decrypt(&message).await {
             Ok(plaintext) => plaintext,
             Err(e) => {
@@ -588,6 +653,12 @@ impl Messenger {
             }
         }
         let header = ratchet::initial_header(ciphertext).map_err(crypto)?.ok_or_else(|| crypto("no session with this device"))?;
+        // A first message is accepted once: a replay would otherwise rewind the session (for
+        // sessions on the last-resort prekey or without a one-time prekey, whose secrets stay).
+        let seen_key = format!("initial:{}", hex(&Sha256::digest(header.to_bytes())));
+        if self.inner.store.get(&seen_key).await?.is_some() {
+            return Err(crypto("replayed first message"));
+        }
         let prekeys = self.load_prekeys(&header).await?;
         let accepted = Ratchet::accept_initial(&prekeys, ciphertext).map_err(crypto)?;
         // The sender's identity key must be the one its verified device list names.
@@ -607,6 +678,7 @@ impl Messenger {
             self.inner.store.delete_prekey("one_time", id).await?;
         }
         self.inner.store.save_session(user, device, &accepted.session.to_bytes()).await?;
+        self.inner.store.set(&seen_key, b"1").await?;
         Ok(Zeroizing::new(accepted.plaintext))
     }
 
@@ -736,6 +808,15 @@ async fn new_one_time_prekeys(store: &Store, count: u32) -> Result<Vec<OneTimePr
     }
     store.set("next_prekey_id", (next + count).to_string().as_bytes()).await?;
     Ok(prekeys)
+}
+
+/// Errors after which re-sending the same request can never succeed.
+fn is_permanent(code: ErrorCode) -> bool {
+    !matches!(code, ErrorCode::RateLimited | ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::DevicesMismatch)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn now_ms() -> i64 {

@@ -12,7 +12,10 @@ use std::borrow::Cow;
 use std::path::Path;
 use zeroize::Zeroizing;
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "store", include_str!("../migrations/0001_store.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "store", include_str!("../migrations/0001_store.sql")),
+    (2, "server id index", include_str!("../migrations/0002_server_id_index.sql")),
+];
 
 /// A message in the history.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +197,12 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets a user's verified device list (the next fetch pins what the server serves).
+    pub async fn forget_device_list(&self, user: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM device_lists WHERE user_id = ?").bind(user).execute(&self.pool).await.map_err(store_error)?;
+        Ok(())
+    }
+
     /// Adds a message to the history; false if it was there already (same sender and id).
     pub async fn add_message(&self, message: &StoredMessage) -> Result<bool, Error> {
         let done = sqlx::query(
@@ -210,6 +219,18 @@ impl Store {
         .await
         .map_err(store_error)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Whether a message with this sender and server id is in the history already (a message
+    /// delivered again after a reconnect).
+    pub async fn has_server_message(&self, sender: &str, server_msg_id: u64) -> Result<bool, Error> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM messages WHERE sender = ? AND server_msg_id = ?")
+            .bind(sender)
+            .bind(server_msg_id as i64)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(found.is_some())
     }
 
     /// Records the server's id and time for one of our messages.

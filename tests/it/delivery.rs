@@ -254,3 +254,33 @@ async fn caught_up_comes_after_the_whole_backlog_even_beyond_the_unacknowledged_
     assert_eq!(received, ids, "caught_up arrived only after all 35 messages");
     Ok(())
 }
+
+#[tokio::test]
+async fn with_manual_acks_nothing_is_released_until_the_application_confirms() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let base = &server.base_url;
+    let alice = register(base, "alice").await?;
+    let bob = register(base, "bob").await?;
+    let mut a1 = Device::connect(&alice).await?;
+    let sent = a1.send_text(&bob.user_id, "keep me until stored").await?;
+    let manual = || ConnectOptions { manual_ack: true, ..ConnectOptions::default() };
+
+    // Received but never confirmed (the application "crashed" before storing it).
+    let mut b1 = Device::connect_with(&bob, manual()).await?;
+    assert_eq!(b1.next_message().await?.id, sent.server_msg_id);
+    let seq = b1.next(|e| if let Event::Checkpoint { seq } = e { Some(seq) } else { None }).await?;
+    b1.conn.close().await;
+
+    // A new connection from the start gets it again; this time it is confirmed.
+    let mut b1 = Device::connect_with(&bob, manual()).await?;
+    assert_eq!(b1.next_message().await?.id, sent.server_msg_id, "redelivered: it was never acknowledged");
+    b1.conn.confirm(seq);
+    // Confirmed means acknowledged: the delivered receipt (committed with the ack) reaches alice.
+    let receipt = a1.next_receipt(ReceiptKind::Delivered).await?;
+    assert_eq!(receipt.message_ids, vec![sent.server_msg_id]);
+    b1.conn.close().await;
+    // And the inbox entry is gone (default retention deletes acknowledged entries).
+    let replay = Api::new(&bob)?.sync(0, 0, None).await?;
+    assert!(replay.events.is_empty(), "released after the confirmation: {:?}", replay.events);
+    Ok(())
+}

@@ -79,6 +79,9 @@ async fn two_users_with_two_devices_chat_end_to_end_and_the_server_sees_no_plain
     for device in [&mut a1, &mut b1, &mut b2] {
         assert_eq!(next_text(&mut device.events).await?.1, secrets[3]);
     }
+    // A note to self reaches the other own device only.
+    a1.messenger.send_text(&alice, "note to self").await?;
+    assert_eq!(next_text(&mut a2.events).await?, (alice.to_string(), "note to self".to_owned()));
 
     // Every device shows the same conversation, in the same order.
     let history = |account: &Account, peer: &UserId| {
@@ -89,6 +92,7 @@ async fn two_users_with_two_devices_chat_end_to_end_and_the_server_sees_no_plain
             anyhow::Ok(messages.into_iter().map(|m| (m.sender, m.client_msg_id, m.body)).collect::<Vec<_>>())
         }
     };
+    assert_eq!(history(&a1, &alice).await?, history(&a2, &alice).await?, "both devices file the note under alice");
     let reference = history(&a1, &bob).await?;
     assert_eq!(reference.len(), 4);
     assert_eq!(history(&a2, &bob).await?, reference);
@@ -294,8 +298,10 @@ async fn tampered_replayed_and_truncated_ciphertexts_are_rejected() -> anyhow::R
         let device: i64 = sqlx::query_scalar("SELECT d.id FROM devices d JOIN users u ON u.id = d.user_id WHERE u.localpart = 'bob'")
             .fetch_one(&db)
             .await?;
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as("SELECT seq, payload FROM inbox WHERE device = ? ORDER BY seq").bind(device).fetch_all(&db).await?;
-        anyhow::ensure!(rows.len() == 4, "four queued messages, found {}", rows.len());
+        let all: Vec<(i64, Vec<u8>)> = sqlx::query_as("SELECT seq, payload FROM inbox WHERE device = ? ORDER BY seq").bind(device).fetch_all(&db).await?;
+        // The last four are "one".."four" (the first message may still be there, unacknowledged).
+        anyhow::ensure!(all.len() >= 4, "four queued messages, found {}", all.len());
+        let rows = &all[all.len() - 4..];
         let edit = |payload: &[u8], change: &dyn Fn(&mut Vec<u8>)| -> anyhow::Result<Vec<u8>> {
             use base64::Engine as _;
             let mut event: serde_json::Value = serde_json::from_slice(payload)?;
@@ -343,5 +349,21 @@ async fn tampered_replayed_and_truncated_ciphertexts_are_rejected() -> anyhow::R
     assert_eq!(texts, ["one", "four", "five"]);
     assert!(rejected >= 2, "the flipped and the truncated ones are rejected ({rejected})");
     assert_eq!(messenger.store().history(user(&a1).as_str(), 10).await?.len(), 4, "history: session start, one, four, five");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wrong_recovery_secret_adds_no_device() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let (a1, _) = register(&server, dir.path(), "alice").await?;
+    let wrong = [7u8; 32];
+    let error = Messenger::add_device(&server.base_url, &dir.path().join("alice-2.db"), "alice", PASSWORD, &wrong)
+        .await
+        .err()
+        .context("a wrong recovery secret is refused")?;
+    assert!(matches!(error, parley_sdk::messenger::MessengerError::Untrusted { .. }), "{error}");
+    let devices = parley_sdk::Api::new(a1.messenger.session())?.devices().await?;
+    assert_eq!(devices.devices.len(), 1, "the device created by the login was removed again");
     Ok(())
 }

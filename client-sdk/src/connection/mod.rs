@@ -53,6 +53,11 @@ pub struct ConnectOptions {
     /// re-sent any more, though it may already have been stored). Default: no timeout; sends
     /// wait across reconnects until answered.
     pub send_timeout: Option<Duration>,
+    /// Acknowledge only what the application confirmed with [`Connection::confirm`] (after
+    /// storing it), instead of what was handed to it. The stream then carries
+    /// [`Event::Checkpoint`]s, and a reconnect resumes from the last confirmed position, so
+    /// nothing is lost if the application stops between receiving and storing. Default false.
+    pub manual_ack: bool,
 }
 
 impl Default for ConnectOptions {
@@ -65,6 +70,7 @@ impl Default for ConnectOptions {
             ack_delay: Duration::from_millis(20),
             dedupe_window: 10_000,
             send_timeout: None,
+            manual_ack: false,
         }
     }
 }
@@ -101,6 +107,12 @@ pub enum Event {
     PrekeysLow {
         /// How many are left.
         one_time_prekey_count: u32,
+    },
+    /// With [`ConnectOptions::manual_ack`]: every event before this one is from inbox
+    /// positions up to `seq`; once they are stored, call [`Connection::confirm`] with it.
+    Checkpoint {
+        /// Inbox position.
+        seq: u64,
     },
     /// The WebSocket was lost; the task is reconnecting (unless the stream ends next, which
     /// means the server refused the token and the connection is closed for good).
@@ -199,6 +211,12 @@ impl Connection {
     /// Pass it as [`ConnectOptions::since`] to resume later.
     pub fn cursor(&self) -> u64 {
         self.shared.cursor.load(Ordering::Acquire)
+    }
+
+    /// With [`ConnectOptions::manual_ack`]: everything up to inbox position `seq` is stored by
+    /// the application and may be acknowledged (and deleted on the server).
+    pub fn confirm(&self, seq: u64) {
+        let _ = self.commands.send(Command::Confirm(seq));
     }
 
     /// Whether a WebSocket is up right now (false while reconnecting and after close).

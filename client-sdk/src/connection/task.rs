@@ -46,6 +46,8 @@ pub(crate) enum Command {
     Close {
         done: oneshot::Sender<()>,
     },
+    /// The application stored everything up to this position (manual acks).
+    Confirm(u64),
 }
 
 /// Why a phase ended.
@@ -96,6 +98,8 @@ pub(crate) struct Task {
     acks: AckTracker,
     backoff: Backoff,
     cursor: u64,
+    /// With manual acks: the position the application confirmed as stored.
+    confirmed: Option<u64>,
     ping_nonce: u64,
     /// Counts connections, to tell which one a send was written on.
     generation: u64,
@@ -122,6 +126,7 @@ impl Task {
             acks: AckTracker::new(opts.ack_batch, opts.ack_delay, opts.since),
             backoff: Backoff::new(opts.min_backoff, opts.max_backoff),
             cursor: opts.since,
+            confirmed: opts.manual_ack.then_some(opts.since),
             ping_nonce: 0,
             generation: 0,
         }
@@ -153,7 +158,7 @@ impl Task {
     async fn drive(&mut self, mut link: Link) -> Exit {
         self.generation += 1;
         self.backoff.reset();
-        self.acks.acked(self.cursor); // connecting with since=cursor acknowledged it
+        self.acks.acked(self.ack_position()); // connecting with `since` acknowledged it
         self.shared.connected.store(true, Ordering::Release);
         tracing::debug!(cursor = self.cursor, "connected");
         self.emit(Event::Connected { cursor: self.cursor });
@@ -241,11 +246,12 @@ impl Task {
     }
 
     fn send_ack(&mut self, link: &mut Link) -> Step {
-        if self.acks.needs_ack(self.cursor) {
-            link.send(&ClientFrame::Ack(AckFrame::new(self.cursor)))?;
-            tracing::trace!(seq = self.cursor, "acked");
+        let position = self.ack_position();
+        if self.acks.needs_ack(position) {
+            link.send(&ClientFrame::Ack(AckFrame::new(position)))?;
+            tracing::trace!(seq = position, "acked");
         }
-        self.acks.acked(self.cursor);
+        self.acks.acked(position);
         Ok(())
     }
 
@@ -273,6 +279,7 @@ impl Task {
                 // Handled by `drive`; kept for exhaustiveness.
                 let _ = done.send(());
             }
+            Command::Confirm(seq) => self.confirm(seq),
         }
         Ok(())
     }
@@ -285,8 +292,24 @@ impl Task {
             Command::Read { req, reply } => self.reads.push_back((req, reply)),
             Command::Typing { reply, .. } => drop(reply.send(Err(Error::NotConnected))),
             Command::Close { done } => return Some(Exit::Shutdown(Some(done))),
+            Command::Confirm(seq) => self.confirm(seq),
         }
         None
+    }
+
+    /// The position acknowledgements may cover: everything handed over, or (manual acks) what
+    /// the application confirmed.
+    fn ack_position(&self) -> u64 {
+        self.confirmed.map_or(self.cursor, |confirmed| confirmed.min(self.cursor))
+    }
+
+    fn confirm(&mut self, seq: u64) {
+        if let Some(confirmed) = self.confirmed.as_mut() {
+            if seq > *confirmed {
+                *confirmed = seq.min(self.cursor);
+                self.acks.record(Instant::now());
+            }
+        }
     }
 
     /// The reconnecting phase: waits (backoff), tries, repeats until a `hello`.
@@ -304,6 +327,12 @@ impl Task {
                         cmd => if let Some(exit) = self.on_command_offline(cmd) { return Err(exit) },
                     },
                 }
+            }
+            // With manual acks, resume from what the application stored: later events are
+            // delivered again (repeated messages are still dropped by the dedupe window).
+            if let Some(confirmed) = self.confirmed {
+                self.cursor = confirmed;
+                self.shared.cursor.store(confirmed, Ordering::Release);
             }
             let attempt = socket::connect(self.base.clone(), self.token.clone(), self.cursor);
             tokio::pin!(attempt);
@@ -329,9 +358,10 @@ impl Task {
 
     /// Graceful close: final ack, close frame, late `sent` answers still resolve sends.
     async fn close_link(&mut self, mut link: Link) {
-        if self.acks.needs_ack(self.cursor) {
-            let _ = link.send(&ClientFrame::Ack(AckFrame::new(self.cursor)));
-            self.acks.acked(self.cursor);
+        let position = self.ack_position();
+        if self.acks.needs_ack(position) {
+            let _ = link.send(&ClientFrame::Ack(AckFrame::new(position)));
+            self.acks.acked(position);
         }
         let pending = &mut self.pending;
         link.close(|text| {

@@ -103,6 +103,10 @@ impl Task {
         }
         self.cursor = seq;
         self.shared.cursor.store(seq, Ordering::Release);
+        if self.confirmed.is_some() {
+            self.emit(Event::Checkpoint { seq });
+            return false;
+        }
         self.acks.record(Instant::now())
     }
 
