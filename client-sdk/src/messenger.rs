@@ -31,6 +31,8 @@ use parley_spec::v1::content::{Content, TextContent};
 use parley_spec::v1::events::{MessageEvent, ReceiptEvent, ReceiptKind};
 use parley_spec::v1::keys::{ClaimRequest, OneTimePrekey, SignedDeviceList, UploadKeysRequest};
 use parley_spec::v1::messages::{Envelope, SendRequest};
+use parley_spec::v1::presence::PresenceInfo;
+use parley_spec::v1::ws::TypingNotice;
 use parley_spec::{DeviceId, ErrorCode, UserId};
 use rand::rngs::OsRng;
 use sha2::{Digest as _, Sha256};
@@ -93,6 +95,10 @@ pub enum MessengerEvent {
         /// What was wrong.
         reason: String,
     },
+    /// A contact's presence (on connect, and on each change).
+    Presence(PresenceInfo),
+    /// Someone is typing to this user (or stopped).
+    Typing(TypingNotice),
     /// An outbox message was refused for good by the server and removed from the outbox.
     SendFailed {
         /// Its id.
@@ -566,6 +572,14 @@ impl Messenger {
                 Event::Message(message) => self.on_message(message).await,
                 Event::Receipt(receipt) => self.on_receipt(receipt).await,
                 Event::PrekeysLow { .. } => self.replenish().await,
+                Event::Presence(info) => {
+                    self.emit(MessengerEvent::Presence(info));
+                    Ok(())
+                }
+                Event::Typing(notice) => {
+                    self.emit(MessengerEvent::Typing(notice));
+                    Ok(())
+                }
                 Event::Checkpoint { seq } if !failed => self.checkpoint(seq).await,
                 Event::Connected { .. } => {
                     failed = false;
@@ -720,6 +734,17 @@ impl Messenger {
         };
         self.emit(event);
         Ok(())
+    }
+
+    /// Tells `to`'s online devices that this user is typing (or stopped).
+    pub async fn typing(&self, to: &UserId, typing: bool) -> Result<(), MessengerError> {
+        Ok(self.inner.conn.typing(to.clone(), typing).await?)
+    }
+
+    /// Subscribes to users' presence (they become contacts); current states and changes arrive
+    /// as [`MessengerEvent::Presence`].
+    pub async fn subscribe_presence(&self, users: Vec<UserId>) -> Result<Vec<PresenceInfo>, MessengerError> {
+        Ok(self.inner.api.subscribe_presence(users).await?.presence)
     }
 
     /// Marks messages of `peer` read (read receipts to the peer's devices and ours).

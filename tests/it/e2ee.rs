@@ -79,6 +79,33 @@ async fn two_users_with_two_devices_chat_end_to_end_and_the_server_sees_no_plain
     for device in [&mut a1, &mut b1, &mut b2] {
         assert_eq!(next_text(&mut device.events).await?.1, secrets[3]);
     }
+    // Receipts, typing and presence come through the same typed stream.
+    let read_id = next_stored_id(&a1, &bob, secrets[1]).await?;
+    a1.messenger.mark_read(&bob, vec![read_id]).await?;
+    let read = next(&mut b2.events, |e| match e {
+        MessengerEvent::Read { by, message_ids } => Some((by, message_ids)),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(read, (alice.clone(), vec![read_id]));
+    b1.messenger.typing(&alice, true).await?;
+    let typing = next(&mut a1.events, |e| match e {
+        MessengerEvent::Typing(t) => Some(t),
+        _ => None,
+    })
+    .await?;
+    assert!(typing.typing && typing.from == bob);
+    let presence = a1.messenger.subscribe_presence(vec![bob.clone()]).await?;
+    assert_eq!(presence[0].status, parley_sdk::PresenceStatus::Online);
+    b1.messenger.close().await;
+    b2.messenger.close().await;
+    let offline = next(&mut a1.events, |e| match e {
+        MessengerEvent::Presence(p) if p.status == parley_sdk::PresenceStatus::Offline => Some(p),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(offline.user, bob);
+
     // A note to self reaches the other own device only.
     a1.messenger.send_text(&alice, "note to self").await?;
     assert_eq!(next_text(&mut a2.events).await?, (alice.to_string(), "note to self".to_owned()));
@@ -114,6 +141,12 @@ async fn two_users_with_two_devices_chat_end_to_end_and_the_server_sees_no_plain
         assert!(!logs.contains(secret), "plaintext {secret:?} found in the server log");
     }
     Ok(())
+}
+
+/// The server id of the message `body` in `account`'s conversation with `peer`.
+async fn next_stored_id(account: &Account, peer: &UserId, body: &str) -> anyhow::Result<u64> {
+    let history = account.messenger.store().history(peer.as_str(), 100).await?;
+    history.into_iter().find(|m| m.body == body).and_then(|m| m.server_msg_id).context("stored with its server id")
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
