@@ -146,7 +146,7 @@ fn wire_message<T: Serialize>(context: &[u8], value: &T) -> Vec<u8> {
 }
 
 /// Whether 32 little-endian bytes, top bit ignored, encode an integer below 2^255 − 19.
-fn is_canonical_field_element(bytes: &[u8; 32]) -> bool {
+pub(crate) fn is_canonical_field_element(bytes: &[u8; 32]) -> bool {
     // 2^255 - 19 = 0x7fff...ffed; only values from it to 2^255 - 1 are non-canonical.
     let top = bytes[31] & 0x7f;
     !(top == 0x7f && bytes[1..31].iter().all(|&b| b == 0xff) && bytes[0] >= 0xed)
