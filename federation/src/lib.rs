@@ -1,7 +1,9 @@
-//! Parley federation. This issue provides the homeserver's long-term signing key (created on
-//! first start, kept in the data directory); the signed server-to-server transport, discovery
-//! and the outbound queue build on it in the federation issue.
+//! Parley federation: the homeserver's long-term signing key (created on first start, kept in
+//! the data directory) and the signed server-to-server request scheme ([`request`]), both
+//! sans I/O. Discovery, the HTTPS transport and the durable outbound queue build on them.
 
+pub mod request;
 pub mod server_key;
 
+pub use request::{Authorization, RequestAuthError, SignedParts};
 pub use server_key::{ServerKey, ServerKeyError};
