@@ -654,17 +654,25 @@ impl Messenger {
     async fn decrypt(&self, message: &MessageEvent) -> Result<Zeroizing<Vec<u8>>, MessengerError> {
         let (user, device) = (message.sender.as_str(), message.sender_device.as_str());
         let ciphertext = &message.ciphertext.0;
+        let is_initial = ratchet::initial_header(ciphertext).ok().flatten().is_some();
+        // The current session first, then superseded ones (messages still in flight on a session
+        // that a simultaneous start by both sides, or the peer starting over, replaced).
         if let Some(bytes) = self.inner.store.session(user, device).await? {
             let mut session = Ratchet::from_bytes(&bytes).map_err(crypto)?;
-            match session.decrypt(ciphertext) {
-                Ok(plaintext) => {
-                    self.inner.store.save_session(user, device, &session.to_bytes()).await?;
-                    return Ok(Zeroizing::new(plaintext));
-                }
-                // A new initial message replaces the session (the peer started over).
-                Err(e) if ratchet::initial_header(ciphertext).ok().flatten().is_none() => return Err(crypto(e)),
-                Err(_) => {}
+            if let Ok(plaintext) = session.decrypt(ciphertext) {
+                self.inner.store.save_session(user, device, &session.to_bytes()).await?;
+                return Ok(Zeroizing::new(plaintext));
             }
+        }
+        for (slot, bytes) in self.inner.store.previous_sessions(user, device).await? {
+            let mut session = Ratchet::from_bytes(&bytes).map_err(crypto)?;
+            if let Ok(plaintext) = session.decrypt(ciphertext) {
+                self.inner.store.save_previous_session(user, device, slot, &session.to_bytes()).await?;
+                return Ok(Zeroizing::new(plaintext));
+            }
+        }
+        if !is_initial {
+            return Err(crypto("no session with this device decrypts the message"));
         }
         let header = ratchet::initial_header(ciphertext).map_err(crypto)?.ok_or_else(|| crypto("no session with this device"))?;
         // A first message is accepted once: a replay would otherwise rewind the session (for
@@ -691,6 +699,7 @@ impl Messenger {
         if let Some(PrekeyRef::OneTime(id)) = accepted.used_prekey {
             self.inner.store.delete_prekey("one_time", id).await?;
         }
+        self.inner.store.archive_session(user, device).await?;
         self.inner.store.save_session(user, device, &accepted.session.to_bytes()).await?;
         self.inner.store.set(&seen_key, b"1").await?;
         Ok(Zeroizing::new(accepted.plaintext))

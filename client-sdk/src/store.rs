@@ -15,7 +15,11 @@ use zeroize::Zeroizing;
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "store", include_str!("../migrations/0001_store.sql")),
     (2, "server id index", include_str!("../migrations/0002_server_id_index.sql")),
+    (3, "previous sessions", include_str!("../migrations/0003_previous_sessions.sql")),
 ];
+
+/// Superseded sessions kept per peer device.
+const PREVIOUS_SESSIONS_KEPT: i64 = 3;
 
 /// A message in the history.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +128,63 @@ impl Store {
             .bind(user)
             .bind(device)
             .bind(state)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    /// Moves the current session with a peer device to the superseded ones (keeping the newest
+    /// few), before a new session replaces it.
+    pub async fn archive_session(&self, user: &str, device: &str) -> Result<(), Error> {
+        let Some(state) = self.session(user, device).await? else { return Ok(()) };
+        let next: i64 =
+            sqlx::query_scalar("SELECT coalesce(max(slot), 0) + 1 FROM previous_sessions WHERE user_id = ? AND device_id = ?")
+                .bind(user)
+                .bind(device)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(store_error)?;
+        sqlx::query("INSERT INTO previous_sessions (user_id, device_id, slot, state) VALUES (?, ?, ?, ?)")
+            .bind(user)
+            .bind(device)
+            .bind(next)
+            .bind(state.as_slice())
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        sqlx::query("DELETE FROM previous_sessions WHERE user_id = ? AND device_id = ? AND slot <= ?")
+            .bind(user)
+            .bind(device)
+            .bind(next - PREVIOUS_SESSIONS_KEPT)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    /// The superseded sessions with a peer device, newest first: (slot, state).
+    pub async fn previous_sessions(&self, user: &str, device: &str) -> Result<Vec<(i64, Zeroizing<Vec<u8>>)>, Error> {
+        let rows =
+            sqlx::query("SELECT slot, state FROM previous_sessions WHERE user_id = ? AND device_id = ? ORDER BY slot DESC")
+                .bind(user)
+                .bind(device)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(store_error)?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get(0)?, Zeroizing::new(r.try_get::<Vec<u8>, _>(1)?))))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(store_error)
+    }
+
+    /// Saves a superseded session after it decrypted a message.
+    pub async fn save_previous_session(&self, user: &str, device: &str, slot: i64, state: &[u8]) -> Result<(), Error> {
+        sqlx::query("UPDATE previous_sessions SET state = ? WHERE user_id = ? AND device_id = ? AND slot = ?")
+            .bind(state)
+            .bind(user)
+            .bind(device)
+            .bind(slot)
             .execute(&self.pool)
             .await
             .map_err(store_error)?;

@@ -400,3 +400,30 @@ async fn a_wrong_recovery_secret_adds_no_device() -> anyhow::Result<()> {
     assert_eq!(devices.devices.len(), 1, "the device created by the login was removed again");
     Ok(())
 }
+
+#[tokio::test]
+async fn both_sides_starting_a_session_at_once_still_understand_each_other() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    for round in 0..5 {
+        let (alice_name, bob_name) = (format!("alice{round}"), format!("bob{round}"));
+        let (mut a, _) = register(&server, dir.path(), &alice_name).await?;
+        let (mut b, _) = register(&server, dir.path(), &bob_name).await?;
+        let (alice, bob) = (user(&a), user(&b));
+        // Both send their first message at the same time: each starts its own session.
+        let (sent_a, sent_b) =
+            tokio::join!(a.messenger.send_text(&bob, "hi from alice"), b.messenger.send_text(&alice, "hi from bob"));
+        sent_a?;
+        sent_b?;
+        assert_eq!(next_text(&mut b.events).await?.1, "hi from alice");
+        assert_eq!(next_text(&mut a.events).await?.1, "hi from bob");
+        // And the conversation goes on in both directions.
+        for i in 0..3 {
+            a.messenger.send_text(&bob, &format!("a{i}")).await?;
+            assert_eq!(next_text(&mut b.events).await?.1, format!("a{i}"));
+            b.messenger.send_text(&alice, &format!("b{i}")).await?;
+            assert_eq!(next_text(&mut a.events).await?.1, format!("b{i}"));
+        }
+    }
+    Ok(())
+}
