@@ -264,7 +264,13 @@ async fn reconnects_after_connection_refused() {
     drop(c);
     assert!(matches!(next(&mut events).await, Event::Disconnected { .. }));
     assert!(matches!(conn.typing(bob(), true).await, Err(Error::NotConnected)));
-    tokio::time::sleep(Duration::from_millis(200)).await; // several refused attempts
+    // Two reconnect attempts fail (accepted and dropped at once), then the server is back.
+    let failing = TcpListener::bind(addr).await.unwrap();
+    for _ in 0..2 {
+        let (socket, _) = tokio::time::timeout(WAIT, failing.accept()).await.expect("a reconnect attempt").unwrap();
+        drop(socket);
+    }
+    drop(failing);
     let server = FakeServer { listener: TcpListener::bind(addr).await.unwrap() };
     let mut c = server.accept().await;
     c.hello(10_000).await;
