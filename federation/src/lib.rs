@@ -4,6 +4,8 @@
 
 pub mod request;
 pub mod server_key;
+pub mod server_keys;
 
 pub use request::{Authorization, RequestAuthError, SignedParts};
 pub use server_key::{ServerKey, ServerKeyError};
+pub use server_keys::{sign_server_keys, verify_server_keys, ServerKeysError};

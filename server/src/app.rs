@@ -42,6 +42,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Becomes true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// This server's signing key (federation), kept in `data_dir/server.key`.
+    pub server_key: Arc<parley_federation::ServerKey>,
 }
 
 /// A running server's handles that [`run`] needs to shut down cleanly.
@@ -64,6 +66,8 @@ impl Server {
             let hub = hub.clone();
             Arc::new(move |committed| hub.deliver(committed)) as crate::storage::writer::OnCommit
         };
+        let server_key = parley_federation::ServerKey::load_or_create(&config.data_dir.join("server.key"))
+            .map_err(|e| StoreError::Database(sqlx::Error::Configuration(e.into())))?;
         let (store, writer) = Store::open(&config, metrics.clone(), on_commit).await?;
         let store = Arc::new(store);
         let (shutdown_tx, shutdown) = watch::channel(false);
@@ -77,6 +81,7 @@ impl Server {
             presence: Arc::new(Presence::default()),
             metrics,
             shutdown,
+            server_key: Arc::new(server_key),
         };
         Ok(Self { state, writer, shutdown_tx })
     }
@@ -151,6 +156,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/ws", get(crate::ws::upgrade))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_ip))
+        .route("/_parley/key/v1", get(server_keys))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { crate::error::ApiError::new(parley_spec::ErrorCode::NotFound, "no such endpoint") })
@@ -174,6 +180,13 @@ async fn limit_ip(
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),
     }
+}
+
+/// GET /_parley/key/v1: this server's signing keys, self-signed, valid for a day.
+async fn server_keys(State(state): State<AppState>) -> axum::Json<parley_spec::federation::v1::keys::ServerKeys> {
+    const VALID_FOR_MS: u64 = 24 * 60 * 60 * 1000;
+    let now = crate::storage::now_ms() as u64;
+    axum::Json(parley_federation::sign_server_keys(&state.server_name, &state.server_key, now, VALID_FOR_MS))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -6,6 +6,7 @@
 
 pub mod base64bytes;
 pub mod error;
+pub mod federation;
 pub mod ids;
 pub mod openapi;
 pub mod v1;

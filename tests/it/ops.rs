@@ -164,3 +164,25 @@ async fn logs_contain_no_tokens_passwords_or_bodies() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn the_server_publishes_a_self_signed_key_document_that_survives_restarts() -> anyhow::Result<()> {
+    let mut server = TestServer::start().await?;
+    let fetch = |base: String| async move {
+        let document: parley_sdk::spec::federation::v1::keys::ServerKeys =
+            reqwest::get(format!("{base}/_parley/key/v1")).await?.error_for_status()?.json().await?;
+        anyhow::Ok(document)
+    };
+    let name = parley_sdk::spec::ServerName::parse("localhost")?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let first = fetch(server.base_url.clone()).await?;
+    let keys = parley_federation::verify_server_keys(&first, &name, now)?;
+    assert_eq!(keys.len(), 1);
+    assert!(keys.keys().all(|id| id.starts_with("ed25519:")));
+    server.stop().await?;
+    server.restart().await?;
+    let second = fetch(server.base_url.clone()).await?;
+    let again = parley_federation::verify_server_keys(&second, &name, now)?;
+    assert_eq!(keys, again, "the key is kept in the data directory");
+    Ok(())
+}

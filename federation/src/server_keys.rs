@@ -1,0 +1,94 @@
+//! Publishing and checking server key documents (`GET /_parley/key/v1`).
+
+use crate::server_key::ServerKey;
+use parley_crypto::signing::object_signing_bytes;
+use parley_crypto::PublicKey;
+use parley_spec::federation::v1::keys::{ServerKeys, SERVER_KEYS_CONTEXT};
+use parley_spec::ServerName;
+use std::collections::BTreeMap;
+
+/// Why a key document is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServerKeysError {
+    /// The document is for another server.
+    #[error("key document is for another server")]
+    WrongServer,
+    /// It is past `valid_until_ts`.
+    #[error("key document expired")]
+    Expired,
+    /// No current key signed it, or a key is malformed.
+    #[error("key document is not signed by one of its current keys")]
+    BadSignature,
+}
+
+/// This server's key document, signed with its current key, valid for `valid_for_ms`.
+pub fn sign_server_keys(server_name: &ServerName, key: &ServerKey, now_ms: u64, valid_for_ms: u64) -> ServerKeys {
+    let mut document =
+        ServerKeys::new(server_name.clone(), now_ms + valid_for_ms, key.key_id.clone(), key.public().as_bytes().to_vec());
+    // A document of strings and integers always has a canonical encoding.
+    let bytes = object_signing_bytes(SERVER_KEYS_CONTEXT, &without_signatures(&document)).unwrap_or_default();
+    document.signatures.insert(key.key_id.clone(), key.key.sign_bytes(&bytes).to_vec().into());
+    document
+}
+
+fn without_signatures(document: &ServerKeys) -> ServerKeys {
+    let mut copy = document.clone();
+    copy.signatures.clear();
+    copy
+}
+
+/// Checks a fetched document: right server, not expired, signed by every current key it lists
+/// (at least one). Returns the current keys by key id.
+pub fn verify_server_keys(
+    document: &ServerKeys,
+    expected: &ServerName,
+    now_ms: u64,
+) -> Result<BTreeMap<String, PublicKey>, ServerKeysError> {
+    if &document.server_name != expected {
+        return Err(ServerKeysError::WrongServer);
+    }
+    if document.valid_until_ts < now_ms {
+        return Err(ServerKeysError::Expired);
+    }
+    if document.verify_keys.is_empty() {
+        return Err(ServerKeysError::BadSignature);
+    }
+    let bytes =
+        object_signing_bytes(SERVER_KEYS_CONTEXT, &without_signatures(document)).map_err(|_| ServerKeysError::BadSignature)?;
+    let mut keys = BTreeMap::new();
+    for (key_id, verify_key) in &document.verify_keys {
+        let key = PublicKey::from_bytes(&verify_key.key.0).map_err(|_| ServerKeysError::BadSignature)?;
+        let signature = document.signatures.get(key_id).ok_or(ServerKeysError::BadSignature)?;
+        key.verify_bytes(&bytes, &signature.0).map_err(|_| ServerKeysError::BadSignature)?;
+        keys.insert(key_id.clone(), key);
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_verify_and_tampering_is_caught() {
+        let name = ServerName::parse("a.example").unwrap();
+        let key = ServerKey::generate();
+        let document = sign_server_keys(&name, &key, 1_000, 86_400_000);
+        let keys = verify_server_keys(&document, &name, 2_000).unwrap();
+        assert_eq!(keys[&key.key_id], key.public());
+        let other = ServerName::parse("b.example").unwrap();
+        assert_eq!(verify_server_keys(&document, &other, 2_000), Err(ServerKeysError::WrongServer));
+        assert_eq!(verify_server_keys(&document, &name, 86_401_001), Err(ServerKeysError::Expired));
+        let mut extended = document.clone();
+        extended.valid_until_ts += 1;
+        assert_eq!(verify_server_keys(&extended, &name, 2_000), Err(ServerKeysError::BadSignature));
+        let mut swapped = document.clone();
+        let stranger = ServerKey::generate();
+        swapped.verify_keys.get_mut(&key.key_id).unwrap().key = stranger.public().as_bytes().to_vec().into();
+        assert_eq!(verify_server_keys(&swapped, &name, 2_000), Err(ServerKeysError::BadSignature));
+        // Round trip through JSON keeps it valid.
+        let json = serde_json::to_string(&document).unwrap();
+        let parsed: ServerKeys = serde_json::from_str(&json).unwrap();
+        verify_server_keys(&parsed, &name, 2_000).unwrap();
+    }
+}

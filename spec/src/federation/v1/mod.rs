@@ -1,0 +1,3 @@
+//! Version 1 of the federation API.
+
+pub mod keys;
