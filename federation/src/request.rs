@@ -223,3 +223,29 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any header value parses or fails with a typed error; never a panic.
+        #[test]
+        fn arbitrary_headers_never_panic(value in "\\PC{0,200}") {
+            let _ = Authorization::parse(&value);
+        }
+
+        /// Headers that look almost right also only ever fail cleanly.
+        #[test]
+        fn near_valid_headers_never_panic(origin in "[a-z.:0-9\\[\\]]{0,30}", ts in "[0-9a-z]{0,25}", sig in "[A-Za-z0-9+/=]{0,90}") {
+            let header = format!(r#"Parley origin="{origin}",destination="b.example",key="ed25519:k",ts="{ts}",sig="{sig}""#);
+            if let Ok(auth) = Authorization::parse(&header) {
+                let key = KeyPair::from_seed(&[1; 32]);
+                let _ = auth.verify("GET", "/", b"", &key.public());
+            }
+        }
+    }
+}

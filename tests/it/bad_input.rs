@@ -323,3 +323,47 @@ async fn device_count_is_limited_and_http_floods_get_429() -> anyhow::Result<()>
     assert_eq!(status, 200);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_barrage_of_mutated_and_random_frames_never_breaks_the_server() -> anyhow::Result<()> {
+    use rand::{Rng as _, SeedableRng as _};
+    let server = TestServer::start().await?;
+    let alice = register(&server.base_url, "alice").await?;
+    let bob = register(&server.base_url, "bob").await?;
+    let mut socket = connect(&server.base_url, &alice.token, 0).await.unwrap();
+    next_of(&mut socket, "caught_up", T).await?;
+    let valid = [
+        json!({"type": "send", "client_msg_id": uuid::Uuid::new_v4(), "to": bob.user_id,
+            "envelopes": [{"user": bob.user_id, "device": bob.device_id, "ciphertext": b64(b"hello")}]})
+        .to_string(),
+        json!({"type": "ack", "seq": 3}).to_string(),
+        json!({"type": "read", "peer": bob.user_id, "message_ids": [1, 2]}).to_string(),
+        json!({"type": "typing", "to": bob.user_id, "typing": true}).to_string(),
+        json!({"type": "ping", "nonce": 1}).to_string(),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for _ in 0..400 {
+        let frame = if rng.gen_bool(0.7) {
+            // A valid frame with a few bytes changed (kept valid UTF-8 for a text frame).
+            let mut bytes = valid[rng.gen_range(0..valid.len())].clone().into_bytes();
+            for _ in 0..rng.gen_range(1..4) {
+                let i = rng.gen_range(0..bytes.len());
+                bytes[i] = rng.gen_range(0x20..0x7f);
+            }
+            String::from_utf8(bytes)?
+        } else {
+            (0..rng.gen_range(0..200)).map(|_| char::from(rng.gen_range(0x20u8..0x7f))).collect()
+        };
+        send_text(&mut socket, &frame).await?;
+    }
+    // The connection still answers, and the server still serves everyone else.
+    send_json(&mut socket, &json!({"type": "ping", "nonce": 424242})).await?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let frame = next_json(&mut socket, deadline.saturating_duration_since(tokio::time::Instant::now())).await?;
+        if frame["type"] == "pong" && frame["nonce"] == 424242 {
+            break;
+        }
+    }
+    still_serving(&server).await
+}
