@@ -249,3 +249,54 @@ mod robustness {
         }
     }
 }
+
+#[cfg(test)]
+mod worked_example {
+    //! The worked example of `spec/federation.md`, kept true by this test
+    //! (`PARLEY_UPDATE_VECTORS=1` rewrites `spec/vectors/federation_request_v1.json`).
+
+    use super::*;
+
+    const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../spec/vectors/federation_request_v1.json");
+    const SPEC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../spec/federation.md");
+
+    fn generate() -> serde_json::Value {
+        let key = KeyPair::from_seed(&[0x42; 32]);
+        let origin = ServerName::parse("a.example").unwrap();
+        let destination = ServerName::parse("b.example:8448").unwrap();
+        let body = br#"{"events":[]}"#;
+        let parts = SignedParts::new("PUT", "/_parley/v1/send/17", &origin, &destination, 1_795_500_000_000, body);
+        let signed = parts.signing_bytes();
+        serde_json::json!({
+            "seed_hex": "42".repeat(32),
+            "public_key": base64::engine::general_purpose::STANDARD.encode(key.public().as_bytes()),
+            "key_id": "ed25519:example",
+            "method": "PUT",
+            "uri": "/_parley/v1/send/17",
+            "body": std::str::from_utf8(body).unwrap(),
+            "signed_bytes": String::from_utf8_lossy(&signed).replace('\0', "\\0"),
+            "authorization": parts.authorization("ed25519:example", &key),
+        })
+    }
+
+    #[test]
+    fn the_worked_example_is_current_and_verifies() {
+        let generated = generate();
+        let pretty = serde_json::to_string_pretty(&generated).unwrap() + "\n";
+        if std::env::var_os("PARLEY_UPDATE_VECTORS").is_some() {
+            std::fs::write(VECTORS, &pretty).unwrap();
+        }
+        let stored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(VECTORS).unwrap()).unwrap();
+        assert_eq!(stored, generated, "spec/vectors/federation_request_v1.json is stale");
+        // The header printed in the spec verifies with the published key.
+        let header = stored["authorization"].as_str().unwrap();
+        let spec = std::fs::read_to_string(SPEC).unwrap();
+        assert!(spec.contains(header), "spec/federation.md must show the example header verbatim");
+        let key = PublicKey::from_bytes(
+            &base64::engine::general_purpose::STANDARD.decode(stored["public_key"].as_str().unwrap()).unwrap(),
+        )
+        .unwrap();
+        let auth = Authorization::parse(header).unwrap();
+        auth.verify("PUT", "/_parley/v1/send/17", stored["body"].as_str().unwrap().as_bytes(), &key).unwrap();
+    }
+}
