@@ -46,6 +46,23 @@ pub struct AppState {
     pub server_key: Arc<parley_federation::ServerKey>,
 }
 
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The data directory cannot be created.
+    #[error("data directory: {0}")]
+    DataDir(std::io::Error),
+    /// `server_name` is not a valid server name (config checks catch this first).
+    #[error(transparent)]
+    ServerName(#[from] parley_spec::IdError),
+    /// The server signing key cannot be loaded or created.
+    #[error(transparent)]
+    ServerKey(#[from] parley_federation::ServerKeyError),
+    /// The database cannot be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// A running server's handles that [`run`] needs to shut down cleanly.
 pub struct Server {
     /// The state shared by handlers.
@@ -56,18 +73,16 @@ pub struct Server {
 
 impl Server {
     /// Opens storage and builds the state.
-    pub async fn open(config: Config) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
-        let server_name =
-            ServerName::parse(&config.server_name).map_err(|e| StoreError::Database(sqlx::Error::Configuration(e.into())))?;
+    pub async fn open(config: Config) -> Result<Self, OpenError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(OpenError::DataDir)?;
+        let server_name = ServerName::parse(&config.server_name)?;
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::default());
         let on_commit = {
             let hub = hub.clone();
             Arc::new(move |committed| hub.deliver(committed)) as crate::storage::writer::OnCommit
         };
-        let server_key = parley_federation::ServerKey::load_or_create(&config.data_dir.join("server.key"))
-            .map_err(|e| StoreError::Database(sqlx::Error::Configuration(e.into())))?;
+        let server_key = parley_federation::ServerKey::load_or_create(&config.data_dir.join("server.key"))?;
         let (store, writer) = Store::open(&config, metrics.clone(), on_commit).await?;
         let store = Arc::new(store);
         let (shutdown_tx, shutdown) = watch::channel(false);

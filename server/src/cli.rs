@@ -127,7 +127,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
     let server_name = config.server_name.clone();
-    let server = Server::open(config).await.context("opening storage")?;
+    let server = Server::open(config).await.context("starting the server")?;
     // A stable line that scripts and tests wait for.
     println!("parleyd listening on http://{address} (server name {server_name})");
     std::io::stdout().flush()?;

@@ -306,8 +306,9 @@ impl Conn {
                 Ok(())
             }
             Push::Frame(bytes) => {
-                let text = String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::internal("frame is not UTF-8"))?;
-                self.socket.send(Message::Text(Utf8Bytes::from(text))).await?;
+                // Serialized by serde_json, so UTF-8; sent without copying.
+                let text = Utf8Bytes::try_from(bytes).map_err(|_| ApiError::internal("frame is not UTF-8"))?;
+                self.socket.send(Message::Text(text)).await?;
                 Ok(())
             }
             Push::Close(CloseReason::Replaced) => Err(Stop::Close(close::POLICY, "replaced by a newer connection")),
