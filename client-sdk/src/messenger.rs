@@ -160,6 +160,9 @@ struct Inner {
     events: mpsc::UnboundedSender<MessengerEvent>,
     /// Serializes everything that touches ratchet state, prekeys and the outbox.
     lock: Mutex<()>,
+    /// Verified device lists already loaded (the store holds them; this saves reading and
+    /// verifying them again on every send).
+    lists: std::sync::Mutex<BTreeMap<UserId, VerifiedDeviceList>>,
     /// Whether the backlog of the current connection has been processed (see
     /// [`Messenger::caught_up`]).
     sync: watch::Sender<SyncState>,
@@ -278,6 +281,7 @@ impl Messenger {
             identity,
             events: tx,
             lock: Mutex::new(()),
+            lists: std::sync::Mutex::default(),
             sync: watch::channel(SyncState::Syncing).0,
         });
         let messenger = Self { inner };
@@ -378,6 +382,7 @@ impl Messenger {
     /// pins what the server serves now.
     pub async fn trust_new_identity(&self, user: &UserId) -> Result<Vec<DeviceId>, MessengerError> {
         self.inner.store.forget_device_list(user.as_str()).await?;
+        self.inner.lists.lock().unwrap_or_else(|e| e.into_inner()).remove(user);
         self.refresh_devices(user).await
     }
 
@@ -436,10 +441,9 @@ impl Messenger {
     async fn encrypt_for(&self, to: &UserId, plaintext: &[u8], refresh: bool) -> Result<Vec<Envelope>, MessengerError> {
         let me = &self.inner.session;
         let mut targets: Vec<(UserId, VerifiedDevice, VerifiedDeviceList)> = Vec::new();
-        for user in [to, &me.user_id] {
-            if user == &me.user_id && to == &me.user_id && !targets.is_empty() {
-                break;
-            }
+        // The recipient's devices and our own other devices (once, for a note to self).
+        let users = if to == &me.user_id { vec![to] } else { vec![to, &me.user_id] };
+        for user in users {
             let list = self.device_list(user, refresh).await?;
             for device in list.devices() {
                 if user == &me.user_id && device.device_id() == &me.device_id {
@@ -501,16 +505,16 @@ impl Messenger {
     /// The verified device list of `user`: the stored one, or (when asked, or when none is
     /// stored) the server's, verified against the pinned identity key and the last version.
     async fn device_list(&self, user: &UserId, refresh: bool) -> Result<VerifiedDeviceList, MessengerError> {
-        let stored = self.inner.store.device_list(user.as_str()).await?;
-        let stored = match stored {
-            Some((_, _, json)) => {
-                let list: SignedDeviceList = serde_json::from_slice(&json).map_err(|e| MessengerError::Profile(e.to_string()))?;
-                let pinned = self.pinned_key(user, &list)?;
-                Some(verify_device_list(&list, user, Some(&pinned), None).map_err(crypto)?)
-            }
-            None => None,
+        let cached = self.inner.lists.lock().unwrap_or_else(|e| e.into_inner()).get(user).cloned();
+        if let (Some(list), false) = (&cached, refresh) {
+            return Ok(list.clone());
+        }
+        let stored = match cached {
+            Some(list) => Some(list),
+            None => self.stored_device_list(user).await?,
         };
         if let (Some(list), false) = (&stored, refresh) {
+            self.cache_list(user, list.clone());
             return Ok(list.clone());
         }
         let fetched = self.inner.api.device_list(user).await?;
@@ -541,7 +545,20 @@ impl Messenger {
         }
         let json = serde_json::to_vec(&fetched).map_err(crypto)?;
         self.inner.store.save_device_list(user.as_str(), verified.version(), verified.identity_key().as_bytes(), &json).await?;
+        self.cache_list(user, verified.clone());
         Ok(verified)
+    }
+
+    /// The device list saved in the store, verified again against its own pinned key.
+    async fn stored_device_list(&self, user: &UserId) -> Result<Option<VerifiedDeviceList>, MessengerError> {
+        let Some((_, _, json)) = self.inner.store.device_list(user.as_str()).await? else { return Ok(None) };
+        let list: SignedDeviceList = serde_json::from_slice(&json).map_err(|e| MessengerError::Profile(e.to_string()))?;
+        let pinned = self.pinned_key(user, &list)?;
+        Ok(Some(verify_device_list(&list, user, Some(&pinned), None).map_err(crypto)?))
+    }
+
+    fn cache_list(&self, user: &UserId, list: VerifiedDeviceList) {
+        self.inner.lists.lock().unwrap_or_else(|e| e.into_inner()).insert(user.clone(), list);
     }
 
     fn pinned_key(&self, user: &UserId, list: &SignedDeviceList) -> Result<PublicKey, MessengerError> {
