@@ -5,6 +5,7 @@
 pub mod request;
 pub mod server_key;
 pub mod server_keys;
+pub mod tls;
 
 pub use request::{Authorization, RequestAuthError, SignedParts};
 pub use server_key::{ServerKey, ServerKeyError};

@@ -32,6 +32,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Talking to other homeservers.
+    pub federation: FederationConfig,
 }
 
 /// Registration settings.
@@ -178,6 +180,81 @@ pub enum LogFormat {
     Json,
 }
 
+/// Federation: the HTTPS listener other servers call, discovery, delivery and access control.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Serve and send federation. Off: users of other servers are unknown here.
+    pub enabled: bool,
+    /// HTTPS listener for other servers (`/_parley/...`). 8448 is the default federation port.
+    pub listen: SocketAddr,
+    /// PEM certificate chain of the listener; it must be valid for the name other servers
+    /// reach this one by. Required when federation is enabled.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the listener.
+    pub tls_key: Option<PathBuf>,
+    /// PEM file of extra CA certificates trusted for outbound connections, in addition to the
+    /// webpki roots (for private federations and the devnet).
+    pub extra_ca_file: Option<PathBuf>,
+    /// DNS servers used for discovery (`ip:port`). Empty: the system's resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    /// Port on which `/.well-known/parley/server` is fetched over HTTPS (443 on the Internet).
+    pub well_known_port: u16,
+    /// Port tried when neither a delegation nor an SRV record names one.
+    pub default_port: u16,
+    /// Only these servers may federate with this one (empty: every server not denied).
+    pub allow: Vec<String>,
+    /// These servers are refused, in both directions.
+    pub deny: Vec<String>,
+    /// Requests signed further than this from our clock (either way) are rejected as stale.
+    pub max_clock_skew_ms: u64,
+    /// Requests per second accepted from one origin server.
+    pub origin_per_second: u32,
+    /// Burst of requests from one origin server.
+    pub origin_burst: u32,
+    /// Most items (messages, receipts, ...) in one outbound transaction.
+    pub max_txn_items: usize,
+    /// Largest outbound transaction body, in bytes (inbound bodies may be twice as large).
+    pub max_txn_bytes: usize,
+    /// First retry delay after a failed transaction; doubles per failure (with jitter).
+    pub retry_min_ms: u64,
+    /// Longest retry delay.
+    pub retry_max_ms: u64,
+    /// Typing and presence for a destination that has been failing this long are dropped.
+    pub drop_ephemeral_after_ms: u64,
+    /// Timeout of one request to another server.
+    pub request_timeout_ms: u64,
+    /// Inbound transaction ids are remembered this long (duplicates within it are ignored).
+    pub txn_retention_ms: u64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([0, 0, 0, 0], 8448)),
+            tls_cert: None,
+            tls_key: None,
+            extra_ca_file: None,
+            nameservers: Vec::new(),
+            well_known_port: 443,
+            default_port: 8448,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_clock_skew_ms: 300_000,
+            origin_per_second: 200,
+            origin_burst: 1000,
+            max_txn_items: 1000,
+            max_txn_bytes: 4 * 1024 * 1024,
+            retry_min_ms: 500,
+            retry_max_ms: 600_000,
+            drop_ephemeral_after_ms: 60_000,
+            request_timeout_ms: 30_000,
+            txn_retention_ms: 7 * 24 * 3600 * 1000,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -191,6 +268,7 @@ impl Default for Config {
             presence: PresenceConfig::default(),
             storage: StorageConfig::default(),
             log: LogConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -314,6 +392,21 @@ impl Config {
             || self.auth.argon2_memory_kib < 8 * self.auth.argon2_parallelism
         {
             return bad("argon2 parameters out of range");
+        }
+        let fed = &self.federation;
+        if fed.enabled && (fed.tls_cert.is_none() || fed.tls_key.is_none()) {
+            return bad("federation.enabled needs federation.tls_cert and federation.tls_key");
+        }
+        if fed.max_txn_items == 0 || fed.max_txn_bytes < 64 * 1024 || fed.origin_per_second == 0 || fed.origin_burst == 0 {
+            return bad("federation limits must be positive (max_txn_bytes at least 64 KiB)");
+        }
+        if fed.retry_min_ms == 0 || fed.retry_max_ms < fed.retry_min_ms || fed.request_timeout_ms == 0 {
+            return bad("federation.retry_min_ms must be positive and at most retry_max_ms");
+        }
+        for name in fed.allow.iter().chain(&fed.deny) {
+            if parley_spec::ServerName::parse(name).is_err() {
+                return bad(&format!("federation allow/deny entry {name:?} is not a server name"));
+            }
         }
         Ok(())
     }
