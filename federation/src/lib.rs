@@ -2,6 +2,7 @@
 //! the data directory) and the signed server-to-server request scheme ([`request`]), both
 //! sans I/O. Discovery, the HTTPS transport and the durable outbound queue build on them.
 
+pub mod discovery;
 pub mod request;
 pub mod server_key;
 pub mod server_keys;

@@ -41,6 +41,10 @@ enum Command {
     Admin(Admin),
     /// Print the commented example configuration (all defaults).
     ConfigExample,
+    /// Run several federating homeservers on loopback for testing, or print a docker-compose.yml.
+    Devnet(crate::devnet::DevnetArgs),
+    /// Write a test CA and server certificates into a directory (kept if they exist).
+    DevnetCerts(crate::devnet::DevnetCertsArgs),
 }
 
 #[derive(Subcommand)]
@@ -85,6 +89,11 @@ pub fn main() -> anyhow::Result<()> {
         print!("{}", include_str!("../parleyd.example.toml"));
         return Ok(());
     }
+    match cli.command {
+        Some(Command::Devnet(args)) => return crate::devnet::main(args),
+        Some(Command::DevnetCerts(args)) => return crate::devnet::certs_main(args),
+        _ => {}
+    }
     let overrides = Overrides { data_dir: cli.data_dir.clone(), listen: cli.listen, server_name: cli.server_name.clone() };
     let config = Config::load(cli.config.as_deref(), overrides)?;
     init_tracing(&config);
@@ -107,7 +116,7 @@ pub fn main() -> anyhow::Result<()> {
                 println!("{}", token.as_str());
                 Ok(())
             }
-            Some(Command::ConfigExample) => Ok(()),
+            Some(Command::ConfigExample | Command::Devnet(_) | Command::DevnetCerts(_)) => Ok(()),
         }
     })
 }

@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod delivery;
+mod discovery;
 mod e2ee;
 mod keys;
 mod ops;

@@ -2,6 +2,8 @@
 //! its own temporary data directory, and can kill (SIGKILL), stop (SIGTERM) and restart them on
 //! the same port. Used by the integration tests (`tests/it`) and the `parley-bench` binary.
 
+pub mod dns;
+
 use anyhow::{bail, Context as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
