@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod delivery;
 mod e2ee;
+mod federation;
 mod keys;
 mod ops;
 mod presence;
