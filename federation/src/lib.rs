@@ -1,12 +1,17 @@
-//! Parley federation: the homeserver's long-term signing key (created on first start, kept in
-//! the data directory) and the signed server-to-server request scheme ([`request`]), both
-//! sans I/O. Discovery, the HTTPS transport and the durable outbound queue build on them.
+//! Parley federation: the homeserver's long-term signing key with rotation ([`server_key`]),
+//! the self-signed key document ([`server_keys`]), signed server-to-server requests
+//! ([`request`]) and origin signatures on relayed messages ([`message`]), all sans I/O; and
+//! the I/O side: server-name discovery ([`discovery`]), TLS material ([`tls`]) and the signed
+//! HTTPS client ([`transport`]). The durable outbound queue lives in the server, next to the
+//! database it writes to.
 
 pub mod discovery;
+pub mod message;
 pub mod request;
 pub mod server_key;
 pub mod server_keys;
 pub mod tls;
+pub mod transport;
 
 pub use request::{Authorization, RequestAuthError, SignedParts};
 pub use server_key::{ServerKey, ServerKeyError};

@@ -37,13 +37,29 @@ fn without_signatures(document: &ServerKeys) -> ServerKeys {
     copy
 }
 
+/// The keys of a verified document.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VerifiedKeys {
+    /// Current keys by key id.
+    pub current: BTreeMap<String, PublicKey>,
+    /// Retired keys by key id, with the time after which their signatures are invalid.
+    pub old: BTreeMap<String, (PublicKey, u64)>,
+}
+
+impl VerifiedKeys {
+    /// The key `key_id` if a signature made at `ts` by it is acceptable.
+    pub fn key_for(&self, key_id: &str, ts: u64) -> Option<PublicKey> {
+        if let Some(key) = self.current.get(key_id) {
+            return Some(*key);
+        }
+        self.old.get(key_id).filter(|(_, expired_ts)| ts <= *expired_ts).map(|(key, _)| *key)
+    }
+}
+
 /// Checks a fetched document: right server, not expired, signed by every current key it lists
-/// (at least one). Returns the current keys by key id.
-pub fn verify_server_keys(
-    document: &ServerKeys,
-    expected: &ServerName,
-    now_ms: u64,
-) -> Result<BTreeMap<String, PublicKey>, ServerKeysError> {
+/// (at least one). Returns its current keys and its retired keys (which the current keys vouch
+/// for by signing the document).
+pub fn verify_server_keys(document: &ServerKeys, expected: &ServerName, now_ms: u64) -> Result<VerifiedKeys, ServerKeysError> {
     if &document.server_name != expected {
         return Err(ServerKeysError::WrongServer);
     }
@@ -62,7 +78,12 @@ pub fn verify_server_keys(
         key.verify_bytes(&bytes, &signature.0).map_err(|_| ServerKeysError::BadSignature)?;
         keys.insert(key_id.clone(), key);
     }
-    Ok(keys)
+    let mut old = BTreeMap::new();
+    for (key_id, old_key) in &document.old_verify_keys {
+        let key = PublicKey::from_bytes(&old_key.key.0).map_err(|_| ServerKeysError::BadSignature)?;
+        old.insert(key_id.clone(), (key, old_key.expired_ts));
+    }
+    Ok(VerifiedKeys { current: keys, old })
 }
 
 #[cfg(test)]
@@ -75,7 +96,9 @@ mod tests {
         let key = ServerKey::generate();
         let document = sign_server_keys(&name, &key, 1_000, 86_400_000);
         let keys = verify_server_keys(&document, &name, 2_000).unwrap();
-        assert_eq!(keys[&key.key_id], key.public());
+        assert_eq!(keys.current[&key.key_id], key.public());
+        assert_eq!(keys.key_for(&key.key_id, 5), Some(key.public()));
+        assert_eq!(keys.key_for("ed25519:other", 5), None);
         let other = ServerName::parse("b.example").unwrap();
         assert_eq!(verify_server_keys(&document, &other, 2_000), Err(ServerKeysError::WrongServer));
         assert_eq!(verify_server_keys(&document, &name, 86_401_001), Err(ServerKeysError::Expired));

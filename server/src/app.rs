@@ -44,6 +44,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// This server's signing key (federation), kept in `data_dir/server.key`.
     pub server_key: Arc<parley_federation::ServerKey>,
+    /// Federation (None when disabled).
+    pub federation: Option<Arc<crate::federation::Federation>>,
 }
 
 /// Why the server could not start.
@@ -61,6 +63,12 @@ pub enum OpenError {
     /// The database cannot be opened or migrated.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The federation listener's certificate or key, or the extra CA file, cannot be used.
+    #[error("federation TLS: {0}")]
+    Tls(#[from] parley_federation::tls::TlsError),
+    /// Discovery or the federation HTTP client cannot be set up.
+    #[error("federation: {0}")]
+    Federation(String),
 }
 
 /// A running server's handles that [`run`] needs to shut down cleanly.
@@ -69,6 +77,7 @@ pub struct Server {
     pub state: AppState,
     writer: tokio::task::JoinHandle<()>,
     shutdown_tx: watch::Sender<bool>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Server {
@@ -78,14 +87,61 @@ impl Server {
         let server_name = ServerName::parse(&config.server_name)?;
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::default());
+        let sender_slot: Arc<std::sync::OnceLock<crate::federation::sender::Sender>> = Arc::default();
         let on_commit = {
             let hub = hub.clone();
-            Arc::new(move |committed| hub.deliver(committed)) as crate::storage::writer::OnCommit
+            let sender_slot = sender_slot.clone();
+            Arc::new(move |committed: Vec<crate::storage::writer::Committed>, destinations: Vec<Arc<str>>| {
+                if !committed.is_empty() {
+                    hub.deliver(committed);
+                }
+                if let Some(sender) = sender_slot.get() {
+                    for destination in destinations {
+                        sender.wake(&destination);
+                    }
+                }
+            }) as crate::storage::writer::OnCommit
         };
-        let server_key = parley_federation::ServerKey::load_or_create(&config.data_dir.join("server.key"))?;
+        let server_key = Arc::new(parley_federation::ServerKey::load_or_create(&config.data_dir.join("server.key"))?);
         let (store, writer) = Store::open(&config, metrics.clone(), on_commit).await?;
         let store = Arc::new(store);
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let (federation, tls) = if config.federation.enabled {
+            let fed = &config.federation;
+            let (Some(cert), Some(key)) = (&fed.tls_cert, &fed.tls_key) else {
+                return Err(OpenError::Federation("federation.tls_cert and federation.tls_key are required".into()));
+            };
+            let tls = parley_federation::tls::server_config(cert, key)?;
+            let extra_roots = match &fed.extra_ca_file {
+                Some(path) => parley_federation::tls::extra_roots(path)?,
+                None => Vec::new(),
+            };
+            let timeout = Duration::from_millis(fed.request_timeout_ms);
+            let discovery = parley_federation::discovery::Discovery::new(parley_federation::discovery::DiscoveryConfig {
+                nameservers: fed.nameservers.clone(),
+                well_known_port: fed.well_known_port,
+                default_port: fed.default_port,
+                timeout: timeout.min(Duration::from_secs(10)),
+                extra_roots,
+            })
+            .map_err(|e| OpenError::Federation(e.to_string()))?;
+            let client = parley_federation::transport::FederationClient::new(server_name.clone(), server_key.clone(), discovery, timeout)
+                .map_err(|e| OpenError::Federation(e.to_string()))?;
+            let prefix = server_key.key_id.trim_start_matches("ed25519:").to_owned();
+            let sender = crate::federation::sender::Sender::new(
+                &store,
+                client.clone(),
+                fed.clone(),
+                metrics.clone(),
+                prefix,
+                shutdown.clone(),
+            );
+            let _ = sender_slot.set(sender.clone());
+            sender.resume().await?;
+            (Some(Arc::new(crate::federation::Federation::new(fed.clone(), client, sender))), Some(tls))
+        } else {
+            (None, None)
+        };
         let state = AppState {
             directory: Arc::new(Directory::new(store.clone(), server_name.clone())),
             limits: Arc::new(RateLimits::new(&config.rate_limits)),
@@ -96,23 +152,47 @@ impl Server {
             presence: Arc::new(Presence::default()),
             metrics,
             shutdown,
-            server_key: Arc::new(server_key),
+            server_key,
+            federation,
         };
-        Ok(Self { state, writer, shutdown_tx })
+        Ok(Self { state, writer, shutdown_tx, tls })
     }
 
     /// Serves `listener` until `signal` completes, then closes every WebSocket (1001), waits
     /// for in-flight requests, and lets the writer commit everything queued before returning.
-    pub async fn run(self, listener: TcpListener, signal: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let Server { state, writer, shutdown_tx } = self;
-        let limits = state.limits.clone();
-        let sweeper = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                limits.shrink();
-            }
-        });
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        federation_listener: Option<TcpListener>,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let Server { state, writer, shutdown_tx, tls } = self;
+        let sweeper = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    state.limits.shrink();
+                    if let Some(fed) = &state.federation {
+                        fed.shrink();
+                        let before = crate::storage::now_ms() - state.config.federation.txn_retention_ms as i64;
+                        if let Err(error) = state.store.prune_inbound_txns(before).await {
+                            tracing::warn!(%error, "pruning inbound transaction ids failed");
+                        }
+                    }
+                }
+            })
+        };
+        let federation_task = match (federation_listener, tls) {
+            (Some(listener), Some(tls)) => Some(tokio::spawn(serve_tls(
+                listener,
+                tls,
+                crate::federation::inbound::router(state.clone()),
+                state.shutdown.clone(),
+            ))),
+            _ => None,
+        };
         let router = app(state.clone());
         let mut shutdown = state.shutdown.clone();
         // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm and the
@@ -135,6 +215,9 @@ impl Server {
         let result = serve.await;
         trigger.abort();
         sweeper.abort();
+        if let Some(task) = federation_task {
+            let _ = task.await;
+        }
         // Every connection task holds a clone of the state; once they are gone the writer's
         // queue closes, and the writer commits what is left and stops.
         drop(state);
@@ -197,8 +280,60 @@ async fn limit_ip(
     }
 }
 
+/// Serves the federation router over TLS until shutdown.
+async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router, mut shutdown: watch::Receiver<bool>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "federation accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let builder = builder.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "federation TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let stopping = async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            };
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, %error, "federation connection ended with an error");
+                    }
+                    return;
+                }
+                _ = stopping => {}
+            }
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(10), connection).await;
+        });
+    }
+}
+
 /// GET /_parley/key/v1: this server's signing keys, self-signed, valid for a day.
-async fn server_keys(State(state): State<AppState>) -> axum::Json<parley_spec::federation::v1::keys::ServerKeys> {
+pub async fn server_keys(State(state): State<AppState>) -> axum::Json<parley_spec::federation::v1::keys::ServerKeys> {
     const VALID_FOR_MS: u64 = 24 * 60 * 60 * 1000;
     let now = crate::storage::now_ms() as u64;
     axum::Json(parley_federation::sign_server_keys(&state.server_name, &state.server_key, now, VALID_FOR_MS))

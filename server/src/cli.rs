@@ -136,12 +136,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let address = listener.local_addr()?;
     let server_name = config.server_name.clone();
+    let federation_listener = if config.federation.enabled {
+        let bind = config.federation.listen;
+        Some(tokio::net::TcpListener::bind(bind).await.with_context(|| format!("binding {bind} (federation)"))?)
+    } else {
+        None
+    };
     let server = Server::open(config).await.context("starting the server")?;
-    // A stable line that scripts and tests wait for.
+    // Stable lines that scripts and tests wait for (the client line comes last).
+    if let Some(federation) = &federation_listener {
+        let address = federation.local_addr()?;
+        println!("parleyd federation listening on https://{address}");
+        tracing::info!(%address, "federation listening");
+    }
     println!("parleyd listening on http://{address} (server name {server_name})");
     std::io::stdout().flush()?;
     tracing::info!(%address, "listening");
-    server.run(listener, shutdown_signal()).await?;
+    server.run(listener, federation_listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

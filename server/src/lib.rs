@@ -12,6 +12,7 @@ pub mod config;
 pub mod devnet;
 pub mod directory;
 pub mod error;
+pub mod federation;
 pub mod hub;
 pub mod messaging;
 pub mod metrics;

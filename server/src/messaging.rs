@@ -4,7 +4,8 @@
 use crate::app::AppState;
 use crate::auth::AuthDevice;
 use crate::error::{ApiError, ApiResult};
-use crate::storage::{now_ms, MessageOutcome, NewEvent, NewMessage};
+use crate::storage::{now_ms, Effects, MessageOutcome, NewEvent, NewMessage};
+use parley_spec::federation::v1::transaction::{FedEnvelope, Item, SignedMessage, TypingItem};
 use bytes::Bytes;
 use parley_spec::error::{DeviceRef, DevicesMismatch};
 use parley_spec::v1::events::{InboxEvent, MessageEvent, ReceiptEvent, ReceiptKind};
@@ -33,7 +34,7 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
         ));
     }
     if request.to.server() != state.server_name.as_str() {
-        return Err(ApiError::new(ErrorCode::BadRequest, "remote users are not reachable from this server yet (no federation)"));
+        return prepare_remote_send(state, auth, request).await;
     }
     let recipient =
         state.directory.user(&request.to).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
@@ -92,7 +93,93 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
         recipient: request.to.to_string(),
         ts,
         events,
+        outbound: Vec::new(),
     })
+}
+
+/// A send to a user of another server: the sender's other devices get inbox events here, the
+/// recipient's devices (as their server last told us; refreshed once on a mismatch) one signed
+/// message in the durable queue to that server.
+async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendRequest) -> ApiResult<NewMessage> {
+    let sender = state
+        .directory
+        .local(auth.user_id.localpart())
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownToken, "the sending account no longer exists"))?;
+    let mut remote = crate::federation::remote::devices(state, &request.to, false).await?;
+    let mut refreshed = false;
+    loop {
+        let mut expected: BTreeMap<DeviceRef, Option<i64>> = BTreeMap::new();
+        for id in &remote.devices {
+            expected.insert(DeviceRef::new(request.to.clone(), id.clone()), None);
+        }
+        for (pk, id) in &sender.devices {
+            if *pk != auth.device_pk {
+                expected.insert(DeviceRef::new(sender.user_id.clone(), id.clone()), Some(*pk));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        let mut extra = Vec::new();
+        for envelope in &request.envelopes {
+            let target = DeviceRef::new(envelope.user.clone(), envelope.device.clone());
+            if !expected.contains_key(&target) || !seen.insert(target.clone()) {
+                extra.push(target);
+            }
+        }
+        let missing: Vec<DeviceRef> = expected.keys().filter(|t| !seen.contains(*t)).cloned().collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            if !refreshed {
+                // Our copy of the remote devices may be stale: ask their server once.
+                refreshed = true;
+                remote = crate::federation::remote::devices(state, &request.to, true).await?;
+                continue;
+            }
+            return Err(ApiError::devices_mismatch(DevicesMismatch::new(missing, extra)));
+        }
+        let id = state.store.next_message_id();
+        let ts = now_ms();
+        let origin = Some((sender.user_id_arc.clone(), id));
+        let mut events = Vec::new();
+        let mut envelopes = Vec::new();
+        for envelope in request.envelopes {
+            match expected[&DeviceRef::new(envelope.user, envelope.device.clone())] {
+                Some(device) => {
+                    let event = InboxEvent::Message(MessageEvent::new(
+                        id,
+                        auth.user_id.clone(),
+                        auth.device_id.clone(),
+                        request.to.clone(),
+                        ts as u64,
+                        envelope.ciphertext.0,
+                    ));
+                    events.push(NewEvent { device, origin: origin.clone(), payload: to_bytes(&event)? });
+                }
+                None => envelopes.push(FedEnvelope::new(envelope.device, envelope.ciphertext.0)),
+            }
+        }
+        let mut message = SignedMessage::new(
+            id,
+            auth.user_id.clone(),
+            auth.device_id.clone(),
+            request.to.clone(),
+            ts as u64,
+            envelopes,
+            state.server_name.clone(),
+            String::new(),
+        );
+        parley_federation::message::sign_message(&mut message, &state.server_key);
+        let item = Item::Message(message);
+        let outbound = vec![crate::federation::sender::outbound(request.to.server(), &item)?];
+        return Ok(NewMessage {
+            id,
+            sender_device: auth.device_pk,
+            client_msg_id: request.client_msg_id,
+            recipient: request.to.to_string(),
+            ts,
+            events,
+            outbound,
+        });
+    }
 }
 
 /// The `sent` answer for a store outcome.
@@ -123,7 +210,7 @@ pub async fn receipts(
     auth: &AuthDevice,
     kind: ReceiptKind,
     origins: impl IntoIterator<Item = (Arc<str>, u64)>,
-) -> ApiResult<Vec<NewEvent>> {
+) -> ApiResult<Effects> {
     let mut by_sender: BTreeMap<Arc<str>, Vec<u64>> = BTreeMap::new();
     for (sender, id) in origins {
         if sender.as_ref() != auth.user_id.as_str() {
@@ -131,9 +218,20 @@ pub async fn receipts(
         }
     }
     let ts = now_ms() as u64;
-    let mut events = Vec::new();
+    let mut effects = Effects::default();
     for (sender, ids) in by_sender {
         let Ok(sender_id) = sender.parse::<UserId>() else { continue };
+        if sender_id.server() != state.server_name.as_str() {
+            if state.federation.is_none() {
+                continue;
+            }
+            for chunk in ids.chunks(MAX_READ_IDS) {
+                let receipt =
+                    ReceiptEvent::new(kind, auth.user_id.clone(), auth.device_id.clone(), sender_id.clone(), chunk.to_vec(), ts);
+                effects.outbound.push(crate::federation::sender::outbound(sender_id.server(), &Item::Receipt(receipt))?);
+            }
+            continue;
+        }
         let Some(entry) = state.directory.user(&sender_id).await? else { continue };
         for chunk in ids.chunks(MAX_READ_IDS) {
             let event = InboxEvent::Receipt(ReceiptEvent::new(
@@ -145,14 +243,14 @@ pub async fn receipts(
                 ts,
             ));
             let payload = to_bytes(&event)?;
-            events.extend(entry.devices.iter().map(|(device, _)| NewEvent {
+            effects.events.extend(entry.devices.iter().map(|(device, _)| NewEvent {
                 device: *device,
                 origin: None,
                 payload: payload.clone(),
             }));
         }
     }
-    Ok(events)
+    Ok(effects)
 }
 
 /// Acknowledges `(from, to]` of the device's inbox, reading which messages that covers from the
@@ -183,7 +281,15 @@ pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest
     if request.message_ids.is_empty() || request.message_ids.len() > MAX_READ_IDS {
         return Err(ApiError::new(ErrorCode::BadRequest, format!("message_ids must hold 1 to {MAX_READ_IDS} ids")));
     }
-    let peer = state.directory.user(&request.peer).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
+    let remote_peer = request.peer.server() != state.server_name.as_str();
+    let peer_devices: Vec<i64> = if remote_peer {
+        crate::federation::remote::check_reachable(state, request.peer.server())?;
+        Vec::new()
+    } else {
+        let peer =
+            state.directory.user(&request.peer).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
+        peer.devices.iter().map(|(pk, _)| *pk).collect()
+    };
     let me = state
         .directory
         .local(auth.user_id.localpart())
@@ -193,19 +299,31 @@ pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest
         ReceiptKind::Read,
         auth.user_id.clone(),
         auth.device_id.clone(),
-        peer.user_id.clone(),
+        request.peer.clone(),
         request.message_ids,
         now_ms() as u64,
     ));
     let payload = to_bytes(&event)?;
-    let targets = peer.devices.iter().chain(me.devices.iter().filter(|(pk, _)| *pk != auth.device_pk));
-    let events = targets.map(|(device, _)| NewEvent { device: *device, origin: None, payload: payload.clone() }).collect();
-    state.store.append_events(events).await?;
+    let mut effects = Effects::default();
+    if remote_peer {
+        let InboxEvent::Receipt(receipt) = event else { return Err(ApiError::internal("receipt expected")) };
+        effects.outbound.push(crate::federation::sender::outbound(request.peer.server(), &Item::Receipt(receipt))?);
+    }
+    let targets = peer_devices.into_iter().chain(me.devices.iter().map(|(pk, _)| *pk).filter(|pk| *pk != auth.device_pk));
+    effects.events = targets.map(|device| NewEvent { device, origin: None, payload: payload.clone() }).collect();
+    state.store.append(effects).await?;
     Ok(())
 }
 
 /// Typing: to the recipient's connected devices only; never stored.
 pub async fn typing(state: &AppState, auth: &AuthDevice, to: &UserId, typing: bool) -> ApiResult<()> {
+    if to.server() != state.server_name.as_str() {
+        crate::federation::remote::check_reachable(state, to.server())?;
+        if let Some(fed) = &state.federation {
+            fed.sender.push_ephemeral(to.server(), Item::Typing(TypingItem::new(auth.user_id.clone(), to.clone(), typing)));
+        }
+        return Ok(());
+    }
     let peer = state.directory.user(to).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
     let frame = to_bytes(&ServerFrame::Typing(TypingNotice::new(auth.user_id.clone(), typing)))?;
     for (device, _) in &peer.devices {

@@ -29,6 +29,16 @@ pub struct Metrics {
     pub writer_queue_depth: Gauge,
     /// Requests and frames refused by a rate limit.
     pub rate_limited: Counter,
+    /// Federation items sent and accepted by their destination.
+    pub federation_items_sent: Counter,
+    /// Federation items received in new inbound transactions.
+    pub federation_items_received: Counter,
+    /// Outbound transactions that failed (and will be retried).
+    pub federation_txn_failures: Counter,
+    /// Typing and presence items dropped for an unreachable destination.
+    pub federation_ephemeral_dropped: Counter,
+    /// Seconds from sending an outbound transaction to its answer.
+    pub federation_txn_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -52,6 +62,24 @@ impl Metrics {
         let batch_size = Histogram::new([1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0]);
         let writer_queue_depth = Gauge::default();
         let rate_limited = Counter::default();
+        let federation_items_sent = Counter::default();
+        let federation_items_received = Counter::default();
+        let federation_txn_failures = Counter::default();
+        let federation_ephemeral_dropped = Counter::default();
+        let federation_txn_seconds = Histogram::new(latency_buckets);
+        registry.register("federation_items_sent", "Federation items accepted by their destination", federation_items_sent.clone());
+        registry.register(
+            "federation_items_received",
+            "Federation items received in new inbound transactions",
+            federation_items_received.clone(),
+        );
+        registry.register("federation_txn_failures", "Outbound transactions that failed", federation_txn_failures.clone());
+        registry.register(
+            "federation_ephemeral_dropped",
+            "Typing and presence items dropped for an unreachable destination",
+            federation_ephemeral_dropped.clone(),
+        );
+        registry.register("federation_txn_seconds", "Round trip of one outbound transaction", federation_txn_seconds.clone());
         registry.register("ws_connections", "Open WebSocket connections", connections.clone());
         registry.register("messages_stored", "Messages accepted and stored", messages_stored.clone());
         registry.register("inbox_events_stored", "Inbox events made durable", events_stored.clone());
@@ -78,6 +106,11 @@ impl Metrics {
             batch_size,
             writer_queue_depth,
             rate_limited,
+            federation_items_sent,
+            federation_items_received,
+            federation_txn_failures,
+            federation_ephemeral_dropped,
+            federation_txn_seconds,
         }
     }
 

@@ -6,7 +6,10 @@
 
 use crate::app::AppState;
 use crate::directory::UserEntry;
+use crate::error::ApiResult;
 use crate::storage::{StoreError, UserPk};
+use parley_spec::federation::v1::transaction::{Item, PresenceItem, PresenceSubscription};
+use std::collections::BTreeMap;
 use bytes::Bytes;
 use parley_spec::v1::presence::{PresenceInfo, PresenceStatus, Visibility};
 use parley_spec::v1::ws::ServerFrame;
@@ -102,10 +105,17 @@ async fn announce_now(state: &AppState, user: &UserEntry, online: bool, last_see
     } else {
         (PresenceStatus::Offline, last_seen.or(row.last_seen_ts).map(|t| t as u64))
     };
-    let shown = frame(PresenceInfo::new(user.user_id.clone(), status, last_seen_ts));
+    let info = PresenceInfo::new(user.user_id.clone(), status, last_seen_ts);
+    let shown = frame(info.clone());
+    // Remote subscribers, grouped by server: one presence item per server (coalesced there).
+    let mut remote: BTreeMap<String, Vec<UserId>> = BTreeMap::new();
     for (subscriber, is_contact) in subscribers {
         let Ok(subscriber) = subscriber.parse::<UserId>() else { continue };
         if !visible(visibility, is_contact, false) {
+            continue;
+        }
+        if subscriber.server() != state.server_name.as_str() {
+            remote.entry(subscriber.server().to_owned()).or_default().push(subscriber);
             continue;
         }
         if let Some(entry) = state.directory.user(&subscriber).await? {
@@ -114,7 +124,50 @@ async fn announce_now(state: &AppState, user: &UserEntry, online: bool, last_see
             }
         }
     }
+    if let Some(fed) = &state.federation {
+        for (server, viewers) in remote {
+            fed.sender.push_ephemeral(&server, Item::Presence(PresenceItem::new(info.clone(), viewers)));
+        }
+    }
     Ok(())
+}
+
+/// A server tells us which of our users one of its users follows: the subscription replaces
+/// the earlier one, and the current presence of each (as that user may see it) goes back.
+pub async fn remote_subscription(state: &AppState, subscription: PresenceSubscription) -> ApiResult<()> {
+    let mut local = Vec::new();
+    for contact in subscription.contacts.iter().take(crate::api::presence::MAX_SUBSCRIBE) {
+        if let Some(entry) = state.directory.user(contact).await? {
+            local.push(entry);
+        }
+    }
+    let names: Vec<String> = local.iter().map(|e| e.user_id.to_string()).collect();
+    state.store.replace_remote_contacts(subscription.subscriber.as_str(), state.server_name.as_str(), &names).await?;
+    let Some(fed) = &state.federation else { return Ok(()) };
+    for entry in local {
+        let info = view(state, &subscription.subscriber, &entry).await?;
+        if info.status != PresenceStatus::Hidden {
+            fed.sender.push_ephemeral(
+                subscription.subscriber.server(),
+                Item::Presence(PresenceItem::new(info, vec![subscription.subscriber.clone()])),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Presence of a remote user for local viewers: remembered, and sent to the viewers' devices.
+pub async fn deliver_remote(state: &AppState, item: PresenceItem) {
+    if let Some(fed) = &state.federation {
+        fed.remember_presence(item.presence.clone());
+    }
+    let shown = frame(item.presence);
+    for viewer in item.viewers {
+        let Ok(Some(entry)) = state.directory.user(&viewer).await else { continue };
+        for (device, _) in &entry.devices {
+            state.hub.send_ephemeral(*device, shown.clone());
+        }
+    }
 }
 
 /// A serialized `presence` frame.

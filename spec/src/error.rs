@@ -51,6 +51,24 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an unexpected failure on the server. Details are in the server's log.
     Internal,
+    /// Federation: the request carries no `Authorization: Parley` signature.
+    Unsigned,
+    /// Federation: the `Authorization` header does not parse.
+    BadAuthorization,
+    /// Federation: the signature does not verify with the origin's key.
+    BadSignature,
+    /// Federation: the request was signed for another server.
+    WrongDestination,
+    /// Federation: the request's timestamp is outside the clock skew window.
+    StaleRequest,
+    /// Federation: this exact signed request was seen before.
+    ReplayedRequest,
+    /// Federation: the origin's signing key could not be fetched or does not include the key id.
+    UnknownServerKey,
+    /// Federation: this server does not federate with that server (allow/deny lists).
+    ServerDenied,
+    /// The user's homeserver could not be reached; retry later.
+    RemoteUnavailable,
 }
 
 impl ErrorCode {
@@ -78,6 +96,15 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::Unsigned => "unsigned",
+            Self::BadAuthorization => "bad_authorization",
+            Self::BadSignature => "bad_signature",
+            Self::WrongDestination => "wrong_destination",
+            Self::StaleRequest => "stale_request",
+            Self::ReplayedRequest => "replayed_request",
+            Self::UnknownServerKey => "unknown_server_key",
+            Self::ServerDenied => "server_denied",
+            Self::RemoteUnavailable => "remote_unavailable",
         }
     }
 
@@ -95,6 +122,10 @@ impl ErrorCode {
             Self::RateLimited => 429,
             Self::Unavailable => 503,
             Self::Internal => 500,
+            Self::Unsigned | Self::BadAuthorization | Self::BadSignature | Self::WrongDestination => 401,
+            Self::StaleRequest | Self::ReplayedRequest | Self::UnknownServerKey => 401,
+            Self::ServerDenied => 403,
+            Self::RemoteUnavailable => 502,
         }
     }
 }

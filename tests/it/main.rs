@@ -6,6 +6,7 @@ mod cli;
 mod delivery;
 mod discovery;
 mod e2ee;
+mod federation;
 mod keys;
 mod ops;
 mod presence;

@@ -177,8 +177,8 @@ async fn the_server_publishes_a_self_signed_key_document_that_survives_restarts(
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
     let first = fetch(server.base_url.clone()).await?;
     let keys = parley_federation::verify_server_keys(&first, &name, now)?;
-    assert_eq!(keys.len(), 1);
-    assert!(keys.keys().all(|id| id.starts_with("ed25519:")));
+    assert_eq!(keys.current.len(), 1);
+    assert!(keys.current.keys().all(|id| id.starts_with("ed25519:")));
     server.stop().await?;
     server.restart().await?;
     let second = fetch(server.base_url.clone()).await?;

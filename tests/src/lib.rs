@@ -3,6 +3,7 @@
 //! the same port. Used by the integration tests (`tests/it`) and the `parley-bench` binary.
 
 pub mod dns;
+pub mod fednet;
 
 use anyhow::{bail, Context as _};
 use std::net::SocketAddr;
@@ -51,6 +52,8 @@ pub struct TestServer {
     pub base_url: String,
     /// The bound address (kept across restarts).
     pub addr: SocketAddr,
+    /// The federation listener's address when federation is enabled (kept across restarts).
+    pub federation_addr: Option<SocketAddr>,
     dir: tempfile::TempDir,
     logs: Arc<Mutex<String>>,
 }
@@ -69,7 +72,7 @@ impl TestServer {
         std::fs::write(dir.path().join("parleyd.toml"), config)?;
         let logs = Arc::new(Mutex::new(String::new()));
         let addr: SocketAddr = "127.0.0.1:0".parse()?;
-        let mut server = Self { child: None, base_url: String::new(), addr, dir, logs };
+        let mut server = Self { child: None, base_url: String::new(), addr, federation_addr: None, dir, logs };
         server.spawn().await?;
         Ok(server)
     }
@@ -94,7 +97,11 @@ impl TestServer {
         if !binary.exists() {
             bail!("{} not found: build it with `cargo build -p parley-tests --bins`", binary.display());
         }
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(addr) = self.federation_addr {
+            command.env("PARLEY__FEDERATION__LISTEN", addr.to_string());
+        }
+        let mut child = command
             .arg("--config")
             .arg(self.dir.path().join("parleyd.toml"))
             .arg("--data-dir")
@@ -120,10 +127,17 @@ impl TestServer {
         });
         let stdout = child.stdout.take().context("stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        let mut line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
             .await
             .context("parleyd did not start within 60 s")??
             .with_context(|| format!("parleyd exited before listening; logs:\n{}", self.logs()))?;
+        if let Some(rest) = line.strip_prefix("parleyd federation listening on https://") {
+            self.federation_addr = Some(rest.trim().parse()?);
+            line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+                .await
+                .context("parleyd did not start within 60 s")??
+                .with_context(|| format!("parleyd exited before listening; logs:\n{}", self.logs()))?;
+        }
         let addr = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("http://"))
@@ -165,7 +179,7 @@ impl TestServer {
 }
 
 /// Appends `extra` to `base`, letting keys of `extra` override those of `base` table by table.
-fn merge_toml(base: &str, extra: &str) -> anyhow::Result<String> {
+pub(crate) fn merge_toml(base: &str, extra: &str) -> anyhow::Result<String> {
     let mut base: toml::Table = toml::from_str(base)?;
     let extra: toml::Table = toml::from_str(extra)?;
     for (key, value) in extra {

@@ -138,6 +138,7 @@ pub async fn login(
         Err(other) => return Err(other.into()),
     }
     state.directory.invalidate(&user.localpart);
+    crate::federation::remote::device_list_changed(&state, user.pk, &user_id).await?;
     tracing::info!(user = %user_id, device = %device_id, "logged in");
     Ok(axum::Json(SessionResponse::new(user_id, device_id, token.to_string())))
 }
@@ -152,6 +153,7 @@ async fn remove_device(state: &AppState, auth: &AuthDevice, device_pk: i64) -> A
     state.store.delete_device(device_pk).await?;
     state.directory.invalidate(auth.user_id.localpart());
     state.hub.close(device_pk, CloseReason::Revoked);
+    crate::federation::remote::device_list_changed(state, auth.user_pk, &auth.user_id).await?;
     Ok(())
 }
 
@@ -207,6 +209,10 @@ pub async fn user_devices(
     Path(user_id): Path<String>,
 ) -> ApiResult<axum::Json<UserDevicesResponse>> {
     let user_id = parse_user(&user_id)?;
+    if user_id.server() != state.server_name.as_str() {
+        let remote = crate::federation::remote::devices(&state, &user_id, true).await?;
+        return Ok(axum::Json(UserDevicesResponse::new(user_id, remote.devices)));
+    }
     let entry = state.directory.user(&user_id).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
     let devices = entry.devices.iter().map(|(_, id)| id.clone()).collect();
     Ok(axum::Json(UserDevicesResponse::new(user_id, devices)))

@@ -109,7 +109,10 @@ pub async fn put_device_list(
     // identity changes are for clients to judge.
     verify_device_list(&list, &auth.user_id, None, None).map_err(|e| bad(format!("device list: {e}")))?;
     match state.store.put_device_list(auth.user_pk, list.version, &to_json(&list)?).await {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Ok(()) => {
+            crate::federation::remote::device_list_changed(&state, auth.user_pk, &auth.user_id).await?;
+            Ok(StatusCode::NO_CONTENT)
+        }
         Err(StoreError::Conflict) => Err(ApiError::new(ErrorCode::BadRequest, "version must be greater than the published one")),
         Err(other) => Err(other.into()),
     }
@@ -122,6 +125,13 @@ pub async fn get_device_list(
     Path(user_id): Path<String>,
 ) -> ApiResult<axum::Json<SignedDeviceList>> {
     let user_id = parse_user(&user_id)?;
+    if user_id.server() != state.server_name.as_str() {
+        let devices = crate::federation::remote::devices(&state, &user_id, true).await?;
+        return devices
+            .device_list
+            .map(axum::Json)
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no device list published"));
+    }
     let entry = state.directory.user(&user_id).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
     let json =
         state.store.device_list(entry.pk).await?.ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no device list published"))?;
@@ -137,9 +147,22 @@ pub async fn claim_keys(
     if request.devices.len() > MAX_CLAIM_DEVICES {
         return Err(bad(format!("at most {MAX_CLAIM_DEVICES} devices per claim")));
     }
+    let (local, remote): (Vec<DeviceRef>, Vec<DeviceRef>) =
+        request.devices.into_iter().partition(|d| d.user.server() == state.server_name.as_str());
+    let mut response = claim_local(&state, local).await?;
+    if !remote.is_empty() {
+        let answer = crate::federation::remote::claim(&state, remote).await?;
+        response.bundles.extend(answer.bundles);
+        response.missing.extend(answer.missing);
+    }
+    Ok(axum::Json(response))
+}
+
+/// Claims bundles for devices of local users (for clients here and for other servers).
+pub async fn claim_local(state: &AppState, devices: Vec<DeviceRef>) -> ApiResult<ClaimResponse> {
     let mut bundles = Vec::new();
     let mut missing = Vec::new();
-    for target in request.devices {
+    for target in devices {
         let device = match state.directory.user(&target.user).await? {
             Some(entry) => entry.devices.iter().find(|(_, id)| *id == target.device).map(|(pk, _)| *pk),
             None => None,
@@ -153,7 +176,7 @@ pub async fn claim_keys(
             continue;
         };
         if claimed.remaining < state.config.limits.prekey_low_watermark {
-            crate::ws::notify_prekeys_low(&state, device, claimed.remaining);
+            crate::ws::notify_prekeys_low(state, device, claimed.remaining);
         }
         bundles.push(PrekeyBundle::new(
             from_json(&claimed.device_keys)?,
@@ -162,5 +185,5 @@ pub async fn claim_keys(
             claimed.last_resort_prekey.as_deref().map(from_json).transpose()?,
         ));
     }
-    Ok(axum::Json(ClaimResponse::new(bundles, missing)))
+    Ok(ClaimResponse::new(bundles, missing))
 }

@@ -8,6 +8,7 @@ use crate::presence;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use parley_spec::v1::presence::{PresenceInfo, PrivacySettings, SubscribeRequest, SubscriptionsResponse};
+use parley_spec::federation::v1::transaction::{Item, PresenceSubscription};
 use parley_spec::{ErrorCode, UserId};
 
 /// Most users in one subscription request.
@@ -20,6 +21,9 @@ pub async fn get_presence(
     Path(user_id): Path<String>,
 ) -> ApiResult<axum::Json<PresenceInfo>> {
     let user_id = parse_user(&user_id)?;
+    if user_id.server() != state.server_name.as_str() {
+        return Ok(axum::Json(remote_presence(&state, &user_id)));
+    }
     let target = state.directory.user(&user_id).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
     Ok(axum::Json(presence::view(&state, &auth.user_id, &target).await?))
 }
@@ -34,13 +38,37 @@ pub async fn subscribe(
         return Err(ApiError::new(ErrorCode::BadRequest, format!("at most {MAX_SUBSCRIBE} users per request")));
     }
     let mut names = Vec::with_capacity(request.users.len());
+    let mut remote_servers = std::collections::BTreeSet::new();
     for user in &request.users {
+        if user.server() != state.server_name.as_str() {
+            crate::federation::remote::check_reachable(&state, user.server())?;
+            remote_servers.insert(user.server().to_owned());
+            names.push(user.to_string());
+            continue;
+        }
         if state.directory.user(user).await?.is_none() {
             return Err(ApiError::new(ErrorCode::UnknownUser, format!("no such user: {user}")));
         }
         names.push(user.to_string());
     }
     state.store.add_contacts(auth.user_id.as_str(), &names).await?;
+    // Each remote server learns the whole set of its users this user follows.
+    let mut effects = crate::storage::Effects::default();
+    for server in remote_servers {
+        let contacts: Vec<UserId> = state
+            .store
+            .contacts_of(auth.user_id.as_str())
+            .await?
+            .into_iter()
+            .filter_map(|c| c.parse::<UserId>().ok())
+            .filter(|c| c.server() == server)
+            .collect();
+        let item = Item::PresenceSubscription(PresenceSubscription::new(auth.user_id.clone(), contacts));
+        effects.outbound.push(crate::federation::sender::outbound(&server, &item)?);
+    }
+    if !effects.outbound.is_empty() {
+        state.store.append(effects).await?;
+    }
     list(&state, &auth).await
 }
 
@@ -58,11 +86,24 @@ pub async fn contacts_presence(state: &AppState, viewer: &UserId) -> ApiResult<V
     let mut presence = Vec::new();
     for contact in state.store.contacts_of(viewer.as_str()).await? {
         let Ok(contact) = contact.parse::<UserId>() else { continue };
+        if contact.server() != state.server_name.as_str() {
+            presence.push(remote_presence(state, &contact));
+            continue;
+        }
         if let Some(entry) = state.directory.user(&contact).await? {
             presence.push(presence::view(state, viewer, &entry).await?);
         }
     }
     Ok(presence)
+}
+
+/// What this server last heard of a remote user's presence (offline when nothing yet).
+fn remote_presence(state: &AppState, user: &UserId) -> PresenceInfo {
+    state
+        .federation
+        .as_ref()
+        .and_then(|fed| fed.remote_presence(user))
+        .unwrap_or_else(|| PresenceInfo::new(user.clone(), parley_spec::v1::presence::PresenceStatus::Offline, None))
 }
 
 /// PUT /v1/account/privacy

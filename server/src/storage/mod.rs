@@ -9,7 +9,7 @@ mod sqlite;
 pub mod writer;
 
 pub use sqlite::{ClaimedKeys, KeyUpload, Store};
-pub use writer::{MessageOutcome, NewEvent, NewMessage};
+pub use writer::{Effects, MessageOutcome, NewEvent, NewMessage, Outbound};
 
 use bytes::Bytes;
 use std::sync::Arc;

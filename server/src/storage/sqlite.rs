@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, "keys", include_str!("../../migrations/sqlite/0002_keys.sql")),
+    (3, "federation", include_str!("../../migrations/sqlite/0003_federation.sql")),
 ];
 
 /// The database handle shared by all services.
@@ -102,17 +103,133 @@ impl Store {
     }
 
     /// Records an acknowledgement and its delivered receipts.
-    pub async fn ack(&self, device: DevicePk, seq: u64, receipts: Vec<NewEvent>) -> Result<(), StoreError> {
+    pub async fn ack(&self, device: DevicePk, seq: u64, receipts: Effects) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.queue(WriteOp::Ack { device, seq, receipts, reply }).await?;
         Self::wait(rx).await
     }
 
-    /// Appends events to inboxes.
-    pub async fn append_events(&self, events: Vec<NewEvent>) -> Result<(), StoreError> {
+    /// Appends events to inboxes and items to outbound queues, in one commit.
+    pub async fn append(&self, effects: Effects) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.queue(WriteOp::Events(events, reply)).await?;
+        self.queue(WriteOp::Events(effects, reply)).await?;
         Self::wait(rx).await
+    }
+
+    /// Applies an inbound transaction unless `(origin, txn_id)` was applied before; `true` if new.
+    pub async fn apply_inbound(&self, origin: &str, txn_id: &str, effects: Effects) -> Result<bool, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(WriteOp::Inbound { origin: origin.to_owned(), txn_id: txn_id.to_owned(), effects, reply }).await?;
+        Self::wait(rx).await
+    }
+
+    /// Records the transaction about to be sent to `destination`.
+    pub async fn txn_inflight(&self, destination: &str, txn_id: &str, last_seq: i64) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(WriteOp::TxnInflight { destination: destination.to_owned(), txn_id: txn_id.to_owned(), last_seq, reply })
+            .await?;
+        Self::wait(rx).await
+    }
+
+    /// `destination` accepted everything up to `last_seq`.
+    pub async fn txn_done(&self, destination: &str, last_seq: i64) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(WriteOp::TxnDone { destination: destination.to_owned(), last_seq, reply }).await?;
+        Self::wait(rx).await
+    }
+
+    /// The oldest queued items for `destination` (seq, payload), at most `limit`, up to
+    /// `up_to` when given.
+    pub async fn outbound_batch(
+        &self,
+        destination: &str,
+        limit: usize,
+        up_to: Option<i64>,
+    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, payload FROM fed_outbound WHERE destination = ? AND seq <= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(destination)
+        .bind(up_to.unwrap_or(i64::MAX))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).collect()
+    }
+
+    /// The transaction in flight to `destination`, if one was being sent.
+    pub async fn inflight(&self, destination: &str) -> Result<Option<(String, i64)>, StoreError> {
+        let row = sqlx::query("SELECT txn_id, last_seq FROM fed_inflight WHERE destination = ?")
+            .bind(destination)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).transpose()
+    }
+
+    /// Every destination with queued items (to resume sending after a restart).
+    pub async fn outbound_destinations(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT DISTINCT destination FROM fed_outbound").fetch_all(&self.pool).await?)
+    }
+
+    /// Queued items per destination (for metrics and admin).
+    pub async fn outbound_count(&self, destination: &str) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM fed_outbound WHERE destination = ?")
+            .bind(destination)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count as u64)
+    }
+
+    /// Forgets inbound transaction ids older than `before` (ms).
+    pub async fn prune_inbound_txns(&self, before: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM fed_inbound_txns WHERE received_ts < ?").bind(before).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    /// The cached devices of a remote user (JSON of `UserDevices`).
+    pub async fn remote_devices(&self, user_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT json FROM remote_devices WHERE user_id = ?")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Caches the devices of a remote user.
+    pub async fn put_remote_devices(&self, user_id: &str, json: &[u8]) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO remote_devices (user_id, json, fetched_ts) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (user_id) DO UPDATE SET json = ?2, fetched_ts = ?3",
+        )
+        .bind(user_id)
+        .bind(json)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets the cached devices of a remote user.
+    pub async fn forget_remote_devices(&self, user_id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM remote_devices WHERE user_id = ?").bind(user_id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Remembers that `server` fetched the devices of local user `user`.
+    pub async fn add_device_list_watcher(&self, user: UserPk, server: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT OR IGNORE INTO device_list_watchers (user_id, server) VALUES (?, ?)")
+            .bind(user)
+            .bind(server)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Servers that fetched the devices of local user `user`.
+    pub async fn device_list_watchers(&self, user: UserPk) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT server FROM device_list_watchers WHERE user_id = ?")
+            .bind(user)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// Removes a device, its token and its inbox.
@@ -330,6 +447,25 @@ impl Store {
     /// Adds contacts (presence subscriptions).
     pub async fn add_contacts(&self, owner: &str, contacts: &[String]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for contact in contacts {
+            sqlx::query("INSERT OR IGNORE INTO contacts (owner, contact) VALUES (?, ?)")
+                .bind(owner)
+                .bind(contact)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces the contacts on server `server` of a remote `owner` (a remote subscription).
+    pub async fn replace_remote_contacts(&self, owner: &str, server: &str, contacts: &[String]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("DELETE FROM contacts WHERE owner = ? AND contact LIKE ?")
+            .bind(owner)
+            .bind(format!("%:{server}"))
+            .execute(&mut *tx)
+            .await?;
         for contact in contacts {
             sqlx::query("INSERT OR IGNORE INTO contacts (owner, contact) VALUES (?, ?)")
                 .bind(owner)

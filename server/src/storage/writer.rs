@@ -28,6 +28,32 @@ pub struct NewEvent {
     pub payload: Bytes,
 }
 
+/// An item for another server's outbound queue (JSON of a federation transaction item).
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The destination server name.
+    pub destination: Arc<str>,
+    /// The item JSON.
+    pub payload: Bytes,
+}
+
+/// What an operation adds: inbox events for local devices, items for other servers.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Local inbox events.
+    pub events: Vec<NewEvent>,
+    /// Federation items.
+    pub outbound: Vec<Outbound>,
+}
+
+impl Effects {
+    /// Adds another operation's effects.
+    pub fn extend(&mut self, other: Effects) {
+        self.events.extend(other.events);
+        self.outbound.extend(other.outbound);
+    }
+}
+
 /// A message to store: its idempotency record plus one inbox event per target device.
 #[derive(Debug)]
 pub struct NewMessage {
@@ -41,8 +67,10 @@ pub struct NewMessage {
     pub recipient: String,
     /// Server timestamp.
     pub ts: i64,
-    /// One event per target device.
+    /// One event per local target device.
     pub events: Vec<NewEvent>,
+    /// The signed message for each other server with target devices.
+    pub outbound: Vec<Outbound>,
 }
 
 /// What became of a message.
@@ -73,8 +101,9 @@ pub struct Committed {
     pub row: InboxRow,
 }
 
-/// Called after each commit with the events it made durable.
-pub type OnCommit = Arc<dyn Fn(Vec<Committed>) + Send + Sync>;
+/// Called after each commit with the events it made durable and the destinations whose
+/// outbound queue grew.
+pub type OnCommit = Arc<dyn Fn(Vec<Committed>, Vec<Arc<str>>) + Send + Sync>;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -88,13 +117,46 @@ pub enum WriteOp {
         device: DevicePk,
         /// Cumulative position.
         seq: u64,
-        /// Delivered receipts to append to senders' inboxes.
-        receipts: Vec<NewEvent>,
+        /// Delivered receipts for senders' devices and servers.
+        receipts: Effects,
         /// Answered after commit.
         reply: Reply<()>,
     },
-    /// Append events (read receipts, for example).
-    Events(Vec<NewEvent>, Reply<()>),
+    /// Append events and queue federation items (read receipts, for example).
+    Events(Effects, Reply<()>),
+    /// Apply an inbound federation transaction once: answers `true` when it was new, `false`
+    /// when `(origin, txn_id)` was applied before (and nothing is written).
+    Inbound {
+        /// Sending server.
+        origin: String,
+        /// Its transaction id.
+        txn_id: String,
+        /// What the transaction adds.
+        effects: Effects,
+        /// Answered after commit.
+        reply: Reply<bool>,
+    },
+    /// A transaction to `destination` is about to be sent (persisted so a retry after a restart
+    /// resends the same items under the same id).
+    TxnInflight {
+        /// Destination.
+        destination: String,
+        /// Transaction id.
+        txn_id: String,
+        /// Last queue seq it carries.
+        last_seq: i64,
+        /// Answered after commit.
+        reply: Reply<()>,
+    },
+    /// `destination` accepted the transaction ending at `last_seq`: drop those items.
+    TxnDone {
+        /// Destination.
+        destination: String,
+        /// Last queue seq it carried.
+        last_seq: i64,
+        /// Answered after commit.
+        reply: Reply<()>,
+    },
     /// Remove a device with its inbox and token.
     DeleteDevice(DevicePk, Reply<()>),
     /// Record when a user and device were last online.
@@ -153,8 +215,12 @@ impl Writer {
                 for reply in work.unit_replies.drain(..) {
                     let _ = reply.send(Ok(()));
                 }
-                if !committed.is_empty() {
-                    (self.on_commit)(committed);
+                for (reply, new) in work.inbound_replies.drain(..) {
+                    let _ = reply.send(Ok(new));
+                }
+                let destinations = std::mem::take(&mut work.destinations);
+                if !committed.is_empty() || !destinations.is_empty() {
+                    (self.on_commit)(committed, destinations);
                 }
             }
             Err(error) => {
@@ -175,19 +241,26 @@ impl Writer {
         let mut acks: HashMap<DevicePk, u64> = HashMap::new();
         let mut deleted = Vec::new();
         let mut last_seen = Vec::new();
+        let mut outbound: Vec<Outbound> = Vec::new();
+        let mut inbound = Vec::new();
+        let mut fed_state = Vec::new();
         for op in batch.drain(..) {
             match op {
                 WriteOp::Message(message, reply) => messages.push((message, reply)),
                 WriteOp::Ack { device, seq, receipts, reply } => {
                     let entry = acks.entry(device).or_insert(0);
                     *entry = (*entry).max(seq);
-                    events.extend(receipts);
+                    events.extend(receipts.events);
+                    outbound.extend(receipts.outbound);
                     work.unit_replies.push(reply);
                 }
-                WriteOp::Events(new, reply) => {
-                    events.extend(new);
+                WriteOp::Events(effects, reply) => {
+                    events.extend(effects.events);
+                    outbound.extend(effects.outbound);
                     work.unit_replies.push(reply);
                 }
+                WriteOp::Inbound { origin, txn_id, effects, reply } => inbound.push((origin, txn_id, effects, reply)),
+                op @ (WriteOp::TxnInflight { .. } | WriteOp::TxnDone { .. }) => fed_state.push(op),
                 WriteOp::DeleteDevice(device, reply) => {
                     deleted.push(device);
                     work.unit_replies.push(reply);
@@ -221,6 +294,7 @@ impl Writer {
             if inserted.contains(&message.id) {
                 work.message_replies.push((reply, MessageOutcome::Stored { id: message.id, ts: message.ts }));
                 message_events.extend(message.events);
+                outbound.extend(message.outbound);
             } else {
                 let row = sqlx::query("SELECT id, ts FROM messages WHERE sender_device = ? AND client_msg_id = ?")
                     .bind(message.sender_device)
@@ -232,7 +306,68 @@ impl Writer {
             }
         }
         message_events.append(&mut events);
-        let events = message_events;
+        let mut events = message_events;
+
+        // 1b. Inbound federation transactions: each applies once per (origin, txn_id).
+        let now = super::now_ms();
+        for (origin, txn_id, effects, reply) in inbound {
+            let done = sqlx::query(
+                "INSERT INTO fed_inbound_txns (origin, txn_id, received_ts) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(&origin)
+            .bind(&txn_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            let new = done.rows_affected() == 1;
+            if new {
+                events.extend(effects.events);
+                outbound.extend(effects.outbound);
+            }
+            work.inbound_replies.push((reply, new));
+        }
+
+        // 1c. Outbound federation items, and the state of transactions in flight.
+        let mut destinations: Vec<Arc<str>> = Vec::new();
+        for chunk in outbound.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_outbound (destination, payload) ");
+            query.push_values(chunk, |mut row, item| {
+                row.push_bind(item.destination.as_ref()).push_bind(item.payload.as_ref());
+            });
+            query.build().execute(&mut *tx).await?;
+        }
+        for item in outbound {
+            if !destinations.contains(&item.destination) {
+                destinations.push(item.destination);
+            }
+        }
+        for op in fed_state {
+            match op {
+                WriteOp::TxnInflight { destination, txn_id, last_seq, reply } => {
+                    sqlx::query(
+                        "INSERT INTO fed_inflight (destination, txn_id, last_seq) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (destination) DO UPDATE SET txn_id = ?2, last_seq = ?3",
+                    )
+                    .bind(destination)
+                    .bind(txn_id)
+                    .bind(last_seq)
+                    .execute(&mut *tx)
+                    .await?;
+                    work.unit_replies.push(reply);
+                }
+                WriteOp::TxnDone { destination, last_seq, reply } => {
+                    sqlx::query("DELETE FROM fed_outbound WHERE destination = ? AND seq <= ?")
+                        .bind(&destination)
+                        .bind(last_seq)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("DELETE FROM fed_inflight WHERE destination = ?").bind(&destination).execute(&mut *tx).await?;
+                    work.unit_replies.push(reply);
+                }
+                _ => {}
+            }
+        }
+        work.destinations = destinations;
 
         // 2. Devices removed in this batch lose their inbox, token and counters.
         for device in &deleted {
@@ -349,5 +484,7 @@ async fn allocate_seq(
 struct Work {
     message_replies: Vec<(Reply<MessageOutcome>, MessageOutcome)>,
     unit_replies: Vec<Reply<()>>,
+    inbound_replies: Vec<(Reply<bool>, bool)>,
     committed: Vec<Committed>,
+    destinations: Vec<Arc<str>>,
 }

@@ -1,3 +1,4 @@
 //! Version 1 of the federation API.
 
 pub mod keys;
+pub mod transaction;

@@ -1,0 +1,159 @@
+//! The outbound HTTPS transport: signed requests to other homeservers, found by [`Discovery`].
+
+use crate::discovery::{Discovery, DiscoveryError};
+use crate::request::SignedParts;
+use crate::ServerKey;
+use parley_spec::error::ErrorBody;
+use parley_spec::federation::v1::keys::ServerKeys;
+use parley_spec::ServerName;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest response body read from another server.
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why a request to another server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FederationError {
+    /// The name could not be resolved.
+    #[error("discovery: {0}")]
+    Discovery(#[from] DiscoveryError),
+    /// Connecting, TLS, or the exchange failed (retry later).
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The other server answered with an error.
+    #[error("{status}: {}", body.as_ref().map(|b| b.message.as_str()).unwrap_or("no error body"))]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// The error body, when it is one of ours.
+        body: Option<ErrorBody>,
+    },
+    /// The answer is not what the API promises.
+    #[error("bad response: {0}")]
+    BadResponse(String),
+}
+
+impl FederationError {
+    /// Whether retrying later may succeed (transport problems, 5xx, 429, and 401/403 which a
+    /// key rotation or a changed access list can fix); 4xx about the request itself will not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Discovery(_) | Self::Transport(_) | Self::BadResponse(_) => true,
+            Self::Status { status, .. } => *status >= 500 || matches!(status, 401 | 403 | 404 | 408 | 429),
+        }
+    }
+}
+
+/// Signs and sends requests to other servers.
+#[derive(Clone)]
+pub struct FederationClient {
+    origin: ServerName,
+    key: Arc<ServerKey>,
+    discovery: Discovery,
+    http: reqwest::Client,
+}
+
+impl FederationClient {
+    /// A client signing as `origin` with `key`.
+    pub fn new(origin: ServerName, key: Arc<ServerKey>, discovery: Discovery, timeout: Duration) -> Result<Self, FederationError> {
+        let http = discovery
+            .client_builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("parleyd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| FederationError::Transport(e.to_string()))?;
+        Ok(Self { origin, key, discovery, http })
+    }
+
+    /// The discovery in use.
+    pub fn discovery(&self) -> &Discovery {
+        &self.discovery
+    }
+
+    /// This server's name.
+    pub fn origin(&self) -> &ServerName {
+        &self.origin
+    }
+
+    /// A signed request; `path_and_query` starts with `/`. Decodes a JSON answer.
+    pub async fn request<T: DeserializeOwned>(
+        &self,
+        destination: &ServerName,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, FederationError> {
+        let bytes = self.request_bytes(destination, method, path_and_query, body, true).await?;
+        serde_json::from_slice(&bytes).map_err(|e| FederationError::BadResponse(e.to_string()))
+    }
+
+    /// The destination's key document (unsigned request, the document signs itself).
+    pub async fn server_keys(&self, destination: &ServerName) -> Result<ServerKeys, FederationError> {
+        let bytes = self.request_bytes(destination, reqwest::Method::GET, "/_parley/key/v1", None, false).await?;
+        serde_json::from_slice(&bytes).map_err(|e| FederationError::BadResponse(e.to_string()))
+    }
+
+    async fn request_bytes(
+        &self,
+        destination: &ServerName,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        sign: bool,
+    ) -> Result<Vec<u8>, FederationError> {
+        let target = self.discovery.resolve(destination).await?;
+        let url = format!("{}{}", target.base_url(), path_and_query);
+        let body = body.unwrap_or_default();
+        let mut request = self.http.request(method.clone(), &url);
+        if sign {
+            let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+            let parts = SignedParts::new(method.as_str(), path_and_query, &self.origin, destination, ts, &body);
+            request = request.header(reqwest::header::AUTHORIZATION, parts.authorization(&self.key.key_id, &self.key.key));
+        }
+        if !body.is_empty() {
+            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        }
+        let mut response = match request.send().await {
+            Ok(response) => response,
+            Err(error) => {
+                // The address may have changed: resolve again next time.
+                self.discovery.forget(destination);
+                return Err(FederationError::Transport(error_chain(&error)));
+            }
+        };
+        let status = response.status().as_u16();
+        let mut bytes = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                        return Err(FederationError::BadResponse("response too large".into()));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(error) => return Err(FederationError::Transport(error_chain(&error))),
+            }
+        }
+        if !(200..300).contains(&status) {
+            return Err(FederationError::Status { status, body: serde_json::from_slice(&bytes).ok() });
+        }
+        Ok(bytes)
+    }
+}
+
+/// The error and its causes on one line (reqwest hides the interesting part in `source()`).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

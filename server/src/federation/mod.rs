@@ -1,0 +1,211 @@
+//! Federation inside the homeserver: the HTTPS listener's router and request authentication
+//! ([`inbound`]), the durable per-destination outbound queue ([`sender`]), and users of other
+//! servers as seen from here ([`remote`]).
+//!
+//! Trust: a request is accepted only when signed by its origin's current (or, for signatures
+//! made before it was retired, old) server key, fetched over HTTPS from the origin itself and
+//! cached until the key document's `valid_until_ts`. Messages carry their origin's signature.
+
+pub mod inbound;
+pub mod remote;
+pub mod sender;
+
+use crate::config::FederationConfig;
+use crate::error::{ApiError, ApiResult};
+use governor::clock::{Clock as _, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use parley_crypto::PublicKey;
+use parley_federation::transport::FederationClient;
+use parley_spec::v1::presence::PresenceInfo;
+use parley_spec::{ErrorCode, ServerName, UserId};
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Federation state shared by handlers and the sender.
+pub struct Federation {
+    /// Signs and sends requests.
+    pub client: FederationClient,
+    /// Origins' keys.
+    pub keys: KeyCache,
+    /// Signatures seen within the clock skew window.
+    pub replays: ReplayCache,
+    /// Outbound queues.
+    pub sender: sender::Sender,
+    config: FederationConfig,
+    origin_limits: DefaultKeyedRateLimiter<String>,
+    clock: DefaultClock,
+    presence: Mutex<HashMap<UserId, PresenceInfo>>,
+}
+
+impl Federation {
+    /// Builds the federation state.
+    pub fn new(config: FederationConfig, client: FederationClient, sender: sender::Sender) -> Self {
+        let quota = Quota::per_second(NonZeroU32::new(config.origin_per_second).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(config.origin_burst).unwrap_or(NonZeroU32::MIN));
+        Self {
+            client,
+            keys: KeyCache::default(),
+            replays: ReplayCache::default(),
+            sender,
+            origin_limits: governor::RateLimiter::keyed(quota),
+            clock: DefaultClock::default(),
+            presence: Mutex::default(),
+            config,
+        }
+    }
+
+    /// Remembers the latest presence of a remote user.
+    pub fn remember_presence(&self, info: PresenceInfo) {
+        let mut presence = self.presence.lock().unwrap_or_else(|e| e.into_inner());
+        if presence.len() >= 100_000 && !presence.contains_key(&info.user) {
+            presence.clear();
+        }
+        presence.insert(info.user.clone(), info);
+    }
+
+    /// The latest presence heard of a remote user.
+    pub fn remote_presence(&self, user: &UserId) -> Option<PresenceInfo> {
+        self.presence.lock().unwrap_or_else(|e| e.into_inner()).get(user).cloned()
+    }
+
+    /// The federation settings.
+    pub fn config(&self) -> &FederationConfig {
+        &self.config
+    }
+
+    /// Whether this server federates with `server` (allow and deny lists).
+    pub fn allowed(&self, server: &str) -> bool {
+        let listed = |list: &[String]| list.iter().any(|entry| entry.eq_ignore_ascii_case(server));
+        !listed(&self.config.deny) && (self.config.allow.is_empty() || listed(&self.config.allow))
+    }
+
+    /// `Ok` if `server` may federate with us, `server_denied` otherwise.
+    pub fn check_allowed(&self, server: &str) -> ApiResult<()> {
+        if self.allowed(server) {
+            Ok(())
+        } else {
+            Err(ApiError::new(ErrorCode::ServerDenied, format!("this server does not federate with {server}")))
+        }
+    }
+
+    /// One request from `origin` (per-origin rate limit).
+    pub fn check_rate(&self, origin: &str, metrics: &crate::metrics::Metrics) -> ApiResult<()> {
+        self.origin_limits.check_key(&origin.to_owned()).map_err(|not_until| {
+            metrics.rate_limited.inc();
+            ApiError::rate_limited(not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1)))
+        })
+    }
+
+    /// Periodic cleanup of the limiter and caches.
+    pub fn shrink(&self) {
+        self.origin_limits.retain_recent();
+        self.replays.purge(crate::storage::now_ms() as u64);
+    }
+
+    /// The key `key_id` of `origin`, valid for a signature made at `ts` (fetched when needed).
+    pub async fn origin_key(&self, origin: &ServerName, key_id: &str, ts: u64) -> ApiResult<PublicKey> {
+        if let Some(key) = self.keys.lookup(origin, key_id, ts, false) {
+            return Ok(key);
+        }
+        if !self.keys.may_fetch(origin) {
+            return Err(ApiError::new(ErrorCode::UnknownServerKey, format!("no key {key_id} for {origin}")));
+        }
+        let document = self.client.server_keys(origin).await.map_err(|error| {
+            self.keys.fetch_failed(origin);
+            ApiError::new(ErrorCode::UnknownServerKey, format!("could not fetch the keys of {origin}: {error}"))
+        })?;
+        let now = crate::storage::now_ms() as u64;
+        let verified = parley_federation::verify_server_keys(&document, origin, now).map_err(|error| {
+            self.keys.fetch_failed(origin);
+            ApiError::new(ErrorCode::UnknownServerKey, format!("the key document of {origin} is invalid: {error}"))
+        })?;
+        self.keys.store(origin, verified, document.valid_until_ts);
+        self.keys
+            .lookup(origin, key_id, ts, true)
+            .ok_or_else(|| ApiError::new(ErrorCode::UnknownServerKey, format!("{origin} publishes no key {key_id}")))
+    }
+}
+
+struct CachedKeys {
+    keys: parley_federation::server_keys::VerifiedKeys,
+    valid_until_ts: u64,
+    fetched: Instant,
+}
+
+/// Origins' verified key documents, and when a fetch last failed.
+#[derive(Default)]
+pub struct KeyCache {
+    entries: Mutex<BTreeMap<ServerName, CachedKeys>>,
+    failures: Mutex<BTreeMap<ServerName, Instant>>,
+}
+
+/// An unknown key id triggers at most one refetch per origin in this time.
+const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+/// After a failed fetch, the origin's requests are refused this long without a new attempt.
+const FAILED_FETCH_BACKOFF: Duration = Duration::from_secs(5);
+
+impl KeyCache {
+    fn lookup(&self, origin: &ServerName, key_id: &str, ts: u64, fresh: bool) -> Option<PublicKey> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = entries.get(origin)?;
+        if !fresh && cached.valid_until_ts < crate::storage::now_ms() as u64 {
+            return None;
+        }
+        cached.keys.key_for(key_id, ts)
+    }
+
+    fn may_fetch(&self, origin: &ServerName) -> bool {
+        if let Some(failed) = self.failures.lock().unwrap_or_else(|e| e.into_inner()).get(origin) {
+            if failed.elapsed() < FAILED_FETCH_BACKOFF {
+                return false;
+            }
+        }
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        match entries.get(origin) {
+            Some(cached) => {
+                cached.fetched.elapsed() >= REFETCH_INTERVAL || cached.valid_until_ts < crate::storage::now_ms() as u64
+            }
+            None => true,
+        }
+    }
+
+    fn fetch_failed(&self, origin: &ServerName) {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).insert(origin.clone(), Instant::now());
+    }
+
+    fn store(&self, origin: &ServerName, keys: parley_federation::server_keys::VerifiedKeys, valid_until_ts: u64) {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(origin);
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.insert(origin.clone(), CachedKeys { keys, valid_until_ts, fetched: Instant::now() });
+    }
+}
+
+/// Request signatures seen within the clock skew window: a second request with the same
+/// signature is a replay. In memory: after a restart, transactions are still idempotent by id.
+#[derive(Default)]
+pub struct ReplayCache {
+    seen: Mutex<HashMap<[u8; 32], u64>>,
+}
+
+/// Entries beyond which the cache purges expired signatures on insert.
+const REPLAY_PURGE_AT: usize = 100_000;
+
+impl ReplayCache {
+    /// Records a signature valid until `expires_ms`; false when it was seen before.
+    pub fn first_sight(&self, signature: &[u8], expires_ms: u64) -> bool {
+        use sha2::Digest as _;
+        let digest: [u8; 32] = sha2::Sha256::digest(signature).into();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= REPLAY_PURGE_AT {
+            let now = crate::storage::now_ms() as u64;
+            seen.retain(|_, expiry| *expiry >= now);
+        }
+        seen.insert(digest, expires_ms).is_none()
+    }
+
+    fn purge(&self, now: u64) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, expiry| *expiry >= now);
+    }
+}

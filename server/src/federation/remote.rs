@@ -1,0 +1,144 @@
+//! Users of other servers as seen from here: their devices (cached, refreshed when a send does
+//! not match or their server says they changed), prekey claims, and telling watching servers
+//! when a local user's devices change.
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::federation::sender::outbound;
+use crate::storage::{Effects, UserPk};
+use parley_federation::transport::FederationError;
+use parley_spec::error::DeviceRef;
+use parley_spec::federation::v1::transaction::{DeviceListChanged, Item, UserDevices};
+use parley_spec::v1::keys::{ClaimRequest, ClaimResponse};
+use parley_spec::{ErrorCode, ServerName, UserId};
+use std::collections::BTreeMap;
+
+/// `Ok` if this server federates with `server`.
+pub fn check_reachable(state: &AppState, server: &str) -> ApiResult<()> {
+    match &state.federation {
+        Some(fed) => fed.check_allowed(server),
+        None => Err(ApiError::new(ErrorCode::ServerDenied, "federation is disabled on this server")),
+    }
+}
+
+fn remote_error(server: &str, error: FederationError) -> ApiError {
+    match error {
+        FederationError::Status { status: 404, body } => ApiError::new(
+            body.as_ref().map(|b| b.code).unwrap_or(ErrorCode::UnknownUser),
+            body.map(|b| b.message).unwrap_or_else(|| "not found".into()),
+        ),
+        FederationError::Status { body: Some(body), .. } if body.code == ErrorCode::ServerDenied => {
+            ApiError::new(ErrorCode::ServerDenied, format!("{server} refuses to federate with this server"))
+        }
+        other => ApiError::new(ErrorCode::RemoteUnavailable, format!("{server} could not be reached: {other}")),
+    }
+}
+
+/// The devices of remote user `user`: from the cache unless `refresh`, else from their server
+/// (falling back to the cache when it cannot be reached).
+pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResult<UserDevices> {
+    check_reachable(state, user.server())?;
+    let cached = match state.store.remote_devices(user.as_str()).await? {
+        Some(json) => serde_json::from_slice::<UserDevices>(&json).ok(),
+        None => None,
+    };
+    if let (false, Some(cached)) = (refresh, &cached) {
+        return Ok(cached.clone());
+    }
+    let fed = state.federation.as_ref().ok_or_else(|| ApiError::internal("federation state missing"))?;
+    let server = ServerName::parse(user.server()).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let path = format!("/_parley/federation/v1/users/{}/devices", url_escape(user.as_str()));
+    let fetched: Result<UserDevices, _> = fed.client.request(&server, reqwest::Method::GET, &path, None).await;
+    match fetched {
+        Ok(mut answer) => {
+            if &answer.user_id != user {
+                return Err(ApiError::new(ErrorCode::RemoteUnavailable, format!("{server} answered for another user")));
+            }
+            // A list that does not verify is dropped here; clients verify again anyway.
+            if let Some(list) = &answer.device_list {
+                if parley_crypto::identity::verify_device_list(list, user, None, None).is_err() {
+                    tracing::warn!(%user, "remote device list does not verify; ignored");
+                    answer.device_list = None;
+                }
+            }
+            answer.devices.truncate(state.config.limits.max_devices_per_user * 4);
+            let json = serde_json::to_vec(&answer).map_err(ApiError::internal)?;
+            state.store.put_remote_devices(user.as_str(), &json).await?;
+            Ok(answer)
+        }
+        Err(error) => match (cached, &error) {
+            (Some(cached), FederationError::Transport(_) | FederationError::Discovery(_)) => {
+                tracing::debug!(%user, %error, "device refresh failed; using the cached devices");
+                Ok(cached)
+            }
+            _ => Err(remote_error(server.as_str(), error)),
+        },
+    }
+}
+
+/// Claims prekey bundles for devices of other servers, one request per server.
+pub async fn claim(state: &AppState, devices: Vec<DeviceRef>) -> ApiResult<ClaimResponse> {
+    let mut by_server: BTreeMap<String, Vec<DeviceRef>> = BTreeMap::new();
+    for device in devices {
+        by_server.entry(device.user.server().to_owned()).or_default().push(device);
+    }
+    let mut total = ClaimResponse::new(Vec::new(), Vec::new());
+    for (server, devices) in by_server {
+        let answer = match (check_reachable(state, &server), &state.federation, ServerName::parse(&server)) {
+            (Ok(()), Some(fed), Ok(name)) => {
+                let body = serde_json::to_vec(&ClaimRequest::new(devices.clone())).map_err(ApiError::internal)?;
+                let answer: Result<ClaimResponse, _> =
+                    fed.client.request(&name, reqwest::Method::POST, "/_parley/federation/v1/keys/claim", Some(body)).await;
+                answer.map_err(|error| remote_error(&server, error))
+            }
+            (Err(error), _, _) => Err(error),
+            _ => Err(ApiError::new(ErrorCode::BadRequest, format!("{server} is not a server name"))),
+        };
+        match answer {
+            Ok(answer) => {
+                // Only bundles for the devices asked for, of that server's users.
+                total.bundles.extend(answer.bundles.into_iter().filter(|b| {
+                    b.device_keys.user_id.server() == server
+                        && devices.iter().any(|d| d.user == b.device_keys.user_id && d.device == b.device_keys.device_id)
+                }));
+                total.missing.extend(answer.missing.into_iter().filter(|d| d.user.server() == server));
+            }
+            Err(error) if error.code() == ErrorCode::RemoteUnavailable => {
+                tracing::debug!(%server, message = %error.body.message, "claim failed");
+                total.missing.extend(devices);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(total)
+}
+
+/// A local user's devices changed: every server that fetched them hears it (durably).
+pub async fn device_list_changed(state: &AppState, user_pk: UserPk, user: &UserId) -> ApiResult<()> {
+    if state.federation.is_none() {
+        return Ok(());
+    }
+    let watchers = state.store.device_list_watchers(user_pk).await?;
+    if watchers.is_empty() {
+        return Ok(());
+    }
+    let item = Item::DeviceListChanged(DeviceListChanged::new(user.clone()));
+    let mut effects = Effects::default();
+    for server in watchers {
+        effects.outbound.push(outbound(&server, &item)?);
+    }
+    state.store.append(effects).await?;
+    Ok(())
+}
+
+/// Percent-encodes a path segment (user ids hold `@` and `:`, which are fine, and nothing
+/// else that needs escaping by construction; this guards the rest).
+fn url_escape(segment: &str) -> String {
+    segment
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '@' | ':' | '.' | '-' | '_' | '=' => c.to_string(),
+            other => other.to_string().bytes().map(|b| format!("%{b:02X}")).collect(),
+        })
+        .collect()
+}

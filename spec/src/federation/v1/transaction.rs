@@ -1,0 +1,252 @@
+//! Server-to-server transactions and queries.
+//!
+//! - `PUT /_parley/federation/v1/send/{txn_id}` — a [`Transaction`]: a batch of items from the
+//!   origin to the destination, idempotent by `(origin, txn_id)`. Answer: [`TransactionResponse`].
+//! - `GET /_parley/federation/v1/users/{user_id}/devices` — [`UserDevices`] of a user of the
+//!   destination.
+//! - `POST /_parley/federation/v1/keys/claim` — a [`crate::v1::keys::ClaimRequest`] for devices
+//!   of the destination's users, answered with a [`crate::v1::keys::ClaimResponse`].
+//!
+//! Every request is signed by the origin server (see `parley_federation::request`).
+
+use crate::v1::events::ReceiptEvent;
+use crate::v1::keys::SignedDeviceList;
+use crate::v1::presence::PresenceInfo;
+use crate::{Base64Bytes, DeviceId, ServerName, UserId};
+use serde::{Deserialize, Serialize};
+
+/// Domain-separation prefix of origin signatures on relayed messages.
+pub const MESSAGE_CONTEXT: &[u8] = b"parley federation message v1\0";
+
+/// Most items in one transaction a server accepts.
+pub const MAX_TXN_ITEMS: usize = 10_000;
+
+/// Body of `PUT /_parley/federation/v1/send/{txn_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Transaction {
+    /// The sending server (must match the request signature's origin).
+    pub origin: ServerName,
+    /// When the origin built the transaction (ms).
+    pub origin_ts: u64,
+    /// The items, in the order the origin queued them.
+    pub items: Vec<Item>,
+}
+
+impl Transaction {
+    /// Builds a transaction.
+    pub fn new(origin: ServerName, origin_ts: u64, items: Vec<Item>) -> Self {
+        Self { origin, origin_ts, items }
+    }
+}
+
+/// One thing a transaction carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Item {
+    /// A 1:1 message for devices of a user of the destination, signed by the origin.
+    Message(SignedMessage),
+    /// A delivered or read receipt by a user of the origin for messages of a destination user.
+    Receipt(ReceiptEvent),
+    /// A typing notice (ephemeral: may be dropped).
+    Typing(TypingItem),
+    /// Presence of origin users for their subscribers on the destination (ephemeral).
+    Presence(PresenceItem),
+    /// A user of the origin follows presence of users of the destination.
+    PresenceSubscription(PresenceSubscription),
+    /// A user of the origin changed devices or published a new device list: forget cached copies.
+    DeviceListChanged(DeviceListChanged),
+}
+
+impl Item {
+    /// Typing and presence may be dropped when the destination stays unreachable.
+    pub fn is_ephemeral(&self) -> bool {
+        matches!(self, Self::Typing(_) | Self::Presence(_))
+    }
+}
+
+/// One device's ciphertext in a relayed message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct FedEnvelope {
+    /// The target device of `to`.
+    pub device: DeviceId,
+    /// Opaque ciphertext.
+    pub ciphertext: Base64Bytes,
+}
+
+impl FedEnvelope {
+    /// Builds an envelope.
+    pub fn new(device: DeviceId, ciphertext: Vec<u8>) -> Self {
+        Self { device, ciphertext: ciphertext.into() }
+    }
+}
+
+/// A message as relayed between servers. The origin signs it with its server key
+/// (`signature` over [`MESSAGE_CONTEXT`] followed by the canonical JSON of the object without
+/// `signature`), so the signature survives relaying by another server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SignedMessage {
+    /// The message id on the origin (unique per origin server).
+    pub id: u64,
+    /// The sender (a user of `origin`).
+    pub sender: UserId,
+    /// The sending device.
+    pub sender_device: DeviceId,
+    /// The recipient (a user of the destination).
+    pub to: UserId,
+    /// When the origin accepted it (ms).
+    pub ts: u64,
+    /// One ciphertext per device of `to`.
+    pub envelopes: Vec<FedEnvelope>,
+    /// The signing server.
+    pub origin: ServerName,
+    /// Id of the origin key that signed (`ed25519:…`).
+    pub key_id: String,
+    /// ed25519 signature (64 bytes).
+    pub signature: Base64Bytes,
+}
+
+impl SignedMessage {
+    /// An unsigned message (empty signature; the origin signs it before sending).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        sender: UserId,
+        sender_device: DeviceId,
+        to: UserId,
+        ts: u64,
+        envelopes: Vec<FedEnvelope>,
+        origin: ServerName,
+        key_id: String,
+    ) -> Self {
+        Self { id, sender, sender_device, to, ts, envelopes, origin, key_id, signature: Base64Bytes(Vec::new()) }
+    }
+}
+
+/// A typing notice across servers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TypingItem {
+    /// Who types (a user of the origin).
+    pub from: UserId,
+    /// To whom (a user of the destination).
+    pub to: UserId,
+    /// Started or stopped.
+    pub typing: bool,
+}
+
+impl TypingItem {
+    /// Builds a typing notice.
+    pub fn new(from: UserId, to: UserId, typing: bool) -> Self {
+        Self { from, to, typing }
+    }
+}
+
+/// Presence of one origin user, as each listed destination user may see it (the origin applies
+/// its user's privacy settings before sending).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PresenceItem {
+    /// The presence (its `user` is a user of the origin).
+    pub presence: PresenceInfo,
+    /// Destination users who subscribed and may see it.
+    pub viewers: Vec<UserId>,
+}
+
+impl PresenceItem {
+    /// Builds a presence item.
+    pub fn new(presence: PresenceInfo, viewers: Vec<UserId>) -> Self {
+        Self { presence, viewers }
+    }
+}
+
+/// `subscriber` (a user of the origin) now follows exactly these users' presence among the
+/// destination's users (replacing what it followed there before).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PresenceSubscription {
+    /// The subscribing user (of the origin).
+    pub subscriber: UserId,
+    /// Users of the destination.
+    pub contacts: Vec<UserId>,
+}
+
+impl PresenceSubscription {
+    /// Builds a subscription.
+    pub fn new(subscriber: UserId, contacts: Vec<UserId>) -> Self {
+        Self { subscriber, contacts }
+    }
+}
+
+/// A user's devices changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct DeviceListChanged {
+    /// The user (of the origin).
+    pub user: UserId,
+}
+
+impl DeviceListChanged {
+    /// Builds the notice.
+    pub fn new(user: UserId) -> Self {
+        Self { user }
+    }
+}
+
+/// Answer to a transaction. Items the destination refused (unknown user, bad signature,
+/// a user of another server) are listed; the rest were accepted. A refused item is not retried.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TransactionResponse {
+    /// Refused items.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<RejectedItem>,
+}
+
+/// An item the destination refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RejectedItem {
+    /// Index in `items`.
+    pub index: usize,
+    /// Stable error code (see `ErrorCode`).
+    pub code: crate::ErrorCode,
+    /// Why.
+    pub message: String,
+}
+
+impl RejectedItem {
+    /// Builds a rejection.
+    pub fn new(index: usize, code: crate::ErrorCode, message: impl Into<String>) -> Self {
+        Self { index, code, message: message.into() }
+    }
+}
+
+/// A user's current devices on their homeserver, and their signed device list if published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct UserDevices {
+    /// The user.
+    pub user_id: UserId,
+    /// Registered devices: a message to the user carries one envelope per device.
+    pub devices: Vec<DeviceId>,
+    /// The user's signed device list (clients verify it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_list: Option<SignedDeviceList>,
+}
+
+impl UserDevices {
+    /// Builds the answer.
+    pub fn new(user_id: UserId, devices: Vec<DeviceId>, device_list: Option<SignedDeviceList>) -> Self {
+        Self { user_id, devices, device_list }
+    }
+}

@@ -1,0 +1,159 @@
+//! Federation between real `parleyd` processes: discovery through a real DNS server (SRV) and
+//! `.well-known`, HTTPS with a private CA, E2EE chat across servers with receipts, typing and
+//! presence; and the durable queue under faults (destination down, sender killed, cut
+//! connections).
+
+use crate::support::{self, Device};
+use anyhow::{bail, Context as _};
+use parley_sdk::messenger::{Messenger, MessengerEvent, MessengerEvents};
+use parley_sdk::Event;
+use parley_tests::fednet::{Discovery, FedNet};
+use parley_tests::TestServer;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+async fn next<T>(events: &mut MessengerEvents, mut pick: impl FnMut(MessengerEvent) -> Option<T>) -> anyhow::Result<T> {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.next()).await.context("timed out waiting for a messenger event")?;
+        let Some(event) = event else { bail!("messenger stopped") };
+        if let Some(found) = pick(event) {
+            return Ok(found);
+        }
+    }
+}
+
+async fn next_text(events: &mut MessengerEvents) -> anyhow::Result<(String, String, u64)> {
+    next(events, |e| match e {
+        MessengerEvent::Message(m) => Some((m.sender, m.body, m.server_msg_id.unwrap_or_default())),
+        _ => None,
+    })
+    .await
+}
+
+async fn messenger(server: &TestServer, dir: &std::path::Path, name: &str) -> anyhow::Result<(Messenger, MessengerEvents)> {
+    let (messenger, events, _recovery) =
+        Messenger::register(&server.base_url, &dir.join(format!("{name}.db")), name, support::PASSWORD).await?;
+    Ok((messenger, events))
+}
+
+#[tokio::test]
+async fn users_on_three_servers_chat_end_to_end_with_receipts_typing_and_presence() -> anyhow::Result<()> {
+    let mut net =
+        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::WellKnown)], "").await?;
+    let dir = tempfile::tempdir()?;
+    let (alice, mut alice_events) = messenger(net.server("a.test"), dir.path(), "alice").await?;
+    let (bob, mut bob_events) = messenger(net.server("b.test"), dir.path(), "bob").await?;
+    let (carol, mut carol_events) = messenger(net.server("c.test"), dir.path(), "carol").await?;
+    let alice_id = alice.session().user_id.clone();
+    let bob_id = bob.session().user_id.clone();
+    let carol_id = carol.session().user_id.clone();
+    assert_eq!(alice_id.to_string(), "@alice:a.test");
+
+    // a → b (SRV), then b answers.
+    alice.send_text(&bob_id, "hello bob, from a.test").await?;
+    let (sender, body, id) = next_text(&mut bob_events).await?;
+    assert_eq!((sender.as_str(), body.as_str()), ("@alice:a.test", "hello bob, from a.test"));
+    let delivered = next(&mut alice_events, |e| match e {
+        MessengerEvent::Delivered { by, message_ids } => Some((by, message_ids)),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(delivered, (bob_id.clone(), vec![id]));
+    bob.mark_read(&alice_id, vec![id]).await?;
+    let read = next(&mut alice_events, |e| match e {
+        MessengerEvent::Read { by, message_ids } => Some((by, message_ids)),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(read, (bob_id.clone(), vec![id]));
+    bob.send_text(&alice_id, "hi alice").await?;
+    assert_eq!(next_text(&mut alice_events).await?.1, "hi alice");
+
+    // a → c (.well-known delegation) and back.
+    alice.send_text(&carol_id, "carol, via well-known").await?;
+    assert_eq!(next_text(&mut carol_events).await?.1, "carol, via well-known");
+    carol.send_text(&alice_id, "got it").await?;
+    assert_eq!(next_text(&mut alice_events).await?.1, "got it");
+    // b ↔ c, neither being a.
+    carol.send_text(&bob_id, "bob, it's carol").await?;
+    assert_eq!(next_text(&mut bob_events).await?.1, "bob, it's carol");
+
+    // Typing crosses servers.
+    bob.typing(&alice_id, true).await?;
+    let typing = next(&mut alice_events, |e| match e {
+        MessengerEvent::Typing(t) => Some(t),
+        _ => None,
+    })
+    .await?;
+    assert!(typing.typing && typing.from == bob_id);
+
+    // Presence: alice follows bob; bob goes offline, then alice hears it.
+    alice.subscribe_presence(vec![bob_id.clone()]).await?;
+    let online = next(&mut alice_events, |e| match e {
+        MessengerEvent::Presence(p) if p.user == bob_id => Some(p),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(online.status, parley_sdk::PresenceStatus::Online);
+    bob.close().await;
+    let offline = next(&mut alice_events, |e| match e {
+        MessengerEvent::Presence(p) if p.user == bob_id && p.status == parley_sdk::PresenceStatus::Offline => Some(p),
+        _ => None,
+    })
+    .await?;
+    assert!(offline.last_seen_ts.is_some());
+
+    // Discovery went through the DNS server: SRV for b, the delegated host's A record for c.
+    let queries = net.dns.queries();
+    assert!(queries.iter().any(|(name, kind)| name.starts_with("_parley._tcp.b.test") && kind.to_string() == "SRV"));
+    assert!(queries.iter().any(|(name, _)| name.starts_with("c-fed.test")));
+    Ok(())
+}
+
+/// Raw devices (no E2EE) on `a.test` and `b.test`.
+async fn pair(net: &mut FedNet) -> anyhow::Result<(Device, Device)> {
+    let a = support::register(&net.server("a.test").base_url, "alice").await?;
+    let b = support::register(&net.server("b.test").base_url, "bob").await?;
+    Ok((Device::connect(&a).await?, Device::connect(&b).await?))
+}
+
+async fn receive_in_order(device: &mut Device, count: usize) -> anyhow::Result<Vec<String>> {
+    let mut texts = Vec::with_capacity(count);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while texts.len() < count {
+        let event = tokio::time::timeout_at(deadline, device.next(|e| Some(e))).await.context("timed out")??;
+        if let Event::Message(m) = event {
+            texts.push(support::text(&m));
+        }
+    }
+    Ok(texts)
+}
+
+fn numbered(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("message {i:04}")).collect()
+}
+
+#[tokio::test]
+async fn a_destination_that_was_down_gets_all_1000_messages_in_order_exactly_once() -> anyhow::Result<()> {
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
+    let (alice, bob) = pair(&mut net).await?;
+    let bob_id = bob.session.user_id.clone();
+    let bob_session = bob.session.clone();
+    drop(bob);
+    // Alice's server learns bob's devices while b.test is up, and keeps them.
+    support::envelopes(&alice.session, &bob_id, b"x").await?;
+    net.server("b.test").stop().await?;
+    let texts = numbered(1000);
+    for text in &texts {
+        alice.send_text(&bob_id, text).await?;
+    }
+    net.server("b.test").restart().await?;
+    let mut bob = Device::connect(&bob_session).await?;
+    assert_eq!(receive_in_order(&mut bob, 1000).await?, texts);
+    // Nothing twice: the next message after the 1000 is a fresh marker.
+    alice.send_text(&bob_id, "marker").await?;
+    assert_eq!(receive_in_order(&mut bob, 1).await?, vec!["marker".to_owned()]);
+    Ok(())
+}
