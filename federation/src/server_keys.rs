@@ -3,7 +3,7 @@
 use crate::server_key::ServerKey;
 use parley_crypto::signing::object_signing_bytes;
 use parley_crypto::PublicKey;
-use parley_spec::federation::v1::keys::{ServerKeys, SERVER_KEYS_CONTEXT};
+use parley_spec::federation::v1::keys::{OldVerifyKey, ServerKeys, SERVER_KEYS_CONTEXT};
 use parley_spec::ServerName;
 use std::collections::BTreeMap;
 
@@ -25,6 +25,9 @@ pub enum ServerKeysError {
 pub fn sign_server_keys(server_name: &ServerName, key: &ServerKey, now_ms: u64, valid_for_ms: u64) -> ServerKeys {
     let mut document =
         ServerKeys::new(server_name.clone(), now_ms + valid_for_ms, key.key_id.clone(), key.public().as_bytes().to_vec());
+    for old in &key.old {
+        document.old_verify_keys.insert(old.key_id.clone(), OldVerifyKey::new(old.public.as_bytes().to_vec(), old.expired_ts));
+    }
     // A document of strings and integers always has a canonical encoding.
     let bytes = object_signing_bytes(SERVER_KEYS_CONTEXT, &without_signatures(&document)).unwrap_or_default();
     document.signatures.insert(key.key_id.clone(), key.key.sign_bytes(&bytes).to_vec().into());
@@ -109,6 +112,16 @@ mod tests {
         let stranger = ServerKey::generate();
         swapped.verify_keys.get_mut(&key.key_id).unwrap().key = stranger.public().as_bytes().to_vec().into();
         assert_eq!(verify_server_keys(&swapped, &name, 2_000), Err(ServerKeysError::BadSignature));
+        // After a rotation the document lists the retired key; signatures made before its
+        // retirement still verify, later ones do not.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.key");
+        let before = ServerKey::load_or_create(&path).unwrap();
+        let after = ServerKey::rotate(&path, 10_000).unwrap();
+        let rotated = verify_server_keys(&sign_server_keys(&name, &after, 20_000, 86_400_000), &name, 20_000).unwrap();
+        assert_eq!(rotated.key_for(&after.key_id, 20_000), Some(after.public()));
+        assert_eq!(rotated.key_for(&before.key_id, 9_999), Some(before.public()));
+        assert_eq!(rotated.key_for(&before.key_id, 10_001), None);
         // Round trip through JSON keeps it valid.
         let json = serde_json::to_string(&document).unwrap();
         let parsed: ServerKeys = serde_json::from_str(&json).unwrap();

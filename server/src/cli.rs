@@ -70,6 +70,9 @@ enum Admin {
         #[arg(long)]
         expires_in_hours: Option<u64>,
     },
+    /// Replace the server's federation signing key. The old key stays published (retired now)
+    /// so signatures made with it still verify; restart the server to use the new key.
+    RotateServerKey,
 }
 
 #[derive(Serialize)]
@@ -114,6 +117,12 @@ pub fn main() -> anyhow::Result<()> {
                 let expires = expires_in_hours.map(|h| std::time::Duration::from_secs(h * 3600));
                 let token = crate::admin::create_registration_token(&config, uses, expires).await?;
                 println!("{}", token.as_str());
+                Ok(())
+            }
+            Some(Command::Admin(Admin::RotateServerKey)) => {
+                let now = crate::storage::now_ms() as u64;
+                let key = parley_federation::ServerKey::rotate(&config.data_dir.join("server.key"), now)?;
+                println!("{} (restart parleyd to sign with it)", key.key_id);
                 Ok(())
             }
             Some(Command::ConfigExample | Command::Devnet(_) | Command::DevnetCerts(_)) => Ok(()),

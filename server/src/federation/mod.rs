@@ -142,7 +142,7 @@ pub struct KeyCache {
 }
 
 /// An unknown key id triggers at most one refetch per origin in this time.
-const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+const REFETCH_INTERVAL: Duration = Duration::from_secs(5);
 /// After a failed fetch, the origin's requests are refused this long without a new attempt.
 const FAILED_FETCH_BACKOFF: Duration = Duration::from_secs(5);
 

@@ -3,7 +3,12 @@
 //!
 //! ```sh
 //! cargo run --release -p parley-tests --bin parley-bench -- --devices 1000 --seconds 10
+//! cargo run --release -p parley-tests --bin parley-bench -- --federation --devices 1000 --seconds 10
 //! ```
+//!
+//! With `--federation`, two servers (`a.test`, `b.test`, HTTPS with a test CA, found through a
+//! real DNS server's SRV records) each host half of the devices, and every device sends to a
+//! device on the other server: each message crosses the federation queue and transactions.
 //!
 //! Phases: (1) saturation — every device keeps a window of sends in flight to the next
 //! device, and we count messages delivered to recipients per second; (2) latency — a fixed
@@ -47,6 +52,9 @@ struct Args {
     /// Ciphertext bytes per message.
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// Two federating servers, every message crossing from one to the other.
+    #[arg(long)]
+    federation: bool,
 }
 
 const BENCH_CONFIG: &str = "[storage]\nsynchronous = \"full\"\n[log]\nfilter = \"warn\"\n";
@@ -54,6 +62,7 @@ const BENCH_CONFIG: &str = "[storage]\nsynchronous = \"full\"\n[log]\nfilter = \
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 struct Account {
+    base: String,
     user_id: String,
     device_id: String,
     token: String,
@@ -84,11 +93,15 @@ async fn main() -> anyhow::Result<()> {
         args.devices, args.seconds, args.window, args.rate, args.idle
     );
 
+    if args.federation {
+        return federation(&args, epoch).await;
+    }
     let server = TestServer::start_with(BENCH_CONFIG).await?;
     let accounts = register_all(&server.base_url, args.devices, "u").await?;
-    let pid = server.pid().context("pid")?;
-    let saturation = relay_phase(&server.base_url, pid, &accounts, &args, Load::Saturate(args.window), epoch).await?;
-    let latency = relay_phase(&server.base_url, pid, &accounts, &args, Load::Rate(args.rate), epoch).await?;
+    let servers = [(server.base_url.clone(), server.pid().context("pid")?)];
+    let n = accounts.len();
+    let saturation = relay_phase(&servers, &accounts, |i| (i + 1) % n, &args, Load::Saturate(args.window), epoch).await?;
+    let latency = relay_phase(&servers, &accounts, |i| (i + 1) % n, &args, Load::Rate(args.rate), epoch).await?;
     drop(server);
 
     let idle = idle_phase(args.idle).await?;
@@ -128,6 +141,45 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two federating servers; device i on a.test talks to device i on b.test and back.
+async fn federation(args: &Args, epoch: Instant) -> anyhow::Result<()> {
+    use parley_tests::fednet::{Discovery, FedNet};
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], BENCH_CONFIG).await?;
+    let half = args.devices.div_ceil(2);
+    let a = net.server("a.test");
+    let mut accounts = register_all(&a.base_url, half, "u").await?;
+    let mut servers = vec![(a.base_url.clone(), a.pid().context("pid")?)];
+    let b = net.server("b.test");
+    accounts.extend(register_all(&b.base_url, half, "u").await?);
+    servers.push((b.base_url.clone(), b.pid().context("pid")?));
+    let n = accounts.len();
+    let peer = |i: usize| (i + half) % n;
+    let saturation = relay_phase(&servers, &accounts, peer, args, Load::Saturate(args.window), epoch).await?;
+    let latency = relay_phase(&servers, &accounts, peer, args, Load::Rate(args.rate), epoch).await?;
+    println!();
+    println!("| measure (two federating servers, every message crosses) | value |");
+    println!("|---|---|");
+    println!(
+        "| delivered msgs/s at saturation ({} devices, window {}) | {:.0} |",
+        n, args.window, saturation.delivered_per_sec
+    );
+    println!("| p50 / p99 send→receive latency at saturation | {:.1} ms / {:.1} ms |", saturation.p50_ms, saturation.p99_ms);
+    println!("| offered load (latency phase) | {} msgs/s |", args.rate);
+    println!("| delivered msgs/s (latency phase) | {:.0} |", latency.delivered_per_sec);
+    println!("| p50 / p99 send→receive latency at {} msgs/s | {:.2} ms / {:.2} ms |", args.rate, latency.p50_ms, latency.p99_ms);
+    println!(
+        "| p50 / p99 send→`sent` answer at {} msgs/s | {:.2} ms / {:.2} ms |",
+        args.rate, latency.sent_p50_ms, latency.sent_p99_ms
+    );
+    for (name, phase) in [("saturation", &saturation), ("latency phase", &latency)] {
+        println!(
+            "| {name}: both servers' CPU / load generator CPU / mean group commit / ops per commit | {:.2} / {:.2} cores / {:.2} ms / {:.0} |",
+            phase.server_cores, phase.client_cores, phase.commit_ms, phase.batch
+        );
+    }
+    Ok(())
+}
+
 async fn register_all(base: &str, n: usize, prefix: &str) -> anyhow::Result<Vec<Account>> {
     let started = Instant::now();
     let http = reqwest::Client::new();
@@ -148,6 +200,7 @@ async fn register_all(base: &str, n: usize, prefix: &str) -> anyhow::Result<Vec<
                     bail!("register: {status} {body}");
                 }
                 Ok(Account {
+                    base: base.clone(),
                     user_id: body["user_id"].as_str().context("user_id")?.to_owned(),
                     device_id: body["device_id"].as_str().context("device_id")?.to_owned(),
                     token: body["access_token"].as_str().context("token")?.to_owned(),
@@ -220,17 +273,20 @@ struct ServerSample {
     cpu_secs: f64,
 }
 
-async fn sample(base: &str, pid: u32) -> anyhow::Result<ServerSample> {
-    let text = reqwest::get(format!("{base}/metrics")).await?.text().await?;
-    let value = |name: &str| {
-        text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or(0.0)
-    };
-    Ok(ServerSample {
-        commit_sum: value("parley_store_commit_seconds_sum"),
-        commit_count: value("parley_store_commit_seconds_count"),
-        batch_sum: value("parley_store_batch_operations_sum"),
-        cpu_secs: sample_cpu(pid)?,
-    })
+/// The sum over `servers` (base URL, pid).
+async fn sample(servers: &[(String, u32)]) -> anyhow::Result<ServerSample> {
+    let mut total = ServerSample::default();
+    for (base, pid) in servers {
+        let text = reqwest::get(format!("{base}/metrics")).await?.text().await?;
+        let value = |name: &str| {
+            text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or(0.0)
+        };
+        total.commit_sum += value("parley_store_commit_seconds_sum");
+        total.commit_count += value("parley_store_commit_seconds_count");
+        total.batch_sum += value("parley_store_batch_operations_sum");
+        total.cpu_secs += sample_cpu(*pid)?;
+    }
+    Ok(total)
 }
 
 /// User + system CPU seconds of a process (Linux, 100 ticks per second).
@@ -242,9 +298,9 @@ fn sample_cpu(pid: u32) -> anyhow::Result<f64> {
 }
 
 async fn relay_phase(
-    base: &str,
-    pid: u32,
+    servers: &[(String, u32)],
     accounts: &[Account],
+    peer_of: impl Fn(usize) -> usize,
     args: &Args,
     load: Load,
     epoch: Instant,
@@ -252,7 +308,7 @@ async fn relay_phase(
     let n = accounts.len();
     let mut sockets = Vec::with_capacity(n);
     for account in accounts {
-        let mut socket = connect(base, &account.token, false).await?;
+        let mut socket = connect(&account.base, &account.token, false).await?;
         until_caught_up(&mut socket).await?;
         sockets.push(socket);
     }
@@ -262,7 +318,7 @@ async fn relay_phase(
     let stop_at = Instant::now() + Duration::from_secs(1 + args.seconds); // 1 s warm-up
     let mut tasks = Vec::with_capacity(n);
     for (i, socket) in sockets.into_iter().enumerate() {
-        let peer = &accounts[(i + 1) % n];
+        let peer = &accounts[peer_of(i)];
         let to = peer.user_id.clone();
         let device = peer.device_id.clone();
         let delivered = delivered.clone();
@@ -300,12 +356,12 @@ async fn relay_phase(
     measuring.store(true, Ordering::Release);
     let start_delivered = delivered.load(Ordering::Acquire);
     let start_sent = sent.load(Ordering::Acquire);
-    let before = sample(base, pid).await?;
+    let before = sample(servers).await?;
     let own_before = sample_cpu(std::process::id())?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let after = sample(base, pid).await?;
+    let after = sample(servers).await?;
     let own_after = sample_cpu(std::process::id())?;
     let commits = (after.commit_count - before.commit_count).max(1.0);
     let delivered_n = delivered.load(Ordering::Acquire) - start_delivered;

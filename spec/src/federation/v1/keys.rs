@@ -30,6 +30,13 @@ pub struct OldVerifyKey {
     pub expired_ts: u64,
 }
 
+impl OldVerifyKey {
+    /// Builds a retired key entry.
+    pub fn new(key: Vec<u8>, expired_ts: u64) -> Self {
+        Self { key: key.into(), expired_ts }
+    }
+}
+
 /// A server's key document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
