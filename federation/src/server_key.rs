@@ -92,7 +92,8 @@ impl ServerKey {
     /// per retired key.
     fn to_text(&self) -> Zeroizing<String> {
         let seed = self.key.seed();
-        let mut text = format!("ed25519 {} {}\n", self.key_id, base64::engine::general_purpose::STANDARD_NO_PAD.encode(&seed[..]));
+        let mut text =
+            format!("ed25519 {} {}\n", self.key_id, base64::engine::general_purpose::STANDARD_NO_PAD.encode(&seed[..]));
         for old in &self.old {
             text.push_str(&format!(
                 "old {} {} {}\n",
@@ -168,7 +169,10 @@ mod tests {
         assert_ne!(rotated.key_id, first.key_id);
         assert_eq!(rotated.old, vec![OldKey { key_id: first.key_id.clone(), public: first.public(), expired_ts: 5_000 }]);
         let reloaded = ServerKey::load_or_create(&path).unwrap();
-        assert_eq!((reloaded.key_id.clone(), reloaded.public(), reloaded.old.clone()), (rotated.key_id.clone(), rotated.public(), rotated.old.clone()));
+        assert_eq!(
+            (reloaded.key_id.clone(), reloaded.public(), reloaded.old.clone()),
+            (rotated.key_id.clone(), rotated.public(), rotated.old.clone())
+        );
         std::fs::write(&path, "garbage").unwrap();
         assert!(matches!(ServerKey::load_or_create(&path), Err(ServerKeyError::Malformed(_))));
     }

@@ -57,7 +57,12 @@ pub struct FederationClient {
 
 impl FederationClient {
     /// A client signing as `origin` with `key`.
-    pub fn new(origin: ServerName, key: Arc<ServerKey>, discovery: Discovery, timeout: Duration) -> Result<Self, FederationError> {
+    pub fn new(
+        origin: ServerName,
+        key: Arc<ServerKey>,
+        discovery: Discovery,
+        timeout: Duration,
+    ) -> Result<Self, FederationError> {
         let http = discovery
             .client_builder()
             .timeout(timeout)

@@ -125,8 +125,9 @@ impl Server {
                 extra_roots,
             })
             .map_err(|e| OpenError::Federation(e.to_string()))?;
-            let client = parley_federation::transport::FederationClient::new(server_name.clone(), server_key.clone(), discovery, timeout)
-                .map_err(|e| OpenError::Federation(e.to_string()))?;
+            let client =
+                parley_federation::transport::FederationClient::new(server_name.clone(), server_key.clone(), discovery, timeout)
+                    .map_err(|e| OpenError::Federation(e.to_string()))?;
             let prefix = server_key.key_id.trim_start_matches("ed25519:").to_owned();
             let sender = crate::federation::sender::Sender::new(
                 &store,

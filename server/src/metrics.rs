@@ -67,7 +67,11 @@ impl Metrics {
         let federation_txn_failures = Counter::default();
         let federation_ephemeral_dropped = Counter::default();
         let federation_txn_seconds = Histogram::new(latency_buckets);
-        registry.register("federation_items_sent", "Federation items accepted by their destination", federation_items_sent.clone());
+        registry.register(
+            "federation_items_sent",
+            "Federation items accepted by their destination",
+            federation_items_sent.clone(),
+        );
         registry.register(
             "federation_items_received",
             "Federation items received in new inbound transactions",

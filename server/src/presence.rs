@@ -8,12 +8,12 @@ use crate::app::AppState;
 use crate::directory::UserEntry;
 use crate::error::ApiResult;
 use crate::storage::{StoreError, UserPk};
-use parley_spec::federation::v1::transaction::{Item, PresenceItem, PresenceSubscription};
-use std::collections::BTreeMap;
 use bytes::Bytes;
+use parley_spec::federation::v1::transaction::{Item, PresenceItem, PresenceSubscription};
 use parley_spec::v1::presence::{PresenceInfo, PresenceStatus, Visibility};
 use parley_spec::v1::ws::ServerFrame;
 use parley_spec::UserId;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

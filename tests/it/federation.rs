@@ -123,7 +123,7 @@ async fn receive_in_order(device: &mut Device, count: usize) -> anyhow::Result<V
     let mut texts = Vec::with_capacity(count);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while texts.len() < count {
-        let event = tokio::time::timeout_at(deadline, device.next(|e| Some(e))).await.context("timed out")??;
+        let event = tokio::time::timeout_at(deadline, device.next(Some)).await.context("timed out")??;
         if let Event::Message(m) = event {
             texts.push(support::text(&m));
         }

@@ -4,9 +4,12 @@
 mod bad_input;
 mod cli;
 mod delivery;
+mod devnet;
 mod discovery;
 mod e2ee;
 mod federation;
+mod federation_faults;
+mod federation_security;
 mod keys;
 mod ops;
 mod presence;

@@ -6,6 +6,7 @@
 //! - [`Discovery::WellKnown`]: A `<name>` → 127.0.0.2, where the well-known server answers
 //!   `{"server": "<host>-fed.test:<port>"}`; that host's A record is 127.0.0.1 and the
 //!   certificate is for it.
+//!
 //! Federation ports are chosen by the OS and kept across restarts.
 
 use crate::dns::TestDns;

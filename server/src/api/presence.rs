@@ -7,8 +7,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::presence;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use parley_spec::v1::presence::{PresenceInfo, PrivacySettings, SubscribeRequest, SubscriptionsResponse};
 use parley_spec::federation::v1::transaction::{Item, PresenceSubscription};
+use parley_spec::v1::presence::{PresenceInfo, PrivacySettings, SubscribeRequest, SubscriptionsResponse};
 use parley_spec::{ErrorCode, UserId};
 
 /// Most users in one subscription request.

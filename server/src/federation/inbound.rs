@@ -3,8 +3,9 @@
 //! `POST /_parley/federation/v1/keys/claim`.
 //!
 //! Every signed request goes through [`authenticate`]: scheme, destination, clock skew, the
-//! allow/deny lists, the per-origin rate limit, the origin's key and signature, and the replay
-//! cache, in that order (cheap checks first; nothing is written before all pass).
+//! allow/deny lists, the origin's key and signature, the per-origin rate limit (only proven
+//! origins are counted) and the replay cache, in that order (cheap checks first; nothing is
+//! written before all pass).
 
 use super::Federation;
 use crate::app::AppState;
@@ -41,9 +42,9 @@ pub fn router(state: AppState) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::new(ErrorCode::Internal, "internal server error").into_response()
         }))
-        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            tracing::info_span!("federation", method = %request.method(), path = %request.uri().path())
-        }))
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(
+            |request: &Request| tracing::info_span!("federation", method = %request.method(), path = %request.uri().path()),
+        ))
         .with_state(state)
 }
 
@@ -77,7 +78,13 @@ fn auth_error(error: RequestAuthError) -> ApiError {
 }
 
 /// Checks a signed request; returns the authenticated origin.
-pub async fn authenticate(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> ApiResult<ServerName> {
+pub async fn authenticate(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<ServerName> {
     let fed = federation(state)?;
     let header = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -89,10 +96,11 @@ pub async fn authenticate(state: &AppState, method: &Method, uri: &Uri, headers:
     let skew = fed.config().max_clock_skew_ms;
     auth.check_envelope(&state.server_name, now, skew).map_err(auth_error)?;
     fed.check_allowed(auth.origin.as_str())?;
-    fed.check_rate(auth.origin.as_str(), &state.metrics)?;
     let key = fed.origin_key(&auth.origin, &auth.key_id, auth.ts).await?;
     let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     auth.verify(method.as_str(), path_and_query, body, &key).map_err(auth_error)?;
+    // Counted only once the origin is proven: forged requests must not use up its budget.
+    fed.check_rate(auth.origin.as_str(), &state.metrics)?;
     // Only a correctly signed request can be a replay; remember it until it would be stale.
     if !fed.replays.first_sight(&auth.signature, auth.ts + skew) {
         return Err(ApiError::new(ErrorCode::ReplayedRequest, "this signed request was already received"));

@@ -75,9 +75,16 @@ impl Federation {
         &self.config
     }
 
-    /// Whether this server federates with `server` (allow and deny lists).
+    /// Whether this server federates with `server` (allow and deny lists). An entry without a
+    /// port covers the host on every port (whoever controls `a.example` controls
+    /// `a.example:1234` too); an entry with a port covers exactly that name.
     pub fn allowed(&self, server: &str) -> bool {
-        let listed = |list: &[String]| list.iter().any(|entry| entry.eq_ignore_ascii_case(server));
+        let host = host_of(server);
+        let listed = |list: &[String]| {
+            list.iter().any(|entry| {
+                entry.eq_ignore_ascii_case(server) || (host_of(entry).len() == entry.len() && entry.eq_ignore_ascii_case(host))
+            })
+        };
         !listed(&self.config.deny) && (self.config.allow.is_empty() || listed(&self.config.allow))
     }
 
@@ -125,6 +132,16 @@ impl Federation {
         self.keys
             .lookup(origin, key_id, ts, true)
             .ok_or_else(|| ApiError::new(ErrorCode::UnknownServerKey, format!("{origin} publishes no key {key_id}")))
+    }
+}
+
+/// The host part of a server name (`a.example:8448` → `a.example`, `[::1]:8448` → `[::1]`).
+fn host_of(server: &str) -> &str {
+    match server.rfind(':') {
+        Some(colon) if !server[colon..].contains(']') && (server.starts_with('[') || server.matches(':').count() == 1) => {
+            &server[..colon]
+        }
+        _ => server,
     }
 }
 
@@ -207,5 +224,19 @@ impl ReplayCache {
 
     fn purge(&self, now: u64) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, expiry| *expiry >= now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_of;
+
+    #[test]
+    fn host_of_strips_only_a_port() {
+        assert_eq!(host_of("a.example"), "a.example");
+        assert_eq!(host_of("a.example:8448"), "a.example");
+        assert_eq!(host_of("[::1]"), "[::1]");
+        assert_eq!(host_of("[::1]:8448"), "[::1]");
+        assert_eq!(host_of("127.0.0.1:80"), "127.0.0.1");
     }
 }

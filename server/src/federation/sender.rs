@@ -66,9 +66,7 @@ impl Sender {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let store = Arc::downgrade(store);
-        Self {
-            inner: Arc::new(Inner { store, shutdown, client, config, metrics, txn_prefix, destinations: Mutex::default() }),
-        }
+        Self { inner: Arc::new(Inner { store, shutdown, client, config, metrics, txn_prefix, destinations: Mutex::default() }) }
     }
 
     /// Starts a task for every destination with queued items (after a restart).
@@ -147,12 +145,7 @@ struct Batch {
     items: usize,
 }
 
-async fn next_batch(
-    inner: &Inner,
-    store: &Store,
-    server: &ServerName,
-    ephemeral: &mut Vec<Item>,
-) -> Result<Option<Batch>, StoreError> {
+async fn next_batch(inner: &Inner, store: &Store, server: &ServerName, ephemeral: &[Item]) -> Result<Option<Batch>, StoreError> {
     let name = server.as_str();
     let config = &inner.config;
     // A transaction persisted as in flight is resent exactly (same id, same items).
@@ -235,7 +228,7 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
             }
         }
         let Some(store) = inner.store.upgrade() else { return };
-        let batch = match next_batch(&inner, &store, &server, &mut ephemeral).await {
+        let batch = match next_batch(&inner, &store, &server, &ephemeral).await {
             Ok(Some(batch)) => batch,
             Ok(None) => {
                 failures = 0;

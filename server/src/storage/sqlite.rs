@@ -146,14 +146,12 @@ impl Store {
         limit: usize,
         up_to: Option<i64>,
     ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, payload FROM fed_outbound WHERE destination = ? AND seq <= ? ORDER BY seq LIMIT ?",
-        )
-        .bind(destination)
-        .bind(up_to.unwrap_or(i64::MAX))
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query("SELECT seq, payload FROM fed_outbound WHERE destination = ? AND seq <= ? ORDER BY seq LIMIT ?")
+            .bind(destination)
+            .bind(up_to.unwrap_or(i64::MAX))
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).collect()
     }
 

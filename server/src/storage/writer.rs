@@ -311,14 +311,13 @@ impl Writer {
         // 1b. Inbound federation transactions: each applies once per (origin, txn_id).
         let now = super::now_ms();
         for (origin, txn_id, effects, reply) in inbound {
-            let done = sqlx::query(
-                "INSERT INTO fed_inbound_txns (origin, txn_id, received_ts) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-            )
-            .bind(&origin)
-            .bind(&txn_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            let done =
+                sqlx::query("INSERT INTO fed_inbound_txns (origin, txn_id, received_ts) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+                    .bind(&origin)
+                    .bind(&txn_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
             let new = done.rows_affected() == 1;
             if new {
                 events.extend(effects.events);

@@ -159,10 +159,7 @@ async fn federation(args: &Args, epoch: Instant) -> anyhow::Result<()> {
     println!();
     println!("| measure (two federating servers, every message crosses) | value |");
     println!("|---|---|");
-    println!(
-        "| delivered msgs/s at saturation ({} devices, window {}) | {:.0} |",
-        n, args.window, saturation.delivered_per_sec
-    );
+    println!("| delivered msgs/s at saturation ({} devices, window {}) | {:.0} |", n, args.window, saturation.delivered_per_sec);
     println!("| p50 / p99 send→receive latency at saturation | {:.1} ms / {:.1} ms |", saturation.p50_ms, saturation.p99_ms);
     println!("| offered load (latency phase) | {} msgs/s |", args.rate);
     println!("| delivered msgs/s (latency phase) | {:.0} |", latency.delivered_per_sec);
