@@ -211,7 +211,7 @@ pub async fn user_devices(
     let user_id = parse_user(&user_id)?;
     if user_id.server() != state.server_name.as_str() {
         let remote = crate::federation::remote::devices(&state, &user_id, true).await?;
-        return Ok(axum::Json(UserDevicesResponse::new(user_id, remote.devices)));
+        return Ok(axum::Json(UserDevicesResponse::new(user_id, remote.devices.clone())));
     }
     let entry = state.directory.user(&user_id).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
     let devices = entry.devices.iter().map(|(_, id)| id.clone()).collect();

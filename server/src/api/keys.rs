@@ -127,7 +127,11 @@ pub async fn get_device_list(
     let user_id = parse_user(&user_id)?;
     if user_id.server() != state.server_name.as_str() {
         let devices = crate::federation::remote::devices(&state, &user_id, true).await?;
-        return devices.device_list.map(axum::Json).ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no device list published"));
+        return devices
+            .device_list
+            .clone()
+            .map(axum::Json)
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no device list published"));
     }
     let entry = state.directory.user(&user_id).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
     let json =

@@ -16,11 +16,15 @@ use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use parley_crypto::PublicKey;
 use parley_federation::transport::FederationClient;
+use parley_spec::federation::v1::transaction::UserDevices;
 use parley_spec::v1::presence::PresenceInfo;
 use parley_spec::{ErrorCode, ServerName, UserId};
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+/// Remote users whose devices are kept in memory (beyond it the cache starts over).
+const MAX_CACHED_USERS: usize = 100_000;
 use std::time::{Duration, Instant};
 
 /// Federation state shared by handlers and the sender.
@@ -37,6 +41,9 @@ pub struct Federation {
     origin_limits: DefaultKeyedRateLimiter<String>,
     clock: DefaultClock,
     presence: Mutex<HashMap<UserId, PresenceInfo>>,
+    /// Remote users' devices as last fetched (mirrors the `remote_devices` table, so a send to
+    /// a remote user costs no database read).
+    remote_devices: Mutex<HashMap<UserId, Arc<UserDevices>>>,
 }
 
 impl Federation {
@@ -52,7 +59,29 @@ impl Federation {
             origin_limits: governor::RateLimiter::keyed(quota),
             clock: DefaultClock::default(),
             presence: Mutex::default(),
+            remote_devices: Mutex::default(),
             config,
+        }
+    }
+
+    /// The cached devices of a remote user.
+    pub fn cached_devices(&self, user: &UserId) -> Option<Arc<UserDevices>> {
+        self.remote_devices.lock().unwrap_or_else(|e| e.into_inner()).get(user).cloned()
+    }
+
+    /// Caches the devices of a remote user (`None` forgets them).
+    pub fn cache_devices(&self, user: &UserId, devices: Option<Arc<UserDevices>>) {
+        let mut cache = self.remote_devices.lock().unwrap_or_else(|e| e.into_inner());
+        match devices {
+            Some(devices) => {
+                if cache.len() >= MAX_CACHED_USERS && !cache.contains_key(user) {
+                    cache.clear();
+                }
+                cache.insert(user.clone(), devices);
+            }
+            None => {
+                cache.remove(user);
+            }
         }
     }
 

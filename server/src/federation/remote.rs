@@ -12,6 +12,7 @@ use parley_spec::federation::v1::transaction::{DeviceListChanged, Item, UserDevi
 use parley_spec::v1::keys::{ClaimRequest, ClaimResponse};
 use parley_spec::{ErrorCode, ServerName, UserId};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// `Ok` if this server federates with `server`.
 pub fn check_reachable(state: &AppState, server: &str) -> ApiResult<()> {
@@ -36,16 +37,19 @@ fn remote_error(server: &str, error: FederationError) -> ApiError {
 
 /// The devices of remote user `user`: from the cache unless `refresh`, else from their server
 /// (falling back to the cache when it cannot be reached).
-pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResult<UserDevices> {
+pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResult<Arc<UserDevices>> {
     check_reachable(state, user.server())?;
-    let cached = match state.store.remote_devices(user.as_str()).await? {
-        Some(json) => serde_json::from_slice::<UserDevices>(&json).ok(),
-        None => None,
-    };
+    let fed = state.federation.as_ref().ok_or_else(|| ApiError::internal("federation state missing"))?;
+    let mut cached = fed.cached_devices(user);
+    if cached.is_none() {
+        if let Some(json) = state.store.remote_devices(user.as_str()).await? {
+            cached = serde_json::from_slice::<UserDevices>(&json).ok().map(Arc::new);
+            fed.cache_devices(user, cached.clone());
+        }
+    }
     if let (false, Some(cached)) = (refresh, &cached) {
         return Ok(cached.clone());
     }
-    let fed = state.federation.as_ref().ok_or_else(|| ApiError::internal("federation state missing"))?;
     let server = ServerName::parse(user.server()).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
     let path = format!("/_parley/federation/v1/users/{}/devices", url_escape(user.as_str()));
     let fetched: Result<UserDevices, _> = fed.client.request(&server, reqwest::Method::GET, &path, None).await;
@@ -64,6 +68,8 @@ pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResul
             answer.devices.truncate(state.config.limits.max_devices_per_user * 4);
             let json = serde_json::to_vec(&answer).map_err(ApiError::internal)?;
             state.store.put_remote_devices(user.as_str(), &json).await?;
+            let answer = Arc::new(answer);
+            fed.cache_devices(user, Some(answer.clone()));
             Ok(answer)
         }
         Err(error) => match (cached, &error) {

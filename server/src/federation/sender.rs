@@ -145,14 +145,24 @@ struct Batch {
     items: usize,
 }
 
-async fn next_batch(inner: &Inner, store: &Store, server: &ServerName, ephemeral: &[Item]) -> Result<Option<Batch>, StoreError> {
+async fn next_batch(
+    inner: &Inner,
+    store: &Store,
+    server: &ServerName,
+    ephemeral: &[Item],
+    done_up_to: Option<i64>,
+) -> Result<Option<Batch>, StoreError> {
     let name = server.as_str();
     let config = &inner.config;
-    // A transaction persisted as in flight is resent exactly (same id, same items).
-    let inflight = store.inflight(name).await?;
+    // A transaction persisted as in flight is resent exactly (same id, same items) — unless it
+    // is the one just accepted (`done_up_to`), whose record the next one replaces.
+    let inflight = match done_up_to {
+        Some(_) => None,
+        None => store.inflight(name).await?,
+    };
     let rows = match &inflight {
-        Some((_, last)) => store.outbound_batch(name, usize::MAX >> 1, Some(*last)).await?,
-        None => store.outbound_batch(name, config.max_txn_items, None).await?,
+        Some((_, last)) => store.outbound_batch(name, usize::MAX >> 1, None, Some(*last)).await?,
+        None => store.outbound_batch(name, config.max_txn_items, done_up_to, None).await?,
     };
     let mut payloads: Vec<&[u8]> = Vec::with_capacity(rows.len());
     let mut size = 256;
@@ -166,19 +176,21 @@ async fn next_batch(inner: &Inner, store: &Store, server: &ServerName, ephemeral
         last_seq = Some(*seq);
     }
     let ephemeral_json: Vec<Vec<u8>> = ephemeral.iter().filter_map(|item| serde_json::to_vec(item).ok()).collect();
-    if payloads.is_empty() && ephemeral_json.is_empty() {
-        if inflight.is_some() {
-            // The items of a persisted transaction are gone (delivered): clear it.
-            store.txn_done(name, inflight.map(|(_, last)| last).unwrap_or(0)).await?;
+    if payloads.is_empty() {
+        // Nothing durable to send: settle the accepted transaction (or a stale record).
+        if let Some(done) = done_up_to.or(inflight.as_ref().map(|(_, last)| *last)) {
+            store.txn_done(name, done).await?;
         }
-        return Ok(None);
+        if ephemeral_json.is_empty() {
+            return Ok(None);
+        }
     }
     let txn_id = match (&inflight, last_seq) {
         (Some((id, _)), _) => id.clone(),
         (None, Some(last)) => {
             let first = rows.first().map(|(seq, _)| *seq).unwrap_or(last);
             let id = format!("{}.{first}-{last}", inner.txn_prefix);
-            store.txn_inflight(name, &id, last).await?;
+            store.txn_inflight(name, &id, last, done_up_to).await?;
             id
         }
         (None, None) => format!("{}.e{}", inner.txn_prefix, uuid::Uuid::new_v4().simple()),
@@ -204,6 +216,8 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
     let mut failures: u32 = 0;
     let mut failing_since: Option<Instant> = None;
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // The last item of the transaction just accepted, not yet recorded as done.
+    let mut accepted: Option<i64> = None;
     loop {
         if let Some(at) = retry_at {
             if !destination.reset.swap(false, Ordering::AcqRel) {
@@ -228,7 +242,7 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
             }
         }
         let Some(store) = inner.store.upgrade() else { return };
-        let batch = match next_batch(&inner, &store, &server, &ephemeral).await {
+        let batch = match next_batch(&inner, &store, &server, &ephemeral, accepted.take()).await {
             Ok(Some(batch)) => batch,
             Ok(None) => {
                 failures = 0;
@@ -255,13 +269,9 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
                 for rejected in &response.rejected {
                     tracing::warn!(destination = %name, index = rejected.index, code = %rejected.code, message = %rejected.message, "item refused");
                 }
-                if let Some(last) = batch.last_seq {
-                    if let Err(error) = store.txn_done(&name, last).await {
-                        tracing::error!(destination = %name, %error, "recording a sent transaction failed");
-                        failures = failures.saturating_add(1);
-                        retry_at = Some(tokio::time::Instant::now() + backoff(&inner.config, failures));
-                        continue;
-                    }
+                // Recorded with the next transaction's start (one commit), or alone when idle.
+                if batch.last_seq.is_some() {
+                    accepted = batch.last_seq;
                 }
                 if failures > 0 {
                     tracing::info!(destination = %name, "destination reachable again");

@@ -1,7 +1,7 @@
 //! The SQLite backend: WAL mode, a small pool for reads and account writes, and the
 //! group-commit [`Writer`](super::writer) for the hot path.
 
-use super::writer::{OnCommit, WriteOp, Writer};
+use super::writer::{Bookkeeping, OnCommit, WriteOp, Writer};
 use super::*;
 use crate::config::{Config, Synchronous};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 pub struct Store {
     pool: SqlitePool,
     writer: mpsc::Sender<WriteOp>,
+    priority: mpsc::Sender<WriteOp>,
     next_msg_id: AtomicU64,
 }
 
@@ -52,9 +53,11 @@ impl Store {
         let conn = options.connect().await?;
         let max_id: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM messages").fetch_one(&pool).await?;
         let (tx, rx) = mpsc::channel(config.storage.writer_queue);
+        let (priority_tx, priority) = mpsc::channel(1024);
         let writer = Writer {
             conn,
             rx,
+            priority,
             max_batch: config.storage.max_batch,
             keep_history: config.storage.keep_history,
             on_commit,
@@ -63,7 +66,7 @@ impl Store {
         };
         let handle = tokio::spawn(writer.run());
         tokio::spawn(checkpoints(pool.clone()));
-        Ok((Self { pool, writer: tx, next_msg_id: AtomicU64::new(max_id as u64 + 1) }, handle))
+        Ok((Self { pool, writer: tx, priority: priority_tx, next_msg_id: AtomicU64::new(max_id as u64 + 1) }, handle))
     }
 
     /// Stops accepting writes; the writer commits what is queued and its task ends.
@@ -79,6 +82,13 @@ impl Store {
     /// Queues a write. Waits for room when the queue is full (backpressure).
     async fn queue(&self, op: WriteOp) -> Result<(), StoreError> {
         self.writer.send(op).await.map_err(|_| StoreError::Unavailable)
+    }
+
+    /// Queues a federation write ahead of the client writes: it joins the next commit, so a
+    /// destination's answer (and the sender's next transaction) never waits behind a backlog
+    /// of local sends.
+    async fn queue_priority(&self, op: WriteOp) -> Result<(), StoreError> {
+        self.priority.send(op).await.map_err(|_| StoreError::Unavailable)
     }
 
     async fn wait<T>(rx: oneshot::Receiver<Result<T, StoreError>>) -> Result<T, StoreError> {
@@ -119,39 +129,51 @@ impl Store {
     /// Applies an inbound transaction unless `(origin, txn_id)` was applied before; `true` if new.
     pub async fn apply_inbound(&self, origin: &str, txn_id: &str, effects: Effects) -> Result<bool, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.queue(WriteOp::Inbound { origin: origin.to_owned(), txn_id: txn_id.to_owned(), effects, reply }).await?;
+        self.queue_priority(WriteOp::Inbound { origin: origin.to_owned(), txn_id: txn_id.to_owned(), effects, reply }).await?;
         Self::wait(rx).await
     }
 
-    /// Records the transaction about to be sent to `destination`.
-    pub async fn txn_inflight(&self, destination: &str, txn_id: &str, last_seq: i64) -> Result<(), StoreError> {
+    /// Records the transaction about to be sent to `destination`, and (in the same commit) that
+    /// everything up to `done_up_to` was accepted.
+    pub async fn txn_inflight(
+        &self,
+        destination: &str,
+        txn_id: &str,
+        last_seq: i64,
+        done_up_to: Option<i64>,
+    ) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.queue(WriteOp::TxnInflight { destination: destination.to_owned(), txn_id: txn_id.to_owned(), last_seq, reply })
-            .await?;
+        let op =
+            WriteOp::TxnInflight { destination: destination.to_owned(), txn_id: txn_id.to_owned(), last_seq, done_up_to, reply };
+        self.queue_priority(op).await?;
         Self::wait(rx).await
     }
 
     /// `destination` accepted everything up to `last_seq`.
     pub async fn txn_done(&self, destination: &str, last_seq: i64) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.queue(WriteOp::TxnDone { destination: destination.to_owned(), last_seq, reply }).await?;
+        self.queue_priority(WriteOp::TxnDone { destination: destination.to_owned(), last_seq, reply }).await?;
         Self::wait(rx).await
     }
 
-    /// The oldest queued items for `destination` (seq, payload), at most `limit`, up to
-    /// `up_to` when given.
+    /// The oldest queued items for `destination` (seq, payload) after `after`, at most `limit`,
+    /// up to `up_to` when given.
     pub async fn outbound_batch(
         &self,
         destination: &str,
         limit: usize,
+        after: Option<i64>,
         up_to: Option<i64>,
     ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
-        let rows = sqlx::query("SELECT seq, payload FROM fed_outbound WHERE destination = ? AND seq <= ? ORDER BY seq LIMIT ?")
-            .bind(destination)
-            .bind(up_to.unwrap_or(i64::MAX))
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT seq, payload FROM fed_outbound WHERE destination = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(destination)
+        .bind(after.unwrap_or(0))
+        .bind(up_to.unwrap_or(i64::MAX))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
         rows.into_iter().map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).collect()
     }
 
@@ -194,32 +216,23 @@ impl Store {
 
     /// Caches the devices of a remote user.
     pub async fn put_remote_devices(&self, user_id: &str, json: &[u8]) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO remote_devices (user_id, json, fetched_ts) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (user_id) DO UPDATE SET json = ?2, fetched_ts = ?3",
-        )
-        .bind(user_id)
-        .bind(json)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.bookkeeping(Bookkeeping::RemoteDevices { user: user_id.to_owned(), json: Some(json.to_vec()) }).await
     }
 
     /// Forgets the cached devices of a remote user.
     pub async fn forget_remote_devices(&self, user_id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM remote_devices WHERE user_id = ?").bind(user_id).execute(&self.pool).await?;
-        Ok(())
+        self.bookkeeping(Bookkeeping::RemoteDevices { user: user_id.to_owned(), json: None }).await
     }
 
     /// Remembers that `server` fetched the devices of local user `user`.
     pub async fn add_device_list_watcher(&self, user: UserPk, server: &str) -> Result<(), StoreError> {
-        sqlx::query("INSERT OR IGNORE INTO device_list_watchers (user_id, server) VALUES (?, ?)")
-            .bind(user)
-            .bind(server)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.bookkeeping(Bookkeeping::Watcher { user, server: server.to_owned() }).await
+    }
+
+    async fn bookkeeping(&self, write: Bookkeeping) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.queue_priority(WriteOp::Bookkeeping(write, reply)).await?;
+        Self::wait(rx).await
     }
 
     /// Servers that fetched the devices of local user `user`.

@@ -73,6 +73,25 @@ pub struct NewMessage {
     pub outbound: Vec<Outbound>,
 }
 
+/// A small write done by the writer.
+#[derive(Debug)]
+pub enum Bookkeeping {
+    /// Cache (or with `None`, forget) a remote user's devices (JSON of `UserDevices`).
+    RemoteDevices {
+        /// The remote user id.
+        user: String,
+        /// The devices.
+        json: Option<Vec<u8>>,
+    },
+    /// `server` fetched the devices of local user `user`.
+    Watcher {
+        /// The local user.
+        user: UserPk,
+        /// The watching server.
+        server: String,
+    },
+}
+
 /// What became of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageOutcome {
@@ -145,9 +164,14 @@ pub enum WriteOp {
         txn_id: String,
         /// Last queue seq it carries.
         last_seq: i64,
+        /// The previous transaction was accepted: drop items up to here.
+        done_up_to: Option<i64>,
         /// Answered after commit.
         reply: Reply<()>,
     },
+    /// Small federation bookkeeping writes (kept off the pool: a pool write waits for the
+    /// writer's lock and, under load, would hold a pool connection that reads need).
+    Bookkeeping(Bookkeeping, Reply<()>),
     /// `destination` accepted the transaction ending at `last_seq`: drop those items.
     TxnDone {
         /// Destination.
@@ -175,6 +199,8 @@ pub enum WriteOp {
 pub(super) struct Writer {
     pub conn: SqliteConnection,
     pub rx: mpsc::Receiver<WriteOp>,
+    /// Federation writes, taken before `rx` (see `Store::queue_priority`).
+    pub priority: mpsc::Receiver<WriteOp>,
     pub max_batch: usize,
     pub keep_history: bool,
     pub on_commit: OnCommit,
@@ -186,12 +212,21 @@ pub(super) struct Writer {
 impl Writer {
     pub async fn run(mut self) {
         let mut batch = Vec::with_capacity(self.max_batch);
-        while let Some(op) = self.rx.recv().await {
+        loop {
+            let op = tokio::select! {
+                biased;
+                Some(op) = self.priority.recv() => op,
+                Some(op) = self.rx.recv() => op,
+                else => break,
+            };
             batch.push(op);
             while batch.len() < self.max_batch {
-                match self.rx.try_recv() {
+                match self.priority.try_recv() {
                     Ok(op) => batch.push(op),
-                    Err(_) => break,
+                    Err(_) => match self.rx.try_recv() {
+                        Ok(op) => batch.push(op),
+                        Err(_) => break,
+                    },
                 }
             }
             self.metrics.writer_queue_depth.set(self.rx.len() as i64);
@@ -260,7 +295,7 @@ impl Writer {
                     work.unit_replies.push(reply);
                 }
                 WriteOp::Inbound { origin, txn_id, effects, reply } => inbound.push((origin, txn_id, effects, reply)),
-                op @ (WriteOp::TxnInflight { .. } | WriteOp::TxnDone { .. }) => fed_state.push(op),
+                op @ (WriteOp::TxnInflight { .. } | WriteOp::TxnDone { .. } | WriteOp::Bookkeeping(..)) => fed_state.push(op),
                 WriteOp::DeleteDevice(device, reply) => {
                     deleted.push(device);
                     work.unit_replies.push(reply);
@@ -342,7 +377,14 @@ impl Writer {
         }
         for op in fed_state {
             match op {
-                WriteOp::TxnInflight { destination, txn_id, last_seq, reply } => {
+                WriteOp::TxnInflight { destination, txn_id, last_seq, done_up_to, reply } => {
+                    if let Some(done) = done_up_to {
+                        sqlx::query("DELETE FROM fed_outbound WHERE destination = ? AND seq <= ?")
+                            .bind(&destination)
+                            .bind(done)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                     sqlx::query(
                         "INSERT INTO fed_inflight (destination, txn_id, last_seq) VALUES (?1, ?2, ?3) \
                          ON CONFLICT (destination) DO UPDATE SET txn_id = ?2, last_seq = ?3",
@@ -361,6 +403,32 @@ impl Writer {
                         .execute(&mut *tx)
                         .await?;
                     sqlx::query("DELETE FROM fed_inflight WHERE destination = ?").bind(&destination).execute(&mut *tx).await?;
+                    work.unit_replies.push(reply);
+                }
+                WriteOp::Bookkeeping(write, reply) => {
+                    match write {
+                        Bookkeeping::RemoteDevices { user, json: Some(json) } => {
+                            sqlx::query(
+                                "INSERT INTO remote_devices (user_id, json, fetched_ts) VALUES (?1, ?2, ?3) \
+                                 ON CONFLICT (user_id) DO UPDATE SET json = ?2, fetched_ts = ?3",
+                            )
+                            .bind(user)
+                            .bind(json)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        Bookkeeping::RemoteDevices { user, json: None } => {
+                            sqlx::query("DELETE FROM remote_devices WHERE user_id = ?").bind(user).execute(&mut *tx).await?;
+                        }
+                        Bookkeeping::Watcher { user, server } => {
+                            sqlx::query("INSERT OR IGNORE INTO device_list_watchers (user_id, server) VALUES (?, ?)")
+                                .bind(user)
+                                .bind(server)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                    }
                     work.unit_replies.push(reply);
                 }
                 _ => {}

@@ -55,6 +55,9 @@ struct Args {
     /// Two federating servers, every message crossing from one to the other.
     #[arg(long)]
     federation: bool,
+    /// Skip the saturation phase (measure only the offered load of --rate).
+    #[arg(long)]
+    no_saturation: bool,
 }
 
 const BENCH_CONFIG: &str = "[storage]\nsynchronous = \"full\"\n[log]\nfilter = \"warn\"\n";
@@ -154,13 +157,16 @@ async fn federation(args: &Args, epoch: Instant) -> anyhow::Result<()> {
     servers.push((b.base_url.clone(), b.pid().context("pid")?));
     let n = accounts.len();
     let peer = |i: usize| (i + half) % n;
-    let saturation = relay_phase(&servers, &accounts, peer, args, Load::Saturate(args.window), epoch).await?;
+    // The offered-load phase first: a saturation phase leaves a backlog behind it.
     let latency = relay_phase(&servers, &accounts, peer, args, Load::Rate(args.rate), epoch).await?;
+    let saturation = if args.no_saturation {
+        None
+    } else {
+        Some(relay_phase(&servers, &accounts, peer, args, Load::Saturate(args.window), epoch).await?)
+    };
     println!();
     println!("| measure (two federating servers, every message crosses) | value |");
     println!("|---|---|");
-    println!("| delivered msgs/s at saturation ({} devices, window {}) | {:.0} |", n, args.window, saturation.delivered_per_sec);
-    println!("| p50 / p99 send→receive latency at saturation | {:.1} ms / {:.1} ms |", saturation.p50_ms, saturation.p99_ms);
     println!("| offered load (latency phase) | {} msgs/s |", args.rate);
     println!("| delivered msgs/s (latency phase) | {:.0} |", latency.delivered_per_sec);
     println!("| p50 / p99 send→receive latency at {} msgs/s | {:.2} ms / {:.2} ms |", args.rate, latency.p50_ms, latency.p99_ms);
@@ -168,7 +174,14 @@ async fn federation(args: &Args, epoch: Instant) -> anyhow::Result<()> {
         "| p50 / p99 send→`sent` answer at {} msgs/s | {:.2} ms / {:.2} ms |",
         args.rate, latency.sent_p50_ms, latency.sent_p99_ms
     );
-    for (name, phase) in [("saturation", &saturation), ("latency phase", &latency)] {
+    if let Some(saturation) = &saturation {
+        println!(
+            "| delivered msgs/s at saturation ({} devices, window {}) | {:.0} |",
+            n, args.window, saturation.delivered_per_sec
+        );
+        println!("| p50 / p99 send→receive latency at saturation | {:.1} ms / {:.1} ms |", saturation.p50_ms, saturation.p99_ms);
+    }
+    for (name, phase) in [("latency phase", &latency)].into_iter().chain(saturation.iter().map(|s| ("saturation", s))) {
         println!(
             "| {name}: both servers' CPU / load generator CPU / mean group commit / ops per commit | {:.2} / {:.2} cores / {:.2} ms / {:.0} |",
             phase.server_cores, phase.client_cores, phase.commit_ms, phase.batch
