@@ -222,6 +222,9 @@ pub struct FederationConfig {
     pub retry_max_ms: u64,
     /// Typing and presence for a destination that has been failing this long are dropped.
     pub drop_ephemeral_after_ms: u64,
+    /// Presence on its own goes to a destination at most this often (changes in between are
+    /// coalesced, newest per user).
+    pub presence_interval_ms: u64,
     /// Timeout of one request to another server.
     pub request_timeout_ms: u64,
     /// Inbound transaction ids are remembered this long (duplicates within it are ignored).
@@ -249,6 +252,7 @@ impl Default for FederationConfig {
             retry_min_ms: 500,
             retry_max_ms: 600_000,
             drop_ephemeral_after_ms: 60_000,
+            presence_interval_ms: 500,
             request_timeout_ms: 30_000,
             txn_retention_ms: 7 * 24 * 3600 * 1000,
         }

@@ -150,10 +150,45 @@ async fn a_destination_that_was_down_gets_all_1000_messages_in_order_exactly_onc
         alice.send_text(&bob_id, text).await?;
     }
     net.server("b.test").restart().await?;
-    let mut bob = Device::connect(&bob_session).await?;
+    // No SDK dedupe: a duplicate would show up here.
+    let mut bob = crate::federation_faults::raw_receiver(&bob_session).await?;
     assert_eq!(receive_in_order(&mut bob, 1000).await?, texts);
     // Nothing twice: the next message after the 1000 is a fresh marker.
     alice.send_text(&bob_id, "marker").await?;
     assert_eq!(receive_in_order(&mut bob, 1).await?, vec!["marker".to_owned()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rotated_server_key_is_published_with_the_old_one_and_picked_up_by_other_servers() -> anyhow::Result<()> {
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
+    let (alice, mut bob) = pair(&mut net).await?;
+    let bob_id = bob.session.user_id.clone();
+    alice.send_text(&bob_id, "signed with the first key").await?;
+    assert_eq!(receive_in_order(&mut bob, 1).await?, vec!["signed with the first key".to_owned()]);
+    let keys = |base: String| async move {
+        let document: parley_sdk::spec::federation::v1::keys::ServerKeys =
+            reqwest::get(format!("{base}/_parley/key/v1")).await?.error_for_status()?.json().await?;
+        anyhow::Ok(document)
+    };
+    let before = keys(net.server("a.test").base_url.clone()).await?;
+
+    net.server("a.test").stop().await?;
+    let output = tokio::process::Command::new(parley_tests::parleyd_path())
+        .arg("--data-dir")
+        .arg(net.server("a.test").data_dir())
+        .args(["admin", "rotate-server-key"])
+        .output()
+        .await?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    net.server("a.test").restart().await?;
+
+    let after = keys(net.server("a.test").base_url.clone()).await?;
+    let old_id = before.verify_keys.keys().next().context("a key")?.clone();
+    assert!(!after.verify_keys.contains_key(&old_id), "a new current key");
+    assert_eq!(after.old_verify_keys[&old_id].key, before.verify_keys[&old_id].key, "the old key stays published");
+    // b.test knows only the old key: it refetches a.test's document for the new key id.
+    alice.send_text(&bob_id, "signed with the new key").await?;
+    assert_eq!(receive_in_order(&mut bob, 1).await?, vec!["signed with the new key".to_owned()]);
     Ok(())
 }

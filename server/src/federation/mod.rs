@@ -187,8 +187,8 @@ pub struct KeyCache {
     failures: Mutex<BTreeMap<ServerName, Instant>>,
 }
 
-/// An unknown key id triggers at most one refetch per origin in this time.
-const REFETCH_INTERVAL: Duration = Duration::from_secs(5);
+/// An unknown key id (a rotation) triggers at most one refetch per origin in this time.
+const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 /// After a failed fetch, the origin's requests are refused this long without a new attempt.
 const FAILED_FETCH_BACKOFF: Duration = Duration::from_secs(5);
 

@@ -73,7 +73,9 @@ pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResul
             Ok(answer)
         }
         Err(error) => match (cached, &error) {
-            (Some(cached), FederationError::Transport(_) | FederationError::Discovery(_)) => {
+            // Unreachable, failing or refusing for now (a 401 while it rotates its key, say):
+            // the last known devices are still the best answer. "No such user" is not.
+            (Some(cached), error) if !matches!(error, FederationError::Status { status: 404, .. }) => {
                 tracing::debug!(%user, %error, "device refresh failed; using the cached devices");
                 Ok(cached)
             }

@@ -8,7 +8,8 @@
 //! Failures back off exponentially (`retry_min_ms` doubling up to `retry_max_ms`, with jitter)
 //! and the backoff is reset as soon as the destination contacts us. Typing and presence are
 //! kept in memory only, coalesced, and dropped once the destination has been failing for
-//! `drop_ephemeral_after_ms`.
+//! `drop_ephemeral_after_ms`; presence on its own leaves at most once per
+//! `presence_interval_ms` (changes in between are coalesced, newest per user).
 
 use crate::config::FederationConfig;
 use crate::error::{ApiError, ApiResult};
@@ -218,6 +219,7 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
     let mut retry_at: Option<tokio::time::Instant> = None;
     // The last item of the transaction just accepted, not yet recorded as done.
     let mut accepted: Option<i64> = None;
+    let mut last_presence_only: Option<Instant> = None;
     loop {
         if let Some(at) = retry_at {
             if !destination.reset.swap(false, Ordering::AcqRel) {
@@ -258,6 +260,29 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
                 continue;
             }
         };
+        // Presence alone is throttled: at most one presence-only transaction per interval per
+        // destination; changes in between are coalesced (newest per user) and go together.
+        let presence_only = batch.last_seq.is_none() && ephemeral.iter().all(|item| matches!(item, Item::Presence(_)));
+        if presence_only {
+            let interval = Duration::from_millis(inner.config.presence_interval_ms);
+            if let Some(last) = last_presence_only.filter(|last| last.elapsed() < interval) {
+                drop(store);
+                {
+                    let mut queue = destination.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
+                    let newer = std::mem::take(&mut *queue);
+                    *queue = ephemeral;
+                    for item in newer {
+                        if let Item::Presence(new) = &item {
+                            queue.retain(|old| !matches!(old, Item::Presence(old) if old.presence.user == new.presence.user));
+                        }
+                        queue.push(item);
+                    }
+                }
+                tokio::time::sleep_until((last + interval).into()).await;
+                continue;
+            }
+            last_presence_only = Some(Instant::now());
+        }
         let path = format!("/_parley/federation/v1/send/{}", batch.txn_id);
         let started = Instant::now();
         let result: Result<TransactionResponse, _> =
