@@ -569,3 +569,60 @@ async fn a_denied_server_is_still_denied_when_its_name_carries_a_port() -> anyho
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn bad_input_from_a_signed_peer_gets_typed_errors_and_the_server_keeps_serving() -> anyhow::Result<()> {
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
+    let alice_session = support::register(&net.server("a.test").base_url, "alice").await?;
+    let bob_session = support::register(&net.server("b.test").base_url, "bob").await?;
+    let mut bob = raw_receiver(&bob_session).await?;
+    let a_key = key_of(net.server("a.test"))?;
+    let peer = Peer::new(&net, "b.test", &net.servers[1].server)?;
+    let signed = |txn: &str, body: &[u8]| sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &send_path(txn), now_ms(), body);
+
+    // Not JSON, or JSON of the wrong shape, correctly signed: 400 bad_json.
+    for (txn, body) in [("junk-1", &b"{not json"[..]), ("junk-2", &br#"{"origin":"a.test","items":7}"#[..])] {
+        let answer = peer.put_send(txn, Some(&signed(txn, body)?), body).await?;
+        assert_eq!((answer.0, answer.1["code"].as_str()), (400, Some("bad_json")), "{answer:?}");
+    }
+    // Larger than twice max_txn_bytes (default 4 MiB): 413 too_large.
+    let huge = vec![b' '; 9 * 1024 * 1024];
+    let answer = peer.put_send("huge", Some(&signed("huge", &huge)?), &huge).await?;
+    assert_eq!((answer.0, answer.1["code"].as_str()), (413, Some("too_large")), "{answer:?}");
+    // (The server answered before reading that body and closed the connection: a new client.)
+    let peer = Peer::new(&net, "b.test", &net.servers[1].server)?;
+    // An envelope over the destination's limit, and a receipt for 1,001 messages: refused items.
+    let mut big = message(
+        1 << 61,
+        alice_session.user_id.as_str(),
+        &alice_session.device_id,
+        &bob_session.user_id,
+        &bob_session.device_id,
+        "x",
+        "a.test",
+        &a_key,
+    )?;
+    big.envelopes = vec![FedEnvelope::new(bob_session.device_id.clone(), vec![0; 256 * 1024 + 1])];
+    sign_message(&mut big, &a_key);
+    let receipt = parley_spec::v1::events::ReceiptEvent::new(
+        parley_spec::v1::events::ReceiptKind::Read,
+        alice_session.user_id.clone(),
+        alice_session.device_id.clone(),
+        bob_session.user_id.clone(),
+        (0..1001).collect(),
+        now_ms(),
+    );
+    let body = transaction("a.test", vec![Item::Message(big), Item::Receipt(receipt)])?;
+    let (status, answer) = peer.put_send("limits", Some(&signed("limits", &body)?), &body).await?;
+    let codes: Vec<&str> = answer["rejected"].as_array().into_iter().flatten().filter_map(|r| r["code"].as_str()).collect();
+    assert_eq!((status, codes), (200, vec!["too_large", "bad_request"]), "{answer}");
+    // An unknown endpoint: 404 not_found with the error body.
+    let answer = peer.request(Method::GET, "/_parley/federation/v1/nothing", None, b"").await?;
+    assert_eq!((answer.0, answer.1["code"].as_str()), (404, Some("not_found")), "{answer:?}");
+
+    // Still serving, and nothing of the above arrived: the next message is a normal one.
+    let alice = Device::connect(&alice_session).await?;
+    alice.send_text(&bob_session.user_id, "after the garbage").await?;
+    assert_eq!(receive_texts(&mut bob, 1).await?, ["after the garbage"]);
+    Ok(())
+}

@@ -186,6 +186,9 @@ async fn apply_item(
         }
         Item::Receipt(receipt) => {
             require_origin(&receipt.by, origin, "receipt author")?;
+            if receipt.message_ids.is_empty() || receipt.message_ids.len() > parley_spec::v1::messages::MAX_READ_IDS {
+                return Err(ApiError::new(ErrorCode::BadRequest, "a receipt names 1 to 1,000 messages (MAX_READ_IDS)"));
+            }
             let sender = local_user(state, &receipt.sender).await?;
             let payload = to_bytes(&InboxEvent::Receipt(receipt))?;
             effects.events.extend(sender.devices.iter().map(|(device, _)| NewEvent {
@@ -229,6 +232,13 @@ async fn message_events(
 ) -> ApiResult<Vec<NewEvent>> {
     require_origin(&message.sender, &message.origin, "sender")?;
     fed.check_allowed(message.origin.as_str())?;
+    let limits = &state.config.limits;
+    if message.envelopes.len() > limits.max_devices_per_user {
+        return Err(ApiError::new(ErrorCode::TooLarge, "more envelopes than a user may have devices"));
+    }
+    if message.envelopes.iter().any(|e| e.ciphertext.0.len() > limits.max_envelope_bytes) {
+        return Err(ApiError::new(ErrorCode::TooLarge, format!("an envelope exceeds {} bytes", limits.max_envelope_bytes)));
+    }
     if &message.origin != sent_by {
         let key = fed.origin_key(&message.origin, &message.key_id, message.ts).await?;
         parley_federation::message::verify_message(&message, &key)
