@@ -1,6 +1,6 @@
 //! The `parley` command-line client against a real server: two profiles register, message each
 //! other, read their histories back, compare safety numbers and chat interactively; a send to
-//! a user who does not exist fails cleanly.
+//! a user who does not exist fails cleanly; profiles on two federated servers do the same.
 //!
 //! The binary belongs to another package (`parley-sdk`), so cargo gives these tests no
 //! `CARGO_BIN_EXE_parley`; it is looked up next to the test executable. `cargo test
@@ -245,5 +245,49 @@ async fn chat_shows_incoming_messages_live_and_sends_typed_lines() -> anyhow::Re
     let history = parley.history("alice", "@bob:localhost").await?;
     let bodies: Vec<_> = history.iter().map(|(sender, body, _, _)| (sender.as_str(), body.as_str())).collect();
     assert_eq!(bodies, [("@alice:localhost", "ping"), ("@bob:localhost", "pong")]);
+    Ok(())
+}
+
+/// The history of `profile` with `peer` once it holds `count` messages (delivery across
+/// servers is asynchronous: `history` syncs each time it runs).
+async fn history_with(
+    parley: &Parley,
+    profile: &str,
+    peer: &str,
+    count: usize,
+) -> anyhow::Result<Vec<(String, String, String, bool)>> {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let history = parley.history(profile, peer).await?;
+        if history.len() >= count || tokio::time::Instant::now() >= deadline {
+            return Ok(history);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn profiles_on_two_federated_servers_message_each_other() -> anyhow::Result<()> {
+    use parley_tests::fednet::{Discovery, FedNet};
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
+    let parley = Parley::new(net.server("a.test"))?;
+    assert_eq!(parley.register("alice").await?["user_id"], "@alice:a.test");
+    let b = net.server("b.test").base_url.clone();
+    let bob = parley.ok("bob", &["--server", &b, "register", "bob"], &format!("{PASSWORD}\n")).await?;
+    assert_eq!(bob[0]["user_id"], "@bob:b.test");
+
+    let (hello, _) = parley.send("alice", "@bob:b.test", "hello from a.test").await?;
+    let seen = history_with(&parley, "bob", "@alice:a.test", 1).await?;
+    assert_eq!(seen, vec![("@alice:a.test".to_owned(), "hello from a.test".to_owned(), hello.clone(), false)]);
+    let (back, _) = parley.send("bob", "@alice:a.test", "hello back from b.test").await?;
+    let seen = history_with(&parley, "alice", "@bob:b.test", 2).await?;
+    assert_eq!(
+        seen,
+        vec![
+            ("@alice:a.test".to_owned(), "hello from a.test".to_owned(), hello, true),
+            ("@bob:b.test".to_owned(), "hello back from b.test".to_owned(), back, false),
+        ]
+    );
+    assert_eq!(parley.safety_number("alice", "@bob:b.test").await?, parley.safety_number("bob", "@alice:a.test").await?);
     Ok(())
 }
