@@ -14,6 +14,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+/// Client operations at most in a commit that carries federation work.
+const PRIORITY_BATCH_CLIENT_OPS: usize = 256;
+
 /// Rows per multi-row statement (5 binds a row stays far below SQLite's variable limit).
 const ROWS_PER_STATEMENT: usize = 500;
 
@@ -196,6 +199,13 @@ pub enum WriteOp {
     },
 }
 
+impl WriteOp {
+    /// Federation work (queued through the priority lane).
+    fn is_federation(&self) -> bool {
+        matches!(self, Self::Inbound { .. } | Self::TxnInflight { .. } | Self::TxnDone { .. } | Self::Bookkeeping(..))
+    }
+}
+
 pub(super) struct Writer {
     pub conn: SqliteConnection,
     pub rx: mpsc::Receiver<WriteOp>,
@@ -220,13 +230,24 @@ impl Writer {
                 else => break,
             };
             batch.push(op);
-            while batch.len() < self.max_batch {
-                match self.priority.try_recv() {
+            while let Ok(op) = self.priority.try_recv() {
+                batch.push(op);
+                if batch.len() >= self.max_batch {
+                    break;
+                }
+            }
+            // With federation work in the batch, keep the commit short: a destination's answer
+            // and the sender's next transaction wait for it (under a backlog of client sends, a
+            // full batch would make every federation round trip cost ~100 ms).
+            let limit = if batch.iter().any(WriteOp::is_federation) {
+                self.max_batch.min(batch.len() + PRIORITY_BATCH_CLIENT_OPS)
+            } else {
+                self.max_batch
+            };
+            while batch.len() < limit {
+                match self.rx.try_recv() {
                     Ok(op) => batch.push(op),
-                    Err(_) => match self.rx.try_recv() {
-                        Ok(op) => batch.push(op),
-                        Err(_) => break,
-                    },
+                    Err(_) => break,
                 }
             }
             self.metrics.writer_queue_depth.set(self.rx.len() as i64);
