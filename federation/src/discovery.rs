@@ -592,7 +592,12 @@ impl Dns {
         let name = fqdn(&srv_host)?;
         queried.push((name.clone(), RecordType::SRV));
         let lookup = match tokio::time::timeout(self.timeout, self.resolver.lookup(name, RecordType::SRV)).await {
-            Err(_) => return Err(DiscoveryError::Timeout { name: srv_host }),
+            // Some resolvers (Docker's, without upstream DNS) never answer SRV for names they
+            // only know A records of: treat a timeout as "no SRV" and try the address records.
+            Err(_) => {
+                debug!(name = %srv_host, "SRV lookup timed out; trying address records");
+                return Ok(None);
+            }
             Ok(Err(NetError::Dns(e))) => {
                 debug!(name = %srv_host, error = %e, "no SRV record");
                 return Ok(None);
