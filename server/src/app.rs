@@ -312,7 +312,11 @@ async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
                 }
                 Err(_) => return,
             };
-            let service = hyper_util::service::TowerToHyperService::new(router);
+            // Handlers see the peer's address (for the per-IP limit on failed authentication).
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                tower::ServiceExt::oneshot(router.clone(), request)
+            });
             let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(connection);
             let stopping = async move {

@@ -212,6 +212,11 @@ pub struct FederationConfig {
     pub origin_per_second: u32,
     /// Burst of requests from one origin server.
     pub origin_burst: u32,
+    /// Requests per minute from one IP address that fail authentication (bad or unknown
+    /// signatures, wrong destination...) before that address is refused for a while.
+    pub failed_auth_per_minute: u32,
+    /// Burst of failed requests from one IP address.
+    pub failed_auth_burst: u32,
     /// Most items (messages, receipts, ...) in one outbound transaction.
     pub max_txn_items: usize,
     /// Largest outbound transaction body, in bytes (inbound bodies may be twice as large).
@@ -247,6 +252,8 @@ impl Default for FederationConfig {
             max_clock_skew_ms: 300_000,
             origin_per_second: 200,
             origin_burst: 1000,
+            failed_auth_per_minute: 600,
+            failed_auth_burst: 100,
             max_txn_items: 1000,
             max_txn_bytes: 4 * 1024 * 1024,
             retry_min_ms: 500,
@@ -401,7 +408,13 @@ impl Config {
         if fed.enabled && (fed.tls_cert.is_none() || fed.tls_key.is_none()) {
             return bad("federation.enabled needs federation.tls_cert and federation.tls_key");
         }
-        if fed.max_txn_items == 0 || fed.max_txn_bytes < 64 * 1024 || fed.origin_per_second == 0 || fed.origin_burst == 0 {
+        if fed.max_txn_items == 0
+            || fed.max_txn_bytes < 64 * 1024
+            || fed.origin_per_second == 0
+            || fed.origin_burst == 0
+            || fed.failed_auth_per_minute == 0
+            || fed.failed_auth_burst == 0
+        {
             return bad("federation limits must be positive (max_txn_bytes at least 64 KiB)");
         }
         if fed.retry_min_ms == 0 || fed.retry_max_ms < fed.retry_min_ms || fed.request_timeout_ms == 0 {

@@ -626,3 +626,25 @@ async fn bad_input_from_a_signed_peer_gets_typed_errors_and_the_server_keeps_ser
     assert_eq!(receive_texts(&mut bob, 1).await?, ["after the garbage"]);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_address_that_keeps_failing_authentication_is_refused_for_a_while() -> anyhow::Result<()> {
+    let extra = "[federation]\nfailed_auth_per_minute = 1\nfailed_auth_burst = 3\n";
+    let net = FedNet::start(&[("b.test", Discovery::Srv)], extra).await?;
+    let peer = Peer::new(&net, "b.test", &net.servers[0].server)?;
+    let forger = ServerKey::generate();
+    let body = transaction("a.test", Vec::new())?;
+    let mut codes = Vec::new();
+    for i in 0..5 {
+        let txn = format!("forged-{i}");
+        let header = sign(&forger, &forger.key_id, "a.test", "b.test", "PUT", &send_path(&txn), now_ms(), &body)?;
+        let (status, answer) = peer.put_send(&txn, Some(&header), &body).await?;
+        codes.push((status, answer["code"].as_str().unwrap_or("").to_owned()));
+    }
+    // Three failures are allowed (a.test is not even up: its key cannot be fetched); the fourth
+    // fails too and blocks the address, so the fifth is refused before any work.
+    let expected: Vec<(u16, String)> =
+        [(401, "unknown_server_key"); 4].into_iter().chain([(429, "rate_limited")]).map(|(s, c)| (s, c.to_owned())).collect();
+    assert_eq!(codes, expected);
+    Ok(())
+}

@@ -11,7 +11,7 @@ use super::Federation;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::storage::{now_ms, Effects, NewEvent};
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::IntoResponse as _;
 use axum::routing::{get, post, put};
@@ -26,6 +26,7 @@ use parley_spec::v1::events::{InboxEvent, MessageEvent};
 use parley_spec::v1::keys::{ClaimRequest, ClaimResponse, MAX_CLAIM_DEVICES};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
 use parley_spec::{ErrorCode, ServerName, UserId};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 /// The router of the federation listener.
@@ -77,14 +78,28 @@ fn auth_error(error: RequestAuthError) -> ApiError {
     ApiError::new(code, error.to_string())
 }
 
-/// Checks a signed request; returns the authenticated origin.
+/// Checks a signed request from `peer`; returns the authenticated origin. An address whose
+/// requests keep failing is refused for a while (before any key fetch it could trigger).
 pub async fn authenticate(
     state: &AppState,
+    peer: IpAddr,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
 ) -> ApiResult<ServerName> {
+    let fed = federation(state)?;
+    fed.check_not_blocked(peer)?;
+    let result = verify_request(state, method, uri, headers, body).await;
+    if let Err(error) = &result {
+        if error.body.code.http_status() == 401 || error.code() == ErrorCode::ServerDenied {
+            fed.auth_failed(peer, &state.metrics);
+        }
+    }
+    result
+}
+
+async fn verify_request(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> ApiResult<ServerName> {
     let fed = federation(state)?;
     let header = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -117,13 +132,14 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
 /// PUT /_parley/federation/v1/send/{txn_id}
 async fn send_transaction(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     Path(txn_id): Path<String>,
     RawBody(body): RawBody,
 ) -> ApiResult<axum::Json<TransactionResponse>> {
-    let origin = authenticate(&state, &method, &uri, &headers, &body).await?;
+    let origin = authenticate(&state, peer.ip(), &method, &uri, &headers, &body).await?;
     if txn_id.is_empty() || txn_id.len() > 128 {
         return Err(ApiError::new(ErrorCode::BadRequest, "txn_id must be 1 to 128 characters"));
     }
@@ -279,12 +295,13 @@ async fn deliver_ephemeral(state: &AppState, item: Item) {
 /// GET /_parley/federation/v1/users/{user_id}/devices
 async fn user_devices(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     Path(user_id): Path<String>,
 ) -> ApiResult<axum::Json<UserDevices>> {
-    let origin = authenticate(&state, &method, &uri, &headers, b"").await?;
+    let origin = authenticate(&state, peer.ip(), &method, &uri, &headers, b"").await?;
     let user_id = crate::api::parse_user(&user_id)?;
     let entry = local_user(&state, &user_id).await?;
     let device_list = match state.store.device_list(entry.pk).await? {
@@ -300,12 +317,13 @@ async fn user_devices(
 /// POST /_parley/federation/v1/keys/claim
 async fn claim_keys(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> ApiResult<axum::Json<ClaimResponse>> {
-    authenticate(&state, &method, &uri, &headers, &body).await?;
+    authenticate(&state, peer.ip(), &method, &uri, &headers, &body).await?;
     let request: ClaimRequest = parse_json(&body)?;
     if request.devices.len() > MAX_CLAIM_DEVICES {
         return Err(ApiError::new(ErrorCode::BadRequest, format!("at most {MAX_CLAIM_DEVICES} devices per claim")));

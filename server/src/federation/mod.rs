@@ -20,6 +20,7 @@ use parley_spec::federation::v1::transaction::UserDevices;
 use parley_spec::v1::presence::PresenceInfo;
 use parley_spec::{ErrorCode, ServerName, UserId};
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +40,8 @@ pub struct Federation {
     pub sender: sender::Sender,
     config: FederationConfig,
     origin_limits: DefaultKeyedRateLimiter<String>,
+    failed_auth: DefaultKeyedRateLimiter<IpAddr>,
+    blocked: Mutex<HashMap<IpAddr, Instant>>,
     clock: DefaultClock,
     presence: Mutex<HashMap<UserId, PresenceInfo>>,
     /// Remote users' devices as last fetched (mirrors the `remote_devices` table, so a send to
@@ -57,6 +60,11 @@ impl Federation {
             replays: ReplayCache::default(),
             sender,
             origin_limits: governor::RateLimiter::keyed(quota),
+            failed_auth: governor::RateLimiter::keyed(
+                Quota::per_minute(NonZeroU32::new(config.failed_auth_per_minute).unwrap_or(NonZeroU32::MIN))
+                    .allow_burst(NonZeroU32::new(config.failed_auth_burst).unwrap_or(NonZeroU32::MIN)),
+            ),
+            blocked: Mutex::default(),
             clock: DefaultClock::default(),
             presence: Mutex::default(),
             remote_devices: Mutex::default(),
@@ -134,9 +142,39 @@ impl Federation {
         })
     }
 
+    /// `rate_limited` while `ip` is refused for failing authentication too often (checked
+    /// before any work, in particular before fetching the claimed origin's keys).
+    pub fn check_not_blocked(&self, ip: IpAddr) -> ApiResult<()> {
+        let blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        match blocked.get(&ip) {
+            Some(until) if *until > Instant::now() => {
+                Err(ApiError::rate_limited(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A request from `ip` failed authentication; past the allowance, `ip` is refused until
+    /// the allowance refills.
+    pub fn auth_failed(&self, ip: IpAddr, metrics: &crate::metrics::Metrics) {
+        if let Err(not_until) = self.failed_auth.check_key(&ip) {
+            metrics.rate_limited.inc();
+            let wait = not_until.wait_time_from(self.clock.now());
+            let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+            if blocked.len() >= 100_000 {
+                let now = Instant::now();
+                blocked.retain(|_, until| *until > now);
+            }
+            blocked.insert(ip, Instant::now() + wait);
+        }
+    }
+
     /// Periodic cleanup of the limiter and caches.
     pub fn shrink(&self) {
         self.origin_limits.retain_recent();
+        self.failed_auth.retain_recent();
+        let now = Instant::now();
+        self.blocked.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, until| *until > now);
         self.replays.purge(crate::storage::now_ms() as u64);
     }
 
