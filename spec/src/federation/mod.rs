@@ -1,4 +1,5 @@
-//! The server-to-server (federation) API. Version 1 lives in [`v1`]; the prose is
-//! `spec/federation.md` (written with the federation issue).
+//! The server-to-server (federation) API. Version 1 lives in [`v1`]: the key document
+//! ([`v1::keys`]) and transactions, items and queries ([`v1::transaction`]); the prose —
+//! signatures, discovery, retry semantics — is `spec/federation.md`.
 
 pub mod v1;
