@@ -332,6 +332,7 @@ pub async fn typing(state: &AppState, auth: &AuthDevice, to: &UserId, typing: bo
     Ok(())
 }
 
-fn to_bytes<T: serde::Serialize>(value: &T) -> ApiResult<Bytes> {
+/// JSON bytes of an event or frame.
+pub(crate) fn to_bytes<T: serde::Serialize>(value: &T) -> ApiResult<Bytes> {
     serde_json::to_vec(value).map(Bytes::from).map_err(ApiError::internal)
 }

@@ -10,6 +10,7 @@
 use super::Federation;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
+use crate::messaging::to_bytes;
 use crate::storage::{now_ms, Effects, NewEvent};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, Method, Uri};
@@ -333,8 +334,4 @@ async fn claim_keys(
     let mut response = crate::api::keys::claim_local(&state, local).await?;
     response.missing.extend(foreign);
     Ok(axum::Json(response))
-}
-
-fn to_bytes<T: serde::Serialize>(value: &T) -> ApiResult<Bytes> {
-    serde_json::to_vec(value).map(Bytes::from).map_err(ApiError::internal)
 }

@@ -38,6 +38,26 @@ struct Destination {
     ephemeral: Mutex<Vec<Item>>,
 }
 
+impl Destination {
+    /// Puts back ephemeral items that were taken but not delivered, ahead of newer ones
+    /// (a newer presence of the same user still replaces an older one).
+    fn requeue(&self, items: Vec<Item>) {
+        let mut queue = self.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
+        let newer = std::mem::replace(&mut *queue, items);
+        for item in newer {
+            push_coalesced(&mut queue, item);
+        }
+    }
+}
+
+/// Appends `item`; a presence item replaces the queued presence of the same user.
+fn push_coalesced(queue: &mut Vec<Item>, item: Item) {
+    if let Item::Presence(new) = &item {
+        queue.retain(|old| !matches!(old, Item::Presence(old) if old.presence.user == new.presence.user));
+    }
+    queue.push(item);
+}
+
 struct Inner {
     /// Weak: the writer stops once every strong handle is gone (at shutdown), and the writer's
     /// commit callback leads here.
@@ -117,13 +137,10 @@ impl Sender {
         let Some(handle) = self.destination(destination) else { return };
         {
             let mut queue = handle.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
-            if let Item::Presence(new) = &item {
-                queue.retain(|old| !matches!(old, Item::Presence(old) if old.presence.user == new.presence.user));
-            }
-            if queue.len() >= self.inner.config.max_txn_items {
+            push_coalesced(&mut queue, item);
+            if queue.len() > self.inner.config.max_txn_items {
                 queue.remove(0);
             }
-            queue.push(item);
         }
         handle.wake.notify_one();
     }
@@ -267,17 +284,7 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
             let interval = Duration::from_millis(inner.config.presence_interval_ms);
             if let Some(last) = last_presence_only.filter(|last| last.elapsed() < interval) {
                 drop(store);
-                {
-                    let mut queue = destination.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
-                    let newer = std::mem::take(&mut *queue);
-                    *queue = ephemeral;
-                    for item in newer {
-                        if let Item::Presence(new) = &item {
-                            queue.retain(|old| !matches!(old, Item::Presence(old) if old.presence.user == new.presence.user));
-                        }
-                        queue.push(item);
-                    }
-                }
+                destination.requeue(ephemeral);
                 tokio::time::sleep_until((last + interval).into()).await;
                 continue;
             }
@@ -317,10 +324,7 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
                 tracing::debug!(destination = %name, failures, delay_ms = delay.as_millis() as u64, "backing off");
                 retry_at = Some(tokio::time::Instant::now() + delay);
                 // Ephemeral items that were not delivered go back (dropped later if this lasts).
-                let mut queue = destination.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
-                let newer = std::mem::take(&mut *queue);
-                *queue = ephemeral;
-                queue.extend(newer);
+                destination.requeue(ephemeral);
             }
         }
     }
