@@ -226,6 +226,8 @@ pub fn config_toml(node: &Node, ca: &Path) -> anyhow::Result<String> {
 struct Running {
     node: Node,
     child: Child,
+    /// Resolves when the server has printed its client listening line.
+    listening: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 async fn run(args: &DevnetArgs, nodes: Vec<Node>) -> anyhow::Result<()> {
@@ -244,7 +246,7 @@ async fn run(args: &DevnetArgs, nodes: Vec<Node>) -> anyhow::Result<()> {
     let mut running = Vec::with_capacity(nodes.len());
     for node in nodes {
         match spawn(&exe, &node) {
-            Ok(child) => running.push(Running { node, child }),
+            Ok((child, listening)) => running.push(Running { node, child, listening: Some(listening) }),
             Err(error) => {
                 stop(&mut running).await;
                 return Err(error);
@@ -253,7 +255,7 @@ async fn run(args: &DevnetArgs, nodes: Vec<Node>) -> anyhow::Result<()> {
     }
     let started = tokio::select! {
         started = wait_until_listening(&mut running) => started,
-        () = shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
+        () = crate::cli::shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(error) = started {
         stop(&mut running).await;
@@ -261,7 +263,7 @@ async fn run(args: &DevnetArgs, nodes: Vec<Node>) -> anyhow::Result<()> {
     }
     print!("{}", instructions(args, &running.iter().map(|r| r.node.clone()).collect::<Vec<_>>()));
     let outcome = tokio::select! {
-        () = shutdown_signal() => Ok(()),
+        () = crate::cli::shutdown_signal() => Ok(()),
         exited = first_exit(&mut running) => exited,
     };
     println!("stopping {} servers...", running.len());
@@ -270,7 +272,9 @@ async fn run(args: &DevnetArgs, nodes: Vec<Node>) -> anyhow::Result<()> {
     outcome
 }
 
-fn spawn(exe: &Path, node: &Node) -> anyhow::Result<Child> {
+/// Starts one server: stderr goes to its log, stdout (the listening lines) is copied there too
+/// by a task that reports the client listening line.
+fn spawn(exe: &Path, node: &Node) -> anyhow::Result<(Child, tokio::sync::oneshot::Receiver<()>)> {
     let log = std::fs::File::create(&node.log).with_context(|| format!("creating {}", node.log.display()))?;
     let mut command = Command::new(exe);
     command
@@ -278,8 +282,8 @@ fn spawn(exe: &Path, node: &Node) -> anyhow::Result<Child> {
         .arg("--config")
         .arg(&node.config)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
+        .stdout(Stdio::piped())
+        .stderr(log.try_clone()?)
         .kill_on_drop(true);
     // The parent's PARLEY__* settings (or PARLEY_CONFIG) would override every server's file.
     for (key, _) in std::env::vars_os() {
@@ -287,62 +291,76 @@ fn spawn(exe: &Path, node: &Node) -> anyhow::Result<Child> {
             command.env_remove(key);
         }
     }
-    command.spawn().with_context(|| format!("starting {} serve for server {}", exe.display(), node.index))
+    let mut child = command.spawn().with_context(|| format!("starting {} serve for server {}", exe.display(), node.index))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (ready, listening) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        use std::io::Write as _;
+        use tokio::io::AsyncBufReadExt as _;
+        let mut log = log;
+        let mut ready = Some(ready);
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = writeln!(log, "{line}");
+            if line.starts_with(LISTENING) {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+            }
+        }
+    });
+    Ok((child, listening))
 }
 
 /// Waits until every server has printed its listening line; fails if one exits or is slow.
 async fn wait_until_listening(running: &mut [Running]) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
-    let mut ready = vec![false; running.len()];
-    while ready.contains(&false) {
-        for (server, ready) in running.iter_mut().zip(ready.iter_mut()) {
-            if *ready {
-                continue;
+    for server in running.iter_mut() {
+        let Some(listening) = server.listening.take() else { continue };
+        let outcome = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                ready = listening => ready.map_err(|_| None),
+                status = server.child.wait() => Err(status.ok()),
             }
-            let log = read_log(&server.node.log);
-            if log.lines().any(|line| line.starts_with(LISTENING)) {
-                *ready = true;
-            } else if let Some(status) = server.child.try_wait()? {
-                bail!(
-                    "server {} exited during startup ({status}); end of {}:\n{}",
-                    server.node.index,
-                    server.node.log.display(),
-                    tail(&log)
-                );
-            } else if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "server {} did not start within {} s; end of {}:\n{}",
-                    server.node.index,
-                    STARTUP_TIMEOUT.as_secs(),
-                    server.node.log.display(),
-                    tail(&log)
-                );
-            }
+        })
+        .await;
+        let log = || tail(&read_log(&server.node.log));
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(status)) => bail!(
+                "server {} exited during startup ({}); end of {}:\n{}",
+                server.node.index,
+                status.map_or_else(|| "status unknown".to_owned(), |s| s.to_string()),
+                server.node.log.display(),
+                log()
+            ),
+            Err(_) => bail!(
+                "server {} did not start within {} s; end of {}:\n{}",
+                server.node.index,
+                STARTUP_TIMEOUT.as_secs(),
+                server.node.log.display(),
+                log()
+            ),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
 }
 
 /// Resolves when the first server exits on its own: an error unless it exited successfully.
 async fn first_exit(running: &mut [Running]) -> anyhow::Result<()> {
-    loop {
-        for server in running.iter_mut() {
-            if let Some(status) = server.child.try_wait()? {
-                let log = read_log(&server.node.log);
-                if status.success() {
-                    println!("server {} stopped", server.node.index);
-                    return Ok(());
-                }
-                bail!("server {} exited ({status}); end of {}:\n{}", server.node.index, server.node.log.display(), tail(&log));
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    if running.is_empty() {
+        return std::future::pending().await;
     }
+    let waits = running.iter_mut().map(|server| Box::pin(async move { (server.child.wait().await, &server.node) }));
+    let ((status, node), _, _) = futures_util::future::select_all(waits).await;
+    let status = status?;
+    if status.success() {
+        println!("server {} stopped", node.index);
+        return Ok(());
+    }
+    bail!("server {} exited ({status}); end of {}:\n{}", node.index, node.log.display(), tail(&read_log(&node.log)))
 }
 
-/// SIGTERM to every server still running, then waits; a server still running after
-/// [`SHUTDOWN_TIMEOUT`] is killed.
 async fn stop(running: &mut [Running]) {
     for server in running.iter_mut() {
         if let (Ok(None), Some(pid)) = (server.child.try_wait(), server.child.id()) {
@@ -372,27 +390,6 @@ fn read_log(path: &Path) -> String {
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
 }
 
 /// What `parleyd devnet` prints once the servers run: a table and `parley` commands to try.
