@@ -3,13 +3,14 @@
 
 use crate::app::AppState;
 use crate::auth::AuthDevice;
+use crate::directory::UserEntry;
 use crate::error::{ApiError, ApiResult};
 use crate::storage::{now_ms, Effects, MessageOutcome, NewEvent, NewMessage};
 use bytes::Bytes;
 use parley_spec::error::{DeviceRef, DevicesMismatch};
-use parley_spec::federation::v1::transaction::{FedEnvelope, Item, SignedMessage, TypingItem};
+use parley_spec::federation::v1::transaction::{FedEnvelope, Item, SignedMessage, TypingItem, UserDevices};
 use parley_spec::v1::events::{InboxEvent, MessageEvent, ReceiptEvent, ReceiptKind};
-use parley_spec::v1::messages::{ReadRequest, SendRequest, SentResponse, MAX_READ_IDS};
+use parley_spec::v1::messages::{Envelope, ReadRequest, SendRequest, SentResponse, MAX_READ_IDS};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
 use parley_spec::{ErrorCode, UserId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -46,29 +47,9 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
 
     // Expected targets: every device of the recipient and every other device of the sender
     // (never the sending device itself, also for a note to self).
-    let mut expected: BTreeMap<DeviceRef, i64> = BTreeMap::new();
-    for (pk, id) in &recipient.devices {
-        if *pk != auth.device_pk {
-            expected.insert(DeviceRef::new(recipient.user_id.clone(), id.clone()), *pk);
-        }
-    }
-    for (pk, id) in &sender.devices {
-        if *pk != auth.device_pk {
-            expected.insert(DeviceRef::new(sender.user_id.clone(), id.clone()), *pk);
-        }
-    }
-    let mut seen = BTreeSet::new();
-    let mut extra = Vec::new();
-    for envelope in &request.envelopes {
-        let target = DeviceRef::new(envelope.user.clone(), envelope.device.clone());
-        if !expected.contains_key(&target) || !seen.insert(target.clone()) {
-            extra.push(target);
-        }
-    }
-    let missing: Vec<DeviceRef> = expected.keys().filter(|t| !seen.contains(*t)).cloned().collect();
-    if !missing.is_empty() || !extra.is_empty() {
-        return Err(ApiError::devices_mismatch(DevicesMismatch::new(missing, extra)));
-    }
+    let mut expected: BTreeMap<DeviceRef, i64> = other_devices(&recipient, auth).collect();
+    expected.extend(other_devices(&sender, auth));
+    check_targets(&expected, &request.envelopes)?;
 
     let id = state.store.next_message_id();
     let ts = now_ms();
@@ -106,79 +87,86 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
         .local(auth.user_id.localpart())
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownToken, "the sending account no longer exists"))?;
-    let mut remote = crate::federation::remote::devices(state, &request.to, false).await?;
-    let mut refreshed = false;
-    loop {
-        let mut expected: BTreeMap<DeviceRef, Option<i64>> = BTreeMap::new();
-        for id in &remote.devices {
-            expected.insert(DeviceRef::new(request.to.clone(), id.clone()), None);
-        }
-        for (pk, id) in &sender.devices {
-            if *pk != auth.device_pk {
-                expected.insert(DeviceRef::new(sender.user_id.clone(), id.clone()), Some(*pk));
+    // The recipient's devices as their server last told us (`None`: no local device), and the
+    // sender's other devices here.
+    let expected = |remote: &UserDevices| -> BTreeMap<DeviceRef, Option<i64>> {
+        let theirs = remote.devices.iter().map(|id| (DeviceRef::new(request.to.clone(), id.clone()), None));
+        theirs.chain(other_devices(&sender, auth).map(|(target, pk)| (target, Some(pk)))).collect()
+    };
+    let remote = crate::federation::remote::devices(state, &request.to, false).await?;
+    let mut targets = expected(&remote);
+    if check_targets(&targets, &request.envelopes).is_err() {
+        // Our copy of the remote devices may be stale: ask their server once.
+        targets = expected(&*crate::federation::remote::devices(state, &request.to, true).await?);
+        check_targets(&targets, &request.envelopes)?;
+    }
+    let id = state.store.next_message_id();
+    let ts = now_ms();
+    let origin = Some((sender.user_id_arc.clone(), id));
+    let mut events = Vec::new();
+    let mut envelopes = Vec::new();
+    for envelope in request.envelopes {
+        match targets[&DeviceRef::new(envelope.user, envelope.device.clone())] {
+            Some(device) => {
+                let event = InboxEvent::Message(MessageEvent::new(
+                    id,
+                    auth.user_id.clone(),
+                    auth.device_id.clone(),
+                    request.to.clone(),
+                    ts as u64,
+                    envelope.ciphertext.0,
+                ));
+                events.push(NewEvent { device, origin: origin.clone(), payload: to_bytes(&event)? });
             }
+            None => envelopes.push(FedEnvelope::new(envelope.device, envelope.ciphertext.0)),
         }
-        let mut seen = BTreeSet::new();
-        let mut extra = Vec::new();
-        for envelope in &request.envelopes {
-            let target = DeviceRef::new(envelope.user.clone(), envelope.device.clone());
-            if !expected.contains_key(&target) || !seen.insert(target.clone()) {
-                extra.push(target);
-            }
+    }
+    let mut message = SignedMessage::new(
+        id,
+        auth.user_id.clone(),
+        auth.device_id.clone(),
+        request.to.clone(),
+        ts as u64,
+        envelopes,
+        state.server_name.clone(),
+        String::new(),
+    );
+    parley_federation::message::sign_message(&mut message, &state.server_key);
+    let outbound = vec![crate::federation::sender::outbound(request.to.server(), &Item::Message(message))?];
+    Ok(NewMessage {
+        id,
+        sender_device: auth.device_pk,
+        client_msg_id: request.client_msg_id,
+        recipient: request.to.to_string(),
+        ts,
+        events,
+        outbound,
+    })
+}
+
+/// `user`'s devices other than the sending one, as send targets.
+fn other_devices<'a>(user: &'a UserEntry, auth: &'a AuthDevice) -> impl Iterator<Item = (DeviceRef, i64)> + 'a {
+    user.devices
+        .iter()
+        .filter(|(pk, _)| *pk != auth.device_pk)
+        .map(|(pk, id)| (DeviceRef::new(user.user_id.clone(), id.clone()), *pk))
+}
+
+/// `devices_mismatch` unless the envelopes address exactly the `expected` devices, once each.
+fn check_targets<T>(expected: &BTreeMap<DeviceRef, T>, envelopes: &[Envelope]) -> ApiResult<()> {
+    let mut seen = BTreeSet::new();
+    let mut extra = Vec::new();
+    for envelope in envelopes {
+        let target = DeviceRef::new(envelope.user.clone(), envelope.device.clone());
+        if !expected.contains_key(&target) || !seen.insert(target.clone()) {
+            extra.push(target);
         }
-        let missing: Vec<DeviceRef> = expected.keys().filter(|t| !seen.contains(*t)).cloned().collect();
-        if !missing.is_empty() || !extra.is_empty() {
-            if !refreshed {
-                // Our copy of the remote devices may be stale: ask their server once.
-                refreshed = true;
-                remote = crate::federation::remote::devices(state, &request.to, true).await?;
-                continue;
-            }
-            return Err(ApiError::devices_mismatch(DevicesMismatch::new(missing, extra)));
-        }
-        let id = state.store.next_message_id();
-        let ts = now_ms();
-        let origin = Some((sender.user_id_arc.clone(), id));
-        let mut events = Vec::new();
-        let mut envelopes = Vec::new();
-        for envelope in request.envelopes {
-            match expected[&DeviceRef::new(envelope.user, envelope.device.clone())] {
-                Some(device) => {
-                    let event = InboxEvent::Message(MessageEvent::new(
-                        id,
-                        auth.user_id.clone(),
-                        auth.device_id.clone(),
-                        request.to.clone(),
-                        ts as u64,
-                        envelope.ciphertext.0,
-                    ));
-                    events.push(NewEvent { device, origin: origin.clone(), payload: to_bytes(&event)? });
-                }
-                None => envelopes.push(FedEnvelope::new(envelope.device, envelope.ciphertext.0)),
-            }
-        }
-        let mut message = SignedMessage::new(
-            id,
-            auth.user_id.clone(),
-            auth.device_id.clone(),
-            request.to.clone(),
-            ts as u64,
-            envelopes,
-            state.server_name.clone(),
-            String::new(),
-        );
-        parley_federation::message::sign_message(&mut message, &state.server_key);
-        let item = Item::Message(message);
-        let outbound = vec![crate::federation::sender::outbound(request.to.server(), &item)?];
-        return Ok(NewMessage {
-            id,
-            sender_device: auth.device_pk,
-            client_msg_id: request.client_msg_id,
-            recipient: request.to.to_string(),
-            ts,
-            events,
-            outbound,
-        });
+    }
+    let missing: Vec<DeviceRef> = expected.keys().filter(|t| !seen.contains(*t)).cloned().collect();
+    if missing.is_empty() && extra.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::devices_mismatch(DevicesMismatch::new(missing, extra)))
     }
 }
 
