@@ -248,22 +248,26 @@ async fn chat_shows_incoming_messages_live_and_sends_typed_lines() -> anyhow::Re
     Ok(())
 }
 
-/// The history of `profile` with `peer` once it holds `count` messages (delivery across
-/// servers is asynchronous: `history` syncs each time it runs).
-async fn history_with(
-    parley: &Parley,
-    profile: &str,
-    peer: &str,
-    count: usize,
-) -> anyhow::Result<Vec<(String, String, String, bool)>> {
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let history = parley.history(profile, peer).await?;
-        if history.len() >= count || tokio::time::Instant::now() >= deadline {
-            return Ok(history);
+/// Runs `parley chat` for `profile` with `peer` until a message from `peer` is shown,
+/// typing `reply` (if any) once it is and waiting for its `sent`; returns the message's body.
+async fn chat_until_message(parley: &Parley, profile: &str, peer: &str, reply: Option<&str>) -> anyhow::Result<String> {
+    let mut chat = parley.command(profile, &["chat", peer]).stdin(Stdio::piped()).spawn()?;
+    let mut input = chat.stdin.take().context("stdin")?;
+    let mut lines = BufReader::new(chat.stdout.take().context("stdout")?).lines();
+    let body = loop {
+        let line = next_json(&mut lines).await?;
+        if line["event"] == "message" && line["sender"] == peer {
+            break line["body"].as_str().context("body")?.to_owned();
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if let Some(reply) = reply {
+        input.write_all(format!("{reply}\n").as_bytes()).await?;
+        while next_json(&mut lines).await?["event"] != "sent" {}
     }
+    drop(input);
+    let status = tokio::time::timeout(T, chat.wait()).await.context("parley chat did not exit at end of input")??;
+    ensure!(status.success(), "parley chat exited with {status}");
+    Ok(body)
 }
 
 #[tokio::test]
@@ -276,18 +280,26 @@ async fn profiles_on_two_federated_servers_message_each_other() -> anyhow::Resul
     let bob = parley.ok("bob", &["--server", &b, "register", "bob"], &format!("{PASSWORD}\n")).await?;
     assert_eq!(bob[0]["user_id"], "@bob:b.test");
 
+    // Delivery across servers is asynchronous: each side waits in `chat` for the other's message.
     let (hello, _) = parley.send("alice", "@bob:b.test", "hello from a.test").await?;
-    let seen = history_with(&parley, "bob", "@alice:a.test", 1).await?;
-    assert_eq!(seen, vec![("@alice:a.test".to_owned(), "hello from a.test".to_owned(), hello.clone(), false)]);
-    let (back, _) = parley.send("bob", "@alice:a.test", "hello back from b.test").await?;
-    let seen = history_with(&parley, "alice", "@bob:b.test", 2).await?;
+    let got = chat_until_message(&parley, "bob", "@alice:a.test", Some("hello back from b.test")).await?;
+    assert_eq!(got, "hello from a.test");
+    assert_eq!(chat_until_message(&parley, "alice", "@bob:b.test", None).await?, "hello back from b.test");
+    let parley = &parley;
+    let history = |profile: &'static str, peer: &'static str| async move {
+        let lines = parley.history(profile, peer).await?;
+        anyhow::Ok(lines.into_iter().map(|(sender, body, id, outgoing)| (sender, body, id, outgoing)).collect::<Vec<_>>())
+    };
+    let alice_view = history("alice", "@bob:b.test").await?;
     assert_eq!(
-        seen,
+        alice_view,
         vec![
             ("@alice:a.test".to_owned(), "hello from a.test".to_owned(), hello, true),
-            ("@bob:b.test".to_owned(), "hello back from b.test".to_owned(), back, false),
+            ("@bob:b.test".to_owned(), "hello back from b.test".to_owned(), alice_view[1].2.clone(), false),
         ]
     );
+    let bob_view: Vec<_> = history("bob", "@alice:a.test").await?.into_iter().map(|(s, b, i, o)| (s, b, i, !o)).collect();
+    assert_eq!(bob_view, alice_view, "both sides hold the same conversation");
     assert_eq!(parley.safety_number("alice", "@bob:b.test").await?, parley.safety_number("bob", "@alice:a.test").await?);
     Ok(())
 }

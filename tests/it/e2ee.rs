@@ -12,7 +12,10 @@ const T: Duration = Duration::from_secs(30);
 const PASSWORD: &str = "correct horse";
 
 /// Waits for an event `pick` accepts, skipping others.
-async fn next<T>(events: &mut MessengerEvents, mut pick: impl FnMut(MessengerEvent) -> Option<T>) -> anyhow::Result<T> {
+pub(crate) async fn next<T>(
+    events: &mut MessengerEvents,
+    mut pick: impl FnMut(MessengerEvent) -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = tokio::time::Instant::now() + T;
     loop {
         let event = tokio::time::timeout_at(deadline, events.next()).await.context("timed out waiting for a messenger event")?;

@@ -3,26 +3,14 @@
 //! presence; and the durable queue under faults (destination down, sender killed, cut
 //! connections).
 
+use crate::e2ee::next;
 use crate::support::{self, Device};
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use parley_sdk::messenger::{Messenger, MessengerEvent, MessengerEvents};
 use parley_sdk::Event;
 use parley_tests::fednet::{Discovery, FedNet};
 use parley_tests::TestServer;
 use std::time::Duration;
-
-const T: Duration = Duration::from_secs(30);
-
-async fn next<T>(events: &mut MessengerEvents, mut pick: impl FnMut(MessengerEvent) -> Option<T>) -> anyhow::Result<T> {
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let event = tokio::time::timeout_at(deadline, events.next()).await.context("timed out waiting for a messenger event")?;
-        let Some(event) = event else { bail!("messenger stopped") };
-        if let Some(found) = pick(event) {
-            return Ok(found);
-        }
-    }
-}
 
 async fn next_text(events: &mut MessengerEvents) -> anyhow::Result<(String, String, u64)> {
     next(events, |e| match e {

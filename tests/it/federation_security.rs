@@ -396,18 +396,6 @@ fn set_deny(server: &TestServer, deny: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until `server` logged a line containing every one of `parts`.
-async fn wait_for_log(server: &TestServer, parts: &[&str]) -> anyhow::Result<String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(line) = server.logs().lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-            return Ok(line.to_owned());
-        }
-        ensure!(tokio::time::Instant::now() < deadline, "no log line with {parts:?} within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_denied_server_is_refused_and_its_messages_wait_in_its_queue() -> anyhow::Result<()> {
     let net = FedNet::start(&[("a.test", Discovery::Srv)], "").await?;
@@ -451,7 +439,7 @@ async fn a_denied_server_is_refused_and_its_messages_wait_in_its_queue() -> anyh
     b.restart().await?;
     let mut bob = raw_receiver(&bob_session).await?;
     send_texts(&alice, &bob_id, &template, &["queued while denied".to_owned()]).await?;
-    let line = wait_for_log(a, &["transaction failed", "403"]).await?;
+    let line = a.wait_for_log(&["transaction failed", "403"], Duration::from_secs(30)).await?;
     assert!(line.contains("b.test"), "{line}");
     while let Some(event) = bob.try_next() {
         assert!(!matches!(event, Event::Message(_)), "bob received a message while a.test is denied: {event:?}");

@@ -56,6 +56,8 @@ pub struct TestServer {
     pub federation_addr: Option<SocketAddr>,
     dir: tempfile::TempDir,
     logs: Arc<Mutex<String>>,
+    /// Notified after every log line.
+    logged: Arc<tokio::sync::Notify>,
 }
 
 impl TestServer {
@@ -72,7 +74,8 @@ impl TestServer {
         std::fs::write(dir.path().join("parleyd.toml"), config)?;
         let logs = Arc::new(Mutex::new(String::new()));
         let addr: SocketAddr = "127.0.0.1:0".parse()?;
-        let mut server = Self { child: None, base_url: String::new(), addr, federation_addr: None, dir, logs };
+        let logged = Arc::default();
+        let mut server = Self { child: None, base_url: String::new(), addr, federation_addr: None, dir, logs, logged };
         server.spawn().await?;
         Ok(server)
     }
@@ -85,6 +88,24 @@ impl TestServer {
     /// Everything the server logged so far (stderr).
     pub fn logs(&self) -> String {
         self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits (up to `timeout`) until the server logged a line containing every one of `parts`;
+    /// returns that line.
+    pub async fn wait_for_log(&self, parts: &[&str], timeout: Duration) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let logged = self.logged.notified();
+            tokio::pin!(logged);
+            // Registered before looking, so a line written in between still wakes us.
+            logged.as_mut().enable();
+            if let Some(line) = self.logs().lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return Ok(line.to_owned());
+            }
+            tokio::time::timeout_at(deadline, logged)
+                .await
+                .with_context(|| format!("no log line with {parts:?} within {timeout:?}"))?;
+        }
     }
 
     /// The OS process id.
@@ -116,6 +137,7 @@ impl TestServer {
             .context("spawning parleyd")?;
         let stderr = child.stderr.take().context("stderr")?;
         let logs = self.logs.clone();
+        let logged = self.logged.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -123,6 +145,7 @@ impl TestServer {
                     logs.push_str(&line);
                     logs.push('\n');
                 }
+                logged.notify_waiters();
             }
         });
         let stdout = child.stdout.take().context("stdout")?;
