@@ -484,33 +484,6 @@ async fn forged_requests_do_not_use_up_the_rate_limit_of_the_server_they_claim_t
 
 /// Serves `GET /_parley/key/v1` over HTTPS with `document` (whatever the request), as the
 /// operator of a domain can on any port of it.
-async fn serve_key_document(listener: tokio::net::TcpListener, tls: std::sync::Arc<rustls::ServerConfig>, document: Vec<u8>) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    while let Ok((tcp, _)) = listener.accept().await {
-        let (acceptor, document) = (acceptor.clone(), document.clone());
-        tokio::spawn(async move {
-            let Ok(mut stream) = acceptor.accept(tcp).await else { return };
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            let mut response = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                document.len()
-            )
-            .into_bytes();
-            response.extend_from_slice(&document);
-            let _ = stream.write_all(&response).await;
-            let _ = stream.shutdown().await;
-        });
-    }
-}
-
 #[tokio::test]
 async fn a_denied_server_is_still_denied_when_its_name_carries_a_port() -> anyhow::Result<()> {
     let mut net = FedNet::start(&[("b.test", Discovery::Srv)], "[federation]\ndeny = [\"a.test\"]\n").await?;
@@ -528,7 +501,8 @@ async fn a_denied_server_is_still_denied_when_its_name_carries_a_port() -> anyho
     let document = parley_federation::sign_server_keys(&server_name(&name)?, &key, now_ms(), 24 * 3600 * 1000);
     let issued = net.ca.issue(&["a.test"])?;
     let tls = parley_tests::fednet::tls_config(&issued.cert_pem, &issued.key_pem)?;
-    let key_server = tokio::spawn(serve_key_document(listener, tls, serde_json::to_vec(&document)?));
+    let document = serde_json::to_vec(&document)?;
+    let key_server = tokio::spawn(parley_tests::fednet::serve_https(listener, tls, move |_, _| Some(document.clone())));
 
     // As plain a.test it is refused ...
     let empty = transaction("a.test", Vec::new())?;

@@ -166,16 +166,17 @@ pub fn tls_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::S
     Ok(Arc::new(config))
 }
 
-/// A minimal HTTPS server for `GET /.well-known/parley/server`, answering by Host header.
-async fn serve_well_known(
-    listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    bodies: Arc<Mutex<BTreeMap<String, String>>>,
-) {
+/// A minimal HTTPS server for tests: `respond(host, request line)` gives a JSON body (200) or
+/// `None` (404). One request per connection.
+pub async fn serve_https<F>(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, respond: F)
+where
+    F: Fn(&str, &str) -> Option<Vec<u8>> + Send + Sync + 'static,
+{
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let respond = Arc::new(respond);
     while let Ok((tcp, _)) = listener.accept().await {
         let acceptor = acceptor.clone();
-        let bodies = bodies.clone();
+        let respond = respond.clone();
         tokio::spawn(async move {
             let Ok(mut stream) = acceptor.accept(tcp).await else { return };
             let mut head = Vec::new();
@@ -187,23 +188,42 @@ async fn serve_well_known(
                 }
             }
             let head = String::from_utf8_lossy(&head);
-            let path_ok = head.starts_with("GET /.well-known/parley/server ");
             let host = head
                 .lines()
                 .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("host")).map(|(_, v)| v.trim()))
-                .map(|h| h.split(':').next().unwrap_or(h).to_owned());
-            let body = host.and_then(|h| bodies.lock().unwrap_or_else(|e| e.into_inner()).get(&h).cloned());
-            let response = match (path_ok, body) {
-                (true, Some(body)) => format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                ),
-                _ => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned(),
+                .map(|h| h.split(':').next().unwrap_or(h).to_owned())
+                .unwrap_or_default();
+            let response = match respond(&host, head.lines().next().unwrap_or("")) {
+                Some(body) => {
+                    let mut response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    response.extend_from_slice(&body);
+                    response
+                }
+                None => b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_vec(),
             };
-            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.write_all(&response).await;
             let _ = stream.shutdown().await;
         });
     }
+}
+
+/// `GET /.well-known/parley/server`, answered by Host header from `bodies`.
+async fn serve_well_known(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    bodies: Arc<Mutex<BTreeMap<String, String>>>,
+) {
+    serve_https(listener, tls, move |host, request| {
+        if !request.starts_with("GET /.well-known/parley/server ") {
+            return None;
+        }
+        bodies.lock().unwrap_or_else(|e| e.into_inner()).get(host).map(|b| b.clone().into_bytes())
+    })
+    .await
 }
 
 /// Where a test's temporary files go.
