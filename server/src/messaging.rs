@@ -57,15 +57,8 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
     let mut events = Vec::with_capacity(request.envelopes.len());
     for envelope in request.envelopes {
         let device = expected[&DeviceRef::new(envelope.user, envelope.device)];
-        let event = InboxEvent::Message(MessageEvent::new(
-            id,
-            auth.user_id.clone(),
-            auth.device_id.clone(),
-            request.to.clone(),
-            ts as u64,
-            envelope.ciphertext.0,
-        ));
-        events.push(NewEvent { device, origin: origin.clone(), payload: to_bytes(&event)? });
+        let payload = message_event(auth, &request.to, id, ts, envelope.ciphertext.0)?;
+        events.push(NewEvent { device, origin: origin.clone(), payload });
     }
     Ok(NewMessage {
         id,
@@ -108,15 +101,8 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
     for envelope in request.envelopes {
         match targets[&DeviceRef::new(envelope.user, envelope.device.clone())] {
             Some(device) => {
-                let event = InboxEvent::Message(MessageEvent::new(
-                    id,
-                    auth.user_id.clone(),
-                    auth.device_id.clone(),
-                    request.to.clone(),
-                    ts as u64,
-                    envelope.ciphertext.0,
-                ));
-                events.push(NewEvent { device, origin: origin.clone(), payload: to_bytes(&event)? });
+                let payload = message_event(auth, &request.to, id, ts, envelope.ciphertext.0)?;
+                events.push(NewEvent { device, origin: origin.clone(), payload });
             }
             None => envelopes.push(FedEnvelope::new(envelope.device, envelope.ciphertext.0)),
         }
@@ -142,6 +128,12 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
         events,
         outbound,
     })
+}
+
+/// The inbox event of a message from `auth` to `to` carrying one device's ciphertext.
+fn message_event(auth: &AuthDevice, to: &UserId, id: u64, ts: i64, ciphertext: Vec<u8>) -> ApiResult<Bytes> {
+    let event = MessageEvent::new(id, auth.user_id.clone(), auth.device_id.clone(), to.clone(), ts as u64, ciphertext);
+    to_bytes(&InboxEvent::Message(event))
 }
 
 /// `user`'s devices other than the sending one, as send targets.
