@@ -38,6 +38,8 @@ pub struct AppState {
     pub presence: Arc<Presence>,
     /// Rate limiters.
     pub limits: Arc<RateLimits>,
+    /// Bytes queued for WebSocket clients, server-wide.
+    pub outgoing: Arc<crate::outgoing::OutgoingBudget>,
     /// Metrics.
     pub metrics: Metrics,
     /// Becomes true when the server shuts down.
@@ -146,6 +148,7 @@ impl Server {
         let state = AppState {
             directory: Arc::new(Directory::new(store.clone(), server_name.clone())),
             limits: Arc::new(RateLimits::new(&config.rate_limits)),
+            outgoing: Arc::new(crate::outgoing::OutgoingBudget::new(config.limits.ws_unsent_bytes_total)),
             config: Arc::new(config),
             server_name,
             store,

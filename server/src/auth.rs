@@ -109,14 +109,34 @@ pub fn bearer_token(parts: &Parts) -> Option<Zeroizing<String>> {
     query.split('&').find_map(|pair| pair.strip_prefix("access_token=").map(|t| Zeroizing::new(t.to_owned())))
 }
 
+async fn authenticate(parts: &Parts, state: &AppState) -> Result<AuthDevice, ApiError> {
+    let token = bearer_token(parts).ok_or_else(|| ApiError::new(ErrorCode::MissingToken, "missing access token"))?;
+    AuthDevice::from_token(state, &token).await
+}
+
 impl FromRequestParts<AppState> for AuthDevice {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let token = bearer_token(parts).ok_or_else(|| ApiError::new(ErrorCode::MissingToken, "missing access token"))?;
-        let auth = Self::from_token(state, &token).await?;
+        let auth = authenticate(parts, state).await?;
         state.limits.check_device(auth.device_pk, &state.metrics)?;
         Ok(auth)
+    }
+}
+
+/// The authenticated device of an acknowledgement or read marker (`GET /v1/sync`,
+/// `POST /v1/read`): counted against the device's control budget, not its request budget, so
+/// a device throttled for sending can still drain its inbox.
+#[derive(Debug, Clone)]
+pub struct ControlDevice(pub AuthDevice);
+
+impl FromRequestParts<AppState> for ControlDevice {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let auth = authenticate(parts, state).await?;
+        state.limits.check_control(auth.device_pk, &state.metrics)?;
+        Ok(Self(auth))
     }
 }
 

@@ -94,6 +94,18 @@ pub struct LimitsConfig {
     pub prekey_low_watermark: u32,
     /// Events sent to a connection but not yet acknowledged; beyond it delivery pauses until an `ack`.
     pub max_unacked_events: usize,
+    /// A WebSocket write (or flush) that makes no progress for this long closes the connection:
+    /// the peer stopped reading. The device resumes from its cursor when it comes back.
+    pub ws_write_timeout_ms: u64,
+    /// Bytes queued for one connection and not yet written to its socket (live events waiting
+    /// in its buffer, frames being written). Events beyond it wait in the inbox and are read
+    /// from the database once the connection has drained.
+    pub ws_unsent_bytes: usize,
+    /// A connection whose unsent bytes pass this (answers and notices it did not read) is closed.
+    pub ws_max_unsent_bytes: usize,
+    /// Unsent bytes of all connections together: beyond it, live events of every connection
+    /// wait in the inbox and typing/presence notices are dropped until writes drain.
+    pub ws_unsent_bytes_total: usize,
 }
 
 impl LimitsConfig {
@@ -113,6 +125,12 @@ pub struct RateLimitConfig {
     pub device_per_second: u32,
     /// Burst per device.
     pub device_burst: u32,
+    /// Acks, pings and read markers per second per device (frames, `GET /v1/sync` and
+    /// `POST /v1/read`): a budget of their own, so a device throttled for sending can still
+    /// acknowledge and drain its inbox.
+    pub control_per_second: u32,
+    /// Burst of acks, pings and read markers per device.
+    pub control_burst: u32,
     /// HTTP requests (including WebSocket upgrades) per second per client IP.
     pub ip_per_second: u32,
     /// Burst per IP.
@@ -309,13 +327,26 @@ impl Default for LimitsConfig {
             ws_write_buffer_bytes: 4096,
             prekey_low_watermark: 20,
             max_unacked_events: 4096,
+            ws_write_timeout_ms: 10_000,
+            ws_unsent_bytes: 1024 * 1024,
+            ws_max_unsent_bytes: 4 * 1024 * 1024,
+            ws_unsent_bytes_total: 256 * 1024 * 1024,
         }
     }
 }
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        Self { device_per_second: 100, device_burst: 500, ip_per_second: 50, ip_burst: 200, auth_per_minute: 30, auth_burst: 10 }
+        Self {
+            device_per_second: 100,
+            device_burst: 500,
+            control_per_second: 200,
+            control_burst: 1000,
+            ip_per_second: 50,
+            ip_burst: 200,
+            auth_per_minute: 30,
+            auth_burst: 10,
+        }
     }
 }
 
@@ -387,14 +418,30 @@ impl Config {
             || self.limits.max_envelope_bytes == 0
             || self.limits.sync_page == 0
             || self.limits.max_unacked_events == 0
+            || self.limits.ws_write_timeout_ms == 0
+            || self.limits.ws_unsent_bytes == 0
+            || self.limits.ws_unsent_bytes_total == 0
         {
             return bad("limits must be positive");
+        }
+        if self.limits.ws_max_unsent_bytes < self.limits.ws_unsent_bytes {
+            return bad("limits.ws_max_unsent_bytes must be at least limits.ws_unsent_bytes");
         }
         if self.storage.max_batch == 0 || self.storage.writer_queue == 0 {
             return bad("storage.max_batch and storage.writer_queue must be positive");
         }
         let rl = &self.rate_limits;
-        if [rl.device_per_second, rl.device_burst, rl.ip_per_second, rl.ip_burst, rl.auth_per_minute, rl.auth_burst].contains(&0)
+        if [
+            rl.device_per_second,
+            rl.device_burst,
+            rl.control_per_second,
+            rl.control_burst,
+            rl.ip_per_second,
+            rl.ip_burst,
+            rl.auth_per_minute,
+            rl.auth_burst,
+        ]
+        .contains(&0)
         {
             return bad("rate limits must be positive");
         }

@@ -1,8 +1,10 @@
 //! Live delivery: the registry of connected devices. After a commit, the writer's callback
 //! hands each durable inbox event to the device's connection task, if it is connected. A
-//! connection whose buffer is full is marked lagged and reads its inbox from the database
-//! instead, so a slow device never blocks anyone and never misses anything.
+//! connection whose buffer is full (in events, or in unsent bytes: see [`crate::outgoing`]) is
+//! marked lagged, woken, and reads its inbox from the database instead, so a slow device never
+//! blocks anyone, never misses anything and never holds more memory than its budget.
 
+use crate::outgoing::Unsent;
 use crate::storage::writer::Committed;
 use crate::storage::{DevicePk, InboxRow};
 use bytes::Bytes;
@@ -10,6 +12,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, Notify};
+
+/// Bytes an event takes on the wire: its payload and the frame around it.
+pub fn event_bytes(row: &InboxRow) -> usize {
+    row.payload.len() + 48
+}
 
 /// Why the server closes a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +42,24 @@ struct Entry {
     conn_id: u64,
     tx: mpsc::Sender<Push>,
     lagged: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+    unsent: Arc<Unsent>,
+}
+
+impl Entry {
+    /// Queues a live event within the connection's budgets, or marks it lagged and wakes it
+    /// (it then reads the event from its inbox).
+    fn push_event(&self, row: InboxRow) {
+        let bytes = event_bytes(&row);
+        if self.unsent.try_reserve(bytes) {
+            if self.tx.try_send(Push::Event(Arc::new(row))).is_ok() {
+                return;
+            }
+            self.unsent.release(bytes);
+        }
+        self.lagged.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
 }
 
 /// The registry of live connections, one per device.
@@ -52,19 +77,23 @@ pub struct Registration {
     pub conn_id: u64,
     /// Set when live events were dropped because the buffer was full.
     pub lagged: Arc<AtomicBool>,
+    /// Notified when `lagged` was set.
+    pub wake: Arc<Notify>,
 }
 
 impl Hub {
-    /// Registers the connection of `device`, closing any older one.
-    pub fn register(&self, device: DevicePk, tx: mpsc::Sender<Push>) -> Registration {
+    /// Registers the connection of `device`, closing any older one. Live events and notices
+    /// are queued only within `unsent`.
+    pub fn register(&self, device: DevicePk, tx: mpsc::Sender<Push>, unsent: Arc<Unsent>) -> Registration {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let lagged = Arc::new(AtomicBool::new(false));
-        let entry = Entry { conn_id, tx, lagged: lagged.clone() };
+        let wake = Arc::new(Notify::new());
+        let entry = Entry { conn_id, tx, lagged: lagged.clone(), wake: wake.clone(), unsent };
         let old = self.conns.write().unwrap_or_else(|e| e.into_inner()).insert(device, entry);
         if let Some(old) = old {
             let _ = old.tx.try_send(Push::Close(CloseReason::Replaced));
         }
-        Registration { conn_id, lagged }
+        Registration { conn_id, lagged, wake }
     }
 
     /// Removes a connection, unless a newer one of the same device replaced it.
@@ -98,18 +127,20 @@ impl Hub {
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
         for event in committed {
             if let Some(entry) = conns.get(&event.device) {
-                if entry.tx.try_send(Push::Event(Arc::new(event.row))).is_err() {
-                    entry.lagged.store(true, Ordering::Release);
-                }
+                entry.push_event(event.row);
             }
         }
     }
 
-    /// Sends an ephemeral frame to a device if it is connected (dropped when its buffer is full).
+    /// Sends an ephemeral frame to a device if it is connected (dropped when its buffer or
+    /// its budget of unsent bytes is full).
     pub fn send_ephemeral(&self, device: DevicePk, frame: Bytes) {
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = conns.get(&device) {
-            let _ = entry.tx.try_send(Push::Frame(frame));
+            let bytes = frame.len();
+            if entry.unsent.try_reserve(bytes) && entry.tx.try_send(Push::Frame(frame)).is_err() {
+                entry.unsent.release(bytes);
+            }
         }
     }
 

@@ -16,6 +16,7 @@ pub mod federation;
 pub mod hub;
 pub mod messaging;
 pub mod metrics;
+pub mod outgoing;
 pub mod presence;
 pub mod ratelimit;
 pub mod storage;

@@ -242,7 +242,7 @@ pub async fn ack_from_store(state: &AppState, auth: &AuthDevice, from: u64, to: 
     let mut origins = Vec::new();
     let mut cursor = from;
     loop {
-        let rows = state.store.inbox_after(auth.device_pk, cursor, 1000).await?;
+        let rows = state.store.inbox_after(auth.device_pk, cursor, 1000, usize::MAX).await?;
         let Some(last) = rows.last() else { break };
         let full = rows.len() == 1000;
         cursor = last.seq;

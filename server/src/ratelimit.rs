@@ -1,5 +1,6 @@
-//! Rate limits (governor token buckets): per device, per client IP, and a stricter one per IP
-//! for register and login (each costs an argon2 hash).
+//! Rate limits (governor token buckets): per device, a separate generous one per device for
+//! acks, pings and read markers (so a throttled device can still drain its inbox), per client
+//! IP, and a stricter one per IP for register and login (each costs an argon2 hash).
 
 use crate::config::RateLimitConfig;
 use crate::error::ApiError;
@@ -14,6 +15,7 @@ use std::time::Duration;
 /// All rate limiters of the server.
 pub struct RateLimits {
     device: DefaultKeyedRateLimiter<DevicePk>,
+    control: DefaultKeyedRateLimiter<DevicePk>,
     ip: DefaultKeyedRateLimiter<IpAddr>,
     auth: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
@@ -29,6 +31,9 @@ impl RateLimits {
         Self {
             device: governor::RateLimiter::keyed(
                 Quota::per_second(nz(config.device_per_second)).allow_burst(nz(config.device_burst)),
+            ),
+            control: governor::RateLimiter::keyed(
+                Quota::per_second(nz(config.control_per_second)).allow_burst(nz(config.control_burst)),
             ),
             ip: governor::RateLimiter::keyed(Quota::per_second(nz(config.ip_per_second)).allow_burst(nz(config.ip_burst))),
             auth: governor::RateLimiter::keyed(Quota::per_minute(nz(config.auth_per_minute)).allow_burst(nz(config.auth_burst))),
@@ -53,6 +58,11 @@ impl RateLimits {
         self.check(&self.device, &device, metrics)
     }
 
+    /// One ack, ping or read marker of a device (not counted against [`Self::check_device`]).
+    pub fn check_control(&self, device: DevicePk, metrics: &Metrics) -> Result<(), ApiError> {
+        self.check(&self.control, &device, metrics)
+    }
+
     /// One HTTP request from an IP.
     pub fn check_ip(&self, ip: IpAddr, metrics: &Metrics) -> Result<(), ApiError> {
         self.check(&self.ip, &ip, metrics)
@@ -66,6 +76,7 @@ impl RateLimits {
     /// Forgets idle keys (called periodically so the maps do not grow without bound).
     pub fn shrink(&self) {
         self.device.retain_recent();
+        self.control.retain_recent();
         self.ip.retain_recent();
         self.auth.retain_recent();
     }

@@ -9,27 +9,33 @@
 use crate::app::AppState;
 use crate::auth::AuthDevice;
 use crate::error::ApiError;
-use crate::hub::{CloseReason, Push};
+use crate::hub::{event_bytes, CloseReason, Push, Registration};
 use crate::messaging;
+use crate::outgoing::{OverBudget, Unsent};
 use crate::presence;
 use crate::storage::{now_ms, InboxRow, MessageOutcome, Origin, StoreError};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::FuturesOrdered;
+use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
 use parley_spec::v1::events::ReceiptKind;
-use parley_spec::v1::ws::{CaughtUpFrame, ClientFrame, ErrorFrame, HelloFrame, PingFrame, PrekeysLowFrame, ServerFrame, WsQuery};
+use parley_spec::v1::ws::{
+    CaughtUpFrame, ClientFrame, ErrorFrame, FrameId, HelloFrame, PingFrame, PrekeysLowFrame, ServerFrame, WsQuery,
+};
 use parley_spec::{ErrorBody, ErrorCode};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// Close codes.
 mod close {
     pub const GOING_AWAY: u16 = 1001;
+    pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
 }
@@ -64,6 +70,8 @@ enum Stop {
     Close(u16, &'static str),
     /// The socket is gone; nothing to send.
     Gone,
+    /// The socket writer stopped: the peer stopped reading (or the socket failed).
+    WriterStopped(WriteEnd),
 }
 
 impl From<axum::Error> for Stop {
@@ -86,6 +94,12 @@ impl From<ApiError> for Stop {
     }
 }
 
+impl From<OverBudget> for Stop {
+    fn from(_: OverBudget) -> Self {
+        Stop::Close(close::POLICY, "too much unsent data")
+    }
+}
+
 type SendResult = (Uuid, Instant, Result<Result<MessageOutcome, StoreError>, oneshot::error::RecvError>);
 type SendFuture = std::pin::Pin<Box<dyn std::future::Future<Output = SendResult> + Send>>;
 
@@ -97,10 +111,79 @@ async fn await_sent(
     (client_msg_id, started, rx.await)
 }
 
+/// A message for the socket writer and the bytes reserved for it in [`Unsent`].
+struct Outgoing {
+    message: Message,
+    bytes: usize,
+}
+
+/// Why the socket writer stopped.
+#[derive(Debug, Clone, Copy)]
+enum WriteEnd {
+    /// It wrote the close frame, or the connection let it go.
+    Done,
+    /// A write made no progress within `ws_write_timeout_ms`.
+    Stalled,
+    /// The socket failed.
+    Failed,
+}
+
+/// Most bytes fed to the socket before a flush.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Writes what the connection queues, flushing after each batch, each write bounded by
+/// `timeout`, and releases the bytes once flushed. Runs as its own task, so a peer that stops
+/// reading stalls only this task: the connection keeps reading frames, heartbeats and hub
+/// commands, and closes when this ends.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    unsent: Arc<Unsent>,
+    timeout: Duration,
+) -> WriteEnd {
+    async fn bounded<F: std::future::Future<Output = Result<(), axum::Error>>>(
+        timeout: Duration,
+        write: F,
+    ) -> Result<(), WriteEnd> {
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(WriteEnd::Failed),
+            Err(_) => Err(WriteEnd::Stalled),
+        }
+    }
+    while let Some(first) = rx.recv().await {
+        let mut batch = first.bytes;
+        let mut closing = matches!(first.message, Message::Close(_));
+        if let Err(end) = bounded(timeout, sink.feed(first.message)).await {
+            return end;
+        }
+        while batch < WRITE_BATCH && !closing {
+            let Ok(next) = rx.try_recv() else { break };
+            batch += next.bytes;
+            closing = matches!(next.message, Message::Close(_));
+            if let Err(end) = bounded(timeout, sink.feed(next.message)).await {
+                return end;
+            }
+        }
+        if let Err(end) = bounded(timeout, sink.flush()).await {
+            return end;
+        }
+        unsent.release(batch);
+        unsent.drained.notify_one();
+        if closing {
+            break;
+        }
+    }
+    WriteEnd::Done
+}
+
 struct Conn {
     state: AppState,
     auth: AuthDevice,
-    socket: WebSocket,
+    /// To the socket writer task.
+    out: mpsc::UnboundedSender<Outgoing>,
+    /// Bytes queued for this connection and not yet flushed.
+    unsent: Arc<Unsent>,
     /// Highest seq sent on this connection (or the client's `since`).
     cursor: u64,
     /// Sent, not yet acknowledged: seq and, for messages, (sender, id) for receipts.
@@ -115,8 +198,14 @@ struct Conn {
 }
 
 async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSocket) {
-    let (tx, mut rx) = mpsc::channel(state.config.limits.connection_buffer);
-    let registration = state.hub.register(auth.device_pk, tx);
+    let limits = &state.config.limits;
+    let unsent = Arc::new(Unsent::new(limits, state.outgoing.clone()));
+    let (sink, mut stream) = socket.split();
+    let (out, out_rx) = mpsc::unbounded_channel();
+    let write_timeout = Duration::from_millis(limits.ws_write_timeout_ms);
+    let mut writer = tokio::spawn(write_loop(sink, out_rx, unsent.clone(), write_timeout));
+    let (tx, mut rx) = mpsc::channel(limits.connection_buffer);
+    let registration = state.hub.register(auth.device_pk, tx, unsent.clone());
     state.metrics.connections.inc();
     let user_entry = state.directory.local(auth.user_id.localpart()).await.ok().flatten();
     if state.presence.connected(auth.user_pk) {
@@ -128,20 +217,36 @@ async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSo
     let mut conn = Conn {
         state: state.clone(),
         auth: auth.clone(),
-        socket,
+        out,
+        unsent,
         cursor: since,
         pending: VecDeque::new(),
         behind: false,
         caught_up_sent: false,
-        max_unacked: state.config.limits.max_unacked_events,
+        max_unacked: limits.max_unacked_events,
         last_activity: Instant::now(),
     };
-    let stop = conn.run(&mut rx, &registration.lagged).await;
-    if let Stop::Close(code, reason) = stop {
-        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-        let _ = conn.socket.send(Message::Close(Some(frame))).await;
-    }
+    let stop = conn.run(&mut stream, &mut rx, &registration, &mut writer).await;
+    let reason = match stop {
+        Stop::Close(code, reason) => {
+            // The close frame goes after what is queued, within the write deadline; a peer
+            // that does not read it is dropped.
+            let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+            let _ = conn.out.send(Outgoing { message: Message::Close(Some(frame)), bytes: 0 });
+            if tokio::time::timeout(write_timeout, &mut writer).await.is_err() {
+                writer.abort();
+            }
+            reason
+        }
+        Stop::Gone => {
+            writer.abort();
+            "gone"
+        }
+        Stop::WriterStopped(WriteEnd::Stalled) => "writes stalled",
+        Stop::WriterStopped(_) => "gone",
+    };
     drop(conn);
+    drop(stream);
     state.hub.unregister(auth.device_pk, registration.conn_id);
     state.metrics.connections.dec();
     let ts = now_ms();
@@ -153,14 +258,24 @@ async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSo
             presence::announce(&state, entry, false, Some(ts));
         }
     }
-    tracing::debug!(user = %auth.user_id, device = %auth.device_id, "disconnected");
+    match reason {
+        "gone" | "server shutting down" => {
+            tracing::debug!(user = %auth.user_id, device = %auth.device_id, reason, "disconnected")
+        }
+        _ => tracing::info!(user = %auth.user_id, device = %auth.device_id, reason, "closed the connection"),
+    }
 }
 
 impl Conn {
-    async fn run(&mut self, rx: &mut mpsc::Receiver<Push>, lagged: &std::sync::atomic::AtomicBool) -> Stop {
-        match self.start().await {
-            Ok(()) => {}
-            Err(stop) => return stop,
+    async fn run(
+        &mut self,
+        stream: &mut SplitStream<WebSocket>,
+        rx: &mut mpsc::Receiver<Push>,
+        registration: &Registration,
+        writer: &mut JoinHandle<WriteEnd>,
+    ) -> Stop {
+        if let Err(stop) = self.start().await {
+            return stop;
         }
         let presence_config = &self.state.config.presence;
         let timeout = Duration::from_millis(presence_config.heartbeat_timeout_ms);
@@ -169,21 +284,28 @@ impl Conn {
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.state.shutdown.clone();
+        let mut room = self.state.outgoing.room();
+        let unsent = self.unsent.clone();
         let mut sends: FuturesOrdered<SendFuture> = FuturesOrdered::new();
         loop {
             let step = tokio::select! {
                 biased;
                 _ = shutdown.changed() => Err(Stop::Close(close::GOING_AWAY, "server shutting down")),
-                Some(done) = sends.next(), if !sends.is_empty() => self.answer_send(done).await,
+                end = &mut *writer => Err(Stop::WriterStopped(end.unwrap_or(WriteEnd::Failed))),
+                Some(done) = sends.next(), if !sends.is_empty() => self.answer_send(done),
                 push = rx.recv() => match push {
-                    Some(push) => self.on_push(push).await,
+                    Some(push) => self.on_push(push),
                     None => Err(Stop::Close(close::GOING_AWAY, "server shutting down")),
                 },
-                frame = self.socket.recv() => match frame {
+                frame = stream.next() => match frame {
                     Some(Ok(message)) => self.on_message(message, &mut sends).await,
                     Some(Err(error)) => Err(classify(error)),
                     None => Err(Stop::Gone),
                 },
+                // Live events were left in the inbox, or the writer made room for them.
+                _ = registration.wake.notified() => Ok(()),
+                _ = unsent.drained.notified(), if self.behind => Ok(()),
+                _ = room.changed(), if self.behind => Ok(()),
                 _ = heartbeat.tick() => {
                     if self.last_activity.elapsed() > timeout {
                         Err(Stop::Close(close::POLICY, "heartbeat timeout"))
@@ -195,7 +317,7 @@ impl Conn {
             if let Err(stop) = step {
                 return stop;
             }
-            if lagged.swap(false, Ordering::AcqRel) {
+            if registration.lagged.swap(false, Ordering::AcqRel) {
                 self.behind = true;
             }
             if self.behind && self.pending.len() < self.max_unacked {
@@ -203,7 +325,7 @@ impl Conn {
                     return stop;
                 }
             }
-            if let Err(stop) = self.announce_caught_up().await {
+            if let Err(stop) = self.announce_caught_up() {
                 return stop;
             }
         }
@@ -217,7 +339,7 @@ impl Conn {
             presence_config.heartbeat_interval_ms,
             presence_config.heartbeat_timeout_ms,
         ));
-        self.send_frame(&hello).await?;
+        self.send_frame(&hello)?;
         // `since` acknowledges everything up to it.
         let acked = self.state.store.acked_seq(self.auth.device_pk).await?;
         if self.cursor > acked {
@@ -227,51 +349,58 @@ impl Conn {
             self.cursor = self.cursor.min(self.state.store.acked_seq(self.auth.device_pk).await?);
         }
         for info in crate::api::presence::contacts_presence(&self.state, &self.auth.user_id).await? {
-            self.send_frame(&ServerFrame::Presence(info)).await?;
+            self.send_frame(&ServerFrame::Presence(info))?;
         }
         let (has_keys, prekeys) = self.state.store.prekey_count(self.auth.device_pk).await?;
         if has_keys && prekeys < self.state.config.limits.prekey_low_watermark {
-            self.send_frame(&ServerFrame::PrekeysLow(PrekeysLowFrame::new(prekeys))).await?;
+            self.send_frame(&ServerFrame::PrekeysLow(PrekeysLowFrame::new(prekeys)))?;
         }
         self.catch_up().await?;
-        self.announce_caught_up().await
+        self.announce_caught_up()
     }
 
     /// Sends `caught_up` once, when the backlog has been delivered completely (a full
-    /// unacknowledged window pauses it until the client acknowledges).
-    async fn announce_caught_up(&mut self) -> Result<(), Stop> {
+    /// unacknowledged window or byte budget pauses it until there is room again).
+    fn announce_caught_up(&mut self) -> Result<(), Stop> {
         if self.caught_up_sent || self.behind {
             return Ok(());
         }
         self.caught_up_sent = true;
-        self.send_frame(&ServerFrame::CaughtUp(CaughtUpFrame::new(self.cursor))).await
+        self.send_frame(&ServerFrame::CaughtUp(CaughtUpFrame::new(self.cursor)))
     }
 
     /// Sends inbox entries after the cursor from the database, page by page, until the inbox
-    /// is exhausted or the unacknowledged window is full.
+    /// is exhausted, the unacknowledged window is full or the unsent bytes reach the budget.
     async fn catch_up(&mut self) -> Result<(), Stop> {
-        let page = self.state.config.limits.sync_page;
+        let (page, budget) = (self.state.config.limits.sync_page, self.state.config.limits.ws_unsent_bytes);
         loop {
             let room = (self.max_unacked.saturating_sub(self.pending.len())).min(page as usize) as u32;
-            if room == 0 {
+            if room == 0 || !self.unsent.has_room() {
                 self.behind = true;
                 return Ok(());
             }
-            let rows = self.state.store.inbox_after(self.auth.device_pk, self.cursor, room).await?;
-            let count = rows.len();
+            let max_bytes = budget.saturating_sub(self.unsent.bytes()).max(1);
+            let rows = self.state.store.inbox_after(self.auth.device_pk, self.cursor, room, max_bytes).await?;
+            let exhausted = rows.len() < room as usize && rows.iter().map(|r| r.payload.len()).sum::<usize>() < max_bytes;
             for row in rows {
-                self.feed_event(&row).await?;
+                let bytes = event_bytes(&row);
+                if !self.unsent.try_reserve(bytes) {
+                    self.behind = true;
+                    return Ok(());
+                }
+                self.feed_event(&row, bytes)?;
             }
-            self.socket.flush().await?;
-            if count < room as usize {
+            if exhausted {
                 self.behind = false;
                 return Ok(());
             }
         }
     }
 
-    async fn feed_event(&mut self, row: &InboxRow) -> Result<(), Stop> {
+    /// Queues an event for which `bytes` are reserved.
+    fn feed_event(&mut self, row: &InboxRow, bytes: usize) -> Result<(), Stop> {
         if row.seq <= self.cursor {
+            self.unsent.release(bytes);
             return Ok(());
         }
         let payload = std::str::from_utf8(&row.payload).map_err(|_| ApiError::internal("inbox payload is not UTF-8"))?;
@@ -281,7 +410,7 @@ impl Conn {
         text.push_str(",\"event\":");
         text.push_str(payload);
         text.push('}');
-        self.socket.feed(Message::Text(Utf8Bytes::from(text))).await?;
+        self.queue(Message::Text(Utf8Bytes::from(text)), bytes)?;
         self.cursor = row.seq;
         if let Some(at) = row.committed_at {
             self.state.metrics.delivery_delay.observe(at.elapsed().as_secs_f64());
@@ -291,25 +420,29 @@ impl Conn {
         Ok(())
     }
 
-    async fn on_push(&mut self, push: Push) -> Result<(), Stop> {
+    /// Hands a message to the socket writer (its bytes are reserved already).
+    fn queue(&mut self, message: Message, bytes: usize) -> Result<(), Stop> {
+        self.out.send(Outgoing { message, bytes }).map_err(|_| Stop::Gone)
+    }
+
+    fn on_push(&mut self, push: Push) -> Result<(), Stop> {
         match push {
             Push::Event(row) => {
-                if row.seq <= self.cursor {
-                    return Ok(());
-                }
+                let bytes = event_bytes(&row);
                 if self.behind || row.seq != self.cursor + 1 || self.pending.len() >= self.max_unacked {
-                    self.behind = true;
+                    if row.seq > self.cursor {
+                        self.behind = true;
+                    }
+                    self.unsent.release(bytes);
                     return Ok(());
                 }
-                self.feed_event(&row).await?;
-                self.socket.flush().await?;
-                Ok(())
+                self.feed_event(&row, bytes)
             }
             Push::Frame(bytes) => {
+                let len = bytes.len();
                 // Serialized by serde_json, so UTF-8; sent without copying.
                 let text = Utf8Bytes::try_from(bytes).map_err(|_| ApiError::internal("frame is not UTF-8"))?;
-                self.socket.send(Message::Text(text)).await?;
-                Ok(())
+                self.queue(Message::Text(text), len)
             }
             Push::Close(CloseReason::Replaced) => Err(Stop::Close(close::POLICY, "replaced by a newer connection")),
             Push::Close(CloseReason::Revoked) => Err(Stop::Close(close::POLICY, "device removed")),
@@ -322,22 +455,26 @@ impl Conn {
             Message::Text(text) => text,
             Message::Binary(_) => {
                 return self
-                    .error(None, ApiError::new(ErrorCode::BadFrame, "binary frames are not supported; send JSON text"))
-                    .await
+                    .error(FrameRef::None, ApiError::new(ErrorCode::BadFrame, "binary frames are not supported; send JSON text"))
             }
             Message::Ping(_) | Message::Pong(_) => return Ok(()),
             Message::Close(_) => return Err(Stop::Gone),
         };
         let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
             Ok(frame) => frame,
-            Err(error) => return self.error(None, frame_error(text.as_str(), &error)).await,
+            Err(error) => return self.error(FrameRef::of_malformed(text.as_str()), frame_error(text.as_str(), &error)),
         };
-        if let Err(error) = self.state.limits.check_device(self.auth.device_pk, &self.state.metrics) {
-            let id = match &frame {
-                ClientFrame::Send(send) => Some(send.client_msg_id),
-                _ => None,
-            };
-            return self.error(id, error).await;
+        let reference = FrameRef::of(&frame);
+        // Acks, pings and read markers have a budget of their own: a device throttled for
+        // sending can still drain its inbox.
+        let limited = match &frame {
+            ClientFrame::Ack(_) | ClientFrame::Ping(_) | ClientFrame::Read(_) => {
+                self.state.limits.check_control(self.auth.device_pk, &self.state.metrics)
+            }
+            _ => self.state.limits.check_device(self.auth.device_pk, &self.state.metrics),
+        };
+        if let Err(error) = limited {
+            return self.error(reference, error);
         }
         match frame {
             ClientFrame::Send(request) => {
@@ -349,29 +486,29 @@ impl Conn {
                         sends.push_back(Box::pin(await_sent(client_msg_id, started, rx)));
                         Ok(())
                     }
-                    Err(error) => self.error(Some(client_msg_id), error).await,
+                    Err(error) => self.error(reference, error),
                 }
             }
             ClientFrame::Ack(ack) => {
-                self.ack(ack.seq).await;
+                self.ack(ack.seq);
                 Ok(())
             }
-            ClientFrame::Read(request) => match messaging::mark_read(&self.state, &self.auth, request).await {
+            ClientFrame::Read(frame) => match messaging::mark_read(&self.state, &self.auth, frame.into_request()).await {
                 Ok(()) => Ok(()),
-                Err(error) => self.error(None, error).await,
+                Err(error) => self.error(reference, error),
             },
             ClientFrame::Typing(typing) => match messaging::typing(&self.state, &self.auth, &typing.to, typing.typing).await {
                 Ok(()) => Ok(()),
-                Err(error) => self.error(None, error).await,
+                Err(error) => self.error(reference, error),
             },
-            ClientFrame::Ping(ping) => self.send_frame(&ServerFrame::Pong(PingFrame::new(ping.nonce))).await,
-            _ => self.error(None, ApiError::new(ErrorCode::UnknownFrame, "unsupported frame")).await,
+            ClientFrame::Ping(ping) => self.send_frame(&ServerFrame::Pong(PingFrame::new(ping.nonce))),
+            _ => self.error(reference, ApiError::new(ErrorCode::UnknownFrame, "unsupported frame")),
         }
     }
 
     /// Acknowledges up to `seq` (at most what this connection sent): delivered receipts go to
     /// the senders, and the inbox entries are released, in the background.
-    async fn ack(&mut self, seq: u64) {
+    fn ack(&mut self, seq: u64) {
         let seq = seq.min(self.cursor);
         let mut origins = Vec::new();
         while self.pending.front().is_some_and(|(s, _)| *s <= seq) {
@@ -393,28 +530,68 @@ impl Conn {
         });
     }
 
-    async fn answer_send(&mut self, (client_msg_id, started, result): SendResult) -> Result<(), Stop> {
+    fn answer_send(&mut self, (client_msg_id, started, result): SendResult) -> Result<(), Stop> {
         match result {
             Ok(Ok(outcome)) => {
                 self.state.metrics.send_latency.observe(started.elapsed().as_secs_f64());
                 if matches!(outcome, MessageOutcome::Stored { .. }) {
                     self.state.metrics.messages_stored.inc();
                 }
-                self.send_frame(&ServerFrame::Sent(messaging::sent_response(client_msg_id, outcome))).await
+                self.send_frame(&ServerFrame::Sent(messaging::sent_response(client_msg_id, outcome)))
             }
-            Ok(Err(error)) => self.error(Some(client_msg_id), error.into()).await,
-            Err(_) => self.error(Some(client_msg_id), StoreError::Unavailable.into()).await,
+            Ok(Err(error)) => self.error(FrameRef::Send(client_msg_id), error.into()),
+            Err(_) => self.error(FrameRef::Send(client_msg_id), StoreError::Unavailable.into()),
         }
     }
 
-    async fn error(&mut self, client_msg_id: Option<Uuid>, error: ApiError) -> Result<(), Stop> {
-        self.send_frame(&ServerFrame::Error(ErrorFrame::new(client_msg_id, error.body))).await
+    fn error(&mut self, frame: FrameRef, error: ApiError) -> Result<(), Stop> {
+        let answer = match frame {
+            FrameRef::Send(client_msg_id) => ErrorFrame::new(Some(client_msg_id), error.body),
+            FrameRef::Id(id) => ErrorFrame::for_frame(Some(id), error.body),
+            FrameRef::None => ErrorFrame::new(None, error.body),
+        };
+        self.send_frame(&ServerFrame::Error(answer))
     }
 
-    async fn send_frame(&mut self, frame: &ServerFrame) -> Result<(), Stop> {
+    /// Queues a frame that must go out (answers): past `ws_max_unsent_bytes` the connection
+    /// is closed instead.
+    fn send_frame(&mut self, frame: &ServerFrame) -> Result<(), Stop> {
         let text = serde_json::to_string(frame).map_err(ApiError::internal)?;
-        self.socket.send(Message::Text(Utf8Bytes::from(text))).await?;
-        Ok(())
+        let bytes = text.len();
+        self.unsent.reserve(bytes)?;
+        self.queue(Message::Text(Utf8Bytes::from(text)), bytes)
+    }
+}
+
+/// Which client frame an error answers: a send by its `client_msg_id`, other frames by their
+/// optional `id`.
+#[derive(Debug, Clone, Copy)]
+enum FrameRef {
+    Send(Uuid),
+    Id(FrameId),
+    None,
+}
+
+impl FrameRef {
+    fn of(frame: &ClientFrame) -> Self {
+        let id = match frame {
+            ClientFrame::Send(send) => return Self::Send(send.client_msg_id),
+            ClientFrame::Ack(ack) => ack.id,
+            ClientFrame::Read(read) => read.id,
+            ClientFrame::Typing(typing) => typing.id,
+            ClientFrame::Ping(ping) => ping.id,
+            _ => None,
+        };
+        id.map_or(Self::None, Self::Id)
+    }
+
+    /// The ids of a frame that did not parse, if it is a JSON object that has them.
+    fn of_malformed(text: &str) -> Self {
+        let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(text) else { return Self::None };
+        if let Some(id) = fields.get("client_msg_id").and_then(|v| v.as_str()).and_then(|v| Uuid::parse_str(v).ok()) {
+            return Self::Send(id);
+        }
+        fields.get("id").and_then(|v| v.as_u64()).map_or(Self::None, Self::Id)
     }
 }
 
@@ -449,6 +626,7 @@ fn classify(error: axum::Error) -> Stop {
     match inner.downcast_ref::<WsError>() {
         Some(WsError::Capacity(_)) => Stop::Close(close::TOO_BIG, "too_large"),
         Some(WsError::Protocol(_)) => Stop::Close(close::POLICY, "protocol error"),
+        Some(WsError::Utf8(_)) => Stop::Close(close::INVALID_DATA, "invalid UTF-8"),
         _ => Stop::Gone,
     }
 }

@@ -13,7 +13,7 @@ use crate::error::Error;
 use futures_util::StreamExt;
 use parley_spec::v1::{
     messages::{ReadRequest, SendRequest},
-    ws::{AckFrame, ClientFrame, HelloFrame, PingFrame, ServerFrame, TypingFrame},
+    ws::{AckFrame, ClientFrame, FrameId, HelloFrame, PingFrame, ReadFrame, ServerFrame, TypingFrame},
 };
 use std::{
     collections::VecDeque,
@@ -103,6 +103,10 @@ pub(crate) struct Task {
     ping_nonce: u64,
     /// Counts connections, to tell which one a send was written on.
     generation: u64,
+    /// The last frame id given to a frame other than `send` (the server echoes it in errors).
+    frame_id: FrameId,
+    /// The id of the last `ack` written: acks are cumulative, so only its failure matters.
+    last_ack: Option<FrameId>,
 }
 
 impl Task {
@@ -129,6 +133,8 @@ impl Task {
             confirmed: opts.manual_ack.then_some(opts.since),
             ping_nonce: 0,
             generation: 0,
+            frame_id: 0,
+            last_ack: None,
         }
     }
 
@@ -203,7 +209,8 @@ impl Task {
             self.write_send(link, req)?;
         }
         while let Some((req, reply)) = self.reads.pop_front() {
-            if let Err(reason) = link.send(&ClientFrame::Read(req.clone())) {
+            let id = self.next_frame_id();
+            if let Err(reason) = link.send(&ClientFrame::Read(ReadFrame::new(req.clone(), Some(id)))) {
                 self.reads.push_front((req, reply));
                 return Err(reason.into());
             }
@@ -248,11 +255,18 @@ impl Task {
     fn send_ack(&mut self, link: &mut Link) -> Step {
         let position = self.ack_position();
         if self.acks.needs_ack(position) {
-            link.send(&ClientFrame::Ack(AckFrame::new(position)))?;
+            let id = self.next_frame_id();
+            link.send(&ClientFrame::Ack(AckFrame::new(position).with_id(id)))?;
+            self.last_ack = Some(id);
             tracing::trace!(seq = position, "acked");
         }
         self.acks.acked(position);
         Ok(())
+    }
+
+    fn next_frame_id(&mut self) -> FrameId {
+        self.frame_id = self.frame_id.wrapping_add(1);
+        self.frame_id
     }
 
     fn on_command(&mut self, link: &mut Link, cmd: Command) -> Step {
@@ -264,14 +278,15 @@ impl Task {
             }
             Command::Prune(id) => self.pending.prune(id),
             Command::Read { req, reply } => {
-                if let Err(reason) = link.send(&ClientFrame::Read(req.clone())) {
+                let id = self.next_frame_id();
+                if let Err(reason) = link.send(&ClientFrame::Read(ReadFrame::new(req.clone(), Some(id)))) {
                     self.reads.push_front((req, reply));
                     return Err(reason.into());
                 }
                 let _ = reply.send(Ok(()));
             }
             Command::Typing { frame, reply } => {
-                let written = link.send(&ClientFrame::Typing(frame));
+                let written = link.send(&ClientFrame::Typing(frame.with_id(self.next_frame_id())));
                 let _ = reply.send(written.as_ref().map(drop).map_err(|_| Error::NotConnected));
                 written?;
             }

@@ -2,7 +2,7 @@
 
 use super::Json;
 use crate::app::AppState;
-use crate::auth::AuthDevice;
+use crate::auth::{AuthDevice, ControlDevice};
 use crate::error::{ApiError, ApiResult};
 use crate::messaging;
 use axum::extract::{Query, State};
@@ -25,7 +25,7 @@ pub async fn send_message(
 /// POST /v1/read
 pub async fn mark_read(
     State(state): State<AppState>,
-    auth: AuthDevice,
+    ControlDevice(auth): ControlDevice,
     Json(request): Json<ReadRequest>,
 ) -> ApiResult<StatusCode> {
     messaging::mark_read(&state, &auth, request).await?;
@@ -35,7 +35,7 @@ pub async fn mark_read(
 /// GET /v1/sync
 pub async fn sync(
     State(state): State<AppState>,
-    auth: AuthDevice,
+    ControlDevice(auth): ControlDevice,
     query: Result<Query<SyncQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<axum::Json<SyncResponse>> {
     let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
@@ -56,7 +56,7 @@ pub async fn sync(
         let notified = waiter.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let rows = state.store.inbox_after(auth.device_pk, since, limit).await?;
+        let rows = state.store.inbox_after(auth.device_pk, since, limit, usize::MAX).await?;
         if !rows.is_empty() {
             let cursor = rows.last().map_or(since, |r| r.seq);
             let events = rows

@@ -258,27 +258,36 @@ impl Store {
     }
 
     /// Inbox entries of `device` after `after`, oldest first.
-    pub async fn inbox_after(&self, device: DevicePk, after: u64, limit: u32) -> Result<Vec<InboxRow>, StoreError> {
-        let rows =
+    pub async fn inbox_after(
+        &self,
+        device: DevicePk,
+        after: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<InboxRow>, StoreError> {
+        use futures_util::TryStreamExt as _;
+        let mut rows =
             sqlx::query("SELECT seq, sender, msg_id, payload FROM inbox WHERE device = ? AND seq > ? ORDER BY seq LIMIT ?")
                 .bind(device)
                 .bind(after as i64)
                 .bind(limit as i64)
-                .fetch_all(&self.pool)
-                .await?;
-        rows.into_iter()
-            .map(|row| {
-                let sender: Option<String> = row.try_get(1)?;
-                let msg_id: Option<i64> = row.try_get(2)?;
-                let payload: Vec<u8> = row.try_get(3)?;
-                Ok(InboxRow {
-                    seq: row.try_get::<i64, _>(0)? as u64,
-                    origin: sender.zip(msg_id).map(|(s, id)| (Arc::from(s), id as u64)),
-                    payload: Bytes::from(payload),
-                    committed_at: None,
-                })
-            })
-            .collect()
+                .fetch(&self.pool);
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        while bytes < max_bytes {
+            let Some(row) = rows.try_next().await? else { break };
+            let sender: Option<String> = row.try_get(1)?;
+            let msg_id: Option<i64> = row.try_get(2)?;
+            let payload: Vec<u8> = row.try_get(3)?;
+            bytes += payload.len();
+            page.push(InboxRow {
+                seq: row.try_get::<i64, _>(0)? as u64,
+                origin: sender.zip(msg_id).map(|(s, id)| (Arc::from(s), id as u64)),
+                payload: Bytes::from(payload),
+                committed_at: None,
+            });
+        }
+        Ok(page)
     }
 
     /// The device's acknowledged position.

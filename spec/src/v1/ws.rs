@@ -50,12 +50,16 @@ pub enum ClientFrame {
     /// history) and sends `delivered` receipts to the senders.
     Ack(AckFrame),
     /// Read marker: sends `read` receipts.
-    Read(ReadRequest),
+    Read(ReadFrame),
     /// Typing notification to a user's online devices. Never stored.
     Typing(TypingFrame),
     /// Heartbeat; answered by `pong`.
     Ping(PingFrame),
 }
+
+/// Identifies a client frame other than `send` (which has its `client_msg_id`): chosen by the
+/// client, echoed in the `error` frame that answers it.
+pub type FrameId = u64;
 
 /// Cumulative acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -64,12 +68,46 @@ pub enum ClientFrame {
 pub struct AckFrame {
     /// The highest inbox position received.
     pub seq: u64,
+    /// Echoed in the `error` frame if this frame fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<FrameId>,
 }
 
 impl AckFrame {
     /// Builds an ack.
     pub fn new(seq: u64) -> Self {
-        Self { seq }
+        Self { seq, id: None }
+    }
+
+    /// The same ack, identified by `id`.
+    pub fn with_id(self, id: FrameId) -> Self {
+        Self { id: Some(id), ..self }
+    }
+}
+
+/// Read marker over the WebSocket: a [`ReadRequest`] with a frame id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ReadFrame {
+    /// The sender of the messages that were read.
+    pub peer: UserId,
+    /// Their `server_msg_id`s (at most 1,000 per frame).
+    pub message_ids: Vec<u64>,
+    /// Echoed in the `error` frame if this frame fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<FrameId>,
+}
+
+impl ReadFrame {
+    /// The frame of a read marker, identified by `id`.
+    pub fn new(request: ReadRequest, id: Option<FrameId>) -> Self {
+        Self { peer: request.peer, message_ids: request.message_ids, id }
+    }
+
+    /// The read marker without the frame id.
+    pub fn into_request(self) -> ReadRequest {
+        ReadRequest::new(self.peer, self.message_ids)
     }
 }
 
@@ -82,12 +120,20 @@ pub struct TypingFrame {
     pub to: UserId,
     /// Whether the user is typing now.
     pub typing: bool,
+    /// Echoed in the `error` frame if this frame fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<FrameId>,
 }
 
 impl TypingFrame {
     /// Builds a typing notification.
     pub fn new(to: UserId, typing: bool) -> Self {
-        Self { to, typing }
+        Self { to, typing, id: None }
+    }
+
+    /// The same notification, identified by `id`.
+    pub fn with_id(self, id: FrameId) -> Self {
+        Self { id: Some(id), ..self }
     }
 }
 
@@ -99,12 +145,15 @@ pub struct PingFrame {
     /// Echoed in the `pong`.
     #[serde(default)]
     pub nonce: u64,
+    /// Echoed in the `error` frame if this frame fails (a ping fails only when rate-limited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<FrameId>,
 }
 
 impl PingFrame {
     /// Builds a ping.
     pub fn new(nonce: u64) -> Self {
-        Self { nonce }
+        Self { nonce, id: None }
     }
 }
 
@@ -121,7 +170,8 @@ pub enum ServerFrame {
     CaughtUp(CaughtUpFrame),
     /// Answer to `send`: durably stored.
     Sent(SentResponse),
-    /// Answer to a frame that failed. `client_msg_id` is set when it answers a `send`.
+    /// Answer to a frame that failed. `client_msg_id` is set when it answers a `send`, `id`
+    /// when it answers a frame that carried one.
     Error(ErrorFrame),
     /// Someone is typing to this user.
     Typing(TypingNotice),
@@ -192,15 +242,24 @@ pub struct ErrorFrame {
     /// Set when answering a `send`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_msg_id: Option<Uuid>,
+    /// The `id` of the frame this answers, when it had one (even if it was malformed, as long
+    /// as it was a JSON object with a numeric `id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<FrameId>,
     /// The error.
     #[serde(flatten)]
     pub error: ErrorBody,
 }
 
 impl ErrorFrame {
-    /// Builds an error frame.
+    /// Builds an error frame answering a `send`, or a frame without an id.
     pub fn new(client_msg_id: Option<Uuid>, error: ErrorBody) -> Self {
-        Self { client_msg_id, error }
+        Self { client_msg_id, id: None, error }
+    }
+
+    /// Builds an error frame answering the frame `id`.
+    pub fn for_frame(id: Option<FrameId>, error: ErrorBody) -> Self {
+        Self { client_msg_id: None, id, error }
     }
 }
 
@@ -243,5 +302,18 @@ mod tests {
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
         let send = r#"{"type":"send","client_msg_id":"7f1b7e4e-8f3a-4a53-9a8e-0d4cbb7b1f6e","to":"@bob:x.org","envelopes":[],"sender_device":"EVIL"}"#;
         assert!(serde_json::from_str::<ClientFrame>(send).is_err());
+    }
+
+    #[test]
+    fn frame_ids_are_optional_and_round_trip() {
+        let with = r#"{"type":"ack","seq":5,"id":9}"#;
+        assert_eq!(serde_json::from_str::<ClientFrame>(with).unwrap(), ClientFrame::Ack(AckFrame::new(5).with_id(9)));
+        assert_eq!(serde_json::to_string(&ClientFrame::Ack(AckFrame::new(5))).unwrap(), r#"{"type":"ack","seq":5}"#);
+        let read = r#"{"type":"read","peer":"@bob:x.org","message_ids":[1],"id":3}"#;
+        let ClientFrame::Read(frame) = serde_json::from_str::<ClientFrame>(read).unwrap() else { panic!("read") };
+        assert_eq!(frame.id, Some(3));
+        assert_eq!(frame.into_request().message_ids, vec![1]);
+        let error = ServerFrame::Error(ErrorFrame::for_frame(Some(3), ErrorBody::new(crate::ErrorCode::BadFrame, "x")));
+        assert_eq!(serde_json::to_string(&error).unwrap(), r#"{"type":"error","id":3,"code":"bad_frame","message":"x"}"#);
     }
 }

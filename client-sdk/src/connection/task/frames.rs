@@ -114,9 +114,11 @@ impl Task {
     fn on_error_frame(&mut self, frame: ErrorFrame) {
         let code = frame.error.code;
         let Some(id) = frame.client_msg_id else {
-            tracing::warn!(%code, message = %frame.error.message, "server reported an error");
-            if code == ErrorCode::RateLimited {
-                // It may have refused an ack: repeat the (cumulative) ack later.
+            tracing::warn!(%code, id = ?frame.id, message = %frame.error.message, "server reported an error");
+            // The last ack was refused (a server without frame ids leaves it open which frame
+            // was): repeat the (cumulative) ack later.
+            let ack_refused = frame.id.map_or(true, |id| Some(id) == self.last_ack);
+            if code == ErrorCode::RateLimited && ack_refused {
                 let wait = frame.error.retry_after_ms.map_or(self.backoff.delay_for(0), Duration::from_millis);
                 self.acks.resend_at(Instant::now() + wait);
             }
