@@ -118,15 +118,15 @@ async fn a_stalled_connection_is_replaced_by_the_same_device() -> anyhow::Result
 /// Many clients stop reading while each is sent far more than its budget: the server's memory
 /// grows by less than the server-wide budget of unsent bytes, and every client, once back,
 /// gets every event once and in order. The issue's full scale is 100 clients × 1,000 events
-/// of 64 KiB (`PARLEY_SLOW_READER_EVENTS=1000`); CI runs 100 × 40.
+/// of 64 KiB (`PARLEY_SLOW_READER_EVENTS=1000`); CI runs 100 × 60.
 #[tokio::test]
 async fn slow_readers_hold_no_more_memory_than_the_outgoing_budget() -> anyhow::Result<()> {
     let clients: usize = std::env::var("PARLEY_SLOW_READERS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-    let events: usize = std::env::var("PARLEY_SLOW_READER_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
+    let events: usize = std::env::var("PARLEY_SLOW_READER_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
     let budget_mib = 32;
     let server = TestServer::start_with(&format!(
         "[presence]\nheartbeat_interval_ms = 1000\nheartbeat_timeout_ms = 3000\n\
-         [limits]\nws_write_timeout_ms = 2000\nws_unsent_bytes = 131072\nws_max_unsent_bytes = 262144\n\
+         [limits]\nws_write_timeout_ms = 2000\nws_unsent_bytes = 65536\nws_max_unsent_bytes = 262144\n\
          ws_unsent_bytes_total = {}\n",
         budget_mib * 1024 * 1024
     ))
