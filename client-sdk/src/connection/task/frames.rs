@@ -117,7 +117,7 @@ impl Task {
             tracing::warn!(%code, id = ?frame.id, message = %frame.error.message, "server reported an error");
             // The last ack was refused (a server without frame ids leaves it open which frame
             // was): repeat the (cumulative) ack later.
-            let ack_refused = frame.id.map_or(true, |id| Some(id) == self.last_ack);
+            let ack_refused = frame.id.is_none_or(|id| Some(id) == self.last_ack);
             if code == ErrorCode::RateLimited && ack_refused {
                 let wait = frame.error.retry_after_ms.map_or(self.backoff.delay_for(0), Duration::from_millis);
                 self.acks.resend_at(Instant::now() + wait);
