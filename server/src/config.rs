@@ -232,7 +232,8 @@ pub struct FederationConfig {
     pub presence_interval_ms: u64,
     /// Timeout of one request to another server.
     pub request_timeout_ms: u64,
-    /// Inbound transaction ids are remembered this long (duplicates within it are ignored).
+    /// Inbound transaction ids, and the (origin, id) of inbound messages, are remembered this
+    /// long (a repeat within it is ignored).
     pub txn_retention_ms: u64,
 }
 
