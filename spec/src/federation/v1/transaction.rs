@@ -156,7 +156,8 @@ impl TypingItem {
 pub struct PresenceItem {
     /// The presence (its `user` is a user of the origin).
     pub presence: PresenceInfo,
-    /// Destination users who subscribed and may see it.
+    /// Destination users who subscribed and may see it (the destination ignores any that did
+    /// not subscribe to this user there).
     pub viewers: Vec<UserId>,
 }
 
