@@ -578,6 +578,19 @@ async fn bad_input_from_a_signed_peer_gets_typed_errors_and_the_server_keeps_ser
     let (status, answer) = peer.put_send("limits", Some(&signed("limits", &body)?), &body).await?;
     let codes: Vec<&str> = answer["rejected"].as_array().into_iter().flatten().filter_map(|r| r["code"].as_str()).collect();
     assert_eq!((status, codes), (200, vec!["too_large", "bad_request"]), "{answer}");
+    // A key claim must name the user of a.test it is for: missing, 400 bad_json; a user of
+    // another server, 403 forbidden.
+    let claim_path = "/_parley/federation/v1/keys/claim";
+    let device = serde_json::json!({"user": bob_session.user_id, "device": bob_session.device_id});
+    for (body, status, code) in [
+        (serde_json::json!({"devices": [device]}), 400, "bad_json"),
+        (serde_json::json!({"requester": "@mallory:c.test", "devices": [device]}), 403, "forbidden"),
+    ] {
+        let body = serde_json::to_vec(&body)?;
+        let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "POST", claim_path, now_ms(), &body)?;
+        let answer = peer.request(Method::POST, claim_path, Some(&header), &body).await?;
+        assert_eq!((answer.0, answer.1["code"].as_str()), (status, Some(code)), "{answer:?}");
+    }
     // An unknown endpoint: 404 not_found with the error body.
     let answer = peer.request(Method::GET, "/_parley/federation/v1/nothing", None, b"").await?;
     assert_eq!((answer.0, answer.1["code"].as_str()), (404, Some("not_found")), "{answer:?}");

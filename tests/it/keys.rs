@@ -186,8 +186,10 @@ async fn claim_repeatedly(claimer: &Session, target: &Session, claims: usize) ->
 #[tokio::test]
 async fn another_server_cannot_drain_the_one_time_prekeys_of_a_device() -> anyhow::Result<()> {
     use parley_tests::fednet::{Discovery, FedNet};
-    // The defaults of [federation] one_time_claims_per_server and one_time_claims_per_user.
-    let (per_server, per_user) = (10, 3);
+    // The defaults of [federation] one_time_claims_per_server (10) and one_time_claims_per_user (3).
+    let defaults = parley_server::config::FederationConfig::default();
+    let (per_server, per_user) = (defaults.one_time_claims_per_server as usize, defaults.one_time_claims_per_user as usize);
+    assert!(per_user <= 8 && per_user <= per_server && per_server <= 6 * per_user && per_server < 50, "the test needs these");
     let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
     let bob = register(&net.server("b.test").base_url, "bob").await?;
     upload_bundle(&bob, 50).await?;

@@ -20,11 +20,12 @@ use axum::Router;
 use bytes::Bytes;
 use parley_federation::{Authorization, RequestAuthError};
 use parley_spec::error::DeviceRef;
+use parley_spec::federation::v1::claim::ClaimRequest;
 use parley_spec::federation::v1::transaction::{
     Item, RejectedItem, SignedMessage, Transaction, TransactionResponse, UserDevices, MAX_TXN_ITEMS,
 };
 use parley_spec::v1::events::{InboxEvent, MessageEvent};
-use parley_spec::v1::keys::{ClaimRequest, ClaimResponse, MAX_CLAIM_DEVICES};
+use parley_spec::v1::keys::{ClaimResponse, MAX_CLAIM_DEVICES};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
 use parley_spec::{ErrorCode, ServerName, UserId};
 use std::net::{IpAddr, SocketAddr};
@@ -329,14 +330,15 @@ async fn claim_keys(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> ApiResult<axum::Json<ClaimResponse>> {
-    authenticate(&state, peer.ip(), &method, &uri, &headers, &body).await?;
+    let origin = authenticate(&state, peer.ip(), &method, &uri, &headers, &body).await?;
     let request: ClaimRequest = parse_json(&body)?;
     if request.devices.len() > MAX_CLAIM_DEVICES {
         return Err(ApiError::new(ErrorCode::BadRequest, format!("at most {MAX_CLAIM_DEVICES} devices per claim")));
     }
+    require_origin(&request.requester, &origin, "requester")?;
     let (local, foreign): (Vec<DeviceRef>, Vec<DeviceRef>) =
         request.devices.into_iter().partition(|d| d.user.server() == state.server_name.as_str());
-    let mut response = crate::api::keys::claim_local(&state, local).await?;
+    let mut response = crate::api::keys::claim_local(&state, local, Some((&origin, &request.requester))).await?;
     response.missing.extend(foreign);
     Ok(axum::Json(response))
 }

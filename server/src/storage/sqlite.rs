@@ -632,10 +632,11 @@ impl Store {
         Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32))
     }
 
-    /// Claims a bundle for `device`: its keys and one one-time prekey, which is deleted in the
-    /// same (write-locked) transaction, so no two claimers ever get the same one. `None` when
-    /// the device has not uploaded keys.
-    pub async fn claim_keys(&self, device: DevicePk) -> Result<Option<ClaimedKeys>, StoreError> {
+    /// Claims a bundle for `device`: its keys and, when `one_time`, one one-time prekey, which
+    /// is deleted in the same (write-locked) transaction, so no two claimers ever get the same
+    /// one. Without a one-time prekey (none left, or not `one_time`) the bundle carries the
+    /// last-resort prekey. `None` when the device has not uploaded keys.
+    pub async fn claim_keys(&self, device: DevicePk, one_time: bool) -> Result<Option<ClaimedKeys>, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query(
             "SELECT k.json, s.json, l.json FROM device_keys k JOIN signed_prekeys s ON s.device = k.device \
@@ -645,14 +646,18 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let one_time = sqlx::query(
-            "DELETE FROM one_time_prekeys WHERE device = ?1 \
-             AND key_id = (SELECT min(key_id) FROM one_time_prekeys WHERE device = ?1) RETURNING key_id, public_key",
-        )
-        .bind(device)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let one_time_prekey = match one_time {
+        let taken = if one_time {
+            sqlx::query(
+                "DELETE FROM one_time_prekeys WHERE device = ?1 \
+                 AND key_id = (SELECT min(key_id) FROM one_time_prekeys WHERE device = ?1) RETURNING key_id, public_key",
+            )
+            .bind(device)
+            .fetch_optional(&mut *tx)
+            .await?
+        } else {
+            None
+        };
+        let one_time_prekey = match taken {
             Some(r) => Some((r.try_get::<i64, _>(0)? as u32, r.try_get::<Vec<u8>, _>(1)?)),
             None => None,
         };
