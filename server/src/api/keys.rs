@@ -184,14 +184,13 @@ pub async fn claim_local(
                     Some(((server, user), limits)) => limits.take(server.as_str(), user.as_str(), device, now),
                     None => true,
                 };
-                let claimed = state.store.claim_keys(device, one_time).await?;
-                if let (true, Some(((server, user), limits))) = (one_time, limits) {
-                    // Counted only when a one-time prekey was handed out.
-                    if !claimed.as_ref().is_some_and(|c| c.one_time_prekey.is_some()) {
-                        limits.refund(server.as_str(), user.as_str(), device, now);
-                    }
+                let claimed = state.store.claim_keys(device, one_time).await;
+                // Counted only when a one-time prekey was handed out.
+                let handed_out = matches!(&claimed, Ok(Some(c)) if c.one_time_prekey.is_some());
+                if let (true, false, Some(((server, user), limits))) = (one_time, handed_out, limits) {
+                    limits.refund(server.as_str(), user.as_str(), device, now);
                 }
-                claimed.map(|c| (device, c))
+                claimed?.map(|c| (device, c))
             }
             None => None,
         };
