@@ -181,8 +181,8 @@ impl Server {
                     if let Some(fed) = &state.federation {
                         fed.shrink();
                         let before = crate::storage::now_ms() - state.config.federation.txn_retention_ms as i64;
-                        if let Err(error) = state.store.prune_inbound_txns(before).await {
-                            tracing::warn!(%error, "pruning inbound transaction ids failed");
+                        if let Err(error) = state.store.prune_inbound(before).await {
+                            tracing::warn!(%error, "pruning inbound transaction and message ids failed");
                         }
                     }
                 }

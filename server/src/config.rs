@@ -250,8 +250,18 @@ pub struct FederationConfig {
     pub presence_interval_ms: u64,
     /// Timeout of one request to another server.
     pub request_timeout_ms: u64,
-    /// Inbound transaction ids are remembered this long (duplicates within it are ignored).
+    /// Inbound transaction ids, and the (origin, id) of inbound messages, are remembered this
+    /// long (a repeat within it is ignored).
     pub txn_retention_ms: u64,
+    /// One-time prekeys of one local device that one other server may claim per
+    /// `one_time_claim_window_ms` (all its users together); past it, claims get the device's
+    /// last-resort prekey. Keeps a server from draining a device's one-time prekeys.
+    pub one_time_claims_per_server: u32,
+    /// One-time prekeys of one local device that one user of another server may claim per
+    /// `one_time_claim_window_ms`; past it, claims get the last-resort prekey.
+    pub one_time_claims_per_user: u32,
+    /// The window of the two limits above (they refill evenly over it).
+    pub one_time_claim_window_ms: u64,
 }
 
 impl Default for FederationConfig {
@@ -280,6 +290,9 @@ impl Default for FederationConfig {
             presence_interval_ms: 500,
             request_timeout_ms: 30_000,
             txn_retention_ms: 7 * 24 * 3600 * 1000,
+            one_time_claims_per_server: 10,
+            one_time_claims_per_user: 3,
+            one_time_claim_window_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -466,6 +479,9 @@ impl Config {
         }
         if fed.retry_min_ms == 0 || fed.retry_max_ms < fed.retry_min_ms || fed.request_timeout_ms == 0 {
             return bad("federation.retry_min_ms must be positive and at most retry_max_ms");
+        }
+        if fed.one_time_claim_window_ms == 0 {
+            return bad("federation.one_time_claim_window_ms must be positive");
         }
         for name in fed.allow.iter().chain(&fed.deny) {
             if parley_spec::ServerName::parse(name).is_err() {

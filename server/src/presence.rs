@@ -156,13 +156,27 @@ pub async fn remote_subscription(state: &AppState, subscription: PresenceSubscri
     Ok(())
 }
 
-/// Presence of a remote user for local viewers: remembered, and sent to the viewers' devices.
+/// Presence of a remote user for local viewers: sent to the devices of the viewers who
+/// subscribed to that user here, and remembered if any did. The origin names the viewers, but
+/// it cannot make this server push presence to users who never asked for it.
 pub async fn deliver_remote(state: &AppState, item: PresenceItem) {
+    let subscribers = match state.store.subscribers_of(item.presence.user.as_str()).await {
+        Ok(subscribers) => subscribers.into_iter().map(|(owner, _)| owner).collect::<std::collections::HashSet<_>>(),
+        Err(error) => {
+            tracing::warn!(%error, "reading the subscribers of a remote user failed");
+            return;
+        }
+    };
+    let viewers: Vec<UserId> = item.viewers.into_iter().filter(|viewer| subscribers.contains(viewer.as_str())).collect();
+    if viewers.is_empty() {
+        tracing::debug!(user = %item.presence.user, "presence for no subscriber here; dropped");
+        return;
+    }
     if let Some(fed) = &state.federation {
         fed.remember_presence(item.presence.clone());
     }
     let shown = frame(item.presence);
-    for viewer in item.viewers {
+    for viewer in viewers {
         let Ok(Some(entry)) = state.directory.user(&viewer).await else { continue };
         for (device, _) in &entry.devices {
             state.hub.send_ephemeral(*device, shown.clone());

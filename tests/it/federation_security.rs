@@ -578,6 +578,19 @@ async fn bad_input_from_a_signed_peer_gets_typed_errors_and_the_server_keeps_ser
     let (status, answer) = peer.put_send("limits", Some(&signed("limits", &body)?), &body).await?;
     let codes: Vec<&str> = answer["rejected"].as_array().into_iter().flatten().filter_map(|r| r["code"].as_str()).collect();
     assert_eq!((status, codes), (200, vec!["too_large", "bad_request"]), "{answer}");
+    // A key claim must name the user of a.test it is for: missing, 400 bad_json; a user of
+    // another server, 403 forbidden.
+    let claim_path = "/_parley/federation/v1/keys/claim";
+    let device = serde_json::json!({"user": bob_session.user_id, "device": bob_session.device_id});
+    for (body, status, code) in [
+        (serde_json::json!({"devices": [device]}), 400, "bad_json"),
+        (serde_json::json!({"requester": "@mallory:c.test", "devices": [device]}), 403, "forbidden"),
+    ] {
+        let body = serde_json::to_vec(&body)?;
+        let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "POST", claim_path, now_ms(), &body)?;
+        let answer = peer.request(Method::POST, claim_path, Some(&header), &body).await?;
+        assert_eq!((answer.0, answer.1["code"].as_str()), (status, Some(code)), "{answer:?}");
+    }
     // An unknown endpoint: 404 not_found with the error body.
     let answer = peer.request(Method::GET, "/_parley/federation/v1/nothing", None, b"").await?;
     assert_eq!((answer.0, answer.1["code"].as_str()), (404, Some("not_found")), "{answer:?}");
@@ -608,5 +621,111 @@ async fn an_address_that_keeps_failing_authentication_is_refused_for_a_while() -
     let expected: Vec<(u16, String)> =
         [(401, "unknown_server_key"); 4].into_iter().chain([(429, "rate_limited")]).map(|(s, c)| (s, c.to_owned())).collect();
     assert_eq!(codes, expected);
+    Ok(())
+}
+
+/// Sends `items` from `origin` (signed with its `key`) to b.test as transaction `txn`; every
+/// item must be accepted.
+async fn put_txn(peer: &Peer, key: &ServerKey, origin: &str, txn: &str, items: Vec<Item>) -> anyhow::Result<()> {
+    let body = transaction(origin, items)?;
+    let header = sign(key, &key.key_id, origin, "b.test", "PUT", &send_path(txn), now_ms(), &body)?;
+    let (status, answer) = peer.put_send(txn, Some(&header), &body).await?;
+    ensure!(status == 200 && answer["rejected"].is_null(), "{txn}: {status} {answer}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_message_id_seen_from_its_origin_is_delivered_once_across_transactions_and_restarts() -> anyhow::Result<()> {
+    let mut net =
+        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
+    let alice_session = support::register(&net.server("a.test").base_url, "alice").await?;
+    let bob_session = support::register(&net.server("b.test").base_url, "bob").await?;
+    let alice = Device::connect(&alice_session).await?;
+    let mut bob = raw_receiver(&bob_session).await?;
+    let (alice_id, bob_id) = (alice_session.user_id.clone(), bob_session.user_id.clone());
+    let (a_key, c_key) = (key_of(net.server("a.test"))?, key_of(net.server("c.test"))?);
+    let peer = Peer::new(&net, "b.test", &net.servers[1].server)?;
+    let id = 1 << 60;
+    let first =
+        message(id, alice_id.as_str(), &alice_session.device_id, &bob_id, &bob_session.device_id, "once", "a.test", &a_key)?;
+    put_txn(&peer, &a_key, "a.test", "dedupe-1", vec![Item::Message(first.clone())]).await?;
+    // The same message again in new transactions (as after the origin lost its in-flight
+    // record), once alone and twice in one transaction.
+    put_txn(&peer, &a_key, "a.test", "dedupe-2", vec![Item::Message(first.clone())]).await?;
+    put_txn(&peer, &a_key, "a.test", "dedupe-3", vec![Item::Message(first.clone()), Item::Message(first.clone())]).await?;
+    // The same id from another origin is another message.
+    let carol = "@carol:c.test";
+    let other = message(
+        id,
+        carol,
+        &DeviceId::parse("CAROL")?,
+        &bob_id,
+        &bob_session.device_id,
+        "same id, other origin",
+        "c.test",
+        &c_key,
+    )?;
+    put_txn(&peer, &c_key, "c.test", "dedupe-4", vec![Item::Message(other)]).await?;
+    alice.send_text(&bob_id, "marker 1").await?;
+    assert_eq!(receive_texts(&mut bob, 3).await?, ["once", "same id, other origin", "marker 1"]);
+
+    // Durable: after b.test is killed and restarted the id is still known.
+    drop(bob);
+    net.server("b.test").kill().await?;
+    net.server("b.test").restart().await?;
+    let mut bob = raw_receiver(&bob_session).await?;
+    let peer = Peer::new(&net, "b.test", &net.servers[1].server)?;
+    put_txn(&peer, &a_key, "a.test", "dedupe-5", vec![Item::Message(first)]).await?;
+    alice.send_text(&bob_id, "marker 2").await?;
+    // bob never acknowledged: the backlog comes again, then the second marker only.
+    assert_eq!(receive_texts(&mut bob, 4).await?, ["once", "same id, other origin", "marker 1", "marker 2"]);
+    assert_eq!(inbox_rows_from(net.server("b.test"), &alice_id).await?, (3, 3), "(inbox rows, distinct ids) on b.test");
+    Ok(())
+}
+
+#[tokio::test]
+async fn presence_of_a_remote_user_reaches_only_local_users_who_subscribed_to_it() -> anyhow::Result<()> {
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
+    let alice_session = support::register(&net.server("a.test").base_url, "alice").await?;
+    let bob_session = support::register(&net.server("b.test").base_url, "bob").await?;
+    let carol_session = support::register(&net.server("b.test").base_url, "carol").await?;
+    let alice_id = alice_session.user_id.clone();
+    // carol follows alice; bob never did.
+    parley_sdk::Api::new(&carol_session)?.subscribe_presence(vec![alice_id.clone()]).await?;
+    let alice = Device::connect(&alice_session).await?;
+    let mut bob = raw_receiver(&bob_session).await?;
+    let mut carol = raw_receiver(&carol_session).await?;
+    let a_key = key_of(net.server("a.test"))?;
+    let peer = Peer::new(&net, "b.test", &net.servers[1].server)?;
+
+    // a.test (signed correctly) names both as viewers of alice's presence.
+    let online =
+        parley_spec::v1::presence::PresenceInfo::new(alice_id.clone(), parley_spec::v1::presence::PresenceStatus::Online, None);
+    let viewers = vec![bob_session.user_id.clone(), carol_session.user_id.clone()];
+    let item = Item::Presence(parley_spec::federation::v1::transaction::PresenceItem::new(online, viewers));
+    let body = transaction("a.test", vec![item])?;
+    let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &send_path("presence-1"), now_ms(), &body)?;
+    let (status, answer) = peer.put_send("presence-1", Some(&header), &body).await?;
+    assert_eq!(status, 200, "{answer}");
+
+    // carol, who subscribed, sees it.
+    let seen = carol
+        .next(|e| match e {
+            Event::Presence(p) if p.user == alice_id && p.status == parley_sdk::PresenceStatus::Online => Some(p),
+            _ => None,
+        })
+        .await?;
+    assert_eq!(seen.user, alice_id);
+    // bob gets nothing of alice's presence before a message alice sends afterwards.
+    alice.send_text(&bob_session.user_id, "marker").await?;
+    let mut before_marker = Vec::new();
+    loop {
+        match bob.next(Some).await? {
+            Event::Message(m) if support::text(&m) == "marker" => break,
+            Event::Presence(p) => before_marker.push(p),
+            _ => {}
+        }
+    }
+    assert!(before_marker.is_empty(), "bob never subscribed to alice but got {before_marker:?}");
     Ok(())
 }

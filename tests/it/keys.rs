@@ -152,3 +152,63 @@ async fn device_lists_are_signed_and_only_move_forward() -> anyhow::Result<()> {
     assert_eq!(Api::new(&bob)?.device_list(&alice.user_id).await?.version, 5);
     Ok(())
 }
+
+/// Uploads device keys, a signed prekey (1000), a last-resort prekey (2000) and one-time
+/// prekeys 1..=`count` for `session`'s device.
+async fn upload_bundle(session: &Session, count: u32) -> anyhow::Result<Keys> {
+    let keys = device_keys(session);
+    let mut upload = UploadKeysRequest::default();
+    upload.device_keys = Some(keys.device_keys.clone());
+    upload.signed_prekey = Some(signed_prekey(&keys.signing, 1000));
+    upload.last_resort_prekey = Some(signed_prekey(&keys.signing, 2000));
+    upload.one_time_prekeys = (1..=count).map(|id| OneTimePrekey::new(id, x25519_public())).collect();
+    assert_eq!(Api::new(session)?.upload_keys(&upload).await?.one_time_prekey_count, count);
+    Ok(keys)
+}
+
+/// `claims` claims of `target`'s device by `claimer`: (one-time prekeys, last-resort prekeys).
+async fn claim_repeatedly(claimer: &Session, target: &Session, claims: usize) -> anyhow::Result<(usize, usize)> {
+    let api = Api::new(claimer)?;
+    let claim = ClaimRequest::new(vec![DeviceRef::new(target.user_id.clone(), target.device_id.clone())]);
+    let (mut one_time, mut last_resort) = (0, 0);
+    for _ in 0..claims {
+        let response = api.claim_keys(&claim).await?;
+        anyhow::ensure!(response.bundles.len() == 1, "one bundle for the device: {response:?}");
+        match (&response.bundles[0].one_time_prekey, &response.bundles[0].last_resort_prekey) {
+            (Some(_), None) => one_time += 1,
+            (None, Some(prekey)) if prekey.key_id == 2000 => last_resort += 1,
+            other => anyhow::bail!("a bundle has exactly one of one-time or last-resort: {other:?}"),
+        }
+    }
+    Ok((one_time, last_resort))
+}
+
+#[tokio::test]
+async fn another_server_cannot_drain_the_one_time_prekeys_of_a_device() -> anyhow::Result<()> {
+    use parley_tests::fednet::{Discovery, FedNet};
+    // The defaults of [federation] one_time_claims_per_server (10) and one_time_claims_per_user (3).
+    let defaults = parley_server::config::FederationConfig::default();
+    let (per_server, per_user) = (defaults.one_time_claims_per_server as usize, defaults.one_time_claims_per_user as usize);
+    assert!(per_user <= 8 && per_user <= per_server && per_server <= 6 * per_user && per_server < 50, "the test needs these");
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
+    let bob = register(&net.server("b.test").base_url, "bob").await?;
+    upload_bundle(&bob, 50).await?;
+
+    // One user of a.test claims bob's device 20 times: a few one-time prekeys, then the
+    // last-resort key.
+    let alice = register(&net.server("a.test").base_url, "alice").await?;
+    assert_eq!(claim_repeatedly(&alice, &bob, 20).await?, (per_user, 20 - per_user), "alice's 20 claims");
+    // Five more users of a.test, eight claims each: the server as a whole is limited too.
+    let mut one_time = per_user;
+    for name in ["u1", "u2", "u3", "u4", "u5"] {
+        let user = register(&net.server("a.test").base_url, name).await?;
+        one_time += claim_repeatedly(&user, &bob, 8).await?.0;
+    }
+    assert_eq!(one_time, per_server, "one-time prekeys a.test got in 60 claims");
+    // bob still has the rest, and a user of his own server still gets one.
+    let left = Api::new(&bob)?.upload_keys(&UploadKeysRequest::default()).await?.one_time_prekey_count;
+    assert_eq!(left as usize, 50 - per_server);
+    let carol = register(&net.server("b.test").base_url, "carol").await?;
+    assert_eq!(claim_repeatedly(&carol, &bob, 1).await?, (1, 0), "a local claim");
+    Ok(())
+}

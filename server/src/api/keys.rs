@@ -17,7 +17,8 @@ use parley_spec::v1::keys::{
     ClaimRequest, ClaimResponse, DeviceKeys, OneTimePrekey, PrekeyBundle, SignedDeviceList, SignedPrekey, UploadKeysRequest,
     UploadKeysResponse, MAX_CLAIM_DEVICES, MAX_ONE_TIME_PREKEYS_PER_UPLOAD,
 };
-use parley_spec::ErrorCode;
+use parley_spec::{ErrorCode, ServerName, UserId};
+use std::time::Instant;
 
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::BadRequest, message)
@@ -142,7 +143,7 @@ pub async fn get_device_list(
 /// POST /v1/keys/claim
 pub async fn claim_keys(
     State(state): State<AppState>,
-    _auth: AuthDevice,
+    auth: AuthDevice,
     Json(request): Json<ClaimRequest>,
 ) -> ApiResult<axum::Json<ClaimResponse>> {
     if request.devices.len() > MAX_CLAIM_DEVICES {
@@ -150,26 +151,47 @@ pub async fn claim_keys(
     }
     let (local, remote): (Vec<DeviceRef>, Vec<DeviceRef>) =
         request.devices.into_iter().partition(|d| d.user.server() == state.server_name.as_str());
-    let mut response = claim_local(&state, local).await?;
+    let mut response = claim_local(&state, local, None).await?;
     if !remote.is_empty() {
-        let answer = crate::federation::remote::claim(&state, remote).await?;
+        let answer = crate::federation::remote::claim(&state, &auth.user_id, remote).await?;
         response.bundles.extend(answer.bundles);
         response.missing.extend(answer.missing);
     }
     Ok(axum::Json(response))
 }
 
-/// Claims bundles for devices of local users (for clients here and for other servers).
-pub async fn claim_local(state: &AppState, devices: Vec<DeviceRef>) -> ApiResult<ClaimResponse> {
+/// Claims bundles for devices of local users, for clients here (`requester` `None`) and for
+/// `requester`, a user of another server (`(its server, the user)`): one-time prekeys for
+/// those are limited per server and per user (`[federation] one_time_claims_per_*`); past a
+/// limit the bundle carries the last-resort prekey.
+pub async fn claim_local(
+    state: &AppState,
+    devices: Vec<DeviceRef>,
+    requester: Option<(&ServerName, &UserId)>,
+) -> ApiResult<ClaimResponse> {
     let mut bundles = Vec::new();
     let mut missing = Vec::new();
+    let limits = requester.zip(state.federation.as_ref().map(|fed| &fed.claim_limits));
     for target in devices {
         let device = match state.directory.user(&target.user).await? {
             Some(entry) => entry.devices.iter().find(|(_, id)| *id == target.device).map(|(pk, _)| *pk),
             None => None,
         };
         let claimed = match device {
-            Some(device) => state.store.claim_keys(device).await?.map(|c| (device, c)),
+            Some(device) => {
+                let now = Instant::now();
+                let one_time = match limits {
+                    Some(((server, user), limits)) => limits.take(server.as_str(), user.as_str(), device, now),
+                    None => true,
+                };
+                let claimed = state.store.claim_keys(device, one_time).await;
+                // Counted only when a one-time prekey was handed out.
+                let handed_out = matches!(&claimed, Ok(Some(c)) if c.one_time_prekey.is_some());
+                if let (true, false, Some(((server, user), limits))) = (one_time, handed_out, limits) {
+                    limits.refund(server.as_str(), user.as_str(), device, now);
+                }
+                claimed?.map(|c| (device, c))
+            }
             None => None,
         };
         let Some((device, claimed)) = claimed else {

@@ -11,7 +11,7 @@ use super::Federation;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::messaging::to_bytes;
-use crate::storage::{now_ms, Effects, NewEvent};
+use crate::storage::{now_ms, Effects, InboundItem, NewEvent};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::IntoResponse as _;
@@ -20,11 +20,12 @@ use axum::Router;
 use bytes::Bytes;
 use parley_federation::{Authorization, RequestAuthError};
 use parley_spec::error::DeviceRef;
+use parley_spec::federation::v1::claim::ClaimRequest;
 use parley_spec::federation::v1::transaction::{
     Item, RejectedItem, SignedMessage, Transaction, TransactionResponse, UserDevices, MAX_TXN_ITEMS,
 };
 use parley_spec::v1::events::{InboxEvent, MessageEvent};
-use parley_spec::v1::keys::{ClaimRequest, ClaimResponse, MAX_CLAIM_DEVICES};
+use parley_spec::v1::keys::{ClaimResponse, MAX_CLAIM_DEVICES};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
 use parley_spec::{ErrorCode, ServerName, UserId};
 use std::net::{IpAddr, SocketAddr};
@@ -153,12 +154,18 @@ async fn send_transaction(
     }
     let fed = federation(&state)?;
     let count = txn.items.len();
-    let mut effects = Effects::default();
+    let mut items = Vec::with_capacity(count);
     let mut after_commit: Vec<Item> = Vec::new();
     let mut response = TransactionResponse::default();
     for (index, item) in txn.items.into_iter().enumerate() {
+        // A message applies once per (origin, id), whichever transaction carries it.
+        let message = match &item {
+            Item::Message(message) => Some((Arc::from(message.origin.as_str()), message.id)),
+            _ => None,
+        };
+        let mut effects = Effects::default();
         match apply_item(&state, fed, &origin, item, &mut effects, &mut after_commit).await {
-            Ok(()) => {}
+            Ok(()) => items.push(InboundItem { message, effects }),
             Err(error) if error.code() == ErrorCode::Internal || error.code() == ErrorCode::Unavailable => return Err(error),
             Err(error) => {
                 tracing::debug!(%origin, index, code = %error.code(), message = %error.body.message, "item rejected");
@@ -166,10 +173,9 @@ async fn send_transaction(
             }
         }
     }
-    let items = count;
-    let new = state.store.apply_inbound(origin.as_str(), &txn_id, effects).await?;
+    let new = state.store.apply_inbound(origin.as_str(), &txn_id, items).await?;
     if new {
-        state.metrics.federation_items_received.inc_by(items as u64);
+        state.metrics.federation_items_received.inc_by(count as u64);
         for item in after_commit {
             deliver_ephemeral(&state, item).await;
         }
@@ -324,14 +330,15 @@ async fn claim_keys(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> ApiResult<axum::Json<ClaimResponse>> {
-    authenticate(&state, peer.ip(), &method, &uri, &headers, &body).await?;
+    let origin = authenticate(&state, peer.ip(), &method, &uri, &headers, &body).await?;
     let request: ClaimRequest = parse_json(&body)?;
     if request.devices.len() > MAX_CLAIM_DEVICES {
         return Err(ApiError::new(ErrorCode::BadRequest, format!("at most {MAX_CLAIM_DEVICES} devices per claim")));
     }
+    require_origin(&request.requester, &origin, "requester")?;
     let (local, foreign): (Vec<DeviceRef>, Vec<DeviceRef>) =
         request.devices.into_iter().partition(|d| d.user.server() == state.server_name.as_str());
-    let mut response = crate::api::keys::claim_local(&state, local).await?;
+    let mut response = crate::api::keys::claim_local(&state, local, Some((&origin, &request.requester))).await?;
     response.missing.extend(foreign);
     Ok(axum::Json(response))
 }

@@ -6,6 +6,7 @@
 //! made before it was retired, old) server key, fetched over HTTPS from the origin itself and
 //! cached until the key document's `valid_until_ts`. Messages carry their origin's signature.
 
+pub mod claim_limits;
 pub mod inbound;
 pub mod remote;
 pub mod sender;
@@ -38,6 +39,8 @@ pub struct Federation {
     pub replays: ReplayCache,
     /// Outbound queues.
     pub sender: sender::Sender,
+    /// One-time prekey claims by other servers and their users.
+    pub claim_limits: claim_limits::ClaimLimits,
     config: FederationConfig,
     origin_limits: DefaultKeyedRateLimiter<String>,
     failed_auth: DefaultKeyedRateLimiter<IpAddr>,
@@ -59,6 +62,11 @@ impl Federation {
             keys: KeyCache::default(),
             replays: ReplayCache::default(),
             sender,
+            claim_limits: claim_limits::ClaimLimits::new(
+                config.one_time_claims_per_server,
+                config.one_time_claims_per_user,
+                Duration::from_millis(config.one_time_claim_window_ms),
+            ),
             origin_limits: governor::RateLimiter::keyed(quota),
             failed_auth: governor::RateLimiter::keyed(
                 Quota::per_minute(NonZeroU32::new(config.failed_auth_per_minute).unwrap_or(NonZeroU32::MIN))
@@ -175,6 +183,7 @@ impl Federation {
         self.failed_auth.retain_recent();
         let now = Instant::now();
         self.blocked.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, until| *until > now);
+        self.claim_limits.purge(now);
         self.replays.purge(crate::storage::now_ms() as u64);
     }
 

@@ -8,8 +8,9 @@ use crate::federation::sender::outbound;
 use crate::storage::{Effects, UserPk};
 use parley_federation::transport::FederationError;
 use parley_spec::error::DeviceRef;
+use parley_spec::federation::v1::claim::ClaimRequest;
 use parley_spec::federation::v1::transaction::{DeviceListChanged, Item, UserDevices};
-use parley_spec::v1::keys::{ClaimRequest, ClaimResponse};
+use parley_spec::v1::keys::ClaimResponse;
 use parley_spec::{ErrorCode, ServerName, UserId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -84,8 +85,9 @@ pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResul
     }
 }
 
-/// Claims prekey bundles for devices of other servers, one request per server.
-pub async fn claim(state: &AppState, devices: Vec<DeviceRef>) -> ApiResult<ClaimResponse> {
+/// Claims prekey bundles for devices of other servers on behalf of local user `requester`,
+/// one request per server.
+pub async fn claim(state: &AppState, requester: &UserId, devices: Vec<DeviceRef>) -> ApiResult<ClaimResponse> {
     let mut by_server: BTreeMap<String, Vec<DeviceRef>> = BTreeMap::new();
     for device in devices {
         by_server.entry(device.user.server().to_owned()).or_default().push(device);
@@ -94,7 +96,8 @@ pub async fn claim(state: &AppState, devices: Vec<DeviceRef>) -> ApiResult<Claim
     for (server, devices) in by_server {
         let answer = match (check_reachable(state, &server), &state.federation, ServerName::parse(&server)) {
             (Ok(()), Some(fed), Ok(name)) => {
-                let body = serde_json::to_vec(&ClaimRequest::new(devices.clone())).map_err(ApiError::internal)?;
+                let request = ClaimRequest::new(requester.clone(), devices.clone());
+                let body = serde_json::to_vec(&request).map_err(ApiError::internal)?;
                 let answer: Result<ClaimResponse, _> =
                     fed.client.request(&name, reqwest::Method::POST, "/_parley/federation/v1/keys/claim", Some(body)).await;
                 answer.map_err(|error| remote_error(&server, error))

@@ -16,7 +16,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, "keys", include_str!("../../migrations/sqlite/0002_keys.sql")),
     (3, "federation", include_str!("../../migrations/sqlite/0003_federation.sql")),
+    (5, "federation_dedupe", include_str!("../../migrations/sqlite/0005_federation_dedupe.sql")),
 ];
+
+/// Rows deleted per statement when pruning remembered inbound message ids.
+const PRUNE_SLICE: u64 = 10_000;
 
 /// The database handle shared by all services.
 pub struct Store {
@@ -127,9 +131,10 @@ impl Store {
     }
 
     /// Applies an inbound transaction unless `(origin, txn_id)` was applied before; `true` if new.
-    pub async fn apply_inbound(&self, origin: &str, txn_id: &str, effects: Effects) -> Result<bool, StoreError> {
+    /// Within it, a message whose `(origin, id)` was applied before adds nothing.
+    pub async fn apply_inbound(&self, origin: &str, txn_id: &str, items: Vec<InboundItem>) -> Result<bool, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.queue_priority(WriteOp::Inbound { origin: origin.to_owned(), txn_id: txn_id.to_owned(), effects, reply }).await?;
+        self.queue_priority(WriteOp::Inbound { origin: origin.to_owned(), txn_id: txn_id.to_owned(), items, reply }).await?;
         Self::wait(rx).await
     }
 
@@ -200,10 +205,26 @@ impl Store {
         Ok(count as u64)
     }
 
-    /// Forgets inbound transaction ids older than `before` (ms).
-    pub async fn prune_inbound_txns(&self, before: i64) -> Result<u64, StoreError> {
+    /// Forgets inbound transaction ids and message ids received before `before` (ms).
+    pub async fn prune_inbound(&self, before: i64) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM fed_inbound_txns WHERE received_ts < ?").bind(before).execute(&self.pool).await?;
-        Ok(done.rows_affected())
+        let mut pruned = done.rows_affected();
+        // Message ids pile up fast under load: delete them in slices, so the database's write
+        // lock (which the writer needs for every commit) is never held for long.
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM fed_inbound_messages WHERE (origin, msg_id) IN \
+                 (SELECT origin, msg_id FROM fed_inbound_messages WHERE received_ts < ? LIMIT ?)",
+            )
+            .bind(before)
+            .bind(PRUNE_SLICE as i64)
+            .execute(&self.pool)
+            .await?;
+            pruned += done.rows_affected();
+            if done.rows_affected() < PRUNE_SLICE {
+                return Ok(pruned);
+            }
+        }
     }
 
     /// The cached devices of a remote user (JSON of `UserDevices`).
@@ -620,10 +641,11 @@ impl Store {
         Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32))
     }
 
-    /// Claims a bundle for `device`: its keys and one one-time prekey, which is deleted in the
-    /// same (write-locked) transaction, so no two claimers ever get the same one. `None` when
-    /// the device has not uploaded keys.
-    pub async fn claim_keys(&self, device: DevicePk) -> Result<Option<ClaimedKeys>, StoreError> {
+    /// Claims a bundle for `device`: its keys and, when `one_time`, one one-time prekey, which
+    /// is deleted in the same (write-locked) transaction, so no two claimers ever get the same
+    /// one. Without a one-time prekey (none left, or not `one_time`) the bundle carries the
+    /// last-resort prekey. `None` when the device has not uploaded keys.
+    pub async fn claim_keys(&self, device: DevicePk, one_time: bool) -> Result<Option<ClaimedKeys>, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query(
             "SELECT k.json, s.json, l.json FROM device_keys k JOIN signed_prekeys s ON s.device = k.device \
@@ -633,14 +655,18 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let one_time = sqlx::query(
-            "DELETE FROM one_time_prekeys WHERE device = ?1 \
-             AND key_id = (SELECT min(key_id) FROM one_time_prekeys WHERE device = ?1) RETURNING key_id, public_key",
-        )
-        .bind(device)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let one_time_prekey = match one_time {
+        let taken = if one_time {
+            sqlx::query(
+                "DELETE FROM one_time_prekeys WHERE device = ?1 \
+                 AND key_id = (SELECT min(key_id) FROM one_time_prekeys WHERE device = ?1) RETURNING key_id, public_key",
+            )
+            .bind(device)
+            .fetch_optional(&mut *tx)
+            .await?
+        } else {
+            None
+        };
+        let one_time_prekey = match taken {
             Some(r) => Some((r.try_get::<i64, _>(0)? as u32, r.try_get::<Vec<u8>, _>(1)?)),
             None => None,
         };
@@ -732,4 +758,39 @@ fn migrator() -> Migrator {
         })
         .collect();
     Migrator { migrations: Cow::Owned(migrations), ignore_missing: false, locking: true, no_tx: false }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn open(dir: &std::path::Path) -> Store {
+        let config = Config { data_dir: dir.to_path_buf(), ..Config::default() };
+        Store::open(&config, crate::metrics::Metrics::new(), Arc::new(|_, _| {})).await.expect("store opens").0
+    }
+
+    fn message(origin: &str, id: u64) -> InboundItem {
+        InboundItem { message: Some((Arc::from(origin), id)), effects: Effects::default() }
+    }
+
+    async fn remembered(store: &Store) -> Vec<(String, i64)> {
+        sqlx::query_as("SELECT origin, msg_id FROM fed_inbound_messages ORDER BY origin, msg_id")
+            .fetch_all(&store.pool)
+            .await
+            .expect("query")
+    }
+
+    #[tokio::test]
+    async fn inbound_message_ids_are_remembered_once_and_pruned_with_the_transactions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path()).await;
+        assert!(store.apply_inbound("a.test", "t1", vec![message("a.test", 7), message("a.test", 7)]).await.unwrap());
+        assert!(store.apply_inbound("a.test", "t2", vec![message("a.test", 7), message("c.test", 7)]).await.unwrap());
+        assert!(!store.apply_inbound("a.test", "t2", vec![message("a.test", 8)]).await.unwrap(), "a repeated txn_id");
+        assert_eq!(remembered(&store).await, [("a.test".to_owned(), 7), ("c.test".to_owned(), 7)]);
+        // Nothing is older than the start of the test; everything is older than a moment from now.
+        assert_eq!(store.prune_inbound(now_ms() - 60_000).await.unwrap(), 0);
+        assert_eq!(store.prune_inbound(now_ms() + 1).await.unwrap(), 4, "2 transactions and 2 message ids");
+        assert_eq!(remembered(&store).await, []);
+    }
 }

@@ -57,6 +57,16 @@ impl Effects {
     }
 }
 
+/// What one accepted item of an inbound federation transaction adds.
+#[derive(Debug, Default)]
+pub struct InboundItem {
+    /// For a message: its origin server and its id there. The item applies only the first
+    /// time this pair is seen (within the retention of `fed_inbound_messages`).
+    pub message: Option<(Arc<str>, u64)>,
+    /// Its inbox events and federation items.
+    pub effects: Effects,
+}
+
 /// A message to store: its idempotency record plus one inbox event per target device.
 #[derive(Debug)]
 pub struct NewMessage {
@@ -147,14 +157,16 @@ pub enum WriteOp {
     /// Append events and queue federation items (read receipts, for example).
     Events(Effects, Reply<()>),
     /// Apply an inbound federation transaction once: answers `true` when it was new, `false`
-    /// when `(origin, txn_id)` was applied before (and nothing is written).
+    /// when `(origin, txn_id)` was applied before (and nothing is written). A message item
+    /// whose `(origin, id)` was applied before (in another transaction, or earlier in this
+    /// one) adds nothing.
     Inbound {
         /// Sending server.
         origin: String,
         /// Its transaction id.
         txn_id: String,
-        /// What the transaction adds.
-        effects: Effects,
+        /// What the transaction's accepted items add, in item order.
+        items: Vec<InboundItem>,
         /// Answered after commit.
         reply: Reply<bool>,
     },
@@ -315,7 +327,7 @@ impl Writer {
                     outbound.extend(effects.outbound);
                     work.unit_replies.push(reply);
                 }
-                WriteOp::Inbound { origin, txn_id, effects, reply } => inbound.push((origin, txn_id, effects, reply)),
+                WriteOp::Inbound { origin, txn_id, items, reply } => inbound.push((origin, txn_id, items, reply)),
                 op @ (WriteOp::TxnInflight { .. } | WriteOp::TxnDone { .. } | WriteOp::Bookkeeping(..)) => fed_state.push(op),
                 WriteOp::DeleteDevice(device, reply) => {
                     deleted.push(device);
@@ -364,9 +376,10 @@ impl Writer {
         message_events.append(&mut events);
         let mut events = message_events;
 
-        // 1b. Inbound federation transactions: each applies once per (origin, txn_id).
+        // 1b. Inbound federation transactions: each applies once per (origin, txn_id) ...
         let now = super::now_ms();
-        for (origin, txn_id, effects, reply) in inbound {
+        let mut inbound_items = Vec::new();
+        for (origin, txn_id, items, reply) in inbound {
             let done =
                 sqlx::query("INSERT INTO fed_inbound_txns (origin, txn_id, received_ts) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
                     .bind(&origin)
@@ -376,10 +389,38 @@ impl Writer {
                     .await?;
             let new = done.rows_affected() == 1;
             if new {
-                events.extend(effects.events);
-                outbound.extend(effects.outbound);
+                inbound_items.extend(items);
             }
             work.inbound_replies.push((reply, new));
+        }
+        // ... and each message in them once per (origin, message id), whatever transaction
+        // carries it: one multi-row insert; RETURNING names the pairs seen for the first time.
+        let keys: Vec<&(Arc<str>, u64)> = inbound_items.iter().filter_map(|item| item.message.as_ref()).collect();
+        let mut first_seen: HashMap<String, HashSet<u64>> = HashMap::new();
+        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_inbound_messages (origin, msg_id, received_ts) ");
+            query.push_values(chunk, |mut row, (origin, id)| {
+                row.push_bind(origin.as_ref()).push_bind(*id as i64).push_bind(now);
+            });
+            query.push(" ON CONFLICT DO NOTHING RETURNING origin, msg_id");
+            for row in query.build().fetch_all(&mut *tx).await? {
+                first_seen.entry(row.try_get(0)?).or_default().insert(row.try_get::<i64, _>(1)? as u64);
+            }
+        }
+        let mut duplicates = 0usize;
+        for item in inbound_items {
+            if let Some((origin, id)) = &item.message {
+                // Taken out, so a second copy later in the same batch counts as a repeat too.
+                if !first_seen.get_mut(origin.as_ref()).is_some_and(|ids| ids.remove(id)) {
+                    duplicates += 1;
+                    continue;
+                }
+            }
+            events.extend(item.effects.events);
+            outbound.extend(item.effects.outbound);
+        }
+        if duplicates > 0 {
+            tracing::debug!(duplicates, "inbound messages already delivered were dropped");
         }
 
         // 1c. Outbound federation items, and the state of transactions in flight.

@@ -1,4 +1,5 @@
 //! Version 1 of the federation API.
 
+pub mod claim;
 pub mod keys;
 pub mod transaction;

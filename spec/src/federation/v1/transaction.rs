@@ -4,8 +4,7 @@
 //!   origin to the destination, idempotent by `(origin, txn_id)`. Answer: [`TransactionResponse`].
 //! - `GET /_parley/federation/v1/users/{user_id}/devices` — [`UserDevices`] of a user of the
 //!   destination.
-//! - `POST /_parley/federation/v1/keys/claim` — a [`crate::v1::keys::ClaimRequest`] for devices
-//!   of the destination's users, answered with a [`crate::v1::keys::ClaimResponse`].
+//! - `POST /_parley/federation/v1/keys/claim` — see [`super::claim`].
 //!
 //! Every request is signed by the origin server (see `parley_federation::request`).
 
@@ -156,7 +155,8 @@ impl TypingItem {
 pub struct PresenceItem {
     /// The presence (its `user` is a user of the origin).
     pub presence: PresenceInfo,
-    /// Destination users who subscribed and may see it.
+    /// Destination users who subscribed and may see it (the destination ignores any that did
+    /// not subscribe to this user there).
     pub viewers: Vec<UserId>,
 }
 
