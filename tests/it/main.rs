@@ -14,4 +14,5 @@ mod keys;
 mod ops;
 mod presence;
 mod raw;
+mod receipts;
 mod support;
