@@ -313,8 +313,7 @@ impl Store {
     /// that went to that user, whoever the server claims read them.
     pub async fn mark_receipt(&self, peer: &str, sender: &str, server_msg_ids: &[u64], read: bool) -> Result<Vec<u64>, Error> {
         let column = if read { "read = 1, delivered = 1" } else { "delivered = 1" };
-        let ids: Vec<String> =
-            server_msg_ids.iter().filter_map(|id| i64::try_from(*id).ok()).map(|id| id.to_string()).collect();
+        let ids: Vec<String> = server_msg_ids.iter().filter_map(|id| i64::try_from(*id).ok()).map(|id| id.to_string()).collect();
         let marked: Vec<i64> = sqlx::query_scalar(&format!(
             "UPDATE messages SET {column} WHERE peer = ? AND sender = ? \
              AND server_msg_id IN (SELECT value FROM json_each(?)) RETURNING server_msg_id"

@@ -657,7 +657,8 @@ async fn receipts_from_a_server_name_only_messages_its_users_were_sent() -> anyh
             _ => None,
         })
         .await?;
-    let forged: Vec<_> = receipts.iter().filter(|(_, by, ids)| *by != bob_id.as_str() || *ids != [to_bob.server_msg_id]).collect();
+    let forged: Vec<_> =
+        receipts.iter().filter(|(_, by, ids)| *by != bob_id.as_str() || *ids != [to_bob.server_msg_id]).collect();
     assert!(forged.is_empty(), "alice got receipts she should not have: {forged:?}");
     let codes: Vec<&str> = answer["rejected"].as_array().into_iter().flatten().filter_map(|r| r["code"].as_str()).collect();
     assert_eq!((status, codes), (200, vec!["bad_request"; 4]), "{answer}");

@@ -351,8 +351,9 @@ impl Writer {
         // 1. Idempotency records; RETURNING names the rows that are new.
         let mut inserted = HashSet::new();
         for chunk in messages.chunks(ROWS_PER_STATEMENT) {
-            let mut query =
-                QueryBuilder::<Sqlite>::new("INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) ");
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) ",
+            );
             query.push_values(chunk, |mut row, (m, _)| {
                 row.push_bind(m.id as i64)
                     .push_bind(m.sender_device)
