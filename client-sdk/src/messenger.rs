@@ -743,20 +743,28 @@ impl Messenger {
     }
 
     async fn on_receipt(&self, receipt: ReceiptEvent) -> Result<(), MessengerError> {
+        // Like a message, a receipt waits for a send in progress: its server id is then recorded.
+        let _guard = self.inner.lock.lock().await;
         let me = &self.inner.session.user_id;
+        let sender = receipt.sender.as_str();
         if &receipt.sender != me {
             // A read marker set on another of our devices: record it for that peer's messages.
             if &receipt.by == me && receipt.kind == ReceiptKind::Read {
-                self.inner.store.mark_receipt(receipt.sender.as_str(), &receipt.message_ids, true).await?;
+                self.inner.store.mark_receipt(sender, sender, &receipt.message_ids, true).await?;
             }
             return Ok(());
         }
+        // Only our messages that went to `by` count: the server could name anyone.
         let read = receipt.kind == ReceiptKind::Read;
-        self.inner.store.mark_receipt(me.as_str(), &receipt.message_ids, read).await?;
+        let message_ids = self.inner.store.mark_receipt(receipt.by.as_str(), me.as_str(), &receipt.message_ids, read).await?;
+        if message_ids.is_empty() {
+            tracing::debug!(by = %receipt.by, "receipt for none of our messages to its author; ignored");
+            return Ok(());
+        }
         let event = if read {
-            MessengerEvent::Read { by: receipt.by, message_ids: receipt.message_ids }
+            MessengerEvent::Read { by: receipt.by, message_ids }
         } else {
-            MessengerEvent::Delivered { by: receipt.by, message_ids: receipt.message_ids }
+            MessengerEvent::Delivered { by: receipt.by, message_ids }
         };
         self.emit(event);
         Ok(())
@@ -775,7 +783,7 @@ impl Messenger {
 
     /// Marks messages of `peer` read (read receipts to the peer's devices and ours).
     pub async fn mark_read(&self, peer: &UserId, server_msg_ids: Vec<u64>) -> Result<(), MessengerError> {
-        self.inner.store.mark_receipt(peer.as_str(), &server_msg_ids, true).await?;
+        self.inner.store.mark_receipt(peer.as_str(), peer.as_str(), &server_msg_ids, true).await?;
         Ok(self.inner.conn.read(peer.clone(), server_msg_ids).await?)
     }
 

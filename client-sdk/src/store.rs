@@ -307,18 +307,25 @@ impl Store {
         Ok(())
     }
 
-    /// Marks our messages (by server id) delivered or read.
-    pub async fn mark_receipt(&self, sender: &str, server_msg_ids: &[u64], read: bool) -> Result<(), Error> {
+    /// Marks messages of `sender` in the conversation with `peer` (by server id) delivered or
+    /// read; ids of other messages are ignored. Returns the ids marked, in the order given, each
+    /// once. For a receipt, `peer` is the user the receipt is by: it applies only to messages
+    /// that went to that user, whoever the server claims read them.
+    pub async fn mark_receipt(&self, peer: &str, sender: &str, server_msg_ids: &[u64], read: bool) -> Result<Vec<u64>, Error> {
         let column = if read { "read = 1, delivered = 1" } else { "delivered = 1" };
-        for id in server_msg_ids {
-            sqlx::query(&format!("UPDATE messages SET {column} WHERE sender = ? AND server_msg_id = ?"))
-                .bind(sender)
-                .bind(*id as i64)
-                .execute(&self.pool)
-                .await
-                .map_err(store_error)?;
-        }
-        Ok(())
+        let ids: Vec<String> = server_msg_ids.iter().filter_map(|id| i64::try_from(*id).ok()).map(|id| id.to_string()).collect();
+        let marked: Vec<i64> = sqlx::query_scalar(&format!(
+            "UPDATE messages SET {column} WHERE peer = ? AND sender = ? \
+             AND server_msg_id IN (SELECT value FROM json_each(?)) RETURNING server_msg_id"
+        ))
+        .bind(peer)
+        .bind(sender)
+        .bind(format!("[{}]", ids.join(",")))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let mut marked: std::collections::HashSet<u64> = marked.into_iter().map(|id| id as u64).collect();
+        Ok(server_msg_ids.iter().copied().filter(|id| marked.remove(id)).collect())
     }
 
     /// The last `limit` messages with `peer`, oldest first.
@@ -419,7 +426,7 @@ mod tests {
             assert!(store.add_message(&message).await.unwrap());
             assert!(!store.add_message(&message).await.unwrap(), "deduplicated");
             store.mark_sent("@a:x", "m1", 99, 2).await.unwrap();
-            store.mark_receipt("@a:x", &[99], false).await.unwrap();
+            assert_eq!(store.mark_receipt("@b:x", "@a:x", &[99, 5, 99], false).await.unwrap(), [99]);
             store.enqueue(&OutboxEntry { client_msg_id: "m2".into(), to: "@b:x".into(), body: "later".into() }, 3).await.unwrap();
         }
         let store = Store::open(&path).await.unwrap();
@@ -435,5 +442,33 @@ mod tests {
         assert_eq!(store.outbox().await.unwrap().len(), 1);
         store.dequeue("m2").await.unwrap();
         assert!(store.outbox().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_receipt_applies_only_to_messages_that_went_to_its_author() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("profile.db")).await.unwrap();
+        for (peer, client_msg_id, server_msg_id) in [("@b:x", "m1", 1), ("@c:x", "m2", 2)] {
+            let message = StoredMessage {
+                local_id: 0,
+                peer: peer.into(),
+                sender: "@a:x".into(),
+                sender_device: "A".into(),
+                client_msg_id: client_msg_id.into(),
+                server_msg_id: Some(server_msg_id),
+                ts: 1,
+                body: "hi".into(),
+                delivered: false,
+                read: false,
+            };
+            store.add_message(&message).await.unwrap();
+        }
+        // c read both of a's messages, says the server: only the one a sent to c is marked.
+        assert_eq!(store.mark_receipt("@c:x", "@a:x", &[1, 2], true).await.unwrap(), [2]);
+        assert!(store.mark_receipt("@c:x", "@a:x", &[1], true).await.unwrap().is_empty());
+        let to_b = store.history("@b:x", 10).await.unwrap();
+        assert_eq!((to_b[0].delivered, to_b[0].read), (false, false));
+        let to_c = store.history("@c:x", 10).await.unwrap();
+        assert_eq!((to_c[0].delivered, to_c[0].read), (true, true));
     }
 }

@@ -63,6 +63,7 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
     Ok(NewMessage {
         id,
         sender_device: auth.device_pk,
+        sender_user: sender.pk,
         client_msg_id: request.client_msg_id,
         recipient: request.to.to_string(),
         ts,
@@ -122,6 +123,7 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
     Ok(NewMessage {
         id,
         sender_device: auth.device_pk,
+        sender_user: sender.pk,
         client_msg_id: request.client_msg_id,
         recipient: request.to.to_string(),
         ts,
@@ -256,20 +258,29 @@ pub async fn ack_from_store(state: &AppState, auth: &AuthDevice, from: u64, to: 
     Ok(())
 }
 
-/// A read marker: `read` receipts to every device of the peer and to the reader's other devices.
+/// A read marker: `read` receipts to every device of the peer and to the reader's other devices,
+/// for those of the messages that the peer sent to the reader (other ids are dropped; `bad_request`
+/// when none is left).
 pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest) -> ApiResult<()> {
     if request.message_ids.is_empty() || request.message_ids.len() > MAX_READ_IDS {
         return Err(ApiError::new(ErrorCode::BadRequest, format!("message_ids must hold 1 to {MAX_READ_IDS} ids")));
     }
     let remote_peer = request.peer.server() != state.server_name.as_str();
-    let peer_devices: Vec<i64> = if remote_peer {
+    let (peer_devices, message_ids): (Vec<i64>, Vec<u64>) = if remote_peer {
         crate::federation::remote::check_reachable(state, request.peer.server())?;
-        Vec::new()
+        (Vec::new(), state.store.received_from(auth.user_pk, request.peer.as_str(), &request.message_ids).await?)
     } else {
         let peer =
             state.directory.user(&request.peer).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
-        peer.devices.iter().map(|(pk, _)| *pk).collect()
+        let message_ids = state.store.sent_to(peer.pk, auth.user_id.as_str(), &request.message_ids).await?;
+        (peer.devices.iter().map(|(pk, _)| *pk).collect(), message_ids)
     };
+    if message_ids.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("none of message_ids is a message {} sent to {}", request.peer, auth.user_id),
+        ));
+    }
     let me = state
         .directory
         .local(auth.user_id.localpart())
@@ -280,7 +291,7 @@ pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest
         auth.user_id.clone(),
         auth.device_id.clone(),
         request.peer.clone(),
-        request.message_ids,
+        message_ids,
         now_ms() as u64,
     ));
     let payload = to_bytes(&event)?;

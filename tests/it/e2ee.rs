@@ -430,3 +430,46 @@ async fn both_sides_starting_a_session_at_once_still_understand_each_other() -> 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_receipt_by_someone_the_message_did_not_go_to_is_not_applied() -> anyhow::Result<()> {
+    let mut server = TestServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let (mut a1, _) = register(&server, dir.path(), "alice").await?;
+    let (mut b1, _) = register(&server, dir.path(), "bob").await?;
+    let (alice, bob) = (user(&a1), user(&b1));
+    a1.messenger.send_text(&bob, "for bob").await?;
+    assert_eq!(next_text(&mut b1.events).await?.1, "for bob");
+    let id = next_stored_id(&a1, &bob, "for bob").await?;
+    // The server puts a read receipt by mallory for alice's message to bob into alice's inbox.
+    let forged = parley_spec::v1::events::InboxEvent::Receipt(parley_spec::v1::events::ReceiptEvent::new(
+        parley_spec::v1::events::ReceiptKind::Read,
+        "@mallory:localhost".parse()?,
+        "EVIL".parse()?,
+        alice.clone(),
+        vec![id],
+        0,
+    ));
+    let payload = serde_json::to_vec(&forged)?;
+    tamper(&mut server, |db| async move {
+        sqlx::query(
+            "INSERT INTO inbox (device, seq, payload) SELECT d.id, \
+             max(d.acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = d.id), 0)) + 1, ? \
+             FROM devices d JOIN users u ON u.id = d.user_id WHERE u.localpart = 'alice'",
+        )
+        .bind(payload)
+        .execute(&db)
+        .await?;
+        Ok(())
+    })
+    .await?;
+    // Bob really reads it afterwards: the first read alice's messenger reports is his.
+    b1.messenger.mark_read(&alice, vec![id]).await?;
+    let read = next(&mut a1.events, |e| match e {
+        MessengerEvent::Read { by, message_ids } => Some((by, message_ids)),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(read, (bob.clone(), vec![id]));
+    Ok(())
+}

@@ -729,3 +729,66 @@ async fn presence_of_a_remote_user_reaches_only_local_users_who_subscribed_to_it
     assert!(before_marker.is_empty(), "bob never subscribed to alice but got {before_marker:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn receipts_from_a_server_name_only_messages_its_users_were_sent() -> anyhow::Result<()> {
+    use parley_spec::v1::events::{ReceiptEvent, ReceiptKind};
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
+    let alice_session = support::register(&net.server("a.test").base_url, "alice").await?;
+    let dave_session = support::register(&net.server("a.test").base_url, "dave").await?;
+    let bob_session = support::register(&net.server("b.test").base_url, "bob").await?;
+    let (alice_id, bob_id) = (alice_session.user_id.clone(), bob_session.user_id.clone());
+    let mallory_id = UserId::parse("@mallory:b.test")?;
+    let mut alice = Device::connect(&alice_session).await?;
+    let mut bob = Device::connect(&bob_session).await?;
+    let to_bob = alice.send_text(&bob_id, "for bob").await?;
+    assert_eq!(bob.next_message().await?.id, to_bob.server_msg_id);
+    let to_dave = alice.send_text(&dave_session.user_id, "for dave").await?;
+
+    // b.test (its real key) claims receipts for alice's messages: by a user alice never wrote
+    // to, and by bob for a message alice sent to dave. Refused items, delivered to no one.
+    let b_key = key_of(net.server("b.test"))?;
+    let receipt = |kind, by: &UserId, id: u64| {
+        Item::Receipt(ReceiptEvent::new(kind, by.clone(), DeviceId::parse("EVIL").unwrap(), alice_id.clone(), vec![id], now_ms()))
+    };
+    let items = vec![
+        receipt(ReceiptKind::Read, &mallory_id, to_bob.server_msg_id),
+        receipt(ReceiptKind::Delivered, &mallory_id, to_bob.server_msg_id),
+        receipt(ReceiptKind::Read, &bob_id, to_dave.server_msg_id),
+        receipt(ReceiptKind::Delivered, &bob_id, to_dave.server_msg_id),
+    ];
+    let body = transaction("b.test", items)?;
+    let peer = Peer::new(&net, "a.test", &net.servers[0].server)?;
+    let header = sign(&b_key, &b_key.key_id, "b.test", "a.test", "PUT", &send_path("receipts-1"), now_ms(), &body)?;
+    let (status, answer) = peer.put_send("receipts-1", Some(&header), &body).await?;
+
+    // bob reads alice's message to him (through b.test): every receipt alice gets up to his read
+    // receipt is bob's, for that message.
+    bob.conn.read(alice_id.clone(), vec![to_bob.server_msg_id]).await?;
+    let mut receipts = Vec::new();
+    alice
+        .next(|e| match e {
+            Event::Receipt(r) => {
+                let done = r.kind == ReceiptKind::Read && r.by == bob_id;
+                receipts.push((r.kind, r.by.to_string(), r.message_ids));
+                done.then_some(())
+            }
+            _ => None,
+        })
+        .await?;
+    let forged: Vec<_> =
+        receipts.iter().filter(|(_, by, ids)| *by != bob_id.as_str() || *ids != [to_bob.server_msg_id]).collect();
+    assert!(forged.is_empty(), "alice got receipts she should not have: {forged:?}");
+    let codes: Vec<&str> = answer["rejected"].as_array().into_iter().flatten().filter_map(|r| r["code"].as_str()).collect();
+    assert_eq!((status, codes), (200, vec!["bad_request"; 4]), "{answer}");
+
+    // b.test's own users cannot make it send such receipts either: bob marking alice's message
+    // to dave read is refused at b.test.
+    let refused = parley_sdk::Api::new(&bob_session)?
+        .read(parley_sdk::ReadRequest::new(alice_id.clone(), vec![to_dave.server_msg_id]))
+        .await
+        .err()
+        .and_then(|e| e.server_code());
+    assert_eq!(refused, Some(parley_spec::ErrorCode::BadRequest));
+    Ok(())
+}

@@ -15,4 +15,5 @@ mod keys;
 mod ops;
 mod presence;
 mod raw;
+mod receipts;
 mod support;

@@ -11,7 +11,7 @@ use super::Federation;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::messaging::to_bytes;
-use crate::storage::{now_ms, Effects, InboundItem, NewEvent};
+use crate::storage::{now_ms, Effects, InboundItem, NewEvent, RemoteMessage};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::IntoResponse as _;
@@ -204,15 +204,24 @@ async fn apply_item(
 ) -> ApiResult<()> {
     match item {
         Item::Message(message) => {
-            let events = message_events(state, fed, origin, message).await?;
+            let (events, received) = message_events(state, fed, origin, message).await?;
             effects.events.extend(events);
+            effects.received.push(received);
         }
-        Item::Receipt(receipt) => {
+        Item::Receipt(mut receipt) => {
             require_origin(&receipt.by, origin, "receipt author")?;
             if receipt.message_ids.is_empty() || receipt.message_ids.len() > parley_spec::v1::messages::MAX_READ_IDS {
                 return Err(ApiError::new(ErrorCode::BadRequest, "a receipt names 1 to 1,000 messages (MAX_READ_IDS)"));
             }
             let sender = local_user(state, &receipt.sender).await?;
+            // Delivered or read, only for messages `sender` sent to `by` (other ids are dropped).
+            receipt.message_ids = state.store.sent_to(sender.pk, receipt.by.as_str(), &receipt.message_ids).await?;
+            if receipt.message_ids.is_empty() {
+                return Err(ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!("none of the receipt's messages is one {} sent to {}", receipt.sender, receipt.by),
+                ));
+            }
             let payload = to_bytes(&InboxEvent::Receipt(receipt))?;
             effects.events.extend(sender.devices.iter().map(|(device, _)| NewEvent {
                 device: *device,
@@ -244,15 +253,17 @@ async fn apply_item(
 }
 
 /// A message: turns it into inbox events for the recipient's devices (envelopes for devices
-/// that no longer exist are dropped). When another server relays it, its origin signature is
-/// checked; from its origin itself, the request signature (over the whole body) already
-/// proves who wrote it, and the message signature is carried for later relaying.
+/// that no longer exist are dropped) and the record that its sender wrote to the recipient
+/// (what the recipient's read markers are checked against). When another server relays it,
+/// its origin signature is checked; from its origin itself, the request signature (over the
+/// whole body) already proves who wrote it, and the message signature is carried for later
+/// relaying.
 async fn message_events(
     state: &AppState,
     fed: &Federation,
     sent_by: &ServerName,
     message: SignedMessage,
-) -> ApiResult<Vec<NewEvent>> {
+) -> ApiResult<(Vec<NewEvent>, RemoteMessage)> {
     require_origin(&message.sender, &message.origin, "sender")?;
     fed.check_allowed(message.origin.as_str())?;
     let limits = &state.config.limits;
@@ -282,7 +293,7 @@ async fn message_events(
         ));
         events.push(NewEvent { device: *device, origin: Some((sender.clone(), message.id)), payload: to_bytes(&event)? });
     }
-    Ok(events)
+    Ok((events, RemoteMessage { recipient: recipient.pk, sender, id: message.id }))
 }
 
 async fn deliver_ephemeral(state: &AppState, item: Item) {

@@ -9,7 +9,7 @@ mod sqlite;
 pub mod writer;
 
 pub use sqlite::{ClaimedKeys, KeyUpload, Store};
-pub use writer::{Effects, InboundItem, MessageOutcome, NewEvent, NewMessage, Outbound};
+pub use writer::{Effects, InboundItem, MessageOutcome, NewEvent, NewMessage, Outbound, RemoteMessage};
 
 use bytes::Bytes;
 use std::sync::Arc;

@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, "keys", include_str!("../../migrations/sqlite/0002_keys.sql")),
     (3, "federation", include_str!("../../migrations/sqlite/0003_federation.sql")),
+    (4, "receipts", include_str!("../../migrations/sqlite/0004_receipts.sql")),
     (5, "federation_dedupe", include_str!("../../migrations/sqlite/0005_federation_dedupe.sql")),
 ];
 
@@ -309,6 +310,37 @@ impl Store {
             });
         }
         Ok(page)
+    }
+
+    /// Of `ids`, those of messages that local user `sender` sent to `recipient` (a local or
+    /// remote user id): what a receipt by `recipient` for `sender`'s messages may name. In the
+    /// order given, each once; one query whatever the number of ids.
+    pub async fn sent_to(&self, sender: UserPk, recipient: &str, ids: &[u64]) -> Result<Vec<u64>, StoreError> {
+        let found: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?1)) AND recipient = ?2 AND sender_user = ?3",
+        )
+        .bind(json_ids(ids))
+        .bind(recipient)
+        .bind(sender)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(in_request_order(ids, found))
+    }
+
+    /// Of `ids`, those of messages that remote user `sender` sent to local user `recipient`:
+    /// what `recipient`'s read marker for `sender`'s messages may name. In the order given,
+    /// each once; one query whatever the number of ids.
+    pub async fn received_from(&self, recipient: UserPk, sender: &str, ids: &[u64]) -> Result<Vec<u64>, StoreError> {
+        let found: Vec<i64> = sqlx::query_scalar(
+            "SELECT msg_id FROM remote_messages WHERE recipient = ?1 AND sender = ?2 \
+             AND msg_id IN (SELECT value FROM json_each(?3))",
+        )
+        .bind(recipient)
+        .bind(sender)
+        .bind(json_ids(ids))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(in_request_order(ids, found))
     }
 
     /// The device's acknowledged position.
@@ -705,6 +737,19 @@ impl Store {
     pub async fn device_list(&self, user: UserPk) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(sqlx::query_scalar("SELECT json FROM device_lists WHERE user_id = ?").bind(user).fetch_optional(&self.pool).await?)
     }
+}
+
+/// `ids` as a JSON array for `json_each` (one bound parameter, so one cached statement for any
+/// number of ids). Ids beyond SQLite's integers cannot name a stored message and are left out.
+fn json_ids(ids: &[u64]) -> String {
+    let ids: Vec<String> = ids.iter().filter_map(|id| i64::try_from(*id).ok()).map(|id| id.to_string()).collect();
+    format!("[{}]", ids.join(","))
+}
+
+/// The `requested` ids that were `found`, in the requested order, without repeats.
+fn in_request_order(requested: &[u64], found: Vec<i64>) -> Vec<u64> {
+    let mut found: std::collections::HashSet<u64> = found.into_iter().map(|id| id as u64).collect();
+    requested.iter().copied().filter(|id| found.remove(id)).collect()
 }
 
 async fn insert_device(

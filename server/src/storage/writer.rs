@@ -17,7 +17,7 @@ use uuid::Uuid;
 /// Client operations at most in a commit that carries federation work.
 const PRIORITY_BATCH_CLIENT_OPS: usize = 256;
 
-/// Rows per multi-row statement (5 binds a row stays far below SQLite's variable limit).
+/// Rows per multi-row statement (6 binds a row stays far below SQLite's variable limit).
 const ROWS_PER_STATEMENT: usize = 500;
 
 /// An event to append to a device's inbox.
@@ -40,6 +40,18 @@ pub struct Outbound {
     pub payload: Bytes,
 }
 
+/// A message from a user of another server to a local user, recorded so that the local user's
+/// read markers can be checked against what that sender really sent them.
+#[derive(Debug, Clone)]
+pub struct RemoteMessage {
+    /// The local recipient.
+    pub recipient: UserPk,
+    /// The remote sender's user id.
+    pub sender: Arc<str>,
+    /// The message's id on the sender's server.
+    pub id: u64,
+}
+
 /// What an operation adds: inbox events for local devices, items for other servers.
 #[derive(Debug, Default)]
 pub struct Effects {
@@ -47,6 +59,8 @@ pub struct Effects {
     pub events: Vec<NewEvent>,
     /// Federation items.
     pub outbound: Vec<Outbound>,
+    /// Messages received from other servers' users (inbound federation).
+    pub received: Vec<RemoteMessage>,
 }
 
 impl Effects {
@@ -54,6 +68,7 @@ impl Effects {
     pub fn extend(&mut self, other: Effects) {
         self.events.extend(other.events);
         self.outbound.extend(other.outbound);
+        self.received.extend(other.received);
     }
 }
 
@@ -74,6 +89,8 @@ pub struct NewMessage {
     pub id: u64,
     /// Sending device.
     pub sender_device: DevicePk,
+    /// Sending user (receipts for the message are checked against it).
+    pub sender_user: UserPk,
     /// Client's idempotency key.
     pub client_msg_id: Uuid,
     /// Recipient user id.
@@ -311,6 +328,7 @@ impl Writer {
         let mut last_seen = Vec::new();
         let mut outbound: Vec<Outbound> = Vec::new();
         let mut inbound = Vec::new();
+        let mut received: Vec<RemoteMessage> = Vec::new();
         let mut fed_state = Vec::new();
         for op in batch.drain(..) {
             match op {
@@ -320,11 +338,13 @@ impl Writer {
                     *entry = (*entry).max(seq);
                     events.extend(receipts.events);
                     outbound.extend(receipts.outbound);
+                    received.extend(receipts.received);
                     work.unit_replies.push(reply);
                 }
                 WriteOp::Events(effects, reply) => {
                     events.extend(effects.events);
                     outbound.extend(effects.outbound);
+                    received.extend(effects.received);
                     work.unit_replies.push(reply);
                 }
                 WriteOp::Inbound { origin, txn_id, items, reply } => inbound.push((origin, txn_id, items, reply)),
@@ -343,11 +363,13 @@ impl Writer {
         // 1. Idempotency records; RETURNING names the rows that are new.
         let mut inserted = HashSet::new();
         for chunk in messages.chunks(ROWS_PER_STATEMENT) {
-            let mut query =
-                QueryBuilder::<Sqlite>::new("INSERT INTO messages (id, sender_device, client_msg_id, recipient, ts) ");
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) ",
+            );
             query.push_values(chunk, |mut row, (m, _)| {
                 row.push_bind(m.id as i64)
                     .push_bind(m.sender_device)
+                    .push_bind(m.sender_user)
                     .push_bind(m.client_msg_id.as_bytes().as_slice())
                     .push_bind(m.recipient.as_str())
                     .push_bind(m.ts);
@@ -418,9 +440,17 @@ impl Writer {
             }
             events.extend(item.effects.events);
             outbound.extend(item.effects.outbound);
+            received.extend(item.effects.received);
         }
         if duplicates > 0 {
             tracing::debug!(duplicates, "inbound messages already delivered were dropped");
+        }
+        for chunk in received.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new("INSERT OR IGNORE INTO remote_messages (recipient, sender, msg_id) ");
+            query.push_values(chunk, |mut row, m| {
+                row.push_bind(m.recipient).push_bind(m.sender.as_ref()).push_bind(m.id as i64);
+            });
+            query.build().execute(&mut *tx).await?;
         }
 
         // 1c. Outbound federation items, and the state of transactions in flight.

@@ -80,7 +80,8 @@ impl SentResponse {
 pub struct ReadRequest {
     /// The sender of the messages that were read.
     pub peer: UserId,
-    /// Their `server_msg_id`s (at most 1,000 per request).
+    /// Their `server_msg_id`s (at most 1,000 per request). Only messages `peer` sent to the
+    /// caller count; other ids are dropped, and none left is `bad_request`.
     pub message_ids: Vec<u64>,
 }
 
@@ -112,7 +113,7 @@ pub fn send_message() {}
     request_body = ReadRequest,
     responses(
         (status = 204, description = "Receipts queued durably"),
-        (status = 400, description = "`bad_request`", body = ErrorBody),
+        (status = 400, description = "`bad_request` (also: none of the ids is a message `peer` sent to the caller)", body = ErrorBody),
         (status = 404, description = "`unknown_user`", body = ErrorBody),
     ))]
 pub fn mark_read() {}
