@@ -20,7 +20,7 @@ pub enum AdminError {
 }
 
 async fn open(config: &Config) -> Result<Store, AdminError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| AdminError::Invalid(format!("data dir: {e}")))?;
+    crate::storage::create_data_dir(&config.data_dir).map_err(|e| AdminError::Invalid(format!("data dir: {e}")))?;
     let (store, _writer) = Store::open(config, crate::metrics::Metrics::new(), Arc::new(|_, _| {})).await?;
     Ok(store)
 }

@@ -83,7 +83,7 @@ pub struct Server {
 impl Server {
     /// Opens storage and builds the state.
     pub async fn open(config: Config) -> Result<Self, OpenError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(OpenError::DataDir)?;
+        crate::storage::create_data_dir(&config.data_dir).map_err(OpenError::DataDir)?;
         let server_name = ServerName::parse(&config.server_name)?;
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::default());

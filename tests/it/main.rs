@@ -10,6 +10,7 @@ mod e2ee;
 mod federation;
 mod federation_faults;
 mod federation_security;
+mod files;
 mod keys;
 mod ops;
 mod presence;
