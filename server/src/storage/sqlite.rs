@@ -57,6 +57,7 @@ impl Store {
         let (priority_tx, priority) = mpsc::channel(1024);
         let writer = Writer {
             conn,
+            pool: pool.clone(),
             rx,
             priority,
             max_batch: config.storage.max_batch,
@@ -70,9 +71,13 @@ impl Store {
         Ok((Self { pool, writer: tx, priority: priority_tx, next_msg_id: AtomicU64::new(max_id as u64 + 1) }, handle))
     }
 
-    /// Stops accepting writes; the writer commits what is queued and its task ends.
-    pub async fn close(&self) {
-        self.pool.close().await;
+    /// Stops accepting writes and waits until the writer (`writer`, from [`open`](Self::open))
+    /// has committed what is queued and closed the database.
+    pub async fn close(self, writer: tokio::task::JoinHandle<()>) {
+        drop(self);
+        if let Err(error) = writer.await {
+            tracing::error!(%error, "the writer task failed");
+        }
     }
 
     /// A fresh, never reused message id.
