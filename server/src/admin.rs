@@ -1,6 +1,6 @@
 //! `parleyd admin …`: operations on the database of a (running or stopped) server.
 
-use crate::auth::{generate_token, hash_password, hash_token};
+use crate::auth::{generate_token, hash_token, Passwords};
 use crate::config::Config;
 use crate::storage::{now_ms, Store, StoreError};
 use parley_spec::ids::validate_localpart;
@@ -36,7 +36,7 @@ pub async fn create_user(
     if password.len() < config.auth.min_password_bytes {
         return Err(AdminError::Invalid(format!("password must be at least {} bytes", config.auth.min_password_bytes)));
     }
-    let hash = hash_password(&config.auth, password).await.map_err(|e| AdminError::Invalid(e.body.message))?;
+    let hash = Passwords::new(&config.auth).hash(password).await.map_err(|e| AdminError::Invalid(e.body.message))?;
     let (store, writer) = open(config).await?;
     match store.create_user(username, &hash, admin).await {
         Ok(_) => {}

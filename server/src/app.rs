@@ -38,6 +38,8 @@ pub struct AppState {
     pub presence: Arc<Presence>,
     /// Rate limiters.
     pub limits: Arc<RateLimits>,
+    /// Password hashing, bounded in memory.
+    pub passwords: Arc<crate::auth::Passwords>,
     /// Metrics.
     pub metrics: Metrics,
     /// Becomes true when the server shuts down.
@@ -146,6 +148,7 @@ impl Server {
         let state = AppState {
             directory: Arc::new(Directory::new(store.clone(), server_name.clone())),
             limits: Arc::new(RateLimits::new(&config.rate_limits)),
+            passwords: Arc::new(crate::auth::Passwords::new(&config.auth)),
             config: Arc::new(config),
             server_name,
             store,

@@ -56,7 +56,7 @@ pub enum RegistrationMode {
     Token,
 }
 
-/// argon2id cost parameters for password hashes.
+/// argon2id cost parameters for password hashes, and how many hashes may run at once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
@@ -68,6 +68,23 @@ pub struct AuthConfig {
     pub argon2_parallelism: u32,
     /// Shortest accepted password, in bytes.
     pub min_password_bytes: usize,
+    /// Password hashes computed at once (each holds `argon2_memory_kib` of memory); 0: one per
+    /// CPU core.
+    pub hash_concurrency: usize,
+    /// Requests waiting for a hash slot; more are refused at once with `server_busy`.
+    pub hash_queue: usize,
+    /// Longest wait for a hash slot before `server_busy`, in milliseconds.
+    pub hash_queue_timeout_ms: u64,
+}
+
+impl AuthConfig {
+    /// Hashes computed at once: `hash_concurrency`, or the number of CPU cores when 0.
+    pub fn hash_slots(&self) -> usize {
+        match self.hash_concurrency {
+            0 => std::thread::available_parallelism().map(usize::from).unwrap_or(2),
+            n => n,
+        }
+    }
 }
 
 /// Size and count limits.
@@ -292,7 +309,15 @@ impl Default for RegistrationConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { argon2_memory_kib: 19456, argon2_iterations: 2, argon2_parallelism: 1, min_password_bytes: 8 }
+        Self {
+            argon2_memory_kib: 19456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            min_password_bytes: 8,
+            hash_concurrency: 0,
+            hash_queue: 128,
+            hash_queue_timeout_ms: 5000,
+        }
     }
 }
 
@@ -403,6 +428,9 @@ impl Config {
             || self.auth.argon2_memory_kib < 8 * self.auth.argon2_parallelism
         {
             return bad("argon2 parameters out of range");
+        }
+        if self.auth.hash_queue_timeout_ms == 0 {
+            return bad("auth.hash_queue_timeout_ms must be positive");
         }
         let fed = &self.federation;
         if fed.enabled && (fed.tls_cert.is_none() || fed.tls_key.is_none()) {

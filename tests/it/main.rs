@@ -13,6 +13,7 @@ mod federation_security;
 mod files;
 mod keys;
 mod ops;
+mod overload;
 mod presence;
 mod raw;
 mod support;
