@@ -272,12 +272,20 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The per-IP limit of the client API. A request with a token is counted later, by
+/// [`AuthDevice`](crate::auth::AuthDevice) after its account and device limits, so one account
+/// refused by its own limits does not use up an address shared by a whole office (NAT).
+/// Register and login do not authenticate; their stricter per-IP limit applies instead.
 async fn limit_ip(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
+    if crate::auth::has_token(request.headers(), request.uri()) {
+        request.extensions_mut().insert(crate::auth::PendingIpLimit(peer.ip()));
+        return next.run(request).await;
+    }
     match state.limits.check_ip(peer.ip(), &state.metrics) {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),

@@ -235,13 +235,41 @@ pub fn bearer_token(parts: &Parts) -> Option<Zeroizing<String>> {
     query.split('&').find_map(|pair| pair.strip_prefix("access_token=").map(|t| Zeroizing::new(t.to_owned())))
 }
 
+/// The client IP of a request that carries a token, to be counted against the per-IP limit by
+/// [`AuthDevice`] after the account and device limits (set by the per-IP middleware).
+#[derive(Debug, Clone, Copy)]
+pub struct PendingIpLimit(pub std::net::IpAddr);
+
+/// Whether a request carries an access token (as [`bearer_token`] would look for it).
+pub fn has_token(headers: &axum::http::HeaderMap, uri: &axum::http::Uri) -> bool {
+    headers.contains_key(axum::http::header::AUTHORIZATION)
+        || uri.query().is_some_and(|q| q.split('&').any(|pair| pair.starts_with("access_token=")))
+}
+
 impl FromRequestParts<AppState> for AuthDevice {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let token = bearer_token(parts).ok_or_else(|| ApiError::new(ErrorCode::MissingToken, "missing access token"))?;
-        let auth = Self::from_token(state, &token).await?;
-        state.limits.check_device(auth.device_pk, &state.metrics)?;
+        let authenticated = match bearer_token(parts) {
+            Some(token) => Self::from_token(state, &token).await,
+            None => Err(ApiError::new(ErrorCode::MissingToken, "missing access token")),
+        };
+        // The account and device limits come first; only what they let through (and requests
+        // that fail to authenticate) counts against the client's IP.
+        let pending_ip = parts.extensions.remove::<PendingIpLimit>();
+        let auth = match authenticated {
+            Ok(auth) => auth,
+            Err(error) => {
+                if let Some(PendingIpLimit(ip)) = pending_ip {
+                    state.limits.check_ip(ip, &state.metrics)?;
+                }
+                return Err(error);
+            }
+        };
+        state.limits.check_account(auth.user_pk, auth.device_pk, &state.metrics)?;
+        if let Some(PendingIpLimit(ip)) = pending_ip {
+            state.limits.check_ip(ip, &state.metrics)?;
+        }
         Ok(auth)
     }
 }

@@ -123,6 +123,8 @@ impl LimitsConfig {
 }
 
 /// Rate limits (token buckets, governor). Exceeding one gives `rate_limited` with a retry time.
+/// Accounts and devices are limited first; the per-IP limits are generous, because a whole
+/// office may share one address (NAT).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
@@ -130,14 +132,23 @@ pub struct RateLimitConfig {
     pub device_per_second: u32,
     /// Burst per device.
     pub device_burst: u32,
-    /// HTTP requests (including WebSocket upgrades) per second per client IP.
+    /// Frames and authenticated requests per second per account, all its devices together.
+    pub account_per_second: u32,
+    /// Burst per account.
+    pub account_burst: u32,
+    /// HTTP requests (including WebSocket upgrades) per second per client IP. Requests with a
+    /// token count here only once their account and device limits let them through.
     pub ip_per_second: u32,
-    /// Burst per IP.
+    /// Burst per IP (2,000 devices reconnecting at once after an office's network blip).
     pub ip_burst: u32,
     /// Register and login attempts per minute per client IP (they cost an argon2 hash).
     pub auth_per_minute: u32,
     /// Burst of register and login attempts per IP.
     pub auth_burst: u32,
+    /// Login attempts per minute per account, from any address (password guessing).
+    pub login_per_account_per_minute: u32,
+    /// Burst of login attempts per account.
+    pub login_per_account_burst: u32,
 }
 
 /// Presence and heartbeat timing.
@@ -340,7 +351,18 @@ impl Default for LimitsConfig {
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        Self { device_per_second: 100, device_burst: 500, ip_per_second: 50, ip_burst: 200, auth_per_minute: 30, auth_burst: 10 }
+        Self {
+            device_per_second: 100,
+            device_burst: 500,
+            account_per_second: 200,
+            account_burst: 1000,
+            ip_per_second: 500,
+            ip_burst: 5000,
+            auth_per_minute: 300,
+            auth_burst: 100,
+            login_per_account_per_minute: 10,
+            login_per_account_burst: 10,
+        }
     }
 }
 
@@ -419,8 +441,19 @@ impl Config {
             return bad("storage.max_batch and storage.writer_queue must be positive");
         }
         let rl = &self.rate_limits;
-        if [rl.device_per_second, rl.device_burst, rl.ip_per_second, rl.ip_burst, rl.auth_per_minute, rl.auth_burst].contains(&0)
-        {
+        let rates = [
+            rl.device_per_second,
+            rl.device_burst,
+            rl.account_per_second,
+            rl.account_burst,
+            rl.ip_per_second,
+            rl.ip_burst,
+            rl.auth_per_minute,
+            rl.auth_burst,
+            rl.login_per_account_per_minute,
+            rl.login_per_account_burst,
+        ];
+        if rates.contains(&0) {
             return bad("rate limits must be positive");
         }
         if self.auth.argon2_iterations == 0

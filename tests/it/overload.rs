@@ -1,10 +1,14 @@
 //! Overload with the shipped costs and limits: a burst of registrations (each an argon2id hash
-//! of 19 MiB) neither exhausts memory nor fails with anything but success or a typed refusal.
+//! of 19 MiB) neither exhausts memory nor fails with anything but success or a typed refusal;
+//! an office of devices behind one address reconnects at once while an abusive account is
+//! throttled.
 
-use crate::support::PASSWORD;
+use crate::support::{login, next_matching, register, PASSWORD};
 use anyhow::Context as _;
+use parley_sdk::{ConnectOptions, Connection, Event};
 use parley_tests::TestServer;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 /// A line of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
 fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
@@ -63,5 +67,128 @@ async fn two_hundred_concurrent_registrations_leave_memory_at_baseline() -> anyh
         after <= baseline + 64 * 1024,
         "RSS {after} KiB after the burst, baseline {baseline} KiB (peak {peak} KiB): more than 64 MiB retained"
     );
+    Ok(())
+}
+
+/// Runs `work` for each of `items`, at most `parallel` at a time; the results in order.
+async fn in_parallel<I, T, F>(items: Vec<I>, parallel: usize, work: impl Fn(I) -> F) -> anyhow::Result<Vec<T>>
+where
+    I: Send + 'static,
+    T: Send + 'static,
+    F: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(parallel));
+    let mut tasks = Vec::with_capacity(items.len());
+    for item in items {
+        let permit = permits.clone().acquire_owned().await?;
+        let future = work(item);
+        tasks.push(tokio::spawn(async move {
+            let result = future.await;
+            drop(permit);
+            result
+        }));
+    }
+    let mut results = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        results.push(task.await??);
+    }
+    Ok(results)
+}
+
+/// 2,000 devices behind one address (an office's NAT) lose their connections at once (the
+/// server restarts) and must all be back within 30 s with the shipped rate limits, while one
+/// account flooding requests from the same address is throttled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_office_behind_one_address_reconnects_within_30_s() -> anyhow::Result<()> {
+    const DEVICES: usize = 2000;
+    const WITHIN: Duration = Duration::from_secs(30);
+    rlimit::increase_nofile_limit(u64::MAX)?;
+    // Set-up with the tests' generous limits.
+    let mut server = TestServer::start().await?;
+    let base = server.base_url.clone();
+    let sessions = in_parallel((0..DEVICES).collect(), 16, move |i| {
+        let base = base.clone();
+        async move { register(&base, &format!("office{i}")).await }
+    })
+    .await?;
+    let devices = in_parallel(sessions, 32, |session| async move {
+        Ok(Connection::open(&session, ConnectOptions::default()).await?)
+    })
+    .await?;
+    let abuser = register(&server.base_url, "abuser").await?;
+    let abuser_tokens = vec![
+        abuser.access_token().to_owned(),
+        login(&server.base_url, "abuser").await?.access_token().to_owned(),
+        login(&server.base_url, "abuser").await?.access_token().to_owned(),
+    ];
+
+    // Each device reports when it is connected again after losing its connection.
+    let (back_tx, mut back_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut connections = Vec::with_capacity(DEVICES);
+    for (conn, mut events) in devices {
+        connections.push(conn);
+        let back_tx = back_tx.clone();
+        tokio::spawn(async move {
+            let lost = next_matching(&mut events, Duration::from_secs(600), |e| matches!(e, Event::Disconnected { .. }).then_some(()));
+            if lost.await.is_ok() {
+                let again = next_matching(&mut events, Duration::from_secs(600), |e| match e {
+                    Event::Connected { .. } => Some(()),
+                    _ => None,
+                });
+                if again.await.is_ok() {
+                    let _ = back_tx.send(());
+                }
+            }
+        });
+    }
+    drop(back_tx);
+
+    // The shipped rate limits (cheap hashing still: nobody logs in), and the blip.
+    server.replace_config("[auth]\nargon2_memory_kib = 64\nargon2_iterations = 1\nargon2_parallelism = 1\n")?;
+    server.stop().await?;
+    server.restart().await?;
+    let started = tokio::time::Instant::now();
+
+    // Meanwhile one account floods requests from its three devices (each until it has been
+    // refused at least once).
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut flood = tokio::task::JoinSet::new();
+    for token in abuser_tokens {
+        let (base, flooding) = (server.base_url.clone(), flooding.clone());
+        flood.spawn(async move {
+            let client = reqwest::Client::new();
+            let (mut accepted, mut limited) = (0u64, 0u64);
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) || limited == 0 {
+                let response = client.get(format!("{base}/v1/whoami")).bearer_auth(&token).send().await?;
+                match response.status().as_u16() {
+                    200 => accepted += 1,
+                    429 => limited += 1,
+                    status => anyhow::bail!("flood request answered {status}"),
+                }
+            }
+            anyhow::Ok((accepted, limited))
+        });
+    }
+
+    let mut back = 0;
+    while back < DEVICES {
+        match tokio::time::timeout_at(started + WITHIN, back_rx.recv()).await {
+            Ok(Some(())) => back += 1,
+            Ok(None) => break,
+            Err(_) => break,
+        }
+    }
+    let took = started.elapsed();
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (mut accepted, mut limited) = (0, 0);
+    while let Some(counts) = tokio::time::timeout(WITHIN, flood.join_next()).await.context("the flood never stops")? {
+        let (a, l) = counts??;
+        accepted += a;
+        limited += l;
+    }
+    eprintln!("{back} of {DEVICES} devices back in {took:?}; the flood: {accepted} accepted, {limited} rate-limited");
+    assert_eq!(back, DEVICES, "devices back within {WITHIN:?}");
+    assert!(limited > 0, "the flooding account is throttled ({accepted} accepted)");
+    drop(connections);
     Ok(())
 }

@@ -25,10 +25,14 @@ argon2_parallelism = 1
 [rate_limits]
 device_per_second = 100000
 device_burst = 100000
+account_per_second = 100000
+account_burst = 100000
 ip_per_second = 100000
 ip_burst = 100000
 auth_per_minute = 1000000
 auth_burst = 100000
+login_per_account_per_minute = 1000000
+login_per_account_burst = 100000
 "#;
 
 /// The `parleyd` binary under test: `parleyd-it` (the same entry point as `parleyd`, built by

@@ -108,7 +108,13 @@ pub async fn login(
         Ok(_) => return Err(ApiError::new(ErrorCode::WrongCredentials, "wrong username or password")),
         Err(_) => request.username.clone(),
     };
-    let user = if validate_localpart(&localpart).is_ok() { state.store.user_by_localpart(&localpart).await? } else { None };
+    let user = if validate_localpart(&localpart).is_ok() {
+        // Guessing one account's password is limited from any number of addresses.
+        state.limits.check_login(&localpart, &state.metrics)?;
+        state.store.user_by_localpart(&localpart).await?
+    } else {
+        None
+    };
     let ok = state.passwords.verify(user.as_ref().map(|u| u.password_hash.clone()), password).await?;
     let user = match user {
         Some(user) if ok => user,
