@@ -321,12 +321,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_gets_server_busy() {
-        let passwords = Passwords::new(&AuthConfig { hash_concurrency: 1, hash_queue: 1, hash_queue_timeout_ms: 60_000, ..cheap() });
+        let passwords =
+            Passwords::new(&AuthConfig { hash_concurrency: 1, hash_queue: 1, hash_queue_timeout_ms: 60_000, ..cheap() });
         let busy = passwords.slot().await.unwrap();
         // One request waits for the slot; the next finds the queue full.
         let mut waiter = Box::pin(passwords.hash(Zeroizing::new("correct horse".into())));
-        std::future::poll_fn(|cx| std::task::Poll::Ready(assert!(std::future::Future::poll(waiter.as_mut(), cx).is_pending())))
-            .await;
+        let pending = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(waiter.as_mut(), cx))).await;
+        assert!(pending.is_pending());
         let refused = passwords.hash(Zeroizing::new("correct horse".into())).await.unwrap_err();
         assert_eq!(refused.code(), ErrorCode::ServerBusy);
         assert_eq!(refused.body.retry_after_ms, Some(1000));

@@ -203,7 +203,9 @@ mod tests {
 
     #[test]
     fn codes_serialize_as_their_str() {
-        for code in [ErrorCode::BadJson, ErrorCode::DevicesMismatch, ErrorCode::RateLimited, ErrorCode::ServerBusy, ErrorCode::Internal] {
+        for code in
+            [ErrorCode::BadJson, ErrorCode::DevicesMismatch, ErrorCode::RateLimited, ErrorCode::ServerBusy, ErrorCode::Internal]
+        {
             assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{}\"", code.as_str()));
         }
     }

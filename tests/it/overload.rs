@@ -111,10 +111,9 @@ async fn an_office_behind_one_address_reconnects_within_30_s() -> anyhow::Result
         async move { register(&base, &format!("office{i}")).await }
     })
     .await?;
-    let devices = in_parallel(sessions, 32, |session| async move {
-        Ok(Connection::open(&session, ConnectOptions::default()).await?)
-    })
-    .await?;
+    let devices =
+        in_parallel(sessions, 32, |session| async move { Ok(Connection::open(&session, ConnectOptions::default()).await?) })
+            .await?;
     let abuser = register(&server.base_url, "abuser").await?;
     let abuser_tokens = vec![
         abuser.access_token().to_owned(),
@@ -129,7 +128,8 @@ async fn an_office_behind_one_address_reconnects_within_30_s() -> anyhow::Result
         connections.push(conn);
         let back_tx = back_tx.clone();
         tokio::spawn(async move {
-            let lost = next_matching(&mut events, Duration::from_secs(600), |e| matches!(e, Event::Disconnected { .. }).then_some(()));
+            let lost =
+                next_matching(&mut events, Duration::from_secs(600), |e| matches!(e, Event::Disconnected { .. }).then_some(()));
             if lost.await.is_ok() {
                 let again = next_matching(&mut events, Duration::from_secs(600), |e| match e {
                     Event::Connected { .. } => Some(()),

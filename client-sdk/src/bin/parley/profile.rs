@@ -132,10 +132,7 @@ impl ProfileLock {
         };
         let path = profile.dir.join(LOCK_FILE);
         parley_sdk::store::make_private(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .busy_timeout(Duration::ZERO);
+        let options = SqliteConnectOptions::new().filename(path).create_if_missing(true).busy_timeout(Duration::ZERO);
         let mut conn = match options.connect().await {
             Ok(conn) => conn,
             Err(e) if is_busy(&e) => return Err(busy()),
