@@ -89,7 +89,8 @@ impl Error {
         }
     }
 
-    /// How long the server asked to wait before retrying (`rate_limited`, `unavailable`).
+    /// How long the server asked to wait before retrying (`rate_limited`, `server_busy`,
+    /// `unavailable`).
     pub fn retry_after(&self) -> Option<Duration> {
         self.body().and_then(|b| b.retry_after_ms).map(Duration::from_millis)
     }

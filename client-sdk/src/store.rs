@@ -2,8 +2,9 @@
 //! must not lose: its session and secrets, ratchet sessions, verified device lists of
 //! contacts, message history, the outbox and the sync cursor.
 //!
-//! Secrets are stored as the crypto layer serializes them; protecting the file (permissions,
-//! disk encryption) is the host's job for now.
+//! Secrets are stored as the crypto layer serializes them. The file (and SQLite's `-wal` and
+//! `-shm` files next to it) is readable by its owner only, whatever the umask; disk
+//! encryption is the host's job.
 
 use crate::error::Error;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
@@ -64,8 +65,9 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating) the store file and migrates it.
+    /// Opens (creating, owner-only) the store file and migrates it.
     pub async fn open(path: &Path) -> Result<Self, Error> {
+        make_private(path).map_err(|e| Error::Store(format!("cannot create {}: {e}", path.display())))?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -392,6 +394,33 @@ impl Store {
             .map_err(store_error)?;
         Ok(())
     }
+}
+
+/// Creates the SQLite file `path` (empty, which SQLite takes as a new database) readable and
+/// writable by its owner only, before SQLite would create it with the umask's mode; SQLite
+/// gives the `-wal` and `-shm` files the database file's mode. Existing files (from an older
+/// version) lose group and other permissions.
+pub fn make_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            let mode = match std::fs::metadata(&file) {
+                Ok(meta) => meta.permissions().mode(),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(error),
+            };
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & 0o700))?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 fn store_error(error: sqlx::Error) -> Error {

@@ -1,6 +1,6 @@
 //! `parleyd admin …`: operations on the database of a (running or stopped) server.
 
-use crate::auth::{generate_token, hash_password, hash_token};
+use crate::auth::{generate_token, hash_token, Passwords};
 use crate::config::Config;
 use crate::storage::{now_ms, Store, StoreError};
 use parley_spec::ids::validate_localpart;
@@ -19,10 +19,9 @@ pub enum AdminError {
     Store(#[from] StoreError),
 }
 
-async fn open(config: &Config) -> Result<Store, AdminError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| AdminError::Invalid(format!("data dir: {e}")))?;
-    let (store, _writer) = Store::open(config, crate::metrics::Metrics::new(), Arc::new(|_, _| {})).await?;
-    Ok(store)
+async fn open(config: &Config) -> Result<(Store, tokio::task::JoinHandle<()>), AdminError> {
+    crate::storage::create_data_dir(&config.data_dir).map_err(|e| AdminError::Invalid(format!("data dir: {e}")))?;
+    Ok(Store::open(config, crate::metrics::Metrics::new(), Arc::new(|_, _| {})).await?)
 }
 
 /// Creates a user with a password; returns its user id.
@@ -37,14 +36,14 @@ pub async fn create_user(
     if password.len() < config.auth.min_password_bytes {
         return Err(AdminError::Invalid(format!("password must be at least {} bytes", config.auth.min_password_bytes)));
     }
-    let hash = hash_password(&config.auth, password).await.map_err(|e| AdminError::Invalid(e.body.message))?;
-    let store = open(config).await?;
+    let hash = Passwords::new(&config.auth).hash(password).await.map_err(|e| AdminError::Invalid(e.body.message))?;
+    let (store, writer) = open(config).await?;
     match store.create_user(username, &hash, admin).await {
         Ok(_) => {}
         Err(StoreError::Conflict) => return Err(AdminError::Invalid(format!("user {username} already exists"))),
         Err(e) => return Err(e.into()),
     }
-    store.close().await;
+    store.close(writer).await;
     UserId::new(username, &server_name).map_err(|e| AdminError::Invalid(e.to_string()))
 }
 
@@ -54,10 +53,10 @@ pub async fn create_registration_token(
     uses: Option<u32>,
     expires_in: Option<std::time::Duration>,
 ) -> Result<Zeroizing<String>, AdminError> {
-    let store = open(config).await?;
+    let (store, writer) = open(config).await?;
     let token = generate_token();
     let expires = expires_in.map(|d| now_ms() + d.as_millis() as i64);
     store.create_registration_token(&hash_token(&token), uses, expires).await?;
-    store.close().await;
+    store.close(writer).await;
     Ok(token)
 }

@@ -40,6 +40,8 @@ pub struct AppState {
     pub limits: Arc<RateLimits>,
     /// Bytes queued for WebSocket clients, server-wide.
     pub outgoing: Arc<crate::outgoing::OutgoingBudget>,
+    /// Password hashing, bounded in memory.
+    pub passwords: Arc<crate::auth::Passwords>,
     /// Metrics.
     pub metrics: Metrics,
     /// Becomes true when the server shuts down.
@@ -85,7 +87,7 @@ pub struct Server {
 impl Server {
     /// Opens storage and builds the state.
     pub async fn open(config: Config) -> Result<Self, OpenError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(OpenError::DataDir)?;
+        crate::storage::create_data_dir(&config.data_dir).map_err(OpenError::DataDir)?;
         let server_name = ServerName::parse(&config.server_name)?;
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::default());
@@ -149,6 +151,7 @@ impl Server {
             directory: Arc::new(Directory::new(store.clone(), server_name.clone())),
             limits: Arc::new(RateLimits::new(&config.rate_limits)),
             outgoing: Arc::new(crate::outgoing::OutgoingBudget::new(config.limits.ws_unsent_bytes_total)),
+            passwords: Arc::new(crate::auth::Passwords::new(&config.auth)),
             config: Arc::new(config),
             server_name,
             store,
@@ -272,12 +275,20 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The per-IP limit of the client API. A request with a token is counted later, by
+/// [`AuthDevice`](crate::auth::AuthDevice) after its account and device limits, so one account
+/// refused by its own limits does not use up an address shared by a whole office (NAT).
+/// Register and login do not authenticate; their stricter per-IP limit applies instead.
 async fn limit_ip(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
+    if crate::auth::has_token(request.headers(), request.uri()) {
+        request.extensions_mut().insert(crate::auth::PendingIpLimit(peer.ip()));
+        return next.run(request).await;
+    }
     match state.limits.check_ip(peer.ip(), &state.metrics) {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),

@@ -56,7 +56,7 @@ pub enum RegistrationMode {
     Token,
 }
 
-/// argon2id cost parameters for password hashes.
+/// argon2id cost parameters for password hashes, and how many hashes may run at once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
@@ -68,6 +68,23 @@ pub struct AuthConfig {
     pub argon2_parallelism: u32,
     /// Shortest accepted password, in bytes.
     pub min_password_bytes: usize,
+    /// Password hashes computed at once (each holds `argon2_memory_kib` of memory); 0: one per
+    /// CPU core.
+    pub hash_concurrency: usize,
+    /// Requests waiting for a hash slot; more are refused at once with `server_busy`.
+    pub hash_queue: usize,
+    /// Longest wait for a hash slot before `server_busy`, in milliseconds.
+    pub hash_queue_timeout_ms: u64,
+}
+
+impl AuthConfig {
+    /// Hashes computed at once: `hash_concurrency`, or the number of CPU cores when 0.
+    pub fn hash_slots(&self) -> usize {
+        match self.hash_concurrency {
+            0 => std::thread::available_parallelism().map(usize::from).unwrap_or(2),
+            n => n,
+        }
+    }
 }
 
 /// Size and count limits.
@@ -118,6 +135,8 @@ impl LimitsConfig {
 }
 
 /// Rate limits (token buckets, governor). Exceeding one gives `rate_limited` with a retry time.
+/// Accounts and devices are limited first; the per-IP limits are generous, because a whole
+/// office may share one address (NAT).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
@@ -131,14 +150,23 @@ pub struct RateLimitConfig {
     pub control_per_second: u32,
     /// Burst of acks, pings and read markers per device.
     pub control_burst: u32,
-    /// HTTP requests (including WebSocket upgrades) per second per client IP.
+    /// Frames and authenticated requests per second per account, all its devices together.
+    pub account_per_second: u32,
+    /// Burst per account.
+    pub account_burst: u32,
+    /// HTTP requests (including WebSocket upgrades) per second per client IP. Requests with a
+    /// token count here only once their account and device limits let them through.
     pub ip_per_second: u32,
-    /// Burst per IP.
+    /// Burst per IP (2,000 devices reconnecting at once after an office's network blip).
     pub ip_burst: u32,
     /// Register and login attempts per minute per client IP (they cost an argon2 hash).
     pub auth_per_minute: u32,
     /// Burst of register and login attempts per IP.
     pub auth_burst: u32,
+    /// Login attempts per minute per account, from any address (password guessing).
+    pub login_per_account_per_minute: u32,
+    /// Burst of login attempts per account.
+    pub login_per_account_burst: u32,
 }
 
 /// Presence and heartbeat timing.
@@ -323,7 +351,15 @@ impl Default for RegistrationConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { argon2_memory_kib: 19456, argon2_iterations: 2, argon2_parallelism: 1, min_password_bytes: 8 }
+        Self {
+            argon2_memory_kib: 19456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            min_password_bytes: 8,
+            hash_concurrency: 0,
+            hash_queue: 128,
+            hash_queue_timeout_ms: 5000,
+        }
     }
 }
 
@@ -355,10 +391,14 @@ impl Default for RateLimitConfig {
             device_burst: 500,
             control_per_second: 200,
             control_burst: 1000,
-            ip_per_second: 50,
-            ip_burst: 200,
-            auth_per_minute: 30,
-            auth_burst: 10,
+            account_per_second: 200,
+            account_burst: 1000,
+            ip_per_second: 500,
+            ip_burst: 5000,
+            auth_per_minute: 300,
+            auth_burst: 100,
+            login_per_account_per_minute: 10,
+            login_per_account_burst: 10,
         }
     }
 }
@@ -444,18 +484,21 @@ impl Config {
             return bad("storage.max_batch and storage.writer_queue must be positive");
         }
         let rl = &self.rate_limits;
-        if [
+        let rates = [
             rl.device_per_second,
             rl.device_burst,
             rl.control_per_second,
             rl.control_burst,
+            rl.account_per_second,
+            rl.account_burst,
             rl.ip_per_second,
             rl.ip_burst,
             rl.auth_per_minute,
             rl.auth_burst,
-        ]
-        .contains(&0)
-        {
+            rl.login_per_account_per_minute,
+            rl.login_per_account_burst,
+        ];
+        if rates.contains(&0) {
             return bad("rate limits must be positive");
         }
         if self.auth.argon2_iterations == 0
@@ -463,6 +506,9 @@ impl Config {
             || self.auth.argon2_memory_kib < 8 * self.auth.argon2_parallelism
         {
             return bad("argon2 parameters out of range");
+        }
+        if self.auth.hash_queue_timeout_ms == 0 {
+            return bad("auth.hash_queue_timeout_ms must be positive");
         }
         let fed = &self.federation;
         if fed.enabled && (fed.tls_cert.is_none() || fed.tls_key.is_none()) {

@@ -28,6 +28,13 @@ impl ApiError {
         Self { body }
     }
 
+    /// `server_busy` (too many password hashes in progress) with a retry time.
+    pub fn server_busy(wait: Duration) -> Self {
+        let mut body = ErrorBody::new(ErrorCode::ServerBusy, "the server is busy; retry later");
+        body.retry_after_ms = Some(wait.as_millis().max(1) as u64);
+        Self { body }
+    }
+
     /// `devices_mismatch` with the difference.
     pub fn devices_mismatch(mismatch: DevicesMismatch) -> Self {
         let mut body = ErrorBody::new(ErrorCode::DevicesMismatch, "the envelopes do not match the current devices");

@@ -471,7 +471,7 @@ impl Conn {
             ClientFrame::Ack(_) | ClientFrame::Ping(_) | ClientFrame::Read(_) => {
                 self.state.limits.check_control(self.auth.device_pk, &self.state.metrics)
             }
-            _ => self.state.limits.check_device(self.auth.device_pk, &self.state.metrics),
+            _ => self.state.limits.check_account(self.auth.user_pk, self.auth.device_pk, &self.state.metrics),
         };
         if let Err(error) = limited {
             return self.error(reference, error);

@@ -49,6 +49,9 @@ pub enum ErrorCode {
     RateLimited,
     /// The server is shutting down or overloaded; retry later.
     Unavailable,
+    /// Too many password hashes (register, login, device removal) are in progress; retry after
+    /// `retry_after_ms`.
+    ServerBusy,
     /// A bug or an unexpected failure on the server. Details are in the server's log.
     Internal,
     /// Federation: the request carries no `Authorization: Parley` signature.
@@ -95,6 +98,7 @@ impl ErrorCode {
             Self::UnknownUser => "unknown_user",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
+            Self::ServerBusy => "server_busy",
             Self::Internal => "internal",
             Self::Unsigned => "unsigned",
             Self::BadAuthorization => "bad_authorization",
@@ -120,7 +124,7 @@ impl ErrorCode {
             Self::NotFound | Self::UnknownUser => 404,
             Self::UserTaken | Self::DevicesMismatch => 409,
             Self::RateLimited => 429,
-            Self::Unavailable => 503,
+            Self::Unavailable | Self::ServerBusy => 503,
             Self::Internal => 500,
             Self::Unsigned | Self::BadAuthorization | Self::BadSignature | Self::WrongDestination => 401,
             Self::StaleRequest | Self::ReplayedRequest | Self::UnknownServerKey => 401,
@@ -144,7 +148,7 @@ pub struct ErrorBody {
     pub code: ErrorCode,
     /// Human-readable explanation.
     pub message: String,
-    /// With `rate_limited`: how long to wait before retrying, in milliseconds.
+    /// With `rate_limited` and `server_busy`: how long to wait before retrying, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
     /// With `devices_mismatch`: which devices were missing or should not have been targeted.
@@ -199,7 +203,9 @@ mod tests {
 
     #[test]
     fn codes_serialize_as_their_str() {
-        for code in [ErrorCode::BadJson, ErrorCode::DevicesMismatch, ErrorCode::RateLimited, ErrorCode::Internal] {
+        for code in
+            [ErrorCode::BadJson, ErrorCode::DevicesMismatch, ErrorCode::RateLimited, ErrorCode::ServerBusy, ErrorCode::Internal]
+        {
             assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{}\"", code.as_str()));
         }
     }

@@ -21,7 +21,7 @@ const T: Duration = Duration::from_secs(60);
 const PASSWORD: &str = "correct horse battery";
 
 /// `target/<profile>/parley`, next to the test executable (`target/<profile>/deps/it-*`).
-fn parley_path() -> anyhow::Result<PathBuf> {
+pub(crate) fn parley_path() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let mut dir = exe.parent().context("test executable directory")?.to_path_buf();
     if dir.ends_with("deps") {

@@ -25,10 +25,14 @@ argon2_parallelism = 1
 [rate_limits]
 device_per_second = 100000
 device_burst = 100000
+account_per_second = 100000
+account_burst = 100000
 ip_per_second = 100000
 ip_burst = 100000
 auth_per_minute = 1000000
 auth_burst = 100000
+login_per_account_per_minute = 1000000
+login_per_account_burst = 100000
 "#;
 
 /// The `parleyd` binary under test: `parleyd-it` (the same entry point as `parleyd`, built by
@@ -58,6 +62,8 @@ pub struct TestServer {
     logs: Arc<Mutex<String>>,
     /// Notified after every log line.
     logged: Arc<tokio::sync::Notify>,
+    /// File mode creation mask the process starts with (None: inherited).
+    umask: Option<u32>,
 }
 
 impl TestServer {
@@ -69,15 +75,35 @@ impl TestServer {
     /// Starts a server with [`TEST_CONFIG`] followed by `extra` TOML (which may override it;
     /// later tables with the same name are merged by hand below).
     pub async fn start_with(extra: &str) -> anyhow::Result<Self> {
+        let mut server = Self::prepare(extra)?;
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// A server with [`TEST_CONFIG`] and `extra` that is not running yet: the test can set
+    /// things up (the data directory, [`with_umask`](Self::with_umask)) and then
+    /// [`restart`](Self::restart) it.
+    pub fn prepare(extra: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = merge_toml(TEST_CONFIG, extra)?;
         std::fs::write(dir.path().join("parleyd.toml"), config)?;
         let logs = Arc::new(Mutex::new(String::new()));
         let addr: SocketAddr = "127.0.0.1:0".parse()?;
         let logged = Arc::default();
-        let mut server = Self { child: None, base_url: String::new(), addr, federation_addr: None, dir, logs, logged };
-        server.spawn().await?;
-        Ok(server)
+        Ok(Self { child: None, base_url: String::new(), addr, federation_addr: None, dir, logs, logged, umask: None })
+    }
+
+    /// Starts the process (at every later start too) with this file mode creation mask.
+    pub fn with_umask(mut self, umask: u32) -> Self {
+        self.umask = Some(umask);
+        self
+    }
+
+    /// Replaces the whole configuration file (not merged with [`TEST_CONFIG`]); it takes
+    /// effect at the next [`restart`](Self::restart).
+    pub fn replace_config(&self, config: &str) -> anyhow::Result<()> {
+        toml::from_str::<toml::Table>(config).context("the configuration is not TOML")?;
+        Ok(std::fs::write(self.dir.path().join("parleyd.toml"), config)?)
     }
 
     /// The data directory (database file lives here).
@@ -118,7 +144,15 @@ impl TestServer {
         if !binary.exists() {
             bail!("{} not found: build it with `cargo build -p parley-tests --bins`", binary.display());
         }
-        let mut command = Command::new(binary);
+        let mut command = match self.umask {
+            // The shell sets the mask and then becomes parleyd (same pid).
+            Some(umask) => {
+                let mut command = Command::new("/bin/sh");
+                command.arg("-c").arg(format!("umask {umask:03o} && exec \"$0\" \"$@\"")).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         if let Some(addr) = self.federation_addr {
             command.env("PARLEY__FEDERATION__LISTEN", addr.to_string());
         }
@@ -192,7 +226,8 @@ impl TestServer {
         Ok(tokio::time::timeout(Duration::from_secs(30), child.wait()).await.context("parleyd did not stop within 30 s")??)
     }
 
-    /// Starts the server again on the same port with the same data.
+    /// Starts the server again on the same port with the same data (or for the first time,
+    /// after [`prepare`](Self::prepare)).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         if self.child.is_some() {
             bail!("still running");

@@ -3,7 +3,7 @@
 
 use super::{parse_user, Json};
 use crate::app::AppState;
-use crate::auth::{generate_device_id, generate_token, hash_password, hash_token, verify_password, AuthDevice};
+use crate::auth::{generate_device_id, generate_token, hash_token, AuthDevice};
 use crate::config::RegistrationMode;
 use crate::error::{ApiError, ApiResult};
 use crate::hub::CloseReason;
@@ -66,7 +66,7 @@ pub async fn register(
     if state.store.user_by_localpart(&request.username).await?.is_some() {
         return Err(ApiError::new(ErrorCode::UserTaken, "that username is taken"));
     }
-    let password_hash = hash_password(&state.config.auth, password).await?;
+    let password_hash = state.passwords.hash(password).await?;
     let device_id = generate_device_id();
     let token = generate_token();
     let created = state
@@ -108,8 +108,14 @@ pub async fn login(
         Ok(_) => return Err(ApiError::new(ErrorCode::WrongCredentials, "wrong username or password")),
         Err(_) => request.username.clone(),
     };
-    let user = if validate_localpart(&localpart).is_ok() { state.store.user_by_localpart(&localpart).await? } else { None };
-    let ok = verify_password(&state.config.auth, user.as_ref().map(|u| u.password_hash.clone()), password).await?;
+    let user = if validate_localpart(&localpart).is_ok() {
+        // Guessing one account's password is limited from any number of addresses.
+        state.limits.check_login(&localpart, &state.metrics)?;
+        state.store.user_by_localpart(&localpart).await?
+    } else {
+        None
+    };
+    let ok = state.passwords.verify(user.as_ref().map(|u| u.password_hash.clone()), password).await?;
     let user = match user {
         Some(user) if ok => user,
         _ => return Err(ApiError::new(ErrorCode::WrongCredentials, "wrong username or password")),
@@ -188,7 +194,7 @@ pub async fn delete_device(
         .user_by_localpart(auth.user_id.localpart())
         .await?
         .ok_or_else(|| ApiError::internal("authenticated user vanished"))?;
-    if !verify_password(&state.config.auth, Some(user.password_hash), password).await? {
+    if !state.passwords.verify(Some(user.password_hash), password).await? {
         return Err(ApiError::new(ErrorCode::WrongCredentials, "wrong password"));
     }
     let device = state

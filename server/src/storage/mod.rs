@@ -43,6 +43,9 @@ pub enum StoreError {
     /// A migration failed.
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database file cannot be created or its permissions cannot be set.
+    #[error("database file: {0}")]
+    File(#[from] std::io::Error),
 }
 
 /// A user account.
@@ -99,6 +102,28 @@ pub struct InboxRow {
     pub payload: Bytes,
     /// When the commit that stored it finished (live events only; for the delivery metric).
     pub committed_at: Option<std::time::Instant>,
+}
+
+/// Creates the data directory (and missing parents) readable by its owner only, whatever the
+/// umask. An existing directory keeps its mode (the operator chose it; the files in it are
+/// private anyway), with a warning when others may list it.
+pub fn create_data_dir(path: &std::path::Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+        builder.mode(0o700);
+        let existed = path.is_dir();
+        builder.create(path)?;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if existed && mode & 0o077 != 0 {
+            tracing::warn!(dir = %path.display(), mode = format_args!("{mode:o}"), "the data directory is accessible to other users");
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    builder.create(path)
 }
 
 /// Milliseconds since the Unix epoch.

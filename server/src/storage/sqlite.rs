@@ -39,6 +39,7 @@ impl Store {
         metrics: crate::metrics::Metrics,
         on_commit: OnCommit,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
+        make_private(&config.database_path())?;
         let options = SqliteConnectOptions::new()
             .filename(config.database_path())
             .create_if_missing(true)
@@ -61,6 +62,7 @@ impl Store {
         let (priority_tx, priority) = mpsc::channel(1024);
         let writer = Writer {
             conn,
+            pool: pool.clone(),
             rx,
             priority,
             max_batch: config.storage.max_batch,
@@ -74,9 +76,13 @@ impl Store {
         Ok((Self { pool, writer: tx, priority: priority_tx, next_msg_id: AtomicU64::new(max_id as u64 + 1) }, handle))
     }
 
-    /// Stops accepting writes; the writer commits what is queued and its task ends.
-    pub async fn close(&self) {
-        self.pool.close().await;
+    /// Stops accepting writes and waits until the writer (`writer`, from [`open`](Self::open))
+    /// has committed what is queued and closed the database.
+    pub async fn close(self, writer: tokio::task::JoinHandle<()>) {
+        drop(self);
+        if let Err(error) = writer.await {
+            tracing::error!(%error, "the writer task failed");
+        }
     }
 
     /// A fresh, never reused message id.
@@ -793,6 +799,34 @@ async fn checkpoints(pool: SqlitePool) {
             tracing::warn!(%error, "WAL checkpoint failed");
         }
     }
+}
+
+/// Creates the database file (empty, which SQLite takes as a new database) readable and
+/// writable by its owner only, before SQLite would create it with the umask's mode (0644
+/// usually): it holds password hashes and the federation queue. SQLite gives the `-wal` and
+/// `-shm` files the database file's mode; existing ones (from an older version) are
+/// tightened too.
+fn make_private(path: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            let mode = match std::fs::metadata(&file) {
+                Ok(meta) => meta.permissions().mode(),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(error),
+            };
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & 0o700))?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 fn migrator() -> Migrator {

@@ -8,7 +8,7 @@
 
 use super::{DevicePk, InboxRow, StoreError, UserPk};
 use bytes::Bytes;
-use sqlx::{Connection as _, QueryBuilder, Row as _, Sqlite, SqliteConnection};
+use sqlx::{Connection as _, QueryBuilder, Row as _, Sqlite, SqliteConnection, SqlitePool};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -237,6 +237,8 @@ impl WriteOp {
 
 pub(super) struct Writer {
     pub conn: SqliteConnection,
+    /// The read pool, closed by the writer once it has drained (see [`Writer::close`]).
+    pub pool: SqlitePool,
     pub rx: mpsc::Receiver<WriteOp>,
     /// Federation writes, taken before `rx` (see `Store::queue_priority`).
     pub priority: mpsc::Receiver<WriteOp>,
@@ -287,6 +289,26 @@ impl Writer {
             self.metrics.batch_size.observe(size as f64);
         }
         tracing::info!("writer drained and stopped");
+        self.close().await;
+    }
+
+    /// Runs when every handle on the store is gone: closes the pool, folds the WAL back into the
+    /// database file and truncates it, and closes the last connection, so a stopped server leaves
+    /// one self-contained file (a backup copies just that) and the next start replays nothing.
+    async fn close(mut self) {
+        self.pool.close().await;
+        let checkpoint: Result<(i64, i64, i64), _> =
+            sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&mut self.conn).await;
+        match checkpoint {
+            Ok((0, _, _)) => tracing::info!("WAL checkpointed"),
+            // Another process (`parleyd admin`) has the database open; SQLite folds the WAL
+            // back when the last connection closes.
+            Ok((_, frames, done)) => tracing::warn!(frames, done, "WAL checkpoint incomplete: the database is in use"),
+            Err(error) => tracing::warn!(%error, "WAL checkpoint failed"),
+        }
+        if let Err(error) = self.conn.close().await {
+            tracing::warn!(%error, "closing the database failed");
+        }
     }
 
     async fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {

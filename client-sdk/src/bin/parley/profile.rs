@@ -58,14 +58,7 @@ impl Profile {
     /// Prepares a new profile for `register` or `login`: creates the directory (readable by
     /// its owner only), locks it, and checks that it holds no account yet.
     pub async fn create(&self) -> anyhow::Result<ProfileLock> {
-        if let Some(parent) = self.dir.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-        }
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
+        private_dir(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
         let lock = ProfileLock::acquire(self).await?;
         if self.store_path().exists() {
             let store = Store::open(&self.store_path()).await?;
@@ -83,9 +76,11 @@ impl Profile {
         Ok(lock)
     }
 
-    /// Locks an existing profile for a command that connects.
+    /// Locks an existing profile for a command that connects (and makes a directory left
+    /// readable to others by an older version owner-only).
     pub async fn lock(&self) -> anyhow::Result<ProfileLock> {
         self.require()?;
+        private_dir(&self.dir).with_context(|| format!("cannot protect {}", self.dir.display()))?;
         ProfileLock::acquire(self).await
     }
 
@@ -135,10 +130,9 @@ impl ProfileLock {
                 ),
             )
         };
-        let options = SqliteConnectOptions::new()
-            .filename(profile.dir.join(LOCK_FILE))
-            .create_if_missing(true)
-            .busy_timeout(Duration::ZERO);
+        let path = profile.dir.join(LOCK_FILE);
+        parley_sdk::store::make_private(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        let options = SqliteConnectOptions::new().filename(path).create_if_missing(true).busy_timeout(Duration::ZERO);
         let mut conn = match options.connect().await {
             Ok(conn) => conn,
             Err(e) if is_busy(&e) => return Err(busy()),
@@ -170,6 +164,26 @@ fn validate_name(name: &str) -> anyhow::Result<()> {
     } else {
         Err(fail("usage", format!("invalid profile name {name:?}: use letters, digits, '.', '_' and '-'")))
     }
+}
+
+/// Creates `dir` (and missing parents) readable by its owner only, whatever the umask, and
+/// takes group and other permissions away if it already exists: a profile holds the identity
+/// seed, ratchet states and plaintext history.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+        }
+    }
+    Ok(())
 }
 
 fn home_dir() -> Option<PathBuf> {
