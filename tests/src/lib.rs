@@ -25,6 +25,8 @@ argon2_parallelism = 1
 [rate_limits]
 device_per_second = 100000
 device_burst = 100000
+control_per_second = 100000
+control_burst = 100000
 account_per_second = 100000
 account_burst = 100000
 ip_per_second = 100000
