@@ -11,7 +11,7 @@
 use crate::config::LimitsConfig;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 /// The server-wide budget of unsent bytes.
 #[derive(Debug)]
@@ -74,16 +74,14 @@ impl OutgoingBudget {
     }
 }
 
-/// One connection's unsent bytes, shared by the hub (which reserves for live events), the
-/// connection task and its socket writer (which releases after each flush).
+/// One connection's unsent bytes, shared by the hub (which reserves for live events) and the
+/// connection task (which reserves for what it sends and releases after each flush).
 #[derive(Debug)]
 pub struct Unsent {
     bytes: AtomicUsize,
     soft: usize,
     hard: usize,
     budget: Arc<OutgoingBudget>,
-    /// Notified after the writer flushed something: room for events that had to wait.
-    pub drained: Notify,
 }
 
 /// The connection holds more unsent bytes than `ws_max_unsent_bytes`.
@@ -93,13 +91,7 @@ pub struct OverBudget;
 impl Unsent {
     /// A new connection's account against the server-wide `budget`.
     pub fn new(limits: &LimitsConfig, budget: Arc<OutgoingBudget>) -> Self {
-        Self {
-            bytes: AtomicUsize::new(0),
-            soft: limits.ws_unsent_bytes,
-            hard: limits.ws_max_unsent_bytes,
-            budget,
-            drained: Notify::new(),
-        }
+        Self { bytes: AtomicUsize::new(0), soft: limits.ws_unsent_bytes, hard: limits.ws_max_unsent_bytes, budget }
     }
 
     /// Bytes reserved now.

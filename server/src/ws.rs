@@ -29,7 +29,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// Close codes.
@@ -111,17 +110,9 @@ async fn await_sent(
     (client_msg_id, started, rx.await)
 }
 
-/// A message for the socket writer and the bytes reserved for it in [`Unsent`].
-struct Outgoing {
-    message: Message,
-    bytes: usize,
-}
-
-/// Why the socket writer stopped.
+/// Why writing to the socket stopped.
 #[derive(Debug, Clone, Copy)]
 enum WriteEnd {
-    /// It wrote the close frame, or the connection let it go.
-    Done,
     /// A write made no progress within `ws_write_timeout_ms`.
     Stalled,
     /// The socket failed.
@@ -131,19 +122,15 @@ enum WriteEnd {
 /// Most bytes fed to the socket before a flush.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// Writes what the connection queues, flushing after each batch, each write bounded by
-/// `timeout`, and releases the bytes once flushed. Runs as its own task, so a peer that stops
-/// reading stalls only this task: the connection keeps reading frames, heartbeats and hub
-/// commands, and closes when this ends.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    unsent: Arc<Unsent>,
-    timeout: Duration,
-) -> WriteEnd {
-    async fn bounded<F: std::future::Future<Output = Result<(), axum::Error>>>(
+type Sink = SplitSink<WebSocket, Message>;
+type WriteFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (Sink, Result<(), WriteEnd>)> + Send>>;
+
+/// Feeds `batch` to the socket and flushes it, each write bounded by `timeout`; gives the sink
+/// back.
+async fn write_batch(mut sink: Sink, batch: Vec<Message>, timeout: Duration) -> (Sink, Result<(), WriteEnd>) {
+    async fn bounded(
         timeout: Duration,
-        write: F,
+        write: impl std::future::Future<Output = Result<(), axum::Error>>,
     ) -> Result<(), WriteEnd> {
         match tokio::time::timeout(timeout, write).await {
             Ok(Ok(())) => Ok(()),
@@ -151,37 +138,96 @@ async fn write_loop(
             Err(_) => Err(WriteEnd::Stalled),
         }
     }
-    while let Some(first) = rx.recv().await {
-        let mut batch = first.bytes;
-        let mut closing = matches!(first.message, Message::Close(_));
-        if let Err(end) = bounded(timeout, sink.feed(first.message)).await {
-            return end;
-        }
-        while batch < WRITE_BATCH && !closing {
-            let Ok(next) = rx.try_recv() else { break };
-            batch += next.bytes;
-            closing = matches!(next.message, Message::Close(_));
-            if let Err(end) = bounded(timeout, sink.feed(next.message)).await {
-                return end;
-            }
-        }
-        if let Err(end) = bounded(timeout, sink.flush()).await {
-            return end;
-        }
-        unsent.release(batch);
-        unsent.drained.notify_one();
-        if closing {
-            break;
+    for message in batch {
+        if let Err(end) = bounded(timeout, sink.feed(message)).await {
+            return (sink, Err(end));
         }
     }
-    WriteEnd::Done
+    let flushed = bounded(timeout, sink.flush()).await;
+    (sink, flushed)
+}
+
+/// The sending half of the socket: frames queued by the connection (their bytes reserved in
+/// [`Unsent`]) and at most one write in flight, a future the connection polls next to
+/// everything else. The connection never awaits a write, so a peer that stops reading cannot
+/// stop it from reading frames, timing out or being replaced; a write that makes no progress
+/// within the deadline ends the connection.
+struct Out {
+    /// The sink, while no write is in flight.
+    sink: Option<Sink>,
+    queue: VecDeque<(Message, usize)>,
+    writing: Option<WriteFuture>,
+    /// Reserved bytes of the write in flight.
+    writing_bytes: usize,
+    timeout: Duration,
+}
+
+impl Out {
+    fn new(sink: Sink, timeout: Duration) -> Self {
+        Self { sink: Some(sink), queue: VecDeque::new(), writing: None, writing_bytes: 0, timeout }
+    }
+
+    /// Starts writing what is queued (up to a batch) if no write is in flight.
+    fn start(&mut self) {
+        if self.writing.is_some() || self.queue.is_empty() {
+            return;
+        }
+        let Some(sink) = self.sink.take() else { return };
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some((message, reserved)) = self.queue.pop_front() {
+            let closing = matches!(message, Message::Close(_));
+            batch.push(message);
+            bytes += reserved;
+            if closing || bytes >= WRITE_BATCH {
+                break;
+            }
+        }
+        if self.queue.is_empty() && self.queue.capacity() > 64 {
+            self.queue = VecDeque::new();
+        }
+        self.writing_bytes = bytes;
+        self.writing = Some(Box::pin(write_batch(sink, batch, self.timeout)));
+    }
+
+    /// The write in flight finished: the sink is back; answers the reserved bytes to release.
+    fn finished(&mut self, (sink, result): (Sink, Result<(), WriteEnd>)) -> Result<usize, WriteEnd> {
+        self.writing = None;
+        result?;
+        self.sink = Some(sink);
+        Ok(std::mem::take(&mut self.writing_bytes))
+    }
+
+    /// Writes everything queued (the close frame last), within one write deadline in all.
+    async fn drain(&mut self) {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let _ = tokio::time::timeout_at(deadline, async {
+            loop {
+                self.start();
+                let Some(writing) = self.writing.as_mut() else { return };
+                let done = writing.await;
+                if self.finished(done).is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Completes with the write in flight; never, when there is none.
+async fn write_done(writing: &mut Option<WriteFuture>) -> (Sink, Result<(), WriteEnd>) {
+    match writing {
+        Some(write) => write.await,
+        None => std::future::pending().await,
+    }
 }
 
 struct Conn {
     state: AppState,
     auth: AuthDevice,
-    /// To the socket writer task.
-    out: mpsc::UnboundedSender<Outgoing>,
+    /// The sending half of the socket.
+    out: Out,
     /// Bytes queued for this connection and not yet flushed.
     unsent: Arc<Unsent>,
     /// Highest seq sent on this connection (or the client's `since`).
@@ -201,9 +247,7 @@ async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSo
     let limits = &state.config.limits;
     let unsent = Arc::new(Unsent::new(limits, state.outgoing.clone()));
     let (sink, mut stream) = socket.split();
-    let (out, out_rx) = mpsc::unbounded_channel();
-    let write_timeout = Duration::from_millis(limits.ws_write_timeout_ms);
-    let mut writer = tokio::spawn(write_loop(sink, out_rx, unsent.clone(), write_timeout));
+    let out = Out::new(sink, Duration::from_millis(limits.ws_write_timeout_ms));
     let (tx, mut rx) = mpsc::channel(limits.connection_buffer);
     let registration = state.hub.register(auth.device_pk, tx, unsent.clone());
     state.metrics.connections.inc();
@@ -226,24 +270,19 @@ async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSo
         max_unacked: limits.max_unacked_events,
         last_activity: Instant::now(),
     };
-    let stop = conn.run(&mut stream, &mut rx, &registration, &mut writer).await;
+    let stop = conn.run(&mut stream, &mut rx, &registration).await;
     let reason = match stop {
         Stop::Close(code, reason) => {
             // The close frame goes after what is queued, within the write deadline; a peer
             // that does not read it is dropped.
             let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-            let _ = conn.out.send(Outgoing { message: Message::Close(Some(frame)), bytes: 0 });
-            if tokio::time::timeout(write_timeout, &mut writer).await.is_err() {
-                writer.abort();
-            }
+            conn.out.queue.push_back((Message::Close(Some(frame)), 0));
+            conn.out.drain().await;
             reason
         }
-        Stop::Gone => {
-            writer.abort();
-            "gone"
-        }
+        Stop::Gone => "gone",
         Stop::WriterStopped(WriteEnd::Stalled) => "writes stalled",
-        Stop::WriterStopped(_) => "gone",
+        Stop::WriterStopped(WriteEnd::Failed) => "gone",
     };
     drop(conn);
     drop(stream);
@@ -272,7 +311,6 @@ impl Conn {
         stream: &mut SplitStream<WebSocket>,
         rx: &mut mpsc::Receiver<Push>,
         registration: &Registration,
-        writer: &mut JoinHandle<WriteEnd>,
     ) -> Stop {
         if let Err(stop) = self.start().await {
             return stop;
@@ -285,13 +323,18 @@ impl Conn {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.state.shutdown.clone();
         let mut room = self.state.outgoing.room();
-        let unsent = self.unsent.clone();
         let mut sends: FuturesOrdered<SendFuture> = FuturesOrdered::new();
         loop {
             let step = tokio::select! {
                 biased;
                 _ = shutdown.changed() => Err(Stop::Close(close::GOING_AWAY, "server shutting down")),
-                end = &mut *writer => Err(Stop::WriterStopped(end.unwrap_or(WriteEnd::Failed))),
+                done = write_done(&mut self.out.writing) => match self.out.finished(done) {
+                    Ok(bytes) => {
+                        self.unsent.release(bytes);
+                        Ok(())
+                    }
+                    Err(end) => Err(Stop::WriterStopped(end)),
+                },
                 Some(done) = sends.next(), if !sends.is_empty() => self.answer_send(done),
                 push = rx.recv() => match push {
                     Some(push) => self.on_push(push),
@@ -304,7 +347,6 @@ impl Conn {
                 },
                 // Live events were left in the inbox, or the writer made room for them.
                 _ = registration.wake.notified() => Ok(()),
-                _ = unsent.drained.notified(), if self.behind => Ok(()),
                 _ = room.changed(), if self.behind => Ok(()),
                 _ = heartbeat.tick() => {
                     if self.last_activity.elapsed() > timeout {
@@ -328,6 +370,7 @@ impl Conn {
             if let Err(stop) = self.announce_caught_up() {
                 return stop;
             }
+            self.out.start();
         }
     }
 
@@ -356,7 +399,9 @@ impl Conn {
             self.send_frame(&ServerFrame::PrekeysLow(PrekeysLowFrame::new(prekeys)))?;
         }
         self.catch_up().await?;
-        self.announce_caught_up()
+        self.announce_caught_up()?;
+        self.out.start();
+        Ok(())
     }
 
     /// Sends `caught_up` once, when the backlog has been delivered completely (a full
@@ -420,9 +465,10 @@ impl Conn {
         Ok(())
     }
 
-    /// Hands a message to the socket writer (its bytes are reserved already).
+    /// Queues a message for the socket (its bytes are reserved already).
     fn queue(&mut self, message: Message, bytes: usize) -> Result<(), Stop> {
-        self.out.send(Outgoing { message, bytes }).map_err(|_| Stop::Gone)
+        self.out.queue.push_back((message, bytes));
+        Ok(())
     }
 
     fn on_push(&mut self, push: Push) -> Result<(), Stop> {
