@@ -28,6 +28,8 @@ use parley_spec::v1::events::{InboxEvent, MessageEvent};
 use parley_spec::v1::keys::{ClaimResponse, MAX_CLAIM_DEVICES};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
 use parley_spec::{ErrorCode, ServerName, UserId};
+use crate::storage::UserPk;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -155,6 +157,20 @@ async fn send_transaction(
     let fed = federation(&state)?;
     let count = txn.items.len();
     let mut items = Vec::with_capacity(count);
+    // Receipts name only messages their sender sent to their author: the routes of all the
+    // messages the transaction's receipts name, in one query.
+    let receipt_ids: Vec<u64> = txn
+        .items
+        .iter()
+        .filter_map(|item| match item {
+            Item::Receipt(receipt) if receipt.message_ids.len() <= parley_spec::v1::messages::MAX_READ_IDS => {
+                Some(receipt.message_ids.iter().copied())
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let routes = if receipt_ids.is_empty() { HashMap::new() } else { state.store.message_routes(&receipt_ids).await? };
     let mut after_commit: Vec<Item> = Vec::new();
     let mut response = TransactionResponse::default();
     for (index, item) in txn.items.into_iter().enumerate() {
@@ -164,7 +180,7 @@ async fn send_transaction(
             _ => None,
         };
         let mut effects = Effects::default();
-        match apply_item(&state, fed, &origin, item, &mut effects, &mut after_commit).await {
+        match apply_item(&state, fed, &origin, item, &routes, &mut effects, &mut after_commit).await {
             Ok(()) => items.push(InboundItem { message, effects }),
             Err(error) if error.code() == ErrorCode::Internal || error.code() == ErrorCode::Unavailable => return Err(error),
             Err(error) => {
@@ -199,6 +215,7 @@ async fn apply_item(
     fed: &Federation,
     origin: &ServerName,
     item: Item,
+    routes: &HashMap<u64, (UserPk, String)>,
     effects: &mut Effects,
     after_commit: &mut Vec<Item>,
 ) -> ApiResult<()> {
@@ -215,7 +232,10 @@ async fn apply_item(
             }
             let sender = local_user(state, &receipt.sender).await?;
             // Delivered or read, only for messages `sender` sent to `by` (other ids are dropped).
-            receipt.message_ids = state.store.sent_to(sender.pk, receipt.by.as_str(), &receipt.message_ids).await?;
+            let mut seen = HashSet::new();
+            receipt.message_ids.retain(|id| {
+                routes.get(id).is_some_and(|(from, to)| *from == sender.pk && to == receipt.by.as_str()) && seen.insert(*id)
+            });
             if receipt.message_ids.is_empty() {
                 return Err(ApiError::new(
                     ErrorCode::BadRequest,

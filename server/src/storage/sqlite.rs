@@ -333,6 +333,19 @@ impl Store {
         Ok(in_request_order(ids, found))
     }
 
+    /// For each of `ids` that is a message of a local sender: who sent it (the user) and to
+    /// whom. One query for a whole inbound transaction's receipts.
+    pub async fn message_routes(&self, ids: &[u64]) -> Result<std::collections::HashMap<u64, (UserPk, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, sender_user, recipient FROM messages \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND sender_user IS NOT NULL",
+        )
+        .bind(json_ids(ids))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(|row| Ok((row.try_get::<i64, _>(0)? as u64, (row.try_get(1)?, row.try_get(2)?)))).collect()
+    }
+
     /// Of `ids`, those of messages that remote user `sender` sent to local user `recipient`:
     /// what `recipient`'s read marker for `sender`'s messages may name. In the order given,
     /// each once; one query whatever the number of ids.
