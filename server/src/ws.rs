@@ -73,12 +73,6 @@ enum Stop {
     WriterStopped(WriteEnd),
 }
 
-impl From<axum::Error> for Stop {
-    fn from(_: axum::Error) -> Self {
-        Stop::Gone
-    }
-}
-
 impl From<StoreError> for Stop {
     fn from(error: StoreError) -> Self {
         tracing::warn!(%error, "storage error on a connection");
@@ -455,7 +449,7 @@ impl Conn {
         text.push_str(",\"event\":");
         text.push_str(payload);
         text.push('}');
-        self.queue(Message::Text(Utf8Bytes::from(text)), bytes)?;
+        self.queue(Message::Text(Utf8Bytes::from(text)), bytes);
         self.cursor = row.seq;
         if let Some(at) = row.committed_at {
             self.state.metrics.delivery_delay.observe(at.elapsed().as_secs_f64());
@@ -466,9 +460,8 @@ impl Conn {
     }
 
     /// Queues a message for the socket (its bytes are reserved already).
-    fn queue(&mut self, message: Message, bytes: usize) -> Result<(), Stop> {
+    fn queue(&mut self, message: Message, bytes: usize) {
         self.out.queue.push_back((message, bytes));
-        Ok(())
     }
 
     fn on_push(&mut self, push: Push) -> Result<(), Stop> {
@@ -488,7 +481,8 @@ impl Conn {
                 let len = bytes.len();
                 // Serialized by serde_json, so UTF-8; sent without copying.
                 let text = Utf8Bytes::try_from(bytes).map_err(|_| ApiError::internal("frame is not UTF-8"))?;
-                self.queue(Message::Text(text), len)
+                self.queue(Message::Text(text), len);
+                Ok(())
             }
             Push::Close(CloseReason::Replaced) => Err(Stop::Close(close::POLICY, "replaced by a newer connection")),
             Push::Close(CloseReason::Revoked) => Err(Stop::Close(close::POLICY, "device removed")),
@@ -605,7 +599,8 @@ impl Conn {
         let text = serde_json::to_string(frame).map_err(ApiError::internal)?;
         let bytes = text.len();
         self.unsent.reserve(bytes)?;
-        self.queue(Message::Text(Utf8Bytes::from(text)), bytes)
+        self.queue(Message::Text(Utf8Bytes::from(text)), bytes);
+        Ok(())
     }
 }
 

@@ -11,7 +11,7 @@ use super::Federation;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::messaging::to_bytes;
-use crate::storage::{now_ms, Effects, InboundItem, NewEvent, RemoteMessage, UserPk};
+use crate::storage::{now_ms, Effects, InboundItem, MessageRoutes, NewEvent, RemoteMessage};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::IntoResponse as _;
@@ -28,7 +28,6 @@ use parley_spec::v1::events::{InboxEvent, MessageEvent};
 use parley_spec::v1::keys::{ClaimResponse, MAX_CLAIM_DEVICES};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
 use parley_spec::{ErrorCode, ServerName, UserId};
-use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -169,7 +168,7 @@ async fn send_transaction(
         })
         .flatten()
         .collect();
-    let routes = if receipt_ids.is_empty() { HashMap::new() } else { state.store.message_routes(&receipt_ids).await? };
+    let routes = if receipt_ids.is_empty() { MessageRoutes::default() } else { state.store.message_routes(&receipt_ids).await? };
     let mut after_commit: Vec<Item> = Vec::new();
     let mut response = TransactionResponse::default();
     for (index, item) in txn.items.into_iter().enumerate() {
@@ -214,7 +213,7 @@ async fn apply_item(
     fed: &Federation,
     origin: &ServerName,
     item: Item,
-    routes: &HashMap<u64, (UserPk, String)>,
+    routes: &MessageRoutes,
     effects: &mut Effects,
     after_commit: &mut Vec<Item>,
 ) -> ApiResult<()> {
@@ -231,10 +230,7 @@ async fn apply_item(
             }
             let sender = local_user(state, &receipt.sender).await?;
             // Delivered or read, only for messages `sender` sent to `by` (other ids are dropped).
-            let mut seen = HashSet::new();
-            receipt.message_ids.retain(|id| {
-                routes.get(id).is_some_and(|(from, to)| *from == sender.pk && to == receipt.by.as_str()) && seen.insert(*id)
-            });
+            receipt.message_ids = routes.sent(&receipt.message_ids, sender.pk, receipt.by.as_str());
             if receipt.message_ids.is_empty() {
                 return Err(ApiError::new(
                     ErrorCode::BadRequest,

@@ -8,7 +8,7 @@
 mod sqlite;
 pub mod writer;
 
-pub use sqlite::{ClaimedKeys, KeyUpload, Store};
+pub use sqlite::{ClaimedKeys, KeyUpload, MessageRoutes, Store};
 pub use writer::{Effects, InboundItem, MessageOutcome, NewEvent, NewMessage, Outbound, RemoteMessage};
 
 use bytes::Bytes;

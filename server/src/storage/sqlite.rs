@@ -322,20 +322,12 @@ impl Store {
     /// remote user id): what a receipt by `recipient` for `sender`'s messages may name. In the
     /// order given, each once; one query whatever the number of ids.
     pub async fn sent_to(&self, sender: UserPk, recipient: &str, ids: &[u64]) -> Result<Vec<u64>, StoreError> {
-        let found: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?1)) AND recipient = ?2 AND sender_user = ?3",
-        )
-        .bind(json_ids(ids))
-        .bind(recipient)
-        .bind(sender)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(in_request_order(ids, found))
+        Ok(self.message_routes(ids).await?.sent(ids, sender, recipient))
     }
 
-    /// For each of `ids` that is a message of a local sender: who sent it (the user) and to
-    /// whom. One query for a whole inbound transaction's receipts.
-    pub async fn message_routes(&self, ids: &[u64]) -> Result<std::collections::HashMap<u64, (UserPk, String)>, StoreError> {
+    /// Who sent each of `ids` that is a message of a local sender (the user), and to whom. One
+    /// query, also for a whole inbound transaction's receipts.
+    pub async fn message_routes(&self, ids: &[u64]) -> Result<MessageRoutes, StoreError> {
         let rows = sqlx::query(
             "SELECT id, sender_user, recipient FROM messages \
              WHERE id IN (SELECT value FROM json_each(?1)) AND sender_user IS NOT NULL",
@@ -343,7 +335,11 @@ impl Store {
         .bind(json_ids(ids))
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(|row| Ok((row.try_get::<i64, _>(0)? as u64, (row.try_get(1)?, row.try_get(2)?)))).collect()
+        let routes = rows
+            .into_iter()
+            .map(|row| Ok((row.try_get::<i64, _>(0)? as u64, (row.try_get(1)?, row.try_get(2)?))))
+            .collect::<Result<_, StoreError>>()?;
+        Ok(MessageRoutes(routes))
     }
 
     /// Of `ids`, those of messages that remote user `sender` sent to local user `recipient`:
@@ -763,6 +759,22 @@ impl Store {
 fn json_ids(ids: &[u64]) -> String {
     let ids: Vec<String> = ids.iter().filter_map(|id| i64::try_from(*id).ok()).map(|id| id.to_string()).collect();
     format!("[{}]", ids.join(","))
+}
+
+/// Senders and recipients of messages of local senders, by message id
+/// ([`Store::message_routes`]).
+#[derive(Debug, Default)]
+pub struct MessageRoutes(std::collections::HashMap<u64, (UserPk, String)>);
+
+impl MessageRoutes {
+    /// Of `ids`, those of messages `sender` sent to `recipient`: in the order given, each once.
+    pub fn sent(&self, ids: &[u64], sender: UserPk, recipient: &str) -> Vec<u64> {
+        let mut seen = std::collections::HashSet::new();
+        ids.iter()
+            .copied()
+            .filter(|id| self.0.get(id).is_some_and(|(from, to)| *from == sender && to == recipient) && seen.insert(*id))
+            .collect()
+    }
 }
 
 /// The `requested` ids that were `found`, in the requested order, without repeats.
