@@ -4,7 +4,7 @@
 
 use super::cache::ManualClock;
 use super::*;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 const MINUTE: u64 = 60;
 const HOUR: u64 = 3600;
@@ -14,9 +14,9 @@ const DAY: u64 = 24 * HOUR;
 /// records and no reachable well-known server.
 #[derive(Default)]
 struct Fake {
-    ips: Mutex<HashMap<String, Result<Addresses, DiscoveryError>>>,
-    srv: Mutex<HashMap<String, Result<Option<SrvAnswer>, DiscoveryError>>>,
-    well_known: Mutex<HashMap<String, Result<WellKnown, WellKnownMiss>>>,
+    ips: Mutex<BTreeMap<String, Result<Addresses, DiscoveryError>>>,
+    srv: Mutex<BTreeMap<String, Result<Option<SrvAnswer>, DiscoveryError>>>,
+    well_known: Mutex<BTreeMap<String, Result<WellKnown, WellKnownMiss>>>,
     calls: Mutex<Vec<String>>,
     forgotten: Mutex<Vec<Query>>,
 }
