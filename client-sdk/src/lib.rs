@@ -30,6 +30,7 @@
 
 mod client;
 mod connection;
+pub mod e2ee;
 mod error;
 mod http;
 pub mod messenger;
