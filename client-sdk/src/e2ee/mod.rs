@@ -46,6 +46,8 @@ mod store;
 mod trust;
 
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod tests;
 
 pub use error::{BundleError, CryptoError, E2eeError, Failure, Undecryptable, Untrust};
