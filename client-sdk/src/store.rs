@@ -6,12 +6,12 @@
 //! `-shm` files next to it) is readable by its owner only, whatever the umask; disk
 //! encryption is the host's job.
 
-use crate::e2ee::{
-    AccountStore, InitialMessageId, MessageStore, OutboxEntry, PrekeyKind, SessionSlot, SessionStore, StoreError, TrustStore,
-    PREVIOUS_SESSIONS_KEPT,
-};
 #[cfg(doc)]
 use crate::e2ee::CryptoStore;
+use crate::e2ee::{
+    AccountStore, InitialMessageId, MessageStore, OutboxEntry, PrekeyKind, SessionSlot, SessionStore, StoreError,
+    SupersededSession, TrustStore, PREVIOUS_SESSIONS_KEPT,
+};
 use parley_crypto::identity::{DeviceIdentity, UserIdentity, VerifiedDeviceList, DEVICE_IDENTITY_BYTES};
 use parley_crypto::prekeys::PrekeySecret;
 use parley_crypto::PublicKey;
@@ -99,8 +99,11 @@ impl Store {
 
     /// A value of the key-value table (account, identity secrets, cursor).
     pub async fn get(&self, key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
-        let value: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT value FROM kv WHERE key = ?").bind(key).fetch_optional(&self.pool).await.map_err(backend)?;
+        let value: Option<Vec<u8>> = sqlx::query_scalar("SELECT value FROM kv WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
         Ok(value.map(Zeroizing::new))
     }
 
@@ -147,11 +150,14 @@ impl Store {
 
     /// The outbox, oldest first.
     pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
-        let rows =
-            sqlx::query("SELECT client_msg_id, to_user, body FROM outbox ORDER BY seq").fetch_all(&self.pool).await.map_err(backend)?;
+        let rows = sqlx::query("SELECT client_msg_id, to_user, body FROM outbox ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
         rows.into_iter()
             .map(|r| {
-                let (id, to, body): (String, String, String) = (r.try_get(0).map_err(backend)?, r.try_get(1).map_err(backend)?, r.try_get(2).map_err(backend)?);
+                let (id, to, body): (String, String, String) =
+                    (r.try_get(0).map_err(backend)?, r.try_get(1).map_err(backend)?, r.try_get(2).map_err(backend)?);
                 Ok(OutboxEntry {
                     client_msg_id: id.parse().map_err(|_| StoreError::Damaged("outbox message id"))?,
                     to: to.parse().map_err(|_| StoreError::Damaged("outbox recipient"))?,
@@ -188,7 +194,8 @@ impl AccountStore for Store {
             return Ok(None);
         };
         let user: &[u8; 32] = user.as_slice().try_into().map_err(|_| StoreError::Damaged("user identity"))?;
-        let device: &[u8; DEVICE_IDENTITY_BYTES] = device.as_slice().try_into().map_err(|_| StoreError::Damaged("device keys"))?;
+        let device: &[u8; DEVICE_IDENTITY_BYTES] =
+            device.as_slice().try_into().map_err(|_| StoreError::Damaged("device keys"))?;
         Ok(Some((UserIdentity::from_bytes(user), DeviceIdentity::from_bytes(device))))
     }
 
@@ -290,7 +297,7 @@ impl SessionStore for Store {
         tx.commit().await.map_err(backend)
     }
 
-    async fn previous_sessions(&self, user: &UserId, device: &DeviceId) -> Result<Vec<(SessionSlot, Zeroizing<Vec<u8>>)>, StoreError> {
+    async fn previous_sessions(&self, user: &UserId, device: &DeviceId) -> Result<Vec<SupersededSession>, StoreError> {
         let rows =
             sqlx::query("SELECT slot, state FROM previous_sessions WHERE user_id = ? AND device_id = ? ORDER BY slot DESC")
                 .bind(user.as_str())
@@ -299,12 +306,20 @@ impl SessionStore for Store {
                 .await
                 .map_err(backend)?;
         rows.into_iter()
-            .map(|r| Ok((SessionSlot(r.try_get(0)?), Zeroizing::new(r.try_get::<Vec<u8>, _>(1)?))))
+            .map(|r| {
+                Ok(SupersededSession { slot: SessionSlot(r.try_get(0)?), state: Zeroizing::new(r.try_get::<Vec<u8>, _>(1)?) })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(backend)
     }
 
-    async fn save_previous_session(&self, user: &UserId, device: &DeviceId, slot: SessionSlot, state: &[u8]) -> Result<(), StoreError> {
+    async fn save_previous_session(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        slot: SessionSlot,
+        state: &[u8],
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE previous_sessions SET state = ? WHERE user_id = ? AND device_id = ? AND slot = ?")
             .bind(state)
             .bind(user.as_str())
@@ -349,7 +364,11 @@ impl TrustStore for Store {
     }
 
     async fn forget_device_list(&self, user: &UserId) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM device_lists WHERE user_id = ?").bind(user.as_str()).execute(&self.pool).await.map_err(backend)?;
+        sqlx::query("DELETE FROM device_lists WHERE user_id = ?")
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 }
@@ -414,7 +433,13 @@ impl MessageStore for Store {
         Ok(())
     }
 
-    async fn mark_receipt(&self, peer: &UserId, sender: &UserId, server_msg_ids: &[u64], read: bool) -> Result<Vec<u64>, StoreError> {
+    async fn mark_receipt(
+        &self,
+        peer: &UserId,
+        sender: &UserId,
+        server_msg_ids: &[u64],
+        read: bool,
+    ) -> Result<Vec<u64>, StoreError> {
         let column = if read { "read = 1, delivered = 1" } else { "delivered = 1" };
         let ids: Vec<String> = server_msg_ids.iter().filter_map(|id| i64::try_from(*id).ok()).map(|id| id.to_string()).collect();
         let marked: Vec<i64> = sqlx::query_scalar(&format!(
@@ -582,10 +607,10 @@ mod tests {
             store.archive_session(&b, &d).await.unwrap();
         }
         let previous = store.previous_sessions(&b, &d).await.unwrap();
-        let states: Vec<u8> = previous.iter().map(|(_, s)| s[0]).collect();
+        let states: Vec<u8> = previous.iter().map(|p| p.state[0]).collect();
         assert_eq!(states, [5, 4, 3], "the newest {PREVIOUS_SESSIONS_KEPT}, newest first");
-        store.save_previous_session(&b, &d, previous[1].0, &[40]).await.unwrap();
-        assert_eq!(store.previous_sessions(&b, &d).await.unwrap()[1].1.as_slice(), [40]);
+        store.save_previous_session(&b, &d, previous[1].slot, &[40]).await.unwrap();
+        assert_eq!(store.previous_sessions(&b, &d).await.unwrap()[1].state.as_slice(), [40]);
     }
 
     #[tokio::test]

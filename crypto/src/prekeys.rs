@@ -40,8 +40,7 @@ impl PrekeySecret {
 
     /// A secret stored earlier with [`PrekeySecret::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, MalformedPrekeySecret> {
-        let array: Zeroizing<[u8; PREKEY_SECRET_LEN]> =
-            Zeroizing::new(bytes.try_into().map_err(|_| MalformedPrekeySecret)?);
+        let array: Zeroizing<[u8; PREKEY_SECRET_LEN]> = Zeroizing::new(bytes.try_into().map_err(|_| MalformedPrekeySecret)?);
         Ok(Self(StaticSecret::from(*array)))
     }
 

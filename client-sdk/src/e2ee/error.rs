@@ -84,7 +84,9 @@ impl std::fmt::Display for Untrust {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::DeviceList(
-                e @ (DeviceListError::IdentityChanged { .. } | DeviceListError::Rollback { .. } | DeviceListError::Equivocation { .. }),
+                e @ (DeviceListError::IdentityChanged { .. }
+                | DeviceListError::Rollback { .. }
+                | DeviceListError::Equivocation { .. }),
             ) => write!(f, "{e}"),
             Self::DeviceList(e) => write!(f, "device list: {e}"),
             Self::Bundle { device, error } => write!(f, "prekey bundle of {device}: {error}"),

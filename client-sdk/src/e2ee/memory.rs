@@ -4,7 +4,7 @@
 
 use super::store::{
     AccountStore, InitialMessageId, MessageStore, OutboxEntry, PrekeyKind, SessionSlot, SessionStore, StoreError, StoredMessage,
-    TrustStore, PREVIOUS_SESSIONS_KEPT,
+    SupersededSession, TrustStore, PREVIOUS_SESSIONS_KEPT,
 };
 use parley_crypto::identity::{DeviceIdentity, UserIdentity, VerifiedDeviceList, DEVICE_IDENTITY_BYTES};
 use parley_crypto::prekeys::PrekeySecret;
@@ -16,15 +16,17 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 type PeerDevice = (UserId, DeviceId);
+/// The user identity seed and the device keys, as stored.
+type AccountBytes = (Zeroizing<[u8; 32]>, Zeroizing<[u8; DEVICE_IDENTITY_BYTES]>);
 
 #[derive(Default)]
 struct State {
-    account: Option<(Zeroizing<[u8; 32]>, Zeroizing<[u8; DEVICE_IDENTITY_BYTES]>)>,
+    account: Option<AccountBytes>,
     prekeys: BTreeMap<(PrekeyKind, u32), PrekeySecret>,
     next_prekey_id: Option<u32>,
     sessions: BTreeMap<PeerDevice, Zeroizing<Vec<u8>>>,
     /// Oldest first.
-    previous: BTreeMap<PeerDevice, Vec<(SessionSlot, Zeroizing<Vec<u8>>)>>,
+    previous: BTreeMap<PeerDevice, Vec<SupersededSession>>,
     seen: BTreeSet<InitialMessageId>,
     lists: BTreeMap<UserId, SignedDeviceList>,
     outbox: Vec<OutboxEntry>,
@@ -69,7 +71,11 @@ impl MemoryStore {
 
 impl AccountStore for MemoryStore {
     async fn account(&self) -> Result<Option<(UserIdentity, DeviceIdentity)>, StoreError> {
-        Ok(self.state().account.as_ref().map(|(user, device)| (UserIdentity::from_bytes(user), DeviceIdentity::from_bytes(device))))
+        Ok(self
+            .state()
+            .account
+            .as_ref()
+            .map(|(user, device)| (UserIdentity::from_bytes(user), DeviceIdentity::from_bytes(device))))
     }
 
     async fn save_account(&self, identity: &UserIdentity, device: &DeviceIdentity) -> Result<(), StoreError> {
@@ -116,26 +122,30 @@ impl SessionStore for MemoryStore {
         let key = (user.clone(), device.clone());
         let Some(current) = state.sessions.get(&key).cloned() else { return Ok(()) };
         let previous = state.previous.entry(key).or_default();
-        let next = previous.last().map_or(1, |(slot, _)| slot.0 + 1);
-        previous.push((SessionSlot(next), current));
+        let next = previous.last().map_or(1, |p| p.slot.0 + 1);
+        previous.push(SupersededSession { slot: SessionSlot(next), state: current });
         let excess = previous.len().saturating_sub(PREVIOUS_SESSIONS_KEPT);
         previous.drain(..excess);
         Ok(())
     }
 
-    async fn previous_sessions(&self, user: &UserId, device: &DeviceId) -> Result<Vec<(SessionSlot, Zeroizing<Vec<u8>>)>, StoreError> {
+    async fn previous_sessions(&self, user: &UserId, device: &DeviceId) -> Result<Vec<SupersededSession>, StoreError> {
         let state = self.state();
         let previous = state.previous.get(&(user.clone(), device.clone()));
         Ok(previous.map(|p| p.iter().rev().cloned().collect()).unwrap_or_default())
     }
 
-    async fn save_previous_session(&self, user: &UserId, device: &DeviceId, slot: SessionSlot, state: &[u8]) -> Result<(), StoreError> {
+    async fn save_previous_session(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        slot: SessionSlot,
+        state: &[u8],
+    ) -> Result<(), StoreError> {
         let mut guard = self.state();
         if let Some(previous) = guard.previous.get_mut(&(user.clone(), device.clone())) {
-            for (s, stored) in previous.iter_mut() {
-                if *s == slot {
-                    *stored = Zeroizing::new(state.to_vec());
-                }
+            for stored in previous.iter_mut().filter(|p| p.slot == slot) {
+                stored.state = Zeroizing::new(state.to_vec());
             }
         }
         Ok(())
@@ -210,7 +220,13 @@ impl MessageStore for MemoryStore {
         Ok(())
     }
 
-    async fn mark_receipt(&self, peer: &UserId, sender: &UserId, server_msg_ids: &[u64], read: bool) -> Result<Vec<u64>, StoreError> {
+    async fn mark_receipt(
+        &self,
+        peer: &UserId,
+        sender: &UserId,
+        server_msg_ids: &[u64],
+        read: bool,
+    ) -> Result<Vec<u64>, StoreError> {
         let mut marked = BTreeSet::new();
         for message in self.state().messages.iter_mut() {
             let Some(id) = message.server_msg_id else { continue };

@@ -54,7 +54,7 @@ pub use error::{BundleError, CryptoError, E2eeError, Failure, Undecryptable, Unt
 pub use memory::MemoryStore;
 pub use store::{
     AccountStore, CryptoStore, InitialMessageId, MessageStore, OutboxEntry, PrekeyKind, SessionSlot, SessionStore, StoreError,
-    TrustStore, PREVIOUS_SESSIONS_KEPT,
+    SupersededSession, TrustStore, PREVIOUS_SESSIONS_KEPT,
 };
 
 pub(crate) use outbox::is_permanent;
@@ -185,7 +185,10 @@ impl OutgoingRequest {
     /// The id to report its answer under.
     pub fn id(&self) -> RequestId {
         match self {
-            Self::FetchDeviceList { id, .. } | Self::ClaimKeys { id, .. } | Self::Send { id, .. } | Self::UploadKeys { id, .. } => *id,
+            Self::FetchDeviceList { id, .. }
+            | Self::ClaimKeys { id, .. }
+            | Self::Send { id, .. }
+            | Self::UploadKeys { id, .. } => *id,
         }
     }
 }
@@ -207,6 +210,8 @@ pub enum Response {
 /// What to do after a step.
 #[derive(Debug)]
 #[must_use]
+// Moved on at once after each step; boxing the request would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum Progress {
     /// The same piece of work needs this request next.
     Next(OutgoingRequest),
@@ -222,7 +227,7 @@ pub enum Done {
     /// undecryptable.
     Received,
     /// A device list asked for with [`E2eeMachine::fetch_device_list`] was verified and stored.
-    DeviceList(VerifiedDeviceList),
+    DeviceList(Box<VerifiedDeviceList>),
     /// An outbox entry was stored by the server and left the outbox.
     Sent {
         /// Its id.
@@ -373,14 +378,14 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
     /// request handed out must be reported exactly once.
     pub async fn mark_request_done(&mut self, id: RequestId, answer: Result<Response, Failure>) -> Result<Progress, E2eeError> {
         let pending = self.pending.remove(&id).ok_or(E2eeError::UnexpectedAnswer(id))?;
-        let matches = match (&pending, &answer) {
-            (_, Err(_)) => true,
-            (Pending::DeviceList { .. }, Ok(Response::DeviceList(_)))
-            | (Pending::ClaimKeys(_), Ok(Response::KeysClaimed(_)))
-            | (Pending::Send(_), Ok(Response::Sent(_)))
-            | (Pending::UploadKeys, Ok(Response::KeysUploaded)) => true,
-            _ => false,
-        };
+        let matches = matches!(
+            (&pending, &answer),
+            (_, Err(_))
+                | (Pending::DeviceList { .. }, Ok(Response::DeviceList(_)))
+                | (Pending::ClaimKeys(_), Ok(Response::KeysClaimed(_)))
+                | (Pending::Send(_), Ok(Response::Sent(_)))
+                | (Pending::UploadKeys, Ok(Response::KeysUploaded))
+        );
         if !matches {
             // Put it back: the driver mixed up its answers; the work itself is intact.
             self.pending.insert(id, pending);
@@ -407,7 +412,9 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
 
     async fn dispatch(&mut self, pending: Pending, answer: Result<Response, Failure>) -> Result<Progress, E2eeError> {
         match (pending, answer) {
-            (Pending::DeviceList { user, then }, Ok(Response::DeviceList(list))) => self.on_device_list(user, Ok(list), then).await,
+            (Pending::DeviceList { user, then }, Ok(Response::DeviceList(list))) => {
+                self.on_device_list(user, Ok(list), then).await
+            }
             (Pending::DeviceList { user, then }, Err(failure)) => self.on_device_list(user, Err(failure), then).await,
             (Pending::ClaimKeys(job), Ok(Response::KeysClaimed(claimed))) => self.on_keys_claimed(job, claimed).await,
             (Pending::ClaimKeys(_), Err(failure)) => Ok(Progress::Done(Done::Failed(failure))),

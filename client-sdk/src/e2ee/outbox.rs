@@ -3,7 +3,9 @@
 //! `devices_mismatch` answer fetches the lists again and tries again, at most
 //! [`MAX_ATTEMPTS`] sends in all; then the server is not trusted.
 
-use super::{new_uuid, BundleError, CryptoError, CryptoStore, Done, E2eeError, E2eeMachine, Failure, MessengerEvent, OutboxEntry};
+use super::{
+    new_uuid, BundleError, CryptoError, CryptoStore, Done, E2eeError, E2eeMachine, Failure, MessengerEvent, OutboxEntry,
+};
 use super::{AfterList, OutgoingRequest, Pending, Progress, Untrust};
 use crate::store::StoredMessage;
 use parley_crypto::identity::VerifiedDevice;
@@ -150,7 +152,9 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
             }
             if !missing.is_empty() {
                 let request = ClaimRequest::new(missing);
-                return Ok(Progress::Next(self.request(Pending::ClaimKeys(job), |id| OutgoingRequest::ClaimKeys { id, request })));
+                return Ok(Progress::Next(
+                    self.request(Pending::ClaimKeys(job), |id| OutgoingRequest::ClaimKeys { id, request }),
+                ));
             }
         }
         let content = Content::Text(TextContent::new(job.entry.client_msg_id, job.entry.to.clone(), job.entry.body.clone()));
@@ -191,10 +195,13 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
             if let Err(e) = list.check_device_keys(&bundle.device_keys) {
                 return Err(self.untrusted(&user, Untrust::Bundle { device: device_id, error: BundleError::DeviceKeys(e) }));
             }
-            let initiated = match x3dh::initiate(&mut self.rng, self.device.identity_secret(), &bundle, PrekeyPolicy::AllowThreeDh) {
-                Ok(initiated) => initiated,
-                Err(e) => return Err(self.untrusted(&user, Untrust::Bundle { device: device_id, error: BundleError::X3dh(e) })),
-            };
+            let initiated =
+                match x3dh::initiate(&mut self.rng, self.device.identity_secret(), &bundle, PrekeyPolicy::AllowThreeDh) {
+                    Ok(initiated) => initiated,
+                    Err(e) => {
+                        return Err(self.untrusted(&user, Untrust::Bundle { device: device_id, error: BundleError::X3dh(e) }))
+                    }
+                };
             let session = Ratchet::initiate(&mut self.rng, initiated).map_err(CryptoError::from)?;
             sessions.insert((user, device_id), session);
         }
@@ -237,5 +244,4 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
             failure => Ok(Progress::Done(Done::Failed(failure))),
         }
     }
-
 }

@@ -2,7 +2,9 @@
 //! session start, accepted once and only from a device whose verified listed identity key made
 //! it), filing it in the history, and applying receipts.
 
-use super::{AfterList, CryptoError, CryptoStore, Done, E2eeError, E2eeMachine, InitialMessageId, MessengerEvent, PrekeyKind, Progress};
+use super::{
+    AfterList, CryptoError, CryptoStore, Done, E2eeError, E2eeMachine, InitialMessageId, MessengerEvent, PrekeyKind, Progress,
+};
 use super::{Undecryptable, Untrust};
 use crate::store::StoredMessage;
 use parley_crypto::prekeys::{initial_message_id, LoadedPrekeys};
@@ -96,13 +98,13 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
                 return Ok(Decrypted::Plaintext(Zeroizing::new(plaintext)));
             }
         }
-        for (slot, bytes) in self.store.previous_sessions(user, device).await? {
-            let mut session = match Ratchet::from_bytes(&bytes) {
+        for previous in self.store.previous_sessions(user, device).await? {
+            let mut session = match Ratchet::from_bytes(&previous.state) {
                 Ok(session) => session,
                 Err(e) => return Ok(Decrypted::Failed(Undecryptable::Crypto(e.into()))),
             };
             if let Ok(plaintext) = session.decrypt(ciphertext) {
-                self.store.save_previous_session(user, device, slot, &session.to_bytes()).await?;
+                self.store.save_previous_session(user, device, previous.slot, &session.to_bytes()).await?;
                 return Ok(Decrypted::Plaintext(Zeroizing::new(plaintext)));
             }
         }
@@ -194,7 +196,11 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
         let marked = self.store.mark_receipt(&receipt.by, &self.user_id, &receipt.message_ids, read).await?;
         if !marked.is_empty() {
             let (by, message_ids) = (receipt.by.clone(), marked.clone());
-            self.emit(if read { MessengerEvent::Read { by, message_ids } } else { MessengerEvent::Delivered { by, message_ids } });
+            self.emit(if read {
+                MessengerEvent::Read { by, message_ids }
+            } else {
+                MessengerEvent::Delivered { by, message_ids }
+            });
         }
         receipt.message_ids.retain(|id| !marked.contains(id));
         Ok((!receipt.message_ids.is_empty()).then_some(receipt))

@@ -65,6 +65,21 @@ pub struct OutboxEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SessionSlot(pub i64);
 
+/// A superseded session with a peer device.
+#[derive(Clone)]
+pub struct SupersededSession {
+    /// Where it is kept.
+    pub slot: SessionSlot,
+    /// The serialized session.
+    pub state: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SupersededSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupersededSession").field("slot", &self.slot).finish_non_exhaustive()
+    }
+}
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -82,11 +97,20 @@ pub trait AccountStore: Send + Sync {
     /// The user identity and device keys, once saved.
     fn account(&self) -> impl Future<Output = Result<Option<(UserIdentity, DeviceIdentity)>, StoreError>> + Send;
     /// Saves the user identity and device keys (once, when the device is set up).
-    fn save_account(&self, identity: &UserIdentity, device: &DeviceIdentity) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn save_account(
+        &self,
+        identity: &UserIdentity,
+        device: &DeviceIdentity,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// A prekey secret, unless deleted or never made.
     fn prekey(&self, kind: PrekeyKind, key_id: u32) -> impl Future<Output = Result<Option<PrekeySecret>, StoreError>> + Send;
     /// Saves a prekey secret.
-    fn save_prekey(&self, kind: PrekeyKind, key_id: u32, secret: &PrekeySecret) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn save_prekey(
+        &self,
+        kind: PrekeyKind,
+        key_id: u32,
+        secret: &PrekeySecret,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Deletes a prekey secret (a used one-time prekey: forward secrecy).
     fn delete_prekey(&self, kind: PrekeyKind, key_id: u32) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// The id the next one-time prekey gets, once one was made.
@@ -100,9 +124,14 @@ pub trait AccountStore: Send + Sync {
 /// the session starts already accepted.
 pub trait SessionStore: Send + Sync {
     /// The current session with a peer device.
-    fn session(&self, user: &UserId, device: &DeviceId) -> impl Future<Output = Result<Option<Zeroizing<Vec<u8>>>, StoreError>> + Send;
+    fn session(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> impl Future<Output = Result<Option<Zeroizing<Vec<u8>>>, StoreError>> + Send;
     /// Saves the current session with a peer device.
-    fn save_session(&self, user: &UserId, device: &DeviceId, state: &[u8]) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn save_session(&self, user: &UserId, device: &DeviceId, state: &[u8])
+        -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Moves the current session with a peer device to the superseded ones, keeping the newest
     /// [`PREVIOUS_SESSIONS_KEPT`]; nothing when there is none.
     fn archive_session(&self, user: &UserId, device: &DeviceId) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -111,7 +140,7 @@ pub trait SessionStore: Send + Sync {
         &self,
         user: &UserId,
         device: &DeviceId,
-    ) -> impl Future<Output = Result<Vec<(SessionSlot, Zeroizing<Vec<u8>>)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<SupersededSession>, StoreError>> + Send;
     /// Saves a superseded session after it decrypted a message.
     fn save_previous_session(
         &self,

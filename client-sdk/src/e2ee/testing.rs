@@ -7,7 +7,9 @@ use super::{Done, E2eeError, E2eeMachine, Failure, MemoryStore, OutgoingRequest,
 use parley_crypto::identity::{DeviceIdentity, UserIdentity};
 use parley_spec::error::DeviceRef;
 use parley_spec::v1::events::MessageEvent;
-use parley_spec::v1::keys::{ClaimResponse, DeviceKeys, DeviceListEntry, OneTimePrekey, PrekeyBundle, SignedDeviceList, SignedPrekey};
+use parley_spec::v1::keys::{
+    ClaimResponse, DeviceKeys, DeviceListEntry, OneTimePrekey, PrekeyBundle, SignedDeviceList, SignedPrekey,
+};
 use parley_spec::v1::messages::SentResponse;
 use parley_spec::{DeviceId, ErrorCode, UserId};
 use rand::rngs::StdRng;
@@ -96,7 +98,7 @@ impl FakeServer {
                     return Err(Failure::Refused(code));
                 }
                 if let Some(sent) = self.stored.get(&request.client_msg_id) {
-                    let mut again = sent.clone();
+                    let mut again = *sent;
                     again.duplicate = true;
                     return Ok(Response::Sent(again));
                 }
@@ -114,7 +116,7 @@ impl FakeServer {
                     self.inboxes.entry((envelope.user.clone(), envelope.device.clone())).or_default().push_back(event);
                 }
                 let sent = SentResponse::new(request.client_msg_id, id, ts, false);
-                self.stored.insert(request.client_msg_id, sent.clone());
+                self.stored.insert(request.client_msg_id, sent);
                 Ok(Response::Sent(sent))
             }
         }
@@ -131,7 +133,12 @@ pub(crate) struct TestUser {
 
 impl TestUser {
     pub(crate) fn new(name: &str, seed: u8) -> Self {
-        Self { id: format!("@{name}:x").parse().expect("a valid user id"), identity_seed: [seed; 32], entries: Vec::new(), version: 0 }
+        Self {
+            id: format!("@{name}:x").parse().expect("a valid user id"),
+            identity_seed: [seed; 32],
+            entries: Vec::new(),
+            version: 0,
+        }
     }
 
     pub(crate) fn identity(&self) -> UserIdentity {

@@ -1,7 +1,9 @@
 //! Device lists: loading the verified ones, fetching and verifying new ones against the pinned
 //! identity key and the last version seen, and reporting changes.
 
-use super::{AfterList, CryptoError, CryptoStore, Done, E2eeError, E2eeMachine, Failure, MessengerEvent, OutgoingRequest, Pending};
+use super::{
+    AfterList, CryptoError, CryptoStore, Done, E2eeError, E2eeMachine, Failure, MessengerEvent, OutgoingRequest, Pending,
+};
 use super::{Progress, StoreError, Undecryptable, Untrust};
 use parley_crypto::identity::{verify_device_list, DeviceListDiff, VerifiedDeviceList};
 use parley_crypto::PublicKey;
@@ -82,7 +84,9 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
     ) -> Result<Progress, E2eeError> {
         match (then, fetched) {
             (AfterList::Report, Err(failure)) => Ok(Progress::Done(Done::Failed(failure))),
-            (AfterList::Report, Ok(list)) => Ok(Progress::Done(Done::DeviceList(self.accept_device_list(&user, &list).await?))),
+            (AfterList::Report, Ok(list)) => {
+                Ok(Progress::Done(Done::DeviceList(Box::new(self.accept_device_list(&user, &list).await?))))
+            }
             (AfterList::Send(_), Err(failure)) => Ok(Progress::Done(Done::Failed(failure))),
             (AfterList::Send(mut job), Ok(list)) => {
                 self.accept_device_list(&user, &list).await?;

@@ -98,6 +98,12 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send, T: Transport> Driver<S, R, T
         MachineGuard { guard: self.machine.lock().await, events: &self.events }
     }
 
+    /// Whether no machine call is in progress (nobody holds the lock).
+    #[cfg(test)]
+    pub(crate) fn is_idle(&self) -> bool {
+        self.machine.try_lock().is_ok()
+    }
+
     pub(crate) fn transport(&self) -> &T {
         &self.transport
     }
@@ -158,7 +164,7 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send, T: Transport> Driver<S, R, T
         let request = self.machine().await.fetch_device_list(user);
         let id = request.id();
         match self.drive(Progress::Next(request)).await? {
-            Done::DeviceList(list) => Ok(list),
+            Done::DeviceList(list) => Ok(*list),
             // A fetch ends in a list, an error, or a failure that `drive` returned.
             _ => Err(MessengerError::Internal(E2eeError::UnexpectedAnswer(id))),
         }
