@@ -27,7 +27,8 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
     /// A message arrived for this device. Ends in [`Done::Received`] once it is stored (and
     /// reported as [`MessengerEvent::Message`]), recognised as a repeat, or reported
     /// [`MessengerEvent::Undecryptable`]; before that, a session start from a device not in
-    /// the sender's known list needs that list fetched ([`OutgoingRequest::FetchDeviceList`](super::OutgoingRequest::FetchDeviceList)).
+    /// the sender's known list needs that list fetched
+    /// ([`OutgoingRequest::FetchDeviceList`](super::OutgoingRequest::FetchDeviceList)).
     /// Errors are the store's: the message was not handled and should be delivered again.
     pub async fn receive_message(&mut self, message: MessageEvent) -> Result<Progress, E2eeError> {
         // MLS: group messages will carry their own kind and go to the group state here; every

@@ -319,9 +319,10 @@ async fn a_receipt_that_overtakes_its_sent_answer_is_applied_after_it() {
     let done = a.mark_request_done(request.id(), answer).await.unwrap();
     assert!(matches!(done, Progress::Done(Done::Sent { .. })));
     let events = a.take_events();
-    assert!(
-        matches!(&events[..], [MessengerEvent::Sent { .. }, MessengerEvent::Delivered { message_ids, .. }] if message_ids == &[sent.server_msg_id])
-    );
+    assert!(matches!(
+        &events[..],
+        [MessengerEvent::Sent { .. }, MessengerEvent::Delivered { message_ids, .. }] if message_ids == &[sent.server_msg_id]
+    ));
     assert!(a.store().history(&bob.id)[0].delivered);
     // With no send on its way, a receipt that matches nothing is dropped at once.
     let mut forged = receipt;
@@ -347,6 +348,7 @@ async fn a_session_start_from_an_unlisted_device_is_untrusted() {
     let events = a.take_events();
     assert!(texts(&events).is_empty());
     let device: DeviceId = "B2".parse().unwrap();
-    assert!(events.contains(&MessengerEvent::Untrusted { user: bob.id.clone(), reason: Untrust::UnlistedSender(device.clone()) }));
+    let untrusted = MessengerEvent::Untrusted { user: bob.id.clone(), reason: Untrust::UnlistedSender(device.clone()) };
+    assert!(events.contains(&untrusted), "{events:?}");
     assert_eq!(undecryptable(&events), [Undecryptable::Untrusted(Untrust::UnlistedSender(device))]);
 }
