@@ -49,8 +49,8 @@ pub enum Error {
     #[error("the access token is not a valid header value")]
     InvalidToken,
     /// The local store failed.
-    #[error("local store: {0}")]
-    Store(String),
+    #[error(transparent)]
+    Store(#[from] crate::e2ee::StoreError),
 }
 
 impl From<tungstenite::Error> for Error {

@@ -6,6 +6,9 @@
 //!   reconnects with backoff and resumes from the last handled inbox position, acknowledges
 //!   automatically, heartbeats, drops repeated messages and re-sends unanswered sends with
 //!   the same `client_msg_id` after a reconnect.
+//! - [`e2ee::E2eeMachine`]: end-to-end encryption with no I/O, over a typed
+//!   [`e2ee::CryptoStore`] (the SQLite [`store::Store`], or [`e2ee::MemoryStore`]);
+//!   [`messenger::Messenger`] drives it with the connection and the HTTP API.
 //!
 //! The wire types come from [`parley_spec`], re-exported as [`spec`]; the ones an application
 //! needs most are re-exported at the crate root.
@@ -30,6 +33,7 @@
 
 mod client;
 mod connection;
+pub mod e2ee;
 mod error;
 mod http;
 pub mod messenger;

@@ -6,11 +6,23 @@
 //! `-shm` files next to it) is readable by its owner only, whatever the umask; disk
 //! encryption is the host's job.
 
-use crate::error::Error;
+#[cfg(doc)]
+use crate::e2ee::CryptoStore;
+use crate::e2ee::{
+    AccountStore, InitialMessageId, MessageStore, OutboxEntry, PrekeyKind, SessionSlot, SessionStore, StoreError,
+    SupersededSession, TrustStore, PREVIOUS_SESSIONS_KEPT,
+};
+use parley_crypto::identity::{DeviceIdentity, UserIdentity, VerifiedDeviceList, DEVICE_IDENTITY_BYTES};
+use parley_crypto::prekeys::PrekeySecret;
+use parley_crypto::PublicKey;
+use parley_spec::v1::keys::SignedDeviceList;
+use parley_spec::{DeviceId, UserId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::Row as _;
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::path::Path;
+use uuid::Uuid;
 use zeroize::Zeroizing;
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -19,8 +31,10 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "previous sessions", include_str!("../migrations/0003_previous_sessions.sql")),
 ];
 
-/// Superseded sessions kept per peer device.
-const PREVIOUS_SESSIONS_KEPT: i64 = 3;
+/// Key-value keys of the device's own keys and of the next one-time prekey id.
+const USER_IDENTITY: &str = "user_identity";
+const DEVICE_IDENTITY: &str = "device_identity";
+const NEXT_PREKEY_ID: &str = "next_prekey_id";
 
 /// A message in the history.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,18 +61,9 @@ pub struct StoredMessage {
     pub read: bool,
 }
 
-/// A message waiting in the outbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxEntry {
-    /// Its id (kept across retries, so the server stores it once).
-    pub client_msg_id: String,
-    /// Recipient.
-    pub to: String,
-    /// Text.
-    pub body: String,
-}
-
-/// The store of one profile.
+/// The store of one profile. Besides what [`Store`]'s own methods offer to the application
+/// (history, outbox, the profile's key-value table), it is the SQLite [`CryptoStore`] of the
+/// [`E2eeMachine`](crate::e2ee::E2eeMachine).
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
@@ -66,14 +71,14 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating, owner-only) the store file and migrates it.
-    pub async fn open(path: &Path) -> Result<Self, Error> {
-        make_private(path).map_err(|e| Error::Store(format!("cannot create {}: {e}", path.display())))?;
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        make_private(path).map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", path.display()).into()))?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(2).connect_with(options).await.map_err(store_error)?;
+        let pool = SqlitePoolOptions::new().max_connections(2).connect_with(options).await.map_err(backend)?;
         let migrations = MIGRATIONS
             .iter()
             .map(|(version, description, sql)| {
@@ -88,250 +93,33 @@ impl Store {
             .collect::<Vec<_>>();
         let migrator =
             sqlx::migrate::Migrator { migrations: Cow::Owned(migrations), ignore_missing: false, locking: true, no_tx: false };
-        migrator.run(&pool).await.map_err(|e| Error::Store(e.to_string()))?;
+        migrator.run(&pool).await.map_err(backend)?;
         Ok(Self { pool })
     }
 
     /// A value of the key-value table (account, identity secrets, cursor).
-    pub async fn get(&self, key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
+    pub async fn get(&self, key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         let value: Option<Vec<u8>> = sqlx::query_scalar("SELECT value FROM kv WHERE key = ?")
             .bind(key)
             .fetch_optional(&self.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(backend)?;
         Ok(value.map(Zeroizing::new))
     }
 
     /// Sets a value of the key-value table.
-    pub async fn set(&self, key: &str, value: &[u8]) -> Result<(), Error> {
+    pub async fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         sqlx::query("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)")
             .bind(key)
             .bind(value)
             .execute(&self.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(backend)?;
         Ok(())
-    }
-
-    /// The ratchet session with a peer device.
-    pub async fn session(&self, user: &str, device: &str) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
-        let state: Option<Vec<u8>> = sqlx::query_scalar("SELECT state FROM sessions WHERE user_id = ? AND device_id = ?")
-            .bind(user)
-            .bind(device)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(state.map(Zeroizing::new))
-    }
-
-    /// Saves the ratchet session with a peer device.
-    pub async fn save_session(&self, user: &str, device: &str, state: &[u8]) -> Result<(), Error> {
-        sqlx::query("INSERT OR REPLACE INTO sessions (user_id, device_id, state) VALUES (?, ?, ?)")
-            .bind(user)
-            .bind(device)
-            .bind(state)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(())
-    }
-
-    /// Moves the current session with a peer device to the superseded ones (keeping the newest
-    /// few), before a new session replaces it.
-    pub async fn archive_session(&self, user: &str, device: &str) -> Result<(), Error> {
-        let Some(state) = self.session(user, device).await? else { return Ok(()) };
-        let next: i64 =
-            sqlx::query_scalar("SELECT coalesce(max(slot), 0) + 1 FROM previous_sessions WHERE user_id = ? AND device_id = ?")
-                .bind(user)
-                .bind(device)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(store_error)?;
-        sqlx::query("INSERT INTO previous_sessions (user_id, device_id, slot, state) VALUES (?, ?, ?, ?)")
-            .bind(user)
-            .bind(device)
-            .bind(next)
-            .bind(state.as_slice())
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        sqlx::query("DELETE FROM previous_sessions WHERE user_id = ? AND device_id = ? AND slot <= ?")
-            .bind(user)
-            .bind(device)
-            .bind(next - PREVIOUS_SESSIONS_KEPT)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(())
-    }
-
-    /// The superseded sessions with a peer device, newest first: (slot, state).
-    pub async fn previous_sessions(&self, user: &str, device: &str) -> Result<Vec<(i64, Zeroizing<Vec<u8>>)>, Error> {
-        let rows =
-            sqlx::query("SELECT slot, state FROM previous_sessions WHERE user_id = ? AND device_id = ? ORDER BY slot DESC")
-                .bind(user)
-                .bind(device)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(store_error)?;
-        rows.into_iter()
-            .map(|r| Ok((r.try_get(0)?, Zeroizing::new(r.try_get::<Vec<u8>, _>(1)?))))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(store_error)
-    }
-
-    /// Saves a superseded session after it decrypted a message.
-    pub async fn save_previous_session(&self, user: &str, device: &str, slot: i64, state: &[u8]) -> Result<(), Error> {
-        sqlx::query("UPDATE previous_sessions SET state = ? WHERE user_id = ? AND device_id = ? AND slot = ?")
-            .bind(state)
-            .bind(user)
-            .bind(device)
-            .bind(slot)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(())
-    }
-
-    /// Stores one of our prekey secrets.
-    pub async fn save_prekey(&self, kind: &str, key_id: u32, secret: &[u8]) -> Result<(), Error> {
-        sqlx::query("INSERT OR REPLACE INTO prekeys (kind, key_id, secret) VALUES (?, ?, ?)")
-            .bind(kind)
-            .bind(i64::from(key_id))
-            .bind(secret)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(())
-    }
-
-    /// One of our prekey secrets.
-    pub async fn prekey(&self, kind: &str, key_id: u32) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
-        let secret: Option<Vec<u8>> = sqlx::query_scalar("SELECT secret FROM prekeys WHERE kind = ? AND key_id = ?")
-            .bind(kind)
-            .bind(i64::from(key_id))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(secret.map(Zeroizing::new))
-    }
-
-    /// Deletes a used one-time prekey secret (forward secrecy).
-    pub async fn delete_prekey(&self, kind: &str, key_id: u32) -> Result<(), Error> {
-        sqlx::query("DELETE FROM prekeys WHERE kind = ? AND key_id = ?")
-            .bind(kind)
-            .bind(i64::from(key_id))
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(())
-    }
-
-    /// The highest one-time prekey id used so far.
-    pub async fn max_prekey_id(&self, kind: &str) -> Result<u32, Error> {
-        let max: Option<i64> = sqlx::query_scalar("SELECT max(key_id) FROM prekeys WHERE kind = ?")
-            .bind(kind)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(max.unwrap_or(0) as u32)
-    }
-
-    /// The verified device list of a user: (version, pinned identity key, JSON).
-    pub async fn device_list(&self, user: &str) -> Result<Option<(u64, Vec<u8>, Vec<u8>)>, Error> {
-        let row = sqlx::query("SELECT version, identity_key, json FROM device_lists WHERE user_id = ?")
-            .bind(user)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(store_error)?;
-        row.map(|r| Ok((r.try_get::<i64, _>(0)? as u64, r.try_get(1)?, r.try_get(2)?))).transpose().map_err(store_error)
-    }
-
-    /// Saves a verified device list.
-    pub async fn save_device_list(&self, user: &str, version: u64, identity_key: &[u8], json: &[u8]) -> Result<(), Error> {
-        sqlx::query("INSERT OR REPLACE INTO device_lists (user_id, version, identity_key, json) VALUES (?, ?, ?, ?)")
-            .bind(user)
-            .bind(version as i64)
-            .bind(identity_key)
-            .bind(json)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(())
-    }
-
-    /// Forgets a user's verified device list (the next fetch pins what the server serves).
-    pub async fn forget_device_list(&self, user: &str) -> Result<(), Error> {
-        sqlx::query("DELETE FROM device_lists WHERE user_id = ?").bind(user).execute(&self.pool).await.map_err(store_error)?;
-        Ok(())
-    }
-
-    /// Adds a message to the history; false if it was there already (same sender and id).
-    pub async fn add_message(&self, message: &StoredMessage) -> Result<bool, Error> {
-        let done = sqlx::query(
-            "INSERT OR IGNORE INTO messages (peer, sender, sender_device, client_msg_id, server_msg_id, ts, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&message.peer)
-        .bind(&message.sender)
-        .bind(&message.sender_device)
-        .bind(&message.client_msg_id)
-        .bind(message.server_msg_id.map(|id| id as i64))
-        .bind(message.ts)
-        .bind(&message.body)
-        .execute(&self.pool)
-        .await
-        .map_err(store_error)?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Whether a message with this sender and server id is in the history already (a message
-    /// delivered again after a reconnect).
-    pub async fn has_server_message(&self, sender: &str, server_msg_id: u64) -> Result<bool, Error> {
-        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM messages WHERE sender = ? AND server_msg_id = ?")
-            .bind(sender)
-            .bind(server_msg_id as i64)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(found.is_some())
-    }
-
-    /// Records the server's id and time for one of our messages.
-    pub async fn mark_sent(&self, sender: &str, client_msg_id: &str, server_msg_id: u64, ts: i64) -> Result<(), Error> {
-        sqlx::query("UPDATE messages SET server_msg_id = ?, ts = ? WHERE sender = ? AND client_msg_id = ?")
-            .bind(server_msg_id as i64)
-            .bind(ts)
-            .bind(sender)
-            .bind(client_msg_id)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(())
-    }
-
-    /// Marks messages of `sender` in the conversation with `peer` (by server id) delivered or
-    /// read; ids of other messages are ignored. Returns the ids marked, in the order given, each
-    /// once. For a receipt, `peer` is the user the receipt is by: it applies only to messages
-    /// that went to that user, whoever the server claims read them.
-    pub async fn mark_receipt(&self, peer: &str, sender: &str, server_msg_ids: &[u64], read: bool) -> Result<Vec<u64>, Error> {
-        let column = if read { "read = 1, delivered = 1" } else { "delivered = 1" };
-        let ids: Vec<String> = server_msg_ids.iter().filter_map(|id| i64::try_from(*id).ok()).map(|id| id.to_string()).collect();
-        let marked: Vec<i64> = sqlx::query_scalar(&format!(
-            "UPDATE messages SET {column} WHERE peer = ? AND sender = ? \
-             AND server_msg_id IN (SELECT value FROM json_each(?)) RETURNING server_msg_id"
-        ))
-        .bind(peer)
-        .bind(sender)
-        .bind(format!("[{}]", ids.join(",")))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(store_error)?;
-        let mut marked: std::collections::HashSet<u64> = marked.into_iter().map(|id| id as u64).collect();
-        Ok(server_msg_ids.iter().copied().filter(|id| marked.remove(id)).collect())
     }
 
     /// The last `limit` messages with `peer`, oldest first.
-    pub async fn history(&self, peer: &str, limit: u32) -> Result<Vec<StoredMessage>, Error> {
+    pub async fn history(&self, peer: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, peer, sender, sender_device, client_msg_id, server_msg_id, ts, body, delivered, read FROM \
              (SELECT * FROM messages WHERE peer = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
@@ -340,7 +128,7 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(store_error)?;
+        .map_err(backend)?;
         rows.into_iter()
             .map(|r| {
                 Ok(StoredMessage {
@@ -357,43 +145,322 @@ impl Store {
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
-            .map_err(store_error)
-    }
-
-    /// Queues a message for sending.
-    pub async fn enqueue(&self, entry: &OutboxEntry, now: i64) -> Result<(), Error> {
-        sqlx::query("INSERT OR IGNORE INTO outbox (client_msg_id, to_user, body, created_ts) VALUES (?, ?, ?, ?)")
-            .bind(&entry.client_msg_id)
-            .bind(&entry.to)
-            .bind(&entry.body)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(())
+            .map_err(backend)
     }
 
     /// The outbox, oldest first.
-    pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, Error> {
+    pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         let rows = sqlx::query("SELECT client_msg_id, to_user, body FROM outbox ORDER BY seq")
             .fetch_all(&self.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(backend)?;
         rows.into_iter()
-            .map(|r| Ok(OutboxEntry { client_msg_id: r.try_get(0)?, to: r.try_get(1)?, body: r.try_get(2)? }))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(store_error)
+            .map(|r| {
+                let (id, to, body): (String, String, String) =
+                    (r.try_get(0).map_err(backend)?, r.try_get(1).map_err(backend)?, r.try_get(2).map_err(backend)?);
+                Ok(OutboxEntry {
+                    client_msg_id: id.parse().map_err(|_| StoreError::Damaged("outbox message id"))?,
+                    to: to.parse().map_err(|_| StoreError::Damaged("outbox recipient"))?,
+                    body,
+                })
+            })
+            .collect()
     }
 
-    /// Removes an entry once the server answered `sent`.
-    pub async fn dequeue(&self, client_msg_id: &str) -> Result<(), Error> {
+    /// Removes an entry from the outbox (answered `sent`, refused for good, or given up).
+    pub async fn dequeue(&self, client_msg_id: Uuid) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM outbox WHERE client_msg_id = ?")
-            .bind(client_msg_id)
+            .bind(client_msg_id.to_string())
             .execute(&self.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(backend)?;
         Ok(())
     }
+
+    /// The pinned identity key of `user` (from the verified device list), if any.
+    pub async fn pinned_identity_key(&self, user: &UserId) -> Result<Option<PublicKey>, StoreError> {
+        let key: Option<Vec<u8>> = sqlx::query_scalar("SELECT identity_key FROM device_lists WHERE user_id = ?")
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        key.map(|key| PublicKey::from_bytes(&key).map_err(|_| StoreError::Damaged("pinned identity key"))).transpose()
+    }
+}
+
+impl AccountStore for Store {
+    async fn account(&self) -> Result<Option<(UserIdentity, DeviceIdentity)>, StoreError> {
+        let (Some(user), Some(device)) = (self.get(USER_IDENTITY).await?, self.get(DEVICE_IDENTITY).await?) else {
+            return Ok(None);
+        };
+        let user: &[u8; 32] = user.as_slice().try_into().map_err(|_| StoreError::Damaged("user identity"))?;
+        let device: &[u8; DEVICE_IDENTITY_BYTES] =
+            device.as_slice().try_into().map_err(|_| StoreError::Damaged("device keys"))?;
+        Ok(Some((UserIdentity::from_bytes(user), DeviceIdentity::from_bytes(device))))
+    }
+
+    async fn save_account(&self, identity: &UserIdentity, device: &DeviceIdentity) -> Result<(), StoreError> {
+        self.set(USER_IDENTITY, identity.to_bytes().as_slice()).await?;
+        self.set(DEVICE_IDENTITY, device.to_bytes().as_slice()).await
+    }
+
+    async fn prekey(&self, kind: PrekeyKind, key_id: u32) -> Result<Option<PrekeySecret>, StoreError> {
+        let secret: Option<Vec<u8>> = sqlx::query_scalar("SELECT secret FROM prekeys WHERE kind = ? AND key_id = ?")
+            .bind(kind.as_str())
+            .bind(i64::from(key_id))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        let secret = secret.map(Zeroizing::new);
+        secret.map(|s| PrekeySecret::from_bytes(&s).map_err(|_| StoreError::Damaged("prekey secret"))).transpose()
+    }
+
+    async fn save_prekey(&self, kind: PrekeyKind, key_id: u32, secret: &PrekeySecret) -> Result<(), StoreError> {
+        sqlx::query("INSERT OR REPLACE INTO prekeys (kind, key_id, secret) VALUES (?, ?, ?)")
+            .bind(kind.as_str())
+            .bind(i64::from(key_id))
+            .bind(secret.to_bytes().as_slice())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn delete_prekey(&self, kind: PrekeyKind, key_id: u32) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM prekeys WHERE kind = ? AND key_id = ?")
+            .bind(kind.as_str())
+            .bind(i64::from(key_id))
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn next_one_time_prekey_id(&self) -> Result<Option<u32>, StoreError> {
+        let Some(bytes) = self.get(NEXT_PREKEY_ID).await? else { return Ok(None) };
+        // Older versions read an unparsable value as "none yet"; so does this one.
+        Ok(std::str::from_utf8(&bytes).ok().and_then(|s| s.parse().ok()))
+    }
+
+    async fn set_next_one_time_prekey_id(&self, next: u32) -> Result<(), StoreError> {
+        self.set(NEXT_PREKEY_ID, next.to_string().as_bytes()).await
+    }
+}
+
+impl SessionStore for Store {
+    async fn session(&self, user: &UserId, device: &DeviceId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let state: Option<Vec<u8>> = sqlx::query_scalar("SELECT state FROM sessions WHERE user_id = ? AND device_id = ?")
+            .bind(user.as_str())
+            .bind(device.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(state.map(Zeroizing::new))
+    }
+
+    async fn save_session(&self, user: &UserId, device: &DeviceId, state: &[u8]) -> Result<(), StoreError> {
+        sqlx::query("INSERT OR REPLACE INTO sessions (user_id, device_id, state) VALUES (?, ?, ?)")
+            .bind(user.as_str())
+            .bind(device.as_str())
+            .bind(state)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn archive_session(&self, user: &UserId, device: &DeviceId) -> Result<(), StoreError> {
+        let Some(state) = self.session(user, device).await? else { return Ok(()) };
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let next: i64 =
+            sqlx::query_scalar("SELECT coalesce(max(slot), 0) + 1 FROM previous_sessions WHERE user_id = ? AND device_id = ?")
+                .bind(user.as_str())
+                .bind(device.as_str())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend)?;
+        sqlx::query("INSERT INTO previous_sessions (user_id, device_id, slot, state) VALUES (?, ?, ?, ?)")
+            .bind(user.as_str())
+            .bind(device.as_str())
+            .bind(next)
+            .bind(state.as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        sqlx::query("DELETE FROM previous_sessions WHERE user_id = ? AND device_id = ? AND slot <= ?")
+            .bind(user.as_str())
+            .bind(device.as_str())
+            .bind(next - PREVIOUS_SESSIONS_KEPT as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn previous_sessions(&self, user: &UserId, device: &DeviceId) -> Result<Vec<SupersededSession>, StoreError> {
+        let rows =
+            sqlx::query("SELECT slot, state FROM previous_sessions WHERE user_id = ? AND device_id = ? ORDER BY slot DESC")
+                .bind(user.as_str())
+                .bind(device.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(SupersededSession { slot: SessionSlot(r.try_get(0)?), state: Zeroizing::new(r.try_get::<Vec<u8>, _>(1)?) })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(backend)
+    }
+
+    async fn save_previous_session(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        slot: SessionSlot,
+        state: &[u8],
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE previous_sessions SET state = ? WHERE user_id = ? AND device_id = ? AND slot = ?")
+            .bind(state)
+            .bind(user.as_str())
+            .bind(device.as_str())
+            .bind(slot.0)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn initial_message_seen(&self, id: &InitialMessageId) -> Result<bool, StoreError> {
+        Ok(self.get(&initial_key(id)).await?.is_some())
+    }
+
+    async fn mark_initial_message_seen(&self, id: &InitialMessageId) -> Result<(), StoreError> {
+        self.set(&initial_key(id), b"1").await
+    }
+}
+
+impl TrustStore for Store {
+    async fn device_list(&self, user: &UserId) -> Result<Option<SignedDeviceList>, StoreError> {
+        let json: Option<Vec<u8>> = sqlx::query_scalar("SELECT json FROM device_lists WHERE user_id = ?")
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        json.map(|json| serde_json::from_slice(&json).map_err(|_| StoreError::Damaged("device list"))).transpose()
+    }
+
+    async fn save_device_list(&self, list: &VerifiedDeviceList) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(list.signed()).map_err(backend)?;
+        sqlx::query("INSERT OR REPLACE INTO device_lists (user_id, version, identity_key, json) VALUES (?, ?, ?, ?)")
+            .bind(list.user_id().as_str())
+            .bind(list.version() as i64)
+            .bind(list.identity_key().as_bytes().as_slice())
+            .bind(json)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn forget_device_list(&self, user: &UserId) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM device_lists WHERE user_id = ?")
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+impl MessageStore for Store {
+    async fn enqueue(&self, entry: &OutboxEntry, now_ms: i64) -> Result<(), StoreError> {
+        sqlx::query("INSERT OR IGNORE INTO outbox (client_msg_id, to_user, body, created_ts) VALUES (?, ?, ?, ?)")
+            .bind(entry.client_msg_id.to_string())
+            .bind(entry.to.as_str())
+            .bind(&entry.body)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        Store::outbox(self).await
+    }
+
+    async fn dequeue(&self, client_msg_id: Uuid) -> Result<(), StoreError> {
+        Store::dequeue(self, client_msg_id).await
+    }
+
+    async fn add_message(&self, message: &StoredMessage) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT OR IGNORE INTO messages (peer, sender, sender_device, client_msg_id, server_msg_id, ts, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&message.peer)
+        .bind(&message.sender)
+        .bind(&message.sender_device)
+        .bind(&message.client_msg_id)
+        .bind(message.server_msg_id.map(|id| id as i64))
+        .bind(message.ts)
+        .bind(&message.body)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn has_server_message(&self, sender: &UserId, server_msg_id: u64) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM messages WHERE sender = ? AND server_msg_id = ?")
+            .bind(sender.as_str())
+            .bind(server_msg_id as i64)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(found.is_some())
+    }
+
+    async fn mark_sent(&self, sender: &UserId, client_msg_id: Uuid, server_msg_id: u64, ts: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE messages SET server_msg_id = ?, ts = ? WHERE sender = ? AND client_msg_id = ?")
+            .bind(server_msg_id as i64)
+            .bind(ts)
+            .bind(sender.as_str())
+            .bind(client_msg_id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn mark_receipt(
+        &self,
+        peer: &UserId,
+        sender: &UserId,
+        server_msg_ids: &[u64],
+        read: bool,
+    ) -> Result<Vec<u64>, StoreError> {
+        let column = if read { "read = 1, delivered = 1" } else { "delivered = 1" };
+        let ids: Vec<String> = server_msg_ids.iter().filter_map(|id| i64::try_from(*id).ok()).map(|id| id.to_string()).collect();
+        let marked: Vec<i64> = sqlx::query_scalar(&format!(
+            "UPDATE messages SET {column} WHERE peer = ? AND sender = ? \
+             AND server_msg_id IN (SELECT value FROM json_each(?)) RETURNING server_msg_id"
+        ))
+        .bind(peer.as_str())
+        .bind(sender.as_str())
+        .bind(format!("[{}]", ids.join(",")))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        let mut marked: BTreeSet<u64> = marked.into_iter().map(|id| id as u64).collect();
+        Ok(server_msg_ids.iter().copied().filter(|id| marked.remove(id)).collect())
+    }
+}
+
+/// The key-value key that marks an accepted session start (as earlier versions wrote it).
+fn initial_key(id: &InitialMessageId) -> String {
+    let hex: String = id.0.iter().map(|b| format!("{b:02x}")).collect();
+    format!("initial:{hex}")
 }
 
 /// Creates the SQLite file `path` (empty, which SQLite takes as a new database) readable and
@@ -423,54 +490,127 @@ pub fn make_private(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn store_error(error: sqlx::Error) -> Error {
-    Error::Store(error.to_string())
+fn backend(error: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend(Box::new(error))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn user(s: &str) -> UserId {
+        s.parse().unwrap()
+    }
+
+    fn message(peer: &str, client_msg_id: &str, server_msg_id: Option<u64>) -> StoredMessage {
+        StoredMessage {
+            local_id: 0,
+            peer: peer.into(),
+            sender: "@a:x".into(),
+            sender_device: "A".into(),
+            client_msg_id: client_msg_id.into(),
+            server_msg_id,
+            ts: 1,
+            body: "hi".into(),
+            delivered: false,
+            read: false,
+        }
+    }
+
     #[tokio::test]
     async fn history_outbox_and_secrets_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("profile.db");
+        let (b, d): (UserId, DeviceId) = (user("@b:x"), "D".parse().unwrap());
+        let secret = PrekeySecret::from_bytes(&[7; 32]).unwrap();
+        let m1 = Uuid::from_u128(1);
+        let m2 = Uuid::from_u128(2);
         {
             let store = Store::open(&path).await.unwrap();
             store.set("cursor", b"42").await.unwrap();
-            store.save_session("@b:x", "D", b"state").await.unwrap();
-            store.save_prekey("one_time", 7, b"secret").await.unwrap();
-            let message = StoredMessage {
-                local_id: 0,
-                peer: "@b:x".into(),
-                sender: "@a:x".into(),
-                sender_device: "A".into(),
-                client_msg_id: "m1".into(),
-                server_msg_id: None,
-                ts: 1,
-                body: "hi".into(),
-                delivered: false,
-                read: false,
-            };
-            assert!(store.add_message(&message).await.unwrap());
-            assert!(!store.add_message(&message).await.unwrap(), "deduplicated");
-            store.mark_sent("@a:x", "m1", 99, 2).await.unwrap();
-            assert_eq!(store.mark_receipt("@b:x", "@a:x", &[99, 5, 99], false).await.unwrap(), [99]);
-            store.enqueue(&OutboxEntry { client_msg_id: "m2".into(), to: "@b:x".into(), body: "later".into() }, 3).await.unwrap();
+            store.save_session(&b, &d, b"state").await.unwrap();
+            store.save_prekey(PrekeyKind::OneTime, 7, &secret).await.unwrap();
+            store.set_next_one_time_prekey_id(8).await.unwrap();
+            assert!(store.add_message(&message("@b:x", &m1.to_string(), None)).await.unwrap());
+            assert!(!store.add_message(&message("@b:x", &m1.to_string(), None)).await.unwrap(), "deduplicated");
+            store.mark_sent(&user("@a:x"), m1, 99, 2).await.unwrap();
+            assert_eq!(store.mark_receipt(&b, &user("@a:x"), &[99, 5, 99], false).await.unwrap(), [99]);
+            store.enqueue(&OutboxEntry { client_msg_id: m2, to: b.clone(), body: "later".into() }, 3).await.unwrap();
+            store.mark_initial_message_seen(&InitialMessageId([9; 32])).await.unwrap();
         }
         let store = Store::open(&path).await.unwrap();
         assert_eq!(store.get("cursor").await.unwrap().unwrap().as_slice(), b"42");
-        assert_eq!(store.session("@b:x", "D").await.unwrap().unwrap().as_slice(), b"state");
-        assert_eq!(store.prekey("one_time", 7).await.unwrap().unwrap().as_slice(), b"secret");
-        assert_eq!(store.max_prekey_id("one_time").await.unwrap(), 7);
-        store.delete_prekey("one_time", 7).await.unwrap();
-        assert!(store.prekey("one_time", 7).await.unwrap().is_none());
+        assert_eq!(store.session(&b, &d).await.unwrap().unwrap().as_slice(), b"state");
+        let stored = store.prekey(PrekeyKind::OneTime, 7).await.unwrap().unwrap();
+        assert_eq!(stored.public_key(), secret.public_key());
+        assert!(store.prekey(PrekeyKind::LastResort, 7).await.unwrap().is_none(), "kinds are separate namespaces");
+        assert_eq!(store.next_one_time_prekey_id().await.unwrap(), Some(8));
+        store.delete_prekey(PrekeyKind::OneTime, 7).await.unwrap();
+        assert!(store.prekey(PrekeyKind::OneTime, 7).await.unwrap().is_none());
+        assert!(store.initial_message_seen(&InitialMessageId([9; 32])).await.unwrap());
+        assert!(!store.initial_message_seen(&InitialMessageId([8; 32])).await.unwrap());
         let history = store.history("@b:x", 10).await.unwrap();
         assert_eq!(history.len(), 1);
         assert_eq!((history[0].server_msg_id, history[0].delivered, history[0].read), (Some(99), true, false));
-        assert_eq!(store.outbox().await.unwrap().len(), 1);
-        store.dequeue("m2").await.unwrap();
+        assert!(store.has_server_message(&user("@a:x"), 99).await.unwrap());
+        assert_eq!(store.outbox().await.unwrap(), [OutboxEntry { client_msg_id: m2, to: b, body: "later".into() }]);
+        store.dequeue(m2).await.unwrap();
         assert!(store.outbox().await.unwrap().is_empty());
+    }
+
+    /// A profile written by earlier versions (rows as they wrote them) reads the same through
+    /// the typed store.
+    #[tokio::test]
+    async fn rows_written_by_earlier_versions_read_through_the_typed_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("profile.db")).await.unwrap();
+        for (kind, id) in [("signed", 1), ("last_resort", 2), ("one_time", 1000)] {
+            sqlx::query("INSERT INTO prekeys (kind, key_id, secret) VALUES (?, ?, ?)")
+                .bind(kind)
+                .bind(id)
+                .bind(vec![id as u8; 32])
+                .execute(&store.pool)
+                .await
+                .unwrap();
+        }
+        let digest = [0xab; 32];
+        store.set(&format!("initial:{}", "ab".repeat(32)), b"1").await.unwrap();
+        store.set("next_prekey_id", b"1050").await.unwrap();
+        store.set("user_identity", &[1; 32]).await.unwrap();
+        store.set("device_identity", &[2; 64]).await.unwrap();
+        sqlx::query("INSERT INTO outbox (client_msg_id, to_user, body, created_ts) VALUES (?, '@b:x', 'queued', 1)")
+            .bind(Uuid::from_u128(5).to_string())
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        for (kind, id) in [(PrekeyKind::Signed, 1), (PrekeyKind::LastResort, 2), (PrekeyKind::OneTime, 1000)] {
+            let secret = store.prekey(kind, id).await.unwrap().unwrap();
+            assert_eq!(secret.to_bytes().as_slice(), [id as u8; 32], "{kind:?}");
+        }
+        assert!(store.initial_message_seen(&InitialMessageId(digest)).await.unwrap());
+        assert_eq!(store.next_one_time_prekey_id().await.unwrap(), Some(1050));
+        let (identity, device) = store.account().await.unwrap().unwrap();
+        assert_eq!(identity.public(), UserIdentity::from_bytes(&[1; 32]).public());
+        assert_eq!(device.signing_public(), DeviceIdentity::from_bytes(&[2; 64]).signing_public());
+        assert_eq!(store.outbox().await.unwrap()[0].client_msg_id, Uuid::from_u128(5));
+    }
+
+    #[tokio::test]
+    async fn superseded_sessions_are_kept_newest_first_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("profile.db")).await.unwrap();
+        let (b, d): (UserId, DeviceId) = (user("@b:x"), "D".parse().unwrap());
+        store.archive_session(&b, &d).await.unwrap();
+        assert!(store.previous_sessions(&b, &d).await.unwrap().is_empty(), "nothing to archive");
+        for state in 1..=5u8 {
+            store.save_session(&b, &d, &[state]).await.unwrap();
+            store.archive_session(&b, &d).await.unwrap();
+        }
+        let previous = store.previous_sessions(&b, &d).await.unwrap();
+        let states: Vec<u8> = previous.iter().map(|p| p.state[0]).collect();
+        assert_eq!(states, [5, 4, 3], "the newest {PREVIOUS_SESSIONS_KEPT}, newest first");
+        store.save_previous_session(&b, &d, previous[1].slot, &[40]).await.unwrap();
+        assert_eq!(store.previous_sessions(&b, &d).await.unwrap()[1].state.as_slice(), [40]);
     }
 
     #[tokio::test]
@@ -478,23 +618,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("profile.db")).await.unwrap();
         for (peer, client_msg_id, server_msg_id) in [("@b:x", "m1", 1), ("@c:x", "m2", 2)] {
-            let message = StoredMessage {
-                local_id: 0,
-                peer: peer.into(),
-                sender: "@a:x".into(),
-                sender_device: "A".into(),
-                client_msg_id: client_msg_id.into(),
-                server_msg_id: Some(server_msg_id),
-                ts: 1,
-                body: "hi".into(),
-                delivered: false,
-                read: false,
-            };
-            store.add_message(&message).await.unwrap();
+            store.add_message(&message(peer, client_msg_id, Some(server_msg_id))).await.unwrap();
         }
         // c read both of a's messages, says the server: only the one a sent to c is marked.
-        assert_eq!(store.mark_receipt("@c:x", "@a:x", &[1, 2], true).await.unwrap(), [2]);
-        assert!(store.mark_receipt("@c:x", "@a:x", &[1], true).await.unwrap().is_empty());
+        let (a, c) = (user("@a:x"), user("@c:x"));
+        assert_eq!(store.mark_receipt(&c, &a, &[1, 2], true).await.unwrap(), [2]);
+        assert!(store.mark_receipt(&c, &a, &[1], true).await.unwrap().is_empty());
         let to_b = store.history("@b:x", 10).await.unwrap();
         assert_eq!((to_b[0].delivered, to_b[0].read), (false, false));
         let to_c = store.history("@c:x", 10).await.unwrap();

@@ -9,7 +9,7 @@ use crate::profile::{Profile, ProfileLock};
 use crate::{fail, one_line, report, DEFAULT_SERVER};
 use anyhow::Context as _;
 use parley_crypto::safety::safety_number;
-use parley_crypto::PublicKey;
+use parley_sdk::e2ee::StoreError;
 use parley_sdk::messenger::{Messenger, MessengerError, MessengerEvent, MessengerEvents};
 use parley_sdk::store::StoredMessage;
 use parley_sdk::{Api, ErrorCode, PresenceStatus, Session, UserId};
@@ -344,14 +344,12 @@ pub async fn verify(ctx: &Ctx, user: &str) -> anyhow::Result<()> {
             return Err(fail("usage", "verify compares your identity with someone else's (all your devices share one identity)"));
         }
         ctx.within("fetching keys", device.messenger.refresh_devices(&peer)).await?.map_err(|e| peer_error(&peer, e))?;
-        let (_, key, _) = device
-            .messenger
-            .store()
-            .device_list(peer.as_str())
-            .await?
-            .ok_or_else(|| fail("profile", format!("no verified device list of {peer} in the profile")))?;
-        let key =
-            PublicKey::from_bytes(&key).map_err(|_| fail("profile", format!("the stored identity key of {peer} is damaged")))?;
+        let key = match device.messenger.store().pinned_identity_key(&peer).await {
+            Ok(Some(key)) => key,
+            Ok(None) => return Err(fail("profile", format!("no verified device list of {peer} in the profile"))),
+            Err(StoreError::Damaged(_)) => return Err(fail("profile", format!("the stored identity key of {peer} is damaged"))),
+            Err(e) => return Err(e.into()),
+        };
         let number = safety_number(&me, &device.messenger.identity_key(), &peer, &key);
         Ok((peer, number))
     }
@@ -444,7 +442,7 @@ async fn send_one(
             ctx.timeout.as_secs()
         )
     };
-    let before: HashSet<String> = messenger.store().outbox().await?.into_iter().map(|e| e.client_msg_id).collect();
+    let before: HashSet<Uuid> = messenger.store().outbox().await?.into_iter().map(|e| e.client_msg_id).collect();
     let client_msg_id = match tokio::time::timeout_at(deadline, messenger.send_text(to, body)).await {
         Err(_) => return Err(fail("timeout", queued())),
         Ok(Ok(id)) => id,
@@ -454,8 +452,8 @@ async fn send_one(
                     .context("not sent yet; the message stays queued and goes out the next time this profile connects"));
             }
             for entry in messenger.store().outbox().await? {
-                if !before.contains(&entry.client_msg_id) && entry.to == to.as_str() && entry.body == body {
-                    messenger.store().dequeue(&entry.client_msg_id).await?;
+                if !before.contains(&entry.client_msg_id) && entry.to == *to && entry.body == body {
+                    messenger.store().dequeue(entry.client_msg_id).await?;
                 }
             }
             return Err(anyhow::Error::new(error).context(format!("not sent to {to}")));
@@ -476,7 +474,7 @@ async fn send_one(
 /// Makes sure `user` exists and has a verified device list before anything is queued for
 /// them (a message to a user who does not exist would otherwise wait in the outbox forever).
 async fn ensure_known(ctx: &Ctx, messenger: &Messenger, user: &UserId) -> anyhow::Result<()> {
-    if messenger.store().device_list(user.as_str()).await?.is_some() {
+    if messenger.store().pinned_identity_key(user).await?.is_some() {
         return Ok(());
     }
     ctx.within("fetching keys", messenger.refresh_devices(user)).await?.map_err(|e| peer_error(user, e))?;
@@ -514,7 +512,7 @@ fn same_server(a: &str, b: &str) -> bool {
 
 /// The ids of the messages waiting in the outbox.
 async fn outbox_ids(messenger: &Messenger) -> anyhow::Result<HashSet<String>> {
-    Ok(messenger.store().outbox().await?.into_iter().map(|e| e.client_msg_id).collect())
+    Ok(messenger.store().outbox().await?.into_iter().map(|e| e.client_msg_id.to_string()).collect())
 }
 
 /// How far one of our messages got (`None` for someone else's): `queued` (waiting in the
@@ -615,10 +613,12 @@ impl Watcher {
     fn handle(&mut self, event: MessengerEvent) {
         match event {
             MessengerEvent::Untrusted { user, reason } => {
+                let reason = reason.to_string();
                 eprintln!("warning: the keys of {user} cannot be trusted: {}", terminal_safe(&reason));
                 self.event(json!({ "event": "untrusted", "user": user, "reason": reason }));
             }
             MessengerEvent::Undecryptable { sender, device, reason } => {
+                let reason = reason.to_string();
                 eprintln!(
                     "warning: a message from {sender} (device {device}) could not be decrypted: {}",
                     terminal_safe(&reason)
