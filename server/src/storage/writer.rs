@@ -5,6 +5,11 @@
 //! Sequence invariant: rows are deleted only at or below a device's persisted `acked_seq`
 //! (in the same transaction that raises it), so after a restart the next sequence number is
 //! `max(acked_seq, max(seq)) + 1` and is never reused.
+//!
+//! After each commit, and only then, the writer answers the batch's operations and publishes
+//! what the commit made durable to its [`Subscribers`], in commit order: the inbox events to
+//! live delivery (called in the writer task, so a live event costs no task switch), and the
+//! outbound queues that grew on a channel (their drainer is built after the store).
 
 use super::{DevicePk, InboxRow, StoreError, UserPk};
 use bytes::Bytes;
@@ -150,9 +155,37 @@ pub struct Committed {
     pub row: InboxRow,
 }
 
-/// Called after each commit with the events it made durable and the destinations whose
-/// outbound queue grew.
-pub type OnCommit = Arc<dyn Fn(Vec<Committed>, Vec<Arc<str>>) + Send + Sync>;
+/// Receives the inbox events of each commit, in the writer task, right after the commit and
+/// in commit order. It must not block or wait: the next batch waits for it.
+pub trait LiveEvents: Send + Sync {
+    /// `events` are durable (answers for the commit have been sent).
+    fn committed(&self, events: Vec<Committed>);
+}
+
+/// Who hears about commits, fixed when the store opens; a missing subscriber hears nothing.
+#[derive(Default)]
+pub struct Subscribers {
+    /// Live delivery of durable inbox events (the hub). Called in the writer task: a live
+    /// event reaches its connection without a hop through another task.
+    pub events: Option<Arc<dyn LiveEvents>>,
+    /// The outbound queues (named by destination server) a commit added items to, one message
+    /// per commit that grew any. A channel rather than a call, so that its receiver can go to
+    /// a service built after the store (the federation sender, which reads the store).
+    pub outbound: Option<mpsc::UnboundedSender<Vec<Arc<str>>>>,
+}
+
+impl Subscribers {
+    fn publish(&self, committed: Vec<Committed>, outbound: Vec<Arc<str>>) {
+        if let Some(events) = self.events.as_ref().filter(|_| !committed.is_empty()) {
+            events.committed(committed);
+        }
+        if let Some(channel) = self.outbound.as_ref().filter(|_| !outbound.is_empty()) {
+            // Nobody listening (federation off, or shutting down): the items stay queued in
+            // the database and are picked up at the next start.
+            let _ = channel.send(outbound);
+        }
+    }
+}
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -244,7 +277,7 @@ pub(super) struct Writer {
     pub priority: mpsc::Receiver<WriteOp>,
     pub max_batch: usize,
     pub keep_history: bool,
-    pub on_commit: OnCommit,
+    pub subscribers: Subscribers,
     pub metrics: crate::metrics::Metrics,
     /// Next sequence number per device (loaded on first use).
     pub next_seq: HashMap<DevicePk, u64>,
@@ -326,9 +359,7 @@ impl Writer {
                     let _ = reply.send(Ok(new));
                 }
                 let destinations = std::mem::take(&mut work.destinations);
-                if !committed.is_empty() || !destinations.is_empty() {
-                    (self.on_commit)(committed, destinations);
-                }
+                self.subscribers.publish(committed, destinations);
             }
             Err(error) => {
                 // Dropping the replies answers every operation of the batch with `Unavailable`.
