@@ -3,7 +3,9 @@
 
 use crate::{error::Error, http, Api};
 use parley_spec::{
-    v1::account::{LoginRequest, RegisterRequest, SessionResponse},
+    endpoint::{Endpoint, Method},
+    v1::account::{Login, LoginRequest, Register, RegisterRequest, SessionResponse},
+    v1::ws::WebSocket,
     DeviceId, UserId,
 };
 use serde::{Deserialize, Serialize};
@@ -34,12 +36,12 @@ impl Client {
 
     /// `POST /v1/register`: creates an account and its first device.
     pub async fn register(&self, req: RegisterRequest) -> Result<Session, Error> {
-        self.start_session(&["v1", "register"], &req).await
+        self.start_session::<Register>(&req).await
     }
 
     /// `POST /v1/login`: creates a new device with its own access token.
     pub async fn login(&self, req: LoginRequest) -> Result<Session, Error> {
-        self.start_session(&["v1", "login"], &req).await
+        self.start_session::<Login>(&req).await
     }
 
     /// An authenticated API handle for `session` that shares this client's connection pool.
@@ -47,9 +49,12 @@ impl Client {
         Api::with_http_client(session, self.http.clone())
     }
 
-    async fn start_session<B: Serialize>(&self, path: &[&str], body: &B) -> Result<Session, Error> {
-        let url = endpoint(&self.base, path)?;
-        let resp = self.http.post(url).json(body).send().await?;
+    async fn start_session<E: Endpoint<Response = SessionResponse>>(&self, body: &E::Request) -> Result<Session, Error>
+    where
+        E::Request: Serialize,
+    {
+        let url = url_of::<E>(&self.base, &[])?;
+        let resp = self.http.request(method_of::<E>(), url).json(body).send().await?;
         let session: SessionResponse = http::decode(resp).await?;
         tracing::debug!(user_id = %session.user_id, device_id = %session.device_id, "session started");
         Ok(Session {
@@ -125,9 +130,27 @@ pub(crate) fn endpoint(base: &Url, segments: &[&str]) -> Result<Url, Error> {
     Ok(url)
 }
 
+/// The URL of endpoint `E` under `base`, its path parameters filled in with `params` (each
+/// percent-encoded as one segment).
+pub(crate) fn url_of<E: Endpoint>(base: &Url, params: &[&str]) -> Result<Url, Error> {
+    let segments = parley_spec::endpoint::segments::<E>(params).map_err(|e| Error::InvalidUrl(e.to_string()))?;
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    endpoint(base, &segments)
+}
+
+/// The HTTP method of endpoint `E`.
+pub(crate) fn method_of<E: Endpoint>() -> reqwest::Method {
+    match E::METHOD {
+        Method::Get => reqwest::Method::GET,
+        Method::Post => reqwest::Method::POST,
+        Method::Put => reqwest::Method::PUT,
+        Method::Delete => reqwest::Method::DELETE,
+    }
+}
+
 /// The WebSocket URL: `ws://` for `http://`, `wss://` for `https://`, path `/v1/ws?since=N`.
 pub(crate) fn ws_url(base: &Url, since: u64) -> Result<Url, Error> {
-    let mut url = endpoint(base, &["v1", "ws"])?;
+    let mut url = url_of::<WebSocket>(base, &[])?;
     let scheme = match url.scheme() {
         "http" | "ws" => "ws",
         "https" | "wss" => "wss",

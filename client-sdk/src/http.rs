@@ -4,24 +4,31 @@
 //! [`ErrorBody`](parley_spec::ErrorBody); nothing is retried automatically here.
 
 use crate::{
-    client::endpoint,
+    client::{method_of, url_of},
     error::{parse_retry_after, server_error, Error},
     Session,
 };
 use parley_spec::{
+    endpoint::Endpoint,
     v1::{
-        account::WhoAmIResponse,
-        devices::{DeleteDeviceRequest, DevicesResponse, UserDevicesResponse},
-        keys::{ClaimRequest, ClaimResponse, SignedDeviceList, UploadKeysRequest, UploadKeysResponse},
-        messages::{ReadRequest, SendRequest, SentResponse},
-        presence::{PresenceInfo, PrivacySettings, SubscribeRequest, SubscriptionsResponse, Visibility},
-        sync::SyncResponse,
+        account::{Logout, WhoAmI, WhoAmIResponse},
+        devices::{DeleteDevice, DeleteDeviceRequest, DevicesResponse, ListDevices, UserDevices, UserDevicesResponse},
+        keys::{
+            ClaimKeys, ClaimRequest, ClaimResponse, GetDeviceList, PutDeviceList, SignedDeviceList, UploadKeys,
+            UploadKeysRequest, UploadKeysResponse,
+        },
+        messages::{MarkRead, ReadRequest, SendMessage, SendRequest, SentResponse},
+        presence::{
+            GetPresence, ListSubscriptions, PresenceInfo, PrivacySettings, SetPrivacy, SubscribePresence, SubscribeRequest,
+            SubscriptionsResponse, Visibility,
+        },
+        sync::{SyncEvents, SyncResponse},
     },
     DeviceId, UserId,
 };
 use reqwest::{
     header::{HeaderValue, AUTHORIZATION, RETRY_AFTER},
-    Method, RequestBuilder, Response,
+    RequestBuilder, Response,
 };
 use serde::de::DeserializeOwned;
 use std::{fmt, time::Duration};
@@ -70,39 +77,39 @@ impl Api {
 
     /// `GET /v1/whoami`.
     pub async fn whoami(&self) -> Result<WhoAmIResponse, Error> {
-        decode(self.request(Method::GET, &["v1", "whoami"])?.send().await?).await
+        decode(self.request::<WhoAmI>(&[])?.send().await?).await
     }
 
     /// `GET /v1/devices`: the caller's devices, oldest first.
     pub async fn devices(&self) -> Result<DevicesResponse, Error> {
-        decode(self.request(Method::GET, &["v1", "devices"])?.send().await?).await
+        decode(self.request::<ListDevices>(&[])?.send().await?).await
     }
 
     /// `DELETE /v1/devices/{device_id}`: removes one of the caller's devices (needs the password).
     pub async fn delete_device(&self, device_id: &DeviceId, password: &str) -> Result<(), Error> {
-        let req = self.request(Method::DELETE, &["v1", "devices", device_id.as_str()])?;
+        let req = self.request::<DeleteDevice>(&[device_id.as_str()])?;
         no_content(req.json(&DeleteDeviceRequest::new(password)).send().await?).await
     }
 
     /// `GET /v1/users/{user_id}/devices`: the device ids a sender must encrypt to.
     pub async fn user_devices(&self, user_id: &UserId) -> Result<UserDevicesResponse, Error> {
-        let req = self.request(Method::GET, &["v1", "users", user_id.as_str(), "devices"])?;
+        let req = self.request::<UserDevices>(&[user_id.as_str()])?;
         decode(req.send().await?).await
     }
 
     /// `POST /v1/logout`: removes this device; the session stops working.
     pub async fn logout(&self) -> Result<(), Error> {
-        no_content(self.request(Method::POST, &["v1", "logout"])?.send().await?).await
+        no_content(self.request::<Logout>(&[])?.send().await?).await
     }
 
     /// `POST /v1/send`: sends a message over HTTP (the twin of [`Connection::send_request`](crate::Connection::send_request)).
     pub async fn send(&self, req: SendRequest) -> Result<SentResponse, Error> {
-        decode(self.request(Method::POST, &["v1", "send"])?.json(&req).send().await?).await
+        decode(self.request::<SendMessage>(&[])?.json(&req).send().await?).await
     }
 
     /// `POST /v1/read`: marks messages from `req.peer` as read.
     pub async fn read(&self, req: ReadRequest) -> Result<(), Error> {
-        no_content(self.request(Method::POST, &["v1", "read"])?.json(&req).send().await?).await
+        no_content(self.request::<MarkRead>(&[])?.json(&req).send().await?).await
     }
 
     /// `GET /v1/sync`: events after `since` (which acknowledges everything up to it), waiting up
@@ -112,57 +119,56 @@ impl Api {
         if let Some(limit) = limit {
             query.push(("limit", limit.to_string()));
         }
-        let req = self
-            .request(Method::GET, &["v1", "sync"])?
-            .query(&query)
-            .timeout(REQUEST_TIMEOUT + Duration::from_millis(timeout_ms));
+        let req = self.request::<SyncEvents>(&[])?.query(&query).timeout(REQUEST_TIMEOUT + Duration::from_millis(timeout_ms));
         decode(req.send().await?).await
     }
 
     /// `GET /v1/presence/{user_id}`.
     pub async fn presence(&self, user_id: &UserId) -> Result<PresenceInfo, Error> {
-        decode(self.request(Method::GET, &["v1", "presence", user_id.as_str()])?.send().await?).await
+        decode(self.request::<GetPresence>(&[user_id.as_str()])?.send().await?).await
     }
 
     /// `PUT /v1/presence/subscriptions`: adds `users` to the caller's contacts.
     pub async fn subscribe_presence(&self, users: Vec<UserId>) -> Result<SubscriptionsResponse, Error> {
-        let req = self.request(Method::PUT, &["v1", "presence", "subscriptions"])?;
+        let req = self.request::<SubscribePresence>(&[])?;
         decode(req.json(&SubscribeRequest::new(users)).send().await?).await
     }
 
     /// `GET /v1/presence/subscriptions`: the caller's contacts with their presence.
     pub async fn subscriptions(&self) -> Result<SubscriptionsResponse, Error> {
-        decode(self.request(Method::GET, &["v1", "presence", "subscriptions"])?.send().await?).await
+        decode(self.request::<ListSubscriptions>(&[])?.send().await?).await
     }
 
     /// `PUT /v1/account/privacy`: who may see this user's online state and last-seen time.
     pub async fn set_privacy(&self, last_seen: Visibility) -> Result<(), Error> {
-        let req = self.request(Method::PUT, &["v1", "account", "privacy"])?;
+        let req = self.request::<SetPrivacy>(&[])?;
         no_content(req.json(&PrivacySettings::new(last_seen)).send().await?).await
     }
 
     /// `POST /v1/keys/upload`: device keys and prekeys; answers the one-time prekey count.
     pub async fn upload_keys(&self, req: &UploadKeysRequest) -> Result<UploadKeysResponse, Error> {
-        decode(self.request(Method::POST, &["v1", "keys", "upload"])?.json(req).send().await?).await
+        decode(self.request::<UploadKeys>(&[])?.json(req).send().await?).await
     }
 
     /// `PUT /v1/keys/device-list`: publishes the user's signed device list.
     pub async fn put_device_list(&self, list: &SignedDeviceList) -> Result<(), Error> {
-        no_content(self.request(Method::PUT, &["v1", "keys", "device-list"])?.json(list).send().await?).await
+        no_content(self.request::<PutDeviceList>(&[])?.json(list).send().await?).await
     }
 
     /// `GET /v1/users/{user_id}/device-list`: a user's signed device list (verify it!).
     pub async fn device_list(&self, user_id: &UserId) -> Result<SignedDeviceList, Error> {
-        decode(self.request(Method::GET, &["v1", "users", user_id.as_str(), "device-list"])?.send().await?).await
+        decode(self.request::<GetDeviceList>(&[user_id.as_str()])?.send().await?).await
     }
 
     /// `POST /v1/keys/claim`: one prekey bundle per device (verify them!).
     pub async fn claim_keys(&self, req: &ClaimRequest) -> Result<ClaimResponse, Error> {
-        decode(self.request(Method::POST, &["v1", "keys", "claim"])?.json(req).send().await?).await
+        decode(self.request::<ClaimKeys>(&[])?.json(req).send().await?).await
     }
 
-    fn request(&self, method: Method, path: &[&str]) -> Result<RequestBuilder, Error> {
-        let url = endpoint(&self.base, path)?;
+    /// A request to endpoint `E` with its path parameters `params`, authenticated.
+    fn request<E: Endpoint>(&self, params: &[&str]) -> Result<RequestBuilder, Error> {
+        let url = url_of::<E>(&self.base, params)?;
+        let method = method_of::<E>();
         tracing::debug!(%method, path = url.path(), "request");
         Ok(self.http.request(method, url).header(AUTHORIZATION, self.auth.clone()).timeout(REQUEST_TIMEOUT))
     }

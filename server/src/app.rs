@@ -9,10 +9,12 @@ use crate::presence::Presence;
 use crate::ratelimit::RateLimits;
 use crate::storage::{Store, StoreError};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::handler::Handler;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::{get, MethodFilter, MethodRouter};
 use axum::Router;
+use parley_spec::endpoint::{Endpoint, Method};
 use parley_spec::ServerName;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -227,33 +229,59 @@ impl Server {
     }
 }
 
+/// A route for the endpoint `E`: its method from its definition in `parley-spec` (its path is
+/// `E::PATH`), served by `handler`.
+pub(crate) fn on<E: Endpoint, H, T, S>(_: E, handler: H) -> MethodRouter<S>
+where
+    H: Handler<T, S>,
+    T: 'static,
+    S: Clone + Send + Sync + 'static,
+{
+    let filter = match E::METHOD {
+        Method::Get => MethodFilter::GET,
+        Method::Post => MethodFilter::POST,
+        Method::Put => MethodFilter::PUT,
+        Method::Delete => MethodFilter::DELETE,
+    };
+    axum::routing::on(filter, handler)
+}
+
 /// The router of the client API.
 pub fn app(state: AppState) -> Router {
     use crate::api;
+    use parley_spec::federation::v1::keys::GetServerKeys;
+    use parley_spec::v1::account::{Login, Logout, Register, WhoAmI};
+    use parley_spec::v1::devices::{DeleteDevice, ListDevices, UserDevices};
+    use parley_spec::v1::keys::{ClaimKeys, GetDeviceList, PutDeviceList, UploadKeys};
+    use parley_spec::v1::messages::{MarkRead, SendMessage};
+    use parley_spec::v1::presence::{GetPresence, ListSubscriptions, SetPrivacy, SubscribePresence};
+    use parley_spec::v1::sync::SyncEvents;
+    use parley_spec::v1::ws::WebSocket;
     let send_limit = state.config.limits.max_send_bytes();
     let body_limit = state.config.limits.max_request_bytes;
     Router::new()
-        .route("/v1/register", post(api::account::register))
-        .route("/v1/login", post(api::account::login))
-        .route("/v1/logout", post(api::account::logout))
-        .route("/v1/whoami", get(api::account::whoami))
-        .route("/v1/devices", get(api::account::list_devices))
-        .route("/v1/devices/{device_id}", delete(api::account::delete_device))
-        .route("/v1/users/{user_id}/devices", get(api::account::user_devices))
-        .route("/v1/send", post(api::messages::send_message).layer(DefaultBodyLimit::max(send_limit)))
-        .route("/v1/read", post(api::messages::mark_read))
-        .route("/v1/sync", get(api::messages::sync))
-        .route("/v1/presence/subscriptions", put(api::presence::subscribe).get(api::presence::list_subscriptions))
-        .route("/v1/presence/{user_id}", get(api::presence::get_presence))
-        .route("/v1/account/privacy", put(api::presence::set_privacy))
-        .route("/v1/keys/upload", post(api::keys::upload_keys))
-        .route("/v1/keys/device-list", put(api::keys::put_device_list))
-        .route("/v1/keys/claim", post(api::keys::claim_keys))
-        .route("/v1/users/{user_id}/device-list", get(api::keys::get_device_list))
-        .route("/v1/ws", get(crate::ws::upgrade))
+        .route(Register::PATH, on(Register, api::account::register))
+        .route(Login::PATH, on(Login, api::account::login))
+        .route(Logout::PATH, on(Logout, api::account::logout))
+        .route(WhoAmI::PATH, on(WhoAmI, api::account::whoami))
+        .route(ListDevices::PATH, on(ListDevices, api::account::list_devices))
+        .route(DeleteDevice::PATH, on(DeleteDevice, api::account::delete_device))
+        .route(UserDevices::PATH, on(UserDevices, api::account::user_devices))
+        .route(SendMessage::PATH, on(SendMessage, api::messages::send_message).layer(DefaultBodyLimit::max(send_limit)))
+        .route(MarkRead::PATH, on(MarkRead, api::messages::mark_read))
+        .route(SyncEvents::PATH, on(SyncEvents, api::messages::sync))
+        .route(SubscribePresence::PATH, on(SubscribePresence, api::presence::subscribe))
+        .route(ListSubscriptions::PATH, on(ListSubscriptions, api::presence::list_subscriptions))
+        .route(GetPresence::PATH, on(GetPresence, api::presence::get_presence))
+        .route(SetPrivacy::PATH, on(SetPrivacy, api::presence::set_privacy))
+        .route(UploadKeys::PATH, on(UploadKeys, api::keys::upload_keys))
+        .route(PutDeviceList::PATH, on(PutDeviceList, api::keys::put_device_list))
+        .route(ClaimKeys::PATH, on(ClaimKeys, api::keys::claim_keys))
+        .route(GetDeviceList::PATH, on(GetDeviceList, api::keys::get_device_list))
+        .route(WebSocket::PATH, on(WebSocket, crate::ws::upgrade))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_ip))
-        .route("/_parley/key/v1", get(server_keys))
+        .route(GetServerKeys::PATH, on(GetServerKeys, server_keys))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { crate::error::ApiError::new(parley_spec::ErrorCode::NotFound, "no such endpoint") })

@@ -137,19 +137,6 @@ pub fn file_stem(server_name: &str) -> String {
     server_name.chars().filter(|c| !matches!(c, '[' | ']')).map(|c| if c == ':' { '_' } else { c }).collect()
 }
 
-/// The host part of a server name, for the certificate's SAN: `localhost:8448` → `localhost`,
-/// `[::1]:8448` → `::1`.
-pub fn host_of(server_name: &parley_spec::ServerName) -> &str {
-    let name = server_name.as_str();
-    if let Some(rest) = name.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest); // invariant: parsed names close the bracket
-    }
-    match name.rfind(':') {
-        Some(i) => &name[..i],
-        None => name,
-    }
-}
-
 /// One server certificate to keep in a PKI directory.
 #[derive(Debug, Clone)]
 pub struct Leaf {
@@ -206,7 +193,8 @@ fn key_path(dir: &Path, leaf: &Leaf) -> PathBuf {
 }
 
 /// Writes `dir/ca.pem` (and `ca.key`) and, for each server name, `dir/<stem>.pem` and
-/// `dir/<stem>.key` valid for the name's host part (see [`file_stem`] and [`host_of`]).
+/// `dir/<stem>.key` valid for the name's host part (see [`file_stem`] and
+/// [`ServerName::tls_name`](parley_spec::ServerName::tls_name): `[::1]:8448` gets the IP SAN `::1`).
 /// Idempotent: files that exist are kept, so running it again with the same names does nothing.
 pub fn write_pki(dir: &Path, names: &[String]) -> anyhow::Result<()> {
     let leaves = names
@@ -214,7 +202,7 @@ pub fn write_pki(dir: &Path, names: &[String]) -> anyhow::Result<()> {
         .map(|name| {
             let parsed =
                 parley_spec::ServerName::parse(name).map_err(|e| anyhow::anyhow!("{name:?} is not a server name: {e}"))?;
-            Ok(Leaf { file_stem: file_stem(parsed.as_str()), names: vec![host_of(&parsed).to_owned()] })
+            Ok(Leaf { file_stem: file_stem(parsed.as_str()), names: vec![parsed.tls_name()] })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     ensure_pki(dir, &leaves)?;
@@ -283,15 +271,24 @@ mod tests {
     }
 
     #[test]
-    fn names_map_to_files_and_hosts() {
-        let parse = |s| parley_spec::ServerName::parse(s).unwrap();
+    fn names_map_to_files() {
         assert_eq!(file_stem("localhost:8448"), "localhost_8448");
         assert_eq!(file_stem("parley1"), "parley1");
         assert_eq!(file_stem("[::1]:8448"), "__1_8448");
-        assert_eq!(host_of(&parse("localhost:8448")), "localhost");
-        assert_eq!(host_of(&parse("parley1")), "parley1");
-        assert_eq!(host_of(&parse("127.0.0.1:8448")), "127.0.0.1");
-        assert_eq!(host_of(&parse("[::1]:8448")), "::1");
+    }
+
+    #[test]
+    fn write_pki_issues_for_the_host_of_each_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["localhost:8448", "127.0.0.1:8449", "[::1]:8450"].map(str::to_owned);
+        write_pki(dir.path(), &names).unwrap();
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+        let ca = Ca::from_pem(DEVNET_CA_NAME, &read("ca.pem"), &read("ca.key")).unwrap();
+        ca.verify(&read("localhost_8448.pem"), "localhost").unwrap();
+        ca.verify(&read("127.0.0.1_8449.pem"), "127.0.0.1").unwrap();
+        // An IPv6 literal gets an IP SAN, checked as a client connecting to `[::1]` would.
+        ca.verify(&read("__1_8450.pem"), "::1").unwrap();
+        assert!(ca.verify(&read("__1_8450.pem"), "localhost").is_err());
     }
 
     #[test]

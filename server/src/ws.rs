@@ -4,7 +4,11 @@
 //! Delivery is at-least-once on the wire and in order: every event is sent from the
 //! database or from the hub strictly in sequence order; a gap (a lagged buffer, or a burst
 //! beyond the unacknowledged window) falls back to reading the inbox. The SDK removes the
-//! duplicates a reconnect can cause.
+//! duplicates a reconnect can cause. What to send next is decided by the connection's
+//! `DeliveryWindow` (`ws/window.rs`, no I/O); this file does the reading, the byte budgets
+//! and the writing.
+
+mod window;
 
 use crate::app::AppState;
 use crate::auth::AuthDevice;
@@ -30,6 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
+use window::DeliveryWindow;
 
 /// Close codes.
 mod close {
@@ -224,16 +229,9 @@ struct Conn {
     out: Out,
     /// Bytes queued for this connection and not yet flushed.
     unsent: Arc<Unsent>,
-    /// Highest seq sent on this connection (or the client's `since`).
-    cursor: u64,
-    /// Sent, not yet acknowledged: seq and, for messages, (sender, id) for receipts.
-    pending: VecDeque<(u64, Option<Origin>)>,
-    /// Live events were skipped; read the inbox before sending more.
-    behind: bool,
-    /// `caught_up` was sent (once the backlog was fully delivered).
-    caught_up_sent: bool,
-    /// Most events sent but not yet acknowledged; beyond it the server waits for an `ack`.
-    max_unacked: usize,
+    /// What to send next; for each event sent and not acknowledged, for messages, (sender,
+    /// id) for the delivered receipt.
+    window: DeliveryWindow<Option<Origin>>,
     last_activity: Instant,
 }
 
@@ -257,11 +255,7 @@ async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSo
         auth: auth.clone(),
         out,
         unsent,
-        cursor: since,
-        pending: VecDeque::new(),
-        behind: false,
-        caught_up_sent: false,
-        max_unacked: limits.max_unacked_events,
+        window: DeliveryWindow::new(since, limits.max_unacked_events),
         last_activity: Instant::now(),
     };
     let stop = conn.run(&mut stream, &mut rx, &registration).await;
@@ -341,7 +335,7 @@ impl Conn {
                 },
                 // Live events were left in the inbox, or the writer made room for them.
                 _ = registration.wake.notified() => Ok(()),
-                _ = room.changed(), if self.behind => Ok(()),
+                _ = room.changed(), if self.window.is_behind() => Ok(()),
                 _ = heartbeat.tick() => {
                     if self.last_activity.elapsed() > timeout {
                         Err(Stop::Close(close::POLICY, "heartbeat timeout"))
@@ -354,9 +348,9 @@ impl Conn {
                 return stop;
             }
             if registration.lagged.swap(false, Ordering::AcqRel) {
-                self.behind = true;
+                self.window.lagged();
             }
-            if self.behind && self.pending.len() < self.max_unacked {
+            if self.window.wants_catch_up() {
                 if let Err(stop) = self.catch_up().await {
                     return stop;
                 }
@@ -379,11 +373,12 @@ impl Conn {
         self.send_frame(&hello)?;
         // `since` acknowledges everything up to it.
         let acked = self.state.store.acked_seq(self.auth.device_pk).await?;
-        if self.cursor > acked {
-            messaging::ack_from_store(&self.state, &self.auth, acked, self.cursor).await?;
+        let since = self.window.cursor();
+        if since > acked {
+            messaging::ack_from_store(&self.state, &self.auth, acked, since).await?;
             // A `since` beyond the end of the inbox was clamped when recorded: resume from
             // there, or this connection would skip the next events.
-            self.cursor = self.cursor.min(self.state.store.acked_seq(self.auth.device_pk).await?);
+            self.window.resume_at_most(self.state.store.acked_seq(self.auth.device_pk).await?);
         }
         for info in crate::api::presence::contacts_presence(&self.state, &self.auth.user_id).await? {
             self.send_frame(&ServerFrame::Presence(info))?;
@@ -401,11 +396,10 @@ impl Conn {
     /// Sends `caught_up` once, when the backlog has been delivered completely (a full
     /// unacknowledged window or byte budget pauses it until there is room again).
     fn announce_caught_up(&mut self) -> Result<(), Stop> {
-        if self.caught_up_sent || self.behind {
-            return Ok(());
+        match self.window.take_caught_up() {
+            Some(seq) => self.send_frame(&ServerFrame::CaughtUp(CaughtUpFrame::new(seq))),
+            None => Ok(()),
         }
-        self.caught_up_sent = true;
-        self.send_frame(&ServerFrame::CaughtUp(CaughtUpFrame::new(self.cursor)))
     }
 
     /// Sends inbox entries after the cursor from the database, page by page, until the inbox
@@ -413,35 +407,33 @@ impl Conn {
     async fn catch_up(&mut self) -> Result<(), Stop> {
         let (page, budget) = (self.state.config.limits.sync_page, self.state.config.limits.ws_unsent_bytes);
         loop {
-            let room = (self.max_unacked.saturating_sub(self.pending.len())).min(page as usize) as u32;
-            if room == 0 || !self.unsent.has_room() {
-                self.behind = true;
-                return Ok(());
-            }
+            let Some(room) = self.window.next_read(page, self.unsent.has_room()) else { return Ok(()) };
             let max_bytes = budget.saturating_sub(self.unsent.bytes()).max(1);
-            let rows = self.state.store.inbox_after(self.auth.device_pk, self.cursor, room, max_bytes).await?;
+            let rows = self.state.store.inbox_after(self.auth.device_pk, self.window.cursor(), room, max_bytes).await?;
             let exhausted = rows.len() < room as usize && rows.iter().map(|r| r.payload.len()).sum::<usize>() < max_bytes;
             for row in rows {
                 let bytes = event_bytes(&row);
                 if !self.unsent.try_reserve(bytes) {
-                    self.behind = true;
+                    self.window.budget_full();
                     return Ok(());
                 }
                 self.feed_event(&row, bytes)?;
             }
             if exhausted {
-                self.behind = false;
+                self.window.inbox_exhausted();
                 return Ok(());
             }
         }
     }
 
-    /// Queues an event for which `bytes` are reserved.
+    /// Queues an event for which `bytes` are reserved (releasing them for a duplicate).
     fn feed_event(&mut self, row: &InboxRow, bytes: usize) -> Result<(), Stop> {
-        if row.seq <= self.cursor {
+        if !self.window.deliver(row.seq, row.origin.clone()) {
             self.unsent.release(bytes);
             return Ok(());
         }
+        // An event that cannot be sent ends the connection, so the window's record of it
+        // does not matter.
         let payload = std::str::from_utf8(&row.payload).map_err(|_| ApiError::internal("inbox payload is not UTF-8"))?;
         let mut text = String::with_capacity(payload.len() + 40);
         text.push_str("{\"type\":\"event\",\"seq\":");
@@ -450,11 +442,9 @@ impl Conn {
         text.push_str(payload);
         text.push('}');
         self.queue(Message::Text(Utf8Bytes::from(text)), bytes);
-        self.cursor = row.seq;
         if let Some(at) = row.committed_at {
             self.state.metrics.delivery_delay.observe(at.elapsed().as_secs_f64());
         }
-        self.pending.push_back((row.seq, row.origin.clone()));
         self.state.metrics.events_delivered.inc();
         Ok(())
     }
@@ -468,10 +458,7 @@ impl Conn {
         match push {
             Push::Event(row) => {
                 let bytes = event_bytes(&row);
-                if self.behind || row.seq != self.cursor + 1 || self.pending.len() >= self.max_unacked {
-                    if row.seq > self.cursor {
-                        self.behind = true;
-                    }
+                if !self.window.accept_live(row.seq) {
                     self.unsent.release(bytes);
                     return Ok(());
                 }
@@ -549,13 +536,9 @@ impl Conn {
     /// Acknowledges up to `seq` (at most what this connection sent): delivered receipts go to
     /// the senders, and the inbox entries are released, in the background.
     fn ack(&mut self, seq: u64) {
-        let seq = seq.min(self.cursor);
-        let mut origins = Vec::new();
-        while self.pending.front().is_some_and(|(s, _)| *s <= seq) {
-            if let Some((_, Some(origin))) = self.pending.pop_front() {
-                origins.push(origin);
-            }
-        }
+        let acked = self.window.ack(seq);
+        let seq = acked.seq;
+        let origins: Vec<Origin> = acked.origins.into_iter().flatten().collect();
         let state = self.state.clone();
         let auth = self.auth.clone();
         tokio::spawn(async move {

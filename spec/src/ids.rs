@@ -125,6 +125,48 @@ impl ServerName {
         }
         Ok(Self(s.to_ascii_lowercase()))
     }
+
+    /// The host, as written in the name and in URL authorities: everything before `:port`,
+    /// so a DNS name, an IPv4 address or an IPv6 address **in brackets**
+    /// (`chat.example.org:8448` → `chat.example.org`, `[::1]:8448` → `[::1]`). Without its
+    /// port, a name is its host: this is the form to compare names by, and itself a valid
+    /// server name. For the address of an IP literal, use [`ip`](Self::ip).
+    pub fn host(&self) -> &str {
+        let name = self.0.as_str();
+        if name.starts_with('[') {
+            // invariant: parsing checked that the bracket closes
+            let end = name.find(']').unwrap_or(name.len() - 1);
+            return &name[..=end];
+        }
+        match name.rfind(':') {
+            Some(colon) => &name[..colon],
+            None => name,
+        }
+    }
+
+    /// The explicit port, if the name has one (`example.org:8448` → 8448, never 0).
+    pub fn port(&self) -> Option<u16> {
+        self.0[self.host().len()..].strip_prefix(':').and_then(|port| port.parse().ok())
+    }
+
+    /// The address, if the host is an IP literal (`10.0.0.1`, `[::1]:8448` → `::1`); `None`
+    /// for a DNS name. The form for IP SANs and socket addresses.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        let host = self.host();
+        match host.strip_prefix('[').and_then(|rest| rest.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().ok().map(std::net::IpAddr::V6),
+            None => host.parse::<std::net::Ipv4Addr>().ok().map(std::net::IpAddr::V4),
+        }
+    }
+
+    /// The name a TLS certificate for this server is issued to and checked against: the
+    /// address of an IP literal without brackets (`::1`, an IP SAN), else the DNS name.
+    pub fn tls_name(&self) -> String {
+        match self.ip() {
+            Some(ip) => ip.to_string(),
+            None => self.host().to_owned(),
+        }
+    }
 }
 
 /// A user id: `@localpart:server`, with localpart `[a-z0-9._=-]+` of at most 64 bytes.
@@ -210,6 +252,38 @@ mod tests {
             assert!(ServerName::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(ServerName::parse("Example.ORG").unwrap().as_str(), "example.org");
+    }
+
+    #[test]
+    fn server_name_parts() {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let v4 = |a, b, c, d| Some(IpAddr::V4(Ipv4Addr::new(a, b, c, d)));
+        let v6 = |s: &str| Some(IpAddr::V6(s.parse::<Ipv6Addr>().unwrap()));
+        // name, host, port, ip, tls name
+        let cases = [
+            ("example.org", "example.org", None, None, "example.org"),
+            ("Chat.Example.org:8448", "chat.example.org", Some(8448), None, "chat.example.org"),
+            ("localhost:1", "localhost", Some(1), None, "localhost"),
+            ("10.0.0.1", "10.0.0.1", None, v4(10, 0, 0, 1), "10.0.0.1"),
+            ("127.0.0.1:65535", "127.0.0.1", Some(65535), v4(127, 0, 0, 1), "127.0.0.1"),
+            ("[::1]", "[::1]", None, v6("::1"), "::1"),
+            ("[::1]:8448", "[::1]", Some(8448), v6("::1"), "::1"),
+            ("[2001:DB8::1]:443", "[2001:db8::1]", Some(443), v6("2001:db8::1"), "2001:db8::1"),
+            ("[::ffff:10.0.0.1]:80", "[::ffff:10.0.0.1]", Some(80), v6("::ffff:10.0.0.1"), "::ffff:10.0.0.1"),
+            // Four numeric labels are an address; anything else numeric is a DNS name.
+            ("1.2.3", "1.2.3", None, None, "1.2.3"),
+            ("1.2.3.4.5:9", "1.2.3.4.5", Some(9), None, "1.2.3.4.5"),
+        ];
+        for (name, host, port, ip, tls) in cases {
+            let parsed = ServerName::parse(name).unwrap();
+            assert_eq!(parsed.host(), host, "{name}");
+            assert_eq!(parsed.port(), port, "{name}");
+            assert_eq!(parsed.ip(), ip, "{name}");
+            assert_eq!(parsed.tls_name(), tls, "{name}");
+            // The host is a server name of its own: the name without its port.
+            let bare = ServerName::parse(parsed.host()).unwrap();
+            assert_eq!((bare.host(), bare.port(), bare.ip()), (host, None, ip), "{name}");
+        }
     }
 
     #[test]

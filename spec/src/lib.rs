@@ -5,6 +5,7 @@
 //! This crate has no I/O and no async runtime: it is serde types, parsing and constants only.
 
 pub mod base64bytes;
+pub mod endpoint;
 pub mod error;
 pub mod federation;
 pub mod ids;

@@ -164,7 +164,7 @@ async fn a_retried_send_is_deduplicated() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn sigkill_during_a_stream_loses_nothing_that_was_sent_and_duplicates_nothing() -> anyhow::Result<()> {
-    let mut server = TestServer::start().await?;
+    let mut server = TestServer::process().await?;
     let base = server.base_url.clone();
     let alice = register(&base, "alice").await?;
     let bob = register(&base, "bob").await?;

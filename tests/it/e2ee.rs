@@ -179,15 +179,7 @@ async fn a_device_offline_for_500_messages_catches_up_decrypted() -> anyhow::Res
     Ok(())
 }
 
-/// Opens the server's database to play a malicious server.
-async fn server_db(server: &TestServer) -> anyhow::Result<sqlx::SqlitePool> {
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(server.data_dir().join("parley.db"))
-        .busy_timeout(Duration::from_secs(10));
-    Ok(sqlx::SqlitePool::connect_with(options).await?)
-}
-
-/// Stops the server (SIGTERM), lets `tamper` edit its database as a malicious server would,
+/// Stops the server (gracefully), lets `tamper` edit its database as a malicious server would,
 /// and starts it again (its caches start empty); connected SDKs reconnect by themselves.
 async fn tamper<F, Fut>(server: &mut TestServer, tamper: F) -> anyhow::Result<()>
 where
@@ -195,8 +187,7 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     server.stop().await?;
-    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(server.data_dir().join("parley.db"));
-    let db = sqlx::SqlitePool::connect_with(options).await?;
+    let db = server.db_writable().await?;
     tamper(db.clone()).await?;
     db.close().await;
     server.restart().await
@@ -230,7 +221,7 @@ async fn a_server_that_replays_an_old_device_list_is_detected() -> anyhow::Resul
     let (mut a1, _) = register(&server, dir.path(), "alice").await?;
     let (mut b1, bob_recovery) = register(&server, dir.path(), "bob").await?;
     let bob = user(&b1);
-    let db = server_db(&server).await?;
+    let db = server.db_writable().await?;
     let list_v1 = list_json(&db, "bob").await?;
     db.close().await;
     // Bob adds a device (v2) and alice learns it.
@@ -275,7 +266,7 @@ async fn a_server_that_injects_a_device_gets_no_message_for_it() -> anyhow::Resu
     // fails verification, and the message is held back.
     let error = a1.messenger.send_text(&carol, "secret for carol only").await.expect_err("nothing for the injected device");
     assert!(is_untrusted(&error), "{error}");
-    let db = server_db(&server).await?;
+    let db = server.db_writable().await?;
     let injected: i64 =
         sqlx::query_scalar("SELECT count(*) FROM inbox WHERE device = (SELECT id FROM devices WHERE device_id = 'ZZZZEVIL')")
             .fetch_one(&db)

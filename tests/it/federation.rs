@@ -139,7 +139,7 @@ async fn a_destination_that_was_down_gets_all_1000_messages_in_order_exactly_onc
     }
     net.server("b.test").restart().await?;
     // No SDK dedupe: a duplicate would show up here.
-    let mut bob = crate::federation_faults::raw_receiver(&bob_session).await?;
+    let mut bob = crate::support::raw_receiver(&bob_session).await?;
     assert_eq!(receive_in_order(&mut bob, 1000).await?, texts);
     // Nothing twice: the next message after the 1000 is a fresh marker.
     alice.send_text(&bob_id, "marker").await?;

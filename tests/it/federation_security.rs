@@ -3,8 +3,8 @@
 //! impersonating users of other servers, a denied server, and a transaction resent with a new
 //! signature. None of them may deliver anything or change what a legitimate message does next.
 
-use crate::federation_faults::{inbox_rows_from, raw_receiver, receive_texts, send_texts, server_db};
 use crate::support::{self, Device};
+use crate::support::{raw_receiver, receive_texts, send_texts};
 use anyhow::{ensure, Context as _};
 use parley_federation::message::sign_message;
 use parley_federation::{ServerKey, SignedParts};
@@ -12,7 +12,7 @@ use parley_sdk::Event;
 use parley_spec::federation::v1::transaction::{FedEnvelope, Item, SignedMessage, Transaction, TypingItem};
 use parley_spec::{DeviceId, ServerName, UserId};
 use parley_tests::fednet::{Discovery, FedNet};
-use parley_tests::TestServer;
+use parley_tests::{Mode, TestServer};
 use reqwest::Method;
 use serde_json::Value;
 use std::time::Duration;
@@ -156,14 +156,6 @@ async fn first_message(device: &mut Device) -> anyhow::Result<(String, String)> 
         Event::Message(m) => Ok((m.sender.to_string(), support::text(&m))),
         other => anyhow::bail!("expected a message, got {other:?}"),
     }
-}
-
-/// The `(origin, txn_id)` rows of `fed_inbound_txns`.
-async fn inbound_txns(server: &TestServer) -> anyhow::Result<Vec<(String, String)>> {
-    let db = server_db(server).await?;
-    let rows = sqlx::query_as("SELECT origin, txn_id FROM fed_inbound_txns ORDER BY origin, txn_id").fetch_all(&db).await?;
-    db.close().await;
-    Ok(rows)
 }
 
 #[tokio::test]
@@ -332,12 +324,12 @@ async fn forged_altered_stale_and_replayed_requests_are_refused_and_change_nothi
         findings.0.push(format!("bob's first message: {first:?}"));
     }
     // b.test recorded only the two valid transactions of a.test and alice's real one.
-    let txns = inbound_txns(net.server("b.test")).await?;
+    let txns = net.server("b.test").inbound_txns().await?;
     let foreign: Vec<_> = txns.iter().filter(|(origin, id)| origin != "a.test" || id.starts_with("forged")).collect();
     if !foreign.is_empty() || !txns.iter().any(|t| t.1 == "valid-1") || !txns.iter().any(|t| t.1 == "valid-2") {
         findings.0.push(format!("fed_inbound_txns on b.test: {txns:?}"));
     }
-    let rows = inbox_rows_from(net.server("b.test"), &alice_id).await?;
+    let rows = net.server("b.test").inbox_rows_from(alice_id.as_str()).await?;
     if rows != (1, 1) {
         findings.0.push(format!("bob's inbox rows from alice: {rows:?}"));
     }
@@ -381,7 +373,7 @@ async fn a_transaction_resent_with_a_new_signature_is_applied_once() -> anyhow::
     let template = support::envelopes(&alice_session, &bob_id, b"x").await?;
     send_texts(&alice, &bob_id, &template, &["marker".to_owned()]).await?;
     assert_eq!(receive_texts(&mut bob, 1).await?, ["marker"]);
-    assert_eq!(inbox_rows_from(net.server("b.test"), &alice_id).await?, (2, 2), "(inbox rows, distinct ids) on b.test");
+    assert_eq!(net.server("b.test").inbox_rows_from(alice_id.as_str()).await?, (2, 2), "(inbox rows, distinct ids) on b.test");
     Ok(())
 }
 
@@ -444,7 +436,7 @@ async fn a_denied_server_is_refused_and_its_messages_wait_in_its_queue() -> anyh
     while let Some(event) = bob.try_next() {
         assert!(!matches!(event, Event::Message(_)), "bob received a message while a.test is denied: {event:?}");
     }
-    assert_eq!(inbound_txns(&b).await?, Vec::<(String, String)>::new(), "b.test recorded a transaction of a denied server");
+    assert_eq!(b.inbound_txns().await?, Vec::<(String, String)>::new(), "b.test recorded a transaction of a denied server");
 
     // Once b.test allows a.test again, the queued message arrives, once.
     drop(bob);
@@ -455,7 +447,7 @@ async fn a_denied_server_is_refused_and_its_messages_wait_in_its_queue() -> anyh
     assert_eq!(receive_texts(&mut bob, 1).await?, ["queued while denied"]);
     send_texts(&alice, &bob_id, &template, &["marker".to_owned()]).await?;
     assert_eq!(receive_texts(&mut bob, 1).await?, ["marker"]);
-    assert_eq!(inbox_rows_from(&b, &alice_id).await?, (2, 2), "(inbox rows, distinct ids) on b.test");
+    assert_eq!(b.inbox_rows_from(alice_id.as_str()).await?, (2, 2), "(inbox rows, distinct ids) on b.test");
     Ok(())
 }
 
@@ -636,8 +628,13 @@ async fn put_txn(peer: &Peer, key: &ServerKey, origin: &str, txn: &str, items: V
 
 #[tokio::test]
 async fn a_message_id_seen_from_its_origin_is_delivered_once_across_transactions_and_restarts() -> anyhow::Result<()> {
-    let mut net =
-        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
+    // Processes: b.test is SIGKILLed.
+    let mut net = FedNet::start_as(
+        Mode::Process,
+        &[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)],
+        "",
+    )
+    .await?;
     let alice_session = support::register(&net.server("a.test").base_url, "alice").await?;
     let bob_session = support::register(&net.server("b.test").base_url, "bob").await?;
     let alice = Device::connect(&alice_session).await?;
@@ -679,7 +676,7 @@ async fn a_message_id_seen_from_its_origin_is_delivered_once_across_transactions
     alice.send_text(&bob_id, "marker 2").await?;
     // bob never acknowledged: the backlog comes again, then the second marker only.
     assert_eq!(receive_texts(&mut bob, 4).await?, ["once", "same id, other origin", "marker 1", "marker 2"]);
-    assert_eq!(inbox_rows_from(net.server("b.test"), &alice_id).await?, (3, 3), "(inbox rows, distinct ids) on b.test");
+    assert_eq!(net.server("b.test").inbox_rows_from(alice_id.as_str()).await?, (3, 3), "(inbox rows, distinct ids) on b.test");
     Ok(())
 }
 

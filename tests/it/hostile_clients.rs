@@ -125,7 +125,8 @@ async fn slow_readers_hold_no_more_memory_than_the_outgoing_budget() -> anyhow::
     let clients: usize = std::env::var("PARLEY_SLOW_READERS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let events: usize = std::env::var("PARLEY_SLOW_READER_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let budget_mib = 32;
-    let server = TestServer::start_with(&format!(
+    // A process: its memory is measured.
+    let server = TestServer::process_with(&format!(
         "[presence]\nheartbeat_interval_ms = 1000\nheartbeat_timeout_ms = 3000\n\
          [limits]\nws_write_timeout_ms = 2000\nws_unsent_bytes = 65536\nws_max_unsent_bytes = 262144\n\
          ws_unsent_bytes_total = {}\n",

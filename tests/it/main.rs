@@ -1,5 +1,6 @@
-//! Integration tests: every test starts real `parleyd` processes on loopback (see
-//! `parley_tests::TestServer`). All compile into this one binary.
+//! Integration tests: every test starts real homeservers on loopback (see
+//! `parley_tests::TestServer`): in-process by default, `parleyd` processes where a test kills
+//! one, measures its memory or needs its own umask. All compile into this one binary.
 
 mod bad_input;
 mod cli;
@@ -19,3 +20,4 @@ mod presence;
 mod raw;
 mod receipts;
 mod support;
+mod tidy;

@@ -29,7 +29,7 @@ async fn health_and_metrics() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn sigterm_closes_sockets_with_1001_and_keeps_every_sent_message() -> anyhow::Result<()> {
-    let mut server = TestServer::start().await?;
+    let mut server = TestServer::process().await?;
     let alice = register(&server.base_url, "alice").await?;
     let bob = register(&server.base_url, "bob").await?;
     let mut socket = raw::connect(&server.base_url, bob.access_token(), 0).await.expect("bob");

@@ -24,7 +24,8 @@ async fn two_hundred_concurrent_registrations_leave_memory_at_baseline() -> anyh
     // default on a two-core machine; it is one per core) whatever the machine: hashing memory
     // is slots × cost.
     let cost = parley_server::config::AuthConfig::default();
-    let server = TestServer::start_with(&format!(
+    // A process: its memory is measured.
+    let server = TestServer::process_with(&format!(
         "[auth]\nargon2_memory_kib = {}\nargon2_iterations = {}\nargon2_parallelism = {}\nhash_concurrency = 2\n",
         cost.argon2_memory_kib, cost.argon2_iterations, cost.argon2_parallelism
     ))

@@ -126,3 +126,39 @@ pub async fn next_matching<T>(
 pub fn text(message: &MessageEvent) -> String {
     String::from_utf8_lossy(&message.ciphertext.0).into_owned()
 }
+
+/// How long [`receive_texts`] waits for a batch of messages to arrive.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A device that sees every message event the server sends: no SDK dedupe, no acks (so the
+/// server keeps every inbox row and sends no delivered receipts back).
+pub(crate) async fn raw_receiver(session: &Session) -> anyhow::Result<Device> {
+    let options = ConnectOptions { dedupe_window: 0, manual_ack: true, ..ConnectOptions::default() };
+    Device::connect_with(session, options).await
+}
+
+/// The texts of the next `count` messages, in arrival order.
+pub(crate) async fn receive_texts(device: &mut Device, count: usize) -> anyhow::Result<Vec<String>> {
+    let mut texts = Vec::with_capacity(count);
+    let deadline = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
+    while texts.len() < count {
+        let event = tokio::time::timeout_at(deadline, device.next(Some))
+            .await
+            .with_context(|| format!("timed out after {} of {count} messages", texts.len()))??;
+        if let Event::Message(m) = event {
+            texts.push(text(&m));
+        }
+    }
+    Ok(texts)
+}
+
+/// Sends each text as one message from `sender` to `to`, addressed like `template` (the
+/// recipient's devices as `support::envelopes` found them), waiting for each `sent`.
+pub(crate) async fn send_texts(sender: &Device, to: &UserId, template: &[Envelope], texts: &[String]) -> anyhow::Result<()> {
+    for text in texts {
+        let envelopes =
+            template.iter().map(|e| Envelope::new(e.user.clone(), e.device.clone(), text.as_bytes().to_vec())).collect();
+        sender.conn.send(to.clone(), envelopes).await.with_context(|| format!("sending {:.20}", text))?;
+    }
+    Ok(())
+}

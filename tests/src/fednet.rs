@@ -10,7 +10,7 @@
 //! Federation ports are chosen by the OS and kept across restarts.
 
 use crate::dns::TestDns;
-use crate::TestServer;
+use crate::{Mode, TestServer};
 use anyhow::Context as _;
 use parley_server::certs::Ca;
 use std::collections::BTreeMap;
@@ -50,6 +50,8 @@ pub struct FedServer {
 
 /// The federation.
 pub struct FedNet {
+    /// How its servers run.
+    mode: Mode,
     /// The DNS server.
     pub dns: TestDns,
     /// The CA every server trusts.
@@ -63,8 +65,15 @@ pub struct FedNet {
 }
 
 impl FedNet {
-    /// Starts one server per `(name, discovery)` with `extra` TOML added to each config.
+    /// Starts one in-process server per `(name, discovery)` with `extra` TOML added to each
+    /// config.
     pub async fn start(specs: &[(&str, Discovery)], extra: &str) -> anyhow::Result<Self> {
+        Self::start_as(Mode::InProcess, specs, extra).await
+    }
+
+    /// Starts one server of `mode` per `(name, discovery)` with `extra` TOML added to each
+    /// config (`Mode::Process` for tests that kill a server, and for benchmarks).
+    pub async fn start_as(mode: Mode, specs: &[(&str, Discovery)], extra: &str) -> anyhow::Result<Self> {
         let dns = TestDns::start().await?;
         let ca = Ca::generate("Parley test federation CA")?;
         let dir = tempfile::tempdir()?;
@@ -80,7 +89,7 @@ impl FedNet {
             let tls = tls_config(&issued.cert_pem, &issued.key_pem)?;
             tokio::spawn(serve_well_known(listener, tls, well_known.clone()))
         };
-        let mut net = Self { dns, ca, servers: Vec::new(), dir, well_known, well_known_port, _well_known_task: task };
+        let mut net = Self { mode, dns, ca, servers: Vec::new(), dir, well_known, well_known_port, _well_known_task: task };
         for (name, discovery) in specs {
             net.add(name, *discovery, extra).await?;
         }
@@ -118,7 +127,7 @@ impl FedNet {
 
     async fn add(&mut self, name: &str, discovery: Discovery, extra: &str) -> anyhow::Result<()> {
         let config = self.config_for(name, discovery, extra)?;
-        let server = TestServer::start_with(&config).await?;
+        let server = TestServer::start_as(self.mode, &config).await?;
         let port = server.federation_addr.context("federation listener address")?.port();
         let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
         match discovery {

@@ -1,9 +1,19 @@
-//! Test harness: starts real `parleyd` processes on loopback ports chosen by the OS, each with
-//! its own temporary data directory, and can kill (SIGKILL), stop (SIGTERM) and restart them on
-//! the same port. Used by the integration tests (`tests/it`) and the `parley-bench` binary.
+//! Test harness: starts homeservers on loopback ports chosen by the OS, each with its own
+//! temporary data directory, and can stop and restart them on the same port. Used by the
+//! integration tests (`tests/it`) and the `parley-bench` binary.
+//!
+//! Two tiers, one API ([`TestServer`]):
+//! - **in-process** ([`TestServer::start`]): the server's own `Server::open` + `Server::run`
+//!   on its own multi-threaded runtime inside the test process, its log captured apart from
+//!   every other server's (a thread-local tracing dispatcher on the runtime's threads). Starts
+//!   in milliseconds; for every test that needs no crash;
+//! - **process** ([`TestServer::process`]): a real `parleyd` child process, for what only a
+//!   process has: SIGKILL ([`TestServer::kill`]), its own memory to measure
+//!   ([`TestServer::pid`]), its own file mode creation mask, the benchmarks.
 
 pub mod dns;
 pub mod fednet;
+pub mod proxy;
 
 use anyhow::{bail, Context as _};
 use std::net::SocketAddr;
@@ -51,9 +61,44 @@ pub fn parleyd_path() -> &'static Path {
     })
 }
 
-/// A running `parleyd`.
+/// How a [`TestServer`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Inside the test process, on a runtime of its own.
+    InProcess,
+    /// A `parleyd` child process.
+    Process,
+}
+
+/// What runs while a [`TestServer`] is up.
+enum Running {
+    Process(Child),
+    InProcess(InProcess),
+}
+
+/// A server running inside the test process.
+struct InProcess {
+    /// Its runtime: dropped in the background, since a test's own runtime may not block.
+    runtime: Option<tokio::runtime::Runtime>,
+    /// Starts the graceful shutdown (dropping it does too).
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// `Server::run`'s result, once it returned.
+    done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A running homeserver: in-process or a `parleyd` process (see the crate documentation).
 pub struct TestServer {
-    child: Option<Child>,
+    mode: Mode,
+    running: Option<Running>,
     /// `http://127.0.0.1:PORT`.
     pub base_url: String,
     /// The bound address (kept across restarts).
@@ -69,34 +114,61 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts a server with [`TEST_CONFIG`].
+    /// Starts an in-process server with [`TEST_CONFIG`].
     pub async fn start() -> anyhow::Result<Self> {
         Self::start_with("").await
     }
 
-    /// Starts a server with [`TEST_CONFIG`] followed by `extra` TOML (which may override it;
-    /// later tables with the same name are merged by hand below).
+    /// Starts an in-process server with [`TEST_CONFIG`] followed by `extra` TOML (which may
+    /// override it; later tables with the same name are merged by hand below).
     pub async fn start_with(extra: &str) -> anyhow::Result<Self> {
-        let mut server = Self::prepare(extra)?;
+        Self::start_as(Mode::InProcess, extra).await
+    }
+
+    /// Starts a `parleyd` process with [`TEST_CONFIG`].
+    pub async fn process() -> anyhow::Result<Self> {
+        Self::start_as(Mode::Process, "").await
+    }
+
+    /// Starts a `parleyd` process with [`TEST_CONFIG`] followed by `extra` TOML.
+    pub async fn process_with(extra: &str) -> anyhow::Result<Self> {
+        Self::start_as(Mode::Process, extra).await
+    }
+
+    /// Starts a server of `mode` with [`TEST_CONFIG`] followed by `extra` TOML.
+    pub async fn start_as(mode: Mode, extra: &str) -> anyhow::Result<Self> {
+        let mut server = Self::prepare_as(mode, extra)?;
         server.spawn().await?;
         Ok(server)
     }
 
-    /// A server with [`TEST_CONFIG`] and `extra` that is not running yet: the test can set
-    /// things up (the data directory, [`with_umask`](Self::with_umask)) and then
+    /// A `parleyd` process with [`TEST_CONFIG`] and `extra` that is not running yet: the test
+    /// can set things up (the data directory, [`with_umask`](Self::with_umask)) and then
     /// [`restart`](Self::restart) it.
     pub fn prepare(extra: &str) -> anyhow::Result<Self> {
+        Self::prepare_as(Mode::Process, extra)
+    }
+
+    /// A server of `mode` with [`TEST_CONFIG`] and `extra` that is not running yet.
+    pub fn prepare_as(mode: Mode, extra: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = merge_toml(TEST_CONFIG, extra)?;
         std::fs::write(dir.path().join("parleyd.toml"), config)?;
         let logs = Arc::new(Mutex::new(String::new()));
         let addr: SocketAddr = "127.0.0.1:0".parse()?;
         let logged = Arc::default();
-        Ok(Self { child: None, base_url: String::new(), addr, federation_addr: None, dir, logs, logged, umask: None })
+        Ok(Self { mode, running: None, base_url: String::new(), addr, federation_addr: None, dir, logs, logged, umask: None })
     }
 
-    /// Starts the process (at every later start too) with this file mode creation mask.
+    /// How this server runs.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Starts the process (at every later start too) with this file mode creation mask (the
+    /// mask belongs to a process: a `parleyd` process only).
     pub fn with_umask(mut self, umask: u32) -> Self {
+        assert_eq!(self.mode, Mode::Process, "a file mode creation mask needs a parleyd process");
         self.umask = Some(umask);
         self
     }
@@ -113,7 +185,7 @@ impl TestServer {
         self.dir.path().join("data")
     }
 
-    /// Everything the server logged so far (stderr).
+    /// Everything the server logged so far (a process: its stderr).
     pub fn logs(&self) -> String {
         self.logs.lock().map(|l| l.clone()).unwrap_or_default()
     }
@@ -136,12 +208,167 @@ impl TestServer {
         }
     }
 
-    /// The OS process id.
+    /// The server's database, read-only, while it runs (tests look at what it stored, which
+    /// couples them to the schema: keep such reads here).
+    pub async fn db(&self) -> anyhow::Result<sqlx::SqlitePool> {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(self.data_dir().join("parley.db"))
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(10));
+        Ok(sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?)
+    }
+
+    /// The server's database, writable: for tests that play a malicious server (best done
+    /// while it is stopped).
+    pub async fn db_writable(&self) -> anyhow::Result<sqlx::SqlitePool> {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(self.data_dir().join("parley.db"))
+            .busy_timeout(Duration::from_secs(10));
+        Ok(sqlx::SqlitePool::connect_with(options).await?)
+    }
+
+    /// Inbox rows of messages from `sender` (a user id): (rows, distinct message ids).
+    pub async fn inbox_rows_from(&self, sender: &str) -> anyhow::Result<(i64, i64)> {
+        let db = self.db().await?;
+        let row: (i64, i64) = sqlx::query_as("SELECT count(*), count(DISTINCT msg_id) FROM inbox WHERE sender = ?")
+            .bind(sender)
+            .fetch_one(&db)
+            .await?;
+        db.close().await;
+        Ok(row)
+    }
+
+    /// Federation items queued for `destination` and not yet delivered.
+    pub async fn queued_for(&self, destination: &str) -> anyhow::Result<i64> {
+        let db = self.db().await?;
+        let count = sqlx::query_scalar("SELECT count(*) FROM fed_outbound WHERE destination = ?")
+            .bind(destination)
+            .fetch_one(&db)
+            .await?;
+        db.close().await;
+        Ok(count)
+    }
+
+    /// The `(origin, txn_id)` rows of `fed_inbound_txns` (inbound transactions applied).
+    pub async fn inbound_txns(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let db = self.db().await?;
+        let rows = sqlx::query_as("SELECT origin, txn_id FROM fed_inbound_txns ORDER BY origin, txn_id").fetch_all(&db).await?;
+        db.close().await;
+        Ok(rows)
+    }
+
+    /// A counter of the server's Prometheus metrics (`parley_<name>_total`).
+    pub async fn counter(&self, name: &str) -> anyhow::Result<u64> {
+        let text = reqwest::get(format!("{}/metrics", self.base_url)).await?.text().await?;
+        let metric = format!("parley_{name}_total ");
+        let line = text.lines().find(|l| l.starts_with(&metric)).with_context(|| format!("no {metric} in /metrics"))?;
+        Ok(line[metric.len()..].trim().parse::<f64>()? as u64)
+    }
+
+    /// The OS process id (a `parleyd` process only; `None` in-process).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(|c| c.id())
+        match &self.running {
+            Some(Running::Process(child)) => child.id(),
+            _ => None,
+        }
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
+        match self.mode {
+            Mode::Process => self.spawn_process().await,
+            Mode::InProcess => self.spawn_in_process().await,
+        }
+    }
+
+    /// Opens the server on a runtime of its own and serves until [`stop`](Self::stop) (or
+    /// until dropped). The configuration is loaded as `parleyd` loads it: the file, then the
+    /// data directory and listen address as flags.
+    async fn spawn_in_process(&mut self) -> anyhow::Result<()> {
+        #[derive(serde::Serialize)]
+        struct Flags {
+            data_dir: PathBuf,
+            listen: SocketAddr,
+        }
+        // A test process holds both ends of every connection.
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        let flags = Flags { data_dir: self.data_dir(), listen: self.addr };
+        let mut config = parley_server::config::Config::load(Some(&self.dir.path().join("parleyd.toml")), flags)?;
+        // Bound here, so the addresses are known before the server runs (and kept on restart).
+        let listener = std::net::TcpListener::bind(self.addr).with_context(|| format!("binding {}", self.addr))?;
+        listener.set_nonblocking(true)?;
+        let federation_listener = if config.federation.enabled {
+            let bind = self.federation_addr.unwrap_or(config.federation.listen);
+            let federation = std::net::TcpListener::bind(bind).with_context(|| format!("binding {bind} (federation)"))?;
+            federation.set_nonblocking(true)?;
+            config.federation.listen = federation.local_addr()?;
+            self.federation_addr = Some(config.federation.listen);
+            Some(federation)
+        } else {
+            None
+        };
+        self.addr = listener.local_addr()?;
+        config.listen = self.addr;
+        self.base_url = format!("http://{}", self.addr);
+
+        let filter = std::env::var("PARLEY_TEST_LOG").unwrap_or_else(|_| "info".into());
+        let log = CapturedLog { logs: self.logs.clone(), logged: self.logged.clone() };
+        let dispatch = tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter)?)
+                .with_writer(log)
+                .with_ansi(false)
+                .finish(),
+        );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("parleyd-in-process")
+            .enable_all()
+            .on_thread_start(move || {
+                // This runtime's threads log to this server's capture for as long as they live.
+                std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+            })
+            .build()?;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        runtime.spawn(async move {
+            let opened = async {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let federation_listener = federation_listener.map(tokio::net::TcpListener::from_std).transpose()?;
+                let server = parley_server::app::Server::open(config).await?;
+                anyhow::Ok((server, listener, federation_listener))
+            };
+            match opened.await {
+                Ok((server, listener, federation_listener)) => {
+                    let _ = ready_tx.send(Ok(()));
+                    let result = server
+                        .run(listener, federation_listener, async move {
+                            let _ = stop_rx.await;
+                        })
+                        .await;
+                    tracing::info!("stopped");
+                    let _ = done_tx.send(result);
+                }
+                Err(error) => {
+                    let _ = ready_tx.send(Err(error));
+                }
+            }
+        });
+        let mut running = InProcess { runtime: Some(runtime), stop: Some(stop_tx), done: done_rx };
+        match tokio::time::timeout(Duration::from_secs(60), ready_rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => return Err(error.context(format!("the server did not start; logs:\n{}", self.logs()))),
+            Ok(Err(_)) => bail!("the server's start panicked; logs:\n{}", self.logs()),
+            Err(_) => {
+                drop(running.stop.take());
+                bail!("the server did not start within 60 s")
+            }
+        }
+        self.running = Some(Running::InProcess(running));
+        Ok(())
+    }
+
+    async fn spawn_process(&mut self) -> anyhow::Result<()> {
         let binary = parleyd_path();
         if !binary.exists() {
             bail!("{} not found: build it with `cargo build -p parley-tests --bins`", binary.display());
@@ -204,37 +431,95 @@ impl TestServer {
         self.addr = addr.parse()?;
         self.base_url = format!("http://{}", self.addr);
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        self.child = Some(child);
+        self.running = Some(Running::Process(child));
         Ok(())
     }
 
     /// Kills the process with SIGKILL (no chance to flush anything) and waits for it to die.
+    /// Only a `parleyd` process can be killed: an in-process server is an error.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.start_kill()?;
-            child.wait().await?;
+        match self.running.take() {
+            Some(Running::Process(mut child)) => {
+                child.start_kill()?;
+                child.wait().await?;
+                Ok(())
+            }
+            Some(running @ Running::InProcess(_)) => {
+                self.running = Some(running);
+                bail!("an in-process server cannot be killed: start it with TestServer::process")
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    /// Stops the process with SIGTERM (graceful shutdown) and waits for it to exit.
+    /// Stops the server gracefully (a process: SIGTERM) and waits until it has finished: its
+    /// connections closed, its writes committed. In-process, the status is success when
+    /// `Server::run` returned `Ok`.
     pub async fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let Some(mut child) = self.child.take() else { bail!("not running") };
-        let pid = child.id().context("pid")?;
-        let status = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await?;
-        if !status.success() {
-            bail!("kill -TERM {pid} failed");
+        use std::os::unix::process::ExitStatusExt as _;
+        match self.running.take() {
+            None => bail!("not running"),
+            Some(Running::Process(mut child)) => {
+                let pid = child.id().context("pid")?;
+                let status = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await?;
+                if !status.success() {
+                    bail!("kill -TERM {pid} failed");
+                }
+                Ok(tokio::time::timeout(Duration::from_secs(30), child.wait())
+                    .await
+                    .context("parleyd did not stop within 30 s")??)
+            }
+            Some(Running::InProcess(mut running)) => {
+                drop(running.stop.take());
+                let result = tokio::time::timeout(Duration::from_secs(30), &mut running.done)
+                    .await
+                    .context("the server did not stop within 30 s")?;
+                // The runtime (with whatever tasks are left) goes when `running` drops.
+                Ok(match result {
+                    Ok(Ok(())) => std::process::ExitStatus::from_raw(0),
+                    _ => std::process::ExitStatus::from_raw(1 << 8),
+                })
+            }
         }
-        Ok(tokio::time::timeout(Duration::from_secs(30), child.wait()).await.context("parleyd did not stop within 30 s")??)
     }
 
     /// Starts the server again on the same port with the same data (or for the first time,
     /// after [`prepare`](Self::prepare)).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        if self.child.is_some() {
+        if self.running.is_some() {
             bail!("still running");
         }
         self.spawn().await
+    }
+}
+
+/// Where an in-process server's log lines go: the server's buffer, waking
+/// [`TestServer::wait_for_log`].
+#[derive(Clone)]
+struct CapturedLog {
+    logs: Arc<Mutex<String>>,
+    logged: Arc<tokio::sync::Notify>,
+}
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut logs) = self.logs.lock() {
+            logs.push_str(&String::from_utf8_lossy(bytes));
+        }
+        self.logged.notify_waiters();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLog {
+    type Writer = CapturedLog;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
     }
 }
 

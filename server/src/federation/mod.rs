@@ -122,14 +122,11 @@ impl Federation {
 
     /// Whether this server federates with `server` (allow and deny lists). An entry without a
     /// port covers the host on every port (whoever controls `a.example` controls
-    /// `a.example:1234` too); an entry with a port covers exactly that name.
+    /// `a.example:1234` too); an entry with a port covers exactly that name. A string that is
+    /// not a server name is not allowed (callers pass names taken from parsed ids).
     pub fn allowed(&self, server: &str) -> bool {
-        let host = host_of(server);
-        let listed = |list: &[String]| {
-            list.iter().any(|entry| {
-                entry.eq_ignore_ascii_case(server) || (host_of(entry).len() == entry.len() && entry.eq_ignore_ascii_case(host))
-            })
-        };
+        let Ok(server) = ServerName::parse(server) else { return false };
+        let listed = |list: &[String]| list.iter().any(|entry| covers(entry, &server));
         !listed(&self.config.deny) && (self.config.allow.is_empty() || listed(&self.config.allow))
     }
 
@@ -211,14 +208,12 @@ impl Federation {
     }
 }
 
-/// The host part of a server name (`a.example:8448` → `a.example`, `[::1]:8448` → `[::1]`).
-fn host_of(server: &str) -> &str {
-    match server.rfind(':') {
-        Some(colon) if !server[colon..].contains(']') && (server.starts_with('[') || server.matches(':').count() == 1) => {
-            &server[..colon]
-        }
-        _ => server,
-    }
+/// Whether an allow or deny `entry` covers `server`: the same name, or the same host when the
+/// entry has no port. An entry that is not a server name covers nothing (the configuration
+/// check rejects those).
+fn covers(entry: &str, server: &ServerName) -> bool {
+    let Ok(entry) = ServerName::parse(entry) else { return false };
+    entry == *server || (entry.port().is_none() && entry.host() == server.host())
 }
 
 struct CachedKeys {
@@ -305,14 +300,34 @@ impl ReplayCache {
 
 #[cfg(test)]
 mod tests {
-    use super::host_of;
+    use super::covers;
+    use parley_spec::ServerName;
 
     #[test]
-    fn host_of_strips_only_a_port() {
-        assert_eq!(host_of("a.example"), "a.example");
-        assert_eq!(host_of("a.example:8448"), "a.example");
-        assert_eq!(host_of("[::1]"), "[::1]");
-        assert_eq!(host_of("[::1]:8448"), "[::1]");
-        assert_eq!(host_of("127.0.0.1:80"), "127.0.0.1");
+    fn an_entry_without_a_port_covers_its_host_on_every_port() {
+        let covered = |entry: &str, server: &str| covers(entry, &ServerName::parse(server).unwrap());
+        for (entry, server) in [
+            ("a.example", "a.example"),
+            ("a.example", "a.example:8448"),
+            ("A.Example", "a.example:1"),
+            ("a.example:8448", "a.example:8448"),
+            ("[::1]", "[::1]:8448"),
+            ("[::1]:8448", "[::1]:8448"),
+            ("127.0.0.1", "127.0.0.1:80"),
+        ] {
+            assert!(covered(entry, server), "{entry} covers {server}");
+        }
+        for (entry, server) in [
+            ("a.example:8448", "a.example"),
+            ("a.example:8448", "a.example:8449"),
+            ("a.example", "b.a.example"),
+            ("a.example", "example"),
+            ("[::1]:8448", "[::1]"),
+            ("[::2]", "[::1]:8448"),
+            ("127.0.0.1", "127.0.0.2:80"),
+            ("not a name", "a.example"),
+        ] {
+            assert!(!covered(entry, server), "{entry} does not cover {server}");
+        }
     }
 }

@@ -148,3 +148,20 @@ pub fn logout() {}
         (status = 401, description = "`missing_token`, `unknown_token`", body = ErrorBody),
     ))]
 pub fn whoami() {}
+
+crate::endpoint::endpoint! {
+    /// `POST /v1/register`: creates an account and its first device.
+    Register: Post "/v1/register", None, RegisterRequest => SessionResponse
+}
+crate::endpoint::endpoint! {
+    /// `POST /v1/login`: creates a device of an existing account.
+    Login: Post "/v1/login", None, LoginRequest => SessionResponse
+}
+crate::endpoint::endpoint! {
+    /// `POST /v1/logout`: removes the calling device.
+    Logout: Post "/v1/logout", AccessToken, () => ()
+}
+crate::endpoint::endpoint! {
+    /// `GET /v1/whoami`.
+    WhoAmI: Get "/v1/whoami", AccessToken, () => WhoAmIResponse
+}

@@ -110,3 +110,16 @@ pub fn delete_device() {}
     params(("user_id" = String, Path, description = "The user, `@localpart:server`")),
     responses((status = 200, body = UserDevicesResponse), (status = 404, description = "`unknown_user`", body = ErrorBody)))]
 pub fn user_devices() {}
+
+crate::endpoint::endpoint! {
+    /// `GET /v1/devices`: the caller's devices.
+    ListDevices: Get "/v1/devices", AccessToken, () => DevicesResponse
+}
+crate::endpoint::endpoint! {
+    /// `DELETE /v1/devices/{device_id}`: removes one of the caller's devices.
+    DeleteDevice: Delete "/v1/devices/{device_id}", AccessToken, DeleteDeviceRequest => ()
+}
+crate::endpoint::endpoint! {
+    /// `GET /v1/users/{user_id}/devices`: the devices a sender must encrypt to.
+    UserDevices: Get "/v1/users/{user_id}/devices", AccessToken, () => UserDevicesResponse
+}

@@ -267,3 +267,20 @@ pub fn get_device_list() {}
 #[utoipa::path(post, path = "/v1/keys/claim", tag = "keys", security(("bearer" = [])), request_body = ClaimRequest,
     responses((status = 200, body = ClaimResponse), (status = 400, body = ErrorBody)))]
 pub fn claim_keys() {}
+
+crate::endpoint::endpoint! {
+    /// `POST /v1/keys/upload`: device keys and prekeys.
+    UploadKeys: Post "/v1/keys/upload", AccessToken, UploadKeysRequest => UploadKeysResponse
+}
+crate::endpoint::endpoint! {
+    /// `PUT /v1/keys/device-list`: publishes the user's signed device list.
+    PutDeviceList: Put "/v1/keys/device-list", AccessToken, SignedDeviceList => ()
+}
+crate::endpoint::endpoint! {
+    /// `GET /v1/users/{user_id}/device-list`.
+    GetDeviceList: Get "/v1/users/{user_id}/device-list", AccessToken, () => SignedDeviceList
+}
+crate::endpoint::endpoint! {
+    /// `POST /v1/keys/claim`: one prekey bundle per device.
+    ClaimKeys: Post "/v1/keys/claim", AccessToken, ClaimRequest => ClaimResponse
+}

@@ -117,3 +117,12 @@ pub fn send_message() {}
         (status = 404, description = "`unknown_user`", body = ErrorBody),
     ))]
 pub fn mark_read() {}
+
+crate::endpoint::endpoint! {
+    /// `POST /v1/send`: stores a message for every device of the recipient.
+    SendMessage: Post "/v1/send", AccessToken, SendRequest => SentResponse
+}
+crate::endpoint::endpoint! {
+    /// `POST /v1/read`: marks messages of a peer as read.
+    MarkRead: Post "/v1/read", AccessToken, ReadRequest => ()
+}

@@ -141,3 +141,20 @@ pub fn list_subscriptions() {}
     request_body = PrivacySettings,
     responses((status = 204, description = "Saved"), (status = 400, body = ErrorBody)))]
 pub fn set_privacy() {}
+
+crate::endpoint::endpoint! {
+    /// `GET /v1/presence/{user_id}`.
+    GetPresence: Get "/v1/presence/{user_id}", AccessToken, () => PresenceInfo
+}
+crate::endpoint::endpoint! {
+    /// `PUT /v1/presence/subscriptions`: adds contacts.
+    SubscribePresence: Put "/v1/presence/subscriptions", AccessToken, SubscribeRequest => SubscriptionsResponse
+}
+crate::endpoint::endpoint! {
+    /// `GET /v1/presence/subscriptions`: the caller's contacts with their presence.
+    ListSubscriptions: Get "/v1/presence/subscriptions", AccessToken, () => SubscriptionsResponse
+}
+crate::endpoint::endpoint! {
+    /// `PUT /v1/account/privacy`.
+    SetPrivacy: Put "/v1/account/privacy", AccessToken, PrivacySettings => ()
+}

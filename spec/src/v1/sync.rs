@@ -52,3 +52,8 @@ impl SyncResponse {
         (status = 401, body = ErrorBody),
     ))]
 pub fn sync() {}
+
+crate::endpoint::endpoint! {
+    /// `GET /v1/sync`: events after `since`, long-polling.
+    SyncEvents: Get "/v1/sync", AccessToken, SyncQuery => SyncResponse
+}

@@ -290,6 +290,11 @@ impl TypingNotice {
     ))]
 pub fn websocket() {}
 
+crate::endpoint::endpoint! {
+    /// `GET /v1/ws`: the WebSocket upgrade (the token may be in the query).
+    WebSocket: Get "/v1/ws", AccessToken, WsQuery => ()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

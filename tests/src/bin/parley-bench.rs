@@ -99,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
     if args.federation {
         return federation(&args, epoch).await;
     }
-    let server = TestServer::start_with(BENCH_CONFIG).await?;
+    let server = TestServer::process_with(BENCH_CONFIG).await?;
     let accounts = register_all(&server.base_url, args.devices, "u").await?;
     let servers = [(server.base_url.clone(), server.pid().context("pid")?)];
     let n = accounts.len();
@@ -147,7 +147,9 @@ async fn main() -> anyhow::Result<()> {
 /// Two federating servers; device i on a.test talks to device i on b.test and back.
 async fn federation(args: &Args, epoch: Instant) -> anyhow::Result<()> {
     use parley_tests::fednet::{Discovery, FedNet};
-    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], BENCH_CONFIG).await?;
+    let mut net =
+        FedNet::start_as(parley_tests::Mode::Process, &[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], BENCH_CONFIG)
+            .await?;
     let half = args.devices.div_ceil(2);
     let a = net.server("a.test");
     let mut accounts = register_all(&a.base_url, half, "u").await?;
@@ -522,7 +524,7 @@ async fn device_loop(
 
 /// A fresh server, `n` idle connections; returns (baseline RSS, RSS with the connections).
 async fn idle_phase(n: usize) -> anyhow::Result<(u64, u64)> {
-    let server = TestServer::start_with(BENCH_CONFIG).await?;
+    let server = TestServer::process_with(BENCH_CONFIG).await?;
     let pid = server.pid().context("pid")?;
     let users = n.div_ceil(10);
     let accounts = register_all(&server.base_url, users, "idle").await?;

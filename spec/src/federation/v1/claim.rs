@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 ///
 /// One-time prekeys are limited per requesting server and per `requester` (per claimed device);
 /// past a limit the bundle carries the device's last-resort prekey instead.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ClaimRequest {
@@ -25,4 +25,20 @@ impl ClaimRequest {
     pub fn new(requester: UserId, devices: Vec<DeviceRef>) -> Self {
         Self { requester, devices }
     }
+}
+
+/// POST /_parley/federation/v1/keys/claim
+#[utoipa::path(post, path = "/_parley/federation/v1/keys/claim", tag = "federation", security(("server_signatures" = [])),
+    request_body = ClaimRequest,
+    responses(
+        (status = 200, body = crate::v1::keys::ClaimResponse),
+        (status = 400, description = "`bad_json`, `bad_request`", body = crate::ErrorBody),
+        (status = 401, description = "see `send`", body = crate::ErrorBody),
+        (status = 403, description = "`server_denied`, `forbidden` (`requester` is not a user of the origin)", body = crate::ErrorBody),
+    ))]
+pub fn claim_keys() {}
+
+crate::endpoint::endpoint! {
+    /// `POST /_parley/federation/v1/keys/claim`.
+    ClaimKeys: Post "/_parley/federation/v1/keys/claim", ServerSignatures, ClaimRequest => crate::v1::keys::ClaimResponse
 }

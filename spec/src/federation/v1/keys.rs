@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 pub const SERVER_KEYS_CONTEXT: &[u8] = b"parley server keys v1\0";
 
 /// A current verify key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct VerifyKey {
     /// ed25519 public key (32 bytes).
@@ -21,7 +21,7 @@ pub struct VerifyKey {
 }
 
 /// A retired verify key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct OldVerifyKey {
     /// ed25519 public key (32 bytes).
@@ -38,7 +38,7 @@ impl OldVerifyKey {
 }
 
 /// A server's key document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct ServerKeys {
     /// Whose keys.
@@ -62,4 +62,14 @@ impl ServerKeys {
         verify_keys.insert(key_id, VerifyKey { key: key.into() });
         Self { server_name, valid_until_ts, verify_keys, old_verify_keys: BTreeMap::new(), signatures: BTreeMap::new() }
     }
+}
+
+/// GET /_parley/key/v1
+#[utoipa::path(get, path = "/_parley/key/v1", tag = "federation",
+    responses((status = 200, description = "The server's keys, self-signed", body = ServerKeys)))]
+pub fn get_server_keys() {}
+
+crate::endpoint::endpoint! {
+    /// `GET /_parley/key/v1`: the server's signing keys, self-signed (on both listeners).
+    GetServerKeys: Get "/_parley/key/v1", None, () => ServerKeys
 }

@@ -11,7 +11,7 @@
 use crate::v1::events::ReceiptEvent;
 use crate::v1::keys::SignedDeviceList;
 use crate::v1::presence::PresenceInfo;
-use crate::{Base64Bytes, DeviceId, ServerName, UserId};
+use crate::{Base64Bytes, DeviceId, ErrorBody, ServerName, UserId};
 use serde::{Deserialize, Serialize};
 
 /// Domain-separation prefix of origin signatures on relayed messages.
@@ -21,7 +21,7 @@ pub const MESSAGE_CONTEXT: &[u8] = b"parley federation message v1\0";
 pub const MAX_TXN_ITEMS: usize = 10_000;
 
 /// Body of `PUT /_parley/federation/v1/send/{txn_id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct Transaction {
     /// The sending server (must match the request signature's origin).
@@ -40,7 +40,7 @@ impl Transaction {
 }
 
 /// One thing a transaction carries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Item {
@@ -66,7 +66,7 @@ impl Item {
 }
 
 /// One device's ciphertext in a relayed message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct FedEnvelope {
@@ -86,7 +86,7 @@ impl FedEnvelope {
 /// A message as relayed between servers. The origin signs it with its server key
 /// (`signature` over [`MESSAGE_CONTEXT`] followed by the canonical JSON of the object without
 /// `signature`), so the signature survives relaying by another server.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct SignedMessage {
@@ -128,7 +128,7 @@ impl SignedMessage {
 }
 
 /// A typing notice across servers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct TypingItem {
@@ -149,7 +149,7 @@ impl TypingItem {
 
 /// Presence of one origin user, as each listed destination user may see it (the origin applies
 /// its user's privacy settings before sending).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct PresenceItem {
@@ -169,7 +169,7 @@ impl PresenceItem {
 
 /// `subscriber` (a user of the origin) now follows exactly these users' presence among the
 /// destination's users (replacing what it followed there before).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct PresenceSubscription {
@@ -187,7 +187,7 @@ impl PresenceSubscription {
 }
 
 /// A user's devices changed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct DeviceListChanged {
@@ -204,7 +204,7 @@ impl DeviceListChanged {
 
 /// Answer to a transaction. Items the destination refused (unknown user, bad signature,
 /// a user of another server) are listed; the rest were accepted. A refused item is not retried.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct TransactionResponse {
     /// Refused items.
@@ -213,7 +213,7 @@ pub struct TransactionResponse {
 }
 
 /// An item the destination refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct RejectedItem {
     /// Index in `items`.
@@ -232,7 +232,7 @@ impl RejectedItem {
 }
 
 /// A user's current devices on their homeserver, and their signed device list if published.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct UserDevices {
     /// The user.
@@ -249,4 +249,38 @@ impl UserDevices {
     pub fn new(user_id: UserId, devices: Vec<DeviceId>, device_list: Option<SignedDeviceList>) -> Self {
         Self { user_id, devices, device_list }
     }
+}
+
+/// PUT /_parley/federation/v1/send/{txn_id}
+#[utoipa::path(put, path = "/_parley/federation/v1/send/{txn_id}", tag = "federation", security(("server_signatures" = [])),
+    params(("txn_id" = String, Path, description = "The origin's transaction id (idempotency key with the origin)")),
+    request_body = Transaction,
+    responses(
+        (status = 200, description = "Applied (or applied before); refused items listed", body = TransactionResponse),
+        (status = 400, description = "`bad_json`, `bad_request` (more than 10,000 items)", body = ErrorBody),
+        (status = 401, description = "`unsigned`, `bad_authorization`, `wrong_destination`, `stale_request`, `unknown_server_key`, `bad_signature`, `replayed_request`", body = ErrorBody),
+        (status = 403, description = "`server_denied`, `forbidden` (`origin` is not the signing server)", body = ErrorBody),
+        (status = 413, description = "`too_large`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+    ))]
+pub fn send_transaction() {}
+
+/// GET /_parley/federation/v1/users/{user_id}/devices
+#[utoipa::path(get, path = "/_parley/federation/v1/users/{user_id}/devices", tag = "federation", security(("server_signatures" = [])),
+    params(("user_id" = String, Path, description = "A user of the destination")),
+    responses(
+        (status = 200, body = UserDevices),
+        (status = 401, description = "see `send`", body = ErrorBody),
+        (status = 403, description = "`server_denied`", body = ErrorBody),
+        (status = 404, description = "`unknown_user`", body = ErrorBody),
+    ))]
+pub fn get_user_devices() {}
+
+crate::endpoint::endpoint! {
+    /// `PUT /_parley/federation/v1/send/{txn_id}`: a transaction of items for the destination.
+    SendTransaction: Put "/_parley/federation/v1/send/{txn_id}", ServerSignatures, Transaction => TransactionResponse
+}
+crate::endpoint::endpoint! {
+    /// `GET /_parley/federation/v1/users/{user_id}/devices`.
+    GetUserDevices: Get "/_parley/federation/v1/users/{user_id}/devices", ServerSignatures, () => UserDevices
 }
