@@ -1,12 +1,15 @@
 //! Parley federation: the homeserver's long-term signing key with rotation ([`server_key`]),
 //! the self-signed key document ([`server_keys`]), signed server-to-server requests
-//! ([`request`]) and origin signatures on relayed messages ([`message`]), all sans I/O; and
-//! the I/O side: server-name discovery ([`discovery`]), TLS material ([`tls`]) and the signed
-//! HTTPS client ([`transport`]). The durable outbound queue lives in the server, next to the
-//! database it writes to.
+//! ([`request`]), origin signatures on relayed messages ([`message`]) and the logic of the
+//! outbound transaction queue with retry and backoff ([`queue`], [`backoff`]), all sans I/O;
+//! and the I/O side: server-name discovery ([`discovery`]), TLS material ([`tls`]) and the
+//! signed HTTPS client ([`transport`]). The queue's driver (reading and writing the durable
+//! queue, sending) lives in the server, next to the database it writes to.
 
+pub mod backoff;
 pub mod discovery;
 pub mod message;
+pub mod queue;
 pub mod request;
 pub mod server_key;
 pub mod server_keys;

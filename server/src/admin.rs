@@ -5,7 +5,6 @@ use crate::config::Config;
 use crate::storage::{now_ms, Store, StoreError};
 use parley_spec::ids::validate_localpart;
 use parley_spec::UserId;
-use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// Why an admin command failed.
@@ -21,7 +20,7 @@ pub enum AdminError {
 
 async fn open(config: &Config) -> Result<(Store, tokio::task::JoinHandle<()>), AdminError> {
     crate::storage::create_data_dir(&config.data_dir).map_err(|e| AdminError::Invalid(format!("data dir: {e}")))?;
-    Ok(Store::open(config, crate::metrics::Metrics::new(), Arc::new(|_, _| {})).await?)
+    Ok(Store::open(config, crate::metrics::Metrics::new(), Default::default()).await?)
 }
 
 /// Creates a user with a password; returns its user id.

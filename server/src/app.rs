@@ -93,23 +93,15 @@ impl Server {
         let server_name = ServerName::parse(&config.server_name)?;
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::default());
-        let sender_slot: Arc<std::sync::OnceLock<crate::federation::sender::Sender>> = Arc::default();
-        let on_commit = {
-            let hub = hub.clone();
-            let sender_slot = sender_slot.clone();
-            Arc::new(move |committed: Vec<crate::storage::writer::Committed>, destinations: Vec<Arc<str>>| {
-                if !committed.is_empty() {
-                    hub.deliver(committed);
-                }
-                if let Some(sender) = sender_slot.get() {
-                    for destination in destinations {
-                        sender.wake(&destination);
-                    }
-                }
-            }) as crate::storage::writer::OnCommit
-        };
         let server_key = Arc::new(parley_federation::ServerKey::load_or_create(&config.data_dir.join("server.key"))?);
-        let (store, writer) = Store::open(&config, metrics.clone(), on_commit).await?;
+        // The writer publishes each commit: its events to the hub (inline), the outbound queues
+        // it grew on a channel whose receiver the federation sender takes below.
+        let (outbound_tx, outbound_rx) = tokio::sync::mpsc::unbounded_channel();
+        let subscribers = crate::storage::Subscribers {
+            events: Some(hub.clone() as Arc<dyn crate::storage::LiveEvents>),
+            outbound: config.federation.enabled.then_some(outbound_tx),
+        };
+        let (store, writer) = Store::open(&config, metrics.clone(), subscribers).await?;
         let store = Arc::new(store);
         let (shutdown_tx, shutdown) = watch::channel(false);
         let (federation, tls) = if config.federation.enabled {
@@ -135,16 +127,16 @@ impl Server {
                 parley_federation::transport::FederationClient::new(server_name.clone(), server_key.clone(), discovery, timeout)
                     .map_err(|e| OpenError::Federation(e.to_string()))?;
             let prefix = server_key.key_id.trim_start_matches("ed25519:").to_owned();
-            let sender = crate::federation::sender::Sender::new(
-                &store,
+            let sender = crate::federation::sender::Sender::start(
+                store.clone(),
+                outbound_rx,
                 client.clone(),
                 fed.clone(),
                 metrics.clone(),
                 prefix,
                 shutdown.clone(),
-            );
-            let _ = sender_slot.set(sender.clone());
-            sender.resume().await?;
+            )
+            .await?;
             (Some(Arc::new(crate::federation::Federation::new(fed.clone(), client, sender))), Some(tls))
         } else {
             (None, None)

@@ -1,12 +1,13 @@
-//! Live delivery: the registry of connected devices. After a commit, the writer's callback
-//! hands each durable inbox event to the device's connection task, if it is connected. A
+//! Live delivery: the registry of connected devices. The hub subscribes to the writer's
+//! commits ([`LiveEvents`]): right after a commit, in the writer task, it hands each durable
+//! inbox event to the device's connection task, if it is connected. A
 //! connection whose buffer is full (in events, or in unsent bytes: see [`crate::outgoing`]) is
 //! marked lagged, woken, and reads its inbox from the database instead, so a slow device never
 //! blocks anyone, never misses anything and never holds more memory than its budget.
 
 use crate::outgoing::Unsent;
 use crate::storage::writer::Committed;
-use crate::storage::{DevicePk, InboxRow};
+use crate::storage::{DevicePk, InboxRow, LiveEvents};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -150,5 +151,11 @@ impl Hub {
         if let Some(entry) = conns.get(&device) {
             let _ = entry.tx.try_send(Push::Close(reason));
         }
+    }
+}
+
+impl LiveEvents for Hub {
+    fn committed(&self, events: Vec<Committed>) {
+        self.deliver(events);
     }
 }

@@ -1,29 +1,41 @@
-//! The durable outbound queue: one task per destination sends the destination's queued items
-//! (rows of `fed_outbound`, in order) as transactions of at most `max_txn_items` items and
-//! `max_txn_bytes` bytes, one transaction in flight at a time. Before a transaction is sent its
-//! id and last item are persisted, so after a crash exactly the same transaction is resent and
-//! the destination's `(origin, txn_id)` check drops it if it had arrived. Items are deleted only
+//! The durable outbound queue's I/O: one task per destination drives that destination's
+//! [`DestinationQueue`] (`parley_federation::queue`, where the logic lives: transactions of at
+//! most `max_txn_items` items and `max_txn_bytes` bytes, one in flight at a time, the in-flight
+//! record that makes a resend after a crash exact, backoff with jitter reset when the
+//! destination contacts us, typing and presence in memory, presence throttling). The task does
+//! what the queue asks (reads and writes `fed_outbound`/`fed_inflight` through the [`Store`],
+//! sends transactions over HTTPS, sleeps) and reports the outcome back. Items are deleted only
 //! once the destination answered 200.
 //!
-//! Failures back off exponentially (`retry_min_ms` doubling up to `retry_max_ms`, with jitter)
-//! and the backoff is reset as soon as the destination contacts us. Typing and presence are
-//! kept in memory only, coalesced, and dropped once the destination has been failing for
-//! `drop_ephemeral_after_ms`; presence on its own leaves at most once per
-//! `presence_interval_ms` (changes in between are coalesced, newest per user).
+//! Notifications: the writer publishes the destinations whose queue a commit grew on a channel
+//! that [`Sender::start`] follows; typing and presence come through [`Sender::push_ephemeral`],
+//! and valid requests from a destination through [`Sender::contacted_by`]. Each updates the
+//! queue under its lock (never held across I/O) and wakes the task, which polls again.
+//!
+//! Time: the queues take `now` as an argument; the tasks read it from tokio's clock, the one
+//! their sleeps use, so `tokio::time::pause()` moves both. The wall clock only dates
+//! transactions (`origin_ts`).
+//!
+//! Shutdown: every task here stops at the shutdown signal, wherever it waits (the in-flight
+//! record makes that safe), and so lets go of the store: the writer can then drain and stop.
 
 use crate::config::FederationConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
 use crate::storage::{Outbound, Store, StoreError};
 use bytes::Bytes;
+use parley_federation::queue::{
+    Action, Batch, DestinationQueue, InflightRecord, Load, QueueConfig, QueuedItem, TxnResult, Write,
+};
 use parley_federation::transport::FederationClient;
 use parley_spec::federation::v1::transaction::{Item, TransactionResponse};
 use parley_spec::ServerName;
+use rand::rngs::OsRng;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
-use tokio::sync::{watch, Notify};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
 
 /// An item for `destination`'s queue.
 pub fn outbound(destination: &str, item: &Item) -> ApiResult<Outbound> {
@@ -31,37 +43,33 @@ pub fn outbound(destination: &str, item: &Item) -> ApiResult<Outbound> {
     Ok(Outbound { destination: Arc::from(destination), payload: Bytes::from(payload) })
 }
 
+/// The time the queues see: tokio's clock, which also drives the sleeps (and stops with
+/// `tokio::time::pause()`).
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// One destination: its queue, and the notification that it has something new.
 struct Destination {
+    /// Locked only for a synchronous step, never across I/O.
+    queue: Mutex<DestinationQueue<OsRng>>,
     wake: Notify,
-    /// Set when the destination contacted us: retry at once.
-    reset: AtomicBool,
-    ephemeral: Mutex<Vec<Item>>,
 }
 
 impl Destination {
-    /// Puts back ephemeral items that were taken but not delivered, ahead of newer ones
-    /// (a newer presence of the same user still replaces an older one).
-    fn requeue(&self, items: Vec<Item>) {
-        let mut queue = self.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
-        let newer = std::mem::replace(&mut *queue, items);
-        for item in newer {
-            push_coalesced(&mut queue, item);
-        }
+    fn with<T>(&self, step: impl FnOnce(&mut DestinationQueue<OsRng>) -> T) -> T {
+        step(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()))
     }
-}
 
-/// Appends `item`; a presence item replaces the queued presence of the same user.
-fn push_coalesced(queue: &mut Vec<Item>, item: Item) {
-    if let Item::Presence(new) = &item {
-        queue.retain(|old| !matches!(old, Item::Presence(old) if old.presence.user == new.presence.user));
+    /// Applies `step` to the queue and wakes its task.
+    fn notify(&self, step: impl FnOnce(&mut DestinationQueue<OsRng>)) {
+        self.with(step);
+        self.wake.notify_one();
     }
-    queue.push(item);
 }
 
 struct Inner {
-    /// Weak: the writer stops once every strong handle is gone (at shutdown), and the writer's
-    /// commit callback leads here.
-    store: Weak<Store>,
+    store: Arc<Store>,
     shutdown: watch::Receiver<bool>,
     client: FederationClient,
     config: FederationConfig,
@@ -77,26 +85,28 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// A sender over `store`. `txn_prefix` makes transaction ids unique to this database.
-    pub fn new(
-        store: &Arc<Store>,
+    /// Starts sending: a task for every destination with queued items (after a restart), and
+    /// one that follows the writer's commits (`outbound`: the destinations whose queue grew).
+    /// `txn_prefix` makes transaction ids unique to this database. Every task stops at
+    /// `shutdown`.
+    pub async fn start(
+        store: Arc<Store>,
+        outbound: mpsc::UnboundedReceiver<Vec<Arc<str>>>,
         client: FederationClient,
         config: FederationConfig,
         metrics: Metrics,
         txn_prefix: String,
         shutdown: watch::Receiver<bool>,
-    ) -> Self {
-        let store = Arc::downgrade(store);
-        Self { inner: Arc::new(Inner { store, shutdown, client, config, metrics, txn_prefix, destinations: Mutex::default() }) }
-    }
-
-    /// Starts a task for every destination with queued items (after a restart).
-    pub async fn resume(&self) -> Result<(), StoreError> {
-        let Some(store) = self.inner.store.upgrade() else { return Ok(()) };
-        for destination in store.outbound_destinations().await? {
-            self.wake(&destination);
+    ) -> Result<Self, StoreError> {
+        let queued = store.outbound_destinations().await?;
+        let sender = Self {
+            inner: Arc::new(Inner { store, shutdown, client, config, metrics, txn_prefix, destinations: Mutex::default() }),
+        };
+        for destination in queued {
+            sender.wake(&destination);
         }
-        Ok(())
+        tokio::spawn(follow_commits(sender.clone(), outbound));
+        Ok(sender)
     }
 
     fn destination(&self, name: &str) -> Option<Arc<Destination>> {
@@ -108,8 +118,8 @@ impl Sender {
             tracing::warn!(destination = name, "not a server name; nothing will be sent there");
             return None;
         };
-        let destination =
-            Arc::new(Destination { wake: Notify::new(), reset: AtomicBool::new(false), ephemeral: Mutex::default() });
+        let queue = DestinationQueue::new(queue_config(&self.inner.config), self.inner.txn_prefix.clone(), OsRng);
+        let destination = Arc::new(Destination { queue: Mutex::new(queue), wake: Notify::new() });
         destinations.insert(name.to_owned(), destination.clone());
         let inner = self.inner.clone();
         let mut shutdown = self.inner.shutdown.clone();
@@ -127,229 +137,180 @@ impl Sender {
     /// New items were committed for `destination`.
     pub fn wake(&self, destination: &str) {
         if let Some(destination) = self.destination(destination) {
-            destination.wake.notify_one();
+            destination.notify(DestinationQueue::on_new_items);
         }
     }
 
     /// Queues a typing or presence item in memory (coalesced: a newer presence of the same
     /// user replaces the older one).
     pub fn push_ephemeral(&self, destination: &str, item: Item) {
-        let Some(handle) = self.destination(destination) else { return };
-        {
-            let mut queue = handle.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
-            push_coalesced(&mut queue, item);
-            if queue.len() > self.inner.config.max_txn_items {
-                queue.remove(0);
-            }
+        if let Some(destination) = self.destination(destination) {
+            destination.notify(|queue| queue.push_ephemeral(item));
         }
-        handle.wake.notify_one();
     }
 
     /// `origin` sent us a valid request: it is up, so stop backing off.
     pub fn contacted_by(&self, origin: &str) {
         let existing = self.inner.destinations.lock().unwrap_or_else(|e| e.into_inner()).get(origin).cloned();
         if let Some(destination) = existing {
-            destination.reset.store(true, Ordering::Release);
-            destination.wake.notify_one();
+            destination.notify(DestinationQueue::on_contact);
         }
     }
 }
 
-/// One transaction's worth of work.
-struct Batch {
-    txn_id: String,
-    last_seq: Option<i64>,
-    body: Vec<u8>,
-    items: usize,
+fn queue_config(config: &FederationConfig) -> QueueConfig {
+    QueueConfig {
+        max_txn_items: config.max_txn_items,
+        max_txn_bytes: config.max_txn_bytes,
+        retry_min: Duration::from_millis(config.retry_min_ms),
+        retry_max: Duration::from_millis(config.retry_max_ms),
+        drop_ephemeral_after: Duration::from_millis(config.drop_ephemeral_after_ms),
+        presence_interval: Duration::from_millis(config.presence_interval_ms),
+    }
 }
 
-async fn next_batch(
-    inner: &Inner,
-    store: &Store,
-    server: &ServerName,
-    ephemeral: &[Item],
-    done_up_to: Option<i64>,
-) -> Result<Option<Batch>, StoreError> {
-    let name = server.as_str();
-    let config = &inner.config;
-    // A transaction persisted as in flight is resent exactly (same id, same items) — unless it
-    // is the one just accepted (`done_up_to`), whose record the next one replaces.
-    let inflight = match done_up_to {
-        Some(_) => None,
-        None => store.inflight(name).await?,
-    };
-    let rows = match &inflight {
-        Some((_, last)) => store.outbound_batch(name, usize::MAX >> 1, None, Some(*last)).await?,
-        None => store.outbound_batch(name, config.max_txn_items, done_up_to, None).await?,
-    };
-    let mut payloads: Vec<&[u8]> = Vec::with_capacity(rows.len());
-    let mut size = 256;
-    let mut last_seq = None;
-    for (seq, payload) in &rows {
-        if inflight.is_none() && !payloads.is_empty() && size + payload.len() + 1 > config.max_txn_bytes {
-            break;
-        }
-        size += payload.len() + 1;
-        payloads.push(payload);
-        last_seq = Some(*seq);
-    }
-    let ephemeral_json: Vec<Vec<u8>> = ephemeral.iter().filter_map(|item| serde_json::to_vec(item).ok()).collect();
-    if payloads.is_empty() {
-        // Nothing durable to send: settle the accepted transaction (or a stale record).
-        if let Some(done) = done_up_to.or(inflight.as_ref().map(|(_, last)| *last)) {
-            store.txn_done(name, done).await?;
-        }
-        if ephemeral_json.is_empty() {
-            return Ok(None);
-        }
-    }
-    let txn_id = match (&inflight, last_seq) {
-        (Some((id, _)), _) => id.clone(),
-        (None, Some(last)) => {
-            let first = rows.first().map(|(seq, _)| *seq).unwrap_or(last);
-            let id = format!("{}.{first}-{last}", inner.txn_prefix);
-            store.txn_inflight(name, &id, last, done_up_to).await?;
-            id
-        }
-        (None, None) => format!("{}.e{}", inner.txn_prefix, uuid::Uuid::new_v4().simple()),
-    };
-    let mut body = Vec::with_capacity(size + ephemeral_json.iter().map(|p| p.len() + 1).sum::<usize>());
-    body.extend_from_slice(b"{\"origin\":");
-    body.extend_from_slice(&serde_json::to_vec(inner.client.origin()).unwrap_or_default());
-    body.extend_from_slice(format!(",\"origin_ts\":{},\"items\":[", crate::storage::now_ms()).as_bytes());
-    let mut first = true;
-    for payload in payloads.iter().copied().chain(ephemeral_json.iter().map(|p| p.as_slice())) {
-        if !first {
-            body.push(b',');
-        }
-        first = false;
-        body.extend_from_slice(payload);
-    }
-    body.extend_from_slice(b"]}");
-    Ok(Some(Batch { txn_id, last_seq, body, items: payloads.len() + ephemeral_json.len() }))
-}
-
-async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination>) {
-    let name = server.as_str().to_owned();
-    let mut failures: u32 = 0;
-    let mut failing_since: Option<Instant> = None;
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    // The last item of the transaction just accepted, not yet recorded as done.
-    let mut accepted: Option<i64> = None;
-    let mut last_presence_only: Option<Instant> = None;
+/// Wakes the destinations whose queue a commit grew, until shutdown.
+async fn follow_commits(sender: Sender, mut outbound: mpsc::UnboundedReceiver<Vec<Arc<str>>>) {
+    let mut shutdown = sender.inner.shutdown.clone();
     loop {
-        if let Some(at) = retry_at {
-            if !destination.reset.swap(false, Ordering::AcqRel) {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at) => {}
-                    _ = destination.wake.notified() => {
-                        // New items do not cut a backoff short; only the destination contacting us does.
-                        if !destination.reset.swap(false, Ordering::AcqRel) {
-                            continue;
-                        }
-                    }
-                }
-            }
-            retry_at = None;
+        let grown = tokio::select! {
+            grown = outbound.recv() => grown,
+            _ = shutdown.wait_for(|stop| *stop) => None,
+        };
+        let Some(grown) = grown else { return };
+        for destination in grown {
+            sender.wake(&destination);
         }
-        let mut ephemeral = std::mem::take(&mut *destination.ephemeral.lock().unwrap_or_else(|e| e.into_inner()));
-        if let Some(since) = failing_since {
-            if since.elapsed() >= Duration::from_millis(inner.config.drop_ephemeral_after_ms) && !ephemeral.is_empty() {
-                tracing::debug!(destination = %name, dropped = ephemeral.len(), "dropping typing and presence");
-                inner.metrics.federation_ephemeral_dropped.inc_by(ephemeral.len() as u64);
-                ephemeral.clear();
-            }
+    }
+}
+
+/// Drives one destination's queue: does what it asks, reports back, forever (until the task is
+/// dropped at shutdown).
+async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination>) {
+    let name = server.as_str();
+    let store = &inner.store;
+    loop {
+        let (action, dropped) = destination.with(|queue| (queue.poll(now()), queue.take_dropped()));
+        if dropped > 0 {
+            tracing::debug!(destination = %name, dropped, "dropping typing and presence");
+            inner.metrics.federation_ephemeral_dropped.inc_by(dropped as u64);
         }
-        let Some(store) = inner.store.upgrade() else { return };
-        let batch = match next_batch(&inner, &store, &server, &ephemeral, accepted.take()).await {
-            Ok(Some(batch)) => batch,
-            Ok(None) => {
-                failures = 0;
-                failing_since = None;
-                drop(store);
+        let stored = match action {
+            Action::Idle => {
                 destination.wake.notified().await;
-                continue;
+                Ok(())
             }
-            Err(error) => {
-                tracing::error!(destination = %name, %error, "reading the outbound queue failed");
-                failures = failures.saturating_add(1);
-                retry_at = Some(tokio::time::Instant::now() + backoff(&inner.config, failures));
-                continue;
+            Action::SleepUntil(at) => {
+                // Woken early, the queue decides whether that ends the wait (a contact does).
+                tokio::select! {
+                    _ = tokio::time::sleep_until(Instant::from_std(at)) => {}
+                    _ = destination.wake.notified() => {}
+                }
+                Ok(())
+            }
+            Action::Load(Load::Inflight) => store.inflight(name).await.map(|record| {
+                let record = record.map(|(txn_id, last_seq)| InflightRecord { txn_id, last_seq });
+                destination.with(|queue| queue.on_inflight(record));
+            }),
+            Action::Load(Load::Items { after, up_to, limit }) => {
+                store.outbound_batch(name, limit.unwrap_or(usize::MAX >> 1), after, up_to).await.map(|rows| {
+                    let items = rows.into_iter().map(|(seq, payload)| QueuedItem { seq, payload }).collect();
+                    destination.with(|queue| queue.on_items(items));
+                })
+            }
+            Action::Write(write) => {
+                let written = match write {
+                    Write::Inflight { txn_id, last_seq, done_up_to } => {
+                        store.txn_inflight(name, &txn_id, last_seq, done_up_to).await
+                    }
+                    Write::Done { up_to } => store.txn_done(name, up_to).await,
+                };
+                written.map(|()| destination.with(DestinationQueue::on_written))
+            }
+            Action::Send(batch) => {
+                send(&inner, &server, &destination, batch).await;
+                Ok(())
             }
         };
-        // Presence alone is throttled: at most one presence-only transaction per interval per
-        // destination; changes in between are coalesced (newest per user) and go together.
-        let presence_only = batch.last_seq.is_none() && ephemeral.iter().all(|item| matches!(item, Item::Presence(_)));
-        if presence_only {
-            let interval = Duration::from_millis(inner.config.presence_interval_ms);
-            if let Some(last) = last_presence_only.filter(|last| last.elapsed() < interval) {
-                drop(store);
-                destination.requeue(ephemeral);
-                tokio::time::sleep_until((last + interval).into()).await;
-                continue;
-            }
-            last_presence_only = Some(Instant::now());
-        }
-        let path = format!("/_parley/federation/v1/send/{}", batch.txn_id);
-        let started = Instant::now();
-        let result: Result<TransactionResponse, _> =
-            inner.client.request(&server, reqwest::Method::PUT, &path, Some(batch.body)).await;
-        match result {
-            Ok(response) => {
-                inner.metrics.federation_txn_seconds.observe(started.elapsed().as_secs_f64());
-                inner.metrics.federation_items_sent.inc_by(batch.items as u64);
-                for rejected in &response.rejected {
-                    tracing::warn!(destination = %name, index = rejected.index, code = %rejected.code, message = %rejected.message, "item refused");
-                }
-                // Recorded with the next transaction's start (one commit), or alone when idle.
-                if batch.last_seq.is_some() {
-                    accepted = batch.last_seq;
-                }
-                if failures > 0 {
-                    tracing::info!(destination = %name, "destination reachable again");
-                }
-                failures = 0;
-                failing_since = None;
-            }
-            Err(error) => {
-                inner.metrics.federation_txn_failures.inc();
-                if failures == 0 {
-                    tracing::warn!(destination = %name, %error, "transaction failed; retrying with backoff");
-                } else {
-                    tracing::debug!(destination = %name, %error, failures, "transaction failed again");
-                }
-                failures = failures.saturating_add(1);
-                failing_since.get_or_insert_with(Instant::now);
-                let delay = backoff(&inner.config, failures);
-                tracing::debug!(destination = %name, failures, delay_ms = delay.as_millis() as u64, "backing off");
-                retry_at = Some(tokio::time::Instant::now() + delay);
-                // Ephemeral items that were not delivered go back (dropped later if this lasts).
-                destination.requeue(ephemeral);
-            }
+        if let Err(error) = stored {
+            tracing::error!(destination = %name, %error, "reading or writing the outbound queue failed");
+            destination.with(|queue| queue.on_store_error(now()));
         }
     }
 }
 
-/// The delay before retry number `failures` (≥ 1): exponential, capped, with jitter in
-/// [50 %, 100 %] so destinations that failed together do not retry together.
-pub fn backoff(config: &FederationConfig, failures: u32) -> Duration {
-    let exp = config.retry_min_ms.saturating_mul(1u64 << failures.saturating_sub(1).min(30));
-    let capped = exp.min(config.retry_max_ms);
-    let jittered = capped / 2 + rand::random::<u64>() % (capped / 2 + 1);
-    Duration::from_millis(jittered.max(1))
+/// Sends one transaction and reports the answer to the queue.
+async fn send(inner: &Inner, server: &ServerName, destination: &Destination, batch: Batch) {
+    let name = server.as_str();
+    let path = format!("/_parley/federation/v1/send/{}", batch.txn_id);
+    let items = batch.len();
+    let body = transaction_body(inner.client.origin(), &batch);
+    let started = Instant::now();
+    let result: Result<TransactionResponse, _> = inner.client.request(server, reqwest::Method::PUT, &path, Some(body)).await;
+    let failures = destination.with(|queue| queue.failures());
+    match result {
+        Ok(response) => {
+            inner.metrics.federation_txn_seconds.observe(started.elapsed().as_secs_f64());
+            inner.metrics.federation_items_sent.inc_by(items as u64);
+            for rejected in &response.rejected {
+                tracing::warn!(destination = %name, index = rejected.index, code = %rejected.code, message = %rejected.message, "item refused");
+            }
+            if failures > 0 {
+                tracing::info!(destination = %name, "destination reachable again");
+            }
+            destination.with(|queue| queue.on_result(TxnResult::Accepted, now()));
+        }
+        Err(error) => {
+            inner.metrics.federation_txn_failures.inc();
+            if failures == 0 {
+                tracing::warn!(destination = %name, %error, "transaction failed; retrying with backoff");
+            } else {
+                tracing::debug!(destination = %name, %error, failures, "transaction failed again");
+            }
+            let (failures, delay) = destination.with(|queue| {
+                let now = now();
+                queue.on_result(TxnResult::Failed, now);
+                (queue.failures(), queue.retry_at().map(|at| at.saturating_duration_since(now)).unwrap_or_default())
+            });
+            tracing::debug!(destination = %name, failures, delay_ms = delay.as_millis() as u64, "backing off");
+        }
+    }
+}
+
+/// The transaction's JSON: its durable items' stored JSON and its ephemeral items, after the
+/// origin and the send time.
+fn transaction_body(origin: &ServerName, batch: &Batch) -> Vec<u8> {
+    let ephemeral: Vec<Vec<u8>> = batch.ephemeral.iter().filter_map(|item| serde_json::to_vec(item).ok()).collect();
+    let size = 256 + batch.durable.iter().chain(&ephemeral).map(|item| item.len() + 1).sum::<usize>();
+    let mut body = Vec::with_capacity(size);
+    body.extend_from_slice(b"{\"origin\":");
+    body.extend_from_slice(&serde_json::to_vec(origin).unwrap_or_default());
+    body.extend_from_slice(format!(",\"origin_ts\":{},\"items\":[", crate::storage::now_ms()).as_bytes());
+    for (index, item) in batch.durable.iter().chain(&ephemeral).enumerate() {
+        if index > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(b"]}");
+    body
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use parley_spec::federation::v1::transaction::{Transaction, TypingItem};
+    use parley_spec::UserId;
 
     #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        let config = FederationConfig { retry_min_ms: 100, retry_max_ms: 1_000, ..FederationConfig::default() };
-        for failures in 1..40 {
-            let delay = backoff(&config, failures).as_millis() as u64;
-            let ceiling = (100u64 << (failures - 1).min(30)).min(1_000);
-            assert!(delay >= ceiling / 2 && delay <= ceiling, "failures {failures}: {delay} not in [{}, {ceiling}]", ceiling / 2);
-        }
+    fn the_body_is_a_transaction_with_durable_items_first() {
+        let typing =
+            Item::Typing(TypingItem::new(UserId::parse("@alice:a.test").unwrap(), UserId::parse("@bob:b.test").unwrap(), true));
+        let durable = serde_json::to_vec(&typing).unwrap();
+        let batch = Batch { txn_id: "p.1-1".into(), durable: vec![durable], ephemeral: vec![typing.clone()], last_seq: Some(1) };
+        let body = transaction_body(&ServerName::parse("a.test").unwrap(), &batch);
+        let parsed: Transaction = serde_json::from_slice(&body).expect("a valid transaction");
+        assert_eq!(parsed.origin.as_str(), "a.test");
+        assert_eq!(parsed.items, [typing.clone(), typing]);
     }
 }

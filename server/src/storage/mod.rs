@@ -9,7 +9,7 @@ mod sqlite;
 pub mod writer;
 
 pub use sqlite::{ClaimedKeys, KeyUpload, MessageRoutes, Store};
-pub use writer::{Effects, InboundItem, MessageOutcome, NewEvent, NewMessage, Outbound, RemoteMessage};
+pub use writer::{Effects, InboundItem, LiveEvents, MessageOutcome, NewEvent, NewMessage, Outbound, RemoteMessage, Subscribers};
 
 use bytes::Bytes;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The SQLite backend: WAL mode, a small pool for reads and account writes, and the
 //! group-commit [`Writer`](super::writer) for the hot path.
 
-use super::writer::{Bookkeeping, OnCommit, WriteOp, Writer};
+use super::writer::{Bookkeeping, Subscribers, WriteOp, Writer};
 use super::*;
 use crate::config::{Config, Synchronous};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -32,12 +32,12 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database, runs migrations and starts the writer task.
-    /// `on_commit` receives every inbox event after it is durable.
+    /// Opens (creating if needed) the database, runs migrations and starts the writer task,
+    /// which publishes every commit to `subscribers`.
     pub async fn open(
         config: &Config,
         metrics: crate::metrics::Metrics,
-        on_commit: OnCommit,
+        subscribers: Subscribers,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
         make_private(&config.database_path())?;
         let options = SqliteConnectOptions::new()
@@ -67,7 +67,7 @@ impl Store {
             priority,
             max_batch: config.storage.max_batch,
             keep_history: config.storage.keep_history,
-            on_commit,
+            subscribers,
             metrics,
             next_seq: Default::default(),
         };
@@ -870,7 +870,7 @@ mod tests {
 
     async fn open(dir: &std::path::Path) -> Store {
         let config = Config { data_dir: dir.to_path_buf(), ..Config::default() };
-        Store::open(&config, crate::metrics::Metrics::new(), Arc::new(|_, _| {})).await.expect("store opens").0
+        Store::open(&config, crate::metrics::Metrics::new(), Subscribers::default()).await.expect("store opens").0
     }
 
     fn message(origin: &str, id: u64) -> InboundItem {

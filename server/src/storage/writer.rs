@@ -1,10 +1,17 @@
 //! The group-commit writer: one task, one connection, one transaction per batch of whatever
 //! operations queued up while the previous batch was committing. It also owns the per-device
 //! inbox sequence counters, so sequence numbers are assigned in commit order without locks.
+//! A batch is first sorted into a `Plan` (pure, so unit-tested), then applied by one
+//! function per SQL step, in a fixed order, in one transaction.
 //!
 //! Sequence invariant: rows are deleted only at or below a device's persisted `acked_seq`
 //! (in the same transaction that raises it), so after a restart the next sequence number is
 //! `max(acked_seq, max(seq)) + 1` and is never reused.
+//!
+//! After each commit, and only then, the writer answers the batch's operations and publishes
+//! what the commit made durable to its [`Subscribers`], in commit order: the inbox events to
+//! live delivery (called in the writer task, so a live event costs no task switch), and the
+//! outbound queues that grew on a channel (their drainer is built after the store).
 
 use super::{DevicePk, InboxRow, StoreError, UserPk};
 use bytes::Bytes;
@@ -150,9 +157,37 @@ pub struct Committed {
     pub row: InboxRow,
 }
 
-/// Called after each commit with the events it made durable and the destinations whose
-/// outbound queue grew.
-pub type OnCommit = Arc<dyn Fn(Vec<Committed>, Vec<Arc<str>>) + Send + Sync>;
+/// Receives the inbox events of each commit, in the writer task, right after the commit and
+/// in commit order. It must not block or wait: the next batch waits for it.
+pub trait LiveEvents: Send + Sync {
+    /// `events` are durable (answers for the commit have been sent).
+    fn committed(&self, events: Vec<Committed>);
+}
+
+/// Who hears about commits, fixed when the store opens; a missing subscriber hears nothing.
+#[derive(Default)]
+pub struct Subscribers {
+    /// Live delivery of durable inbox events (the hub). Called in the writer task: a live
+    /// event reaches its connection without a hop through another task.
+    pub events: Option<Arc<dyn LiveEvents>>,
+    /// The outbound queues (named by destination server) a commit added items to, one message
+    /// per commit that grew any. A channel rather than a call, so that its receiver can go to
+    /// a service built after the store (the federation sender, which reads the store).
+    pub outbound: Option<mpsc::UnboundedSender<Vec<Arc<str>>>>,
+}
+
+impl Subscribers {
+    fn publish(&self, committed: Vec<Committed>, outbound: Vec<Arc<str>>) {
+        if let Some(events) = self.events.as_ref().filter(|_| !committed.is_empty()) {
+            events.committed(committed);
+        }
+        if let Some(channel) = self.outbound.as_ref().filter(|_| !outbound.is_empty()) {
+            // Nobody listening (federation off, or shutting down): the items stay queued in
+            // the database and are picked up at the next start.
+            let _ = channel.send(outbound);
+        }
+    }
+}
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -244,7 +279,7 @@ pub(super) struct Writer {
     pub priority: mpsc::Receiver<WriteOp>,
     pub max_batch: usize,
     pub keep_history: bool,
-    pub on_commit: OnCommit,
+    pub subscribers: Subscribers,
     pub metrics: crate::metrics::Metrics,
     /// Next sequence number per device (loaded on first use).
     pub next_seq: HashMap<DevicePk, u64>,
@@ -261,26 +296,7 @@ impl Writer {
                 else => break,
             };
             batch.push(op);
-            while let Ok(op) = self.priority.try_recv() {
-                batch.push(op);
-                if batch.len() >= self.max_batch {
-                    break;
-                }
-            }
-            // With federation work in the batch, keep the commit short: a destination's answer
-            // and the sender's next transaction wait for it (under a backlog of client sends, a
-            // full batch would make every federation round trip cost ~100 ms).
-            let limit = if batch.iter().any(WriteOp::is_federation) {
-                self.max_batch.min(batch.len() + PRIORITY_BATCH_CLIENT_OPS)
-            } else {
-                self.max_batch
-            };
-            while batch.len() < limit {
-                match self.rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
-            }
+            fill_batch(&mut batch, &mut self.priority, &mut self.rx, self.max_batch);
             self.metrics.writer_queue_depth.set(self.rx.len() as i64);
             let started = std::time::Instant::now();
             let size = batch.len();
@@ -326,9 +342,7 @@ impl Writer {
                     let _ = reply.send(Ok(new));
                 }
                 let destinations = std::mem::take(&mut work.destinations);
-                if !committed.is_empty() || !destinations.is_empty() {
-                    (self.on_commit)(committed, destinations);
-                }
+                self.subscribers.publish(committed, destinations);
             }
             Err(error) => {
                 // Dropping the replies answers every operation of the batch with `Unavailable`.
@@ -340,281 +354,43 @@ impl Writer {
         batch.clear();
     }
 
+    /// Applies `batch` in one transaction: sorts it into a [`Plan`], then runs the plan's SQL
+    /// steps in order and commits. Replies are collected into `work`, sent by the caller after
+    /// the commit (dropped unanswered if anything fails: the whole batch rolls back).
     async fn apply(&mut self, batch: &mut Vec<WriteOp>, work: &mut Work) -> Result<(), StoreError> {
+        let Plan { messages, effects, inbound, fed_state, deleted, acks, last_seen, replies } = batch.drain(..).collect();
+        work.unit_replies.extend(replies);
+        let now = super::now_ms();
         let next_seq = &mut self.next_seq;
         let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
-        let mut messages = Vec::new();
-        let mut events: Vec<NewEvent> = Vec::new();
-        let mut acks: HashMap<DevicePk, u64> = HashMap::new();
-        let mut deleted = Vec::new();
-        let mut last_seen = Vec::new();
-        let mut outbound: Vec<Outbound> = Vec::new();
-        let mut inbound = Vec::new();
-        let mut received: Vec<RemoteMessage> = Vec::new();
-        let mut fed_state = Vec::new();
-        for op in batch.drain(..) {
-            match op {
-                WriteOp::Message(message, reply) => messages.push((message, reply)),
-                WriteOp::Ack { device, seq, receipts, reply } => {
-                    let entry = acks.entry(device).or_insert(0);
-                    *entry = (*entry).max(seq);
-                    events.extend(receipts.events);
-                    outbound.extend(receipts.outbound);
-                    received.extend(receipts.received);
-                    work.unit_replies.push(reply);
-                }
-                WriteOp::Events(effects, reply) => {
-                    events.extend(effects.events);
-                    outbound.extend(effects.outbound);
-                    received.extend(effects.received);
-                    work.unit_replies.push(reply);
-                }
-                WriteOp::Inbound { origin, txn_id, items, reply } => inbound.push((origin, txn_id, items, reply)),
-                op @ (WriteOp::TxnInflight { .. } | WriteOp::TxnDone { .. } | WriteOp::Bookkeeping(..)) => fed_state.push(op),
-                WriteOp::DeleteDevice(device, reply) => {
-                    deleted.push(device);
-                    work.unit_replies.push(reply);
-                }
-                WriteOp::LastSeen { user, device, ts, reply } => {
-                    last_seen.push((user, device, ts));
-                    work.unit_replies.push(reply);
-                }
-            }
-        }
 
-        // 1. Idempotency records; RETURNING names the rows that are new.
-        let mut inserted = HashSet::new();
-        for chunk in messages.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) ",
-            );
-            query.push_values(chunk, |mut row, (m, _)| {
-                row.push_bind(m.id as i64)
-                    .push_bind(m.sender_device)
-                    .push_bind(m.sender_user)
-                    .push_bind(m.client_msg_id.as_bytes().as_slice())
-                    .push_bind(m.recipient.as_str())
-                    .push_bind(m.ts);
-            });
-            query.push(" ON CONFLICT DO NOTHING RETURNING id");
-            for row in query.build().fetch_all(&mut *tx).await? {
-                inserted.insert(row.try_get::<i64, _>(0)? as u64);
-            }
-        }
-        let mut message_events = Vec::new();
-        for (message, reply) in messages {
-            if inserted.contains(&message.id) {
-                work.message_replies.push((reply, MessageOutcome::Stored { id: message.id, ts: message.ts }));
-                message_events.extend(message.events);
-                outbound.extend(message.outbound);
-            } else {
-                let row = sqlx::query("SELECT id, ts FROM messages WHERE sender_device = ? AND client_msg_id = ?")
-                    .bind(message.sender_device)
-                    .bind(message.client_msg_id.as_bytes().as_slice())
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let outcome = MessageOutcome::Duplicate { id: row.try_get::<i64, _>(0)? as u64, ts: row.try_get(1)? };
-                work.message_replies.push((reply, outcome));
-            }
-        }
-        message_events.append(&mut events);
-        let mut events = message_events;
-
-        // 1b. Inbound federation transactions: each applies once per (origin, txn_id) ...
-        let now = super::now_ms();
-        let mut inbound_items = Vec::new();
-        for (origin, txn_id, items, reply) in inbound {
-            let done =
-                sqlx::query("INSERT INTO fed_inbound_txns (origin, txn_id, received_ts) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
-                    .bind(&origin)
-                    .bind(&txn_id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-            let new = done.rows_affected() == 1;
-            if new {
-                inbound_items.extend(items);
-            }
-            work.inbound_replies.push((reply, new));
-        }
-        // ... and each message in them once per (origin, message id), whatever transaction
-        // carries it: one multi-row insert; RETURNING names the pairs seen for the first time.
-        let keys: Vec<&(Arc<str>, u64)> = inbound_items.iter().filter_map(|item| item.message.as_ref()).collect();
-        let mut first_seen: HashMap<String, HashSet<u64>> = HashMap::new();
-        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_inbound_messages (origin, msg_id, received_ts) ");
-            query.push_values(chunk, |mut row, (origin, id)| {
-                row.push_bind(origin.as_ref()).push_bind(*id as i64).push_bind(now);
-            });
-            query.push(" ON CONFLICT DO NOTHING RETURNING origin, msg_id");
-            for row in query.build().fetch_all(&mut *tx).await? {
-                first_seen.entry(row.try_get(0)?).or_default().insert(row.try_get::<i64, _>(1)? as u64);
-            }
-        }
-        let mut duplicates = 0usize;
-        for item in inbound_items {
-            if let Some((origin, id)) = &item.message {
-                // Taken out, so a second copy later in the same batch counts as a repeat too.
-                if !first_seen.get_mut(origin.as_ref()).is_some_and(|ids| ids.remove(id)) {
-                    duplicates += 1;
-                    continue;
-                }
-            }
-            events.extend(item.effects.events);
-            outbound.extend(item.effects.outbound);
-            received.extend(item.effects.received);
-        }
-        if duplicates > 0 {
-            tracing::debug!(duplicates, "inbound messages already delivered were dropped");
-        }
-        for chunk in received.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new("INSERT OR IGNORE INTO remote_messages (recipient, sender, msg_id) ");
-            query.push_values(chunk, |mut row, m| {
-                row.push_bind(m.recipient).push_bind(m.sender.as_ref()).push_bind(m.id as i64);
-            });
-            query.build().execute(&mut *tx).await?;
-        }
-
-        // 1c. Outbound federation items, and the state of transactions in flight.
-        let mut destinations: Vec<Arc<str>> = Vec::new();
-        for chunk in outbound.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_outbound (destination, payload) ");
-            query.push_values(chunk, |mut row, item| {
-                row.push_bind(item.destination.as_ref()).push_bind(item.payload.as_ref());
-            });
-            query.build().execute(&mut *tx).await?;
-        }
-        for item in outbound {
-            if !destinations.contains(&item.destination) {
-                destinations.push(item.destination);
-            }
-        }
-        for op in fed_state {
-            match op {
-                WriteOp::TxnInflight { destination, txn_id, last_seq, done_up_to, reply } => {
-                    if let Some(done) = done_up_to {
-                        sqlx::query("DELETE FROM fed_outbound WHERE destination = ? AND seq <= ?")
-                            .bind(&destination)
-                            .bind(done)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    sqlx::query(
-                        "INSERT INTO fed_inflight (destination, txn_id, last_seq) VALUES (?1, ?2, ?3) \
-                         ON CONFLICT (destination) DO UPDATE SET txn_id = ?2, last_seq = ?3",
-                    )
-                    .bind(destination)
-                    .bind(txn_id)
-                    .bind(last_seq)
-                    .execute(&mut *tx)
-                    .await?;
-                    work.unit_replies.push(reply);
-                }
-                WriteOp::TxnDone { destination, last_seq, reply } => {
-                    sqlx::query("DELETE FROM fed_outbound WHERE destination = ? AND seq <= ?")
-                        .bind(&destination)
-                        .bind(last_seq)
-                        .execute(&mut *tx)
-                        .await?;
-                    sqlx::query("DELETE FROM fed_inflight WHERE destination = ?").bind(&destination).execute(&mut *tx).await?;
-                    work.unit_replies.push(reply);
-                }
-                WriteOp::Bookkeeping(write, reply) => {
-                    match write {
-                        Bookkeeping::RemoteDevices { user, json: Some(json) } => {
-                            sqlx::query(
-                                "INSERT INTO remote_devices (user_id, json, fetched_ts) VALUES (?1, ?2, ?3) \
-                                 ON CONFLICT (user_id) DO UPDATE SET json = ?2, fetched_ts = ?3",
-                            )
-                            .bind(user)
-                            .bind(json)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                        Bookkeeping::RemoteDevices { user, json: None } => {
-                            sqlx::query("DELETE FROM remote_devices WHERE user_id = ?").bind(user).execute(&mut *tx).await?;
-                        }
-                        Bookkeeping::Watcher { user, server } => {
-                            sqlx::query("INSERT OR IGNORE INTO device_list_watchers (user_id, server) VALUES (?, ?)")
-                                .bind(user)
-                                .bind(server)
-                                .execute(&mut *tx)
-                                .await?;
-                        }
-                    }
-                    work.unit_replies.push(reply);
-                }
-                _ => {}
-            }
-        }
-        work.destinations = destinations;
-
-        // 2. Devices removed in this batch lose their inbox, token and counters.
-        for device in &deleted {
-            next_seq.remove(device);
-            for table in ["inbox", "one_time_prekeys", "signed_prekeys", "last_resort_prekeys", "device_keys"] {
-                sqlx::query(&format!("DELETE FROM {table} WHERE device = ?")).bind(device).execute(&mut *tx).await?;
-            }
-            sqlx::query("DELETE FROM devices WHERE id = ?").bind(device).execute(&mut *tx).await?;
-        }
-
-        // 3. Inbox events with their sequence numbers (events for unknown devices are dropped).
-        let mut rows = Vec::with_capacity(events.len());
-        for event in events {
-            if let Some(seq) = allocate_seq(next_seq, &mut tx, event.device).await? {
-                rows.push((event, seq));
-            }
-        }
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO inbox (device, seq, sender, msg_id, payload) ");
-            query.push_values(chunk, |mut row, (event, seq)| {
-                let (sender, msg_id) = match &event.origin {
-                    Some((sender, id)) => (Some(sender.as_ref()), Some(*id as i64)),
-                    None => (None, None),
-                };
-                row.push_bind(event.device)
-                    .push_bind(*seq as i64)
-                    .push_bind(sender)
-                    .push_bind(msg_id)
-                    .push_bind(event.payload.as_ref());
-            });
-            query.build().execute(&mut *tx).await?;
-        }
-
-        // 4. Acks: raise acked_seq (clamped to what exists) and drop acknowledged entries.
-        let mut clamped = Vec::with_capacity(acks.len());
-        for (device, seq) in acks {
-            if let Some(next) = peek_next_seq(next_seq, &mut tx, device).await? {
-                clamped.push((device, seq.min(next - 1)));
-            }
-        }
-        for chunk in clamped.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new("WITH v(d, s) AS (");
-            query.push_values(chunk, |mut row, (device, seq)| {
-                row.push_bind(*device).push_bind(*seq as i64);
-            });
-            query.push(") UPDATE devices SET acked_seq = v.s FROM v WHERE devices.id = v.d AND v.s > devices.acked_seq");
-            query.build().execute(&mut *tx).await?;
-            if !self.keep_history {
-                let mut query = QueryBuilder::<Sqlite>::new("WITH v(d, s) AS (");
-                query.push_values(chunk, |mut row, (device, seq)| {
-                    row.push_bind(*device).push_bind(*seq as i64);
-                });
-                // Driven by `v` through the primary key: cost follows the rows deleted, not the batch.
-                query.push(
-                    ") DELETE FROM inbox WHERE (device, seq) IN \
-                     (SELECT i.device, i.seq FROM v JOIN inbox i ON i.device = v.d AND i.seq <= v.s)",
-                );
-                query.build().execute(&mut *tx).await?;
-            }
-        }
-
-        // 5. Last seen.
-        for (user, device, ts) in last_seen {
-            sqlx::query("UPDATE users SET last_seen_ts = ? WHERE id = ?").bind(ts).bind(user).execute(&mut *tx).await?;
-            sqlx::query("UPDATE devices SET last_seen_ts = ? WHERE id = ?").bind(ts).bind(device).execute(&mut *tx).await?;
-        }
+        // 1. Messages: idempotency records; only new messages add their events and items.
+        let stored = insert_messages(&mut tx, messages, work).await?;
+        // Inbox order: new messages' events, then those of the other operations in batch order,
+        // then those of inbound transactions. Outbound order: the other operations' items, then
+        // new messages', then inbound transactions'.
+        let mut events = stored.events;
+        events.extend(effects.events);
+        let mut outbound = effects.outbound;
+        outbound.extend(stored.outbound);
+        let mut received = effects.received;
+        // 2. Inbound federation transactions, and the remote messages they brought.
+        let inbound = apply_inbound(&mut tx, inbound, now, work).await?;
+        events.extend(inbound.events);
+        outbound.extend(inbound.outbound);
+        received.extend(inbound.received);
+        record_received(&mut tx, &received).await?;
+        // 3. Outbound federation items, and the state of transactions in flight.
+        work.destinations = queue_outbound(&mut tx, outbound).await?;
+        apply_fed_state(&mut tx, fed_state, now, work).await?;
+        // 4. Devices removed in this batch lose their inbox, keys and counters.
+        delete_devices(&mut tx, &deleted, next_seq).await?;
+        // 5. Inbox events with their sequence numbers (events for unknown devices are dropped).
+        let rows = append_inbox(&mut tx, events, next_seq).await?;
+        // 6. Acks: raise acked_seq (clamped to what exists) and drop acknowledged entries.
+        apply_acks(&mut tx, acks, next_seq, self.keep_history).await?;
+        // 7. Last seen.
+        record_last_seen(&mut tx, &last_seen).await?;
 
         tx.commit().await?;
         let committed_at = Some(std::time::Instant::now());
@@ -628,6 +404,401 @@ impl Writer {
             .collect();
         Ok(())
     }
+}
+
+/// Adds what else is queued to `batch` (which holds the operation just received): federation
+/// writes first, up to `max_batch`; then client writes up to `max_batch` in all, or, when the
+/// batch carries federation work, at most [`PRIORITY_BATCH_CLIENT_OPS`] of them. That keeps
+/// such commits short: a destination's answer and the sender's next transaction wait for them
+/// (under a backlog of client sends, a full batch would make every federation round trip cost
+/// ~100 ms).
+fn fill_batch(
+    batch: &mut Vec<WriteOp>,
+    priority: &mut mpsc::Receiver<WriteOp>,
+    rx: &mut mpsc::Receiver<WriteOp>,
+    max_batch: usize,
+) {
+    while let Ok(op) = priority.try_recv() {
+        batch.push(op);
+        if batch.len() >= max_batch {
+            break;
+        }
+    }
+    let limit =
+        if batch.iter().any(WriteOp::is_federation) { max_batch.min(batch.len() + PRIORITY_BATCH_CLIENT_OPS) } else { max_batch };
+    while batch.len() < limit {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Federation bookkeeping done in the writer's commit.
+#[derive(Debug)]
+enum FedWrite {
+    /// See [`WriteOp::TxnInflight`].
+    Inflight { destination: String, txn_id: String, last_seq: i64, done_up_to: Option<i64> },
+    /// See [`WriteOp::TxnDone`].
+    Done { destination: String, last_seq: i64 },
+    /// See [`WriteOp::Bookkeeping`].
+    Other(Bookkeeping),
+}
+
+/// An inbound transaction to apply once.
+struct InboundTxn {
+    origin: String,
+    txn_id: String,
+    items: Vec<InboundItem>,
+    reply: Reply<bool>,
+}
+
+/// A batch sorted by the SQL step that applies it. Pure: building it runs no SQL, so what goes
+/// where is unit-tested.
+#[derive(Default)]
+struct Plan {
+    /// Step 1: messages to store once per (device, client_msg_id).
+    messages: Vec<(NewMessage, Reply<MessageOutcome>)>,
+    /// The effects of acks' receipts and of appended events, in batch order.
+    effects: Effects,
+    /// Step 2: inbound federation transactions, in batch order.
+    inbound: Vec<InboundTxn>,
+    /// Step 3: in-flight records, accepted transactions and other federation bookkeeping.
+    fed_state: Vec<(FedWrite, Reply<()>)>,
+    /// Step 4: devices to remove.
+    deleted: Vec<DevicePk>,
+    /// Step 6: the highest acknowledged position per device.
+    acks: HashMap<DevicePk, u64>,
+    /// Step 7: last-seen times.
+    last_seen: Vec<(UserPk, DevicePk, i64)>,
+    /// Replies to acks, appends, removals and last-seen updates, answered after the commit.
+    replies: Vec<Reply<()>>,
+}
+
+impl FromIterator<WriteOp> for Plan {
+    fn from_iter<I: IntoIterator<Item = WriteOp>>(ops: I) -> Self {
+        let mut plan = Plan::default();
+        for op in ops {
+            match op {
+                WriteOp::Message(message, reply) => plan.messages.push((message, reply)),
+                WriteOp::Ack { device, seq, receipts, reply } => {
+                    let acked = plan.acks.entry(device).or_insert(0);
+                    *acked = (*acked).max(seq);
+                    plan.effects.extend(receipts);
+                    plan.replies.push(reply);
+                }
+                WriteOp::Events(effects, reply) => {
+                    plan.effects.extend(effects);
+                    plan.replies.push(reply);
+                }
+                WriteOp::Inbound { origin, txn_id, items, reply } => {
+                    plan.inbound.push(InboundTxn { origin, txn_id, items, reply })
+                }
+                WriteOp::TxnInflight { destination, txn_id, last_seq, done_up_to, reply } => {
+                    plan.fed_state.push((FedWrite::Inflight { destination, txn_id, last_seq, done_up_to }, reply));
+                }
+                WriteOp::TxnDone { destination, last_seq, reply } => {
+                    plan.fed_state.push((FedWrite::Done { destination, last_seq }, reply));
+                }
+                WriteOp::Bookkeeping(write, reply) => plan.fed_state.push((FedWrite::Other(write), reply)),
+                WriteOp::DeleteDevice(device, reply) => {
+                    plan.deleted.push(device);
+                    plan.replies.push(reply);
+                }
+                WriteOp::LastSeen { user, device, ts, reply } => {
+                    plan.last_seen.push((user, device, ts));
+                    plan.replies.push(reply);
+                }
+            }
+        }
+        plan
+    }
+}
+
+/// Step 1: inserts the idempotency records; RETURNING names the rows that are new. New
+/// messages are answered `Stored` and bring their events and items; repeats are answered with
+/// the original's id and time and bring nothing.
+async fn insert_messages(
+    conn: &mut SqliteConnection,
+    messages: Vec<(NewMessage, Reply<MessageOutcome>)>,
+    work: &mut Work,
+) -> Result<Effects, StoreError> {
+    let mut inserted = HashSet::new();
+    for chunk in messages.chunks(ROWS_PER_STATEMENT) {
+        let mut query =
+            QueryBuilder::<Sqlite>::new("INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) ");
+        query.push_values(chunk, |mut row, (m, _)| {
+            row.push_bind(m.id as i64)
+                .push_bind(m.sender_device)
+                .push_bind(m.sender_user)
+                .push_bind(m.client_msg_id.as_bytes().as_slice())
+                .push_bind(m.recipient.as_str())
+                .push_bind(m.ts);
+        });
+        query.push(" ON CONFLICT DO NOTHING RETURNING id");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            inserted.insert(row.try_get::<i64, _>(0)? as u64);
+        }
+    }
+    let mut effects = Effects::default();
+    for (message, reply) in messages {
+        if inserted.contains(&message.id) {
+            work.message_replies.push((reply, MessageOutcome::Stored { id: message.id, ts: message.ts }));
+            effects.events.extend(message.events);
+            effects.outbound.extend(message.outbound);
+        } else {
+            let row = sqlx::query("SELECT id, ts FROM messages WHERE sender_device = ? AND client_msg_id = ?")
+                .bind(message.sender_device)
+                .bind(message.client_msg_id.as_bytes().as_slice())
+                .fetch_one(&mut *conn)
+                .await?;
+            let outcome = MessageOutcome::Duplicate { id: row.try_get::<i64, _>(0)? as u64, ts: row.try_get(1)? };
+            work.message_replies.push((reply, outcome));
+        }
+    }
+    Ok(effects)
+}
+
+/// Step 2: each inbound transaction applies once per (origin, txn_id), and each message in
+/// them once per (origin, message id), whatever transaction carries it. Returns the effects of
+/// what applies, in item order.
+async fn apply_inbound(
+    conn: &mut SqliteConnection,
+    inbound: Vec<InboundTxn>,
+    now: i64,
+    work: &mut Work,
+) -> Result<Effects, StoreError> {
+    let mut inbound_items = Vec::new();
+    for InboundTxn { origin, txn_id, items, reply } in inbound {
+        let done =
+            sqlx::query("INSERT INTO fed_inbound_txns (origin, txn_id, received_ts) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+                .bind(&origin)
+                .bind(&txn_id)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+        let new = done.rows_affected() == 1;
+        if new {
+            inbound_items.extend(items);
+        }
+        work.inbound_replies.push((reply, new));
+    }
+    // One multi-row insert; RETURNING names the pairs seen for the first time.
+    let keys: Vec<&(Arc<str>, u64)> = inbound_items.iter().filter_map(|item| item.message.as_ref()).collect();
+    let mut first_seen: HashMap<String, HashSet<u64>> = HashMap::new();
+    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_inbound_messages (origin, msg_id, received_ts) ");
+        query.push_values(chunk, |mut row, (origin, id)| {
+            row.push_bind(origin.as_ref()).push_bind(*id as i64).push_bind(now);
+        });
+        query.push(" ON CONFLICT DO NOTHING RETURNING origin, msg_id");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            first_seen.entry(row.try_get(0)?).or_default().insert(row.try_get::<i64, _>(1)? as u64);
+        }
+    }
+    let mut effects = Effects::default();
+    let mut duplicates = 0usize;
+    for item in inbound_items {
+        if let Some((origin, id)) = &item.message {
+            // Taken out, so a second copy later in the same batch counts as a repeat too.
+            if !first_seen.get_mut(origin.as_ref()).is_some_and(|ids| ids.remove(id)) {
+                duplicates += 1;
+                continue;
+            }
+        }
+        effects.extend(item.effects);
+    }
+    if duplicates > 0 {
+        tracing::debug!(duplicates, "inbound messages already delivered were dropped");
+    }
+    Ok(effects)
+}
+
+/// Remembers the messages received from other servers' users (for read-marker checks).
+async fn record_received(conn: &mut SqliteConnection, received: &[RemoteMessage]) -> Result<(), StoreError> {
+    for chunk in received.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new("INSERT OR IGNORE INTO remote_messages (recipient, sender, msg_id) ");
+        query.push_values(chunk, |mut row, m| {
+            row.push_bind(m.recipient).push_bind(m.sender.as_ref()).push_bind(m.id as i64);
+        });
+        query.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Step 3: appends outbound federation items, in order; returns the destinations whose queue
+/// grew (each once, in order of first appearance).
+async fn queue_outbound(conn: &mut SqliteConnection, outbound: Vec<Outbound>) -> Result<Vec<Arc<str>>, StoreError> {
+    for chunk in outbound.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_outbound (destination, payload) ");
+        query.push_values(chunk, |mut row, item| {
+            row.push_bind(item.destination.as_ref()).push_bind(item.payload.as_ref());
+        });
+        query.build().execute(&mut *conn).await?;
+    }
+    let mut destinations: Vec<Arc<str>> = Vec::new();
+    for item in outbound {
+        if !destinations.contains(&item.destination) {
+            destinations.push(item.destination);
+        }
+    }
+    Ok(destinations)
+}
+
+/// Step 3 (continued): in-flight records, accepted transactions, and the remote-device cache
+/// and watchers.
+async fn apply_fed_state(
+    conn: &mut SqliteConnection,
+    writes: Vec<(FedWrite, Reply<()>)>,
+    now: i64,
+    work: &mut Work,
+) -> Result<(), StoreError> {
+    for (write, reply) in writes {
+        match write {
+            FedWrite::Inflight { destination, txn_id, last_seq, done_up_to } => {
+                if let Some(done) = done_up_to {
+                    sqlx::query("DELETE FROM fed_outbound WHERE destination = ? AND seq <= ?")
+                        .bind(&destination)
+                        .bind(done)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO fed_inflight (destination, txn_id, last_seq) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (destination) DO UPDATE SET txn_id = ?2, last_seq = ?3",
+                )
+                .bind(destination)
+                .bind(txn_id)
+                .bind(last_seq)
+                .execute(&mut *conn)
+                .await?;
+            }
+            FedWrite::Done { destination, last_seq } => {
+                sqlx::query("DELETE FROM fed_outbound WHERE destination = ? AND seq <= ?")
+                    .bind(&destination)
+                    .bind(last_seq)
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("DELETE FROM fed_inflight WHERE destination = ?").bind(&destination).execute(&mut *conn).await?;
+            }
+            FedWrite::Other(Bookkeeping::RemoteDevices { user, json: Some(json) }) => {
+                sqlx::query(
+                    "INSERT INTO remote_devices (user_id, json, fetched_ts) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (user_id) DO UPDATE SET json = ?2, fetched_ts = ?3",
+                )
+                .bind(user)
+                .bind(json)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            }
+            FedWrite::Other(Bookkeeping::RemoteDevices { user, json: None }) => {
+                sqlx::query("DELETE FROM remote_devices WHERE user_id = ?").bind(user).execute(&mut *conn).await?;
+            }
+            FedWrite::Other(Bookkeeping::Watcher { user, server }) => {
+                sqlx::query("INSERT OR IGNORE INTO device_list_watchers (user_id, server) VALUES (?, ?)")
+                    .bind(user)
+                    .bind(server)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+        work.unit_replies.push(reply);
+    }
+    Ok(())
+}
+
+/// Step 4: removes devices with their inbox, keys and sequence counters.
+async fn delete_devices(
+    conn: &mut SqliteConnection,
+    deleted: &[DevicePk],
+    next_seq: &mut HashMap<DevicePk, u64>,
+) -> Result<(), StoreError> {
+    for device in deleted {
+        next_seq.remove(device);
+        for table in ["inbox", "one_time_prekeys", "signed_prekeys", "last_resort_prekeys", "device_keys"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE device = ?")).bind(device).execute(&mut *conn).await?;
+        }
+        sqlx::query("DELETE FROM devices WHERE id = ?").bind(device).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Step 5: appends inbox events in order, each with the next sequence number of its device
+/// (events for unknown devices are dropped); returns the stored events with their numbers.
+async fn append_inbox(
+    conn: &mut SqliteConnection,
+    events: Vec<NewEvent>,
+    next_seq: &mut HashMap<DevicePk, u64>,
+) -> Result<Vec<(NewEvent, u64)>, StoreError> {
+    let mut rows = Vec::with_capacity(events.len());
+    for event in events {
+        if let Some(seq) = allocate_seq(next_seq, conn, event.device).await? {
+            rows.push((event, seq));
+        }
+    }
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO inbox (device, seq, sender, msg_id, payload) ");
+        query.push_values(chunk, |mut row, (event, seq)| {
+            let (sender, msg_id) = match &event.origin {
+                Some((sender, id)) => (Some(sender.as_ref()), Some(*id as i64)),
+                None => (None, None),
+            };
+            row.push_bind(event.device)
+                .push_bind(*seq as i64)
+                .push_bind(sender)
+                .push_bind(msg_id)
+                .push_bind(event.payload.as_ref());
+        });
+        query.build().execute(&mut *conn).await?;
+    }
+    Ok(rows)
+}
+
+/// Step 6: raises each device's `acked_seq` (clamped to what exists) and, unless history is
+/// kept, deletes the entries at or below it.
+async fn apply_acks(
+    conn: &mut SqliteConnection,
+    acks: HashMap<DevicePk, u64>,
+    next_seq: &mut HashMap<DevicePk, u64>,
+    keep_history: bool,
+) -> Result<(), StoreError> {
+    let mut clamped = Vec::with_capacity(acks.len());
+    for (device, seq) in acks {
+        if let Some(next) = peek_next_seq(next_seq, conn, device).await? {
+            clamped.push((device, seq.min(next - 1)));
+        }
+    }
+    for chunk in clamped.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new("WITH v(d, s) AS (");
+        query.push_values(chunk, |mut row, (device, seq)| {
+            row.push_bind(*device).push_bind(*seq as i64);
+        });
+        query.push(") UPDATE devices SET acked_seq = v.s FROM v WHERE devices.id = v.d AND v.s > devices.acked_seq");
+        query.build().execute(&mut *conn).await?;
+        if !keep_history {
+            let mut query = QueryBuilder::<Sqlite>::new("WITH v(d, s) AS (");
+            query.push_values(chunk, |mut row, (device, seq)| {
+                row.push_bind(*device).push_bind(*seq as i64);
+            });
+            // Driven by `v` through the primary key: cost follows the rows deleted, not the batch.
+            query.push(
+                ") DELETE FROM inbox WHERE (device, seq) IN \
+                 (SELECT i.device, i.seq FROM v JOIN inbox i ON i.device = v.d AND i.seq <= v.s)",
+            );
+            query.build().execute(&mut *conn).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Step 7: records when users and devices were last online.
+async fn record_last_seen(conn: &mut SqliteConnection, last_seen: &[(UserPk, DevicePk, i64)]) -> Result<(), StoreError> {
+    for (user, device, ts) in last_seen {
+        sqlx::query("UPDATE users SET last_seen_ts = ? WHERE id = ?").bind(ts).bind(user).execute(&mut *conn).await?;
+        sqlx::query("UPDATE devices SET last_seen_ts = ? WHERE id = ?").bind(ts).bind(device).execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// The next sequence number of `device` without taking it; `None` if the device is gone.
@@ -668,4 +839,137 @@ struct Work {
     inbound_replies: Vec<(Reply<bool>, bool)>,
     committed: Vec<Committed>,
     destinations: Vec<Arc<str>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply<T>() -> Reply<T> {
+        oneshot::channel().0
+    }
+
+    fn event(device: DevicePk) -> NewEvent {
+        NewEvent { device, origin: None, payload: Bytes::from_static(b"{}") }
+    }
+
+    fn outbound(destination: &str) -> Outbound {
+        Outbound { destination: Arc::from(destination), payload: Bytes::from_static(b"{}") }
+    }
+
+    fn effects(device: DevicePk, destination: &str) -> Effects {
+        Effects { events: vec![event(device)], outbound: vec![outbound(destination)], received: vec![] }
+    }
+
+    fn last_seen(device: DevicePk) -> WriteOp {
+        WriteOp::LastSeen { user: 1, device, ts: 42, reply: reply() }
+    }
+
+    fn txn_done(last_seq: i64) -> WriteOp {
+        WriteOp::TxnDone { destination: "b.test".into(), last_seq, reply: reply() }
+    }
+
+    #[test]
+    fn the_plan_sorts_each_operation_into_its_step_keeping_batch_order() {
+        let message = NewMessage {
+            id: 11,
+            sender_device: 1,
+            sender_user: 1,
+            client_msg_id: Uuid::new_v4(),
+            recipient: "@bob:a.test".into(),
+            ts: 5,
+            events: vec![event(3)],
+            outbound: vec![outbound("d.test")],
+        };
+        let mut receipts = effects(2, "c.test");
+        receipts.received.push(RemoteMessage { recipient: 1, sender: Arc::from("@carol:c.test"), id: 9 });
+        let batch = vec![
+            WriteOp::Events(effects(1, "b.test"), reply()),
+            WriteOp::Message(message, reply()),
+            WriteOp::Ack { device: 5, seq: 3, receipts, reply: reply() },
+            WriteOp::Inbound { origin: "c.test".into(), txn_id: "t1".into(), items: vec![], reply: reply() },
+            WriteOp::TxnInflight {
+                destination: "b.test".into(),
+                txn_id: "p.1-2".into(),
+                last_seq: 2,
+                done_up_to: None,
+                reply: reply(),
+            },
+            WriteOp::DeleteDevice(7, reply()),
+            WriteOp::Ack { device: 5, seq: 9, receipts: Effects::default(), reply: reply() },
+            WriteOp::Ack { device: 6, seq: 1, receipts: Effects::default(), reply: reply() },
+            WriteOp::Ack { device: 6, seq: 0, receipts: Effects::default(), reply: reply() },
+            last_seen(2),
+            txn_done(2),
+            WriteOp::Bookkeeping(Bookkeeping::Watcher { user: 1, server: "c.test".into() }, reply()),
+        ];
+        let plan: Plan = batch.into_iter().collect();
+
+        assert_eq!(
+            plan.messages.iter().map(|(m, _)| m.id).collect::<Vec<_>>(),
+            [11],
+            "a message keeps its effects until step 1 says it is new"
+        );
+        assert_eq!(plan.effects.events.iter().map(|e| e.device).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(plan.effects.outbound.iter().map(|o| o.destination.as_ref()).collect::<Vec<_>>(), ["b.test", "c.test"]);
+        assert_eq!(plan.effects.received.len(), 1);
+        assert_eq!(plan.inbound.iter().map(|t| (t.origin.as_str(), t.txn_id.as_str())).collect::<Vec<_>>(), [("c.test", "t1")]);
+        let fed: Vec<&str> = plan
+            .fed_state
+            .iter()
+            .map(|(write, _)| match write {
+                FedWrite::Inflight { .. } => "inflight",
+                FedWrite::Done { .. } => "done",
+                FedWrite::Other(_) => "other",
+            })
+            .collect();
+        assert_eq!(fed, ["inflight", "done", "other"]);
+        assert_eq!(plan.deleted, [7]);
+        assert_eq!(plan.acks, HashMap::from([(5, 9), (6, 1)]), "the highest ack per device");
+        assert_eq!(plan.last_seen, [(1, 2, 42)]);
+        assert_eq!(plan.replies.len(), 7, "events, four acks, the removal and last-seen answer Ok(()) after the commit");
+    }
+
+    fn queue(ops: impl IntoIterator<Item = WriteOp>) -> mpsc::Receiver<WriteOp> {
+        let ops: Vec<WriteOp> = ops.into_iter().collect();
+        let (tx, rx) = mpsc::channel(ops.len().max(1));
+        for op in ops {
+            tx.try_send(op).map_err(|_| "full").expect("room");
+        }
+        rx
+    }
+
+    #[test]
+    fn federation_work_takes_at_most_the_priority_share_of_client_writes() {
+        let mut priority = queue([txn_done(1), txn_done(2), txn_done(3)]);
+        let mut clients = queue((0..600).map(last_seen));
+        let mut batch = vec![priority.try_recv().expect("queued")];
+        fill_batch(&mut batch, &mut priority, &mut clients, 1_000);
+        assert_eq!(batch.len(), 3 + PRIORITY_BATCH_CLIENT_OPS, "all federation writes, then the client share");
+        assert!(batch[..3].iter().all(WriteOp::is_federation));
+        assert!(!batch[3..].iter().any(WriteOp::is_federation));
+
+        // Without federation work, a commit takes client writes up to the batch size.
+        let mut batch = vec![clients.try_recv().expect("queued")];
+        fill_batch(&mut batch, &mut priority, &mut clients, 300);
+        assert_eq!(batch.len(), 300);
+        let mut batch = vec![clients.try_recv().expect("queued")];
+        fill_batch(&mut batch, &mut priority, &mut clients, 300);
+        assert_eq!(batch.len(), 600 - PRIORITY_BATCH_CLIENT_OPS - 300, "what is left");
+    }
+
+    #[test]
+    fn federation_writes_come_first_and_stop_at_the_batch_size() {
+        let mut priority = queue((0..10).map(txn_done));
+        let mut clients = queue((0..10).map(last_seen));
+        // A client write arrived first: federation writes queued behind it still join.
+        let mut batch = vec![clients.try_recv().expect("queued")];
+        fill_batch(&mut batch, &mut priority, &mut clients, 4);
+        assert_eq!(batch.iter().filter(|op| op.is_federation()).count(), 3);
+        assert_eq!(batch.len(), 4, "no room left for clients");
+        let mut batch = vec![priority.try_recv().expect("queued")];
+        fill_batch(&mut batch, &mut priority, &mut clients, 100);
+        assert_eq!(batch.iter().filter(|op| op.is_federation()).count(), 7);
+        assert_eq!(batch.len(), 7 + 9, "then every client write (fewer than the share)");
+    }
 }
