@@ -3,8 +3,9 @@
 use crate::discovery::{Discovery, DiscoveryError};
 use crate::request::SignedParts;
 use crate::ServerKey;
+use parley_spec::endpoint::{Endpoint, Method};
 use parley_spec::error::ErrorBody;
-use parley_spec::federation::v1::keys::ServerKeys;
+use parley_spec::federation::v1::keys::{GetServerKeys, ServerKeys};
 use parley_spec::ServerName;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
@@ -33,6 +34,9 @@ pub enum FederationError {
     /// The answer is not what the API promises.
     #[error("bad response: {0}")]
     BadResponse(String),
+    /// The request could not be built (a path without its parameters: a bug, not retried).
+    #[error("bad request: {0}")]
+    Request(String),
 }
 
 impl FederationError {
@@ -42,6 +46,7 @@ impl FederationError {
         match self {
             Self::Discovery(_) | Self::Transport(_) | Self::BadResponse(_) => true,
             Self::Status { status, .. } => *status >= 500 || matches!(status, 401 | 403 | 404 | 408 | 429),
+            Self::Request(_) => false,
         }
     }
 }
@@ -84,6 +89,28 @@ impl FederationClient {
         &self.origin
     }
 
+    /// Calls endpoint `E` (its method and path from its definition in `parley-spec`) of
+    /// `destination`, with its path parameters `params` (each percent-encoded as one segment)
+    /// and a JSON `body`; decodes its response.
+    pub async fn call<E: Endpoint>(
+        &self,
+        destination: &ServerName,
+        params: &[&str],
+        body: Option<Vec<u8>>,
+    ) -> Result<E::Response, FederationError>
+    where
+        E::Response: DeserializeOwned,
+    {
+        let path = endpoint_path::<E>(params)?;
+        let method = match E::METHOD {
+            Method::Get => reqwest::Method::GET,
+            Method::Post => reqwest::Method::POST,
+            Method::Put => reqwest::Method::PUT,
+            Method::Delete => reqwest::Method::DELETE,
+        };
+        self.request(destination, method, &path, body).await
+    }
+
     /// A signed request; `path_and_query` starts with `/`. Decodes a JSON answer.
     pub async fn request<T: DeserializeOwned>(
         &self,
@@ -98,7 +125,7 @@ impl FederationClient {
 
     /// The destination's key document (unsigned request, the document signs itself).
     pub async fn server_keys(&self, destination: &ServerName) -> Result<ServerKeys, FederationError> {
-        let bytes = self.request_bytes(destination, reqwest::Method::GET, "/_parley/key/v1", None, false).await?;
+        let bytes = self.request_bytes(destination, reqwest::Method::GET, GetServerKeys::PATH, None, false).await?;
         serde_json::from_slice(&bytes).map_err(|e| FederationError::BadResponse(e.to_string()))
     }
 
@@ -161,4 +188,29 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The path of endpoint `E` with `params` filled in, each percent-encoded as one segment (the
+/// same encoding the SDK uses, so signer and verifier see the same path).
+pub fn endpoint_path<E: Endpoint>(params: &[&str]) -> Result<String, FederationError> {
+    let segments = parley_spec::endpoint::segments::<E>(params).map_err(|e| FederationError::Request(e.to_string()))?;
+    let mut url = url::Url::parse("http://path.invalid/").map_err(|e| FederationError::Request(e.to_string()))?;
+    url.path_segments_mut().map_err(|()| FederationError::Request("no path".into()))?.pop_if_empty().extend(&segments);
+    Ok(url.path().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_spec::federation::v1::transaction::{GetUserDevices, SendTransaction};
+
+    #[test]
+    fn endpoint_paths_fill_and_encode_each_parameter_as_one_segment() {
+        assert_eq!(
+            endpoint_path::<GetUserDevices>(&["@alice:b.test"]).unwrap(),
+            "/_parley/federation/v1/users/@alice:b.test/devices"
+        );
+        assert_eq!(endpoint_path::<SendTransaction>(&["a/b?c d"]).unwrap(), "/_parley/federation/v1/send/a%2Fb%3Fc%20d");
+        assert!(matches!(endpoint_path::<SendTransaction>(&[]), Err(FederationError::Request(_))));
+    }
 }

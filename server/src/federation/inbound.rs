@@ -8,6 +8,7 @@
 //! written before all pass).
 
 use super::Federation;
+use crate::app::on;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::messaging::to_bytes;
@@ -15,14 +16,17 @@ use crate::storage::{now_ms, Effects, InboundItem, MessageRoutes, NewEvent, Remo
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::IntoResponse as _;
-use axum::routing::{get, post, put};
+use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
 use parley_federation::{Authorization, RequestAuthError};
+use parley_spec::endpoint::Endpoint as _;
 use parley_spec::error::DeviceRef;
-use parley_spec::federation::v1::claim::ClaimRequest;
+use parley_spec::federation::v1::claim::{ClaimKeys as FedClaimKeys, ClaimRequest};
+use parley_spec::federation::v1::keys::GetServerKeys;
 use parley_spec::federation::v1::transaction::{
-    Item, RejectedItem, SignedMessage, Transaction, TransactionResponse, UserDevices, MAX_TXN_ITEMS,
+    GetUserDevices, Item, RejectedItem, SendTransaction, SignedMessage, Transaction, TransactionResponse, UserDevices,
+    MAX_TXN_ITEMS,
 };
 use parley_spec::v1::events::{InboxEvent, MessageEvent};
 use parley_spec::v1::keys::{ClaimResponse, MAX_CLAIM_DEVICES};
@@ -35,11 +39,11 @@ use std::sync::Arc;
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.federation.max_txn_bytes * 2;
     Router::new()
-        .route("/_parley/federation/v1/send/{txn_id}", put(send_transaction))
-        .route("/_parley/federation/v1/users/{user_id}/devices", get(user_devices))
-        .route("/_parley/federation/v1/keys/claim", post(claim_keys))
+        .route(SendTransaction::PATH, on(SendTransaction, send_transaction))
+        .route(GetUserDevices::PATH, on(GetUserDevices, user_devices))
+        .route(FedClaimKeys::PATH, on(FedClaimKeys, claim_keys))
         .layer(DefaultBodyLimit::max(body_limit))
-        .route("/_parley/key/v1", get(crate::app::server_keys))
+        .route(GetServerKeys::PATH, on(GetServerKeys, crate::app::server_keys))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {

@@ -8,8 +8,8 @@ use crate::federation::sender::outbound;
 use crate::storage::{Effects, UserPk};
 use parley_federation::transport::FederationError;
 use parley_spec::error::DeviceRef;
-use parley_spec::federation::v1::claim::ClaimRequest;
-use parley_spec::federation::v1::transaction::{DeviceListChanged, Item, UserDevices};
+use parley_spec::federation::v1::claim::{ClaimKeys as FedClaimKeys, ClaimRequest};
+use parley_spec::federation::v1::transaction::{DeviceListChanged, GetUserDevices, Item, UserDevices};
 use parley_spec::v1::keys::ClaimResponse;
 use parley_spec::{ErrorCode, ServerName, UserId};
 use std::collections::BTreeMap;
@@ -52,8 +52,7 @@ pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResul
         return Ok(cached.clone());
     }
     let server = ServerName::parse(user.server()).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
-    let path = format!("/_parley/federation/v1/users/{}/devices", url_escape(user.as_str()));
-    let fetched: Result<UserDevices, _> = fed.client.request(&server, reqwest::Method::GET, &path, None).await;
+    let fetched = fed.client.call::<GetUserDevices>(&server, &[user.as_str()], None).await;
     match fetched {
         Ok(mut answer) => {
             if &answer.user_id != user {
@@ -98,8 +97,7 @@ pub async fn claim(state: &AppState, requester: &UserId, devices: Vec<DeviceRef>
             (Ok(()), Some(fed), Ok(name)) => {
                 let request = ClaimRequest::new(requester.clone(), devices.clone());
                 let body = serde_json::to_vec(&request).map_err(ApiError::internal)?;
-                let answer: Result<ClaimResponse, _> =
-                    fed.client.request(&name, reqwest::Method::POST, "/_parley/federation/v1/keys/claim", Some(body)).await;
+                let answer = fed.client.call::<FedClaimKeys>(&name, &[], Some(body)).await;
                 answer.map_err(|error| remote_error(&server, error))
             }
             (Err(error), _, _) => Err(error),
@@ -140,16 +138,4 @@ pub async fn device_list_changed(state: &AppState, user_pk: UserPk, user: &UserI
     }
     state.store.append(effects).await?;
     Ok(())
-}
-
-/// Percent-encodes a path segment (user ids hold `@` and `:`, which are fine, and nothing
-/// else that needs escaping by construction; this guards the rest).
-fn url_escape(segment: &str) -> String {
-    segment
-        .chars()
-        .map(|c| match c {
-            'a'..='z' | 'A'..='Z' | '0'..='9' | '@' | ':' | '.' | '-' | '_' | '=' => c.to_string(),
-            other => other.to_string().bytes().map(|b| format!("%{b:02X}")).collect(),
-        })
-        .collect()
 }

@@ -28,7 +28,7 @@ use parley_federation::queue::{
     Action, Batch, DestinationQueue, InflightRecord, Load, QueueConfig, QueuedItem, TxnResult, Write,
 };
 use parley_federation::transport::FederationClient;
-use parley_spec::federation::v1::transaction::{Item, TransactionResponse};
+use parley_spec::federation::v1::transaction::{Item, SendTransaction};
 use parley_spec::ServerName;
 use rand::rngs::OsRng;
 use std::collections::HashMap;
@@ -242,11 +242,10 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
 /// Sends one transaction and reports the answer to the queue.
 async fn send(inner: &Inner, server: &ServerName, destination: &Destination, batch: Batch) {
     let name = server.as_str();
-    let path = format!("/_parley/federation/v1/send/{}", batch.txn_id);
     let items = batch.len();
     let body = transaction_body(inner.client.origin(), &batch);
     let started = Instant::now();
-    let result: Result<TransactionResponse, _> = inner.client.request(server, reqwest::Method::PUT, &path, Some(body)).await;
+    let result = inner.client.call::<SendTransaction>(server, &[batch.txn_id.as_str()], Some(body)).await;
     let failures = destination.with(|queue| queue.failures());
     match result {
         Ok(response) => {
