@@ -1,10 +1,12 @@
-//! Parley federation: the homeserver's long-term signing key with rotation ([`server_key`]),
-//! the self-signed key document ([`server_keys`]), signed server-to-server requests
-//! ([`request`]), origin signatures on relayed messages ([`message`]) and the logic of the
-//! outbound transaction queue with retry and backoff ([`queue`], [`backoff`]), all sans I/O;
-//! and the I/O side: server-name discovery ([`discovery`]), TLS material ([`tls`]) and the
-//! signed HTTPS client ([`transport`]). The queue's driver (reading and writing the durable
-//! queue, sending) lives in the server, next to the database it writes to.
+//! Parley federation. Sans I/O: the self-signed key document ([`server_keys`]), signed
+//! server-to-server requests ([`request`]), origin signatures on relayed messages
+//! ([`message`]), the logic of the outbound transaction queue with retry and backoff
+//! ([`queue`], [`backoff`]) and discovery's decision tree ([`discovery`]'s `Resolver`, over a
+//! lookup trait and a clock). With I/O: the homeserver's long-term signing key with rotation
+//! ([`server_key`], a file in the data directory), discovery's DNS and `.well-known` lookups,
+//! TLS material ([`tls`]) and the signed HTTPS client ([`transport`]). The queue's driver
+//! (reading and writing the durable queue, sending) lives in the server, next to the database
+//! it writes to.
 
 pub mod backoff;
 pub mod discovery;
