@@ -645,6 +645,13 @@ async fn queue_outbound(conn: &mut SqliteConnection, outbound: Vec<Outbound>) ->
     Ok(destinations)
 }
 
+/// Deletes the items queued for `destination` up to `seq`: a transaction carrying them was
+/// accepted.
+async fn delete_sent(conn: &mut SqliteConnection, destination: &str, seq: i64) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM fed_outbound WHERE destination = ? AND seq <= ?").bind(destination).bind(seq).execute(conn).await?;
+    Ok(())
+}
+
 /// Step 3 (continued): in-flight records, accepted transactions, and the remote-device cache
 /// and watchers.
 async fn apply_fed_state(
@@ -657,11 +664,7 @@ async fn apply_fed_state(
         match write {
             FedWrite::Inflight { destination, txn_id, last_seq, done_up_to } => {
                 if let Some(done) = done_up_to {
-                    sqlx::query("DELETE FROM fed_outbound WHERE destination = ? AND seq <= ?")
-                        .bind(&destination)
-                        .bind(done)
-                        .execute(&mut *conn)
-                        .await?;
+                    delete_sent(conn, &destination, done).await?;
                 }
                 sqlx::query(
                     "INSERT INTO fed_inflight (destination, txn_id, last_seq) VALUES (?1, ?2, ?3) \
@@ -674,11 +677,7 @@ async fn apply_fed_state(
                 .await?;
             }
             FedWrite::Done { destination, last_seq } => {
-                sqlx::query("DELETE FROM fed_outbound WHERE destination = ? AND seq <= ?")
-                    .bind(&destination)
-                    .bind(last_seq)
-                    .execute(&mut *conn)
-                    .await?;
+                delete_sent(conn, &destination, last_seq).await?;
                 sqlx::query("DELETE FROM fed_inflight WHERE destination = ?").bind(&destination).execute(&mut *conn).await?;
             }
             FedWrite::Other(Bookkeeping::RemoteDevices { user, json: Some(json) }) => {
