@@ -31,7 +31,6 @@ pub async fn create_user(
     admin: bool,
 ) -> Result<UserId, AdminError> {
     validate_localpart(username).map_err(|e| AdminError::Invalid(e.to_string()))?;
-    let server_name = parley_spec::ServerName::parse(&config.server_name).map_err(|e| AdminError::Invalid(e.to_string()))?;
     if password.len() < config.auth.min_password_bytes {
         return Err(AdminError::Invalid(format!("password must be at least {} bytes", config.auth.min_password_bytes)));
     }
@@ -43,7 +42,7 @@ pub async fn create_user(
         Err(e) => return Err(e.into()),
     }
     store.close(writer).await;
-    UserId::new(username, &server_name).map_err(|e| AdminError::Invalid(e.to_string()))
+    UserId::new(username, &config.server_name).map_err(|e| AdminError::Invalid(e.to_string()))
 }
 
 /// Creates a registration token usable `uses` times (unlimited when None) until `expires_in`.

@@ -34,7 +34,7 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
             ),
         ));
     }
-    if request.to.server() != state.server_name.as_str() {
+    if !request.to.is_of(&state.server_name) {
         return prepare_remote_send(state, auth, request).await;
     }
     let recipient =
@@ -119,7 +119,7 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
         String::new(),
     );
     parley_federation::message::sign_message(&mut message, &state.server_key);
-    let outbound = vec![crate::federation::sender::outbound(request.to.server(), &Item::Message(message))?];
+    let outbound = vec![crate::federation::sender::outbound(&request.to.server_name(), &Item::Message(message))?];
     Ok(NewMessage {
         id,
         sender_device: auth.device_pk,
@@ -203,14 +203,14 @@ pub async fn receipts(
     let mut effects = Effects::default();
     for (sender, ids) in by_sender {
         let Ok(sender_id) = sender.parse::<UserId>() else { continue };
-        if sender_id.server() != state.server_name.as_str() {
+        if !sender_id.is_of(&state.server_name) {
             if state.federation.is_none() {
                 continue;
             }
             for chunk in ids.chunks(MAX_READ_IDS) {
                 let receipt =
                     ReceiptEvent::new(kind, auth.user_id.clone(), auth.device_id.clone(), sender_id.clone(), chunk.to_vec(), ts);
-                effects.outbound.push(crate::federation::sender::outbound(sender_id.server(), &Item::Receipt(receipt))?);
+                effects.outbound.push(crate::federation::sender::outbound(&sender_id.server_name(), &Item::Receipt(receipt))?);
             }
             continue;
         }
@@ -265,14 +265,14 @@ pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest
     if request.message_ids.is_empty() || request.message_ids.len() > MAX_READ_IDS {
         return Err(ApiError::new(ErrorCode::BadRequest, format!("message_ids must hold 1 to {MAX_READ_IDS} ids")));
     }
-    let remote_peer = request.peer.server() != state.server_name.as_str();
+    let remote_peer = !request.peer.is_of(&state.server_name);
     let (peer_devices, message_ids): (Vec<i64>, Vec<u64>) = if remote_peer {
-        crate::federation::remote::check_reachable(state, request.peer.server())?;
-        (Vec::new(), state.store.received_from(auth.user_pk, request.peer.as_str(), &request.message_ids).await?)
+        crate::federation::remote::check_reachable(state, &request.peer.server_name())?;
+        (Vec::new(), state.store.received_from(auth.user_pk, &request.peer, &request.message_ids).await?)
     } else {
         let peer =
             state.directory.user(&request.peer).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
-        let message_ids = state.store.sent_to(peer.pk, auth.user_id.as_str(), &request.message_ids).await?;
+        let message_ids = state.store.sent_to(peer.pk, &auth.user_id, &request.message_ids).await?;
         (peer.devices.iter().map(|(pk, _)| *pk).collect(), message_ids)
     };
     if message_ids.is_empty() {
@@ -298,7 +298,7 @@ pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest
     let mut effects = Effects::default();
     if remote_peer {
         let InboxEvent::Receipt(receipt) = event else { return Err(ApiError::internal("receipt expected")) };
-        effects.outbound.push(crate::federation::sender::outbound(request.peer.server(), &Item::Receipt(receipt))?);
+        effects.outbound.push(crate::federation::sender::outbound(&request.peer.server_name(), &Item::Receipt(receipt))?);
     }
     let targets = peer_devices.into_iter().chain(me.devices.iter().map(|(pk, _)| *pk).filter(|pk| *pk != auth.device_pk));
     effects.events = targets.map(|device| NewEvent { device, origin: None, payload: payload.clone() }).collect();
@@ -308,10 +308,10 @@ pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest
 
 /// Typing: to the recipient's connected devices only; never stored.
 pub async fn typing(state: &AppState, auth: &AuthDevice, to: &UserId, typing: bool) -> ApiResult<()> {
-    if to.server() != state.server_name.as_str() {
-        crate::federation::remote::check_reachable(state, to.server())?;
+    if !to.is_of(&state.server_name) {
+        crate::federation::remote::check_reachable(state, &to.server_name())?;
         if let Some(fed) = &state.federation {
-            fed.sender.push_ephemeral(to.server(), Item::Typing(TypingItem::new(auth.user_id.clone(), to.clone(), typing)));
+            fed.sender.push_ephemeral(&to.server_name(), Item::Typing(TypingItem::new(auth.user_id.clone(), to.clone(), typing)));
         }
         return Ok(());
     }

@@ -25,7 +25,7 @@ use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
 use parley_spec::v1::events::ReceiptKind;
 use parley_spec::v1::ws::{
-    CaughtUpFrame, ClientFrame, ErrorFrame, FrameId, HelloFrame, PingFrame, PrekeysLowFrame, ServerFrame, WsQuery,
+    CaughtUpFrame, ClientFrame, ErrorFrame, FrameId, HelloFrame, PingFrame, PrekeysLowFrame, RawEventFrame, ServerFrame, WsQuery,
 };
 use parley_spec::{ErrorBody, ErrorCode};
 use std::collections::VecDeque;
@@ -434,13 +434,9 @@ impl Conn {
         }
         // An event that cannot be sent ends the connection, so the window's record of it
         // does not matter.
-        let payload = std::str::from_utf8(&row.payload).map_err(|_| ApiError::internal("inbox payload is not UTF-8"))?;
-        let mut text = String::with_capacity(payload.len() + 40);
-        text.push_str("{\"type\":\"event\",\"seq\":");
-        text.push_str(&row.seq.to_string());
-        text.push_str(",\"event\":");
-        text.push_str(payload);
-        text.push('}');
+        let event = serde_json::from_slice(&row.payload).map_err(|_| ApiError::internal("inbox payload is not JSON"))?;
+        let text = serde_json::to_string(&RawEventFrame { seq: row.seq, event })
+            .map_err(|_| ApiError::internal("event frame does not serialize"))?;
         self.queue(Message::Text(Utf8Bytes::from(text)), bytes);
         if let Some(at) = row.committed_at {
             self.state.metrics.delivery_delay.observe(at.elapsed().as_secs_f64());

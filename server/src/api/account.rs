@@ -104,7 +104,7 @@ pub async fn login(
     check_device_name(request.device_name.as_deref())?;
     // Accept the localpart or the full user id of this server.
     let localpart = match request.username.parse::<UserId>() {
-        Ok(user) if user.server() == state.server_name.as_str() => user.localpart().to_owned(),
+        Ok(user) if user.is_of(&state.server_name) => user.localpart().to_owned(),
         Ok(_) => return Err(ApiError::new(ErrorCode::WrongCredentials, "wrong username or password")),
         Err(_) => request.username.clone(),
     };
@@ -215,7 +215,7 @@ pub async fn user_devices(
     Path(user_id): Path<String>,
 ) -> ApiResult<axum::Json<UserDevicesResponse>> {
     let user_id = parse_user(&user_id)?;
-    if user_id.server() != state.server_name.as_str() {
+    if !user_id.is_of(&state.server_name) {
         let remote = crate::federation::remote::devices(&state, &user_id, true).await?;
         return Ok(axum::Json(UserDevicesResponse::new(user_id, remote.devices.clone())));
     }

@@ -126,7 +126,7 @@ pub async fn get_device_list(
     Path(user_id): Path<String>,
 ) -> ApiResult<axum::Json<SignedDeviceList>> {
     let user_id = parse_user(&user_id)?;
-    if user_id.server() != state.server_name.as_str() {
+    if !user_id.is_of(&state.server_name) {
         let devices = crate::federation::remote::devices(&state, &user_id, true).await?;
         return devices
             .device_list
@@ -150,7 +150,7 @@ pub async fn claim_keys(
         return Err(bad(format!("at most {MAX_CLAIM_DEVICES} devices per claim")));
     }
     let (local, remote): (Vec<DeviceRef>, Vec<DeviceRef>) =
-        request.devices.into_iter().partition(|d| d.user.server() == state.server_name.as_str());
+        request.devices.into_iter().partition(|d| d.user.is_of(&state.server_name));
     let mut response = claim_local(&state, local, None).await?;
     if !remote.is_empty() {
         let answer = crate::federation::remote::claim(&state, &auth.user_id, remote).await?;

@@ -116,18 +116,18 @@ async fn verify_request(state: &AppState, method: &Method, uri: &Uri, headers: &
     let now = now_ms() as u64;
     let skew = fed.config().max_clock_skew_ms;
     auth.check_envelope(&state.server_name, now, skew).map_err(auth_error)?;
-    fed.check_allowed(auth.origin.as_str())?;
+    fed.check_allowed(&auth.origin)?;
     let key = fed.origin_key(&auth.origin, &auth.key_id, auth.ts).await?;
     let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     auth.verify(method.as_str(), path_and_query, body, &key).map_err(auth_error)?;
     // Counted only once the origin is proven: forged requests must not use up its budget.
-    fed.check_rate(auth.origin.as_str(), &state.metrics)?;
+    fed.check_rate(&auth.origin, &state.metrics)?;
     // Only a correctly signed request can be a replay; remember it until it would be stale.
     if !fed.replays.first_sight(&auth.signature, auth.ts + skew) {
         return Err(ApiError::new(ErrorCode::ReplayedRequest, "this signed request was already received"));
     }
     // The origin is up: whatever we queued for it goes out now instead of after the backoff.
-    fed.sender.contacted_by(auth.origin.as_str());
+    fed.sender.contacted_by(&auth.origin);
     Ok(auth.origin)
 }
 
@@ -191,7 +191,7 @@ async fn send_transaction(
             }
         }
     }
-    let new = state.store.apply_inbound(origin.as_str(), &txn_id, items).await?;
+    let new = state.store.apply_inbound(&origin, &txn_id, items).await?;
     if new {
         state.metrics.federation_items_received.inc_by(count as u64);
         for item in after_commit {
@@ -234,7 +234,7 @@ async fn apply_item(
             }
             let sender = local_user(state, &receipt.sender).await?;
             // Delivered or read, only for messages `sender` sent to `by` (other ids are dropped).
-            receipt.message_ids = routes.sent(&receipt.message_ids, sender.pk, receipt.by.as_str());
+            receipt.message_ids = routes.sent(&receipt.message_ids, sender.pk, &receipt.by);
             if receipt.message_ids.is_empty() {
                 return Err(ApiError::new(
                     ErrorCode::BadRequest,
@@ -264,7 +264,7 @@ async fn apply_item(
         Item::DeviceListChanged(changed) => {
             require_origin(&changed.user, origin, "user")?;
             fed.cache_devices(&changed.user, None);
-            state.store.forget_remote_devices(changed.user.as_str()).await?;
+            state.store.forget_remote_devices(&changed.user).await?;
         }
         _ => return Err(ApiError::new(ErrorCode::BadRequest, "unknown item type")),
     }
@@ -284,7 +284,7 @@ async fn message_events(
     message: SignedMessage,
 ) -> ApiResult<(Vec<NewEvent>, RemoteMessage)> {
     require_origin(&message.sender, &message.origin, "sender")?;
-    fed.check_allowed(message.origin.as_str())?;
+    fed.check_allowed(&message.origin)?;
     let limits = &state.config.limits;
     if message.envelopes.len() > limits.max_devices_per_user {
         return Err(ApiError::new(ErrorCode::TooLarge, "more envelopes than a user may have devices"));
@@ -346,7 +346,7 @@ async fn user_devices(
         None => None,
     };
     // The origin hears when these change.
-    state.store.add_device_list_watcher(entry.pk, origin.as_str()).await?;
+    state.store.add_device_list_watcher(entry.pk, &origin).await?;
     let devices = entry.devices.iter().map(|(_, id)| id.clone()).collect();
     Ok(axum::Json(UserDevices::new(user_id, devices, device_list)))
 }
@@ -367,7 +367,7 @@ async fn claim_keys(
     }
     require_origin(&request.requester, &origin, "requester")?;
     let (local, foreign): (Vec<DeviceRef>, Vec<DeviceRef>) =
-        request.devices.into_iter().partition(|d| d.user.server() == state.server_name.as_str());
+        request.devices.into_iter().partition(|d| d.user.is_of(&state.server_name));
     let mut response = crate::api::keys::claim_local(&state, local, Some((&origin, &request.requester))).await?;
     response.missing.extend(foreign);
     Ok(axum::Json(response))

@@ -42,7 +42,7 @@ pub struct Federation {
     /// One-time prekey claims by other servers and their users.
     pub claim_limits: claim_limits::ClaimLimits,
     config: FederationConfig,
-    origin_limits: DefaultKeyedRateLimiter<String>,
+    origin_limits: DefaultKeyedRateLimiter<ServerName>,
     failed_auth: DefaultKeyedRateLimiter<IpAddr>,
     blocked: Mutex<HashMap<IpAddr, Instant>>,
     clock: DefaultClock,
@@ -122,16 +122,14 @@ impl Federation {
 
     /// Whether this server federates with `server` (allow and deny lists). An entry without a
     /// port covers the host on every port (whoever controls `a.example` controls
-    /// `a.example:1234` too); an entry with a port covers exactly that name. A string that is
-    /// not a server name is not allowed (callers pass names taken from parsed ids).
-    pub fn allowed(&self, server: &str) -> bool {
-        let Ok(server) = ServerName::parse(server) else { return false };
-        let listed = |list: &[String]| list.iter().any(|entry| covers(entry, &server));
+    /// `a.example:1234` too); an entry with a port covers exactly that name.
+    pub fn allowed(&self, server: &ServerName) -> bool {
+        let listed = |list: &[ServerName]| list.iter().any(|entry| covers(entry, server));
         !listed(&self.config.deny) && (self.config.allow.is_empty() || listed(&self.config.allow))
     }
 
     /// `Ok` if `server` may federate with us, `server_denied` otherwise.
-    pub fn check_allowed(&self, server: &str) -> ApiResult<()> {
+    pub fn check_allowed(&self, server: &ServerName) -> ApiResult<()> {
         if self.allowed(server) {
             Ok(())
         } else {
@@ -140,8 +138,8 @@ impl Federation {
     }
 
     /// One request from `origin` (per-origin rate limit).
-    pub fn check_rate(&self, origin: &str, metrics: &crate::metrics::Metrics) -> ApiResult<()> {
-        self.origin_limits.check_key(&origin.to_owned()).map_err(|not_until| {
+    pub fn check_rate(&self, origin: &ServerName, metrics: &crate::metrics::Metrics) -> ApiResult<()> {
+        self.origin_limits.check_key(origin).map_err(|not_until| {
             metrics.rate_limited.inc();
             ApiError::rate_limited(not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1)))
         })
@@ -209,11 +207,9 @@ impl Federation {
 }
 
 /// Whether an allow or deny `entry` covers `server`: the same name, or the same host when the
-/// entry has no port. An entry that is not a server name covers nothing (the configuration
-/// check rejects those).
-fn covers(entry: &str, server: &ServerName) -> bool {
-    let Ok(entry) = ServerName::parse(entry) else { return false };
-    entry == *server || (entry.port().is_none() && entry.host() == server.host())
+/// entry has no port.
+fn covers(entry: &ServerName, server: &ServerName) -> bool {
+    entry == server || (entry.port().is_none() && entry.host() == server.host())
 }
 
 struct CachedKeys {
@@ -305,7 +301,7 @@ mod tests {
 
     #[test]
     fn an_entry_without_a_port_covers_its_host_on_every_port() {
-        let covered = |entry: &str, server: &str| covers(entry, &ServerName::parse(server).unwrap());
+        let covered = |entry: &str, server: &str| covers(&ServerName::parse(entry).unwrap(), &ServerName::parse(server).unwrap());
         for (entry, server) in [
             ("a.example", "a.example"),
             ("a.example", "a.example:8448"),
@@ -325,7 +321,6 @@ mod tests {
             ("[::1]:8448", "[::1]"),
             ("[::2]", "[::1]:8448"),
             ("127.0.0.1", "127.0.0.2:80"),
-            ("not a name", "a.example"),
         ] {
             assert!(!covered(entry, server), "{entry} does not cover {server}");
         }

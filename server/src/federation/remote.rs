@@ -16,14 +16,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// `Ok` if this server federates with `server`.
-pub fn check_reachable(state: &AppState, server: &str) -> ApiResult<()> {
+pub fn check_reachable(state: &AppState, server: &ServerName) -> ApiResult<()> {
     match &state.federation {
         Some(fed) => fed.check_allowed(server),
         None => Err(ApiError::new(ErrorCode::ServerDenied, "federation is disabled on this server")),
     }
 }
 
-fn remote_error(server: &str, error: FederationError) -> ApiError {
+fn remote_error(server: &ServerName, error: FederationError) -> ApiError {
     match error {
         FederationError::Status { status: 404, body } => ApiError::new(
             body.as_ref().map(|b| b.code).unwrap_or(ErrorCode::UnknownUser),
@@ -39,11 +39,12 @@ fn remote_error(server: &str, error: FederationError) -> ApiError {
 /// The devices of remote user `user`: from the cache unless `refresh`, else from their server
 /// (falling back to the cache when it cannot be reached).
 pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResult<Arc<UserDevices>> {
-    check_reachable(state, user.server())?;
+    let server = user.server_name();
+    check_reachable(state, &server)?;
     let fed = state.federation.as_ref().ok_or_else(|| ApiError::internal("federation state missing"))?;
     let mut cached = fed.cached_devices(user);
     if cached.is_none() {
-        if let Some(json) = state.store.remote_devices(user.as_str()).await? {
+        if let Some(json) = state.store.remote_devices(user).await? {
             cached = serde_json::from_slice::<UserDevices>(&json).ok().map(Arc::new);
             fed.cache_devices(user, cached.clone());
         }
@@ -51,7 +52,6 @@ pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResul
     if let (false, Some(cached)) = (refresh, &cached) {
         return Ok(cached.clone());
     }
-    let server = ServerName::parse(user.server()).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
     let fetched = fed.client.call::<GetUserDevices>(&server, &[user.as_str()], None).await;
     match fetched {
         Ok(mut answer) => {
@@ -67,7 +67,7 @@ pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResul
             }
             answer.devices.truncate(state.config.limits.max_devices_per_user * 4);
             let json = serde_json::to_vec(&answer).map_err(ApiError::internal)?;
-            state.store.put_remote_devices(user.as_str(), &json).await?;
+            state.store.put_remote_devices(user, &json).await?;
             let answer = Arc::new(answer);
             fed.cache_devices(user, Some(answer.clone()));
             Ok(answer)
@@ -79,7 +79,7 @@ pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResul
                 tracing::debug!(%user, %error, "device refresh failed; using the cached devices");
                 Ok(cached)
             }
-            _ => Err(remote_error(server.as_str(), error)),
+            _ => Err(remote_error(&server, error)),
         },
     }
 }
@@ -87,30 +87,30 @@ pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResul
 /// Claims prekey bundles for devices of other servers on behalf of local user `requester`,
 /// one request per server.
 pub async fn claim(state: &AppState, requester: &UserId, devices: Vec<DeviceRef>) -> ApiResult<ClaimResponse> {
-    let mut by_server: BTreeMap<String, Vec<DeviceRef>> = BTreeMap::new();
+    let mut by_server: BTreeMap<ServerName, Vec<DeviceRef>> = BTreeMap::new();
     for device in devices {
-        by_server.entry(device.user.server().to_owned()).or_default().push(device);
+        by_server.entry(device.user.server_name()).or_default().push(device);
     }
     let mut total = ClaimResponse::new(Vec::new(), Vec::new());
     for (server, devices) in by_server {
-        let answer = match (check_reachable(state, &server), &state.federation, ServerName::parse(&server)) {
-            (Ok(()), Some(fed), Ok(name)) => {
+        let answer = match (check_reachable(state, &server), &state.federation) {
+            (Ok(()), Some(fed)) => {
                 let request = ClaimRequest::new(requester.clone(), devices.clone());
                 let body = serde_json::to_vec(&request).map_err(ApiError::internal)?;
-                let answer = fed.client.call::<FedClaimKeys>(&name, &[], Some(body)).await;
+                let answer = fed.client.call::<FedClaimKeys>(&server, &[], Some(body)).await;
                 answer.map_err(|error| remote_error(&server, error))
             }
-            (Err(error), _, _) => Err(error),
-            _ => Err(ApiError::new(ErrorCode::BadRequest, format!("{server} is not a server name"))),
+            (Err(error), _) => Err(error),
+            (Ok(()), None) => Err(ApiError::internal("federation state missing")),
         };
         match answer {
             Ok(answer) => {
                 // Only bundles for the devices asked for, of that server's users.
                 total.bundles.extend(answer.bundles.into_iter().filter(|b| {
-                    b.device_keys.user_id.server() == server
+                    b.device_keys.user_id.is_of(&server)
                         && devices.iter().any(|d| d.user == b.device_keys.user_id && d.device == b.device_keys.device_id)
                 }));
-                total.missing.extend(answer.missing.into_iter().filter(|d| d.user.server() == server));
+                total.missing.extend(answer.missing.into_iter().filter(|d| d.user.is_of(&server)));
             }
             Err(error) if error.code() == ErrorCode::RemoteUnavailable => {
                 tracing::debug!(%server, message = %error.body.message, "claim failed");
