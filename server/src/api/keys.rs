@@ -10,7 +10,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::storage::{KeyUpload, StoreError};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use parley_crypto::identity::{parse_x25519_public, verify_device_keys, verify_device_list, verify_signed_prekey};
+use parley_crypto::identity::{verify_device_keys, verify_device_list, verify_signed_prekey};
+use parley_crypto::keys::parse_x25519_public;
 use parley_crypto::PublicKey;
 use parley_spec::error::DeviceRef;
 use parley_spec::v1::keys::{
@@ -80,7 +81,7 @@ pub async fn upload_keys(
         check_signed_prekey("last_resort_prekey", prekey, &signer)?;
     }
     for prekey in &request.one_time_prekeys {
-        parse_x25519_public(&prekey.public_key.0, "one-time prekey").map_err(|e| bad(e.to_string()))?;
+        parse_x25519_public(&prekey.public_key.0).map_err(|_| bad("malformed one-time prekey"))?;
     }
     let upload = KeyUpload {
         device_keys: request.device_keys.as_ref().map(to_json).transpose()?,
