@@ -16,6 +16,9 @@ pub enum AdminError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Hashing the password failed.
+    #[error("hashing the password failed: {0}")]
+    Password(#[source] crate::error::Error),
 }
 
 async fn open(config: &Config) -> Result<(Store, tokio::task::JoinHandle<()>), AdminError> {
@@ -34,7 +37,7 @@ pub async fn create_user(
     if password.len() < config.auth.min_password_bytes {
         return Err(AdminError::Invalid(format!("password must be at least {} bytes", config.auth.min_password_bytes)));
     }
-    let hash = Passwords::new(&config.auth).hash(password).await.map_err(|e| AdminError::Invalid(e.body.message))?;
+    let hash = Passwords::new(&config.auth).hash(password).await.map_err(AdminError::Password)?;
     let (store, writer) = open(config).await?;
     match store.create_user(username, &hash, admin).await {
         Ok(_) => {}

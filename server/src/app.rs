@@ -281,10 +281,8 @@ pub fn app(state: AppState) -> Router {
         .route(GetServerKeys::PATH, on(GetServerKeys, server_keys))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
-        .fallback(|| async { crate::error::ApiError::new(parley_spec::ErrorCode::NotFound, "no such endpoint") })
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
-            crate::error::ApiError::new(parley_spec::ErrorCode::Internal, "internal server error").into_response()
-        }))
+        .fallback(|| async { crate::error::Error::new(parley_spec::ErrorCode::NotFound, "no such endpoint") })
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| crate::error::response(crate::error::internal_body())))
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|request: &Request| {
             // The path only: queries may hold an access token.
             tracing::info_span!("http", method = %request.method(), path = %request.uri().path())

@@ -6,7 +6,7 @@
 
 use crate::app::AppState;
 use crate::directory::UserEntry;
-use crate::error::ApiResult;
+use crate::error::Result;
 use crate::storage::{StoreError, UserPk};
 use bytes::Bytes;
 use parley_spec::federation::v1::transaction::{Item, PresenceItem, PresenceSubscription};
@@ -132,7 +132,7 @@ async fn announce_now(state: &AppState, user: &UserEntry, online: bool, last_see
 
 /// A server tells us which of our users one of its users follows: the subscription replaces
 /// the earlier one, and the current presence of each (as that user may see it) goes back.
-pub async fn remote_subscription(state: &AppState, subscription: PresenceSubscription) -> ApiResult<()> {
+pub async fn remote_subscription(state: &AppState, subscription: PresenceSubscription) -> Result<()> {
     let mut local = Vec::new();
     for contact in subscription.contacts.iter().take(crate::api::presence::MAX_SUBSCRIBE) {
         if let Some(entry) = state.directory.user(contact).await? {

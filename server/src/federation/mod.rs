@@ -12,7 +12,7 @@ pub mod remote;
 pub mod sender;
 
 use crate::config::FederationConfig;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use parley_crypto::PublicKey;
@@ -129,29 +129,29 @@ impl Federation {
     }
 
     /// `Ok` if `server` may federate with us, `server_denied` otherwise.
-    pub fn check_allowed(&self, server: &ServerName) -> ApiResult<()> {
+    pub fn check_allowed(&self, server: &ServerName) -> Result<()> {
         if self.allowed(server) {
             Ok(())
         } else {
-            Err(ApiError::new(ErrorCode::ServerDenied, format!("this server does not federate with {server}")))
+            Err(Error::new(ErrorCode::ServerDenied, format!("this server does not federate with {server}")))
         }
     }
 
     /// One request from `origin` (per-origin rate limit).
-    pub fn check_rate(&self, origin: &ServerName, metrics: &crate::metrics::Metrics) -> ApiResult<()> {
+    pub fn check_rate(&self, origin: &ServerName, metrics: &crate::metrics::Metrics) -> Result<()> {
         self.origin_limits.check_key(origin).map_err(|not_until| {
             metrics.rate_limited.inc();
-            ApiError::rate_limited(not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1)))
+            Error::RateLimited { wait: not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1)) }
         })
     }
 
     /// `rate_limited` while `ip` is refused for failing authentication too often (checked
     /// before any work, in particular before fetching the claimed origin's keys).
-    pub fn check_not_blocked(&self, ip: IpAddr) -> ApiResult<()> {
+    pub fn check_not_blocked(&self, ip: IpAddr) -> Result<()> {
         let blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         match blocked.get(&ip) {
             Some(until) if *until > Instant::now() => {
-                Err(ApiError::rate_limited(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))
+                Err(Error::RateLimited { wait: until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)) })
             }
             _ => Ok(()),
         }
@@ -183,26 +183,26 @@ impl Federation {
     }
 
     /// The key `key_id` of `origin`, valid for a signature made at `ts` (fetched when needed).
-    pub async fn origin_key(&self, origin: &ServerName, key_id: &str, ts: u64) -> ApiResult<PublicKey> {
+    pub async fn origin_key(&self, origin: &ServerName, key_id: &str, ts: u64) -> Result<PublicKey> {
         if let Some(key) = self.keys.lookup(origin, key_id, ts, false) {
             return Ok(key);
         }
         if !self.keys.may_fetch(origin) {
-            return Err(ApiError::new(ErrorCode::UnknownServerKey, format!("no key {key_id} for {origin}")));
+            return Err(Error::new(ErrorCode::UnknownServerKey, format!("no key {key_id} for {origin}")));
         }
         let document = self.client.server_keys(origin).await.map_err(|error| {
             self.keys.fetch_failed(origin);
-            ApiError::new(ErrorCode::UnknownServerKey, format!("could not fetch the keys of {origin}: {error}"))
+            Error::new(ErrorCode::UnknownServerKey, format!("could not fetch the keys of {origin}: {error}"))
         })?;
         let now = crate::storage::now_ms() as u64;
         let verified = parley_federation::verify_server_keys(&document, origin, now).map_err(|error| {
             self.keys.fetch_failed(origin);
-            ApiError::new(ErrorCode::UnknownServerKey, format!("the key document of {origin} is invalid: {error}"))
+            Error::new(ErrorCode::UnknownServerKey, format!("the key document of {origin} is invalid: {error}"))
         })?;
         self.keys.store(origin, verified, document.valid_until_ts);
         self.keys
             .lookup(origin, key_id, ts, true)
-            .ok_or_else(|| ApiError::new(ErrorCode::UnknownServerKey, format!("{origin} publishes no key {key_id}")))
+            .ok_or_else(|| Error::new(ErrorCode::UnknownServerKey, format!("{origin} publishes no key {key_id}")))
     }
 }
 

@@ -20,7 +20,7 @@
 //! record makes that safe), and so lets go of the store: the writer can then drain and stop.
 
 use crate::config::FederationConfig;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::storage::{Outbound, Store, StoreError};
 use bytes::Bytes;
@@ -39,8 +39,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 /// An item for `destination`'s queue.
-pub fn outbound(destination: &ServerName, item: &Item) -> ApiResult<Outbound> {
-    let payload = serde_json::to_vec(item).map_err(ApiError::internal)?;
+pub fn outbound(destination: &ServerName, item: &Item) -> Result<Outbound> {
+    let payload = serde_json::to_vec(item).map_err(Error::internal)?;
     Ok(Outbound { destination: destination.clone(), payload: Bytes::from(payload) })
 }
 
