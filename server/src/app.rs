@@ -1,4 +1,4 @@
-//! Wiring: the shared [`AppState`], the router ([`app`]) and [`run`], which serves a listener
+//! Wiring: the shared [`AppState`], the router ([`app`]) and [`Server::run`], which serves a listener
 //! until a shutdown signal and then drains connections and flushes pending writes.
 
 use crate::config::Config;
@@ -25,26 +25,22 @@ use tokio::sync::watch;
 
 /// Everything a handler needs. Cheap to clone.
 #[derive(Clone)]
-pub struct AppState {
-    /// Configuration.
+pub(crate) struct AppState {
     pub config: Arc<Config>,
-    /// This server's name.
+    /// This server's name (`config.server_name`).
     pub server_name: ServerName,
-    /// Storage.
     pub store: Arc<Store>,
     /// Live connections.
     pub hub: Arc<Hub>,
-    /// Device cache.
+    /// Each local user's devices, cached.
     pub directory: Arc<Directory>,
     /// Online counts.
     pub presence: Arc<Presence>,
-    /// Rate limiters.
     pub limits: Arc<RateLimits>,
     /// Bytes queued for WebSocket clients, server-wide.
     pub outgoing: Arc<crate::outgoing::OutgoingBudget>,
     /// Password hashing, bounded in memory.
     pub passwords: Arc<crate::auth::Passwords>,
-    /// Metrics.
     pub metrics: Metrics,
     /// Becomes true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
@@ -74,10 +70,10 @@ pub enum OpenError {
     Federation(String),
 }
 
-/// A running server's handles that [`run`] needs to shut down cleanly.
+/// A running server's handles that [`Server::run`] needs to shut down cleanly.
 pub struct Server {
     /// The state shared by handlers.
-    pub state: AppState,
+    pub(crate) state: AppState,
     writer: tokio::task::JoinHandle<()>,
     shutdown_tx: watch::Sender<bool>,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -244,7 +240,7 @@ where
 }
 
 /// The router of the client API.
-pub fn app(state: AppState) -> Router {
+pub(crate) fn app(state: AppState) -> Router {
     use crate::api;
     use parley_spec::federation::v1::keys::GetServerKeys;
     use parley_spec::v1::account::{Login, Logout, Register, WhoAmI};
@@ -367,7 +363,7 @@ async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
 }
 
 /// GET /_parley/key/v1: this server's signing keys, self-signed, valid for a day.
-pub async fn server_keys(State(state): State<AppState>) -> axum::Json<parley_spec::federation::v1::keys::ServerKeys> {
+pub(crate) async fn server_keys(State(state): State<AppState>) -> axum::Json<parley_spec::federation::v1::keys::ServerKeys> {
     const VALID_FOR_MS: u64 = 24 * 60 * 60 * 1000;
     let now = crate::storage::now_ms() as u64;
     axum::Json(parley_federation::sign_server_keys(&state.server_name, &state.server_key, now, VALID_FOR_MS))

@@ -2,22 +2,22 @@
 //! receipts, presence, rate limits, metrics and storage. The binary `parleyd` is
 //! [`cli::main`].
 
-pub mod admin;
-pub mod api;
+pub(crate) mod admin;
+pub(crate) mod api;
 pub mod app;
-pub mod auth;
+pub(crate) mod auth;
 pub mod certs;
 pub mod cli;
 pub mod config;
-pub mod devnet;
-pub mod directory;
-pub mod error;
-pub mod federation;
-pub mod hub;
-pub mod messaging;
-pub mod metrics;
-pub mod outgoing;
-pub mod presence;
-pub mod ratelimit;
-pub mod storage;
-pub mod ws;
+pub(crate) mod devnet;
+pub(crate) mod directory;
+pub(crate) mod error;
+pub(crate) mod federation;
+pub(crate) mod hub;
+pub(crate) mod messaging;
+pub(crate) mod metrics;
+pub(crate) mod outgoing;
+pub(crate) mod presence;
+pub(crate) mod ratelimit;
+pub(crate) mod storage;
+pub(crate) mod ws;

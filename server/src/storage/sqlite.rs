@@ -211,15 +211,6 @@ impl Store {
         names.iter().map(|name| parse_column(name, ServerName::parse)).collect()
     }
 
-    /// Queued items per destination (for metrics and admin).
-    pub async fn outbound_count(&self, destination: &ServerName) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM fed_outbound WHERE destination = ?")
-            .bind(destination.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(count as u64)
-    }
-
     /// Forgets inbound transaction ids and message ids received before `before` (ms).
     pub async fn prune_inbound(&self, before: i64) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM fed_inbound_txns WHERE received_ts < ?").bind(before).execute(&self.pool).await?;
