@@ -6,7 +6,7 @@ use crate::ServerKey;
 use parley_spec::endpoint::{Endpoint, Method};
 use parley_spec::error::ErrorBody;
 use parley_spec::federation::v1::keys::{GetServerKeys, ServerKeys};
-use parley_spec::ServerName;
+use parley_spec::{ServerName, Timestamp};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,8 +142,7 @@ impl FederationClient {
         let body = body.unwrap_or_default();
         let mut request = self.http.request(method.clone(), &url);
         if sign {
-            let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-            let parts = SignedParts::new(method.as_str(), path_and_query, &self.origin, destination, ts, &body);
+            let parts = SignedParts::new(method.as_str(), path_and_query, &self.origin, destination, Timestamp::now(), &body);
             request = request.header(reqwest::header::AUTHORIZATION, parts.authorization(&self.key.key_id, &self.key.key));
         }
         if !body.is_empty() {

@@ -12,7 +12,7 @@ use crate::app::on;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::messaging::to_bytes;
-use crate::storage::{now_ms, Effects, InboundItem, MessageRoutes, NewEvent, RemoteMessage};
+use crate::storage::{Effects, InboundItem, MessageRoutes, NewEvent, RemoteMessage};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::IntoResponse as _;
@@ -31,9 +31,10 @@ use parley_spec::federation::v1::transaction::{
 use parley_spec::v1::events::{InboxEvent, MessageEvent};
 use parley_spec::v1::keys::{ClaimResponse, MAX_CLAIM_DEVICES};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
-use parley_spec::{ErrorCode, ServerName, UserId};
+use parley_spec::{ErrorCode, ServerMsgId, ServerName, Timestamp, UserId};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The router of the federation listener.
 pub fn router(state: AppState) -> Router {
@@ -113,9 +114,8 @@ async fn verify_request(state: &AppState, method: &Method, uri: &Uri, headers: &
         .to_str()
         .map_err(|_| auth_error(RequestAuthError::Malformed("not ASCII")))?;
     let auth = Authorization::parse(header).map_err(auth_error)?;
-    let now = now_ms() as u64;
     let skew = fed.config().max_clock_skew_ms;
-    auth.check_envelope(&state.server_name, now, skew).map_err(auth_error)?;
+    auth.check_envelope(&state.server_name, Timestamp::now(), skew).map_err(auth_error)?;
     fed.check_allowed(auth.origin.as_str())?;
     let key = fed.origin_key(&auth.origin, &auth.key_id, auth.ts).await?;
     let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -123,7 +123,7 @@ async fn verify_request(state: &AppState, method: &Method, uri: &Uri, headers: &
     // Counted only once the origin is proven: forged requests must not use up its budget.
     fed.check_rate(auth.origin.as_str(), &state.metrics)?;
     // Only a correctly signed request can be a replay; remember it until it would be stale.
-    if !fed.replays.first_sight(&auth.signature, auth.ts + skew) {
+    if !fed.replays.first_sight(&auth.signature, auth.ts.saturating_add(Duration::from_millis(skew))) {
         return Err(ApiError::new(ErrorCode::ReplayedRequest, "this signed request was already received"));
     }
     // The origin is up: whatever we queued for it goes out now instead of after the backoff.
@@ -161,7 +161,7 @@ async fn send_transaction(
     let mut items = Vec::with_capacity(count);
     // Receipts name only messages their sender sent to their author: the routes of all the
     // messages the transaction's receipts name, in one query.
-    let receipt_ids: Vec<u64> = txn
+    let receipt_ids: Vec<ServerMsgId> = txn
         .items
         .iter()
         .filter_map(|item| match item {
@@ -288,6 +288,10 @@ async fn message_events(
     let limits = &state.config.limits;
     if message.envelopes.len() > limits.max_devices_per_user {
         return Err(ApiError::new(ErrorCode::TooLarge, "more envelopes than a user may have devices"));
+    }
+    // Ids are stored as SQLite integers: one beyond them is no id a server assigns.
+    if i64::try_from(message.id).is_err() {
+        return Err(ApiError::new(ErrorCode::BadRequest, "message id out of range"));
     }
     if message.envelopes.iter().any(|e| e.ciphertext.0.len() > limits.max_envelope_bytes) {
         return Err(ApiError::new(ErrorCode::TooLarge, format!("an envelope exceeds {} bytes", limits.max_envelope_bytes)));

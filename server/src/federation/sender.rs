@@ -284,7 +284,7 @@ fn transaction_body(origin: &ServerName, batch: &Batch) -> Vec<u8> {
     let mut body = Vec::with_capacity(size);
     body.extend_from_slice(b"{\"origin\":");
     body.extend_from_slice(&serde_json::to_vec(origin).unwrap_or_default());
-    body.extend_from_slice(format!(",\"origin_ts\":{},\"items\":[", crate::storage::now_ms()).as_bytes());
+    body.extend_from_slice(format!(",\"origin_ts\":{},\"items\":[", parley_spec::Timestamp::now()).as_bytes());
     for (index, item) in batch.durable.iter().chain(&ephemeral).enumerate() {
         if index > 0 {
             body.push(b',');
