@@ -27,13 +27,14 @@
 //!
 //! # Key validation
 //!
-//! Public keys from peers are checked before use:
-//! * ed25519 (32 bytes): a canonical encoding (the y-coordinate, sign bit cleared, is below
-//!   2^255 − 19) of a point on the curve; small-order keys can never carry a valid strict
-//!   signature.
-//! * x25519 (32 bytes): a canonical u-coordinate (below 2^255 − 19, so the unused top bit is
-//!   clear) that is not of small order (a Diffie–Hellman with it would not be contributory).
-//!   Twist points are accepted, as RFC 7748 does.
+//! Public keys from peers are parsed by [`crate::keys`] before use (canonical encodings; no
+//! small-order X25519 keys). A refused key or signature is [`IdentityError::Malformed`] or
+//! [`DeviceListError::Malformed`], naming the [`Field`].
+//!
+//! # Prekeys
+//!
+//! A device signs its signed and last-resort prekeys with [`DeviceIdentity::sign_prekey`];
+//! anyone checks them with [`verify_signed_prekey`] (X3DH, the server on upload, the SDK).
 //!
 //! # Device lists
 //!
@@ -46,6 +47,7 @@
 //! identity key than the pinned one yields the distinct [`DeviceListError::IdentityChanged`],
 //! which the SDK reports as a warning: the safety number changed.
 
+use crate::keys::{parse_ed25519_public, parse_x25519_public};
 use crate::signing::{KeyPair, PublicKey};
 use parley_spec::v1::keys::{
     DeviceKeys, DeviceListEntry, SignedDeviceList, SignedPrekey, DEVICE_KEYS_CONTEXT, DEVICE_LIST_CONTEXT, SIGNED_PREKEY_CONTEXT,
@@ -59,21 +61,69 @@ use zeroize::{Zeroize as _, Zeroizing};
 
 /// `info` label of the HKDF that turns a recovery seed into the user identity's ed25519 seed.
 pub const USER_IDENTITY_HKDF_INFO: &[u8] = b"parley user identity v1";
-/// Length of an ed25519 or x25519 public key.
-pub const PUBLIC_KEY_LEN: usize = 32;
 /// Length of an ed25519 signature.
 pub const SIGNATURE_LEN: usize = 64;
 /// Length of [`DeviceIdentity::to_bytes`]: ed25519 seed (32) then x25519 secret (32).
 pub const DEVICE_IDENTITY_BYTES: usize = 64;
 
-/// Why device keys or a signed prekey were rejected.
+/// A key or signature field of a signed object, as named in a [`IdentityError::Malformed`] or
+/// [`DeviceListError::Malformed`] error. Callers branch on it; its `Display` is the field's
+/// name on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Field {
+    /// `DeviceKeys.signing_key`.
+    DeviceSigningKey,
+    /// `DeviceKeys.identity_key`.
+    DeviceIdentityKey,
+    /// `DeviceKeys.signature`.
+    DeviceKeysSignature,
+    /// `SignedPrekey.public_key` (a signed or last-resort prekey).
+    PrekeyPublicKey,
+    /// `SignedPrekey.signature`.
+    PrekeySignature,
+    /// `SignedDeviceList.identity_key`.
+    DeviceListIdentityKey,
+    /// `SignedDeviceList.signature`.
+    DeviceListSignature,
+    /// `DeviceListEntry.signing_key`.
+    DeviceListEntrySigningKey,
+    /// `DeviceListEntry.identity_key`.
+    DeviceListEntryIdentityKey,
+}
+
+impl Field {
+    /// The field's name in error messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DeviceSigningKey => "device signing_key",
+            Self::DeviceIdentityKey => "device identity_key",
+            Self::DeviceKeysSignature => "device keys signature",
+            Self::PrekeyPublicKey => "prekey public_key",
+            Self::PrekeySignature => "prekey signature",
+            Self::DeviceListIdentityKey => "device list identity_key",
+            Self::DeviceListSignature => "device list signature",
+            Self::DeviceListEntrySigningKey => "device list entry signing_key",
+            Self::DeviceListEntryIdentityKey => "device list entry identity_key",
+        }
+    }
+}
+
+impl std::fmt::Display for Field {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why device keys or a signed prekey were rejected. Always bad input from a peer (or the
+/// server).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum IdentityError {
-    /// A key or signature has the wrong size or is not a valid (canonical, not small-order)
-    /// point; names the field.
+    /// A key or signature has the wrong size, or a key is not acceptable to [`crate::keys`]
+    /// (non-canonical, not a point, a small-order X25519 point).
     #[error("malformed {0}")]
-    Malformed(&'static str),
+    Malformed(Field),
     /// The signature does not verify.
     #[error("signature does not verify")]
     BadSignature,
@@ -91,9 +141,9 @@ pub enum DeviceListError {
         /// The user the list names.
         found: UserId,
     },
-    /// A key or signature has the wrong size or is not a valid point; names the field.
+    /// A key or signature has the wrong size or a key is not acceptable to [`crate::keys`].
     #[error("malformed {0}")]
-    Malformed(&'static str),
+    Malformed(Field),
     /// The entries are not sorted by `device_id`.
     #[error("device list entries are not sorted by device id")]
     Unsorted,
@@ -145,41 +195,7 @@ fn wire_message<T: Serialize>(context: &[u8], value: &T) -> Vec<u8> {
     crate::signing::object_signing_bytes(context, value).expect("key directory wire types always have a canonical JSON encoding")
 }
 
-/// Whether 32 little-endian bytes, top bit ignored, encode an integer below 2^255 − 19.
-pub(crate) fn is_canonical_field_element(bytes: &[u8; 32]) -> bool {
-    // 2^255 - 19 = 0x7fff...ffed; only values from it to 2^255 - 1 are non-canonical.
-    let top = bytes[31] & 0x7f;
-    !(top == 0x7f && bytes[1..31].iter().all(|&b| b == 0xff) && bytes[0] >= 0xed)
-}
-
-/// Parses an ed25519 public key from a peer: 32 bytes, a canonical encoding of a curve point.
-pub fn parse_ed25519_public(bytes: &[u8], field: &'static str) -> Result<PublicKey, IdentityError> {
-    let array: &[u8; 32] = bytes.try_into().map_err(|_| IdentityError::Malformed(field))?;
-    if !is_canonical_field_element(array) {
-        return Err(IdentityError::Malformed(field));
-    }
-    PublicKey::from_bytes(array).map_err(|_| IdentityError::Malformed(field))
-}
-
-/// Parses an x25519 public key from a peer: 32 bytes, a canonical u-coordinate (top bit
-/// clear, below 2^255 − 19), not of small order.
-pub fn parse_x25519_public(bytes: &[u8], field: &'static str) -> Result<x25519_dalek::PublicKey, IdentityError> {
-    let array: [u8; 32] = bytes.try_into().map_err(|_| IdentityError::Malformed(field))?;
-    if array[31] & 0x80 != 0 || !is_canonical_field_element(&array) {
-        return Err(IdentityError::Malformed(field));
-    }
-    let key = x25519_dalek::PublicKey::from(array);
-    // A clamped scalar is a multiple of the cofactor 8 and below the group order times 8, so
-    // its product with a point is the identity (all-zero output) exactly when the point has
-    // small order. Any fixed scalar will do.
-    let probe = StaticSecret::from([0x55; 32]);
-    if !probe.diffie_hellman(&key).was_contributory() {
-        return Err(IdentityError::Malformed(field));
-    }
-    Ok(key)
-}
-
-fn check_signature_len(signature: &[u8], field: &'static str) -> Result<(), IdentityError> {
+fn check_signature_len(signature: &[u8], field: Field) -> Result<(), IdentityError> {
     if signature.len() == SIGNATURE_LEN {
         Ok(())
     } else {
@@ -347,7 +363,8 @@ impl DeviceIdentity {
         )
     }
 
-    /// Signs an x25519 prekey (the signed prekey or the last-resort prekey).
+    /// Signs an x25519 prekey (the signed prekey or the last-resort prekey) with this device's
+    /// signing key, for upload; [`verify_signed_prekey`] checks it.
     pub fn sign_prekey(&self, key_id: u32, public_key: &x25519_dalek::PublicKey) -> SignedPrekey {
         let mut prekey = SignedPrekey::new(key_id, public_key.as_bytes().to_vec(), Vec::new());
         let signature = self.signing.sign_bytes(&wire_message(SIGNED_PREKEY_CONTEXT, &prekey));
@@ -356,10 +373,14 @@ impl DeviceIdentity {
     }
 }
 
-/// Verifies a signed prekey against the device's signing key; returns the prekey.
+/// Verifies a signed (or last-resort) prekey against the device's ed25519 signing key: its public
+/// key parses ([`parse_x25519_public`]: no small-order points), its signature is 64 bytes and
+/// verifies strictly over [`SIGNED_PREKEY_CONTEXT`] and the prekey. Returns the prekey's X25519
+/// key. A refused key is `Malformed(Field::PrekeyPublicKey)`, a signature of the wrong size
+/// `Malformed(Field::PrekeySignature)`, one that does not verify `BadSignature`.
 pub fn verify_signed_prekey(prekey: &SignedPrekey, signing_key: &PublicKey) -> Result<x25519_dalek::PublicKey, IdentityError> {
-    let public = parse_x25519_public(&prekey.public_key.0, "prekey public_key")?;
-    check_signature_len(&prekey.signature.0, "prekey signature")?;
+    let public = parse_x25519_public(&prekey.public_key.0).map_err(|_| IdentityError::Malformed(Field::PrekeyPublicKey))?;
+    check_signature_len(&prekey.signature.0, Field::PrekeySignature)?;
     signing_key
         .verify_bytes(&wire_message(SIGNED_PREKEY_CONTEXT, prekey), &prekey.signature.0)
         .map_err(|_| IdentityError::BadSignature)?;
@@ -394,9 +415,10 @@ impl VerifiedDeviceKeys {
 
 /// Verifies device keys: sizes, valid points, and the self-signature by `signing_key`.
 pub fn verify_device_keys(keys: &DeviceKeys) -> Result<VerifiedDeviceKeys, IdentityError> {
-    let signing_key = parse_ed25519_public(&keys.signing_key.0, "device signing_key")?;
-    let identity_key = parse_x25519_public(&keys.identity_key.0, "device identity_key")?;
-    check_signature_len(&keys.signature.0, "device keys signature")?;
+    let signing_key = parse_ed25519_public(&keys.signing_key.0).map_err(|_| IdentityError::Malformed(Field::DeviceSigningKey))?;
+    let identity_key =
+        parse_x25519_public(&keys.identity_key.0).map_err(|_| IdentityError::Malformed(Field::DeviceIdentityKey))?;
+    check_signature_len(&keys.signature.0, Field::DeviceKeysSignature)?;
     signing_key
         .verify_bytes(&wire_message(DEVICE_KEYS_CONTEXT, keys), &keys.signature.0)
         .map_err(|_| IdentityError::BadSignature)?;
@@ -527,10 +549,10 @@ fn check_entries(entries: &[DeviceListEntry]) -> Result<Vec<VerifiedDevice>, Dev
                 std::cmp::Ordering::Greater => return Err(DeviceListError::Unsorted),
             }
         }
-        let signing_key = parse_ed25519_public(&entry.signing_key.0, "device list entry signing_key")
-            .map_err(|_| DeviceListError::Malformed("device list entry signing_key"))?;
-        let identity_key = parse_x25519_public(&entry.identity_key.0, "device list entry identity_key")
-            .map_err(|_| DeviceListError::Malformed("device list entry identity_key"))?;
+        let signing_key = parse_ed25519_public(&entry.signing_key.0)
+            .map_err(|_| DeviceListError::Malformed(Field::DeviceListEntrySigningKey))?;
+        let identity_key = parse_x25519_public(&entry.identity_key.0)
+            .map_err(|_| DeviceListError::Malformed(Field::DeviceListEntryIdentityKey))?;
         devices.push(VerifiedDevice { device_id: entry.device_id.clone(), signing_key, identity_key });
     }
     Ok(devices)
@@ -558,10 +580,10 @@ pub fn verify_device_list(
     if &list.user_id != expected_user {
         return Err(DeviceListError::WrongUser { expected: expected_user.clone(), found: list.user_id.clone() });
     }
-    let identity_key = parse_ed25519_public(&list.identity_key.0, "device list identity_key")
-        .map_err(|_| DeviceListError::Malformed("device list identity_key"))?;
+    let identity_key =
+        parse_ed25519_public(&list.identity_key.0).map_err(|_| DeviceListError::Malformed(Field::DeviceListIdentityKey))?;
     if list.signature.0.len() != SIGNATURE_LEN {
-        return Err(DeviceListError::Malformed("device list signature"));
+        return Err(DeviceListError::Malformed(Field::DeviceListSignature));
     }
     let devices = check_entries(&list.devices)?;
     let message = wire_message(DEVICE_LIST_CONTEXT, list);
@@ -718,30 +740,6 @@ mod tests {
     }
 
     #[test]
-    fn x25519_validation() {
-        let mut rng = rng();
-        let good = x25519_dalek::PublicKey::from(&StaticSecret::random_from_rng(&mut rng));
-        assert_eq!(parse_x25519_public(good.as_bytes(), "k").unwrap(), good);
-        assert!(parse_x25519_public(&good.as_bytes()[..31], "k").is_err());
-        let mut high = good.to_bytes();
-        high[31] |= 0x80;
-        assert!(parse_x25519_public(&high, "k").is_err());
-        // Small-order points (RFC 7748 section 7 / libsodium's blocklist, canonical ones).
-        for small in [
-            "0000000000000000000000000000000000000000000000000000000000000000",
-            "0100000000000000000000000000000000000000000000000000000000000000",
-            "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
-            "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
-            "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        ] {
-            assert!(parse_x25519_public(&unhex32(small), "k").is_err(), "{small}");
-        }
-        // Non-canonical: p + 1.
-        let non_canonical = unhex32("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f");
-        assert!(parse_x25519_public(&non_canonical, "k").is_err());
-    }
-
-    #[test]
     fn identity_round_trips() {
         let mut rng = rng();
         let device = DeviceIdentity::generate(&mut rng);
@@ -800,6 +798,85 @@ mod tests {
         let keys = device.device_keys(&alice(), &dev("PHONE"));
         let forged = SignedPrekey::new(17, prekey.as_bytes().to_vec(), keys.signature.0);
         assert_eq!(verify_signed_prekey(&forged, &device.signing_public()), Err(IdentityError::BadSignature));
+    }
+
+    /// A device with fixed keys, and a fixed X25519 prekey.
+    fn fixed_device_and_prekey() -> (DeviceIdentity, x25519_dalek::PublicKey) {
+        let device = DeviceIdentity::from_bytes(&std::array::from_fn(|i| i as u8));
+        let prekey = x25519_dalek::PublicKey::from(&StaticSecret::from([0x42; 32]));
+        (device, prekey)
+    }
+
+    #[test]
+    fn verify_signed_prekey_accepts_a_good_signature() {
+        let (device, prekey) = fixed_device_and_prekey();
+        let signed = device.sign_prekey(3, &prekey);
+        assert_eq!(signed.key_id, 3);
+        assert_eq!(signed.public_key.0, prekey.as_bytes());
+        assert_eq!(verify_signed_prekey(&signed, &device.signing_public()), Ok(prekey));
+        // Deterministic (ed25519): the same device signs the same prekey the same way.
+        assert_eq!(device.sign_prekey(3, &prekey), signed);
+    }
+
+    #[test]
+    fn verify_signed_prekey_rejects_a_bad_signature() {
+        let (device, prekey) = fixed_device_and_prekey();
+        let mut signed = device.sign_prekey(3, &prekey);
+        signed.signature.0[10] ^= 0x01;
+        assert_eq!(verify_signed_prekey(&signed, &device.signing_public()), Err(IdentityError::BadSignature));
+        // The signature of another prekey.
+        let mut swapped = device.sign_prekey(3, &prekey);
+        swapped.signature = device.sign_prekey(4, &prekey).signature;
+        assert_eq!(verify_signed_prekey(&swapped, &device.signing_public()), Err(IdentityError::BadSignature));
+    }
+
+    #[test]
+    fn verify_signed_prekey_rejects_the_wrong_key() {
+        let (device, prekey) = fixed_device_and_prekey();
+        let signed = device.sign_prekey(3, &prekey);
+        let other = DeviceIdentity::from_bytes(&[0x99; DEVICE_IDENTITY_BYTES]);
+        assert_eq!(verify_signed_prekey(&signed, &other.signing_public()), Err(IdentityError::BadSignature));
+    }
+
+    #[test]
+    fn verify_signed_prekey_rejects_malformed_fields() {
+        let (device, prekey) = fixed_device_and_prekey();
+        let signer = device.signing_public();
+        let check = |mutate: &dyn Fn(&mut SignedPrekey), field: Field| {
+            let mut signed = device.sign_prekey(3, &prekey);
+            mutate(&mut signed);
+            assert_eq!(verify_signed_prekey(&signed, &signer), Err(IdentityError::Malformed(field)));
+        };
+        check(&|p| p.signature.0.truncate(63), Field::PrekeySignature);
+        check(&|p| p.signature.0.push(0), Field::PrekeySignature);
+        check(&|p| p.public_key.0.truncate(31), Field::PrekeyPublicKey);
+        check(&|p| p.public_key.0[31] |= 0x80, Field::PrekeyPublicKey);
+        // A small-order prekey is refused even when validly signed.
+        let small_order = x25519_dalek::PublicKey::from([0u8; 32]);
+        let signed = device.sign_prekey(3, &small_order);
+        assert_eq!(verify_signed_prekey(&signed, &signer), Err(IdentityError::Malformed(Field::PrekeyPublicKey)));
+        // The key is checked before the signature.
+        check(&|p| *p = SignedPrekey::new(3, vec![1; 5], vec![0; 2]), Field::PrekeyPublicKey);
+        assert_eq!(IdentityError::Malformed(Field::PrekeySignature).to_string(), "malformed prekey signature");
+    }
+
+    /// The bytes a prekey signature covers: the context, then the canonical JSON of the prekey
+    /// without its signature.
+    #[test]
+    fn signed_prekey_bytes_are_canonical_json() {
+        use base64::Engine as _;
+        let prekey = SignedPrekey::new(5, vec![0xFB; 32], vec![7; 64]);
+        let payload = wire_message(SIGNED_PREKEY_CONTEXT, &prekey);
+        let (context, json) = payload.split_at(SIGNED_PREKEY_CONTEXT.len());
+        assert_eq!(context, SIGNED_PREKEY_CONTEXT);
+        assert_eq!(
+            std::str::from_utf8(json).unwrap(),
+            format!(r#"{{"key_id":5,"public_key":"{}"}}"#, base64::engine::general_purpose::STANDARD.encode([0xFB; 32]))
+        );
+        // Same bytes as the wire type serialized without its signature.
+        let mut value = serde_json::to_value(&prekey).unwrap();
+        value.as_object_mut().unwrap().remove("signature");
+        assert_eq!(json, crate::canonical::canonical_json(&value).unwrap());
     }
 
     struct Fixture {

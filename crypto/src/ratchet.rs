@@ -54,6 +54,7 @@
 //! keys. For the same reason, persist [`Session::to_bytes`] after every `encrypt` before the
 //! ciphertext leaves the device, and never restore an older snapshot.
 
+use crate::keys::{parse_x25519_public, KeyError};
 use crate::x3dh::{
     self, AssociatedData, ErrorKind, InitialHeader, Initiated, PrekeyRef, Responded, StaticSecret, X25519PublicKey,
 };
@@ -195,13 +196,17 @@ impl Header {
         out
     }
 
-    /// Parses exactly [`Header::LEN`] bytes; the key must be canonically encoded.
+    /// Parses exactly [`Header::LEN`] bytes; the key must be canonically encoded
+    /// ([`RatchetError::Malformed`]) and not of small order ([`RatchetError::WeakKey`]).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, RatchetError> {
         if bytes.len() != Self::LEN {
             return Err(RatchetError::Truncated);
         }
         Ok(Self {
-            ratchet_key: x3dh::x25519_public_key(&bytes[..32], "ratchet key").map_err(|_| RatchetError::Malformed)?,
+            ratchet_key: parse_x25519_public(&bytes[..32]).map_err(|e| match e {
+                KeyError::SmallOrder => RatchetError::WeakKey,
+                _ => RatchetError::Malformed,
+            })?,
             previous_chain_length: be32(&bytes[32..36]),
             message_number: be32(&bytes[36..40]),
         })
@@ -1019,6 +1024,28 @@ mod tests {
         assert_eq!(bob.decrypt(&[2, 0]).unwrap_err(), RatchetError::UnsupportedVersion(2));
         assert_eq!(bob.decrypt(&[1, 7]).unwrap_err(), RatchetError::Malformed);
         assert_eq!(Session::accept_initial(&store, &msg).unwrap_err(), RatchetError::NotInitialMessage);
+        assert_eq!(bob.decrypt(&msg).unwrap(), b"payload");
+    }
+
+    /// A small-order ratchet key is refused when the header is parsed (it used to parse and
+    /// fail at the DH step, with the same error).
+    #[test]
+    fn small_order_ratchet_keys_are_refused_when_parsed() {
+        let (mut rng, mut alice, mut bob, _) = established(15);
+        let msg = alice.encrypt(&mut rng, b"payload").unwrap();
+        // version, type, then the ratchet header.
+        let header_at = 2;
+        let header = Header::from_bytes(&msg[header_at..header_at + Header::LEN]).unwrap();
+        let mut bytes = header.to_bytes();
+        bytes[..32].copy_from_slice(&[0; 32]);
+        assert_eq!(Header::from_bytes(&bytes).unwrap_err(), RatchetError::WeakKey);
+        bytes[0] = 1;
+        assert_eq!(Header::from_bytes(&bytes).unwrap_err(), RatchetError::WeakKey);
+        bytes[31] = 0x80;
+        assert_eq!(Header::from_bytes(&bytes).unwrap_err(), RatchetError::Malformed);
+        let mut tampered = msg.clone();
+        tampered[header_at..header_at + 32].copy_from_slice(&[0; 32]);
+        assert_eq!(bob.decrypt(&tampered).unwrap_err(), RatchetError::WeakKey);
         assert_eq!(bob.decrypt(&msg).unwrap(), b"payload");
     }
 

@@ -18,8 +18,10 @@
 //!
 //! `OPK_B` is the one-time prekey when the bundle has one, else the (signed) last-resort prekey
 //! when it has one, else there is no DH4 (3-DH, allowed unless [`PrekeyPolicy::RequireOneTime`]).
-//! Peers' public keys must be canonically encoded (32 bytes, top bit clear, below 2^255 - 19),
-//! and every DH output is checked to be non-zero, which rejects low-order public keys.
+//! Peers' public keys are parsed by [`crate::keys`]: canonically encoded (32 bytes, top bit
+//! clear, below 2^255 - 19) and not of small order. A small-order key is [`X3dhError::WeakKey`]
+//! when it is parsed; every DH output is also checked to be non-zero.
+//! Prekey signatures are checked by [`crate::identity::verify_signed_prekey`].
 //!
 //! Alice sends Bob an [`InitialHeader`] naming `IK_A`, `EK_A` and which of Bob's prekeys she
 //! used; Bob looks the secrets up, runs [`respond`] and gets the same `SK` and `AD`. Bob must
@@ -31,8 +33,9 @@
 //!
 //! `SK` and `AD` feed the Double Ratchet in [`crate::ratchet`].
 
-use crate::signing::{KeyPair, PublicKey as SigningPublicKey};
-use parley_spec::v1::keys::{PrekeyBundle, SignedPrekey, SIGNED_PREKEY_CONTEXT};
+use crate::identity::{verify_signed_prekey, Field, IdentityError};
+use crate::keys::{parse_ed25519_public, parse_x25519_public, KeyError};
+use parley_spec::v1::keys::{PrekeyBundle, SignedPrekey};
 use rand::{CryptoRng, RngCore};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -71,7 +74,8 @@ pub enum X3dhError {
     /// (bad input).
     #[error("the bundle has no one-time or last-resort prekey")]
     NoOneTimePrekey,
-    /// A Diffie-Hellman output is all zero: a peer sent a low-order public key (bad input).
+    /// A peer sent a low-order (small-order) public key: refused when it is parsed, or as a
+    /// Diffie-Hellman output that is all zero (bad input).
     #[error("a public key has low order (all-zero Diffie-Hellman output)")]
     WeakKey,
     /// An initial header has the wrong length or a bad field (bad input).
@@ -160,7 +164,8 @@ impl InitialHeader {
         out
     }
 
-    /// Parses exactly [`InitialHeader::LEN`] bytes; rejects non-canonical encodings.
+    /// Parses exactly [`InitialHeader::LEN`] bytes; rejects non-canonical encodings
+    /// ([`X3dhError::MalformedHeader`]) and small-order keys ([`X3dhError::WeakKey`]).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, X3dhError> {
         let bytes: &[u8; Self::LEN] = bytes.try_into().map_err(|_| X3dhError::MalformedHeader)?;
         let id = u32::from_be_bytes([bytes[69], bytes[70], bytes[71], bytes[72]]);
@@ -170,7 +175,12 @@ impl InitialHeader {
             2 => Some(PrekeyRef::LastResort(id)),
             _ => return Err(X3dhError::MalformedHeader),
         };
-        let key = |range: std::ops::Range<usize>| x25519_public_key(&bytes[range], "key").map_err(|_| X3dhError::MalformedHeader);
+        let key = |range: std::ops::Range<usize>| {
+            parse_x25519_public(&bytes[range]).map_err(|e| match e {
+                KeyError::SmallOrder => X3dhError::WeakKey,
+                _ => X3dhError::MalformedHeader,
+            })
+        };
         Ok(Self {
             identity_key: key(0..32)?,
             ephemeral_key: key(32..64)?,
@@ -362,56 +372,25 @@ pub fn diffie_hellman(secret: &StaticSecret, public: &X25519PublicKey) -> Result
     Ok(Zeroizing::new(shared.to_bytes()))
 }
 
-/// Parses an X25519 public key from a peer: exactly 32 bytes, and the canonical encoding of
-/// the u-coordinate (top bit clear, below 2^255 - 19), so that each key has one encoding.
-/// Low-order keys are caught later, by [`diffie_hellman`]. `what` names the key in the error.
-pub fn x25519_public_key(bytes: &[u8], what: &'static str) -> Result<X25519PublicKey, X3dhError> {
-    let bytes: [u8; KEY_LEN] = bytes.try_into().map_err(|_| X3dhError::MalformedKey(what))?;
-    if !is_canonical_u(&bytes) {
-        return Err(X3dhError::MalformedKey(what));
-    }
-    Ok(X25519PublicKey::from(bytes))
+/// Parses a peer's X25519 key with [`parse_x25519_public`]: a small-order key is
+/// [`X3dhError::WeakKey`], any other refusal [`X3dhError::MalformedKey`] naming `what`.
+fn peer_x25519(bytes: &[u8], what: &'static str) -> Result<X25519PublicKey, X3dhError> {
+    parse_x25519_public(bytes).map_err(|e| match e {
+        KeyError::SmallOrder => X3dhError::WeakKey,
+        _ => X3dhError::MalformedKey(what),
+    })
 }
 
-/// Top bit clear and the value below p = 2^255 - 19 (p..2^255-1 are the only non-canonical
-/// values with the top bit clear: 0x7fff...ffed and up).
-fn is_canonical_u(bytes: &[u8; KEY_LEN]) -> bool {
-    bytes[31] & 0x80 == 0 && crate::identity::is_canonical_field_element(bytes)
-}
-
-/// The bytes a [`SignedPrekey`] signature covers: `SIGNED_PREKEY_CONTEXT ||
-/// canonical_json({"key_id": key_id, "public_key": base64(public_key)})`, i.e. the shared
-/// object-signature rule of [`crate::signing::object_signing_bytes`].
-pub fn signed_prekey_payload(key_id: u32, public_key: &[u8]) -> Vec<u8> {
-    let unsigned = SignedPrekey::new(key_id, public_key.to_vec(), Vec::new());
-    crate::signing::object_signing_bytes(SIGNED_PREKEY_CONTEXT, &unsigned)
-        .expect("an integer and a string always have a canonical encoding") // invariant: no floats
-}
-
-/// Signs an X25519 prekey with the device's ed25519 signing key (for a signed or last-resort
-/// prekey upload). [`crate::identity::DeviceIdentity::sign_prekey`] is the same for a device
-/// identity.
-pub fn sign_prekey(signing_key: &KeyPair, key_id: u32, public_key: &X25519PublicKey) -> SignedPrekey {
-    let signature = signing_key.sign_bytes(&signed_prekey_payload(key_id, public_key.as_bytes()));
-    SignedPrekey::new(key_id, public_key.as_bytes().to_vec(), signature.to_vec())
-}
-
-/// Checks a signed (or last-resort) prekey's size and signature against the device's ed25519
-/// signing key, and returns its X25519 public key.
-pub fn verify_signed_prekey(signing_key: &SigningPublicKey, prekey: &SignedPrekey) -> Result<X25519PublicKey, X3dhError> {
-    verify_prekey(signing_key, prekey, "signed prekey")
-}
-
-/// [`crate::identity::verify_signed_prekey`], with this module's errors.
+/// Checks a signed (or last-resort) prekey with [`verify_signed_prekey`], naming it `what` in
+/// this module's errors.
 fn verify_prekey(
-    signing_key: &SigningPublicKey,
     prekey: &SignedPrekey,
+    signing_key: &crate::PublicKey,
     what: &'static str,
 ) -> Result<X25519PublicKey, X3dhError> {
-    crate::identity::verify_signed_prekey(prekey, signing_key).map_err(|e| match e {
-        crate::identity::IdentityError::BadSignature => X3dhError::BadSignature(what),
-        crate::identity::IdentityError::Malformed(field) if field.contains("signature") => X3dhError::BadSignature(what),
-        crate::identity::IdentityError::Malformed(_) => X3dhError::MalformedKey(what),
+    verify_signed_prekey(prekey, signing_key).map_err(|e| match e {
+        IdentityError::BadSignature | IdentityError::Malformed(Field::PrekeySignature) => X3dhError::BadSignature(what),
+        IdentityError::Malformed(_) => X3dhError::MalformedKey(what),
     })
 }
 
@@ -423,16 +402,16 @@ pub fn initiate(
     bundle: &PrekeyBundle,
     policy: PrekeyPolicy,
 ) -> Result<Initiated, X3dhError> {
-    let signing_key = SigningPublicKey::from_bytes(&bundle.device_keys.signing_key.0)
-        .map_err(|_| X3dhError::MalformedKey("device signing key"))?;
-    let identity_b = x25519_public_key(&bundle.device_keys.identity_key.0, "identity key")?;
-    let signed_prekey = verify_prekey(&signing_key, &bundle.signed_prekey, "signed prekey")?;
+    let signing_key =
+        parse_ed25519_public(&bundle.device_keys.signing_key.0).map_err(|_| X3dhError::MalformedKey("device signing key"))?;
+    let identity_b = peer_x25519(&bundle.device_keys.identity_key.0, "identity key")?;
+    let signed_prekey = verify_prekey(&bundle.signed_prekey, &signing_key, "signed prekey")?;
     let last_resort = match &bundle.last_resort_prekey {
-        Some(p) => Some((p.key_id, verify_prekey(&signing_key, p, "last-resort prekey")?)),
+        Some(p) => Some((p.key_id, verify_prekey(p, &signing_key, "last-resort prekey")?)),
         None => None,
     };
     let one_time = match &bundle.one_time_prekey {
-        Some(p) => Some((PrekeyRef::OneTime(p.key_id), x25519_public_key(&p.public_key.0, "one-time prekey")?)),
+        Some(p) => Some((PrekeyRef::OneTime(p.key_id), peer_x25519(&p.public_key.0, "one-time prekey")?)),
         None => last_resort.map(|(id, key)| (PrekeyRef::LastResort(id), key)),
     };
     if one_time.is_none() && policy == PrekeyPolicy::RequireOneTime {
@@ -514,7 +493,7 @@ fn take32(bytes: &[u8]) -> [u8; KEY_LEN] {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use base64::Engine as _;
+    use crate::identity::DeviceIdentity;
     use parley_spec::v1::keys::{DeviceKeys, OneTimePrekey};
     use parley_spec::{DeviceId, UserId};
     use rand::SeedableRng as _;
@@ -522,7 +501,8 @@ pub(crate) mod tests {
     /// A device's X3DH secrets and the bundle it would publish (shared with the ratchet tests).
     pub(crate) struct TestDevice {
         pub identity: StaticSecret,
-        pub signing: KeyPair,
+        /// Signs the prekeys; its identity secret is `identity`.
+        pub device: DeviceIdentity,
         pub signed_prekey: StaticSecret,
         pub one_time: StaticSecret,
         pub last_resort: StaticSecret,
@@ -534,11 +514,13 @@ pub(crate) mod tests {
 
     impl TestDevice {
         pub(crate) fn new(rng: &mut (impl RngCore + CryptoRng)) -> Self {
-            let mut seed = Zeroizing::new([0u8; 32]);
-            rng.fill_bytes(seed.as_mut());
+            let mut bytes = Zeroizing::new([0u8; 64]);
+            rng.fill_bytes(&mut bytes[..32]);
+            let identity = StaticSecret::random_from_rng(&mut *rng);
+            bytes[32..].copy_from_slice(identity.as_bytes());
             Self {
-                identity: StaticSecret::random_from_rng(&mut *rng),
-                signing: KeyPair::from_seed(&seed),
+                identity,
+                device: DeviceIdentity::from_bytes(&bytes),
                 signed_prekey: StaticSecret::random_from_rng(&mut *rng),
                 one_time: StaticSecret::random_from_rng(&mut *rng),
                 last_resort: StaticSecret::random_from_rng(&mut *rng),
@@ -549,15 +531,15 @@ pub(crate) mod tests {
             let device_keys = DeviceKeys::new(
                 UserId::parse("@bob:example.org").unwrap(),
                 DeviceId::parse("BOBPHONE").unwrap(),
-                self.signing.public().as_bytes().to_vec(),
+                self.device.signing_public().as_bytes().to_vec(),
                 X25519PublicKey::from(&self.identity).as_bytes().to_vec(),
                 vec![0; 64],
             );
             PrekeyBundle::new(
                 device_keys,
-                sign_prekey(&self.signing, SPK_ID, &X25519PublicKey::from(&self.signed_prekey)),
+                self.device.sign_prekey(SPK_ID, &X25519PublicKey::from(&self.signed_prekey)),
                 one_time.then(|| OneTimePrekey::new(OTK_ID, X25519PublicKey::from(&self.one_time).as_bytes().to_vec())),
-                last_resort.then(|| sign_prekey(&self.signing, LAST_RESORT_ID, &X25519PublicKey::from(&self.last_resort))),
+                last_resort.then(|| self.device.sign_prekey(LAST_RESORT_ID, &X25519PublicKey::from(&self.last_resort))),
             )
         }
 
@@ -673,8 +655,8 @@ pub(crate) mod tests {
 
         // Signed by another key.
         let mut bundle = bob.bundle(true, false);
-        let other = KeyPair::from_seed(&[9; 32]);
-        bundle.signed_prekey = sign_prekey(&other, SPK_ID, &X25519PublicKey::from(&bob.signed_prekey));
+        let other = DeviceIdentity::from_bytes(&[9; 64]);
+        bundle.signed_prekey = other.sign_prekey(SPK_ID, &X25519PublicKey::from(&bob.signed_prekey));
         assert_eq!(initiate(&mut rng, &alice, &bundle, policy).unwrap_err(), X3dhError::BadSignature("signed prekey"));
 
         // Signature over another key id.
@@ -702,8 +684,8 @@ pub(crate) mod tests {
 
         // verify_signed_prekey agrees.
         let good = bob.bundle(false, false).signed_prekey;
-        assert_eq!(verify_signed_prekey(&bob.signing.public(), &good).unwrap(), X25519PublicKey::from(&bob.signed_prekey));
-        assert!(verify_signed_prekey(&other.public(), &good).is_err());
+        assert_eq!(verify_signed_prekey(&good, &bob.device.signing_public()).unwrap(), X25519PublicKey::from(&bob.signed_prekey));
+        assert!(verify_signed_prekey(&good, &other.signing_public()).is_err());
     }
 
     #[test]
@@ -736,9 +718,9 @@ pub(crate) mod tests {
         p[0] = 0xed;
         p[31] = 0x7f;
         check(&|b| b.one_time_prekey.as_mut().unwrap().public_key.0 = p.to_vec(), X3dhError::MalformedKey("one-time prekey"));
-        p[0] = 0xec; // p - 1 is canonical
-        assert!(x25519_public_key(&p, "k").is_ok());
-        assert!(x25519_public_key(&[0; 33], "k").is_err());
+        p[0] = 0xec; // p - 1 is canonical, but of small order (checked in crate::keys)
+        assert_eq!(parse_x25519_public(&p), Err(KeyError::SmallOrder));
+        assert_eq!(parse_x25519_public(&[0; 33]), Err(KeyError::WrongLength));
     }
 
     #[test]
@@ -768,19 +750,44 @@ pub(crate) mod tests {
         assert_eq!(respond(&bob.identity, &bob.signed_prekey, Some(&bob.one_time), &header).unwrap_err(), X3dhError::WeakKey);
     }
 
+    /// One parser, one policy: a small-order key is refused where it is parsed. For an initial
+    /// header this is new (it used to parse, and `respond` failed with `WeakKey`); the error is
+    /// the same `WeakKey`, raised earlier.
     #[test]
-    fn signed_prekey_payload_is_canonical_json() {
-        let payload = signed_prekey_payload(5, &[0xFB; 32]);
-        let (context, json) = payload.split_at(SIGNED_PREKEY_CONTEXT.len());
-        assert_eq!(context, SIGNED_PREKEY_CONTEXT);
+    fn small_order_keys_are_refused_when_parsed() {
+        let mut rng = rng();
+        let bob = TestDevice::new(&mut rng);
+        let alice = StaticSecret::random_from_rng(&mut rng);
+        let out = initiate(&mut rng, &alice, &bob.bundle(true, false), PrekeyPolicy::AllowThreeDh).unwrap();
+        let bytes = out.header().to_bytes();
+        let small_order = [[0u8; 32], {
+            let mut one = [0u8; 32];
+            one[0] = 1;
+            one
+        }];
+        for (range, u) in [(0..32, small_order[0]), (32..64, small_order[0]), (0..32, small_order[1]), (32..64, small_order[1])] {
+            let mut bad = bytes;
+            bad[range].copy_from_slice(&u);
+            assert_eq!(InitialHeader::from_bytes(&bad).unwrap_err(), X3dhError::WeakKey);
+        }
+        assert_eq!(X3dhError::WeakKey.kind(), ErrorKind::BadInput);
+
+        // In a bundle: the identity key is WeakKey; a signed prekey of small order, even validly
+        // signed, is a malformed key (as before: the prekey verifier always refused it).
+        let mut bundle = bob.bundle(true, false);
+        bundle.device_keys.identity_key.0 = small_order[1].to_vec();
+        assert_eq!(initiate(&mut rng, &alice, &bundle, PrekeyPolicy::AllowThreeDh).unwrap_err(), X3dhError::WeakKey);
+        let mut bundle = bob.bundle(true, true);
+        bundle.signed_prekey = bob.device.sign_prekey(SPK_ID, &X25519PublicKey::from(small_order[0]));
         assert_eq!(
-            std::str::from_utf8(json).unwrap(),
-            format!(r#"{{"key_id":5,"public_key":"{}"}}"#, base64::engine::general_purpose::STANDARD.encode([0xFB; 32]))
+            initiate(&mut rng, &alice, &bundle, PrekeyPolicy::AllowThreeDh).unwrap_err(),
+            X3dhError::MalformedKey("signed prekey")
         );
-        // Same bytes as the wire type serialized without its signature.
-        let prekey = SignedPrekey::new(5, vec![0xFB; 32], vec![]);
-        let mut value = serde_json::to_value(&prekey).unwrap();
-        value.as_object_mut().unwrap().remove("signature");
-        assert_eq!(json, crate::canonical::canonical_json(&value).unwrap());
+        bundle = bob.bundle(true, true);
+        bundle.last_resort_prekey = Some(bob.device.sign_prekey(LAST_RESORT_ID, &X25519PublicKey::from(small_order[1])));
+        assert_eq!(
+            initiate(&mut rng, &alice, &bundle, PrekeyPolicy::AllowThreeDh).unwrap_err(),
+            X3dhError::MalformedKey("last-resort prekey")
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! Every decoder of peer or stored input returns a typed error on garbage; none panics.
 //! (A cheap, always-on stand-in for fuzzing; `cargo fuzz` targets can reuse these inputs.)
 
-use parley_crypto::identity::{parse_ed25519_public, parse_x25519_public, verify_device_keys, verify_device_list};
+use parley_crypto::identity::{verify_device_keys, verify_device_list};
+use parley_crypto::keys::{parse_ed25519_public, parse_x25519_public};
 use parley_crypto::media::{decrypt, MediaKey};
 use parley_crypto::ratchet::{self, Session};
 use parley_crypto::x3dh::InitialHeader;
@@ -17,8 +18,8 @@ proptest! {
         let _ = ratchet::initial_header(&bytes);
         let _ = InitialHeader::from_bytes(&bytes);
         let _ = Session::from_bytes(&bytes);
-        let _ = parse_x25519_public(&bytes, "key");
-        let _ = parse_ed25519_public(&bytes, "key");
+        let _ = parse_x25519_public(&bytes);
+        let _ = parse_ed25519_public(&bytes);
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //! reproducing the RNG. After an intended change, rewrite the file with
 //! `PARLEY_UPDATE_VECTORS=1 cargo test -p parley-crypto --test session_vectors`.
 
+use parley_crypto::identity::DeviceIdentity;
 use parley_crypto::ratchet::{PrekeyStore, Session};
 use parley_crypto::x3dh::{self, PrekeyPolicy, StaticSecret, X25519PublicKey};
-use parley_crypto::KeyPair;
 use parley_spec::v1::keys::{DeviceKeys, OneTimePrekey, PrekeyBundle};
 use parley_spec::{DeviceId, UserId};
 use rand::rngs::StdRng;
@@ -100,14 +100,19 @@ fn generate() -> serde_json::Value {
     let bob = BobKeys { identity: rng.secret(), signed_prekey: rng.secret(), one_time_prekey: rng.secret() };
     let mut seed = [0u8; 32];
     rng.inner.fill_bytes(&mut seed);
-    let bob_signing = KeyPair::from_seed(&seed);
+    // Bob's device identity: the ed25519 seed, then the x25519 identity secret.
+    let mut device_bytes = [0u8; 64];
+    device_bytes[..32].copy_from_slice(&seed);
+    device_bytes[32..].copy_from_slice(&bob.identity.to_bytes());
+    let bob_device = DeviceIdentity::from_bytes(&device_bytes);
+    let bob_signing = bob_device.signing_public();
     let alice_identity = rng.secret();
-    let signed_prekey = x3dh::sign_prekey(&bob_signing, SIGNED_PREKEY_ID, &X25519PublicKey::from(&bob.signed_prekey));
+    let signed_prekey = bob_device.sign_prekey(SIGNED_PREKEY_ID, &X25519PublicKey::from(&bob.signed_prekey));
     let bundle = PrekeyBundle::new(
         DeviceKeys::new(
             UserId::parse("@bob:example.org").unwrap(),
             DeviceId::parse("BOBPHONE").unwrap(),
-            bob_signing.public().as_bytes().to_vec(),
+            bob_signing.as_bytes().to_vec(),
             X25519PublicKey::from(&bob.identity).as_bytes().to_vec(),
             vec![0; 64], // not checked by X3DH (see parley_crypto::identity)
         ),
@@ -174,7 +179,7 @@ fn generate() -> serde_json::Value {
             "identity_secret": hex(&bob.identity.to_bytes()),
             "identity_public": public(&bob.identity),
             "signing_seed": hex(&seed),
-            "signing_public": hex(bob_signing.public().as_bytes()),
+            "signing_public": hex(bob_signing.as_bytes()),
             "signed_prekey_id": SIGNED_PREKEY_ID,
             "signed_prekey_secret": hex(&bob.signed_prekey.to_bytes()),
             "signed_prekey_public": public(&bob.signed_prekey),

@@ -58,6 +58,27 @@ pub struct FederationClient {
     key: Arc<ServerKey>,
     discovery: Discovery,
     http: reqwest::Client,
+    signing_clock: Arc<SigningClock>,
+}
+
+/// The times requests are signed at: the wall clock in milliseconds, but never the same value
+/// twice. The destination refuses a signature it has seen before (its replay cache), and two
+/// identical requests signed in the same millisecond would carry the same signature.
+#[derive(Debug, Default)]
+struct SigningClock {
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl SigningClock {
+    /// `now_ms`, or one more than the last time handed out if that is not earlier.
+    fn next(&self, now_ms: u64) -> u64 {
+        use std::sync::atomic::Ordering;
+        let previous = self
+            .last
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now_ms.max(last.saturating_add(1))))
+            .unwrap_or_else(|last| last);
+        now_ms.max(previous.saturating_add(1))
+    }
 }
 
 impl FederationClient {
@@ -76,7 +97,7 @@ impl FederationClient {
             .user_agent(concat!("parleyd/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| FederationError::Transport(e.to_string()))?;
-        Ok(Self { origin, key, discovery, http })
+        Ok(Self { origin, key, discovery, http, signing_clock: Arc::default() })
     }
 
     /// The discovery in use.
@@ -142,7 +163,8 @@ impl FederationClient {
         let body = body.unwrap_or_default();
         let mut request = self.http.request(method.clone(), &url);
         if sign {
-            let parts = SignedParts::new(method.as_str(), path_and_query, &self.origin, destination, Timestamp::now(), &body);
+            let ts = Timestamp::from_millis(self.signing_clock.next(Timestamp::now().as_millis()));
+            let parts = SignedParts::new(method.as_str(), path_and_query, &self.origin, destination, ts, &body);
             request = request.header(reqwest::header::AUTHORIZATION, parts.authorization(&self.key.key_id, &self.key.key));
         }
         if !body.is_empty() {
@@ -211,5 +233,16 @@ mod tests {
         );
         assert_eq!(endpoint_path::<SendTransaction>(&["a/b?c d"]).unwrap(), "/_parley/federation/v1/send/a%2Fb%3Fc%20d");
         assert!(matches!(endpoint_path::<SendTransaction>(&[]), Err(FederationError::Request(_))));
+    }
+
+    #[test]
+    fn no_two_requests_are_signed_at_the_same_time() {
+        let clock = SigningClock::default();
+        assert_eq!(clock.next(1_000), 1_000);
+        assert_eq!(clock.next(1_000), 1_001, "the same millisecond again");
+        assert_eq!(clock.next(1_000), 1_002);
+        assert_eq!(clock.next(1_001), 1_003, "the wall clock is behind what was handed out");
+        assert_eq!(clock.next(5_000), 5_000, "the wall clock moved on");
+        assert_eq!(clock.next(4_000), 5_001, "the wall clock went back");
     }
 }

@@ -16,6 +16,9 @@ pub enum AdminError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Hashing the password failed.
+    #[error("hashing the password failed: {0}")]
+    Password(#[source] crate::error::Error),
 }
 
 async fn open(config: &Config) -> Result<(Store, tokio::task::JoinHandle<()>), AdminError> {
@@ -31,11 +34,10 @@ pub async fn create_user(
     admin: bool,
 ) -> Result<UserId, AdminError> {
     validate_localpart(username).map_err(|e| AdminError::Invalid(e.to_string()))?;
-    let server_name = parley_spec::ServerName::parse(&config.server_name).map_err(|e| AdminError::Invalid(e.to_string()))?;
     if password.len() < config.auth.min_password_bytes {
         return Err(AdminError::Invalid(format!("password must be at least {} bytes", config.auth.min_password_bytes)));
     }
-    let hash = Passwords::new(&config.auth).hash(password).await.map_err(|e| AdminError::Invalid(e.body.message))?;
+    let hash = Passwords::new(&config.auth).hash(password).await.map_err(AdminError::Password)?;
     let (store, writer) = open(config).await?;
     match store.create_user(username, &hash, admin).await {
         Ok(_) => {}
@@ -43,7 +45,7 @@ pub async fn create_user(
         Err(e) => return Err(e.into()),
     }
     store.close(writer).await;
-    UserId::new(username, &server_name).map_err(|e| AdminError::Invalid(e.to_string()))
+    UserId::new(username, &config.server_name).map_err(|e| AdminError::Invalid(e.to_string()))
 }
 
 /// Creates a registration token usable `uses` times (unlimited when None) until `expires_in`.

@@ -60,9 +60,6 @@ pub enum OpenError {
     /// The data directory cannot be created.
     #[error("data directory: {0}")]
     DataDir(std::io::Error),
-    /// `server_name` is not a valid server name (config checks catch this first).
-    #[error(transparent)]
-    ServerName(#[from] parley_spec::IdError),
     /// The server signing key cannot be loaded or created.
     #[error(transparent)]
     ServerKey(#[from] parley_federation::ServerKeyError),
@@ -90,7 +87,7 @@ impl Server {
     /// Opens storage and builds the state.
     pub async fn open(config: Config) -> Result<Self, OpenError> {
         crate::storage::create_data_dir(&config.data_dir).map_err(OpenError::DataDir)?;
-        let server_name = ServerName::parse(&config.server_name)?;
+        let server_name = config.server_name.clone();
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::default());
         let server_key = Arc::new(parley_federation::ServerKey::load_or_create(&config.data_dir.join("server.key"))?);
@@ -285,10 +282,8 @@ pub fn app(state: AppState) -> Router {
         .route(GetServerKeys::PATH, on(GetServerKeys, server_keys))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
-        .fallback(|| async { crate::error::ApiError::new(parley_spec::ErrorCode::NotFound, "no such endpoint") })
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
-            crate::error::ApiError::new(parley_spec::ErrorCode::Internal, "internal server error").into_response()
-        }))
+        .fallback(|| async { crate::error::Error::new(parley_spec::ErrorCode::NotFound, "no such endpoint") })
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| crate::error::response(crate::error::internal_body())))
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|request: &Request| {
             // The path only: queries may hold an access token.
             tracing::info_span!("http", method = %request.method(), path = %request.uri().path())

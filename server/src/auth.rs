@@ -3,7 +3,7 @@
 
 use crate::app::AppState;
 use crate::config::AuthConfig;
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::storage::{DevicePk, UserPk};
 use argon2::password_hash::{rand_core::OsRng, Output, ParamsString, PasswordHash, Salt, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
@@ -38,9 +38,9 @@ pub fn generate_device_id() -> DeviceId {
     DeviceId::parse(&id).unwrap_or_else(|_| unreachable!("ten letters are a valid device id"))
 }
 
-fn argon2(config: &AuthConfig) -> Result<Argon2<'static>, ApiError> {
+fn argon2(config: &AuthConfig) -> Result<Argon2<'static>, Error> {
     let params = Params::new(config.argon2_memory_kib, config.argon2_iterations, config.argon2_parallelism, None)
-        .map_err(ApiError::internal)?;
+        .map_err(Error::internal)?;
     Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
 }
 
@@ -88,7 +88,7 @@ impl Passwords {
     }
 
     /// A hash slot: a free one, or one freed while this request waits in the queue.
-    async fn slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, Error> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
@@ -96,15 +96,15 @@ impl Passwords {
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.config.hash_queue {
             drop(waiting);
             tracing::debug!("password hash queue full");
-            return Err(ApiError::server_busy(BUSY_RETRY_AFTER));
+            return Err(Error::Busy { wait: BUSY_RETRY_AFTER });
         }
         let timeout = Duration::from_millis(self.config.hash_queue_timeout_ms);
         match tokio::time::timeout(timeout, self.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(closed)) => Err(ApiError::internal(closed)),
+            Ok(Err(closed)) => Err(Error::internal(closed)),
             Err(_) => {
                 tracing::debug!("no password hash slot within the queue timeout");
-                Err(ApiError::server_busy(BUSY_RETRY_AFTER))
+                Err(Error::Busy { wait: BUSY_RETRY_AFTER })
             }
         }
     }
@@ -113,8 +113,8 @@ impl Passwords {
     /// work, so a request dropped by its client still counts until its hash is done.
     async fn run<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&mut Memory) -> Result<T, ApiError> + Send + 'static,
-    ) -> Result<T, ApiError> {
+        work: impl FnOnce(&mut Memory) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
         let slot = self.slot().await?;
         let pool = self.memory.clone();
         tokio::task::spawn_blocking(move || {
@@ -127,18 +127,18 @@ impl Passwords {
             result
         })
         .await
-        .map_err(ApiError::internal)?
+        .map_err(Error::internal)?
     }
 
     /// Hashes a password (a PHC string with its salt and parameters).
-    pub async fn hash(&self, password: Zeroizing<String>) -> Result<String, ApiError> {
+    pub async fn hash(&self, password: Zeroizing<String>) -> Result<String, Error> {
         let argon2 = argon2(&self.config)?;
         self.run(move |memory| hash_with(&argon2, password.as_bytes(), memory)).await
     }
 
     /// Checks a password against a stored hash. With no hash (unknown user) it still spends the
     /// same work, so timing does not reveal which usernames exist.
-    pub async fn verify(&self, hash: Option<String>, password: Zeroizing<String>) -> Result<bool, ApiError> {
+    pub async fn verify(&self, hash: Option<String>, password: Zeroizing<String>) -> Result<bool, Error> {
         let argon2 = argon2(&self.config)?;
         self.run(move |memory| match hash {
             Some(hash) => verify_with(&hash, password.as_bytes(), memory),
@@ -159,41 +159,41 @@ fn blocks<'a>(memory: &'a mut Memory, params: &Params) -> &'a mut [Block] {
 }
 
 /// A new hash of `password` with a random salt, as a PHC string.
-fn hash_with(argon2: &Argon2<'_>, password: &[u8], memory: &mut Memory) -> Result<String, ApiError> {
+fn hash_with(argon2: &Argon2<'_>, password: &[u8], memory: &mut Memory) -> Result<String, Error> {
     let salt = SaltString::generate(&mut OsRng);
     let mut salt_bytes = [0u8; Salt::MAX_LENGTH];
-    let raw_salt = salt.as_salt().decode_b64(&mut salt_bytes).map_err(ApiError::internal)?;
+    let raw_salt = salt.as_salt().decode_b64(&mut salt_bytes).map_err(Error::internal)?;
     let mut output = Zeroizing::new([0u8; Params::DEFAULT_OUTPUT_LEN]);
     argon2
         .hash_password_into_with_memory(password, raw_salt, &mut output[..], blocks(memory, argon2.params()))
-        .map_err(ApiError::internal)?;
+        .map_err(Error::internal)?;
     let phc = PasswordHash {
         algorithm: Algorithm::Argon2id.ident(),
         version: Some(Version::V0x13.into()),
-        params: ParamsString::try_from(argon2.params()).map_err(ApiError::internal)?,
+        params: ParamsString::try_from(argon2.params()).map_err(Error::internal)?,
         salt: Some(salt.as_salt()),
-        hash: Some(Output::new(&output[..]).map_err(ApiError::internal)?),
+        hash: Some(Output::new(&output[..]).map_err(Error::internal)?),
     };
     Ok(phc.to_string())
 }
 
 /// Whether `password` matches the PHC string `hash` (with the algorithm, version and cost
 /// stored in it).
-fn verify_with(hash: &str, password: &[u8], memory: &mut Memory) -> Result<bool, ApiError> {
-    let parsed = PasswordHash::new(hash).map_err(ApiError::internal)?;
-    let expected = parsed.hash.ok_or_else(|| ApiError::internal("a stored password hash has no output"))?;
-    let salt = parsed.salt.ok_or_else(|| ApiError::internal("a stored password hash has no salt"))?;
-    let algorithm = Algorithm::try_from(parsed.algorithm).map_err(ApiError::internal)?;
-    let version = parsed.version.map(Version::try_from).transpose().map_err(ApiError::internal)?.unwrap_or_default();
-    let argon2 = Argon2::new(algorithm, version, Params::try_from(&parsed).map_err(ApiError::internal)?);
+fn verify_with(hash: &str, password: &[u8], memory: &mut Memory) -> Result<bool, Error> {
+    let parsed = PasswordHash::new(hash).map_err(Error::internal)?;
+    let expected = parsed.hash.ok_or_else(|| Error::internal("a stored password hash has no output"))?;
+    let salt = parsed.salt.ok_or_else(|| Error::internal("a stored password hash has no salt"))?;
+    let algorithm = Algorithm::try_from(parsed.algorithm).map_err(Error::internal)?;
+    let version = parsed.version.map(Version::try_from).transpose().map_err(Error::internal)?.unwrap_or_default();
+    let argon2 = Argon2::new(algorithm, version, Params::try_from(&parsed).map_err(Error::internal)?);
     let mut salt_bytes = [0u8; Salt::MAX_LENGTH];
-    let raw_salt = salt.decode_b64(&mut salt_bytes).map_err(ApiError::internal)?;
+    let raw_salt = salt.decode_b64(&mut salt_bytes).map_err(Error::internal)?;
     let mut output = Zeroizing::new(vec![0u8; expected.len()]);
     argon2
         .hash_password_into_with_memory(password, raw_salt, &mut output[..], blocks(memory, argon2.params()))
-        .map_err(ApiError::internal)?;
+        .map_err(Error::internal)?;
     // `Output` compares in constant time.
-    Ok(Output::new(&output[..]).map_err(ApiError::internal)? == expected)
+    Ok(Output::new(&output[..]).map_err(Error::internal)? == expected)
 }
 
 /// The authenticated device of a request.
@@ -211,14 +211,14 @@ pub struct AuthDevice {
 
 impl AuthDevice {
     /// Authenticates a bearer token.
-    pub async fn from_token(state: &AppState, token: &str) -> Result<Self, ApiError> {
+    pub async fn from_token(state: &AppState, token: &str) -> Result<Self, Error> {
         let row = state
             .store
             .auth_by_token(&hash_token(token))
             .await?
-            .ok_or_else(|| ApiError::new(ErrorCode::UnknownToken, "unknown or revoked access token"))?;
-        let user_id = UserId::new(&row.localpart, &state.server_name).map_err(ApiError::internal)?;
-        let device_id = DeviceId::parse(&row.device_id).map_err(ApiError::internal)?;
+            .ok_or_else(|| Error::new(ErrorCode::UnknownToken, "unknown or revoked access token"))?;
+        let user_id = UserId::new(&row.localpart, &state.server_name).map_err(Error::internal)?;
+        let device_id = DeviceId::parse(&row.device_id).map_err(Error::internal)?;
         Ok(Self { user_pk: row.user_pk, user_id, device_pk: row.device_pk, device_id })
     }
 }
@@ -252,11 +252,11 @@ pub fn has_token(headers: &axum::http::HeaderMap, uri: &axum::http::Uri) -> bool
 async fn authenticate(
     parts: &mut Parts,
     state: &AppState,
-    limit: impl FnOnce(&AuthDevice) -> Result<(), ApiError>,
-) -> Result<AuthDevice, ApiError> {
+    limit: impl FnOnce(&AuthDevice) -> Result<(), Error>,
+) -> Result<AuthDevice, Error> {
     let authenticated = match bearer_token(parts) {
         Some(token) => AuthDevice::from_token(state, &token).await,
-        None => Err(ApiError::new(ErrorCode::MissingToken, "missing access token")),
+        None => Err(Error::new(ErrorCode::MissingToken, "missing access token")),
     };
     let pending_ip = parts.extensions.remove::<PendingIpLimit>();
     let auth = match authenticated {
@@ -276,7 +276,7 @@ async fn authenticate(
 }
 
 impl FromRequestParts<AppState> for AuthDevice {
-    type Rejection = ApiError;
+    type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         authenticate(parts, state, |auth| state.limits.check_account(auth.user_pk, auth.device_pk, &state.metrics)).await
@@ -290,7 +290,7 @@ impl FromRequestParts<AppState> for AuthDevice {
 pub struct ControlDevice(pub AuthDevice);
 
 impl FromRequestParts<AppState> for ControlDevice {
-    type Rejection = ApiError;
+    type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let auth = authenticate(parts, state, |auth| state.limits.check_control(auth.device_pk, &state.metrics)).await?;
@@ -352,9 +352,9 @@ mod tests {
         let mut waiter = Box::pin(passwords.hash(Zeroizing::new("correct horse".into())));
         let pending = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(waiter.as_mut(), cx))).await;
         assert!(pending.is_pending());
-        let refused = passwords.hash(Zeroizing::new("correct horse".into())).await.unwrap_err();
-        assert_eq!(refused.code(), ErrorCode::ServerBusy);
-        assert_eq!(refused.body.retry_after_ms, Some(1000));
+        let refused = passwords.hash(Zeroizing::new("correct horse".into())).await.unwrap_err().into_body();
+        assert_eq!(refused.code, ErrorCode::ServerBusy);
+        assert_eq!(refused.retry_after_ms, Some(1000));
         drop(busy);
         assert!(waiter.await.unwrap().starts_with("$argon2id$"), "the waiting request gets the slot");
         assert_eq!(passwords.waiting.load(Ordering::Relaxed), 0);
@@ -364,8 +364,8 @@ mod tests {
     async fn a_long_wait_gets_server_busy() {
         let passwords = Passwords::new(&AuthConfig { hash_concurrency: 1, hash_queue: 10, hash_queue_timeout_ms: 20, ..cheap() });
         let _busy = passwords.slot().await.unwrap();
-        let refused = passwords.verify(None, Zeroizing::new("x".into())).await.unwrap_err();
-        assert_eq!(refused.code(), ErrorCode::ServerBusy);
+        let refused = passwords.verify(None, Zeroizing::new("x".into())).await.unwrap_err().into_body();
+        assert_eq!(refused.code, ErrorCode::ServerBusy);
         assert_eq!(passwords.waiting.load(Ordering::Relaxed), 0);
     }
 }

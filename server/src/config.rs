@@ -4,6 +4,7 @@
 
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use figment::Figment;
+use parley_spec::ServerName;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// This server's name: the part after `:` in its user ids.
-    pub server_name: String,
+    pub server_name: ServerName,
     /// Address of the client API (HTTP and WebSocket).
     pub listen: SocketAddr,
     /// Where the database, the server key and media live.
@@ -249,9 +250,9 @@ pub struct FederationConfig {
     /// Port tried when neither a delegation nor an SRV record names one.
     pub default_port: u16,
     /// Only these servers may federate with this one (empty: every server not denied).
-    pub allow: Vec<String>,
+    pub allow: Vec<ServerName>,
     /// These servers are refused, in both directions.
-    pub deny: Vec<String>,
+    pub deny: Vec<ServerName>,
     /// Requests signed further than this from our clock (either way) are rejected as stale.
     pub max_clock_skew_ms: u64,
     /// Requests per second accepted from one origin server.
@@ -328,7 +329,7 @@ impl Default for FederationConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server_name: "localhost".into(),
+            server_name: ServerName::parse("localhost").expect("a valid server name"),
             listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
             data_dir: PathBuf::from("data"),
             registration: RegistrationConfig::default(),
@@ -461,9 +462,6 @@ impl Config {
     /// Semantic checks that serde cannot express.
     pub fn check(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
-        if parley_spec::ServerName::parse(&self.server_name).is_err() {
-            return bad("server_name must be a DNS name or IP literal, optionally with :port");
-        }
         if self.presence.heartbeat_timeout_ms <= self.presence.heartbeat_interval_ms {
             return bad("presence.heartbeat_timeout_ms must be greater than heartbeat_interval_ms");
         }
@@ -529,11 +527,6 @@ impl Config {
         if fed.one_time_claim_window_ms == 0 {
             return bad("federation.one_time_claim_window_ms must be positive");
         }
-        for name in fed.allow.iter().chain(&fed.deny) {
-            if parley_spec::ServerName::parse(name).is_err() {
-                return bad(&format!("federation allow/deny entry {name:?} is not a server name"));
-            }
-        }
         Ok(())
     }
 
@@ -573,7 +566,7 @@ mod tests {
         std::fs::write(&file, "server_name = \"a.example\"\n[limits]\nmax_devices_per_user = 3\n").unwrap();
         let overrides = serde_json::json!({ "listen": "127.0.0.1:0" });
         let config = Config::load(Some(&file), overrides).unwrap();
-        assert_eq!(config.server_name, "a.example");
+        assert_eq!(config.server_name.as_str(), "a.example");
         assert_eq!(config.limits.max_devices_per_user, 3);
         assert_eq!(config.listen.port(), 0);
         std::fs::write(&file, "bogus_key = 1\n").unwrap();

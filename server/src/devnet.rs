@@ -598,7 +598,7 @@ mod tests {
             }
             let config: Config = toml::Value::Table(root).try_into().unwrap_or_else(|e| panic!("parley{k}: {e}"));
             config.check().unwrap();
-            assert_eq!(config.server_name, format!("parley{k}"));
+            assert_eq!(config.server_name.as_str(), format!("parley{k}"));
             assert!(config.federation.enabled);
             assert_eq!(config.federation.listen.port(), config.federation.default_port, "found by A record on the default port");
             assert_eq!(config.federation.tls_key, Some(PathBuf::from(format!("/certs/parley{k}.key"))));
@@ -615,7 +615,7 @@ mod tests {
             .unwrap();
         for (i, node) in nodes.iter().enumerate() {
             let config = Config::load(Some(&node.config), serde_json::json!({})).unwrap();
-            assert_eq!(config.server_name, format!("localhost:{}", 8448 + i));
+            assert_eq!(config.server_name.as_str(), format!("localhost:{}", 8448 + i));
             assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 8008 + i as u16)));
             assert_eq!(config.data_dir, dir.path().join(i.to_string()));
             assert_eq!(config.registration.mode, crate::config::RegistrationMode::Open);

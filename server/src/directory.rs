@@ -37,7 +37,7 @@ impl Directory {
 
     /// The local user `user_id` (None when it is not a local user or does not exist).
     pub async fn user(&self, user_id: &UserId) -> Result<Option<Arc<UserEntry>>, StoreError> {
-        if user_id.server() != self.server_name.as_str() {
+        if !user_id.is_of(&self.server_name) {
             return Ok(None);
         }
         self.local(user_id.localpart()).await

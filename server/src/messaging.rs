@@ -4,7 +4,7 @@
 use crate::app::AppState;
 use crate::auth::AuthDevice;
 use crate::directory::UserEntry;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 use crate::storage::{Effects, MessageOutcome, NewEvent, NewMessage};
 use bytes::Bytes;
 use parley_spec::error::{DeviceRef, DevicesMismatch};
@@ -18,13 +18,13 @@ use std::sync::Arc;
 
 /// Checks a send against the limits and the current devices, and builds what to store:
 /// one inbox event per target device, each with its own ciphertext.
-pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequest) -> ApiResult<NewMessage> {
+pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequest) -> Result<NewMessage> {
     let limits = &state.config.limits;
     if request.envelopes.len() > limits.max_devices_per_user * 2 {
-        return Err(ApiError::new(ErrorCode::TooLarge, "too many envelopes"));
+        return Err(Error::new(ErrorCode::TooLarge, "too many envelopes"));
     }
     if let Some(big) = request.envelopes.iter().find(|e| e.ciphertext.0.len() > limits.max_envelope_bytes) {
-        return Err(ApiError::new(
+        return Err(Error::new(
             ErrorCode::TooLarge,
             format!(
                 "envelope for {} is {} bytes; the limit is {}",
@@ -34,16 +34,15 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
             ),
         ));
     }
-    if request.to.server() != state.server_name.as_str() {
+    if !request.to.is_of(&state.server_name) {
         return prepare_remote_send(state, auth, request).await;
     }
-    let recipient =
-        state.directory.user(&request.to).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
+    let recipient = state.directory.user(&request.to).await?.ok_or_else(|| Error::new(ErrorCode::UnknownUser, "no such user"))?;
     let sender = state
         .directory
         .local(auth.user_id.localpart())
         .await?
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownToken, "the sending account no longer exists"))?;
+        .ok_or_else(|| Error::new(ErrorCode::UnknownToken, "the sending account no longer exists"))?;
 
     // Expected targets: every device of the recipient and every other device of the sender
     // (never the sending device itself, also for a note to self).
@@ -75,12 +74,12 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
 /// A send to a user of another server: the sender's other devices get inbox events here, the
 /// recipient's devices (as their server last told us; refreshed once on a mismatch) one signed
 /// message in the durable queue to that server.
-async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendRequest) -> ApiResult<NewMessage> {
+async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendRequest) -> Result<NewMessage> {
     let sender = state
         .directory
         .local(auth.user_id.localpart())
         .await?
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownToken, "the sending account no longer exists"))?;
+        .ok_or_else(|| Error::new(ErrorCode::UnknownToken, "the sending account no longer exists"))?;
     // The recipient's devices as their server last told us (`None`: no local device), and the
     // sender's other devices here.
     let expected = |remote: &UserDevices| -> BTreeMap<DeviceRef, Option<i64>> {
@@ -119,7 +118,7 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
         String::new(),
     );
     parley_federation::message::sign_message(&mut message, &state.server_key);
-    let outbound = vec![crate::federation::sender::outbound(request.to.server(), &Item::Message(message))?];
+    let outbound = vec![crate::federation::sender::outbound(&request.to.server_name(), &Item::Message(message))?];
     Ok(NewMessage {
         id,
         sender_device: auth.device_pk,
@@ -133,7 +132,7 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
 }
 
 /// The inbox event of a message from `auth` to `to` carrying one device's ciphertext.
-fn message_event(auth: &AuthDevice, to: &UserId, id: ServerMsgId, ts: Timestamp, ciphertext: Vec<u8>) -> ApiResult<Bytes> {
+fn message_event(auth: &AuthDevice, to: &UserId, id: ServerMsgId, ts: Timestamp, ciphertext: Vec<u8>) -> Result<Bytes> {
     let event = MessageEvent::new(id, auth.user_id.clone(), auth.device_id.clone(), to.clone(), ts, ciphertext);
     to_bytes(&InboxEvent::Message(event))
 }
@@ -147,7 +146,7 @@ fn other_devices<'a>(user: &'a UserEntry, auth: &'a AuthDevice) -> impl Iterator
 }
 
 /// `devices_mismatch` unless the envelopes address exactly the `expected` devices, once each.
-fn check_targets<T>(expected: &BTreeMap<DeviceRef, T>, envelopes: &[Envelope]) -> ApiResult<()> {
+fn check_targets<T>(expected: &BTreeMap<DeviceRef, T>, envelopes: &[Envelope]) -> Result<()> {
     let mut seen = BTreeSet::new();
     let mut extra = Vec::new();
     for envelope in envelopes {
@@ -160,7 +159,7 @@ fn check_targets<T>(expected: &BTreeMap<DeviceRef, T>, envelopes: &[Envelope]) -
     if missing.is_empty() && extra.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::devices_mismatch(DevicesMismatch::new(missing, extra)))
+        Err(Error::DevicesMismatch(DevicesMismatch::new(missing, extra)))
     }
 }
 
@@ -173,7 +172,7 @@ pub fn sent_response(client_msg_id: uuid::Uuid, outcome: MessageOutcome) -> Sent
 }
 
 /// Stores a send and waits for its commit (the HTTP path).
-pub async fn send(state: &AppState, auth: &AuthDevice, request: SendRequest) -> ApiResult<SentResponse> {
+pub async fn send(state: &AppState, auth: &AuthDevice, request: SendRequest) -> Result<SentResponse> {
     let client_msg_id = request.client_msg_id;
     let message = prepare_send(state, auth, request).await?;
     let started = std::time::Instant::now();
@@ -192,7 +191,7 @@ pub async fn receipts(
     auth: &AuthDevice,
     kind: ReceiptKind,
     origins: impl IntoIterator<Item = (Arc<str>, ServerMsgId)>,
-) -> ApiResult<Effects> {
+) -> Result<Effects> {
     let mut by_sender: BTreeMap<Arc<str>, Vec<ServerMsgId>> = BTreeMap::new();
     for (sender, id) in origins {
         if sender.as_ref() != auth.user_id.as_str() {
@@ -203,14 +202,14 @@ pub async fn receipts(
     let mut effects = Effects::default();
     for (sender, ids) in by_sender {
         let Ok(sender_id) = sender.parse::<UserId>() else { continue };
-        if sender_id.server() != state.server_name.as_str() {
+        if !sender_id.is_of(&state.server_name) {
             if state.federation.is_none() {
                 continue;
             }
             for chunk in ids.chunks(MAX_READ_IDS) {
                 let receipt =
                     ReceiptEvent::new(kind, auth.user_id.clone(), auth.device_id.clone(), sender_id.clone(), chunk.to_vec(), ts);
-                effects.outbound.push(crate::federation::sender::outbound(sender_id.server(), &Item::Receipt(receipt))?);
+                effects.outbound.push(crate::federation::sender::outbound(&sender_id.server_name(), &Item::Receipt(receipt))?);
             }
             continue;
         }
@@ -237,7 +236,7 @@ pub async fn receipts(
 
 /// Acknowledges `(from, to]` of the device's inbox, reading which messages that covers from the
 /// database (used for `since` on connect and by `GET /v1/sync`).
-pub async fn ack_from_store(state: &AppState, auth: &AuthDevice, from: Seq, to: Seq) -> ApiResult<()> {
+pub async fn ack_from_store(state: &AppState, auth: &AuthDevice, from: Seq, to: Seq) -> Result<()> {
     if to <= from {
         return Ok(());
     }
@@ -261,31 +260,28 @@ pub async fn ack_from_store(state: &AppState, auth: &AuthDevice, from: Seq, to: 
 /// A read marker: `read` receipts to every device of the peer and to the reader's other devices,
 /// for those of the messages that the peer sent to the reader (other ids are dropped; `bad_request`
 /// when none is left).
-pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest) -> ApiResult<()> {
+pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest) -> Result<()> {
     if request.message_ids.is_empty() || request.message_ids.len() > MAX_READ_IDS {
-        return Err(ApiError::new(ErrorCode::BadRequest, format!("message_ids must hold 1 to {MAX_READ_IDS} ids")));
+        return Err(Error::new(ErrorCode::BadRequest, format!("message_ids must hold 1 to {MAX_READ_IDS} ids")));
     }
-    let remote_peer = request.peer.server() != state.server_name.as_str();
+    let remote_peer = !request.peer.is_of(&state.server_name);
     let (peer_devices, message_ids): (Vec<i64>, Vec<ServerMsgId>) = if remote_peer {
-        crate::federation::remote::check_reachable(state, request.peer.server())?;
-        (Vec::new(), state.store.received_from(auth.user_pk, request.peer.as_str(), &request.message_ids).await?)
+        crate::federation::remote::check_reachable(state, &request.peer.server_name())?;
+        (Vec::new(), state.store.received_from(auth.user_pk, &request.peer, &request.message_ids).await?)
     } else {
         let peer =
-            state.directory.user(&request.peer).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
-        let message_ids = state.store.sent_to(peer.pk, auth.user_id.as_str(), &request.message_ids).await?;
+            state.directory.user(&request.peer).await?.ok_or_else(|| Error::new(ErrorCode::UnknownUser, "no such user"))?;
+        let message_ids = state.store.sent_to(peer.pk, &auth.user_id, &request.message_ids).await?;
         (peer.devices.iter().map(|(pk, _)| *pk).collect(), message_ids)
     };
     if message_ids.is_empty() {
-        return Err(ApiError::new(
+        return Err(Error::new(
             ErrorCode::BadRequest,
             format!("none of message_ids is a message {} sent to {}", request.peer, auth.user_id),
         ));
     }
-    let me = state
-        .directory
-        .local(auth.user_id.localpart())
-        .await?
-        .ok_or_else(|| ApiError::internal("authenticated user vanished"))?;
+    let me =
+        state.directory.local(auth.user_id.localpart()).await?.ok_or_else(|| Error::internal("authenticated user vanished"))?;
     let event = InboxEvent::Receipt(ReceiptEvent::new(
         ReceiptKind::Read,
         auth.user_id.clone(),
@@ -297,8 +293,8 @@ pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest
     let payload = to_bytes(&event)?;
     let mut effects = Effects::default();
     if remote_peer {
-        let InboxEvent::Receipt(receipt) = event else { return Err(ApiError::internal("receipt expected")) };
-        effects.outbound.push(crate::federation::sender::outbound(request.peer.server(), &Item::Receipt(receipt))?);
+        let InboxEvent::Receipt(receipt) = event else { return Err(Error::internal("receipt expected")) };
+        effects.outbound.push(crate::federation::sender::outbound(&request.peer.server_name(), &Item::Receipt(receipt))?);
     }
     let targets = peer_devices.into_iter().chain(me.devices.iter().map(|(pk, _)| *pk).filter(|pk| *pk != auth.device_pk));
     effects.events = targets.map(|device| NewEvent { device, origin: None, payload: payload.clone() }).collect();
@@ -307,15 +303,15 @@ pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest
 }
 
 /// Typing: to the recipient's connected devices only; never stored.
-pub async fn typing(state: &AppState, auth: &AuthDevice, to: &UserId, typing: bool) -> ApiResult<()> {
-    if to.server() != state.server_name.as_str() {
-        crate::federation::remote::check_reachable(state, to.server())?;
+pub async fn typing(state: &AppState, auth: &AuthDevice, to: &UserId, typing: bool) -> Result<()> {
+    if !to.is_of(&state.server_name) {
+        crate::federation::remote::check_reachable(state, &to.server_name())?;
         if let Some(fed) = &state.federation {
-            fed.sender.push_ephemeral(to.server(), Item::Typing(TypingItem::new(auth.user_id.clone(), to.clone(), typing)));
+            fed.sender.push_ephemeral(&to.server_name(), Item::Typing(TypingItem::new(auth.user_id.clone(), to.clone(), typing)));
         }
         return Ok(());
     }
-    let peer = state.directory.user(to).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
+    let peer = state.directory.user(to).await?.ok_or_else(|| Error::new(ErrorCode::UnknownUser, "no such user"))?;
     let frame = to_bytes(&ServerFrame::Typing(TypingNotice::new(auth.user_id.clone(), typing)))?;
     for (device, _) in &peer.devices {
         state.hub.send_ephemeral(*device, frame.clone());
@@ -324,6 +320,6 @@ pub async fn typing(state: &AppState, auth: &AuthDevice, to: &UserId, typing: bo
 }
 
 /// JSON bytes of an event or frame.
-pub(crate) fn to_bytes<T: serde::Serialize>(value: &T) -> ApiResult<Bytes> {
-    serde_json::to_vec(value).map(Bytes::from).map_err(ApiError::internal)
+pub(crate) fn to_bytes<T: serde::Serialize>(value: &T) -> Result<Bytes> {
+    serde_json::to_vec(value).map(Bytes::from).map_err(Error::internal)
 }

@@ -6,13 +6,13 @@
 
 use crate::app::AppState;
 use crate::directory::UserEntry;
-use crate::error::ApiResult;
+use crate::error::Result;
 use crate::storage::{StoreError, UserPk};
 use bytes::Bytes;
 use parley_spec::federation::v1::transaction::{Item, PresenceItem, PresenceSubscription};
 use parley_spec::v1::presence::{PresenceInfo, PresenceStatus, Visibility};
 use parley_spec::v1::ws::ServerFrame;
-use parley_spec::{Timestamp, UserId};
+use parley_spec::{ServerName, Timestamp, UserId};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -71,8 +71,7 @@ pub async fn view(state: &AppState, viewer: &UserId, target: &UserEntry) -> Resu
         return Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Hidden, None));
     };
     let visibility = Visibility::parse(&row.visibility).unwrap_or_default();
-    let is_contact =
-        visibility == Visibility::Contacts && state.store.has_contact(target.user_id.as_str(), viewer.as_str()).await?;
+    let is_contact = visibility == Visibility::Contacts && state.store.has_contact(&target.user_id, viewer).await?;
     if !visible(visibility, is_contact, viewer == &target.user_id) {
         return Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Hidden, None));
     }
@@ -94,7 +93,7 @@ pub fn announce(state: &AppState, user: Arc<UserEntry>, online: bool, last_seen:
 }
 
 async fn announce_now(state: &AppState, user: &UserEntry, online: bool, last_seen: Option<Timestamp>) -> Result<(), StoreError> {
-    let subscribers = state.store.subscribers_of(user.user_id.as_str()).await?;
+    let subscribers = state.store.subscribers_of(&user.user_id).await?;
     if subscribers.is_empty() {
         return Ok(());
     }
@@ -105,14 +104,13 @@ async fn announce_now(state: &AppState, user: &UserEntry, online: bool, last_see
     let info = PresenceInfo::new(user.user_id.clone(), status, last_seen_ts);
     let shown = frame(info.clone());
     // Remote subscribers, grouped by server: one presence item per server (coalesced there).
-    let mut remote: BTreeMap<String, Vec<UserId>> = BTreeMap::new();
+    let mut remote: BTreeMap<ServerName, Vec<UserId>> = BTreeMap::new();
     for (subscriber, is_contact) in subscribers {
-        let Ok(subscriber) = subscriber.parse::<UserId>() else { continue };
         if !visible(visibility, is_contact, false) {
             continue;
         }
-        if subscriber.server() != state.server_name.as_str() {
-            remote.entry(subscriber.server().to_owned()).or_default().push(subscriber);
+        if !subscriber.is_of(&state.server_name) {
+            remote.entry(subscriber.server_name()).or_default().push(subscriber);
             continue;
         }
         if let Some(entry) = state.directory.user(&subscriber).await? {
@@ -131,21 +129,21 @@ async fn announce_now(state: &AppState, user: &UserEntry, online: bool, last_see
 
 /// A server tells us which of our users one of its users follows: the subscription replaces
 /// the earlier one, and the current presence of each (as that user may see it) goes back.
-pub async fn remote_subscription(state: &AppState, subscription: PresenceSubscription) -> ApiResult<()> {
+pub async fn remote_subscription(state: &AppState, subscription: PresenceSubscription) -> Result<()> {
     let mut local = Vec::new();
     for contact in subscription.contacts.iter().take(crate::api::presence::MAX_SUBSCRIBE) {
         if let Some(entry) = state.directory.user(contact).await? {
             local.push(entry);
         }
     }
-    let names: Vec<String> = local.iter().map(|e| e.user_id.to_string()).collect();
-    state.store.replace_remote_contacts(subscription.subscriber.as_str(), state.server_name.as_str(), &names).await?;
+    let names: Vec<UserId> = local.iter().map(|e| e.user_id.clone()).collect();
+    state.store.replace_remote_contacts(&subscription.subscriber, &state.server_name, &names).await?;
     let Some(fed) = &state.federation else { return Ok(()) };
     for entry in local {
         let info = view(state, &subscription.subscriber, &entry).await?;
         if info.status != PresenceStatus::Hidden {
             fed.sender.push_ephemeral(
-                subscription.subscriber.server(),
+                &subscription.subscriber.server_name(),
                 Item::Presence(PresenceItem::new(info, vec![subscription.subscriber.clone()])),
             );
         }
@@ -157,14 +155,14 @@ pub async fn remote_subscription(state: &AppState, subscription: PresenceSubscri
 /// subscribed to that user here, and remembered if any did. The origin names the viewers, but
 /// it cannot make this server push presence to users who never asked for it.
 pub async fn deliver_remote(state: &AppState, item: PresenceItem) {
-    let subscribers = match state.store.subscribers_of(item.presence.user.as_str()).await {
+    let subscribers = match state.store.subscribers_of(&item.presence.user).await {
         Ok(subscribers) => subscribers.into_iter().map(|(owner, _)| owner).collect::<std::collections::HashSet<_>>(),
         Err(error) => {
             tracing::warn!(%error, "reading the subscribers of a remote user failed");
             return;
         }
     };
-    let viewers: Vec<UserId> = item.viewers.into_iter().filter(|viewer| subscribers.contains(viewer.as_str())).collect();
+    let viewers: Vec<UserId> = item.viewers.into_iter().filter(|viewer| subscribers.contains(viewer)).collect();
     if viewers.is_empty() {
         tracing::debug!(user = %item.presence.user, "presence for no subscriber here; dropped");
         return;

@@ -8,7 +8,7 @@
 //! budget of the address it shares with others.
 
 use crate::config::RateLimitConfig;
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::storage::{DevicePk, UserPk};
 use governor::clock::{Clock as _, DefaultClock};
@@ -59,37 +59,37 @@ impl RateLimits {
         limiter: &DefaultKeyedRateLimiter<K>,
         key: &K,
         metrics: &Metrics,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         limiter.check_key(key).map_err(|not_until| {
             metrics.rate_limited.inc();
-            ApiError::rate_limited(not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1)))
+            Error::RateLimited { wait: not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1)) }
         })
     }
 
     /// One ack, ping or read marker of a device (not counted against [`Self::check_account`]).
-    pub fn check_control(&self, device: DevicePk, metrics: &Metrics) -> Result<(), ApiError> {
+    pub fn check_control(&self, device: DevicePk, metrics: &Metrics) -> Result<(), Error> {
         self.check(&self.control, &device, metrics)
     }
 
     /// One authenticated request, WebSocket upgrade or frame of `device` of `user`: the
     /// account's limit, then the device's.
-    pub fn check_account(&self, user: UserPk, device: DevicePk, metrics: &Metrics) -> Result<(), ApiError> {
+    pub fn check_account(&self, user: UserPk, device: DevicePk, metrics: &Metrics) -> Result<(), Error> {
         self.check(&self.user, &user, metrics)?;
         self.check(&self.device, &device, metrics)
     }
 
     /// One login attempt for the account `localpart` (from any address).
-    pub fn check_login(&self, localpart: &str, metrics: &Metrics) -> Result<(), ApiError> {
+    pub fn check_login(&self, localpart: &str, metrics: &Metrics) -> Result<(), Error> {
         self.check(&self.login, &localpart.to_owned(), metrics)
     }
 
     /// One HTTP request from an IP.
-    pub fn check_ip(&self, ip: IpAddr, metrics: &Metrics) -> Result<(), ApiError> {
+    pub fn check_ip(&self, ip: IpAddr, metrics: &Metrics) -> Result<(), Error> {
         self.check(&self.ip, &ip, metrics)
     }
 
     /// One register or login attempt from an IP.
-    pub fn check_auth(&self, ip: IpAddr, metrics: &Metrics) -> Result<(), ApiError> {
+    pub fn check_auth(&self, ip: IpAddr, metrics: &Metrics) -> Result<(), Error> {
         self.check(&self.auth, &ip, metrics)
     }
 
@@ -130,7 +130,7 @@ mod tests {
             }
         }
         let refused = limits.check_account(1, 13, &metrics).unwrap_err();
-        assert_eq!(refused.code(), parley_spec::ErrorCode::RateLimited);
+        assert!(matches!(refused, Error::RateLimited { .. }), "{refused:?}");
         // Another device of the account is refused too, another account is not.
         assert!(limits.check_account(1, 10, &metrics).is_err());
         limits.check_account(2, 20, &metrics).unwrap();

@@ -12,7 +12,7 @@ mod window;
 
 use crate::app::AppState;
 use crate::auth::AuthDevice;
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::hub::{event_bytes, CloseReason, Push, Registration};
 use crate::messaging;
 use crate::outgoing::{OverBudget, Unsent};
@@ -25,9 +25,9 @@ use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
 use parley_spec::v1::events::ReceiptKind;
 use parley_spec::v1::ws::{
-    CaughtUpFrame, ClientFrame, ErrorFrame, FrameId, HelloFrame, PingFrame, PrekeysLowFrame, ServerFrame, WsQuery,
+    CaughtUpFrame, ClientFrame, ErrorFrame, FrameId, HelloFrame, PingFrame, PrekeysLowFrame, RawEventFrame, ServerFrame, WsQuery,
 };
-use parley_spec::{ErrorBody, ErrorCode, Seq, Timestamp};
+use parley_spec::{ErrorCode, Seq, Timestamp};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -53,11 +53,11 @@ pub async fn upgrade(
 ) -> Response {
     let query = match query {
         Ok(Query(query)) => query,
-        Err(e) => return ApiError::new(ErrorCode::BadRequest, e.body_text()).into_response(),
+        Err(e) => return Error::new(ErrorCode::BadRequest, e.body_text()).into_response(),
     };
     let ws = match ws {
         Ok(ws) => ws,
-        Err(e) => return ApiError::new(ErrorCode::BadRequest, e.body_text()).into_response(),
+        Err(e) => return Error::new(ErrorCode::BadRequest, e.body_text()).into_response(),
     };
     let limits = &state.config.limits;
     let max = limits.max_send_bytes();
@@ -85,9 +85,12 @@ impl From<StoreError> for Stop {
     }
 }
 
-impl From<ApiError> for Stop {
-    fn from(error: ApiError) -> Self {
-        tracing::warn!(code = %error.code(), "error on a connection");
+impl From<Error> for Stop {
+    fn from(error: Error) -> Self {
+        match &error {
+            Error::Internal(_) => tracing::error!(%error, "internal error on a connection"),
+            _ => tracing::warn!(%error, "error on a connection"),
+        }
         Stop::Close(close::GOING_AWAY, "unavailable")
     }
 }
@@ -434,13 +437,9 @@ impl Conn {
         }
         // An event that cannot be sent ends the connection, so the window's record of it
         // does not matter.
-        let payload = std::str::from_utf8(&row.payload).map_err(|_| ApiError::internal("inbox payload is not UTF-8"))?;
-        let mut text = String::with_capacity(payload.len() + 40);
-        text.push_str("{\"type\":\"event\",\"seq\":");
-        text.push_str(&row.seq.to_string());
-        text.push_str(",\"event\":");
-        text.push_str(payload);
-        text.push('}');
+        let event = serde_json::from_slice(&row.payload).map_err(|_| Error::internal("inbox payload is not JSON"))?;
+        let text = serde_json::to_string(&RawEventFrame { seq: row.seq, event })
+            .map_err(|_| Error::internal("event frame does not serialize"))?;
         self.queue(Message::Text(Utf8Bytes::from(text)), bytes);
         if let Some(at) = row.committed_at {
             self.state.metrics.delivery_delay.observe(at.elapsed().as_secs_f64());
@@ -467,7 +466,7 @@ impl Conn {
             Push::Frame(bytes) => {
                 let len = bytes.len();
                 // Serialized by serde_json, so UTF-8; sent without copying.
-                let text = Utf8Bytes::try_from(bytes).map_err(|_| ApiError::internal("frame is not UTF-8"))?;
+                let text = Utf8Bytes::try_from(bytes).map_err(|_| Error::internal("frame is not UTF-8"))?;
                 self.queue(Message::Text(text), len);
                 Ok(())
             }
@@ -482,7 +481,7 @@ impl Conn {
             Message::Text(text) => text,
             Message::Binary(_) => {
                 return self
-                    .error(FrameRef::None, ApiError::new(ErrorCode::BadFrame, "binary frames are not supported; send JSON text"))
+                    .error(FrameRef::None, Error::new(ErrorCode::BadFrame, "binary frames are not supported; send JSON text"))
             }
             Message::Ping(_) | Message::Pong(_) => return Ok(()),
             Message::Close(_) => return Err(Stop::Gone),
@@ -529,7 +528,7 @@ impl Conn {
                 Err(error) => self.error(reference, error),
             },
             ClientFrame::Ping(ping) => self.send_frame(&ServerFrame::Pong(PingFrame::new(ping.nonce))),
-            _ => self.error(reference, ApiError::new(ErrorCode::UnknownFrame, "unsupported frame")),
+            _ => self.error(reference, Error::new(ErrorCode::UnknownFrame, "unsupported frame")),
         }
     }
 
@@ -544,11 +543,11 @@ impl Conn {
         tokio::spawn(async move {
             let result = async {
                 let receipts = messaging::receipts(&state, &auth, ReceiptKind::Delivered, origins).await?;
-                state.store.ack(auth.device_pk, seq, receipts).await.map_err(ApiError::from)
+                state.store.ack(auth.device_pk, seq, receipts).await.map_err(Error::from)
             }
             .await;
             if let Err(error) = result {
-                tracing::warn!(code = %error.code(), "ack not recorded; the events will be redelivered");
+                tracing::warn!(%error, "ack not recorded; the events will be redelivered");
             }
         });
     }
@@ -567,11 +566,13 @@ impl Conn {
         }
     }
 
-    fn error(&mut self, frame: FrameRef, error: ApiError) -> Result<(), Stop> {
+    /// Answers a frame with an `error` frame (the wire form of `error`, see [`Error::into_body`]).
+    fn error(&mut self, frame: FrameRef, error: Error) -> Result<(), Stop> {
+        let body = error.into_body();
         let answer = match frame {
-            FrameRef::Send(client_msg_id) => ErrorFrame::new(Some(client_msg_id), error.body),
-            FrameRef::Id(id) => ErrorFrame::for_frame(Some(id), error.body),
-            FrameRef::None => ErrorFrame::new(None, error.body),
+            FrameRef::Send(client_msg_id) => ErrorFrame::new(Some(client_msg_id), body),
+            FrameRef::Id(id) => ErrorFrame::for_frame(Some(id), body),
+            FrameRef::None => ErrorFrame::new(None, body),
         };
         self.send_frame(&ServerFrame::Error(answer))
     }
@@ -579,7 +580,7 @@ impl Conn {
     /// Queues a frame that must go out (answers): past `ws_max_unsent_bytes` the connection
     /// is closed instead.
     fn send_frame(&mut self, frame: &ServerFrame) -> Result<(), Stop> {
-        let text = serde_json::to_string(frame).map_err(ApiError::internal)?;
+        let text = serde_json::to_string(frame).map_err(Error::internal)?;
         let bytes = text.len();
         self.unsent.reserve(bytes)?;
         self.queue(Message::Text(Utf8Bytes::from(text)), bytes);
@@ -627,7 +628,7 @@ pub fn notify_prekeys_low(state: &AppState, device: crate::storage::DevicePk, re
 }
 
 /// `unknown_frame` when the `type` is not one we know, `bad_frame` otherwise.
-fn frame_error(text: &str, error: &serde_json::Error) -> ApiError {
+fn frame_error(text: &str, error: &serde_json::Error) -> Error {
     #[derive(serde::Deserialize)]
     struct Tag {
         #[serde(rename = "type")]
@@ -638,9 +639,9 @@ fn frame_error(text: &str, error: &serde_json::Error) -> ApiError {
         Ok(tag) if !KNOWN.contains(&tag.kind.as_str()) => {
             let mut kind = tag.kind;
             kind.truncate(64);
-            ApiError::new(ErrorCode::UnknownFrame, format!("unknown frame type {kind:?}"))
+            Error::new(ErrorCode::UnknownFrame, format!("unknown frame type {kind:?}"))
         }
-        _ => ApiError { body: ErrorBody::new(ErrorCode::BadFrame, format!("malformed frame: {error}")) },
+        _ => Error::new(ErrorCode::BadFrame, format!("malformed frame: {error}")),
     }
 }
 

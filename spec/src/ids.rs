@@ -203,6 +203,16 @@ impl UserId {
         let colon = self.0.find(':').unwrap_or(self.0.len()); // invariant: parsed with a colon
         &self.0[colon + 1..]
     }
+
+    /// The server part, as a [`ServerName`] (valid: it was parsed with the id).
+    pub fn server_name(&self) -> ServerName {
+        ServerName(self.server().to_owned())
+    }
+
+    /// Whether this user's server is `server`.
+    pub fn is_of(&self, server: &ServerName) -> bool {
+        self.server() == server.as_str()
+    }
 }
 
 /// Checks a localpart: `[a-z0-9._=-]+`, at most [`MAX_LOCALPART_BYTES`].
@@ -291,6 +301,9 @@ mod tests {
         let u = UserId::parse("@alice.b=c-d_e:example.org:8448").unwrap();
         assert_eq!(u.localpart(), "alice.b=c-d_e");
         assert_eq!(u.server(), "example.org:8448");
+        assert_eq!(u.server_name(), ServerName::parse("example.org:8448").unwrap());
+        assert!(u.is_of(&ServerName::parse("example.org:8448").unwrap()));
+        assert!(!u.is_of(&ServerName::parse("example.org").unwrap()));
         for bad in ["alice:example.org", "@Alice:example.org", "@:example.org", "@alice", "@alice:", "@al ice:x.org"] {
             assert!(UserId::parse(bad).is_err(), "{bad}");
         }

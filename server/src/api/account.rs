@@ -5,7 +5,7 @@ use super::{parse_user, Json};
 use crate::app::AppState;
 use crate::auth::{generate_device_id, generate_token, hash_token, AuthDevice};
 use crate::config::RegistrationMode;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 use crate::hub::CloseReason;
 use crate::storage::StoreError;
 use axum::extract::{ConnectInfo, Path, State};
@@ -22,17 +22,17 @@ pub const MAX_PASSWORD_BYTES: usize = 1024;
 /// Longest device display name, in bytes.
 pub const MAX_DEVICE_NAME_BYTES: usize = 256;
 
-fn check_password(state: &AppState, password: &str) -> ApiResult<()> {
+fn check_password(state: &AppState, password: &str) -> Result<()> {
     let min = state.config.auth.min_password_bytes;
     if password.len() < min || password.len() > MAX_PASSWORD_BYTES {
-        return Err(ApiError::new(ErrorCode::InvalidPassword, format!("password must be {min} to {MAX_PASSWORD_BYTES} bytes")));
+        return Err(Error::new(ErrorCode::InvalidPassword, format!("password must be {min} to {MAX_PASSWORD_BYTES} bytes")));
     }
     Ok(())
 }
 
-fn check_device_name(name: Option<&str>) -> ApiResult<()> {
+fn check_device_name(name: Option<&str>) -> Result<()> {
     if name.is_some_and(|n| n.len() > MAX_DEVICE_NAME_BYTES) {
-        return Err(ApiError::new(ErrorCode::BadRequest, "device_name is longer than 256 bytes"));
+        return Err(Error::new(ErrorCode::BadRequest, "device_name is longer than 256 bytes"));
     }
     Ok(())
 }
@@ -42,29 +42,29 @@ pub async fn register(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(request): Json<RegisterRequest>,
-) -> ApiResult<axum::Json<SessionResponse>> {
+) -> Result<axum::Json<SessionResponse>> {
     state.limits.check_auth(peer.ip(), &state.metrics)?;
     let password = Zeroizing::new(request.password);
-    validate_localpart(&request.username).map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))?;
-    let user_id = UserId::new(&request.username, &state.server_name)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))?;
+    validate_localpart(&request.username).map_err(|e| Error::new(ErrorCode::InvalidUsername, e.to_string()))?;
+    let user_id =
+        UserId::new(&request.username, &state.server_name).map_err(|e| Error::new(ErrorCode::InvalidUsername, e.to_string()))?;
     check_password(&state, &password)?;
     check_device_name(request.device_name.as_deref())?;
     let registration_token = match state.config.registration.mode {
         RegistrationMode::Open => None,
         RegistrationMode::Closed => {
-            return Err(ApiError::new(ErrorCode::RegistrationClosed, "registration is closed on this server"))
+            return Err(Error::new(ErrorCode::RegistrationClosed, "registration is closed on this server"))
         }
         RegistrationMode::Token => {
             let token = request
                 .registration_token
                 .as_deref()
-                .ok_or_else(|| ApiError::new(ErrorCode::InvalidRegistrationToken, "a registration token is required"))?;
+                .ok_or_else(|| Error::new(ErrorCode::InvalidRegistrationToken, "a registration token is required"))?;
             Some(hash_token(token))
         }
     };
     if state.store.user_by_localpart(&request.username).await?.is_some() {
-        return Err(ApiError::new(ErrorCode::UserTaken, "that username is taken"));
+        return Err(Error::new(ErrorCode::UserTaken, "that username is taken"));
     }
     let password_hash = state.passwords.hash(password).await?;
     let device_id = generate_device_id();
@@ -82,9 +82,9 @@ pub async fn register(
         .await;
     match created {
         Ok(_) => {}
-        Err(StoreError::Conflict) => return Err(ApiError::new(ErrorCode::UserTaken, "that username is taken")),
+        Err(StoreError::Conflict) => return Err(Error::new(ErrorCode::UserTaken, "that username is taken")),
         Err(StoreError::TokenRejected) => {
-            return Err(ApiError::new(ErrorCode::InvalidRegistrationToken, "unknown, used up or expired registration token"))
+            return Err(Error::new(ErrorCode::InvalidRegistrationToken, "unknown, used up or expired registration token"))
         }
         Err(other) => return Err(other.into()),
     }
@@ -98,14 +98,14 @@ pub async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(request): Json<LoginRequest>,
-) -> ApiResult<axum::Json<SessionResponse>> {
+) -> Result<axum::Json<SessionResponse>> {
     state.limits.check_auth(peer.ip(), &state.metrics)?;
     let password = Zeroizing::new(request.password);
     check_device_name(request.device_name.as_deref())?;
     // Accept the localpart or the full user id of this server.
     let localpart = match request.username.parse::<UserId>() {
-        Ok(user) if user.server() == state.server_name.as_str() => user.localpart().to_owned(),
-        Ok(_) => return Err(ApiError::new(ErrorCode::WrongCredentials, "wrong username or password")),
+        Ok(user) if user.is_of(&state.server_name) => user.localpart().to_owned(),
+        Ok(_) => return Err(Error::new(ErrorCode::WrongCredentials, "wrong username or password")),
         Err(_) => request.username.clone(),
     };
     let user = if validate_localpart(&localpart).is_ok() {
@@ -118,9 +118,9 @@ pub async fn login(
     let ok = state.passwords.verify(user.as_ref().map(|u| u.password_hash.clone()), password).await?;
     let user = match user {
         Some(user) if ok => user,
-        _ => return Err(ApiError::new(ErrorCode::WrongCredentials, "wrong username or password")),
+        _ => return Err(Error::new(ErrorCode::WrongCredentials, "wrong username or password")),
     };
-    let user_id = UserId::new(&user.localpart, &state.server_name).map_err(ApiError::internal)?;
+    let user_id = UserId::new(&user.localpart, &state.server_name).map_err(Error::internal)?;
     let token = generate_token();
     let device_id = generate_device_id();
     match state
@@ -136,7 +136,7 @@ pub async fn login(
     {
         Ok(_) => {}
         Err(StoreError::TooMany) => {
-            return Err(ApiError::new(
+            return Err(Error::new(
                 ErrorCode::TooManyDevices,
                 format!("at most {} devices per user", state.config.limits.max_devices_per_user),
             ))
@@ -150,12 +150,12 @@ pub async fn login(
 }
 
 /// POST /v1/logout
-pub async fn logout(State(state): State<AppState>, auth: AuthDevice) -> ApiResult<StatusCode> {
+pub async fn logout(State(state): State<AppState>, auth: AuthDevice) -> Result<StatusCode> {
     remove_device(&state, &auth, auth.device_pk).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn remove_device(state: &AppState, auth: &AuthDevice, device_pk: i64) -> ApiResult<()> {
+async fn remove_device(state: &AppState, auth: &AuthDevice, device_pk: i64) -> Result<()> {
     state.store.delete_device(device_pk).await?;
     state.directory.invalidate(auth.user_id.localpart());
     state.hub.close(device_pk, CloseReason::Revoked);
@@ -169,7 +169,7 @@ pub async fn whoami(auth: AuthDevice) -> axum::Json<WhoAmIResponse> {
 }
 
 /// GET /v1/devices
-pub async fn list_devices(State(state): State<AppState>, auth: AuthDevice) -> ApiResult<axum::Json<DevicesResponse>> {
+pub async fn list_devices(State(state): State<AppState>, auth: AuthDevice) -> Result<axum::Json<DevicesResponse>> {
     let devices = state.store.devices_of(auth.user_pk).await?;
     let devices = devices
         .into_iter()
@@ -187,15 +187,15 @@ pub async fn delete_device(
     auth: AuthDevice,
     Path(device_id): Path<String>,
     Json(request): Json<DeleteDeviceRequest>,
-) -> ApiResult<StatusCode> {
+) -> Result<StatusCode> {
     let password = Zeroizing::new(request.password);
     let user = state
         .store
         .user_by_localpart(auth.user_id.localpart())
         .await?
-        .ok_or_else(|| ApiError::internal("authenticated user vanished"))?;
+        .ok_or_else(|| Error::internal("authenticated user vanished"))?;
     if !state.passwords.verify(Some(user.password_hash), password).await? {
-        return Err(ApiError::new(ErrorCode::WrongCredentials, "wrong password"));
+        return Err(Error::new(ErrorCode::WrongCredentials, "wrong password"));
     }
     let device = state
         .store
@@ -203,7 +203,7 @@ pub async fn delete_device(
         .await?
         .into_iter()
         .find(|d| d.device_id == device_id)
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such device"))?;
+        .ok_or_else(|| Error::new(ErrorCode::NotFound, "no such device"))?;
     remove_device(&state, &auth, device.pk).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -213,13 +213,13 @@ pub async fn user_devices(
     State(state): State<AppState>,
     _auth: AuthDevice,
     Path(user_id): Path<String>,
-) -> ApiResult<axum::Json<UserDevicesResponse>> {
+) -> Result<axum::Json<UserDevicesResponse>> {
     let user_id = parse_user(&user_id)?;
-    if user_id.server() != state.server_name.as_str() {
+    if !user_id.is_of(&state.server_name) {
         let remote = crate::federation::remote::devices(&state, &user_id, true).await?;
         return Ok(axum::Json(UserDevicesResponse::new(user_id, remote.devices.clone())));
     }
-    let entry = state.directory.user(&user_id).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
+    let entry = state.directory.user(&user_id).await?.ok_or_else(|| Error::new(ErrorCode::UnknownUser, "no such user"))?;
     let devices = entry.devices.iter().map(|(_, id)| id.clone()).collect();
     Ok(axum::Json(UserDevicesResponse::new(user_id, devices)))
 }

@@ -6,11 +6,12 @@
 use super::{parse_user, Json};
 use crate::app::AppState;
 use crate::auth::AuthDevice;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 use crate::storage::{KeyUpload, StoreError};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use parley_crypto::identity::{parse_x25519_public, verify_device_keys, verify_device_list, verify_signed_prekey};
+use parley_crypto::identity::{verify_device_keys, verify_device_list, verify_signed_prekey};
+use parley_crypto::keys::parse_x25519_public;
 use parley_crypto::PublicKey;
 use parley_spec::error::DeviceRef;
 use parley_spec::v1::keys::{
@@ -20,25 +21,25 @@ use parley_spec::v1::keys::{
 use parley_spec::{ErrorCode, ServerName, UserId};
 use std::time::Instant;
 
-fn bad(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorCode::BadRequest, message)
+fn bad(message: impl Into<String>) -> Error {
+    Error::new(ErrorCode::BadRequest, message)
 }
 
 /// The verified signing key of a device's keys.
-fn signing_key(keys: &DeviceKeys) -> ApiResult<PublicKey> {
+fn signing_key(keys: &DeviceKeys) -> Result<PublicKey> {
     verify_device_keys(keys).map(|v| *v.device().signing_key()).map_err(|e| bad(format!("device keys: {e}")))
 }
 
-fn check_signed_prekey(name: &str, prekey: &SignedPrekey, signer: &PublicKey) -> ApiResult<()> {
+fn check_signed_prekey(name: &str, prekey: &SignedPrekey, signer: &PublicKey) -> Result<()> {
     verify_signed_prekey(prekey, signer).map(drop).map_err(|e| bad(format!("{name}: {e}")))
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> ApiResult<Vec<u8>> {
-    serde_json::to_vec(value).map_err(ApiError::internal)
+fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(Error::internal)
 }
 
-fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(bytes).map_err(ApiError::internal)
+fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(Error::internal)
 }
 
 /// POST /v1/keys/upload
@@ -46,7 +47,7 @@ pub async fn upload_keys(
     State(state): State<AppState>,
     auth: AuthDevice,
     Json(request): Json<UploadKeysRequest>,
-) -> ApiResult<axum::Json<UploadKeysResponse>> {
+) -> Result<axum::Json<UploadKeysResponse>> {
     if request.one_time_prekeys.len() > MAX_ONE_TIME_PREKEYS_PER_UPLOAD {
         return Err(bad(format!("at most {MAX_ONE_TIME_PREKEYS_PER_UPLOAD} one-time prekeys per upload")));
     }
@@ -54,7 +55,7 @@ pub async fn upload_keys(
     let device_keys = match &request.device_keys {
         Some(keys) => {
             if keys.user_id != auth.user_id || keys.device_id != auth.device_id {
-                return Err(ApiError::new(ErrorCode::Forbidden, "a device can only upload its own keys"));
+                return Err(Error::new(ErrorCode::Forbidden, "a device can only upload its own keys"));
             }
             signing_key(keys)?;
             Some(keys.clone())
@@ -80,7 +81,7 @@ pub async fn upload_keys(
         check_signed_prekey("last_resort_prekey", prekey, &signer)?;
     }
     for prekey in &request.one_time_prekeys {
-        parse_x25519_public(&prekey.public_key.0, "one-time prekey").map_err(|e| bad(e.to_string()))?;
+        parse_x25519_public(&prekey.public_key.0).map_err(|_| bad("malformed one-time prekey"))?;
     }
     let upload = KeyUpload {
         device_keys: request.device_keys.as_ref().map(to_json).transpose()?,
@@ -91,7 +92,7 @@ pub async fn upload_keys(
     match state.store.upload_keys(auth.device_pk, upload).await {
         Ok(count) => Ok(axum::Json(UploadKeysResponse::new(count))),
         Err(StoreError::Conflict) => {
-            Err(ApiError::new(ErrorCode::Forbidden, "this device's keys are already set and cannot change"))
+            Err(Error::new(ErrorCode::Forbidden, "this device's keys are already set and cannot change"))
         }
         Err(other) => Err(other.into()),
     }
@@ -102,9 +103,9 @@ pub async fn put_device_list(
     State(state): State<AppState>,
     auth: AuthDevice,
     Json(list): Json<SignedDeviceList>,
-) -> ApiResult<StatusCode> {
+) -> Result<StatusCode> {
     if list.user_id != auth.user_id {
-        return Err(ApiError::new(ErrorCode::Forbidden, "a user can only publish its own device list"));
+        return Err(Error::new(ErrorCode::Forbidden, "a user can only publish its own device list"));
     }
     // Signature, sorting and keys. Rollback is checked against the stored version below;
     // identity changes are for clients to judge.
@@ -114,7 +115,7 @@ pub async fn put_device_list(
             crate::federation::remote::device_list_changed(&state, auth.user_pk, &auth.user_id).await?;
             Ok(StatusCode::NO_CONTENT)
         }
-        Err(StoreError::Conflict) => Err(ApiError::new(ErrorCode::BadRequest, "version must be greater than the published one")),
+        Err(StoreError::Conflict) => Err(Error::new(ErrorCode::BadRequest, "version must be greater than the published one")),
         Err(other) => Err(other.into()),
     }
 }
@@ -124,19 +125,19 @@ pub async fn get_device_list(
     State(state): State<AppState>,
     _auth: AuthDevice,
     Path(user_id): Path<String>,
-) -> ApiResult<axum::Json<SignedDeviceList>> {
+) -> Result<axum::Json<SignedDeviceList>> {
     let user_id = parse_user(&user_id)?;
-    if user_id.server() != state.server_name.as_str() {
+    if !user_id.is_of(&state.server_name) {
         let devices = crate::federation::remote::devices(&state, &user_id, true).await?;
         return devices
             .device_list
             .clone()
             .map(axum::Json)
-            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no device list published"));
+            .ok_or_else(|| Error::new(ErrorCode::NotFound, "no device list published"));
     }
-    let entry = state.directory.user(&user_id).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
+    let entry = state.directory.user(&user_id).await?.ok_or_else(|| Error::new(ErrorCode::UnknownUser, "no such user"))?;
     let json =
-        state.store.device_list(entry.pk).await?.ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no device list published"))?;
+        state.store.device_list(entry.pk).await?.ok_or_else(|| Error::new(ErrorCode::NotFound, "no device list published"))?;
     Ok(axum::Json(from_json(&json)?))
 }
 
@@ -145,12 +146,12 @@ pub async fn claim_keys(
     State(state): State<AppState>,
     auth: AuthDevice,
     Json(request): Json<ClaimRequest>,
-) -> ApiResult<axum::Json<ClaimResponse>> {
+) -> Result<axum::Json<ClaimResponse>> {
     if request.devices.len() > MAX_CLAIM_DEVICES {
         return Err(bad(format!("at most {MAX_CLAIM_DEVICES} devices per claim")));
     }
     let (local, remote): (Vec<DeviceRef>, Vec<DeviceRef>) =
-        request.devices.into_iter().partition(|d| d.user.server() == state.server_name.as_str());
+        request.devices.into_iter().partition(|d| d.user.is_of(&state.server_name));
     let mut response = claim_local(&state, local, None).await?;
     if !remote.is_empty() {
         let answer = crate::federation::remote::claim(&state, &auth.user_id, remote).await?;
@@ -168,7 +169,7 @@ pub async fn claim_local(
     state: &AppState,
     devices: Vec<DeviceRef>,
     requester: Option<(&ServerName, &UserId)>,
-) -> ApiResult<ClaimResponse> {
+) -> Result<ClaimResponse> {
     let mut bundles = Vec::new();
     let mut missing = Vec::new();
     let limits = requester.zip(state.federation.as_ref().map(|fed| &fed.claim_limits));

@@ -3,7 +3,7 @@
 use super::Json;
 use crate::app::AppState;
 use crate::auth::{AuthDevice, ControlDevice};
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 use crate::messaging;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -18,7 +18,7 @@ pub async fn send_message(
     State(state): State<AppState>,
     auth: AuthDevice,
     Json(request): Json<SendRequest>,
-) -> ApiResult<axum::Json<SentResponse>> {
+) -> Result<axum::Json<SentResponse>> {
     Ok(axum::Json(messaging::send(&state, &auth, request).await?))
 }
 
@@ -27,7 +27,7 @@ pub async fn mark_read(
     State(state): State<AppState>,
     ControlDevice(auth): ControlDevice,
     Json(request): Json<ReadRequest>,
-) -> ApiResult<StatusCode> {
+) -> Result<StatusCode> {
     messaging::mark_read(&state, &auth, request).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -37,8 +37,8 @@ pub async fn sync(
     State(state): State<AppState>,
     ControlDevice(auth): ControlDevice,
     query: Result<Query<SyncQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<axum::Json<SyncResponse>> {
-    let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+) -> Result<axum::Json<SyncResponse>> {
+    let Query(query) = query.map_err(|e| Error::new(ErrorCode::BadRequest, e.body_text()))?;
     let limits = &state.config.limits;
     let limit = query.limit.unwrap_or(limits.sync_page).clamp(1, limits.sync_page);
     let acked = state.store.acked_seq(auth.device_pk).await?;
@@ -62,10 +62,10 @@ pub async fn sync(
             let events = rows
                 .into_iter()
                 .map(|row| {
-                    let event: InboxEvent = serde_json::from_slice(&row.payload).map_err(ApiError::internal)?;
+                    let event: InboxEvent = serde_json::from_slice(&row.payload).map_err(Error::internal)?;
                     Ok(SequencedEvent::new(row.seq, event))
                 })
-                .collect::<ApiResult<Vec<_>>>()?;
+                .collect::<Result<Vec<_>>>()?;
             return Ok(axum::Json(SyncResponse::new(events, cursor)));
         }
         if *shutdown.borrow() {

@@ -3,7 +3,7 @@
 use super::{parse_user, Json};
 use crate::app::AppState;
 use crate::auth::AuthDevice;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 use crate::presence;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -19,12 +19,12 @@ pub async fn get_presence(
     State(state): State<AppState>,
     auth: AuthDevice,
     Path(user_id): Path<String>,
-) -> ApiResult<axum::Json<PresenceInfo>> {
+) -> Result<axum::Json<PresenceInfo>> {
     let user_id = parse_user(&user_id)?;
-    if user_id.server() != state.server_name.as_str() {
+    if !user_id.is_of(&state.server_name) {
         return Ok(axum::Json(remote_presence(&state, &user_id)));
     }
-    let target = state.directory.user(&user_id).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, "no such user"))?;
+    let target = state.directory.user(&user_id).await?.ok_or_else(|| Error::new(ErrorCode::UnknownUser, "no such user"))?;
     Ok(axum::Json(presence::view(&state, &auth.user_id, &target).await?))
 }
 
@@ -33,36 +33,30 @@ pub async fn subscribe(
     State(state): State<AppState>,
     auth: AuthDevice,
     Json(request): Json<SubscribeRequest>,
-) -> ApiResult<axum::Json<SubscriptionsResponse>> {
+) -> Result<axum::Json<SubscriptionsResponse>> {
     if request.users.len() > MAX_SUBSCRIBE {
-        return Err(ApiError::new(ErrorCode::BadRequest, format!("at most {MAX_SUBSCRIBE} users per request")));
+        return Err(Error::new(ErrorCode::BadRequest, format!("at most {MAX_SUBSCRIBE} users per request")));
     }
     let mut names = Vec::with_capacity(request.users.len());
     let mut remote_servers = std::collections::BTreeSet::new();
     for user in &request.users {
-        if user.server() != state.server_name.as_str() {
-            crate::federation::remote::check_reachable(&state, user.server())?;
-            remote_servers.insert(user.server().to_owned());
-            names.push(user.to_string());
+        if !user.is_of(&state.server_name) {
+            crate::federation::remote::check_reachable(&state, &user.server_name())?;
+            remote_servers.insert(user.server_name());
+            names.push(user.clone());
             continue;
         }
         if state.directory.user(user).await?.is_none() {
-            return Err(ApiError::new(ErrorCode::UnknownUser, format!("no such user: {user}")));
+            return Err(Error::new(ErrorCode::UnknownUser, format!("no such user: {user}")));
         }
-        names.push(user.to_string());
+        names.push(user.clone());
     }
-    state.store.add_contacts(auth.user_id.as_str(), &names).await?;
+    state.store.add_contacts(&auth.user_id, &names).await?;
     // Each remote server learns the whole set of its users this user follows.
     let mut effects = crate::storage::Effects::default();
     for server in remote_servers {
-        let contacts: Vec<UserId> = state
-            .store
-            .contacts_of(auth.user_id.as_str())
-            .await?
-            .into_iter()
-            .filter_map(|c| c.parse::<UserId>().ok())
-            .filter(|c| c.server() == server)
-            .collect();
+        let contacts: Vec<UserId> =
+            state.store.contacts_of(&auth.user_id).await?.into_iter().filter(|c| c.is_of(&server)).collect();
         let item = Item::PresenceSubscription(PresenceSubscription::new(auth.user_id.clone(), contacts));
         effects.outbound.push(crate::federation::sender::outbound(&server, &item)?);
     }
@@ -73,20 +67,19 @@ pub async fn subscribe(
 }
 
 /// GET /v1/presence/subscriptions
-pub async fn list_subscriptions(State(state): State<AppState>, auth: AuthDevice) -> ApiResult<axum::Json<SubscriptionsResponse>> {
+pub async fn list_subscriptions(State(state): State<AppState>, auth: AuthDevice) -> Result<axum::Json<SubscriptionsResponse>> {
     list(&state, &auth).await
 }
 
-async fn list(state: &AppState, auth: &AuthDevice) -> ApiResult<axum::Json<SubscriptionsResponse>> {
+async fn list(state: &AppState, auth: &AuthDevice) -> Result<axum::Json<SubscriptionsResponse>> {
     Ok(axum::Json(SubscriptionsResponse::new(contacts_presence(state, &auth.user_id).await?)))
 }
 
 /// The presence of each of `viewer`'s contacts.
-pub async fn contacts_presence(state: &AppState, viewer: &UserId) -> ApiResult<Vec<PresenceInfo>> {
+pub async fn contacts_presence(state: &AppState, viewer: &UserId) -> Result<Vec<PresenceInfo>> {
     let mut presence = Vec::new();
-    for contact in state.store.contacts_of(viewer.as_str()).await? {
-        let Ok(contact) = contact.parse::<UserId>() else { continue };
-        if contact.server() != state.server_name.as_str() {
+    for contact in state.store.contacts_of(viewer).await? {
+        if !contact.is_of(&state.server_name) {
             presence.push(remote_presence(state, &contact));
             continue;
         }
@@ -111,7 +104,7 @@ pub async fn set_privacy(
     State(state): State<AppState>,
     auth: AuthDevice,
     Json(request): Json<PrivacySettings>,
-) -> ApiResult<StatusCode> {
+) -> Result<StatusCode> {
     state.store.set_visibility(auth.user_pk, request.last_seen.as_str()).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -2,21 +2,21 @@
 //! `PUT /_parley/federation/v1/send/{txn_id}`, `GET /_parley/federation/v1/users/{user_id}/devices`,
 //! `POST /_parley/federation/v1/keys/claim`.
 //!
-//! Every signed request goes through [`authenticate`]: scheme, destination, clock skew, the
-//! allow/deny lists, the origin's key and signature, the per-origin rate limit (only proven
-//! origins are counted) and the replay cache, in that order (cheap checks first; nothing is
-//! written before all pass).
+//! Every signed request goes through [`authenticate`] (handlers take the [`Signed`] extractor,
+//! which calls it): scheme, destination, clock skew, the allow/deny lists, the origin's key and
+//! signature, the per-origin rate limit (only proven origins are counted) and the replay cache,
+//! in that order (cheap checks first; nothing is written before all pass).
 
 use super::Federation;
 use crate::app::on;
 use crate::app::AppState;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 use crate::messaging::to_bytes;
 use crate::storage::{Effects, InboundItem, MessageRoutes, NewEvent, RemoteMessage};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, Method, Uri};
-use axum::response::IntoResponse as _;
 use axum::routing::get;
+use axum::RequestExt as _;
 use axum::Router;
 use bytes::Bytes;
 use parley_federation::{Authorization, RequestAuthError};
@@ -46,35 +46,75 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .route(GetServerKeys::PATH, on(GetServerKeys, crate::app::server_keys))
         .route("/healthz", get(|| async { "ok" }))
-        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
-            ApiError::new(ErrorCode::Internal, "internal server error").into_response()
-        }))
+        .fallback(|| async { Error::new(ErrorCode::NotFound, "no such endpoint") })
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| crate::error::response(crate::error::internal_body())))
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(
             |request: &Request| tracing::info_span!("federation", method = %request.method(), path = %request.uri().path()),
         ))
         .with_state(state)
 }
 
-/// A raw request body whose rejections are typed errors.
-pub struct RawBody(pub Bytes);
+/// A signed federation request whose origin is proven ([`authenticate`]), with its body
+/// parsed as `T` (`bad_json` when it does not parse; [`NoBody`] for a GET). The body is read
+/// first (`too_large` past the listener's limit), then authenticated, then parsed. Extract it
+/// last: it consumes the body.
+pub struct Signed<T> {
+    /// The server that signed the request.
+    pub origin: ServerName,
+    /// The request body.
+    pub body: T,
+}
 
-impl<S: Send + Sync> FromRequest<S> for RawBody {
-    type Rejection = ApiError;
+/// What the body of a signed request is parsed into.
+pub trait SignedBody: Sized {
+    /// Whether the request has a body; without one, the body is not read and the signature
+    /// covers an empty body.
+    const HAS_BODY: bool = true;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Bytes::from_request(request, state)
-            .await
-            .map(Self)
-            .map_err(|_| ApiError::new(ErrorCode::TooLarge, "request body too large or unreadable"))
+    /// Parses the body.
+    fn parse(body: &[u8]) -> Result<Self>;
+}
+
+impl<T: serde::de::DeserializeOwned> SignedBody for T {
+    fn parse(body: &[u8]) -> Result<Self> {
+        serde_json::from_slice(body).map_err(|e| Error::new(ErrorCode::BadJson, e.to_string()))
     }
 }
 
-fn federation(state: &AppState) -> ApiResult<&Arc<Federation>> {
-    state.federation.as_ref().ok_or_else(|| ApiError::new(ErrorCode::NotFound, "federation is disabled on this server"))
+/// The body of a request that has none (GET).
+pub struct NoBody;
+
+impl SignedBody for NoBody {
+    const HAS_BODY: bool = false;
+
+    fn parse(_: &[u8]) -> Result<Self> {
+        Ok(Self)
+    }
 }
 
-fn auth_error(error: RequestAuthError) -> ApiError {
+impl<T: SignedBody + Send> FromRequest<AppState> for Signed<T> {
+    type Rejection = Error;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self> {
+        let (parts, body) = request.with_limited_body().into_parts();
+        let ConnectInfo(peer) =
+            *parts.extensions.get::<ConnectInfo<SocketAddr>>().ok_or_else(|| Error::internal("no peer address"))?;
+        let body = match T::HAS_BODY {
+            true => axum::body::to_bytes(body, usize::MAX)
+                .await
+                .map_err(|_| Error::new(ErrorCode::TooLarge, "request body too large or unreadable"))?,
+            false => Bytes::new(),
+        };
+        let origin = authenticate(state, peer.ip(), &parts.method, &parts.uri, &parts.headers, &body).await?;
+        Ok(Self { origin, body: T::parse(&body)? })
+    }
+}
+
+fn federation(state: &AppState) -> Result<&Arc<Federation>> {
+    state.federation.as_ref().ok_or_else(|| Error::new(ErrorCode::NotFound, "federation is disabled on this server"))
+}
+
+fn auth_error(error: RequestAuthError) -> Error {
     let code = match error {
         RequestAuthError::Unsigned => ErrorCode::Unsigned,
         RequestAuthError::Malformed(_) => ErrorCode::BadAuthorization,
@@ -82,7 +122,24 @@ fn auth_error(error: RequestAuthError) -> ApiError {
         RequestAuthError::Stale => ErrorCode::StaleRequest,
         RequestAuthError::BadSignature => ErrorCode::BadSignature,
     };
-    ApiError::new(code, error.to_string())
+    Error::new(code, error.to_string())
+}
+
+/// Why a signed request was refused, and whether that counts against the address it came from.
+#[derive(Debug)]
+enum AuthFailure {
+    /// The request does not prove its origin (unsigned, malformed, misdirected, stale, unknown
+    /// key, bad signature, replayed) or its origin is not one we federate with: counts.
+    Failed(Error),
+    /// Refused although it may be genuine (federation is off, the origin's rate limit): does
+    /// not count.
+    Refused(Error),
+}
+
+impl From<RequestAuthError> for AuthFailure {
+    fn from(error: RequestAuthError) -> Self {
+        Self::Failed(auth_error(error))
+    }
 }
 
 /// Checks a signed request from `peer`; returns the authenticated origin. An address whose
@@ -94,67 +151,65 @@ pub async fn authenticate(
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
-) -> ApiResult<ServerName> {
+) -> Result<ServerName> {
     let fed = federation(state)?;
     fed.check_not_blocked(peer)?;
-    let result = verify_request(state, method, uri, headers, body).await;
-    if let Err(error) = &result {
-        if error.body.code.http_status() == 401 || error.code() == ErrorCode::ServerDenied {
+    match verify_request(state, method, uri, headers, body).await {
+        Ok(origin) => Ok(origin),
+        Err(AuthFailure::Failed(error)) => {
             fed.auth_failed(peer, &state.metrics);
+            Err(error)
         }
+        Err(AuthFailure::Refused(error)) => Err(error),
     }
-    result
 }
 
-async fn verify_request(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> ApiResult<ServerName> {
-    let fed = federation(state)?;
+async fn verify_request(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<ServerName, AuthFailure> {
+    let fed = federation(state).map_err(AuthFailure::Refused)?;
     let header = headers
         .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(|| auth_error(RequestAuthError::Unsigned))?
+        .ok_or(RequestAuthError::Unsigned)?
         .to_str()
-        .map_err(|_| auth_error(RequestAuthError::Malformed("not ASCII")))?;
-    let auth = Authorization::parse(header).map_err(auth_error)?;
+        .map_err(|_| RequestAuthError::Malformed("not ASCII"))?;
+    let auth = Authorization::parse(header)?;
     let skew = fed.config().max_clock_skew_ms;
-    auth.check_envelope(&state.server_name, Timestamp::now(), skew).map_err(auth_error)?;
-    fed.check_allowed(auth.origin.as_str())?;
-    let key = fed.origin_key(&auth.origin, &auth.key_id, auth.ts).await?;
+    auth.check_envelope(&state.server_name, Timestamp::now(), skew)?;
+    fed.check_allowed(&auth.origin).map_err(AuthFailure::Failed)?;
+    let key = fed.origin_key(&auth.origin, &auth.key_id, auth.ts).await.map_err(AuthFailure::Failed)?;
     let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    auth.verify(method.as_str(), path_and_query, body, &key).map_err(auth_error)?;
+    auth.verify(method.as_str(), path_and_query, body, &key)?;
     // Counted only once the origin is proven: forged requests must not use up its budget.
-    fed.check_rate(auth.origin.as_str(), &state.metrics)?;
+    fed.check_rate(&auth.origin, &state.metrics).map_err(AuthFailure::Refused)?;
     // Only a correctly signed request can be a replay; remember it until it would be stale.
     if !fed.replays.first_sight(&auth.signature, auth.ts.saturating_add(Duration::from_millis(skew))) {
-        return Err(ApiError::new(ErrorCode::ReplayedRequest, "this signed request was already received"));
+        let error = Error::new(ErrorCode::ReplayedRequest, "this signed request was already received");
+        return Err(AuthFailure::Failed(error));
     }
     // The origin is up: whatever we queued for it goes out now instead of after the backoff.
-    fed.sender.contacted_by(auth.origin.as_str());
+    fed.sender.contacted_by(&auth.origin);
     Ok(auth.origin)
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| ApiError::new(ErrorCode::BadJson, e.to_string()))
 }
 
 /// PUT /_parley/federation/v1/send/{txn_id}
 async fn send_transaction(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
     Path(txn_id): Path<String>,
-    RawBody(body): RawBody,
-) -> ApiResult<axum::Json<TransactionResponse>> {
-    let origin = authenticate(&state, peer.ip(), &method, &uri, &headers, &body).await?;
+    Signed { origin, body: txn }: Signed<Transaction>,
+) -> Result<axum::Json<TransactionResponse>> {
     if txn_id.is_empty() || txn_id.len() > 128 {
-        return Err(ApiError::new(ErrorCode::BadRequest, "txn_id must be 1 to 128 characters"));
+        return Err(Error::new(ErrorCode::BadRequest, "txn_id must be 1 to 128 characters"));
     }
-    let txn: Transaction = parse_json(&body)?;
     if txn.origin != origin {
-        return Err(ApiError::new(ErrorCode::Forbidden, "the transaction's origin is not the signing server"));
+        return Err(Error::new(ErrorCode::Forbidden, "the transaction's origin is not the signing server"));
     }
     if txn.items.len() > MAX_TXN_ITEMS {
-        return Err(ApiError::new(ErrorCode::TooLarge, format!("at most {MAX_TXN_ITEMS} items per transaction")));
+        return Err(Error::new(ErrorCode::TooLarge, format!("at most {MAX_TXN_ITEMS} items per transaction")));
     }
     let fed = federation(&state)?;
     let count = txn.items.len();
@@ -184,14 +239,16 @@ async fn send_transaction(
         let mut effects = Effects::default();
         match apply_item(&state, fed, &origin, item, &routes, &mut effects, &mut after_commit).await {
             Ok(()) => items.push(InboundItem { message, effects }),
-            Err(error) if error.code() == ErrorCode::Internal || error.code() == ErrorCode::Unavailable => return Err(error),
+            // This server failed, not the item: the whole transaction is retried later.
+            Err(error) if error.is_server_failure() => return Err(error),
             Err(error) => {
-                tracing::debug!(%origin, index, code = %error.code(), message = %error.body.message, "item rejected");
-                response.rejected.push(RejectedItem::new(index, error.code(), error.body.message));
+                tracing::debug!(%origin, index, %error, "item rejected");
+                let body = error.into_body();
+                response.rejected.push(RejectedItem::new(index, body.code, body.message));
             }
         }
     }
-    let new = state.store.apply_inbound(origin.as_str(), &txn_id, items).await?;
+    let new = state.store.apply_inbound(&origin, &txn_id, items).await?;
     if new {
         state.metrics.federation_items_received.inc_by(count as u64);
         for item in after_commit {
@@ -201,15 +258,15 @@ async fn send_transaction(
     Ok(axum::Json(response))
 }
 
-fn require_origin(user: &UserId, origin: &ServerName, what: &str) -> ApiResult<()> {
+fn require_origin(user: &UserId, origin: &ServerName, what: &str) -> Result<()> {
     if user.server() != origin.as_str() {
-        return Err(ApiError::new(ErrorCode::Forbidden, format!("{what} {user} is not a user of the sending server {origin}")));
+        return Err(Error::new(ErrorCode::Forbidden, format!("{what} {user} is not a user of the sending server {origin}")));
     }
     Ok(())
 }
 
-async fn local_user(state: &AppState, user: &UserId) -> ApiResult<Arc<crate::directory::UserEntry>> {
-    state.directory.user(user).await?.ok_or_else(|| ApiError::new(ErrorCode::UnknownUser, format!("no user {user} here")))
+async fn local_user(state: &AppState, user: &UserId) -> Result<Arc<crate::directory::UserEntry>> {
+    state.directory.user(user).await?.ok_or_else(|| Error::new(ErrorCode::UnknownUser, format!("no user {user} here")))
 }
 
 async fn apply_item(
@@ -220,7 +277,7 @@ async fn apply_item(
     routes: &MessageRoutes,
     effects: &mut Effects,
     after_commit: &mut Vec<Item>,
-) -> ApiResult<()> {
+) -> Result<()> {
     match item {
         Item::Message(message) => {
             let (events, received) = message_events(state, fed, origin, message).await?;
@@ -230,13 +287,13 @@ async fn apply_item(
         Item::Receipt(mut receipt) => {
             require_origin(&receipt.by, origin, "receipt author")?;
             if receipt.message_ids.is_empty() || receipt.message_ids.len() > parley_spec::v1::messages::MAX_READ_IDS {
-                return Err(ApiError::new(ErrorCode::BadRequest, "a receipt names 1 to 1,000 messages (MAX_READ_IDS)"));
+                return Err(Error::new(ErrorCode::BadRequest, "a receipt names 1 to 1,000 messages (MAX_READ_IDS)"));
             }
             let sender = local_user(state, &receipt.sender).await?;
             // Delivered or read, only for messages `sender` sent to `by` (other ids are dropped).
-            receipt.message_ids = routes.sent(&receipt.message_ids, sender.pk, receipt.by.as_str());
+            receipt.message_ids = routes.sent(&receipt.message_ids, sender.pk, &receipt.by);
             if receipt.message_ids.is_empty() {
-                return Err(ApiError::new(
+                return Err(Error::new(
                     ErrorCode::BadRequest,
                     format!("none of the receipt's messages is one {} sent to {}", receipt.sender, receipt.by),
                 ));
@@ -264,9 +321,9 @@ async fn apply_item(
         Item::DeviceListChanged(changed) => {
             require_origin(&changed.user, origin, "user")?;
             fed.cache_devices(&changed.user, None);
-            state.store.forget_remote_devices(changed.user.as_str()).await?;
+            state.store.forget_remote_devices(&changed.user).await?;
         }
-        _ => return Err(ApiError::new(ErrorCode::BadRequest, "unknown item type")),
+        _ => return Err(Error::new(ErrorCode::BadRequest, "unknown item type")),
     }
     Ok(())
 }
@@ -282,24 +339,24 @@ async fn message_events(
     fed: &Federation,
     sent_by: &ServerName,
     message: SignedMessage,
-) -> ApiResult<(Vec<NewEvent>, RemoteMessage)> {
+) -> Result<(Vec<NewEvent>, RemoteMessage)> {
     require_origin(&message.sender, &message.origin, "sender")?;
-    fed.check_allowed(message.origin.as_str())?;
+    fed.check_allowed(&message.origin)?;
     let limits = &state.config.limits;
     if message.envelopes.len() > limits.max_devices_per_user {
-        return Err(ApiError::new(ErrorCode::TooLarge, "more envelopes than a user may have devices"));
+        return Err(Error::new(ErrorCode::TooLarge, "more envelopes than a user may have devices"));
     }
     // Ids are stored as SQLite integers: one beyond them is no id a server assigns.
     if i64::try_from(message.id).is_err() {
-        return Err(ApiError::new(ErrorCode::BadRequest, "message id out of range"));
+        return Err(Error::new(ErrorCode::BadRequest, "message id out of range"));
     }
     if message.envelopes.iter().any(|e| e.ciphertext.0.len() > limits.max_envelope_bytes) {
-        return Err(ApiError::new(ErrorCode::TooLarge, format!("an envelope exceeds {} bytes", limits.max_envelope_bytes)));
+        return Err(Error::new(ErrorCode::TooLarge, format!("an envelope exceeds {} bytes", limits.max_envelope_bytes)));
     }
     if &message.origin != sent_by {
         let key = fed.origin_key(&message.origin, &message.key_id, message.ts).await?;
         parley_federation::message::verify_message(&message, &key)
-            .map_err(|_| ApiError::new(ErrorCode::BadSignature, "the message's origin signature does not verify"))?;
+            .map_err(|_| Error::new(ErrorCode::BadSignature, "the message's origin signature does not verify"))?;
     }
     let recipient = local_user(state, &message.to).await?;
     let sender: Arc<str> = Arc::from(message.sender.as_str());
@@ -336,21 +393,17 @@ async fn deliver_ephemeral(state: &AppState, item: Item) {
 /// GET /_parley/federation/v1/users/{user_id}/devices
 async fn user_devices(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
     Path(user_id): Path<String>,
-) -> ApiResult<axum::Json<UserDevices>> {
-    let origin = authenticate(&state, peer.ip(), &method, &uri, &headers, b"").await?;
+    Signed { origin, body: NoBody }: Signed<NoBody>,
+) -> Result<axum::Json<UserDevices>> {
     let user_id = crate::api::parse_user(&user_id)?;
     let entry = local_user(&state, &user_id).await?;
     let device_list = match state.store.device_list(entry.pk).await? {
-        Some(json) => Some(serde_json::from_slice(&json).map_err(ApiError::internal)?),
+        Some(json) => Some(serde_json::from_slice(&json).map_err(Error::internal)?),
         None => None,
     };
     // The origin hears when these change.
-    state.store.add_device_list_watcher(entry.pk, origin.as_str()).await?;
+    state.store.add_device_list_watcher(entry.pk, &origin).await?;
     let devices = entry.devices.iter().map(|(_, id)| id.clone()).collect();
     Ok(axum::Json(UserDevices::new(user_id, devices, device_list)))
 }
@@ -358,21 +411,45 @@ async fn user_devices(
 /// POST /_parley/federation/v1/keys/claim
 async fn claim_keys(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
-) -> ApiResult<axum::Json<ClaimResponse>> {
-    let origin = authenticate(&state, peer.ip(), &method, &uri, &headers, &body).await?;
-    let request: ClaimRequest = parse_json(&body)?;
+    Signed { origin, body: request }: Signed<ClaimRequest>,
+) -> Result<axum::Json<ClaimResponse>> {
     if request.devices.len() > MAX_CLAIM_DEVICES {
-        return Err(ApiError::new(ErrorCode::BadRequest, format!("at most {MAX_CLAIM_DEVICES} devices per claim")));
+        return Err(Error::new(ErrorCode::BadRequest, format!("at most {MAX_CLAIM_DEVICES} devices per claim")));
     }
     require_origin(&request.requester, &origin, "requester")?;
     let (local, foreign): (Vec<DeviceRef>, Vec<DeviceRef>) =
-        request.devices.into_iter().partition(|d| d.user.server() == state.server_name.as_str());
+        request.devices.into_iter().partition(|d| d.user.is_of(&state.server_name));
     let mut response = crate::api::keys::claim_local(&state, local, Some((&origin, &request.requester))).await?;
     response.missing.extend(foreign);
     Ok(axum::Json(response))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_that_does_not_prove_its_origin_counts_against_its_address() {
+        for (error, code) in [
+            (RequestAuthError::Unsigned, ErrorCode::Unsigned),
+            (RequestAuthError::Malformed("not ASCII"), ErrorCode::BadAuthorization),
+            (RequestAuthError::WrongDestination, ErrorCode::WrongDestination),
+            (RequestAuthError::Stale, ErrorCode::StaleRequest),
+            (RequestAuthError::BadSignature, ErrorCode::BadSignature),
+        ] {
+            match AuthFailure::from(error) {
+                AuthFailure::Failed(error) => assert_eq!(error.into_body().code, code),
+                other => panic!("{other:?} does not count against the address"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_signed_body_that_does_not_parse_is_bad_json() {
+        let error = <ClaimRequest as SignedBody>::parse(b"{\"requester\":").err().map(Error::into_body);
+        assert_eq!(error.map(|body| body.code), Some(ErrorCode::BadJson));
+        let error = <Transaction as SignedBody>::parse(b"[]").err().map(Error::into_body);
+        assert_eq!(error.map(|body| body.code), Some(ErrorCode::BadJson));
+        assert!(NoBody::parse(b"ignored").is_ok());
+    }
 }

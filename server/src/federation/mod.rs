@@ -12,7 +12,7 @@ pub mod remote;
 pub mod sender;
 
 use crate::config::FederationConfig;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use parley_crypto::PublicKey;
@@ -42,7 +42,7 @@ pub struct Federation {
     /// One-time prekey claims by other servers and their users.
     pub claim_limits: claim_limits::ClaimLimits,
     config: FederationConfig,
-    origin_limits: DefaultKeyedRateLimiter<String>,
+    origin_limits: DefaultKeyedRateLimiter<ServerName>,
     failed_auth: DefaultKeyedRateLimiter<IpAddr>,
     blocked: Mutex<HashMap<IpAddr, Instant>>,
     clock: DefaultClock,
@@ -122,38 +122,36 @@ impl Federation {
 
     /// Whether this server federates with `server` (allow and deny lists). An entry without a
     /// port covers the host on every port (whoever controls `a.example` controls
-    /// `a.example:1234` too); an entry with a port covers exactly that name. A string that is
-    /// not a server name is not allowed (callers pass names taken from parsed ids).
-    pub fn allowed(&self, server: &str) -> bool {
-        let Ok(server) = ServerName::parse(server) else { return false };
-        let listed = |list: &[String]| list.iter().any(|entry| covers(entry, &server));
+    /// `a.example:1234` too); an entry with a port covers exactly that name.
+    pub fn allowed(&self, server: &ServerName) -> bool {
+        let listed = |list: &[ServerName]| list.iter().any(|entry| covers(entry, server));
         !listed(&self.config.deny) && (self.config.allow.is_empty() || listed(&self.config.allow))
     }
 
     /// `Ok` if `server` may federate with us, `server_denied` otherwise.
-    pub fn check_allowed(&self, server: &str) -> ApiResult<()> {
+    pub fn check_allowed(&self, server: &ServerName) -> Result<()> {
         if self.allowed(server) {
             Ok(())
         } else {
-            Err(ApiError::new(ErrorCode::ServerDenied, format!("this server does not federate with {server}")))
+            Err(Error::new(ErrorCode::ServerDenied, format!("this server does not federate with {server}")))
         }
     }
 
     /// One request from `origin` (per-origin rate limit).
-    pub fn check_rate(&self, origin: &str, metrics: &crate::metrics::Metrics) -> ApiResult<()> {
-        self.origin_limits.check_key(&origin.to_owned()).map_err(|not_until| {
+    pub fn check_rate(&self, origin: &ServerName, metrics: &crate::metrics::Metrics) -> Result<()> {
+        self.origin_limits.check_key(origin).map_err(|not_until| {
             metrics.rate_limited.inc();
-            ApiError::rate_limited(not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1)))
+            Error::RateLimited { wait: not_until.wait_time_from(self.clock.now()).max(Duration::from_millis(1)) }
         })
     }
 
     /// `rate_limited` while `ip` is refused for failing authentication too often (checked
     /// before any work, in particular before fetching the claimed origin's keys).
-    pub fn check_not_blocked(&self, ip: IpAddr) -> ApiResult<()> {
+    pub fn check_not_blocked(&self, ip: IpAddr) -> Result<()> {
         let blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         match blocked.get(&ip) {
             Some(until) if *until > Instant::now() => {
-                Err(ApiError::rate_limited(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))
+                Err(Error::RateLimited { wait: until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)) })
             }
             _ => Ok(()),
         }
@@ -185,34 +183,32 @@ impl Federation {
     }
 
     /// The key `key_id` of `origin`, valid for a signature made at `ts` (fetched when needed).
-    pub async fn origin_key(&self, origin: &ServerName, key_id: &str, ts: Timestamp) -> ApiResult<PublicKey> {
+    pub async fn origin_key(&self, origin: &ServerName, key_id: &str, ts: Timestamp) -> Result<PublicKey> {
         if let Some(key) = self.keys.lookup(origin, key_id, ts, false) {
             return Ok(key);
         }
         if !self.keys.may_fetch(origin) {
-            return Err(ApiError::new(ErrorCode::UnknownServerKey, format!("no key {key_id} for {origin}")));
+            return Err(Error::new(ErrorCode::UnknownServerKey, format!("no key {key_id} for {origin}")));
         }
         let document = self.client.server_keys(origin).await.map_err(|error| {
             self.keys.fetch_failed(origin);
-            ApiError::new(ErrorCode::UnknownServerKey, format!("could not fetch the keys of {origin}: {error}"))
+            Error::new(ErrorCode::UnknownServerKey, format!("could not fetch the keys of {origin}: {error}"))
         })?;
         let verified = parley_federation::verify_server_keys(&document, origin, Timestamp::now()).map_err(|error| {
             self.keys.fetch_failed(origin);
-            ApiError::new(ErrorCode::UnknownServerKey, format!("the key document of {origin} is invalid: {error}"))
+            Error::new(ErrorCode::UnknownServerKey, format!("the key document of {origin} is invalid: {error}"))
         })?;
         self.keys.store(origin, verified, document.valid_until_ts);
         self.keys
             .lookup(origin, key_id, ts, true)
-            .ok_or_else(|| ApiError::new(ErrorCode::UnknownServerKey, format!("{origin} publishes no key {key_id}")))
+            .ok_or_else(|| Error::new(ErrorCode::UnknownServerKey, format!("{origin} publishes no key {key_id}")))
     }
 }
 
 /// Whether an allow or deny `entry` covers `server`: the same name, or the same host when the
-/// entry has no port. An entry that is not a server name covers nothing (the configuration
-/// check rejects those).
-fn covers(entry: &str, server: &ServerName) -> bool {
-    let Ok(entry) = ServerName::parse(entry) else { return false };
-    entry == *server || (entry.port().is_none() && entry.host() == server.host())
+/// entry has no port.
+fn covers(entry: &ServerName, server: &ServerName) -> bool {
+    entry == server || (entry.port().is_none() && entry.host() == server.host())
 }
 
 struct CachedKeys {
@@ -302,7 +298,7 @@ mod tests {
 
     #[test]
     fn an_entry_without_a_port_covers_its_host_on_every_port() {
-        let covered = |entry: &str, server: &str| covers(entry, &ServerName::parse(server).unwrap());
+        let covered = |entry: &str, server: &str| covers(&ServerName::parse(entry).unwrap(), &ServerName::parse(server).unwrap());
         for (entry, server) in [
             ("a.example", "a.example"),
             ("a.example", "a.example:8448"),
@@ -322,7 +318,6 @@ mod tests {
             ("[::1]:8448", "[::1]"),
             ("[::2]", "[::1]:8448"),
             ("127.0.0.1", "127.0.0.2:80"),
-            ("not a name", "a.example"),
         ] {
             assert!(!covered(entry, server), "{entry} does not cover {server}");
         }

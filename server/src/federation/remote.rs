@@ -3,7 +3,7 @@
 //! when a local user's devices change.
 
 use crate::app::AppState;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, RemoteFailure, Result};
 use crate::federation::sender::outbound;
 use crate::storage::{Effects, UserPk};
 use parley_federation::transport::FederationError;
@@ -16,34 +16,37 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// `Ok` if this server federates with `server`.
-pub fn check_reachable(state: &AppState, server: &str) -> ApiResult<()> {
+pub fn check_reachable(state: &AppState, server: &ServerName) -> Result<()> {
     match &state.federation {
         Some(fed) => fed.check_allowed(server),
-        None => Err(ApiError::new(ErrorCode::ServerDenied, "federation is disabled on this server")),
+        None => Err(Error::new(ErrorCode::ServerDenied, "federation is disabled on this server")),
     }
 }
 
-fn remote_error(server: &str, error: FederationError) -> ApiError {
-    match error {
-        FederationError::Status { status: 404, body } => ApiError::new(
-            body.as_ref().map(|b| b.code).unwrap_or(ErrorCode::UnknownUser),
-            body.map(|b| b.message).unwrap_or_else(|| "not found".into()),
-        ),
-        FederationError::Status { body: Some(body), .. } if body.code == ErrorCode::ServerDenied => {
-            ApiError::new(ErrorCode::ServerDenied, format!("{server} refuses to federate with this server"))
+fn remote_error(server: &ServerName, error: FederationError) -> Error {
+    let failure = match error {
+        // Its answer to what was asked (no such user, say), relayed.
+        FederationError::Status { status: 404, body } => {
+            return Error::new(
+                body.as_ref().map(|b| b.code).unwrap_or(ErrorCode::UnknownUser),
+                body.map(|b| b.message).unwrap_or_else(|| "not found".into()),
+            )
         }
-        other => ApiError::new(ErrorCode::RemoteUnavailable, format!("{server} could not be reached: {other}")),
-    }
+        FederationError::Status { body: Some(body), .. } if body.code == ErrorCode::ServerDenied => RemoteFailure::Denied,
+        other => RemoteFailure::Unreachable(Box::new(other)),
+    };
+    Error::Remote { server: server.clone(), failure }
 }
 
 /// The devices of remote user `user`: from the cache unless `refresh`, else from their server
 /// (falling back to the cache when it cannot be reached).
-pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResult<Arc<UserDevices>> {
-    check_reachable(state, user.server())?;
-    let fed = state.federation.as_ref().ok_or_else(|| ApiError::internal("federation state missing"))?;
+pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> Result<Arc<UserDevices>> {
+    let server = user.server_name();
+    check_reachable(state, &server)?;
+    let fed = state.federation.as_ref().ok_or_else(|| Error::internal("federation state missing"))?;
     let mut cached = fed.cached_devices(user);
     if cached.is_none() {
-        if let Some(json) = state.store.remote_devices(user.as_str()).await? {
+        if let Some(json) = state.store.remote_devices(user).await? {
             cached = serde_json::from_slice::<UserDevices>(&json).ok().map(Arc::new);
             fed.cache_devices(user, cached.clone());
         }
@@ -51,12 +54,12 @@ pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResul
     if let (false, Some(cached)) = (refresh, &cached) {
         return Ok(cached.clone());
     }
-    let server = ServerName::parse(user.server()).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
     let fetched = fed.client.call::<GetUserDevices>(&server, &[user.as_str()], None).await;
     match fetched {
         Ok(mut answer) => {
             if &answer.user_id != user {
-                return Err(ApiError::new(ErrorCode::RemoteUnavailable, format!("{server} answered for another user")));
+                let failure = RemoteFailure::BadAnswer("answered for another user");
+                return Err(Error::Remote { server: server.clone(), failure });
             }
             // A list that does not verify is dropped here; clients verify again anyway.
             if let Some(list) = &answer.device_list {
@@ -66,8 +69,8 @@ pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResul
                 }
             }
             answer.devices.truncate(state.config.limits.max_devices_per_user * 4);
-            let json = serde_json::to_vec(&answer).map_err(ApiError::internal)?;
-            state.store.put_remote_devices(user.as_str(), &json).await?;
+            let json = serde_json::to_vec(&answer).map_err(Error::internal)?;
+            state.store.put_remote_devices(user, &json).await?;
             let answer = Arc::new(answer);
             fed.cache_devices(user, Some(answer.clone()));
             Ok(answer)
@@ -79,41 +82,42 @@ pub async fn devices(state: &AppState, user: &UserId, refresh: bool) -> ApiResul
                 tracing::debug!(%user, %error, "device refresh failed; using the cached devices");
                 Ok(cached)
             }
-            _ => Err(remote_error(server.as_str(), error)),
+            _ => Err(remote_error(&server, error)),
         },
     }
 }
 
 /// Claims prekey bundles for devices of other servers on behalf of local user `requester`,
 /// one request per server.
-pub async fn claim(state: &AppState, requester: &UserId, devices: Vec<DeviceRef>) -> ApiResult<ClaimResponse> {
-    let mut by_server: BTreeMap<String, Vec<DeviceRef>> = BTreeMap::new();
+pub async fn claim(state: &AppState, requester: &UserId, devices: Vec<DeviceRef>) -> Result<ClaimResponse> {
+    let mut by_server: BTreeMap<ServerName, Vec<DeviceRef>> = BTreeMap::new();
     for device in devices {
-        by_server.entry(device.user.server().to_owned()).or_default().push(device);
+        by_server.entry(device.user.server_name()).or_default().push(device);
     }
     let mut total = ClaimResponse::new(Vec::new(), Vec::new());
     for (server, devices) in by_server {
-        let answer = match (check_reachable(state, &server), &state.federation, ServerName::parse(&server)) {
-            (Ok(()), Some(fed), Ok(name)) => {
+        let answer = match (check_reachable(state, &server), &state.federation) {
+            (Ok(()), Some(fed)) => {
                 let request = ClaimRequest::new(requester.clone(), devices.clone());
-                let body = serde_json::to_vec(&request).map_err(ApiError::internal)?;
-                let answer = fed.client.call::<FedClaimKeys>(&name, &[], Some(body)).await;
+                let body = serde_json::to_vec(&request).map_err(Error::internal)?;
+                let answer = fed.client.call::<FedClaimKeys>(&server, &[], Some(body)).await;
                 answer.map_err(|error| remote_error(&server, error))
             }
-            (Err(error), _, _) => Err(error),
-            _ => Err(ApiError::new(ErrorCode::BadRequest, format!("{server} is not a server name"))),
+            (Err(error), _) => Err(error),
+            (Ok(()), None) => Err(Error::internal("federation state missing")),
         };
         match answer {
             Ok(answer) => {
                 // Only bundles for the devices asked for, of that server's users.
                 total.bundles.extend(answer.bundles.into_iter().filter(|b| {
-                    b.device_keys.user_id.server() == server
+                    b.device_keys.user_id.is_of(&server)
                         && devices.iter().any(|d| d.user == b.device_keys.user_id && d.device == b.device_keys.device_id)
                 }));
-                total.missing.extend(answer.missing.into_iter().filter(|d| d.user.server() == server));
+                total.missing.extend(answer.missing.into_iter().filter(|d| d.user.is_of(&server)));
             }
-            Err(error) if error.code() == ErrorCode::RemoteUnavailable => {
-                tracing::debug!(%server, message = %error.body.message, "claim failed");
+            // Unreachable for now: its devices are missing from this answer, not an error.
+            Err(error @ Error::Remote { failure: RemoteFailure::Unreachable(_), .. }) => {
+                tracing::debug!(%error, "claim failed");
                 total.missing.extend(devices);
             }
             Err(error) => return Err(error),
@@ -123,7 +127,7 @@ pub async fn claim(state: &AppState, requester: &UserId, devices: Vec<DeviceRef>
 }
 
 /// A local user's devices changed: every server that fetched them hears it (durably).
-pub async fn device_list_changed(state: &AppState, user_pk: UserPk, user: &UserId) -> ApiResult<()> {
+pub async fn device_list_changed(state: &AppState, user_pk: UserPk, user: &UserId) -> Result<()> {
     if state.federation.is_none() {
         return Ok(());
     }

@@ -20,7 +20,7 @@
 //! record makes that safe), and so lets go of the store: the writer can then drain and stop.
 
 use crate::config::FederationConfig;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::storage::{Outbound, Store, StoreError};
 use bytes::Bytes;
@@ -28,9 +28,10 @@ use parley_federation::queue::{
     Action, Batch, DestinationQueue, InflightRecord, Load, QueueConfig, QueuedItem, TxnResult, Write,
 };
 use parley_federation::transport::FederationClient;
-use parley_spec::federation::v1::transaction::{Item, SendTransaction};
+use parley_spec::federation::v1::transaction::{Item, RawTransaction, SendTransaction};
 use parley_spec::ServerName;
 use rand::rngs::OsRng;
+use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,9 +39,9 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 /// An item for `destination`'s queue.
-pub fn outbound(destination: &str, item: &Item) -> ApiResult<Outbound> {
-    let payload = serde_json::to_vec(item).map_err(ApiError::internal)?;
-    Ok(Outbound { destination: Arc::from(destination), payload: Bytes::from(payload) })
+pub fn outbound(destination: &ServerName, item: &Item) -> Result<Outbound> {
+    let payload = serde_json::to_vec(item).map_err(Error::internal)?;
+    Ok(Outbound { destination: destination.clone(), payload: Bytes::from(payload) })
 }
 
 /// The time the queues see: tokio's clock, which also drives the sleeps (and stops with
@@ -75,7 +76,7 @@ struct Inner {
     config: FederationConfig,
     metrics: Metrics,
     txn_prefix: String,
-    destinations: Mutex<HashMap<String, Arc<Destination>>>,
+    destinations: Mutex<HashMap<ServerName, Arc<Destination>>>,
 }
 
 /// Handle to the per-destination sender tasks. Cheap to clone.
@@ -91,7 +92,7 @@ impl Sender {
     /// `shutdown`.
     pub async fn start(
         store: Arc<Store>,
-        outbound: mpsc::UnboundedReceiver<Vec<Arc<str>>>,
+        outbound: mpsc::UnboundedReceiver<Vec<ServerName>>,
         client: FederationClient,
         config: FederationConfig,
         metrics: Metrics,
@@ -109,18 +110,15 @@ impl Sender {
         Ok(sender)
     }
 
-    fn destination(&self, name: &str) -> Option<Arc<Destination>> {
+    fn destination(&self, server: &ServerName) -> Arc<Destination> {
         let mut destinations = self.inner.destinations.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = destinations.get(name) {
-            return Some(existing.clone());
+        if let Some(existing) = destinations.get(server) {
+            return existing.clone();
         }
-        let Ok(server) = ServerName::parse(name) else {
-            tracing::warn!(destination = name, "not a server name; nothing will be sent there");
-            return None;
-        };
+        let server = server.clone();
         let queue = DestinationQueue::new(queue_config(&self.inner.config), self.inner.txn_prefix.clone(), OsRng);
         let destination = Arc::new(Destination { queue: Mutex::new(queue), wake: Notify::new() });
-        destinations.insert(name.to_owned(), destination.clone());
+        destinations.insert(server.clone(), destination.clone());
         let inner = self.inner.clone();
         let mut shutdown = self.inner.shutdown.clone();
         let handle = destination.clone();
@@ -131,26 +129,22 @@ impl Sender {
                 _ = shutdown.wait_for(|stop| *stop) => {}
             }
         });
-        Some(destination)
+        destination
     }
 
     /// New items were committed for `destination`.
-    pub fn wake(&self, destination: &str) {
-        if let Some(destination) = self.destination(destination) {
-            destination.notify(DestinationQueue::on_new_items);
-        }
+    pub fn wake(&self, destination: &ServerName) {
+        self.destination(destination).notify(DestinationQueue::on_new_items);
     }
 
     /// Queues a typing or presence item in memory (coalesced: a newer presence of the same
     /// user replaces the older one).
-    pub fn push_ephemeral(&self, destination: &str, item: Item) {
-        if let Some(destination) = self.destination(destination) {
-            destination.notify(|queue| queue.push_ephemeral(item));
-        }
+    pub fn push_ephemeral(&self, destination: &ServerName, item: Item) {
+        self.destination(destination).notify(|queue| queue.push_ephemeral(item));
     }
 
     /// `origin` sent us a valid request: it is up, so stop backing off.
-    pub fn contacted_by(&self, origin: &str) {
+    pub fn contacted_by(&self, origin: &ServerName) {
         let existing = self.inner.destinations.lock().unwrap_or_else(|e| e.into_inner()).get(origin).cloned();
         if let Some(destination) = existing {
             destination.notify(DestinationQueue::on_contact);
@@ -170,7 +164,7 @@ fn queue_config(config: &FederationConfig) -> QueueConfig {
 }
 
 /// Wakes the destinations whose queue a commit grew, until shutdown.
-async fn follow_commits(sender: Sender, mut outbound: mpsc::UnboundedReceiver<Vec<Arc<str>>>) {
+async fn follow_commits(sender: Sender, mut outbound: mpsc::UnboundedReceiver<Vec<ServerName>>) {
     let mut shutdown = sender.inner.shutdown.clone();
     loop {
         let grown = tokio::select! {
@@ -208,12 +202,12 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
                 }
                 Ok(())
             }
-            Action::Load(Load::Inflight) => store.inflight(name).await.map(|record| {
+            Action::Load(Load::Inflight) => store.inflight(&server).await.map(|record| {
                 let record = record.map(|(txn_id, last_seq)| InflightRecord { txn_id, last_seq });
                 destination.with(|queue| queue.on_inflight(record));
             }),
             Action::Load(Load::Items { after, up_to, limit }) => {
-                store.outbound_batch(name, limit.unwrap_or(usize::MAX >> 1), after, up_to).await.map(|rows| {
+                store.outbound_batch(&server, limit.unwrap_or(usize::MAX >> 1), after, up_to).await.map(|rows| {
                     let items = rows.into_iter().map(|(seq, payload)| QueuedItem { seq, payload }).collect();
                     destination.with(|queue| queue.on_items(items));
                 })
@@ -221,9 +215,9 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
             Action::Write(write) => {
                 let written = match write {
                     Write::Inflight { txn_id, last_seq, done_up_to } => {
-                        store.txn_inflight(name, &txn_id, last_seq, done_up_to).await
+                        store.txn_inflight(&server, &txn_id, last_seq, done_up_to).await
                     }
-                    Write::Done { up_to } => store.txn_done(name, up_to).await,
+                    Write::Done { up_to } => store.txn_done(&server, up_to).await,
                 };
                 written.map(|()| destination.with(DestinationQueue::on_written))
             }
@@ -276,23 +270,22 @@ async fn send(inner: &Inner, server: &ServerName, destination: &Destination, bat
     }
 }
 
-/// The transaction's JSON: its durable items' stored JSON and its ephemeral items, after the
-/// origin and the send time.
+/// The transaction's JSON: its durable items' stored JSON as it is, then its ephemeral items.
+/// A stored item that is not JSON (a corrupt row) is left out and logged: no peer would accept
+/// the transaction with it, and the queue would stall behind it.
 fn transaction_body(origin: &ServerName, batch: &Batch) -> Vec<u8> {
-    let ephemeral: Vec<Vec<u8>> = batch.ephemeral.iter().filter_map(|item| serde_json::to_vec(item).ok()).collect();
-    let size = 256 + batch.durable.iter().chain(&ephemeral).map(|item| item.len() + 1).sum::<usize>();
-    let mut body = Vec::with_capacity(size);
-    body.extend_from_slice(b"{\"origin\":");
-    body.extend_from_slice(&serde_json::to_vec(origin).unwrap_or_default());
-    body.extend_from_slice(format!(",\"origin_ts\":{},\"items\":[", parley_spec::Timestamp::now()).as_bytes());
-    for (index, item) in batch.durable.iter().chain(&ephemeral).enumerate() {
-        if index > 0 {
-            body.push(b',');
+    let ephemeral: Vec<Box<RawValue>> =
+        batch.ephemeral.iter().filter_map(|item| serde_json::value::to_raw_value(item).ok()).collect();
+    let mut items: Vec<&RawValue> = Vec::with_capacity(batch.durable.len() + ephemeral.len());
+    for stored in &batch.durable {
+        match serde_json::from_slice::<&RawValue>(stored) {
+            Ok(item) => items.push(item),
+            Err(error) => tracing::error!(txn_id = %batch.txn_id, %error, "a queued item is not JSON; left out"),
         }
-        body.extend_from_slice(item);
     }
-    body.extend_from_slice(b"]}");
-    body
+    items.extend(ephemeral.iter().map(|item| &**item));
+    let transaction = RawTransaction { origin, origin_ts: parley_spec::Timestamp::now(), items };
+    serde_json::to_vec(&transaction).expect("a transaction of strings, integers and JSON values serializes")
 }
 
 #[cfg(test)]

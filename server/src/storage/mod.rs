@@ -12,7 +12,7 @@ pub use sqlite::{ClaimedKeys, KeyUpload, MessageRoutes, Store};
 pub use writer::{Effects, InboundItem, LiveEvents, MessageOutcome, NewEvent, NewMessage, Outbound, RemoteMessage, Subscribers};
 
 use bytes::Bytes;
-use parley_spec::{Seq, ServerMsgId, Timestamp};
+use parley_spec::{Seq, ServerMsgId, ServerName, Timestamp, UserId};
 use std::sync::Arc;
 
 /// Internal key of a user row.
@@ -44,6 +44,9 @@ pub enum StoreError {
     /// A migration failed.
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value does not parse as the type it was written from.
+    #[error("corrupt value in the database: {0}")]
+    Corrupt(String),
     /// The database file cannot be created or its permissions cannot be set.
     #[error("database file: {0}")]
     File(#[from] std::io::Error),

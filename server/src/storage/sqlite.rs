@@ -147,9 +147,10 @@ impl Store {
 
     /// Applies an inbound transaction unless `(origin, txn_id)` was applied before; `true` if new.
     /// Within it, a message whose `(origin, id)` was applied before adds nothing.
-    pub async fn apply_inbound(&self, origin: &str, txn_id: &str, items: Vec<InboundItem>) -> Result<bool, StoreError> {
+    pub async fn apply_inbound(&self, origin: &ServerName, txn_id: &str, items: Vec<InboundItem>) -> Result<bool, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.queue_priority(WriteOp::Inbound { origin: origin.to_owned(), txn_id: txn_id.to_owned(), items, reply }).await?;
+        self.queue_priority(WriteOp::Inbound { origin: origin.as_str().to_owned(), txn_id: txn_id.to_owned(), items, reply })
+            .await?;
         Self::wait(rx).await
     }
 
@@ -157,22 +158,27 @@ impl Store {
     /// everything up to `done_up_to` was accepted.
     pub async fn txn_inflight(
         &self,
-        destination: &str,
+        destination: &ServerName,
         txn_id: &str,
         last_seq: i64,
         done_up_to: Option<i64>,
     ) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        let op =
-            WriteOp::TxnInflight { destination: destination.to_owned(), txn_id: txn_id.to_owned(), last_seq, done_up_to, reply };
+        let op = WriteOp::TxnInflight {
+            destination: destination.as_str().to_owned(),
+            txn_id: txn_id.to_owned(),
+            last_seq,
+            done_up_to,
+            reply,
+        };
         self.queue_priority(op).await?;
         Self::wait(rx).await
     }
 
     /// `destination` accepted everything up to `last_seq`.
-    pub async fn txn_done(&self, destination: &str, last_seq: i64) -> Result<(), StoreError> {
+    pub async fn txn_done(&self, destination: &ServerName, last_seq: i64) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.queue_priority(WriteOp::TxnDone { destination: destination.to_owned(), last_seq, reply }).await?;
+        self.queue_priority(WriteOp::TxnDone { destination: destination.as_str().to_owned(), last_seq, reply }).await?;
         Self::wait(rx).await
     }
 
@@ -180,7 +186,7 @@ impl Store {
     /// up to `up_to` when given.
     pub async fn outbound_batch(
         &self,
-        destination: &str,
+        destination: &ServerName,
         limit: usize,
         after: Option<i64>,
         up_to: Option<i64>,
@@ -188,7 +194,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT seq, payload FROM fed_outbound WHERE destination = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
         )
-        .bind(destination)
+        .bind(destination.as_str())
         .bind(after.unwrap_or(0))
         .bind(up_to.unwrap_or(i64::MAX))
         .bind(limit as i64)
@@ -198,23 +204,25 @@ impl Store {
     }
 
     /// The transaction in flight to `destination`, if one was being sent.
-    pub async fn inflight(&self, destination: &str) -> Result<Option<(String, i64)>, StoreError> {
+    pub async fn inflight(&self, destination: &ServerName) -> Result<Option<(String, i64)>, StoreError> {
         let row = sqlx::query("SELECT txn_id, last_seq FROM fed_inflight WHERE destination = ?")
-            .bind(destination)
+            .bind(destination.as_str())
             .fetch_optional(&self.pool)
             .await?;
         row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).transpose()
     }
 
     /// Every destination with queued items (to resume sending after a restart).
-    pub async fn outbound_destinations(&self) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT DISTINCT destination FROM fed_outbound").fetch_all(&self.pool).await?)
+    pub async fn outbound_destinations(&self) -> Result<Vec<ServerName>, StoreError> {
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT destination FROM fed_outbound").fetch_all(&self.pool).await?;
+        names.iter().map(|name| parse_column(name, ServerName::parse)).collect()
     }
 
     /// Queued items per destination (for metrics and admin).
-    pub async fn outbound_count(&self, destination: &str) -> Result<u64, StoreError> {
+    pub async fn outbound_count(&self, destination: &ServerName) -> Result<u64, StoreError> {
         let count: i64 = sqlx::query_scalar("SELECT count(*) FROM fed_outbound WHERE destination = ?")
-            .bind(destination)
+            .bind(destination.as_str())
             .fetch_one(&self.pool)
             .await?;
         Ok(count as u64)
@@ -244,26 +252,26 @@ impl Store {
     }
 
     /// The cached devices of a remote user (JSON of `UserDevices`).
-    pub async fn remote_devices(&self, user_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    pub async fn remote_devices(&self, user_id: &UserId) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(sqlx::query_scalar("SELECT json FROM remote_devices WHERE user_id = ?")
-            .bind(user_id)
+            .bind(user_id.as_str())
             .fetch_optional(&self.pool)
             .await?)
     }
 
     /// Caches the devices of a remote user.
-    pub async fn put_remote_devices(&self, user_id: &str, json: &[u8]) -> Result<(), StoreError> {
-        self.bookkeeping(Bookkeeping::RemoteDevices { user: user_id.to_owned(), json: Some(json.to_vec()) }).await
+    pub async fn put_remote_devices(&self, user_id: &UserId, json: &[u8]) -> Result<(), StoreError> {
+        self.bookkeeping(Bookkeeping::RemoteDevices { user: user_id.as_str().to_owned(), json: Some(json.to_vec()) }).await
     }
 
     /// Forgets the cached devices of a remote user.
-    pub async fn forget_remote_devices(&self, user_id: &str) -> Result<(), StoreError> {
-        self.bookkeeping(Bookkeeping::RemoteDevices { user: user_id.to_owned(), json: None }).await
+    pub async fn forget_remote_devices(&self, user_id: &UserId) -> Result<(), StoreError> {
+        self.bookkeeping(Bookkeeping::RemoteDevices { user: user_id.as_str().to_owned(), json: None }).await
     }
 
     /// Remembers that `server` fetched the devices of local user `user`.
-    pub async fn add_device_list_watcher(&self, user: UserPk, server: &str) -> Result<(), StoreError> {
-        self.bookkeeping(Bookkeeping::Watcher { user, server: server.to_owned() }).await
+    pub async fn add_device_list_watcher(&self, user: UserPk, server: &ServerName) -> Result<(), StoreError> {
+        self.bookkeeping(Bookkeeping::Watcher { user, server: server.as_str().to_owned() }).await
     }
 
     async fn bookkeeping(&self, write: Bookkeeping) -> Result<(), StoreError> {
@@ -273,11 +281,12 @@ impl Store {
     }
 
     /// Servers that fetched the devices of local user `user`.
-    pub async fn device_list_watchers(&self, user: UserPk) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT server FROM device_list_watchers WHERE user_id = ?")
+    pub async fn device_list_watchers(&self, user: UserPk) -> Result<Vec<ServerName>, StoreError> {
+        let names: Vec<String> = sqlx::query_scalar("SELECT server FROM device_list_watchers WHERE user_id = ?")
             .bind(user)
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        names.iter().map(|name| parse_column(name, ServerName::parse)).collect()
     }
 
     /// Removes a device, its token and its inbox.
@@ -330,7 +339,7 @@ impl Store {
     /// Of `ids`, those of messages that local user `sender` sent to `recipient` (a local or
     /// remote user id): what a receipt by `recipient` for `sender`'s messages may name. In the
     /// order given, each once; one query whatever the number of ids.
-    pub async fn sent_to(&self, sender: UserPk, recipient: &str, ids: &[ServerMsgId]) -> Result<Vec<ServerMsgId>, StoreError> {
+    pub async fn sent_to(&self, sender: UserPk, recipient: &UserId, ids: &[ServerMsgId]) -> Result<Vec<ServerMsgId>, StoreError> {
         Ok(self.message_routes(ids).await?.sent(ids, sender, recipient))
     }
 
@@ -357,7 +366,7 @@ impl Store {
     pub async fn received_from(
         &self,
         recipient: UserPk,
-        sender: &str,
+        sender: &UserId,
         ids: &[ServerMsgId],
     ) -> Result<Vec<ServerMsgId>, StoreError> {
         let found: Vec<i64> = sqlx::query_scalar(
@@ -365,7 +374,7 @@ impl Store {
              AND msg_id IN (SELECT value FROM json_each(?3))",
         )
         .bind(recipient)
-        .bind(sender)
+        .bind(sender.as_str())
         .bind(json_ids(ids))
         .fetch_all(&self.pool)
         .await?;
@@ -548,12 +557,12 @@ impl Store {
     }
 
     /// Adds contacts (presence subscriptions).
-    pub async fn add_contacts(&self, owner: &str, contacts: &[String]) -> Result<(), StoreError> {
+    pub async fn add_contacts(&self, owner: &UserId, contacts: &[UserId]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for contact in contacts {
             sqlx::query("INSERT OR IGNORE INTO contacts (owner, contact) VALUES (?, ?)")
-                .bind(owner)
-                .bind(contact)
+                .bind(owner.as_str())
+                .bind(contact.as_str())
                 .execute(&mut *tx)
                 .await?;
         }
@@ -562,17 +571,28 @@ impl Store {
     }
 
     /// Replaces the contacts on server `server` of a remote `owner` (a remote subscription).
-    pub async fn replace_remote_contacts(&self, owner: &str, server: &str, contacts: &[String]) -> Result<(), StoreError> {
+    pub async fn replace_remote_contacts(
+        &self,
+        owner: &UserId,
+        server: &ServerName,
+        contacts: &[UserId],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("DELETE FROM contacts WHERE owner = ? AND contact LIKE ?")
-            .bind(owner)
-            .bind(format!("%:{server}"))
-            .execute(&mut *tx)
-            .await?;
+        let current: Vec<String> =
+            sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = ?").bind(owner.as_str()).fetch_all(&mut *tx).await?;
+        for contact in current {
+            if parse_column(&contact, UserId::parse)?.server() == server.as_str() {
+                sqlx::query("DELETE FROM contacts WHERE owner = ? AND contact = ?")
+                    .bind(owner.as_str())
+                    .bind(&contact)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         for contact in contacts {
             sqlx::query("INSERT OR IGNORE INTO contacts (owner, contact) VALUES (?, ?)")
-                .bind(owner)
-                .bind(contact)
+                .bind(owner.as_str())
+                .bind(contact.as_str())
                 .execute(&mut *tx)
                 .await?;
         }
@@ -581,29 +601,30 @@ impl Store {
     }
 
     /// The users `owner` subscribed to.
-    pub async fn contacts_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = ? ORDER BY contact")
-            .bind(owner)
+    pub async fn contacts_of(&self, owner: &UserId) -> Result<Vec<UserId>, StoreError> {
+        let contacts: Vec<String> = sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = ? ORDER BY contact")
+            .bind(owner.as_str())
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        contacts.iter().map(|contact| parse_column(contact, UserId::parse)).collect()
     }
 
     /// Who subscribed to `contact`, each with whether `contact` has them as a contact too.
-    pub async fn subscribers_of(&self, contact: &str) -> Result<Vec<(String, bool)>, StoreError> {
+    pub async fn subscribers_of(&self, contact: &UserId) -> Result<Vec<(UserId, bool)>, StoreError> {
         let rows = sqlx::query(
             "SELECT c.owner, EXISTS (SELECT 1 FROM contacts r WHERE r.owner = c.contact AND r.contact = c.owner)              FROM contacts c WHERE c.contact = ?",
         )
-        .bind(contact)
+        .bind(contact.as_str())
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).collect()
+        rows.into_iter().map(|row| Ok((parse_column(row.try_get(0)?, UserId::parse)?, row.try_get(1)?))).collect()
     }
 
     /// Whether `owner` has `contact` as a contact.
-    pub async fn has_contact(&self, owner: &str, contact: &str) -> Result<bool, StoreError> {
+    pub async fn has_contact(&self, owner: &UserId, contact: &UserId) -> Result<bool, StoreError> {
         let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM contacts WHERE owner = ? AND contact = ?")
-            .bind(owner)
-            .bind(contact)
+            .bind(owner.as_str())
+            .bind(contact.as_str())
             .fetch_optional(&self.pool)
             .await?;
         Ok(found.is_some())
@@ -783,13 +804,19 @@ pub struct MessageRoutes(std::collections::HashMap<ServerMsgId, (UserPk, String)
 
 impl MessageRoutes {
     /// Of `ids`, those of messages `sender` sent to `recipient`: in the order given, each once.
-    pub fn sent(&self, ids: &[ServerMsgId], sender: UserPk, recipient: &str) -> Vec<ServerMsgId> {
+    pub fn sent(&self, ids: &[ServerMsgId], sender: UserPk, recipient: &UserId) -> Vec<ServerMsgId> {
         let mut seen = std::collections::HashSet::new();
         ids.iter()
             .copied()
-            .filter(|id| self.0.get(id).is_some_and(|(from, to)| *from == sender && to == recipient) && seen.insert(*id))
+            .filter(|id| self.0.get(id).is_some_and(|(from, to)| *from == sender && to == recipient.as_str()) && seen.insert(*id))
             .collect()
     }
+}
+
+/// A column written from a typed value, parsed back; a value that does not parse means the
+/// database was changed by something else.
+fn parse_column<T, E: std::fmt::Display>(value: &str, parse: impl FnOnce(&str) -> Result<T, E>) -> Result<T, StoreError> {
+    parse(value).map_err(|error| StoreError::Corrupt(format!("{value:?}: {error}")))
 }
 
 /// The `requested` ids that were `found`, in the requested order, without repeats.
@@ -904,9 +931,10 @@ mod tests {
     async fn inbound_message_ids_are_remembered_once_and_pruned_with_the_transactions() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path()).await;
-        assert!(store.apply_inbound("a.test", "t1", vec![message("a.test", 7), message("a.test", 7)]).await.unwrap());
-        assert!(store.apply_inbound("a.test", "t2", vec![message("a.test", 7), message("c.test", 7)]).await.unwrap());
-        assert!(!store.apply_inbound("a.test", "t2", vec![message("a.test", 8)]).await.unwrap(), "a repeated txn_id");
+        let a = ServerName::parse("a.test").unwrap();
+        assert!(store.apply_inbound(&a, "t1", vec![message("a.test", 7), message("a.test", 7)]).await.unwrap());
+        assert!(store.apply_inbound(&a, "t2", vec![message("a.test", 7), message("c.test", 7)]).await.unwrap());
+        assert!(!store.apply_inbound(&a, "t2", vec![message("a.test", 8)]).await.unwrap(), "a repeated txn_id");
         assert_eq!(remembered(&store).await, [("a.test".to_owned(), 7), ("c.test".to_owned(), 7)]);
         // Nothing is older than the start of the test; everything is older than a moment from now.
         let now = Timestamp::now();
@@ -917,6 +945,35 @@ mod tests {
             "2 transactions and 2 message ids"
         );
         assert_eq!(remembered(&store).await, []);
+    }
+
+    #[tokio::test]
+    async fn a_remote_subscription_replaces_only_the_contacts_on_the_named_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path()).await;
+        let user = |s: &str| UserId::parse(s).unwrap();
+        let owner = user("@olga:remote.test");
+        let here = ServerName::parse("a.test").unwrap();
+        store.add_contacts(&owner, &[user("@ann:a.test"), user("@bob:a.test:8448"), user("@cid:b.a.test")]).await.unwrap();
+        store.replace_remote_contacts(&owner, &here, &[user("@dan:a.test")]).await.unwrap();
+        assert_eq!(
+            store.contacts_of(&owner).await.unwrap(),
+            [user("@bob:a.test:8448"), user("@cid:b.a.test"), user("@dan:a.test")],
+            "a.test:8448 and b.a.test are other servers"
+        );
+        assert!(store.has_contact(&owner, &user("@dan:a.test")).await.unwrap());
+        assert_eq!(store.subscribers_of(&user("@dan:a.test")).await.unwrap(), [(owner.clone(), false)]);
+    }
+
+    #[tokio::test]
+    async fn a_stored_name_that_does_not_parse_is_reported_as_corrupt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path()).await;
+        sqlx::query("INSERT INTO fed_outbound (destination, payload) VALUES ('not a name', x'7b7d')")
+            .execute(&store.pool)
+            .await
+            .expect("insert");
+        assert!(matches!(store.outbound_destinations().await, Err(StoreError::Corrupt(_))));
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@
 
 use super::{DevicePk, InboxRow, StoreError, UserPk};
 use bytes::Bytes;
-use parley_spec::{Seq, ServerMsgId, Timestamp};
+use parley_spec::{Seq, ServerMsgId, ServerName, Timestamp};
 use sqlx::{Connection as _, QueryBuilder, Row as _, Sqlite, SqliteConnection, SqlitePool};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -42,8 +42,8 @@ pub struct NewEvent {
 /// An item for another server's outbound queue (JSON of a federation transaction item).
 #[derive(Debug, Clone)]
 pub struct Outbound {
-    /// The destination server name.
-    pub destination: Arc<str>,
+    /// The destination server.
+    pub destination: ServerName,
     /// The item JSON.
     pub payload: Bytes,
 }
@@ -174,11 +174,11 @@ pub struct Subscribers {
     /// The outbound queues (named by destination server) a commit added items to, one message
     /// per commit that grew any. A channel rather than a call, so that its receiver can go to
     /// a service built after the store (the federation sender, which reads the store).
-    pub outbound: Option<mpsc::UnboundedSender<Vec<Arc<str>>>>,
+    pub outbound: Option<mpsc::UnboundedSender<Vec<ServerName>>>,
 }
 
 impl Subscribers {
-    fn publish(&self, committed: Vec<Committed>, outbound: Vec<Arc<str>>) {
+    fn publish(&self, committed: Vec<Committed>, outbound: Vec<ServerName>) {
         if let Some(events) = self.events.as_ref().filter(|_| !committed.is_empty()) {
             events.committed(committed);
         }
@@ -639,15 +639,15 @@ async fn record_received(conn: &mut SqliteConnection, received: &[RemoteMessage]
 
 /// Step 3: appends outbound federation items, in order; returns the destinations whose queue
 /// grew (each once, in order of first appearance).
-async fn queue_outbound(conn: &mut SqliteConnection, outbound: Vec<Outbound>) -> Result<Vec<Arc<str>>, StoreError> {
+async fn queue_outbound(conn: &mut SqliteConnection, outbound: Vec<Outbound>) -> Result<Vec<ServerName>, StoreError> {
     for chunk in outbound.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_outbound (destination, payload) ");
         query.push_values(chunk, |mut row, item| {
-            row.push_bind(item.destination.as_ref()).push_bind(item.payload.as_ref());
+            row.push_bind(item.destination.as_str()).push_bind(item.payload.as_ref());
         });
         query.build().execute(&mut *conn).await?;
     }
-    let mut destinations: Vec<Arc<str>> = Vec::new();
+    let mut destinations: Vec<ServerName> = Vec::new();
     for item in outbound {
         if !destinations.contains(&item.destination) {
             destinations.push(item.destination);
@@ -847,7 +847,7 @@ struct Work {
     unit_replies: Vec<Reply<()>>,
     inbound_replies: Vec<(Reply<bool>, bool)>,
     committed: Vec<Committed>,
-    destinations: Vec<Arc<str>>,
+    destinations: Vec<ServerName>,
 }
 
 #[cfg(test)]
@@ -863,7 +863,7 @@ mod tests {
     }
 
     fn outbound(destination: &str) -> Outbound {
-        Outbound { destination: Arc::from(destination), payload: Bytes::from_static(b"{}") }
+        Outbound { destination: ServerName::parse(destination).unwrap(), payload: Bytes::from_static(b"{}") }
     }
 
     fn effects(device: DevicePk, destination: &str) -> Effects {

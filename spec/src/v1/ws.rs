@@ -187,6 +187,18 @@ pub enum ServerFrame {
     PrekeysLow(PrekeysLowFrame),
 }
 
+/// [`ServerFrame::Event`] with its event as JSON already serialized: the server stores each inbox
+/// event serialized once and sends it as it is, without parsing it again. Serializes to exactly
+/// the JSON of `ServerFrame::Event(SequencedEvent { seq, event })` (a test checks this).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename = "event")]
+pub struct RawEventFrame<'a> {
+    /// Position in this device's inbox.
+    pub seq: Seq,
+    /// The event's JSON ([`crate::v1::events::InboxEvent`]).
+    pub event: &'a serde_json::value::RawValue,
+}
+
 /// How many one-time prekeys the server still holds for this device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[non_exhaustive]
@@ -324,5 +336,27 @@ mod tests {
         assert_eq!(frame.into_request().message_ids, vec![ServerMsgId::new(1)]);
         let error = ServerFrame::Error(ErrorFrame::for_frame(Some(3), ErrorBody::new(crate::ErrorCode::BadFrame, "x")));
         assert_eq!(serde_json::to_string(&error).unwrap(), r#"{"type":"error","id":3,"code":"bad_frame","message":"x"}"#);
+    }
+
+    #[test]
+    fn a_raw_event_frame_is_the_event_frame() {
+        use crate::v1::events::{InboxEvent, MessageEvent};
+        let event = InboxEvent::Message(MessageEvent::new(
+            ServerMsgId::new(7),
+            UserId::parse("@alice:a.test").unwrap(),
+            DeviceId::parse("DEV").unwrap(),
+            UserId::parse("@bob:b.test").unwrap(),
+            crate::Timestamp::from_millis(1_700_000_000_000),
+            b"ciphertext".to_vec(),
+        ));
+        let stored = serde_json::to_string(&event).unwrap();
+        let raw = serde_json::value::RawValue::from_string(stored).unwrap();
+        let frame = serde_json::to_string(&RawEventFrame { seq: Seq::new(42), event: &raw }).unwrap();
+        let typed = serde_json::to_string(&ServerFrame::Event(SequencedEvent::new(Seq::new(42), event.clone()))).unwrap();
+        assert_eq!(frame, typed);
+        assert_eq!(
+            serde_json::from_str::<ServerFrame>(&frame).unwrap(),
+            ServerFrame::Event(SequencedEvent::new(Seq::new(42), event))
+        );
     }
 }

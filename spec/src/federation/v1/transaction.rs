@@ -40,6 +40,19 @@ impl Transaction {
     }
 }
 
+/// A [`Transaction`] whose items are JSON already serialized: the origin stores each durable item
+/// serialized once and sends it as it is. Serializes to exactly the JSON of the
+/// [`Transaction`] with those items (a test checks this).
+#[derive(Debug, Serialize)]
+pub struct RawTransaction<'a> {
+    /// The sending server.
+    pub origin: &'a ServerName,
+    /// When the origin built the transaction (ms).
+    pub origin_ts: Timestamp,
+    /// The items' JSON ([`Item`]), in order.
+    pub items: Vec<&'a serde_json::value::RawValue>,
+}
+
 /// One thing a transaction carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -286,4 +299,30 @@ crate::endpoint::endpoint! {
 crate::endpoint::endpoint! {
     /// `GET /_parley/federation/v1/users/{user_id}/devices`.
     GetUserDevices: Get "/_parley/federation/v1/users/{user_id}/devices", ServerSignatures, () => UserDevices
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    #[test]
+    fn a_raw_transaction_is_the_transaction() {
+        let origin = ServerName::parse("a.test").unwrap();
+        let items = vec![
+            Item::Typing(TypingItem::new(UserId::parse("@alice:a.test").unwrap(), UserId::parse("@bob:b.test").unwrap(), true)),
+            Item::DeviceListChanged(DeviceListChanged::new(UserId::parse("@alice:a.test").unwrap())),
+        ];
+        let stored: Vec<Box<RawValue>> =
+            items.iter().map(|item| RawValue::from_string(serde_json::to_string(item).unwrap()).unwrap()).collect();
+        let raw = RawTransaction {
+            origin: &origin,
+            origin_ts: Timestamp::from_millis(1_700_000_000_000),
+            items: stored.iter().map(|i| &**i).collect(),
+        };
+        let typed = Transaction::new(origin.clone(), Timestamp::from_millis(1_700_000_000_000), items);
+        assert_eq!(serde_json::to_string(&raw).unwrap(), serde_json::to_string(&typed).unwrap());
+        let empty = RawTransaction { origin: &origin, origin_ts: Timestamp::from_millis(1), items: Vec::new() };
+        assert_eq!(serde_json::to_string(&empty).unwrap(), r#"{"origin":"a.test","origin_ts":1,"items":[]}"#);
+    }
 }
