@@ -6,7 +6,7 @@ use parley_spec::{
     endpoint::{Endpoint, Method},
     v1::account::{Login, LoginRequest, Register, RegisterRequest, SessionResponse},
     v1::ws::WebSocket,
-    DeviceId, UserId,
+    DeviceId, Seq, UserId,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -149,7 +149,7 @@ pub(crate) fn method_of<E: Endpoint>() -> reqwest::Method {
 }
 
 /// The WebSocket URL: `ws://` for `http://`, `wss://` for `https://`, path `/v1/ws?since=N`.
-pub(crate) fn ws_url(base: &Url, since: u64) -> Result<Url, Error> {
+pub(crate) fn ws_url(base: &Url, since: Seq) -> Result<Url, Error> {
     let mut url = url_of::<WebSocket>(base, &[])?;
     let scheme = match url.scheme() {
         "http" | "ws" => "ws",
@@ -187,9 +187,12 @@ mod tests {
 
     #[test]
     fn websocket_urls() {
-        assert_eq!(ws_url(&base("http://127.0.0.1:8008"), 0).unwrap().as_str(), "ws://127.0.0.1:8008/v1/ws?since=0");
-        assert_eq!(ws_url(&base("https://chat.example.org/"), 42).unwrap().as_str(), "wss://chat.example.org/v1/ws?since=42");
-        assert_eq!(ws_url(&base("https://h:8448/p"), 7).unwrap().as_str(), "wss://h:8448/p/v1/ws?since=7");
+        assert_eq!(ws_url(&base("http://127.0.0.1:8008"), Seq::ZERO).unwrap().as_str(), "ws://127.0.0.1:8008/v1/ws?since=0");
+        assert_eq!(
+            ws_url(&base("https://chat.example.org/"), Seq::new(42)).unwrap().as_str(),
+            "wss://chat.example.org/v1/ws?since=42"
+        );
+        assert_eq!(ws_url(&base("https://h:8448/p"), Seq::new(7)).unwrap().as_str(), "wss://h:8448/p/v1/ws?since=7");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use parley_spec::{
         },
         sync::{SyncEvents, SyncResponse},
     },
-    DeviceId, UserId,
+    DeviceId, Seq, UserId,
 };
 use reqwest::{
     header::{HeaderValue, AUTHORIZATION, RETRY_AFTER},
@@ -114,7 +114,7 @@ impl Api {
 
     /// `GET /v1/sync`: events after `since` (which acknowledges everything up to it), waiting up
     /// to `timeout_ms` for one when there is none.
-    pub async fn sync(&self, since: u64, timeout_ms: u64, limit: Option<u32>) -> Result<SyncResponse, Error> {
+    pub async fn sync(&self, since: Seq, timeout_ms: u64, limit: Option<u32>) -> Result<SyncResponse, Error> {
         let mut query = vec![("since", since.to_string()), ("timeout_ms", timeout_ms.to_string())];
         if let Some(limit) = limit {
             query.push(("limit", limit.to_string()));

@@ -57,5 +57,5 @@ pub use parley_spec::{
         sync::SyncResponse,
         ws::TypingNotice,
     },
-    DeviceId, ErrorBody, ErrorCode, UserId,
+    DeviceId, ErrorBody, ErrorCode, Seq, ServerMsgId, Timestamp, UserId,
 };

@@ -16,7 +16,7 @@ use parley_crypto::identity::{DeviceIdentity, UserIdentity, VerifiedDeviceList, 
 use parley_crypto::prekeys::PrekeySecret;
 use parley_crypto::PublicKey;
 use parley_spec::v1::keys::SignedDeviceList;
-use parley_spec::{DeviceId, UserId};
+use parley_spec::{DeviceId, ServerMsgId, Timestamp, UserId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::Row as _;
 use std::borrow::Cow;
@@ -50,9 +50,9 @@ pub struct StoredMessage {
     /// The sender's id for it (the same on every device).
     pub client_msg_id: String,
     /// The server's id, once known.
-    pub server_msg_id: Option<u64>,
+    pub server_msg_id: Option<ServerMsgId>,
     /// Timestamp (ms).
-    pub ts: i64,
+    pub ts: Timestamp,
     /// Text.
     pub body: String,
     /// A recipient device acknowledged it.
@@ -137,8 +137,12 @@ impl Store {
                     sender: r.try_get(2)?,
                     sender_device: r.try_get(3)?,
                     client_msg_id: r.try_get(4)?,
-                    server_msg_id: r.try_get::<Option<i64>, _>(5)?.map(|id| id as u64),
-                    ts: r.try_get(6)?,
+                    server_msg_id: r
+                        .try_get::<Option<i64>, _>(5)?
+                        .map(ServerMsgId::try_from)
+                        .transpose()
+                        .map_err(out_of_range)?,
+                    ts: Timestamp::try_from(r.try_get::<i64, _>(6)?).map_err(out_of_range)?,
                     body: r.try_get(7)?,
                     delivered: r.try_get(8)?,
                     read: r.try_get(9)?,
@@ -374,12 +378,12 @@ impl TrustStore for Store {
 }
 
 impl MessageStore for Store {
-    async fn enqueue(&self, entry: &OutboxEntry, now_ms: i64) -> Result<(), StoreError> {
+    async fn enqueue(&self, entry: &OutboxEntry, now: Timestamp) -> Result<(), StoreError> {
         sqlx::query("INSERT OR IGNORE INTO outbox (client_msg_id, to_user, body, created_ts) VALUES (?, ?, ?, ?)")
             .bind(entry.client_msg_id.to_string())
             .bind(entry.to.as_str())
             .bind(&entry.body)
-            .bind(now_ms)
+            .bind(i64::try_from(now).map_err(backend)?)
             .execute(&self.pool)
             .await
             .map_err(backend)?;
@@ -402,8 +406,8 @@ impl MessageStore for Store {
         .bind(&message.sender)
         .bind(&message.sender_device)
         .bind(&message.client_msg_id)
-        .bind(message.server_msg_id.map(|id| id as i64))
-        .bind(message.ts)
+        .bind(message.server_msg_id.map(i64::try_from).transpose().map_err(backend)?)
+        .bind(i64::try_from(message.ts).map_err(backend)?)
         .bind(&message.body)
         .execute(&self.pool)
         .await
@@ -411,20 +415,26 @@ impl MessageStore for Store {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn has_server_message(&self, sender: &UserId, server_msg_id: u64) -> Result<bool, StoreError> {
+    async fn has_server_message(&self, sender: &UserId, server_msg_id: ServerMsgId) -> Result<bool, StoreError> {
         let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM messages WHERE sender = ? AND server_msg_id = ?")
             .bind(sender.as_str())
-            .bind(server_msg_id as i64)
+            .bind(i64::try_from(server_msg_id).map_err(backend)?)
             .fetch_optional(&self.pool)
             .await
             .map_err(backend)?;
         Ok(found.is_some())
     }
 
-    async fn mark_sent(&self, sender: &UserId, client_msg_id: Uuid, server_msg_id: u64, ts: i64) -> Result<(), StoreError> {
+    async fn mark_sent(
+        &self,
+        sender: &UserId,
+        client_msg_id: Uuid,
+        server_msg_id: ServerMsgId,
+        ts: Timestamp,
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE messages SET server_msg_id = ?, ts = ? WHERE sender = ? AND client_msg_id = ?")
-            .bind(server_msg_id as i64)
-            .bind(ts)
+            .bind(i64::try_from(server_msg_id).map_err(backend)?)
+            .bind(i64::try_from(ts).map_err(backend)?)
             .bind(sender.as_str())
             .bind(client_msg_id.to_string())
             .execute(&self.pool)
@@ -437,9 +447,9 @@ impl MessageStore for Store {
         &self,
         peer: &UserId,
         sender: &UserId,
-        server_msg_ids: &[u64],
+        server_msg_ids: &[ServerMsgId],
         read: bool,
-    ) -> Result<Vec<u64>, StoreError> {
+    ) -> Result<Vec<ServerMsgId>, StoreError> {
         let column = if read { "read = 1, delivered = 1" } else { "delivered = 1" };
         let ids: Vec<String> = server_msg_ids.iter().filter_map(|id| i64::try_from(*id).ok()).map(|id| id.to_string()).collect();
         let marked: Vec<i64> = sqlx::query_scalar(&format!(
@@ -452,7 +462,8 @@ impl MessageStore for Store {
         .fetch_all(&self.pool)
         .await
         .map_err(backend)?;
-        let mut marked: BTreeSet<u64> = marked.into_iter().map(|id| id as u64).collect();
+        let mut marked: BTreeSet<ServerMsgId> =
+            marked.into_iter().map(ServerMsgId::try_from).collect::<Result<_, _>>().map_err(backend)?;
         Ok(server_msg_ids.iter().copied().filter(|id| marked.remove(id)).collect())
     }
 }
@@ -494,12 +505,21 @@ fn backend(error: impl std::error::Error + Send + Sync + 'static) -> StoreError 
     StoreError::Backend(Box::new(error))
 }
 
+/// A stored number that is out of range, as a row decoding error.
+fn out_of_range(error: parley_spec::OutOfRange) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(error))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn user(s: &str) -> UserId {
         s.parse().unwrap()
+    }
+
+    fn id(n: u64) -> ServerMsgId {
+        ServerMsgId::new(n)
     }
 
     fn message(peer: &str, client_msg_id: &str, server_msg_id: Option<u64>) -> StoredMessage {
@@ -509,8 +529,8 @@ mod tests {
             sender: "@a:x".into(),
             sender_device: "A".into(),
             client_msg_id: client_msg_id.into(),
-            server_msg_id,
-            ts: 1,
+            server_msg_id: server_msg_id.map(id),
+            ts: Timestamp::from_millis(1),
             body: "hi".into(),
             delivered: false,
             read: false,
@@ -533,9 +553,10 @@ mod tests {
             store.set_next_one_time_prekey_id(8).await.unwrap();
             assert!(store.add_message(&message("@b:x", &m1.to_string(), None)).await.unwrap());
             assert!(!store.add_message(&message("@b:x", &m1.to_string(), None)).await.unwrap(), "deduplicated");
-            store.mark_sent(&user("@a:x"), m1, 99, 2).await.unwrap();
-            assert_eq!(store.mark_receipt(&b, &user("@a:x"), &[99, 5, 99], false).await.unwrap(), [99]);
-            store.enqueue(&OutboxEntry { client_msg_id: m2, to: b.clone(), body: "later".into() }, 3).await.unwrap();
+            store.mark_sent(&user("@a:x"), m1, id(99), Timestamp::from_millis(2)).await.unwrap();
+            assert_eq!(store.mark_receipt(&b, &user("@a:x"), &[id(99), id(5), id(99)], false).await.unwrap(), [id(99)]);
+            let later = OutboxEntry { client_msg_id: m2, to: b.clone(), body: "later".into() };
+            store.enqueue(&later, Timestamp::from_millis(3)).await.unwrap();
             store.mark_initial_message_seen(&InitialMessageId([9; 32])).await.unwrap();
         }
         let store = Store::open(&path).await.unwrap();
@@ -551,8 +572,8 @@ mod tests {
         assert!(!store.initial_message_seen(&InitialMessageId([8; 32])).await.unwrap());
         let history = store.history("@b:x", 10).await.unwrap();
         assert_eq!(history.len(), 1);
-        assert_eq!((history[0].server_msg_id, history[0].delivered, history[0].read), (Some(99), true, false));
-        assert!(store.has_server_message(&user("@a:x"), 99).await.unwrap());
+        assert_eq!((history[0].server_msg_id, history[0].delivered, history[0].read), (Some(id(99)), true, false));
+        assert!(store.has_server_message(&user("@a:x"), id(99)).await.unwrap());
         assert_eq!(store.outbox().await.unwrap(), [OutboxEntry { client_msg_id: m2, to: b, body: "later".into() }]);
         store.dequeue(m2).await.unwrap();
         assert!(store.outbox().await.unwrap().is_empty());
@@ -622,11 +643,26 @@ mod tests {
         }
         // c read both of a's messages, says the server: only the one a sent to c is marked.
         let (a, c) = (user("@a:x"), user("@c:x"));
-        assert_eq!(store.mark_receipt(&c, &a, &[1, 2], true).await.unwrap(), [2]);
-        assert!(store.mark_receipt(&c, &a, &[1], true).await.unwrap().is_empty());
+        assert_eq!(store.mark_receipt(&c, &a, &[id(1), id(2)], true).await.unwrap(), [id(2)]);
+        assert!(store.mark_receipt(&c, &a, &[id(1)], true).await.unwrap().is_empty());
         let to_b = store.history("@b:x", 10).await.unwrap();
         assert_eq!((to_b[0].delivered, to_b[0].read), (false, false));
         let to_c = store.history("@c:x", 10).await.unwrap();
         assert_eq!((to_c[0].delivered, to_c[0].read), (true, true));
+    }
+
+    #[tokio::test]
+    async fn numbers_beyond_sqlite_integers_are_refused_not_wrapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("profile.db")).await.unwrap();
+        assert!(store.add_message(&message("@b:x", "m1", Some(1))).await.unwrap());
+        let (a, m1) = (user("@a:x"), Uuid::from_u128(1));
+        assert!(store.mark_sent(&a, m1, id(u64::MAX), Timestamp::from_millis(2)).await.is_err());
+        assert!(store.mark_sent(&a, m1, id(2), Timestamp::from_millis(u64::MAX)).await.is_err());
+        assert!(store.has_server_message(&a, id(u64::MAX)).await.is_err());
+        assert!(store.add_message(&message("@b:x", "m2", Some(u64::MAX))).await.is_err());
+        // A negative stored value (a damaged row) is an error, not a huge id.
+        sqlx::query("UPDATE messages SET server_msg_id = -1").execute(&store.pool).await.unwrap();
+        assert!(store.history("@b:x", 10).await.is_err());
     }
 }

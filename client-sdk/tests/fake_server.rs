@@ -6,7 +6,7 @@
 #![allow(clippy::result_large_err)]
 
 use futures_util::{SinkExt, StreamExt};
-use parley_sdk::{ConnectOptions, Connection, DeviceId, Error, ErrorCode, Event, Events, Session, UserId};
+use parley_sdk::{ConnectOptions, Connection, DeviceId, Error, ErrorCode, Event, Events, Seq, ServerMsgId, Session, UserId};
 use parley_spec::v1::ws::ClientFrame;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -142,16 +142,16 @@ async fn backlog_acks_reconnect_resend_and_dedupe() {
     let (conn, mut events, mut c1) = open(&server, 10_000).await;
     assert_eq!(c1.since, 0);
     assert_eq!(c1.auth.as_deref(), Some("Bearer tok"));
-    assert_eq!(next(&mut events).await, Event::Connected { cursor: 0 });
+    assert_eq!(next(&mut events).await, Event::Connected { cursor: Seq::new(0) });
 
     c1.message(1, 100).await;
     c1.message(2, 101).await;
     c1.send(json!({"type": "caught_up", "cursor": 2})).await;
-    assert!(matches!(next(&mut events).await, Event::Message(m) if m.id == 100));
-    assert!(matches!(next(&mut events).await, Event::Message(m) if m.id == 101 && m.ciphertext.0 == b"hi"));
-    assert_eq!(next(&mut events).await, Event::CaughtUp { cursor: 2 });
+    assert!(matches!(next(&mut events).await, Event::Message(m) if m.id == ServerMsgId::new(100)));
+    assert!(matches!(next(&mut events).await, Event::Message(m) if m.id == ServerMsgId::new(101) && m.ciphertext.0 == b"hi"));
+    assert_eq!(next(&mut events).await, Event::CaughtUp { cursor: Seq::new(2) });
     assert_eq!(ack_seq(c1.recv().await), 2, "ack after ack_delay");
-    assert_eq!(conn.cursor(), 2);
+    assert_eq!(conn.cursor(), Seq::new(2));
 
     // A send is written, then the connection drops before the answer.
     let sender = conn.clone();
@@ -164,26 +164,26 @@ async fn backlog_acks_reconnect_resend_and_dedupe() {
     let mut c2 = server.accept().await;
     assert_eq!(c2.since, 2);
     c2.hello(10_000).await;
-    assert_eq!(next(&mut events).await, Event::Connected { cursor: 2 });
+    assert_eq!(next(&mut events).await, Event::Connected { cursor: Seq::new(2) });
     assert!(conn.is_connected());
     let ClientFrame::Send(again) = c2.recv().await else { panic!("expected re-send") };
     assert_eq!(again.client_msg_id, first.client_msg_id);
     c2.send(sent(again.client_msg_id, 77)).await;
     let answer = tokio::time::timeout(WAIT, send).await.unwrap().unwrap().unwrap();
-    assert_eq!(answer.server_msg_id, 77);
+    assert_eq!(answer.server_msg_id, ServerMsgId::new(77));
 
     // Old and repeated events are dropped, but still acknowledged.
     c2.message(2, 101).await;
     c2.message(3, 101).await;
     c2.message(4, 102).await;
-    assert!(matches!(next(&mut events).await, Event::Message(m) if m.id == 102));
+    assert!(matches!(next(&mut events).await, Event::Message(m) if m.id == ServerMsgId::new(102)));
     assert_eq!(ack_seq(c2.recv().await), 4);
-    assert_eq!(conn.cursor(), 4);
+    assert_eq!(conn.cursor(), Seq::new(4));
 
     // Graceful close: the stream ends, later sends fail.
     let other = conn.clone();
     c2.message(5, 103).await;
-    assert!(matches!(next(&mut events).await, Event::Message(m) if m.id == 103));
+    assert!(matches!(next(&mut events).await, Event::Message(m) if m.id == ServerMsgId::new(103)));
     let closing = tokio::spawn(conn.close());
     assert_eq!(ack_seq(c2.recv().await), 5, "final ack");
     let close = tokio::time::timeout(WAIT, c2.ws.next()).await.unwrap();
@@ -208,7 +208,7 @@ async fn rate_limited_send_is_retried_and_other_errors_fail() {
     let ClientFrame::Send(retry) = c.recv().await else { panic!("expected retry") };
     assert_eq!(retry.client_msg_id, req.client_msg_id);
     c.send(sent(retry.client_msg_id, 9)).await;
-    assert_eq!(tokio::time::timeout(WAIT, send).await.unwrap().unwrap().unwrap().server_msg_id, 9);
+    assert_eq!(tokio::time::timeout(WAIT, send).await.unwrap().unwrap().unwrap().server_msg_id, ServerMsgId::new(9));
 
     let sender = conn.clone();
     let send = tokio::spawn(async move { sender.send(bob(), Vec::new()).await });
@@ -245,7 +245,7 @@ async fn refused_token_fails_open_and_stops_reconnecting() {
 
     // Token revoked while connected: one Disconnected for the loss, one saying it is final.
     let (conn, mut events, mut c) = open(&server, 10_000).await;
-    assert_eq!(next(&mut events).await, Event::Connected { cursor: 0 });
+    assert_eq!(next(&mut events).await, Event::Connected { cursor: Seq::new(0) });
     c.ws.close(None).await.unwrap();
     assert!(matches!(next(&mut events).await, Event::Disconnected { .. }));
     server.reject(401, body).await;
@@ -259,7 +259,7 @@ async fn reconnects_after_connection_refused() {
     let server = FakeServer::start().await;
     let addr = server.listener.local_addr().unwrap();
     let (conn, mut events, c) = open(&server, 10_000).await;
-    assert_eq!(next(&mut events).await, Event::Connected { cursor: 0 });
+    assert_eq!(next(&mut events).await, Event::Connected { cursor: Seq::new(0) });
     drop(server);
     drop(c);
     assert!(matches!(next(&mut events).await, Event::Disconnected { .. }));
@@ -274,16 +274,17 @@ async fn reconnects_after_connection_refused() {
     let server = FakeServer { listener: TcpListener::bind(addr).await.unwrap() };
     let mut c = server.accept().await;
     c.hello(10_000).await;
-    assert_eq!(next(&mut events).await, Event::Connected { cursor: 0 });
-    conn.read(bob(), vec![1, 2]).await.unwrap();
-    assert!(matches!(c.recv().await, ClientFrame::Read(r) if r.message_ids == vec![1, 2]));
+    assert_eq!(next(&mut events).await, Event::Connected { cursor: Seq::new(0) });
+    let ids = vec![ServerMsgId::new(1), ServerMsgId::new(2)];
+    conn.read(bob(), ids.clone()).await.unwrap();
+    assert!(matches!(c.recv().await, ClientFrame::Read(r) if r.message_ids == ids));
 }
 
 #[tokio::test]
 async fn replaced_connection_does_not_fight_back() {
     let server = FakeServer::start().await;
     let (conn, mut events, mut c) = open(&server, 10_000).await;
-    assert_eq!(next(&mut events).await, Event::Connected { cursor: 0 });
+    assert_eq!(next(&mut events).await, Event::Connected { cursor: Seq::new(0) });
     let close = CloseFrame { code: CloseCode::Policy, reason: "replaced by a newer connection".into() };
     c.ws.close(Some(close)).await.unwrap();
     assert!(matches!(next(&mut events).await, Event::Disconnected { reason } if reason.contains("replaced")));
@@ -296,7 +297,7 @@ async fn replaced_connection_does_not_fight_back() {
 async fn oversized_send_fails_instead_of_looping() {
     let server = FakeServer::start().await;
     let (conn, mut events, mut c) = open(&server, 10_000).await;
-    assert_eq!(next(&mut events).await, Event::Connected { cursor: 0 });
+    assert_eq!(next(&mut events).await, Event::Connected { cursor: Seq::new(0) });
     let (small, big) = (conn.clone(), conn.clone());
     let small = tokio::spawn(async move { small.send(bob(), Vec::new()).await });
     let ClientFrame::Send(first) = c.recv().await else { panic!("expected send") };
@@ -312,7 +313,7 @@ async fn oversized_send_fails_instead_of_looping() {
     let ClientFrame::Send(again) = c2.recv().await else { panic!("expected re-send") };
     assert_eq!(again.client_msg_id, first.client_msg_id);
     c2.send(sent(again.client_msg_id, 3)).await;
-    assert_eq!(tokio::time::timeout(WAIT, small).await.unwrap().unwrap().unwrap().server_msg_id, 3);
+    assert_eq!(tokio::time::timeout(WAIT, small).await.unwrap().unwrap().unwrap().server_msg_id, ServerMsgId::new(3));
 }
 
 #[tokio::test]
@@ -336,7 +337,7 @@ async fn pipelined_sends_resolve_out_of_order() {
     }
     let mut got: Vec<u64> = Vec::new();
     for send in sends {
-        got.push(tokio::time::timeout(WAIT, send).await.unwrap().unwrap().unwrap().server_msg_id);
+        got.push(tokio::time::timeout(WAIT, send).await.unwrap().unwrap().unwrap().server_msg_id.get());
     }
     got.sort_unstable();
     assert_eq!(got, (1..=200).collect::<Vec<u64>>());
@@ -362,7 +363,7 @@ async fn send_timeout_gives_up() {
 /// The position of an `ack` frame (whatever its frame id).
 fn ack_seq(frame: ClientFrame) -> u64 {
     match frame {
-        ClientFrame::Ack(ack) => ack.seq,
+        ClientFrame::Ack(ack) => ack.seq.get(),
         other => panic!("expected an ack, got {other:?}"),
     }
 }

@@ -23,17 +23,17 @@ pub fn verify_message(message: &SignedMessage, key: &PublicKey) -> Result<(), pa
 mod tests {
     use super::*;
     use parley_spec::federation::v1::transaction::FedEnvelope;
-    use parley_spec::{DeviceId, ServerName, UserId};
+    use parley_spec::{DeviceId, ServerMsgId, ServerName, Timestamp, UserId};
 
     #[test]
     fn signed_messages_verify_and_tampering_is_caught() {
         let key = ServerKey::generate();
         let mut message = SignedMessage::new(
-            7,
+            ServerMsgId::new(7),
             UserId::parse("@alice:a.example").unwrap(),
             DeviceId::parse("DEV1").unwrap(),
             UserId::parse("@bob:b.example").unwrap(),
-            1_000,
+            Timestamp::from_millis(1_000),
             vec![FedEnvelope::new(DeviceId::parse("DEV2").unwrap(), vec![1, 2, 3])],
             ServerName::parse("a.example").unwrap(),
             String::new(),

@@ -12,7 +12,7 @@
 
 use base64::Engine as _;
 use parley_crypto::{KeyPair, PublicKey};
-use parley_spec::ServerName;
+use parley_spec::{ServerName, Timestamp};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
@@ -33,14 +33,21 @@ pub struct SignedParts<'a> {
     /// The receiving server.
     pub destination: &'a ServerName,
     /// Milliseconds since the epoch when signed.
-    pub ts: u64,
+    pub ts: Timestamp,
     /// Standard base64 of the body's SHA-256.
     pub body_sha256: String,
 }
 
 impl<'a> SignedParts<'a> {
     /// The parts of a request with `body`.
-    pub fn new(method: &'a str, uri: &'a str, origin: &'a ServerName, destination: &'a ServerName, ts: u64, body: &[u8]) -> Self {
+    pub fn new(
+        method: &'a str,
+        uri: &'a str,
+        origin: &'a ServerName,
+        destination: &'a ServerName,
+        ts: Timestamp,
+        body: &[u8],
+    ) -> Self {
         Self {
             method,
             uri,
@@ -79,7 +86,7 @@ pub struct Authorization {
     /// Key id of the origin's signing key.
     pub key_id: String,
     /// Claimed signing time (ms).
-    pub ts: u64,
+    pub ts: Timestamp,
     /// Signature bytes.
     pub signature: Vec<u8>,
 }
@@ -134,7 +141,7 @@ impl Authorization {
             destination: ServerName::parse(need(destination, "missing destination")?)
                 .map_err(|_| RequestAuthError::Malformed("bad destination"))?,
             key_id: need(key_id, "missing key")?.to_owned(),
-            ts: need(ts, "missing ts")?.parse().map_err(|_| RequestAuthError::Malformed("bad ts"))?,
+            ts: Timestamp::from_millis(need(ts, "missing ts")?.parse().map_err(|_| RequestAuthError::Malformed("bad ts"))?),
             signature: base64::engine::general_purpose::STANDARD
                 .decode(need(sig, "missing sig")?)
                 .map_err(|_| RequestAuthError::Malformed("bad sig"))?,
@@ -142,11 +149,11 @@ impl Authorization {
     }
 
     /// Checks destination and time window (cheap, before any key lookup).
-    pub fn check_envelope(&self, me: &ServerName, now_ms: u64, max_skew_ms: u64) -> Result<(), RequestAuthError> {
+    pub fn check_envelope(&self, me: &ServerName, now: Timestamp, max_skew_ms: u64) -> Result<(), RequestAuthError> {
         if &self.destination != me {
             return Err(RequestAuthError::WrongDestination);
         }
-        if self.ts.abs_diff(now_ms) > max_skew_ms {
+        if self.ts.as_millis().abs_diff(now.as_millis()) > max_skew_ms {
             return Err(RequestAuthError::Stale);
         }
         Ok(())
@@ -171,11 +178,14 @@ mod tests {
     fn signed_requests_verify_and_every_part_is_bound() {
         let (a, b) = names();
         let key = KeyPair::from_seed(&[9; 32]);
-        let parts = SignedParts::new("PUT", "/_parley/v1/send/17", &a, &b, 1_000_000, br#"{"pdus":[]}"#);
+        let parts = SignedParts::new("PUT", "/_parley/v1/send/17", &a, &b, Timestamp::from_millis(1_000_000), br#"{"pdus":[]}"#);
         let header = parts.authorization("ed25519:k1", &key);
         let auth = Authorization::parse(&header).unwrap();
-        assert_eq!((auth.origin.as_str(), auth.key_id.as_str(), auth.ts), ("a.example", "ed25519:k1", 1_000_000));
-        auth.check_envelope(&b, 1_000_500, 60_000).unwrap();
+        assert_eq!(
+            (auth.origin.as_str(), auth.key_id.as_str(), auth.ts),
+            ("a.example", "ed25519:k1", Timestamp::from_millis(1_000_000))
+        );
+        auth.check_envelope(&b, Timestamp::from_millis(1_000_500), 60_000).unwrap();
         auth.verify("PUT", "/_parley/v1/send/17", br#"{"pdus":[]}"#, &key.public()).unwrap();
         // Any change is caught.
         assert_eq!(
@@ -203,8 +213,8 @@ mod tests {
             Err(RequestAuthError::BadSignature)
         );
         // Wrong destination and stale timestamps.
-        assert_eq!(auth.check_envelope(&a, 1_000_000, 60_000), Err(RequestAuthError::WrongDestination));
-        assert_eq!(auth.check_envelope(&b, 1_000_000 + 60_001, 60_000), Err(RequestAuthError::Stale));
+        assert_eq!(auth.check_envelope(&a, Timestamp::from_millis(1_000_000), 60_000), Err(RequestAuthError::WrongDestination));
+        assert_eq!(auth.check_envelope(&b, Timestamp::from_millis(1_000_000 + 60_001), 60_000), Err(RequestAuthError::Stale));
     }
 
     #[test]
@@ -265,7 +275,14 @@ mod worked_example {
         let origin = ServerName::parse("a.example").unwrap();
         let destination = ServerName::parse("b.example:8448").unwrap();
         let body = br#"{"events":[]}"#;
-        let parts = SignedParts::new("PUT", "/_parley/v1/send/17", &origin, &destination, 1_795_500_000_000, body);
+        let parts = SignedParts::new(
+            "PUT",
+            "/_parley/v1/send/17",
+            &origin,
+            &destination,
+            Timestamp::from_millis(1_795_500_000_000),
+            body,
+        );
         let signed = parts.signing_bytes();
         serde_json::json!({
             "seed_hex": "42".repeat(32),

@@ -3,6 +3,7 @@
 
 use base64::Engine as _;
 use parley_crypto::{KeyPair, PublicKey};
+use parley_spec::Timestamp;
 use std::path::Path;
 use zeroize::Zeroizing;
 
@@ -41,7 +42,7 @@ pub struct OldKey {
     /// The public key.
     pub public: PublicKey,
     /// When it was retired (ms); later signatures by it are invalid.
-    pub expired_ts: u64,
+    pub expired_ts: Timestamp,
 }
 
 impl ServerKey {
@@ -73,13 +74,13 @@ impl ServerKey {
     }
 
     /// Replaces the key in `path` with a fresh one; the current key becomes an old key retired
-    /// now (`now_ms`). The running server picks the new key up when it restarts. Returns it.
-    pub fn rotate(path: &Path, now_ms: u64) -> Result<Self, ServerKeyError> {
+    /// `now`. The running server picks the new key up when it restarts. Returns it.
+    pub fn rotate(path: &Path, now: Timestamp) -> Result<Self, ServerKeyError> {
         let io = |source| ServerKeyError::Io { path: path.display().to_string(), source };
         let current = Self::load_or_create(path)?;
         let mut next = Self::generate();
         next.old = current.old;
-        next.old.push(OldKey { key_id: current.key_id, public: current.key.public(), expired_ts: now_ms });
+        next.old.push(OldKey { key_id: current.key_id, public: current.key.public(), expired_ts: now });
         // Write beside, then rename over: a crash leaves the old file or the new one, never half.
         let temporary = path.with_extension("key.new");
         let _ = std::fs::remove_file(&temporary);
@@ -126,7 +127,7 @@ impl ServerKey {
             let key_id = parts.next()?.to_owned();
             let public = base64::engine::general_purpose::STANDARD_NO_PAD.decode(parts.next()?).ok()?;
             let public = PublicKey::from_bytes(&public).ok()?;
-            let expired_ts = parts.next()?.parse().ok()?;
+            let expired_ts = Timestamp::from_millis(parts.next()?.parse().ok()?);
             old.push(OldKey { key_id, public, expired_ts });
         }
         Some(Self { key_id, key: KeyPair::from_seed(seed), old })
@@ -165,9 +166,12 @@ mod tests {
         assert_eq!(first.key_id, second.key_id);
         assert_eq!(first.public(), second.public());
         // Rotation keeps the old key, retired now, and survives a reload.
-        let rotated = ServerKey::rotate(&path, 5_000).unwrap();
+        let rotated = ServerKey::rotate(&path, Timestamp::from_millis(5_000)).unwrap();
         assert_ne!(rotated.key_id, first.key_id);
-        assert_eq!(rotated.old, vec![OldKey { key_id: first.key_id.clone(), public: first.public(), expired_ts: 5_000 }]);
+        assert_eq!(
+            rotated.old,
+            vec![OldKey { key_id: first.key_id.clone(), public: first.public(), expired_ts: Timestamp::from_millis(5_000) }]
+        );
         let reloaded = ServerKey::load_or_create(&path).unwrap();
         assert_eq!(
             (reloaded.key_id.clone(), reloaded.public(), reloaded.old.clone()),

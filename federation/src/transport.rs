@@ -6,7 +6,7 @@ use crate::ServerKey;
 use parley_spec::endpoint::{Endpoint, Method};
 use parley_spec::error::ErrorBody;
 use parley_spec::federation::v1::keys::{GetServerKeys, ServerKeys};
-use parley_spec::ServerName;
+use parley_spec::{ServerName, Timestamp};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,8 +163,7 @@ impl FederationClient {
         let body = body.unwrap_or_default();
         let mut request = self.http.request(method.clone(), &url);
         if sign {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-            let ts = self.signing_clock.next(now);
+            let ts = Timestamp::from_millis(self.signing_clock.next(Timestamp::now().as_millis()));
             let parts = SignedParts::new(method.as_str(), path_and_query, &self.origin, destination, ts, &body);
             request = request.header(reqwest::header::AUTHORIZATION, parts.authorization(&self.key.key_id, &self.key.key));
         }

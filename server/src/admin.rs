@@ -2,7 +2,7 @@
 
 use crate::auth::{generate_token, hash_token, Passwords};
 use crate::config::Config;
-use crate::storage::{now_ms, Store, StoreError};
+use crate::storage::{Store, StoreError};
 use parley_spec::ids::validate_localpart;
 use parley_spec::UserId;
 use zeroize::Zeroizing;
@@ -56,7 +56,7 @@ pub async fn create_registration_token(
 ) -> Result<Zeroizing<String>, AdminError> {
     let (store, writer) = open(config).await?;
     let token = generate_token();
-    let expires = expires_in.map(|d| now_ms() + d.as_millis() as i64);
+    let expires = expires_in.map(|d| parley_spec::Timestamp::now().saturating_add(d));
     store.create_registration_token(&hash_token(&token), uses, expires).await?;
     store.close(writer).await;
     Ok(token)

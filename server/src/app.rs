@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodFilter, MethodRouter};
 use axum::Router;
 use parley_spec::endpoint::{Endpoint, Method};
-use parley_spec::ServerName;
+use parley_spec::{ServerName, Timestamp};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -170,7 +170,8 @@ impl Server {
                     state.limits.shrink();
                     if let Some(fed) = &state.federation {
                         fed.shrink();
-                        let before = crate::storage::now_ms() - state.config.federation.txn_retention_ms as i64;
+                        let before =
+                            Timestamp::now().saturating_sub(Duration::from_millis(state.config.federation.txn_retention_ms));
                         if let Err(error) = state.store.prune_inbound(before).await {
                             tracing::warn!(%error, "pruning inbound transaction and message ids failed");
                         }
@@ -365,8 +366,7 @@ async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
 /// GET /_parley/key/v1: this server's signing keys, self-signed, valid for a day.
 pub(crate) async fn server_keys(State(state): State<AppState>) -> axum::Json<parley_spec::federation::v1::keys::ServerKeys> {
     const VALID_FOR_MS: u64 = 24 * 60 * 60 * 1000;
-    let now = crate::storage::now_ms() as u64;
-    axum::Json(parley_federation::sign_server_keys(&state.server_name, &state.server_key, now, VALID_FOR_MS))
+    axum::Json(parley_federation::sign_server_keys(&state.server_name, &state.server_key, Timestamp::now(), VALID_FOR_MS))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -120,7 +120,7 @@ pub fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Some(Command::Admin(Admin::RotateServerKey)) => {
-                let now = crate::storage::now_ms() as u64;
+                let now = parley_spec::Timestamp::now();
                 let key = parley_federation::ServerKey::rotate(&config.data_dir.join("server.key"), now)?;
                 println!("{} (restart parleyd to sign with it)", key.key_id);
                 Ok(())

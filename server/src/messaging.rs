@@ -5,14 +5,14 @@ use crate::app::AppState;
 use crate::auth::AuthDevice;
 use crate::directory::UserEntry;
 use crate::error::{Error, Result};
-use crate::storage::{now_ms, Effects, MessageOutcome, NewEvent, NewMessage};
+use crate::storage::{Effects, MessageOutcome, NewEvent, NewMessage};
 use bytes::Bytes;
 use parley_spec::error::{DeviceRef, DevicesMismatch};
 use parley_spec::federation::v1::transaction::{FedEnvelope, Item, SignedMessage, TypingItem, UserDevices};
 use parley_spec::v1::events::{InboxEvent, MessageEvent, ReceiptEvent, ReceiptKind};
 use parley_spec::v1::messages::{Envelope, ReadRequest, SendRequest, SentResponse, MAX_READ_IDS};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
-use parley_spec::{ErrorCode, UserId};
+use parley_spec::{ErrorCode, Seq, ServerMsgId, Timestamp, UserId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -51,7 +51,7 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
     check_targets(&expected, &request.envelopes)?;
 
     let id = state.store.next_message_id();
-    let ts = now_ms();
+    let ts = Timestamp::now();
     let origin = Some((sender.user_id_arc.clone(), id));
     let mut events = Vec::with_capacity(request.envelopes.len());
     for envelope in request.envelopes {
@@ -94,7 +94,7 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
         check_targets(&targets, &request.envelopes)?;
     }
     let id = state.store.next_message_id();
-    let ts = now_ms();
+    let ts = Timestamp::now();
     let origin = Some((sender.user_id_arc.clone(), id));
     let mut events = Vec::new();
     let mut envelopes = Vec::new();
@@ -112,7 +112,7 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
         auth.user_id.clone(),
         auth.device_id.clone(),
         request.to.clone(),
-        ts as u64,
+        ts,
         envelopes,
         state.server_name.clone(),
         String::new(),
@@ -132,8 +132,8 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
 }
 
 /// The inbox event of a message from `auth` to `to` carrying one device's ciphertext.
-fn message_event(auth: &AuthDevice, to: &UserId, id: u64, ts: i64, ciphertext: Vec<u8>) -> Result<Bytes> {
-    let event = MessageEvent::new(id, auth.user_id.clone(), auth.device_id.clone(), to.clone(), ts as u64, ciphertext);
+fn message_event(auth: &AuthDevice, to: &UserId, id: ServerMsgId, ts: Timestamp, ciphertext: Vec<u8>) -> Result<Bytes> {
+    let event = MessageEvent::new(id, auth.user_id.clone(), auth.device_id.clone(), to.clone(), ts, ciphertext);
     to_bytes(&InboxEvent::Message(event))
 }
 
@@ -166,8 +166,8 @@ fn check_targets<T>(expected: &BTreeMap<DeviceRef, T>, envelopes: &[Envelope]) -
 /// The `sent` answer for a store outcome.
 pub fn sent_response(client_msg_id: uuid::Uuid, outcome: MessageOutcome) -> SentResponse {
     match outcome {
-        MessageOutcome::Stored { id, ts } => SentResponse::new(client_msg_id, id, ts as u64, false),
-        MessageOutcome::Duplicate { id, ts } => SentResponse::new(client_msg_id, id, ts as u64, true),
+        MessageOutcome::Stored { id, ts } => SentResponse::new(client_msg_id, id, ts, false),
+        MessageOutcome::Duplicate { id, ts } => SentResponse::new(client_msg_id, id, ts, true),
     }
 }
 
@@ -190,15 +190,15 @@ pub async fn receipts(
     state: &AppState,
     auth: &AuthDevice,
     kind: ReceiptKind,
-    origins: impl IntoIterator<Item = (Arc<str>, u64)>,
+    origins: impl IntoIterator<Item = (Arc<str>, ServerMsgId)>,
 ) -> Result<Effects> {
-    let mut by_sender: BTreeMap<Arc<str>, Vec<u64>> = BTreeMap::new();
+    let mut by_sender: BTreeMap<Arc<str>, Vec<ServerMsgId>> = BTreeMap::new();
     for (sender, id) in origins {
         if sender.as_ref() != auth.user_id.as_str() {
             by_sender.entry(sender).or_default().push(id);
         }
     }
-    let ts = now_ms() as u64;
+    let ts = Timestamp::now();
     let mut effects = Effects::default();
     for (sender, ids) in by_sender {
         let Ok(sender_id) = sender.parse::<UserId>() else { continue };
@@ -236,7 +236,7 @@ pub async fn receipts(
 
 /// Acknowledges `(from, to]` of the device's inbox, reading which messages that covers from the
 /// database (used for `since` on connect and by `GET /v1/sync`).
-pub async fn ack_from_store(state: &AppState, auth: &AuthDevice, from: u64, to: u64) -> Result<()> {
+pub async fn ack_from_store(state: &AppState, auth: &AuthDevice, from: Seq, to: Seq) -> Result<()> {
     if to <= from {
         return Ok(());
     }
@@ -265,7 +265,7 @@ pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest
         return Err(Error::new(ErrorCode::BadRequest, format!("message_ids must hold 1 to {MAX_READ_IDS} ids")));
     }
     let remote_peer = !request.peer.is_of(&state.server_name);
-    let (peer_devices, message_ids): (Vec<i64>, Vec<u64>) = if remote_peer {
+    let (peer_devices, message_ids): (Vec<i64>, Vec<ServerMsgId>) = if remote_peer {
         crate::federation::remote::check_reachable(state, &request.peer.server_name())?;
         (Vec::new(), state.store.received_from(auth.user_pk, &request.peer, &request.message_ids).await?)
     } else {
@@ -288,7 +288,7 @@ pub async fn mark_read(state: &AppState, auth: &AuthDevice, request: ReadRequest
         auth.device_id.clone(),
         request.peer.clone(),
         message_ids,
-        now_ms() as u64,
+        Timestamp::now(),
     ));
     let payload = to_bytes(&event)?;
     let mut effects = Effects::default();

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use parley_spec::federation::v1::transaction::{Item, PresenceItem, PresenceSubscription};
 use parley_spec::v1::presence::{PresenceInfo, PresenceStatus, Visibility};
 use parley_spec::v1::ws::ServerFrame;
-use parley_spec::{ServerName, UserId};
+use parley_spec::{ServerName, Timestamp, UserId};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -78,12 +78,12 @@ pub async fn view(state: &AppState, viewer: &UserId, target: &UserEntry) -> Resu
     if state.presence.is_online(target.pk) {
         Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Online, None))
     } else {
-        Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Offline, row.last_seen_ts.map(|t| t as u64)))
+        Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Offline, row.last_seen_ts))
     }
 }
 
 /// Tells `user`'s subscribers that it came online or went offline (in the background).
-pub fn announce(state: &AppState, user: Arc<UserEntry>, online: bool, last_seen: Option<i64>) {
+pub fn announce(state: &AppState, user: Arc<UserEntry>, online: bool, last_seen: Option<Timestamp>) {
     let state = state.clone();
     tokio::spawn(async move {
         if let Err(error) = announce_now(&state, &user, online, last_seen).await {
@@ -92,18 +92,15 @@ pub fn announce(state: &AppState, user: Arc<UserEntry>, online: bool, last_seen:
     });
 }
 
-async fn announce_now(state: &AppState, user: &UserEntry, online: bool, last_seen: Option<i64>) -> Result<(), StoreError> {
+async fn announce_now(state: &AppState, user: &UserEntry, online: bool, last_seen: Option<Timestamp>) -> Result<(), StoreError> {
     let subscribers = state.store.subscribers_of(&user.user_id).await?;
     if subscribers.is_empty() {
         return Ok(());
     }
     let Some(row) = state.store.user_by_localpart(user.user_id.localpart()).await? else { return Ok(()) };
     let visibility = Visibility::parse(&row.visibility).unwrap_or_default();
-    let (status, last_seen_ts) = if online {
-        (PresenceStatus::Online, None)
-    } else {
-        (PresenceStatus::Offline, last_seen.or(row.last_seen_ts).map(|t| t as u64))
-    };
+    let (status, last_seen_ts) =
+        if online { (PresenceStatus::Online, None) } else { (PresenceStatus::Offline, last_seen.or(row.last_seen_ts)) };
     let info = PresenceInfo::new(user.user_id.clone(), status, last_seen_ts);
     let shown = frame(info.clone());
     // Remote subscribers, grouped by server: one presence item per server (coalesced there).

@@ -17,7 +17,7 @@ use crate::hub::{event_bytes, CloseReason, Push, Registration};
 use crate::messaging;
 use crate::outgoing::{OverBudget, Unsent};
 use crate::presence;
-use crate::storage::{now_ms, InboxRow, MessageOutcome, Origin, StoreError};
+use crate::storage::{InboxRow, MessageOutcome, Origin, StoreError};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
@@ -27,7 +27,7 @@ use parley_spec::v1::events::ReceiptKind;
 use parley_spec::v1::ws::{
     CaughtUpFrame, ClientFrame, ErrorFrame, FrameId, HelloFrame, PingFrame, PrekeysLowFrame, RawEventFrame, ServerFrame, WsQuery,
 };
-use parley_spec::ErrorCode;
+use parley_spec::{ErrorCode, Seq, Timestamp};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -238,7 +238,7 @@ struct Conn {
     last_activity: Instant,
 }
 
-async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSocket) {
+async fn connection(state: AppState, auth: AuthDevice, since: Seq, socket: WebSocket) {
     let limits = &state.config.limits;
     let unsent = Arc::new(Unsent::new(limits, state.outgoing.clone()));
     let (sink, mut stream) = socket.split();
@@ -252,7 +252,7 @@ async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSo
             presence::announce(&state, entry.clone(), true, None);
         }
     }
-    tracing::debug!(user = %auth.user_id, device = %auth.device_id, since, "connected");
+    tracing::debug!(user = %auth.user_id, device = %auth.device_id, since = since.get(), "connected");
     let mut conn = Conn {
         state: state.clone(),
         auth: auth.clone(),
@@ -279,7 +279,7 @@ async fn connection(state: AppState, auth: AuthDevice, since: u64, socket: WebSo
     drop(stream);
     state.hub.unregister(auth.device_pk, registration.conn_id);
     state.metrics.connections.dec();
-    let ts = now_ms();
+    let ts = Timestamp::now();
     if let Err(error) = state.store.record_last_seen(auth.user_pk, auth.device_pk, ts).await {
         tracing::warn!(%error, "last-seen not recorded");
     }
@@ -534,7 +534,7 @@ impl Conn {
 
     /// Acknowledges up to `seq` (at most what this connection sent): delivered receipts go to
     /// the senders, and the inbox entries are released, in the background.
-    fn ack(&mut self, seq: u64) {
+    fn ack(&mut self, seq: Seq) {
         let acked = self.window.ack(seq);
         let seq = acked.seq;
         let origins: Vec<Origin> = acked.origins.into_iter().flatten().collect();

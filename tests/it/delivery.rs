@@ -2,7 +2,7 @@
 //! the SDK against real `parleyd` processes.
 
 use crate::support::{envelopes, login, register, text, Device, T};
-use parley_sdk::{Api, ConnectOptions, Event, ReceiptKind, SendRequest};
+use parley_sdk::{Api, ConnectOptions, Event, ReceiptKind, SendRequest, Seq, ServerMsgId};
 use parley_tests::TestServer;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -195,7 +195,7 @@ async fn sigkill_during_a_stream_loses_nothing_that_was_sent_and_duplicates_noth
             .await;
     });
 
-    let mut sent: BTreeMap<u64, String> = BTreeMap::new();
+    let mut sent: BTreeMap<ServerMsgId, String> = BTreeMap::new();
     while sent.len() < 200 {
         let (i, result) = tokio::time::timeout(T, answers.recv()).await?.expect("stream running");
         sent.insert(result?.server_msg_id, format!("m{i}"));
@@ -280,7 +280,7 @@ async fn with_manual_acks_nothing_is_released_until_the_application_confirms() -
     assert_eq!(receipt.message_ids, vec![sent.server_msg_id]);
     b1.conn.close().await;
     // And the inbox entry is gone (default retention deletes acknowledged entries).
-    let replay = Api::new(&bob)?.sync(0, 0, None).await?;
+    let replay = Api::new(&bob)?.sync(Seq::ZERO, 0, None).await?;
     assert!(replay.events.is_empty(), "released after the confirmation: {:?}", replay.events);
     Ok(())
 }

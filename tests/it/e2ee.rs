@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context as _};
 use parley_sdk::messenger::{Messenger, MessengerEvent, MessengerEvents};
-use parley_sdk::UserId;
+use parley_sdk::{ServerMsgId, Timestamp, UserId};
 use parley_tests::TestServer;
 use std::path::Path;
 use std::time::Duration;
@@ -147,7 +147,7 @@ async fn two_users_with_two_devices_chat_end_to_end_and_the_server_sees_no_plain
 }
 
 /// The server id of the message `body` in `account`'s conversation with `peer`.
-async fn next_stored_id(account: &Account, peer: &UserId, body: &str) -> anyhow::Result<u64> {
+async fn next_stored_id(account: &Account, peer: &UserId, body: &str) -> anyhow::Result<ServerMsgId> {
     let history = account.messenger.store().history(peer.as_str(), 100).await?;
     history.into_iter().find(|m| m.body == body).and_then(|m| m.server_msg_id).context("stored with its server id")
 }
@@ -439,7 +439,7 @@ async fn a_receipt_by_someone_the_message_did_not_go_to_is_not_applied() -> anyh
         "EVIL".parse()?,
         alice.clone(),
         vec![id],
-        0,
+        Timestamp::EPOCH,
     ));
     let payload = serde_json::to_vec(&forged)?;
     tamper(&mut server, |db| async move {

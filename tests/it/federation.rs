@@ -7,14 +7,14 @@ use crate::e2ee::next;
 use crate::support::{self, Device};
 use anyhow::Context as _;
 use parley_sdk::messenger::{Messenger, MessengerEvent, MessengerEvents};
-use parley_sdk::Event;
+use parley_sdk::{Event, ServerMsgId};
 use parley_tests::fednet::{Discovery, FedNet};
 use parley_tests::TestServer;
 use std::time::Duration;
 
-async fn next_text(events: &mut MessengerEvents) -> anyhow::Result<(String, String, u64)> {
+async fn next_text(events: &mut MessengerEvents) -> anyhow::Result<(String, String, ServerMsgId)> {
     next(events, |e| match e {
-        MessengerEvent::Message(m) => Some((m.sender, m.body, m.server_msg_id.unwrap_or_default())),
+        MessengerEvent::Message(m) => Some((m.sender, m.body, m.server_msg_id.unwrap_or(ServerMsgId::new(0)))),
         _ => None,
     })
     .await

@@ -10,18 +10,14 @@ use parley_federation::message::sign_message;
 use parley_federation::{ServerKey, SignedParts};
 use parley_sdk::Event;
 use parley_spec::federation::v1::transaction::{FedEnvelope, Item, SignedMessage, Transaction, TypingItem};
-use parley_spec::{DeviceId, ServerName, UserId};
+use parley_spec::{DeviceId, ServerMsgId, ServerName, Timestamp, UserId};
 use parley_tests::fednet::{Discovery, FedNet};
 use parley_tests::{Mode, TestServer};
 use reqwest::Method;
 use serde_json::Value;
 use std::time::Duration;
 
-const TEN_MINUTES_MS: u64 = 10 * 60 * 1000;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
+const TEN_MINUTES: Duration = Duration::from_secs(10 * 60);
 
 fn server_name(name: &str) -> anyhow::Result<ServerName> {
     ServerName::parse(name).with_context(|| format!("bad server name {name}"))
@@ -45,7 +41,7 @@ fn sign(
     destination: &str,
     method: &str,
     uri: &str,
-    ts: u64,
+    ts: Timestamp,
     body: &[u8],
 ) -> anyhow::Result<String> {
     let (origin, destination) = (server_name(origin)?, server_name(destination)?);
@@ -54,7 +50,7 @@ fn sign(
 
 /// A transaction body from `origin` with `items`.
 fn transaction(origin: &str, items: Vec<Item>) -> anyhow::Result<Vec<u8>> {
-    Ok(serde_json::to_vec(&Transaction::new(server_name(origin)?, now_ms(), items))?)
+    Ok(serde_json::to_vec(&Transaction::new(server_name(origin)?, Timestamp::now(), items))?)
 }
 
 /// Talks HTTPS to one server's federation listener, as another server would.
@@ -130,11 +126,11 @@ fn message(
     key: &ServerKey,
 ) -> anyhow::Result<SignedMessage> {
     let mut message = SignedMessage::new(
-        id,
+        ServerMsgId::new(id),
         UserId::parse(sender)?,
         sender_device.clone(),
         to.clone(),
-        now_ms(),
+        Timestamp::now(),
         vec![FedEnvelope::new(device.clone(), text.as_bytes().to_vec())],
         server_name(origin)?,
         String::new(),
@@ -177,7 +173,7 @@ async fn forged_altered_stale_and_replayed_requests_are_refused_and_change_nothi
     let mut findings = Findings::default();
     let put = "PUT";
     let empty = transaction("a.test", Vec::new())?;
-    let now = now_ms();
+    let now = Timestamp::now();
 
     // No signature, or not one that parses.
     let answer = peer.put_send("forged-1", None, &empty).await?;
@@ -211,10 +207,10 @@ async fn forged_altered_stale_and_replayed_requests_are_refused_and_change_nothi
     findings.expect("method changed after signing", &answer, 401, &["bad_signature"]);
 
     // Outside the clock skew window, or for another server.
-    let header = sign(&a_key, &a_id, "a.test", "b.test", put, &send_path("forged-10"), now - TEN_MINUTES_MS, &empty)?;
+    let header = sign(&a_key, &a_id, "a.test", "b.test", put, &send_path("forged-10"), now.saturating_sub(TEN_MINUTES), &empty)?;
     let answer = peer.put_send("forged-10", Some(&header), &empty).await?;
     findings.expect("signed 10 minutes ago", &answer, 401, &["stale_request"]);
-    let header = sign(&a_key, &a_id, "a.test", "b.test", put, &send_path("forged-11"), now + TEN_MINUTES_MS, &empty)?;
+    let header = sign(&a_key, &a_id, "a.test", "b.test", put, &send_path("forged-11"), now.saturating_add(TEN_MINUTES), &empty)?;
     let answer = peer.put_send("forged-11", Some(&header), &empty).await?;
     findings.expect("signed 10 minutes ahead", &answer, 401, &["stale_request"]);
     let header = sign(&a_key, &a_id, "a.test", "c.test", put, &send_path("forged-12"), now, &empty)?;
@@ -251,7 +247,7 @@ async fn forged_altered_stale_and_replayed_requests_are_refused_and_change_nothi
     findings.expect("key claim, body changed after signing", &answer, 401, &["bad_signature"]);
 
     // A valid request is accepted once; the identical request again is a replay.
-    let header = sign(&a_key, &a_id, "a.test", "b.test", put, &send_path("valid-1"), now_ms(), &empty)?;
+    let header = sign(&a_key, &a_id, "a.test", "b.test", put, &send_path("valid-1"), Timestamp::now(), &empty)?;
     let answer = peer.put_send("valid-1", Some(&header), &empty).await?;
     if answer.0 != 200 {
         findings.0.push(format!("valid empty transaction: expected 200, got {} {}", answer.0, answer.1));
@@ -303,7 +299,7 @@ async fn forged_altered_stale_and_replayed_requests_are_refused_and_change_nothi
         Item::Typing(TypingItem::new(UserId::parse("@mallory:c.test")?, bob_id.clone(), true)),
     ];
     let body = transaction("a.test", items)?;
-    let header = sign(&a_key, &a_id, "a.test", "b.test", put, &send_path("valid-2"), now_ms(), &body)?;
+    let header = sign(&a_key, &a_id, "a.test", "b.test", put, &send_path("valid-2"), Timestamp::now(), &body)?;
     let (status, answer) = peer.put_send("valid-2", Some(&header), &body).await?;
     let rejected: Vec<(u64, String)> = answer["rejected"]
         .as_array()
@@ -360,9 +356,10 @@ async fn a_transaction_resent_with_a_new_signature_is_applied_once() -> anyhow::
     )?;
     let body = transaction("a.test", vec![Item::Message(item)])?;
     let path = send_path("idem-1");
-    let ts = now_ms();
+    let ts = Timestamp::now();
     let first = sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &path, ts, &body)?;
-    let second = sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &path, ts + 1, &body)?;
+    let second =
+        sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &path, ts.saturating_add(Duration::from_millis(1)), &body)?;
     ensure!(first != second);
     for header in [&first, &second] {
         let (status, answer) = peer.put_send("idem-1", Some(header), &body).await?;
@@ -406,7 +403,7 @@ async fn a_denied_server_is_refused_and_its_messages_wait_in_its_queue() -> anyh
 
     // A request correctly signed by a.test is refused.
     let empty = transaction("a.test", Vec::new())?;
-    let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &send_path("denied-1"), now_ms(), &empty)?;
+    let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &send_path("denied-1"), Timestamp::now(), &empty)?;
     let answer = peer.put_send("denied-1", Some(&header), &empty).await?;
     assert_eq!((answer.0, answer.1["code"].as_str()), (403, Some("server_denied")), "{}", answer.1);
     // alice cannot even start: a.test cannot learn bob's devices, so the send is refused.
@@ -463,12 +460,12 @@ async fn forged_requests_do_not_use_up_the_rate_limit_of_the_server_they_claim_t
     let mut forged = Vec::new();
     for n in 0..20 {
         let txn = format!("forged-{n}");
-        let header = sign(&stranger, &a_key.key_id, "a.test", "b.test", "PUT", &send_path(&txn), now_ms(), &empty)?;
+        let header = sign(&stranger, &a_key.key_id, "a.test", "b.test", "PUT", &send_path(&txn), Timestamp::now(), &empty)?;
         let (status, answer) = peer.put_send(&txn, Some(&header), &empty).await?;
         forged.push(format!("{status} {}", answer["code"].as_str().unwrap_or("")));
     }
     // ... and must not lock the real a.test out.
-    let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &send_path("real-1"), now_ms(), &empty)?;
+    let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &send_path("real-1"), Timestamp::now(), &empty)?;
     let (status, answer) = peer.put_send("real-1", Some(&header), &empty).await?;
     assert_eq!(status, 200, "the real a.test after 20 forged requests in its name: {answer}; the forged ones got {forged:?}");
     Ok(())
@@ -490,7 +487,7 @@ async fn a_denied_server_is_still_denied_when_its_name_carries_a_port() -> anyho
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let name = format!("a.test:{}", listener.local_addr()?.port());
     let key = ServerKey::generate();
-    let document = parley_federation::sign_server_keys(&server_name(&name)?, &key, now_ms(), 24 * 3600 * 1000);
+    let document = parley_federation::sign_server_keys(&server_name(&name)?, &key, Timestamp::now(), 24 * 3600 * 1000);
     let issued = net.ca.issue(&["a.test"])?;
     let tls = parley_tests::fednet::tls_config(&issued.cert_pem, &issued.key_pem)?;
     let document = serde_json::to_vec(&document)?;
@@ -498,7 +495,7 @@ async fn a_denied_server_is_still_denied_when_its_name_carries_a_port() -> anyho
 
     // As plain a.test it is refused ...
     let empty = transaction("a.test", Vec::new())?;
-    let header = sign(&key, &key.key_id, "a.test", "b.test", "PUT", &send_path("plain-1"), now_ms(), &empty)?;
+    let header = sign(&key, &key.key_id, "a.test", "b.test", "PUT", &send_path("plain-1"), Timestamp::now(), &empty)?;
     let answer = peer.put_send("plain-1", Some(&header), &empty).await?;
     assert_eq!((answer.0, answer.1["code"].as_str()), (403, Some("server_denied")), "{}", answer.1);
 
@@ -507,7 +504,7 @@ async fn a_denied_server_is_still_denied_when_its_name_carries_a_port() -> anyho
     let device = DeviceId::parse("MALLORY")?;
     let item = message(1, &mallory, &device, &bob_id, &bob_session.device_id, "hello from a denied server", &name, &key)?;
     let body = transaction(&name, vec![Item::Message(item)])?;
-    let header = sign(&key, &key.key_id, &name, "b.test", "PUT", &send_path("port-1"), now_ms(), &body)?;
+    let header = sign(&key, &key.key_id, &name, "b.test", "PUT", &send_path("port-1"), Timestamp::now(), &body)?;
     let answer = peer.put_send("port-1", Some(&header), &body).await?;
     key_server.abort();
     let delivered = match answer.0 {
@@ -532,7 +529,8 @@ async fn bad_input_from_a_signed_peer_gets_typed_errors_and_the_server_keeps_ser
     let mut bob = raw_receiver(&bob_session).await?;
     let a_key = key_of(net.server("a.test"))?;
     let peer = Peer::new(&net, "b.test", &net.servers[1].server)?;
-    let signed = |txn: &str, body: &[u8]| sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &send_path(txn), now_ms(), body);
+    let signed =
+        |txn: &str, body: &[u8]| sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &send_path(txn), Timestamp::now(), body);
 
     // Not JSON, or JSON of the wrong shape, correctly signed: 400 bad_json.
     for (txn, body) in [("junk-1", &b"{not json"[..]), ("junk-2", &br#"{"origin":"a.test","items":7}"#[..])] {
@@ -563,8 +561,8 @@ async fn bad_input_from_a_signed_peer_gets_typed_errors_and_the_server_keeps_ser
         alice_session.user_id.clone(),
         alice_session.device_id.clone(),
         bob_session.user_id.clone(),
-        (0..1001).collect(),
-        now_ms(),
+        (0..1001).map(ServerMsgId::new).collect(),
+        Timestamp::now(),
     );
     let body = transaction("a.test", vec![Item::Message(big), Item::Receipt(receipt)])?;
     let (status, answer) = peer.put_send("limits", Some(&signed("limits", &body)?), &body).await?;
@@ -579,7 +577,7 @@ async fn bad_input_from_a_signed_peer_gets_typed_errors_and_the_server_keeps_ser
         (serde_json::json!({"requester": "@mallory:c.test", "devices": [device]}), 403, "forbidden"),
     ] {
         let body = serde_json::to_vec(&body)?;
-        let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "POST", claim_path, now_ms(), &body)?;
+        let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "POST", claim_path, Timestamp::now(), &body)?;
         let answer = peer.request(Method::POST, claim_path, Some(&header), &body).await?;
         assert_eq!((answer.0, answer.1["code"].as_str()), (status, Some(code)), "{answer:?}");
     }
@@ -604,7 +602,7 @@ async fn an_address_that_keeps_failing_authentication_is_refused_for_a_while() -
     let mut codes = Vec::new();
     for i in 0..5 {
         let txn = format!("forged-{i}");
-        let header = sign(&forger, &forger.key_id, "a.test", "b.test", "PUT", &send_path(&txn), now_ms(), &body)?;
+        let header = sign(&forger, &forger.key_id, "a.test", "b.test", "PUT", &send_path(&txn), Timestamp::now(), &body)?;
         let (status, answer) = peer.put_send(&txn, Some(&header), &body).await?;
         codes.push((status, answer["code"].as_str().unwrap_or("").to_owned()));
     }
@@ -620,7 +618,7 @@ async fn an_address_that_keeps_failing_authentication_is_refused_for_a_while() -
 /// item must be accepted.
 async fn put_txn(peer: &Peer, key: &ServerKey, origin: &str, txn: &str, items: Vec<Item>) -> anyhow::Result<()> {
     let body = transaction(origin, items)?;
-    let header = sign(key, &key.key_id, origin, "b.test", "PUT", &send_path(txn), now_ms(), &body)?;
+    let header = sign(key, &key.key_id, origin, "b.test", "PUT", &send_path(txn), Timestamp::now(), &body)?;
     let (status, answer) = peer.put_send(txn, Some(&header), &body).await?;
     ensure!(status == 200 && answer["rejected"].is_null(), "{txn}: {status} {answer}");
     Ok(())
@@ -681,6 +679,35 @@ async fn a_message_id_seen_from_its_origin_is_delivered_once_across_transactions
 }
 
 #[tokio::test]
+async fn a_message_id_beyond_stored_integers_is_refused_and_the_rest_of_its_transaction_applies() -> anyhow::Result<()> {
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
+    let alice_session = support::register(&net.server("a.test").base_url, "alice").await?;
+    let bob_session = support::register(&net.server("b.test").base_url, "bob").await?;
+    let mut bob = raw_receiver(&bob_session).await?;
+    let a_key = key_of(net.server("a.test"))?;
+    let peer = Peer::new(&net, "b.test", &net.servers[1].server)?;
+    let (alice_id, bob_id) = (alice_session.user_id.as_str(), &bob_session.user_id);
+    let item = |id: u64, text: &str| {
+        let message = message(id, alice_id, &alice_session.device_id, bob_id, &bob_session.device_id, text, "a.test", &a_key);
+        message.map(Item::Message)
+    };
+    // Servers keep message ids as SQLite integers: an id from 2^63 on is bad input from the
+    // peer (not a failed commit for the whole transaction), and the largest valid id works.
+    let body = transaction("a.test", vec![item(1 << 63, "too large")?, item((1 << 63) - 1, "largest")?])?;
+    let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &send_path("ids-1"), Timestamp::now(), &body)?;
+    let (status, answer) = peer.put_send("ids-1", Some(&header), &body).await?;
+    let rejected: Vec<(u64, &str)> = answer["rejected"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| Some((r["index"].as_u64()?, r["code"].as_str()?)))
+        .collect();
+    assert_eq!((status, rejected), (200, vec![(0, "bad_request")]), "{answer}");
+    assert_eq!(receive_texts(&mut bob, 1).await?, ["largest"]);
+    Ok(())
+}
+
+#[tokio::test]
 async fn presence_of_a_remote_user_reaches_only_local_users_who_subscribed_to_it() -> anyhow::Result<()> {
     let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
     let alice_session = support::register(&net.server("a.test").base_url, "alice").await?;
@@ -701,7 +728,7 @@ async fn presence_of_a_remote_user_reaches_only_local_users_who_subscribed_to_it
     let viewers = vec![bob_session.user_id.clone(), carol_session.user_id.clone()];
     let item = Item::Presence(parley_spec::federation::v1::transaction::PresenceItem::new(online, viewers));
     let body = transaction("a.test", vec![item])?;
-    let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &send_path("presence-1"), now_ms(), &body)?;
+    let header = sign(&a_key, &a_key.key_id, "a.test", "b.test", "PUT", &send_path("presence-1"), Timestamp::now(), &body)?;
     let (status, answer) = peer.put_send("presence-1", Some(&header), &body).await?;
     assert_eq!(status, 200, "{answer}");
 
@@ -745,8 +772,15 @@ async fn receipts_from_a_server_name_only_messages_its_users_were_sent() -> anyh
     // b.test (its real key) claims receipts for alice's messages: by a user alice never wrote
     // to, and by bob for a message alice sent to dave. Refused items, delivered to no one.
     let b_key = key_of(net.server("b.test"))?;
-    let receipt = |kind, by: &UserId, id: u64| {
-        Item::Receipt(ReceiptEvent::new(kind, by.clone(), DeviceId::parse("EVIL").unwrap(), alice_id.clone(), vec![id], now_ms()))
+    let receipt = |kind, by: &UserId, id: ServerMsgId| {
+        Item::Receipt(ReceiptEvent::new(
+            kind,
+            by.clone(),
+            DeviceId::parse("EVIL").unwrap(),
+            alice_id.clone(),
+            vec![id],
+            Timestamp::now(),
+        ))
     };
     let items = vec![
         receipt(ReceiptKind::Read, &mallory_id, to_bob.server_msg_id),
@@ -756,7 +790,7 @@ async fn receipts_from_a_server_name_only_messages_its_users_were_sent() -> anyh
     ];
     let body = transaction("b.test", items)?;
     let peer = Peer::new(&net, "a.test", &net.servers[0].server)?;
-    let header = sign(&b_key, &b_key.key_id, "b.test", "a.test", "PUT", &send_path("receipts-1"), now_ms(), &body)?;
+    let header = sign(&b_key, &b_key.key_id, "b.test", "a.test", "PUT", &send_path("receipts-1"), Timestamp::now(), &body)?;
     let (status, answer) = peer.put_send("receipts-1", Some(&header), &body).await?;
 
     // bob reads alice's message to him (through b.test): every receipt alice gets up to his read

@@ -3,7 +3,7 @@
 
 use crate::raw;
 use crate::support::{envelopes, register, text, Device, PASSWORD, T};
-use parley_sdk::{Api, Client, ErrorCode, InboxEvent, RegisterRequest};
+use parley_sdk::{Api, Client, ErrorCode, InboxEvent, RegisterRequest, Seq};
 use parley_tests::{parleyd_path, TestServer};
 use std::process::Stdio;
 
@@ -111,7 +111,7 @@ async fn acknowledged_entries_are_deleted_unless_history_is_kept() -> anyhow::Re
         // Bob uses the HTTP fallback: the first sync gets the message, the second (since = its
         // cursor) acknowledges it.
         let api = Api::new(&bob)?;
-        let first = api.sync(0, 10_000, None).await?;
+        let first = api.sync(Seq::ZERO, 10_000, None).await?;
         assert_eq!(first.events.len(), 1);
         match &first.events[0].event {
             InboxEvent::Message(m) => assert_eq!((m.id, text(m).as_str()), (sent.server_msg_id, "ephemeral?")),
@@ -119,7 +119,7 @@ async fn acknowledged_entries_are_deleted_unless_history_is_kept() -> anyhow::Re
         }
         let second = api.sync(first.cursor, 0, None).await?;
         assert!(second.events.is_empty());
-        let replay = api.sync(0, 0, None).await?;
+        let replay = api.sync(Seq::ZERO, 0, None).await?;
         assert_eq!(replay.events.len(), usize::from(keep_history), "keep_history = {keep_history}");
     }
     Ok(())
@@ -133,7 +133,7 @@ async fn long_poll_sync_wakes_on_a_new_message_and_acks_into_receipts() -> anyho
     let mut a1 = Device::connect(&alice).await?;
     let api = Api::new(&bob)?;
     // The poll is waiting (60 s timeout) when the message is sent; it returns with it.
-    let poll = tokio::spawn(async move { api.sync(0, 60_000, None).await });
+    let poll = tokio::spawn(async move { api.sync(Seq::ZERO, 60_000, None).await });
     let body = envelopes(&alice, &bob.user_id, b"wake up").await?;
     // (If the send wins the race with the poll's start, the poll returns it at once.)
     let sent = a1.conn.send(bob.user_id.clone(), body).await?;
@@ -174,7 +174,7 @@ async fn the_server_publishes_a_self_signed_key_document_that_survives_restarts(
         anyhow::Ok(document)
     };
     let name = parley_sdk::spec::ServerName::parse("localhost")?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let now = parley_sdk::Timestamp::now();
     let first = fetch(server.base_url.clone()).await?;
     let keys = parley_federation::verify_server_keys(&first, &name, now)?;
     assert_eq!(keys.current.len(), 1);

@@ -42,8 +42,8 @@ async fn presence_goes_online_then_offline_after_the_heartbeat_timeout() -> anyh
     let offline = next_presence(&mut a1).await?;
     assert_eq!((&offline.user, offline.status), (&bob.user_id, PresenceStatus::Offline));
     let last_seen = offline.last_seen_ts.expect("last seen is set");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
-    assert!(last_seen <= now && now - last_seen < 60_000, "last seen {last_seen} is recent");
+    let now = parley_sdk::Timestamp::now();
+    assert!(last_seen <= now && now.as_millis() - last_seen.as_millis() < 60_000, "last seen {last_seen} is recent");
 
     // An SDK connection heartbeats, so it stays online past the timeout. Silent raw sockets
     // opened after it are closed by the timeout, which proves the time has passed.

@@ -3,12 +3,12 @@
 
 use crate::raw;
 use crate::support::{login, register, Device, T};
-use parley_sdk::{Api, Event, ReadRequest, ReceiptKind};
+use parley_sdk::{Api, Event, ReadRequest, ReceiptKind, ServerMsgId};
 use parley_tests::TestServer;
 use serde_json::json;
 
 /// The `(by, message_ids)` of the next `read` receipt `device` gets.
-async fn next_read(device: &mut Device) -> anyhow::Result<(String, Vec<u64>)> {
+async fn next_read(device: &mut Device) -> anyhow::Result<(String, Vec<ServerMsgId>)> {
     let receipt = device.next_receipt(ReceiptKind::Read).await?;
     Ok((receipt.by.to_string(), receipt.message_ids))
 }
@@ -71,13 +71,17 @@ async fn a_read_marker_with_1000_ids_carries_only_the_messages_the_reader_receiv
     assert_eq!(m2.next_message().await?.id, to_mallory.server_msg_id);
 
     // 1,000 ids, none of them a message alice sent to mallory: refused, nothing stored.
-    let bogus: Vec<u64> = (0..1000).filter(|id| *id != to_mallory.server_msg_id).chain([u64::MAX]).collect();
+    let bogus: Vec<ServerMsgId> = (0..1000)
+        .map(ServerMsgId::new)
+        .filter(|id| *id != to_mallory.server_msg_id)
+        .chain([ServerMsgId::new(u64::MAX)])
+        .collect();
     assert_eq!(bogus.len(), 1000);
     let answer = Api::new(&mallory)?.read(ReadRequest::new(alice.user_id.clone(), bogus)).await;
     let code = answer.err().and_then(|e| e.server_code()).map(|c| c.to_string());
 
     // 1,000 ids with one message alice sent to bob among them: only that one is receipted.
-    let mut ids: Vec<u64> = (1_000_000..1_000_999).collect();
+    let mut ids: Vec<ServerMsgId> = (1_000_000..1_000_999).map(ServerMsgId::new).collect();
     ids.insert(500, to_bob.server_msg_id);
     Api::new(&bob)?.read(ReadRequest::new(alice.user_id.clone(), ids)).await?;
     assert_eq!(next_read(&mut a1).await?, (bob.user_id.to_string(), vec![to_bob.server_msg_id]));

@@ -18,7 +18,7 @@ use parley_spec::{
         presence::PresenceInfo,
         ws::{TypingFrame, TypingNotice},
     },
-    DeviceId, UserId,
+    DeviceId, Seq, ServerMsgId, UserId,
 };
 use std::{
     pin::Pin,
@@ -37,7 +37,7 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {
     /// Resume after this inbox position (acknowledges everything up to it). Default 0.
-    pub since: u64,
+    pub since: Seq,
     /// First reconnect delay. Default 100 ms.
     pub min_backoff: Duration,
     /// Longest reconnect delay. Default 5 s.
@@ -63,7 +63,7 @@ pub struct ConnectOptions {
 impl Default for ConnectOptions {
     fn default() -> Self {
         Self {
-            since: 0,
+            since: Seq::ZERO,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             ack_batch: 64,
@@ -77,7 +77,7 @@ impl Default for ConnectOptions {
 
 impl ConnectOptions {
     /// The defaults, resuming after `since`.
-    pub fn since(since: u64) -> Self {
+    pub fn since(since: Seq) -> Self {
         Self { since, ..Self::default() }
     }
 }
@@ -88,12 +88,12 @@ pub enum Event {
     /// A `hello` was received (at open and after every reconnect); `cursor` is where it resumed.
     Connected {
         /// The last handled inbox position.
-        cursor: u64,
+        cursor: Seq,
     },
     /// The backlog is delivered; what follows is live.
     CaughtUp {
         /// The last handled inbox position.
-        cursor: u64,
+        cursor: Seq,
     },
     /// A message for this device (each `(sender, id)` at most once within the dedupe window).
     Message(MessageEvent),
@@ -112,7 +112,7 @@ pub enum Event {
     /// positions up to `seq`; once they are stored, call [`Connection::confirm`] with it.
     Checkpoint {
         /// Inbox position.
-        seq: u64,
+        seq: Seq,
     },
     /// The WebSocket was lost; the task is reconnecting (unless the stream ends next, which
     /// means the server refused the token and the connection is closed for good).
@@ -150,7 +150,7 @@ impl Connection {
         if hello.user_id != session.user_id || hello.device_id != session.device_id {
             tracing::warn!(user_id = %hello.user_id, device_id = %hello.device_id, "hello names another device");
         }
-        let shared = Arc::new(Shared { cursor: AtomicU64::new(opts.since), connected: AtomicBool::new(true) });
+        let shared = Arc::new(Shared { cursor: AtomicU64::new(opts.since.get()), connected: AtomicBool::new(true) });
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, event_rx) = mpsc::unbounded_channel();
         let conn = Connection {
@@ -193,7 +193,7 @@ impl Connection {
     /// Marks messages from `peer` as read. Queued while reconnecting; resolves once written to
     /// the socket (the server does not answer `read` frames, so errors such as `unknown_user`
     /// are only logged; use [`Api::read`](crate::Api::read) to see them).
-    pub async fn read(&self, peer: UserId, message_ids: Vec<u64>) -> Result<(), Error> {
+    pub async fn read(&self, peer: UserId, message_ids: Vec<ServerMsgId>) -> Result<(), Error> {
         let (reply, rx) = oneshot::channel();
         self.commands.send(Command::Read { req: ReadRequest::new(peer, message_ids), reply }).map_err(|_| Error::Closed)?;
         rx.await.unwrap_or(Err(Error::Closed))
@@ -209,13 +209,13 @@ impl Connection {
 
     /// The highest inbox position handled (forwarded to [`Events`], or dropped as a repeat).
     /// Pass it as [`ConnectOptions::since`] to resume later.
-    pub fn cursor(&self) -> u64 {
-        self.shared.cursor.load(Ordering::Acquire)
+    pub fn cursor(&self) -> Seq {
+        Seq::new(self.shared.cursor.load(Ordering::Acquire))
     }
 
     /// With [`ConnectOptions::manual_ack`]: everything up to inbox position `seq` is stored by
     /// the application and may be acknowledged (and deleted on the server).
-    pub fn confirm(&self, seq: u64) {
+    pub fn confirm(&self, seq: Seq) {
         let _ = self.commands.send(Command::Confirm(seq));
     }
 

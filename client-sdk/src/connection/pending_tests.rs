@@ -1,14 +1,14 @@
 //! Tests for the pending-send bookkeeping.
 
 use super::*;
-use parley_spec::UserId;
+use parley_spec::{ServerMsgId, Timestamp, UserId};
 
 fn req(n: u128) -> SendRequest {
     SendRequest::new(Uuid::from_u128(n), UserId::parse("@bob:x.org").unwrap(), Vec::new())
 }
 
 fn sent(n: u128) -> SentResponse {
-    SentResponse::new(Uuid::from_u128(n), n as u64, 0, false)
+    SentResponse::new(Uuid::from_u128(n), ServerMsgId::new(n as u64), Timestamp::EPOCH, false)
 }
 
 fn no_backoff(_: u32) -> Duration {
@@ -25,8 +25,8 @@ fn resolve_answers_every_waiter_once() {
     assert_eq!(p.len(), 1);
     assert!(p.resolve(sent(1)));
     assert!(!p.resolve(sent(1)), "answered already");
-    assert_eq!(rx1.try_recv().unwrap().unwrap().server_msg_id, 1);
-    assert_eq!(rx2.try_recv().unwrap().unwrap().server_msg_id, 1);
+    assert_eq!(rx1.try_recv().unwrap().unwrap().server_msg_id, ServerMsgId::new(1));
+    assert_eq!(rx2.try_recv().unwrap().unwrap().server_msg_id, ServerMsgId::new(1));
     assert_eq!(p.len(), 0);
 }
 

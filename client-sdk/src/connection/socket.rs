@@ -9,6 +9,7 @@ use futures_util::{
     SinkExt, StreamExt,
 };
 use parley_spec::v1::ws::{ClientFrame, HelloFrame, ServerFrame};
+use parley_spec::Seq;
 use std::time::Duration;
 use tokio::{
     net::TcpStream,
@@ -40,20 +41,20 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_BATCH: usize = 256;
 
 /// Opens `GET /v1/ws?since=N` and waits for `hello`.
-pub(crate) async fn connect(base: Url, token: String, since: u64) -> Result<(Ws, HelloFrame), Error> {
+pub(crate) async fn connect(base: Url, token: String, since: Seq) -> Result<(Ws, HelloFrame), Error> {
     match tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(&base, &token, since)).await {
         Ok(result) => result,
         Err(_) => Err(Error::Timeout),
     }
 }
 
-async fn connect_inner(base: &Url, token: &str, since: u64) -> Result<(Ws, HelloFrame), Error> {
+async fn connect_inner(base: &Url, token: &str, since: Seq) -> Result<(Ws, HelloFrame), Error> {
     let url = ws_url(base, since)?;
     let mut request = url.as_str().into_client_request()?;
     let mut auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| Error::InvalidToken)?;
     auth.set_sensitive(true);
     request.headers_mut().insert(AUTHORIZATION, auth);
-    tracing::debug!(host = url.host_str(), since, "opening websocket");
+    tracing::debug!(host = url.host_str(), since = since.get(), "opening websocket");
     // Nagle off: frames are small and already batched by the writer; latency matters.
     let (mut ws, _response) = tokio_tungstenite::connect_async_with_config(request, None, true).await?;
     loop {

@@ -1,7 +1,7 @@
 //! Pure bookkeeping for the connection task: reconnect backoff, the dedupe window, when to
 //! acknowledge, and when to ping. No I/O here, so all of it is unit-tested.
 
-use parley_spec::UserId;
+use parley_spec::{Seq, ServerMsgId, UserId};
 use rand::Rng;
 use std::{
     collections::{HashSet, VecDeque},
@@ -54,8 +54,8 @@ impl Backoff {
 #[derive(Debug)]
 pub(crate) struct DedupeWindow {
     capacity: usize,
-    seen: HashSet<(UserId, u64)>,
-    order: VecDeque<(UserId, u64)>,
+    seen: HashSet<(UserId, ServerMsgId)>,
+    order: VecDeque<(UserId, ServerMsgId)>,
 }
 
 impl DedupeWindow {
@@ -65,7 +65,7 @@ impl DedupeWindow {
 
     /// Records a message; false when it is already in the window (a repeat to drop).
     /// A capacity of 0 disables deduplication.
-    pub(crate) fn insert(&mut self, sender: &UserId, id: u64) -> bool {
+    pub(crate) fn insert(&mut self, sender: &UserId, id: ServerMsgId) -> bool {
         if self.capacity == 0 {
             return true;
         }
@@ -94,7 +94,7 @@ impl DedupeWindow {
 pub(crate) struct AckTracker {
     batch: usize,
     delay: Duration,
-    acked: u64,
+    acked: Seq,
     unacked: usize,
     first_unacked_at: Option<Instant>,
     /// Set when an `ack` may have been refused (`rate_limited`): send it again then.
@@ -102,12 +102,12 @@ pub(crate) struct AckTracker {
 }
 
 impl AckTracker {
-    pub(crate) fn new(batch: usize, delay: Duration, acked: u64) -> Self {
+    pub(crate) fn new(batch: usize, delay: Duration, acked: Seq) -> Self {
         Self { batch: batch.max(1), delay, acked, unacked: 0, first_unacked_at: None, resend_at: None }
     }
 
     /// Everything up to `cursor` is acknowledged (sent an `ack`, or connected with `since`).
-    pub(crate) fn acked(&mut self, cursor: u64) {
+    pub(crate) fn acked(&mut self, cursor: Seq) {
         self.acked = self.acked.max(cursor);
         self.unacked = 0;
         self.first_unacked_at = None;
@@ -117,7 +117,7 @@ impl AckTracker {
     /// The last `ack` may have been refused: repeat it at `at` (acks are cumulative, so a
     /// repeat is harmless).
     pub(crate) fn resend_at(&mut self, at: Instant) {
-        if self.acked > 0 {
+        if self.acked > Seq::ZERO {
             self.resend_at = Some(at);
         }
     }
@@ -130,8 +130,8 @@ impl AckTracker {
     }
 
     /// Whether `cursor` is ahead of the last acknowledgement.
-    pub(crate) fn needs_ack(&self, cursor: u64) -> bool {
-        cursor > self.acked || (self.resend_at.is_some() && cursor > 0)
+    pub(crate) fn needs_ack(&self, cursor: Seq) -> bool {
+        cursor > self.acked || (self.resend_at.is_some() && cursor > Seq::ZERO)
     }
 
     /// When the ack delay of the oldest unacknowledged event (or a repeat) is due.
@@ -199,6 +199,10 @@ mod tests {
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
+    fn id(n: u64) -> ServerMsgId {
+        ServerMsgId::new(n)
+    }
+
     #[test]
     fn backoff_grows_and_caps() {
         let (min, max) = (MS(100), MS(5000));
@@ -236,40 +240,40 @@ mod tests {
         let alice = UserId::parse("@alice:x.org").unwrap();
         let bob = UserId::parse("@bob:x.org").unwrap();
         let mut w = DedupeWindow::new(3);
-        assert!(w.insert(&alice, 1));
-        assert!(!w.insert(&alice, 1));
-        assert!(w.insert(&bob, 1), "same id, other sender");
-        assert!(w.insert(&alice, 2));
-        assert!(w.insert(&alice, 3), "evicts (alice, 1)");
+        assert!(w.insert(&alice, id(1)));
+        assert!(!w.insert(&alice, id(1)));
+        assert!(w.insert(&bob, id(1)), "same id, other sender");
+        assert!(w.insert(&alice, id(2)));
+        assert!(w.insert(&alice, id(3)), "evicts (alice, 1)");
         assert_eq!(w.len(), 3);
-        assert!(!w.insert(&bob, 1));
-        assert!(w.insert(&alice, 1), "forgotten after eviction");
+        assert!(!w.insert(&bob, id(1)));
+        assert!(w.insert(&alice, id(1)), "forgotten after eviction");
         let mut off = DedupeWindow::new(0);
-        assert!(off.insert(&alice, 1) && off.insert(&alice, 1));
+        assert!(off.insert(&alice, id(1)) && off.insert(&alice, id(1)));
     }
 
     #[test]
     fn ack_batches_and_deadlines() {
         let t0 = Instant::now();
-        let mut a = AckTracker::new(3, MS(20), 5);
-        assert!(!a.needs_ack(5));
+        let mut a = AckTracker::new(3, MS(20), Seq::new(5));
+        assert!(!a.needs_ack(Seq::new(5)));
         assert_eq!(a.deadline(), None);
         assert!(!a.record(t0));
         assert!(!a.record(t0 + MS(5)));
         assert_eq!(a.deadline(), Some(t0 + MS(20)), "from the first unacked event");
         assert!(a.record(t0 + MS(6)), "batch full");
-        assert!(a.needs_ack(8));
-        a.acked(8);
-        assert!(!a.needs_ack(8));
+        assert!(a.needs_ack(Seq::new(8)));
+        a.acked(Seq::new(8));
+        assert!(!a.needs_ack(Seq::new(8)));
         assert_eq!(a.deadline(), None);
-        a.acked(3);
-        assert!(!a.needs_ack(8), "acks never go backwards");
-        assert!(AckTracker::new(0, MS(1), 0).record(t0), "batch 0 means every event");
+        a.acked(Seq::new(3));
+        assert!(!a.needs_ack(Seq::new(8)), "acks never go backwards");
+        assert!(AckTracker::new(0, MS(1), Seq::new(0)).record(t0), "batch 0 means every event");
         a.resend_at(t0 + MS(50));
-        assert!(a.needs_ack(8), "a refused ack is repeated");
+        assert!(a.needs_ack(Seq::new(8)), "a refused ack is repeated");
         assert_eq!(a.deadline(), Some(t0 + MS(50)));
-        a.acked(8);
-        assert!(!a.needs_ack(8));
+        a.acked(Seq::new(8));
+        assert!(!a.needs_ack(Seq::new(8)));
         assert_eq!(a.deadline(), None);
     }
 

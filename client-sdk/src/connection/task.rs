@@ -15,6 +15,7 @@ use parley_spec::v1::{
     messages::{ReadRequest, SendRequest},
     ws::{AckFrame, ClientFrame, FrameId, HelloFrame, PingFrame, ReadFrame, ServerFrame, TypingFrame},
 };
+use parley_spec::Seq;
 use std::{
     collections::VecDeque,
     sync::{atomic::Ordering, Arc},
@@ -47,7 +48,7 @@ pub(crate) enum Command {
         done: oneshot::Sender<()>,
     },
     /// The application stored everything up to this position (manual acks).
-    Confirm(u64),
+    Confirm(Seq),
 }
 
 /// Why a phase ended.
@@ -97,9 +98,9 @@ pub(crate) struct Task {
     dedupe: DedupeWindow,
     acks: AckTracker,
     backoff: Backoff,
-    cursor: u64,
+    cursor: Seq,
     /// With manual acks: the position the application confirmed as stored.
-    confirmed: Option<u64>,
+    confirmed: Option<Seq>,
     ping_nonce: u64,
     /// Counts connections, to tell which one a send was written on.
     generation: u64,
@@ -152,7 +153,7 @@ impl Task {
             match self.drive(current).await {
                 Exit::Lost(reason) => {
                     self.shared.connected.store(false, Ordering::Release);
-                    tracing::info!(%reason, cursor = self.cursor, pending = self.pending.len(), "connection lost");
+                    tracing::info!(%reason, cursor = self.cursor.get(), pending = self.pending.len(), "connection lost");
                     self.emit(Event::Disconnected { reason });
                 }
                 exit => return self.finish(exit),
@@ -166,7 +167,7 @@ impl Task {
         self.backoff.reset();
         self.acks.acked(self.ack_position()); // connecting with `since` acknowledged it
         self.shared.connected.store(true, Ordering::Release);
-        tracing::debug!(cursor = self.cursor, "connected");
+        tracing::debug!(cursor = self.cursor.get(), "connected");
         self.emit(Event::Connected { cursor: self.cursor });
         if let Err(stop) = self.after_hello(&mut link) {
             return stop.into();
@@ -258,7 +259,7 @@ impl Task {
             let id = self.next_frame_id();
             link.send(&ClientFrame::Ack(AckFrame::new(position).with_id(id)))?;
             self.last_ack = Some(id);
-            tracing::trace!(seq = position, "acked");
+            tracing::trace!(seq = position.get(), "acked");
         }
         self.acks.acked(position);
         Ok(())
@@ -314,11 +315,11 @@ impl Task {
 
     /// The position acknowledgements may cover: everything handed over, or (manual acks) what
     /// the application confirmed.
-    fn ack_position(&self) -> u64 {
+    fn ack_position(&self) -> Seq {
         self.confirmed.map_or(self.cursor, |confirmed| confirmed.min(self.cursor))
     }
 
-    fn confirm(&mut self, seq: u64) {
+    fn confirm(&mut self, seq: Seq) {
         if let Some(confirmed) = self.confirmed.as_mut() {
             if seq > *confirmed {
                 *confirmed = seq.min(self.cursor);
@@ -332,7 +333,7 @@ impl Task {
         let mut retry_after: Option<Duration> = None;
         loop {
             let delay = self.backoff.next_delay().max(retry_after.take().unwrap_or_default());
-            tracing::debug!(delay_ms = delay.as_millis() as u64, cursor = self.cursor, "reconnecting");
+            tracing::debug!(delay_ms = delay.as_millis() as u64, cursor = self.cursor.get(), "reconnecting");
             let wake = Instant::now() + delay;
             loop {
                 tokio::select! {
@@ -347,7 +348,7 @@ impl Task {
             // delivered again (repeated messages are still dropped by the dedupe window).
             if let Some(confirmed) = self.confirmed {
                 self.cursor = confirmed;
-                self.shared.cursor.store(confirmed, Ordering::Release);
+                self.shared.cursor.store(confirmed.get(), Ordering::Release);
             }
             let attempt = socket::connect(self.base.clone(), self.token.clone(), self.cursor);
             tokio::pin!(attempt);
@@ -385,7 +386,7 @@ impl Task {
             }
         })
         .await;
-        tracing::debug!(cursor = self.cursor, "closed");
+        tracing::debug!(cursor = self.cursor.get(), "closed");
     }
 
     /// Stops for good: fails what is still waiting and ends the event stream.

@@ -9,7 +9,7 @@ use super::store::{
 use parley_crypto::identity::{DeviceIdentity, UserIdentity, VerifiedDeviceList, DEVICE_IDENTITY_BYTES};
 use parley_crypto::prekeys::PrekeySecret;
 use parley_spec::v1::keys::SignedDeviceList;
-use parley_spec::{DeviceId, UserId};
+use parley_spec::{DeviceId, ServerMsgId, Timestamp, UserId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use uuid::Uuid;
@@ -178,7 +178,7 @@ impl TrustStore for MemoryStore {
 }
 
 impl MessageStore for MemoryStore {
-    async fn enqueue(&self, entry: &OutboxEntry, _now_ms: i64) -> Result<(), StoreError> {
+    async fn enqueue(&self, entry: &OutboxEntry, _now: Timestamp) -> Result<(), StoreError> {
         let mut state = self.state();
         if !state.outbox.iter().any(|e| e.client_msg_id == entry.client_msg_id) {
             state.outbox.push(entry.clone());
@@ -205,11 +205,17 @@ impl MessageStore for MemoryStore {
         Ok(true)
     }
 
-    async fn has_server_message(&self, sender: &UserId, server_msg_id: u64) -> Result<bool, StoreError> {
+    async fn has_server_message(&self, sender: &UserId, server_msg_id: ServerMsgId) -> Result<bool, StoreError> {
         Ok(self.state().messages.iter().any(|m| m.sender == sender.as_str() && m.server_msg_id == Some(server_msg_id)))
     }
 
-    async fn mark_sent(&self, sender: &UserId, client_msg_id: Uuid, server_msg_id: u64, ts: i64) -> Result<(), StoreError> {
+    async fn mark_sent(
+        &self,
+        sender: &UserId,
+        client_msg_id: Uuid,
+        server_msg_id: ServerMsgId,
+        ts: Timestamp,
+    ) -> Result<(), StoreError> {
         let client_msg_id = client_msg_id.to_string();
         for message in self.state().messages.iter_mut() {
             if message.sender == sender.as_str() && message.client_msg_id == client_msg_id {
@@ -224,9 +230,9 @@ impl MessageStore for MemoryStore {
         &self,
         peer: &UserId,
         sender: &UserId,
-        server_msg_ids: &[u64],
+        server_msg_ids: &[ServerMsgId],
         read: bool,
-    ) -> Result<Vec<u64>, StoreError> {
+    ) -> Result<Vec<ServerMsgId>, StoreError> {
         let mut marked = BTreeSet::new();
         for message in self.state().messages.iter_mut() {
             let Some(id) = message.server_msg_id else { continue };

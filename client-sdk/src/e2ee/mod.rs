@@ -70,7 +70,7 @@ use parley_spec::v1::keys::{ClaimRequest, ClaimResponse, SignedDeviceList, Uploa
 use parley_spec::v1::messages::{SendRequest, SentResponse};
 use parley_spec::v1::presence::PresenceInfo;
 use parley_spec::v1::ws::TypingNotice;
-use parley_spec::{DeviceId, ErrorCode, UserId};
+use parley_spec::{DeviceId, ErrorCode, ServerMsgId, UserId};
 use rand::{CryptoRng, RngCore};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use uuid::Uuid;
@@ -86,21 +86,21 @@ pub enum MessengerEvent {
         /// The recipient.
         by: UserId,
         /// Server ids of the messages.
-        message_ids: Vec<u64>,
+        message_ids: Vec<ServerMsgId>,
     },
     /// The recipient read our messages.
     Read {
         /// The recipient.
         by: UserId,
         /// Server ids of the messages.
-        message_ids: Vec<u64>,
+        message_ids: Vec<ServerMsgId>,
     },
     /// An outbox message was stored by the server.
     Sent {
         /// Its id.
         client_msg_id: Uuid,
         /// The server's id.
-        server_msg_id: u64,
+        server_msg_id: ServerMsgId,
     },
     /// A contact's verified device list changed.
     DevicesChanged {
@@ -233,7 +233,7 @@ pub enum Done {
         /// Its id.
         client_msg_id: Uuid,
         /// The server's id.
-        server_msg_id: u64,
+        server_msg_id: ServerMsgId,
     },
     /// An outbox entry was refused for good and left the outbox.
     Refused {

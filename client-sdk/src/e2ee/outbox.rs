@@ -15,7 +15,7 @@ use parley_spec::error::DeviceRef;
 use parley_spec::v1::content::{Content, TextContent};
 use parley_spec::v1::keys::{ClaimRequest, ClaimResponse};
 use parley_spec::v1::messages::{Envelope, SendRequest, SentResponse};
-use parley_spec::{DeviceId, ErrorCode, UserId};
+use parley_spec::{DeviceId, ErrorCode, Timestamp, UserId};
 use rand::{CryptoRng, RngCore};
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -54,7 +54,7 @@ pub(crate) fn is_permanent(code: ErrorCode) -> bool {
 impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
     /// Writes a text message to `to` into the history and the outbox (it goes out with the
     /// next [`E2eeMachine::send`] of it). Returns its new id.
-    pub async fn enqueue_text(&mut self, to: &UserId, body: &str, now_ms: i64) -> Result<Uuid, E2eeError> {
+    pub async fn enqueue_text(&mut self, to: &UserId, body: &str, now: Timestamp) -> Result<Uuid, E2eeError> {
         let client_msg_id = new_uuid(&mut self.rng);
         let message = StoredMessage {
             local_id: 0,
@@ -63,13 +63,13 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
             sender_device: self.device_id.to_string(),
             client_msg_id: client_msg_id.to_string(),
             server_msg_id: None,
-            ts: now_ms,
+            ts: now,
             body: body.to_owned(),
             delivered: false,
             read: false,
         };
         self.store.add_message(&message).await?;
-        self.store.enqueue(&OutboxEntry { client_msg_id, to: to.clone(), body: body.to_owned() }, now_ms).await?;
+        self.store.enqueue(&OutboxEntry { client_msg_id, to: to.clone(), body: body.to_owned() }, now).await?;
         Ok(client_msg_id)
     }
 
@@ -212,7 +212,7 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
     /// The server stored the message.
     pub(super) async fn on_sent(&mut self, job: SendJob, sent: SentResponse) -> Result<Progress, E2eeError> {
         let client_msg_id = job.entry.client_msg_id;
-        self.store.mark_sent(&self.user_id, client_msg_id, sent.server_msg_id, sent.ts as i64).await?;
+        self.store.mark_sent(&self.user_id, client_msg_id, sent.server_msg_id, sent.ts).await?;
         self.store.dequeue(client_msg_id).await?;
         self.emit(MessengerEvent::Sent { client_msg_id, server_msg_id: sent.server_msg_id });
         self.apply_deferred_receipts().await?;

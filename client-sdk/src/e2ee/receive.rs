@@ -68,7 +68,7 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
             sender_device: message.sender_device.to_string(),
             client_msg_id: text.client_msg_id.to_string(),
             server_msg_id: Some(message.id),
-            ts: message.ts as i64,
+            ts: message.ts,
             body: text.body,
             delivered: false,
             read: false,

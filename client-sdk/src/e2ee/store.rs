@@ -13,7 +13,7 @@
 use parley_crypto::identity::{DeviceIdentity, UserIdentity, VerifiedDeviceList};
 use parley_crypto::prekeys::PrekeySecret;
 use parley_spec::v1::keys::SignedDeviceList;
-use parley_spec::{DeviceId, UserId};
+use parley_spec::{DeviceId, ServerMsgId, Timestamp, UserId};
 use std::future::Future;
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -169,7 +169,7 @@ pub trait TrustStore: Send + Sync {
 /// The outbox and the message history.
 pub trait MessageStore: Send + Sync {
     /// Queues a message for sending (once per id).
-    fn enqueue(&self, entry: &OutboxEntry, now_ms: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn enqueue(&self, entry: &OutboxEntry, now: Timestamp) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// The outbox, oldest first.
     fn outbox(&self) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + Send;
     /// Removes an entry (answered `sent`, or refused for good).
@@ -177,14 +177,18 @@ pub trait MessageStore: Send + Sync {
     /// Adds a message to the history; false if it was there already (same sender and id).
     fn add_message(&self, message: &StoredMessage) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Whether a message with this sender and server id is in the history already.
-    fn has_server_message(&self, sender: &UserId, server_msg_id: u64) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn has_server_message(
+        &self,
+        sender: &UserId,
+        server_msg_id: ServerMsgId,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Records the server's id and time for one of `sender`'s messages.
     fn mark_sent(
         &self,
         sender: &UserId,
         client_msg_id: Uuid,
-        server_msg_id: u64,
-        ts: i64,
+        server_msg_id: ServerMsgId,
+        ts: Timestamp,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Marks messages of `sender` in the conversation with `peer` (by server id) delivered or
     /// read; returns the ids marked, in the order given, each once.
@@ -192,9 +196,9 @@ pub trait MessageStore: Send + Sync {
         &self,
         peer: &UserId,
         sender: &UserId,
-        server_msg_ids: &[u64],
+        server_msg_ids: &[ServerMsgId],
         read: bool,
-    ) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<ServerMsgId>, StoreError>> + Send;
 }
 
 /// Everything the [`E2eeMachine`](super::E2eeMachine) keeps. MLS group state will be one more

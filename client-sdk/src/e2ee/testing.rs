@@ -11,7 +11,7 @@ use parley_spec::v1::keys::{
     ClaimResponse, DeviceKeys, DeviceListEntry, OneTimePrekey, PrekeyBundle, SignedDeviceList, SignedPrekey,
 };
 use parley_spec::v1::messages::SentResponse;
-use parley_spec::{DeviceId, ErrorCode, UserId};
+use parley_spec::{DeviceId, ErrorCode, ServerMsgId, Timestamp, UserId};
 use rand::rngs::StdRng;
 use rand::SeedableRng as _;
 use std::collections::{BTreeMap, VecDeque};
@@ -103,7 +103,7 @@ impl FakeServer {
                     return Ok(Response::Sent(again));
                 }
                 self.next_id += 1;
-                let (id, ts) = (self.next_id, 1_000 + self.next_id);
+                let (id, ts) = (ServerMsgId::new(self.next_id), Timestamp::from_millis(1_000 + self.next_id));
                 for envelope in &request.envelopes {
                     let event = MessageEvent::new(
                         id,

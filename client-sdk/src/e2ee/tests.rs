@@ -7,16 +7,17 @@ use super::testing::{deliver_all, run, FakeServer, Shared, TestMachine, TestUser
 use super::*;
 use parley_crypto::identity::DeviceListError;
 use parley_spec::v1::events::ReceiptKind;
+use parley_spec::Timestamp;
 
 async fn enqueue(machine: &mut TestMachine, to: &UserId, body: &str) -> OutboxEntry {
-    let id = machine.enqueue_text(to, body, 1).await.unwrap();
+    let id = machine.enqueue_text(to, body, Timestamp::from_millis(1)).await.unwrap();
     let entry = machine.outbox().await.unwrap().into_iter().find(|e| e.client_msg_id == id).unwrap();
     assert_eq!((&entry.to, entry.body.as_str()), (to, body));
     entry
 }
 
 /// Writes and sends a text; returns its id and server id.
-async fn send(machine: &mut TestMachine, server: &Shared, to: &UserId, body: &str) -> (Uuid, u64) {
+async fn send(machine: &mut TestMachine, server: &Shared, to: &UserId, body: &str) -> (Uuid, ServerMsgId) {
     let entry = enqueue(machine, to, body).await;
     let progress = machine.send(entry).await.unwrap();
     match run(machine, server, progress).await.unwrap() {
@@ -120,7 +121,7 @@ async fn a_superseded_session_still_decrypts_what_was_in_flight_on_it() {
     assert_eq!(b.store().history(&alice.id).len(), 5);
     // "two" again under another server id: its message key is spent in every session.
     let mut replay = two;
-    replay.id += 100;
+    replay.id = ServerMsgId::new(replay.id.get() + 100);
     let progress = b.receive_message(replay).await.unwrap();
     run(&mut b, &server, progress).await.unwrap();
     let events = b.take_events();
@@ -145,7 +146,7 @@ async fn a_replayed_first_message_is_rejected() {
     assert!(b.take_events().is_empty());
     // A copy with another server id reaches the replay check.
     let mut replay = first;
-    replay.id += 1;
+    replay.id = ServerMsgId::new(replay.id.get() + 1);
     let progress = b.receive_message(replay.clone()).await.unwrap();
     assert!(matches!(run(&mut b, &server, progress).await.unwrap(), Done::Received));
     assert_eq!(undecryptable(&b.take_events()), [Undecryptable::ReplayedFirstMessage]);
@@ -247,7 +248,7 @@ async fn outbox_entries_are_retried_until_sent_exactly_once() {
     assert!(a.outbox().await.unwrap().is_empty());
     let sent: Vec<_> = a.take_events().into_iter().filter(|e| matches!(e, MessengerEvent::Sent { .. })).collect();
     assert_eq!(sent.len(), 1, "one Sent event");
-    assert_eq!(a.store().history(&bob.id)[0].server_msg_id, Some(1));
+    assert_eq!(a.store().history(&bob.id)[0].server_msg_id, Some(ServerMsgId::new(1)));
     assert_eq!(deliver_all(&mut b, &server).await, 1, "stored once, delivered once");
     assert_eq!(texts(&b.take_events()), ["hello"]);
 }
@@ -312,7 +313,7 @@ async fn a_receipt_that_overtakes_its_sent_answer_is_applied_after_it() {
         b.device_id().clone(),
         a.user_id().clone(),
         vec![sent.server_msg_id],
-        0,
+        Timestamp::EPOCH,
     );
     a.receive_receipt(receipt.clone()).await.unwrap();
     assert!(a.take_events().is_empty(), "nothing to apply it to yet");
@@ -326,7 +327,7 @@ async fn a_receipt_that_overtakes_its_sent_answer_is_applied_after_it() {
     assert!(a.store().history(&bob.id)[0].delivered);
     // With no send on its way, a receipt that matches nothing is dropped at once.
     let mut forged = receipt;
-    forged.message_ids = vec![999];
+    forged.message_ids = vec![ServerMsgId::new(999)];
     a.receive_receipt(forged).await.unwrap();
     assert!(a.take_events().is_empty());
 }

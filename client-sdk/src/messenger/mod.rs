@@ -32,7 +32,7 @@ use driver::{Driver, Network};
 use parley_crypto::identity::{verify_device_list, DeviceIdentity, UserIdentity, VerifiedDevice};
 use parley_crypto::PublicKey;
 use parley_spec::v1::presence::PresenceInfo;
-use parley_spec::{DeviceId, UserId};
+use parley_spec::{DeviceId, Seq, ServerMsgId, Timestamp, UserId};
 use rand::rngs::OsRng;
 use std::path::Path;
 use std::sync::{Arc, Weak};
@@ -205,8 +205,8 @@ impl Messenger {
 
     async fn start(store: Store, session: Session, machine: Machine) -> Result<(Self, MessengerEvents), MessengerError> {
         let since = match store.get("cursor").await.map_err(Error::from)? {
-            Some(bytes) => std::str::from_utf8(&bytes).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
-            None => 0,
+            Some(bytes) => std::str::from_utf8(&bytes).ok().and_then(|s| s.parse().ok()).map_or(Seq::ZERO, Seq::new),
+            None => Seq::ZERO,
         };
         let (conn, events) =
             Connection::open(&session, ConnectOptions { since, manual_ack: true, ..ConnectOptions::default() }).await?;
@@ -259,7 +259,7 @@ impl Messenger {
     /// Writes a text message to history and the outbox, then sends it (now, or when the
     /// connection is back). Returns its id.
     pub async fn send_text(&self, to: &UserId, body: &str) -> Result<Uuid, MessengerError> {
-        let client_msg_id = self.inner.driver.machine().await.enqueue_text(to, body, now_ms()).await?;
+        let client_msg_id = self.inner.driver.machine().await.enqueue_text(to, body, Timestamp::now()).await?;
         self.flush(Some(client_msg_id)).await?;
         Ok(client_msg_id)
     }
@@ -324,7 +324,7 @@ impl Messenger {
     }
 
     /// Marks messages of `peer` read (read receipts to the peer's devices and ours).
-    pub async fn mark_read(&self, peer: &UserId, server_msg_ids: Vec<u64>) -> Result<(), MessengerError> {
+    pub async fn mark_read(&self, peer: &UserId, server_msg_ids: Vec<ServerMsgId>) -> Result<(), MessengerError> {
         use crate::e2ee::MessageStore as _;
         self.inner.store.mark_receipt(peer, peer, &server_msg_ids, true).await.map_err(Error::from)?;
         Ok(self.conn().read(peer.clone(), server_msg_ids).await?)
@@ -378,7 +378,7 @@ impl Messenger {
     }
 
     /// Everything up to `seq` is stored: remember the position, then let the server forget it.
-    async fn checkpoint(&self, seq: u64) -> Result<(), MessengerError> {
+    async fn checkpoint(&self, seq: Seq) -> Result<(), MessengerError> {
         self.inner.store.set("cursor", seq.to_string().as_bytes()).await.map_err(Error::from)?;
         self.conn().confirm(seq);
         Ok(())
@@ -418,9 +418,4 @@ async fn set_up(
     let driver = Driver::new(machine, network, tx);
     driver.drive(Progress::Next(request)).await?;
     Ok(driver.into_machine())
-}
-
-/// Milliseconds since the Unix epoch, now.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -5,7 +5,7 @@ use super::driver::{Driver, Transport};
 use crate::e2ee::testing::{run, FakeServer, Shared, TestUser};
 use crate::e2ee::{Failure, MessengerEvent, OutgoingRequest, Response};
 use crate::Error;
-use parley_spec::{DeviceId, ErrorBody, UserId};
+use parley_spec::{DeviceId, ErrorBody, Timestamp, UserId};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -39,7 +39,7 @@ async fn a_send_waiting_for_the_server_does_not_hold_up_an_incoming_message() {
     let a = alice.add_device(&server, "A1", 11).await;
     let mut b = bob.add_device(&server, "B1", 21).await;
     // Bob writes to alice; it waits in her inbox.
-    b.enqueue_text(&alice.id, "hello", 1).await.unwrap();
+    b.enqueue_text(&alice.id, "hello", Timestamp::from_millis(1)).await.unwrap();
     let entry = b.outbox().await.unwrap().remove(0);
     let progress = b.send(entry).await.unwrap();
     run(&mut b, &server, progress).await.unwrap();
@@ -55,7 +55,7 @@ async fn a_send_waiting_for_the_server_does_not_hold_up_an_incoming_message() {
     let (tx, mut events) = mpsc::unbounded_channel();
     let driver = Arc::new(Driver::new(a, transport, tx));
     // Alice sends; the server does not answer yet.
-    let id = driver.machine().await.enqueue_text(&bob.id, "slow", 1).await.unwrap();
+    let id = driver.machine().await.enqueue_text(&bob.id, "slow", Timestamp::from_millis(1)).await.unwrap();
     let sending = tokio::spawn({
         let driver = driver.clone();
         async move { driver.flush(Some(id)).await }

@@ -175,7 +175,7 @@ pub async fn list_devices(State(state): State<AppState>, auth: AuthDevice) -> Re
         .into_iter()
         .filter_map(|d| {
             let id = DeviceId::parse(&d.device_id).ok()?;
-            Some(DeviceInfo::new(id, d.display_name, d.created_ts as u64, d.last_seen_ts.map(|t| t as u64)))
+            Some(DeviceInfo::new(id, d.display_name, d.created_ts, d.last_seen_ts))
         })
         .collect();
     Ok(axum::Json(DevicesResponse::new(devices)))

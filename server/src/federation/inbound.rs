@@ -12,7 +12,7 @@ use crate::app::on;
 use crate::app::AppState;
 use crate::error::{Error, Result};
 use crate::messaging::to_bytes;
-use crate::storage::{now_ms, Effects, InboundItem, MessageRoutes, NewEvent, RemoteMessage};
+use crate::storage::{Effects, InboundItem, MessageRoutes, NewEvent, RemoteMessage};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::routing::get;
@@ -31,9 +31,10 @@ use parley_spec::federation::v1::transaction::{
 use parley_spec::v1::events::{InboxEvent, MessageEvent};
 use parley_spec::v1::keys::{ClaimResponse, MAX_CLAIM_DEVICES};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
-use parley_spec::{ErrorCode, ServerName, UserId};
+use parley_spec::{ErrorCode, ServerMsgId, ServerName, Timestamp, UserId};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The router of the federation listener.
 pub fn router(state: AppState) -> Router {
@@ -177,9 +178,8 @@ async fn verify_request(
         .to_str()
         .map_err(|_| RequestAuthError::Malformed("not ASCII"))?;
     let auth = Authorization::parse(header)?;
-    let now = now_ms() as u64;
     let skew = fed.config().max_clock_skew_ms;
-    auth.check_envelope(&state.server_name, now, skew)?;
+    auth.check_envelope(&state.server_name, Timestamp::now(), skew)?;
     fed.check_allowed(&auth.origin).map_err(AuthFailure::Failed)?;
     let key = fed.origin_key(&auth.origin, &auth.key_id, auth.ts).await.map_err(AuthFailure::Failed)?;
     let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -187,7 +187,7 @@ async fn verify_request(
     // Counted only once the origin is proven: forged requests must not use up its budget.
     fed.check_rate(&auth.origin, &state.metrics).map_err(AuthFailure::Refused)?;
     // Only a correctly signed request can be a replay; remember it until it would be stale.
-    if !fed.replays.first_sight(&auth.signature, auth.ts + skew) {
+    if !fed.replays.first_sight(&auth.signature, auth.ts.saturating_add(Duration::from_millis(skew))) {
         let error = Error::new(ErrorCode::ReplayedRequest, "this signed request was already received");
         return Err(AuthFailure::Failed(error));
     }
@@ -216,7 +216,7 @@ async fn send_transaction(
     let mut items = Vec::with_capacity(count);
     // Receipts name only messages their sender sent to their author: the routes of all the
     // messages the transaction's receipts name, in one query.
-    let receipt_ids: Vec<u64> = txn
+    let receipt_ids: Vec<ServerMsgId> = txn
         .items
         .iter()
         .filter_map(|item| match item {
@@ -345,6 +345,10 @@ async fn message_events(
     let limits = &state.config.limits;
     if message.envelopes.len() > limits.max_devices_per_user {
         return Err(Error::new(ErrorCode::TooLarge, "more envelopes than a user may have devices"));
+    }
+    // Ids are stored as SQLite integers: one beyond them is no id a server assigns.
+    if i64::try_from(message.id).is_err() {
+        return Err(Error::new(ErrorCode::BadRequest, "message id out of range"));
     }
     if message.envelopes.iter().any(|e| e.ciphertext.0.len() > limits.max_envelope_bytes) {
         return Err(Error::new(ErrorCode::TooLarge, format!("an envelope exceeds {} bytes", limits.max_envelope_bytes)));

@@ -19,7 +19,7 @@ use parley_crypto::PublicKey;
 use parley_federation::transport::FederationClient;
 use parley_spec::federation::v1::transaction::UserDevices;
 use parley_spec::v1::presence::PresenceInfo;
-use parley_spec::{ErrorCode, ServerName, UserId};
+use parley_spec::{ErrorCode, ServerName, Timestamp, UserId};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -179,11 +179,11 @@ impl Federation {
         let now = Instant::now();
         self.blocked.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, until| *until > now);
         self.claim_limits.purge(now);
-        self.replays.purge(crate::storage::now_ms() as u64);
+        self.replays.purge(Timestamp::now());
     }
 
     /// The key `key_id` of `origin`, valid for a signature made at `ts` (fetched when needed).
-    pub async fn origin_key(&self, origin: &ServerName, key_id: &str, ts: u64) -> Result<PublicKey> {
+    pub async fn origin_key(&self, origin: &ServerName, key_id: &str, ts: Timestamp) -> Result<PublicKey> {
         if let Some(key) = self.keys.lookup(origin, key_id, ts, false) {
             return Ok(key);
         }
@@ -194,8 +194,7 @@ impl Federation {
             self.keys.fetch_failed(origin);
             Error::new(ErrorCode::UnknownServerKey, format!("could not fetch the keys of {origin}: {error}"))
         })?;
-        let now = crate::storage::now_ms() as u64;
-        let verified = parley_federation::verify_server_keys(&document, origin, now).map_err(|error| {
+        let verified = parley_federation::verify_server_keys(&document, origin, Timestamp::now()).map_err(|error| {
             self.keys.fetch_failed(origin);
             Error::new(ErrorCode::UnknownServerKey, format!("the key document of {origin} is invalid: {error}"))
         })?;
@@ -214,7 +213,7 @@ fn covers(entry: &ServerName, server: &ServerName) -> bool {
 
 struct CachedKeys {
     keys: parley_federation::server_keys::VerifiedKeys,
-    valid_until_ts: u64,
+    valid_until_ts: Timestamp,
     fetched: Instant,
 }
 
@@ -231,10 +230,10 @@ const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 const FAILED_FETCH_BACKOFF: Duration = Duration::from_secs(5);
 
 impl KeyCache {
-    fn lookup(&self, origin: &ServerName, key_id: &str, ts: u64, fresh: bool) -> Option<PublicKey> {
+    fn lookup(&self, origin: &ServerName, key_id: &str, ts: Timestamp, fresh: bool) -> Option<PublicKey> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let cached = entries.get(origin)?;
-        if !fresh && cached.valid_until_ts < crate::storage::now_ms() as u64 {
+        if !fresh && cached.valid_until_ts < Timestamp::now() {
             return None;
         }
         cached.keys.key_for(key_id, ts)
@@ -248,9 +247,7 @@ impl KeyCache {
         }
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         match entries.get(origin) {
-            Some(cached) => {
-                cached.fetched.elapsed() >= REFETCH_INTERVAL || cached.valid_until_ts < crate::storage::now_ms() as u64
-            }
+            Some(cached) => cached.fetched.elapsed() >= REFETCH_INTERVAL || cached.valid_until_ts < Timestamp::now(),
             None => true,
         }
     }
@@ -259,7 +256,7 @@ impl KeyCache {
         self.failures.lock().unwrap_or_else(|e| e.into_inner()).insert(origin.clone(), Instant::now());
     }
 
-    fn store(&self, origin: &ServerName, keys: parley_federation::server_keys::VerifiedKeys, valid_until_ts: u64) {
+    fn store(&self, origin: &ServerName, keys: parley_federation::server_keys::VerifiedKeys, valid_until_ts: Timestamp) {
         self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(origin);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.insert(origin.clone(), CachedKeys { keys, valid_until_ts, fetched: Instant::now() });
@@ -270,26 +267,26 @@ impl KeyCache {
 /// signature is a replay. In memory: after a restart, transactions are still idempotent by id.
 #[derive(Default)]
 pub struct ReplayCache {
-    seen: Mutex<HashMap<[u8; 32], u64>>,
+    seen: Mutex<HashMap<[u8; 32], Timestamp>>,
 }
 
 /// Entries beyond which the cache purges expired signatures on insert.
 const REPLAY_PURGE_AT: usize = 100_000;
 
 impl ReplayCache {
-    /// Records a signature valid until `expires_ms`; false when it was seen before.
-    pub fn first_sight(&self, signature: &[u8], expires_ms: u64) -> bool {
+    /// Records a signature valid until `expires`; false when it was seen before.
+    pub fn first_sight(&self, signature: &[u8], expires: Timestamp) -> bool {
         use sha2::Digest as _;
         let digest: [u8; 32] = sha2::Sha256::digest(signature).into();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.len() >= REPLAY_PURGE_AT {
-            let now = crate::storage::now_ms() as u64;
+            let now = Timestamp::now();
             seen.retain(|_, expiry| *expiry >= now);
         }
-        seen.insert(digest, expires_ms).is_none()
+        seen.insert(digest, expires).is_none()
     }
 
-    fn purge(&self, now: u64) {
+    fn purge(&self, now: Timestamp) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, expiry| *expiry >= now);
     }
 }

@@ -284,7 +284,7 @@ fn transaction_body(origin: &ServerName, batch: &Batch) -> Vec<u8> {
         }
     }
     items.extend(ephemeral.iter().map(|item| &**item));
-    let transaction = RawTransaction { origin, origin_ts: crate::storage::now_ms() as u64, items };
+    let transaction = RawTransaction { origin, origin_ts: parley_spec::Timestamp::now(), items };
     serde_json::to_vec(&transaction).expect("a transaction of strings, integers and JSON values serializes")
 }
 

@@ -12,7 +12,7 @@ pub use sqlite::{KeyUpload, MessageRoutes, Store};
 pub use writer::{Effects, InboundItem, LiveEvents, MessageOutcome, NewEvent, NewMessage, Outbound, RemoteMessage, Subscribers};
 
 use bytes::Bytes;
-use parley_spec::{ServerName, UserId};
+use parley_spec::{Seq, ServerMsgId, ServerName, Timestamp, UserId};
 use std::sync::Arc;
 
 /// Internal key of a user row.
@@ -21,7 +21,7 @@ pub type UserPk = i64;
 pub type DevicePk = i64;
 
 /// The sender and id of a message, kept with each inbox entry to produce delivered receipts.
-pub type Origin = (Arc<str>, u64);
+pub type Origin = (Arc<str>, ServerMsgId);
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,9 @@ pub enum StoreError {
     /// The database file cannot be created or its permissions cannot be set.
     #[error("database file: {0}")]
     File(#[from] std::io::Error),
+    /// A number does not fit its column (a stored `i64` below 0, or a `u64` above `i64::MAX`).
+    #[error("stored integer: {0}")]
+    OutOfRange(#[from] parley_spec::OutOfRange),
 }
 
 /// A user account.
@@ -64,7 +67,7 @@ pub struct UserRow {
     /// Presence privacy setting (stored form).
     pub visibility: String,
     /// When the user was last online.
-    pub last_seen_ts: Option<i64>,
+    pub last_seen_ts: Option<Timestamp>,
 }
 
 /// The device an access token belongs to.
@@ -90,22 +93,27 @@ pub struct DeviceRow {
     /// Human name.
     pub display_name: Option<String>,
     /// Creation time.
-    pub created_ts: i64,
+    pub created_ts: Timestamp,
     /// Last connection time.
-    pub last_seen_ts: Option<i64>,
+    pub last_seen_ts: Option<Timestamp>,
 }
 
 /// An inbox entry as read back.
 #[derive(Debug, Clone)]
 pub struct InboxRow {
     /// Position in the device's inbox.
-    pub seq: u64,
+    pub seq: Seq,
     /// For message events: who sent it and its id (to produce delivered receipts).
     pub origin: Option<Origin>,
     /// The event JSON.
     pub payload: Bytes,
     /// When the commit that stored it finished (live events only; for the delivery metric).
     pub committed_at: Option<std::time::Instant>,
+}
+
+/// The current time in its stored form (milliseconds since the epoch).
+fn stored_now() -> Result<i64, StoreError> {
+    Ok(i64::try_from(Timestamp::now())?)
 }
 
 /// Creates the data directory (and missing parents) readable by its owner only, whatever the
@@ -128,9 +136,4 @@ pub fn create_data_dir(path: &std::path::Path) -> std::io::Result<()> {
     }
     #[cfg(not(unix))]
     builder.create(path)
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

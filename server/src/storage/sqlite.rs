@@ -73,7 +73,15 @@ impl Store {
         };
         let handle = tokio::spawn(writer.run());
         tokio::spawn(checkpoints(pool.clone()));
-        Ok((Self { pool, writer: tx, priority: priority_tx, next_msg_id: AtomicU64::new(max_id as u64 + 1) }, handle))
+        Ok((
+            Self {
+                pool,
+                writer: tx,
+                priority: priority_tx,
+                next_msg_id: AtomicU64::new(ServerMsgId::try_from(max_id)?.get() + 1),
+            },
+            handle,
+        ))
     }
 
     /// Stops accepting writes and waits until the writer (`writer`, from [`open`](Self::open))
@@ -86,8 +94,8 @@ impl Store {
     }
 
     /// A fresh, never reused message id.
-    pub fn next_message_id(&self) -> u64 {
-        self.next_msg_id.fetch_add(1, Ordering::Relaxed)
+    pub fn next_message_id(&self) -> ServerMsgId {
+        ServerMsgId::new(self.next_msg_id.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Queues a write. Waits for room when the queue is full (backpressure).
@@ -124,7 +132,7 @@ impl Store {
     }
 
     /// Records an acknowledgement and its delivered receipts.
-    pub async fn ack(&self, device: DevicePk, seq: u64, receipts: Effects) -> Result<(), StoreError> {
+    pub async fn ack(&self, device: DevicePk, seq: Seq, receipts: Effects) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.queue(WriteOp::Ack { device, seq, receipts, reply }).await?;
         Self::wait(rx).await
@@ -212,7 +220,8 @@ impl Store {
     }
 
     /// Forgets inbound transaction ids and message ids received before `before` (ms).
-    pub async fn prune_inbound(&self, before: i64) -> Result<u64, StoreError> {
+    pub async fn prune_inbound(&self, before: Timestamp) -> Result<u64, StoreError> {
+        let before = i64::try_from(before)?;
         let done = sqlx::query("DELETE FROM fed_inbound_txns WHERE received_ts < ?").bind(before).execute(&self.pool).await?;
         let mut pruned = done.rows_affected();
         // Message ids pile up fast under load: delete them in slices, so the database's write
@@ -279,7 +288,7 @@ impl Store {
     }
 
     /// Records when a user and device were last online (batched with everything else).
-    pub async fn record_last_seen(&self, user: UserPk, device: DevicePk, ts: i64) -> Result<(), StoreError> {
+    pub async fn record_last_seen(&self, user: UserPk, device: DevicePk, ts: Timestamp) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.queue(WriteOp::LastSeen { user, device, ts, reply }).await?;
         Self::wait(rx).await
@@ -289,7 +298,7 @@ impl Store {
     pub async fn inbox_after(
         &self,
         device: DevicePk,
-        after: u64,
+        after: Seq,
         limit: u32,
         max_bytes: usize,
     ) -> Result<Vec<InboxRow>, StoreError> {
@@ -297,7 +306,7 @@ impl Store {
         let mut rows =
             sqlx::query("SELECT seq, sender, msg_id, payload FROM inbox WHERE device = ? AND seq > ? ORDER BY seq LIMIT ?")
                 .bind(device)
-                .bind(after as i64)
+                .bind(i64::try_from(after)?)
                 .bind(limit as i64)
                 .fetch(&self.pool);
         let mut page = Vec::new();
@@ -309,8 +318,8 @@ impl Store {
             let payload: Vec<u8> = row.try_get(3)?;
             bytes += payload.len();
             page.push(InboxRow {
-                seq: row.try_get::<i64, _>(0)? as u64,
-                origin: sender.zip(msg_id).map(|(s, id)| (Arc::from(s), id as u64)),
+                seq: Seq::try_from(row.try_get::<i64, _>(0)?)?,
+                origin: sender.zip(msg_id.map(ServerMsgId::try_from).transpose()?).map(|(s, id)| (Arc::from(s), id)),
                 payload: Bytes::from(payload),
                 committed_at: None,
             });
@@ -321,13 +330,13 @@ impl Store {
     /// Of `ids`, those of messages that local user `sender` sent to `recipient` (a local or
     /// remote user id): what a receipt by `recipient` for `sender`'s messages may name. In the
     /// order given, each once; one query whatever the number of ids.
-    pub async fn sent_to(&self, sender: UserPk, recipient: &UserId, ids: &[u64]) -> Result<Vec<u64>, StoreError> {
+    pub async fn sent_to(&self, sender: UserPk, recipient: &UserId, ids: &[ServerMsgId]) -> Result<Vec<ServerMsgId>, StoreError> {
         Ok(self.message_routes(ids).await?.sent(ids, sender, recipient))
     }
 
     /// Who sent each of `ids` that is a message of a local sender (the user), and to whom. One
     /// query, also for a whole inbound transaction's receipts.
-    pub async fn message_routes(&self, ids: &[u64]) -> Result<MessageRoutes, StoreError> {
+    pub async fn message_routes(&self, ids: &[ServerMsgId]) -> Result<MessageRoutes, StoreError> {
         let rows = sqlx::query(
             "SELECT id, sender_user, recipient FROM messages \
              WHERE id IN (SELECT value FROM json_each(?1)) AND sender_user IS NOT NULL",
@@ -337,7 +346,7 @@ impl Store {
         .await?;
         let routes = rows
             .into_iter()
-            .map(|row| Ok((row.try_get::<i64, _>(0)? as u64, (row.try_get(1)?, row.try_get(2)?))))
+            .map(|row| Ok((ServerMsgId::try_from(row.try_get::<i64, _>(0)?)?, (row.try_get(1)?, row.try_get(2)?))))
             .collect::<Result<_, StoreError>>()?;
         Ok(MessageRoutes(routes))
     }
@@ -345,7 +354,12 @@ impl Store {
     /// Of `ids`, those of messages that remote user `sender` sent to local user `recipient`:
     /// what `recipient`'s read marker for `sender`'s messages may name. In the order given,
     /// each once; one query whatever the number of ids.
-    pub async fn received_from(&self, recipient: UserPk, sender: &UserId, ids: &[u64]) -> Result<Vec<u64>, StoreError> {
+    pub async fn received_from(
+        &self,
+        recipient: UserPk,
+        sender: &UserId,
+        ids: &[ServerMsgId],
+    ) -> Result<Vec<ServerMsgId>, StoreError> {
         let found: Vec<i64> = sqlx::query_scalar(
             "SELECT msg_id FROM remote_messages WHERE recipient = ?1 AND sender = ?2 \
              AND msg_id IN (SELECT value FROM json_each(?3))",
@@ -355,14 +369,14 @@ impl Store {
         .bind(json_ids(ids))
         .fetch_all(&self.pool)
         .await?;
-        Ok(in_request_order(ids, found))
+        in_request_order(ids, found)
     }
 
     /// The device's acknowledged position.
-    pub async fn acked_seq(&self, device: DevicePk) -> Result<u64, StoreError> {
+    pub async fn acked_seq(&self, device: DevicePk) -> Result<Seq, StoreError> {
         let seq: Option<i64> =
             sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = ?").bind(device).fetch_optional(&self.pool).await?;
-        Ok(seq.unwrap_or(0) as u64)
+        Ok(Seq::try_from(seq.unwrap_or(0))?)
     }
 
     // ---- accounts -------------------------------------------------------------------------
@@ -372,7 +386,7 @@ impl Store {
         let result = sqlx::query("INSERT INTO users (localpart, password_hash, created_ts, is_admin) VALUES (?, ?, ?, ?)")
             .bind(localpart)
             .bind(password_hash)
-            .bind(now_ms())
+            .bind(stored_now()?)
             .bind(is_admin)
             .execute(&self.pool)
             .await;
@@ -395,7 +409,7 @@ impl Store {
     ) -> Result<(UserPk, DevicePk), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         if let Some(token_hash) = registration_token {
-            let now = now_ms();
+            let now = stored_now()?;
             let used = sqlx::query(
                 "UPDATE registration_tokens SET uses_left = uses_left - 1 WHERE token_hash = ? \
                  AND (uses_left IS NULL OR uses_left > 0) AND (expires_ts IS NULL OR expires_ts > ?)",
@@ -411,7 +425,7 @@ impl Store {
         let user = match sqlx::query("INSERT INTO users (localpart, password_hash, created_ts) VALUES (?, ?, ?)")
             .bind(localpart)
             .bind(password_hash)
-            .bind(now_ms())
+            .bind(stored_now()?)
             .execute(&mut *tx)
             .await
         {
@@ -457,7 +471,7 @@ impl Store {
                 localpart: row.try_get(1)?,
                 password_hash: row.try_get(2)?,
                 visibility: row.try_get(3)?,
-                last_seen_ts: row.try_get(4)?,
+                last_seen_ts: row.try_get::<Option<i64>, _>(4)?.map(Timestamp::try_from).transpose()?,
             })
         })
         .transpose()
@@ -496,8 +510,8 @@ impl Store {
                     pk: row.try_get(0)?,
                     device_id: row.try_get(1)?,
                     display_name: row.try_get(2)?,
-                    created_ts: row.try_get(3)?,
-                    last_seen_ts: row.try_get(4)?,
+                    created_ts: Timestamp::try_from(row.try_get::<i64, _>(3)?)?,
+                    last_seen_ts: row.try_get::<Option<i64>, _>(4)?.map(Timestamp::try_from).transpose()?,
                 })
             })
             .collect()
@@ -508,13 +522,14 @@ impl Store {
         &self,
         token_hash: &[u8],
         uses: Option<u32>,
-        expires_ts: Option<i64>,
+        expires_ts: Option<Timestamp>,
     ) -> Result<(), StoreError> {
+        let expires_ts = expires_ts.map(i64::try_from).transpose()?;
         sqlx::query("INSERT INTO registration_tokens (token_hash, uses_left, expires_ts, created_ts) VALUES (?, ?, ?, ?)")
             .bind(token_hash)
             .bind(uses.map(i64::from))
             .bind(expires_ts)
-            .bind(now_ms())
+            .bind(stored_now()?)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -768,7 +783,7 @@ impl Store {
 
 /// `ids` as a JSON array for `json_each` (one bound parameter, so one cached statement for any
 /// number of ids). Ids beyond SQLite's integers cannot name a stored message and are left out.
-fn json_ids(ids: &[u64]) -> String {
+fn json_ids(ids: &[ServerMsgId]) -> String {
     let ids: Vec<String> = ids.iter().filter_map(|id| i64::try_from(*id).ok()).map(|id| id.to_string()).collect();
     format!("[{}]", ids.join(","))
 }
@@ -776,11 +791,11 @@ fn json_ids(ids: &[u64]) -> String {
 /// Senders and recipients of messages of local senders, by message id
 /// ([`Store::message_routes`]).
 #[derive(Debug, Default)]
-pub struct MessageRoutes(std::collections::HashMap<u64, (UserPk, String)>);
+pub struct MessageRoutes(std::collections::HashMap<ServerMsgId, (UserPk, String)>);
 
 impl MessageRoutes {
     /// Of `ids`, those of messages `sender` sent to `recipient`: in the order given, each once.
-    pub fn sent(&self, ids: &[u64], sender: UserPk, recipient: &UserId) -> Vec<u64> {
+    pub fn sent(&self, ids: &[ServerMsgId], sender: UserPk, recipient: &UserId) -> Vec<ServerMsgId> {
         let mut seen = std::collections::HashSet::new();
         ids.iter()
             .copied()
@@ -796,9 +811,10 @@ fn parse_column<T, E: std::fmt::Display>(value: &str, parse: impl FnOnce(&str) -
 }
 
 /// The `requested` ids that were `found`, in the requested order, without repeats.
-fn in_request_order(requested: &[u64], found: Vec<i64>) -> Vec<u64> {
-    let mut found: std::collections::HashSet<u64> = found.into_iter().map(|id| id as u64).collect();
-    requested.iter().copied().filter(|id| found.remove(id)).collect()
+fn in_request_order(requested: &[ServerMsgId], found: Vec<i64>) -> Result<Vec<ServerMsgId>, StoreError> {
+    let mut found: std::collections::HashSet<ServerMsgId> =
+        found.into_iter().map(ServerMsgId::try_from).collect::<Result<_, _>>()?;
+    Ok(requested.iter().copied().filter(|id| found.remove(id)).collect())
 }
 
 async fn insert_device(
@@ -814,7 +830,7 @@ async fn insert_device(
             .bind(device_id)
             .bind(display_name)
             .bind(token_hash)
-            .bind(now_ms())
+            .bind(stored_now()?)
             .execute(&mut *tx)
             .await;
     match result {
@@ -892,7 +908,7 @@ mod tests {
     }
 
     fn message(origin: &str, id: u64) -> InboundItem {
-        InboundItem { message: Some((Arc::from(origin), id)), effects: Effects::default() }
+        InboundItem { message: Some((Arc::from(origin), ServerMsgId::new(id))), effects: Effects::default() }
     }
 
     async fn remembered(store: &Store) -> Vec<(String, i64)> {
@@ -912,8 +928,13 @@ mod tests {
         assert!(!store.apply_inbound(&a, "t2", vec![message("a.test", 8)]).await.unwrap(), "a repeated txn_id");
         assert_eq!(remembered(&store).await, [("a.test".to_owned(), 7), ("c.test".to_owned(), 7)]);
         // Nothing is older than the start of the test; everything is older than a moment from now.
-        assert_eq!(store.prune_inbound(now_ms() - 60_000).await.unwrap(), 0);
-        assert_eq!(store.prune_inbound(now_ms() + 1).await.unwrap(), 4, "2 transactions and 2 message ids");
+        let now = Timestamp::now();
+        assert_eq!(store.prune_inbound(now.saturating_sub(Duration::from_secs(60))).await.unwrap(), 0);
+        assert_eq!(
+            store.prune_inbound(now.saturating_add(Duration::from_millis(1))).await.unwrap(),
+            4,
+            "2 transactions and 2 message ids"
+        );
         assert_eq!(remembered(&store).await, []);
     }
 
@@ -944,5 +965,17 @@ mod tests {
             .await
             .expect("insert");
         assert!(matches!(store.outbound_destinations().await, Err(StoreError::Corrupt(_))));
+    }
+
+    #[tokio::test]
+    async fn an_ack_beyond_stored_integers_is_clamped_not_a_failed_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path()).await;
+        let user = store.create_user("alice", "hash", false).await.unwrap();
+        let device = store.create_device(user, "DEV", None, b"token", 10).await.unwrap();
+        store.ack(device, Seq::new(u64::MAX), Effects::default()).await.unwrap();
+        assert_eq!(store.acked_seq(device).await.unwrap(), Seq::ZERO, "clamped to the empty inbox");
+        // A position beyond SQLite's integers is refused, never read as a wrapped one.
+        assert!(matches!(store.inbox_after(device, Seq::new(u64::MAX), 10, usize::MAX).await, Err(StoreError::OutOfRange(_))));
     }
 }

@@ -15,7 +15,7 @@
 
 use super::{DevicePk, InboxRow, StoreError, UserPk};
 use bytes::Bytes;
-use parley_spec::ServerName;
+use parley_spec::{Seq, ServerMsgId, ServerName, Timestamp};
 use sqlx::{Connection as _, QueryBuilder, Row as _, Sqlite, SqliteConnection, SqlitePool};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -57,7 +57,7 @@ pub struct RemoteMessage {
     /// The remote sender's user id.
     pub sender: Arc<str>,
     /// The message's id on the sender's server.
-    pub id: u64,
+    pub id: ServerMsgId,
 }
 
 /// What an operation adds: inbox events for local devices, items for other servers.
@@ -85,7 +85,7 @@ impl Effects {
 pub struct InboundItem {
     /// For a message: its origin server and its id there. The item applies only the first
     /// time this pair is seen (within the retention of `fed_inbound_messages`).
-    pub message: Option<(Arc<str>, u64)>,
+    pub message: Option<(Arc<str>, ServerMsgId)>,
     /// Its inbox events and federation items.
     pub effects: Effects,
 }
@@ -94,7 +94,7 @@ pub struct InboundItem {
 #[derive(Debug)]
 pub struct NewMessage {
     /// Pre-assigned server message id (wasted if this turns out to be a duplicate).
-    pub id: u64,
+    pub id: ServerMsgId,
     /// Sending device.
     pub sender_device: DevicePk,
     /// Sending user (receipts for the message are checked against it).
@@ -104,7 +104,7 @@ pub struct NewMessage {
     /// Recipient user id.
     pub recipient: String,
     /// Server timestamp.
-    pub ts: i64,
+    pub ts: Timestamp,
     /// One event per local target device.
     pub events: Vec<NewEvent>,
     /// The signed message for each other server with target devices.
@@ -136,16 +136,16 @@ pub enum MessageOutcome {
     /// Stored now.
     Stored {
         /// Server message id.
-        id: u64,
+        id: ServerMsgId,
         /// Server timestamp.
-        ts: i64,
+        ts: Timestamp,
     },
     /// Stored earlier under the same (device, client_msg_id): nothing new was written.
     Duplicate {
         /// The original id.
-        id: u64,
+        id: ServerMsgId,
         /// The original timestamp.
-        ts: i64,
+        ts: Timestamp,
     },
 }
 
@@ -201,7 +201,7 @@ pub enum WriteOp {
         /// The acknowledging device.
         device: DevicePk,
         /// Cumulative position.
-        seq: u64,
+        seq: Seq,
         /// Delivered receipts for senders' devices and servers.
         receipts: Effects,
         /// Answered after commit.
@@ -258,7 +258,7 @@ pub enum WriteOp {
         /// The device.
         device: DevicePk,
         /// When.
-        ts: i64,
+        ts: Timestamp,
         /// Answered after commit.
         reply: Reply<()>,
     },
@@ -283,7 +283,7 @@ pub(super) struct Writer {
     pub subscribers: Subscribers,
     pub metrics: crate::metrics::Metrics,
     /// Next sequence number per device (loaded on first use).
-    pub next_seq: HashMap<DevicePk, u64>,
+    pub next_seq: HashMap<DevicePk, Seq>,
 }
 
 impl Writer {
@@ -361,7 +361,7 @@ impl Writer {
     async fn apply(&mut self, batch: &mut Vec<WriteOp>, work: &mut Work) -> Result<(), StoreError> {
         let Plan { messages, effects, inbound, fed_state, deleted, acks, last_seen, replies } = batch.drain(..).collect();
         work.unit_replies.extend(replies);
-        let now = super::now_ms();
+        let now = super::stored_now()?;
         let next_seq = &mut self.next_seq;
         let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
 
@@ -469,9 +469,9 @@ struct Plan {
     /// Step 4: devices to remove.
     deleted: Vec<DevicePk>,
     /// Step 6: the highest acknowledged position per device.
-    acks: HashMap<DevicePk, u64>,
+    acks: HashMap<DevicePk, Seq>,
     /// Step 7: last-seen times.
-    last_seen: Vec<(UserPk, DevicePk, i64)>,
+    last_seen: Vec<(UserPk, DevicePk, Timestamp)>,
     /// Replies to acks, appends, removals and last-seen updates, answered after the commit.
     replies: Vec<Reply<()>>,
 }
@@ -483,7 +483,7 @@ impl FromIterator<WriteOp> for Plan {
             match op {
                 WriteOp::Message(message, reply) => plan.messages.push((message, reply)),
                 WriteOp::Ack { device, seq, receipts, reply } => {
-                    let acked = plan.acks.entry(device).or_insert(0);
+                    let acked = plan.acks.entry(device).or_insert(Seq::ZERO);
                     *acked = (*acked).max(seq);
                     plan.effects.extend(receipts);
                     plan.replies.push(reply);
@@ -526,19 +526,21 @@ async fn insert_messages(
 ) -> Result<Effects, StoreError> {
     let mut inserted = HashSet::new();
     for chunk in messages.chunks(ROWS_PER_STATEMENT) {
+        let stored: Vec<(i64, i64)> =
+            chunk.iter().map(|(m, _)| Ok((i64::try_from(m.id)?, i64::try_from(m.ts)?))).collect::<Result<_, StoreError>>()?;
         let mut query =
             QueryBuilder::<Sqlite>::new("INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) ");
-        query.push_values(chunk, |mut row, (m, _)| {
-            row.push_bind(m.id as i64)
+        query.push_values(chunk.iter().zip(stored), |mut row, ((m, _), (id, ts))| {
+            row.push_bind(id)
                 .push_bind(m.sender_device)
                 .push_bind(m.sender_user)
                 .push_bind(m.client_msg_id.as_bytes().as_slice())
                 .push_bind(m.recipient.as_str())
-                .push_bind(m.ts);
+                .push_bind(ts);
         });
         query.push(" ON CONFLICT DO NOTHING RETURNING id");
         for row in query.build().fetch_all(&mut *conn).await? {
-            inserted.insert(row.try_get::<i64, _>(0)? as u64);
+            inserted.insert(ServerMsgId::try_from(row.try_get::<i64, _>(0)?)?);
         }
     }
     let mut effects = Effects::default();
@@ -553,7 +555,10 @@ async fn insert_messages(
                 .bind(message.client_msg_id.as_bytes().as_slice())
                 .fetch_one(&mut *conn)
                 .await?;
-            let outcome = MessageOutcome::Duplicate { id: row.try_get::<i64, _>(0)? as u64, ts: row.try_get(1)? };
+            let outcome = MessageOutcome::Duplicate {
+                id: ServerMsgId::try_from(row.try_get::<i64, _>(0)?)?,
+                ts: Timestamp::try_from(row.try_get::<i64, _>(1)?)?,
+            };
             work.message_replies.push((reply, outcome));
         }
     }
@@ -585,16 +590,20 @@ async fn apply_inbound(
         work.inbound_replies.push((reply, new));
     }
     // One multi-row insert; RETURNING names the pairs seen for the first time.
-    let keys: Vec<&(Arc<str>, u64)> = inbound_items.iter().filter_map(|item| item.message.as_ref()).collect();
-    let mut first_seen: HashMap<String, HashSet<u64>> = HashMap::new();
+    let keys: Vec<(&str, i64)> = inbound_items
+        .iter()
+        .filter_map(|item| item.message.as_ref())
+        .map(|(origin, id)| Ok((origin.as_ref(), i64::try_from(*id)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let mut first_seen: HashMap<String, HashSet<ServerMsgId>> = HashMap::new();
     for chunk in keys.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_inbound_messages (origin, msg_id, received_ts) ");
         query.push_values(chunk, |mut row, (origin, id)| {
-            row.push_bind(origin.as_ref()).push_bind(*id as i64).push_bind(now);
+            row.push_bind(*origin).push_bind(*id).push_bind(now);
         });
         query.push(" ON CONFLICT DO NOTHING RETURNING origin, msg_id");
         for row in query.build().fetch_all(&mut *conn).await? {
-            first_seen.entry(row.try_get(0)?).or_default().insert(row.try_get::<i64, _>(1)? as u64);
+            first_seen.entry(row.try_get(0)?).or_default().insert(ServerMsgId::try_from(row.try_get::<i64, _>(1)?)?);
         }
     }
     let mut effects = Effects::default();
@@ -618,9 +627,10 @@ async fn apply_inbound(
 /// Remembers the messages received from other servers' users (for read-marker checks).
 async fn record_received(conn: &mut SqliteConnection, received: &[RemoteMessage]) -> Result<(), StoreError> {
     for chunk in received.chunks(ROWS_PER_STATEMENT) {
+        let ids: Vec<i64> = chunk.iter().map(|m| i64::try_from(m.id)).collect::<Result<_, _>>()?;
         let mut query = QueryBuilder::<Sqlite>::new("INSERT OR IGNORE INTO remote_messages (recipient, sender, msg_id) ");
-        query.push_values(chunk, |mut row, m| {
-            row.push_bind(m.recipient).push_bind(m.sender.as_ref()).push_bind(m.id as i64);
+        query.push_values(chunk.iter().zip(ids), |mut row, (m, id)| {
+            row.push_bind(m.recipient).push_bind(m.sender.as_ref()).push_bind(id);
         });
         query.build().execute(&mut *conn).await?;
     }
@@ -712,7 +722,7 @@ async fn apply_fed_state(
 async fn delete_devices(
     conn: &mut SqliteConnection,
     deleted: &[DevicePk],
-    next_seq: &mut HashMap<DevicePk, u64>,
+    next_seq: &mut HashMap<DevicePk, Seq>,
 ) -> Result<(), StoreError> {
     for device in deleted {
         next_seq.remove(device);
@@ -729,8 +739,8 @@ async fn delete_devices(
 async fn append_inbox(
     conn: &mut SqliteConnection,
     events: Vec<NewEvent>,
-    next_seq: &mut HashMap<DevicePk, u64>,
-) -> Result<Vec<(NewEvent, u64)>, StoreError> {
+    next_seq: &mut HashMap<DevicePk, Seq>,
+) -> Result<Vec<(NewEvent, Seq)>, StoreError> {
     let mut rows = Vec::with_capacity(events.len());
     for event in events {
         if let Some(seq) = allocate_seq(next_seq, conn, event.device).await? {
@@ -738,17 +748,14 @@ async fn append_inbox(
         }
     }
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let stored: Vec<(i64, Option<i64>)> = chunk
+            .iter()
+            .map(|(event, seq)| Ok((i64::try_from(*seq)?, event.origin.as_ref().map(|(_, id)| i64::try_from(*id)).transpose()?)))
+            .collect::<Result<_, StoreError>>()?;
         let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO inbox (device, seq, sender, msg_id, payload) ");
-        query.push_values(chunk, |mut row, (event, seq)| {
-            let (sender, msg_id) = match &event.origin {
-                Some((sender, id)) => (Some(sender.as_ref()), Some(*id as i64)),
-                None => (None, None),
-            };
-            row.push_bind(event.device)
-                .push_bind(*seq as i64)
-                .push_bind(sender)
-                .push_bind(msg_id)
-                .push_bind(event.payload.as_ref());
+        query.push_values(chunk.iter().zip(stored), |mut row, ((event, _), (seq, msg_id))| {
+            let sender = event.origin.as_ref().map(|(sender, _)| sender.as_ref());
+            row.push_bind(event.device).push_bind(seq).push_bind(sender).push_bind(msg_id).push_bind(event.payload.as_ref());
         });
         query.build().execute(&mut *conn).await?;
     }
@@ -759,27 +766,28 @@ async fn append_inbox(
 /// kept, deletes the entries at or below it.
 async fn apply_acks(
     conn: &mut SqliteConnection,
-    acks: HashMap<DevicePk, u64>,
-    next_seq: &mut HashMap<DevicePk, u64>,
+    acks: HashMap<DevicePk, Seq>,
+    next_seq: &mut HashMap<DevicePk, Seq>,
     keep_history: bool,
 ) -> Result<(), StoreError> {
     let mut clamped = Vec::with_capacity(acks.len());
     for (device, seq) in acks {
         if let Some(next) = peek_next_seq(next_seq, conn, device).await? {
-            clamped.push((device, seq.min(next - 1)));
+            // `next` is at least 1, and the clamped position fits: it is stored already.
+            clamped.push((device, i64::try_from(seq.min(Seq::new(next.get() - 1)))?));
         }
     }
     for chunk in clamped.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Sqlite>::new("WITH v(d, s) AS (");
         query.push_values(chunk, |mut row, (device, seq)| {
-            row.push_bind(*device).push_bind(*seq as i64);
+            row.push_bind(*device).push_bind(*seq);
         });
         query.push(") UPDATE devices SET acked_seq = v.s FROM v WHERE devices.id = v.d AND v.s > devices.acked_seq");
         query.build().execute(&mut *conn).await?;
         if !keep_history {
             let mut query = QueryBuilder::<Sqlite>::new("WITH v(d, s) AS (");
             query.push_values(chunk, |mut row, (device, seq)| {
-                row.push_bind(*device).push_bind(*seq as i64);
+                row.push_bind(*device).push_bind(*seq);
             });
             // Driven by `v` through the primary key: cost follows the rows deleted, not the batch.
             query.push(
@@ -793,8 +801,9 @@ async fn apply_acks(
 }
 
 /// Step 7: records when users and devices were last online.
-async fn record_last_seen(conn: &mut SqliteConnection, last_seen: &[(UserPk, DevicePk, i64)]) -> Result<(), StoreError> {
+async fn record_last_seen(conn: &mut SqliteConnection, last_seen: &[(UserPk, DevicePk, Timestamp)]) -> Result<(), StoreError> {
     for (user, device, ts) in last_seen {
+        let ts = i64::try_from(*ts)?;
         sqlx::query("UPDATE users SET last_seen_ts = ? WHERE id = ?").bind(ts).bind(user).execute(&mut *conn).await?;
         sqlx::query("UPDATE devices SET last_seen_ts = ? WHERE id = ?").bind(ts).bind(device).execute(&mut *conn).await?;
     }
@@ -803,10 +812,10 @@ async fn record_last_seen(conn: &mut SqliteConnection, last_seen: &[(UserPk, Dev
 
 /// The next sequence number of `device` without taking it; `None` if the device is gone.
 async fn peek_next_seq(
-    cache: &mut HashMap<DevicePk, u64>,
+    cache: &mut HashMap<DevicePk, Seq>,
     tx: &mut SqliteConnection,
     device: DevicePk,
-) -> Result<Option<u64>, StoreError> {
+) -> Result<Option<Seq>, StoreError> {
     if let Some(next) = cache.get(&device) {
         return Ok(Some(*next));
     }
@@ -817,18 +826,18 @@ async fn peek_next_seq(
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else { return Ok(None) };
-    let next = row.try_get::<i64, _>(0)? as u64 + 1;
+    let next = Seq::try_from(row.try_get::<i64, _>(0)?)?.next();
     cache.insert(device, next);
     Ok(Some(next))
 }
 
 async fn allocate_seq(
-    cache: &mut HashMap<DevicePk, u64>,
+    cache: &mut HashMap<DevicePk, Seq>,
     tx: &mut SqliteConnection,
     device: DevicePk,
-) -> Result<Option<u64>, StoreError> {
+) -> Result<Option<Seq>, StoreError> {
     let Some(next) = peek_next_seq(cache, tx, device).await? else { return Ok(None) };
-    cache.insert(device, next + 1);
+    cache.insert(device, next.next());
     Ok(Some(next))
 }
 
@@ -862,7 +871,7 @@ mod tests {
     }
 
     fn last_seen(device: DevicePk) -> WriteOp {
-        WriteOp::LastSeen { user: 1, device, ts: 42, reply: reply() }
+        WriteOp::LastSeen { user: 1, device, ts: Timestamp::from_millis(42), reply: reply() }
     }
 
     fn txn_done(last_seq: i64) -> WriteOp {
@@ -872,21 +881,21 @@ mod tests {
     #[test]
     fn the_plan_sorts_each_operation_into_its_step_keeping_batch_order() {
         let message = NewMessage {
-            id: 11,
+            id: ServerMsgId::new(11),
             sender_device: 1,
             sender_user: 1,
             client_msg_id: Uuid::new_v4(),
             recipient: "@bob:a.test".into(),
-            ts: 5,
+            ts: Timestamp::from_millis(5),
             events: vec![event(3)],
             outbound: vec![outbound("d.test")],
         };
         let mut receipts = effects(2, "c.test");
-        receipts.received.push(RemoteMessage { recipient: 1, sender: Arc::from("@carol:c.test"), id: 9 });
+        receipts.received.push(RemoteMessage { recipient: 1, sender: Arc::from("@carol:c.test"), id: ServerMsgId::new(9) });
         let batch = vec![
             WriteOp::Events(effects(1, "b.test"), reply()),
             WriteOp::Message(message, reply()),
-            WriteOp::Ack { device: 5, seq: 3, receipts, reply: reply() },
+            WriteOp::Ack { device: 5, seq: Seq::new(3), receipts, reply: reply() },
             WriteOp::Inbound { origin: "c.test".into(), txn_id: "t1".into(), items: vec![], reply: reply() },
             WriteOp::TxnInflight {
                 destination: "b.test".into(),
@@ -896,9 +905,9 @@ mod tests {
                 reply: reply(),
             },
             WriteOp::DeleteDevice(7, reply()),
-            WriteOp::Ack { device: 5, seq: 9, receipts: Effects::default(), reply: reply() },
-            WriteOp::Ack { device: 6, seq: 1, receipts: Effects::default(), reply: reply() },
-            WriteOp::Ack { device: 6, seq: 0, receipts: Effects::default(), reply: reply() },
+            WriteOp::Ack { device: 5, seq: Seq::new(9), receipts: Effects::default(), reply: reply() },
+            WriteOp::Ack { device: 6, seq: Seq::new(1), receipts: Effects::default(), reply: reply() },
+            WriteOp::Ack { device: 6, seq: Seq::ZERO, receipts: Effects::default(), reply: reply() },
             last_seen(2),
             txn_done(2),
             WriteOp::Bookkeeping(Bookkeeping::Watcher { user: 1, server: "c.test".into() }, reply()),
@@ -907,7 +916,7 @@ mod tests {
 
         assert_eq!(
             plan.messages.iter().map(|(m, _)| m.id).collect::<Vec<_>>(),
-            [11],
+            [ServerMsgId::new(11)],
             "a message keeps its effects until step 1 says it is new"
         );
         assert_eq!(plan.effects.events.iter().map(|e| e.device).collect::<Vec<_>>(), [1, 2]);
@@ -925,8 +934,8 @@ mod tests {
             .collect();
         assert_eq!(fed, ["inflight", "done", "other"]);
         assert_eq!(plan.deleted, [7]);
-        assert_eq!(plan.acks, HashMap::from([(5, 9), (6, 1)]), "the highest ack per device");
-        assert_eq!(plan.last_seen, [(1, 2, 42)]);
+        assert_eq!(plan.acks, HashMap::from([(5, Seq::new(9)), (6, Seq::new(1))]), "the highest ack per device");
+        assert_eq!(plan.last_seen, [(1, 2, Timestamp::from_millis(42))]);
         assert_eq!(plan.replies.len(), 7, "events, four acks, the removal and last-seen answer Ok(()) after the commit");
     }
 

@@ -16,6 +16,7 @@
 //! - `caught_up` is announced once, the first time the window is not behind, which is after
 //!   the backlog that existed at connection time has been sent completely.
 
+use parley_spec::Seq;
 use std::collections::VecDeque;
 
 /// What the window of one connection knows. `O` is what an acknowledgement needs of each sent
@@ -23,9 +24,9 @@ use std::collections::VecDeque;
 #[derive(Debug)]
 pub(crate) struct DeliveryWindow<O> {
     /// Highest seq sent on this connection (or the client's `since`).
-    cursor: u64,
+    cursor: Seq,
     /// Sent, not yet acknowledged, in seq order.
-    pending: VecDeque<(u64, O)>,
+    pending: VecDeque<(Seq, O)>,
     /// Events newer than the cursor were not sent live: read the inbox before sending more.
     behind: bool,
     /// `caught_up` was announced.
@@ -38,7 +39,7 @@ pub(crate) struct DeliveryWindow<O> {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Acked<O> {
     /// The acknowledged seq, at most the cursor (an ack cannot cover what was not sent here).
-    pub(crate) seq: u64,
+    pub(crate) seq: Seq,
     /// What the events sent on this connection and now acknowledged carried, in seq order.
     pub(crate) origins: Vec<O>,
 }
@@ -46,12 +47,12 @@ pub(crate) struct Acked<O> {
 impl<O> DeliveryWindow<O> {
     /// A window after `since` (what the client already has); it starts behind, as the inbox
     /// after `since` has not been read yet.
-    pub(crate) fn new(since: u64, max_unacked: usize) -> Self {
+    pub(crate) fn new(since: Seq, max_unacked: usize) -> Self {
         Self { cursor: since, pending: VecDeque::new(), behind: true, caught_up_sent: false, max_unacked }
     }
 
     /// Highest seq sent on this connection, or the client's `since`.
-    pub(crate) fn cursor(&self) -> u64 {
+    pub(crate) fn cursor(&self) -> Seq {
         self.cursor
     }
 
@@ -62,7 +63,7 @@ impl<O> DeliveryWindow<O> {
 
     /// The inbox ends at `end` (a `since` beyond it was clamped when recorded): resume from
     /// there, or the next events would be skipped.
-    pub(crate) fn resume_at_most(&mut self, end: u64) {
+    pub(crate) fn resume_at_most(&mut self, end: Seq) {
         self.cursor = self.cursor.min(end);
     }
 
@@ -103,8 +104,8 @@ impl<O> DeliveryWindow<O> {
     /// Whether a live event with `seq` may be sent now (then [`deliver`](Self::deliver) it).
     /// If not, and it is newer than the cursor, the window is behind: the event will be read
     /// from the inbox. An event at or below the cursor is a duplicate.
-    pub(crate) fn accept_live(&mut self, seq: u64) -> bool {
-        if self.behind || seq != self.cursor + 1 || self.pending.len() >= self.max_unacked {
+    pub(crate) fn accept_live(&mut self, seq: Seq) -> bool {
+        if self.behind || seq != self.cursor.next() || self.pending.len() >= self.max_unacked {
             if seq > self.cursor {
                 self.behind = true;
             }
@@ -115,7 +116,7 @@ impl<O> DeliveryWindow<O> {
 
     /// Records event `seq` as sent. `false` (nothing recorded) for a duplicate, `seq` at or
     /// below the cursor: do not send it.
-    pub(crate) fn deliver(&mut self, seq: u64, origin: O) -> bool {
+    pub(crate) fn deliver(&mut self, seq: Seq, origin: O) -> bool {
         if seq <= self.cursor {
             return false;
         }
@@ -127,7 +128,7 @@ impl<O> DeliveryWindow<O> {
     /// The client acknowledged up to `seq`. An ack beyond the cursor covers only what was
     /// sent; one below the oldest unacknowledged event settles nothing here (its seq is still
     /// passed on: the store ignores an ack that goes backwards).
-    pub(crate) fn ack(&mut self, seq: u64) -> Acked<O> {
+    pub(crate) fn ack(&mut self, seq: Seq) -> Acked<O> {
         let seq = seq.min(self.cursor);
         let mut origins = Vec::new();
         while self.pending.front().is_some_and(|(sent, _)| *sent <= seq) {
@@ -140,7 +141,7 @@ impl<O> DeliveryWindow<O> {
 
     /// `Some(cursor)` once: the first time the window is not behind, announce `caught_up`
     /// with this seq.
-    pub(crate) fn take_caught_up(&mut self) -> Option<u64> {
+    pub(crate) fn take_caught_up(&mut self) -> Option<Seq> {
         if self.caught_up_sent || self.behind {
             return None;
         }
@@ -159,6 +160,10 @@ impl<O> DeliveryWindow<O> {
 mod tests {
     use super::*;
 
+    fn seq(n: u64) -> Seq {
+        Seq::new(n)
+    }
+
     /// A connection's catch-up as `Conn::catch_up` runs it, against an inbox of `seqs` (one
     /// byte each) and a byte budget of `budget` unsent bytes; `sent` collects what went out.
     struct Harness {
@@ -174,7 +179,7 @@ mod tests {
     impl Harness {
         fn new(since: u64, max_unacked: usize, inbox: impl IntoIterator<Item = u64>) -> Self {
             Self {
-                window: DeliveryWindow::new(since, max_unacked),
+                window: DeliveryWindow::new(seq(since), max_unacked),
                 inbox: inbox.into_iter().collect(),
                 page: 100,
                 budget: usize::MAX,
@@ -193,15 +198,15 @@ mod tests {
         }
 
         fn announce(&mut self) {
-            if let Some(seq) = self.window.take_caught_up() {
-                self.caught_up.push(seq);
+            if let Some(cursor) = self.window.take_caught_up() {
+                self.caught_up.push(cursor.get());
             }
         }
 
         fn catch_up(&mut self) {
             loop {
                 let Some(limit) = self.window.next_read(self.page, self.unsent < self.budget) else { return };
-                let cursor = self.window.cursor();
+                let cursor = self.window.cursor().get();
                 let rows: Vec<u64> = self.inbox.iter().copied().filter(|s| *s > cursor).take(limit as usize).collect();
                 let exhausted = rows.len() < limit as usize;
                 for seq in rows {
@@ -210,7 +215,7 @@ mod tests {
                         return;
                     }
                     self.unsent += 1;
-                    if self.window.deliver(seq, seq) {
+                    if self.window.deliver(Seq::new(seq), seq) {
                         self.sent.push(seq);
                     } else {
                         self.unsent -= 1;
@@ -226,15 +231,15 @@ mod tests {
         /// The writer stored `seq` and pushed it live.
         fn push(&mut self, seq: u64) {
             self.inbox.push(seq);
-            if self.window.accept_live(seq) {
-                assert!(self.window.deliver(seq, seq));
+            if self.window.accept_live(Seq::new(seq)) {
+                assert!(self.window.deliver(Seq::new(seq), seq));
                 self.sent.push(seq);
             }
             self.step();
         }
 
         fn ack(&mut self, seq: u64) -> Acked<u64> {
-            let acked = self.window.ack(seq);
+            let acked = self.window.ack(Seq::new(seq));
             self.step();
             acked
         }
@@ -268,7 +273,7 @@ mod tests {
         h.step();
         // Event 3 was stored but its push was lost; 4 arrives live.
         h.inbox.push(3);
-        assert!(!h.window.accept_live(4), "4 is not cursor + 1");
+        assert!(!h.window.accept_live(seq(4)), "4 is not cursor + 1");
         assert!(h.window.is_behind());
         h.inbox.push(4);
         h.step();
@@ -296,7 +301,7 @@ mod tests {
         let mut h = Harness::new(0, 100, []);
         h.step();
         h.window.lagged();
-        assert!(!h.window.accept_live(1), "live events wait while behind, whatever their seq");
+        assert!(!h.window.accept_live(seq(1)), "live events wait while behind, whatever their seq");
         h.inbox.push(1);
         h.step();
         assert_eq!(h.sent, [1]);
@@ -314,7 +319,7 @@ mod tests {
         h.push(6);
         assert_eq!(h.sent, [1, 2, 3]);
         let acked = h.ack(2);
-        assert_eq!(acked, Acked { seq: 2, origins: vec![1, 2] });
+        assert_eq!(acked, Acked { seq: seq(2), origins: vec![1, 2] });
         assert_eq!(h.sent, [1, 2, 3, 4, 5], "two slots freed, two more sent");
         assert_eq!(h.window.unacked(), 3);
         h.ack(5);
@@ -367,7 +372,7 @@ mod tests {
         h.step();
         assert_eq!(h.sent, (1..=25).collect::<Vec<_>>());
         assert_eq!(h.caught_up, [25]);
-        let mut small = DeliveryWindow::<()>::new(0, 4);
+        let mut small = DeliveryWindow::<()>::new(seq(0), 4);
         assert_eq!(small.next_read(10, true), Some(4), "at most the free part of the window");
         assert_eq!(small.next_read(10, false), None, "nothing without byte room");
         assert!(small.is_behind());
@@ -375,41 +380,41 @@ mod tests {
 
     #[test]
     fn acks_are_clamped_to_the_cursor_and_old_ones_settle_nothing() {
-        let mut window = DeliveryWindow::new(10, 100);
-        for seq in 11..=13 {
-            assert!(window.deliver(seq, seq));
+        let mut window = DeliveryWindow::new(seq(10), 100);
+        for n in 11..=13 {
+            assert!(window.deliver(seq(n), n));
         }
-        assert_eq!(window.ack(1_000), Acked { seq: 13, origins: vec![11, 12, 13] }, "beyond the cursor: clamped");
-        assert_eq!(window.ack(5), Acked { seq: 5, origins: vec![] }, "below: passed on, nothing settled");
-        assert!(window.deliver(14, 14));
-        assert_eq!(window.ack(12), Acked { seq: 12, origins: vec![] });
+        assert_eq!(window.ack(seq(1_000)), Acked { seq: seq(13), origins: vec![11, 12, 13] }, "beyond the cursor: clamped");
+        assert_eq!(window.ack(seq(5)), Acked { seq: seq(5), origins: vec![] }, "below: passed on, nothing settled");
+        assert!(window.deliver(seq(14), 14));
+        assert_eq!(window.ack(seq(12)), Acked { seq: seq(12), origins: vec![] });
         assert_eq!(window.unacked(), 1);
-        assert_eq!(window.ack(14), Acked { seq: 14, origins: vec![14] });
+        assert_eq!(window.ack(seq(14)), Acked { seq: seq(14), origins: vec![14] });
     }
 
     #[test]
     fn duplicates_are_ignored() {
-        let mut window = DeliveryWindow::new(5, 100);
+        let mut window = DeliveryWindow::new(seq(5), 100);
         window.inbox_exhausted();
-        assert!(!window.deliver(5, ()), "at the cursor: the client has it");
-        assert!(!window.deliver(3, ()));
-        assert!(!window.accept_live(4), "an old live event");
+        assert!(!window.deliver(seq(5), ()), "at the cursor: the client has it");
+        assert!(!window.deliver(seq(3), ()));
+        assert!(!window.accept_live(seq(4)), "an old live event");
         assert!(!window.is_behind(), "an old live event is no gap");
-        assert!(window.accept_live(6));
-        assert!(window.deliver(6, ()));
-        assert!(!window.deliver(6, ()), "sent once per connection");
-        assert_eq!((window.cursor(), window.unacked()), (6, 1));
+        assert!(window.accept_live(seq(6)));
+        assert!(window.deliver(seq(6), ()));
+        assert!(!window.deliver(seq(6), ()), "sent once per connection");
+        assert_eq!((window.cursor(), window.unacked()), (seq(6), 1));
     }
 
     #[test]
     fn since_beyond_the_inbox_resumes_from_its_end() {
         let mut h = Harness::new(50, 100, 1..=3);
-        h.window.resume_at_most(3);
-        assert_eq!(h.window.cursor(), 3);
+        h.window.resume_at_most(seq(3));
+        assert_eq!(h.window.cursor(), seq(3));
         h.step();
         h.push(4);
         assert_eq!(h.sent, [4], "the next event is not skipped");
-        h.window.resume_at_most(10);
-        assert_eq!(h.window.cursor(), 4, "only ever lowered");
+        h.window.resume_at_most(seq(10));
+        assert_eq!(h.window.cursor(), seq(4), "only ever lowered");
     }
 }

@@ -1,7 +1,7 @@
 //! Inbox events: what a device receives, over the WebSocket (`event` frames) or `GET /v1/sync`.
 //! Each device has its own inbox with a sequence number per entry: the sync cursor.
 
-use crate::{v1::Timestamp, Base64Bytes, DeviceId, UserId};
+use crate::{v1::Timestamp, Base64Bytes, DeviceId, Seq, ServerMsgId, UserId};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -22,7 +22,8 @@ pub enum InboxEvent {
 #[non_exhaustive]
 pub struct MessageEvent {
     /// `server_msg_id` on the sender's server; with `sender`'s server name, the global id.
-    pub id: u64,
+    #[schema(value_type = u64)]
+    pub id: ServerMsgId,
     /// Who sent it.
     pub sender: UserId,
     /// From which device.
@@ -58,21 +59,29 @@ pub struct ReceiptEvent {
     /// Whose messages these are.
     pub sender: UserId,
     /// The messages' `server_msg_id`s.
-    pub message_ids: Vec<u64>,
+    #[schema(value_type = Vec<u64>)]
+    pub message_ids: Vec<ServerMsgId>,
     /// When the server recorded the receipt.
     pub ts: Timestamp,
 }
 
 impl ReceiptEvent {
     /// Builds a receipt.
-    pub fn new(kind: ReceiptKind, by: UserId, by_device: DeviceId, sender: UserId, message_ids: Vec<u64>, ts: Timestamp) -> Self {
+    pub fn new(
+        kind: ReceiptKind,
+        by: UserId,
+        by_device: DeviceId,
+        sender: UserId,
+        message_ids: Vec<ServerMsgId>,
+        ts: Timestamp,
+    ) -> Self {
         Self { kind, by, by_device, sender, message_ids, ts }
     }
 }
 
 impl MessageEvent {
     /// Builds a message event.
-    pub fn new(id: u64, sender: UserId, sender_device: DeviceId, to: UserId, ts: Timestamp, ciphertext: Vec<u8>) -> Self {
+    pub fn new(id: ServerMsgId, sender: UserId, sender_device: DeviceId, to: UserId, ts: Timestamp, ciphertext: Vec<u8>) -> Self {
         Self { id, sender, sender_device, to, ts, ciphertext: Base64Bytes(ciphertext) }
     }
 }
@@ -82,14 +91,15 @@ impl MessageEvent {
 #[non_exhaustive]
 pub struct SequencedEvent {
     /// Position in this device's inbox (strictly increasing, gaps allowed).
-    pub seq: u64,
+    #[schema(value_type = u64)]
+    pub seq: Seq,
     /// The event.
     pub event: InboxEvent,
 }
 
 impl SequencedEvent {
     /// Builds a sequenced event.
-    pub fn new(seq: u64, event: InboxEvent) -> Self {
+    pub fn new(seq: Seq, event: InboxEvent) -> Self {
         Self { seq, event }
     }
 }

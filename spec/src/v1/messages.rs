@@ -1,7 +1,7 @@
 //! Sending: `POST /v1/send` (the HTTP twin of the WebSocket `send` frame) and `POST /v1/read`
 //! (the twin of the `read` frame).
 
-use crate::{error::ErrorBody, v1::Timestamp, Base64Bytes, DeviceId, UserId};
+use crate::{error::ErrorBody, v1::Timestamp, Base64Bytes, DeviceId, ServerMsgId, UserId};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -57,7 +57,8 @@ pub struct SentResponse {
     /// Echo of the request's id.
     pub client_msg_id: Uuid,
     /// The server's id for the message: with the sender's server name, its global name.
-    pub server_msg_id: u64,
+    #[schema(value_type = u64)]
+    pub server_msg_id: ServerMsgId,
     /// When the server stored it.
     pub ts: Timestamp,
     /// True when this answers a retry of a message that was already stored.
@@ -67,7 +68,7 @@ pub struct SentResponse {
 
 impl SentResponse {
     /// Builds the response.
-    pub fn new(client_msg_id: Uuid, server_msg_id: u64, ts: Timestamp, duplicate: bool) -> Self {
+    pub fn new(client_msg_id: Uuid, server_msg_id: ServerMsgId, ts: Timestamp, duplicate: bool) -> Self {
         Self { client_msg_id, server_msg_id, ts, duplicate }
     }
 }
@@ -82,12 +83,13 @@ pub struct ReadRequest {
     pub peer: UserId,
     /// Their `server_msg_id`s (at most 1,000 per request). Only messages `peer` sent to the
     /// caller count; other ids are dropped, and none left is `bad_request`.
-    pub message_ids: Vec<u64>,
+    #[schema(value_type = Vec<u64>)]
+    pub message_ids: Vec<ServerMsgId>,
 }
 
 impl ReadRequest {
     /// Builds a read marker.
-    pub fn new(peer: UserId, message_ids: Vec<u64>) -> Self {
+    pub fn new(peer: UserId, message_ids: Vec<ServerMsgId>) -> Self {
         Self { peer, message_ids }
     }
 }

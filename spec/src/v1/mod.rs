@@ -14,5 +14,4 @@ pub mod presence;
 pub mod sync;
 pub mod ws;
 
-/// Milliseconds since the Unix epoch, as used in every timestamp on the wire.
-pub type Timestamp = u64;
+pub use crate::numbers::Timestamp;

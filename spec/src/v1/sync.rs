@@ -1,7 +1,7 @@
 //! Long-poll sync: `GET /v1/sync`, the HTTP fallback for clients that cannot hold a WebSocket.
 //! Same cursor semantics as the WebSocket: passing `since=N` acknowledges everything up to `N`.
 
-use crate::{error::ErrorBody, v1::events::SequencedEvent};
+use crate::{error::ErrorBody, v1::events::SequencedEvent, Seq};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -12,7 +12,8 @@ use utoipa::{IntoParams, ToSchema};
 pub struct SyncQuery {
     /// The cursor from the previous answer (0 at first). Acknowledges every event up to it.
     #[serde(default)]
-    pub since: u64,
+    #[param(value_type = u64)]
+    pub since: Seq,
     /// How long to wait for a new event when there is none, in milliseconds (capped by the server).
     #[serde(default)]
     pub timeout_ms: u64,
@@ -23,7 +24,7 @@ pub struct SyncQuery {
 
 impl SyncQuery {
     /// Builds a sync query.
-    pub fn new(since: u64, timeout_ms: u64, limit: Option<u32>) -> Self {
+    pub fn new(since: Seq, timeout_ms: u64, limit: Option<u32>) -> Self {
         Self { since, timeout_ms, limit }
     }
 }
@@ -35,12 +36,13 @@ pub struct SyncResponse {
     /// Events after `since`, in order.
     pub events: Vec<SequencedEvent>,
     /// Pass this as `since` next time.
-    pub cursor: u64,
+    #[schema(value_type = u64)]
+    pub cursor: Seq,
 }
 
 impl SyncResponse {
     /// Builds the response.
-    pub fn new(events: Vec<SequencedEvent>, cursor: u64) -> Self {
+    pub fn new(events: Vec<SequencedEvent>, cursor: Seq) -> Self {
         Self { events, cursor }
     }
 }

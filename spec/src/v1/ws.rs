@@ -14,7 +14,7 @@ use crate::{
         messages::{ReadRequest, SendRequest, SentResponse},
         presence::PresenceInfo,
     },
-    DeviceId, UserId,
+    DeviceId, Seq, ServerMsgId, UserId,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -26,7 +26,8 @@ use uuid::Uuid;
 pub struct WsQuery {
     /// Resume after this inbox position (acknowledges everything up to it). 0 at first.
     #[serde(default)]
-    pub since: u64,
+    #[param(value_type = u64)]
+    pub since: Seq,
     /// For browsers, which cannot set headers on a WebSocket: the access token. Prefer the
     /// `Authorization` header everywhere else (URLs end up in logs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,7 +68,8 @@ pub type FrameId = u64;
 #[non_exhaustive]
 pub struct AckFrame {
     /// The highest inbox position received.
-    pub seq: u64,
+    #[schema(value_type = u64)]
+    pub seq: Seq,
     /// Echoed in the `error` frame if this frame fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<FrameId>,
@@ -75,7 +77,7 @@ pub struct AckFrame {
 
 impl AckFrame {
     /// Builds an ack.
-    pub fn new(seq: u64) -> Self {
+    pub fn new(seq: Seq) -> Self {
         Self { seq, id: None }
     }
 
@@ -93,7 +95,8 @@ pub struct ReadFrame {
     /// The sender of the messages that were read.
     pub peer: UserId,
     /// Their `server_msg_id`s (at most 1,000 per frame).
-    pub message_ids: Vec<u64>,
+    #[schema(value_type = Vec<u64>)]
+    pub message_ids: Vec<ServerMsgId>,
     /// Echoed in the `error` frame if this frame fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<FrameId>,
@@ -191,7 +194,7 @@ pub enum ServerFrame {
 #[serde(tag = "type", rename = "event")]
 pub struct RawEventFrame<'a> {
     /// Position in this device's inbox.
-    pub seq: u64,
+    pub seq: Seq,
     /// The event's JSON ([`crate::v1::events::InboxEvent`]).
     pub event: &'a serde_json::value::RawValue,
 }
@@ -237,12 +240,13 @@ impl HelloFrame {
 #[non_exhaustive]
 pub struct CaughtUpFrame {
     /// The inbox position of the last event sent so far (or `since`).
-    pub cursor: u64,
+    #[schema(value_type = u64)]
+    pub cursor: Seq,
 }
 
 impl CaughtUpFrame {
     /// Builds the frame.
-    pub fn new(cursor: u64) -> Self {
+    pub fn new(cursor: Seq) -> Self {
         Self { cursor }
     }
 }
@@ -314,7 +318,7 @@ mod tests {
     #[test]
     fn frames_reject_unknown_fields_and_types() {
         let ok = r#"{"type":"ack","seq":5}"#;
-        assert_eq!(serde_json::from_str::<ClientFrame>(ok).unwrap(), ClientFrame::Ack(AckFrame::new(5)));
+        assert_eq!(serde_json::from_str::<ClientFrame>(ok).unwrap(), ClientFrame::Ack(AckFrame::new(Seq::new(5))));
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"ack","seq":5,"x":1}"#).is_err());
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
         let send = r#"{"type":"send","client_msg_id":"7f1b7e4e-8f3a-4a53-9a8e-0d4cbb7b1f6e","to":"@bob:x.org","envelopes":[],"sender_device":"EVIL"}"#;
@@ -324,12 +328,12 @@ mod tests {
     #[test]
     fn frame_ids_are_optional_and_round_trip() {
         let with = r#"{"type":"ack","seq":5,"id":9}"#;
-        assert_eq!(serde_json::from_str::<ClientFrame>(with).unwrap(), ClientFrame::Ack(AckFrame::new(5).with_id(9)));
-        assert_eq!(serde_json::to_string(&ClientFrame::Ack(AckFrame::new(5))).unwrap(), r#"{"type":"ack","seq":5}"#);
+        assert_eq!(serde_json::from_str::<ClientFrame>(with).unwrap(), ClientFrame::Ack(AckFrame::new(Seq::new(5)).with_id(9)));
+        assert_eq!(serde_json::to_string(&ClientFrame::Ack(AckFrame::new(Seq::new(5)))).unwrap(), r#"{"type":"ack","seq":5}"#);
         let read = r#"{"type":"read","peer":"@bob:x.org","message_ids":[1],"id":3}"#;
         let ClientFrame::Read(frame) = serde_json::from_str::<ClientFrame>(read).unwrap() else { panic!("read") };
         assert_eq!(frame.id, Some(3));
-        assert_eq!(frame.into_request().message_ids, vec![1]);
+        assert_eq!(frame.into_request().message_ids, vec![ServerMsgId::new(1)]);
         let error = ServerFrame::Error(ErrorFrame::for_frame(Some(3), ErrorBody::new(crate::ErrorCode::BadFrame, "x")));
         assert_eq!(serde_json::to_string(&error).unwrap(), r#"{"type":"error","id":3,"code":"bad_frame","message":"x"}"#);
     }
@@ -338,18 +342,21 @@ mod tests {
     fn a_raw_event_frame_is_the_event_frame() {
         use crate::v1::events::{InboxEvent, MessageEvent};
         let event = InboxEvent::Message(MessageEvent::new(
-            7,
+            ServerMsgId::new(7),
             UserId::parse("@alice:a.test").unwrap(),
             DeviceId::parse("DEV").unwrap(),
             UserId::parse("@bob:b.test").unwrap(),
-            1_700_000_000_000,
+            crate::Timestamp::from_millis(1_700_000_000_000),
             b"ciphertext".to_vec(),
         ));
         let stored = serde_json::to_string(&event).unwrap();
         let raw = serde_json::value::RawValue::from_string(stored).unwrap();
-        let frame = serde_json::to_string(&RawEventFrame { seq: 42, event: &raw }).unwrap();
-        let typed = serde_json::to_string(&ServerFrame::Event(SequencedEvent::new(42, event.clone()))).unwrap();
+        let frame = serde_json::to_string(&RawEventFrame { seq: Seq::new(42), event: &raw }).unwrap();
+        let typed = serde_json::to_string(&ServerFrame::Event(SequencedEvent::new(Seq::new(42), event.clone()))).unwrap();
         assert_eq!(frame, typed);
-        assert_eq!(serde_json::from_str::<ServerFrame>(&frame).unwrap(), ServerFrame::Event(SequencedEvent::new(42, event)));
+        assert_eq!(
+            serde_json::from_str::<ServerFrame>(&frame).unwrap(),
+            ServerFrame::Event(SequencedEvent::new(Seq::new(42), event))
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! the process exits. The others (`devices`, `presence`, `whoami`) only read the stored session
 //! and make HTTP requests.
 
-use crate::output::{format_ts, grouped_hex, hex, indent_body, parse_secret, terminal_safe, Out};
+use crate::output::{format_time, grouped_hex, hex, indent_body, parse_secret, terminal_safe, Out};
 use crate::profile::{Profile, ProfileLock};
 use crate::{fail, one_line, report, DEFAULT_SERVER};
 use anyhow::Context as _;
@@ -12,7 +12,7 @@ use parley_crypto::safety::safety_number;
 use parley_sdk::e2ee::StoreError;
 use parley_sdk::messenger::{Messenger, MessengerError, MessengerEvent, MessengerEvents};
 use parley_sdk::store::StoredMessage;
-use parley_sdk::{Api, ErrorCode, PresenceStatus, Session, UserId};
+use parley_sdk::{Api, ErrorCode, PresenceStatus, ServerMsgId, Session, UserId};
 use serde_json::json;
 use std::collections::HashSet;
 use std::future::Future;
@@ -318,9 +318,9 @@ pub async fn devices(ctx: &Ctx) -> anyhow::Result<()> {
                 if let Some(name) = &device.display_name {
                     line.push_str(&format!(" ({})", terminal_safe(name)));
                 }
-                line.push_str(&format!("  added {} UTC", format_ts(device.created_ts as i64)));
+                line.push_str(&format!("  added {} UTC", format_time(device.created_ts)));
                 match device.last_seen_ts {
-                    Some(ts) => line.push_str(&format!(", last seen {} UTC", format_ts(ts as i64))),
+                    Some(ts) => line.push_str(&format!(", last seen {} UTC", format_time(ts))),
                     None => line.push_str(", never connected"),
                 }
                 if current {
@@ -388,7 +388,7 @@ pub async fn presence(ctx: &Ctx, user: &str) -> anyhow::Result<()> {
             .with_context(|| format!("cannot get the presence of {peer}"))?,
     };
     ctx.out.record(serde_json::to_value(&info)?, || {
-        let last_seen = info.last_seen_ts.map(|ts| format!(" (last seen {} UTC)", format_ts(ts as i64))).unwrap_or_default();
+        let last_seen = info.last_seen_ts.map(|ts| format!(" (last seen {} UTC)", format_time(ts))).unwrap_or_default();
         match info.status {
             PresenceStatus::Online => format!("{peer} is online."),
             PresenceStatus::Offline => format!("{peer} is offline{last_seen}."),
@@ -434,7 +434,7 @@ async fn send_one(
     to: &UserId,
     body: &str,
     others: &mut dyn FnMut(MessengerEvent),
-) -> anyhow::Result<(Uuid, u64)> {
+) -> anyhow::Result<(Uuid, ServerMsgId)> {
     let deadline = Instant::now() + ctx.timeout;
     let queued = || {
         format!(
@@ -552,7 +552,7 @@ fn message_line(message: &StoredMessage, me: &UserId, queued: bool) -> String {
     let status = status(message, me, queued);
     let who = if status.is_some() { "you".to_owned() } else { terminal_safe(&message.sender) };
     let status = status.map(|s| format!("  [{s}]")).unwrap_or_default();
-    let prefix = format!("{}  {who}: ", format_ts(message.ts));
+    let prefix = format!("{}  {who}: ", format_time(message.ts));
     format!("{prefix}{}{status}", indent_body(&message.body, prefix.chars().count()))
 }
 

@@ -1,6 +1,7 @@
 //! Output: human-readable text or one JSON object per line (`--json`), plus the small
 //! formatting helpers (times, hex, terminal-safe text) the commands share.
 
+use parley_sdk::Timestamp;
 use std::io::Write as _;
 use zeroize::Zeroizing;
 
@@ -59,6 +60,11 @@ pub fn format_ts(ms: i64) -> String {
     let (days, of_day) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (year, month, day) = civil_from_days(days);
     format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", of_day / 3600, of_day % 3600 / 60, of_day % 60)
+}
+
+/// [`format_ts`] of a wire timestamp (one beyond `i64` milliseconds shows as the latest time).
+pub fn format_time(ts: Timestamp) -> String {
+    format_ts(i64::try_from(ts).unwrap_or(i64::MAX))
 }
 
 /// The proleptic Gregorian date of a day number (days since 1970-01-01), after Howard

@@ -12,7 +12,7 @@ use parley_spec::{
         events::InboxEvent,
         ws::{ErrorFrame, ServerFrame},
     },
-    ErrorCode,
+    ErrorCode, Seq,
 };
 use std::{sync::atomic::Ordering, time::Duration};
 use tokio::time::Instant;
@@ -66,7 +66,7 @@ impl Task {
                 }
             }
             ServerFrame::CaughtUp(c) => {
-                tracing::debug!(cursor = self.cursor, server_cursor = c.cursor, "caught up");
+                tracing::debug!(cursor = self.cursor.get(), server_cursor = c.cursor.get(), "caught up");
                 self.emit(Event::CaughtUp { cursor: self.cursor });
             }
             ServerFrame::Sent(resp) => {
@@ -85,9 +85,9 @@ impl Task {
     }
 
     /// Handles one inbox event; true when an ack should go out now.
-    fn on_event(&mut self, seq: u64, event: InboxEvent) -> bool {
+    fn on_event(&mut self, seq: Seq, event: InboxEvent) -> bool {
         if seq <= self.cursor {
-            tracing::trace!(seq, cursor = self.cursor, "dropping old event");
+            tracing::trace!(seq = seq.get(), cursor = self.cursor.get(), "dropping old event");
             return false;
         }
         match event {
@@ -95,14 +95,14 @@ impl Task {
                 if self.dedupe.insert(&m.sender, m.id) {
                     self.emit(Event::Message(m));
                 } else {
-                    tracing::debug!(seq, sender = %m.sender, id = m.id, "dropping repeated message");
+                    tracing::debug!(seq = seq.get(), sender = %m.sender, id = m.id.get(), "dropping repeated message");
                 }
             }
             InboxEvent::Receipt(r) => self.emit(Event::Receipt(r)),
-            _ => tracing::debug!(seq, "skipping unknown event kind"),
+            _ => tracing::debug!(seq = seq.get(), "skipping unknown event kind"),
         }
         self.cursor = seq;
-        self.shared.cursor.store(seq, Ordering::Release);
+        self.shared.cursor.store(seq.get(), Ordering::Release);
         if self.confirmed.is_some() {
             self.emit(Event::Checkpoint { seq });
             return false;

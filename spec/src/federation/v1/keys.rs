@@ -5,7 +5,7 @@
 //! `signatures` maps a key id to an ed25519 signature over
 //! `"parley server keys v1\0" || canonical_json(document without "signatures")`, by that key.
 
-use crate::{Base64Bytes, ServerName};
+use crate::{Base64Bytes, ServerName, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -27,12 +27,13 @@ pub struct OldVerifyKey {
     /// ed25519 public key (32 bytes).
     pub key: Base64Bytes,
     /// Signatures made after this time (ms) with this key are not valid.
-    pub expired_ts: u64,
+    #[schema(value_type = u64)]
+    pub expired_ts: Timestamp,
 }
 
 impl OldVerifyKey {
     /// Builds a retired key entry.
-    pub fn new(key: Vec<u8>, expired_ts: u64) -> Self {
+    pub fn new(key: Vec<u8>, expired_ts: Timestamp) -> Self {
         Self { key: key.into(), expired_ts }
     }
 }
@@ -44,7 +45,8 @@ pub struct ServerKeys {
     /// Whose keys.
     pub server_name: ServerName,
     /// Cache the document at most until then (ms since the epoch).
-    pub valid_until_ts: u64,
+    #[schema(value_type = u64)]
+    pub valid_until_ts: Timestamp,
     /// Current keys by key id (`ed25519:…`).
     pub verify_keys: BTreeMap<String, VerifyKey>,
     /// Retired keys by key id.
@@ -57,7 +59,7 @@ pub struct ServerKeys {
 
 impl ServerKeys {
     /// An unsigned document with one current key.
-    pub fn new(server_name: ServerName, valid_until_ts: u64, key_id: String, key: Vec<u8>) -> Self {
+    pub fn new(server_name: ServerName, valid_until_ts: Timestamp, key_id: String, key: Vec<u8>) -> Self {
         let mut verify_keys = BTreeMap::new();
         verify_keys.insert(key_id, VerifyKey { key: key.into() });
         Self { server_name, valid_until_ts, verify_keys, old_verify_keys: BTreeMap::new(), signatures: BTreeMap::new() }

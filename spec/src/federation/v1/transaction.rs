@@ -11,7 +11,7 @@
 use crate::v1::events::ReceiptEvent;
 use crate::v1::keys::SignedDeviceList;
 use crate::v1::presence::PresenceInfo;
-use crate::{Base64Bytes, DeviceId, ErrorBody, ServerName, UserId};
+use crate::{Base64Bytes, DeviceId, ErrorBody, ServerMsgId, ServerName, Timestamp, UserId};
 use serde::{Deserialize, Serialize};
 
 /// Domain-separation prefix of origin signatures on relayed messages.
@@ -27,14 +27,15 @@ pub struct Transaction {
     /// The sending server (must match the request signature's origin).
     pub origin: ServerName,
     /// When the origin built the transaction (ms).
-    pub origin_ts: u64,
+    #[schema(value_type = u64)]
+    pub origin_ts: Timestamp,
     /// The items, in the order the origin queued them.
     pub items: Vec<Item>,
 }
 
 impl Transaction {
     /// Builds a transaction.
-    pub fn new(origin: ServerName, origin_ts: u64, items: Vec<Item>) -> Self {
+    pub fn new(origin: ServerName, origin_ts: Timestamp, items: Vec<Item>) -> Self {
         Self { origin, origin_ts, items }
     }
 }
@@ -47,7 +48,7 @@ pub struct RawTransaction<'a> {
     /// The sending server.
     pub origin: &'a ServerName,
     /// When the origin built the transaction (ms).
-    pub origin_ts: u64,
+    pub origin_ts: Timestamp,
     /// The items' JSON ([`Item`]), in order.
     pub items: Vec<&'a serde_json::value::RawValue>,
 }
@@ -104,7 +105,8 @@ impl FedEnvelope {
 #[non_exhaustive]
 pub struct SignedMessage {
     /// The message id on the origin (unique per origin server).
-    pub id: u64,
+    #[schema(value_type = u64)]
+    pub id: ServerMsgId,
     /// The sender (a user of `origin`).
     pub sender: UserId,
     /// The sending device.
@@ -112,7 +114,8 @@ pub struct SignedMessage {
     /// The recipient (a user of the destination).
     pub to: UserId,
     /// When the origin accepted it (ms).
-    pub ts: u64,
+    #[schema(value_type = u64)]
+    pub ts: Timestamp,
     /// One ciphertext per device of `to`.
     pub envelopes: Vec<FedEnvelope>,
     /// The signing server.
@@ -127,11 +130,11 @@ impl SignedMessage {
     /// An unsigned message (empty signature; the origin signs it before sending).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        id: u64,
+        id: ServerMsgId,
         sender: UserId,
         sender_device: DeviceId,
         to: UserId,
-        ts: u64,
+        ts: Timestamp,
         envelopes: Vec<FedEnvelope>,
         origin: ServerName,
         key_id: String,
@@ -312,10 +315,14 @@ mod tests {
         ];
         let stored: Vec<Box<RawValue>> =
             items.iter().map(|item| RawValue::from_string(serde_json::to_string(item).unwrap()).unwrap()).collect();
-        let raw = RawTransaction { origin: &origin, origin_ts: 1_700_000_000_000, items: stored.iter().map(|i| &**i).collect() };
-        let typed = Transaction::new(origin.clone(), 1_700_000_000_000, items);
+        let raw = RawTransaction {
+            origin: &origin,
+            origin_ts: Timestamp::from_millis(1_700_000_000_000),
+            items: stored.iter().map(|i| &**i).collect(),
+        };
+        let typed = Transaction::new(origin.clone(), Timestamp::from_millis(1_700_000_000_000), items);
         assert_eq!(serde_json::to_string(&raw).unwrap(), serde_json::to_string(&typed).unwrap());
-        let empty = RawTransaction { origin: &origin, origin_ts: 1, items: Vec::new() };
+        let empty = RawTransaction { origin: &origin, origin_ts: Timestamp::from_millis(1), items: Vec::new() };
         assert_eq!(serde_json::to_string(&empty).unwrap(), r#"{"origin":"a.test","origin_ts":1,"items":[]}"#);
     }
 }
