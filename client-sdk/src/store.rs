@@ -42,13 +42,13 @@ pub struct StoredMessage {
     /// Local row id (history order).
     pub local_id: i64,
     /// The other party of the conversation.
-    pub peer: String,
+    pub peer: UserId,
     /// Who sent it.
-    pub sender: String,
+    pub sender: UserId,
     /// From which device.
-    pub sender_device: String,
+    pub sender_device: DeviceId,
     /// The sender's id for it (the same on every device).
-    pub client_msg_id: String,
+    pub client_msg_id: Uuid,
     /// The server's id, once known.
     pub server_msg_id: Option<ServerMsgId>,
     /// Timestamp (ms).
@@ -119,37 +119,39 @@ impl Store {
     }
 
     /// The last `limit` messages with `peer`, oldest first.
-    pub async fn history(&self, peer: &str, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
+    pub async fn history(&self, peer: &UserId, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, peer, sender, sender_device, client_msg_id, server_msg_id, ts, body, delivered, read FROM \
              (SELECT * FROM messages WHERE peer = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
         )
-        .bind(peer)
+        .bind(peer.as_str())
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(backend)?;
         rows.into_iter()
             .map(|r| {
+                let text = |i: usize| r.try_get::<&str, _>(i).map_err(backend);
                 Ok(StoredMessage {
-                    local_id: r.try_get(0)?,
-                    peer: r.try_get(1)?,
-                    sender: r.try_get(2)?,
-                    sender_device: r.try_get(3)?,
-                    client_msg_id: r.try_get(4)?,
+                    local_id: r.try_get(0).map_err(backend)?,
+                    peer: UserId::parse(text(1)?).map_err(|_| StoreError::Damaged("message peer"))?,
+                    sender: UserId::parse(text(2)?).map_err(|_| StoreError::Damaged("message sender"))?,
+                    sender_device: DeviceId::parse(text(3)?).map_err(|_| StoreError::Damaged("message sender device"))?,
+                    client_msg_id: Uuid::parse_str(text(4)?).map_err(|_| StoreError::Damaged("message client_msg_id"))?,
                     server_msg_id: r
-                        .try_get::<Option<i64>, _>(5)?
+                        .try_get::<Option<i64>, _>(5)
+                        .map_err(backend)?
                         .map(ServerMsgId::try_from)
                         .transpose()
-                        .map_err(out_of_range)?,
-                    ts: Timestamp::try_from(r.try_get::<i64, _>(6)?).map_err(out_of_range)?,
-                    body: r.try_get(7)?,
-                    delivered: r.try_get(8)?,
-                    read: r.try_get(9)?,
+                        .map_err(|_| StoreError::Damaged("message server_msg_id"))?,
+                    ts: Timestamp::try_from(r.try_get::<i64, _>(6).map_err(backend)?)
+                        .map_err(|_| StoreError::Damaged("message ts"))?,
+                    body: r.try_get(7).map_err(backend)?,
+                    delivered: r.try_get(8).map_err(backend)?,
+                    read: r.try_get(9).map_err(backend)?,
                 })
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(backend)
+            .collect()
     }
 
     /// The outbox, oldest first.
@@ -402,10 +404,10 @@ impl MessageStore for Store {
         let done = sqlx::query(
             "INSERT OR IGNORE INTO messages (peer, sender, sender_device, client_msg_id, server_msg_id, ts, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
-        .bind(&message.peer)
-        .bind(&message.sender)
-        .bind(&message.sender_device)
-        .bind(&message.client_msg_id)
+        .bind(message.peer.as_str())
+        .bind(message.sender.as_str())
+        .bind(message.sender_device.as_str())
+        .bind(message.client_msg_id.to_string())
         .bind(message.server_msg_id.map(i64::try_from).transpose().map_err(backend)?)
         .bind(i64::try_from(message.ts).map_err(backend)?)
         .bind(&message.body)
@@ -505,11 +507,6 @@ fn backend(error: impl std::error::Error + Send + Sync + 'static) -> StoreError 
     StoreError::Backend(Box::new(error))
 }
 
-/// A stored number that is out of range, as a row decoding error.
-fn out_of_range(error: parley_spec::OutOfRange) -> sqlx::Error {
-    sqlx::Error::Decode(Box::new(error))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,13 +519,13 @@ mod tests {
         ServerMsgId::new(n)
     }
 
-    fn message(peer: &str, client_msg_id: &str, server_msg_id: Option<u64>) -> StoredMessage {
+    fn message(peer: &str, client_msg_id: u128, server_msg_id: Option<u64>) -> StoredMessage {
         StoredMessage {
             local_id: 0,
-            peer: peer.into(),
-            sender: "@a:x".into(),
-            sender_device: "A".into(),
-            client_msg_id: client_msg_id.into(),
+            peer: user(peer),
+            sender: user("@a:x"),
+            sender_device: "A".parse().unwrap(),
+            client_msg_id: Uuid::from_u128(client_msg_id),
             server_msg_id: server_msg_id.map(id),
             ts: Timestamp::from_millis(1),
             body: "hi".into(),
@@ -551,8 +548,8 @@ mod tests {
             store.save_session(&b, &d, b"state").await.unwrap();
             store.save_prekey(PrekeyKind::OneTime, 7, &secret).await.unwrap();
             store.set_next_one_time_prekey_id(8).await.unwrap();
-            assert!(store.add_message(&message("@b:x", &m1.to_string(), None)).await.unwrap());
-            assert!(!store.add_message(&message("@b:x", &m1.to_string(), None)).await.unwrap(), "deduplicated");
+            assert!(store.add_message(&message("@b:x", 1, None)).await.unwrap());
+            assert!(!store.add_message(&message("@b:x", 1, None)).await.unwrap(), "deduplicated");
             store.mark_sent(&user("@a:x"), m1, id(99), Timestamp::from_millis(2)).await.unwrap();
             assert_eq!(store.mark_receipt(&b, &user("@a:x"), &[id(99), id(5), id(99)], false).await.unwrap(), [id(99)]);
             let later = OutboxEntry { client_msg_id: m2, to: b.clone(), body: "later".into() };
@@ -570,7 +567,7 @@ mod tests {
         assert!(store.prekey(PrekeyKind::OneTime, 7).await.unwrap().is_none());
         assert!(store.initial_message_seen(&InitialMessageId([9; 32])).await.unwrap());
         assert!(!store.initial_message_seen(&InitialMessageId([8; 32])).await.unwrap());
-        let history = store.history("@b:x", 10).await.unwrap();
+        let history = store.history(&user("@b:x"), 10).await.unwrap();
         assert_eq!(history.len(), 1);
         assert_eq!((history[0].server_msg_id, history[0].delivered, history[0].read), (Some(id(99)), true, false));
         assert!(store.has_server_message(&user("@a:x"), id(99)).await.unwrap());
@@ -638,16 +635,16 @@ mod tests {
     async fn a_receipt_applies_only_to_messages_that_went_to_its_author() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("profile.db")).await.unwrap();
-        for (peer, client_msg_id, server_msg_id) in [("@b:x", "m1", 1), ("@c:x", "m2", 2)] {
+        for (peer, client_msg_id, server_msg_id) in [("@b:x", 1, 1), ("@c:x", 2, 2)] {
             store.add_message(&message(peer, client_msg_id, Some(server_msg_id))).await.unwrap();
         }
         // c read both of a's messages, says the server: only the one a sent to c is marked.
         let (a, c) = (user("@a:x"), user("@c:x"));
         assert_eq!(store.mark_receipt(&c, &a, &[id(1), id(2)], true).await.unwrap(), [id(2)]);
         assert!(store.mark_receipt(&c, &a, &[id(1)], true).await.unwrap().is_empty());
-        let to_b = store.history("@b:x", 10).await.unwrap();
+        let to_b = store.history(&user("@b:x"), 10).await.unwrap();
         assert_eq!((to_b[0].delivered, to_b[0].read), (false, false));
-        let to_c = store.history("@c:x", 10).await.unwrap();
+        let to_c = store.history(&user("@c:x"), 10).await.unwrap();
         assert_eq!((to_c[0].delivered, to_c[0].read), (true, true));
     }
 
@@ -655,14 +652,14 @@ mod tests {
     async fn numbers_beyond_sqlite_integers_are_refused_not_wrapped() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("profile.db")).await.unwrap();
-        assert!(store.add_message(&message("@b:x", "m1", Some(1))).await.unwrap());
+        assert!(store.add_message(&message("@b:x", 1, Some(1))).await.unwrap());
         let (a, m1) = (user("@a:x"), Uuid::from_u128(1));
         assert!(store.mark_sent(&a, m1, id(u64::MAX), Timestamp::from_millis(2)).await.is_err());
         assert!(store.mark_sent(&a, m1, id(2), Timestamp::from_millis(u64::MAX)).await.is_err());
         assert!(store.has_server_message(&a, id(u64::MAX)).await.is_err());
-        assert!(store.add_message(&message("@b:x", "m2", Some(u64::MAX))).await.is_err());
+        assert!(store.add_message(&message("@b:x", 2, Some(u64::MAX))).await.is_err());
         // A negative stored value (a damaged row) is an error, not a huge id.
         sqlx::query("UPDATE messages SET server_msg_id = -1").execute(&store.pool).await.unwrap();
-        assert!(store.history("@b:x", 10).await.is_err());
+        assert!(store.history(&user("@b:x"), 10).await.is_err());
     }
 }

@@ -28,7 +28,7 @@ pub(crate) async fn next<T>(
 
 async fn next_text(events: &mut MessengerEvents) -> anyhow::Result<(String, String)> {
     next(events, |e| match e {
-        MessengerEvent::Message(m) => Some((m.sender, m.body)),
+        MessengerEvent::Message(m) => Some((m.sender.to_string(), m.body)),
         _ => None,
     })
     .await
@@ -116,7 +116,7 @@ async fn two_users_with_two_devices_chat_end_to_end_and_the_server_sees_no_plain
     // Every device shows the same conversation, in the same order.
     let history = |account: &Account, peer: &UserId| {
         let store = account.messenger.store().clone();
-        let peer = peer.to_string();
+        let peer = peer.clone();
         async move {
             let messages = store.history(&peer, 100).await?;
             anyhow::Ok(messages.into_iter().map(|m| (m.sender, m.client_msg_id, m.body)).collect::<Vec<_>>())
@@ -148,7 +148,7 @@ async fn two_users_with_two_devices_chat_end_to_end_and_the_server_sees_no_plain
 
 /// The server id of the message `body` in `account`'s conversation with `peer`.
 async fn next_stored_id(account: &Account, peer: &UserId, body: &str) -> anyhow::Result<ServerMsgId> {
-    let history = account.messenger.store().history(peer.as_str(), 100).await?;
+    let history = account.messenger.store().history(peer, 100).await?;
     history.into_iter().find(|m| m.body == body).and_then(|m| m.server_msg_id).context("stored with its server id")
 }
 
@@ -175,7 +175,7 @@ async fn a_device_offline_for_500_messages_catches_up_decrypted() -> anyhow::Res
     for i in 0..500 {
         assert_eq!(next_text(&mut events).await?.1, format!("message {i}"));
     }
-    assert_eq!(messenger.store().history(user(&a1).as_str(), 1000).await?.len(), 501);
+    assert_eq!(messenger.store().history(&user(&a1), 1000).await?.len(), 501);
     Ok(())
 }
 
@@ -375,7 +375,7 @@ async fn tampered_replayed_and_truncated_ciphertexts_are_rejected() -> anyhow::R
     // drops repeated message ids, and its message key was used anyway).
     assert_eq!(texts, ["one", "four", "five"]);
     assert!(rejected >= 2, "the flipped and the truncated ones are rejected ({rejected})");
-    assert_eq!(messenger.store().history(user(&a1).as_str(), 10).await?.len(), 4, "history: session start, one, four, five");
+    assert_eq!(messenger.store().history(&user(&a1), 10).await?.len(), 4, "history: session start, one, four, five");
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 async fn next_text(events: &mut MessengerEvents) -> anyhow::Result<(String, String, ServerMsgId)> {
     next(events, |e| match e {
-        MessengerEvent::Message(m) => Some((m.sender, m.body, m.server_msg_id.unwrap_or(ServerMsgId::new(0)))),
+        MessengerEvent::Message(m) => Some((m.sender.to_string(), m.body, m.server_msg_id.unwrap_or(ServerMsgId::new(0)))),
         _ => None,
     })
     .await

@@ -60,7 +60,7 @@ impl MemoryStore {
 
     /// The history with `peer`, oldest first.
     pub fn history(&self, peer: &UserId) -> Vec<StoredMessage> {
-        self.state().messages.iter().filter(|m| m.peer == peer.as_str()).cloned().collect()
+        self.state().messages.iter().filter(|m| &m.peer == peer).cloned().collect()
     }
 
     /// How many superseded sessions are kept with a peer device.
@@ -206,7 +206,7 @@ impl MessageStore for MemoryStore {
     }
 
     async fn has_server_message(&self, sender: &UserId, server_msg_id: ServerMsgId) -> Result<bool, StoreError> {
-        Ok(self.state().messages.iter().any(|m| m.sender == sender.as_str() && m.server_msg_id == Some(server_msg_id)))
+        Ok(self.state().messages.iter().any(|m| &m.sender == sender && m.server_msg_id == Some(server_msg_id)))
     }
 
     async fn mark_sent(
@@ -216,9 +216,8 @@ impl MessageStore for MemoryStore {
         server_msg_id: ServerMsgId,
         ts: Timestamp,
     ) -> Result<(), StoreError> {
-        let client_msg_id = client_msg_id.to_string();
         for message in self.state().messages.iter_mut() {
-            if message.sender == sender.as_str() && message.client_msg_id == client_msg_id {
+            if &message.sender == sender && message.client_msg_id == client_msg_id {
                 message.server_msg_id = Some(server_msg_id);
                 message.ts = ts;
             }
@@ -236,7 +235,7 @@ impl MessageStore for MemoryStore {
         let mut marked = BTreeSet::new();
         for message in self.state().messages.iter_mut() {
             let Some(id) = message.server_msg_id else { continue };
-            if message.peer == peer.as_str() && message.sender == sender.as_str() && server_msg_ids.contains(&id) {
+            if &message.peer == peer && &message.sender == sender && server_msg_ids.contains(&id) {
                 message.delivered = true;
                 message.read |= read;
                 marked.insert(id);

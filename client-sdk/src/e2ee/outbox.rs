@@ -58,10 +58,10 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
         let client_msg_id = new_uuid(&mut self.rng);
         let message = StoredMessage {
             local_id: 0,
-            peer: to.to_string(),
-            sender: self.user_id.to_string(),
-            sender_device: self.device_id.to_string(),
-            client_msg_id: client_msg_id.to_string(),
+            peer: to.clone(),
+            sender: self.user_id.clone(),
+            sender_device: self.device_id.clone(),
+            client_msg_id,
             server_msg_id: None,
             ts: now,
             body: body.to_owned(),

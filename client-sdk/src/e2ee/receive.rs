@@ -63,10 +63,10 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
         let peer = if message.sender == self.user_id { text.to.clone() } else { message.sender.clone() };
         let stored = StoredMessage {
             local_id: 0,
-            peer: peer.to_string(),
-            sender: message.sender.to_string(),
-            sender_device: message.sender_device.to_string(),
-            client_msg_id: text.client_msg_id.to_string(),
+            peer: peer.clone(),
+            sender: message.sender.clone(),
+            sender_device: message.sender_device.clone(),
+            client_msg_id: text.client_msg_id,
             server_msg_id: Some(message.id),
             ts: message.ts,
             body: text.body,

@@ -60,7 +60,7 @@ async fn a_first_message_starts_a_session_that_carries_the_conversation_both_way
     assert_eq!(texts(&events), ["hi back"]);
     // The one-time prekey the session start used is gone; the history has both messages.
     assert_eq!(b.store().history(&alice.id).len(), 2);
-    assert_eq!(b.store().history(&alice.id)[0].peer, alice.id.as_str());
+    assert_eq!(b.store().history(&alice.id)[0].peer, alice.id);
 }
 
 /// Both sides send their first message before either received one: each starts a session,

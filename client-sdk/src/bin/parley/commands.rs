@@ -213,7 +213,7 @@ pub async fn history(ctx: &Ctx, user: &str, limit: u32) -> anyhow::Result<()> {
     let result: anyhow::Result<_> = async {
         let peer = parse_user(user, &me)?;
         ctx.within("fetching new messages", device.messenger.caught_up()).await??;
-        let messages = device.messenger.store().history(peer.as_str(), limit).await?;
+        let messages = device.messenger.store().history(&peer, limit).await?;
         let queued = outbox_ids(&device.messenger).await?;
         Ok((peer, messages, queued))
     }
@@ -265,7 +265,7 @@ async fn chat_loop(ctx: &Ctx, device: &mut Device, peer: &UserId, last: u32, wat
     }
     if last > 0 {
         let queued = outbox_ids(&device.messenger).await?;
-        for message in device.messenger.store().history(peer.as_str(), last).await? {
+        for message in device.messenger.store().history(peer, last).await? {
             let queued = queued.contains(&message.client_msg_id);
             watcher.show_stored(&message, queued);
         }
@@ -511,14 +511,14 @@ fn same_server(a: &str, b: &str) -> bool {
 }
 
 /// The ids of the messages waiting in the outbox.
-async fn outbox_ids(messenger: &Messenger) -> anyhow::Result<HashSet<String>> {
-    Ok(messenger.store().outbox().await?.into_iter().map(|e| e.client_msg_id.to_string()).collect())
+async fn outbox_ids(messenger: &Messenger) -> anyhow::Result<HashSet<Uuid>> {
+    Ok(messenger.store().outbox().await?.into_iter().map(|e| e.client_msg_id).collect())
 }
 
 /// How far one of our messages got (`None` for someone else's): `queued` (waiting in the
 /// outbox), `failed` (never stored by the server), `sent`, `delivered` or `read`.
 fn status(message: &StoredMessage, me: &UserId, queued: bool) -> Option<&'static str> {
-    if message.sender != me.as_str() {
+    if &message.sender != me {
         return None;
     }
     Some(match (message.server_msg_id, message.delivered, message.read) {
@@ -536,7 +536,7 @@ fn message_json(message: &StoredMessage, me: &UserId, queued: bool) -> serde_jso
         "peer": message.peer,
         "sender": message.sender,
         "sender_device": message.sender_device,
-        "outgoing": message.sender == me.as_str(),
+        "outgoing": &message.sender == me,
         "body": message.body,
         "ts": message.ts,
         "client_msg_id": message.client_msg_id,
@@ -550,7 +550,7 @@ fn message_json(message: &StoredMessage, me: &UserId, queued: bool) -> serde_jso
 /// A stored message for people: time, sender, text, and for our own messages how far it got.
 fn message_line(message: &StoredMessage, me: &UserId, queued: bool) -> String {
     let status = status(message, me, queued);
-    let who = if status.is_some() { "you".to_owned() } else { terminal_safe(&message.sender) };
+    let who = if status.is_some() { "you".to_owned() } else { terminal_safe(message.sender.as_str()) };
     let status = status.map(|s| format!("  [{s}]")).unwrap_or_default();
     let prefix = format!("{}  {who}: ", format_time(message.ts));
     format!("{prefix}{}{status}", indent_body(&message.body, prefix.chars().count()))
@@ -570,7 +570,7 @@ struct ChatView {
     me: UserId,
     peer: UserId,
     /// Messages already shown from the store, by (sender, client_msg_id).
-    shown: HashSet<(String, String)>,
+    shown: HashSet<(UserId, Uuid)>,
 }
 
 impl Watcher {
@@ -595,7 +595,7 @@ impl Watcher {
     /// Shows a message from the store (the lead-in of `chat`).
     fn show_stored(&mut self, message: &StoredMessage, queued: bool) {
         if let Some(chat) = &mut self.chat {
-            chat.shown.insert((message.sender.clone(), message.client_msg_id.clone()));
+            chat.shown.insert((message.sender.clone(), message.client_msg_id));
             let me = &chat.me;
             let mut value = message_json(message, me, queued);
             value["event"] = json!("message");
@@ -640,14 +640,14 @@ impl Watcher {
         let Some(chat) = &mut self.chat else { return };
         let me = chat.me.clone();
         match event {
-            MessengerEvent::Message(message) if message.peer == chat.peer.as_str() => {
-                if chat.shown.remove(&(message.sender.clone(), message.client_msg_id.clone())) {
+            MessengerEvent::Message(message) if message.peer == chat.peer => {
+                if chat.shown.remove(&(message.sender.clone(), message.client_msg_id)) {
                     return;
                 }
                 let mut value = message_json(&message, &me, false);
                 value["event"] = json!("message");
                 self.out.record(value, || message_line(&message, &me, false));
-                if message.sender != me.as_str() {
+                if message.sender != me {
                     if let (Some(id), Some(messenger)) = (message.server_msg_id, &chat.messenger) {
                         let (messenger, peer) = (messenger.clone(), chat.peer.clone());
                         tokio::spawn(async move {
@@ -657,7 +657,7 @@ impl Watcher {
                 }
             }
             MessengerEvent::Message(message) => {
-                self.out.note(&format!("(new message from {}: parley chat {0})", terminal_safe(&message.peer)));
+                self.out.note(&format!("(new message from {}: parley chat {0})", terminal_safe(message.peer.as_str())));
             }
             MessengerEvent::Sent { client_msg_id, server_msg_id } => {
                 self.event(json!({ "event": "sent", "client_msg_id": client_msg_id, "server_msg_id": server_msg_id }));
