@@ -192,19 +192,16 @@ impl Subscribers {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-/// One queued write.
+/// One queued write. Every `reply` is answered after the commit that made the write durable.
 pub enum WriteOp {
     /// Store a message.
     Message(NewMessage, Reply<MessageOutcome>),
     /// A device acknowledged its inbox up to `seq`; append the resulting receipts.
     Ack {
-        /// The acknowledging device.
         device: DevicePk,
-        /// Cumulative position.
         seq: Seq,
         /// Delivered receipts for senders' devices and servers.
         receipts: Effects,
-        /// Answered after commit.
         reply: Reply<()>,
     },
     /// Append events and queue federation items (read receipts, for example).
@@ -214,27 +211,21 @@ pub enum WriteOp {
     /// whose `(origin, id)` was applied before (in another transaction, or earlier in this
     /// one) adds nothing.
     Inbound {
-        /// Sending server.
         origin: String,
-        /// Its transaction id.
         txn_id: String,
         /// What the transaction's accepted items add, in item order.
         items: Vec<InboundItem>,
-        /// Answered after commit.
         reply: Reply<bool>,
     },
     /// A transaction to `destination` is about to be sent (persisted so a retry after a restart
     /// resends the same items under the same id).
     TxnInflight {
-        /// Destination.
         destination: String,
-        /// Transaction id.
         txn_id: String,
         /// Last queue seq it carries.
         last_seq: i64,
         /// The previous transaction was accepted: drop items up to here.
         done_up_to: Option<i64>,
-        /// Answered after commit.
         reply: Reply<()>,
     },
     /// Small federation bookkeeping writes (kept off the pool: a pool write waits for the
@@ -242,26 +233,15 @@ pub enum WriteOp {
     Bookkeeping(Bookkeeping, Reply<()>),
     /// `destination` accepted the transaction ending at `last_seq`: drop those items.
     TxnDone {
-        /// Destination.
         destination: String,
         /// Last queue seq it carried.
         last_seq: i64,
-        /// Answered after commit.
         reply: Reply<()>,
     },
     /// Remove a device with its inbox and token.
     DeleteDevice(DevicePk, Reply<()>),
     /// Record when a user and device were last online.
-    LastSeen {
-        /// The user.
-        user: UserPk,
-        /// The device.
-        device: DevicePk,
-        /// When.
-        ts: Timestamp,
-        /// Answered after commit.
-        reply: Reply<()>,
-    },
+    LastSeen { user: UserPk, device: DevicePk, ts: Timestamp, reply: Reply<()> },
 }
 
 impl WriteOp {
