@@ -4,6 +4,11 @@
 
 use super::credential::CredentialError;
 pub use crate::x3dh::ErrorKind;
+use openmls::prelude::{
+    CommitBuilderStageError, CreateCommitError, CreateMessageError, KeyPackageNewError, LeaveGroupError, MergeCommitError,
+    MergePendingCommitError, MlsGroupStateError, NewGroupError, ProcessMessageError, ValidationError, WelcomeError,
+};
+use std::fmt::Display;
 
 /// Why an MLS operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +115,98 @@ impl MlsError {
     }
 }
 
+/// openmls' error for using a group in a state that does not allow it.
+pub(crate) fn group_state(error: MlsGroupStateError) -> MlsError {
+    match error {
+        MlsGroupStateError::UseAfterEviction => MlsError::Inactive,
+        MlsGroupStateError::LibraryError(e) => MlsError::internal(e),
+        other => MlsError::state(other),
+    }
+}
+
+pub(crate) fn create_message(error: CreateMessageError) -> MlsError {
+    match error {
+        CreateMessageError::GroupStateError(e) => group_state(e),
+        CreateMessageError::LibraryError(e) => MlsError::internal(e),
+    }
+}
+
+pub(crate) fn leave<E: Display>(error: LeaveGroupError<E>) -> MlsError {
+    match error {
+        LeaveGroupError::GroupStateError(e) => group_state(e),
+        LeaveGroupError::StorageError(e) => MlsError::storage(e),
+        LeaveGroupError::LibraryError(e) => MlsError::internal(e),
+        other => MlsError::state(other),
+    }
+}
+
+pub(crate) fn new_group<E: Display>(error: NewGroupError<E>) -> MlsError {
+    match error {
+        NewGroupError::StorageError(e) => MlsError::storage(e),
+        NewGroupError::LibraryError(e) => MlsError::internal(e),
+        other => MlsError::InvalidRequest(other.to_string()),
+    }
+}
+
+pub(crate) fn new_key_package(error: KeyPackageNewError) -> MlsError {
+    match error {
+        KeyPackageNewError::StorageError => MlsError::storage(error),
+        KeyPackageNewError::LibraryError(e) => MlsError::internal(e),
+        other => MlsError::InvalidRequest(other.to_string()),
+    }
+}
+
+pub(crate) fn create_commit(error: CreateCommitError) -> MlsError {
+    match error {
+        CreateCommitError::LibraryError(e) => MlsError::internal(e),
+        other => MlsError::state(other),
+    }
+}
+
+pub(crate) fn stage_commit<E: Display>(error: CommitBuilderStageError<E>) -> MlsError {
+    match error {
+        CommitBuilderStageError::KeyStoreError(e) => MlsError::storage(e),
+        CommitBuilderStageError::LibraryError(e) => MlsError::internal(e),
+    }
+}
+
+pub(crate) fn merge_commit<E: Display>(error: MergeCommitError<E>) -> MlsError {
+    match error {
+        MergeCommitError::StorageError(e) => MlsError::storage(e),
+        MergeCommitError::LibraryError(e) => MlsError::internal(e),
+    }
+}
+
+pub(crate) fn merge_pending_commit<E: Display>(error: MergePendingCommitError<E>) -> MlsError {
+    match error {
+        MergePendingCommitError::MlsGroupStateError(e) => group_state(e),
+        MergePendingCommitError::MergeCommitError(e) => merge_commit(e),
+    }
+}
+
+/// Sorts openmls' processing errors: validation failures are bad input, storage and state
+/// problems are the caller's.
+pub(crate) fn process_message<E: Display>(error: ProcessMessageError<E>) -> MlsError {
+    match error {
+        ProcessMessageError::ValidationError(ValidationError::WrongEpoch) => MlsError::WrongEpoch,
+        ProcessMessageError::LibraryError(e) => MlsError::internal(e),
+        ProcessMessageError::StorageError(e) => MlsError::storage(e),
+        ProcessMessageError::GroupStateError(e) => group_state(e),
+        other => MlsError::rejected(other),
+    }
+}
+
+/// Sorts openmls' Welcome errors.
+pub(crate) fn welcome<E: Display>(error: WelcomeError<E>) -> MlsError {
+    match error {
+        WelcomeError::NoMatchingKeyPackage | WelcomeError::PrivateInitKeyNotFound => MlsError::NoMatchingKeyPackage,
+        WelcomeError::LibraryError(e) => MlsError::internal(e),
+        WelcomeError::StorageError(e) => MlsError::storage(e),
+        WelcomeError::GroupAlreadyExists => MlsError::InvalidRequest("this client already has a group with that id".into()),
+        other => MlsError::rejected(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +219,11 @@ mod tests {
         assert_eq!(MlsError::WrongSigner.kind(), ErrorKind::Misuse);
         assert_eq!(MlsError::Inactive.kind(), ErrorKind::Misuse);
         assert_eq!(MlsError::storage("disk").kind(), ErrorKind::Misuse);
+        assert_eq!(group_state(MlsGroupStateError::UseAfterEviction), MlsError::Inactive);
+        assert!(matches!(group_state(MlsGroupStateError::PendingCommit), MlsError::State(_)));
+        let wrong_epoch = ProcessMessageError::<std::fmt::Error>::ValidationError(ValidationError::WrongEpoch);
+        assert_eq!(process_message(wrong_epoch), MlsError::WrongEpoch);
+        assert_eq!(welcome(WelcomeError::<std::fmt::Error>::NoMatchingKeyPackage), MlsError::NoMatchingKeyPackage);
+        assert_eq!(welcome(WelcomeError::<std::fmt::Error>::StorageError(std::fmt::Error)).kind(), ErrorKind::Misuse);
     }
 }

@@ -13,14 +13,14 @@
 //! [`Group::ratchet_tree`] of the new epoch.
 
 use super::credential::MemberLeaf;
+use super::error;
 use super::key_package::{tls_bytes, KeyPackage};
 use super::{create_config, join_config, LeafIndex, Member, MlsClient, MlsError, MlsStorage};
 use crate::identity::DeviceIdentity;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    CommitMessageBundle, GroupId, LeafNode, MlsGroup, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessMessageError,
-    ProcessedMessageContent, Proposal, QueuedProposal, RatchetTreeIn, Sender, StagedCommit, StagedWelcome, ValidationError,
-    WelcomeError,
+    CommitMessageBundle, GroupId, LeafNode, MlsGroup, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent,
+    Proposal, QueuedProposal, RatchetTreeIn, Sender, StagedCommit, StagedWelcome,
 };
 use openmls_traits::OpenMlsProvider as _;
 
@@ -188,7 +188,7 @@ impl PendingJoin {
 
     /// Joins the group.
     pub fn accept<S: MlsStorage>(self, client: &MlsClient<S>) -> Result<Group, MlsError> {
-        let inner = self.staged.into_group(&client.provider).map_err(welcome_error)?;
+        let inner = self.staged.into_group(&client.provider).map_err(error::welcome)?;
         Ok(Group { inner })
     }
 }
@@ -211,7 +211,7 @@ impl<S: MlsStorage> MlsClient<S> {
             GroupId::from_slice(group_id),
             self.own.credential_with_key(),
         )
-        .map_err(|e| MlsError::InvalidRequest(e.to_string()))?;
+        .map_err(error::new_group)?;
         Ok(Group { inner })
     }
 
@@ -235,7 +235,7 @@ impl<S: MlsStorage> MlsClient<S> {
         let tree =
             RatchetTreeIn::tls_deserialize_exact(ratchet_tree).map_err(|_| MlsError::Malformed { expected: "a ratchet tree" })?;
         let staged =
-            StagedWelcome::new_from_welcome(&self.provider, &join_config(), welcome, Some(tree)).map_err(welcome_error)?;
+            StagedWelcome::new_from_welcome(&self.provider, &join_config(), welcome, Some(tree)).map_err(error::welcome)?;
         let members = staged
             .members()
             .map(|m| {
@@ -372,11 +372,13 @@ impl Group {
     /// another member commits. This member stays in the group until that commit arrives.
     pub fn leave<S: MlsStorage>(&mut self, client: &MlsClient<S>, identity: &DeviceIdentity) -> Result<Vec<u8>, MlsError> {
         let signer = client.signer(identity)?;
-        let message = self.inner.leave_group(&client.provider, &signer).map_err(MlsError::state)?;
+        let message = self.inner.leave_group(&client.provider, &signer).map_err(error::leave)?;
         message_bytes(&message)
     }
 
-    /// Encrypts an application message (an MLS `PrivateMessage`) for the current epoch.
+    /// Encrypts an application message (an MLS `PrivateMessage`) for the current epoch. openmls
+    /// refuses while proposals are stored and not yet committed ([`MlsError::State`]): commit
+    /// them first ([`commit_pending_proposals`](Self::commit_pending_proposals)).
     pub fn encrypt<S: MlsStorage>(
         &mut self,
         client: &MlsClient<S>,
@@ -387,7 +389,7 @@ impl Group {
             return Err(MlsError::Inactive);
         }
         let signer = client.signer(identity)?;
-        let message = self.inner.create_message(&client.provider, &signer, plaintext).map_err(MlsError::state)?;
+        let message = self.inner.create_message(&client.provider, &signer, plaintext).map_err(error::create_message)?;
         message_bytes(&message)
     }
 
@@ -404,7 +406,7 @@ impl Group {
         if !self.is_active() {
             return Err(MlsError::Inactive);
         }
-        let processed = self.inner.process_message(&client.provider, message).map_err(process_error)?;
+        let processed = self.inner.process_message(&client.provider, message).map_err(error::process_message)?;
         let sender_index = match processed.sender() {
             Sender::Member(index) => LeafIndex::from_openmls(*index),
             _ => return Err(MlsError::UnsupportedSender),
@@ -432,7 +434,7 @@ impl Group {
     /// Applies a commit returned by [`process`](Self::process): the group moves to its epoch.
     /// A pending commit of this member is dropped (the hub accepted the other one).
     pub fn merge_commit<S: MlsStorage>(&mut self, client: &MlsClient<S>, commit: IncomingCommit) -> Result<(), MlsError> {
-        self.inner.merge_staged_commit(&client.provider, *commit.staged).map_err(MlsError::state)
+        self.inner.merge_staged_commit(&client.provider, *commit.staged).map_err(error::merge_commit)
     }
 
     /// Queues a proposal returned by [`process`](Self::process), for the next commit.
@@ -445,7 +447,7 @@ impl Group {
         if !self.has_pending_commit() {
             return Err(MlsError::InvalidRequest("no pending commit".into()));
         }
-        self.inner.merge_pending_commit(&client.provider).map_err(MlsError::state)
+        self.inner.merge_pending_commit(&client.provider).map_err(error::merge_pending_commit)
     }
 
     /// Drops this member's pending commit (the hub refused it); the group stays in its epoch.
@@ -478,12 +480,12 @@ impl Group {
             .propose_removals(removes)
             .force_self_update(force_self_update)
             .load_psks(provider.storage())
-            .map_err(MlsError::state)?
+            .map_err(error::create_commit)?
             .create_group_info(true)
             .build(provider.rand(), provider.crypto(), &signer, |_| true)
-            .map_err(MlsError::state)?
+            .map_err(error::create_commit)?
             .stage_commit(provider)
-            .map_err(MlsError::state)?;
+            .map_err(error::stage_commit)?;
         let (commit, welcome, group_info) = bundle.into_messages();
         let group_info = group_info.ok_or_else(|| MlsError::internal("the commit builder made no GroupInfo"))?;
         Ok(CommitBundle {
@@ -547,26 +549,4 @@ fn leaf_of(leaf_node: &LeafNode) -> Result<MemberLeaf, MlsError> {
 
 fn message_bytes(message: &MlsMessageOut) -> Result<Vec<u8>, MlsError> {
     message.to_bytes().map_err(MlsError::internal)
-}
-
-/// Sorts openmls' processing errors: validation failures are bad input, storage and state
-/// problems are the caller's.
-fn process_error<E: std::fmt::Display>(error: ProcessMessageError<E>) -> MlsError {
-    match error {
-        ProcessMessageError::ValidationError(ValidationError::WrongEpoch) => MlsError::WrongEpoch,
-        ProcessMessageError::LibraryError(e) => MlsError::internal(e),
-        ProcessMessageError::StorageError(e) => MlsError::storage(e),
-        ProcessMessageError::GroupStateError(e) => MlsError::state(e),
-        other => MlsError::rejected(other),
-    }
-}
-
-/// Sorts openmls' Welcome errors.
-fn welcome_error<E: std::fmt::Display>(error: WelcomeError<E>) -> MlsError {
-    match error {
-        WelcomeError::NoMatchingKeyPackage => MlsError::NoMatchingKeyPackage,
-        WelcomeError::LibraryError(e) => MlsError::internal(e),
-        WelcomeError::StorageError(e) => MlsError::storage(e),
-        other => MlsError::rejected(other),
-    }
 }

@@ -138,7 +138,7 @@ impl<S: MlsStorage> MlsClient<S> {
         }
         let bundle = builder
             .build(CIPHERSUITE, &self.provider, &signer, self.own.credential_with_key())
-            .map_err(|e| MlsError::InvalidRequest(e.to_string()))?;
+            .map_err(super::error::new_key_package)?;
         KeyPackage::from_openmls(bundle.key_package().clone(), &self.provider.crypto)
     }
 }

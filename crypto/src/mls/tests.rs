@@ -167,6 +167,8 @@ fn a_member_leaves_through_a_proposal_another_commits() {
     let Incoming::Proposal(incoming) = c.process(&carol.client, &proposal).unwrap() else { panic!("expected a proposal") };
     c.store_proposal(&carol.client, incoming).unwrap();
 
+    // With a proposal stored, openmls sends nothing until it is committed.
+    assert!(matches!(a.encrypt(&alice.client, &alice.identity, b"wait"), Err(MlsError::State(_))));
     let bundle = a.commit_pending_proposals(&alice.client, &alice.identity).unwrap();
     a.merge_pending_commit(&alice.client).unwrap();
     let lists = [&alice.list, &bob.list, &carol.list];
