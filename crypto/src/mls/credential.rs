@@ -74,7 +74,8 @@ pub enum LeafMismatch {
 }
 
 /// What a leaf says about its holder: the user and device its credential names and its
-/// signature key. Parsed from a peer's leaf, it is a *claim*; [`check`](Self::check) or
+/// signature key. The credential is a `BasicCredential` whose identity is the UTF-8 text
+/// `@localpart:server/DEVICEID`, accepted only in canonical form (`spec/e2ee.md` §11). Parsed from a peer's leaf, it is a *claim*; [`check`](Self::check) or
 /// [`check_against_list`](Self::check_against_list) decides whether a signed device list vouches
 /// for it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //!
 //! * One ciphersuite, [`CIPHERSUITE`] (`MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519`).
 //! * Every leaf's credential names a user and a device and its signature key is that device's
-//!   ed25519 signing key ([`credential`]); [`MemberLeaf::check_against_list`] tells whether a
+//!   ed25519 signing key (see [`MemberLeaf`]); [`MemberLeaf::check_against_list`] tells whether a
 //!   signed device list vouches for a leaf. The API hands the caller every new leaf of a
 //!   commit, a proposal or a Welcome *before* it is merged or joined, so the caller can refuse
 //!   members nobody vouches for.
