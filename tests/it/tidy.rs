@@ -85,7 +85,8 @@ fn sql_lives_in_the_server_the_sdk_store_and_the_tests() {
 fn crypto_primitives_are_used_through_parley_crypto() {
     // Signatures, key agreement and encryption happen only in crypto/; `sha2` is also allowed
     // where a digest is an identifier (server key ids, token hashes), not part of a protocol.
-    for primitive in ["ed25519-dalek", "chacha20poly1305", "hkdf", "hmac"] {
+    // MLS too: the rest of the code uses `parley_crypto::mls`, never openmls types.
+    for primitive in ["ed25519-dalek", "chacha20poly1305", "hkdf", "hmac", "openmls", "openmls_rust_crypto", "openmls_traits"] {
         assert_eq!(dependents(primitive), set(&["crypto"]), "crates depending on {primitive}");
     }
     // The tests forge key bundles as a malicious server would.
