@@ -168,6 +168,7 @@ pub fn federation_api() -> Vec<Metadata> {
         Metadata::of::<transaction::SendTransaction>(),
         Metadata::of::<transaction::GetUserDevices>(),
         Metadata::of::<claim::ClaimKeys>(),
+        Metadata::of::<claim::ClaimKeyPackages>(),
         Metadata::of::<keys::GetServerKeys>(),
     ]
 }

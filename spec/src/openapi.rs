@@ -23,6 +23,7 @@ use utoipa::OpenApi;
         v1::keys::upload_keys, v1::keys::put_device_list, v1::keys::get_device_list, v1::keys::claim_keys,
         v1::keypackages::upload_keypackages, v1::keypackages::claim_keypackages,
         fed::transaction::send_transaction, fed::transaction::get_user_devices, fed::claim::claim_keys,
+        fed::claim::claim_keypackages,
         fed::keys::get_server_keys,
     ),
     components(schemas(v1::ws::ClientFrame, v1::ws::ServerFrame, crate::ErrorCode)),

@@ -216,3 +216,68 @@ async fn keypackages_that_are_not_the_uploading_devices_or_malformed_are_refused
     assert_eq!(bob_api.upload_keypackages(&upload(bob.key_packages(1)?)).await?.count, 5);
     Ok(())
 }
+
+/// `claims` claims of `target`'s device by `claimer`: (one-time KeyPackages, last-resort ones).
+async fn claim_repeatedly(
+    claimer: &Session,
+    target: &MlsDevice,
+    last_resort: &[u8],
+    claims: usize,
+) -> anyhow::Result<(usize, usize)> {
+    let api = Api::new(claimer)?;
+    let (mut one_time, mut repeated) = (0, 0);
+    for _ in 0..claims {
+        let key_package = claim_one(&api, target).await?;
+        anyhow::ensure!(KeyPackage::from_bytes(&key_package)?.leaf() == target.client.own_leaf(), "the target's KeyPackage");
+        match key_package == last_resort {
+            true => repeated += 1,
+            false => one_time += 1,
+        }
+    }
+    Ok((one_time, repeated))
+}
+
+#[tokio::test]
+async fn another_server_claims_keypackages_within_the_one_time_claim_limits() -> anyhow::Result<()> {
+    use parley_tests::fednet::{Discovery, FedNet};
+    // The defaults of [federation] one_time_claims_per_server (10) and one_time_claims_per_user (3).
+    let defaults = parley_server::config::FederationConfig::default();
+    let (per_server, per_user) = (defaults.one_time_claims_per_server as usize, defaults.one_time_claims_per_user as usize);
+    assert!(per_user <= 8 && per_user <= per_server && per_server <= 6 * per_user && per_server < 50, "the test needs these");
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
+    let bob = MlsDevice::new(register(&net.server("b.test").base_url, "bob").await?).await?;
+    let last_resort = bob.key_package(true)?;
+    let upload = UploadKeyPackagesRequest::new(bob.key_packages(50)?, Some(last_resort.clone()));
+    assert_eq!(bob.api()?.upload_keypackages(&upload).await?.count, 50);
+
+    // One user of a.test claims bob's device 20 times: a few one-time KeyPackages, then the
+    // last-resort one.
+    let alice = register(&net.server("a.test").base_url, "alice").await?;
+    assert_eq!(claim_repeatedly(&alice, &bob, &last_resort, 20).await?, (per_user, 20 - per_user), "alice's 20 claims");
+    // Five more users of a.test, eight claims each: the server as a whole is limited too.
+    let mut one_time = per_user;
+    for name in ["u1", "u2", "u3", "u4", "u5"] {
+        let user = register(&net.server("a.test").base_url, name).await?;
+        one_time += claim_repeatedly(&user, &bob, &last_resort, 8).await?.0;
+    }
+    assert_eq!(one_time, per_server, "one-time KeyPackages a.test got in 60 claims");
+    // bob still has the rest, and a user of his own server still gets a one-time one.
+    let left = bob.api()?.upload_keypackages(&UploadKeyPackagesRequest::default()).await?.count;
+    assert_eq!(left as usize, 50 - per_server);
+    let carol = register(&net.server("b.test").base_url, "carol").await?;
+    assert_eq!(claim_repeatedly(&carol, &bob, &last_resort, 1).await?, (1, 0), "a local claim");
+    // A device of a.test and one of b.test in one claim, and an unknown device of b.test.
+    let dave = MlsDevice::new(register(&net.server("a.test").base_url, "dave").await?).await?;
+    dave.api()?.upload_keypackages(&UploadKeyPackagesRequest::new(dave.key_packages(1)?, None)).await?;
+    let unknown = DeviceRef::new(bob.session.user_id.clone(), "NOSUCHDEVICE".parse()?);
+    let mut devices = bob.claim().devices;
+    devices.extend(dave.claim().devices);
+    devices.push(unknown.clone());
+    let response = Api::new(&alice)?.claim_keypackages(&ClaimKeyPackagesRequest::new(devices)).await?;
+    let claimed: BTreeSet<_> = response.key_packages.iter().map(|kp| (kp.user.to_string(), kp.device.to_string())).collect();
+    let expected: BTreeSet<_> =
+        [&bob, &dave].iter().map(|d| (d.session.user_id.to_string(), d.session.device_id.to_string())).collect();
+    assert_eq!(claimed, expected);
+    assert_eq!(response.missing, vec![unknown]);
+    Ok(())
+}

@@ -19,7 +19,8 @@ use parley_spec::v1::keypackages::{
     MAX_KEYPACKAGES_PER_UPLOAD,
 };
 use parley_spec::v1::keys::{DeviceKeys, MAX_CLAIM_DEVICES};
-use parley_spec::{DeviceId, ErrorCode, Timestamp, UserId};
+use parley_spec::{DeviceId, ErrorCode, ServerName, Timestamp, UserId};
+use std::time::Instant;
 
 fn bad_keypackage(message: impl Into<String>) -> Error {
     Error::new(ErrorCode::BadKeypackage, message)
@@ -121,7 +122,7 @@ pub async fn upload_keypackages(
 /// POST /v1/keypackages/claim
 pub async fn claim_keypackages(
     State(state): State<AppState>,
-    _auth: AuthDevice,
+    auth: AuthDevice,
     Json(request): Json<ClaimKeyPackagesRequest>,
 ) -> Result<axum::Json<ClaimKeyPackagesResponse>> {
     if request.devices.len() > MAX_CLAIM_DEVICES {
@@ -129,24 +130,48 @@ pub async fn claim_keypackages(
     }
     let (local, remote): (Vec<DeviceRef>, Vec<DeviceRef>) =
         request.devices.into_iter().partition(|d| d.user.is_of(&state.server_name));
-    let mut response = claim_local(&state, local).await?;
-    // Claims through federation are not implemented yet (spec/groups.md §5).
-    response.missing.extend(remote);
+    let mut response = claim_local(&state, local, None).await?;
+    if !remote.is_empty() {
+        let answer = crate::federation::remote::claim_keypackages(&state, &auth.user_id, remote).await?;
+        response.key_packages.extend(answer.key_packages);
+        response.missing.extend(answer.missing);
+    }
     Ok(axum::Json(response))
 }
 
 /// Claims one KeyPackage per device of local users: a one-time one (handed out at most once) or,
-/// with none left, the device's last-resort one. Tells a device whose pool ran low.
-pub async fn claim_local(state: &AppState, devices: Vec<DeviceRef>) -> Result<ClaimKeyPackagesResponse> {
+/// with none left, the device's last-resort one; tells a device whose pool ran low. For
+/// `requester`, a user of another server (`(its server, the user)`), one-time KeyPackages are
+/// limited per server and per user as one-time prekeys are (`[federation] one_time_claims_per_*`);
+/// past a limit the claim gets the last-resort KeyPackage.
+pub async fn claim_local(
+    state: &AppState,
+    devices: Vec<DeviceRef>,
+    requester: Option<(&ServerName, &UserId)>,
+) -> Result<ClaimKeyPackagesResponse> {
     let mut key_packages = Vec::new();
     let mut missing = Vec::new();
+    let limits = requester.zip(state.federation.as_ref().map(|fed| &fed.keypackage_claim_limits));
     for target in devices {
         let device: Option<DevicePk> = match state.directory.user(&target.user).await? {
             Some(entry) => entry.devices.iter().find(|(_, id)| *id == target.device).map(|(pk, _)| *pk),
             None => None,
         };
         let claimed = match device {
-            Some(device) => state.store.claim_keypackage(device).await?.map(|claimed| (device, claimed)),
+            Some(device) => {
+                let now = Instant::now();
+                let one_time = match limits {
+                    Some(((server, user), limits)) => limits.take(server.as_str(), user.as_str(), device, now),
+                    None => true,
+                };
+                let claimed = state.store.claim_keypackage(device, one_time).await;
+                // Counted only when a one-time KeyPackage was handed out.
+                let handed_out = matches!(&claimed, Ok(Some(c)) if !c.last_resort);
+                if let (true, false, Some(((server, user), limits))) = (one_time, handed_out, limits) {
+                    limits.refund(server.as_str(), user.as_str(), device, now);
+                }
+                claimed?.map(|claimed| (device, claimed))
+            }
             None => None,
         };
         let Some((device, claimed)) = claimed else {

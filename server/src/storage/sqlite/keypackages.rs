@@ -118,20 +118,26 @@ impl Store {
         })
     }
 
-    /// Claims one KeyPackage of `device`, in one write-locked transaction: the oldest unexpired
-    /// one-time KeyPackage, deleted so that it is handed out at most once; when none is left,
-    /// the unexpired last-resort KeyPackage, which stays. `None` when the device has neither.
-    pub async fn claim_keypackage(&self, device: DevicePk) -> Result<Option<ClaimedKeyPackage>, StoreError> {
+    /// Claims one KeyPackage of `device`, in one write-locked transaction: when `one_time`, the
+    /// oldest unexpired one-time KeyPackage, deleted so that it is handed out at most once; when
+    /// none is left (or not `one_time`), the unexpired last-resort KeyPackage, which stays.
+    /// `None` when there is neither.
+    pub async fn claim_keypackage(&self, device: DevicePk, one_time: bool) -> Result<Option<ClaimedKeyPackage>, StoreError> {
         let now = stored_now()?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         delete_expired(&mut tx, device, now).await?;
-        let one_time: Option<Vec<u8>> = sqlx::query_scalar(
-            "DELETE FROM keypackages WHERE id = \
-             (SELECT id FROM keypackages WHERE device = ? AND is_last_resort = 0 ORDER BY id LIMIT 1) RETURNING bytes",
-        )
-        .bind(device)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let one_time: Option<Vec<u8>> = match one_time {
+            true => {
+                sqlx::query_scalar(
+                    "DELETE FROM keypackages WHERE id = \
+                     (SELECT id FROM keypackages WHERE device = ? AND is_last_resort = 0 ORDER BY id LIMIT 1) RETURNING bytes",
+                )
+                .bind(device)
+                .fetch_optional(&mut *tx)
+                .await?
+            }
+            false => None,
+        };
         let claimed = match one_time {
             Some(bytes) => Some((bytes, false)),
             None => sqlx::query_scalar("SELECT bytes FROM keypackages WHERE device = ? AND is_last_resort = 1")
@@ -173,7 +179,7 @@ mod tests {
     }
 
     async fn claim(store: &Store, device: DevicePk) -> Option<(String, bool, u32)> {
-        let claimed = store.claim_keypackage(device).await.expect("claim")?;
+        let claimed = store.claim_keypackage(device, true).await.expect("claim")?;
         Some((String::from_utf8(claimed.bytes).expect("utf-8"), claimed.last_resort, claimed.remaining))
     }
 
@@ -186,6 +192,8 @@ mod tests {
         // A repeated upload is kept once; a new last-resort KeyPackage replaces the old one.
         assert_eq!(store.upload_keypackages(1, upload(&["b"], Some("lr2")), 10).await.unwrap(), 2);
         assert_eq!(store.upload_keypackages(2, upload(&["other"], None), 10).await.unwrap(), 1);
+        let last_resort_only = store.claim_keypackage(1, false).await.unwrap().expect("the last-resort one");
+        assert_eq!((last_resort_only.bytes.as_slice(), last_resort_only.last_resort), (&b"lr2"[..], true), "not one-time");
         assert_eq!(store.keypackage_count(1).await.unwrap(), KeyPackageCount { one_time: 2, last_resort: true });
         assert_eq!(claim(&store, 1).await, Some(("a".to_owned(), false, 1)));
         assert_eq!(claim(&store, 1).await, Some(("b".to_owned(), false, 0)));
