@@ -13,6 +13,10 @@ use parley_spec::{
     v1::{
         account::{Logout, WhoAmI, WhoAmIResponse},
         devices::{DeleteDevice, DeleteDeviceRequest, DevicesResponse, ListDevices, UserDevices, UserDevicesResponse},
+        keypackages::{
+            ClaimKeyPackages, ClaimKeyPackagesRequest, ClaimKeyPackagesResponse, UploadKeyPackages, UploadKeyPackagesRequest,
+            UploadKeyPackagesResponse,
+        },
         keys::{
             ClaimKeys, ClaimRequest, ClaimResponse, GetDeviceList, PutDeviceList, SignedDeviceList, UploadKeys,
             UploadKeysRequest, UploadKeysResponse,
@@ -163,6 +167,18 @@ impl Api {
     /// `POST /v1/keys/claim`: one prekey bundle per device (verify them!).
     pub async fn claim_keys(&self, req: &ClaimRequest) -> Result<ClaimResponse, Error> {
         decode(self.request::<ClaimKeys>(&[])?.json(req).send().await?).await
+    }
+
+    /// `POST /v1/keypackages`: one-time and last-resort MLS KeyPackages of this device; answers
+    /// the one-time KeyPackage count.
+    pub async fn upload_keypackages(&self, req: &UploadKeyPackagesRequest) -> Result<UploadKeyPackagesResponse, Error> {
+        decode(self.request::<UploadKeyPackages>(&[])?.json(req).send().await?).await
+    }
+
+    /// `POST /v1/keypackages/claim`: one KeyPackage per device (check each against its owner's
+    /// signed device list!).
+    pub async fn claim_keypackages(&self, req: &ClaimKeyPackagesRequest) -> Result<ClaimKeyPackagesResponse, Error> {
+        decode(self.request::<ClaimKeyPackages>(&[])?.json(req).send().await?).await
     }
 
     /// A request to endpoint `E` with its path parameters `params`, authenticated.

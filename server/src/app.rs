@@ -246,6 +246,7 @@ pub(crate) fn app(state: AppState) -> Router {
     use parley_spec::federation::v1::keys::GetServerKeys;
     use parley_spec::v1::account::{Login, Logout, Register, WhoAmI};
     use parley_spec::v1::devices::{DeleteDevice, ListDevices, UserDevices};
+    use parley_spec::v1::keypackages::{ClaimKeyPackages, UploadKeyPackages};
     use parley_spec::v1::keys::{ClaimKeys, GetDeviceList, PutDeviceList, UploadKeys};
     use parley_spec::v1::messages::{MarkRead, SendMessage};
     use parley_spec::v1::presence::{GetPresence, ListSubscriptions, SetPrivacy, SubscribePresence};
@@ -272,6 +273,8 @@ pub(crate) fn app(state: AppState) -> Router {
         .route(PutDeviceList::PATH, on(PutDeviceList, api::keys::put_device_list))
         .route(ClaimKeys::PATH, on(ClaimKeys, api::keys::claim_keys))
         .route(GetDeviceList::PATH, on(GetDeviceList, api::keys::get_device_list))
+        .route(UploadKeyPackages::PATH, on(UploadKeyPackages, api::keypackages::upload_keypackages))
+        .route(ClaimKeyPackages::PATH, on(ClaimKeyPackages, api::keypackages::claim_keypackages))
         .route(WebSocket::PATH, on(WebSocket, crate::ws::upgrade))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_ip))

@@ -110,6 +110,13 @@ pub struct LimitsConfig {
     pub ws_write_buffer_bytes: usize,
     /// A device is told to upload more one-time prekeys when fewer than this are left.
     pub prekey_low_watermark: u32,
+    /// A device is told to upload more one-time MLS KeyPackages when fewer than this are left.
+    pub keypackages_low_watermark: u32,
+    /// Most one-time KeyPackages held per device; an upload past it is refused.
+    pub max_keypackages_per_device: u32,
+    /// Longest accepted KeyPackage lifetime: an uploaded KeyPackage must expire within this many
+    /// milliseconds from now (12 weeks, the most openmls accepts).
+    pub max_keypackage_lifetime_ms: u64,
     /// Events sent to a connection but not yet acknowledged; beyond it delivery pauses until an `ack`.
     pub max_unacked_events: usize,
     /// A WebSocket write (or flush) that makes no progress for this long closes the connection:
@@ -376,6 +383,9 @@ impl Default for LimitsConfig {
             ws_read_buffer_bytes: 4096,
             ws_write_buffer_bytes: 4096,
             prekey_low_watermark: 20,
+            keypackages_low_watermark: 20,
+            max_keypackages_per_device: 200,
+            max_keypackage_lifetime_ms: 12 * 7 * 24 * 60 * 60 * 1000,
             max_unacked_events: 4096,
             ws_write_timeout_ms: 10_000,
             ws_unsent_bytes: 1024 * 1024,
@@ -472,6 +482,8 @@ impl Config {
             || self.limits.ws_write_timeout_ms == 0
             || self.limits.ws_unsent_bytes == 0
             || self.limits.ws_unsent_bytes_total == 0
+            || self.limits.max_keypackages_per_device == 0
+            || self.limits.max_keypackage_lifetime_ms == 0
         {
             return bad("limits must be positive");
         }

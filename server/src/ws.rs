@@ -25,7 +25,8 @@ use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
 use parley_spec::v1::events::ReceiptKind;
 use parley_spec::v1::ws::{
-    CaughtUpFrame, ClientFrame, ErrorFrame, FrameId, HelloFrame, PingFrame, PrekeysLowFrame, RawEventFrame, ServerFrame, WsQuery,
+    CaughtUpFrame, ClientFrame, ErrorFrame, FrameId, HelloFrame, KeyPackagesLowFrame, PingFrame, PrekeysLowFrame, RawEventFrame,
+    ServerFrame, WsQuery,
 };
 use parley_spec::{ErrorCode, Seq, Timestamp};
 use std::collections::VecDeque;
@@ -390,6 +391,10 @@ impl Conn {
         if has_keys && prekeys < self.state.config.limits.prekey_low_watermark {
             self.send_frame(&ServerFrame::PrekeysLow(PrekeysLowFrame::new(prekeys)))?;
         }
+        let keypackages = self.state.store.keypackage_count(self.auth.device_pk).await?;
+        if keypackages.any() && keypackages.one_time < self.state.config.limits.keypackages_low_watermark {
+            self.send_frame(&ServerFrame::KeyPackagesLow(KeyPackagesLowFrame::new(keypackages.one_time)))?;
+        }
         self.catch_up().await?;
         self.announce_caught_up()?;
         self.out.start();
@@ -623,6 +628,13 @@ impl FrameRef {
 /// Tells a connected device that its one-time prekeys are running low.
 pub fn notify_prekeys_low(state: &AppState, device: crate::storage::DevicePk, remaining: u32) {
     if let Ok(frame) = serde_json::to_vec(&ServerFrame::PrekeysLow(PrekeysLowFrame::new(remaining))) {
+        state.hub.send_ephemeral(device, bytes::Bytes::from(frame));
+    }
+}
+
+/// Tells a connected device that its one-time KeyPackages are running low.
+pub fn notify_keypackages_low(state: &AppState, device: crate::storage::DevicePk, remaining: u32) {
+    if let Ok(frame) = serde_json::to_vec(&ServerFrame::KeyPackagesLow(KeyPackagesLowFrame::new(remaining))) {
         state.hub.send_ephemeral(device, bytes::Bytes::from(frame));
     }
 }

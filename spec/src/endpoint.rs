@@ -134,7 +134,7 @@ fn is_param(segment: &str) -> bool {
 
 /// Every endpoint of the client API.
 pub fn client_api() -> Vec<Metadata> {
-    use crate::v1::{account, devices, keys, messages, presence, sync, ws};
+    use crate::v1::{account, devices, keypackages, keys, messages, presence, sync, ws};
     vec![
         Metadata::of::<account::Register>(),
         Metadata::of::<account::Login>(),
@@ -155,6 +155,8 @@ pub fn client_api() -> Vec<Metadata> {
         Metadata::of::<keys::PutDeviceList>(),
         Metadata::of::<keys::GetDeviceList>(),
         Metadata::of::<keys::ClaimKeys>(),
+        Metadata::of::<keypackages::UploadKeyPackages>(),
+        Metadata::of::<keypackages::ClaimKeyPackages>(),
     ]
 }
 
@@ -166,6 +168,7 @@ pub fn federation_api() -> Vec<Metadata> {
         Metadata::of::<transaction::SendTransaction>(),
         Metadata::of::<transaction::GetUserDevices>(),
         Metadata::of::<claim::ClaimKeys>(),
+        Metadata::of::<claim::ClaimKeyPackages>(),
         Metadata::of::<keys::GetServerKeys>(),
     ]
 }

@@ -72,6 +72,11 @@ pub enum ErrorCode {
     ServerDenied,
     /// The user's homeserver could not be reached; retry later.
     RemoteUnavailable,
+    /// An uploaded KeyPackage failed a check (the message names it): it does not parse or verify,
+    /// uses another ciphersuite, its lifetime is not current or too long, its leaf does not name
+    /// the uploading device or carry its signing key, or its `last_resort` extension is not
+    /// where it belongs.
+    BadKeypackage,
 }
 
 impl ErrorCode {
@@ -109,6 +114,7 @@ impl ErrorCode {
             Self::UnknownServerKey => "unknown_server_key",
             Self::ServerDenied => "server_denied",
             Self::RemoteUnavailable => "remote_unavailable",
+            Self::BadKeypackage => "bad_keypackage",
         }
     }
 
@@ -130,6 +136,7 @@ impl ErrorCode {
             Self::StaleRequest | Self::ReplayedRequest | Self::UnknownServerKey => 401,
             Self::ServerDenied => 403,
             Self::RemoteUnavailable => 502,
+            Self::BadKeypackage => 400,
         }
     }
 }

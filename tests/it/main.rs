@@ -13,6 +13,7 @@ mod federation_faults;
 mod federation_security;
 mod files;
 mod hostile_clients;
+mod keypackages;
 mod keys;
 mod ops;
 mod overload;

@@ -1,6 +1,6 @@
 //! The federation listener's router: `GET /_parley/key/v1`, and the signed endpoints
 //! `PUT /_parley/federation/v1/send/{txn_id}`, `GET /_parley/federation/v1/users/{user_id}/devices`,
-//! `POST /_parley/federation/v1/keys/claim`.
+//! `POST /_parley/federation/v1/keys/claim`, `POST /_parley/federation/v1/keypackages/claim`.
 //!
 //! Every signed request goes through [`authenticate`] (handlers take the [`Signed`] extractor,
 //! which calls it): scheme, destination, clock skew, the allow/deny lists, the origin's key and
@@ -22,13 +22,14 @@ use bytes::Bytes;
 use parley_federation::{Authorization, RequestAuthError};
 use parley_spec::endpoint::Endpoint as _;
 use parley_spec::error::DeviceRef;
-use parley_spec::federation::v1::claim::{ClaimKeys as FedClaimKeys, ClaimRequest};
+use parley_spec::federation::v1::claim::{ClaimKeyPackages as FedClaimKeyPackages, ClaimKeys as FedClaimKeys, ClaimRequest};
 use parley_spec::federation::v1::keys::GetServerKeys;
 use parley_spec::federation::v1::transaction::{
     GetUserDevices, Item, RejectedItem, SendTransaction, SignedMessage, Transaction, TransactionResponse, UserDevices,
     MAX_TXN_ITEMS,
 };
 use parley_spec::v1::events::{InboxEvent, MessageEvent};
+use parley_spec::v1::keypackages::ClaimKeyPackagesResponse;
 use parley_spec::v1::keys::{ClaimResponse, MAX_CLAIM_DEVICES};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
 use parley_spec::{ErrorCode, ServerMsgId, ServerName, Timestamp, UserId};
@@ -43,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .route(SendTransaction::PATH, on(SendTransaction, send_transaction))
         .route(GetUserDevices::PATH, on(GetUserDevices, user_devices))
         .route(FedClaimKeys::PATH, on(FedClaimKeys, claim_keys))
+        .route(FedClaimKeyPackages::PATH, on(FedClaimKeyPackages, claim_keypackages))
         .layer(DefaultBodyLimit::max(body_limit))
         .route(GetServerKeys::PATH, on(GetServerKeys, crate::app::server_keys))
         .route("/healthz", get(|| async { "ok" }))
@@ -420,6 +422,22 @@ async fn claim_keys(
     let (local, foreign): (Vec<DeviceRef>, Vec<DeviceRef>) =
         request.devices.into_iter().partition(|d| d.user.is_of(&state.server_name));
     let mut response = crate::api::keys::claim_local(&state, local, Some((&origin, &request.requester))).await?;
+    response.missing.extend(foreign);
+    Ok(axum::Json(response))
+}
+
+/// POST /_parley/federation/v1/keypackages/claim
+async fn claim_keypackages(
+    State(state): State<AppState>,
+    Signed { origin, body: request }: Signed<ClaimRequest>,
+) -> Result<axum::Json<ClaimKeyPackagesResponse>> {
+    if request.devices.len() > MAX_CLAIM_DEVICES {
+        return Err(Error::new(ErrorCode::BadRequest, format!("at most {MAX_CLAIM_DEVICES} devices per claim")));
+    }
+    require_origin(&request.requester, &origin, "requester")?;
+    let (local, foreign): (Vec<DeviceRef>, Vec<DeviceRef>) =
+        request.devices.into_iter().partition(|d| d.user.is_of(&state.server_name));
+    let mut response = crate::api::keypackages::claim_local(&state, local, Some((&origin, &request.requester))).await?;
     response.missing.extend(foreign);
     Ok(axum::Json(response))
 }

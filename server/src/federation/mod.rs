@@ -41,6 +41,9 @@ pub struct Federation {
     pub sender: sender::Sender,
     /// One-time prekey claims by other servers and their users.
     pub claim_limits: claim_limits::ClaimLimits,
+    /// One-time KeyPackage claims by other servers and their users (the same limits, counted
+    /// apart from prekeys).
+    pub keypackage_claim_limits: claim_limits::ClaimLimits,
     config: FederationConfig,
     origin_limits: DefaultKeyedRateLimiter<ServerName>,
     failed_auth: DefaultKeyedRateLimiter<IpAddr>,
@@ -63,6 +66,11 @@ impl Federation {
             replays: ReplayCache::default(),
             sender,
             claim_limits: claim_limits::ClaimLimits::new(
+                config.one_time_claims_per_server,
+                config.one_time_claims_per_user,
+                Duration::from_millis(config.one_time_claim_window_ms),
+            ),
+            keypackage_claim_limits: claim_limits::ClaimLimits::new(
                 config.one_time_claims_per_server,
                 config.one_time_claims_per_user,
                 Duration::from_millis(config.one_time_claim_window_ms),
@@ -179,6 +187,7 @@ impl Federation {
         let now = Instant::now();
         self.blocked.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, until| *until > now);
         self.claim_limits.purge(now);
+        self.keypackage_claim_limits.purge(now);
         self.replays.purge(Timestamp::now());
     }
 

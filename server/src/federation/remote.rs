@@ -8,8 +8,9 @@ use crate::federation::sender::outbound;
 use crate::storage::{Effects, UserPk};
 use parley_federation::transport::FederationError;
 use parley_spec::error::DeviceRef;
-use parley_spec::federation::v1::claim::{ClaimKeys as FedClaimKeys, ClaimRequest};
+use parley_spec::federation::v1::claim::{ClaimKeyPackages as FedClaimKeyPackages, ClaimKeys as FedClaimKeys, ClaimRequest};
 use parley_spec::federation::v1::transaction::{DeviceListChanged, GetUserDevices, Item, UserDevices};
+use parley_spec::v1::keypackages::ClaimKeyPackagesResponse;
 use parley_spec::v1::keys::ClaimResponse;
 use parley_spec::{ErrorCode, ServerName, UserId};
 use std::collections::BTreeMap;
@@ -118,6 +119,52 @@ pub async fn claim(state: &AppState, requester: &UserId, devices: Vec<DeviceRef>
             // Unreachable for now: its devices are missing from this answer, not an error.
             Err(error @ Error::Remote { failure: RemoteFailure::Unreachable(_), .. }) => {
                 tracing::debug!(%error, "claim failed");
+                total.missing.extend(devices);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(total)
+}
+
+/// Claims KeyPackages of devices of other servers on behalf of local user `requester`, one
+/// request per server. A server that cannot be reached leaves its devices missing.
+pub async fn claim_keypackages(
+    state: &AppState,
+    requester: &UserId,
+    devices: Vec<DeviceRef>,
+) -> Result<ClaimKeyPackagesResponse> {
+    let mut by_server: BTreeMap<ServerName, Vec<DeviceRef>> = BTreeMap::new();
+    for device in devices {
+        by_server.entry(device.user.server_name()).or_default().push(device);
+    }
+    let mut total = ClaimKeyPackagesResponse::new(Vec::new(), Vec::new());
+    for (server, devices) in by_server {
+        let answer = match (check_reachable(state, &server), &state.federation) {
+            (Ok(()), Some(fed)) => {
+                let request = ClaimRequest::new(requester.clone(), devices.clone());
+                let body = serde_json::to_vec(&request).map_err(Error::internal)?;
+                let answer = fed.client.call::<FedClaimKeyPackages>(&server, &[], Some(body)).await;
+                answer.map_err(|error| remote_error(&server, error))
+            }
+            (Err(error), _) => Err(error),
+            (Ok(()), None) => Err(Error::internal("federation state missing")),
+        };
+        match answer {
+            Ok(answer) => {
+                // Only KeyPackages of the devices asked for, of that server's users, one each
+                // (clients check the KeyPackages themselves against the signed device lists).
+                let mut answered = std::collections::BTreeSet::new();
+                total.key_packages.extend(answer.key_packages.into_iter().filter(|kp| {
+                    kp.user.is_of(&server)
+                        && devices.iter().any(|d| d.user == kp.user && d.device == kp.device)
+                        && answered.insert((kp.user.clone(), kp.device.clone()))
+                }));
+                total.missing.extend(answer.missing.into_iter().filter(|d| d.user.is_of(&server)));
+            }
+            // Unreachable for now: its devices are missing from this answer, not an error.
+            Err(error @ Error::Remote { failure: RemoteFailure::Unreachable(_), .. }) => {
+                tracing::debug!(%error, "KeyPackage claim failed");
                 total.missing.extend(devices);
             }
             Err(error) => return Err(error),

@@ -1,9 +1,12 @@
 //! The SQLite backend: WAL mode, a small pool for reads and account writes, and the
 //! group-commit [`Writer`](super::writer) for the hot path.
 
+mod keypackages;
+
 use super::writer::{Bookkeeping, Subscribers, WriteOp, Writer};
 use super::*;
 use crate::config::{Config, Synchronous};
+pub use keypackages::{KeyPackageUpload, NewKeyPackage};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions as _, Row as _};
@@ -18,6 +21,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "federation", include_str!("../../migrations/sqlite/0003_federation.sql")),
     (4, "receipts", include_str!("../../migrations/sqlite/0004_receipts.sql")),
     (5, "federation_dedupe", include_str!("../../migrations/sqlite/0005_federation_dedupe.sql")),
+    (6, "keypackages", include_str!("../../migrations/sqlite/0006_keypackages.sql")),
 ];
 
 /// Rows deleted per statement when pruning remembered inbound message ids.

@@ -185,6 +185,10 @@ pub enum ServerFrame {
     /// The device's one-time prekeys are running low: upload more (`POST /v1/keys/upload`).
     /// Sent on connect and after a claim, while the count is below the server's watermark.
     PrekeysLow(PrekeysLowFrame),
+    /// The device's one-time KeyPackages are running low: upload more (`POST /v1/keypackages`).
+    /// Sent on connect and after a claim, while the count is below the server's watermark.
+    #[serde(rename = "keypackages_low")]
+    KeyPackagesLow(KeyPackagesLowFrame),
 }
 
 /// [`ServerFrame::Event`] with its event as JSON already serialized: the server stores each inbox
@@ -211,6 +215,21 @@ impl PrekeysLowFrame {
     /// Builds the frame.
     pub fn new(one_time_prekey_count: u32) -> Self {
         Self { one_time_prekey_count }
+    }
+}
+
+/// How many one-time KeyPackages the server still holds for this device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct KeyPackagesLowFrame {
+    /// Unclaimed one-time KeyPackages left.
+    pub count: u32,
+}
+
+impl KeyPackagesLowFrame {
+    /// Builds the frame.
+    pub fn new(count: u32) -> Self {
+        Self { count }
     }
 }
 
@@ -336,6 +355,12 @@ mod tests {
         assert_eq!(frame.into_request().message_ids, vec![ServerMsgId::new(1)]);
         let error = ServerFrame::Error(ErrorFrame::for_frame(Some(3), ErrorBody::new(crate::ErrorCode::BadFrame, "x")));
         assert_eq!(serde_json::to_string(&error).unwrap(), r#"{"type":"error","id":3,"code":"bad_frame","message":"x"}"#);
+    }
+
+    #[test]
+    fn the_keypackages_low_frame_is_named_as_in_the_spec() {
+        let frame = ServerFrame::KeyPackagesLow(KeyPackagesLowFrame::new(3));
+        assert_eq!(serde_json::to_string(&frame).unwrap(), r#"{"type":"keypackages_low","count":3}"#);
     }
 
     #[test]
