@@ -1,4 +1,4 @@
-//! Identifiers: server names, user ids and device ids. Each is constructed only by parsing, so a
+//! Identifiers: server names, user ids, device ids and group ids. Each is constructed only by parsing, so a
 //! value of one of these types is always well formed.
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +19,9 @@ pub enum IdError {
     /// A device id is `[A-Za-z0-9_-]`, 1 to 32 bytes.
     #[error("invalid device id: {0}")]
     DeviceId(&'static str),
+    /// A group id is `!local:hub`, local `[A-Za-z0-9._=-]`, 1 to 64 bytes.
+    #[error("invalid group id: {0}")]
+    GroupId(&'static str),
 }
 
 /// Longest localpart, in bytes.
@@ -27,6 +30,8 @@ pub const MAX_LOCALPART_BYTES: usize = 64;
 pub const MAX_SERVER_NAME_BYTES: usize = 255 + 6;
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_BYTES: usize = 32;
+/// Longest local part of a group id, in bytes.
+pub const MAX_GROUP_LOCAL_BYTES: usize = 64;
 
 macro_rules! string_newtype {
     ($name:ident, $parse:path, $example:literal) => {
@@ -249,6 +254,54 @@ impl DeviceId {
     }
 }
 
+/// A group id: `!local:hub`, where `hub` is the server that orders the group
+/// (`spec/groups.md` §1) and `local` is 1 to 64 bytes of `[A-Za-z0-9._=-]`. The MLS group id is
+/// the UTF-8 of the whole string ([`GroupId::mls_group_id`]), so a group cannot change hubs.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, example = "!team:example.org")]
+pub struct GroupId(String);
+string_newtype!(GroupId, GroupId::parse, "!team:example.org");
+
+impl GroupId {
+    /// Parses `!local:hub`.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let rest = s.strip_prefix('!').ok_or(IdError::GroupId("must start with !"))?;
+        let colon = rest.find(':').ok_or(IdError::GroupId("missing :hub"))?;
+        let local = &rest[..colon];
+        if local.is_empty() || local.len() > MAX_GROUP_LOCAL_BYTES {
+            return Err(IdError::GroupId("the local part must be 1 to 64 bytes"));
+        }
+        if !local.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'=' | b'-')) {
+            return Err(IdError::GroupId("the local part allows only A-Z, a-z, 0-9 and . _ = -"));
+        }
+        let hub = ServerName::parse(&rest[colon + 1..]).map_err(|_| IdError::GroupId("bad hub server name"))?;
+        Ok(Self(format!("!{local}:{hub}")))
+    }
+
+    /// Builds a group id hubbed on `hub`.
+    pub fn new(local: &str, hub: &ServerName) -> Result<Self, IdError> {
+        Self::parse(&format!("!{local}:{hub}"))
+    }
+
+    /// The local part (between `!` and the first `:`).
+    pub fn local(&self) -> &str {
+        let colon = self.0.find(':').unwrap_or(self.0.len()); // invariant: parsed with a colon
+        &self.0[1..colon]
+    }
+
+    /// The hub: the server that orders the group.
+    pub fn hub(&self) -> ServerName {
+        let colon = self.0.find(':').unwrap_or(self.0.len()); // invariant: parsed with a colon
+        ServerName(self.0[colon + 1..].to_owned())
+    }
+
+    /// The MLS group id: the UTF-8 bytes of the whole id.
+    pub fn mls_group_id(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +372,23 @@ mod tests {
         assert_eq!(serde_json::to_string(&u).unwrap(), "\"@bob:example.org\"");
         assert!(serde_json::from_str::<UserId>("\"bob\"").is_err());
         assert!(serde_json::from_str::<DeviceId>("\"a/b\"").is_err());
+    }
+
+    #[test]
+    fn group_ids() {
+        let g = GroupId::parse("!Team.1_=-:Chat.Example.org:8448").unwrap();
+        assert_eq!(g.as_str(), "!Team.1_=-:chat.example.org:8448", "the hub is lowercased like any server name");
+        assert_eq!(g.local(), "Team.1_=-");
+        assert_eq!(g.hub(), ServerName::parse("chat.example.org:8448").unwrap());
+        assert_eq!(g.mls_group_id(), b"!Team.1_=-:chat.example.org:8448");
+        assert_eq!(GroupId::new("team", &ServerName::parse("[::1]:8448").unwrap()).unwrap().hub().as_str(), "[::1]:8448");
+        let long = format!("!{}:x.org", "a".repeat(MAX_GROUP_LOCAL_BYTES + 1));
+        for bad in ["team:x.org", "!:x.org", "!team", "!team:", "!te am:x.org", "!te/am:x.org", "!team:bad host", long.as_str()] {
+            assert!(GroupId::parse(bad).is_err(), "{bad}");
+        }
+        assert!(GroupId::parse(&format!("!{}:x.org", "a".repeat(MAX_GROUP_LOCAL_BYTES))).is_ok());
+        let json = serde_json::to_string(&g).unwrap();
+        assert_eq!(serde_json::from_str::<GroupId>(&json).unwrap(), g);
+        assert!(serde_json::from_str::<GroupId>("\"@alice:x.org\"").is_err());
     }
 }

@@ -16,5 +16,5 @@ pub mod v1;
 
 pub use base64bytes::Base64Bytes;
 pub use error::{ErrorBody, ErrorCode};
-pub use ids::{DeviceId, IdError, ServerName, UserId};
+pub use ids::{DeviceId, GroupId, IdError, ServerName, UserId};
 pub use numbers::{OutOfRange, Seq, ServerMsgId, Timestamp};
