@@ -1,6 +1,7 @@
 //! The local store: one SQLite file per account profile (sqlx, WAL). It keeps what a device
 //! must not lose: its session and secrets, ratchet sessions, verified device lists of
-//! contacts, message history, the outbox and the sync cursor.
+//! contacts, message history, the outbox and the sync cursor. It also keeps the MLS client's
+//! state as opaque key-value pairs ([`Store::mls_state`], [`Store::apply_mls_changes`]).
 //!
 //! Secrets are stored as the crypto layer serializes them. The file (and SQLite's `-wal` and
 //! `-shm` files next to it) is readable by its owner only, whatever the umask; disk
@@ -13,6 +14,7 @@ use crate::e2ee::{
     SupersededSession, TrustStore, PREVIOUS_SESSIONS_KEPT,
 };
 use parley_crypto::identity::{DeviceIdentity, UserIdentity, VerifiedDeviceList, DEVICE_IDENTITY_BYTES};
+use parley_crypto::mls::StateChange;
 use parley_crypto::prekeys::PrekeySecret;
 use parley_crypto::PublicKey;
 use parley_spec::v1::keys::SignedDeviceList;
@@ -29,6 +31,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "store", include_str!("../migrations/0001_store.sql")),
     (2, "server id index", include_str!("../migrations/0002_server_id_index.sql")),
     (3, "previous sessions", include_str!("../migrations/0003_previous_sessions.sql")),
+    (4, "mls state", include_str!("../migrations/0004_mls_state.sql")),
 ];
 
 /// Key-value keys of the device's own keys and of the next one-time prekey id.
@@ -181,6 +184,30 @@ impl Store {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    /// The MLS client's stored state, to build it from
+    /// ([`MlsClient::with_state`](parley_crypto::mls::MlsClient::with_state)).
+    pub async fn mls_state(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query("SELECT key, value FROM mls_state").fetch_all(&self.pool).await.map_err(backend)?;
+        rows.into_iter().map(|r| Ok((r.try_get(0).map_err(backend)?, r.try_get(1).map_err(backend)?))).collect()
+    }
+
+    /// Writes what the MLS client reported as changed
+    /// ([`MlsClient::take_state_changes`](parley_crypto::mls::MlsClient::take_state_changes)),
+    /// all or nothing: a crash never leaves half of an operation's state on disk.
+    pub async fn apply_mls_changes(&self, changes: &[StateChange]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        for change in changes {
+            let query = match &change.value {
+                Some(value) => sqlx::query("INSERT OR REPLACE INTO mls_state (key, value) VALUES (?, ?)")
+                    .bind(change.key.as_slice())
+                    .bind(value.as_slice()),
+                None => sqlx::query("DELETE FROM mls_state WHERE key = ?").bind(change.key.as_slice()),
+            };
+            query.execute(&mut *tx).await.map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)
     }
 
     /// The pinned identity key of `user` (from the verified device list), if any.
@@ -661,5 +688,61 @@ mod tests {
         // A negative stored value (a damaged row) is an error, not a huge id.
         sqlx::query("UPDATE messages SET server_msg_id = -1").execute(&store.pool).await.unwrap();
         assert!(store.history(&user("@b:x"), 10).await.is_err());
+    }
+
+    /// An MLS client built from the store's state, its changes written back, survives closing
+    /// the profile: rebuilt from the reopened file, it loads its group and keeps talking.
+    #[tokio::test]
+    async fn mls_state_survives_reopening_the_profile() {
+        use parley_crypto::mls::{Incoming, KeyPackage, Lifetime, MlsClient};
+        const GROUP: &[u8] = b"!room:hub.example";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("profile.db");
+        let (alice, alice_device) = (user("@alice:x"), DeviceId::parse("A").unwrap());
+        let alice_keys = DeviceIdentity::generate(&mut rand::rngs::OsRng);
+        let bob_keys = DeviceIdentity::generate(&mut rand::rngs::OsRng);
+        let bob = MlsClient::with_state([], user("@bob:x"), DeviceId::parse("B").unwrap(), &bob_keys);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let kp = bob.create_key_package(&bob_keys, Lifetime::starting_at(now, 3600), false).unwrap();
+        let mut b = {
+            let store = Store::open(&path).await.unwrap();
+            let state = store.mls_state().await.unwrap();
+            assert!(state.is_empty());
+            let client = MlsClient::with_state(state, alice.clone(), alice_device.clone(), &alice_keys);
+            let mut a = client.create_group(&alice_keys, GROUP).unwrap();
+            let bundle = a.add_members(&client, &alice_keys, &[KeyPackage::from_bytes(kp.to_bytes()).unwrap()]).unwrap();
+            a.merge_pending_commit(&client).unwrap();
+            store.apply_mls_changes(&client.take_state_changes()).await.unwrap();
+            bob.join(&bundle.welcome.unwrap(), &a.ratchet_tree().unwrap()).unwrap().accept(&bob).unwrap()
+        };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+
+        let store = Store::open(&path).await.unwrap();
+        let client = MlsClient::with_state(store.mls_state().await.unwrap(), alice, alice_device, &alice_keys);
+        let mut a = client.load_group(GROUP).unwrap().expect("the group was stored");
+        assert_eq!(a.epoch(), 1);
+        let message = a.encrypt(&client, &alice_keys, b"after reopening").unwrap();
+        let Incoming::Application { plaintext, .. } = b.process(&bob, &message).unwrap() else { panic!("expected a message") };
+        assert_eq!(plaintext, b"after reopening");
+        let reply = b.encrypt(&bob, &bob_keys, b"hi").unwrap();
+        let Incoming::Application { plaintext, .. } = a.process(&client, &reply).unwrap() else { panic!("expected a message") };
+        assert_eq!(plaintext, b"hi");
+        store.apply_mls_changes(&client.take_state_changes()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn mls_changes_upsert_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("profile.db")).await.unwrap();
+        let change = |key: &[u8], value: Option<&[u8]>| StateChange { key: key.to_vec(), value: value.map(<[u8]>::to_vec) };
+        store.apply_mls_changes(&[change(b"a", Some(b"1")), change(b"b", Some(b"2"))]).await.unwrap();
+        store.apply_mls_changes(&[change(b"a", None), change(b"b", Some(b"3")), change(b"c", None)]).await.unwrap();
+        assert_eq!(store.mls_state().await.unwrap(), [(b"b".to_vec(), b"3".to_vec())]);
+        store.apply_mls_changes(&[]).await.unwrap();
+        assert_eq!(store.mls_state().await.unwrap().len(), 1);
     }
 }

@@ -13,9 +13,12 @@
 //!   ([`Group::ratchet_tree`], [`MlsClient::join`]), as it is large in big groups.
 //! * Wire artifacts cross the API as bytes: TLS-serialized `MLSMessage`s (KeyPackages, commits,
 //!   proposals, application messages, Welcomes, GroupInfos) and the TLS-serialized ratchet tree.
-//! * State lives in an openmls storage provider of the caller's choice ([`MlsStorage`]: the SDK's
-//!   profile store, or [`MemoryStorage`] in tests); openmls writes it as it goes, so a group is
-//!   [loaded](MlsClient::load_group) again by its id after a restart.
+//! * State lives in an openmls storage provider of the caller's choice ([`MlsStorage`]);
+//!   openmls writes it as it goes, so a group is [loaded](MlsClient::load_group) again by its
+//!   id after a restart. A [`MemoryStorage`] client is persisted by the caller as opaque
+//!   key-value pairs: it starts from the stored pairs ([`MlsClient::with_state`]) and reports
+//!   what changed since ([`MlsClient::take_state_changes`], [`StateChange`]), which the SDK
+//!   writes to its profile store in one transaction.
 //! * Randomness comes from openmls' RustCrypto provider (the operating system's RNG), and
 //!   openmls reads the system clock to check leaf lifetimes; KeyPackage lifetimes are given by
 //!   the caller ([`Lifetime`]).
@@ -27,6 +30,7 @@ mod credential;
 mod error;
 mod group;
 mod key_package;
+mod state;
 #[cfg(test)]
 mod tests;
 
@@ -38,6 +42,7 @@ pub use key_package::{KeyPackage, Lifetime, MAX_KEY_PACKAGE_LIFETIME_SECS};
 pub use openmls_rust_crypto::MemoryStorage;
 /// openmls' storage traits, for implementing [`MlsStorage`] over a database.
 pub use openmls_traits::storage;
+pub use state::StateChange;
 
 use crate::identity::DeviceIdentity;
 use credential::DeviceSigner;
@@ -127,6 +132,8 @@ impl<S: MlsStorage> OpenMlsProvider for Provider<S> {
 pub struct MlsClient<S> {
     provider: Provider<S>,
     own: MemberLeaf,
+    /// What [`MlsClient::take_state_changes`] last handed out (`MemoryStorage` clients only).
+    snapshot: state::Snapshot,
 }
 
 impl<S> std::fmt::Debug for MlsClient<S> {
@@ -142,6 +149,7 @@ impl<S: MlsStorage> MlsClient<S> {
         Self {
             provider: Provider { crypto: RustCrypto::default(), storage },
             own: MemberLeaf::new(user, device, identity.signing_public()),
+            snapshot: state::Snapshot::default(),
         }
     }
 

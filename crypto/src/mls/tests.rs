@@ -370,3 +370,72 @@ fn malformed_and_misdirected_input_gives_typed_errors() {
     assert_eq!(a.remove_members(&alice.client, &alice.identity, &[LeafIndex(40)]).unwrap_err().kind(), ErrorKind::Misuse);
     assert_eq!(a.merge_pending_commit(&alice.client).unwrap_err().kind(), ErrorKind::Misuse);
 }
+
+/// Applies `changes` to `stored` (as the SDK's store does) and checks that it now equals the
+/// client's state.
+fn persist(
+    stored: &mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    client: &MlsClient<MemoryStorage>,
+    changes: Vec<StateChange>,
+) {
+    for StateChange { key, value } in changes {
+        match value {
+            Some(value) => stored.insert(key, value),
+            None => stored.remove(&key),
+        };
+    }
+    let state = client.storage().values.read().unwrap();
+    assert_eq!(stored.len(), state.len());
+    assert!(stored.iter().all(|(key, value)| state.get(key) == Some(value)));
+}
+
+#[test]
+fn state_changes_persist_the_client_and_a_rebuilt_client_keeps_talking() {
+    let alice = Device::new("@alice:a.example", "ALICE1", 1);
+    let bob = Device::new("@bob:b.example", "BOB1", 2);
+    let mut stored = std::collections::BTreeMap::new();
+    assert!(alice.client.take_state_changes().is_empty(), "a new client has no state");
+
+    let mut a = alice.client.create_group(&alice.identity, GROUP).unwrap();
+    let changes = alice.client.take_state_changes();
+    assert!(!changes.is_empty() && changes.iter().all(|c| c.value.is_some()), "{changes:?}");
+    assert!(changes.windows(2).all(|w| w[0].key < w[1].key), "sorted by key");
+    persist(&mut stored, &alice.client, changes);
+    // Reading changes nothing, and what was taken is not reported again.
+    assert_eq!(a.members().unwrap().len(), 1);
+    assert!(alice.client.take_state_changes().is_empty());
+
+    let kp = bob.key_package();
+    let mut bob_stored = std::collections::BTreeMap::new();
+    persist(&mut bob_stored, &bob.client, bob.client.take_state_changes());
+    let bundle = a.add_members(&alice.client, &alice.identity, &[kp]).unwrap();
+    a.merge_pending_commit(&alice.client).unwrap();
+    persist(&mut stored, &alice.client, alice.client.take_state_changes());
+    // Joining spends Bob's KeyPackage: its private keys are deleted.
+    let mut b = bob.join(&bundle.welcome.unwrap(), &a.ratchet_tree().unwrap());
+    let changes = bob.client.take_state_changes();
+    assert!(changes.iter().any(|c| c.value.is_none()), "the spent KeyPackage is deleted: {changes:?}");
+    persist(&mut bob_stored, &bob.client, changes);
+
+    let message = alice.send(&mut a, "before the restart");
+    assert_eq!(bob.read(&mut b, &message).1, "before the restart");
+    persist(&mut stored, &alice.client, alice.client.take_state_changes());
+    let epoch = a.epoch();
+    drop(a);
+
+    // A restart: a new client from the stored pairs only.
+    let (user, device) = (alice.client.own_leaf().user().clone(), alice.client.own_leaf().device().clone());
+    let alice = Device { client: MlsClient::with_state(stored.clone(), user, device, &alice.identity), ..alice };
+    assert!(alice.client.take_state_changes().is_empty(), "the loaded state is not reported again");
+    let mut a = alice.client.load_group(GROUP).unwrap().expect("stored");
+    assert_eq!((a.epoch(), a.members().unwrap()), (epoch, b.members().unwrap()));
+    let message = alice.send(&mut a, "after the restart");
+    assert_eq!(bob.read(&mut b, &message).1, "after the restart");
+    let reply = bob.send(&mut b, "welcome back");
+    assert_eq!(alice.read(&mut a, &reply).1, "welcome back");
+    let update = b.self_update(&bob.client, &bob.identity).unwrap();
+    b.merge_pending_commit(&bob.client).unwrap();
+    alice.apply(&mut a, &update.commit, &[&alice.list, &bob.list]);
+    assert_eq!(a.epoch(), epoch + 1);
+    persist(&mut stored, &alice.client, alice.client.take_state_changes());
+}
