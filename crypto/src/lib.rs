@@ -9,7 +9,7 @@
 //! `openmls_traits`) in an API of our own, so no other crate touches an openmls type: one
 //! ciphersuite, credentials that name a user and device with the device's ed25519 key as the
 //! signature key, wire artifacts as bytes, typed errors, and state in a storage provider the
-//! caller supplies. openmls draws its randomness from the operating system and reads the clock
+//! caller supplies; the hub follows a group's public state with `mls::HubGroup`. openmls draws its randomness from the operating system and reads the clock
 //! for leaf lifetimes; everything else here stays deterministic.
 
 pub mod canonical;

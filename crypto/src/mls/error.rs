@@ -5,8 +5,9 @@
 use super::credential::CredentialError;
 pub use crate::x3dh::ErrorKind;
 use openmls::prelude::{
-    CommitBuilderStageError, CreateCommitError, CreateMessageError, KeyPackageNewError, LeaveGroupError, MergeCommitError,
-    MergePendingCommitError, MlsGroupStateError, NewGroupError, ProcessMessageError, ValidationError, WelcomeError,
+    CommitBuilderStageError, CreateCommitError, CreateMessageError, CreationFromExternalError, ExportGroupInfoError,
+    KeyPackageNewError, LeaveGroupError, MergeCommitError, MergePendingCommitError, MlsGroupStateError, NewGroupError,
+    ProcessMessageError, PublicProcessMessageError, ValidationError, WelcomeError,
 };
 use std::fmt::Display;
 
@@ -36,6 +37,14 @@ pub enum MlsError {
     /// it missed commits, or the message is stale (bad input).
     #[error("the message is from an epoch this member does not have")]
     WrongEpoch,
+    /// The hub's group is in epoch `current` and the handshake message is for another epoch
+    /// (another commit won the epoch: process it and redo the change), or the application
+    /// message is from an epoch the members no longer keep (bad input).
+    #[error("the message is not for the group's current epoch {current}")]
+    EpochConflict {
+        /// The epoch the hub's group is in.
+        current: u64,
+    },
     /// The sender is not a member (external senders and external commits are not used in
     /// Parley groups) (bad input).
     #[error("the sender is not a member of the group")]
@@ -85,6 +94,7 @@ impl MlsError {
             | Self::Credential(_)
             | Self::WrongGroup
             | Self::WrongEpoch
+            | Self::EpochConflict { .. }
             | Self::UnsupportedSender
             | Self::UnsupportedProposal
             | Self::NoMatchingKeyPackage
@@ -196,6 +206,36 @@ pub(crate) fn process_message<E: Display>(error: ProcessMessageError<E>) -> MlsE
     }
 }
 
+/// Sorts the hub's processing errors (the epoch was checked before, with the hub's epoch at hand).
+pub(crate) fn public_process_message(error: PublicProcessMessageError) -> MlsError {
+    match error {
+        PublicProcessMessageError::ValidationError(ValidationError::WrongGroupId) => MlsError::WrongGroup,
+        PublicProcessMessageError::ValidationError(ValidationError::WrongEpoch) => MlsError::WrongEpoch,
+        PublicProcessMessageError::UnauthorizedExternalCommitMessage
+        | PublicProcessMessageError::UnauthorizedExternalApplicationMessage => MlsError::UnsupportedSender,
+        PublicProcessMessageError::LibraryError(e) => MlsError::internal(e),
+        other => MlsError::rejected(other),
+    }
+}
+
+/// Sorts the errors of building the hub's group from a GroupInfo and a tree.
+pub(crate) fn from_external<E: Display>(error: CreationFromExternalError<E>) -> MlsError {
+    match error {
+        CreationFromExternalError::UnsupportedCiphersuite(_) => MlsError::WrongCiphersuite,
+        CreationFromExternalError::WriteToStorageError(e) => MlsError::storage(e),
+        CreationFromExternalError::LibraryError(e) => MlsError::internal(e),
+        other => MlsError::rejected(other),
+    }
+}
+
+pub(crate) fn export_group_info(error: ExportGroupInfoError) -> MlsError {
+    match error {
+        ExportGroupInfoError::GroupStateError(e) => group_state(e),
+        ExportGroupInfoError::LibraryError(e) => MlsError::internal(e),
+        other => MlsError::internal(other),
+    }
+}
+
 /// Sorts openmls' Welcome errors.
 pub(crate) fn welcome<E: Display>(error: WelcomeError<E>) -> MlsError {
     match error {
@@ -215,6 +255,13 @@ mod tests {
     fn kinds() {
         assert_eq!(MlsError::Malformed { expected: "a Welcome" }.kind(), ErrorKind::BadInput);
         assert_eq!(MlsError::WrongEpoch.kind(), ErrorKind::BadInput);
+        assert_eq!(MlsError::EpochConflict { current: 3 }.kind(), ErrorKind::BadInput);
+        let wrong_group = PublicProcessMessageError::ValidationError(ValidationError::WrongGroupId);
+        assert_eq!(public_process_message(wrong_group), MlsError::WrongGroup);
+        assert!(matches!(public_process_message(PublicProcessMessageError::IncompatibleWireFormat), MlsError::Rejected(_)));
+        let unsupported = CreationFromExternalError::<std::fmt::Error>::UnsupportedCiphersuite(super::super::CIPHERSUITE);
+        assert_eq!(from_external(unsupported), MlsError::WrongCiphersuite);
+        assert_eq!(from_external(CreationFromExternalError::WriteToStorageError(std::fmt::Error)).kind(), ErrorKind::Misuse);
         assert_eq!(MlsError::Credential(CredentialError::NotBasic).kind(), ErrorKind::BadInput);
         assert_eq!(MlsError::WrongSigner.kind(), ErrorKind::Misuse);
         assert_eq!(MlsError::Inactive.kind(), ErrorKind::Misuse);

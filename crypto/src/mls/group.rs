@@ -308,6 +308,16 @@ impl Group {
         tls_bytes(&self.inner.export_ratchet_tree())
     }
 
+    /// The signed GroupInfo of the current epoch (an `MLSMessage`, without the ratchet tree): what
+    /// a group's creator gives the hub, with [`ratchet_tree`](Self::ratchet_tree), to register the
+    /// group ([`HubGroup::from_group_info`](super::HubGroup::from_group_info)). Commits carry
+    /// their own ([`CommitBundle::group_info`]).
+    pub fn group_info<S: MlsStorage>(&self, client: &MlsClient<S>, identity: &DeviceIdentity) -> Result<Vec<u8>, MlsError> {
+        let signer = client.signer(identity)?;
+        let message = self.inner.export_group_info(client.provider.crypto(), &signer, false).map_err(error::export_group_info)?;
+        message_bytes(&message)
+    }
+
     /// Adds devices by their KeyPackages, in one commit (which also updates this member's
     /// path). The commit is pending until [merged](Self::merge_pending_commit).
     pub fn add_members<S: MlsStorage>(
@@ -422,7 +432,7 @@ impl Group {
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let committer = self.sender(sender_index)?;
-                let changes = self.commit_changes(&staged, &committer)?;
+                let changes = commit_changes(&staged, &committer, |index| self.member(index))?;
                 Ok(Incoming::Commit(IncomingCommit { staged, committer, changes }))
             }
             ProcessedMessageContent::OwnPendingCommit => Ok(Incoming::OwnCommit),
@@ -511,31 +521,6 @@ impl Group {
         })
     }
 
-    /// The membership changes of a staged commit from `committer`.
-    fn commit_changes(&self, staged: &StagedCommit, committer: &Member) -> Result<Vec<MemberChange>, MlsError> {
-        let mut changes = Vec::new();
-        for proposal in staged.queued_proposals() {
-            let change = match proposal.proposal() {
-                Proposal::Add(add) => MemberChange::Added(leaf_of(add.key_package().leaf_node())?),
-                Proposal::Update(update) => {
-                    let Sender::Member(index) = proposal.sender() else { return Err(MlsError::UnsupportedSender) };
-                    MemberChange::Updated { index: LeafIndex::from_openmls(*index), leaf: leaf_of(update.leaf_node())? }
-                }
-                Proposal::Remove(remove) => self.removal(LeafIndex::from_openmls(remove.removed()))?,
-                Proposal::SelfRemove => {
-                    let Sender::Member(index) = proposal.sender() else { return Err(MlsError::UnsupportedSender) };
-                    self.removal(LeafIndex::from_openmls(*index))?
-                }
-                _ => return Err(MlsError::UnsupportedProposal),
-            };
-            changes.push(change);
-        }
-        if let Some(leaf_node) = staged.update_path_leaf_node() {
-            changes.push(MemberChange::Updated { index: committer.index, leaf: leaf_of(leaf_node)? });
-        }
-        Ok(changes)
-    }
-
     /// The removal of the current member at `index`.
     fn removal(&self, index: LeafIndex) -> Result<MemberChange, MlsError> {
         let member = self.member(index)?.ok_or_else(|| MlsError::rejected(format!("no member at leaf {index} to remove")))?;
@@ -543,10 +528,44 @@ impl Group {
     }
 }
 
-fn leaf_of(leaf_node: &LeafNode) -> Result<MemberLeaf, MlsError> {
+/// The membership changes of a staged commit from `committer`; `member_at` looks up the
+/// current members (before the commit), to name the removed ones.
+pub(super) fn commit_changes(
+    staged: &StagedCommit,
+    committer: &Member,
+    member_at: impl Fn(LeafIndex) -> Result<Option<Member>, MlsError>,
+) -> Result<Vec<MemberChange>, MlsError> {
+    let removal = |index: LeafIndex| -> Result<MemberChange, MlsError> {
+        let member = member_at(index)?.ok_or_else(|| MlsError::rejected(format!("no member at leaf {index} to remove")))?;
+        Ok(MemberChange::Removed { index, leaf: member.leaf })
+    };
+    let mut changes = Vec::new();
+    for proposal in staged.queued_proposals() {
+        let change = match proposal.proposal() {
+            Proposal::Add(add) => MemberChange::Added(leaf_of(add.key_package().leaf_node())?),
+            Proposal::Update(update) => {
+                let Sender::Member(index) = proposal.sender() else { return Err(MlsError::UnsupportedSender) };
+                MemberChange::Updated { index: LeafIndex::from_openmls(*index), leaf: leaf_of(update.leaf_node())? }
+            }
+            Proposal::Remove(remove) => removal(LeafIndex::from_openmls(remove.removed()))?,
+            Proposal::SelfRemove => {
+                let Sender::Member(index) = proposal.sender() else { return Err(MlsError::UnsupportedSender) };
+                removal(LeafIndex::from_openmls(*index))?
+            }
+            _ => return Err(MlsError::UnsupportedProposal),
+        };
+        changes.push(change);
+    }
+    if let Some(leaf_node) = staged.update_path_leaf_node() {
+        changes.push(MemberChange::Updated { index: committer.index, leaf: leaf_of(leaf_node)? });
+    }
+    Ok(changes)
+}
+
+pub(super) fn leaf_of(leaf_node: &LeafNode) -> Result<MemberLeaf, MlsError> {
     Ok(MemberLeaf::from_parts(leaf_node.credential(), leaf_node.signature_key().as_slice())?)
 }
 
-fn message_bytes(message: &MlsMessageOut) -> Result<Vec<u8>, MlsError> {
+pub(super) fn message_bytes(message: &MlsMessageOut) -> Result<Vec<u8>, MlsError> {
     message.to_bytes().map_err(MlsError::internal)
 }

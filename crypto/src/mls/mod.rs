@@ -23,12 +23,16 @@
 //!   openmls reads the system clock to check leaf lifetimes; KeyPackage lifetimes are given by
 //!   the caller ([`Lifetime`]).
 //!
+//! * The hub, which has no leaf, follows a group's public state with [`HubGroup`]: it checks
+//!   commits (and their GroupInfo) and application messages, and merges the commits it accepts.
+//!
 //! Errors are [`MlsError`], with [`MlsError::kind`] telling bad input from misuse; no input from a
 //! peer makes this module panic.
 
 mod credential;
 mod error;
 mod group;
+mod hub;
 mod key_package;
 mod state;
 #[cfg(test)]
@@ -37,6 +41,7 @@ mod tests;
 pub use credential::{CredentialError, LeafMismatch, MemberLeaf};
 pub use error::{ErrorKind, MlsError};
 pub use group::{CommitBundle, Group, Incoming, IncomingCommit, IncomingProposal, MemberChange, PendingJoin};
+pub use hub::{AcceptedCommit, ApplicationInfo, HubGroup};
 pub use key_package::{KeyPackage, Lifetime, MAX_KEY_PACKAGE_LIFETIME_SECS};
 /// openmls' in-memory storage provider (for tests and short-lived clients).
 pub use openmls_rust_crypto::MemoryStorage;

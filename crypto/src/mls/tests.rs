@@ -439,3 +439,153 @@ fn state_changes_persist_the_client_and_a_rebuilt_client_keeps_talking() {
     assert_eq!(a.epoch(), epoch + 1);
     persist(&mut stored, &alice.client, alice.client.take_state_changes());
 }
+
+/// The hub checks a commit with its GroupInfo and merges it; returns the changes it saw.
+fn hub_accepts(hub: &mut HubGroup<MemoryStorage>, bundle: &CommitBundle) -> Vec<MemberChange> {
+    let accepted = hub.check_commit(&bundle.commit, &bundle.group_info).unwrap();
+    assert_eq!(accepted.epoch(), hub.epoch() + 1);
+    let changes = accepted.changes().to_vec();
+    hub.merge(accepted).unwrap();
+    changes
+}
+
+#[test]
+fn the_hub_follows_adds_updates_and_removals_and_survives_a_reload() {
+    let alice = Device::new("@alice:a.example", "ALICE1", 1);
+    let bob = Device::new("@bob:b.example", "BOB1", 2);
+    let carol = Device::new("@carol:c.example", "CAROL1", 3);
+    let lists = [&alice.list, &bob.list, &carol.list];
+    let mut a = alice.client.create_group(&alice.identity, GROUP).unwrap();
+    let group_info = a.group_info(&alice.client, &alice.identity).unwrap();
+    let mut hub = HubGroup::from_group_info(&group_info, &a.ratchet_tree().unwrap(), MemoryStorage::default()).unwrap();
+    assert_eq!((hub.group_id(), hub.epoch()), (GROUP, 0));
+    assert_eq!(hub.members().unwrap(), a.members().unwrap());
+
+    // Alice adds Bob and Carol; they join with the tree the hub serves.
+    let add = a.add_members(&alice.client, &alice.identity, &[bob.key_package(), carol.key_package()]).unwrap();
+    let changes = hub_accepts(&mut hub, &add);
+    assert!(changes.contains(&MemberChange::Added(bob.client.own_leaf().clone())));
+    assert!(changes.contains(&MemberChange::Added(carol.client.own_leaf().clone())));
+    a.merge_pending_commit(&alice.client).unwrap();
+    let welcome = add.welcome.unwrap();
+    let mut b = bob.join(&welcome, &hub.ratchet_tree().unwrap());
+    let mut c = carol.join(&welcome, &hub.ratchet_tree().unwrap());
+    assert_eq!(hub.epoch(), 1);
+    assert_eq!(hub.members().unwrap(), a.members().unwrap());
+    assert_eq!(hub.members().unwrap(), c.members().unwrap());
+
+    // Bob updates his keys.
+    let update = b.self_update(&bob.client, &bob.identity).unwrap();
+    let changes = hub_accepts(&mut hub, &update);
+    assert_eq!(changes, [MemberChange::Updated { index: b.own_index(), leaf: bob.client.own_leaf().clone() }]);
+    b.merge_pending_commit(&bob.client).unwrap();
+    alice.apply(&mut a, &update.commit, &lists);
+    carol.apply(&mut c, &update.commit, &lists);
+    assert_eq!(hub.members().unwrap(), b.members().unwrap());
+    assert_eq!(hub.ratchet_tree().unwrap(), a.ratchet_tree().unwrap());
+
+    // An application message of this epoch: the hub sees its epoch, not its sender.
+    let hello = carol.send(&mut c, "hello");
+    assert_eq!(hub.check_application(&hello).unwrap(), ApplicationInfo { epoch: 2 });
+
+    // Alice removes Carol.
+    let carol_index = c.own_index();
+    let removal = a.remove_members(&alice.client, &alice.identity, &[carol_index]).unwrap();
+    let changes = hub_accepts(&mut hub, &removal);
+    assert!(changes.contains(&MemberChange::Removed { index: carol_index, leaf: carol.client.own_leaf().clone() }));
+    a.merge_pending_commit(&alice.client).unwrap();
+    bob.apply(&mut b, &removal.commit, &lists);
+    assert_eq!(hub.members().unwrap(), a.members().unwrap());
+    assert_eq!(hub.members().unwrap(), b.members().unwrap());
+    assert_eq!(hub.member(carol_index).unwrap(), None);
+    // Carol's message of the epoch before is still within MAX_PAST_EPOCHS.
+    assert_eq!(hub.check_application(&hello).unwrap(), ApplicationInfo { epoch: 2 });
+
+    // The stored state brings the group back.
+    let storage = hub.into_storage();
+    assert!(HubGroup::load(MemoryStorage::default(), GROUP).unwrap().is_none());
+    let mut hub = HubGroup::load(storage, GROUP).unwrap().expect("the stored group");
+    assert_eq!(hub.epoch(), 3);
+    assert_eq!(hub.members().unwrap(), a.members().unwrap());
+    let update = a.self_update(&alice.client, &alice.identity).unwrap();
+    hub_accepts(&mut hub, &update);
+    assert_eq!(hub.epoch(), 4);
+}
+
+#[test]
+fn the_hub_refuses_a_second_commit_for_an_epoch_and_a_mismatched_group_info() {
+    let alice = Device::new("@alice:a.example", "ALICE1", 1);
+    let bob = Device::new("@bob:b.example", "BOB1", 2);
+    let mut a = alice.client.create_group(&alice.identity, GROUP).unwrap();
+    let group_info = a.group_info(&alice.client, &alice.identity).unwrap();
+    let mut hub = HubGroup::from_group_info(&group_info, &a.ratchet_tree().unwrap(), MemoryStorage::default()).unwrap();
+    let add = a.add_members(&alice.client, &alice.identity, &[bob.key_package()]).unwrap();
+    hub_accepts(&mut hub, &add);
+    a.merge_pending_commit(&alice.client).unwrap();
+    let mut b = bob.join(add.welcome.as_deref().unwrap(), &hub.ratchet_tree().unwrap());
+    let old_message = alice.send(&mut a, "epoch 1");
+
+    // Both commit in epoch 1; the hub takes Alice's, and names its epoch to Bob.
+    let winner = a.self_update(&alice.client, &alice.identity).unwrap();
+    let loser = b.self_update(&bob.client, &bob.identity).unwrap();
+    // A GroupInfo that is not the commit's: of the epoch before, of the other commit, of another group.
+    let other_group = alice.client.create_group(&alice.identity, b"!other:hub.example").unwrap();
+    let other_info = other_group.group_info(&alice.client, &alice.identity).unwrap();
+    for group_info in [&add.group_info, &loser.group_info, &other_info] {
+        let error = hub.check_commit(&winner.commit, group_info).unwrap_err();
+        assert!(matches!(error, MlsError::Rejected(_)), "{error:?}");
+    }
+    hub_accepts(&mut hub, &winner);
+    assert_eq!(hub.check_commit(&loser.commit, &loser.group_info).unwrap_err(), MlsError::EpochConflict { current: 2 });
+    assert_eq!(hub.check_commit(&winner.commit, &winner.group_info).unwrap_err(), MlsError::EpochConflict { current: 2 });
+
+    // Application messages: within MAX_PAST_EPOCHS, then too old; handshake and application
+    // messages are not taken for one another; another group's messages are refused.
+    assert_eq!(hub.check_application(&old_message).unwrap(), ApplicationInfo { epoch: 1 });
+    a.merge_pending_commit(&alice.client).unwrap();
+    for _ in 0..2 {
+        let update = a.self_update(&alice.client, &alice.identity).unwrap();
+        hub_accepts(&mut hub, &update);
+        a.merge_pending_commit(&alice.client).unwrap();
+    }
+    assert_eq!(hub.check_application(&old_message).unwrap_err(), MlsError::EpochConflict { current: 4 });
+    let current = alice.send(&mut a, "epoch 4");
+    assert_eq!(hub.check_application(&current).unwrap(), ApplicationInfo { epoch: 4 });
+    assert!(matches!(hub.check_application(&winner.commit).unwrap_err(), MlsError::Rejected(_)));
+    assert!(matches!(hub.check_commit(&current, &winner.group_info).unwrap_err(), MlsError::Rejected(_)));
+    let mut other_group = other_group;
+    let elsewhere = alice.send(&mut other_group, "elsewhere");
+    assert_eq!(hub.check_application(&elsewhere).unwrap_err(), MlsError::WrongGroup);
+}
+
+#[test]
+fn the_hub_gives_typed_errors_for_garbage() {
+    let alice = Device::new("@alice:a.example", "ALICE1", 1);
+    let mut a = alice.client.create_group(&alice.identity, GROUP).unwrap();
+    let group_info = a.group_info(&alice.client, &alice.identity).unwrap();
+    let tree = a.ratchet_tree().unwrap();
+    let hub = HubGroup::from_group_info(&group_info, &tree, MemoryStorage::default()).unwrap();
+    let update = a.self_update(&alice.client, &alice.identity).unwrap();
+    let malformed = |e: MlsError| {
+        assert!(matches!(e, MlsError::Malformed { .. }), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::BadInput);
+    };
+    for garbage in [&b""[..], b"\x00", b"\x00\x01\x00\x05", &[0xff; 64], &update.commit[..update.commit.len() / 2]] {
+        malformed(HubGroup::from_group_info(garbage, &tree, MemoryStorage::default()).unwrap_err());
+        // (An empty byte string is a well-formed empty tree, which does not verify.)
+        let error = HubGroup::from_group_info(&group_info, garbage, MemoryStorage::default()).unwrap_err();
+        assert!(matches!(error, MlsError::Malformed { .. } | MlsError::Rejected(_)), "{error:?}");
+        assert_eq!(error.kind(), ErrorKind::BadInput);
+        malformed(hub.check_commit(garbage, &update.group_info).unwrap_err());
+        malformed(hub.check_commit(&update.commit, garbage).unwrap_err());
+        malformed(hub.check_application(garbage).unwrap_err());
+    }
+    // The right encoding, the wrong type.
+    malformed(HubGroup::from_group_info(&update.commit, &tree, MemoryStorage::default()).unwrap_err());
+    malformed(hub.check_commit(&update.group_info, &update.group_info).unwrap_err());
+    // A GroupInfo whose tree is not the one given.
+    let other = alice.client.create_group(&alice.identity, b"!other:hub.example").unwrap();
+    let other_tree = other.ratchet_tree().unwrap();
+    let error = HubGroup::from_group_info(&update.group_info, &other_tree, MemoryStorage::default()).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::BadInput, "{error:?}");
+}
