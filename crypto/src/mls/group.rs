@@ -236,15 +236,7 @@ impl<S: MlsStorage> MlsClient<S> {
             RatchetTreeIn::tls_deserialize_exact(ratchet_tree).map_err(|_| MlsError::Malformed { expected: "a ratchet tree" })?;
         let staged =
             StagedWelcome::new_from_welcome(&self.provider, &join_config(), welcome, Some(tree)).map_err(error::welcome)?;
-        let members = staged
-            .members()
-            .map(|m| {
-                Ok(Member {
-                    index: LeafIndex::from_openmls(m.index),
-                    leaf: MemberLeaf::from_parts(&m.credential, &m.signature_key)?,
-                })
-            })
-            .collect::<Result<Vec<_>, MlsError>>()?;
+        let members = staged.members().map(Member::from_openmls).collect::<Result<Vec<_>, MlsError>>()?;
         let sender_index = LeafIndex::from_openmls(staged.welcome_sender_index());
         let sender = members
             .iter()
@@ -283,23 +275,12 @@ impl Group {
 
     /// The members, in leaf order.
     pub fn members(&self) -> Result<Vec<Member>, MlsError> {
-        self.inner
-            .members()
-            .map(|m| {
-                Ok(Member {
-                    index: LeafIndex::from_openmls(m.index),
-                    leaf: MemberLeaf::from_parts(&m.credential, &m.signature_key)?,
-                })
-            })
-            .collect()
+        self.inner.members().map(Member::from_openmls).collect()
     }
 
     /// The member at `index`, if there is one.
     pub fn member(&self, index: LeafIndex) -> Result<Option<Member>, MlsError> {
-        self.inner
-            .member_at(index.to_openmls())
-            .map(|m| Ok(Member { index, leaf: MemberLeaf::from_parts(&m.credential, &m.signature_key)? }))
-            .transpose()
+        self.inner.member_at(index.to_openmls()).map(Member::from_openmls).transpose()
     }
 
     /// The TLS-serialized ratchet tree of the current epoch, which joiners need with their

@@ -8,7 +8,6 @@
 //! membership key. A `PrivateMessage` shows only its group id, epoch and content type: the sender
 //! and the content are encrypted, so the hub cannot tell who sent it or check its signature.
 
-use super::credential::MemberLeaf;
 use super::error;
 use super::group::{commit_changes, leaf_of};
 use super::key_package::tls_bytes;
@@ -117,15 +116,7 @@ impl<S: MlsStorage> HubGroup<S> {
 
     /// The members, in leaf order.
     pub fn members(&self) -> Result<Vec<Member>, MlsError> {
-        self.public
-            .members()
-            .map(|m| {
-                Ok(Member {
-                    index: LeafIndex::from_openmls(m.index),
-                    leaf: MemberLeaf::from_parts(&m.credential, &m.signature_key)?,
-                })
-            })
-            .collect()
+        self.public.members().map(Member::from_openmls).collect()
     }
 
     /// The member at `index`, if there is one.

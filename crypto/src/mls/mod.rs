@@ -107,6 +107,16 @@ pub struct Member {
     pub leaf: MemberLeaf,
 }
 
+impl Member {
+    /// Our view of one of openmls' members (its credential must be a Parley credential).
+    fn from_openmls(member: openmls::prelude::Member) -> Result<Self, MlsError> {
+        Ok(Self {
+            index: LeafIndex::from_openmls(member.index),
+            leaf: MemberLeaf::from_parts(&member.credential, &member.signature_key)?,
+        })
+    }
+}
+
 /// openmls' provider over the caller's storage.
 struct Provider<S> {
     crypto: RustCrypto,
