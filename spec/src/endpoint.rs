@@ -134,7 +134,7 @@ fn is_param(segment: &str) -> bool {
 
 /// Every endpoint of the client API.
 pub fn client_api() -> Vec<Metadata> {
-    use crate::v1::{account, devices, keypackages, keys, messages, presence, sync, ws};
+    use crate::v1::{account, devices, groups, keypackages, keys, messages, presence, sync, ws};
     vec![
         Metadata::of::<account::Register>(),
         Metadata::of::<account::Login>(),
@@ -157,18 +157,23 @@ pub fn client_api() -> Vec<Metadata> {
         Metadata::of::<keys::ClaimKeys>(),
         Metadata::of::<keypackages::UploadKeyPackages>(),
         Metadata::of::<keypackages::ClaimKeyPackages>(),
+        Metadata::of::<groups::CreateGroup>(),
+        Metadata::of::<groups::GroupSend>(),
+        Metadata::of::<groups::GroupEvents>(),
+        Metadata::of::<groups::ListGroups>(),
     ]
 }
 
 /// Every endpoint of the federation API (served on the federation listener; the server key
 /// document is served on both listeners).
 pub fn federation_api() -> Vec<Metadata> {
-    use crate::federation::v1::{claim, keys, transaction};
+    use crate::federation::v1::{claim, groups, keys, transaction};
     vec![
         Metadata::of::<transaction::SendTransaction>(),
         Metadata::of::<transaction::GetUserDevices>(),
         Metadata::of::<claim::ClaimKeys>(),
         Metadata::of::<claim::ClaimKeyPackages>(),
+        Metadata::of::<groups::SubmitGroupMessage>(),
         Metadata::of::<keys::GetServerKeys>(),
     ]
 }

@@ -77,6 +77,22 @@ pub enum ErrorCode {
     /// the uploading device or carry its signing key, or its `last_resort` extension is not
     /// where it belongs.
     BadKeypackage,
+    /// Groups: a commit or proposal for an epoch that is not the group's current one (another
+    /// commit won it); `current_epoch` names the hub's epoch. Catch up, then rebuild on top.
+    EpochConflict,
+    /// Groups: the sending device is not a member of the group.
+    NotAMember,
+    /// Groups: the hub has no such group.
+    UnknownGroup,
+    /// Groups: the group id is taken.
+    GroupExists,
+    /// Groups: the commit would take the group past its member limit.
+    GroupFull,
+    /// Groups: an MLS message does not parse, is not of this group, does not verify against the
+    /// group's public state, or breaks the wire-format rules (the message says which).
+    BadMlsMessage,
+    /// Groups: group fan-out from a server that is not the group's hub.
+    NotTheHub,
 }
 
 impl ErrorCode {
@@ -115,6 +131,13 @@ impl ErrorCode {
             Self::ServerDenied => "server_denied",
             Self::RemoteUnavailable => "remote_unavailable",
             Self::BadKeypackage => "bad_keypackage",
+            Self::EpochConflict => "epoch_conflict",
+            Self::NotAMember => "not_a_member",
+            Self::UnknownGroup => "unknown_group",
+            Self::GroupExists => "group_exists",
+            Self::GroupFull => "group_full",
+            Self::BadMlsMessage => "bad_mls_message",
+            Self::NotTheHub => "not_the_hub",
         }
     }
 
@@ -136,7 +159,10 @@ impl ErrorCode {
             Self::StaleRequest | Self::ReplayedRequest | Self::UnknownServerKey => 401,
             Self::ServerDenied => 403,
             Self::RemoteUnavailable => 502,
-            Self::BadKeypackage => 400,
+            Self::BadKeypackage | Self::BadMlsMessage => 400,
+            Self::EpochConflict | Self::GroupExists => 409,
+            Self::NotAMember | Self::GroupFull | Self::NotTheHub => 403,
+            Self::UnknownGroup => 404,
         }
     }
 }
@@ -161,12 +187,15 @@ pub struct ErrorBody {
     /// With `devices_mismatch`: which devices were missing or should not have been targeted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<DevicesMismatch>,
+    /// With `epoch_conflict`: the group's current epoch at the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_epoch: Option<u64>,
 }
 
 impl ErrorBody {
     /// An error body with just a code and a message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), retry_after_ms: None, devices: None }
+        Self { code, message: message.into(), retry_after_ms: None, devices: None, current_epoch: None }
     }
 }
 

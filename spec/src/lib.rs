@@ -17,4 +17,4 @@ pub mod v1;
 pub use base64bytes::Base64Bytes;
 pub use error::{ErrorBody, ErrorCode};
 pub use ids::{DeviceId, GroupId, IdError, ServerName, UserId};
-pub use numbers::{OutOfRange, Seq, ServerMsgId, Timestamp};
+pub use numbers::{GroupSeq, OutOfRange, Seq, ServerMsgId, Timestamp};

@@ -1,4 +1,4 @@
-//! Integers of the wire with a meaning: [`Timestamp`], [`Seq`] and [`ServerMsgId`]. Each is a
+//! Integers of the wire with a meaning: [`Timestamp`], [`Seq`], [`ServerMsgId`] and [`GroupSeq`]. Each is a
 //! `u64` in JSON (serde transparent, documented as a bare integer in the OpenAPI document), so
 //! the types cannot be mixed up in code while the wire stays as it was.
 //!
@@ -140,6 +140,34 @@ impl ServerMsgId {
     /// The number.
     pub const fn get(self) -> u64 {
         self.0
+    }
+}
+
+/// A position in a group's stream, assigned by the group's hub: 1, 2, 3, … without gaps on the
+/// hub (a participating server holds the positions from when it had members). 0 is "before
+/// the first message"; a device's group cursor is the highest position it acknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GroupSeq(u64);
+u64_newtype!(GroupSeq);
+
+impl GroupSeq {
+    /// Before the first message of a group.
+    pub const ZERO: Self = Self(0);
+
+    /// The position `n`.
+    pub const fn new(n: u64) -> Self {
+        Self(n)
+    }
+
+    /// The number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The next position (saturating).
+    pub fn next(self) -> Self {
+        Self(self.0.saturating_add(1))
     }
 }
 

@@ -8,6 +8,7 @@ pub mod account;
 pub mod content;
 pub mod devices;
 pub mod events;
+pub mod groups;
 pub mod keypackages;
 pub mod keys;
 pub mod messages;

@@ -11,10 +11,11 @@ use crate::{
     error::ErrorBody,
     v1::{
         events::SequencedEvent,
+        groups::GroupEvent,
         messages::{ReadRequest, SendRequest, SentResponse},
         presence::PresenceInfo,
     },
-    DeviceId, Seq, ServerMsgId, UserId,
+    DeviceId, GroupId, GroupSeq, Seq, ServerMsgId, UserId,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -56,6 +57,8 @@ pub enum ClientFrame {
     Typing(TypingFrame),
     /// Heartbeat; answered by `pong`.
     Ping(PingFrame),
+    /// Everything of a group up to `group_seq` was received (cumulative per group).
+    GroupAck(GroupAckFrame),
 }
 
 /// Identifies a client frame other than `send` (which has its `client_msg_id`): chosen by the
@@ -84,6 +87,29 @@ impl AckFrame {
     /// The same ack, identified by `id`.
     pub fn with_id(self, id: FrameId) -> Self {
         Self { id: Some(id), ..self }
+    }
+}
+
+/// Cumulative acknowledgement of a group's stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct GroupAckFrame {
+    /// The group.
+    #[schema(value_type = String)]
+    pub group_id: GroupId,
+    /// The highest position of the group's stream received.
+    #[schema(value_type = u64)]
+    pub group_seq: GroupSeq,
+    /// Echoed in the `error` frame if this frame fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<FrameId>,
+}
+
+impl GroupAckFrame {
+    /// Builds a group ack.
+    pub fn new(group_id: GroupId, group_seq: GroupSeq) -> Self {
+        Self { group_id, group_seq, id: None }
     }
 }
 
@@ -189,6 +215,9 @@ pub enum ServerFrame {
     /// Sent on connect and after a claim, while the count is below the server's watermark.
     #[serde(rename = "keypackages_low")]
     KeyPackagesLow(KeyPackagesLowFrame),
+    /// A message of one of the device's groups, in the group's order, from the device's group
+    /// cursor on (the backlog before `caught_up`, then live).
+    GroupEvent(GroupEvent),
 }
 
 /// [`ServerFrame::Event`] with its event as JSON already serialized: the server stores each inbox

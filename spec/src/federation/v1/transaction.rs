@@ -70,6 +70,8 @@ pub enum Item {
     PresenceSubscription(PresenceSubscription),
     /// A user of the origin changed devices or published a new device list: forget cached copies.
     DeviceListChanged(DeviceListChanged),
+    /// A message of a group whose hub is the origin (`spec/groups.md` §5).
+    GroupMessage(super::groups::GroupMessageItem),
 }
 
 impl Item {
