@@ -48,6 +48,8 @@ pub(crate) struct AppState {
     pub server_key: Arc<parley_federation::ServerKey>,
     /// Federation (None when disabled).
     pub federation: Option<Arc<crate::federation::Federation>>,
+    /// MLS groups: the hub's groups in memory, group acknowledgements.
+    pub groups: Arc<crate::groups::Groups>,
 }
 
 /// Why the server could not start.
@@ -134,7 +136,14 @@ impl Server {
         } else {
             (None, None)
         };
+        let (groups, group_acks) = crate::groups::Groups::new();
+        tokio::spawn(crate::groups::flush_acks(
+            store.clone(),
+            group_acks,
+            Duration::from_millis(config.limits.group_ack_interval_ms),
+        ));
         let state = AppState {
+            groups: Arc::new(groups),
             directory: Arc::new(Directory::new(store.clone(), server_name.clone())),
             limits: Arc::new(RateLimits::new(&config.rate_limits)),
             outgoing: Arc::new(crate::outgoing::OutgoingBudget::new(config.limits.ws_unsent_bytes_total)),
@@ -246,6 +255,7 @@ pub(crate) fn app(state: AppState) -> Router {
     use parley_spec::federation::v1::keys::GetServerKeys;
     use parley_spec::v1::account::{Login, Logout, Register, WhoAmI};
     use parley_spec::v1::devices::{DeleteDevice, ListDevices, UserDevices};
+    use parley_spec::v1::groups::{CreateGroup, GroupEvents, GroupSend, ListGroups};
     use parley_spec::v1::keypackages::{ClaimKeyPackages, UploadKeyPackages};
     use parley_spec::v1::keys::{ClaimKeys, GetDeviceList, PutDeviceList, UploadKeys};
     use parley_spec::v1::messages::{MarkRead, SendMessage};
@@ -253,6 +263,7 @@ pub(crate) fn app(state: AppState) -> Router {
     use parley_spec::v1::sync::SyncEvents;
     use parley_spec::v1::ws::WebSocket;
     let send_limit = state.config.limits.max_send_bytes();
+    let group_limit = state.config.limits.max_group_send_bytes();
     let body_limit = state.config.limits.max_request_bytes;
     Router::new()
         .route(Register::PATH, on(Register, api::account::register))
@@ -275,6 +286,10 @@ pub(crate) fn app(state: AppState) -> Router {
         .route(GetDeviceList::PATH, on(GetDeviceList, api::keys::get_device_list))
         .route(UploadKeyPackages::PATH, on(UploadKeyPackages, api::keypackages::upload_keypackages))
         .route(ClaimKeyPackages::PATH, on(ClaimKeyPackages, api::keypackages::claim_keypackages))
+        .route(CreateGroup::PATH, on(CreateGroup, api::groups::create_group).layer(DefaultBodyLimit::max(group_limit)))
+        .route(GroupSend::PATH, on(GroupSend, api::groups::group_send).layer(DefaultBodyLimit::max(group_limit)))
+        .route(GroupEvents::PATH, on(GroupEvents, api::groups::group_events))
+        .route(ListGroups::PATH, on(ListGroups, api::groups::list_groups))
         .route(WebSocket::PATH, on(WebSocket, crate::ws::upgrade))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_ip))

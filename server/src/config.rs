@@ -117,6 +117,15 @@ pub struct LimitsConfig {
     /// Longest accepted KeyPackage lifetime: an uploaded KeyPackage must expire within this many
     /// milliseconds from now (12 weeks, the most openmls accepts).
     pub max_keypackage_lifetime_ms: u64,
+    /// Most members (leaves) of a group this server is the hub of; a commit past it is refused
+    /// (`group_full`).
+    pub max_group_members: usize,
+    /// Largest group submission (decoded bytes of the MLS message, GroupInfo and Welcome
+    /// together). 4 MiB fits a commit adding 1,000 members with its Welcome.
+    pub max_group_message_bytes: usize,
+    /// Group acknowledgements are written at most this often (milliseconds), in one batch: a
+    /// crash forgets at most this much of them (the devices then get those messages again).
+    pub group_ack_interval_ms: u64,
     /// Events sent to a connection but not yet acknowledged; beyond it delivery pauses until an `ack`.
     pub max_unacked_events: usize,
     /// A WebSocket write (or flush) that makes no progress for this long closes the connection:
@@ -139,6 +148,12 @@ impl LimitsConfig {
     pub fn max_send_bytes(&self) -> usize {
         let per_envelope = self.max_envelope_bytes.div_ceil(3) * 4 + 256;
         per_envelope * self.max_devices_per_user * 2 + 4096
+    }
+
+    /// Largest HTTP body of a group submission: [`Self::max_group_message_bytes`] base64-encoded,
+    /// plus room for the JSON around it.
+    pub fn max_group_send_bytes(&self) -> usize {
+        self.max_group_message_bytes.div_ceil(3) * 4 + 4096
     }
 }
 
@@ -386,6 +401,9 @@ impl Default for LimitsConfig {
             keypackages_low_watermark: 20,
             max_keypackages_per_device: 200,
             max_keypackage_lifetime_ms: 12 * 7 * 24 * 60 * 60 * 1000,
+            max_group_members: 1000,
+            max_group_message_bytes: 4 * 1024 * 1024,
+            group_ack_interval_ms: 200,
             max_unacked_events: 4096,
             ws_write_timeout_ms: 10_000,
             ws_unsent_bytes: 1024 * 1024,
@@ -484,6 +502,9 @@ impl Config {
             || self.limits.ws_unsent_bytes_total == 0
             || self.limits.max_keypackages_per_device == 0
             || self.limits.max_keypackage_lifetime_ms == 0
+            || self.limits.max_group_members == 0
+            || self.limits.max_group_message_bytes == 0
+            || self.limits.group_ack_interval_ms == 0
         {
             return bad("limits must be positive");
         }

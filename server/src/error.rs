@@ -42,6 +42,21 @@ pub enum Error {
     /// Storage is busy or shutting down; the same request may succeed later.
     #[error("storage is busy or shutting down")]
     Unavailable,
+    /// A group commit (or a message too old) for an epoch that is not the group's current one.
+    #[error("epoch conflict: the group is at epoch {current}")]
+    EpochConflict {
+        /// The group's epoch at the hub.
+        current: u64,
+    },
+    /// Another server (a group's hub) refused a request made on a client's behalf: its answer,
+    /// passed on to the client as it is.
+    #[error("{server} refused: {}", .body.message)]
+    Relayed {
+        /// The server that refused.
+        server: ServerName,
+        /// Its answer.
+        body: Box<ErrorBody>,
+    },
     /// Another server could not be used.
     #[error("{server}: {failure}")]
     Remote {
@@ -103,6 +118,13 @@ impl Error {
                 body
             }
             Self::Unavailable => ErrorBody::new(ErrorCode::Unavailable, "storage is busy or shutting down; retry"),
+            Self::EpochConflict { current } => {
+                let mut body =
+                    ErrorBody::new(ErrorCode::EpochConflict, format!("the group is at epoch {current}: catch up and retry"));
+                body.current_epoch = Some(current);
+                body
+            }
+            Self::Relayed { body, .. } => *body,
             Self::Remote { server, failure } => match failure {
                 RemoteFailure::Unreachable(error) => {
                     ErrorBody::new(ErrorCode::RemoteUnavailable, format!("{server} could not be reached: {error}"))

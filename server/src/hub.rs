@@ -35,8 +35,22 @@ pub enum Push {
     Event(Arc<InboxRow>),
     /// An ephemeral, already serialized server frame (typing, presence).
     Frame(Bytes),
+    /// A new message of one of the device's groups.
+    Group(Arc<GroupPush>),
     /// Close the connection.
     Close(CloseReason),
+}
+
+/// A group message for a connected member device: its `group_event` frame, serialized once for
+/// every member, or `None` when the device must read it from the database (its Welcome).
+#[derive(Debug)]
+pub struct GroupPush {
+    /// The group.
+    pub group_id: parley_spec::GroupId,
+    /// The message's position.
+    pub seq: parley_spec::GroupSeq,
+    /// The frame, if it is the same for every member.
+    pub frame: Option<Bytes>,
 }
 
 struct Entry {
@@ -141,6 +155,18 @@ impl Hub {
             let bytes = frame.len();
             if entry.unsent.try_reserve(bytes) && entry.tx.try_send(Push::Frame(frame)).is_err() {
                 entry.unsent.release(bytes);
+            }
+        }
+    }
+
+    /// Hands a group message to a device if it is connected; when its buffer is full it is
+    /// marked lagged and woken, and reads its group streams from the database.
+    pub fn push_group(&self, device: DevicePk, push: Arc<GroupPush>) {
+        let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = conns.get(&device) {
+            if entry.tx.try_send(Push::Group(push)).is_err() {
+                entry.lagged.store(true, Ordering::Release);
+                entry.wake.notify_one();
             }
         }
     }

@@ -13,6 +13,7 @@ pub(crate) mod devnet;
 pub(crate) mod directory;
 pub(crate) mod error;
 pub(crate) mod federation;
+pub(crate) mod groups;
 pub(crate) mod hub;
 pub(crate) mod messaging;
 pub(crate) mod metrics;

@@ -8,6 +8,7 @@
 //! `DeliveryWindow` (`ws/window.rs`, no I/O); this file does the reading, the byte budgets
 //! and the writing.
 
+mod groups;
 mod window;
 
 use crate::app::AppState;
@@ -236,6 +237,8 @@ struct Conn {
     /// What to send next; for each event sent and not acknowledged, for messages, (sender,
     /// id) for the delivered receipt.
     window: DeliveryWindow<Option<Origin>>,
+    /// The device's group streams.
+    groups: groups::GroupStreams,
     last_activity: Instant,
 }
 
@@ -260,6 +263,7 @@ async fn connection(state: AppState, auth: AuthDevice, since: Seq, socket: WebSo
         out,
         unsent,
         window: DeliveryWindow::new(since, limits.max_unacked_events),
+        groups: groups::GroupStreams::new(),
         last_activity: Instant::now(),
     };
     let stop = conn.run(&mut stream, &mut rx, &registration).await;
@@ -353,6 +357,12 @@ impl Conn {
             }
             if registration.lagged.swap(false, Ordering::AcqRel) {
                 self.window.lagged();
+                self.groups.lagged();
+            }
+            if self.groups.wants_read() {
+                if let Err(stop) = self.group_catch_up().await {
+                    return stop;
+                }
             }
             if self.window.wants_catch_up() {
                 if let Err(stop) = self.catch_up().await {
@@ -396,8 +406,45 @@ impl Conn {
             self.send_frame(&ServerFrame::KeyPackagesLow(KeyPackagesLowFrame::new(keypackages.one_time)))?;
         }
         self.catch_up().await?;
+        self.group_catch_up().await?;
         self.announce_caught_up()?;
         self.out.start();
+        Ok(())
+    }
+
+    /// Sends group messages after each behind stream's position from the database, page by
+    /// page, while the unsent bytes stay within the budget (then later, when there is room).
+    async fn group_catch_up(&mut self) -> Result<(), Stop> {
+        if self.groups.wants_reload() {
+            let rows = self.state.store.groups_of_device(self.auth.device_pk).await?;
+            self.groups.load(rows);
+        }
+        let page = self.state.config.limits.sync_page;
+        for read in self.groups.reads() {
+            let mut after = read.after;
+            loop {
+                if !self.unsent.has_room() {
+                    return Ok(());
+                }
+                let rows = self.state.store.group_messages_after(&read.group_id, after, read.until, page).await?;
+                let exhausted = rows.len() < page as usize;
+                for row in rows {
+                    after = row.seq;
+                    let Some(event) = crate::groups::event(&row, row.seq == read.from) else { continue };
+                    let text = serde_json::to_string(&ServerFrame::GroupEvent(event)).map_err(Error::internal)?;
+                    let bytes = text.len();
+                    if !self.unsent.try_reserve(bytes) {
+                        return Ok(());
+                    }
+                    self.queue(Message::Text(Utf8Bytes::from(text)), bytes);
+                    self.groups.sent(&read.group_id, row.seq);
+                }
+                if exhausted {
+                    self.groups.read_all(&read.group_id);
+                    break;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -475,6 +522,19 @@ impl Conn {
                 self.queue(Message::Text(text), len);
                 Ok(())
             }
+            Push::Group(push) => {
+                if let Some(frame) = self.groups.on_push(&push) {
+                    let len = frame.len();
+                    if !self.unsent.try_reserve(len) {
+                        // Read from the database when there is room again.
+                        self.groups.lagged();
+                        return Ok(());
+                    }
+                    let text = Utf8Bytes::try_from(frame).map_err(|_| Error::internal("frame is not UTF-8"))?;
+                    self.queue(Message::Text(text), len);
+                }
+                Ok(())
+            }
             Push::Close(CloseReason::Replaced) => Err(Stop::Close(close::POLICY, "replaced by a newer connection")),
             Push::Close(CloseReason::Revoked) => Err(Stop::Close(close::POLICY, "device removed")),
         }
@@ -499,7 +559,7 @@ impl Conn {
         // Acks, pings and read markers have a budget of their own: a device throttled for
         // sending can still drain its inbox.
         let limited = match &frame {
-            ClientFrame::Ack(_) | ClientFrame::Ping(_) | ClientFrame::Read(_) => {
+            ClientFrame::Ack(_) | ClientFrame::Ping(_) | ClientFrame::Read(_) | ClientFrame::GroupAck(_) => {
                 self.state.limits.check_control(self.auth.device_pk, &self.state.metrics)
             }
             _ => self.state.limits.check_account(self.auth.user_pk, self.auth.device_pk, &self.state.metrics),
@@ -533,6 +593,16 @@ impl Conn {
                 Err(error) => self.error(reference, error),
             },
             ClientFrame::Ping(ping) => self.send_frame(&ServerFrame::Pong(PingFrame::new(ping.nonce))),
+            ClientFrame::GroupAck(ack) => match self.groups.ack(&ack.group_id, ack.group_seq) {
+                Some(seq) => {
+                    self.state.groups.ack(self.auth.device_pk, ack.group_id, seq);
+                    Ok(())
+                }
+                None => self.error(
+                    reference,
+                    Error::new(ErrorCode::NotAMember, format!("this device has no stream of {}", ack.group_id)),
+                ),
+            },
             _ => self.error(reference, Error::new(ErrorCode::UnknownFrame, "unsupported frame")),
         }
     }
@@ -610,6 +680,7 @@ impl FrameRef {
             ClientFrame::Read(read) => read.id,
             ClientFrame::Typing(typing) => typing.id,
             ClientFrame::Ping(ping) => ping.id,
+            ClientFrame::GroupAck(ack) => ack.id,
             _ => None,
         };
         id.map_or(Self::None, Self::Id)
@@ -646,7 +717,7 @@ fn frame_error(text: &str, error: &serde_json::Error) -> Error {
         #[serde(rename = "type")]
         kind: String,
     }
-    const KNOWN: &[&str] = &["send", "ack", "read", "typing", "ping"];
+    const KNOWN: &[&str] = &["send", "ack", "read", "typing", "ping", "group_ack"];
     match serde_json::from_str::<Tag>(text) {
         Ok(tag) if !KNOWN.contains(&tag.kind.as_str()) => {
             let mut kind = tag.kind;

@@ -73,3 +73,46 @@ impl MlsClient<MemoryStorage> {
         changes
     }
 }
+
+impl super::HubGroup<MemoryStorage> {
+    /// The whole public state as one opaque blob, to store after each merge and give back to
+    /// [`from_state_bytes`](Self::from_state_bytes). It holds no secrets (a hub has none).
+    pub fn state_bytes(&self) -> Vec<u8> {
+        let values = self.storage().values.read().unwrap_or_else(PoisonError::into_inner);
+        let mut pairs: Vec<_> = values.iter().collect();
+        pairs.sort_unstable();
+        let mut out = Vec::with_capacity(pairs.iter().map(|(k, v)| k.len() + v.len() + 8).sum());
+        for (key, value) in pairs {
+            for part in [key, value] {
+                // openmls' keys and values are far below 4 GiB (a 1,000-member tree is ~1 MB).
+                out.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
+                out.extend_from_slice(part);
+            }
+        }
+        out
+    }
+
+    /// The group `group_id` from a blob made by [`state_bytes`](Self::state_bytes) (`None` when
+    /// the blob holds no such group). A blob that does not parse is [`MlsError::Storage`].
+    pub fn from_state_bytes(bytes: &[u8], group_id: &[u8]) -> Result<Option<Self>, super::MlsError> {
+        let mut values = Vec::new();
+        let mut rest = bytes;
+        let take = |rest: &mut &[u8]| -> Result<Vec<u8>, super::MlsError> {
+            let damaged = || super::MlsError::storage("damaged hub state");
+            let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(damaged)?;
+            let len = usize::try_from(u32::from_be_bytes(*len)).map_err(|_| damaged())?;
+            if tail.len() < len {
+                return Err(damaged());
+            }
+            let (part, tail) = tail.split_at(len);
+            *rest = tail;
+            Ok(part.to_vec())
+        };
+        while !rest.is_empty() {
+            let key = take(&mut rest)?;
+            let value = take(&mut rest)?;
+            values.push((key, value));
+        }
+        Self::load(MemoryStorage { values: RwLock::new(values.into_iter().collect()) }, group_id)
+    }
+}

@@ -501,6 +501,13 @@ fn the_hub_follows_adds_updates_and_removals_and_survives_a_reload() {
     // Carol's message of the epoch before is still within MAX_PAST_EPOCHS.
     assert_eq!(hub.check_application(&hello).unwrap(), ApplicationInfo { epoch: 2 });
 
+    // The state as one blob brings the group back; a damaged blob is refused.
+    let blob = hub.state_bytes();
+    let copy = HubGroup::from_state_bytes(&blob, GROUP).unwrap().expect("the group in the blob");
+    assert_eq!((copy.epoch(), copy.members().unwrap()), (3, hub.members().unwrap()));
+    assert!(HubGroup::from_state_bytes(&blob, b"!other:hub.example").unwrap().is_none());
+    assert!(matches!(HubGroup::from_state_bytes(&blob[..blob.len() - 1], GROUP).unwrap_err(), MlsError::Storage(_)));
+
     // The stored state brings the group back.
     let storage = hub.into_storage();
     assert!(HubGroup::load(MemoryStorage::default(), GROUP).unwrap().is_none());

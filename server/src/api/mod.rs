@@ -2,6 +2,7 @@
 //! named `<verb>_<noun>` with a doc line `METHOD /path`.
 
 pub mod account;
+pub mod groups;
 pub mod keypackages;
 pub mod keys;
 pub mod messages;

@@ -1,6 +1,7 @@
 //! The federation listener's router: `GET /_parley/key/v1`, and the signed endpoints
 //! `PUT /_parley/federation/v1/send/{txn_id}`, `GET /_parley/federation/v1/users/{user_id}/devices`,
-//! `POST /_parley/federation/v1/keys/claim`, `POST /_parley/federation/v1/keypackages/claim`.
+//! `POST /_parley/federation/v1/keys/claim`, `POST /_parley/federation/v1/keypackages/claim`,
+//! `POST /_parley/federation/v1/groups/{group_id}/submit`.
 //!
 //! Every signed request goes through [`authenticate`] (handlers take the [`Signed`] extractor,
 //! which calls it): scheme, destination, clock skew, the allow/deny lists, the origin's key and
@@ -23,6 +24,7 @@ use parley_federation::{Authorization, RequestAuthError};
 use parley_spec::endpoint::Endpoint as _;
 use parley_spec::error::DeviceRef;
 use parley_spec::federation::v1::claim::{ClaimKeyPackages as FedClaimKeyPackages, ClaimKeys as FedClaimKeys, ClaimRequest};
+use parley_spec::federation::v1::groups::{GroupSubmission, SubmitGroupMessage};
 use parley_spec::federation::v1::keys::GetServerKeys;
 use parley_spec::federation::v1::transaction::{
     GetUserDevices, Item, RejectedItem, SendTransaction, SignedMessage, Transaction, TransactionResponse, UserDevices,
@@ -45,6 +47,11 @@ pub fn router(state: AppState) -> Router {
         .route(GetUserDevices::PATH, on(GetUserDevices, user_devices))
         .route(FedClaimKeys::PATH, on(FedClaimKeys, claim_keys))
         .route(FedClaimKeyPackages::PATH, on(FedClaimKeyPackages, claim_keypackages))
+        .route(
+            SubmitGroupMessage::PATH,
+            on(SubmitGroupMessage, submit_group_message)
+                .layer(DefaultBodyLimit::max(state.config.limits.max_group_send_bytes() + 4096)),
+        )
         .layer(DefaultBodyLimit::max(body_limit))
         .route(GetServerKeys::PATH, on(GetServerKeys, crate::app::server_keys))
         .route("/healthz", get(|| async { "ok" }))
@@ -198,6 +205,20 @@ async fn verify_request(
     Ok(auth.origin)
 }
 
+/// POST /_parley/federation/v1/groups/{group_id}/submit
+async fn submit_group_message(
+    State(state): State<AppState>,
+    Path(group_id): Path<String>,
+    Signed { origin, body }: Signed<GroupSubmission>,
+) -> Result<axum::Json<parley_spec::v1::groups::GroupSentResponse>> {
+    let group_id = parley_spec::GroupId::parse(&group_id).map_err(|e| Error::new(ErrorCode::BadRequest, e.to_string()))?;
+    require_origin(&body.sender, &origin, "sender")?;
+    if group_id.hub() != state.server_name {
+        return Err(Error::new(ErrorCode::UnknownGroup, format!("this server is not the hub of {group_id}")));
+    }
+    crate::groups::hub_submit(&state, &body.sender, &body.sender_device, &group_id, body.request).await.map(axum::Json)
+}
+
 /// PUT /_parley/federation/v1/send/{txn_id}
 async fn send_transaction(
     State(state): State<AppState>,
@@ -325,6 +346,8 @@ async fn apply_item(
             fed.cache_devices(&changed.user, None);
             state.store.forget_remote_devices(&changed.user).await?;
         }
+        // Stored at once (idempotent by position), before the transaction is recorded.
+        Item::GroupMessage(item) => crate::groups::receive(state, origin, item).await?,
         _ => return Err(Error::new(ErrorCode::BadRequest, "unknown item type")),
     }
     Ok(())

@@ -1,11 +1,13 @@
 //! The SQLite backend: WAL mode, a small pool for reads and account writes, and the
 //! group-commit [`Writer`](super::writer) for the hot path.
 
+mod groups;
 mod keypackages;
 
 use super::writer::{Bookkeeping, Subscribers, WriteOp, Writer};
 use super::*;
 use crate::config::{Config, Synchronous};
+pub use groups::{GroupDeviceRow, GroupMessageRow, HubUpdate};
 pub use keypackages::{KeyPackageUpload, NewKeyPackage};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
@@ -22,6 +24,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, "receipts", include_str!("../../migrations/sqlite/0004_receipts.sql")),
     (5, "federation_dedupe", include_str!("../../migrations/sqlite/0005_federation_dedupe.sql")),
     (6, "keypackages", include_str!("../../migrations/sqlite/0006_keypackages.sql")),
+    (7, "groups", include_str!("../../migrations/sqlite/0007_groups.sql")),
 ];
 
 /// Rows deleted per statement when pruning remembered inbound message ids.

@@ -1,0 +1,372 @@
+//! Group streams and cursors (migration 0007, `spec/groups.md`): the hub's public state of the
+//! groups it orders (`hub_groups`), each group message once per server (`group_messages`), and
+//! each local member device's window and cursor (`group_devices`). These writes are not on the
+//! 1:1 hot path: they run in their own write transactions beside the group-commit writer.
+
+use crate::storage::writer::Outbound;
+use crate::storage::{stored_now, DevicePk, Store, StoreError};
+use parley_spec::error::DeviceRef;
+use parley_spec::v1::groups::GroupEventKind;
+use parley_spec::{DeviceId, GroupId, GroupSeq, ServerName, Timestamp, UserId};
+use sqlx::Row as _;
+use uuid::Uuid;
+
+/// One message of a group stream.
+#[derive(Debug, Clone)]
+pub struct GroupMessageRow {
+    /// The group.
+    pub group_id: GroupId,
+    /// Its position.
+    pub seq: GroupSeq,
+    /// The epoch it was sent in.
+    pub epoch: u64,
+    /// Application message or commit.
+    pub kind: GroupEventKind,
+    /// Who submitted it.
+    pub sender: UserId,
+    /// From which device.
+    pub sender_device: DeviceId,
+    /// The sender's id for it.
+    pub client_msg_id: Uuid,
+    /// The `MLSMessage`.
+    pub message: Vec<u8>,
+    /// When the hub stored it.
+    pub ts: Timestamp,
+    /// For a commit that adds devices of this server: its Welcome and the new ratchet tree.
+    pub welcome: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The hub's record of a group it orders.
+#[derive(Debug)]
+pub struct HubRecord {
+    /// The current epoch.
+    pub epoch: u64,
+    /// The last position given.
+    pub last_seq: GroupSeq,
+    /// The public MLS state (`HubGroup::state_bytes`).
+    pub state: Vec<u8>,
+}
+
+/// What the hub writes with a message it accepted.
+#[derive(Debug)]
+pub struct HubUpdate {
+    /// The epoch after the message.
+    pub epoch: u64,
+    /// The new public state, when a commit changed it.
+    pub state: Option<Vec<u8>>,
+}
+
+/// A local device's membership of a group.
+#[derive(Debug, Clone)]
+pub struct GroupDeviceRow {
+    /// The group.
+    pub group_id: GroupId,
+    /// Its first position for the device (its Welcome; 0 for the creator).
+    pub from_seq: GroupSeq,
+    /// Its last position for the device (the commit that removed it), if removed.
+    pub until_seq: Option<GroupSeq>,
+    /// The last position it acknowledged.
+    pub acked: GroupSeq,
+}
+
+/// Local member devices that receive a position, with whether it is their Welcome.
+#[derive(Debug, Clone, Copy)]
+pub struct Recipient {
+    /// The device.
+    pub device: DevicePk,
+    /// The position is the commit that added it.
+    pub welcome: bool,
+}
+
+fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {value}"))
+}
+
+fn seq(value: i64) -> Result<GroupSeq, StoreError> {
+    Ok(GroupSeq::try_from(value)?)
+}
+
+fn message_row(row: &sqlx::sqlite::SqliteRow, group_id: &GroupId) -> Result<GroupMessageRow, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    let sender: String = row.try_get("sender")?;
+    let sender_device: String = row.try_get("sender_device")?;
+    let client_msg_id: String = row.try_get("client_msg_id")?;
+    let welcome: Option<Vec<u8>> = row.try_get("welcome")?;
+    let tree: Option<Vec<u8>> = row.try_get("ratchet_tree")?;
+    Ok(GroupMessageRow {
+        group_id: group_id.clone(),
+        seq: seq(row.try_get("group_seq")?)?,
+        epoch: u64::try_from(row.try_get::<i64, _>("epoch")?).map_err(|e| corrupt("epoch", e))?,
+        kind: GroupEventKind::parse(&kind).ok_or_else(|| corrupt("group message kind", &kind))?,
+        sender: UserId::parse(&sender).map_err(|e| corrupt("sender", e))?,
+        sender_device: DeviceId::parse(&sender_device).map_err(|e| corrupt("sender device", e))?,
+        client_msg_id: client_msg_id.parse().map_err(|e| corrupt("client_msg_id", e))?,
+        message: row.try_get("message")?,
+        ts: Timestamp::try_from(row.try_get::<i64, _>("ts")?)?,
+        welcome: welcome.zip(tree),
+    })
+}
+
+/// The local device `device` of `user`, if it exists.
+async fn local_device(conn: &mut sqlx::SqliteConnection, device: &DeviceRef) -> Result<Option<DevicePk>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT d.id FROM devices d JOIN users u ON u.id = d.user_id WHERE u.localpart = ? AND d.device_id = ?",
+    )
+    .bind(device.user.localpart())
+    .bind(device.device.as_str())
+    .fetch_optional(conn)
+    .await?)
+}
+
+impl Store {
+    /// The hub's record of `group`, if this server orders it.
+    pub async fn hub_group(&self, group: &GroupId) -> Result<Option<HubRecord>, StoreError> {
+        let row = sqlx::query("SELECT epoch, last_seq, state FROM hub_groups WHERE group_id = ?")
+            .bind(group.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(HubRecord {
+                epoch: u64::try_from(row.try_get::<i64, _>(0)?).map_err(|e| corrupt("epoch", e))?,
+                last_seq: seq(row.try_get(1)?)?,
+                state: row.try_get(2)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Registers a new group ordered by this server at epoch 0 with its creator's device as the
+    /// only member. `Conflict` if the id is taken.
+    pub async fn create_hub_group(&self, group: &GroupId, state: &[u8], creator: DevicePk) -> Result<(), StoreError> {
+        let now = stored_now()?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let inserted =
+            sqlx::query("INSERT OR IGNORE INTO hub_groups (group_id, epoch, last_seq, state, created_ts) VALUES (?, 0, 0, ?, ?)")
+                .bind(group.as_str())
+                .bind(state)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        sqlx::query(
+            "INSERT OR REPLACE INTO group_devices (group_id, device, from_seq, until_seq, acked) VALUES (?, ?, 0, NULL, 0)",
+        )
+        .bind(group.as_str())
+        .bind(creator)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The stored message `client_msg_id` of `sender_device` in `group`, if any (a retried
+    /// submission).
+    pub async fn group_message_by_client_id(
+        &self,
+        group: &GroupId,
+        sender: &UserId,
+        sender_device: &DeviceId,
+        client_msg_id: Uuid,
+    ) -> Result<Option<GroupMessageRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT * FROM group_messages WHERE group_id = ? AND sender = ? AND sender_device = ? AND client_msg_id = ?",
+        )
+        .bind(group.as_str())
+        .bind(sender.as_str())
+        .bind(sender_device.as_str())
+        .bind(client_msg_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| message_row(&row, group)).transpose()
+    }
+
+    /// Stores a group message in one transaction with everything that goes with it: on the hub
+    /// the new epoch, last position and public state (`hub`) and the fan-out items to the other
+    /// participating servers (`outbound`); on any server the windows of the local devices the
+    /// message adds (`added`: their stream starts here, with their Welcome) and removes
+    /// (`removed`: their stream ends here). Devices of other servers in `added` and `removed`
+    /// are skipped. Returns false, and writes nothing, if the position was stored before.
+    pub async fn store_group_message(
+        &self,
+        message: &GroupMessageRow,
+        hub: Option<HubUpdate>,
+        added: &[DeviceRef],
+        removed: &[DeviceRef],
+        local: &ServerName,
+        outbound: Vec<Outbound>,
+    ) -> Result<bool, StoreError> {
+        let group = message.group_id.as_str();
+        let position = i64::try_from(message.seq)?;
+        let (welcome, tree) = message.welcome.clone().unzip();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO group_messages (group_id, group_seq, epoch, kind, sender, sender_device, client_msg_id, \
+             message, ts, welcome, ratchet_tree) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(group)
+        .bind(position)
+        .bind(i64::try_from(message.epoch).map_err(|e| corrupt("epoch", e))?)
+        .bind(message.kind.as_str())
+        .bind(message.sender.as_str())
+        .bind(message.sender_device.as_str())
+        .bind(message.client_msg_id.to_string())
+        .bind(&message.message)
+        .bind(i64::try_from(message.ts)?)
+        .bind(welcome)
+        .bind(tree)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Ok(false);
+        }
+        if let Some(hub) = hub {
+            let epoch = i64::try_from(hub.epoch).map_err(|e| corrupt("epoch", e))?;
+            sqlx::query("UPDATE hub_groups SET epoch = ?, last_seq = ?, state = coalesce(?, state) WHERE group_id = ?")
+                .bind(epoch)
+                .bind(position)
+                .bind(hub.state)
+                .bind(group)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for device in added.iter().filter(|d| d.user.is_of(local)) {
+            if let Some(pk) = local_device(&mut tx, device).await? {
+                sqlx::query(
+                    "INSERT OR REPLACE INTO group_devices (group_id, device, from_seq, until_seq, acked) VALUES (?, ?, ?, NULL, ?)",
+                )
+                .bind(group)
+                .bind(pk)
+                .bind(position)
+                .bind(position - 1)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        for device in removed.iter().filter(|d| d.user.is_of(local)) {
+            if let Some(pk) = local_device(&mut tx, device).await? {
+                sqlx::query("UPDATE group_devices SET until_seq = ? WHERE group_id = ? AND device = ? AND until_seq IS NULL")
+                    .bind(position)
+                    .bind(group)
+                    .bind(pk)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        for item in &outbound {
+            sqlx::query("INSERT INTO fed_outbound (destination, payload) VALUES (?, ?)")
+                .bind(item.destination.as_str())
+                .bind(item.payload.as_ref())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The local devices that receive position `seq` of `group`.
+    pub async fn group_recipients(&self, group: &GroupId, seq: GroupSeq) -> Result<Vec<Recipient>, StoreError> {
+        let position = i64::try_from(seq)?;
+        let rows = sqlx::query(
+            "SELECT device, from_seq FROM group_devices WHERE group_id = ? AND from_seq <= ? \
+             AND (until_seq IS NULL OR until_seq >= ?)",
+        )
+        .bind(group.as_str())
+        .bind(position)
+        .bind(position)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| Ok(Recipient { device: row.try_get(0)?, welcome: row.try_get::<i64, _>(1)? == position })).collect()
+    }
+
+    /// The groups of a local device, with its window and cursor in each.
+    pub async fn groups_of_device(&self, device: DevicePk) -> Result<Vec<GroupDeviceRow>, StoreError> {
+        let rows =
+            sqlx::query("SELECT group_id, from_seq, until_seq, acked FROM group_devices WHERE device = ? ORDER BY group_id")
+                .bind(device)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(device_row).collect()
+    }
+
+    /// The window and cursor of a local device in one group, if it is (or was, until it
+    /// acknowledged its removal) a member.
+    pub async fn group_device(&self, group: &GroupId, device: DevicePk) -> Result<Option<GroupDeviceRow>, StoreError> {
+        let row = sqlx::query("SELECT group_id, from_seq, until_seq, acked FROM group_devices WHERE group_id = ? AND device = ?")
+            .bind(group.as_str())
+            .bind(device)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(device_row).transpose()
+    }
+
+    /// Up to `limit` messages of `group` after `after` and at most `until`, in order.
+    pub async fn group_messages_after(
+        &self,
+        group: &GroupId,
+        after: GroupSeq,
+        until: Option<GroupSeq>,
+        limit: u32,
+    ) -> Result<Vec<GroupMessageRow>, StoreError> {
+        let until = match until {
+            Some(until) => i64::try_from(until)?,
+            None => i64::MAX,
+        };
+        let rows = sqlx::query(
+            "SELECT * FROM group_messages WHERE group_id = ? AND group_seq > ? AND group_seq <= ? ORDER BY group_seq LIMIT ?",
+        )
+        .bind(group.as_str())
+        .bind(i64::try_from(after)?)
+        .bind(until)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| message_row(row, group)).collect()
+    }
+
+    /// The last position this server holds of `group` (0 if none).
+    pub async fn latest_group_seq(&self, group: &GroupId) -> Result<GroupSeq, StoreError> {
+        let latest: Option<i64> = sqlx::query_scalar("SELECT max(group_seq) FROM group_messages WHERE group_id = ?")
+            .bind(group.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        seq(latest.unwrap_or(0))
+    }
+
+    /// Moves device cursors forward (never back), in one transaction; a device that
+    /// acknowledged the commit that removed it leaves the group's table.
+    pub async fn save_group_acks(&self, acks: &[(DevicePk, GroupId, GroupSeq)]) -> Result<(), StoreError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for (device, group, acked) in acks {
+            sqlx::query("UPDATE group_devices SET acked = max(acked, ?) WHERE group_id = ? AND device = ?")
+                .bind(i64::try_from(*acked)?)
+                .bind(group.as_str())
+                .bind(device)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "DELETE FROM group_devices WHERE group_id = ? AND device = ? AND until_seq IS NOT NULL AND acked >= until_seq",
+            )
+            .bind(group.as_str())
+            .bind(device)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn device_row(row: &sqlx::sqlite::SqliteRow) -> Result<GroupDeviceRow, StoreError> {
+    let group: String = row.try_get(0)?;
+    Ok(GroupDeviceRow {
+        group_id: GroupId::parse(&group).map_err(|e| corrupt("group id", e))?,
+        from_seq: seq(row.try_get(1)?)?,
+        until_seq: row.try_get::<Option<i64>, _>(2)?.map(seq).transpose()?,
+        acked: seq(row.try_get(3)?)?,
+    })
+}

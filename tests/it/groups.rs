@@ -1,0 +1,333 @@
+//! MLS groups across homeservers, driven by bare MLS clients (`parley_crypto::mls`) over the
+//! client API and the WebSocket, so the server's rules are tested without the SDK's recovery
+//! logic: the hub orders commits (one per epoch, `epoch_conflict` with the current epoch for the
+//! loser), fans every message out once per participating server, routes Welcomes to the new
+//! members, refuses non-members, and each device reads the group stream from its own cursor.
+
+use crate::raw;
+use crate::support::register;
+use anyhow::Context as _;
+use parley_crypto::identity::DeviceIdentity;
+use parley_crypto::mls::{Group, Incoming, KeyPackage, LeafIndex, Lifetime, MemoryStorage, MlsClient};
+use parley_sdk::spec::error::DeviceRef;
+use parley_sdk::spec::v1::groups::{CreateGroupRequest, GroupEvent, GroupEventKind, GroupSendRequest, GroupSentResponse};
+use parley_sdk::spec::v1::keypackages::{ClaimKeyPackagesRequest, UploadKeyPackagesRequest};
+use parley_sdk::spec::v1::keys::UploadKeysRequest;
+use parley_sdk::spec::{ErrorBody, GroupId, GroupSeq};
+use parley_sdk::{Api, ErrorCode, Session};
+use parley_tests::fednet::{Discovery, FedNet};
+use rand::rngs::OsRng;
+use serde_json::json;
+use std::time::Duration;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One device: its session, keys, MLS client, WebSocket, and what it decrypted, in order.
+struct Member {
+    base_url: String,
+    session: Session,
+    identity: DeviceIdentity,
+    client: MlsClient<MemoryStorage>,
+    group: Option<Group>,
+    socket: raw::Socket,
+    /// `client_msg_id` of this device's commit in flight.
+    pending: Option<Uuid>,
+    /// (position, text) of every application message seen, own ones included.
+    texts: Vec<(GroupSeq, String)>,
+    /// The last position processed.
+    seen: GroupSeq,
+}
+
+impl Member {
+    async fn new(base_url: &str, session: Session) -> anyhow::Result<Self> {
+        let identity = DeviceIdentity::generate(&mut OsRng);
+        let mut upload = UploadKeysRequest::default();
+        upload.device_keys = Some(identity.device_keys(&session.user_id, &session.device_id));
+        Api::new(&session)?.upload_keys(&upload).await?;
+        let client = MlsClient::new(MemoryStorage::default(), session.user_id.clone(), session.device_id.clone(), &identity);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        let packages = (0..3)
+            .map(|_| Ok(client.create_key_package(&identity, Lifetime::starting_at(now, 86_400), false)?.to_bytes().to_vec()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Api::new(&session)?.upload_keypackages(&UploadKeyPackagesRequest::new(packages, None)).await?;
+        let mut socket =
+            raw::connect(base_url, session.access_token(), 0).await.map_err(|s| anyhow::anyhow!("upgrade refused: {s}"))?;
+        raw::next_of(&mut socket, "caught_up", WAIT).await?;
+        Ok(Self {
+            base_url: base_url.to_owned(),
+            session,
+            identity,
+            client,
+            group: None,
+            socket,
+            pending: None,
+            texts: Vec::new(),
+            seen: GroupSeq::ZERO,
+        })
+    }
+
+    async fn register(base_url: &str, name: &str) -> anyhow::Result<Self> {
+        Self::new(base_url, register(base_url, name).await?).await
+    }
+
+    fn device(&self) -> DeviceRef {
+        DeviceRef::new(self.session.user_id.clone(), self.session.device_id.clone())
+    }
+
+    async fn create(&mut self, group_id: &GroupId) -> anyhow::Result<()> {
+        let group = self.client.create_group(&self.identity, group_id.mls_group_id())?;
+        let request =
+            CreateGroupRequest::new(group_id.clone(), group.group_info(&self.client, &self.identity)?, group.ratchet_tree()?);
+        let (status, body) = raw::post(&self.base_url, "/v1/groups", Some(self.session.access_token()), &json!(request)).await?;
+        anyhow::ensure!(status == 200, "create: {status} {body}");
+        self.group = Some(group);
+        Ok(())
+    }
+
+    /// Submits to the group through this device's server: the hub's answer or its error.
+    async fn submit(
+        &self,
+        group_id: &GroupId,
+        request: &GroupSendRequest,
+    ) -> anyhow::Result<Result<GroupSentResponse, ErrorBody>> {
+        let path = format!("/v1/groups/{}/send", urlencoding(group_id.as_str()));
+        let (status, body) = raw::post(&self.base_url, &path, Some(self.session.access_token()), &json!(request)).await?;
+        Ok(match status {
+            200 => Ok(serde_json::from_value(body)?),
+            _ => Err(serde_json::from_value(body).with_context(|| format!("error {status}"))?),
+        })
+    }
+
+    /// Claims one KeyPackage of each device (through this device's server) and commits adding
+    /// them; the commit stays pending until it comes back.
+    async fn add(&mut self, group_id: &GroupId, devices: &[DeviceRef]) -> anyhow::Result<Result<GroupSentResponse, ErrorBody>> {
+        let claimed = Api::new(&self.session)?.claim_keypackages(&ClaimKeyPackagesRequest::new(devices.to_vec())).await?;
+        anyhow::ensure!(claimed.missing.is_empty() && claimed.key_packages.len() == devices.len(), "claim: {claimed:?}");
+        let packages = claimed
+            .key_packages
+            .iter()
+            .map(|kp| Ok(KeyPackage::from_bytes(&kp.key_package.0)?))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (client, identity) = (&self.client, &self.identity);
+        let bundle = self.group.as_mut().context("not in a group")?.add_members(client, identity, &packages)?;
+        self.commit(group_id, bundle).await
+    }
+
+    async fn remove(
+        &mut self,
+        group_id: &GroupId,
+        devices: &[DeviceRef],
+    ) -> anyhow::Result<Result<GroupSentResponse, ErrorBody>> {
+        let group = self.group.as_ref().context("not in a group")?;
+        let indices: Vec<LeafIndex> = group
+            .members()?
+            .into_iter()
+            .filter(|m| devices.iter().any(|d| &d.user == m.leaf.user() && &d.device == m.leaf.device()))
+            .map(|m| m.index)
+            .collect();
+        let (client, identity) = (&self.client, &self.identity);
+        let bundle = self.group.as_mut().context("not in a group")?.remove_members(client, identity, &indices)?;
+        self.commit(group_id, bundle).await
+    }
+
+    async fn self_update(&mut self, group_id: &GroupId) -> anyhow::Result<Result<GroupSentResponse, ErrorBody>> {
+        let (client, identity) = (&self.client, &self.identity);
+        let bundle = self.group.as_mut().context("not in a group")?.self_update(client, identity)?;
+        self.commit(group_id, bundle).await
+    }
+
+    async fn commit(
+        &mut self,
+        group_id: &GroupId,
+        bundle: parley_crypto::mls::CommitBundle,
+    ) -> anyhow::Result<Result<GroupSentResponse, ErrorBody>> {
+        let id = Uuid::new_v4();
+        let answer =
+            self.submit(group_id, &GroupSendRequest::commit(id, bundle.commit, bundle.group_info, bundle.welcome)).await?;
+        match &answer {
+            Ok(_) => self.pending = Some(id),
+            Err(_) => {
+                let client = &self.client;
+                self.group.as_mut().context("not in a group")?.clear_pending_commit(client)?;
+            }
+        }
+        Ok(answer)
+    }
+
+    async fn send(&mut self, group_id: &GroupId, text: &str) -> anyhow::Result<Result<GroupSentResponse, ErrorBody>> {
+        let (client, identity) = (&self.client, &self.identity);
+        let message = self.group.as_mut().context("not in a group")?.encrypt(client, identity, text.as_bytes())?;
+        let answer = self.submit(group_id, &GroupSendRequest::application(Uuid::new_v4(), message)).await?;
+        if let Ok(sent) = &answer {
+            // Own messages come back but cannot be decrypted: remember them at their position.
+            self.texts.push((sent.group_seq, text.to_owned()));
+        }
+        Ok(answer)
+    }
+
+    /// Reads and processes group events until `done` holds.
+    async fn until(&mut self, mut done: impl FnMut(&Self) -> bool) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !done(self) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            anyhow::ensure!(!left.is_zero(), "{} timed out at position {}", self.session.user_id, self.seen);
+            let frame = raw::next_of(&mut self.socket, "group_event", left).await?;
+            let event: GroupEvent = serde_json::from_value(frame)?;
+            self.process(event).await?;
+        }
+        Ok(())
+    }
+
+    async fn process(&mut self, event: GroupEvent) -> anyhow::Result<()> {
+        anyhow::ensure!(event.group_seq > self.seen, "position {} after {}: out of order", event.group_seq, self.seen);
+        self.seen = event.group_seq;
+        match event.kind {
+            GroupEventKind::Welcome => {
+                let tree = event.ratchet_tree.context("a welcome carries the tree")?;
+                let join = self.client.join(&event.message.0, &tree.0)?;
+                self.group = Some(join.accept(&self.client)?);
+            }
+            GroupEventKind::Commit
+                if self.pending == Some(event.client_msg_id) && event.sender_device == self.session.device_id =>
+            {
+                self.pending = None;
+                let client = &self.client;
+                self.group.as_mut().context("group")?.merge_pending_commit(client)?;
+            }
+            _ => {
+                let client = &self.client;
+                let group = self.group.as_mut().context("an event before joining")?;
+                let incoming = group.process(client, &event.message.0).with_context(|| {
+                    format!(
+                        "{} processing {:?} {} from {}",
+                        self.session.device_id, event.kind, event.group_seq, event.sender_device
+                    )
+                })?;
+                match incoming {
+                    Incoming::Application { plaintext, .. } => {
+                        self.texts.push((event.group_seq, String::from_utf8(plaintext)?));
+                    }
+                    Incoming::Commit(commit) => group.merge_commit(client, commit)?,
+                    Incoming::OwnMessage => {}
+                    other => anyhow::bail!("unexpected {other:?}"),
+                }
+            }
+        }
+        let ack = json!({"type": "group_ack", "group_id": event.group_id, "group_seq": event.group_seq});
+        raw::send_json(&mut self.socket, &ack).await
+    }
+
+    fn epoch(&self) -> u64 {
+        self.group.as_ref().map_or(0, Group::epoch)
+    }
+
+    fn texts(&self) -> Vec<String> {
+        self.texts.iter().map(|(_, t)| t.clone()).collect()
+    }
+}
+
+fn urlencoding(s: &str) -> String {
+    s.replace('!', "%21").replace(':', "%3A")
+}
+
+#[tokio::test]
+async fn a_group_across_three_servers_agrees_on_order_adds_removes_and_resolves_concurrent_commits() -> anyhow::Result<()> {
+    let mut net =
+        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
+    let (a_url, b_url, c_url) =
+        (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone(), net.server("c.test").base_url.clone());
+    let mut alice = Member::register(&a_url, "alice").await?;
+    let mut bob = Member::register(&b_url, "bob").await?;
+    let mut bob2 = Member::new(&b_url, crate::support::login(&b_url, "bob").await?).await?;
+    let mut carol = Member::register(&c_url, "carol").await?;
+    let mut dave = Member::register(&c_url, "dave").await?;
+    let group_id = GroupId::parse("!team:a.test")?;
+
+    // Alice creates the group on her server (its hub) and adds Bob's two devices and Carol.
+    alice.create(&group_id).await?;
+    let added =
+        alice.add(&group_id, &[bob.device(), bob2.device(), carol.device()]).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!((added.group_seq, added.epoch), (GroupSeq::new(1), 0));
+    alice.until(|m| m.pending.is_none()).await?;
+    for member in [&mut bob, &mut bob2, &mut carol] {
+        member.until(|m| m.group.is_some()).await?;
+        assert_eq!(member.epoch(), 1);
+    }
+    // A non-member cannot post, nor read the stream.
+    let stranger = dave.submit(&group_id, &GroupSendRequest::application(Uuid::new_v4(), b"x".to_vec())).await?;
+    assert_eq!(stranger.unwrap_err().code, ErrorCode::NotAMember);
+    let (status, body) =
+        raw::get(&c_url, &format!("/v1/groups/{}/events", urlencoding(group_id.as_str())), Some(dave.session.access_token()))
+            .await?;
+    assert_eq!((status, body["code"].as_str()), (403, Some("not_a_member")));
+
+    // Everyone talks, concurrently from three servers; everyone sees the same order.
+    for round in 0..3 {
+        let (ta, tb, tc) = (format!("alice {round}"), format!("bob {round}"), format!("carol {round}"));
+        let (a, b, c) = tokio::join!(alice.send(&group_id, &ta), bob.send(&group_id, &tb), carol.send(&group_id, &tc));
+        for answer in [a?, b?, c?] {
+            answer.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        }
+    }
+    let last = GroupSeq::new(1 + 9);
+    for member in [&mut alice, &mut bob, &mut bob2, &mut carol] {
+        member.until(|m| m.seen >= last).await?;
+    }
+    let mut order = alice.texts.clone();
+    order.sort_by_key(|(seq, _)| *seq);
+    assert_eq!(order.len(), 9);
+    for member in [&bob, &bob2, &carol] {
+        let mut theirs = member.texts.clone();
+        theirs.sort_by_key(|(seq, _)| *seq);
+        assert_eq!(theirs, order, "{} sees the same order", member.session.user_id);
+    }
+
+    // Two members commit in the same epoch: exactly one wins; the other is told the epoch.
+    let epoch = alice.epoch();
+    let (a, b) = tokio::join!(alice.self_update(&group_id), bob.self_update(&group_id));
+    let (a, b) = (a?, b?);
+    let (winner_is_alice, conflict) = match (&a, &b) {
+        (Ok(_), Err(e)) => (true, e.clone()),
+        (Err(e), Ok(_)) => (false, e.clone()),
+        other => anyhow::bail!("exactly one commit must win: {other:?}"),
+    };
+    assert_eq!((conflict.code, conflict.current_epoch), (ErrorCode::EpochConflict, Some(epoch + 1)));
+    for member in [&mut alice, &mut bob, &mut bob2, &mut carol] {
+        member.until(|m| m.epoch() == epoch + 1).await?;
+    }
+    // The loser catches up (done above) and its change lands in the next epoch.
+    let loser = if winner_is_alice { &mut bob } else { &mut alice };
+    loser.self_update(&group_id).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    for member in [&mut alice, &mut bob, &mut bob2, &mut carol] {
+        member.until(|m| m.epoch() == epoch + 2).await?;
+    }
+
+    // Carol is removed: she gets the removing commit and nothing after it.
+    alice.remove(&group_id, &[carol.device()]).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    carol.until(|m| m.group.as_ref().is_some_and(|g| !g.is_active())).await?;
+    let removal = carol.seen;
+    // Dave (same server as Carol) joins; he reads from his Welcome on, nothing before.
+    alice.until(|m| m.pending.is_none()).await?;
+    alice.add(&group_id, &[dave.device()]).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    dave.until(|m| m.group.is_some()).await?;
+    assert!(dave.seen > removal);
+    // A message of an older epoch is refused: Bob has not seen the last two commits yet.
+    let stale = bob.send(&group_id, "stale").await?.unwrap_err();
+    assert_eq!((stale.code, stale.current_epoch), (ErrorCode::EpochConflict, Some(dave.epoch())));
+    bob.until(|m| m.epoch() == dave.epoch()).await?;
+    let after = bob.send(&group_id, "after carol left").await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    for member in [&mut alice, &mut bob2, &mut dave] {
+        member.until(|m| m.seen >= after.group_seq).await?;
+        assert_eq!(member.texts().last().map(String::as_str), Some("after carol left"));
+    }
+    assert_eq!(dave.texts(), vec!["after carol left".to_owned()], "a new member reads nothing from before it joined");
+    // Carol's stream ended at her removal: she is not sent the later messages.
+    let nothing = raw::next_of(&mut carol.socket, "group_event", Duration::from_millis(500)).await;
+    assert!(nothing.is_err(), "carol got {nothing:?}");
+    let (status, _) =
+        raw::get(&c_url, &format!("/v1/groups/{}/events", urlencoding(group_id.as_str())), Some(carol.session.access_token()))
+            .await?;
+    assert!(status == 200 || status == 403);
+    Ok(())
+}
