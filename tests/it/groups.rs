@@ -378,11 +378,8 @@ async fn a_member_server_that_was_down_catches_up_in_order_and_a_killed_hub_lose
         "[federation]\nretry_max_ms = 1000\n",
     )
     .await?;
-    let (a_url, b_url, c_url) = (
-        net.server("a.test").base_url.clone(),
-        net.server("b.test").base_url.clone(),
-        net.server("c.test").base_url.clone(),
-    );
+    let (a_url, b_url, c_url) =
+        (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone(), net.server("c.test").base_url.clone());
     let mut alice = Member::register(&a_url, "alice").await?;
     let mut bob = Member::register(&b_url, "bob").await?;
     let mut carol = Member::register(&c_url, "carol").await?;
@@ -444,5 +441,102 @@ async fn a_member_server_that_was_down_catches_up_in_order_and_a_killed_hub_lose
         let theirs: Vec<String> = member.texts().into_iter().filter(|t| t.starts_with("bob ")).collect();
         assert_eq!(theirs, sent, "{}: each of bob's messages once, in order", member.session.user_id);
     }
+    Ok(())
+}
+
+/// A signed transaction from `origin` (with its real key) to `destination`: the answer's JSON.
+async fn signed_transaction(
+    net: &mut FedNet,
+    origin: &str,
+    destination: &str,
+    items: Vec<parley_sdk::spec::federation::v1::transaction::Item>,
+) -> anyhow::Result<serde_json::Value> {
+    use parley_sdk::spec::{ServerName, Timestamp};
+    let key = parley_federation::ServerKey::load_or_create(&net.server(origin).data_dir().join("server.key"))?;
+    let (origin_name, destination_name) = (ServerName::parse(origin)?, ServerName::parse(destination)?);
+    let body = serde_json::to_vec(&parley_sdk::spec::federation::v1::transaction::Transaction::new(
+        origin_name.clone(),
+        Timestamp::now(),
+        items,
+    ))?;
+    let path = format!("/_parley/federation/v1/send/forged-{}", Uuid::new_v4());
+    let auth = parley_federation::SignedParts::new("PUT", &path, &origin_name, &destination_name, Timestamp::now(), &body)
+        .authorization(&key.key_id, &key.key);
+    let addr = net.server(destination).federation_addr.context("federation listener")?;
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(net.ca.cert_pem().as_bytes())?)
+        .resolve(destination, addr)
+        .build()?;
+    let response = http
+        .put(format!("https://{destination}:{}{path}", addr.port()))
+        .header(reqwest::header::AUTHORIZATION, auth)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await?;
+    anyhow::ensure!(response.status().as_u16() == 200, "transaction answered {}", response.status());
+    Ok(response.json().await?)
+}
+
+#[tokio::test]
+async fn fan_out_from_a_server_that_is_not_the_hub_and_forged_commits_are_refused() -> anyhow::Result<()> {
+    use parley_sdk::spec::federation::v1::groups::GroupMessageItem;
+    use parley_sdk::spec::federation::v1::transaction::Item;
+    let mut net =
+        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
+    let (a_url, b_url) = (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone());
+    let mut alice = Member::register(&a_url, "alice").await?;
+    let mut bob = Member::register(&b_url, "bob").await?;
+    let group_id = GroupId::parse("!guarded:a.test")?;
+    alice.create(&group_id).await?;
+    ok(alice.add(&group_id, &[bob.device()]).await)?;
+    bob.until(|m| m.group.is_some()).await?;
+    alice.until(|m| m.pending.is_none()).await?;
+
+    // c.test, a real server with a valid signature, sends fan-out for a group hubbed on a.test:
+    // b.test rejects the item as not_the_hub and bob's stream gets nothing.
+    let (client, identity) = (&alice.client, &alice.identity);
+    let message = alice.group.as_mut().context("group")?.encrypt(client, identity, b"forged by c.test")?;
+    let forged = GroupMessageItem::new(
+        group_id.clone(),
+        GroupSeq::new(2),
+        1,
+        GroupEventKind::Application,
+        alice.session.user_id.clone(),
+        alice.session.device_id.clone(),
+        Uuid::new_v4(),
+        message,
+        parley_sdk::spec::Timestamp::now(),
+    );
+    let answer = signed_transaction(&mut net, "c.test", "b.test", vec![Item::GroupMessage(forged)]).await?;
+    assert_eq!(answer["rejected"][0]["code"], "not_the_hub", "{answer}");
+    let nothing = raw::next_of(&mut bob.socket, "group_event", Duration::from_millis(300)).await;
+    assert!(nothing.is_err(), "bob got {nothing:?}");
+
+    // A commit altered in transit does not verify against the public state: bad_mls_message,
+    // and the group stays at its epoch.
+    let (client, identity) = (&bob.client, &bob.identity);
+    let bundle = bob.group.as_mut().context("group")?.self_update(client, identity)?;
+    let mut altered = bundle.commit.clone();
+    let middle = altered.len() / 2;
+    altered[middle] ^= 0x01;
+    let refused =
+        bob.submit(&group_id, &GroupSendRequest::commit(Uuid::new_v4(), altered, bundle.group_info.clone(), None)).await?;
+    assert_eq!(refused.unwrap_err().code, ErrorCode::BadMlsMessage);
+    // A valid commit with the GroupInfo of another epoch is refused too.
+    let (client, identity) = (&bob.client, &bob.identity);
+    let stale_info = bob.group.as_ref().context("group")?.group_info(client, identity)?;
+    let refused =
+        bob.submit(&group_id, &GroupSendRequest::commit(Uuid::new_v4(), bundle.commit.clone(), stale_info, None)).await?;
+    assert_eq!(refused.unwrap_err().code, ErrorCode::BadMlsMessage);
+    // Alice's own commit signed by her leaf cannot be passed off as Bob's: submitted by Bob, refused.
+    let (client, identity) = (&alice.client, &alice.identity);
+    let alices = alice.group.as_mut().context("group")?.self_update(client, identity)?;
+    let refused =
+        bob.submit(&group_id, &GroupSendRequest::commit(Uuid::new_v4(), alices.commit, alices.group_info, None)).await?;
+    assert_eq!(refused.unwrap_err().code, ErrorCode::BadMlsMessage);
+    // The real one goes through, at the next position.
+    let sent = bob.submit(&group_id, &GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, None)).await?;
+    assert_eq!(ok(Ok(sent))?.group_seq, GroupSeq::new(2));
     Ok(())
 }
