@@ -39,6 +39,10 @@ pub struct Metrics {
     pub federation_ephemeral_dropped: Counter,
     /// Seconds from sending an outbound transaction to its answer.
     pub federation_txn_seconds: Histogram,
+    /// Outbound transactions accepted by their destination (federation requests per item).
+    pub federation_txns_sent: Counter,
+    /// Body bytes of the outbound transactions accepted by their destination.
+    pub federation_bytes_sent: Counter,
 }
 
 impl Default for Metrics {
@@ -67,6 +71,10 @@ impl Metrics {
         let federation_txn_failures = Counter::default();
         let federation_ephemeral_dropped = Counter::default();
         let federation_txn_seconds = Histogram::new(latency_buckets);
+        let federation_txns_sent = Counter::default();
+        let federation_bytes_sent = Counter::default();
+        registry.register("federation_txns_sent", "Outbound transactions accepted", federation_txns_sent.clone());
+        registry.register("federation_bytes_sent", "Body bytes of outbound transactions accepted", federation_bytes_sent.clone());
         registry.register(
             "federation_items_sent",
             "Federation items accepted by their destination",
@@ -115,6 +123,8 @@ impl Metrics {
             federation_txn_failures,
             federation_ephemeral_dropped,
             federation_txn_seconds,
+            federation_txns_sent,
+            federation_bytes_sent,
         }
     }
 

@@ -238,6 +238,7 @@ async fn send(inner: &Inner, server: &ServerName, destination: &Destination, bat
     let name = server.as_str();
     let items = batch.len();
     let body = transaction_body(inner.client.origin(), &batch);
+    let body_bytes = body.len() as u64;
     let started = Instant::now();
     let result = inner.client.call::<SendTransaction>(server, &[batch.txn_id.as_str()], Some(body)).await;
     let failures = destination.with(|queue| queue.failures());
@@ -245,6 +246,8 @@ async fn send(inner: &Inner, server: &ServerName, destination: &Destination, bat
         Ok(response) => {
             inner.metrics.federation_txn_seconds.observe(started.elapsed().as_secs_f64());
             inner.metrics.federation_items_sent.inc_by(items as u64);
+            inner.metrics.federation_txns_sent.inc();
+            inner.metrics.federation_bytes_sent.inc_by(body_bytes);
             for rejected in &response.rejected {
                 tracing::warn!(destination = %name, index = rejected.index, code = %rejected.code, message = %rejected.message, "item refused");
             }
