@@ -170,6 +170,7 @@ impl Server {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let Server { state, writer, shutdown_tx, tls } = self;
+        tokio::spawn(crate::groups::flush_receipts(state.clone()));
         let sweeper = {
             let state = state.clone();
             tokio::spawn(async move {

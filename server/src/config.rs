@@ -126,6 +126,9 @@ pub struct LimitsConfig {
     /// Group acknowledgements are written at most this often (milliseconds), in one batch: a
     /// crash forgets at most this much of them (the devices then get those messages again).
     pub group_ack_interval_ms: u64,
+    /// Group receipt markers that moved are sent to the group's hub (and by the hub to the
+    /// participating servers) at most this often, in one batch per group (milliseconds).
+    pub group_receipt_interval_ms: u64,
     /// Events sent to a connection but not yet acknowledged; beyond it delivery pauses until an `ack`.
     pub max_unacked_events: usize,
     /// A WebSocket write (or flush) that makes no progress for this long closes the connection:
@@ -404,6 +407,7 @@ impl Default for LimitsConfig {
             max_group_members: 1000,
             max_group_message_bytes: 4 * 1024 * 1024,
             group_ack_interval_ms: 200,
+            group_receipt_interval_ms: 1000,
             max_unacked_events: 4096,
             ws_write_timeout_ms: 10_000,
             ws_unsent_bytes: 1024 * 1024,
@@ -505,6 +509,7 @@ impl Config {
             || self.limits.max_group_members == 0
             || self.limits.max_group_message_bytes == 0
             || self.limits.group_ack_interval_ms == 0
+            || self.limits.group_receipt_interval_ms == 0
         {
             return bad("limits must be positive");
         }

@@ -31,7 +31,8 @@ use parley_spec::federation::v1::groups::{GroupMessageItem, GroupSubmission, Sub
 use parley_spec::federation::v1::transaction::Item;
 use parley_spec::v1::groups::{
     CreateGroupRequest, CreateGroupResponse, GroupEvent, GroupEventKind, GroupEventsQuery, GroupEventsResponse,
-    GroupListResponse, GroupSendRequest, GroupSentResponse, GroupSummary, MAX_GROUP_EVENTS,
+    GroupListResponse, GroupReceipt, GroupReceipts, GroupSendRequest, GroupSentResponse, GroupSummary, MAX_GROUP_EVENTS,
+    MAX_GROUP_RECEIPTS,
 };
 use parley_spec::v1::ws::ServerFrame;
 use parley_spec::{DeviceId, ErrorCode, GroupId, GroupSeq, ServerName, Timestamp, UserId};
@@ -52,26 +53,46 @@ struct HubEntry {
 /// of the database.
 type Slot = Arc<tokio::sync::Mutex<Option<HubEntry>>>;
 
-/// The groups service: hub slots and the batcher of group acknowledgements.
+/// The groups service: hub slots, the batcher of group acknowledgements, and the receipt
+/// markers of local users not yet sent to their groups' hubs.
 pub struct Groups {
     slots: Mutex<HashMap<GroupId, Slot>>,
     acks: mpsc::UnboundedSender<(DevicePk, GroupId, GroupSeq)>,
+    /// (delivered, read) per group and local user, moved since the last flush.
+    markers: Mutex<HashMap<GroupId, HashMap<UserId, (GroupSeq, GroupSeq)>>>,
 }
 
 impl Groups {
     /// The service, and the receiver of acknowledgements that [`flush_acks`] consumes.
     pub fn new() -> (Self, mpsc::UnboundedReceiver<(DevicePk, GroupId, GroupSeq)>) {
         let (acks, rx) = mpsc::unbounded_channel();
-        (Self { slots: Mutex::default(), acks }, rx)
+        (Self { slots: Mutex::default(), acks, markers: Mutex::default() }, rx)
     }
 
     fn slot(&self, group: &GroupId) -> Slot {
         self.slots.lock().unwrap_or_else(|e| e.into_inner()).entry(group.clone()).or_default().clone()
     }
 
-    /// A device acknowledged `group` up to `seq` (written in the next batch).
-    pub fn ack(&self, device: DevicePk, group: GroupId, seq: GroupSeq) {
+    /// A device of `user` acknowledged `group` up to `seq` (written in the next batch; the
+    /// user's delivered marker moves with it).
+    pub fn ack(&self, device: DevicePk, user: &UserId, group: GroupId, seq: GroupSeq) {
+        self.mark(user, &group, seq, GroupSeq::ZERO);
         let _ = self.acks.send((device, group, seq));
+    }
+
+    /// A device of `user` read `group` up to `seq`.
+    pub fn read(&self, user: &UserId, group: &GroupId, seq: GroupSeq) {
+        self.mark(user, group, seq, seq);
+    }
+
+    fn mark(&self, user: &UserId, group: &GroupId, delivered: GroupSeq, read: GroupSeq) {
+        let mut markers = self.markers.lock().unwrap_or_else(|e| e.into_inner());
+        let marker = markers.entry(group.clone()).or_default().entry(user.clone()).or_default();
+        *marker = (marker.0.max(delivered), marker.1.max(read));
+    }
+
+    fn take_markers(&self) -> HashMap<GroupId, HashMap<UserId, (GroupSeq, GroupSeq)>> {
+        std::mem::take(&mut *self.markers.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -505,4 +526,117 @@ pub async fn list(state: &AppState, auth: &AuthDevice) -> Result<GroupListRespon
         groups.push(GroupSummary::new(row.group_id, row.acked, latest));
     }
     Ok(GroupListResponse::new(groups))
+}
+
+/// Sends the local users' receipt markers that moved to their groups' hubs, once per
+/// `limits.group_receipt_interval_ms` (through the durable queue for remote hubs), until
+/// shutdown. Markers only move forward, so a lost batch is made good by the next one.
+pub async fn flush_receipts(state: AppState) {
+    let mut tick = tokio::time::interval(Duration::from_millis(state.config.limits.group_receipt_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        for (group, users) in state.groups.take_markers() {
+            let receipts: Vec<GroupReceipt> =
+                users.into_iter().map(|(user, (delivered, read))| GroupReceipt::new(user, delivered, read)).collect();
+            let result = if group.hub() == state.server_name {
+                hub_receipts(&state, &state.server_name, &group, receipts).await
+            } else {
+                queue_items(&state, &[group.hub()], Item::GroupReceipts(GroupReceipts::new(group.clone(), receipts))).await
+            };
+            if let Err(error) = result {
+                tracing::warn!(%error, %group, "group receipts not sent");
+            }
+        }
+    }
+}
+
+/// Queues `item` for each of `servers` durably and wakes their senders.
+async fn queue_items(state: &AppState, servers: &[ServerName], item: Item) -> Result<()> {
+    let Some(fed) = &state.federation else { return Ok(()) };
+    let outbound = servers.iter().map(|server| outbound(server, &item)).collect::<Result<Vec<_>>>()?;
+    state.store.queue_outbound(&outbound).await?;
+    for server in servers {
+        fed.sender.wake(server);
+    }
+    Ok(())
+}
+
+/// The hub takes receipt markers of members (of `origin`'s users when `origin` is another
+/// server), keeps the highest of each, and sends the markers that moved to every participating
+/// server and to its own member devices.
+async fn hub_receipts(state: &AppState, origin: &ServerName, group_id: &GroupId, receipts: Vec<GroupReceipt>) -> Result<()> {
+    if receipts.iter().any(|r| !r.user.is_of(origin)) {
+        return Err(Error::new(ErrorCode::Forbidden, format!("{origin} sends receipts only for its own users")));
+    }
+    let slot = state.groups.slot(group_id);
+    let servers: BTreeSet<ServerName> = {
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            *guard = Some(load(state, group_id).await?);
+        }
+        let Some(entry) = guard.as_ref() else { return Err(Error::internal("hub slot emptied while locked")) };
+        entry.members.iter().map(|d| d.user.server_name()).collect()
+    };
+    let members: BTreeSet<UserId> = {
+        let guard = slot.lock().await;
+        guard.as_ref().map(|e| e.members.iter().map(|d| d.user.clone()).collect()).unwrap_or_default()
+    };
+    // Markers of users who are not members are dropped.
+    let receipts: Vec<GroupReceipt> = receipts.into_iter().filter(|r| members.contains(&r.user)).collect();
+    let moved = state.store.merge_group_markers(group_id, &receipts).await?;
+    if moved.is_empty() {
+        return Ok(());
+    }
+    let others: Vec<ServerName> = servers.into_iter().filter(|s| *s != state.server_name).collect();
+    for chunk in moved.chunks(MAX_GROUP_RECEIPTS) {
+        let batch = GroupReceipts::new(group_id.clone(), chunk.to_vec());
+        if !others.is_empty() {
+            queue_items(state, &others, Item::GroupReceipts(batch.clone())).await?;
+        }
+        deliver_receipts(state, batch).await;
+    }
+    Ok(())
+}
+
+/// A `group_receipts` item from `origin`: a member server's markers for the hub (this server),
+/// or the hub's markers for this participating server.
+pub async fn receive_receipts(state: &AppState, origin: &ServerName, receipts: GroupReceipts) -> Result<()> {
+    if receipts.receipts.len() > MAX_GROUP_RECEIPTS {
+        return Err(Error::new(ErrorCode::TooLarge, format!("at most {MAX_GROUP_RECEIPTS} markers per item")));
+    }
+    let group_id = receipts.group_id.clone();
+    if group_id.hub() == state.server_name {
+        return hub_receipts(state, origin, &group_id, receipts.receipts).await;
+    }
+    if group_id.hub() != *origin {
+        return Err(Error::new(ErrorCode::NotTheHub, format!("{origin} is not the hub of {group_id}")));
+    }
+    let moved = state.store.merge_group_markers(&group_id, &receipts.receipts).await?;
+    if !moved.is_empty() {
+        deliver_receipts(state, GroupReceipts::new(group_id, moved)).await;
+    }
+    Ok(())
+}
+
+/// Tells the connected local member devices of a group which markers moved (dropped for a
+/// device that is not connected or whose buffer is full: it reads the markers when it needs
+/// them).
+async fn deliver_receipts(state: &AppState, receipts: GroupReceipts) {
+    let devices = match state.store.group_member_devices(&receipts.group_id).await {
+        Ok(devices) => devices,
+        Err(error) => {
+            tracing::warn!(%error, group = %receipts.group_id, "looking up local group members failed");
+            return;
+        }
+    };
+    let Ok(frame) = serde_json::to_vec(&ServerFrame::GroupReceipts(receipts)) else { return };
+    let frame = Bytes::from(frame);
+    for device in devices {
+        state.hub.send_ephemeral(device, frame.clone());
+    }
 }

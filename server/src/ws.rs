@@ -559,9 +559,11 @@ impl Conn {
         // Acks, pings and read markers have a budget of their own: a device throttled for
         // sending can still drain its inbox.
         let limited = match &frame {
-            ClientFrame::Ack(_) | ClientFrame::Ping(_) | ClientFrame::Read(_) | ClientFrame::GroupAck(_) => {
-                self.state.limits.check_control(self.auth.device_pk, &self.state.metrics)
-            }
+            ClientFrame::Ack(_)
+            | ClientFrame::Ping(_)
+            | ClientFrame::Read(_)
+            | ClientFrame::GroupAck(_)
+            | ClientFrame::GroupRead(_) => self.state.limits.check_control(self.auth.device_pk, &self.state.metrics),
             _ => self.state.limits.check_account(self.auth.user_pk, self.auth.device_pk, &self.state.metrics),
         };
         if let Err(error) = limited {
@@ -595,12 +597,22 @@ impl Conn {
             ClientFrame::Ping(ping) => self.send_frame(&ServerFrame::Pong(PingFrame::new(ping.nonce))),
             ClientFrame::GroupAck(ack) => match self.groups.ack(&ack.group_id, ack.group_seq) {
                 Some(seq) => {
-                    self.state.groups.ack(self.auth.device_pk, ack.group_id, seq);
+                    self.state.groups.ack(self.auth.device_pk, &self.auth.user_id, ack.group_id, seq);
                     Ok(())
                 }
                 None => self.error(
                     reference,
                     Error::new(ErrorCode::NotAMember, format!("this device has no stream of {}", ack.group_id)),
+                ),
+            },
+            ClientFrame::GroupRead(read) => match self.groups.sent_up_to(&read.group_id, read.group_seq) {
+                Some(seq) => {
+                    self.state.groups.read(&self.auth.user_id, &read.group_id, seq);
+                    Ok(())
+                }
+                None => self.error(
+                    reference,
+                    Error::new(ErrorCode::NotAMember, format!("this device has no stream of {}", read.group_id)),
                 ),
             },
             _ => self.error(reference, Error::new(ErrorCode::UnknownFrame, "unsupported frame")),
@@ -680,7 +692,7 @@ impl FrameRef {
             ClientFrame::Read(read) => read.id,
             ClientFrame::Typing(typing) => typing.id,
             ClientFrame::Ping(ping) => ping.id,
-            ClientFrame::GroupAck(ack) => ack.id,
+            ClientFrame::GroupAck(ack) | ClientFrame::GroupRead(ack) => ack.id,
             _ => None,
         };
         id.map_or(Self::None, Self::Id)
@@ -717,7 +729,7 @@ fn frame_error(text: &str, error: &serde_json::Error) -> Error {
         #[serde(rename = "type")]
         kind: String,
     }
-    const KNOWN: &[&str] = &["send", "ack", "read", "typing", "ping", "group_ack"];
+    const KNOWN: &[&str] = &["send", "ack", "read", "typing", "ping", "group_ack", "group_read"];
     match serde_json::from_str::<Tag>(text) {
         Ok(tag) if !KNOWN.contains(&tag.kind.as_str()) => {
             let mut kind = tag.kind;

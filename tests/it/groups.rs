@@ -540,3 +540,48 @@ async fn fan_out_from_a_server_that_is_not_the_hub_and_forged_commits_are_refuse
     assert_eq!(ok(Ok(sent))?.group_seq, GroupSeq::new(2));
     Ok(())
 }
+
+#[tokio::test]
+async fn group_receipts_are_markers_batched_through_the_hub_to_every_member() -> anyhow::Result<()> {
+    let config = "[limits]\ngroup_receipt_interval_ms = 100\n";
+    let mut net =
+        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], config).await?;
+    let (a_url, b_url, c_url) =
+        (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone(), net.server("c.test").base_url.clone());
+    let mut alice = Member::register(&a_url, "alice").await?;
+    let mut bob = Member::register(&b_url, "bob").await?;
+    let mut carol = Member::register(&c_url, "carol").await?;
+    let group_id = GroupId::parse("!receipts:a.test")?;
+    alice.create(&group_id).await?;
+    ok(alice.add(&group_id, &[bob.device(), carol.device()]).await)?;
+    alice.until(|m| m.pending.is_none()).await?;
+    let mut last = GroupSeq::ZERO;
+    for i in 0..5 {
+        last = ok(alice.send(&group_id, &format!("hello {i}")).await)?.group_seq;
+    }
+    // Bob and Carol receive everything (and acknowledge it); Bob reads up to the third.
+    bob.until(|m| m.seen >= last).await?;
+    carol.until(|m| m.seen >= last).await?;
+    let read_to = GroupSeq::new(last.get() - 2);
+    raw::send_json(&mut bob.socket, &json!({"type": "group_read", "group_id": group_id, "group_seq": read_to})).await?;
+    // A marker past what the device was sent is clamped; of a group it is not in, refused.
+    let other = json!({"type": "group_read", "group_id": "!elsewhere:a.test", "group_seq": 1, "id": 5});
+    raw::send_json(&mut bob.socket, &other).await?;
+    let refused = raw::next_of(&mut bob.socket, "error", WAIT).await?;
+    assert_eq!((refused["id"].as_u64(), refused["code"].as_str()), (Some(5), Some("not_a_member")));
+
+    // Every member, on every server, learns the markers: bob delivered all, read three.
+    for member in [&mut alice, &mut carol] {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let frame = raw::next_of(&mut member.socket, "group_receipts", left).await?;
+            let bobs = frame["receipts"].as_array().into_iter().flatten().find(|r| r["user"] == "@bob:b.test");
+            if bobs.is_some_and(|r| r["delivered"] == last.get() && r["read"] == read_to.get()) {
+                assert_eq!(frame["group_id"], group_id.as_str());
+                break;
+            }
+        }
+    }
+    Ok(())
+}

@@ -42,3 +42,14 @@ CREATE TABLE group_devices (
     PRIMARY KEY (group_id, device)
 ) WITHOUT ROWID;
 CREATE INDEX group_devices_by_device ON group_devices (device);
+
+-- Receipt markers per group and member: the highest position one of the user's devices
+-- received and read. On the hub, of every member (from the members' servers); elsewhere, as the
+-- hub last sent them.
+CREATE TABLE group_markers (
+    group_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    delivered INTEGER NOT NULL,
+    read INTEGER NOT NULL,
+    PRIMARY KEY (group_id, user_id)
+) WITHOUT ROWID;

@@ -348,6 +348,7 @@ async fn apply_item(
         }
         // Stored at once (idempotent by position), before the transaction is recorded.
         Item::GroupMessage(item) => crate::groups::receive(state, origin, item).await?,
+        Item::GroupReceipts(receipts) => crate::groups::receive_receipts(state, origin, receipts).await?,
         _ => return Err(Error::new(ErrorCode::BadRequest, "unknown item type")),
     }
     Ok(())

@@ -117,6 +117,12 @@ impl GroupStreams {
         }
     }
 
+    /// A read marker of `group` at `seq`: the position to record (at most what was sent), or
+    /// `None` for a group the device is not in.
+    pub fn sent_up_to(&self, group: &GroupId, seq: GroupSeq) -> Option<GroupSeq> {
+        self.streams.get(group).map(|stream| seq.min(stream.sent))
+    }
+
     /// The device acknowledged `group` up to `seq`: the position to record (at most what was
     /// sent), or `None` for a group the device is not in. A device that acknowledged the commit
     /// removing it is done with the group.

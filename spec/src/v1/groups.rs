@@ -235,6 +235,53 @@ impl GroupListResponse {
     }
 }
 
+/// A member's receipt markers in a group: the highest position one of the user's devices
+/// received (`delivered`) and read (`read`). A message at position `p` was delivered to (read
+/// by) every member whose marker is at least `p`: receipts are counted per message from the
+/// markers, never sent per member and message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct GroupReceipt {
+    /// The member.
+    pub user: UserId,
+    /// The highest position one of the user's devices received.
+    #[schema(value_type = u64)]
+    pub delivered: GroupSeq,
+    /// The highest position one of the user's devices read.
+    #[schema(value_type = u64)]
+    pub read: GroupSeq,
+}
+
+impl GroupReceipt {
+    /// Builds a marker.
+    pub fn new(user: UserId, delivered: GroupSeq, read: GroupSeq) -> Self {
+        Self { user, delivered, read }
+    }
+}
+
+/// Receipt markers of a group that moved (WebSocket `group_receipts`, and the federation item
+/// of the same name): batched, at most once per `limits.group_receipt_interval_ms` per server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct GroupReceipts {
+    /// The group.
+    #[schema(value_type = String)]
+    pub group_id: GroupId,
+    /// The markers that moved (at most [`MAX_GROUP_RECEIPTS`]).
+    pub receipts: Vec<GroupReceipt>,
+}
+
+impl GroupReceipts {
+    /// Builds the batch.
+    pub fn new(group_id: GroupId, receipts: Vec<GroupReceipt>) -> Self {
+        Self { group_id, receipts }
+    }
+}
+
+/// Most markers in one `group_receipts` frame or item.
+pub const MAX_GROUP_RECEIPTS: usize = 5000;
+
 /// Query of `GET /v1/groups/{group_id}/events`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
 #[non_exhaustive]

@@ -59,6 +59,8 @@ pub enum ClientFrame {
     Ping(PingFrame),
     /// Everything of a group up to `group_seq` was received (cumulative per group).
     GroupAck(GroupAckFrame),
+    /// Everything of a group up to `group_seq` was read (the user's read marker).
+    GroupRead(GroupAckFrame),
 }
 
 /// Identifies a client frame other than `send` (which has its `client_msg_id`): chosen by the
@@ -90,7 +92,7 @@ impl AckFrame {
     }
 }
 
-/// Cumulative acknowledgement of a group's stream.
+/// Cumulative acknowledgement (`group_ack`) or read marker (`group_read`) of a group's stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -218,6 +220,8 @@ pub enum ServerFrame {
     /// A message of one of the device's groups, in the group's order, from the device's group
     /// cursor on (the backlog before `caught_up`, then live).
     GroupEvent(GroupEvent),
+    /// Receipt markers of members of one of the device's groups moved.
+    GroupReceipts(crate::v1::groups::GroupReceipts),
 }
 
 /// [`ServerFrame::Event`] with its event as JSON already serialized: the server stores each inbox

@@ -6,7 +6,7 @@
 use crate::storage::writer::Outbound;
 use crate::storage::{stored_now, DevicePk, Store, StoreError};
 use parley_spec::error::DeviceRef;
-use parley_spec::v1::groups::GroupEventKind;
+use parley_spec::v1::groups::{GroupEventKind, GroupReceipt};
 use parley_spec::{DeviceId, GroupId, GroupSeq, ServerName, Timestamp, UserId};
 use sqlx::Row as _;
 use uuid::Uuid;
@@ -355,6 +355,67 @@ impl Store {
             .bind(device)
             .execute(&mut *tx)
             .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Moves receipt markers of `group` forward (never back), in one transaction; returns the
+    /// markers that moved, as they are now.
+    pub async fn merge_group_markers(&self, group: &GroupId, markers: &[GroupReceipt]) -> Result<Vec<GroupReceipt>, StoreError> {
+        let mut moved = Vec::new();
+        if markers.is_empty() {
+            return Ok(moved);
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for marker in markers {
+            let old = sqlx::query("SELECT delivered, read FROM group_markers WHERE group_id = ? AND user_id = ?")
+                .bind(group.as_str())
+                .bind(marker.user.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let (old_delivered, old_read) = match old {
+                Some(row) => (seq(row.try_get(0)?)?, seq(row.try_get(1)?)?),
+                None => (GroupSeq::ZERO, GroupSeq::ZERO),
+            };
+            let read = old_read.max(marker.read);
+            let delivered = old_delivered.max(marker.delivered).max(read);
+            if (delivered, read) == (old_delivered, old_read) {
+                continue;
+            }
+            sqlx::query("INSERT OR REPLACE INTO group_markers (group_id, user_id, delivered, read) VALUES (?, ?, ?, ?)")
+                .bind(group.as_str())
+                .bind(marker.user.as_str())
+                .bind(i64::try_from(delivered)?)
+                .bind(i64::try_from(read)?)
+                .execute(&mut *tx)
+                .await?;
+            moved.push(GroupReceipt::new(marker.user.clone(), delivered, read));
+        }
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    /// The local devices in `group` now (not removed).
+    pub async fn group_member_devices(&self, group: &GroupId) -> Result<Vec<DevicePk>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT device FROM group_devices WHERE group_id = ? AND until_seq IS NULL")
+            .bind(group.as_str())
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Appends items to the durable federation queue, in one transaction (the caller wakes the
+    /// sender for their destinations).
+    pub async fn queue_outbound(&self, outbound: &[Outbound]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for item in outbound {
+            sqlx::query("INSERT INTO fed_outbound (destination, payload) VALUES (?, ?)")
+                .bind(item.destination.as_str())
+                .bind(item.payload.as_ref())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())

@@ -72,6 +72,9 @@ pub enum Item {
     DeviceListChanged(DeviceListChanged),
     /// A message of a group whose hub is the origin (`spec/groups.md` §5).
     GroupMessage(super::groups::GroupMessageItem),
+    /// Receipt markers of a group: of the origin's users (to the group's hub), or of any members
+    /// (from the hub to the participating servers).
+    GroupReceipts(crate::v1::groups::GroupReceipts),
 }
 
 impl Item {
