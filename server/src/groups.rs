@@ -59,8 +59,11 @@ pub struct Groups {
     slots: Mutex<HashMap<GroupId, Slot>>,
     acks: mpsc::UnboundedSender<(DevicePk, GroupId, GroupSeq)>,
     /// (delivered, read) per group and local user, moved since the last flush.
-    markers: Mutex<HashMap<GroupId, HashMap<UserId, (GroupSeq, GroupSeq)>>>,
+    markers: Mutex<Markers>,
 }
+
+/// (delivered, read) per group and user.
+type Markers = HashMap<GroupId, HashMap<UserId, (GroupSeq, GroupSeq)>>;
 
 impl Groups {
     /// The service, and the receiver of acknowledgements that [`flush_acks`] consumes.
@@ -91,7 +94,7 @@ impl Groups {
         *marker = (marker.0.max(delivered), marker.1.max(read));
     }
 
-    fn take_markers(&self) -> HashMap<GroupId, HashMap<UserId, (GroupSeq, GroupSeq)>> {
+    fn take_markers(&self) -> Markers {
         std::mem::take(&mut *self.markers.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
