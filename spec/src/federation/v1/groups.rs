@@ -109,12 +109,7 @@ impl GroupMessageItem {
 
     /// The same item with a commit's membership changes and, when it adds devices of the
     /// destination, its Welcome and the new ratchet tree.
-    pub fn with_changes(
-        self,
-        added: Vec<DeviceRef>,
-        removed: Vec<DeviceRef>,
-        welcome: Option<(Vec<u8>, Vec<u8>)>,
-    ) -> Self {
+    pub fn with_changes(self, added: Vec<DeviceRef>, removed: Vec<DeviceRef>, welcome: Option<(Vec<u8>, Vec<u8>)>) -> Self {
         let (welcome, ratchet_tree) = match welcome {
             Some((welcome, tree)) => (Some(Base64Bytes(welcome)), Some(Base64Bytes(tree))),
             None => (None, None),
