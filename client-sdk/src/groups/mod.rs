@@ -164,7 +164,12 @@ impl std::fmt::Display for GroupState {
 /// fetched from the server (a leaf a stale list does not vouch for is checked again against a
 /// fresh one before it is refused).
 #[derive(Debug, Clone, Default)]
-pub struct Lists(BTreeMap<UserId, (VerifiedDeviceList, bool)>);
+pub struct Lists {
+    lists: BTreeMap<UserId, (VerifiedDeviceList, bool)>,
+    /// Users whose list cannot be had (the server has none, or it failed verification), with
+    /// why: their leaves are not vouched for.
+    unavailable: BTreeMap<UserId, String>,
+}
 
 impl Lists {
     /// No lists.
@@ -174,12 +179,19 @@ impl Lists {
 
     /// Adds (or replaces) a user's list.
     pub fn insert(&mut self, list: VerifiedDeviceList, fresh: bool) {
-        self.0.insert(list.user_id().clone(), (list, fresh));
+        self.unavailable.remove(list.user_id());
+        self.lists.insert(list.user_id().clone(), (list, fresh));
+    }
+
+    /// Records that `user`'s list cannot be had, and why: their leaves are refused.
+    pub fn mark_unavailable(&mut self, user: UserId, reason: String) {
+        self.lists.remove(&user);
+        self.unavailable.insert(user, reason);
     }
 
     /// A user's list.
     pub fn get(&self, user: &UserId) -> Option<&VerifiedDeviceList> {
-        self.0.get(user).map(|(list, _)| list)
+        self.lists.get(user).map(|(list, _)| list)
     }
 }
 
@@ -774,7 +786,15 @@ fn vouch<'a>(leaves: impl Iterator<Item = &'a MemberLeaf>, lists: &Lists) -> Vou
     let mut needs: BTreeMap<UserId, bool> = BTreeMap::new();
     let mut refused = None;
     for leaf in leaves {
-        match lists.0.get(leaf.user()) {
+        if let Some(reason) = lists.unavailable.get(leaf.user()) {
+            refused.get_or_insert_with(|| GroupProblem::UnvouchedMember {
+                user: leaf.user().clone(),
+                device: leaf.device().clone(),
+                reason: format!("no verified device list: {reason}"),
+            });
+            continue;
+        }
+        match lists.lists.get(leaf.user()) {
             None => {
                 needs.entry(leaf.user().clone()).or_insert(false);
             }

@@ -474,6 +474,27 @@ async fn a_welcome_waits_for_device_lists_and_a_stale_list_is_refreshed_before_r
 }
 
 #[tokio::test]
+async fn a_member_whose_device_list_cannot_be_had_is_not_vouched_for() {
+    let (mut hub, mut dir) = (Hub::default(), Directory::default());
+    let (mut alice, mut bob, _carol, group) = team(&mut hub, &mut dir).await;
+    let mut dave = Device::new(&mut dir, "dave", "D1", 4).await;
+    let key_packages = claim(&dir, &mut [&mut dave]).await;
+    let commit = alice.machine.commit_add(&group, &key_packages).await.unwrap().unwrap();
+    hub.send(&alice.id, &group, &commit).unwrap();
+    let event = hub.next(&bob.id).unwrap();
+    let mut lists = dir.all();
+    lists.mark_unavailable(dave.id.0.clone(), "the server has none".into());
+    assert_eq!(bob.machine.receive(&event, &lists).await.unwrap(), Received::Ignored);
+    let events = bob.machine.take_events();
+    let [MessengerEvent::GroupProblem { reason: GroupProblem::UnvouchedMember { user, reason, .. }, .. }] = &events[..] else {
+        panic!("expected an unvouched member: {events:?}")
+    };
+    assert_eq!(user, &dave.id.0);
+    assert!(reason.contains("the server has none"), "{reason}");
+    assert_eq!(bob.record(&group).await.state, GroupState::Stuck);
+}
+
+#[tokio::test]
 async fn a_hole_in_the_stream_is_reported_and_resync_fills_it() {
     let (mut hub, mut dir) = (Hub::default(), Directory::default());
     let (mut alice, mut bob, _carol, group) = team(&mut hub, &mut dir).await;

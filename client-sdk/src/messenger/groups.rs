@@ -397,11 +397,16 @@ impl Messenger {
                     for need in needs {
                         match self.inner.driver.device_list(&need.user, need.refresh).await {
                             Ok(list) => lists.insert(list, need.refresh),
+                            // No list to vouch for the user's leaves: they are refused.
                             Err(MessengerError::Untrusted { user, reason }) => {
-                                let reason = GroupProblem::ListUnavailable { user, reason: reason.to_string() };
-                                self.inner.driver.emit(MessengerEvent::GroupProblem { group_id: event.group_id.clone(), reason });
-                                return Ok(());
+                                lists.mark_unavailable(user, reason.to_string());
                             }
+                            Err(MessengerError::Sdk(error)) if !error.is_transient() && error.server_code().is_some() => {
+                                let reason = GroupProblem::ListUnavailable { user: need.user.clone(), reason: error.to_string() };
+                                self.inner.driver.emit(MessengerEvent::GroupProblem { group_id: event.group_id.clone(), reason });
+                                lists.mark_unavailable(need.user, error.to_string());
+                            }
+                            // A passing failure: the event is not acknowledged and comes again.
                             Err(error) => return Err(error),
                         }
                     }
