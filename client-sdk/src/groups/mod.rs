@@ -552,8 +552,10 @@ impl<S: GroupStore> GroupMachine<S> {
         let group_id = &event.group_id;
         let mut group = self.load(group_id)?;
         let before = member_set(&group)?;
-        if mine && group.has_pending_commit() {
-            // Our commit, at its position: everything ordered before it was read in the old epoch.
+        // Our commit, at its position (the very bytes we submitted: a server cannot pass another
+        // commit off as ours): everything ordered before it was read in the old epoch.
+        let ours = record.pending.as_ref().is_some_and(|pending| pending.message == event.message);
+        if mine && ours && group.has_pending_commit() {
             group.merge_pending_commit(&self.client)?;
             record.pending = None;
             return self.merged(event, record, &group, before, false).await;

@@ -547,3 +547,23 @@ async fn leaving_and_removing_oneself_are_typed_errors() {
     let unknown = GroupId::parse("!nope:x").unwrap();
     assert!(matches!(alice.machine.members(&unknown).await, Err(GroupError::UnknownGroup(_))));
 }
+
+#[tokio::test]
+async fn a_server_cannot_pass_another_commit_off_as_ours() {
+    let (mut hub, mut dir) = (Hub::default(), Directory::default());
+    let (mut alice, mut bob, _carol, group) = team(&mut hub, &mut dir).await;
+    // Alice's commit is pending; bob's wins the epoch; the server labels bob's as alice's.
+    alice.machine.commit_remove(&group, &users(&["carol"])).await.unwrap().unwrap();
+    let update = bob.machine.commit_remove(&group, &users(&["carol"])).await.unwrap().unwrap();
+    hub.send(&bob.id, &group, &update).unwrap();
+    let mut forged = hub.next(&alice.id).unwrap();
+    forged.sender = alice.id.0.clone();
+    forged.sender_device = alice.id.1.clone();
+    assert_eq!(alice.receive(&forged, &dir).await, Received::Ack(forged.group_seq));
+    // Alice merged bob's commit (her own was dropped), so she and bob agree.
+    let record = alice.record(&group).await;
+    assert_eq!((record.epoch, record.pending.is_none()), (2, true));
+    bob.deliver(&mut hub, &dir).await;
+    bob.say(&mut hub, &group, "in sync").await;
+    assert_eq!(group_texts(&alice.deliver(&mut hub, &dir).await.1), ["in sync"]);
+}
