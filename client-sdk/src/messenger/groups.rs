@@ -105,7 +105,7 @@ enum Change {
 
 impl Messenger {
     /// The group machine, for one call. Never hold it across a network round trip.
-    pub(super) async fn groups(&self) -> GroupGuard<'_> {
+    pub(super) async fn group_machine(&self) -> GroupGuard<'_> {
         GroupGuard { guard: self.inner.groups.lock().await, messenger: self }
     }
 
@@ -116,11 +116,11 @@ impl Messenger {
         let mut attempts = 0;
         let group_id = loop {
             let (group_id, request) =
-                self.groups().await.create_group(&mut OsRng, Some(name.to_owned()), Timestamp::now()).await?;
+                self.group_machine().await.create_group(&mut OsRng, Some(name.to_owned()), Timestamp::now()).await?;
             match self.api().create_group(&request).await {
                 Ok(_) => break group_id,
                 Err(error) => {
-                    self.groups().await.forget_group(&group_id).await?;
+                    self.group_machine().await.forget_group(&group_id).await?;
                     attempts += 1;
                     if error.server_code() != Some(ErrorCode::GroupExists) || attempts >= 3 {
                         return Err(error.into());
@@ -144,7 +144,7 @@ impl Messenger {
                 lists.insert(user.clone(), self.inner.driver.device_list(user, true).await?);
             }
         }
-        let members: BTreeSet<(UserId, DeviceId)> = self.groups().await.members(group_id).await?.into_iter().collect();
+        let members: BTreeSet<(UserId, DeviceId)> = self.group_machine().await.members(group_id).await?.into_iter().collect();
         let wanted: Vec<DeviceRef> = lists
             .values()
             .flat_map(|list| list.devices().iter().map(|d| (list.user_id().clone(), d.device_id().clone())))
@@ -193,7 +193,7 @@ impl Messenger {
     /// proposes it and another member commits the proposal, and the group stream carries no
     /// proposals yet. Always [`GroupError::NotSupported`].
     pub async fn leave(&self, group_id: &GroupId) -> Result<(), MessengerError> {
-        self.groups().await.group(group_id).await?.ok_or_else(|| GroupError::UnknownGroup(group_id.clone()))?;
+        self.group_machine().await.group(group_id).await?.ok_or_else(|| GroupError::UnknownGroup(group_id.clone()))?;
         Err(GroupError::NotSupported("leaving a group (MLS needs a remove proposal that another member commits)").into())
     }
 
@@ -203,24 +203,24 @@ impl Messenger {
         let client_msg_id = Uuid::new_v4();
         let sent = self.send_application(group_id, Application::Text { client_msg_id, body }).await?;
         let sent = sent.ok_or_else(|| GroupError::InvalidRequest("nothing sent".into()))?;
-        self.groups().await.message_sent(group_id, &sent).await?;
+        self.group_machine().await.message_sent(group_id, &sent).await?;
         Ok((client_msg_id, sent.group_seq))
     }
 
     /// The current members of a group: (user, device).
     pub async fn group_members(&self, group_id: &GroupId) -> Result<Vec<(UserId, DeviceId)>, MessengerError> {
-        Ok(self.groups().await.members(group_id).await?)
+        Ok(self.group_machine().await.members(group_id).await?)
     }
 
     /// This device's groups, latest activity first.
-    pub async fn group_list(&self) -> Result<Vec<GroupRecord>, MessengerError> {
+    pub async fn groups(&self) -> Result<Vec<GroupRecord>, MessengerError> {
         use crate::groups::GroupStore as _;
         Ok(self.inner.store.groups().await.map_err(Error::from)?)
     }
 
     /// One group.
     pub async fn group(&self, group_id: &GroupId) -> Result<Option<GroupRecord>, MessengerError> {
-        Ok(self.groups().await.group(group_id).await?)
+        Ok(self.group_machine().await.group(group_id).await?)
     }
 
     /// The last `limit` messages of a group, in the hub's order.
@@ -244,7 +244,7 @@ impl Messenger {
     ) -> Result<Option<GroupSentResponse>, MessengerError> {
         for _ in 0..MAX_SEND_ATTEMPTS {
             let request = {
-                let mut machine = self.groups().await;
+                let mut machine = self.group_machine().await;
                 match what {
                     Application::Text { client_msg_id, body } => {
                         Some(machine.encrypt_text(group_id, client_msg_id, body, Timestamp::now()).await?)
@@ -268,13 +268,13 @@ impl Messenger {
     /// Commits `change`: re-sends a pending commit first, then builds, submits and waits for the
     /// commit, rebuilding it after each lost epoch. False when there was nothing to change.
     async fn commit(&self, group_id: &GroupId, change: &Change) -> Result<bool, MessengerError> {
-        if let Some(pending) = self.groups().await.pending_commit(group_id).await? {
+        if let Some(pending) = self.group_machine().await.pending_commit(group_id).await? {
             tracing::debug!(group = %group_id, "re-sending a pending commit");
             self.submit_commit(group_id, &pending).await?;
         }
         for _ in 0..MAX_COMMIT_ATTEMPTS {
             let request = {
-                let mut machine = self.groups().await;
+                let mut machine = self.group_machine().await;
                 match change {
                     Change::Add(key_packages) => machine.commit_add(group_id, key_packages).await?,
                     Change::Remove(users) => machine.commit_remove(group_id, users).await?,
@@ -295,7 +295,7 @@ impl Messenger {
         match self.api().group_send(group_id, request).await {
             Ok(sent) => {
                 self.wait_for(group_id, |record| record.cursor >= sent.group_seq).await?;
-                let record = self.groups().await.group(group_id).await?;
+                let record = self.group_machine().await.group(group_id).await?;
                 match record {
                     Some(record) if record.state == GroupState::Active => Ok(true),
                     Some(record) => Err(GroupError::NotActive { group_id: group_id.clone(), state: record.state }.into()),
@@ -304,13 +304,13 @@ impl Messenger {
             }
             Err(error) if error.server_code() == Some(ErrorCode::EpochConflict) => {
                 let current = error.body().and_then(|b| b.current_epoch);
-                self.groups().await.commit_refused(group_id).await?;
+                self.group_machine().await.commit_refused(group_id).await?;
                 self.catch_up(group_id, current).await?;
                 Ok(false)
             }
             Err(error) => {
                 if !error.is_transient() {
-                    self.groups().await.commit_refused(group_id).await?;
+                    self.group_machine().await.commit_refused(group_id).await?;
                 }
                 Err(error.into())
             }
@@ -331,7 +331,7 @@ impl Messenger {
         let mut progress = self.inner.group_progress.subscribe();
         let mut pulled = false;
         loop {
-            let record = self.groups().await.group(group_id).await?;
+            let record = self.group_machine().await.group(group_id).await?;
             let record = record.ok_or_else(|| GroupError::UnknownGroup(group_id.clone()))?;
             if reached(&record) || record.state != GroupState::Active {
                 return Ok(());
@@ -353,7 +353,7 @@ impl Messenger {
 
     async fn resync_locked(&self, group_id: &GroupId) -> Result<(), MessengerError> {
         loop {
-            let cursor = self.groups().await.group(group_id).await?.map_or(GroupSeq::ZERO, |r| r.cursor);
+            let cursor = self.group_machine().await.group(group_id).await?.map_or(GroupSeq::ZERO, |r| r.cursor);
             let page = self.api().group_events(group_id, cursor).await?;
             let more = page.more && !page.events.is_empty();
             for event in page.events {
@@ -361,7 +361,7 @@ impl Messenger {
                     Box::pin(self.handle_group_event(&event, false)).await?;
                 }
             }
-            let after = self.groups().await.group(group_id).await?.map_or(GroupSeq::ZERO, |r| r.cursor);
+            let after = self.group_machine().await.group(group_id).await?.map_or(GroupSeq::ZERO, |r| r.cursor);
             if !more || after == cursor {
                 return Ok(());
             }
@@ -380,7 +380,7 @@ impl Messenger {
         let mut lists = Lists::new();
         let mut resynced = !may_resync;
         for _ in 0..6 {
-            let received = self.groups().await.receive(event, &lists).await?;
+            let received = self.group_machine().await.receive(event, &lists).await?;
             match received {
                 Received::Ack(seq) => {
                     if let Some(conn) = self.inner.driver.transport().conn.as_ref() {
@@ -452,7 +452,7 @@ impl Messenger {
 
     async fn upload_key_packages(&self, count: u32, last_resort: bool) -> Result<(), MessengerError> {
         let now = Timestamp::now().as_millis() / 1000;
-        let request = self.groups().await.key_packages(count, last_resort, now).await?;
+        let request = self.group_machine().await.key_packages(count, last_resort, now).await?;
         self.api().upload_keypackages(&request).await?;
         let store = &self.inner.store;
         store.set(KEY_PACKAGES_UPLOADED, b"1").await.map_err(Error::from)?;

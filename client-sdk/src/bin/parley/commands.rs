@@ -783,7 +783,7 @@ pub async fn group_list(ctx: &Ctx) -> anyhow::Result<()> {
     let mut watcher = Watcher::quiet(ctx.out.clone());
     let result: anyhow::Result<_> = async {
         ctx.within("fetching new messages", device.messenger.caught_up()).await??;
-        Ok(device.messenger.group_list().await?)
+        Ok(device.messenger.groups().await?)
     }
     .await;
     device.close(ctx.timeout, |e| watcher.handle(e)).await;
