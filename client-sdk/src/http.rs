@@ -13,6 +13,10 @@ use parley_spec::{
     v1::{
         account::{Logout, WhoAmI, WhoAmIResponse},
         devices::{DeleteDevice, DeleteDeviceRequest, DevicesResponse, ListDevices, UserDevices, UserDevicesResponse},
+        groups::{
+            CreateGroup, CreateGroupRequest, CreateGroupResponse, GroupEvents, GroupEventsQuery, GroupEventsResponse,
+            GroupListResponse, GroupSend, GroupSendRequest, GroupSentResponse, ListGroups,
+        },
         keypackages::{
             ClaimKeyPackages, ClaimKeyPackagesRequest, ClaimKeyPackagesResponse, UploadKeyPackages, UploadKeyPackagesRequest,
             UploadKeyPackagesResponse,
@@ -28,7 +32,7 @@ use parley_spec::{
         },
         sync::{SyncEvents, SyncResponse},
     },
-    DeviceId, Seq, UserId,
+    DeviceId, GroupId, GroupSeq, Seq, UserId,
 };
 use reqwest::{
     header::{HeaderValue, AUTHORIZATION, RETRY_AFTER},
@@ -179,6 +183,30 @@ impl Api {
     /// signed device list!).
     pub async fn claim_keypackages(&self, req: &ClaimKeyPackagesRequest) -> Result<ClaimKeyPackagesResponse, Error> {
         decode(self.request::<ClaimKeyPackages>(&[])?.json(req).send().await?).await
+    }
+
+    /// `POST /v1/groups`: registers a group (hubbed on this server) from its creator's epoch-0
+    /// GroupInfo and ratchet tree.
+    pub async fn create_group(&self, req: &CreateGroupRequest) -> Result<CreateGroupResponse, Error> {
+        decode(self.request::<CreateGroup>(&[])?.json(req).send().await?).await
+    }
+
+    /// `POST /v1/groups/{group_id}/send`: one MLS message (application message, or a commit
+    /// with its GroupInfo and Welcome), answered once the hub stored it. The same
+    /// `client_msg_id` again gets the same answer.
+    pub async fn group_send(&self, group_id: &GroupId, req: &GroupSendRequest) -> Result<GroupSentResponse, Error> {
+        decode(self.request::<GroupSend>(&[group_id.as_str()])?.json(req).send().await?).await
+    }
+
+    /// `GET /v1/groups/{group_id}/events?after=N`: the device's group stream after a position.
+    pub async fn group_events(&self, group_id: &GroupId, after: GroupSeq) -> Result<GroupEventsResponse, Error> {
+        let query = GroupEventsQuery::after(after);
+        decode(self.request::<GroupEvents>(&[group_id.as_str()])?.query(&query).send().await?).await
+    }
+
+    /// `GET /v1/groups`: the device's groups with its cursor and the latest position.
+    pub async fn groups(&self) -> Result<GroupListResponse, Error> {
+        decode(self.request::<ListGroups>(&[])?.send().await?).await
     }
 
     /// A request to endpoint `E` with its path parameters `params`, authenticated.

@@ -35,6 +35,7 @@ mod client;
 mod connection;
 pub mod e2ee;
 mod error;
+pub mod groups;
 mod http;
 pub mod messenger;
 pub mod store;

@@ -13,12 +13,13 @@ use crate::e2ee::{
     AccountStore, InitialMessageId, MessageStore, OutboxEntry, PrekeyKind, SessionSlot, SessionStore, StoreError,
     SupersededSession, TrustStore, PREVIOUS_SESSIONS_KEPT,
 };
+use crate::groups::{GroupChanges, GroupMessage, GroupRecord, GroupState, GroupStore};
 use parley_crypto::identity::{DeviceIdentity, UserIdentity, VerifiedDeviceList, DEVICE_IDENTITY_BYTES};
 use parley_crypto::mls::StateChange;
 use parley_crypto::prekeys::PrekeySecret;
 use parley_crypto::PublicKey;
 use parley_spec::v1::keys::SignedDeviceList;
-use parley_spec::{DeviceId, ServerMsgId, Timestamp, UserId};
+use parley_spec::{DeviceId, GroupId, GroupSeq, ServerMsgId, Timestamp, UserId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::Row as _;
 use std::borrow::Cow;
@@ -32,6 +33,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "server id index", include_str!("../migrations/0002_server_id_index.sql")),
     (3, "previous sessions", include_str!("../migrations/0003_previous_sessions.sql")),
     (4, "mls state", include_str!("../migrations/0004_mls_state.sql")),
+    (5, "groups", include_str!("../migrations/0005_groups.sql")),
 ];
 
 /// Key-value keys of the device's own keys and of the next one-time prekey id.
@@ -497,6 +499,197 @@ impl MessageStore for Store {
     }
 }
 
+/// A conversation of the history: a 1:1 peer or a group, with its latest message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    /// The peer, or the group (as its id text, `!…`).
+    pub id: String,
+    /// The time of its latest message (or of the group's creation or last change).
+    pub last_ts: Timestamp,
+    /// Its latest message, if any.
+    pub last_body: Option<String>,
+    /// The group's name, for a group that has one.
+    pub name: Option<String>,
+}
+
+impl Store {
+    /// Every conversation, 1:1 and group together, latest first.
+    pub async fn conversations(&self) -> Result<Vec<Conversation>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT peer, ts, body, NULL FROM messages m WHERE id = (SELECT max(id) FROM messages WHERE peer = m.peer) \
+             UNION ALL \
+             SELECT g.group_id, max(g.last_ts, coalesce(gm.ts, 0)), gm.body, g.name FROM groups g \
+             LEFT JOIN group_messages gm ON gm.id = (SELECT max(id) FROM group_messages WHERE group_id = g.group_id) \
+             ORDER BY 2 DESC",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Conversation {
+                    id: r.try_get(0).map_err(backend)?,
+                    last_ts: Timestamp::try_from(r.try_get::<i64, _>(1).map_err(backend)?)
+                        .map_err(|_| StoreError::Damaged("conversation ts"))?,
+                    last_body: r.try_get(2).map_err(backend)?,
+                    name: r.try_get(3).map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn group_record(r: &sqlx::sqlite::SqliteRow) -> Result<GroupRecord, StoreError> {
+    let text = |i: usize| r.try_get::<&str, _>(i).map_err(backend);
+    let number = |i: usize, what: &'static str| {
+        r.try_get::<i64, _>(i).map_err(backend).and_then(|n| u64::try_from(n).map_err(|_| StoreError::Damaged(what)))
+    };
+    let pending: Option<Vec<u8>> = r.try_get(6).map_err(backend)?;
+    Ok(GroupRecord {
+        group_id: GroupId::parse(text(0)?).map_err(|_| StoreError::Damaged("group id"))?,
+        name: r.try_get(1).map_err(backend)?,
+        state: GroupState::parse(text(2)?).ok_or(StoreError::Damaged("group state"))?,
+        problem: r.try_get(3).map_err(backend)?,
+        cursor: GroupSeq::new(number(4, "group cursor")?),
+        epoch: number(5, "group epoch")?,
+        pending: pending
+            .map(|json| serde_json::from_slice(&json).map_err(|_| StoreError::Damaged("pending group commit")))
+            .transpose()?,
+        created_ts: Timestamp::from_millis(number(7, "group created_ts")?),
+        last_ts: Timestamp::from_millis(number(8, "group last_ts")?),
+    })
+}
+
+const GROUP_COLUMNS: &str = "group_id, name, state, problem, cursor, epoch, pending, created_ts, last_ts";
+
+impl GroupStore for Store {
+    async fn mls_state(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        Store::mls_state(self).await
+    }
+
+    async fn apply_group_changes(&self, changes: &GroupChanges) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        for change in &changes.mls {
+            let query = match &change.value {
+                Some(value) => sqlx::query("INSERT OR REPLACE INTO mls_state (key, value) VALUES (?, ?)")
+                    .bind(change.key.as_slice())
+                    .bind(value.as_slice()),
+                None => sqlx::query("DELETE FROM mls_state WHERE key = ?").bind(change.key.as_slice()),
+            };
+            query.execute(&mut *tx).await.map_err(backend)?;
+        }
+        if let Some(record) = &changes.record {
+            let pending = record.pending.as_ref().map(serde_json::to_vec).transpose().map_err(backend)?;
+            sqlx::query(&format!("INSERT OR REPLACE INTO groups ({GROUP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+                .bind(record.group_id.as_str())
+                .bind(record.name.as_deref())
+                .bind(record.state.as_str())
+                .bind(record.problem.as_deref())
+                .bind(i64::try_from(record.cursor).map_err(backend)?)
+                .bind(i64::try_from(record.epoch).map_err(backend)?)
+                .bind(pending)
+                .bind(i64::try_from(record.created_ts).map_err(backend)?)
+                .bind(i64::try_from(record.last_ts).map_err(backend)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        for message in &changes.messages {
+            sqlx::query(
+                "INSERT INTO group_messages (group_id, group_seq, sender, sender_device, client_msg_id, ts, body) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (group_id, sender, client_msg_id) DO UPDATE \
+                 SET group_seq = excluded.group_seq, ts = excluded.ts WHERE group_seq IS NULL",
+            )
+            .bind(message.group_id.as_str())
+            .bind(message.group_seq.map(i64::try_from).transpose().map_err(backend)?)
+            .bind(message.sender.as_str())
+            .bind(message.sender_device.as_str())
+            .bind(message.client_msg_id.to_string())
+            .bind(i64::try_from(message.ts).map_err(backend)?)
+            .bind(&message.body)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        for confirmed in &changes.confirmations {
+            sqlx::query(
+                "UPDATE group_messages SET group_seq = ?, ts = ? \
+                 WHERE group_id = ? AND sender = ? AND client_msg_id = ? AND group_seq IS NULL",
+            )
+            .bind(i64::try_from(confirmed.group_seq).map_err(backend)?)
+            .bind(i64::try_from(confirmed.ts).map_err(backend)?)
+            .bind(confirmed.group_id.as_str())
+            .bind(confirmed.sender.as_str())
+            .bind(confirmed.client_msg_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        if let Some(group_id) = &changes.delete {
+            for table in ["groups", "group_messages"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE group_id = ?"))
+                    .bind(group_id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+            }
+        }
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn group(&self, group_id: &GroupId) -> Result<Option<GroupRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {GROUP_COLUMNS} FROM groups WHERE group_id = ?"))
+            .bind(group_id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(group_record).transpose()
+    }
+
+    async fn groups(&self) -> Result<Vec<GroupRecord>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {GROUP_COLUMNS} FROM groups ORDER BY last_ts DESC"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(group_record).collect()
+    }
+
+    async fn group_history(&self, group_id: &GroupId, limit: u32) -> Result<Vec<GroupMessage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, group_id, group_seq, sender, sender_device, client_msg_id, ts, body FROM \
+             (SELECT * FROM group_messages WHERE group_id = ? \
+              ORDER BY group_seq IS NULL DESC, group_seq DESC, id DESC LIMIT ?) \
+             ORDER BY group_seq IS NULL, group_seq, id",
+        )
+        .bind(group_id.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.into_iter()
+            .map(|r| {
+                let text = |i: usize| r.try_get::<&str, _>(i).map_err(backend);
+                Ok(GroupMessage {
+                    local_id: r.try_get(0).map_err(backend)?,
+                    group_id: GroupId::parse(text(1)?).map_err(|_| StoreError::Damaged("group message group"))?,
+                    group_seq: r
+                        .try_get::<Option<i64>, _>(2)
+                        .map_err(backend)?
+                        .map(GroupSeq::try_from)
+                        .transpose()
+                        .map_err(|_| StoreError::Damaged("group message group_seq"))?,
+                    sender: UserId::parse(text(3)?).map_err(|_| StoreError::Damaged("group message sender"))?,
+                    sender_device: DeviceId::parse(text(4)?).map_err(|_| StoreError::Damaged("group message device"))?,
+                    client_msg_id: Uuid::parse_str(text(5)?).map_err(|_| StoreError::Damaged("group message id"))?,
+                    ts: Timestamp::try_from(r.try_get::<i64, _>(6).map_err(backend)?)
+                        .map_err(|_| StoreError::Damaged("group message ts"))?,
+                    body: r.try_get(7).map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+}
+
 /// The key-value key that marks an accepted session start (as earlier versions wrote it).
 fn initial_key(id: &InitialMessageId) -> String {
     let hex: String = id.0.iter().map(|b| format!("{b:02x}")).collect();
@@ -544,6 +737,10 @@ mod tests {
 
     fn id(n: u64) -> ServerMsgId {
         ServerMsgId::new(n)
+    }
+
+    fn message_to(peer: &str, client_msg_id: u128, server_msg_id: Option<u64>) -> StoredMessage {
+        message(peer, client_msg_id, server_msg_id)
     }
 
     fn message(peer: &str, client_msg_id: u128, server_msg_id: Option<u64>) -> StoredMessage {
@@ -732,6 +929,73 @@ mod tests {
         let Incoming::Application { plaintext, .. } = a.process(&client, &reply).unwrap() else { panic!("expected a message") };
         assert_eq!(plaintext, b"hi");
         store.apply_mls_changes(&client.take_state_changes()).await.unwrap();
+    }
+
+    /// Groups, their history in the hub's order, confirmations and the pending commit survive
+    /// reopening; conversations list 1:1 and groups together, latest first.
+    #[tokio::test]
+    async fn groups_and_their_history_survive_reopening() {
+        use crate::groups::{Confirmation, GroupChanges, GroupMessage, GroupRecord, GroupState, GroupStore};
+        use parley_spec::v1::groups::GroupSendRequest;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("profile.db");
+        let group_id = GroupId::parse("!abc:x").unwrap();
+        let record = GroupRecord {
+            group_id: group_id.clone(),
+            name: Some("team".into()),
+            state: GroupState::Active,
+            problem: None,
+            cursor: GroupSeq::new(3),
+            epoch: 2,
+            pending: Some(GroupSendRequest::commit(Uuid::from_u128(9), vec![1], vec![2], Some(vec![3]))),
+            created_ts: Timestamp::from_millis(1),
+            last_ts: Timestamp::from_millis(50),
+        };
+        let message = |id: u128, seq: Option<u64>, body: &str| GroupMessage {
+            local_id: 0,
+            group_id: group_id.clone(),
+            group_seq: seq.map(GroupSeq::new),
+            sender: user("@a:x"),
+            sender_device: "A".parse().unwrap(),
+            client_msg_id: Uuid::from_u128(id),
+            ts: Timestamp::from_millis(10),
+            body: body.into(),
+        };
+        {
+            let store = Store::open(&path).await.unwrap();
+            store.add_message(&message_to("@b:x", 1, Some(1))).await.unwrap();
+            let changes = GroupChanges {
+                mls: vec![StateChange { key: b"k".to_vec(), value: Some(b"v".to_vec()) }],
+                record: Some(record.clone()),
+                messages: vec![message(1, None, "mine"), message(2, Some(2), "theirs")],
+                ..GroupChanges::default()
+            };
+            store.apply_group_changes(&changes).await.unwrap();
+            let confirm = Confirmation {
+                group_id: group_id.clone(),
+                sender: user("@a:x"),
+                client_msg_id: Uuid::from_u128(1),
+                group_seq: GroupSeq::new(3),
+                ts: Timestamp::from_millis(20),
+            };
+            let unknown = Confirmation { client_msg_id: Uuid::from_u128(7), ..confirm.clone() };
+            let changes = GroupChanges { confirmations: vec![confirm, unknown], ..GroupChanges::default() };
+            store.apply_group_changes(&changes).await.unwrap();
+        }
+        let store = Store::open(&path).await.unwrap();
+        assert_eq!(store.group(&group_id).await.unwrap(), Some(record.clone()));
+        assert_eq!(store.groups().await.unwrap(), [record]);
+        assert_eq!(GroupStore::mls_state(&store).await.unwrap(), [(b"k".to_vec(), b"v".to_vec())]);
+        let history = store.group_history(&group_id, 10).await.unwrap();
+        let seen: Vec<_> = history.iter().map(|m| (m.body.as_str(), m.group_seq.map(GroupSeq::get))).collect();
+        assert_eq!(seen, [("theirs", Some(2)), ("mine", Some(3))], "in the hub's order; nothing added by a confirmation");
+        let conversations = store.conversations().await.unwrap();
+        let ids: Vec<&str> = conversations.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["!abc:x", "@b:x"]);
+        assert_eq!(conversations[0].name.as_deref(), Some("team"));
+        store.apply_group_changes(&GroupChanges { delete: Some(group_id.clone()), ..GroupChanges::default() }).await.unwrap();
+        assert!(store.group(&group_id).await.unwrap().is_none());
+        assert!(store.group_history(&group_id, 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -367,3 +367,28 @@ fn ack_seq(frame: ClientFrame) -> u64 {
         other => panic!("expected an ack, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn group_events_are_surfaced_in_order_and_acknowledged_only_when_asked() {
+    let server = FakeServer::start().await;
+    let (conn, mut events, mut c) = open(&server, 10_000).await;
+    assert!(matches!(next(&mut events).await, Event::Connected { .. }));
+    for seq in [1, 2] {
+        c.send(json!({"type": "group_event", "group_id": "!g:x.org", "group_seq": seq, "epoch": 0,
+            "kind": "application", "sender": "@bob:x.org", "sender_device": "BDEV",
+            "client_msg_id": "00000000-0000-0000-0000-000000000001", "message": "aGk=", "ts": 1}))
+            .await;
+    }
+    c.send(json!({"type": "keypackages_low", "count": 3})).await;
+    c.send(json!({"type": "caught_up", "cursor": 0})).await;
+    for seq in [1, 2] {
+        let Event::GroupEvent(event) = next(&mut events).await else { panic!("expected a group event") };
+        assert_eq!((event.group_id.as_str(), event.group_seq.get()), ("!g:x.org", seq));
+    }
+    assert_eq!(next(&mut events).await, Event::KeyPackagesLow { count: 3 });
+    assert!(matches!(next(&mut events).await, Event::CaughtUp { .. }));
+    // Nothing is acknowledged for groups until the application says so.
+    conn.group_ack(parley_sdk::spec::GroupId::parse("!g:x.org").unwrap(), parley_sdk::spec::GroupSeq::new(2));
+    let ClientFrame::GroupAck(ack) = c.recv().await else { panic!("expected a group_ack") };
+    assert_eq!((ack.group_id.as_str(), ack.group_seq.get()), ("!g:x.org", 2));
+}

@@ -12,6 +12,9 @@
 //! parley history @bob:example.org
 //! parley chat bob                       # a bare name means a user of your own server
 //! parley verify bob                     # safety number to compare with bob
+//! parley group create team bob carol    # an end-to-end encrypted group; prints its id
+//! parley send '!abc…:example.org' hi    # a group id (starts with !) works where a user does
+//! parley chats                          # 1:1 and group conversations, latest first
 //! ```
 //!
 //! With `--json` every command prints one JSON object per line on stdout. Errors print
@@ -29,7 +32,7 @@ mod profile;
 
 use clap::{Parser, Subcommand};
 use output::Out;
-use parley_sdk::messenger::MessengerError;
+use parley_sdk::messenger::{GroupError, MessengerError};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -90,14 +93,15 @@ enum Command {
     },
     /// Send a message and wait until the server has stored it.
     Send {
-        /// The recipient: @name:server, or just name for a user of your own server.
+        /// The recipient: @name:server, just name for a user of your own server, or a group id
+        /// (!id:server).
         user: String,
         /// The message (words are joined with spaces; default: all of stdin).
         text: Vec<String>,
     },
-    /// Fetch new messages, then print the conversation with a user, oldest first.
+    /// Fetch new messages, then print the conversation with a user or a group, oldest first.
     History {
-        /// The other party: @name:server, or just name.
+        /// The other party: @name:server, just name, or a group id (!id:server).
         user: String,
         /// How many of the latest messages to print.
         #[arg(long, default_value_t = 50)]
@@ -106,11 +110,18 @@ enum Command {
     /// Chat interactively: shows the user's messages as they arrive and sends every line you
     /// type. Leave with /quit or end of input (Ctrl-D).
     Chat {
-        /// The other party: @name:server, or just name.
+        /// The other party: @name:server, just name, or a group id (!id:server).
         user: String,
         /// How many earlier messages to show first.
         #[arg(long, default_value_t = 10, value_name = "N")]
         last: u32,
+    },
+    /// Fetch new messages, then list the conversations, 1:1 and groups together, latest first.
+    Chats,
+    /// End-to-end encrypted groups (MLS): create, add, remove, members, list.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
     },
     /// List this account's devices.
     Devices,
@@ -126,6 +137,47 @@ enum Command {
     },
     /// Show which account and device this profile is.
     Whoami,
+}
+
+/// The `group` subcommands.
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Create a group hubbed on your server, with every device of the given users and your
+    /// other devices. Its name travels end-to-end encrypted. Prints the group id.
+    Create {
+        /// The group's name.
+        name: String,
+        /// Members: @name:server, or just name.
+        users: Vec<String>,
+    },
+    /// Add users (every device of each) to a group.
+    Add {
+        /// The group id (!id:server).
+        group: String,
+        /// Users: @name:server, or just name.
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Remove users (every device of each) from a group.
+    Remove {
+        /// The group id (!id:server).
+        group: String,
+        /// Users: @name:server, or just name.
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Leave a group (not supported yet: another member must remove you).
+    Leave {
+        /// The group id (!id:server).
+        group: String,
+    },
+    /// Fetch new messages, then list a group's members (user and device).
+    Members {
+        /// The group id (!id:server).
+        group: String,
+    },
+    /// Fetch new messages, then list this device's groups, latest activity first.
+    List,
 }
 
 /// A failure the client itself detected, with a machine-readable code.
@@ -198,6 +250,15 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
         Command::Send { user, text } => commands::send(&ctx, &user, text).await,
         Command::History { user, limit } => commands::history(&ctx, &user, limit).await,
         Command::Chat { user, last } => commands::chat(&ctx, &user, last).await,
+        Command::Chats => commands::chats(&ctx).await,
+        Command::Group { command } => match command {
+            GroupCommand::Create { name, users } => commands::group_create(&ctx, &name, &users).await,
+            GroupCommand::Add { group, users } => commands::group_add(&ctx, &group, &users).await,
+            GroupCommand::Remove { group, users } => commands::group_remove(&ctx, &group, &users).await,
+            GroupCommand::Leave { group } => commands::group_leave(&ctx, &group).await,
+            GroupCommand::Members { group } => commands::group_members(&ctx, &group).await,
+            GroupCommand::List => commands::group_list(&ctx).await,
+        },
         Command::Devices => commands::devices(&ctx).await,
         Command::Verify { user } => commands::verify(&ctx, &user).await,
         Command::Presence { user } => commands::presence(&ctx, &user).await,
@@ -258,8 +319,25 @@ fn messenger_code(error: &MessengerError) -> String {
         MessengerError::Untrusted { .. } => "untrusted".to_owned(),
         MessengerError::Crypto(_) => "crypto".to_owned(),
         MessengerError::Profile(_) => "profile".to_owned(),
+        MessengerError::Group(error) => group_code(error),
         _ => "error".to_owned(),
     }
+}
+
+fn group_code(error: &GroupError) -> String {
+    match error {
+        GroupError::Store(_) => "store",
+        GroupError::Mls(_) => "crypto",
+        GroupError::UnknownGroup(_) => "unknown_group",
+        GroupError::NotActive { .. } => "group_inactive",
+        GroupError::CommitPending(_) => "commit_pending",
+        GroupError::NotSupported(_) => "not_supported",
+        GroupError::InvalidRequest(_) => "usage",
+        GroupError::Conflict { .. } => "epoch_conflict",
+        GroupError::Behind { .. } => "behind",
+        _ => "error",
+    }
+    .to_owned()
 }
 
 fn sdk_code(error: &parley_sdk::Error) -> String {

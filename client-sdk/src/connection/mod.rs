@@ -14,11 +14,12 @@ use futures_util::Stream;
 use parley_spec::{
     v1::{
         events::{MessageEvent, ReceiptEvent},
+        groups::GroupEvent,
         messages::{Envelope, ReadRequest, SendRequest, SentResponse},
         presence::PresenceInfo,
-        ws::{TypingFrame, TypingNotice},
+        ws::{GroupAckFrame, TypingFrame, TypingNotice},
     },
-    DeviceId, Seq, ServerMsgId, UserId,
+    DeviceId, GroupId, GroupSeq, Seq, ServerMsgId, UserId,
 };
 use std::{
     pin::Pin,
@@ -108,6 +109,16 @@ pub enum Event {
         /// How many are left.
         one_time_prekey_count: u32,
     },
+    /// The server holds few one-time MLS KeyPackages for this device: upload more.
+    KeyPackagesLow {
+        /// How many are left.
+        count: u32,
+    },
+    /// A message of one of the device's groups, in the group's order (the backlog from the
+    /// device's group cursor before [`Event::CaughtUp`], then live). Acknowledge it with
+    /// [`Connection::group_ack`] once what it derived is stored: group events are never
+    /// acknowledged automatically.
+    GroupEvent(GroupEvent),
     /// With [`ConnectOptions::manual_ack`]: every event before this one is from inbox
     /// positions up to `seq`; once they are stored, call [`Connection::confirm`] with it.
     Checkpoint {
@@ -217,6 +228,13 @@ impl Connection {
     /// the application and may be acknowledged (and deleted on the server).
     pub fn confirm(&self, seq: Seq) {
         let _ = self.commands.send(Command::Confirm(seq));
+    }
+
+    /// Acknowledges a group's stream up to `group_seq` (cumulative): the server moves the
+    /// device's group cursor. Not queued: while reconnecting it is dropped, and the server
+    /// sends the events again after the cursor it has.
+    pub fn group_ack(&self, group_id: GroupId, group_seq: GroupSeq) {
+        let _ = self.commands.send(Command::GroupAck(GroupAckFrame::new(group_id, group_seq)));
     }
 
     /// Whether a WebSocket is up right now (false while reconnecting and after close).

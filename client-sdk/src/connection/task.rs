@@ -13,7 +13,7 @@ use crate::error::Error;
 use futures_util::StreamExt;
 use parley_spec::v1::{
     messages::{ReadRequest, SendRequest},
-    ws::{AckFrame, ClientFrame, FrameId, HelloFrame, PingFrame, ReadFrame, ServerFrame, TypingFrame},
+    ws::{AckFrame, ClientFrame, FrameId, GroupAckFrame, HelloFrame, PingFrame, ReadFrame, ServerFrame, TypingFrame},
 };
 use parley_spec::Seq;
 use std::{
@@ -49,6 +49,8 @@ pub(crate) enum Command {
     },
     /// The application stored everything up to this position (manual acks).
     Confirm(Seq),
+    /// A group's stream is handled up to a position.
+    GroupAck(GroupAckFrame),
 }
 
 /// Why a phase ended.
@@ -296,6 +298,10 @@ impl Task {
                 let _ = done.send(());
             }
             Command::Confirm(seq) => self.confirm(seq),
+            Command::GroupAck(mut frame) => {
+                frame.id = Some(self.next_frame_id());
+                link.send(&ClientFrame::GroupAck(frame))?;
+            }
         }
         Ok(())
     }
@@ -309,6 +315,8 @@ impl Task {
             Command::Typing { reply, .. } => drop(reply.send(Err(Error::NotConnected))),
             Command::Close { done } => return Some(Exit::Shutdown(Some(done))),
             Command::Confirm(seq) => self.confirm(seq),
+            // The server sends the group's events again from the cursor it has.
+            Command::GroupAck(_) => {}
         }
         None
     }

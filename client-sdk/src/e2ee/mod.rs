@@ -59,6 +59,7 @@ pub use store::{
 
 pub(crate) use outbox::is_permanent;
 
+use crate::groups::{GroupMessage, GroupProblem};
 use crate::store::StoredMessage;
 use outbox::SendJob;
 use parley_crypto::identity::{DeviceIdentity, UserIdentity, VerifiedDeviceList};
@@ -70,7 +71,7 @@ use parley_spec::v1::keys::{ClaimRequest, ClaimResponse, SignedDeviceList, Uploa
 use parley_spec::v1::messages::{SendRequest, SentResponse};
 use parley_spec::v1::presence::PresenceInfo;
 use parley_spec::v1::ws::TypingNotice;
-use parley_spec::{DeviceId, ErrorCode, ServerMsgId, UserId};
+use parley_spec::{DeviceId, ErrorCode, GroupId, ServerMsgId, UserId};
 use rand::{CryptoRng, RngCore};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use uuid::Uuid;
@@ -139,6 +140,52 @@ pub enum MessengerEvent {
         device: DeviceId,
         /// Why.
         reason: Undecryptable,
+    },
+    /// This device joined a group (from a Welcome, every member vouched for).
+    GroupJoined {
+        /// The group.
+        group_id: GroupId,
+        /// Who added it.
+        by: UserId,
+    },
+    /// A message from another member (or another own device) in a group.
+    GroupMessage(GroupMessage),
+    /// A commit changed who is in a group (users with their first device added, users with
+    /// their last device removed).
+    GroupMembersChanged {
+        /// The group.
+        group_id: GroupId,
+        /// Users who joined.
+        added: Vec<UserId>,
+        /// Users who left.
+        removed: Vec<UserId>,
+    },
+    /// A group moved to a new MLS epoch (after every merged commit).
+    GroupEpoch {
+        /// The group.
+        group_id: GroupId,
+        /// The new epoch.
+        epoch: u64,
+    },
+    /// A member told the group's name (end-to-end encrypted).
+    GroupRenamed {
+        /// The group.
+        group_id: GroupId,
+        /// The name.
+        name: String,
+    },
+    /// A commit removed this device from a group: nothing more arrives from it.
+    GroupRemoved {
+        /// The group.
+        group_id: GroupId,
+    },
+    /// Something in a group could not be accepted: a member nobody vouches for (the commit is
+    /// not merged and the group is stuck), an unreadable message, a gap in the stream.
+    GroupProblem {
+        /// The group.
+        group_id: GroupId,
+        /// What.
+        reason: GroupProblem,
     },
 }
 

@@ -20,12 +20,16 @@
 //! that waits for the server does not hold up incoming messages.
 
 mod driver;
+mod groups;
 #[cfg(test)]
 mod tests;
 
 pub use crate::e2ee::{MessengerEvent, Undecryptable, Untrust};
+pub use crate::groups::{GroupError, GroupMessage, GroupProblem, GroupRecord, GroupState};
+pub use groups::{AddReport, MAX_COMMIT_ATTEMPTS};
 
-use crate::e2ee::{CryptoError, E2eeError, E2eeMachine, Progress};
+use crate::e2ee::{AccountStore as _, CryptoError, E2eeError, E2eeMachine, Progress};
+use crate::groups::GroupMachine;
 use crate::store::Store;
 use crate::{Client, ConnectOptions, Connection, Error, Event, Events, LoginRequest, RegisterRequest, Session};
 use driver::{Driver, Network};
@@ -62,6 +66,9 @@ pub enum MessengerError {
     /// The local profile is missing or damaged.
     #[error(transparent)]
     Profile(#[from] ProfileError),
+    /// A group operation failed.
+    #[error(transparent)]
+    Group(#[from] GroupError),
     /// A bug: the driver misused the E2EE machine.
     #[error("internal error: {0}")]
     Internal(#[source] E2eeError),
@@ -109,6 +116,13 @@ struct Inner {
     /// Whether the backlog of the current connection has been processed (see
     /// [`Messenger::caught_up`]).
     sync: watch::Sender<SyncState>,
+    /// MLS groups (locked for one call at a time, never across a network round trip).
+    groups: tokio::sync::Mutex<GroupMachine<Store>>,
+    /// Held while one group event is handled (from the WebSocket or pulled), so the group
+    /// stream is handled in order, one event at a time.
+    group_serial: tokio::sync::Mutex<()>,
+    /// Counts group events handled, for callers waiting for a position or an epoch.
+    group_progress: watch::Sender<u64>,
 }
 
 /// A request for one pass over the outbox, answered with the outcome for `report`.
@@ -213,6 +227,9 @@ impl Messenger {
         let (tx, rx) = mpsc::unbounded_channel();
         let (flushes, flush_requests) = mpsc::unbounded_channel();
         let network = Network { api: crate::Api::new(&session)?, conn: Some(conn) };
+        let (_, device) = store.account().await.map_err(Error::from)?.ok_or(ProfileError::Missing("device keys"))?;
+        let groups = GroupMachine::open(store.clone(), session.user_id.clone(), session.device_id.clone(), &device).await?;
+        drop(device);
         let inner = Arc::new(Inner {
             store,
             identity_key: machine.identity_key(),
@@ -220,10 +237,18 @@ impl Messenger {
             driver: Driver::new(machine, network, tx),
             flushes,
             sync: watch::channel(SyncState::Syncing).0,
+            groups: tokio::sync::Mutex::new(groups),
+            group_serial: tokio::sync::Mutex::new(()),
+            group_progress: watch::channel(0).0,
         });
         tokio::spawn(run_outbox(Arc::downgrade(&inner), flush_requests));
         let messenger = Self { inner };
         tokio::spawn(messenger.clone().receive(events));
+        // A device others cannot add to groups is only half set up; but a server without the
+        // KeyPackage directory must not keep 1:1 messaging from working.
+        if let Err(error) = messenger.ensure_key_packages().await {
+            tracing::warn!(%error, "KeyPackages not uploaded");
+        }
         Ok((messenger, MessengerEvents(rx)))
     }
 
@@ -345,6 +370,20 @@ impl Messenger {
                 Event::Message(message) => driver.receive_message(message).await,
                 Event::Receipt(receipt) => driver.receive_receipt(receipt).await,
                 Event::PrekeysLow { .. } => driver.replenish().await,
+                // A group event that fails is not acknowledged: the server sends it again after
+                // a reconnect. It does not hold up the 1:1 inbox.
+                Event::GroupEvent(event) => {
+                    if let Err(error) = self.receive_group_event(event).await {
+                        tracing::warn!(%error, "group event not processed; it will be delivered again");
+                    }
+                    Ok(())
+                }
+                Event::KeyPackagesLow { count } => {
+                    if let Err(error) = self.replenish_key_packages(count).await {
+                        tracing::warn!(%error, "KeyPackages not replenished");
+                    }
+                    Ok(())
+                }
                 Event::Presence(info) => {
                     driver.emit(MessengerEvent::Presence(info));
                     Ok(())

@@ -1,5 +1,9 @@
 //! What is inside a 1:1 ciphertext once decrypted: the end-to-end content. The server never
 //! sees these types; they travel encrypted in [`crate::v1::messages::Envelope::ciphertext`].
+//!
+//! The same JSON is the plaintext of an MLS group application message (`spec/groups.md` §3):
+//! there it is [`Content::GroupText`] or [`Content::GroupMeta`]. Group metadata (the name, later
+//! the topic) travels only this way, encrypted to the members; no server table holds it.
 
 use crate::UserId;
 use serde::{Deserialize, Serialize};
@@ -12,6 +16,46 @@ use uuid::Uuid;
 pub enum Content {
     /// A text message.
     Text(TextContent),
+    /// A text message in a group (an MLS application message): the group is the MLS group the
+    /// message was decrypted in, so it names no recipient.
+    GroupText(GroupTextContent),
+    /// The group's metadata as set by a member (an MLS application message): sent by the
+    /// creator right after creating the group and again after each commit that adds members,
+    /// who cannot read messages of epochs before they joined.
+    GroupMeta(GroupMetaContent),
+}
+
+/// A text message in a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GroupTextContent {
+    /// The sender's id for this message (the `client_msg_id` of the group submission that
+    /// carried it), the same on every member's device.
+    pub client_msg_id: Uuid,
+    /// The text.
+    pub body: String,
+}
+
+impl GroupTextContent {
+    /// Builds a group text message.
+    pub fn new(client_msg_id: Uuid, body: impl Into<String>) -> Self {
+        Self { client_msg_id, body: body.into() }
+    }
+}
+
+/// A group's metadata, end-to-end encrypted to its members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GroupMetaContent {
+    /// The group's name.
+    pub name: String,
+}
+
+impl GroupMetaContent {
+    /// Builds the metadata.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into() }
+    }
 }
 
 /// A text message.

@@ -10,7 +10,8 @@ use crate::{fail, one_line, report, DEFAULT_SERVER};
 use anyhow::Context as _;
 use parley_crypto::safety::safety_number;
 use parley_sdk::e2ee::StoreError;
-use parley_sdk::messenger::{Messenger, MessengerError, MessengerEvent, MessengerEvents};
+use parley_sdk::messenger::{AddReport, GroupMessage, Messenger, MessengerError, MessengerEvent, MessengerEvents};
+use parley_sdk::spec::GroupId;
 use parley_sdk::store::StoredMessage;
 use parley_sdk::{Api, ErrorCode, PresenceStatus, ServerMsgId, Session, UserId};
 use serde_json::json;
@@ -188,6 +189,9 @@ pub async fn send(ctx: &Ctx, user: &str, text: Vec<String>) -> anyhow::Result<()
     if body.trim().is_empty() {
         return Err(fail("usage", "the message is empty"));
     }
+    if is_group(user) {
+        return group_send(ctx, user, &body).await;
+    }
     let mut device = ctx.connect().await?;
     let mut watcher = Watcher::quiet(ctx.out.clone());
     let result: anyhow::Result<_> = async {
@@ -207,6 +211,9 @@ pub async fn send(ctx: &Ctx, user: &str, text: Vec<String>) -> anyhow::Result<()
 
 /// `parley history`.
 pub async fn history(ctx: &Ctx, user: &str, limit: u32) -> anyhow::Result<()> {
+    if is_group(user) {
+        return group_history(ctx, user, limit).await;
+    }
     let device = ctx.connect().await?;
     let me = device.me().clone();
     let mut watcher = Watcher::quiet(ctx.out.clone());
@@ -232,6 +239,9 @@ pub async fn history(ctx: &Ctx, user: &str, limit: u32) -> anyhow::Result<()> {
 
 /// `parley chat`.
 pub async fn chat(ctx: &Ctx, user: &str, last: u32) -> anyhow::Result<()> {
+    if is_group(user) {
+        return group_chat(ctx, user, last).await;
+    }
     let mut device = ctx.connect().await?;
     let me = device.me().clone();
     let peer = match parse_user(user, &me) {
@@ -421,6 +431,434 @@ pub async fn whoami(ctx: &Ctx) -> anyhow::Result<()> {
         },
     );
     Ok(())
+}
+
+/// Whether a conversation argument names a group (`!id:server`).
+fn is_group(text: &str) -> bool {
+    text.trim_start().starts_with('!')
+}
+
+/// Parses a group argument: `!id:server`.
+fn parse_group(text: &str) -> anyhow::Result<GroupId> {
+    let text = text.trim();
+    GroupId::parse(text).map_err(|e| fail("usage", format!("{text:?} is not a group id ({e}); expected !id:server")))
+}
+
+/// Parses user arguments.
+fn parse_users(texts: &[String], me: &UserId) -> anyhow::Result<Vec<UserId>> {
+    texts.iter().map(|text| parse_user(text, me)).collect()
+}
+
+/// A group by id, from the profile, or an `unknown_group` failure.
+async fn known_group(messenger: &Messenger, group_id: &GroupId) -> anyhow::Result<parley_sdk::messenger::GroupRecord> {
+    messenger.group(group_id).await?.ok_or_else(|| {
+        fail("unknown_group", format!("this device is not in group {group_id} (parley group list shows its groups)"))
+    })
+}
+
+/// A group's name for people: its name, or its id.
+fn group_label(name: Option<&str>, group_id: &GroupId) -> String {
+    match name {
+        Some(name) => format!("{} ({group_id})", terminal_safe(name)),
+        None => group_id.to_string(),
+    }
+}
+
+/// `parley send` to a group.
+async fn group_send(ctx: &Ctx, group: &str, body: &str) -> anyhow::Result<()> {
+    let group_id = parse_group(group)?;
+    let device = ctx.connect().await?;
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        known_group(&device.messenger, &group_id).await?;
+        let sent = ctx.within("sending", device.messenger.send_group_text(&group_id, body)).await?;
+        sent.with_context(|| format!("not sent to {group_id}"))
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let (client_msg_id, group_seq) = result?;
+    ctx.out.record(json!({ "group_id": group_id, "client_msg_id": client_msg_id, "group_seq": group_seq }), || {
+        format!("Sent to {group_id}.")
+    });
+    Ok(())
+}
+
+/// `parley history` of a group.
+async fn group_history(ctx: &Ctx, group: &str, limit: u32) -> anyhow::Result<()> {
+    let group_id = parse_group(group)?;
+    let device = ctx.connect().await?;
+    let me = device.me().clone();
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        let record = known_group(&device.messenger, &group_id).await?;
+        Ok((record, device.messenger.group_history(&group_id, limit).await?))
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let (record, messages) = result?;
+    if messages.is_empty() {
+        ctx.out.note(&format!("No messages in {} yet.", group_label(record.name.as_deref(), &group_id)));
+    }
+    for message in &messages {
+        ctx.out.record(group_message_json(message, &me), || group_message_line(message, &me));
+    }
+    Ok(())
+}
+
+/// `parley chat` in a group.
+async fn group_chat(ctx: &Ctx, group: &str, last: u32) -> anyhow::Result<()> {
+    let group_id = parse_group(group)?;
+    let mut device = ctx.connect().await?;
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result = group_chat_loop(ctx, &mut device, &group_id, last, &mut watcher).await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    result
+}
+
+async fn group_chat_loop(
+    ctx: &Ctx,
+    device: &mut Device,
+    group_id: &GroupId,
+    last: u32,
+    watcher: &mut Watcher,
+) -> anyhow::Result<()> {
+    let me = device.me().clone();
+    if let Err(error) =
+        ctx.within("fetching new messages", device.messenger.caught_up()).await.and_then(|r| r.map_err(Into::into))
+    {
+        eprintln!("warning: {}", one_line(&error));
+    }
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::ZERO, device.events.next()).await {
+        watcher.handle_quietly(event);
+    }
+    let record = known_group(&device.messenger, group_id).await?;
+    ctx.out.note(&format!(
+        "Chatting in {} as {me}. Type a message and press Enter; /quit or Ctrl-D leaves.",
+        group_label(record.name.as_deref(), group_id)
+    ));
+    if last > 0 {
+        for message in device.messenger.group_history(group_id, last).await? {
+            let mut value = group_message_json(&message, &me);
+            value["event"] = json!("message");
+            ctx.out.record(value, || group_message_line(&message, &me));
+        }
+    }
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            event = device.events.next() => match event {
+                Some(MessengerEvent::GroupMessage(message)) if &message.group_id == group_id => {
+                    let mut value = group_message_json(&message, &me);
+                    value["event"] = json!("message");
+                    ctx.out.record(value, || group_message_line(&message, &me));
+                }
+                Some(MessengerEvent::GroupMembersChanged { group_id: g, added, removed }) if &g == group_id => {
+                    ctx.out.record(json!({ "event": "members_changed", "group_id": g, "added": added, "removed": removed }), || {
+                        let names = |users: &[UserId]| users.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ");
+                        match (added.is_empty(), removed.is_empty()) {
+                            (false, true) => format!("({} joined)", names(&added)),
+                            (true, false) => format!("({} left)", names(&removed)),
+                            _ => format!("({} joined, {} left)", names(&added), names(&removed)),
+                        }
+                    });
+                }
+                Some(MessengerEvent::GroupRenamed { group_id: g, name }) if &g == group_id => {
+                    ctx.out.record(json!({ "event": "renamed", "group_id": g, "name": name }), || {
+                        format!("(the group is now called {})", terminal_safe(&name))
+                    });
+                }
+                Some(MessengerEvent::GroupRemoved { group_id: g }) if &g == group_id => {
+                    watcher.handle(MessengerEvent::GroupRemoved { group_id: g });
+                    return Ok(());
+                }
+                Some(MessengerEvent::GroupMessage(message)) => {
+                    ctx.out.note(&format!("(new message in {}: parley chat {0})", message.group_id));
+                }
+                Some(event) => watcher.handle(event),
+                None => return Err(fail("disconnected", "the connection closed")),
+            },
+            line = lines.next_line() => {
+                let Some(line) = line.context("cannot read stdin")? else { break };
+                let text = line.trim_end_matches('\r');
+                if text.trim() == "/quit" {
+                    break;
+                }
+                if text.trim().is_empty() {
+                    continue;
+                }
+                match ctx.within("sending", device.messenger.send_group_text(group_id, text)).await {
+                    Ok(Ok((client_msg_id, group_seq))) => ctx.out.json_only(
+                        json!({ "event": "sent", "group_id": group_id, "client_msg_id": client_msg_id, "group_seq": group_seq }),
+                    ),
+                    Ok(Err(error)) => report(&ctx.out, &anyhow::Error::new(error).context(format!("not sent to {group_id}"))),
+                    Err(error) => report(&ctx.out, &error),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A group message as JSON.
+fn group_message_json(message: &GroupMessage, me: &UserId) -> serde_json::Value {
+    let outgoing = &message.sender == me;
+    let status = match (outgoing, message.group_seq) {
+        (false, _) => None,
+        (true, None) => Some("unconfirmed"),
+        (true, Some(_)) => Some("sent"),
+    };
+    json!({
+        "group_id": message.group_id,
+        "sender": message.sender,
+        "sender_device": message.sender_device,
+        "outgoing": outgoing,
+        "body": message.body,
+        "ts": message.ts,
+        "client_msg_id": message.client_msg_id,
+        "group_seq": message.group_seq,
+        "status": status,
+    })
+}
+
+/// A group message for people: time, sender, text; an own message the hub has not confirmed is
+/// marked.
+fn group_message_line(message: &GroupMessage, me: &UserId) -> String {
+    let who = if &message.sender == me { "you".to_owned() } else { terminal_safe(message.sender.as_str()) };
+    let status = if &message.sender == me && message.group_seq.is_none() { "  [unconfirmed]" } else { "" };
+    let prefix = format!("{}  {who}: ", format_time(message.ts));
+    format!("{prefix}{}{status}", indent_body(&message.body, prefix.chars().count()))
+}
+
+/// Prints what adding members came to: devices without a KeyPackage or whose KeyPackage was
+/// refused are warnings.
+fn print_add_report(report: &AddReport) {
+    for device in &report.missing {
+        eprintln!("warning: device {} of {} has no KeyPackage on the server; not added", device.device, device.user);
+    }
+    for (device, reason) in &report.refused {
+        eprintln!("warning: device {} of {} not added: {}", device.device, device.user, terminal_safe(reason));
+    }
+}
+
+fn add_report_json(report: &AddReport) -> serde_json::Value {
+    json!({
+        "added": report.added,
+        "missing": report.missing,
+        "refused": report.refused.iter().map(|(d, reason)| json!({ "user": d.user, "device": d.device, "reason": reason })).collect::<Vec<_>>(),
+    })
+}
+
+/// `parley group create`.
+pub async fn group_create(ctx: &Ctx, name: &str, users: &[String]) -> anyhow::Result<()> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(fail("usage", "the group name is empty"));
+    }
+    let device = ctx.connect().await?;
+    let me = device.me().clone();
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        let users = parse_users(users, &me)?;
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        for user in &users {
+            ensure_known(ctx, &device.messenger, user).await?;
+        }
+        let created = ctx.within("creating the group", device.messenger.create_group(name, &users)).await?;
+        created.context("cannot create the group")
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let (group_id, report) = result?;
+    print_add_report(&report);
+    let mut value = add_report_json(&report);
+    value["group_id"] = json!(group_id);
+    value["name"] = json!(name);
+    ctx.out.record(value, || {
+        format!("Created group {} with {} other device(s): {group_id}", terminal_safe(name), report.added.len())
+    });
+    Ok(())
+}
+
+/// `parley group add`.
+pub async fn group_add(ctx: &Ctx, group: &str, users: &[String]) -> anyhow::Result<()> {
+    let group_id = parse_group(group)?;
+    let device = ctx.connect().await?;
+    let me = device.me().clone();
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        let users = parse_users(users, &me)?;
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        known_group(&device.messenger, &group_id).await?;
+        for user in &users {
+            ensure_known(ctx, &device.messenger, user).await?;
+        }
+        let added = ctx.within("adding members", device.messenger.add_members(&group_id, &users)).await?;
+        added.with_context(|| format!("cannot add to {group_id}"))
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let report = result?;
+    print_add_report(&report);
+    let mut value = add_report_json(&report);
+    value["group_id"] = json!(group_id);
+    ctx.out.record(value, || match report.added.len() {
+        0 => format!("Nobody new to add to {group_id}."),
+        n => format!("Added {n} device(s) to {group_id}."),
+    });
+    Ok(())
+}
+
+/// `parley group remove`.
+pub async fn group_remove(ctx: &Ctx, group: &str, users: &[String]) -> anyhow::Result<()> {
+    let group_id = parse_group(group)?;
+    let device = ctx.connect().await?;
+    let me = device.me().clone();
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        let users = parse_users(users, &me)?;
+        if users.contains(&me) {
+            return Err(fail("not_supported", "you cannot remove yourself: leaving a group is not supported yet"));
+        }
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        known_group(&device.messenger, &group_id).await?;
+        let removed = ctx.within("removing members", device.messenger.remove_members(&group_id, &users)).await?;
+        Ok((users, removed.with_context(|| format!("cannot remove from {group_id}"))?))
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let (users, removed) = result?;
+    ctx.out.record(json!({ "group_id": group_id, "users": users, "removed": removed }), || {
+        let names = users.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ");
+        if removed {
+            format!("Removed {names} from {group_id}.")
+        } else {
+            format!("None of {names} is a member of {group_id}.")
+        }
+    });
+    Ok(())
+}
+
+/// `parley group leave`.
+pub async fn group_leave(ctx: &Ctx, group: &str) -> anyhow::Result<()> {
+    let group_id = parse_group(group)?;
+    let device = ctx.connect().await?;
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result = device.messenger.leave(&group_id).await.with_context(|| format!("cannot leave {group_id}"));
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    result?;
+    ctx.out.record(json!({ "group_id": group_id, "left": true }), || format!("Left {group_id}."));
+    Ok(())
+}
+
+/// `parley group members`.
+pub async fn group_members(ctx: &Ctx, group: &str) -> anyhow::Result<()> {
+    let group_id = parse_group(group)?;
+    let device = ctx.connect().await?;
+    let (me, my_device) = (device.me().clone(), device.messenger.session().device_id.clone());
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        let record = known_group(&device.messenger, &group_id).await?;
+        Ok((record, device.messenger.group_members(&group_id).await?))
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let (record, members) = result?;
+    ctx.out.note(&format!("Members of {}:", group_label(record.name.as_deref(), &group_id)));
+    for (user, member_device) in &members {
+        let current = user == &me && member_device == &my_device;
+        ctx.out.record(json!({ "group_id": group_id, "user": user, "device": member_device, "current": current }), || {
+            let marker = if current { "  <- this device" } else { "" };
+            format!("{user}  device {member_device}{marker}")
+        });
+    }
+    Ok(())
+}
+
+/// `parley group list`.
+pub async fn group_list(ctx: &Ctx) -> anyhow::Result<()> {
+    let device = ctx.connect().await?;
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        Ok(device.messenger.groups().await?)
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let groups = result?;
+    if groups.is_empty() {
+        ctx.out.note("No groups yet (parley group create NAME USER... makes one).");
+    }
+    for group in &groups {
+        ctx.out.record(
+            json!({
+                "group_id": group.group_id,
+                "name": group.name,
+                "state": group.state.as_str(),
+                "problem": group.problem,
+                "epoch": group.epoch,
+                "last_ts": group.last_ts,
+            }),
+            || {
+                let mut line = format!("{}  {}", format_time(group.last_ts), group_label(group.name.as_deref(), &group.group_id));
+                if group.state != parley_sdk::messenger::GroupState::Active {
+                    line.push_str(&format!("  [{}]", group.state));
+                }
+                if let Some(problem) = &group.problem {
+                    line.push_str(&format!(": {}", terminal_safe(problem)));
+                }
+                line
+            },
+        );
+    }
+    Ok(())
+}
+
+/// `parley chats`.
+pub async fn chats(ctx: &Ctx) -> anyhow::Result<()> {
+    let device = ctx.connect().await?;
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        Ok(device.messenger.store().conversations().await?)
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let conversations = result?;
+    if conversations.is_empty() {
+        ctx.out.note("No conversations yet.");
+    }
+    for chat in &conversations {
+        let group = chat.id.starts_with('!');
+        ctx.out.record(
+            json!({
+                "id": chat.id,
+                "kind": if group { "group" } else { "user" },
+                "name": chat.name,
+                "last_ts": chat.last_ts,
+                "last_body": chat.last_body,
+            }),
+            || {
+                let name = chat.name.as_deref().map(|n| format!(" ({})", terminal_safe(n))).unwrap_or_default();
+                let preview = chat.last_body.as_deref().map(preview).unwrap_or_default();
+                format!("{}  {}{name}  {preview}", format_time(chat.last_ts), terminal_safe(&chat.id))
+            },
+        );
+    }
+    Ok(())
+}
+
+/// The start of a message's first line, for a list.
+fn preview(body: &str) -> String {
+    const MAX: usize = 60;
+    let line = body.lines().next().unwrap_or_default();
+    let mut text: String = line.chars().take(MAX).collect();
+    if line.chars().count() > MAX || body.lines().nth(1).is_some() {
+        text.push('…');
+    }
+    terminal_safe(&text)
 }
 
 /// Sends `body` to `to` and waits (up to `--timeout`) for the server to store it; other events
@@ -617,6 +1055,15 @@ impl Watcher {
                 eprintln!("warning: the keys of {user} cannot be trusted: {}", terminal_safe(&reason));
                 self.event(json!({ "event": "untrusted", "user": user, "reason": reason }));
             }
+            MessengerEvent::GroupProblem { group_id, reason } => {
+                let reason = reason.to_string();
+                eprintln!("warning: group {group_id}: {}", terminal_safe(&reason));
+                self.event(json!({ "event": "group_problem", "group_id": group_id, "reason": reason }));
+            }
+            MessengerEvent::GroupRemoved { group_id } => {
+                eprintln!("note: you were removed from group {group_id}");
+                self.event(json!({ "event": "group_removed", "group_id": group_id }));
+            }
             MessengerEvent::Undecryptable { sender, device, reason } => {
                 let reason = reason.to_string();
                 eprintln!(
@@ -753,6 +1200,17 @@ mod tests {
         assert_eq!(parse_user("@bob:other.net", &me).unwrap().as_str(), "@bob:other.net");
         assert!(parse_user("Bob!", &me).is_err());
         assert!(parse_user("bob:other.net", &me).is_err());
+    }
+
+    #[test]
+    fn group_arguments() {
+        assert!(is_group("!abc:example.org") && is_group(" !abc:example.org"));
+        assert!(!is_group("@bob:example.org"));
+        assert_eq!(parse_group("!abc:example.org").unwrap().to_string(), "!abc:example.org");
+        assert!(parse_group("!:example.org").is_err());
+        assert!(parse_group("!abc").is_err());
+        assert_eq!(preview("hello\nworld"), "hello…");
+        assert_eq!(preview("short"), "short");
     }
 
     #[test]

@@ -78,6 +78,8 @@ impl Task {
             ServerFrame::Typing(notice) => self.emit(Event::Typing(notice)),
             ServerFrame::Presence(info) => self.emit(Event::Presence(info)),
             ServerFrame::PrekeysLow(low) => self.emit(Event::PrekeysLow { one_time_prekey_count: low.one_time_prekey_count }),
+            ServerFrame::KeyPackagesLow(low) => self.emit(Event::KeyPackagesLow { count: low.count }),
+            ServerFrame::GroupEvent(event) => self.emit(Event::GroupEvent(event)),
             ServerFrame::Pong(_) | ServerFrame::Hello(_) => {}
             _ => tracing::debug!("ignoring unknown frame type"),
         }
