@@ -12,6 +12,7 @@ mod federation;
 mod federation_faults;
 mod federation_security;
 mod files;
+mod group_messenger;
 mod groups;
 mod hostile_clients;
 mod keypackages;
