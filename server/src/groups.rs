@@ -626,11 +626,15 @@ pub async fn receive_receipts(state: &AppState, origin: &ServerName, receipts: G
     Ok(())
 }
 
-/// Tells the connected local member devices of a group which markers moved (dropped for a
-/// device that is not connected or whose buffer is full: it reads the markers when it needs
-/// them).
+/// How many recent positions make a member a recent sender, who is shown receipts.
+const RECEIPT_WINDOW: u64 = 1000;
+
+/// Tells the connected local member devices of a group's recent senders (the users who sent one
+/// of its last [`RECEIPT_WINDOW`] messages: receipts are about their messages) which markers
+/// moved. Not every member: at 1,000 members that would be every marker to every device each
+/// interval. A notice, dropped for a device that is not connected or whose buffer is full.
 async fn deliver_receipts(state: &AppState, receipts: GroupReceipts) {
-    let devices = match state.store.group_member_devices(&receipts.group_id).await {
+    let devices = match state.store.group_recent_sender_devices(&receipts.group_id, &state.server_name, RECEIPT_WINDOW).await {
         Ok(devices) => devices,
         Err(error) => {
             tracing::warn!(%error, group = %receipts.group_id, "looking up local group members failed");

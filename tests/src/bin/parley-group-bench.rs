@@ -48,9 +48,12 @@ struct Args {
     /// Seconds of the latency phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Extra TOML for both servers' configuration (for example `[limits]` overrides).
+    #[arg(long, default_value = "")]
+    config: String,
 }
 
-const BENCH_CONFIG: &str = "[storage]\nsynchronous = \"full\"\n[log]\nfilter = \"warn\"\n[limits]\nmax_group_members = 2000\n";
+const BENCH_CONFIG: &str = "[storage]\nsynchronous = \"full\"\n[log]\nfilter = \"warn\"\n";
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -178,7 +181,14 @@ async fn run_member(
     reports: mpsc::UnboundedSender<Report>,
 ) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
-    let (mut sink, mut stream): (SplitSink<Socket, Message>, _) = socket.split();
+    let (sink, stream): (SplitSink<Socket, Message>, _) = socket.split();
+    // The socket is read and written by tasks of their own, so a member busy with MLS work
+    // (or waiting for a core) never stalls the server's writes or misses its heartbeat.
+    let (out, out_rx) = mpsc::unbounded_channel::<String>();
+    let writer = tokio::spawn(write_frames(sink, out_rx));
+    let (events_tx, mut events) = mpsc::unbounded_channel::<(GroupEvent, Instant)>();
+    let reader = tokio::spawn(read_frames(stream, events_tx, reports.clone()));
+    let _tasks = AbortOnDrop(vec![writer, reader]);
     let mut decrypt = false;
     loop {
         tokio::select! {
@@ -221,29 +231,21 @@ async fn run_member(
                     let _ = done.send(answer);
                 }
             },
-            frame = stream.next() => {
-                let Some(frame) = frame else { return Ok(()) };
-                let Message::Text(text) = frame? else { continue };
-                if !text.as_str().starts_with("{\"type\":\"group_event\"") {
-                    continue;
-                }
-                let at = Instant::now();
-                let value: serde_json::Value = serde_json::from_str(text.as_str())?;
-                let event: GroupEvent = serde_json::from_value(value)?;
-                let _ = reports.send(Report::Received { client_msg_id: event.client_msg_id, at });
+            event = events.recv() => {
+                let Some((event, _at)) = event else { return Ok(()) };
                 match event.kind {
                     GroupEventKind::Welcome => {
                         let started = Instant::now();
                         let tree = event.ratchet_tree.as_ref().context("tree")?;
-                        let joined = member.client.join(&event.message.0, &tree.0)?.accept(&member.client)?;
+                        let joined = tokio::task::block_in_place(|| member.client.join(&event.message.0, &tree.0)?.accept(&member.client))?;
                         let _ = reports.send(Report::Processed { epoch: joined.epoch(), took: started.elapsed(), at: Instant::now() });
                         group = Some(joined);
                     }
                     GroupEventKind::Commit => {
                         let started = Instant::now();
                         let group = group.as_mut().context("a commit before joining")?;
-                        match group.process(&member.client, &event.message.0)? {
-                            Incoming::Commit(commit) => group.merge_commit(&member.client, commit)?,
+                        match tokio::task::block_in_place(|| group.process(&member.client, &event.message.0))? {
+                            Incoming::Commit(commit) => tokio::task::block_in_place(|| group.merge_commit(&member.client, commit))?,
                             Incoming::OwnCommit => group.merge_pending_commit(&member.client)?,
                             other => bail!("expected a commit, got {other:?}"),
                         }
@@ -258,9 +260,64 @@ async fn run_member(
                     _ => {}
                 }
                 let ack = json!({"type": "group_ack", "group_id": event.group_id, "group_seq": event.group_seq});
-                sink.send(Message::Text(ack.to_string().into())).await?;
+                out.send(ack.to_string()).ok().context("writer stopped")?;
             }
         }
+    }
+}
+
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<anyhow::Result<()>>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Writes a member's frames, and a ping every 10 s (the server closes a connection silent for
+/// its heartbeat timeout).
+async fn write_frames(mut sink: SplitSink<Socket, Message>, mut frames: mpsc::UnboundedReceiver<String>) -> anyhow::Result<()> {
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        let text = tokio::select! {
+            _ = heartbeat.tick() => json!({"type": "ping"}).to_string(),
+            frame = frames.recv() => match frame {
+                Some(text) => text,
+                None => return Ok(()),
+            },
+        };
+        sink.send(Message::Text(text.into())).await?;
+    }
+}
+
+/// Reads a member's socket: timestamps every group event as it arrives and hands it on.
+async fn read_frames(
+    mut stream: futures_util::stream::SplitStream<Socket>,
+    events: mpsc::UnboundedSender<(GroupEvent, Instant)>,
+    reports: mpsc::UnboundedSender<Report>,
+) -> anyhow::Result<()> {
+    while let Some(frame) = stream.next().await {
+        let Message::Text(text) = frame? else { continue };
+        if !text.as_str().starts_with("{\"type\":\"group_event\"") {
+            continue;
+        }
+        let at = Instant::now();
+        let event: GroupEvent = serde_json::from_str(text.as_str())?;
+        let _ = reports.send(Report::Received { client_msg_id: event.client_msg_id, at });
+        if events.send((event, at)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Runs a member, printing why it stopped if it failed.
+async fn report_errors(member: impl std::future::Future<Output = anyhow::Result<()>>) {
+    if let Err(error) = member.await {
+        eprintln!("a member stopped: {error:#}");
     }
 }
 
@@ -303,10 +360,14 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let n = args.members.max(3);
+    let args = Args { config: format!("[limits]\nmax_group_members = 2000\n{}", args.config), ..args };
     println!("parley-group-bench: {n} members over 2 servers, {} group msgs/s for {} s", args.rate, args.seconds);
-    let mut net =
-        FedNet::start_as(parley_tests::Mode::Process, &[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], BENCH_CONFIG)
-            .await?;
+    let mut net = FedNet::start_as(
+        parley_tests::Mode::Process,
+        &[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)],
+        &format!("{BENCH_CONFIG}{}\n", args.config.replace("\\n", "\n")),
+    )
+    .await?;
     let bases = [net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone()];
     let started = Instant::now();
     let members: Vec<Member> = stream::iter(0..n + 1)
@@ -375,7 +436,7 @@ async fn main() -> anyhow::Result<()> {
     for (member, socket) in members.into_iter().zip(sockets) {
         let (tx, rx) = mpsc::unbounded_channel();
         let group = initial.take();
-        handles.push(tokio::spawn(run_member(member, group, socket, group_id.clone(), rx, reports_tx.clone())));
+        handles.push(tokio::spawn(report_errors(run_member(member, group, socket, group_id.clone(), rx, reports_tx.clone()))));
         commands.push(tx);
     }
     let (joined_all, join_times) = until_epoch(&mut reports, 1, n, submitted).await?;
@@ -488,7 +549,7 @@ async fn main() -> anyhow::Result<()> {
     let claimed = Api::new(&creator_session)?.claim_keypackages(&ClaimKeyPackagesRequest::new(vec![newcomer.device()])).await?;
     let package = KeyPackage::from_bytes(&claimed.key_packages.first().context("newcomer's KeyPackage")?.key_package.0)?;
     let (tx, rx) = mpsc::unbounded_channel();
-    handles.push(tokio::spawn(run_member(newcomer, None, socket, group_id.clone(), rx, reports_tx.clone())));
+    handles.push(tokio::spawn(report_errors(run_member(newcomer, None, socket, group_id.clone(), rx, reports_tx.clone()))));
     commands.push(tx);
     let (done, answer) = oneshot::channel();
     let started = Instant::now();

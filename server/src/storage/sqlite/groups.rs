@@ -398,12 +398,27 @@ impl Store {
         Ok(moved)
     }
 
-    /// The local devices in `group` now (not removed).
-    pub async fn group_member_devices(&self, group: &GroupId) -> Result<Vec<DevicePk>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT device FROM group_devices WHERE group_id = ? AND until_seq IS NULL")
-            .bind(group.as_str())
-            .fetch_all(&self.pool)
-            .await?)
+    /// The local devices in `group` now whose user sent one of the group's last `window`
+    /// application messages (`local` is this server's name): who is shown receipts.
+    pub async fn group_recent_sender_devices(
+        &self,
+        group: &GroupId,
+        local: &ServerName,
+        window: u64,
+    ) -> Result<Vec<DevicePk>, StoreError> {
+        let latest = i64::try_from(self.latest_group_seq(group).await?)?;
+        let since = latest.saturating_sub(i64::try_from(window).unwrap_or(i64::MAX));
+        Ok(sqlx::query_scalar(
+            "SELECT gd.device FROM group_devices gd JOIN devices d ON d.id = gd.device JOIN users u ON u.id = d.user_id \
+             WHERE gd.group_id = ? AND gd.until_seq IS NULL AND ('@' || u.localpart || ':' || ?) IN \
+             (SELECT DISTINCT sender FROM group_messages WHERE group_id = ? AND kind = 'application' AND group_seq > ?)",
+        )
+        .bind(group.as_str())
+        .bind(local.as_str())
+        .bind(group.as_str())
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Appends items to the durable federation queue, in one transaction (the caller wakes the
