@@ -8,7 +8,11 @@ use crate::storage::{stored_now, DevicePk, Store, StoreError};
 use parley_spec::error::DeviceRef;
 use parley_spec::v1::groups::{GroupEventKind, GroupReceipt};
 use parley_spec::{DeviceId, GroupId, GroupSeq, ServerName, Timestamp, UserId};
-use sqlx::Row as _;
+use sqlx::{QueryBuilder, Row as _, Sqlite};
+use std::collections::HashMap;
+
+/// Rows per multi-row statement (well below SQLite's limit of bound parameters).
+const ROWS_PER_STATEMENT: usize = 300;
 use uuid::Uuid;
 
 /// One message of a group stream.
@@ -334,28 +338,30 @@ impl Store {
         seq(latest.unwrap_or(0))
     }
 
-    /// Moves device cursors forward (never back), in one transaction; a device that
-    /// acknowledged the commit that removed it leaves the group's table.
+    /// Moves device cursors forward (never back), in one transaction of one statement per
+    /// [`ROWS_PER_STATEMENT`] cursors; a device that acknowledged the commit that removed it
+    /// leaves the group's table.
     pub async fn save_group_acks(&self, acks: &[(DevicePk, GroupId, GroupSeq)]) -> Result<(), StoreError> {
         if acks.is_empty() {
             return Ok(());
         }
+        let rows = acks
+            .iter()
+            .map(|(device, group, acked)| Ok((*device, group.as_str(), i64::try_from(*acked)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for (device, group, acked) in acks {
-            sqlx::query("UPDATE group_devices SET acked = max(acked, ?) WHERE group_id = ? AND device = ?")
-                .bind(i64::try_from(*acked)?)
-                .bind(group.as_str())
-                .bind(device)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "DELETE FROM group_devices WHERE group_id = ? AND device = ? AND until_seq IS NOT NULL AND acked >= until_seq",
-            )
-            .bind(group.as_str())
-            .bind(device)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new("WITH v (device, group_id, acked) AS (");
+            query.push_values(chunk, |mut row, (device, group, acked)| {
+                row.push_bind(*device).push_bind(*group).push_bind(*acked);
+            });
+            query.push(
+                ") UPDATE group_devices SET acked = max(acked, (SELECT v.acked FROM v WHERE v.device = group_devices.device \
+                 AND v.group_id = group_devices.group_id)) WHERE (device, group_id) IN (SELECT device, group_id FROM v)",
+            );
+            query.build().execute(&mut *tx).await?;
         }
+        sqlx::query("DELETE FROM group_devices WHERE until_seq IS NOT NULL AND acked >= until_seq").execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -363,36 +369,50 @@ impl Store {
 
 impl Store {
     /// Moves receipt markers of `group` forward (never back), in one transaction; returns the
-    /// markers that moved, as they are now.
+    /// markers that moved, as they are now. One read and one write statement per
+    /// [`ROWS_PER_STATEMENT`] markers: the write lock is held for as short a time as possible.
     pub async fn merge_group_markers(&self, group: &GroupId, markers: &[GroupReceipt]) -> Result<Vec<GroupReceipt>, StoreError> {
         let mut moved = Vec::new();
         if markers.is_empty() {
             return Ok(moved);
         }
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for marker in markers {
-            let old = sqlx::query("SELECT delivered, read FROM group_markers WHERE group_id = ? AND user_id = ?")
-                .bind(group.as_str())
-                .bind(marker.user.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            let (old_delivered, old_read) = match old {
-                Some(row) => (seq(row.try_get(0)?)?, seq(row.try_get(1)?)?),
-                None => (GroupSeq::ZERO, GroupSeq::ZERO),
-            };
-            let read = old_read.max(marker.read);
-            let delivered = old_delivered.max(marker.delivered).max(read);
-            if (delivered, read) == (old_delivered, old_read) {
+        for chunk in markers.chunks(ROWS_PER_STATEMENT) {
+            let mut read = QueryBuilder::<Sqlite>::new("SELECT user_id, delivered, read FROM group_markers WHERE group_id = ");
+            read.push_bind(group.as_str()).push(" AND user_id IN (");
+            let mut users = read.separated(", ");
+            for marker in chunk {
+                users.push_bind(marker.user.as_str());
+            }
+            read.push(")");
+            let mut old: HashMap<String, (GroupSeq, GroupSeq)> = HashMap::with_capacity(chunk.len());
+            for row in read.build().fetch_all(&mut *tx).await? {
+                old.insert(row.try_get(0)?, (seq(row.try_get(1)?)?, seq(row.try_get(2)?)?));
+            }
+            let mut changed = Vec::new();
+            for marker in chunk {
+                let (old_delivered, old_read) = old.get(marker.user.as_str()).copied().unwrap_or_default();
+                let read = old_read.max(marker.read);
+                let delivered = old_delivered.max(marker.delivered).max(read);
+                if (delivered, read) != (old_delivered, old_read) {
+                    old.insert(marker.user.as_str().to_owned(), (delivered, read));
+                    changed.push(GroupReceipt::new(marker.user.clone(), delivered, read));
+                }
+            }
+            if changed.is_empty() {
                 continue;
             }
-            sqlx::query("INSERT OR REPLACE INTO group_markers (group_id, user_id, delivered, read) VALUES (?, ?, ?, ?)")
-                .bind(group.as_str())
-                .bind(marker.user.as_str())
-                .bind(i64::try_from(delivered)?)
-                .bind(i64::try_from(read)?)
-                .execute(&mut *tx)
-                .await?;
-            moved.push(GroupReceipt::new(marker.user.clone(), delivered, read));
+            let rows = changed
+                .iter()
+                .map(|m| Ok((m.user.as_str(), i64::try_from(m.delivered)?, i64::try_from(m.read)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let mut write =
+                QueryBuilder::<Sqlite>::new("INSERT OR REPLACE INTO group_markers (group_id, user_id, delivered, read) ");
+            write.push_values(rows, |mut row, (user, delivered, read)| {
+                row.push_bind(group.as_str()).push_bind(user).push_bind(delivered).push_bind(read);
+            });
+            write.build().execute(&mut *tx).await?;
+            moved.extend(changed);
         }
         tx.commit().await?;
         Ok(moved)
@@ -445,4 +465,67 @@ fn device_row(row: &sqlx::sqlite::SqliteRow) -> Result<GroupDeviceRow, StoreErro
         until_seq: row.try_get::<Option<i64>, _>(2)?.map(seq).transpose()?,
         acked: seq(row.try_get(3)?)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::storage::Subscribers;
+
+    async fn open(dir: &std::path::Path) -> Store {
+        let config = Config { data_dir: dir.to_path_buf(), ..Config::default() };
+        Store::open(&config, crate::metrics::Metrics::new(), Subscribers::default()).await.expect("store opens").0
+    }
+
+    fn user(name: &str) -> UserId {
+        UserId::parse(&format!("@{name}:b.test")).unwrap()
+    }
+
+    fn marker(name: &str, delivered: u64, read: u64) -> GroupReceipt {
+        GroupReceipt::new(user(name), GroupSeq::new(delivered), GroupSeq::new(read))
+    }
+
+    #[tokio::test]
+    async fn markers_only_move_forward_in_batches_larger_than_one_statement() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path()).await;
+        let group = GroupId::parse("!g:a.test").unwrap();
+        let many: Vec<_> = (0..ROWS_PER_STATEMENT + 5).map(|i| marker(&format!("u{i}"), 5, 2)).collect();
+        assert_eq!(store.merge_group_markers(&group, &many).await.unwrap().len(), many.len());
+        // Nothing moved: nothing reported; a lower marker never moves one back; read implies delivered.
+        assert!(store.merge_group_markers(&group, &many).await.unwrap().is_empty());
+        assert!(store.merge_group_markers(&group, &[marker("u1", 3, 1)]).await.unwrap().is_empty());
+        assert_eq!(store.merge_group_markers(&group, &[marker("u1", 4, 9)]).await.unwrap(), vec![marker("u1", 9, 9)]);
+        assert_eq!(store.merge_group_markers(&group, &[marker("u2", 7, 0)]).await.unwrap(), vec![marker("u2", 7, 2)]);
+    }
+
+    #[tokio::test]
+    async fn group_cursors_only_move_forward_and_a_removed_device_goes_once_it_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path()).await;
+        let (a, b) = (GroupId::parse("!a:a.test").unwrap(), GroupId::parse("!b:a.test").unwrap());
+        for device in 1..=ROWS_PER_STATEMENT as i64 + 2 {
+            store.create_hub_group(&GroupId::parse(&format!("!g{device}:a.test")).unwrap(), b"state", device).await.unwrap();
+        }
+        store.create_hub_group(&a, b"state", 1).await.unwrap();
+        store.create_hub_group(&b, b"state", 1).await.unwrap();
+        sqlx::query("UPDATE group_devices SET until_seq = 4 WHERE group_id = ?")
+            .bind(b.as_str())
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let mut acks: Vec<_> = (1..=ROWS_PER_STATEMENT as i64 + 2)
+            .map(|device| (device, GroupId::parse(&format!("!g{device}:a.test")).unwrap(), GroupSeq::new(3)))
+            .collect();
+        acks.extend([(1, a.clone(), GroupSeq::new(7)), (1, b.clone(), GroupSeq::new(3))]);
+        store.save_group_acks(&acks).await.unwrap();
+        store.save_group_acks(&[(1, a.clone(), GroupSeq::new(2))]).await.unwrap();
+        assert_eq!(store.group_device(&a, 1).await.unwrap().unwrap().acked, GroupSeq::new(7), "never back");
+        let last = GroupId::parse(&format!("!g{}:a.test", ROWS_PER_STATEMENT + 2)).unwrap();
+        assert_eq!(store.group_device(&last, ROWS_PER_STATEMENT as i64 + 2).await.unwrap().unwrap().acked, GroupSeq::new(3));
+        assert!(store.group_device(&b, 1).await.unwrap().is_some(), "removed at 4, acknowledged 3: still there");
+        store.save_group_acks(&[(1, b.clone(), GroupSeq::new(4))]).await.unwrap();
+        assert!(store.group_device(&b, 1).await.unwrap().is_none(), "acknowledged its removal: gone");
+    }
 }
