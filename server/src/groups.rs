@@ -562,7 +562,7 @@ pub async fn flush_receipts(state: AppState) {
 async fn queue_items(state: &AppState, servers: &[ServerName], item: Item) -> Result<()> {
     let Some(fed) = &state.federation else { return Ok(()) };
     let outbound = servers.iter().map(|server| outbound(server, &item)).collect::<Result<Vec<_>>>()?;
-    state.store.queue_outbound(&outbound).await?;
+    state.store.queue_outbound(outbound).await?;
     for server in servers {
         fed.sender.wake(server);
     }
@@ -577,17 +577,13 @@ async fn hub_receipts(state: &AppState, origin: &ServerName, group_id: &GroupId,
         return Err(Error::new(ErrorCode::Forbidden, format!("{origin} sends receipts only for its own users")));
     }
     let slot = state.groups.slot(group_id);
-    let servers: BTreeSet<ServerName> = {
+    let (servers, members): (BTreeSet<ServerName>, BTreeSet<UserId>) = {
         let mut guard = slot.lock().await;
         if guard.is_none() {
             *guard = Some(load(state, group_id).await?);
         }
         let Some(entry) = guard.as_ref() else { return Err(Error::internal("hub slot emptied while locked")) };
-        entry.members.iter().map(|d| d.user.server_name()).collect()
-    };
-    let members: BTreeSet<UserId> = {
-        let guard = slot.lock().await;
-        guard.as_ref().map(|e| e.members.iter().map(|d| d.user.clone()).collect()).unwrap_or_default()
+        (entry.members.iter().map(|d| d.user.server_name()).collect(), entry.members.iter().map(|d| d.user.clone()).collect())
     };
     // Markers of users who are not members are dropped.
     let receipts: Vec<GroupReceipt> = receipts.into_iter().filter(|r| members.contains(&r.user)).collect();

@@ -420,16 +420,22 @@ async fn a_member_server_that_was_down_catches_up_in_order_and_a_killed_hub_lose
     assert_eq!(carol.texts(), expected[..400].to_vec(), "carol reads up to her removal");
 
     // The hub is SIGKILLed while Bob sends; every message he was told is stored arrives once.
+    let (started, mid_stream) = tokio::sync::oneshot::channel();
     let sender = tokio::spawn(async move {
         let mut sent = Vec::new();
+        let mut started = Some(started);
         for i in 0..60 {
             let text = format!("bob {i:02}");
             bob.send_retrying(&group_id, &text).await?;
             sent.push(text);
+            if i == 20 {
+                let _ = started.take().map(|tx| tx.send(()));
+            }
         }
         anyhow::Ok((bob, sent))
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Killed once 21 messages were answered, while the rest are still being sent.
+    mid_stream.await?;
     net.server("a.test").kill().await?;
     net.server("a.test").restart().await?;
     let (bob, sent) = sender.await??;

@@ -619,7 +619,7 @@ async fn record_received(conn: &mut SqliteConnection, received: &[RemoteMessage]
 
 /// Step 3: appends outbound federation items, in order; returns the destinations whose queue
 /// grew (each once, in order of first appearance).
-async fn queue_outbound(conn: &mut SqliteConnection, outbound: Vec<Outbound>) -> Result<Vec<ServerName>, StoreError> {
+pub(super) async fn queue_outbound(conn: &mut SqliteConnection, outbound: Vec<Outbound>) -> Result<Vec<ServerName>, StoreError> {
     for chunk in outbound.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_outbound (destination, payload) ");
         query.push_values(chunk, |mut row, item| {

@@ -258,13 +258,7 @@ impl Store {
                     .await?;
             }
         }
-        for item in &outbound {
-            sqlx::query("INSERT INTO fed_outbound (destination, payload) VALUES (?, ?)")
-                .bind(item.destination.as_str())
-                .bind(item.payload.as_ref())
-                .execute(&mut *tx)
-                .await?;
-        }
+        crate::storage::writer::queue_outbound(&mut tx, outbound).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -443,15 +437,9 @@ impl Store {
 
     /// Appends items to the durable federation queue, in one transaction (the caller wakes the
     /// sender for their destinations).
-    pub async fn queue_outbound(&self, outbound: &[Outbound]) -> Result<(), StoreError> {
+    pub async fn queue_outbound(&self, outbound: Vec<Outbound>) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for item in outbound {
-            sqlx::query("INSERT INTO fed_outbound (destination, payload) VALUES (?, ?)")
-                .bind(item.destination.as_str())
-                .bind(item.payload.as_ref())
-                .execute(&mut *tx)
-                .await?;
-        }
+        crate::storage::writer::queue_outbound(&mut tx, outbound).await?;
         tx.commit().await?;
         Ok(())
     }
