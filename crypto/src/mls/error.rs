@@ -6,7 +6,7 @@ use super::credential::CredentialError;
 pub use crate::x3dh::ErrorKind;
 use openmls::prelude::{
     CommitBuilderStageError, CreateCommitError, CreateMessageError, CreationFromExternalError, ExportGroupInfoError,
-    KeyPackageNewError, LeaveGroupError, MergeCommitError, MergePendingCommitError, MlsGroupStateError, NewGroupError,
+    KeyPackageNewError, LeaveGroupError, MergeCommitError, ProposeRemoveMemberError, MergePendingCommitError, MlsGroupStateError, NewGroupError,
     ProcessMessageError, PublicProcessMessageError, ValidationError, WelcomeError,
 };
 use std::fmt::Display;
@@ -52,6 +52,14 @@ pub enum MlsError {
     /// A proposal type Parley groups do not use (bad input).
     #[error("unsupported proposal type")]
     UnsupportedProposal,
+    /// A commit leaves out proposals the hub accepted in its epoch: every commit must include
+    /// all of them (the committer missed some: process the group stream and commit again)
+    /// (bad input).
+    #[error("the commit leaves out {missing} proposal(s) accepted in this epoch")]
+    MissingProposals {
+        /// How many accepted proposals the commit does not include.
+        missing: usize,
+    },
     /// The Welcome is for none of this client's KeyPackages (bad input: it was meant for
     /// someone else, or the KeyPackage was already used).
     #[error("the Welcome is for none of this client's KeyPackages")]
@@ -97,6 +105,7 @@ impl MlsError {
             | Self::EpochConflict { .. }
             | Self::UnsupportedSender
             | Self::UnsupportedProposal
+            | Self::MissingProposals { .. }
             | Self::NoMatchingKeyPackage
             | Self::Rejected(_) => ErrorKind::BadInput,
             Self::WrongSigner
@@ -147,6 +156,15 @@ pub(crate) fn leave<E: Display>(error: LeaveGroupError<E>) -> MlsError {
         LeaveGroupError::StorageError(e) => MlsError::storage(e),
         LeaveGroupError::LibraryError(e) => MlsError::internal(e),
         other => MlsError::state(other),
+    }
+}
+
+pub(crate) fn propose_remove<E: Display>(error: ProposeRemoveMemberError<E>) -> MlsError {
+    match error {
+        ProposeRemoveMemberError::GroupStateError(e) => group_state(e),
+        ProposeRemoveMemberError::StorageError(e) => MlsError::storage(e),
+        ProposeRemoveMemberError::LibraryError(e) => MlsError::internal(e),
+        ProposeRemoveMemberError::UnknownMember => MlsError::InvalidRequest("no such member to remove".into()),
     }
 }
 

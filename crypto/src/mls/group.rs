@@ -367,6 +367,54 @@ impl Group {
         message_bytes(&message)
     }
 
+    /// Proposes removing the member at `index` (this member itself, or another device of its
+    /// user when the user leaves): returns the proposal (an MLS `PublicMessage`), which another
+    /// member commits. The proposal is also stored with this member's pending proposals.
+    pub fn propose_remove<S: MlsStorage>(
+        &mut self,
+        client: &MlsClient<S>,
+        identity: &DeviceIdentity,
+        index: LeafIndex,
+    ) -> Result<Vec<u8>, MlsError> {
+        let signer = client.signer(identity)?;
+        if !self.is_active() {
+            return Err(MlsError::Inactive);
+        }
+        if self.inner.member_at(index.to_openmls()).is_none() {
+            return Err(MlsError::InvalidRequest(format!("no member at leaf {index}")));
+        }
+        let (message, _) =
+            self.inner.propose_remove_member(&client.provider, &signer, index.to_openmls()).map_err(error::propose_remove)?;
+        message_bytes(&message)
+    }
+
+    /// Whether proposals are stored, waiting for a commit (openmls sends no application
+    /// message until they are committed).
+    pub fn has_pending_proposals(&self) -> bool {
+        self.inner.pending_proposals().next().is_some()
+    }
+
+    /// The members the stored proposals remove (the next commit removes them).
+    pub fn pending_removals(&self) -> Vec<LeafIndex> {
+        self.inner.pending_proposals().filter_map(removed_by).collect()
+    }
+
+    /// Drops the stored proposals this member made (the hub refused them, so no commit may
+    /// refer to them); other members' proposals stay.
+    pub fn drop_own_proposals<S: MlsStorage>(&mut self, client: &MlsClient<S>) -> Result<(), MlsError> {
+        let own = self.inner.own_leaf_index();
+        let refs: Vec<_> = self
+            .inner
+            .pending_proposals()
+            .filter(|queued| matches!(queued.sender(), Sender::Member(index) if *index == own))
+            .map(|queued| queued.proposal_reference_ref().clone())
+            .collect();
+        for proposal_ref in refs {
+            self.inner.remove_pending_proposal(&client.provider.storage, &proposal_ref).map_err(MlsError::storage)?;
+        }
+        Ok(())
+    }
+
     /// Encrypts an application message (an MLS `PrivateMessage`) for the current epoch. openmls
     /// refuses while proposals are stored and not yet committed ([`MlsError::State`]): commit
     /// them first ([`commit_pending_proposals`](Self::commit_pending_proposals)).
@@ -541,6 +589,15 @@ pub(super) fn commit_changes(
         changes.push(MemberChange::Updated { index: committer.index, leaf: leaf_of(leaf_node)? });
     }
     Ok(changes)
+}
+
+/// The leaf a queued proposal removes, if it is a removal.
+pub(super) fn removed_by(queued: &QueuedProposal) -> Option<LeafIndex> {
+    match (queued.proposal(), queued.sender()) {
+        (Proposal::Remove(remove), _) => Some(LeafIndex::from_openmls(remove.removed())),
+        (Proposal::SelfRemove, Sender::Member(index)) => Some(LeafIndex::from_openmls(*index)),
+        _ => None,
+    }
 }
 
 pub(super) fn leaf_of(leaf_node: &LeafNode) -> Result<MemberLeaf, MlsError> {

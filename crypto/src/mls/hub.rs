@@ -9,14 +9,14 @@
 //! and the content are encrypted, so the hub cannot tell who sent it or check its signature.
 
 use super::error;
-use super::group::{commit_changes, leaf_of};
+use super::group::{commit_changes, leaf_of, removed_by};
 use super::key_package::tls_bytes;
 use super::{LeafIndex, Member, MemberChange, MlsError, MlsStorage, CIPHERSUITE, MAX_PAST_EPOCHS};
 use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    ContentType, GroupId, MlsMessageBodyIn, MlsMessageIn, OpenMlsSignaturePublicKey, ProcessedMessageContent, ProposalStore,
-    ProtocolMessage, PublicGroup, RatchetTreeIn, Sender, StagedCommit, Verifiable as _,
+    ContentType, GroupId, MlsMessageBodyIn, MlsMessageIn, OpenMlsSignaturePublicKey, ProcessedMessageContent, Proposal,
+    ProposalStore, ProtocolMessage, PublicGroup, QueuedProposal, RatchetTreeIn, Sender, StagedCommit, Verifiable as _,
 };
 use openmls_rust_crypto::RustCrypto;
 
@@ -44,6 +44,39 @@ impl AcceptedCommit {
     pub fn epoch(&self) -> u64 {
         self.staged.epoch().as_u64()
     }
+}
+
+/// A proposal the hub verified and its policy allows, not yet stored: [`HubGroup::store_proposal`]
+/// it (the epoch's commit must then include it), or drop it to refuse.
+#[derive(Debug)]
+pub struct AcceptedProposal {
+    queued: Box<QueuedProposal>,
+    proposer: Member,
+    removed: Member,
+}
+
+impl AcceptedProposal {
+    /// Who proposed.
+    pub fn proposer(&self) -> &Member {
+        &self.proposer
+    }
+
+    /// The member the proposal removes (the proposer, or another device of its user).
+    pub fn removed(&self) -> &Member {
+        &self.removed
+    }
+}
+
+/// What an MLS message submitted to the hub is, by its framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MessageKind {
+    /// An application message (must be a `PrivateMessage`).
+    Application,
+    /// A standalone proposal (must be a `PublicMessage`).
+    Proposal,
+    /// A commit (must be a `PublicMessage`).
+    Commit,
 }
 
 /// What the hub can tell of an application message.
@@ -129,6 +162,65 @@ impl<S: MlsStorage> HubGroup<S> {
         tls_bytes(&self.public.export_ratchet_tree())
     }
 
+    /// What `message` is (it must parse and be of this group); not verified.
+    pub fn message_kind(&self, message: &[u8]) -> Result<MessageKind, MlsError> {
+        Ok(match self.protocol_message(message)?.content_type() {
+            ContentType::Application => MessageKind::Application,
+            ContentType::Proposal => MessageKind::Proposal,
+            ContentType::Commit => MessageKind::Commit,
+        })
+    }
+
+    /// How many proposals accepted in this epoch wait for its commit.
+    pub fn pending_proposals(&self) -> usize {
+        self.public.queued_proposals(&self.storage).map_or(0, |queued| queued.len())
+    }
+
+    /// Verifies a standalone proposal (an `MLSMessage` with a `PublicMessage`) against the
+    /// public state and the group's rule for proposals: only removals, of a leaf of the
+    /// proposer's own user (a user leaving, from one of its devices), not already proposed in
+    /// this epoch. Every other change is made by commit. The proposal must be for the current
+    /// epoch ([`MlsError::EpochConflict`] otherwise). Changes nothing until
+    /// [stored](Self::store_proposal).
+    pub fn check_proposal(&self, message: &[u8]) -> Result<AcceptedProposal, MlsError> {
+        let message = self.protocol_message(message)?;
+        let ProtocolMessage::PublicMessage(_) = &message else {
+            return Err(MlsError::rejected("a handshake message must be a PublicMessage"));
+        };
+        if message.content_type() != ContentType::Proposal {
+            return Err(MlsError::rejected("the message is not a proposal"));
+        }
+        if message.epoch() != self.public.group_context().epoch() {
+            return Err(MlsError::EpochConflict { current: self.epoch() });
+        }
+        let processed = self.public.process_message(&self.crypto, message).map_err(error::public_process_message)?;
+        let Sender::Member(sender) = processed.sender() else { return Err(MlsError::UnsupportedSender) };
+        let proposer = self.member(LeafIndex::from_openmls(*sender))?.ok_or(MlsError::UnsupportedSender)?;
+        let ProcessedMessageContent::ProposalMessage(queued) = processed.into_content() else {
+            return Err(MlsError::rejected("the message is not a proposal"));
+        };
+        let removed = match queued.proposal() {
+            Proposal::Remove(remove) => LeafIndex::from_openmls(remove.removed()),
+            Proposal::SelfRemove => proposer.index,
+            _ => return Err(MlsError::rejected("only the removal of one's own devices may be proposed; other changes are committed")),
+        };
+        let removed = self.member(removed)?.ok_or_else(|| MlsError::rejected(format!("no member at leaf {removed} to remove")))?;
+        if removed.leaf.user() != proposer.leaf.user() {
+            return Err(MlsError::rejected("a member may propose removing only its own user's devices"));
+        }
+        let queued_proposals = self.public.queued_proposals(&self.storage).map_err(MlsError::storage)?;
+        if queued_proposals.iter().any(|(_, other)| removed_by(other) == Some(removed.index)) {
+            return Err(MlsError::rejected(format!("the removal of leaf {} is proposed already", removed.index)));
+        }
+        Ok(AcceptedProposal { queued, proposer, removed })
+    }
+
+    /// Stores a proposal returned by [`check_proposal`](Self::check_proposal): the epoch's
+    /// commit must include it.
+    pub fn store_proposal(&mut self, proposal: AcceptedProposal) -> Result<(), MlsError> {
+        self.public.add_proposal(&self.storage, *proposal.queued).map_err(MlsError::storage)
+    }
+
     /// Verifies a commit (an `MLSMessage` with a `PublicMessage`) and the GroupInfo of the
     /// epoch it creates: the commit must be for the current epoch ([`MlsError::EpochConflict`]
     /// names it otherwise), from a member, and valid against the public state; the GroupInfo
@@ -153,6 +245,14 @@ impl<S: MlsStorage> HubGroup<S> {
             return Err(MlsError::rejected("the message is not a commit"));
         };
         self.check_group_info(group_info, &staged, &committer)?;
+        let queued = self.public.queued_proposals(&self.storage).map_err(MlsError::storage)?;
+        let missing = queued
+            .iter()
+            .filter(|(proposal_ref, _)| !staged.queued_proposals().any(|p| p.proposal_reference_ref() == proposal_ref))
+            .count();
+        if missing > 0 {
+            return Err(MlsError::MissingProposals { missing });
+        }
         let changes = commit_changes(&staged, &committer, |index| self.member(index))?;
         Ok(AcceptedCommit { staged, committer, changes })
     }

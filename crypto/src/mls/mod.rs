@@ -41,7 +41,7 @@ mod tests;
 pub use credential::{CredentialError, LeafMismatch, MemberLeaf};
 pub use error::{ErrorKind, MlsError};
 pub use group::{CommitBundle, Group, Incoming, IncomingCommit, IncomingProposal, MemberChange, PendingJoin};
-pub use hub::{AcceptedCommit, ApplicationInfo, HubGroup};
+pub use hub::{AcceptedCommit, AcceptedProposal, ApplicationInfo, HubGroup, MessageKind};
 pub use key_package::{KeyPackage, Lifetime, MAX_KEY_PACKAGE_LIFETIME_SECS};
 /// openmls' in-memory storage provider (for tests and short-lived clients).
 pub use openmls_rust_crypto::MemoryStorage;

@@ -596,3 +596,85 @@ fn the_hub_gives_typed_errors_for_garbage() {
     let error = HubGroup::from_group_info(&update.group_info, &other_tree, MemoryStorage::default()).unwrap_err();
     assert_eq!(error.kind(), ErrorKind::BadInput, "{error:?}");
 }
+
+#[test]
+fn the_hub_takes_a_users_leave_as_proposals_and_the_epochs_commit_must_include_them() {
+    let alice = Device::new("@alice:a.example", "ALICE1", 1);
+    let bob1 = Device::new("@bob:b.example", "BOB1", 2);
+    let bob2 = Device::new("@bob:b.example", "BOB2", 4);
+    let carol = Device::new("@carol:c.example", "CAROL1", 3);
+    let mut a = alice.client.create_group(&alice.identity, GROUP).unwrap();
+    let group_info = a.group_info(&alice.client, &alice.identity).unwrap();
+    let mut hub = HubGroup::from_group_info(&group_info, &a.ratchet_tree().unwrap(), MemoryStorage::default()).unwrap();
+    let add = a
+        .add_members(&alice.client, &alice.identity, &[bob1.key_package(), bob2.key_package(), carol.key_package()])
+        .unwrap();
+    hub_accepts(&mut hub, &add);
+    a.merge_pending_commit(&alice.client).unwrap();
+    let welcome = add.welcome.unwrap();
+    let (mut b1, mut b2, mut c) = (
+        bob1.join(&welcome, &hub.ratchet_tree().unwrap()),
+        bob2.join(&welcome, &hub.ratchet_tree().unwrap()),
+        carol.join(&welcome, &hub.ratchet_tree().unwrap()),
+    );
+    let (b1_index, b2_index) = (b1.own_index(), b2.own_index());
+
+    // Carol may not propose removing Bob; Alice may not propose an add.
+    let foreign = c.propose_remove(&carol.client, &carol.identity, b1_index).unwrap();
+    assert_eq!(hub.message_kind(&foreign).unwrap(), MessageKind::Proposal);
+    assert!(matches!(hub.check_proposal(&foreign).unwrap_err(), MlsError::Rejected(_)));
+    c.drop_own_proposals(&carol.client).unwrap();
+    assert!(!c.has_pending_proposals());
+
+    // Bob leaves from his first device: both his leaves, each by a proposal.
+    let mut proposals = Vec::new();
+    for index in [b2_index, b1_index] {
+        let proposal = b1.propose_remove(&bob1.client, &bob1.identity, index).unwrap();
+        let accepted = hub.check_proposal(&proposal).unwrap();
+        assert_eq!((accepted.proposer().index, accepted.removed().index), (b1_index, index));
+        hub.store_proposal(accepted).unwrap();
+        proposals.push(proposal);
+    }
+    assert_eq!(hub.pending_proposals(), 2);
+    assert_eq!(b1.pending_removals(), [b2_index, b1_index]);
+    // The same removal twice would make every commit of the epoch invalid: refused.
+    let again = b2.propose_remove(&bob2.client, &bob2.identity, b2_index).unwrap();
+    assert!(matches!(hub.check_proposal(&again).unwrap_err(), MlsError::Rejected(_)));
+    b2.drop_own_proposals(&bob2.client).unwrap();
+    // Proposals are part of the hub's stored state.
+    let copy = HubGroup::from_state_bytes(&hub.state_bytes(), GROUP).unwrap().unwrap();
+    assert_eq!(copy.pending_proposals(), 2);
+
+    // A commit that leaves them out is refused; one that includes them is taken.
+    let blind = a.self_update(&alice.client, &alice.identity).unwrap();
+    assert_eq!(hub.check_commit(&blind.commit, &blind.group_info).unwrap_err(), MlsError::MissingProposals { missing: 2 });
+    a.clear_pending_commit(&alice.client).unwrap();
+    for proposal in &proposals {
+        let Incoming::Proposal(incoming) = a.process(&alice.client, proposal).unwrap() else { panic!("expected a proposal") };
+        a.store_proposal(&alice.client, incoming).unwrap();
+        let Incoming::Proposal(incoming) = c.process(&carol.client, proposal).unwrap() else { panic!("expected a proposal") };
+        c.store_proposal(&carol.client, incoming).unwrap();
+        let Incoming::Proposal(incoming) = b2.process(&bob2.client, proposal).unwrap() else { panic!("expected a proposal") };
+        b2.store_proposal(&bob2.client, incoming).unwrap();
+    }
+    assert!(a.has_pending_proposals());
+    let commit = a.commit_pending_proposals(&alice.client, &alice.identity).unwrap();
+    let changes = hub_accepts(&mut hub, &commit);
+    assert!(changes.contains(&MemberChange::Removed { index: b1_index, leaf: bob1.client.own_leaf().clone() }));
+    assert!(changes.contains(&MemberChange::Removed { index: b2_index, leaf: bob2.client.own_leaf().clone() }));
+    assert_eq!(hub.pending_proposals(), 0);
+    a.merge_pending_commit(&alice.client).unwrap();
+    carol.apply(&mut c, &commit.commit, &[&alice.list, &bob1.list, &bob2.list, &carol.list]);
+    for (device, group) in [(&bob1, &mut b1), (&bob2, &mut b2)] {
+        let Incoming::Commit(incoming) = group.process(&device.client, &commit.commit).unwrap() else { panic!("a commit") };
+        assert!(incoming.removes_me());
+    }
+    assert_eq!(hub.members().unwrap(), a.members().unwrap());
+    assert_eq!(hub.members().unwrap().len(), 2);
+
+    // A proposal of an epoch gone by.
+    let stale = c.propose_remove(&carol.client, &carol.identity, c.own_index()).unwrap();
+    let update = a.self_update(&alice.client, &alice.identity).unwrap();
+    hub_accepts(&mut hub, &update);
+    assert_eq!(hub.check_proposal(&stale).unwrap_err(), MlsError::EpochConflict { current: 3 });
+}
