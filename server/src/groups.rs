@@ -24,7 +24,7 @@ use crate::federation::sender::outbound;
 use crate::hub::GroupPush;
 use crate::storage::{DevicePk, GroupMessageRow, HubUpdate, StoreError};
 use bytes::Bytes;
-use parley_crypto::mls::{ErrorKind, HubGroup, MemoryStorage, MlsError};
+use parley_crypto::mls::{ErrorKind, HubGroup, MemoryStorage, MessageKind, MlsError};
 use parley_federation::transport::FederationError;
 use parley_spec::error::DeviceRef;
 use parley_spec::federation::v1::groups::{GroupMessageItem, GroupSubmission, SubmitGroupMessage};
@@ -137,6 +137,7 @@ pub async fn flush_acks(
 fn mls_refusal(error: MlsError) -> Error {
     match error {
         MlsError::EpochConflict { current } => Error::EpochConflict { current },
+        error @ MlsError::MissingProposals { .. } => Error::new(ErrorCode::MissingProposals, error.to_string()),
         other if other.kind() == ErrorKind::BadInput => Error::new(ErrorCode::BadMlsMessage, other.to_string()),
         other => Error::internal(other),
     }
@@ -240,11 +241,11 @@ pub async fn hub_submit(
     if !entry.members.contains(&me) {
         return Err(Error::new(ErrorCode::NotAMember, format!("{sender} device {sender_device} is not a member of {group_id}")));
     }
-    let epoch_before = entry.group.epoch();
+    let before = (entry.group.epoch(), entry.group.pending_proposals());
     let accepted = match accept(state, entry, &me, group_id, request) {
         Ok(accepted) => accepted,
         Err(error) => {
-            if entry.group.epoch() != epoch_before {
+            if (entry.group.epoch(), entry.group.pending_proposals()) != before {
                 // Merged in memory but failed after: reload from the database next time.
                 *guard = None;
             }
@@ -337,6 +338,10 @@ fn accept(
         if request.welcome.is_some() {
             return Err(Error::new(ErrorCode::BadRequest, "a Welcome comes only with a commit (and its group_info)"));
         }
+        let kind = entry.group.message_kind(&request.message.0).map_err(mls_refusal)?;
+        if kind == MessageKind::Proposal {
+            return accept_proposal(entry, me, group_id, request.message.0);
+        }
         let info = entry.group.check_application(&request.message.0).map_err(mls_refusal)?;
         // Only the current epoch: every member at the message's position can then read it (a
         // device that joined in a later epoch could not). The sender catches up and re-encrypts.
@@ -403,6 +408,27 @@ fn accept(
         added,
         removed,
         welcome,
+        state: Some(entry.group.state_bytes()),
+    })
+}
+
+/// Checks a standalone proposal (a member asking to remove its own user's devices: leaving)
+/// and stores it in `entry`'s public state; the epoch's commit must include it.
+fn accept_proposal(entry: &mut HubEntry, me: &DeviceRef, group_id: &GroupId, message: Vec<u8>) -> Result<Accepted> {
+    let proposal = entry.group.check_proposal(&message).map_err(mls_refusal)?;
+    if device_ref(&proposal.proposer().leaf) != *me {
+        return Err(Error::new(ErrorCode::BadMlsMessage, "the proposal is signed by another member's leaf"));
+    }
+    let removed = device_ref(&proposal.removed().leaf);
+    entry.group.store_proposal(proposal).map_err(Error::internal)?;
+    tracing::debug!(group = %group_id, epoch = entry.group.epoch(), %removed.user, %removed.device, "leave proposal accepted");
+    Ok(Accepted {
+        kind: GroupEventKind::Proposal,
+        epoch: entry.group.epoch(),
+        message,
+        added: Vec::new(),
+        removed: Vec::new(),
+        welcome: None,
         state: Some(entry.group.state_bytes()),
     })
 }

@@ -93,6 +93,9 @@ pub enum ErrorCode {
     BadMlsMessage,
     /// Groups: group fan-out from a server that is not the group's hub.
     NotTheHub,
+    /// Groups: a commit leaves out proposals the hub accepted in this epoch (a member's request
+    /// to leave). Read the group stream, then commit again: the new commit includes them.
+    MissingProposals,
 }
 
 impl ErrorCode {
@@ -138,6 +141,7 @@ impl ErrorCode {
             Self::GroupFull => "group_full",
             Self::BadMlsMessage => "bad_mls_message",
             Self::NotTheHub => "not_the_hub",
+            Self::MissingProposals => "missing_proposals",
         }
     }
 
@@ -160,7 +164,7 @@ impl ErrorCode {
             Self::ServerDenied => 403,
             Self::RemoteUnavailable => 502,
             Self::BadKeypackage | Self::BadMlsMessage => 400,
-            Self::EpochConflict | Self::GroupExists => 409,
+            Self::EpochConflict | Self::GroupExists | Self::MissingProposals => 409,
             Self::NotAMember | Self::GroupFull | Self::NotTheHub => 403,
             Self::UnknownGroup => 404,
         }

@@ -131,6 +131,32 @@ impl Member {
         self.commit(group_id, bundle).await
     }
 
+    /// Proposes removing `devices` (one proposal each); the hub's answer to each.
+    async fn propose_remove(
+        &mut self,
+        group_id: &GroupId,
+        devices: &[DeviceRef],
+    ) -> anyhow::Result<Vec<Result<GroupSentResponse, ErrorBody>>> {
+        let mut answers = Vec::new();
+        for device in devices {
+            let group = self.group.as_mut().context("not in a group")?;
+            let index = group
+                .members()?
+                .into_iter()
+                .find(|m| &device.user == m.leaf.user() && &device.device == m.leaf.device())
+                .context("not a member")?
+                .index;
+            let proposal = group.propose_remove(&self.client, &self.identity, index)?;
+            let answer = self.submit(group_id, &GroupSendRequest::application(Uuid::new_v4(), proposal)).await?;
+            if answer.is_err() {
+                let client = &self.client;
+                self.group.as_mut().context("not in a group")?.drop_own_proposals(client)?;
+            }
+            answers.push(answer);
+        }
+        Ok(answers)
+    }
+
     async fn self_update(&mut self, group_id: &GroupId) -> anyhow::Result<Result<GroupSentResponse, ErrorBody>> {
         let (client, identity) = (&self.client, &self.identity);
         let bundle = self.group.as_mut().context("not in a group")?.self_update(client, identity)?;
@@ -191,6 +217,8 @@ impl Member {
                 let join = self.client.join(&event.message.0, &tree.0)?;
                 self.group = Some(join.accept(&self.client)?);
             }
+            // Own proposals are stored already.
+            GroupEventKind::Proposal if event.sender_device == self.session.device_id => {}
             GroupEventKind::Commit
                 if self.pending == Some(event.client_msg_id) && event.sender_device == self.session.device_id =>
             {
@@ -212,6 +240,7 @@ impl Member {
                         self.texts.push((event.group_seq, String::from_utf8(plaintext)?));
                     }
                     Incoming::Commit(commit) => group.merge_commit(client, commit)?,
+                    Incoming::Proposal(proposal) => group.store_proposal(client, proposal)?,
                     Incoming::OwnMessage => {}
                     other => anyhow::bail!("unexpected {other:?}"),
                 }
@@ -363,6 +392,58 @@ async fn a_group_across_three_servers_agrees_on_order_adds_removes_and_resolves_
         raw::get(&c_url, &format!("/v1/groups/{}/events", urlencoding(group_id.as_str())), Some(carol.session.access_token()))
             .await?;
     assert!(status == 200 || status == 403);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_user_leaves_by_proposals_that_the_next_commit_of_the_epoch_must_include() -> anyhow::Result<()> {
+    let mut net =
+        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
+    let (a_url, b_url, c_url) =
+        (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone(), net.server("c.test").base_url.clone());
+    let mut alice = Member::register(&a_url, "alice").await?;
+    let mut bob = Member::register(&b_url, "bob").await?;
+    let mut bob2 = Member::new(&b_url, crate::support::login(&b_url, "bob").await?).await?;
+    let mut carol = Member::register(&c_url, "carol").await?;
+    let group_id = GroupId::parse("!leaving:a.test")?;
+    alice.create(&group_id).await?;
+    ok(alice.add(&group_id, &[bob.device(), bob2.device(), carol.device()]).await)?;
+    alice.until(|m| m.pending.is_none()).await?;
+    for member in [&mut bob, &mut bob2, &mut carol] {
+        member.until(|m| m.group.is_some()).await?;
+    }
+
+    // Carol may not propose Bob's removal: only a user's own devices.
+    let answers = carol.propose_remove(&group_id, &[bob.device()]).await?;
+    assert_eq!(answers[0].as_ref().unwrap_err().code, ErrorCode::BadMlsMessage);
+
+    // Bob leaves from his first device: a proposal for each of his two leaves.
+    let answers = bob.propose_remove(&group_id, &[bob2.device(), bob.device()]).await?;
+    let proposed = answers.into_iter().map(|a| a.map_err(|e| anyhow::anyhow!("{e:?}"))).collect::<anyhow::Result<Vec<_>>>()?;
+    let last_proposal = proposed[1].group_seq;
+    // The same removal twice is refused (it would make every commit of the epoch invalid).
+    bob2.until(|m| m.seen >= last_proposal).await?;
+    let again = bob2.propose_remove(&group_id, &[bob2.device()]).await?;
+    assert_eq!(again[0].as_ref().unwrap_err().code, ErrorCode::BadMlsMessage);
+
+    // Alice has not read the proposals: her commit leaves them out and is refused.
+    let blind = alice.self_update(&group_id).await?.unwrap_err();
+    assert_eq!(blind.code, ErrorCode::MissingProposals);
+    // Once read, her commit includes them and removes both of Bob's devices.
+    alice.until(|m| m.seen >= last_proposal).await?;
+    ok(alice.self_update(&group_id).await)?;
+    alice.until(|m| m.pending.is_none()).await?;
+    assert_eq!(alice.group.as_ref().context("group")?.members()?.len(), 2);
+    for member in [&mut bob, &mut bob2] {
+        member.until(|m| m.group.as_ref().is_some_and(|g| !g.is_active())).await?;
+    }
+    carol.until(|m| m.epoch() == alice.epoch()).await?;
+    let after = ok(carol.send(&group_id, "after bob left").await)?;
+    alice.until(|m| m.seen >= after.group_seq).await?;
+    assert_eq!(alice.texts(), vec!["after bob left".to_owned()]);
+    // Bob's streams ended at the commit; his devices are no longer members.
+    let refused = bob.submit(&group_id, &GroupSendRequest::application(Uuid::new_v4(), b"x".to_vec())).await?;
+    assert_eq!(refused.unwrap_err().code, ErrorCode::NotAMember);
     Ok(())
 }
 

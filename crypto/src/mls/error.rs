@@ -6,8 +6,8 @@ use super::credential::CredentialError;
 pub use crate::x3dh::ErrorKind;
 use openmls::prelude::{
     CommitBuilderStageError, CreateCommitError, CreateMessageError, CreationFromExternalError, ExportGroupInfoError,
-    KeyPackageNewError, LeaveGroupError, MergeCommitError, ProposeRemoveMemberError, MergePendingCommitError, MlsGroupStateError, NewGroupError,
-    ProcessMessageError, PublicProcessMessageError, ValidationError, WelcomeError,
+    KeyPackageNewError, LeaveGroupError, MergeCommitError, MergePendingCommitError, MlsGroupStateError, NewGroupError,
+    ProcessMessageError, ProposeRemoveMemberError, PublicProcessMessageError, ValidationError, WelcomeError,
 };
 use std::fmt::Display;
 

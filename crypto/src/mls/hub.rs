@@ -202,9 +202,14 @@ impl<S: MlsStorage> HubGroup<S> {
         let removed = match queued.proposal() {
             Proposal::Remove(remove) => LeafIndex::from_openmls(remove.removed()),
             Proposal::SelfRemove => proposer.index,
-            _ => return Err(MlsError::rejected("only the removal of one's own devices may be proposed; other changes are committed")),
+            _ => {
+                return Err(MlsError::rejected(
+                    "only the removal of one's own devices may be proposed; other changes are committed",
+                ))
+            }
         };
-        let removed = self.member(removed)?.ok_or_else(|| MlsError::rejected(format!("no member at leaf {removed} to remove")))?;
+        let removed =
+            self.member(removed)?.ok_or_else(|| MlsError::rejected(format!("no member at leaf {removed} to remove")))?;
         if removed.leaf.user() != proposer.leaf.user() {
             return Err(MlsError::rejected("a member may propose removing only its own user's devices"));
         }

@@ -606,9 +606,8 @@ fn the_hub_takes_a_users_leave_as_proposals_and_the_epochs_commit_must_include_t
     let mut a = alice.client.create_group(&alice.identity, GROUP).unwrap();
     let group_info = a.group_info(&alice.client, &alice.identity).unwrap();
     let mut hub = HubGroup::from_group_info(&group_info, &a.ratchet_tree().unwrap(), MemoryStorage::default()).unwrap();
-    let add = a
-        .add_members(&alice.client, &alice.identity, &[bob1.key_package(), bob2.key_package(), carol.key_package()])
-        .unwrap();
+    let add =
+        a.add_members(&alice.client, &alice.identity, &[bob1.key_package(), bob2.key_package(), carol.key_package()]).unwrap();
     hub_accepts(&mut hub, &add);
     a.merge_pending_commit(&alice.client).unwrap();
     let welcome = add.welcome.unwrap();

@@ -125,6 +125,9 @@ pub enum GroupEventKind {
     Application,
     /// An MLS commit (a `PublicMessage`): every member processes it, in order.
     Commit,
+    /// An MLS proposal (a `PublicMessage`): a member asks to remove its own user's devices (it
+    /// leaves). Every member stores it; the commit that ends the epoch must include it.
+    Proposal,
     /// For a device that a commit added: the commit's Welcome (in `message`) and the ratchet
     /// tree of the new epoch (in `ratchet_tree`), at the commit's position. The device's
     /// stream starts here.
@@ -137,6 +140,7 @@ impl GroupEventKind {
         match self {
             Self::Application => "application",
             Self::Commit => "commit",
+            Self::Proposal => "proposal",
             Self::Welcome => "welcome",
         }
     }
@@ -146,6 +150,7 @@ impl GroupEventKind {
         Some(match s {
             "application" => Self::Application,
             "commit" => Self::Commit,
+            "proposal" => Self::Proposal,
             "welcome" => Self::Welcome,
             _ => return None,
         })
@@ -417,7 +422,7 @@ mod tests {
         assert_eq!(json["kind"], "application");
         assert_eq!(json["group_seq"], 42);
         assert!(json.get("ratchet_tree").is_none());
-        for kind in [GroupEventKind::Application, GroupEventKind::Commit, GroupEventKind::Welcome] {
+        for kind in [GroupEventKind::Application, GroupEventKind::Commit, GroupEventKind::Proposal, GroupEventKind::Welcome] {
             assert_eq!(GroupEventKind::parse(kind.as_str()), Some(kind));
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
         }
