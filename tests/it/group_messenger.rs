@@ -117,3 +117,55 @@ async fn sdk_groups_across_three_servers_agree_recover_from_concurrent_commits_a
     assert_eq!(dave.history(&group).await?, [("@bob:b.test".to_owned(), "back after a restart".to_owned())]);
     Ok(())
 }
+
+#[tokio::test]
+async fn sdk_a_user_leaves_with_both_devices_and_another_member_commits_it_by_itself() -> anyhow::Result<()> {
+    let mut net =
+        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
+    let (a, b, c) =
+        (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone(), net.server("c.test").base_url.clone());
+    let dir = tempfile::tempdir()?;
+    let (mut alice, _) = register(&a, dir.path(), "alice").await?;
+    let (mut bob, bob_recovery) = register(&b, dir.path(), "bob").await?;
+    let (messenger, events) = Messenger::add_device(&b, &dir.path().join("bob-2.db"), "bob", PASSWORD, &bob_recovery).await?;
+    let mut bob2 = Account { messenger, events };
+    let (mut carol, _) = register(&c, dir.path(), "carol").await?;
+    let (group, report) = alice.messenger.create_group("Team", &[bob.user(), carol.user()]).await?;
+    assert_eq!(report.added.len(), 3, "{report:?}");
+    for member in [&mut bob, &mut bob2, &mut carol] {
+        assert_eq!(member.joined().await?, group);
+    }
+
+    // Bob leaves from his second device. Nobody is asked to do anything: Alice's SDK (the
+    // remaining member with the lowest leaf) commits the proposals when it reads them.
+    bob2.messenger.leave(&group).await?;
+    for member in [&mut bob, &mut bob2] {
+        next(&mut member.events, |e| matches!(e, MessengerEvent::GroupRemoved { group_id } if group_id == group).then_some(()))
+            .await?;
+    }
+    for member in [&mut alice, &mut carol] {
+        let removed = next(&mut member.events, |e| match e {
+            MessengerEvent::GroupMembersChanged { group_id, removed, .. } if group_id == group && !removed.is_empty() => {
+                Some(removed)
+            }
+            _ => None,
+        })
+        .await?;
+        assert_eq!(removed, [bob.user()]);
+    }
+    let members: Vec<String> = carol.messenger.group_members(&group).await?.into_iter().map(|(u, _)| u.to_string()).collect();
+    assert_eq!(members, ["@alice:a.test", "@carol:c.test"]);
+    for member in [&bob, &bob2] {
+        let record = member.messenger.group(&group).await?.expect("the group stays in the list");
+        assert_eq!(record.state, parley_sdk::messenger::GroupState::Removed);
+        assert!(member.messenger.send_group_text(&group, "still here?").await.is_err());
+    }
+
+    // The others go on; Bob's devices read nothing more.
+    carol.messenger.send_group_text(&group, "after bob left").await?;
+    assert_eq!(alice.texts(1).await?, [("@carol:c.test".to_owned(), "after bob left".to_owned())]);
+    for member in [&bob, &bob2] {
+        assert!(member.history(&group).await?.iter().all(|(_, body)| body != "after bob left"));
+    }
+    Ok(())
+}

@@ -166,7 +166,7 @@ enum GroupCommand {
         #[arg(required = true)]
         users: Vec<String>,
     },
-    /// Leave a group (not supported yet: another member must remove you).
+    /// Leave a group with all your devices (another member commits your removal).
     Leave {
         /// The group id (!id:server).
         group: String,

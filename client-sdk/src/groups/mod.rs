@@ -27,6 +27,7 @@
 //! Group metadata (the name) travels as an encrypted [`Content::GroupMeta`] message; no server
 //! table holds it.
 
+mod leave;
 mod memory;
 mod store;
 #[cfg(test)]
@@ -82,6 +83,10 @@ pub enum GroupProblem {
     /// A commit could not be processed: the group cannot move on for this device.
     #[error("a commit could not be processed: {0}")]
     BadCommit(String),
+    /// A proposal could not be processed or breaks the group's rule (only the removal of the
+    /// proposer's own devices): the group cannot move on for this device.
+    #[error("a proposal could not be processed: {0}")]
+    BadProposal(String),
     /// The decrypted message is of a kind this version does not know (it is skipped).
     #[error("a group message of an unknown kind")]
     UnknownContent,
@@ -250,6 +255,8 @@ pub struct GroupMachine<S> {
     device_id: DeviceId,
     staged: Option<Staged>,
     events: VecDeque<MessengerEvent>,
+    /// Groups where this device should commit the stored proposals.
+    commits_wanted: BTreeSet<GroupId>,
 }
 
 impl<S> std::fmt::Debug for GroupMachine<S> {
@@ -265,7 +272,16 @@ impl<S: GroupStore> GroupMachine<S> {
         let state = store.mls_state().await?;
         let device = copy_identity(device);
         let client = MlsClient::with_state(state, user_id.clone(), device_id.clone(), &device);
-        Ok(Self { store, client, device, user_id, device_id, staged: None, events: VecDeque::new() })
+        Ok(Self {
+            store,
+            client,
+            device,
+            user_id,
+            device_id,
+            staged: None,
+            events: VecDeque::new(),
+            commits_wanted: BTreeSet::new(),
+        })
     }
 
     /// The store.
@@ -421,15 +437,23 @@ impl<S: GroupStore> GroupMachine<S> {
     /// A commit removing every device of `users` that is a member; `None` when none is.
     pub async fn commit_remove(&mut self, group_id: &GroupId, users: &[UserId]) -> Result<Option<GroupSendRequest>, GroupError> {
         if users.contains(&self.user_id) {
-            return Err(GroupError::NotSupported("removing your own user (leaving a group)"));
+            return Err(GroupError::InvalidRequest("to remove your own user, leave the group".into()));
         }
         let record = self.committable(group_id).await?;
         let mut group = self.load(group_id)?;
-        let indices: Vec<_> = group.members()?.into_iter().filter(|m| users.contains(m.leaf.user())).map(|m| m.index).collect();
-        if indices.is_empty() {
-            return Ok(None);
-        }
-        let bundle = group.remove_members(&self.client, &self.device, &indices)?;
+        // A leaf whose removal is proposed already goes with the proposal (twice is invalid).
+        let proposed = group.pending_removals();
+        let indices: Vec<_> = group
+            .members()?
+            .into_iter()
+            .filter(|m| users.contains(m.leaf.user()) && !proposed.contains(&m.index))
+            .map(|m| m.index)
+            .collect();
+        let bundle = match (indices.is_empty(), group.has_pending_proposals()) {
+            (true, false) => return Ok(None),
+            (true, true) => group.commit_pending_proposals(&self.client, &self.device)?,
+            (false, _) => group.remove_members(&self.client, &self.device, &indices)?,
+        };
         let request = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
         self.keep_pending(record, &request).await?;
         Ok(Some(request))
@@ -458,7 +482,7 @@ impl<S: GroupStore> GroupMachine<S> {
         let record = self.store.group(group_id).await?;
         if event.kind == GroupEventKind::Welcome {
             return match record {
-                Some(record) if record.state == GroupState::Active => {
+                Some(record) if matches!(record.state, GroupState::Active | GroupState::Leaving) => {
                     // Already a member (a repeat).
                     Ok(if event.group_seq <= record.cursor { Received::Ack(record.cursor) } else { Received::Ignored })
                 }
@@ -472,7 +496,7 @@ impl<S: GroupStore> GroupMachine<S> {
         if event.group_seq <= record.cursor {
             return Ok(Received::Ack(record.cursor));
         }
-        if record.state != GroupState::Active {
+        if !matches!(record.state, GroupState::Active | GroupState::Leaving) {
             return Ok(Received::Ignored);
         }
         if event.group_seq != record.cursor.next() {
@@ -482,6 +506,7 @@ impl<S: GroupStore> GroupMachine<S> {
         match event.kind {
             GroupEventKind::Application => self.application(event, record, mine).await,
             GroupEventKind::Commit => self.commit(event, record, mine, lists).await,
+            GroupEventKind::Proposal => self.proposal(event, record, mine).await,
             // Handled above; an unknown future kind is skipped.
             _ => {
                 let mut record = record;

@@ -16,6 +16,9 @@ use uuid::Uuid;
 pub enum GroupState {
     /// A member: messages are sent and received.
     Active,
+    /// The removal of this device is proposed (its user leaves): it reads on, but sends and
+    /// commits nothing, until the commit that removes it.
+    Leaving,
     /// A commit removed this device: the history stays readable, nothing more arrives.
     Removed,
     /// A commit was refused (it brought in a member no signed device list vouches for): the
@@ -28,6 +31,7 @@ impl GroupState {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Active => "active",
+            Self::Leaving => "leaving",
             Self::Removed => "removed",
             Self::Stuck => "stuck",
         }
@@ -37,6 +41,7 @@ impl GroupState {
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "active" => Self::Active,
+            "leaving" => Self::Leaving,
             "removed" => Self::Removed,
             "stuck" => Self::Stuck,
             _ => return None,

@@ -101,6 +101,8 @@ enum Application<'a> {
 enum Change {
     Add(Vec<KeyPackage>),
     Remove(Vec<UserId>),
+    /// The stored proposals alone (members leaving).
+    Pending,
 }
 
 impl Messenger {
@@ -189,12 +191,32 @@ impl Messenger {
         self.commit(group_id, &Change::Remove(users.to_vec())).await
     }
 
-    /// Leaving a group: not supported yet. MLS does not let a member commit its own removal; it
-    /// proposes it and another member commits the proposal, and the group stream carries no
-    /// proposals yet. Always [`GroupError::NotSupported`].
+    /// Leaves a group with all of this user's devices: proposes the removal of each of their
+    /// leaves (one proposal at a time, again from the new epoch after an `epoch_conflict`),
+    /// after which the group is [`GroupState::Leaving`] on this device. Another member commits
+    /// the proposals; every device of the user then gets [`MessengerEvent::GroupRemoved`].
+    /// Returns once every proposal is accepted by the hub. Calling it again while leaving
+    /// proposes what an epoch change dropped.
     pub async fn leave(&self, group_id: &GroupId) -> Result<(), MessengerError> {
-        self.group_machine().await.group(group_id).await?.ok_or_else(|| GroupError::UnknownGroup(group_id.clone()))?;
-        Err(GroupError::NotSupported("leaving a group (MLS needs a remove proposal that another member commits)").into())
+        let mut attempts = 0;
+        loop {
+            let Some(request) = self.group_machine().await.propose_leave(group_id).await? else { return Ok(()) };
+            match self.api().group_send(group_id, &request).await {
+                Ok(_) => {}
+                Err(error) if attempts < MAX_COMMIT_ATTEMPTS && error.server_code().is_some() && !error.is_transient() => {
+                    // Another commit won the epoch (catch up: its proposals are gone), or another
+                    // device of this user proposed the same removal (read it).
+                    attempts += 1;
+                    let current = error.body().and_then(|b| b.current_epoch);
+                    tracing::debug!(group = %group_id, %error, "leave proposal refused; catching up");
+                    match current {
+                        Some(_) => self.catch_up(group_id, current).await?,
+                        None => self.resync(group_id).await?,
+                    }
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
 
     /// Sends a text to a group; returns its id and position once the hub stored it. It is in
@@ -243,6 +265,11 @@ impl Messenger {
         what: Application<'_>,
     ) -> Result<Option<GroupSentResponse>, MessengerError> {
         for _ in 0..MAX_SEND_ATTEMPTS {
+            // Members are leaving: their removal is committed before anything is sent (openmls
+            // sends nothing while proposals are stored).
+            if self.group_machine().await.has_pending_proposals(group_id).await? {
+                self.commit(group_id, &Change::Pending).await?;
+            }
             let request = {
                 let mut machine = self.group_machine().await;
                 match what {
@@ -278,6 +305,7 @@ impl Messenger {
                 match change {
                     Change::Add(key_packages) => machine.commit_add(group_id, key_packages).await?,
                     Change::Remove(users) => machine.commit_remove(group_id, users).await?,
+                    Change::Pending => machine.commit_pending(group_id).await?,
                 }
             };
             let Some(request) = request else { return Ok(false) };
@@ -306,6 +334,13 @@ impl Messenger {
                 let current = error.body().and_then(|b| b.current_epoch);
                 self.group_machine().await.commit_refused(group_id).await?;
                 self.catch_up(group_id, current).await?;
+                Ok(false)
+            }
+            // The commit left out proposals of its epoch this device had not read yet: read
+            // them (they are stored) and build the commit again.
+            Err(error) if error.server_code() == Some(ErrorCode::MissingProposals) => {
+                self.group_machine().await.commit_refused(group_id).await?;
+                self.resync(group_id).await?;
                 Ok(false)
             }
             Err(error) => {
@@ -370,8 +405,12 @@ impl Messenger {
 
     /// A group event from the WebSocket.
     pub(super) async fn receive_group_event(&self, event: GroupEvent) -> Result<(), MessengerError> {
-        let _serial = self.inner.group_serial.lock().await;
-        self.handle_group_event(&event, true).await
+        let handled = {
+            let _serial = self.inner.group_serial.lock().await;
+            self.handle_group_event(&event, true).await
+        };
+        self.commit_wanted_proposals().await;
+        handled
     }
 
     /// Handles one group event (the caller holds `group_serial`): gets the device lists it
@@ -424,6 +463,20 @@ impl Messenger {
         }
         Err(GroupError::InvalidRequest(format!("group event {} of {} needs more than it got", event.group_seq, event.group_id))
             .into())
+    }
+
+    /// Commits, in the background, the stored proposals of the groups where this device is the
+    /// one to do it (a member is leaving). A failure is logged: the next sender or committer
+    /// includes the proposals anyway.
+    async fn commit_wanted_proposals(&self) {
+        for group_id in self.group_machine().await.take_commits_wanted() {
+            let messenger = self.clone();
+            tokio::spawn(async move {
+                if let Err(error) = messenger.commit(&group_id, &Change::Pending).await {
+                    tracing::warn!(group = %group_id, %error, "proposals not committed");
+                }
+            });
+        }
     }
 
     /// Uploads the first KeyPackages of this device, and a new last-resort one when the current

@@ -748,7 +748,9 @@ pub async fn group_leave(ctx: &Ctx, group: &str) -> anyhow::Result<()> {
     let result = device.messenger.leave(&group_id).await.with_context(|| format!("cannot leave {group_id}"));
     device.close(ctx.timeout, |e| watcher.handle(e)).await;
     result?;
-    ctx.out.record(json!({ "group_id": group_id, "left": true }), || format!("Left {group_id}."));
+    ctx.out.record(json!({ "group_id": group_id, "leaving": true }), || {
+        format!("Leaving {group_id}: the next member to commit removes your devices.")
+    });
     Ok(())
 }
 
