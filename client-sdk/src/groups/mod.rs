@@ -16,10 +16,14 @@
 //!   is vouched for. Device lists the machine does not have are asked for
 //!   ([`Received::NeedLists`]); a hole in the stream is reported ([`Received::Gap`]).
 //! - **Sending.** [`GroupMachine::encrypt_text`] writes the message to history and returns the
-//!   submission; commits ([`GroupMachine::commit_add`], [`GroupMachine::commit_remove`]) are
-//!   kept as *pending* (one at a time per group, stored with the group so a lost answer is
+//!   submission; commits ([`GroupMachine::commit_add`], [`GroupMachine::commit_remove`],
+//!   [`GroupMachine::commit_prune`]) are kept as *pending* (one at a time per group, stored with the group so a lost answer is
 //!   re-sent with the same id) until they come back; [`GroupMachine::commit_refused`] drops
 //!   one that lost its epoch, so the driver catches up and rebuilds it.
+//! - **Devices that left their owner's list.** Every commit also removes the member leaves
+//!   that the device lists the driver hands in no longer vouch for (the user's list is given,
+//!   and the leaf's device is not in it or has another key): `spec/groups.md` §2. Users whose
+//!   list is not given are left alone, and so is this device's own leaf.
 //! - **State.** Every operation writes the MLS client's state changes
 //!   ([`MlsClient::take_state_changes`]) to the [`GroupStore`] before it returns, so a group
 //!   survives a restart; if that write fails, the client is rebuilt from the stored state.
@@ -39,7 +43,8 @@ pub use store::{Confirmation, GroupChanges, GroupMessage, GroupRecord, GroupStat
 use crate::e2ee::E2eeMachine;
 use crate::e2ee::{MessengerEvent, StoreError};
 use parley_crypto::identity::{DeviceIdentity, VerifiedDeviceList, DEVICE_IDENTITY_BYTES};
-use parley_crypto::mls::{ErrorKind, Group, Incoming, IncomingCommit, KeyPackage, Lifetime, MemberLeaf, MemoryStorage};
+use parley_crypto::mls::MemoryStorage;
+use parley_crypto::mls::{ErrorKind, Group, Incoming, IncomingCommit, KeyPackage, LeafIndex, Lifetime, Member, MemberLeaf};
 use parley_crypto::mls::{MlsClient, MlsError, PendingJoin};
 use parley_spec::v1::content::{Content, GroupMetaContent, GroupTextContent};
 use parley_spec::v1::groups::{CreateGroupRequest, GroupEvent, GroupEventKind, GroupSendRequest, GroupSentResponse};
@@ -162,7 +167,8 @@ impl std::fmt::Display for GroupState {
 
 /// Verified device lists handed to [`GroupMachine::receive`], each marked fresh when it was just
 /// fetched from the server (a leaf a stale list does not vouch for is checked again against a
-/// fresh one before it is refused).
+/// fresh one before it is refused), and to the commit functions (which remove the member leaves
+/// these lists no longer vouch for; freshness does not matter there).
 #[derive(Debug, Clone, Default)]
 pub struct Lists {
     lists: BTreeMap<UserId, (VerifiedDeviceList, bool)>,
@@ -395,15 +401,25 @@ impl<S: GroupStore> GroupMachine<S> {
 
     /// A commit adding the devices of `key_packages` that are not members yet (each must have
     /// been checked against its owner's signed device list: [`check_key_package`]); `None` when
-    /// every one is a member already. The commit is pending until it comes back in the stream.
+    /// every one is a member already. It also removes the leaves `lists` no longer vouch for
+    /// ([`commit_prune`](Self::commit_prune)). The commit is pending until it comes back in the
+    /// stream.
     pub async fn commit_add(
         &mut self,
         group_id: &GroupId,
         key_packages: &[KeyPackage],
+        lists: &Lists,
     ) -> Result<Option<GroupSendRequest>, GroupError> {
         let record = self.committable(group_id).await?;
         let mut group = self.load(group_id)?;
-        let mut present = member_set(&group)?;
+        let members = group.members()?;
+        let stale = stale_leaves(&members, group.own_index(), lists);
+        // A stale leaf's device may come back with a leaf its list vouches for.
+        let mut present: BTreeSet<(UserId, DeviceId)> = members
+            .iter()
+            .filter(|m| !stale.contains(&m.index))
+            .map(|m| (m.leaf.user().clone(), m.leaf.device().clone()))
+            .collect();
         let adds: Vec<KeyPackage> = key_packages
             .iter()
             .filter(|kp| present.insert((kp.leaf().user().clone(), kp.leaf().device().clone())))
@@ -412,24 +428,54 @@ impl<S: GroupStore> GroupMachine<S> {
         if adds.is_empty() {
             return Ok(None);
         }
-        let bundle = group.add_members(&self.client, &self.device, &adds)?;
+        let bundle = group.add_and_remove_members(&self.client, &self.device, &adds, &stale)?;
         let request = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
         self.keep_pending(record, &request).await?;
         Ok(Some(request))
     }
 
-    /// A commit removing every device of `users` that is a member; `None` when none is.
-    pub async fn commit_remove(&mut self, group_id: &GroupId, users: &[UserId]) -> Result<Option<GroupSendRequest>, GroupError> {
+    /// A commit removing every device of `users` that is a member, and the leaves `lists` no
+    /// longer vouch for ([`commit_prune`](Self::commit_prune)); `None` when none of `users` is
+    /// a member.
+    pub async fn commit_remove(
+        &mut self,
+        group_id: &GroupId,
+        users: &[UserId],
+        lists: &Lists,
+    ) -> Result<Option<GroupSendRequest>, GroupError> {
         if users.contains(&self.user_id) {
             return Err(GroupError::NotSupported("removing your own user (leaving a group)"));
         }
         let record = self.committable(group_id).await?;
         let mut group = self.load(group_id)?;
-        let indices: Vec<_> = group.members()?.into_iter().filter(|m| users.contains(m.leaf.user())).map(|m| m.index).collect();
+        let members = group.members()?;
+        let mut indices: Vec<LeafIndex> = members.iter().filter(|m| users.contains(m.leaf.user())).map(|m| m.index).collect();
         if indices.is_empty() {
             return Ok(None);
         }
-        let bundle = group.remove_members(&self.client, &self.device, &indices)?;
+        for index in stale_leaves(&members, group.own_index(), lists) {
+            if !indices.contains(&index) {
+                indices.push(index);
+            }
+        }
+        let bundle = group.add_and_remove_members(&self.client, &self.device, &[], &indices)?;
+        let request = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
+        self.keep_pending(record, &request).await?;
+        Ok(Some(request))
+    }
+
+    /// A commit removing only the member leaves that `lists` no longer vouch for: the user's
+    /// list is given and the leaf's device is not in it, or has another signing key
+    /// (`spec/groups.md` §2). Users whose list is not given are left alone, and so is this
+    /// device's own leaf. `None` when no leaf is stale.
+    pub async fn commit_prune(&mut self, group_id: &GroupId, lists: &Lists) -> Result<Option<GroupSendRequest>, GroupError> {
+        let record = self.committable(group_id).await?;
+        let mut group = self.load(group_id)?;
+        let stale = stale_leaves(&group.members()?, group.own_index(), lists);
+        if stale.is_empty() {
+            return Ok(None);
+        }
+        let bundle = group.add_and_remove_members(&self.client, &self.device, &[], &stale)?;
         let request = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
         self.keep_pending(record, &request).await?;
         Ok(Some(request))
@@ -780,6 +826,26 @@ pub fn check_key_package(
 /// The members of a group as (user, device).
 fn member_set(group: &Group) -> Result<BTreeSet<(UserId, DeviceId)>, GroupError> {
     Ok(group.members()?.into_iter().map(|m| (m.leaf.user().clone(), m.leaf.device().clone())).collect())
+}
+
+/// The leaves among `members` that `lists` no longer vouch for, in the given order: the user's
+/// list is given, and the leaf's device is not in it or its signing key differs. Users whose
+/// list is not given (or unavailable) are left alone, and so is `own` (this device's leaf). One
+/// pass, one map lookup per member. Generic over the index so it is tested at size without a
+/// group.
+fn stale<'a, I: Copy + PartialEq + 'a>(members: impl IntoIterator<Item = (I, &'a MemberLeaf)>, own: I, lists: &Lists) -> Vec<I> {
+    members
+        .into_iter()
+        .filter(|(index, leaf)| {
+            *index != own && lists.get(leaf.user()).is_some_and(|list| leaf.check_against_list(list).is_err())
+        })
+        .map(|(index, _)| index)
+        .collect()
+}
+
+/// [`stale`] over a group's members.
+fn stale_leaves(members: &[Member], own: LeafIndex, lists: &Lists) -> Vec<LeafIndex> {
+    stale(members.iter().map(|m| (m.index, &m.leaf)), own, lists)
 }
 
 /// Checks leaves against the lists: lists missing (or stale where a leaf fails) are asked for;
