@@ -38,11 +38,6 @@ impl Messenger {
             self.api().put_device_list(&list).await?;
             // Verified and stored as this device's known list: the pruning commits see it.
             let published = self.inner.driver.device_list(&me, true).await?;
-            if published.device(device_id).is_some() {
-                return Err(MessengerError::InvalidRequest(format!(
-                    "the server still serves a device list with {device_id} (another device published one meanwhile?)"
-                )));
-            }
             tracing::info!(device = %device_id, version = published.version(), "device dropped from the signed device list");
         }
         let removal = self.prune_device(device_id).await?;

@@ -1,7 +1,7 @@
 //! The commands. Those that need the device's connection (`register`, `login`, `send`,
-//! `history`, `chat`, `verify`, `group`, `devices remove`) lock the profile, open a [`Messenger`] and close it cleanly at
-//! the end, so that everything the server already handed over is decrypted and stored before
-//! the process exits. The others (`devices`, `presence`, `whoami`) only read the stored session
+//! `history`, `chat`, `verify`, `group`, `devices remove`) lock the profile, open a
+//! [`Messenger`] and close it cleanly at the end, so that everything the server already handed
+//! over is decrypted and stored before the process exits. The others (`devices`, `presence`, `whoami`) only read the stored session
 //! and make HTTP requests.
 
 use crate::output::{format_time, grouped_hex, hex, indent_body, parse_secret, terminal_safe, Out};
@@ -334,7 +334,7 @@ pub async fn device_remove(ctx: &Ctx, device_id: &str, password: Option<String>)
             }
         }
         for (group, why) in &removal.failed {
-            text.push_str(&format!("\nStill a member of {group} ({why}): its next commit removes it."));
+            text.push_str(&format!("\nStill a member of {group} ({why}): the next commit there removes it."));
         }
         text
     });
