@@ -300,3 +300,30 @@ async fn profiles_on_two_federated_servers_message_each_other() -> anyhow::Resul
     assert_eq!(parley.safety_number("alice", "@bob:b.test").await?, parley.safety_number("bob", "@alice:a.test").await?);
     Ok(())
 }
+
+#[tokio::test]
+async fn devices_remove_takes_another_device_off_the_account_but_not_itself() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let parley = Parley::new(&server)?;
+    let register = parley.register("alice").await?;
+    let first = register["device_id"].as_str().context("device_id")?;
+    let secret = register["recovery_secret"].as_str().context("recovery_secret")?;
+    let login = parley
+        .ok("alice-2", &["--server", &parley.server, "login", "alice", "--recovery", secret], &format!("{PASSWORD}\n"))
+        .await?;
+    let second = login[0]["device_id"].as_str().context("device_id")?;
+    assert_eq!(parley.ok("alice", &["devices"], "").await?.len(), 2);
+
+    // The second device signs the list without the first (it holds the user identity too).
+    let removed = parley.ok("alice-2", &["devices", "remove", first], &format!("{PASSWORD}\n")).await?;
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(removed[0]["device_id"], first);
+    assert_eq!(removed[0]["removed_from"], serde_json::json!([]), "in no group");
+    let devices = parley.ok("alice-2", &["devices"], "").await?;
+    assert_eq!(devices.iter().map(|d| d["device_id"].as_str()).collect::<Vec<_>>(), [Some(second)]);
+
+    let refused = parley.run("alice-2", &["devices", "remove", second], &format!("{PASSWORD}\n")).await?;
+    assert!(!refused.status.success(), "{refused:?}");
+    assert_eq!(refused.json_lines()?.last().context("an error line")?["code"], "usage", "{refused:?}");
+    Ok(())
+}

@@ -2,10 +2,13 @@
 //! every device (a user's second device included) joins and reads the same order, two members
 //! change the membership at the same time and both changes land (the loser's SDK recovers from
 //! `epoch_conflict` by itself), a removed member stops receiving, and a member's profile
-//! survives a restart and keeps chatting.
+//! survives a restart and keeps chatting. A device dropped from its owner's signed device list
+//! leaves its groups: through `Messenger::remove_device`, or by the next committer once it knows
+//! the new list.
 
 use crate::e2ee::next;
-use parley_sdk::messenger::{Messenger, MessengerEvent, MessengerEvents};
+use parley_crypto::identity::{verify_device_list, UserIdentity, VerifiedDevice};
+use parley_sdk::messenger::{GroupState, Messenger, MessengerError, MessengerEvent, MessengerEvents};
 use parley_sdk::spec::GroupId;
 use parley_sdk::UserId;
 use parley_tests::fednet::{Discovery, FedNet};
@@ -44,6 +47,29 @@ impl Account {
             );
         }
         Ok(texts)
+    }
+
+    /// Waits for a change of the group's members.
+    async fn members_changed(&mut self, group: &GroupId) -> anyhow::Result<()> {
+        next(&mut self.events, |e| {
+            matches!(e, MessengerEvent::GroupMembersChanged { group_id, .. } if &group_id == group).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until this device learns it was removed from the group.
+    async fn removed(&mut self, group: &GroupId) -> anyhow::Result<()> {
+        next(&mut self.events, |e| matches!(e, MessengerEvent::GroupRemoved { group_id } if &group_id == group).then_some(()))
+            .await
+    }
+
+    /// The group's member devices, as `user/device`.
+    async fn members(&self, group: &GroupId) -> anyhow::Result<Vec<String>> {
+        Ok(self.messenger.group_members(group).await?.into_iter().map(|(u, d)| format!("{u}/{d}")).collect())
+    }
+
+    fn device(&self) -> String {
+        format!("{}/{}", self.user(), self.messenger.session().device_id)
     }
 
     /// The group's history, as (sender, body), in the hub's order.
@@ -167,5 +193,90 @@ async fn sdk_a_user_leaves_with_both_devices_and_another_member_commits_it_by_it
     for member in [&bob, &bob2] {
         assert!(member.history(&group).await?.iter().all(|(_, body)| body != "after bob left"));
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_device_dropped_from_its_owners_signed_list_leaves_its_groups() -> anyhow::Result<()> {
+    let mut net =
+        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
+    let (a, b, c) =
+        (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone(), net.server("c.test").base_url.clone());
+    let dir = tempfile::tempdir()?;
+    let (mut alice, _) = register(&a, dir.path(), "alice").await?;
+    let (mut bob, bob_recovery) = register(&b, dir.path(), "bob").await?;
+    let (messenger, events) = Messenger::add_device(&b, &dir.path().join("bob-2.db"), "bob", PASSWORD, &bob_recovery).await?;
+    let mut bob2 = Account { messenger, events };
+    let (mut carol, _) = register(&c, dir.path(), "carol").await?;
+    let (mut dave, _) = register(&c, dir.path(), "dave").await?;
+
+    let (group, report) = alice.messenger.create_group("Team", &[bob.user(), carol.user()]).await?;
+    assert_eq!(report.added.len(), 3, "{report:?}");
+    for member in [&mut bob, &mut bob2, &mut carol] {
+        assert_eq!(member.joined().await?, group);
+    }
+
+    // 1. Bob removes his device B2 through the SDK: a new signed list, a pruning commit, then
+    //    the server forgets B2. A device cannot remove itself that way.
+    let own = bob.messenger.session().device_id.clone();
+    let refused = bob.messenger.remove_device(&own, PASSWORD).await;
+    assert!(matches!(refused, Err(MessengerError::InvalidRequest(_))), "{refused:?}");
+    let b2 = bob2.messenger.session().device_id.clone();
+    let removal = bob.messenger.remove_device(&b2, PASSWORD).await?;
+    assert_eq!(removal.removed_from, std::slice::from_ref(&group));
+    assert!(removal.failed.is_empty(), "{removal:?}");
+    bob2.removed(&group).await?;
+    assert_eq!(bob2.messenger.group(&group).await?.map(|r| r.state), Some(GroupState::Removed));
+    for member in [&mut alice, &mut carol] {
+        member.members_changed(&group).await?;
+    }
+    let expected = vec![alice.device(), bob.device(), carol.device()];
+    for member in [&alice, &bob, &carol] {
+        let mut members = member.members(&group).await?;
+        members.sort();
+        let mut want = expected.clone();
+        want.sort();
+        assert_eq!(members, want, "{} sees the group without B2", member.user());
+    }
+    assert!(!bob.messenger.refresh_devices(&bob.user()).await?.contains(&b2), "B2 left bob's list");
+    // What is sent afterwards reaches the others, not B2.
+    alice.messenger.send_group_text(&group, "after B2 left").await?;
+    for member in [&mut bob, &mut carol] {
+        assert_eq!(member.texts(1).await?, [("@alice:a.test".to_owned(), "after B2 left".to_owned())]);
+    }
+    assert!(bob2.history(&group).await?.iter().all(|(_, body)| body != "after B2 left"));
+
+    // 2. Bob's list drops B3 by a raw list update (no group commit). Once alice refreshes bob's
+    //    list, her next commit (adding dave) removes B3's leaf too.
+    let (messenger, events) = Messenger::add_device(&b, &dir.path().join("bob-3.db"), "bob", PASSWORD, &bob_recovery).await?;
+    let mut bob3 = Account { messenger, events };
+    let (second, report) = alice.messenger.create_group("Second", &[bob.user(), carol.user()]).await?;
+    assert_eq!(report.added.len(), 3, "bob's two devices and carol's: {report:?}");
+    for member in [&mut bob, &mut bob3, &mut carol] {
+        assert_eq!(member.joined().await?, second);
+    }
+    let b3 = bob3.messenger.session().device_id.clone();
+    let api = parley_sdk::Api::new(bob.messenger.session())?;
+    let identity = UserIdentity::from_recovery_seed(&bob_recovery);
+    let current = verify_device_list(&api.device_list(&bob.user()).await?, &bob.user(), Some(&identity.public()), None)?;
+    let entries = current.devices().iter().filter(|d| d.device_id() != &b3).map(VerifiedDevice::to_entry).collect();
+    api.put_device_list(&identity.sign_device_list(&bob.user(), current.version() + 1, entries)?).await?;
+    assert!(!alice.messenger.refresh_devices(&bob.user()).await?.contains(&b3));
+    let report = alice.messenger.add_members(&second, &[dave.user()]).await?;
+    assert_eq!(report.added.len(), 1, "{report:?}");
+    assert_eq!(dave.joined().await?, second);
+    bob3.removed(&second).await?;
+    for member in [&mut bob, &mut carol] {
+        member.members_changed(&second).await?;
+    }
+    let members = alice.members(&second).await?;
+    assert!(!members.contains(&bob3.device()) && members.contains(&dave.device()), "{members:?}");
+    assert_eq!(members.len(), 4, "{members:?}");
+    alice.messenger.send_group_text(&second, "after B3 left").await?;
+    for member in [&mut bob, &mut carol, &mut dave] {
+        assert_eq!(member.texts(1).await?, [("@alice:a.test".to_owned(), "after B3 left".to_owned())]);
+    }
+    assert!(bob3.history(&second).await?.iter().all(|(_, body)| body != "after B3 left"));
+    assert_eq!(bob3.messenger.group(&second).await?.map(|r| r.state), Some(GroupState::Removed));
     Ok(())
 }

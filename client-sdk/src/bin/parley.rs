@@ -123,8 +123,11 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
-    /// List this account's devices.
-    Devices,
+    /// List this account's devices (or remove one: `devices remove DEVICE_ID`).
+    Devices {
+        #[command(subcommand)]
+        command: Option<DevicesCommand>,
+    },
     /// Show the safety number to compare with a user, to rule out anyone in the middle.
     Verify {
         /// The other party: @name:server, or just name.
@@ -178,6 +181,20 @@ enum GroupCommand {
     },
     /// Fetch new messages, then list this device's groups, latest activity first.
     List,
+}
+
+/// The `devices` subcommands.
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// Remove another device of this account: it leaves the signed device list, every group
+    /// (one commit each) and the server. Prints the groups it was removed from.
+    Remove {
+        /// The device id (see `parley devices`).
+        device_id: String,
+        /// The account's password (default: the first line of stdin).
+        #[arg(long, env = "PARLEY_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
 }
 
 /// A failure the client itself detected, with a machine-readable code.
@@ -259,7 +276,10 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             GroupCommand::Members { group } => commands::group_members(&ctx, &group).await,
             GroupCommand::List => commands::group_list(&ctx).await,
         },
-        Command::Devices => commands::devices(&ctx).await,
+        Command::Devices { command: None } => commands::devices(&ctx).await,
+        Command::Devices { command: Some(DevicesCommand::Remove { device_id, password }) } => {
+            commands::device_remove(&ctx, &device_id, password).await
+        }
         Command::Verify { user } => commands::verify(&ctx, &user).await,
         Command::Presence { user } => commands::presence(&ctx, &user).await,
         Command::Whoami => commands::whoami(&ctx).await,
@@ -320,6 +340,7 @@ fn messenger_code(error: &MessengerError) -> String {
         MessengerError::Crypto(_) => "crypto".to_owned(),
         MessengerError::Profile(_) => "profile".to_owned(),
         MessengerError::Group(error) => group_code(error),
+        MessengerError::InvalidRequest(_) => "usage".to_owned(),
         _ => "error".to_owned(),
     }
 }

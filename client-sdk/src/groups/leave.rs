@@ -13,7 +13,9 @@
 //! openmls sends no application message while proposals are stored
 //! ([`GroupMachine::commit_pending`]).
 
-use super::{GroupChanges, GroupError, GroupMachine, GroupProblem, GroupRecord, GroupState, GroupStore, Received};
+use super::{
+    stale_leaves, GroupChanges, GroupError, GroupMachine, GroupProblem, GroupRecord, GroupState, GroupStore, Lists, Received,
+};
 use parley_crypto::mls::{ErrorKind, Incoming, MemberChange};
 use parley_spec::v1::groups::{GroupEvent, GroupSendRequest};
 use parley_spec::GroupId;
@@ -63,15 +65,20 @@ impl<S: GroupStore> GroupMachine<S> {
         Ok(self.load(group_id)?.has_pending_proposals())
     }
 
-    /// A commit of the stored proposals alone; `None` when there are none. Pending until it
-    /// comes back, like any commit of this device.
-    pub async fn commit_pending(&mut self, group_id: &GroupId) -> Result<Option<GroupSendRequest>, GroupError> {
+    /// A commit of the stored proposals (and of the removals `lists` owe, as every commit);
+    /// `None` when no proposal is stored. Pending until it comes back, like any commit of this
+    /// device.
+    pub async fn commit_pending(&mut self, group_id: &GroupId, lists: &Lists) -> Result<Option<GroupSendRequest>, GroupError> {
         let record = self.committable(group_id).await?;
         let mut group = self.load(group_id)?;
         if !group.has_pending_proposals() {
             return Ok(None);
         }
-        let bundle = group.commit_pending_proposals(&self.client, &self.device)?;
+        let stale = stale_leaves(&group, &group.members()?, lists);
+        let bundle = match stale.is_empty() {
+            true => group.commit_pending_proposals(&self.client, &self.device)?,
+            false => group.add_and_remove_members(&self.client, &self.device, &[], &stale)?,
+        };
         let request = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
         self.keep_pending(record, &request).await?;
         Ok(Some(request))

@@ -16,10 +16,14 @@
 //!   is vouched for. Device lists the machine does not have are asked for
 //!   ([`Received::NeedLists`]); a hole in the stream is reported ([`Received::Gap`]).
 //! - **Sending.** [`GroupMachine::encrypt_text`] writes the message to history and returns the
-//!   submission; commits ([`GroupMachine::commit_add`], [`GroupMachine::commit_remove`]) are
-//!   kept as *pending* (one at a time per group, stored with the group so a lost answer is
+//!   submission; commits ([`GroupMachine::commit_add`], [`GroupMachine::commit_remove`],
+//!   [`GroupMachine::commit_prune`]) are kept as *pending* (one at a time per group, stored with the group so a lost answer is
 //!   re-sent with the same id) until they come back; [`GroupMachine::commit_refused`] drops
 //!   one that lost its epoch, so the driver catches up and rebuilds it.
+//! - **Devices that left their owner's list.** Every commit also removes the member leaves
+//!   that the device lists the driver hands in no longer vouch for (the user's list is given,
+//!   and the leaf's device is not in it or has another key): `spec/groups.md` §2. Users whose
+//!   list is not given are left alone, and so is this device's own leaf.
 //! - **State.** Every operation writes the MLS client's state changes
 //!   ([`MlsClient::take_state_changes`]) to the [`GroupStore`] before it returns, so a group
 //!   survives a restart; if that write fails, the client is rebuilt from the stored state.
@@ -40,7 +44,8 @@ pub use store::{Confirmation, GroupChanges, GroupMessage, GroupRecord, GroupStat
 use crate::e2ee::E2eeMachine;
 use crate::e2ee::{MessengerEvent, StoreError};
 use parley_crypto::identity::{DeviceIdentity, VerifiedDeviceList, DEVICE_IDENTITY_BYTES};
-use parley_crypto::mls::{ErrorKind, Group, Incoming, IncomingCommit, KeyPackage, Lifetime, MemberLeaf, MemoryStorage};
+use parley_crypto::mls::MemoryStorage;
+use parley_crypto::mls::{ErrorKind, Group, Incoming, IncomingCommit, KeyPackage, LeafIndex, Lifetime, Member, MemberLeaf};
 use parley_crypto::mls::{MlsClient, MlsError, PendingJoin};
 use parley_spec::v1::content::{Content, GroupMetaContent, GroupTextContent};
 use parley_spec::v1::groups::{CreateGroupRequest, GroupEvent, GroupEventKind, GroupSendRequest, GroupSentResponse};
@@ -167,7 +172,8 @@ impl std::fmt::Display for GroupState {
 
 /// Verified device lists handed to [`GroupMachine::receive`], each marked fresh when it was just
 /// fetched from the server (a leaf a stale list does not vouch for is checked again against a
-/// fresh one before it is refused).
+/// fresh one before it is refused), and to the commit functions (which remove the member leaves
+/// these lists no longer vouch for; freshness does not matter there).
 #[derive(Debug, Clone, Default)]
 pub struct Lists {
     lists: BTreeMap<UserId, (VerifiedDeviceList, bool)>,
@@ -411,15 +417,25 @@ impl<S: GroupStore> GroupMachine<S> {
 
     /// A commit adding the devices of `key_packages` that are not members yet (each must have
     /// been checked against its owner's signed device list: [`check_key_package`]); `None` when
-    /// every one is a member already. The commit is pending until it comes back in the stream.
+    /// every one is a member already. It also removes the leaves `lists` no longer vouch for
+    /// ([`commit_prune`](Self::commit_prune)). The commit is pending until it comes back in the
+    /// stream.
     pub async fn commit_add(
         &mut self,
         group_id: &GroupId,
         key_packages: &[KeyPackage],
+        lists: &Lists,
     ) -> Result<Option<GroupSendRequest>, GroupError> {
         let record = self.committable(group_id).await?;
         let mut group = self.load(group_id)?;
-        let mut present = member_set(&group)?;
+        let members = group.members()?;
+        let stale = stale_leaves(&group, &members, lists);
+        // A stale leaf's device may come back with a leaf its list vouches for.
+        let mut present: BTreeSet<(UserId, DeviceId)> = members
+            .iter()
+            .filter(|m| !stale.contains(&m.index))
+            .map(|m| (m.leaf.user().clone(), m.leaf.device().clone()))
+            .collect();
         let adds: Vec<KeyPackage> = key_packages
             .iter()
             .filter(|kp| present.insert((kp.leaf().user().clone(), kp.leaf().device().clone())))
@@ -428,32 +444,61 @@ impl<S: GroupStore> GroupMachine<S> {
         if adds.is_empty() {
             return Ok(None);
         }
-        let bundle = group.add_members(&self.client, &self.device, &adds)?;
+        let bundle = group.add_and_remove_members(&self.client, &self.device, &adds, &stale)?;
         let request = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
         self.keep_pending(record, &request).await?;
         Ok(Some(request))
     }
 
-    /// A commit removing every device of `users` that is a member; `None` when none is.
-    pub async fn commit_remove(&mut self, group_id: &GroupId, users: &[UserId]) -> Result<Option<GroupSendRequest>, GroupError> {
+    /// A commit removing every device of `users` that is a member, and the leaves `lists` no
+    /// longer vouch for ([`commit_prune`](Self::commit_prune)); `None` when none of `users` is
+    /// a member.
+    pub async fn commit_remove(
+        &mut self,
+        group_id: &GroupId,
+        users: &[UserId],
+        lists: &Lists,
+    ) -> Result<Option<GroupSendRequest>, GroupError> {
         if users.contains(&self.user_id) {
             return Err(GroupError::InvalidRequest("to remove your own user, leave the group".into()));
         }
         let record = self.committable(group_id).await?;
         let mut group = self.load(group_id)?;
+        let members = group.members()?;
+        if !members.iter().any(|m| users.contains(m.leaf.user())) {
+            return Ok(None);
+        }
         // A leaf whose removal is proposed already goes with the proposal (twice is invalid).
         let proposed = group.pending_removals();
-        let indices: Vec<_> = group
-            .members()?
-            .into_iter()
-            .filter(|m| users.contains(m.leaf.user()) && !proposed.contains(&m.index))
-            .map(|m| m.index)
-            .collect();
-        let bundle = match (indices.is_empty(), group.has_pending_proposals()) {
-            (true, false) => return Ok(None),
-            (true, true) => group.commit_pending_proposals(&self.client, &self.device)?,
-            (false, _) => group.remove_members(&self.client, &self.device, &indices)?,
+        let mut indices: Vec<LeafIndex> =
+            members.iter().filter(|m| users.contains(m.leaf.user()) && !proposed.contains(&m.index)).map(|m| m.index).collect();
+        for index in stale_leaves(&group, &members, lists) {
+            if !indices.contains(&index) {
+                indices.push(index);
+            }
+        }
+        let bundle = match indices.is_empty() {
+            // Every one of them is leaving already: commit their proposals.
+            true => group.commit_pending_proposals(&self.client, &self.device)?,
+            false => group.add_and_remove_members(&self.client, &self.device, &[], &indices)?,
         };
+        let request = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
+        self.keep_pending(record, &request).await?;
+        Ok(Some(request))
+    }
+
+    /// A commit removing only the member leaves that `lists` no longer vouch for: the user's
+    /// list is given and the leaf's device is not in it, or has another signing key
+    /// (`spec/groups.md` §2). Users whose list is not given are left alone, and so is this
+    /// device's own leaf. `None` when no leaf is stale.
+    pub async fn commit_prune(&mut self, group_id: &GroupId, lists: &Lists) -> Result<Option<GroupSendRequest>, GroupError> {
+        let record = self.committable(group_id).await?;
+        let mut group = self.load(group_id)?;
+        let stale = stale_leaves(&group, &group.members()?, lists);
+        if stale.is_empty() {
+            return Ok(None);
+        }
+        let bundle = group.add_and_remove_members(&self.client, &self.device, &[], &stale)?;
         let request = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
         self.keep_pending(record, &request).await?;
         Ok(Some(request))
@@ -805,6 +850,30 @@ pub fn check_key_package(
 /// The members of a group as (user, device).
 fn member_set(group: &Group) -> Result<BTreeSet<(UserId, DeviceId)>, GroupError> {
     Ok(group.members()?.into_iter().map(|m| (m.leaf.user().clone(), m.leaf.device().clone())).collect())
+}
+
+/// The leaves among `members` that `lists` no longer vouch for, in the given order: the user's
+/// list is given, and the leaf's device is not in it or its signing key differs. Users whose
+/// list is not given (or unavailable) are left alone, and so is `own` (this device's leaf). One
+/// pass, one map lookup per member. Generic over the index so it is tested at size without a
+/// group.
+fn stale<'a, I: Copy + PartialEq + 'a>(members: impl IntoIterator<Item = (I, &'a MemberLeaf)>, own: I, lists: &Lists) -> Vec<I> {
+    members
+        .into_iter()
+        .filter(|(index, leaf)| {
+            *index != own && lists.get(leaf.user()).is_some_and(|list| leaf.check_against_list(list).is_err())
+        })
+        .map(|(index, _)| index)
+        .collect()
+}
+
+/// [`stale`] over a group's members (`group`'s current ones), but for those whose removal is
+/// proposed already (the proposal removes them; a second removal would be invalid).
+fn stale_leaves(group: &Group, members: &[Member], lists: &Lists) -> Vec<LeafIndex> {
+    let proposed = group.pending_removals();
+    let mut stale = stale(members.iter().map(|m| (m.index, &m.leaf)), group.own_index(), lists);
+    stale.retain(|index| !proposed.contains(index));
+    stale
 }
 
 /// Checks leaves against the lists: lists missing (or stale where a leaf fails) are asked for;

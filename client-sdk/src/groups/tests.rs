@@ -79,6 +79,7 @@ impl Hub {
                 let accepted = match entry.public.check_commit(&request.message.0, &group_info.0) {
                     Ok(accepted) => accepted,
                     Err(MlsError::EpochConflict { current }) => return Err(refusal(ErrorCode::EpochConflict, Some(current))),
+                    Err(MlsError::MissingProposals { .. }) => return Err(refusal(ErrorCode::MissingProposals, None)),
                     Err(_) => return Err(refusal(ErrorCode::BadMlsMessage, None)),
                 };
                 epoch = entry.public.epoch();
@@ -104,6 +105,18 @@ impl Hub {
                         parley_crypto::mls::MemberChange::Updated { .. } => {}
                     }
                 }
+            }
+            None if entry.public.message_kind(&request.message.0) == Ok(parley_crypto::mls::MessageKind::Proposal) => {
+                let proposal = match entry.public.check_proposal(&request.message.0) {
+                    Ok(proposal) => proposal,
+                    Err(MlsError::EpochConflict { current }) => return Err(refusal(ErrorCode::EpochConflict, Some(current))),
+                    Err(_) => return Err(refusal(ErrorCode::BadMlsMessage, None)),
+                };
+                entry.public.store_proposal(proposal).unwrap();
+                epoch = entry.public.epoch();
+                entry.seq += 1;
+                let event = make(entry.seq, epoch, GroupEventKind::Proposal, request.message.0.clone(), None);
+                out.extend(entry.members.iter().map(|d| (d.clone(), event.clone())));
             }
             None => {
                 epoch = match entry.public.check_application(&request.message.0) {
@@ -155,6 +168,24 @@ impl Directory {
         *version += 1;
         let signed = owner.sign_device_list(user, *version, entries.clone()).unwrap();
         self.lists.insert(user.clone(), verify_device_list(&signed, user, None, None).unwrap());
+    }
+
+    /// Signs `user`'s list again without `device` (the owner dropped it).
+    fn unpublish(&mut self, user: &UserId, device: &DeviceId) {
+        let (owner, entries, version) = self.owners.get_mut(user).unwrap();
+        entries.retain(|entry| &entry.device_id != device);
+        *version += 1;
+        let signed = owner.sign_device_list(user, *version, entries.clone()).unwrap();
+        self.lists.insert(user.clone(), verify_device_list(&signed, user, None, None).unwrap());
+    }
+
+    /// The lists of `names` only.
+    fn only(&self, names: &[&str]) -> Lists {
+        let mut lists = Lists::new();
+        for user in users(names) {
+            lists.insert(self.lists[&user].clone(), true);
+        }
+        lists
     }
 
     fn all(&self) -> Lists {
@@ -279,10 +310,10 @@ async fn team(hub: &mut Hub, dir: &mut Directory) -> (Device, Device, Device, Gr
     let mut carol = Device::new(dir, "carol", "C1", 3).await;
     let group = alice.create(hub, "team").await;
     let key_packages = claim(dir, &mut [&mut bob, &mut carol]).await;
-    let commit = alice.machine.commit_add(&group, &key_packages).await.unwrap().expect("a commit");
+    let commit = alice.machine.commit_add(&group, &key_packages, &Lists::new()).await.unwrap().expect("a commit");
     assert!(commit.welcome.is_some() && commit.group_info.is_some());
     // Adding members already in the group (or no one) makes no commit; one commit at a time.
-    assert!(matches!(alice.machine.commit_add(&group, &key_packages).await, Err(GroupError::CommitPending(_))));
+    assert!(matches!(alice.machine.commit_add(&group, &key_packages, &Lists::new()).await, Err(GroupError::CommitPending(_))));
     let sent = hub.send(&alice.id, &group, &commit).unwrap();
     assert_eq!((sent.group_seq.get(), sent.epoch), (1, 0));
     // "Sent" does not merge: alice is in epoch 0 until her commit comes back.
@@ -343,7 +374,7 @@ async fn an_own_commit_merges_at_its_position_and_messages_before_it_are_read_in
     let (mut hub, mut dir) = (Hub::default(), Directory::default());
     let (mut alice, mut bob, mut carol, group) = team(&mut hub, &mut dir).await;
     // Alice removes carol; before her commit reaches the hub, bob's message (epoch 1) does.
-    let removal = alice.machine.commit_remove(&group, &users(&["carol"])).await.unwrap().unwrap();
+    let removal = alice.machine.commit_remove(&group, &users(&["carol"]), &Lists::new()).await.unwrap().unwrap();
     bob.say(&mut hub, &group, "still epoch 1").await;
     let sent = hub.send(&alice.id, &group, &removal).unwrap();
     assert_eq!(sent.group_seq.get(), 4);
@@ -381,8 +412,8 @@ async fn a_commit_that_lost_its_epoch_is_cleared_rebuilt_on_top_and_resubmitted(
     let mut dave = Device::new(&mut dir, "dave", "D1", 4).await;
     let dave_kp = claim(&dir, &mut [&mut dave]).await;
     // Both commit in epoch 1: alice removes carol, bob adds dave. Alice's reaches the hub first.
-    let removal = alice.machine.commit_remove(&group, &users(&["carol"])).await.unwrap().unwrap();
-    let add = bob.machine.commit_add(&group, &dave_kp).await.unwrap().unwrap();
+    let removal = alice.machine.commit_remove(&group, &users(&["carol"]), &Lists::new()).await.unwrap().unwrap();
+    let add = bob.machine.commit_add(&group, &dave_kp, &Lists::new()).await.unwrap().unwrap();
     hub.send(&alice.id, &group, &removal).unwrap();
     let refused = hub.send(&bob.id, &group, &add).unwrap_err();
     assert_eq!((refused.code, refused.current_epoch), (ErrorCode::EpochConflict, Some(2)));
@@ -393,7 +424,7 @@ async fn a_commit_that_lost_its_epoch_is_cleared_rebuilt_on_top_and_resubmitted(
     let (results, _) = bob.deliver(&mut hub, &dir).await;
     assert_eq!(acks(&results), [3]);
     assert_eq!(bob.record(&group).await.epoch, 2);
-    let add = bob.machine.commit_add(&group, &dave_kp).await.unwrap().unwrap();
+    let add = bob.machine.commit_add(&group, &dave_kp, &Lists::new()).await.unwrap().unwrap();
     let sent = hub.send(&bob.id, &group, &add).unwrap();
     assert_eq!((sent.group_seq.get(), sent.epoch), (4, 2));
     // A retry of the same submission is the same answer.
@@ -428,7 +459,7 @@ async fn a_commit_adding_an_unvouched_device_is_refused_and_the_group_is_stuck()
     assert!(refused.contains("not in its user's signed device list"), "{refused}");
     // A careless (or hostile) member adds it anyway.
     let key_package = KeyPackage::from_bytes(&bytes).unwrap();
-    let commit = alice.machine.commit_add(&group, &[key_package]).await.unwrap().unwrap();
+    let commit = alice.machine.commit_add(&group, &[key_package], &Lists::new()).await.unwrap().unwrap();
     hub.send(&alice.id, &group, &commit).unwrap();
     let (results, events) = bob.deliver(&mut hub, &dir).await;
     assert_eq!(results, [Received::Ignored], "not merged, not acknowledged");
@@ -452,7 +483,7 @@ async fn a_welcome_waits_for_device_lists_and_a_stale_list_is_refreshed_before_r
     let mut bob = Device::new(&mut dir, "bob", "B1", 2).await;
     let group = alice.create(&mut hub, "pair").await;
     let key_packages = claim(&dir, &mut [&mut bob]).await;
-    let commit = alice.machine.commit_add(&group, &key_packages).await.unwrap().unwrap();
+    let commit = alice.machine.commit_add(&group, &key_packages, &Lists::new()).await.unwrap().unwrap();
     hub.send(&alice.id, &group, &commit).unwrap();
     let welcome = hub.events_after(&bob.id, &group, GroupSeq::ZERO).remove(0);
     // No lists: both users' are asked for.
@@ -479,7 +510,7 @@ async fn a_member_whose_device_list_cannot_be_had_is_not_vouched_for() {
     let (mut alice, mut bob, _carol, group) = team(&mut hub, &mut dir).await;
     let mut dave = Device::new(&mut dir, "dave", "D1", 4).await;
     let key_packages = claim(&dir, &mut [&mut dave]).await;
-    let commit = alice.machine.commit_add(&group, &key_packages).await.unwrap().unwrap();
+    let commit = alice.machine.commit_add(&group, &key_packages, &Lists::new()).await.unwrap().unwrap();
     hub.send(&alice.id, &group, &commit).unwrap();
     let event = hub.next(&bob.id).unwrap();
     let mut lists = dir.all();
@@ -525,7 +556,7 @@ async fn a_group_survives_a_restart_and_a_failed_write_loses_nothing() {
     assert_eq!(group_texts(&bob.machine.take_events()), ["after restart"]);
     bob.say(&mut hub, &group, "me too").await;
     // A commit after the restart, and the others follow it.
-    let removal = bob.machine.commit_remove(&group, &users(&["carol"])).await.unwrap().unwrap();
+    let removal = bob.machine.commit_remove(&group, &users(&["carol"]), &Lists::new()).await.unwrap().unwrap();
     bob.restart().await;
     assert_eq!(bob.machine.pending_commit(&group).await.unwrap().as_ref(), Some(&removal), "kept to re-send");
     hub.send(&bob.id, &group, &removal).unwrap();
@@ -539,11 +570,14 @@ async fn a_group_survives_a_restart_and_a_failed_write_loses_nothing() {
 }
 
 #[tokio::test]
-async fn leaving_and_removing_oneself_are_typed_errors() {
+async fn removing_oneself_is_a_typed_error() {
     let (mut hub, mut dir) = (Hub::default(), Directory::default());
     let (mut alice, _bob, _carol, group) = team(&mut hub, &mut dir).await;
-    assert!(matches!(alice.machine.commit_remove(&group, &users(&["alice"])).await, Err(GroupError::InvalidRequest(_))));
-    assert_eq!(alice.machine.commit_remove(&group, &users(&["nobody"])).await.unwrap(), None);
+    assert!(matches!(
+        alice.machine.commit_remove(&group, &users(&["alice"]), &Lists::new()).await,
+        Err(GroupError::InvalidRequest(_))
+    ));
+    assert_eq!(alice.machine.commit_remove(&group, &users(&["nobody"]), &Lists::new()).await.unwrap(), None);
     let unknown = GroupId::parse("!nope:x").unwrap();
     assert!(matches!(alice.machine.members(&unknown).await, Err(GroupError::UnknownGroup(_))));
 }
@@ -553,8 +587,8 @@ async fn a_server_cannot_pass_another_commit_off_as_ours() {
     let (mut hub, mut dir) = (Hub::default(), Directory::default());
     let (mut alice, mut bob, _carol, group) = team(&mut hub, &mut dir).await;
     // Alice's commit is pending; bob's wins the epoch; the server labels bob's as alice's.
-    alice.machine.commit_remove(&group, &users(&["carol"])).await.unwrap().unwrap();
-    let update = bob.machine.commit_remove(&group, &users(&["carol"])).await.unwrap().unwrap();
+    alice.machine.commit_remove(&group, &users(&["carol"]), &Lists::new()).await.unwrap().unwrap();
+    let update = bob.machine.commit_remove(&group, &users(&["carol"]), &Lists::new()).await.unwrap().unwrap();
     hub.send(&bob.id, &group, &update).unwrap();
     let mut forged = hub.next(&alice.id).unwrap();
     forged.sender = alice.id.0.clone();
@@ -566,4 +600,218 @@ async fn a_server_cannot_pass_another_commit_off_as_ours() {
     bob.deliver(&mut hub, &dir).await;
     bob.say(&mut hub, &group, "in sync").await;
     assert_eq!(group_texts(&alice.deliver(&mut hub, &dir).await.1), ["in sync"]);
+}
+
+/// `team`, with bob's second device B2 added by alice; everyone has read the stream.
+async fn team_with_bob2(hub: &mut Hub, dir: &mut Directory) -> (Device, Device, Device, Device, GroupId) {
+    let (mut alice, mut bob, mut carol, group) = team(hub, dir).await;
+    let mut bob2 = Device::new(dir, "bob", "B2", 5).await;
+    let key_packages = claim(dir, &mut [&mut bob2]).await;
+    let commit = alice.machine.commit_add(&group, &key_packages, &dir.all()).await.unwrap().unwrap();
+    hub.send(&alice.id, &group, &commit).unwrap();
+    for device in [&mut alice, &mut bob, &mut carol, &mut bob2] {
+        device.deliver(hub, dir).await;
+    }
+    assert_eq!(alice.machine.members(&group).await.unwrap().len(), 4);
+    (alice, bob, carol, bob2, group)
+}
+
+fn devices(names: &[(&str, &str)]) -> Vec<Dev> {
+    names.iter().map(|(u, d)| (format!("@{u}:x").parse().unwrap(), d.parse().unwrap())).collect()
+}
+
+#[tokio::test]
+async fn a_device_dropped_from_its_owners_list_is_removed_by_the_next_commit_add() {
+    let (mut hub, mut dir) = (Hub::default(), Directory::default());
+    let (mut alice, mut bob, mut carol, mut bob2, group) = team_with_bob2(&mut hub, &mut dir).await;
+    let mut dave = Device::new(&mut dir, "dave", "D1", 4).await;
+    let dave_kp = claim(&dir, &mut [&mut dave]).await;
+    // Bob drops B2 from his list, with no group commit; alice's next change removes its leaf.
+    dir.unpublish(&bob.id.0, &bob2.id.1);
+    let commit = alice.machine.commit_add(&group, &dave_kp, &dir.all()).await.unwrap().unwrap();
+    hub.send(&alice.id, &group, &commit).unwrap();
+    let expected = devices(&[("alice", "A1"), ("bob", "B1"), ("carol", "C1"), ("dave", "D1")]);
+    let (_, events) = alice.deliver(&mut hub, &dir).await;
+    assert!(events.contains(&MessengerEvent::GroupMembersChanged {
+        group_id: group.clone(),
+        added: users(&["dave"]),
+        removed: vec![]
+    }));
+    for device in [&mut bob, &mut carol] {
+        let (results, events) = device.deliver(&mut hub, &dir).await;
+        assert_eq!(acks(&results), [4]);
+        assert!(events.iter().any(|e| matches!(e, MessengerEvent::GroupMembersChanged { .. })), "{events:?}");
+    }
+    let (results, events) = bob2.deliver(&mut hub, &dir).await;
+    assert_eq!(acks(&results), [4]);
+    assert_eq!(events, [MessengerEvent::GroupRemoved { group_id: group.clone() }]);
+    assert_eq!(bob2.record(&group).await.state, GroupState::Removed);
+    // Dave joins a tree without B2 (every leaf vouched for by the lists he holds).
+    assert_eq!(acks(&dave.deliver(&mut hub, &dir).await.0), [4]);
+    for device in [&alice, &bob, &carol, &dave] {
+        assert_eq!(device.machine.members(&group).await.unwrap(), expected, "{:?}", device.id);
+    }
+    // What follows does not reach B2.
+    alice.say(&mut hub, &group, "without B2").await;
+    assert_eq!(group_texts(&bob.deliver(&mut hub, &dir).await.1), ["without B2"]);
+    assert!(hub.next(&bob2.id).is_none());
+}
+
+#[tokio::test]
+async fn the_pruning_commit_removes_the_stale_leaf_alone_and_unknown_lists_remove_nothing() {
+    let (mut hub, mut dir) = (Hub::default(), Directory::default());
+    let (mut alice, mut bob, mut carol, mut bob2, group) = team_with_bob2(&mut hub, &mut dir).await;
+    // Nothing stale: no commit.
+    assert_eq!(alice.machine.commit_prune(&group, &dir.all()).await.unwrap(), None);
+    dir.unpublish(&bob.id.0, &bob2.id.1);
+    // Bob's list unknown (none, or only the others'): his leaves are left alone.
+    assert_eq!(alice.machine.commit_prune(&group, &Lists::new()).await.unwrap(), None);
+    assert_eq!(alice.machine.commit_prune(&group, &dir.only(&["alice", "carol"])).await.unwrap(), None);
+    let mut unavailable = dir.only(&["alice", "carol"]);
+    unavailable.mark_unavailable(bob.id.0.clone(), "the server has none".into());
+    assert_eq!(alice.machine.commit_prune(&group, &unavailable).await.unwrap(), None);
+    assert!(alice.machine.pending_commit(&group).await.unwrap().is_none());
+    // With bob's current list, the commit removes B2 and nothing else.
+    let prune = alice.machine.commit_prune(&group, &dir.only(&["bob"])).await.unwrap().expect("a pruning commit");
+    assert!(prune.welcome.is_none());
+    assert_eq!(alice.machine.pending_commit(&group).await.unwrap().as_ref(), Some(&prune));
+    hub.send(&alice.id, &group, &prune).unwrap();
+    let expected = devices(&[("alice", "A1"), ("bob", "B1"), ("carol", "C1")]);
+    for device in [&mut alice, &mut bob, &mut carol] {
+        let (results, events) = device.deliver(&mut hub, &dir).await;
+        assert_eq!(acks(&results), [4]);
+        // The same users before and after: a device left, no user did.
+        assert!(events.contains(&MessengerEvent::GroupMembersChanged {
+            group_id: group.clone(),
+            added: vec![],
+            removed: vec![]
+        }));
+        assert_eq!(device.machine.members(&group).await.unwrap(), expected, "{:?}", device.id);
+    }
+    assert_eq!(bob2.deliver(&mut hub, &dir).await.1, [MessengerEvent::GroupRemoved { group_id: group.clone() }]);
+    // Nothing stale any more.
+    assert_eq!(alice.machine.commit_prune(&group, &dir.all()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_leaf_whose_key_differs_from_its_list_is_stale_and_a_removal_names_each_leaf_once() {
+    let (mut hub, mut dir) = (Hub::default(), Directory::default());
+    let (mut alice, mut bob, mut carol, mut bob2, group) = team_with_bob2(&mut hub, &mut dir).await;
+    // Carol's list now gives C1 another key: her leaf is stale too.
+    let other = DeviceIdentity::generate(&mut StdRng::seed_from_u64(99));
+    dir.unpublish(&carol.id.0, &carol.id.1);
+    dir.publish(&carol.id.0, &carol.id.1, &other, 3);
+    dir.unpublish(&bob.id.0, &bob2.id.1);
+    // Removing bob (both his devices) and pruning B2 and C1: B2 is removed once.
+    let removal = alice.machine.commit_remove(&group, &users(&["bob"]), &dir.all()).await.unwrap().unwrap();
+    hub.send(&alice.id, &group, &removal).unwrap();
+    let (_, events) = alice.deliver(&mut hub, &dir).await;
+    assert!(events.contains(&MessengerEvent::GroupMembersChanged {
+        group_id: group.clone(),
+        added: vec![],
+        removed: users(&["bob", "carol"])
+    }));
+    assert_eq!(alice.machine.members(&group).await.unwrap(), devices(&[("alice", "A1")]));
+    for device in [&mut bob, &mut bob2, &mut carol] {
+        assert_eq!(device.deliver(&mut hub, &dir).await.1, [MessengerEvent::GroupRemoved { group_id: group.clone() }]);
+    }
+}
+
+#[test]
+fn finding_stale_leaves_among_1000_members_is_one_quick_pass() {
+    // 1,000 users with one device each; every list given. User 1 dropped its device, user 2's
+    // device has another key, user 3's list is not given, and our own leaf (0) is in no list.
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut leaves = Vec::new();
+    let mut lists = Lists::new();
+    for n in 0..1000u32 {
+        let user: UserId = format!("@u{n}:x").parse().unwrap();
+        let device: DeviceId = "D".parse().unwrap();
+        let identity = DeviceIdentity::generate(&mut rng);
+        leaves.push(MemberLeaf::new(user.clone(), device.clone(), identity.signing_key().public()));
+        let owner = UserIdentity::from_bytes(&[7; 32]);
+        let entries = match n {
+            0 | 1 => vec![DeviceIdentity::generate(&mut rng).list_entry(&"OTHER".parse().unwrap())],
+            2 => vec![DeviceIdentity::generate(&mut rng).list_entry(&device)],
+            _ => vec![identity.list_entry(&device)],
+        };
+        if n != 3 {
+            let signed = owner.sign_device_list(&user, 1, entries).unwrap();
+            lists.insert(verify_device_list(&signed, &user, None, None).unwrap(), false);
+        }
+    }
+    let started = std::time::Instant::now();
+    let found = stale(leaves.iter().enumerate(), 0, &lists);
+    let took = started.elapsed();
+    assert_eq!(found, [1, 2]);
+    eprintln!("stale leaves among 1,000 members: {took:?}");
+    assert!(took < std::time::Duration::from_millis(100), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_user_leaves_by_proposals_the_lowest_remaining_leaf_commits_them_and_nobody_sends_before() {
+    let (mut hub, mut dir) = (Hub::default(), Directory::default());
+    let (mut alice, mut bob, mut carol, group) = team(&mut hub, &mut dir).await;
+
+    // Bob proposes his removal; once every leaf of his is proposed he is leaving.
+    let proposal = bob.machine.propose_leave(&group).await.unwrap().expect("a proposal");
+    assert!(proposal.group_info.is_none());
+    let proposed = hub.send(&bob.id, &group, &proposal).unwrap();
+    assert_eq!(bob.machine.propose_leave(&group).await.unwrap(), None, "nothing left to propose");
+    assert_eq!(bob.record(&group).await.state, GroupState::Leaving);
+    assert!(matches!(
+        bob.machine.encrypt_text(&group, Uuid::new_v4(), "x", Timestamp::from_millis(1)).await,
+        Err(GroupError::NotActive { .. })
+    ));
+    assert_eq!(acks(&bob.deliver(&mut hub, &dir).await.0), [proposed.group_seq.get()], "his own proposal is skipped");
+
+    // Carol reads it but is not the committer; she cannot send before it is committed.
+    assert_eq!(acks(&carol.deliver(&mut hub, &dir).await.0), [proposed.group_seq.get()]);
+    assert!(carol.machine.take_commits_wanted().is_empty());
+    assert!(carol.machine.has_pending_proposals(&group).await.unwrap());
+    // Alice (leaf 0) is the one to commit it.
+    alice.deliver(&mut hub, &dir).await;
+    assert_eq!(alice.machine.take_commits_wanted(), std::slice::from_ref(&group));
+    // Whoever commits first wins: here Carol, as her SDK does before sending. Her commit of
+    // the proposal (and nothing else) removes Bob.
+    let commit = carol.machine.commit_pending(&group, &Lists::new()).await.unwrap().expect("a commit");
+    hub.send(&carol.id, &group, &commit).unwrap();
+    for device in [&mut alice, &mut carol] {
+        let (_, events) = device.deliver(&mut hub, &dir).await;
+        assert!(events.contains(&MessengerEvent::GroupMembersChanged {
+            group_id: group.clone(),
+            added: vec![],
+            removed: users(&["bob"])
+        }));
+    }
+    let (_, events) = bob.deliver(&mut hub, &dir).await;
+    assert_eq!(events, [MessengerEvent::GroupRemoved { group_id: group.clone() }]);
+    assert_eq!(bob.record(&group).await.state, GroupState::Removed);
+    assert_eq!(alice.machine.commit_pending(&group, &Lists::new()).await.unwrap(), None, "nothing pending any more");
+    carol.say(&mut hub, &group, "without bob").await;
+    assert_eq!(group_texts(&alice.deliver(&mut hub, &dir).await.1), ["without bob"]);
+    assert!(bob.deliver(&mut hub, &dir).await.0.is_empty());
+}
+
+#[tokio::test]
+async fn a_commit_that_leaves_out_a_proposal_is_refused_and_a_removal_of_a_leaving_user_commits_the_proposal() {
+    let (mut hub, mut dir) = (Hub::default(), Directory::default());
+    let (mut alice, mut bob, mut carol, group) = team(&mut hub, &mut dir).await;
+    let proposal = bob.machine.propose_leave(&group).await.unwrap().unwrap();
+    hub.send(&bob.id, &group, &proposal).unwrap();
+    // Alice has not read it: her removal of Carol leaves it out.
+    let blind = alice.machine.commit_remove(&group, &users(&["carol"]), &Lists::new()).await.unwrap().unwrap();
+    assert_eq!(hub.send(&alice.id, &group, &blind).unwrap_err().code, ErrorCode::MissingProposals);
+    alice.machine.commit_refused(&group).await.unwrap();
+    alice.deliver(&mut hub, &dir).await;
+    // Removing Bob, whose removal is proposed, commits the proposal instead of a second removal.
+    let commit = alice.machine.commit_remove(&group, &users(&["bob"]), &Lists::new()).await.unwrap().unwrap();
+    hub.send(&alice.id, &group, &commit).unwrap();
+    let (_, events) = carol.deliver(&mut hub, &dir).await;
+    assert!(events.contains(&MessengerEvent::GroupMembersChanged {
+        group_id: group.clone(),
+        added: vec![],
+        removed: users(&["bob"])
+    }));
+    assert_eq!(bob.deliver(&mut hub, &dir).await.1, [MessengerEvent::GroupRemoved { group_id: group.clone() }]);
 }

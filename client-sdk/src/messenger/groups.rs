@@ -10,6 +10,10 @@
 //!   on top (members already added or removed are skipped), up to [`MAX_COMMIT_ATTEMPTS`]
 //!   times. A commit whose answer was lost stays pending and is re-sent with the same id before
 //!   the next one.
+//! - Before building each commit, the device lists this device already holds for the group's
+//!   member users are read from the local store (no fetch) and handed to the machine, which
+//!   removes in the same commit the leaves of devices that left their owner's list
+//!   (`spec/groups.md` §2). [`Messenger::prune_device`] makes such a commit on its own.
 //! - KeyPackages: [`KEY_PACKAGE_TARGET`] one-time ones and a last-resort one are uploaded when
 //!   the profile has none yet, more when the server says it runs low, and a new last-resort
 //!   one when the current one nears its end.
@@ -97,12 +101,27 @@ enum Application<'a> {
     Meta,
 }
 
-/// A membership change to commit.
+/// A membership change to commit (each also removes the leaves the known lists no longer
+/// vouch for).
 enum Change {
     Add(Vec<KeyPackage>),
     Remove(Vec<UserId>),
     /// The stored proposals alone (members leaving).
     Pending,
+    /// Only those leaves.
+    Prune,
+}
+
+/// What removing a device from the groups came to ([`Messenger::remove_device`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeviceRemoval {
+    /// The groups the device is no longer a member of (this device's commit removed it, or
+    /// another member's did meanwhile).
+    pub removed_from: Vec<GroupId>,
+    /// The groups where it is still a member because the commit failed, with why. Any member's
+    /// next commit there removes it (its list no longer names it).
+    pub failed: Vec<(GroupId, String)>,
 }
 
 impl Messenger {
@@ -189,6 +208,36 @@ impl Messenger {
     /// merged (false when none of them was a member).
     pub async fn remove_members(&self, group_id: &GroupId, users: &[UserId]) -> Result<bool, MessengerError> {
         self.commit(group_id, &Change::Remove(users.to_vec())).await
+    }
+
+    /// Removes `device` of this user from every active group where it is a member, each by a
+    /// pruning commit ([`GroupMachine::commit_prune`]): call it once this device holds the
+    /// user's list without `device` (else the commits remove nothing). Groups whose commit
+    /// fails are reported, not fatal.
+    pub(super) async fn prune_device(&self, device: &DeviceId) -> Result<DeviceRemoval, MessengerError> {
+        let me = self.session().user_id.clone();
+        let mut removal = DeviceRemoval::default();
+        for record in self.groups().await? {
+            if record.state != GroupState::Active {
+                continue;
+            }
+            let group_id = record.group_id;
+            let is_member = |members: &[(UserId, DeviceId)]| members.iter().any(|(u, d)| u == &me && d == device);
+            if !is_member(&self.group_members(&group_id).await?) {
+                continue;
+            }
+            let outcome = self.commit(&group_id, &Change::Prune).await;
+            match (outcome, self.group_members(&group_id).await) {
+                (_, Ok(members)) if !is_member(&members) => removal.removed_from.push(group_id),
+                (Err(error), _) => {
+                    tracing::warn!(group = %group_id, %device, %error, "device not removed from the group");
+                    removal.failed.push((group_id, error.to_string()));
+                }
+                (Ok(_), Err(error)) => removal.failed.push((group_id, error.to_string())),
+                (Ok(_), Ok(_)) => removal.failed.push((group_id, "the known device list still names it".to_owned())),
+            }
+        }
+        Ok(removal)
     }
 
     /// Leaves a group with all of this user's devices: proposes the removal of each of their
@@ -295,17 +344,20 @@ impl Messenger {
     /// Commits `change`: re-sends a pending commit first, then builds, submits and waits for the
     /// commit, rebuilding it after each lost epoch. False when there was nothing to change.
     async fn commit(&self, group_id: &GroupId, change: &Change) -> Result<bool, MessengerError> {
+        let _one_at_a_time = self.inner.commit_serial.lock().await;
         if let Some(pending) = self.group_machine().await.pending_commit(group_id).await? {
             tracing::debug!(group = %group_id, "re-sending a pending commit");
             self.submit_commit(group_id, &pending).await?;
         }
         for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let lists = self.known_lists(group_id).await?;
             let request = {
                 let mut machine = self.group_machine().await;
                 match change {
-                    Change::Add(key_packages) => machine.commit_add(group_id, key_packages).await?,
-                    Change::Remove(users) => machine.commit_remove(group_id, users).await?,
-                    Change::Pending => machine.commit_pending(group_id).await?,
+                    Change::Add(key_packages) => machine.commit_add(group_id, key_packages, &lists).await?,
+                    Change::Remove(users) => machine.commit_remove(group_id, users, &lists).await?,
+                    Change::Prune => machine.commit_prune(group_id, &lists).await?,
+                    Change::Pending => machine.commit_pending(group_id, &lists).await?,
                 }
             };
             let Some(request) = request else { return Ok(false) };
@@ -314,6 +366,19 @@ impl Messenger {
             }
         }
         Err(GroupError::Conflict { group_id: group_id.clone(), attempts: MAX_COMMIT_ATTEMPTS }.into())
+    }
+
+    /// The verified device lists this device already holds for the group's member users: local
+    /// reads only (a list is fetched when a leaf needs vouching, or on
+    /// [`refresh_devices`](Messenger::refresh_devices)), one pass over the members.
+    async fn known_lists(&self, group_id: &GroupId) -> Result<Lists, MessengerError> {
+        let members = self.group_machine().await.members(group_id).await?;
+        let users: BTreeSet<UserId> = members.into_iter().map(|(user, _)| user).collect();
+        let mut lists = Lists::new();
+        for list in self.inner.driver.known_device_lists(&users).await? {
+            lists.insert(list, false);
+        }
+        Ok(lists)
     }
 
     /// Submits a commit and waits until it is merged at its position (true), or drops it after

@@ -4,7 +4,8 @@
 //!
 //! - **Identity.** The first device of an account creates the user's identity key and shows a
 //!   32-byte recovery secret once; the identity key signs the device list. A new device signs
-//!   itself in with the recovery secret ([`Messenger::add_device`]).
+//!   itself in with the recovery secret ([`Messenger::add_device`]) and keeps the identity, so
+//!   any device can sign the list without another ([`Messenger::remove_device`]).
 //! - **Trust.** Device lists are verified against the identity key pinned on first contact and
 //!   against the last version seen; a changed identity, a rollback, an equivocation or a forged
 //!   list is an [`MessengerEvent::Untrusted`] event and a typed error, and nothing is encrypted
@@ -19,6 +20,7 @@
 //! work only) and every request it asks for is performed with the lock released, so a send
 //! that waits for the server does not hold up incoming messages.
 
+mod devices;
 mod driver;
 mod groups;
 #[cfg(test)]
@@ -26,7 +28,7 @@ mod tests;
 
 pub use crate::e2ee::{MessengerEvent, Undecryptable, Untrust};
 pub use crate::groups::{GroupError, GroupMessage, GroupProblem, GroupRecord, GroupState};
-pub use groups::{AddReport, MAX_COMMIT_ATTEMPTS};
+pub use groups::{AddReport, DeviceRemoval, MAX_COMMIT_ATTEMPTS};
 
 use crate::e2ee::{AccountStore as _, CryptoError, E2eeError, E2eeMachine, Progress};
 use crate::groups::GroupMachine;
@@ -69,6 +71,9 @@ pub enum MessengerError {
     /// A group operation failed.
     #[error(transparent)]
     Group(#[from] GroupError),
+    /// The arguments do not make sense (API misuse), such as a device removing itself.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     /// A bug: the driver misused the E2EE machine.
     #[error("internal error: {0}")]
     Internal(#[source] E2eeError),
@@ -121,6 +126,10 @@ struct Inner {
     /// Held while one group event is handled (from the WebSocket or pulled), so the group
     /// stream is handled in order, one event at a time.
     group_serial: tokio::sync::Mutex<()>,
+    /// Held for the whole of one commit of this device (build, submit, wait for it to come
+    /// back), so two commits never race on the one pending-commit slot of a group (a user's
+    /// change and a background commit of proposals, say).
+    commit_serial: tokio::sync::Mutex<()>,
     /// Counts group events handled, for callers waiting for a position or an epoch.
     group_progress: watch::Sender<u64>,
 }
@@ -239,6 +248,7 @@ impl Messenger {
             sync: watch::channel(SyncState::Syncing).0,
             groups: tokio::sync::Mutex::new(groups),
             group_serial: tokio::sync::Mutex::new(()),
+            commit_serial: tokio::sync::Mutex::new(()),
             group_progress: watch::channel(0).0,
         });
         tokio::spawn(run_outbox(Arc::downgrade(&inner), flush_requests));

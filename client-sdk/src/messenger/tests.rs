@@ -75,3 +75,47 @@ async fn a_send_waiting_for_the_server_does_not_hold_up_an_incoming_message() {
     assert!(matches!(events.recv().await, Some(MessengerEvent::Sent { client_msg_id, .. }) if client_msg_id == id));
     assert!(driver.machine().await.outbox().await.unwrap().is_empty());
 }
+
+/// A transport for tests that must not touch the network.
+struct NoNetwork;
+
+impl Transport for NoNetwork {
+    async fn perform(&self, request: OutgoingRequest) -> Result<Response, Error> {
+        panic!("no request expected: {request:?}")
+    }
+}
+
+#[tokio::test]
+async fn the_known_device_lists_of_1000_users_are_read_locally_in_one_quick_pass() {
+    use crate::e2ee::TrustStore as _;
+    use parley_crypto::identity::{verify_device_list, DeviceIdentity, UserIdentity};
+    use rand::SeedableRng as _;
+
+    let server = FakeServer::shared();
+    let mut alice = TestUser::new("alice", 1);
+    let machine = alice.add_device(&server, "A1", 11).await;
+    // 1,000 users whose lists this device verified and stored earlier; one more it never saw.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut users = Vec::new();
+    for n in 0..1000 {
+        let user: UserId = format!("@u{n}:x").parse().unwrap();
+        let entry = DeviceIdentity::generate(&mut rng).list_entry(&"D".parse().unwrap());
+        let signed = UserIdentity::from_bytes(&[9; 32]).sign_device_list(&user, 1, vec![entry]).unwrap();
+        machine.store().save_device_list(&verify_device_list(&signed, &user, None, None).unwrap()).await.unwrap();
+        users.push(user);
+    }
+    users.push("@stranger:x".parse().unwrap());
+    let (tx, _events) = mpsc::unbounded_channel();
+    let driver = Driver::new(machine, NoNetwork, tx);
+    let started = std::time::Instant::now();
+    let lists = driver.known_device_lists(&users).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(lists.len(), 1000, "the stranger's list is not fetched");
+    assert!(lists.iter().zip(&users).all(|(list, user)| list.user_id() == user));
+    eprintln!("1,000 known device lists read and verified: {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Read again, they come from the machine's cache.
+    let started = std::time::Instant::now();
+    assert_eq!(driver.known_device_lists(&users).await.unwrap().len(), 1000);
+    eprintln!("again, cached: {:?}", started.elapsed());
+}

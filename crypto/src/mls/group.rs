@@ -337,6 +337,33 @@ impl Group {
         self.commit(client, identity, Vec::new(), removes, false)
     }
 
+    /// Adds devices by their KeyPackages and removes the members at `indices`, in one commit
+    /// (either may be empty, not both): a member's next change can carry removals it owes, such
+    /// as devices that left their owner's signed device list. Pending until
+    /// [merged](Self::merge_pending_commit).
+    pub fn add_and_remove_members<S: MlsStorage>(
+        &mut self,
+        client: &MlsClient<S>,
+        identity: &DeviceIdentity,
+        key_packages: &[KeyPackage],
+        indices: &[LeafIndex],
+    ) -> Result<CommitBundle, MlsError> {
+        if key_packages.is_empty() && indices.is_empty() {
+            return Err(MlsError::InvalidRequest("no member to add or remove".into()));
+        }
+        for index in indices {
+            if *index == self.own_index() {
+                return Err(MlsError::InvalidRequest("a member cannot remove itself by commit; leave instead".into()));
+            }
+            if self.inner.member_at(index.to_openmls()).is_none() {
+                return Err(MlsError::InvalidRequest(format!("no member at leaf {index}")));
+            }
+        }
+        let adds = key_packages.iter().map(|kp| kp.openmls().clone()).collect::<Vec<_>>();
+        let removes = indices.iter().map(|i| i.to_openmls()).collect();
+        self.commit(client, identity, adds, removes, false)
+    }
+
     /// Replaces this member's leaf and path keys (post-compromise security), in one commit.
     pub fn self_update<S: MlsStorage>(
         &mut self,

@@ -1,7 +1,7 @@
 //! The commands. Those that need the device's connection (`register`, `login`, `send`,
-//! `history`, `chat`, `verify`) lock the profile, open a [`Messenger`] and close it cleanly at
-//! the end, so that everything the server already handed over is decrypted and stored before
-//! the process exits. The others (`devices`, `presence`, `whoami`) only read the stored session
+//! `history`, `chat`, `verify`, `group`, `devices remove`) lock the profile, open a
+//! [`Messenger`] and close it cleanly at the end, so that everything the server already handed
+//! over is decrypted and stored before the process exits. The others (`devices`, `presence`, `whoami`) only read the stored session
 //! and make HTTP requests.
 
 use crate::output::{format_time, grouped_hex, hex, indent_body, parse_secret, terminal_safe, Out};
@@ -13,7 +13,7 @@ use parley_sdk::e2ee::StoreError;
 use parley_sdk::messenger::{AddReport, GroupMessage, Messenger, MessengerError, MessengerEvent, MessengerEvents};
 use parley_sdk::spec::GroupId;
 use parley_sdk::store::StoredMessage;
-use parley_sdk::{Api, ErrorCode, PresenceStatus, ServerMsgId, Session, UserId};
+use parley_sdk::{Api, DeviceId, ErrorCode, PresenceStatus, ServerMsgId, Session, UserId};
 use serde_json::json;
 use std::collections::HashSet;
 use std::future::Future;
@@ -306,6 +306,38 @@ async fn chat_loop(ctx: &Ctx, device: &mut Device, peer: &UserId, last: u32, wat
             }
         }
     }
+    Ok(())
+}
+
+/// `parley devices remove DEVICE_ID`.
+pub async fn device_remove(ctx: &Ctx, device_id: &str, password: Option<String>) -> anyhow::Result<()> {
+    let device_id: DeviceId = device_id.parse().map_err(|_| fail("usage", format!("{device_id:?} is not a device id")))?;
+    let password = read_password(password).await?;
+    let device = ctx.connect().await?;
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        let removal = ctx.within("removing the device", device.messenger.remove_device(&device_id, &password)).await?;
+        removal.with_context(|| format!("cannot remove device {device_id}"))
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let removal = result?;
+    let failed: Vec<_> = removal.failed.iter().map(|(group, why)| json!({ "group_id": group, "error": why })).collect();
+    ctx.out.record(json!({ "device_id": device_id, "removed_from": removal.removed_from, "failed": failed }), || {
+        let mut text = format!("Removed device {device_id}");
+        match removal.removed_from.len() {
+            0 => text.push('.'),
+            _ => {
+                let groups = removal.removed_from.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", ");
+                text.push_str(&format!(", and from {groups}."));
+            }
+        }
+        for (group, why) in &removal.failed {
+            text.push_str(&format!("\nStill a member of {group} ({why}): the next commit there removes it."));
+        }
+        text
+    });
     Ok(())
 }
 
