@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "previous sessions", include_str!("../migrations/0003_previous_sessions.sql")),
     (4, "mls state", include_str!("../migrations/0004_mls_state.sql")),
     (5, "groups", include_str!("../migrations/0005_groups.sql")),
+    (6, "group policy", include_str!("../migrations/0006_group_policy.sql")),
 ];
 
 /// Key-value keys of the device's own keys and of the next one-time prekey id.
@@ -557,10 +558,16 @@ fn group_record(r: &sqlx::sqlite::SqliteRow) -> Result<GroupRecord, StoreError> 
             .transpose()?,
         created_ts: Timestamp::from_millis(number(7, "group created_ts")?),
         last_ts: Timestamp::from_millis(number(8, "group last_ts")?),
+        policy: r
+            .try_get::<Option<&str>, _>(9)
+            .map_err(backend)?
+            .map(|json| serde_json::from_str(json).map_err(|_| StoreError::Damaged("group policy")))
+            .transpose()?
+            .unwrap_or_default(),
     })
 }
 
-const GROUP_COLUMNS: &str = "group_id, name, state, problem, cursor, epoch, pending, created_ts, last_ts";
+const GROUP_COLUMNS: &str = "group_id, name, state, problem, cursor, epoch, pending, created_ts, last_ts, policy";
 
 impl GroupStore for Store {
     async fn mls_state(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
@@ -580,7 +587,7 @@ impl GroupStore for Store {
         }
         if let Some(record) = &changes.record {
             let pending = record.pending.as_ref().map(serde_json::to_vec).transpose().map_err(backend)?;
-            sqlx::query(&format!("INSERT OR REPLACE INTO groups ({GROUP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+            sqlx::query(&format!("INSERT OR REPLACE INTO groups ({GROUP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
                 .bind(record.group_id.as_str())
                 .bind(record.name.as_deref())
                 .bind(record.state.as_str())
@@ -590,6 +597,7 @@ impl GroupStore for Store {
                 .bind(pending)
                 .bind(i64::try_from(record.created_ts).map_err(backend)?)
                 .bind(i64::try_from(record.last_ts).map_err(backend)?)
+                .bind(serde_json::to_string(&record.policy).map_err(backend)?)
                 .execute(&mut *tx)
                 .await
                 .map_err(backend)?;
@@ -943,6 +951,7 @@ mod tests {
         let record = GroupRecord {
             group_id: group_id.clone(),
             name: Some("team".into()),
+            policy: crate::groups::GroupPolicy { topic: Some("plans".into()), admins: vec![user("@a:x")], max_members: Some(10) },
             state: GroupState::Active,
             problem: None,
             cursor: GroupSeq::new(3),

@@ -8,7 +8,7 @@
 
 use crate::e2ee::next;
 use parley_crypto::identity::{verify_device_list, UserIdentity, VerifiedDevice};
-use parley_sdk::messenger::{GroupState, Messenger, MessengerError, MessengerEvent, MessengerEvents};
+use parley_sdk::messenger::{GroupError, GroupState, Messenger, MessengerError, MessengerEvent, MessengerEvents, MetaChange};
 use parley_sdk::spec::GroupId;
 use parley_sdk::UserId;
 use parley_tests::fednet::{Discovery, FedNet};
@@ -117,6 +117,20 @@ async fn sdk_groups_across_three_servers_agree_recover_from_concurrent_commits_a
     for member in [&bob, &bob2, &carol] {
         assert_eq!(member.history(&group).await?, order, "{} has the same order", member.user());
     }
+
+    // Only admins change the membership: Alice (the creator) makes Bob one too. The policy
+    // travels encrypted; Bob's SDK takes it from Alice because she is an admin.
+    assert!(matches!(
+        bob.messenger.remove_members(&group, &[carol.user()]).await,
+        Err(MessengerError::Group(GroupError::NotAllowed(_)))
+    ));
+    alice.messenger.update_group(&group, MetaChange::Admins(vec![alice.user(), bob.user()])).await?;
+    let policy = next(&mut bob.events, |e| match e {
+        MessengerEvent::GroupPolicyChanged { policy, .. } => Some(policy),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(policy.admins, [alice.user(), bob.user()]);
 
     // Alice adds Dave while Bob removes Carol, at the same time: exactly one commit wins the
     // epoch; the other SDK catches up and rebuilds its change on top, and both land.

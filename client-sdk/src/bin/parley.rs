@@ -353,6 +353,7 @@ fn group_code(error: &GroupError) -> String {
         GroupError::NotActive { .. } => "group_inactive",
         GroupError::CommitPending(_) => "commit_pending",
         GroupError::NotSupported(_) => "not_supported",
+        GroupError::NotAllowed(_) => "not_allowed",
         GroupError::InvalidRequest(_) => "usage",
         GroupError::Conflict { .. } => "epoch_conflict",
         GroupError::Behind { .. } => "behind",

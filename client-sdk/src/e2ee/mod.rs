@@ -174,6 +174,13 @@ pub enum MessengerEvent {
         /// The name.
         name: String,
     },
+    /// An admin changed a group's policy (topic, admins, member limit; end-to-end encrypted).
+    GroupPolicyChanged {
+        /// The group.
+        group_id: GroupId,
+        /// The policy now.
+        policy: crate::groups::GroupPolicy,
+    },
     /// A commit removed this device from a group: nothing more arrives from it.
     GroupRemoved {
         /// The group.

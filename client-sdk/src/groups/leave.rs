@@ -74,7 +74,7 @@ impl<S: GroupStore> GroupMachine<S> {
         if !group.has_pending_proposals() {
             return Ok(None);
         }
-        let stale = stale_leaves(&group, &group.members()?, lists);
+        let stale = stale_leaves(&group, &group.members()?, lists, &record.policy, &self.user_id);
         let bundle = match stale.is_empty() {
             true => group.commit_pending_proposals(&self.client, &self.device)?,
             false => group.add_and_remove_members(&self.client, &self.device, &[], &stale)?,

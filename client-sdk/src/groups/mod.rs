@@ -33,21 +33,25 @@
 
 mod leave;
 mod memory;
+mod policy;
 mod store;
 #[cfg(test)]
 mod tests;
 
 pub use memory::MemoryGroupStore;
-pub use store::{Confirmation, GroupChanges, GroupMessage, GroupRecord, GroupState, GroupStore};
+pub use policy::MetaChange;
+pub use store::{Confirmation, GroupChanges, GroupMessage, GroupPolicy, GroupRecord, GroupState, GroupStore};
 
 #[cfg(doc)]
 use crate::e2ee::E2eeMachine;
 use crate::e2ee::{MessengerEvent, StoreError};
 use parley_crypto::identity::{DeviceIdentity, VerifiedDeviceList, DEVICE_IDENTITY_BYTES};
 use parley_crypto::mls::MemoryStorage;
-use parley_crypto::mls::{ErrorKind, Group, Incoming, IncomingCommit, KeyPackage, LeafIndex, Lifetime, Member, MemberLeaf};
+use parley_crypto::mls::{
+    ErrorKind, Group, Incoming, IncomingCommit, KeyPackage, LeafIndex, Lifetime, Member, MemberChange, MemberLeaf,
+};
 use parley_crypto::mls::{MlsClient, MlsError, PendingJoin};
-use parley_spec::v1::content::{Content, GroupMetaContent, GroupTextContent};
+use parley_spec::v1::content::{Content, GroupTextContent};
 use parley_spec::v1::groups::{CreateGroupRequest, GroupEvent, GroupEventKind, GroupSendRequest, GroupSentResponse};
 use parley_spec::v1::keypackages::UploadKeyPackagesRequest;
 use parley_spec::{DeviceId, GroupId, GroupSeq, Timestamp, UserId};
@@ -88,6 +92,11 @@ pub enum GroupProblem {
     /// A commit could not be processed: the group cannot move on for this device.
     #[error("a commit could not be processed: {0}")]
     BadCommit(String),
+    /// A commit or metadata breaks the group's policy (an add or a removal of another user's
+    /// device by a member who is not an admin, the member limit, metadata from a non-admin). A
+    /// commit is then not merged and the group is stuck; metadata is dropped.
+    #[error("the group's policy forbids this: {0}")]
+    PolicyViolation(String),
     /// A proposal could not be processed or breaks the group's rule (only the removal of the
     /// proposer's own devices): the group cannot move on for this device.
     #[error("a proposal could not be processed: {0}")]
@@ -146,6 +155,10 @@ pub enum GroupError {
     /// The arguments do not make sense.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The group's policy does not let this user do it (it is not an admin, or the group is
+    /// at its member limit).
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
     /// The commit lost its epoch to other members' commits too many times.
     #[error("the change to {group_id} lost to other members' changes {attempts} times; try again")]
     Conflict {
@@ -356,6 +369,7 @@ impl<S: GroupStore> GroupMachine<S> {
         let record = GroupRecord {
             group_id: group_id.clone(),
             name,
+            policy: GroupPolicy::with_admins(vec![self.user_id.clone()]),
             state: GroupState::Active,
             problem: None,
             cursor: GroupSeq::ZERO,
@@ -400,11 +414,15 @@ impl<S: GroupStore> GroupMachine<S> {
         Ok(GroupSendRequest::application(client_msg_id, message))
     }
 
-    /// Encrypts the group's metadata (its name) for the members, if it has a name.
+    /// Encrypts the group's metadata and policy for the members, if it has a name and this
+    /// user is an admin (members take metadata only from admins).
     pub async fn encrypt_meta(&mut self, group_id: &GroupId) -> Result<Option<GroupSendRequest>, GroupError> {
         let record = self.active(group_id).await?;
-        let Some(name) = record.name else { return Ok(None) };
-        let message = self.encrypt(group_id, &Content::GroupMeta(GroupMetaContent::new(name)))?;
+        if !record.policy.is_admin(&self.user_id) {
+            return Ok(None);
+        }
+        let Some(meta) = policy::meta_of(&record) else { return Ok(None) };
+        let message = self.encrypt(group_id, &Content::GroupMeta(meta))?;
         self.persist(GroupChanges::default()).await?;
         Ok(Some(GroupSendRequest::application(Uuid::new_v4(), message)))
     }
@@ -427,9 +445,12 @@ impl<S: GroupStore> GroupMachine<S> {
         lists: &Lists,
     ) -> Result<Option<GroupSendRequest>, GroupError> {
         let record = self.committable(group_id).await?;
+        if !record.policy.is_admin(&self.user_id) {
+            return Err(GroupError::NotAllowed(format!("only admins add members to {group_id}")));
+        }
         let mut group = self.load(group_id)?;
         let members = group.members()?;
-        let stale = stale_leaves(&group, &members, lists);
+        let stale = stale_leaves(&group, &members, lists, &record.policy, &self.user_id);
         // A stale leaf's device may come back with a leaf its list vouches for.
         let mut present: BTreeSet<(UserId, DeviceId)> = members
             .iter()
@@ -443,6 +464,10 @@ impl<S: GroupStore> GroupMachine<S> {
             .collect();
         if adds.is_empty() {
             return Ok(None);
+        }
+        let after = members.len() - stale.len() + adds.len();
+        if let Some(max) = record.policy.max_members.filter(|max| after > *max as usize) {
+            return Err(GroupError::NotAllowed(format!("{group_id} would have {after} devices; its limit is {max}")));
         }
         let bundle = group.add_and_remove_members(&self.client, &self.device, &adds, &stale)?;
         let request = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
@@ -468,11 +493,14 @@ impl<S: GroupStore> GroupMachine<S> {
         if !members.iter().any(|m| users.contains(m.leaf.user())) {
             return Ok(None);
         }
+        if !record.policy.is_admin(&self.user_id) {
+            return Err(GroupError::NotAllowed(format!("only admins remove other users from {group_id}")));
+        }
         // A leaf whose removal is proposed already goes with the proposal (twice is invalid).
         let proposed = group.pending_removals();
         let mut indices: Vec<LeafIndex> =
             members.iter().filter(|m| users.contains(m.leaf.user()) && !proposed.contains(&m.index)).map(|m| m.index).collect();
-        for index in stale_leaves(&group, &members, lists) {
+        for index in stale_leaves(&group, &members, lists, &record.policy, &self.user_id) {
             if !indices.contains(&index) {
                 indices.push(index);
             }
@@ -494,7 +522,7 @@ impl<S: GroupStore> GroupMachine<S> {
     pub async fn commit_prune(&mut self, group_id: &GroupId, lists: &Lists) -> Result<Option<GroupSendRequest>, GroupError> {
         let record = self.committable(group_id).await?;
         let mut group = self.load(group_id)?;
-        let stale = stale_leaves(&group, &group.members()?, lists);
+        let stale = stale_leaves(&group, &group.members()?, lists, &record.policy, &self.user_id);
         if stale.is_empty() {
             return Ok(None);
         }
@@ -593,12 +621,7 @@ impl<S: GroupStore> GroupMachine<S> {
                     events.push(MessengerEvent::GroupMessage(message.clone()));
                     messages.push(message);
                 }
-                Ok(Content::GroupMeta(meta)) => {
-                    if record.name.as_deref() != Some(meta.name.as_str()) {
-                        record.name = Some(meta.name.clone());
-                        events.push(MessengerEvent::GroupRenamed { group_id: group_id.clone(), name: meta.name });
-                    }
-                }
+                Ok(Content::GroupMeta(meta)) => events.extend(self.take_meta(&mut record, sender.leaf.user(), meta)),
                 _ => events.push(problem(GroupProblem::UnknownContent)),
             },
             Ok(other) => events.push(problem(GroupProblem::Undecryptable(format!("not an application message: {other:?}")))),
@@ -655,6 +678,11 @@ impl<S: GroupStore> GroupMachine<S> {
                 return Ok(Received::NeedLists(needs));
             }
             Vouch::Refused(problem) => return self.stuck(record, problem).await,
+        }
+        let added = commit.changes().iter().filter(|c| matches!(c, MemberChange::Added(_))).count();
+        let removed = commit.changes().iter().filter(|c| matches!(c, MemberChange::Removed { .. })).count();
+        if let Err(reason) = policy::check_commit(&record.policy, &commit, before.len() + added - removed) {
+            return self.stuck(record, GroupProblem::PolicyViolation(reason)).await;
         }
         let removes_me = commit.removes_me();
         group.merge_commit(&self.client, commit)?;
@@ -755,6 +783,9 @@ impl<S: GroupStore> GroupMachine<S> {
         let record = GroupRecord {
             group_id: group_id.clone(),
             name: previous.and_then(|p| p.name),
+            // The member who added this device is an admin (only admins add) until the
+            // metadata it sends after the add says who the admins are.
+            policy: GroupPolicy::with_admins(vec![by.clone()]),
             state: GroupState::Active,
             problem: None,
             cursor: event.group_seq,
@@ -867,12 +898,15 @@ fn stale<'a, I: Copy + PartialEq + 'a>(members: impl IntoIterator<Item = (I, &'a
         .collect()
 }
 
-/// [`stale`] over a group's members (`group`'s current ones), but for those whose removal is
-/// proposed already (the proposal removes them; a second removal would be invalid).
-fn stale_leaves(group: &Group, members: &[Member], lists: &Lists) -> Vec<LeafIndex> {
+/// [`stale`] over a group's members (`group`'s current ones) that `me` may remove under `policy`
+/// (an admin any, a member its own user's), but for those whose removal is proposed already
+/// (the proposal removes them; a second removal would be invalid).
+fn stale_leaves(group: &Group, members: &[Member], lists: &Lists, policy: &GroupPolicy, me: &UserId) -> Vec<LeafIndex> {
     let proposed = group.pending_removals();
+    let admin = policy.is_admin(me);
+    let mine = |index: &LeafIndex| members.iter().any(|m| m.index == *index && m.leaf.user() == me);
     let mut stale = stale(members.iter().map(|m| (m.index, &m.leaf)), group.own_index(), lists);
-    stale.retain(|index| !proposed.contains(index));
+    stale.retain(|index| !proposed.contains(index) && (admin || mine(index)));
     stale
 }
 

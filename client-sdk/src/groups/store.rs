@@ -56,6 +56,8 @@ pub struct GroupRecord {
     pub group_id: GroupId,
     /// Its name, once a member told it (end-to-end encrypted; no server knows it).
     pub name: Option<String>,
+    /// Its policy: topic, admins, member limit (end-to-end encrypted like the name).
+    pub policy: GroupPolicy,
     /// Where it stands.
     pub state: GroupState,
     /// Why it is stuck, for people.
@@ -72,6 +74,37 @@ pub struct GroupRecord {
     pub created_ts: Timestamp,
     /// The latest message or change (for ordering conversations).
     pub last_ts: Timestamp,
+}
+
+/// A group's policy, from its end-to-end encrypted metadata ([`Content::GroupMeta`]): taken
+/// only from an admin, and every commit is checked against it (`spec/groups.md` §3).
+///
+/// [`Content::GroupMeta`]: parley_spec::v1::content::Content::GroupMeta
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct GroupPolicy {
+    /// The topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Who may add members, remove other users' devices and change the metadata. Empty when no
+    /// admin is known (a group from before policies): then every member may.
+    #[serde(default)]
+    pub admins: Vec<UserId>,
+    /// The most member devices the admins allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_members: Option<u32>,
+}
+
+impl GroupPolicy {
+    /// A policy with these admins.
+    pub fn with_admins(admins: Vec<UserId>) -> Self {
+        Self { admins, ..Self::default() }
+    }
+
+    /// Whether `user` may add members, remove other users' devices and change the metadata.
+    pub fn is_admin(&self, user: &UserId) -> bool {
+        self.admins.is_empty() || self.admins.contains(user)
+    }
 }
 
 /// A message of a group's history.

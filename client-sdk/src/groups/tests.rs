@@ -7,6 +7,7 @@
 use super::*;
 use parley_crypto::identity::{verify_device_list, UserIdentity};
 use parley_crypto::mls::HubGroup;
+use parley_spec::v1::content::GroupMetaContent;
 use parley_spec::v1::groups::GroupSentResponse;
 use parley_spec::{ErrorBody, ErrorCode};
 use rand::rngs::StdRng;
@@ -303,6 +304,19 @@ fn users(names: &[&str]) -> Vec<UserId> {
     names.iter().map(|n| format!("@{n}:x").parse().unwrap()).collect()
 }
 
+/// Alice's group "team" with Bob and Carol joined and all three admins; everyone has read the
+/// stream.
+async fn team_of_admins(hub: &mut Hub, dir: &mut Directory) -> (Device, Device, Device, GroupId) {
+    let (mut alice, mut bob, mut carol, group) = team(hub, dir).await;
+    alice.machine.update_meta(&group, MetaChange::Admins(users(&["alice", "bob", "carol"]))).await.unwrap();
+    let meta = alice.machine.encrypt_meta(&group).await.unwrap().expect("metadata");
+    hub.send(&alice.id, &group, &meta).unwrap();
+    for device in [&mut alice, &mut bob, &mut carol] {
+        device.deliver(hub, dir).await;
+    }
+    (alice, bob, carol, group)
+}
+
 /// Alice's group "team" with Bob and Carol joined; everyone has read the stream.
 async fn team(hub: &mut Hub, dir: &mut Directory) -> (Device, Device, Device, GroupId) {
     let mut alice = Device::new(dir, "alice", "A1", 1).await;
@@ -408,7 +422,7 @@ async fn an_own_commit_merges_at_its_position_and_messages_before_it_are_read_in
 #[tokio::test]
 async fn a_commit_that_lost_its_epoch_is_cleared_rebuilt_on_top_and_resubmitted() {
     let (mut hub, mut dir) = (Hub::default(), Directory::default());
-    let (mut alice, mut bob, mut carol, group) = team(&mut hub, &mut dir).await;
+    let (mut alice, mut bob, mut carol, group) = team_of_admins(&mut hub, &mut dir).await;
     let mut dave = Device::new(&mut dir, "dave", "D1", 4).await;
     let dave_kp = claim(&dir, &mut [&mut dave]).await;
     // Both commit in epoch 1: alice removes carol, bob adds dave. Alice's reaches the hub first.
@@ -422,17 +436,17 @@ async fn a_commit_that_lost_its_epoch_is_cleared_rebuilt_on_top_and_resubmitted(
     bob.machine.commit_refused(&group).await.unwrap();
     assert!(bob.machine.pending_commit(&group).await.unwrap().is_none());
     let (results, _) = bob.deliver(&mut hub, &dir).await;
-    assert_eq!(acks(&results), [3]);
+    assert_eq!(acks(&results), [4]);
     assert_eq!(bob.record(&group).await.epoch, 2);
     let add = bob.machine.commit_add(&group, &dave_kp, &Lists::new()).await.unwrap().unwrap();
     let sent = hub.send(&bob.id, &group, &add).unwrap();
-    assert_eq!((sent.group_seq.get(), sent.epoch), (4, 2));
+    assert_eq!((sent.group_seq.get(), sent.epoch), (5, 2));
     // A retry of the same submission is the same answer.
     assert!(hub.send(&bob.id, &group, &add).unwrap().duplicate);
     bob.deliver(&mut hub, &dir).await;
     alice.deliver(&mut hub, &dir).await;
     let (results, events) = dave.deliver(&mut hub, &dir).await;
-    assert_eq!(acks(&results), [4]);
+    assert_eq!(acks(&results), [5]);
     assert_eq!(events, [MessengerEvent::GroupJoined { group_id: group.clone(), by: bob.id.0.clone() }]);
     for device in [&alice, &bob, &dave] {
         let members: Vec<UserId> = device.machine.members(&group).await.unwrap().into_iter().map(|m| m.0).collect();
@@ -543,7 +557,7 @@ async fn a_hole_in_the_stream_is_reported_and_resync_fills_it() {
 #[tokio::test]
 async fn a_group_survives_a_restart_and_a_failed_write_loses_nothing() {
     let (mut hub, mut dir) = (Hub::default(), Directory::default());
-    let (mut alice, mut bob, mut carol, group) = team(&mut hub, &mut dir).await;
+    let (mut alice, mut bob, mut carol, group) = team_of_admins(&mut hub, &mut dir).await;
     alice.restart().await;
     bob.restart().await;
     alice.say(&mut hub, &group, "after restart").await;
@@ -566,7 +580,7 @@ async fn a_group_survives_a_restart_and_a_failed_write_loses_nothing() {
     assert_eq!(alice.record(&group).await.epoch, 2);
     carol.deliver(&mut hub, &dir).await;
     assert_eq!(carol.record(&group).await.state, GroupState::Removed);
-    assert_eq!(alice.texts(&group).await, [("after restart".to_owned(), Some(3)), ("me too".to_owned(), Some(4))]);
+    assert_eq!(alice.texts(&group).await, [("after restart".to_owned(), Some(4)), ("me too".to_owned(), Some(5))]);
 }
 
 #[tokio::test]
@@ -585,7 +599,7 @@ async fn removing_oneself_is_a_typed_error() {
 #[tokio::test]
 async fn a_server_cannot_pass_another_commit_off_as_ours() {
     let (mut hub, mut dir) = (Hub::default(), Directory::default());
-    let (mut alice, mut bob, _carol, group) = team(&mut hub, &mut dir).await;
+    let (mut alice, mut bob, _carol, group) = team_of_admins(&mut hub, &mut dir).await;
     // Alice's commit is pending; bob's wins the epoch; the server labels bob's as alice's.
     alice.machine.commit_remove(&group, &users(&["carol"]), &Lists::new()).await.unwrap().unwrap();
     let update = bob.machine.commit_remove(&group, &users(&["carol"]), &Lists::new()).await.unwrap().unwrap();
@@ -814,4 +828,81 @@ async fn a_commit_that_leaves_out_a_proposal_is_refused_and_a_removal_of_a_leavi
         removed: users(&["bob"])
     }));
     assert_eq!(bob.deliver(&mut hub, &dir).await.1, [MessengerEvent::GroupRemoved { group_id: group.clone() }]);
+}
+
+#[tokio::test]
+async fn only_admins_change_the_membership_and_the_metadata() {
+    let (mut hub, mut dir) = (Hub::default(), Directory::default());
+    let (mut alice, mut bob, mut carol, group) = team(&mut hub, &mut dir).await;
+    let mut dave = Device::new(&mut dir, "dave", "D1", 4).await;
+    assert_eq!(alice.record(&group).await.policy.admins, users(&["alice"]));
+    assert_eq!(bob.record(&group).await.policy.admins, users(&["alice"]), "the adder, then her metadata");
+
+    // Bob is not an admin: his SDK builds no add and no removal of another user.
+    let key_packages = claim(&dir, &mut [&mut dave]).await;
+    assert!(matches!(bob.machine.commit_add(&group, &key_packages, &Lists::new()).await, Err(GroupError::NotAllowed(_))));
+    assert!(matches!(bob.machine.commit_remove(&group, &users(&["carol"]), &Lists::new()).await, Err(GroupError::NotAllowed(_))));
+    assert!(matches!(
+        bob.machine.update_meta(&group, MetaChange::Topic(Some("mine".into()))).await,
+        Err(GroupError::NotAllowed(_))
+    ));
+
+    // Metadata that makes Bob an admin, sent by Bob himself, is dropped by the others.
+    let forged = GroupMetaContent::new("taken").with_policy(None, users(&["bob"]), None);
+    let message = bob.machine.encrypt(&group, &Content::GroupMeta(forged)).unwrap();
+    hub.send(&bob.id, &group, &GroupSendRequest::application(Uuid::new_v4(), message)).unwrap();
+    let (_, events) = carol.deliver(&mut hub, &dir).await;
+    assert!(matches!(&events[..], [MessengerEvent::GroupProblem { reason: GroupProblem::PolicyViolation(_), .. }]), "{events:?}");
+    assert_eq!(carol.record(&group).await.name.as_deref(), Some("team"));
+    assert_eq!(carol.record(&group).await.policy.admins, users(&["alice"]));
+
+    // A commit of Bob's adding Dave, made without the SDK's check: the hub cannot tell (the
+    // policy is encrypted) and takes it; every member refuses it.
+    let mut mls = bob.machine.load(&group).unwrap();
+    let bundle = mls.add_members(&bob.machine.client, &bob.machine.device, &key_packages).unwrap();
+    let commit = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
+    hub.send(&bob.id, &group, &commit).unwrap();
+    for device in [&mut alice, &mut carol] {
+        let (_, events) = device.deliver(&mut hub, &dir).await;
+        assert!(
+            events.iter().any(|e| matches!(e, MessengerEvent::GroupProblem { reason: GroupProblem::PolicyViolation(_), .. })),
+            "{events:?}"
+        );
+        assert_eq!(device.record(&group).await.state, GroupState::Stuck);
+    }
+}
+
+#[tokio::test]
+async fn an_admin_makes_another_admin_and_sets_a_member_limit() {
+    let (mut hub, mut dir) = (Hub::default(), Directory::default());
+    let (mut alice, mut bob, mut carol, group) = team(&mut hub, &mut dir).await;
+    let mut dave = Device::new(&mut dir, "dave", "D1", 4).await;
+    alice.machine.update_meta(&group, MetaChange::Admins(users(&["alice", "bob"]))).await.unwrap();
+    alice.machine.update_meta(&group, MetaChange::Topic(Some("planning".into()))).await.unwrap();
+    assert!(matches!(alice.machine.update_meta(&group, MetaChange::Admins(vec![])).await, Err(GroupError::InvalidRequest(_))));
+    let meta = alice.machine.encrypt_meta(&group).await.unwrap().expect("metadata");
+    hub.send(&alice.id, &group, &meta).unwrap();
+    for device in [&mut bob, &mut carol] {
+        let (_, events) = device.deliver(&mut hub, &dir).await;
+        let policy = GroupPolicy { topic: Some("planning".into()), admins: users(&["alice", "bob"]), max_members: None };
+        assert_eq!(events, [MessengerEvent::GroupPolicyChanged { group_id: group.clone(), policy }]);
+    }
+    // Bob may add now; his commit is merged by the others.
+    let key_packages = claim(&dir, &mut [&mut dave]).await;
+    let commit = bob.machine.commit_add(&group, &key_packages, &Lists::new()).await.unwrap().expect("a commit");
+    hub.send(&bob.id, &group, &commit).unwrap();
+    let (_, events) = carol.deliver(&mut hub, &dir).await;
+    assert!(events.contains(&MessengerEvent::GroupMembersChanged {
+        group_id: group.clone(),
+        added: users(&["dave"]),
+        removed: vec![]
+    }));
+    assert_eq!(carol.record(&group).await.state, GroupState::Active);
+
+    // A limit of 4 devices: a fifth is refused by the SDK.
+    alice.deliver(&mut hub, &dir).await;
+    alice.machine.update_meta(&group, MetaChange::MaxMembers(Some(4))).await.unwrap();
+    let mut erin = Device::new(&mut dir, "erin", "E1", 5).await;
+    let key_packages = claim(&dir, &mut [&mut erin]).await;
+    assert!(matches!(alice.machine.commit_add(&group, &key_packages, &Lists::new()).await, Err(GroupError::NotAllowed(_))));
 }

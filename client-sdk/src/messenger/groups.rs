@@ -21,8 +21,8 @@
 use super::{Messenger, MessengerError};
 use crate::e2ee::MessengerEvent;
 use crate::groups::{
-    check_key_package, GroupError, GroupMachine, GroupMessage, GroupProblem, GroupRecord, GroupState, Lists, Received,
-    KEY_PACKAGE_LIFETIME_SECS, KEY_PACKAGE_TARGET,
+    check_key_package, GroupError, GroupMachine, GroupMessage, GroupProblem, GroupRecord, GroupState, Lists, MetaChange,
+    Received, KEY_PACKAGE_LIFETIME_SECS, KEY_PACKAGE_TARGET,
 };
 use crate::store::Store;
 use crate::Error;
@@ -276,6 +276,15 @@ impl Messenger {
         let sent = sent.ok_or_else(|| GroupError::InvalidRequest("nothing sent".into()))?;
         self.group_machine().await.message_sent(group_id, &sent).await?;
         Ok((client_msg_id, sent.group_seq))
+    }
+
+    /// Changes a group's name, topic, admins or member limit (this user must be an admin) and
+    /// sends the metadata to the members, end-to-end encrypted. Members take it only from an
+    /// admin; from then on they refuse adds and removals of other users' devices by anyone not
+    /// among the admins, and adds past the limit.
+    pub async fn update_group(&self, group_id: &GroupId, change: MetaChange) -> Result<(), MessengerError> {
+        self.group_machine().await.update_meta(group_id, change).await?;
+        self.send_meta(group_id).await
     }
 
     /// The current members of a group: (user, device).

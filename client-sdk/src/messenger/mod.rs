@@ -27,7 +27,7 @@ mod groups;
 mod tests;
 
 pub use crate::e2ee::{MessengerEvent, Undecryptable, Untrust};
-pub use crate::groups::{GroupError, GroupMessage, GroupProblem, GroupRecord, GroupState};
+pub use crate::groups::{GroupError, GroupMessage, GroupPolicy, GroupProblem, GroupRecord, GroupState, MetaChange};
 pub use groups::{AddReport, DeviceRemoval, MAX_COMMIT_ATTEMPTS};
 
 use crate::e2ee::{AccountStore as _, CryptoError, E2eeError, E2eeMachine, Progress};

@@ -76,6 +76,8 @@ pub struct IncomingCommit {
     staged: Box<StagedCommit>,
     committer: Member,
     changes: Vec<MemberChange>,
+    /// Who asked for each of `changes`.
+    requesters: Vec<Member>,
 }
 
 impl IncomingCommit {
@@ -87,6 +89,13 @@ impl IncomingCommit {
     /// What the commit changes in the membership.
     pub fn changes(&self) -> &[MemberChange] {
         &self.changes
+    }
+
+    /// Each change with the member who asked for it: the sender of the proposal that brought
+    /// it (a member leaving), or the committer (what the commit proposes itself, its new leaf).
+    /// Group policy is checked against these (only admins add, or remove other users).
+    pub fn requests(&self) -> impl Iterator<Item = (&Member, &MemberChange)> {
+        self.requesters.iter().zip(&self.changes)
     }
 
     /// The leaves the commit brings in (adds, updates and the committer's new leaf): each must be
@@ -488,8 +497,8 @@ impl Group {
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let committer = self.sender(sender_index)?;
-                let changes = commit_changes(&staged, &committer, |index| self.member(index))?;
-                Ok(Incoming::Commit(IncomingCommit { staged, committer, changes }))
+                let (requesters, changes) = commit_changes(&staged, &committer, |index| self.member(index))?.into_iter().unzip();
+                Ok(Incoming::Commit(IncomingCommit { staged, committer, changes, requesters }))
             }
             ProcessedMessageContent::OwnPendingCommit => Ok(Incoming::OwnCommit),
             ProcessedMessageContent::OwnPrivateMessage => Ok(Incoming::OwnMessage),
@@ -584,13 +593,14 @@ impl Group {
     }
 }
 
-/// The membership changes of a staged commit from `committer`; `member_at` looks up the
-/// current members (before the commit), to name the removed ones.
+/// The membership changes of a staged commit from `committer`, each with the member who asked
+/// for it (a proposal's sender; the committer for what the commit proposes itself and for its
+/// path); `member_at` looks up the current members (before the commit).
 pub(super) fn commit_changes(
     staged: &StagedCommit,
     committer: &Member,
     member_at: impl Fn(LeafIndex) -> Result<Option<Member>, MlsError>,
-) -> Result<Vec<MemberChange>, MlsError> {
+) -> Result<Vec<(Member, MemberChange)>, MlsError> {
     let removal = |index: LeafIndex| -> Result<MemberChange, MlsError> {
         let member = member_at(index)?.ok_or_else(|| MlsError::rejected(format!("no member at leaf {index} to remove")))?;
         Ok(MemberChange::Removed { index, leaf: member.leaf })
@@ -610,10 +620,17 @@ pub(super) fn commit_changes(
             }
             _ => return Err(MlsError::UnsupportedProposal),
         };
-        changes.push(change);
+        let requester = match proposal.sender() {
+            Sender::Member(index) if LeafIndex::from_openmls(*index) != committer.index => {
+                member_at(LeafIndex::from_openmls(*index))?.ok_or(MlsError::UnsupportedSender)?
+            }
+            Sender::Member(_) => committer.clone(),
+            _ => return Err(MlsError::UnsupportedSender),
+        };
+        changes.push((requester, change));
     }
     if let Some(leaf_node) = staged.update_path_leaf_node() {
-        changes.push(MemberChange::Updated { index: committer.index, leaf: leaf_of(leaf_node)? });
+        changes.push((committer.clone(), MemberChange::Updated { index: committer.index, leaf: leaf_of(leaf_node)? }));
     }
     Ok(changes)
 }

@@ -258,7 +258,7 @@ impl<S: MlsStorage> HubGroup<S> {
         if missing > 0 {
             return Err(MlsError::MissingProposals { missing });
         }
-        let changes = commit_changes(&staged, &committer, |index| self.member(index))?;
+        let changes = commit_changes(&staged, &committer, |index| self.member(index))?.into_iter().map(|(_, c)| c).collect();
         Ok(AcceptedCommit { staged, committer, changes })
     }
 

@@ -2,8 +2,9 @@
 //! sees these types; they travel encrypted in [`crate::v1::messages::Envelope::ciphertext`].
 //!
 //! The same JSON is the plaintext of an MLS group application message (`spec/groups.md` §3):
-//! there it is [`Content::GroupText`] or [`Content::GroupMeta`]. Group metadata (the name, later
-//! the topic) travels only this way, encrypted to the members; no server table holds it.
+//! there it is [`Content::GroupText`] or [`Content::GroupMeta`]. Group metadata and policy (name,
+//! topic, admins, member limit) travel only this way, encrypted to the members; no server table
+//! holds them.
 
 use crate::UserId;
 use serde::{Deserialize, Serialize};
@@ -19,9 +20,9 @@ pub enum Content {
     /// A text message in a group (an MLS application message): the group is the MLS group the
     /// message was decrypted in, so it names no recipient.
     GroupText(GroupTextContent),
-    /// The group's metadata as set by a member (an MLS application message): sent by the
-    /// creator right after creating the group and again after each commit that adds members,
-    /// who cannot read messages of epochs before they joined.
+    /// The group's metadata and policy as set by an admin (an MLS application message): sent by
+    /// the creator right after creating the group, by an admin when it changes, and again after
+    /// each commit that adds members, who cannot read messages of epochs before they joined.
     GroupMeta(GroupMetaContent),
 }
 
@@ -43,18 +44,39 @@ impl GroupTextContent {
     }
 }
 
-/// A group's metadata, end-to-end encrypted to its members.
+/// A group's metadata and policy, end-to-end encrypted to its members (`spec/groups.md` §3):
+/// no server sees it. Members take it only from an admin (for a new member, from the member
+/// who added it, who must be an admin), and refuse commits that break it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct GroupMetaContent {
     /// The group's name.
     pub name: String,
+    /// The group's topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// The users who may add members, remove other users' devices and change this metadata
+    /// (the creator at first). Every member may update its own leaf, remove its own user's
+    /// devices, and commit other members' requests to leave.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admins: Vec<UserId>,
+    /// The most member devices the admins allow (the hub enforces its own limit as well).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_members: Option<u32>,
 }
 
 impl GroupMetaContent {
-    /// Builds the metadata.
+    /// Metadata with a name only.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into() }
+        Self { name: name.into(), topic: None, admins: Vec::new(), max_members: None }
+    }
+
+    /// The metadata with its topic, admins and member limit.
+    pub fn with_policy(mut self, topic: Option<String>, admins: Vec<UserId>, max_members: Option<u32>) -> Self {
+        self.topic = topic;
+        self.admins = admins;
+        self.max_members = max_members;
+        self
     }
 }
 
