@@ -327,3 +327,39 @@ async fn devices_remove_takes_another_device_off_the_account_but_not_itself() ->
     assert_eq!(refused.json_lines()?.last().context("an error line")?["code"], "usage", "{refused:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_group_through_the_cli_is_created_talked_in_set_up_and_left() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let parley = Parley::new(&server)?;
+    let mut ids = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        ids.push(parley.register(name).await?["user_id"].as_str().context("user_id")?.to_owned());
+    }
+    let created = parley.ok("alice", &["group", "create", "Team", "bob", "carol"], "").await?;
+    let group = created.last().context("a line")?["group_id"].as_str().context("group_id")?.to_owned();
+    let listed = parley.ok("bob", &["group", "list"], "").await?;
+    assert!(listed.iter().any(|g| g["group_id"] == group.as_str() && g["name"] == "Team"), "{listed:?}");
+
+    // `send` and `history` take a group id.
+    parley.ok("bob", &["send", &group, "hello team"], "").await?;
+    let history = parley.ok("carol", &["history", &group], "").await?;
+    assert!(history.iter().any(|m| m["body"] == "hello team"), "{history:?}");
+
+    // Only admins change the membership; alice (the creator) makes bob one, with a topic.
+    let refused = parley.run("bob", &["group", "remove", &group, "carol"], "").await?;
+    assert!(!refused.status.success(), "{refused:?}");
+    assert_eq!(refused.json_lines()?.last().context("an error line")?["code"], "not_allowed", "{refused:?}");
+    let set = parley.ok("alice", &["group", "set", &group, "--topic", "plans", "--admins", "alice,bob"], "").await?;
+    let settings = set.last().context("a line")?;
+    assert_eq!((settings["topic"].as_str(), settings["admins"].clone()), (Some("plans"), serde_json::json!([ids[0], ids[1]])));
+
+    // Carol leaves; alice's next send commits it first (no member's CLI stays running).
+    let left = parley.ok("carol", &["group", "leave", &group], "").await?;
+    assert_eq!(left.last().context("a line")?["leaving"], true);
+    parley.ok("alice", &["send", &group, "bye carol"], "").await?;
+    let members = parley.ok("alice", &["group", "members", &group], "").await?;
+    let users: Vec<&str> = members.iter().filter_map(|m| m["user"].as_str()).collect();
+    assert_eq!(users, [ids[0].as_str(), ids[1].as_str()], "{members:?}");
+    Ok(())
+}

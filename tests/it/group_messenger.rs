@@ -131,6 +131,11 @@ async fn sdk_groups_across_three_servers_agree_recover_from_concurrent_commits_a
     })
     .await?;
     assert_eq!(policy.admins, [alice.user(), bob.user()]);
+    // Opening the group follows its members' presence (not pushed to the group as a whole).
+    let presence = bob.messenger.open_group(&group).await?;
+    let mut seen: Vec<String> = presence.iter().map(|p| p.user.to_string()).collect();
+    seen.sort();
+    assert_eq!(seen, ["@alice:a.test", "@carol:c.test"]);
 
     // Alice adds Dave while Bob removes Carol, at the same time: exactly one commit wins the
     // epoch; the other SDK catches up and rebuilds its change on top, and both land.

@@ -174,6 +174,24 @@ enum GroupCommand {
         /// The group id (!id:server).
         group: String,
     },
+    /// Change a group's settings (you must be one of its admins); they travel end-to-end
+    /// encrypted to the members, who hold everyone to them. Prints the settings.
+    Set {
+        /// The group id (!id:server).
+        group: String,
+        /// A new name.
+        #[arg(long)]
+        name: Option<String>,
+        /// A new topic ("" clears it).
+        #[arg(long)]
+        topic: Option<String>,
+        /// The admins, who may add members and remove others (comma-separated users).
+        #[arg(long, value_delimiter = ',')]
+        admins: Option<Vec<String>>,
+        /// The most member devices (0 clears the limit).
+        #[arg(long)]
+        max_members: Option<u32>,
+    },
     /// Fetch new messages, then list a group's members (user and device).
     Members {
         /// The group id (!id:server).
@@ -273,6 +291,9 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             GroupCommand::Add { group, users } => commands::group_add(&ctx, &group, &users).await,
             GroupCommand::Remove { group, users } => commands::group_remove(&ctx, &group, &users).await,
             GroupCommand::Leave { group } => commands::group_leave(&ctx, &group).await,
+            GroupCommand::Set { group, name, topic, admins, max_members } => {
+                commands::group_set(&ctx, &group, commands::GroupSettings { name, topic, admins, max_members }).await
+            }
             GroupCommand::Members { group } => commands::group_members(&ctx, &group).await,
             GroupCommand::List => commands::group_list(&ctx).await,
         },

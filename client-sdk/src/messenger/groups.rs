@@ -32,6 +32,7 @@ use parley_spec::error::DeviceRef;
 use parley_spec::v1::groups::{GroupEvent, GroupSendRequest, GroupSentResponse};
 use parley_spec::v1::keypackages::ClaimKeyPackagesRequest;
 use parley_spec::v1::keys::MAX_CLAIM_DEVICES;
+use parley_spec::v1::presence::PresenceInfo;
 use parley_spec::{DeviceId, ErrorCode, GroupId, GroupSeq, Timestamp, UserId};
 use rand::rngs::OsRng;
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,6 +42,10 @@ use uuid::Uuid;
 
 /// How many times a commit is rebuilt after losing its epoch before giving up.
 pub const MAX_COMMIT_ATTEMPTS: u32 = 5;
+
+/// Most member users whose presence [`Messenger::open_group`] follows (one subscription
+/// request; the server takes at most 1,000 users per request).
+pub const MAX_GROUP_PRESENCE: usize = 1000;
 
 /// How many times an application message is encrypted again after an `epoch_conflict`.
 const MAX_SEND_ATTEMPTS: u32 = 3;
@@ -285,6 +290,25 @@ impl Messenger {
     pub async fn update_group(&self, group_id: &GroupId, change: MetaChange) -> Result<(), MessengerError> {
         self.group_machine().await.update_meta(group_id, change).await?;
         self.send_meta(group_id).await
+    }
+
+    /// Opens a group for display: subscribes to the presence of its members' users (at most
+    /// [`MAX_GROUP_PRESENCE`], in leaf order), as for 1:1 contacts, and returns their presence
+    /// now; changes then arrive as [`MessengerEvent::Presence`]. Presence is not pushed to a
+    /// group: only the devices that opened it follow it (`spec/groups.md` §4).
+    pub async fn open_group(&self, group_id: &GroupId) -> Result<Vec<PresenceInfo>, MessengerError> {
+        let me = &self.session().user_id;
+        let mut users: Vec<UserId> = Vec::new();
+        for (user, _) in self.group_members(group_id).await? {
+            if &user != me && !users.contains(&user) && users.len() < MAX_GROUP_PRESENCE {
+                users.push(user);
+            }
+        }
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let presence = self.subscribe_presence(users.clone()).await?;
+        Ok(presence.into_iter().filter(|p| users.contains(&p.user)).collect())
     }
 
     /// The current members of a group: (user, device).

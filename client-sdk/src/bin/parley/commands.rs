@@ -751,7 +751,7 @@ pub async fn group_remove(ctx: &Ctx, group: &str, users: &[String]) -> anyhow::R
     let result: anyhow::Result<_> = async {
         let users = parse_users(users, &me)?;
         if users.contains(&me) {
-            return Err(fail("not_supported", "you cannot remove yourself: leaving a group is not supported yet"));
+            return Err(fail("usage", "you cannot remove yourself: leave the group with `parley group leave`"));
         }
         ctx.within("fetching new messages", device.messenger.caught_up()).await??;
         known_group(&device.messenger, &group_id).await?;
@@ -783,6 +783,78 @@ pub async fn group_leave(ctx: &Ctx, group: &str) -> anyhow::Result<()> {
     ctx.out.record(json!({ "group_id": group_id, "leaving": true }), || {
         format!("Leaving {group_id}: the next member to commit removes your devices.")
     });
+    Ok(())
+}
+
+/// What `parley group set` changes.
+pub struct GroupSettings {
+    /// A new name.
+    pub name: Option<String>,
+    /// A new topic ("" clears it).
+    pub topic: Option<String>,
+    /// The admins.
+    pub admins: Option<Vec<String>>,
+    /// The member limit (0 clears it).
+    pub max_members: Option<u32>,
+}
+
+/// `parley group set`.
+pub async fn group_set(ctx: &Ctx, group: &str, settings: GroupSettings) -> anyhow::Result<()> {
+    use parley_sdk::messenger::MetaChange;
+    let group_id = parse_group(group)?;
+    let device = ctx.connect().await?;
+    let me = device.me().clone();
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        let mut changes = Vec::new();
+        if let Some(name) = settings.name {
+            changes.push(MetaChange::Name(name));
+        }
+        if let Some(topic) = settings.topic {
+            changes.push(MetaChange::Topic(Some(topic).filter(|t| !t.is_empty())));
+        }
+        if let Some(admins) = &settings.admins {
+            changes.push(MetaChange::Admins(parse_users(admins, &me)?));
+        }
+        if let Some(max) = settings.max_members {
+            changes.push(MetaChange::MaxMembers(Some(max).filter(|m| *m > 0)));
+        }
+        if changes.is_empty() {
+            return Err(fail("usage", "nothing to change: give --name, --topic, --admins or --max-members"));
+        }
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        known_group(&device.messenger, &group_id).await?;
+        for change in changes {
+            let updated = ctx.within("sending the settings", device.messenger.update_group(&group_id, change)).await?;
+            updated.with_context(|| format!("cannot change {group_id}"))?;
+        }
+        let record = device.messenger.group(&group_id).await?.context("the group is gone")?;
+        Ok(record)
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let record = result?;
+    let policy = &record.policy;
+    ctx.out.record(
+        json!({
+            "group_id": group_id,
+            "name": record.name,
+            "topic": policy.topic,
+            "admins": policy.admins,
+            "max_members": policy.max_members,
+        }),
+        || {
+            let admins = policy.admins.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ");
+            let mut line = format!("{}: admins {admins}", group_label(record.name.as_deref(), &group_id));
+            if let Some(topic) = &policy.topic {
+                line.push_str(&format!("; topic {}", terminal_safe(topic)));
+            }
+            if let Some(max) = policy.max_members {
+                line.push_str(&format!("; at most {max} devices"));
+            }
+            line
+        },
+    );
     Ok(())
 }
 
