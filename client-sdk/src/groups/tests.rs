@@ -906,3 +906,31 @@ async fn an_admin_makes_another_admin_and_sets_a_member_limit() {
     let key_packages = claim(&dir, &mut [&mut erin]).await;
     assert!(matches!(alice.machine.commit_add(&group, &key_packages, &Lists::new()).await, Err(GroupError::NotAllowed(_))));
 }
+
+#[tokio::test]
+async fn a_commit_a_server_dropped_or_reordered_is_detected() {
+    let (mut hub, mut dir) = (Hub::default(), Directory::default());
+    let (mut alice, mut bob, _carol, group) = team(&mut hub, &mut dir).await;
+    let mut dave = Device::new(&mut dir, "dave", "D1", 4).await;
+    // Two commits in a row: alice removes carol (epoch 1 → 2), then adds dave (2 → 3).
+    let first = alice.machine.commit_remove(&group, &users(&["carol"]), &Lists::new()).await.unwrap().unwrap();
+    hub.send(&alice.id, &group, &first).unwrap();
+    alice.deliver(&mut hub, &dir).await;
+    let key_packages = claim(&dir, &mut [&mut dave]).await;
+    let second = alice.machine.commit_add(&group, &key_packages, &Lists::new()).await.unwrap().unwrap();
+    hub.send(&alice.id, &group, &second).unwrap();
+    let first_event = hub.next(&bob.id).unwrap();
+    let second_event = hub.next(&bob.id).unwrap();
+
+    // Dropped, with the positions left as they are: a hole, which resync would fill.
+    assert_eq!(bob.receive(&second_event, &dir).await, Received::Gap { after: GroupSeq::new(first_event.group_seq.get() - 1) });
+    // Dropped and the next one renumbered to hide the hole (or the two swapped): the commit is
+    // of an epoch bob is not in, so it does not process; the group stops there, reported.
+    let mut forged = second_event.clone();
+    forged.group_seq = first_event.group_seq;
+    assert_eq!(bob.receive(&forged, &dir).await, Received::Ignored);
+    let events = bob.machine.take_events();
+    assert!(matches!(&events[..], [MessengerEvent::GroupProblem { reason: GroupProblem::BadCommit(_), .. }]), "{events:?}");
+    assert_eq!(bob.record(&group).await.state, GroupState::Stuck);
+    assert_eq!(bob.record(&group).await.epoch, 1, "nothing merged");
+}
