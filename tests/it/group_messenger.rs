@@ -299,3 +299,29 @@ async fn a_device_dropped_from_its_owners_signed_list_leaves_its_groups() -> any
     assert_eq!(bob3.messenger.group(&second).await?.map(|r| r.state), Some(GroupState::Removed));
     Ok(())
 }
+
+#[tokio::test]
+async fn sdk_a_group_text_written_while_the_server_is_down_goes_out_when_it_is_back() -> anyhow::Result<()> {
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
+    let (a, b) = (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone());
+    let dir = tempfile::tempdir()?;
+    let (mut alice, _) = register(&a, dir.path(), "alice").await?;
+    let (mut bob, _) = register(&b, dir.path(), "bob").await?;
+    let (group, _) = alice.messenger.create_group("Team", &[bob.user()]).await?;
+    assert_eq!(bob.joined().await?, group);
+
+    // Bob's server is down: the send fails, the text stays in his history without position.
+    net.server("b.test").stop().await?;
+    assert!(bob.messenger.send_group_text(&group, "written offline").await.is_err());
+    let unsent = bob.messenger.group_history(&group, 10).await?;
+    assert!(unsent.iter().any(|m| m.body == "written offline" && m.group_seq.is_none()), "{unsent:?}");
+
+    // When it is back, Bob's SDK reconnects and sends it, once.
+    net.server("b.test").restart().await?;
+    assert_eq!(alice.texts(1).await?, [("@bob:b.test".to_owned(), "written offline".to_owned())]);
+    alice.messenger.send_group_text(&group, "got it").await?;
+    assert_eq!(bob.texts(1).await?, [("@alice:a.test".to_owned(), "got it".to_owned())]);
+    let history = alice.history(&group).await?;
+    assert_eq!(history.iter().filter(|(_, body)| body == "written offline").count(), 1, "{history:?}");
+    Ok(())
+}

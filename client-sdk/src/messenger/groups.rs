@@ -47,6 +47,10 @@ pub const MAX_COMMIT_ATTEMPTS: u32 = 5;
 /// request; the server takes at most 1,000 users per request).
 pub const MAX_GROUP_PRESENCE: usize = 1000;
 
+/// How far back in a group's history [`Messenger::flush_group_outbox`] looks (unsent messages
+/// come first in the history's window, so this bounds only how many are sent per pass).
+const GROUP_OUTBOX_SCAN: u32 = 500;
+
 /// How many times an application message is encrypted again after an `epoch_conflict`.
 const MAX_SEND_ATTEMPTS: u32 = 3;
 
@@ -274,7 +278,9 @@ impl Messenger {
     }
 
     /// Sends a text to a group; returns its id and position once the hub stored it. It is in
-    /// the history first (without position while it is on its way).
+    /// the history first (without position while it is on its way). If the hub cannot be
+    /// reached, the error is returned and the text stays in the history, to be sent again
+    /// after the next (re)connection ([`flush_group_outbox`](Self::flush_group_outbox)).
     pub async fn send_group_text(&self, group_id: &GroupId, body: &str) -> Result<(Uuid, GroupSeq), MessengerError> {
         let client_msg_id = Uuid::new_v4();
         let sent = self.send_application(group_id, Application::Text { client_msg_id, body }).await?;
@@ -309,6 +315,34 @@ impl Messenger {
         }
         let presence = self.subscribe_presence(users.clone()).await?;
         Ok(presence.into_iter().filter(|p| users.contains(&p.user)).collect())
+    }
+
+    /// Sends again this device's group texts that have no position yet (the hub's answer never
+    /// came: the server was down, the connection cut), oldest first, each with its own
+    /// `client_msg_id`, so one the hub had stored after all is answered with its position and
+    /// not stored twice. Runs after each (re)connection; a failure leaves the rest for the next.
+    pub async fn flush_group_outbox(&self) -> Result<(), MessengerError> {
+        let me = self.session().device_id.clone();
+        for record in self.groups().await? {
+            if record.state != GroupState::Active {
+                continue;
+            }
+            let group_id = record.group_id;
+            let unsent: Vec<GroupMessage> = self
+                .group_history(&group_id, GROUP_OUTBOX_SCAN)
+                .await?
+                .into_iter()
+                .filter(|m| m.group_seq.is_none() && m.sender_device == me)
+                .collect();
+            for message in unsent {
+                let what = Application::Text { client_msg_id: message.client_msg_id, body: &message.body };
+                if let Some(sent) = self.send_application(&group_id, what).await? {
+                    self.group_machine().await.message_sent(&group_id, &sent).await?;
+                    tracing::debug!(group = %group_id, seq = sent.group_seq.get(), "unsent group message sent");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The current members of a group: (user, device).

@@ -410,6 +410,9 @@ impl Messenger {
                         if let Err(error) = messenger.flush_outbox().await {
                             tracing::warn!(%error, "outbox not flushed");
                         }
+                        if let Err(error) = messenger.flush_group_outbox().await {
+                            tracing::warn!(%error, "group messages not re-sent");
+                        }
                     });
                     Ok(())
                 }
