@@ -320,7 +320,8 @@ impl Messenger {
     /// Sends again this device's group texts that have no position yet (the hub's answer never
     /// came: the server was down, the connection cut), oldest first, each with its own
     /// `client_msg_id`, so one the hub had stored after all is answered with its position and
-    /// not stored twice. Runs after each (re)connection; a failure leaves the rest for the next.
+    /// not stored twice. Runs after each (re)connection; a message that fails holds back its
+    /// group's later ones until the next pass, not other groups'.
     pub async fn flush_group_outbox(&self) -> Result<(), MessengerError> {
         let me = self.session().device_id.clone();
         for record in self.groups().await? {
@@ -336,9 +337,17 @@ impl Messenger {
                 .collect();
             for message in unsent {
                 let what = Application::Text { client_msg_id: message.client_msg_id, body: &message.body };
-                if let Some(sent) = self.send_application(&group_id, what).await? {
-                    self.group_machine().await.message_sent(&group_id, &sent).await?;
-                    tracing::debug!(group = %group_id, seq = sent.group_seq.get(), "unsent group message sent");
+                match self.send_application(&group_id, what).await {
+                    Ok(Some(sent)) => {
+                        self.group_machine().await.message_sent(&group_id, &sent).await?;
+                        tracing::debug!(group = %group_id, seq = sent.group_seq.get(), "unsent group message sent");
+                    }
+                    Ok(None) => {}
+                    // This group's later messages wait behind it (their order); other groups go on.
+                    Err(error) => {
+                        tracing::warn!(group = %group_id, %error, "unsent group message not sent; trying again later");
+                        break;
+                    }
                 }
             }
         }
