@@ -83,19 +83,39 @@ async fn register(base: &str, dir: &Path, name: &str) -> anyhow::Result<(Account
     Ok((Account { messenger, events }, recovery))
 }
 
-#[tokio::test]
-async fn sdk_groups_across_three_servers_agree_recover_from_concurrent_commits_and_survive_a_restart() -> anyhow::Result<()> {
+/// Three servers and the people of these tests: alice on a.test, bob with two devices on
+/// b.test, carol and dave on c.test; their profiles in `dir`.
+struct Cast {
+    net: FedNet,
+    dir: tempfile::TempDir,
+    /// b.test's base URL.
+    b: String,
+    bob_recovery: zeroize::Zeroizing<[u8; 32]>,
+    alice: Account,
+    bob: Account,
+    bob2: Account,
+    carol: Account,
+    dave: Account,
+}
+
+async fn cast() -> anyhow::Result<Cast> {
     let mut net =
         FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
     let (a, b, c) =
         (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone(), net.server("c.test").base_url.clone());
     let dir = tempfile::tempdir()?;
-    let (mut alice, _) = register(&a, dir.path(), "alice").await?;
-    let (mut bob, bob_recovery) = register(&b, dir.path(), "bob").await?;
+    let (alice, _) = register(&a, dir.path(), "alice").await?;
+    let (bob, bob_recovery) = register(&b, dir.path(), "bob").await?;
     let (messenger, events) = Messenger::add_device(&b, &dir.path().join("bob-2.db"), "bob", PASSWORD, &bob_recovery).await?;
-    let mut bob2 = Account { messenger, events };
-    let (mut carol, _) = register(&c, dir.path(), "carol").await?;
-    let (mut dave, _) = register(&c, dir.path(), "dave").await?;
+    let bob2 = Account { messenger, events };
+    let (carol, _) = register(&c, dir.path(), "carol").await?;
+    let (dave, _) = register(&c, dir.path(), "dave").await?;
+    Ok(Cast { net, dir, b, bob_recovery, alice, bob, bob2, carol, dave })
+}
+
+#[tokio::test]
+async fn sdk_groups_across_three_servers_agree_recover_from_concurrent_commits_and_survive_a_restart() -> anyhow::Result<()> {
+    let Cast { net: _net, dir, b: _, bob_recovery: _, mut alice, mut bob, mut bob2, mut carol, mut dave } = cast().await?;
 
     let (group, report) = alice.messenger.create_group("Team", &[bob.user(), carol.user()]).await?;
     assert_eq!(report.added.len(), 3, "bob's two devices and carol's: {report:?}");
@@ -165,16 +185,7 @@ async fn sdk_groups_across_three_servers_agree_recover_from_concurrent_commits_a
 
 #[tokio::test]
 async fn sdk_a_user_leaves_with_both_devices_and_another_member_commits_it_by_itself() -> anyhow::Result<()> {
-    let mut net =
-        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
-    let (a, b, c) =
-        (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone(), net.server("c.test").base_url.clone());
-    let dir = tempfile::tempdir()?;
-    let (mut alice, _) = register(&a, dir.path(), "alice").await?;
-    let (mut bob, bob_recovery) = register(&b, dir.path(), "bob").await?;
-    let (messenger, events) = Messenger::add_device(&b, &dir.path().join("bob-2.db"), "bob", PASSWORD, &bob_recovery).await?;
-    let mut bob2 = Account { messenger, events };
-    let (mut carol, _) = register(&c, dir.path(), "carol").await?;
+    let Cast { net: _net, dir: _dir, b: _, bob_recovery: _, mut alice, mut bob, mut bob2, mut carol, dave: _ } = cast().await?;
     let (group, report) = alice.messenger.create_group("Team", &[bob.user(), carol.user()]).await?;
     assert_eq!(report.added.len(), 3, "{report:?}");
     for member in [&mut bob, &mut bob2, &mut carol] {
@@ -217,17 +228,7 @@ async fn sdk_a_user_leaves_with_both_devices_and_another_member_commits_it_by_it
 
 #[tokio::test]
 async fn a_device_dropped_from_its_owners_signed_list_leaves_its_groups() -> anyhow::Result<()> {
-    let mut net =
-        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
-    let (a, b, c) =
-        (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone(), net.server("c.test").base_url.clone());
-    let dir = tempfile::tempdir()?;
-    let (mut alice, _) = register(&a, dir.path(), "alice").await?;
-    let (mut bob, bob_recovery) = register(&b, dir.path(), "bob").await?;
-    let (messenger, events) = Messenger::add_device(&b, &dir.path().join("bob-2.db"), "bob", PASSWORD, &bob_recovery).await?;
-    let mut bob2 = Account { messenger, events };
-    let (mut carol, _) = register(&c, dir.path(), "carol").await?;
-    let (mut dave, _) = register(&c, dir.path(), "dave").await?;
+    let Cast { net: _net, dir, b, bob_recovery, mut alice, mut bob, mut bob2, mut carol, mut dave } = cast().await?;
 
     let (group, report) = alice.messenger.create_group("Team", &[bob.user(), carol.user()]).await?;
     assert_eq!(report.added.len(), 3, "{report:?}");

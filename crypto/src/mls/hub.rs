@@ -183,16 +183,7 @@ impl<S: MlsStorage> HubGroup<S> {
     /// epoch ([`MlsError::EpochConflict`] otherwise). Changes nothing until
     /// [stored](Self::store_proposal).
     pub fn check_proposal(&self, message: &[u8]) -> Result<AcceptedProposal, MlsError> {
-        let message = self.protocol_message(message)?;
-        let ProtocolMessage::PublicMessage(_) = &message else {
-            return Err(MlsError::rejected("a handshake message must be a PublicMessage"));
-        };
-        if message.content_type() != ContentType::Proposal {
-            return Err(MlsError::rejected("the message is not a proposal"));
-        }
-        if message.epoch() != self.public.group_context().epoch() {
-            return Err(MlsError::EpochConflict { current: self.epoch() });
-        }
+        let message = self.handshake(message, ContentType::Proposal)?;
         let processed = self.public.process_message(&self.crypto, message).map_err(error::public_process_message)?;
         let Sender::Member(sender) = processed.sender() else { return Err(MlsError::UnsupportedSender) };
         let proposer = self.member(LeafIndex::from_openmls(*sender))?.ok_or(MlsError::UnsupportedSender)?;
@@ -232,16 +223,7 @@ impl<S: MlsStorage> HubGroup<S> {
     /// must be signed by the committer's (new) leaf and carry the group context the commit
     /// leads to. Changes nothing until [merged](Self::merge).
     pub fn check_commit(&self, message: &[u8], group_info: &[u8]) -> Result<AcceptedCommit, MlsError> {
-        let message = self.protocol_message(message)?;
-        let ProtocolMessage::PublicMessage(_) = &message else {
-            return Err(MlsError::rejected("a handshake message must be a PublicMessage"));
-        };
-        if message.content_type() != ContentType::Commit {
-            return Err(MlsError::rejected("the message is not a commit"));
-        }
-        if message.epoch() != self.public.group_context().epoch() {
-            return Err(MlsError::EpochConflict { current: self.epoch() });
-        }
+        let message = self.handshake(message, ContentType::Commit)?;
         let group_info = parse_group_info(group_info)?;
         let processed = self.public.process_message(&self.crypto, message).map_err(error::public_process_message)?;
         let Sender::Member(sender) = processed.sender() else { return Err(MlsError::UnsupportedSender) };
@@ -285,6 +267,22 @@ impl<S: MlsStorage> HubGroup<S> {
             return Err(MlsError::EpochConflict { current });
         }
         Ok(ApplicationInfo { epoch })
+    }
+
+    /// Parses a handshake message of this group: a `PublicMessage` with content of `kind`, for
+    /// the current epoch ([`MlsError::EpochConflict`] otherwise).
+    fn handshake(&self, message: &[u8], kind: ContentType) -> Result<ProtocolMessage, MlsError> {
+        let message = self.protocol_message(message)?;
+        let ProtocolMessage::PublicMessage(_) = &message else {
+            return Err(MlsError::rejected("a handshake message must be a PublicMessage"));
+        };
+        if message.content_type() != kind {
+            return Err(MlsError::rejected(format!("the message is not a {kind:?}")));
+        }
+        if message.epoch() != self.public.group_context().epoch() {
+            return Err(MlsError::EpochConflict { current: self.epoch() });
+        }
+        Ok(message)
     }
 
     /// Parses a public or private message and checks that it is of this group.
