@@ -302,7 +302,7 @@ async fn a_device_dropped_from_its_owners_signed_list_leaves_its_groups() -> any
 }
 
 #[tokio::test]
-async fn sdk_a_group_text_written_while_the_server_is_down_goes_out_when_it_is_back() -> anyhow::Result<()> {
+async fn sdk_group_texts_and_metadata_written_while_the_server_is_down_go_out_when_it_is_back() -> anyhow::Result<()> {
     let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
     let (a, b) = (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone());
     let dir = tempfile::tempdir()?;
@@ -324,5 +324,17 @@ async fn sdk_a_group_text_written_while_the_server_is_down_goes_out_when_it_is_b
     assert_eq!(bob.texts(1).await?, [("@alice:a.test".to_owned(), "got it".to_owned())]);
     let history = alice.history(&group).await?;
     assert_eq!(history.iter().filter(|(_, body)| body == "written offline").count(), 1, "{history:?}");
+
+    // The same for metadata: alice changes the topic while her server (the hub) is down; it
+    // reaches bob once the server is back.
+    net.server("a.test").stop().await?;
+    assert!(alice.messenger.update_group(&group, MetaChange::Topic(Some("set offline".into()))).await.is_err());
+    net.server("a.test").restart().await?;
+    let policy = next(&mut bob.events, |e| match e {
+        MessengerEvent::GroupPolicyChanged { policy, .. } => Some(policy),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(policy.topic.as_deref(), Some("set offline"));
     Ok(())
 }

@@ -47,6 +47,9 @@ pub const MAX_COMMIT_ATTEMPTS: u32 = 5;
 /// request; the server takes at most 1,000 users per request).
 pub const MAX_GROUP_PRESENCE: usize = 1000;
 
+/// Key-value key (+ group id) marking a group whose metadata waits to be sent again.
+const META_UNSENT: &str = "group_meta_unsent:";
+
 /// How far back in a group's history [`Messenger::flush_group_outbox`] looks (unsent messages
 /// come first in the history's window, so this bounds only how many are sent per pass).
 const GROUP_OUTBOX_SCAN: u32 = 500;
@@ -317,8 +320,9 @@ impl Messenger {
         Ok(presence.into_iter().filter(|p| users.contains(&p.user)).collect())
     }
 
-    /// Sends again this device's group texts that have no position yet (the hub's answer never
-    /// came: the server was down, the connection cut), oldest first, each with its own
+    /// Sends again the group metadata that failed to go out, and this device's group texts that
+    /// have no position yet (the hub's answer never came: the server was down, the connection
+    /// cut), oldest first, each with its own
     /// `client_msg_id`, so one the hub had stored after all is answered with its position and
     /// not stored twice. Runs after each (re)connection; a message that fails holds back its
     /// group's later ones until the next pass, not other groups'.
@@ -329,6 +333,12 @@ impl Messenger {
                 continue;
             }
             let group_id = record.group_id;
+            if self.meta_unsent(&group_id).await? {
+                if let Err(error) = self.send_meta(&group_id).await {
+                    tracing::warn!(group = %group_id, %error, "group metadata not sent; trying again later");
+                    continue;
+                }
+            }
             let unsent: Vec<GroupMessage> = self
                 .group_history(&group_id, GROUP_OUTBOX_SCAN)
                 .await?
@@ -376,10 +386,23 @@ impl Messenger {
         Ok(self.inner.store.group_history(group_id, limit).await.map_err(Error::from)?)
     }
 
-    /// Sends the group's name to its members (if it has one).
+    /// Sends the group's metadata and policy to its members (if it has a name and this user is
+    /// an admin). It is marked unsent first and sent again by the next
+    /// [`flush_group_outbox`](Self::flush_group_outbox) if this fails: members added by a commit
+    /// know only their adder as admin until it arrives.
     async fn send_meta(&self, group_id: &GroupId) -> Result<(), MessengerError> {
+        let key = format!("{META_UNSENT}{group_id}");
+        let store = &self.inner.store;
+        store.set(&key, b"1").await.map_err(Error::from)?;
         self.send_application(group_id, Application::Meta).await?;
+        store.set(&key, b"0").await.map_err(Error::from)?;
         Ok(())
+    }
+
+    /// Whether the group's metadata waits to be sent again.
+    async fn meta_unsent(&self, group_id: &GroupId) -> Result<bool, MessengerError> {
+        let value = self.inner.store.get(&format!("{META_UNSENT}{group_id}")).await.map_err(Error::from)?;
+        Ok(value.is_some_and(|v| v.as_slice() == b"1"))
     }
 
     /// Encrypts `what` and submits it, again after catching up when the hub finds its epoch too
