@@ -294,16 +294,32 @@ fn urlencoding(s: &str) -> String {
     s.replace('!', "%21").replace(':', "%3A")
 }
 
-#[tokio::test]
-async fn a_group_across_three_servers_agrees_on_order_adds_removes_and_resolves_concurrent_commits() -> anyhow::Result<()> {
+/// Three servers: alice on a.test (the hub of the groups here), bob with two devices on b.test,
+/// carol on c.test.
+struct Cast {
+    net: FedNet,
+    c_url: String,
+    alice: Member,
+    bob: Member,
+    bob2: Member,
+    carol: Member,
+}
+
+async fn cast() -> anyhow::Result<Cast> {
     let mut net =
         FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
     let (a_url, b_url, c_url) =
         (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone(), net.server("c.test").base_url.clone());
-    let mut alice = Member::register(&a_url, "alice").await?;
-    let mut bob = Member::register(&b_url, "bob").await?;
-    let mut bob2 = Member::new(&b_url, crate::support::login(&b_url, "bob").await?).await?;
-    let mut carol = Member::register(&c_url, "carol").await?;
+    let alice = Member::register(&a_url, "alice").await?;
+    let bob = Member::register(&b_url, "bob").await?;
+    let bob2 = Member::new(&b_url, crate::support::login(&b_url, "bob").await?).await?;
+    let carol = Member::register(&c_url, "carol").await?;
+    Ok(Cast { net, c_url, alice, bob, bob2, carol })
+}
+
+#[tokio::test]
+async fn a_group_across_three_servers_agrees_on_order_adds_removes_and_resolves_concurrent_commits() -> anyhow::Result<()> {
+    let Cast { net: _net, c_url, mut alice, mut bob, mut bob2, mut carol } = cast().await?;
     let mut dave = Member::register(&c_url, "dave").await?;
     let group_id = GroupId::parse("!team:a.test")?;
 
@@ -397,14 +413,7 @@ async fn a_group_across_three_servers_agrees_on_order_adds_removes_and_resolves_
 
 #[tokio::test]
 async fn a_user_leaves_by_proposals_that_the_next_commit_of_the_epoch_must_include() -> anyhow::Result<()> {
-    let mut net =
-        FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv), ("c.test", Discovery::Srv)], "").await?;
-    let (a_url, b_url, c_url) =
-        (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone(), net.server("c.test").base_url.clone());
-    let mut alice = Member::register(&a_url, "alice").await?;
-    let mut bob = Member::register(&b_url, "bob").await?;
-    let mut bob2 = Member::new(&b_url, crate::support::login(&b_url, "bob").await?).await?;
-    let mut carol = Member::register(&c_url, "carol").await?;
+    let Cast { net: _net, c_url: _, mut alice, mut bob, mut bob2, mut carol } = cast().await?;
     let group_id = GroupId::parse("!leaving:a.test")?;
     alice.create(&group_id).await?;
     ok(alice.add(&group_id, &[bob.device(), bob2.device(), carol.device()]).await)?;

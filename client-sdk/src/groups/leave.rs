@@ -75,10 +75,7 @@ impl<S: GroupStore> GroupMachine<S> {
             return Ok(None);
         }
         let stale = stale_leaves(&group, &group.members()?, lists, &record.policy, &self.user_id);
-        let bundle = match stale.is_empty() {
-            true => group.commit_pending_proposals(&self.client, &self.device)?,
-            false => group.add_and_remove_members(&self.client, &self.device, &[], &stale)?,
-        };
+        let bundle = group.add_and_remove_members(&self.client, &self.device, &[], &stale)?;
         let request = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
         self.keep_pending(record, &request).await?;
         Ok(Some(request))

@@ -149,6 +149,10 @@ pub enum GroupError {
     /// A commit of this device is still waiting for its position in the stream.
     #[error("a commit of this device in {0} is still on its way")]
     CommitPending(GroupId),
+    /// Members are leaving and their proposals wait for a commit: commit them
+    /// ([`GroupMachine::commit_pending`]) before sending (openmls sends nothing until then).
+    #[error("proposals wait for a commit in {0}")]
+    ProposalsPending(GroupId),
     /// The operation is not available yet.
     #[error("{0} is not supported yet")]
     NotSupported(&'static str),
@@ -505,11 +509,8 @@ impl<S: GroupStore> GroupMachine<S> {
                 indices.push(index);
             }
         }
-        let bundle = match indices.is_empty() {
-            // Every one of them is leaving already: commit their proposals.
-            true => group.commit_pending_proposals(&self.client, &self.device)?,
-            false => group.add_and_remove_members(&self.client, &self.device, &[], &indices)?,
-        };
+        // When every one of them is leaving already, this commits just their proposals.
+        let bundle = group.add_and_remove_members(&self.client, &self.device, &[], &indices)?;
         let request = GroupSendRequest::commit(Uuid::new_v4(), bundle.commit, bundle.group_info, bundle.welcome);
         self.keep_pending(record, &request).await?;
         Ok(Some(request))
@@ -835,6 +836,9 @@ impl<S: GroupStore> GroupMachine<S> {
     fn encrypt(&self, group_id: &GroupId, content: &Content) -> Result<Vec<u8>, GroupError> {
         let plaintext = serde_json::to_vec(content).map_err(|e| GroupError::InvalidRequest(e.to_string()))?;
         let mut group = self.load(group_id)?;
+        if group.has_pending_proposals() {
+            return Err(GroupError::ProposalsPending(group_id.clone()));
+        }
         Ok(group.encrypt(&self.client, &self.device, &plaintext)?)
     }
 

@@ -783,6 +783,10 @@ async fn a_user_leaves_by_proposals_the_lowest_remaining_leaf_commits_them_and_n
     assert_eq!(acks(&carol.deliver(&mut hub, &dir).await.0), [proposed.group_seq.get()]);
     assert!(carol.machine.take_commits_wanted().is_empty());
     assert!(carol.machine.has_pending_proposals(&group).await.unwrap());
+    assert!(matches!(
+        carol.machine.encrypt_text(&group, Uuid::new_v4(), "x", Timestamp::from_millis(1)).await,
+        Err(GroupError::ProposalsPending(_))
+    ));
     // Alice (leaf 0) is the one to commit it.
     alice.deliver(&mut hub, &dir).await;
     assert_eq!(alice.machine.take_commits_wanted(), std::slice::from_ref(&group));

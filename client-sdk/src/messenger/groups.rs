@@ -413,19 +413,22 @@ impl Messenger {
         what: Application<'_>,
     ) -> Result<Option<GroupSentResponse>, MessengerError> {
         for _ in 0..MAX_SEND_ATTEMPTS {
-            // Members are leaving: their removal is committed before anything is sent (openmls
-            // sends nothing while proposals are stored).
-            if self.group_machine().await.has_pending_proposals(group_id).await? {
-                self.commit(group_id, &Change::Pending).await?;
-            }
-            let request = {
+            let encrypted = {
                 let mut machine = self.group_machine().await;
                 match what {
                     Application::Text { client_msg_id, body } => {
-                        Some(machine.encrypt_text(group_id, client_msg_id, body, Timestamp::now()).await?)
+                        machine.encrypt_text(group_id, client_msg_id, body, Timestamp::now()).await.map(Some)
                     }
-                    Application::Meta => machine.encrypt_meta(group_id).await?,
+                    Application::Meta => machine.encrypt_meta(group_id).await,
                 }
+            };
+            let request = match encrypted {
+                // Members are leaving: their removal is committed before anything is sent.
+                Err(GroupError::ProposalsPending(_)) => {
+                    self.commit(group_id, &Change::Pending).await?;
+                    continue;
+                }
+                other => other?,
             };
             let Some(request) = request else { return Ok(None) };
             match self.api().group_send(group_id, &request).await {

@@ -334,22 +334,14 @@ impl Group {
         if indices.is_empty() {
             return Err(MlsError::InvalidRequest("no member to remove".into()));
         }
-        for index in indices {
-            if *index == self.own_index() {
-                return Err(MlsError::InvalidRequest("a member cannot remove itself by commit; leave instead".into()));
-            }
-            if self.inner.member_at(index.to_openmls()).is_none() {
-                return Err(MlsError::InvalidRequest(format!("no member at leaf {index}")));
-            }
-        }
-        let removes = indices.iter().map(|i| i.to_openmls()).collect();
-        self.commit(client, identity, Vec::new(), removes, false)
+        self.add_and_remove_members(client, identity, &[], indices)
     }
 
     /// Adds devices by their KeyPackages and removes the members at `indices`, in one commit
-    /// (either may be empty, not both): a member's next change can carry removals it owes, such
-    /// as devices that left their owner's signed device list. Pending until
-    /// [merged](Self::merge_pending_commit).
+    /// that also carries the stored proposals: a member's next change can carry removals it
+    /// owes, such as devices that left their owner's signed device list. Both lists may be
+    /// empty only while proposals are stored (the commit then carries just those). Pending
+    /// until [merged](Self::merge_pending_commit).
     pub fn add_and_remove_members<S: MlsStorage>(
         &mut self,
         client: &MlsClient<S>,
@@ -357,8 +349,8 @@ impl Group {
         key_packages: &[KeyPackage],
         indices: &[LeafIndex],
     ) -> Result<CommitBundle, MlsError> {
-        if key_packages.is_empty() && indices.is_empty() {
-            return Err(MlsError::InvalidRequest("no member to add or remove".into()));
+        if key_packages.is_empty() && indices.is_empty() && !self.has_pending_proposals() {
+            return Err(MlsError::InvalidRequest("no member to add or remove, and no proposal to commit".into()));
         }
         for index in indices {
             if *index == self.own_index() {
@@ -389,10 +381,10 @@ impl Group {
         client: &MlsClient<S>,
         identity: &DeviceIdentity,
     ) -> Result<CommitBundle, MlsError> {
-        if self.inner.pending_proposals().next().is_none() {
+        if !self.has_pending_proposals() {
             return Err(MlsError::InvalidRequest("no pending proposal to commit".into()));
         }
-        self.commit(client, identity, Vec::new(), Vec::new(), false)
+        self.add_and_remove_members(client, identity, &[], &[])
     }
 
     /// Asks to leave: returns a proposal removing this member (an MLS `PublicMessage`), which
