@@ -241,11 +241,13 @@ pub async fn hub_submit(
     if !entry.members.contains(&me) {
         return Err(Error::new(ErrorCode::NotAMember, format!("{sender} device {sender_device} is not a member of {group_id}")));
     }
-    let before = (entry.group.epoch(), entry.group.pending_proposals());
+    let epoch_before = entry.group.epoch();
     let accepted = match accept(state, entry, &me, group_id, request) {
         Ok(accepted) => accepted,
         Err(error) => {
-            if (entry.group.epoch(), entry.group.pending_proposals()) != before {
+            // Only a merged commit can leave memory changed behind a refusal (a proposal is
+            // stored as the last step of its acceptance).
+            if entry.group.epoch() != epoch_before {
                 // Merged in memory but failed after: reload from the database next time.
                 *guard = None;
             }
