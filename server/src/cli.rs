@@ -100,7 +100,10 @@ pub fn main() -> anyhow::Result<()> {
     let overrides = Overrides { data_dir: cli.data_dir.clone(), listen: cli.listen, server_name: cli.server_name.clone() };
     let config = Config::load(cli.config.as_deref(), overrides)?;
     init_tracing(&config);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = match config.runtime.workers() {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        workers => tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?,
+    };
     runtime.block_on(async move {
         match cli.command {
             None | Some(Command::Serve) => serve(config).await,

@@ -9,10 +9,10 @@ use crate::outgoing::Unsent;
 use crate::storage::writer::Committed;
 use crate::storage::{DevicePk, InboxRow, LiveEvents};
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use tokio::sync::{mpsc, Notify};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::Notify;
 
 /// Bytes an event takes on the wire: its payload and the frame around it.
 pub fn event_bytes(row: &InboxRow) -> usize {
@@ -53,28 +53,79 @@ pub struct GroupPush {
     pub frame: Option<Bytes>,
 }
 
-struct Entry {
-    conn_id: u64,
-    tx: mpsc::Sender<Push>,
-    lagged: Arc<AtomicBool>,
-    wake: Arc<Notify>,
+/// A connection's queue of pushes, filled by the hub (from any thread) and emptied by the
+/// connection task at each wake-up, all at once, so a burst costs the task one wake-up and the
+/// socket one write. An empty mailbox holds no memory: most connections are idle, and a
+/// channel would keep a block of slots for each of them.
+pub struct Mailbox {
+    queue: Mutex<VecDeque<Push>>,
+    /// Most pushes queued; past it live events are dropped and the connection marked lagged.
+    capacity: usize,
+    /// Set when live events were dropped (queue or byte budget full): the connection reads
+    /// its inbox instead.
+    lagged: AtomicBool,
+    /// Woken when something was queued or `lagged` was set.
+    wake: Notify,
     unsent: Arc<Unsent>,
 }
 
-impl Entry {
+impl Mailbox {
+    /// A mailbox of at most `capacity` pushes, its events within `unsent`.
+    pub fn new(capacity: usize, unsent: Arc<Unsent>) -> Self {
+        Self { queue: Mutex::new(VecDeque::new()), capacity, lagged: AtomicBool::new(false), wake: Notify::new(), unsent }
+    }
+
+    /// Queues `push` unless the mailbox is full (or, with `always`, in any case).
+    fn push(&self, push: Push, always: bool) -> bool {
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if !always && queue.len() >= self.capacity {
+                return false;
+            }
+            queue.push_back(push);
+        }
+        self.wake.notify_one();
+        true
+    }
+
     /// Queues a live event within the connection's budgets, or marks it lagged and wakes it
     /// (it then reads the event from its inbox).
     fn push_event(&self, row: InboxRow) {
         let bytes = event_bytes(&row);
         if self.unsent.try_reserve(bytes) {
-            if self.tx.try_send(Push::Event(Arc::new(row))).is_ok() {
+            if self.push(Push::Event(Arc::new(row)), false) {
                 return;
             }
             self.unsent.release(bytes);
         }
+        self.mark_lagged();
+    }
+
+    fn mark_lagged(&self) {
         self.lagged.store(true, Ordering::Release);
         self.wake.notify_one();
     }
+
+    /// Waits until something was queued or the connection was marked lagged since the last
+    /// wait (a wake-up that came while nobody waited is kept).
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    /// Everything queued, in order; the mailbox is left empty (and without memory).
+    pub fn take(&self) -> VecDeque<Push> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Whether live events were dropped since the last call.
+    pub fn take_lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
+}
+
+struct Entry {
+    conn_id: u64,
+    mailbox: Arc<Mailbox>,
 }
 
 /// The registry of live connections, one per device.
@@ -90,25 +141,22 @@ pub struct Hub {
 pub struct Registration {
     /// Identifies this connection (a device may reconnect and replace it).
     pub conn_id: u64,
-    /// Set when live events were dropped because the buffer was full.
-    pub lagged: Arc<AtomicBool>,
-    /// Notified when `lagged` was set.
-    pub wake: Arc<Notify>,
+    /// What the hub queued for it.
+    pub mailbox: Arc<Mailbox>,
 }
 
 impl Hub {
-    /// Registers the connection of `device`, closing any older one. Live events and notices
-    /// are queued only within `unsent`.
-    pub fn register(&self, device: DevicePk, tx: mpsc::Sender<Push>, unsent: Arc<Unsent>) -> Registration {
+    /// Registers the connection of `device`, closing any older one. At most `capacity` pushes
+    /// are queued for it, live events and notices only within `unsent`.
+    pub fn register(&self, device: DevicePk, capacity: usize, unsent: Arc<Unsent>) -> Registration {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let lagged = Arc::new(AtomicBool::new(false));
-        let wake = Arc::new(Notify::new());
-        let entry = Entry { conn_id, tx, lagged: lagged.clone(), wake: wake.clone(), unsent };
+        let mailbox = Arc::new(Mailbox::new(capacity, unsent));
+        let entry = Entry { conn_id, mailbox: mailbox.clone() };
         let old = self.conns.write().unwrap_or_else(|e| e.into_inner()).insert(device, entry);
         if let Some(old) = old {
-            let _ = old.tx.try_send(Push::Close(CloseReason::Replaced));
+            old.mailbox.push(Push::Close(CloseReason::Replaced), true);
         }
-        Registration { conn_id, lagged, wake }
+        Registration { conn_id, mailbox }
     }
 
     /// Removes a connection, unless a newer one of the same device replaced it.
@@ -142,7 +190,7 @@ impl Hub {
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
         for event in committed {
             if let Some(entry) = conns.get(&event.device) {
-                entry.push_event(event.row);
+                entry.mailbox.push_event(event.row);
             }
         }
     }
@@ -153,8 +201,9 @@ impl Hub {
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = conns.get(&device) {
             let bytes = frame.len();
-            if entry.unsent.try_reserve(bytes) && entry.tx.try_send(Push::Frame(frame)).is_err() {
-                entry.unsent.release(bytes);
+            let mailbox = &entry.mailbox;
+            if mailbox.unsent.try_reserve(bytes) && !mailbox.push(Push::Frame(frame), false) {
+                mailbox.unsent.release(bytes);
             }
         }
     }
@@ -164,9 +213,8 @@ impl Hub {
     pub fn push_group(&self, device: DevicePk, push: Arc<GroupPush>) {
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = conns.get(&device) {
-            if entry.tx.try_send(Push::Group(push)).is_err() {
-                entry.lagged.store(true, Ordering::Release);
-                entry.wake.notify_one();
+            if !entry.mailbox.push(Push::Group(push), false) {
+                entry.mailbox.mark_lagged();
             }
         }
     }
@@ -175,7 +223,7 @@ impl Hub {
     pub fn close(&self, device: DevicePk, reason: CloseReason) {
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = conns.get(&device) {
-            let _ = entry.tx.try_send(Push::Close(reason));
+            entry.mailbox.push(Push::Close(reason), true);
         }
     }
 }
@@ -183,5 +231,62 @@ impl Hub {
 impl LiveEvents for Hub {
     fn committed(&self, events: Vec<Committed>) {
         self.deliver(events);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LimitsConfig;
+    use crate::outgoing::OutgoingBudget;
+    use parley_spec::Seq;
+    use std::time::Duration;
+
+    fn committed(device: DevicePk, seq: u64) -> Committed {
+        let row = InboxRow { seq: Seq::new(seq), origin: None, payload: Bytes::from_static(b"{}"), committed_at: None };
+        Committed { device, row }
+    }
+
+    fn seqs(pushes: VecDeque<Push>) -> Vec<u64> {
+        pushes
+            .into_iter()
+            .map(|push| match push {
+                Push::Event(row) => row.seq.get(),
+                other => panic!("not an event: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_burst_wakes_the_connection_once_and_is_taken_whole_within_the_capacity() {
+        let hub = Hub::default();
+        let unsent = Arc::new(Unsent::new(&LimitsConfig::default(), Arc::new(OutgoingBudget::new(1 << 20))));
+        let registration = hub.register(7, 2, unsent.clone());
+        let mailbox = &registration.mailbox;
+
+        hub.deliver(vec![committed(7, 1), committed(8, 1), committed(7, 2)]);
+        tokio::time::timeout(Duration::from_secs(5), mailbox.woken()).await.expect("woken");
+        assert_eq!(seqs(mailbox.take()), [1, 2], "in order, only this device's");
+        assert!(!mailbox.take_lagged());
+        assert!(mailbox.take().is_empty());
+
+        // Past the capacity, events are dropped (their bytes released) and the connection is
+        // told to read its inbox; a close is queued even then.
+        hub.deliver(vec![committed(7, 3), committed(7, 4), committed(7, 5)]);
+        hub.close(7, CloseReason::Revoked);
+        assert!(mailbox.take_lagged());
+        let pushes: Vec<Push> = mailbox.take().into();
+        assert_eq!(pushes.len(), 3);
+        assert!(matches!(&pushes[..2], [Push::Event(a), Push::Event(b)] if a.seq.get() == 3 && b.seq.get() == 4));
+        assert!(matches!(pushes[2], Push::Close(CloseReason::Revoked)));
+        // The connection releases an event's bytes once written; the dropped one holds none.
+        assert_eq!(unsent.bytes(), 4 * (2 + 48), "the four events handed over hold their bytes");
+
+        // A newer connection replaces this one: the old one is told, the new one gets events.
+        let newer = hub.register(7, 2, unsent.clone());
+        assert!(matches!(Vec::from(mailbox.take()).as_slice(), [Push::Close(CloseReason::Replaced)]));
+        hub.deliver(vec![committed(7, 6)]);
+        assert!(mailbox.take().is_empty());
+        assert_eq!(seqs(newer.mailbox.take()), [6]);
     }
 }

@@ -23,7 +23,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use parley_spec::v1::events::ReceiptKind;
 use parley_spec::v1::ws::{
     CaughtUpFrame, ClientFrame, ErrorFrame, FrameId, HelloFrame, KeyPackagesLowFrame, PingFrame, PrekeysLowFrame, RawEventFrame,
@@ -31,10 +31,9 @@ use parley_spec::v1::ws::{
 };
 use parley_spec::{ErrorCode, Seq, Timestamp};
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 use window::DeliveryWindow;
 
@@ -247,8 +246,7 @@ async fn connection(state: AppState, auth: AuthDevice, since: Seq, socket: WebSo
     let unsent = Arc::new(Unsent::new(limits, state.outgoing.clone()));
     let (sink, mut stream) = socket.split();
     let out = Out::new(sink, Duration::from_millis(limits.ws_write_timeout_ms));
-    let (tx, mut rx) = mpsc::channel(limits.connection_buffer);
-    let registration = state.hub.register(auth.device_pk, tx, unsent.clone());
+    let registration = state.hub.register(auth.device_pk, limits.connection_buffer, unsent.clone());
     state.metrics.connections.inc();
     let user_entry = state.directory.local(auth.user_id.localpart()).await.ok().flatten();
     if state.presence.connected(auth.user_pk) {
@@ -266,14 +264,16 @@ async fn connection(state: AppState, auth: AuthDevice, since: Seq, socket: WebSo
         groups: groups::GroupStreams::new(),
         last_activity: Instant::now(),
     };
-    let stop = conn.run(&mut stream, &mut rx, &registration).await;
+    // Boxed, as every path taken once or rarely (the backlog, closing): an idle connection's
+    // task then holds only the loop's state.
+    let stop = Box::pin(conn.run(&mut stream, &registration)).await;
     let reason = match stop {
         Stop::Close(code, reason) => {
             // The close frame goes after what is queued, within the write deadline; a peer
             // that does not read it is dropped.
             let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
             conn.out.queue.push_back((Message::Close(Some(frame)), 0));
-            conn.out.drain().await;
+            Box::pin(conn.out.drain()).await;
             reason
         }
         Stop::Gone => "gone",
@@ -285,7 +285,7 @@ async fn connection(state: AppState, auth: AuthDevice, since: Seq, socket: WebSo
     state.hub.unregister(auth.device_pk, registration.conn_id);
     state.metrics.connections.dec();
     let ts = Timestamp::now();
-    if let Err(error) = state.store.record_last_seen(auth.user_pk, auth.device_pk, ts).await {
+    if let Err(error) = Box::pin(state.store.record_last_seen(auth.user_pk, auth.device_pk, ts)).await {
         tracing::warn!(%error, "last-seen not recorded");
     }
     if state.presence.disconnected(auth.user_pk) {
@@ -302,13 +302,8 @@ async fn connection(state: AppState, auth: AuthDevice, since: Seq, socket: WebSo
 }
 
 impl Conn {
-    async fn run(
-        &mut self,
-        stream: &mut SplitStream<WebSocket>,
-        rx: &mut mpsc::Receiver<Push>,
-        registration: &Registration,
-    ) -> Stop {
-        if let Err(stop) = self.start().await {
+    async fn run(&mut self, stream: &mut SplitStream<WebSocket>, registration: &Registration) -> Stop {
+        if let Err(stop) = Box::pin(self.start()).await {
             return stop;
         }
         let presence_config = &self.state.config.presence;
@@ -332,17 +327,14 @@ impl Conn {
                     Err(end) => Err(Stop::WriterStopped(end)),
                 },
                 Some(done) = sends.next(), if !sends.is_empty() => self.answer_send(done),
-                push = rx.recv() => match push {
-                    Some(push) => self.on_push(push),
-                    None => Err(Stop::Close(close::GOING_AWAY, "server shutting down")),
-                },
+                // Pushes queued, or live events left in the inbox.
+                _ = registration.mailbox.woken() => self.on_pushes(registration.mailbox.take()),
                 frame = stream.next() => match frame {
-                    Some(Ok(message)) => self.on_message(message, &mut sends).await,
+                    Some(Ok(message)) => Box::pin(self.on_message(message, &mut sends)).await,
                     Some(Err(error)) => Err(classify(error)),
                     None => Err(Stop::Gone),
                 },
-                // Live events were left in the inbox, or the writer made room for them.
-                _ = registration.wake.notified() => Ok(()),
+                // The writer made room for live events left in the inbox.
                 _ = room.changed(), if self.window.is_behind() => Ok(()),
                 _ = heartbeat.tick() => {
                     if self.last_activity.elapsed() > timeout {
@@ -352,20 +344,20 @@ impl Conn {
                     }
                 }
             };
-            if let Err(stop) = step {
+            if let Err(stop) = step.and_then(|()| self.take_ready(&mut sends, registration)) {
                 return stop;
             }
-            if registration.lagged.swap(false, Ordering::AcqRel) {
+            if registration.mailbox.take_lagged() {
                 self.window.lagged();
                 self.groups.lagged();
             }
             if self.groups.wants_read() {
-                if let Err(stop) = self.group_catch_up().await {
+                if let Err(stop) = Box::pin(self.group_catch_up()).await {
                     return stop;
                 }
             }
             if self.window.wants_catch_up() {
-                if let Err(stop) = self.catch_up().await {
+                if let Err(stop) = Box::pin(self.catch_up()).await {
                     return stop;
                 }
             }
@@ -503,6 +495,20 @@ impl Conn {
     /// Queues a message for the socket (its bytes are reserved already).
     fn queue(&mut self, message: Message, bytes: usize) {
         self.out.queue.push_back((message, bytes));
+    }
+
+    /// Takes the answers and pushes that are ready without waiting, so that what one commit
+    /// brought this connection (answers to its sends, events, receipts) leaves in one write.
+    fn take_ready(&mut self, sends: &mut FuturesOrdered<SendFuture>, registration: &Registration) -> Result<(), Stop> {
+        while let Some(Some(done)) = sends.next().now_or_never() {
+            self.answer_send(done)?;
+        }
+        self.on_pushes(registration.mailbox.take())
+    }
+
+    /// Everything the hub queued since the last wake-up, in order.
+    fn on_pushes(&mut self, pushes: VecDeque<Push>) -> Result<(), Stop> {
+        pushes.into_iter().try_for_each(|push| self.on_push(push))
     }
 
     fn on_push(&mut self, push: Push) -> Result<(), Stop> {
