@@ -73,6 +73,7 @@ impl Store {
             rx,
             priority,
             max_batch: config.storage.max_batch,
+            commit_interval: Duration::from_micros(config.storage.commit_interval_us),
             keep_history: config.storage.keep_history,
             subscribers,
             metrics,
@@ -943,6 +944,28 @@ mod tests {
             "2 transactions and 2 message ids"
         );
         assert_eq!(remembered(&store).await, []);
+    }
+
+    #[tokio::test]
+    async fn with_a_commit_interval_writes_queued_under_load_wait_for_the_next_commit_and_all_land() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+        config.storage.commit_interval_us = 200_000;
+        let store =
+            Arc::new(Store::open(&config, crate::metrics::Metrics::new(), Subscribers::default()).await.expect("opens").0);
+        let a = ServerName::parse("a.test").unwrap();
+        assert!(store.apply_inbound(&a, "t0", vec![message("a.test", 1)]).await.unwrap());
+        // Within the interval: these wait for the next commit, together.
+        let writes = (2..6).map(|i| {
+            let (store, a) = (store.clone(), a.clone());
+            tokio::spawn(async move { store.apply_inbound(&a, &format!("t{i}"), vec![message("a.test", i)]).await })
+        });
+        for write in writes.collect::<Vec<_>>() {
+            let applied = tokio::time::timeout(Duration::from_secs(10), write).await.expect("answered").expect("task");
+            assert!(applied.unwrap(), "a new transaction");
+        }
+        assert!(!store.apply_inbound(&a, "t3", vec![message("a.test", 9)]).await.unwrap(), "committed: t3 is known");
+        assert_eq!(remembered(&store).await.len(), 5);
     }
 
     #[tokio::test]

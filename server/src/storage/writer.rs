@@ -259,6 +259,8 @@ pub(super) struct Writer {
     /// Federation writes, taken before `rx` (see `Store::queue_priority`).
     pub priority: mpsc::Receiver<WriteOp>,
     pub max_batch: usize,
+    /// Shortest time between the starts of two commits (see `storage.commit_interval_us`).
+    pub commit_interval: std::time::Duration,
     pub keep_history: bool,
     pub subscribers: Subscribers,
     pub metrics: crate::metrics::Metrics,
@@ -269,6 +271,7 @@ pub(super) struct Writer {
 impl Writer {
     pub async fn run(mut self) {
         let mut batch = Vec::with_capacity(self.max_batch);
+        let mut last_commit: Option<tokio::time::Instant> = None;
         loop {
             let op = tokio::select! {
                 biased;
@@ -277,6 +280,14 @@ impl Writer {
                 else => break,
             };
             batch.push(op);
+            // Under load (the previous commit started less than an interval ago), let more
+            // operations join this one.
+            if let Some(due) = last_commit.map(|at| at + self.commit_interval) {
+                if due > tokio::time::Instant::now() && self.rx.len() + self.priority.len() + 1 < self.max_batch {
+                    tokio::time::sleep_until(due).await;
+                }
+            }
+            last_commit = Some(tokio::time::Instant::now());
             fill_batch(&mut batch, &mut self.priority, &mut self.rx, self.max_batch);
             self.metrics.writer_queue_depth.set(self.rx.len() as i64);
             let started = std::time::Instant::now();
