@@ -223,7 +223,9 @@ pub struct StorageConfig {
     /// Shortest time between the starts of two commits, in microseconds (0: commit as soon as
     /// the previous one is done). Under load, waiting gathers more operations per commit:
     /// fewer fsyncs and fewer pages written again, for up to this much latency; a write after
-    /// a quiet spell is never delayed.
+    /// a quiet spell is never delayed. Each commit costs CPU of its own (the fsync, the hot
+    /// pages written again, a round trip per statement): 2 ms took 5–15 points of one core
+    /// off the 1:1 relay at 1,000–2,000 msgs/s (BENCHMARKS.md).
     pub commit_interval_us: u64,
     /// Operations waiting for the writer before new ones are refused with `unavailable`.
     pub writer_queue: usize,
@@ -477,7 +479,7 @@ impl Default for StorageConfig {
             synchronous: Synchronous::Full,
             keep_history: false,
             max_batch: 2048,
-            commit_interval_us: 0,
+            commit_interval_us: 2_000,
             writer_queue: 65_536,
         }
     }
