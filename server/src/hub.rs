@@ -75,11 +75,11 @@ impl Mailbox {
         Self { queue: Mutex::new(VecDeque::new()), capacity, lagged: AtomicBool::new(false), wake: Notify::new(), unsent }
     }
 
-    /// Queues `push` unless the mailbox is full (or, with `always`, in any case).
-    fn push(&self, push: Push, always: bool) -> bool {
+    /// Queues `push` unless the mailbox is full.
+    fn try_push(&self, push: Push) -> bool {
         {
             let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if !always && queue.len() >= self.capacity {
+            if queue.len() >= self.capacity {
                 return false;
             }
             queue.push_back(push);
@@ -88,12 +88,18 @@ impl Mailbox {
         true
     }
 
+    /// Queues a close, full or not.
+    fn close(&self, reason: CloseReason) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(Push::Close(reason));
+        self.wake.notify_one();
+    }
+
     /// Queues a live event within the connection's budgets, or marks it lagged and wakes it
     /// (it then reads the event from its inbox).
     fn push_event(&self, row: InboxRow) {
         let bytes = event_bytes(&row);
         if self.unsent.try_reserve(bytes) {
-            if self.push(Push::Event(Arc::new(row)), false) {
+            if self.try_push(Push::Event(Arc::new(row))) {
                 return;
             }
             self.unsent.release(bytes);
@@ -123,21 +129,17 @@ impl Mailbox {
     }
 }
 
-struct Entry {
-    conn_id: u64,
-    mailbox: Arc<Mailbox>,
-}
-
 /// The registry of live connections, one per device.
 #[derive(Default)]
 pub struct Hub {
-    conns: RwLock<HashMap<DevicePk, Entry>>,
+    conns: RwLock<HashMap<DevicePk, Registration>>,
     next_id: AtomicU64,
     /// Long-poll sync requests waiting for a device's next event.
     waiters: RwLock<HashMap<DevicePk, Arc<Notify>>>,
 }
 
-/// A registered connection's handle on its own registration.
+/// A registered connection: the hub's entry, and the connection's handle on it.
+#[derive(Clone)]
 pub struct Registration {
     /// Identifies this connection (a device may reconnect and replace it).
     pub conn_id: u64,
@@ -150,13 +152,12 @@ impl Hub {
     /// are queued for it, live events and notices only within `unsent`.
     pub fn register(&self, device: DevicePk, capacity: usize, unsent: Arc<Unsent>) -> Registration {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mailbox = Arc::new(Mailbox::new(capacity, unsent));
-        let entry = Entry { conn_id, mailbox: mailbox.clone() };
-        let old = self.conns.write().unwrap_or_else(|e| e.into_inner()).insert(device, entry);
+        let registration = Registration { conn_id, mailbox: Arc::new(Mailbox::new(capacity, unsent)) };
+        let old = self.conns.write().unwrap_or_else(|e| e.into_inner()).insert(device, registration.clone());
         if let Some(old) = old {
-            old.mailbox.push(Push::Close(CloseReason::Replaced), true);
+            old.mailbox.close(CloseReason::Replaced);
         }
-        Registration { conn_id, mailbox }
+        registration
     }
 
     /// Removes a connection, unless a newer one of the same device replaced it.
@@ -202,7 +203,7 @@ impl Hub {
         if let Some(entry) = conns.get(&device) {
             let bytes = frame.len();
             let mailbox = &entry.mailbox;
-            if mailbox.unsent.try_reserve(bytes) && !mailbox.push(Push::Frame(frame), false) {
+            if mailbox.unsent.try_reserve(bytes) && !mailbox.try_push(Push::Frame(frame)) {
                 mailbox.unsent.release(bytes);
             }
         }
@@ -213,7 +214,7 @@ impl Hub {
     pub fn push_group(&self, device: DevicePk, push: Arc<GroupPush>) {
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = conns.get(&device) {
-            if !entry.mailbox.push(Push::Group(push), false) {
+            if !entry.mailbox.try_push(Push::Group(push)) {
                 entry.mailbox.mark_lagged();
             }
         }
@@ -223,7 +224,7 @@ impl Hub {
     pub fn close(&self, device: DevicePk, reason: CloseReason) {
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = conns.get(&device) {
-            entry.mailbox.push(Push::Close(reason), true);
+            entry.mailbox.close(reason);
         }
     }
 }
