@@ -22,6 +22,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+/// Longest wait of a WAL restart for readers, in milliseconds.
+const WAL_RESTART_WAIT_MS: u64 = 20;
+
 /// Client operations at most in a commit that carries federation work.
 const PRIORITY_BATCH_CLIENT_OPS: usize = 256;
 
@@ -266,6 +269,8 @@ pub(super) struct Writer {
     pub metrics: crate::metrics::Metrics,
     /// Next sequence number per device (loaded on first use).
     pub next_seq: HashMap<DevicePk, Seq>,
+    /// Set by the checkpoint task when the WAL should start over (see `checkpoints`).
+    pub restart_wal: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Writer {
@@ -295,9 +300,31 @@ impl Writer {
             self.commit_batch(&mut batch).await;
             self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.batch_size.observe(size as f64);
+            if self.restart_wal.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                self.restart_wal().await;
+            }
         }
         tracing::info!("writer drained and stopped");
         self.close().await;
+    }
+
+    /// Copies what is left of the WAL and makes the next commit write it from its start. It
+    /// waits for readers still on the old frames, at most [`WAL_RESTART_WAIT_MS`]: past that
+    /// it gives up until the checkpoint task asks again, rather than hold up commits.
+    async fn restart_wal(&mut self) {
+        let checkpoint = async {
+            sqlx::query(&format!("PRAGMA busy_timeout = {WAL_RESTART_WAIT_MS}")).execute(&mut self.conn).await?;
+            let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)").fetch_one(&mut self.conn).await;
+            sqlx::query(&format!("PRAGMA busy_timeout = {}", super::sqlite::BUSY_TIMEOUT.as_millis()))
+                .execute(&mut self.conn)
+                .await?;
+            done
+        };
+        match checkpoint.await {
+            Ok((0, _, _)) => {}
+            Ok((_, frames, done)) => tracing::debug!(frames, done, "WAL restart postponed: a reader is still on it"),
+            Err(error) => tracing::warn!(%error, "WAL restart failed"),
+        }
     }
 
     /// Runs when every handle on the store is gone: closes the pool, folds the WAL back into the
