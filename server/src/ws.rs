@@ -327,8 +327,9 @@ impl Conn {
                     Err(end) => Err(Stop::WriterStopped(end)),
                 },
                 Some(done) = sends.next(), if !sends.is_empty() => self.answer_send(done),
-                // Pushes queued, or live events left in the inbox.
-                _ = registration.mailbox.woken() => self.on_pushes(registration.mailbox.take()),
+                // Pushes queued (taken below, with whatever else is ready), or live events
+                // left in the inbox.
+                _ = registration.mailbox.woken() => Ok(()),
                 frame = stream.next() => match frame {
                     Some(Ok(message)) => Box::pin(self.on_message(message, &mut sends)).await,
                     Some(Err(error)) => Err(classify(error)),
