@@ -28,8 +28,26 @@ const WAL_RESTART_WAIT_MS: u64 = 20;
 /// Client operations at most in a commit that carries federation work.
 const PRIORITY_BATCH_CLIENT_OPS: usize = 256;
 
-/// Rows per multi-row statement (6 binds a row stays far below SQLite's variable limit).
-const ROWS_PER_STATEMENT: usize = 500;
+/// Rows at most per multi-row statement (6 binds a row stays far below SQLite's variable
+/// limit). A power of two: see [`statement_chunks`].
+const ROWS_PER_STATEMENT: usize = 512;
+
+/// Splits `rows` into slices whose lengths are powers of two, at most [`ROWS_PER_STATEMENT`],
+/// largest first. A multi-row statement's SQL depends on its row count; with these sizes the
+/// writer uses at most ten texts per statement, which stay in the connection's statement cache
+/// instead of being parsed and planned again for every batch (measured: 8 % of the writer's
+/// time when every batch had its own row count).
+fn statement_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if rows.is_empty() {
+            return None;
+        }
+        let len = ROWS_PER_STATEMENT.min(1 << rows.len().ilog2());
+        let (chunk, rest) = rows.split_at(len);
+        rows = rest;
+        Some(chunk)
+    })
+}
 
 /// An event to append to a device's inbox.
 #[derive(Debug, Clone)]
@@ -269,20 +287,38 @@ pub(super) struct Writer {
     pub metrics: crate::metrics::Metrics,
     /// Next sequence number per device (loaded on first use).
     pub next_seq: HashMap<DevicePk, Seq>,
-    /// Set by the checkpoint task when the WAL should start over (see `checkpoints`).
-    pub restart_wal: Arc<std::sync::atomic::AtomicBool>,
+    /// Notified by the checkpoint task when the WAL should start over (see `checkpoints`).
+    pub restart_wal: Arc<tokio::sync::Notify>,
 }
 
 impl Writer {
     pub async fn run(mut self) {
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut last_commit: Option<tokio::time::Instant> = None;
-        loop {
+        let (mut priority_open, mut rx_open) = (true, true);
+        while priority_open || rx_open {
             let op = tokio::select! {
                 biased;
-                Some(op) = self.priority.recv() => op,
-                Some(op) = self.rx.recv() => op,
-                else => break,
+                // Between two commits, or at once when idle (a burst of pool writes such as
+                // registrations grows the WAL too, with no commit of the writer's to follow).
+                () = self.restart_wal.notified() => {
+                    self.restart_wal().await;
+                    continue;
+                }
+                op = self.priority.recv(), if priority_open => match op {
+                    Some(op) => op,
+                    None => {
+                        priority_open = false;
+                        continue;
+                    }
+                },
+                op = self.rx.recv(), if rx_open => match op {
+                    Some(op) => op,
+                    None => {
+                        rx_open = false;
+                        continue;
+                    }
+                },
             };
             batch.push(op);
             // Under load (the previous commit started less than an interval ago), let more
@@ -300,9 +336,6 @@ impl Writer {
             self.commit_batch(&mut batch).await;
             self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.batch_size.observe(size as f64);
-            if self.restart_wal.swap(false, std::sync::atomic::Ordering::AcqRel) {
-                self.restart_wal().await;
-            }
         }
         tracing::info!("writer drained and stopped");
         self.close().await;
@@ -534,16 +567,22 @@ impl FromIterator<WriteOp> for Plan {
     }
 }
 
-/// Step 1: inserts the idempotency records; RETURNING names the rows that are new. New
-/// messages are answered `Stored` and bring their events and items; repeats are answered with
-/// the original's id and time and bring nothing.
+/// Step 1: inserts the idempotency records. New messages are answered `Stored` and bring
+/// their events and items; repeats are answered with the original's id and time and bring
+/// nothing. A statement whose every row went in (the common case) needs no more; for one
+/// where some did not, each of its messages is looked up: the row found carries this
+/// message's fresh id only if it is this message's. (Not `RETURNING`: the worker thread hands
+/// each returned row over on its own, a wake-up per message.)
 async fn insert_messages(
     conn: &mut SqliteConnection,
     messages: Vec<(NewMessage, Reply<MessageOutcome>)>,
     work: &mut Work,
 ) -> Result<Effects, StoreError> {
-    let mut inserted = HashSet::new();
-    for chunk in messages.chunks(ROWS_PER_STATEMENT) {
+    let mut effects = Effects::default();
+    let lens: Vec<usize> = statement_chunks(&messages).map(<[_]>::len).collect();
+    let mut messages = messages.into_iter();
+    for len in lens {
+        let chunk: Vec<_> = messages.by_ref().take(len).collect();
         let stored: Vec<(i64, i64)> =
             chunk.iter().map(|(m, _)| Ok((i64::try_from(m.id)?, i64::try_from(m.ts)?))).collect::<Result<_, StoreError>>()?;
         let mut query =
@@ -556,27 +595,28 @@ async fn insert_messages(
                 .push_bind(m.recipient.as_str())
                 .push_bind(ts);
         });
-        query.push(" ON CONFLICT DO NOTHING RETURNING id");
-        for row in query.build().fetch_all(&mut *conn).await? {
-            inserted.insert(ServerMsgId::try_from(row.try_get::<i64, _>(0)?)?);
-        }
-    }
-    let mut effects = Effects::default();
-    for (message, reply) in messages {
-        if inserted.contains(&message.id) {
-            work.message_replies.push((reply, MessageOutcome::Stored { id: message.id, ts: message.ts }));
-            effects.events.extend(message.events);
-            effects.outbound.extend(message.outbound);
-        } else {
-            let row = sqlx::query("SELECT id, ts FROM messages WHERE sender_device = ? AND client_msg_id = ?")
-                .bind(message.sender_device)
-                .bind(message.client_msg_id.as_bytes().as_slice())
-                .fetch_one(&mut *conn)
-                .await?;
-            let outcome = MessageOutcome::Duplicate {
-                id: ServerMsgId::try_from(row.try_get::<i64, _>(0)?)?,
-                ts: Timestamp::try_from(row.try_get::<i64, _>(1)?)?,
+        query.push(" ON CONFLICT DO NOTHING");
+        let all_new = query.build().execute(&mut *conn).await?.rows_affected() == len as u64;
+        for (message, reply) in chunk {
+            let outcome = if all_new {
+                MessageOutcome::Stored { id: message.id, ts: message.ts }
+            } else {
+                let row = sqlx::query("SELECT id, ts FROM messages WHERE sender_device = ? AND client_msg_id = ?")
+                    .bind(message.sender_device)
+                    .bind(message.client_msg_id.as_bytes().as_slice())
+                    .fetch_one(&mut *conn)
+                    .await?;
+                let id = ServerMsgId::try_from(row.try_get::<i64, _>(0)?)?;
+                if id == message.id {
+                    MessageOutcome::Stored { id, ts: message.ts }
+                } else {
+                    MessageOutcome::Duplicate { id, ts: Timestamp::try_from(row.try_get::<i64, _>(1)?)? }
+                }
             };
+            if matches!(outcome, MessageOutcome::Stored { .. }) {
+                effects.events.extend(message.events);
+                effects.outbound.extend(message.outbound);
+            }
             work.message_replies.push((reply, outcome));
         }
     }
@@ -614,7 +654,7 @@ async fn apply_inbound(
         .map(|(origin, id)| Ok((origin.as_ref(), i64::try_from(*id)?)))
         .collect::<Result<_, StoreError>>()?;
     let mut first_seen: HashMap<String, HashSet<ServerMsgId>> = HashMap::new();
-    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&keys) {
         let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_inbound_messages (origin, msg_id, received_ts) ");
         query.push_values(chunk, |mut row, (origin, id)| {
             row.push_bind(*origin).push_bind(*id).push_bind(now);
@@ -644,7 +684,7 @@ async fn apply_inbound(
 
 /// Remembers the messages received from other servers' users (for read-marker checks).
 async fn record_received(conn: &mut SqliteConnection, received: &[RemoteMessage]) -> Result<(), StoreError> {
-    for chunk in received.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(received) {
         let ids: Vec<i64> = chunk.iter().map(|m| i64::try_from(m.id)).collect::<Result<_, _>>()?;
         let mut query = QueryBuilder::<Sqlite>::new("INSERT OR IGNORE INTO remote_messages (recipient, sender, msg_id) ");
         query.push_values(chunk.iter().zip(ids), |mut row, (m, id)| {
@@ -658,7 +698,7 @@ async fn record_received(conn: &mut SqliteConnection, received: &[RemoteMessage]
 /// Step 3: appends outbound federation items, in order; returns the destinations whose queue
 /// grew (each once, in order of first appearance).
 pub(super) async fn queue_outbound(conn: &mut SqliteConnection, outbound: Vec<Outbound>) -> Result<Vec<ServerName>, StoreError> {
-    for chunk in outbound.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&outbound) {
         let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_outbound (destination, payload) ");
         query.push_values(chunk, |mut row, item| {
             row.push_bind(item.destination.as_str()).push_bind(item.payload.as_ref());
@@ -765,7 +805,7 @@ async fn append_inbox(
             rows.push((event, seq));
         }
     }
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&rows) {
         let stored: Vec<(i64, Option<i64>)> = chunk
             .iter()
             .map(|(event, seq)| Ok((i64::try_from(*seq)?, event.origin.as_ref().map(|(_, id)| i64::try_from(*id)).transpose()?)))
@@ -795,7 +835,7 @@ async fn apply_acks(
             clamped.push((device, i64::try_from(seq.min(Seq::new(next.get() - 1)))?));
         }
     }
-    for chunk in clamped.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(&clamped) {
         let mut query = QueryBuilder::<Sqlite>::new("WITH v(d, s) AS (");
         query.push_values(chunk, |mut row, (device, seq)| {
             row.push_bind(*device).push_bind(*seq);
@@ -998,5 +1038,23 @@ mod tests {
         fill_batch(&mut batch, &mut priority, &mut clients, 100);
         assert_eq!(batch.iter().filter(|op| op.is_federation()).count(), 7);
         assert_eq!(batch.len(), 7 + 9, "then every client write (fewer than the share)");
+    }
+
+    #[test]
+    fn rows_are_split_into_power_of_two_statements_largest_first_in_order() {
+        let sizes = |n: usize| {
+            let rows: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = statement_chunks(&rows).collect();
+            assert_eq!(chunks.concat(), rows, "every row once, in order");
+            chunks.iter().map(|chunk| chunk.len()).collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(0), [0usize; 0]);
+        assert_eq!(sizes(1), [1]);
+        assert_eq!(sizes(70), [64, 4, 2]);
+        assert_eq!(sizes(512), [512]);
+        assert_eq!(sizes(1500), [512, 512, 256, 128, 64, 16, 8, 4]);
+        // Whatever the count, the texts used are among ten sizes.
+        let all: HashSet<usize> = (0..3000).flat_map(sizes).collect();
+        assert!(all.iter().all(|size| size.is_power_of_two() && *size <= ROWS_PER_STATEMENT), "{all:?}");
     }
 }
