@@ -85,18 +85,24 @@ impl Store {
             next_seq: Default::default(),
             restart_wal: restart_wal.clone(),
         };
-        // The writer runs on a thread of its own: each of its statements is a round trip to
-        // the connection's thread, and on the server's runtime every return waited behind the
-        // connections' tasks (measured: commits took several times their work at saturation).
-        let (stopped_tx, stopped) = oneshot::channel::<()>();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
-        std::thread::Builder::new().name("parley-writer".into()).spawn(move || {
-            runtime.block_on(writer.run());
-            drop(stopped_tx);
-        })?;
-        let handle = tokio::spawn(async move {
-            let _ = stopped.await;
-        });
+        // With several workers, the writer runs on a thread of its own: each of its statements
+        // is a round trip to the connection's thread, and on the workers every answer waited
+        // behind the connections' tasks (commits took several times their work at saturation).
+        // With one worker (one core), it runs on that runtime: a thread of its own would add a
+        // wake-up of the other thread for each answer, which measured dearer there.
+        let handle = if config.runtime.workers() == 1 {
+            tokio::spawn(writer.run())
+        } else {
+            let (stopped_tx, stopped) = oneshot::channel::<()>();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+            std::thread::Builder::new().name("parley-writer".into()).spawn(move || {
+                runtime.block_on(writer.run());
+                drop(stopped_tx);
+            })?;
+            tokio::spawn(async move {
+                let _ = stopped.await;
+            })
+        };
         tokio::spawn(checkpoints(pool.clone(), restart_wal));
         Ok((
             Self {
@@ -1060,9 +1066,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_repeat_in_the_same_commit_is_answered_with_the_first_copy_and_stores_nothing() {
+        // The writer on the connections' runtime (one worker), and on a thread of its own.
+        for workers in [1, 2] {
+            a_repeat_in_the_same_commit(workers).await;
+        }
+    }
+
+    async fn a_repeat_in_the_same_commit(workers: usize) {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
         config.storage.commit_interval_us = 200_000;
+        config.runtime.worker_threads = workers;
         let store = Store::open(&config, crate::metrics::Metrics::new(), Subscribers::default()).await.expect("opens").0;
         let alice = store.create_user("alice", "hash", false).await.unwrap();
         let alice = (alice, store.create_device(alice, "A", None, b"token-a", 10).await.unwrap());
