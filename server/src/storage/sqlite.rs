@@ -1050,6 +1050,7 @@ mod tests {
         // A position beyond SQLite's integers is refused, never read as a wrapped one.
         assert!(matches!(store.inbox_after(device, Seq::new(u64::MAX), 10, usize::MAX).await, Err(StoreError::OutOfRange(_))));
     }
+
     fn new_message(store: &Store, sender: (UserPk, DevicePk), client_msg_id: Uuid, to: DevicePk) -> NewMessage {
         let id = store.next_message_id();
         NewMessage {
@@ -1083,7 +1084,7 @@ mod tests {
         let bob = store.create_user("bob", "hash", false).await.unwrap();
         let bob = store.create_device(bob, "B", None, b"token-b", 10).await.unwrap();
         let (once, again, other) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
-        // An earlier commit: the three below arrive within the interval after it, so they
+        // An earlier commit: the four below arrive within the interval after it, so they
         // share the next commit (and one multi-row statement).
         let earlier = store.store_message(new_message(&store, alice, once, bob)).await.unwrap();
         let first = new_message(&store, alice, again, bob);
