@@ -107,7 +107,7 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
             None => envelopes.push(FedEnvelope::new(envelope.device, envelope.ciphertext.0)),
         }
     }
-    let mut message = SignedMessage::new(
+    let message = SignedMessage::new(
         id,
         auth.user_id.clone(),
         auth.device_id.clone(),
@@ -117,7 +117,8 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
         state.server_name.clone(),
         String::new(),
     );
-    parley_federation::message::sign_message(&mut message, &state.server_key);
+    // Sent by its origin, the message needs no signature of its own: the request signature
+    // over the transaction proves who wrote it (spec/federation.md, message items).
     let outbound = vec![crate::federation::sender::outbound(&request.to.server_name(), &Item::Message(message))?];
     Ok(NewMessage {
         id,

@@ -15,6 +15,13 @@ impl std::fmt::Debug for Base64Bytes {
     }
 }
 
+impl Base64Bytes {
+    /// Whether there are no bytes (an absent optional field serializes as nothing).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 impl From<Vec<u8>> for Base64Bytes {
     fn from(bytes: Vec<u8>) -> Self {
         Self(bytes)

@@ -259,7 +259,7 @@ async fn forged_altered_stale_and_replayed_requests_are_refused_and_change_nothi
     // message signatures: accepted as a transaction, every item refused.
     // (A message of a.test's own user sent by a.test itself is proven by the request signature
     // over the whole body; its message signature is checked only when another server relays
-    // it — items 1 and 2.)
+    // it — items 1, 2 and 4.)
     let (alice_device, bob_device) = (&alice_session.device_id, &bob_session.device_id);
     let items = vec![
         // 0: a user of c.test in a message a.test signs as its own.
@@ -297,6 +297,15 @@ async fn forged_altered_stale_and_replayed_requests_are_refused_and_change_nothi
         )?),
         // 3: typing as a user of c.test.
         Item::Typing(TypingItem::new(UserId::parse("@mallory:c.test")?, bob_id.clone(), true)),
+        // 4: claims c.test as its origin and carries no signature (only a message its origin
+        // sends itself may leave it out).
+        Item::Message({
+            let mut unsigned =
+                message((1 << 60) + 4, "@mallory:c.test", alice_device, &bob_id, bob_device, "mallory 4", "c.test", &a_key_as_c)?;
+            unsigned.key_id.clear();
+            unsigned.signature = Default::default();
+            unsigned
+        }),
     ];
     let body = transaction("a.test", items)?;
     let header = sign(&a_key, &a_id, "a.test", "b.test", put, &send_path("valid-2"), Timestamp::now(), &body)?;
@@ -305,10 +314,11 @@ async fn forged_altered_stale_and_replayed_requests_are_refused_and_change_nothi
         .as_array()
         .map(|r| r.iter().map(|r| (r["index"].as_u64().unwrap_or(99), r["code"].as_str().unwrap_or("").to_owned())).collect())
         .unwrap_or_default();
-    let expected: Vec<(u64, String)> = [(0, "forbidden"), (1, "unknown_server_key"), (2, "bad_signature"), (3, "forbidden")]
-        .into_iter()
-        .map(|(i, c)| (i, c.to_owned()))
-        .collect();
+    let expected: Vec<(u64, String)> =
+        [(0, "forbidden"), (1, "unknown_server_key"), (2, "bad_signature"), (3, "forbidden"), (4, "bad_signature")]
+            .into_iter()
+            .map(|(i, c)| (i, c.to_owned()))
+            .collect();
     if status != 200 || rejected != expected {
         findings.0.push(format!("impersonating items: expected 200 with {expected:?} rejected, got {status} {answer}"));
     }

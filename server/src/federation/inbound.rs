@@ -357,9 +357,8 @@ async fn apply_item(
 /// A message: turns it into inbox events for the recipient's devices (envelopes for devices
 /// that no longer exist are dropped) and the record that its sender wrote to the recipient
 /// (what the recipient's read markers are checked against). When another server relays it,
-/// its origin signature is checked; from its origin itself, the request signature (over the
-/// whole body) already proves who wrote it, and the message signature is carried for later
-/// relaying.
+/// its origin signature is required and checked; from its origin itself, the request signature
+/// (over the whole body) already proves who wrote it, and the message carries none.
 async fn message_events(
     state: &AppState,
     fed: &Federation,
@@ -380,6 +379,9 @@ async fn message_events(
         return Err(Error::new(ErrorCode::TooLarge, format!("an envelope exceeds {} bytes", limits.max_envelope_bytes)));
     }
     if &message.origin != sent_by {
+        if message.signature.is_empty() {
+            return Err(Error::new(ErrorCode::BadSignature, "a relayed message must carry its origin's signature"));
+        }
         let key = fed.origin_key(&message.origin, &message.key_id, message.ts).await?;
         parley_federation::message::verify_message(&message, &key)
             .map_err(|_| Error::new(ErrorCode::BadSignature, "the message's origin signature does not verify"))?;

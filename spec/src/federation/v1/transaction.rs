@@ -102,9 +102,11 @@ impl FedEnvelope {
     }
 }
 
-/// A message as relayed between servers. The origin signs it with its server key
-/// (`signature` over [`MESSAGE_CONTEXT`] followed by the canonical JSON of the object without
-/// `signature`), so the signature survives relaying by another server.
+/// A message as carried between servers. A message that another server than its origin relays
+/// must carry the origin's signature (`signature` over [`MESSAGE_CONTEXT`] followed by the
+/// canonical JSON of the object without `signature`, by the origin key `key_id`), which survives
+/// relaying. The origin sending its own message directly leaves both out (empty here): the
+/// request signature over the transaction already proves who wrote it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -125,14 +127,19 @@ pub struct SignedMessage {
     pub envelopes: Vec<FedEnvelope>,
     /// The signing server.
     pub origin: ServerName,
-    /// Id of the origin key that signed (`ed25519:…`).
+    /// Id of the origin key that signed (`ed25519:…`); absent on a message sent by its origin.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schema(required = false)]
     pub key_id: String,
-    /// ed25519 signature (64 bytes).
+    /// ed25519 signature (64 bytes); absent on a message sent by its origin.
+    #[serde(default, skip_serializing_if = "Base64Bytes::is_empty")]
+    #[schema(required = false)]
     pub signature: Base64Bytes,
 }
 
 impl SignedMessage {
-    /// An unsigned message (empty signature; the origin signs it before sending).
+    /// An unsigned message (empty signature: what the origin sends directly; a message to be
+    /// relayed is signed with `parley_federation::message::sign_message`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: ServerMsgId,
@@ -329,5 +336,30 @@ mod tests {
         assert_eq!(serde_json::to_string(&raw).unwrap(), serde_json::to_string(&typed).unwrap());
         let empty = RawTransaction { origin: &origin, origin_ts: Timestamp::from_millis(1), items: Vec::new() };
         assert_eq!(serde_json::to_string(&empty).unwrap(), r#"{"origin":"a.test","origin_ts":1,"items":[]}"#);
+    }
+
+    #[test]
+    fn a_message_sent_by_its_origin_carries_no_signature_and_a_signed_one_keeps_it() {
+        let mut message = SignedMessage::new(
+            ServerMsgId::new(7),
+            UserId::parse("@alice:a.test").unwrap(),
+            DeviceId::parse("DEVA").unwrap(),
+            UserId::parse("@bob:b.test").unwrap(),
+            Timestamp::from_millis(1),
+            vec![FedEnvelope::new(DeviceId::parse("DEVB").unwrap(), b"c".to_vec())],
+            ServerName::parse("a.test").unwrap(),
+            String::new(),
+        );
+        let direct = serde_json::to_string(&Item::Message(message.clone())).unwrap();
+        assert_eq!(
+            direct,
+            r#"{"type":"message","id":7,"sender":"@alice:a.test","sender_device":"DEVA","to":"@bob:b.test","ts":1,"envelopes":[{"device":"DEVB","ciphertext":"Yw=="}],"origin":"a.test"}"#
+        );
+        assert_eq!(serde_json::from_str::<Item>(&direct).unwrap(), Item::Message(message.clone()));
+        message.key_id = "ed25519:k".into();
+        message.signature = vec![1; 64].into();
+        let signed = serde_json::to_string(&Item::Message(message.clone())).unwrap();
+        assert!(signed.ends_with(r#""origin":"a.test","key_id":"ed25519:k","signature":"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=="}"#), "{signed}");
+        assert_eq!(serde_json::from_str::<Item>(&signed).unwrap(), Item::Message(message));
     }
 }
