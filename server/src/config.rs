@@ -318,7 +318,8 @@ pub struct FederationConfig {
     pub failed_auth_per_minute: u32,
     /// Burst of failed requests from one IP address.
     pub failed_auth_burst: u32,
-    /// Most items (messages, receipts, ...) in one outbound transaction.
+    /// Most items (messages, receipts, ...) in one outbound transaction; at most
+    /// `MAX_TXN_ITEMS`, what a peer accepts.
     pub max_txn_items: usize,
     /// Largest outbound transaction body, in bytes (inbound bodies may be twice as large).
     pub max_txn_bytes: usize,
@@ -365,7 +366,7 @@ impl Default for FederationConfig {
             origin_burst: 1000,
             failed_auth_per_minute: 600,
             failed_auth_burst: 100,
-            max_txn_items: 1000,
+            max_txn_items: 5000,
             max_txn_bytes: 4 * 1024 * 1024,
             retry_min_ms: 500,
             retry_max_ms: 600_000,
@@ -590,6 +591,13 @@ impl Config {
         {
             return bad("federation limits must be positive (max_txn_bytes at least 64 KiB)");
         }
+        // A peer refuses a larger transaction whole: the queue would resend it forever.
+        if fed.max_txn_items > parley_spec::federation::v1::transaction::MAX_TXN_ITEMS {
+            return Err(ConfigError::Invalid(format!(
+                "federation.max_txn_items must be at most {} (what a peer accepts in one transaction)",
+                parley_spec::federation::v1::transaction::MAX_TXN_ITEMS
+            )));
+        }
         if fed.retry_min_ms == 0 || fed.retry_max_ms < fed.retry_min_ms || fed.request_timeout_ms == 0 {
             return bad("federation.retry_min_ms must be positive and at most retry_max_ms");
         }
@@ -640,5 +648,15 @@ mod tests {
         assert_eq!(config.listen.port(), 0);
         std::fs::write(&file, "bogus_key = 1\n").unwrap();
         assert!(Config::load(Some(&file), serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn transactions_larger_than_a_peer_accepts_are_refused() {
+        let mut config = Config::default();
+        config.federation.max_txn_items = parley_spec::federation::v1::transaction::MAX_TXN_ITEMS;
+        config.check().expect("the peers' limit itself is fine");
+        config.federation.max_txn_items += 1;
+        let error = config.check().expect_err("one more is refused").to_string();
+        assert!(error.contains("federation.max_txn_items"), "{error}");
     }
 }
