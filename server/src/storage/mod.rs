@@ -50,6 +50,9 @@ pub enum StoreError {
     /// The database file cannot be created or its permissions cannot be set.
     #[error("database file: {0}")]
     File(#[from] std::io::Error),
+    /// The writer's thread or its runtime could not be started.
+    #[error("starting the storage writer: {0}")]
+    WriterStart(std::io::Error),
     /// A number does not fit its column (a stored `i64` below 0, or a `u64` above `i64::MAX`).
     #[error("stored integer: {0}")]
     OutOfRange(#[from] parley_spec::OutOfRange),

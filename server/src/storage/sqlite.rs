@@ -94,11 +94,14 @@ impl Store {
             tokio::spawn(writer.run())
         } else {
             let (stopped_tx, stopped) = oneshot::channel::<()>();
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
-            std::thread::Builder::new().name("parley-writer".into()).spawn(move || {
-                runtime.block_on(writer.run());
-                drop(stopped_tx);
-            })?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(StoreError::WriterStart)?;
+            std::thread::Builder::new()
+                .name("parley-writer".into())
+                .spawn(move || {
+                    runtime.block_on(writer.run());
+                    drop(stopped_tx);
+                })
+                .map_err(StoreError::WriterStart)?;
             tokio::spawn(async move {
                 let _ = stopped.await;
             })
