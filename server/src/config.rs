@@ -4,6 +4,7 @@
 
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use figment::Figment;
+use parley_spec::federation::v1::transaction::MAX_TXN_ITEMS;
 use parley_spec::ServerName;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -592,10 +593,9 @@ impl Config {
             return bad("federation limits must be positive (max_txn_bytes at least 64 KiB)");
         }
         // A peer refuses a larger transaction whole: the queue would resend it forever.
-        if fed.max_txn_items > parley_spec::federation::v1::transaction::MAX_TXN_ITEMS {
+        if fed.max_txn_items > MAX_TXN_ITEMS {
             return Err(ConfigError::Invalid(format!(
-                "federation.max_txn_items must be at most {} (what a peer accepts in one transaction)",
-                parley_spec::federation::v1::transaction::MAX_TXN_ITEMS
+                "federation.max_txn_items must be at most {MAX_TXN_ITEMS} (what a peer accepts in one transaction)"
             )));
         }
         if fed.retry_min_ms == 0 || fed.retry_max_ms < fed.retry_min_ms || fed.request_timeout_ms == 0 {
@@ -653,7 +653,7 @@ mod tests {
     #[test]
     fn transactions_larger_than_a_peer_accepts_are_refused() {
         let mut config = Config::default();
-        config.federation.max_txn_items = parley_spec::federation::v1::transaction::MAX_TXN_ITEMS;
+        config.federation.max_txn_items = MAX_TXN_ITEMS;
         config.check().expect("the peers' limit itself is fine");
         config.federation.max_txn_items += 1;
         let error = config.check().expect_err("one more is refused").to_string();
