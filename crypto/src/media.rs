@@ -350,6 +350,48 @@ impl MediaRef {
     }
 }
 
+/// The server's key for the upload URLs it hands out: HMAC-SHA256 with a key derived by
+/// HKDF-SHA256 from the server's signing-key seed, so every process holding that key agrees
+/// without another secret to store. Zeroized on drop; checks run in constant time.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct UrlKey([u8; 32]);
+
+impl std::fmt::Debug for UrlKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UrlKey(..)")
+    }
+}
+
+/// The HKDF `info` of [`UrlKey`].
+const URL_KEY_INFO: &[u8] = b"parley media upload url key v1";
+
+impl UrlKey {
+    /// Derives the key from the server signing key's 32-byte seed.
+    pub fn derive(server_seed: &[u8; 32]) -> Self {
+        let mut key = [0u8; 32];
+        hkdf::Hkdf::<Sha256>::new(None, server_seed)
+            .expand(URL_KEY_INFO, &mut key)
+            .expect("32 bytes is a valid HKDF-SHA256 output length"); // invariant: fixed length
+        Self(key)
+    }
+
+    fn mac(&self, message: &[u8]) -> hmac::Hmac<Sha256> {
+        let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(&self.0).expect("HMAC takes a key of any length"); // invariant
+        hmac::Mac::update(&mut mac, message);
+        mac
+    }
+
+    /// The tag of `message`.
+    pub fn sign(&self, message: &[u8]) -> [u8; 32] {
+        hmac::Mac::finalize(self.mac(message)).into_bytes().into()
+    }
+
+    /// Whether `tag` is the tag of `message` (constant time).
+    pub fn verify(&self, message: &[u8], tag: &[u8]) -> bool {
+        hmac::Mac::verify_slice(self.mac(message), tag).is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,5 +586,16 @@ mod tests {
         let reference: MediaRef = serde_json::from_value(generated["cases"][1]["media_ref"].clone()).unwrap();
         assert_eq!(reference.decrypt(&unhex(generated["cases"][1]["ciphertext_hex"].as_str().unwrap())).unwrap(), small);
         assert_eq!(decrypt(&key, &large_ct).unwrap(), large);
+    }
+
+    #[test]
+    fn url_tags_verify_only_for_their_message_and_key() {
+        let key = UrlKey::derive(&[7; 32]);
+        let tag = key.sign(b"upload 1 part 2");
+        assert!(key.verify(b"upload 1 part 2", &tag));
+        assert!(!key.verify(b"upload 1 part 3", &tag));
+        assert!(!key.verify(b"upload 1 part 2", &tag[..31]));
+        assert!(!UrlKey::derive(&[8; 32]).verify(b"upload 1 part 2", &tag));
+        assert_eq!(format!("{key:?}"), "UrlKey(..)");
     }
 }

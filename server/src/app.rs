@@ -50,6 +50,8 @@ pub(crate) struct AppState {
     pub federation: Option<Arc<crate::federation::Federation>>,
     /// MLS groups: the hub's groups in memory, group acknowledgements.
     pub groups: Arc<crate::groups::Groups>,
+    /// The media store.
+    pub media: Arc<crate::media::Media>,
 }
 
 /// Why the server could not start.
@@ -70,6 +72,9 @@ pub enum OpenError {
     /// Discovery or the federation HTTP client cannot be set up.
     #[error("federation: {0}")]
     Federation(String),
+    /// The media store cannot be opened.
+    #[error("{0}")]
+    Media(String),
 }
 
 /// A running server's handles that [`Server::run`] needs to shut down cleanly.
@@ -89,6 +94,7 @@ impl Server {
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::default());
         let server_key = Arc::new(parley_federation::ServerKey::load_or_create(&config.data_dir.join("server.key"))?);
+        let media = Arc::new(crate::media::Media::open(&config, &server_key).map_err(|e| OpenError::Media(e.to_string()))?);
         // The writer publishes each commit: its events to the hub (inline), the outbound queues
         // it grew on a channel whose receiver the federation sender takes below.
         let (outbound_tx, outbound_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -144,6 +150,7 @@ impl Server {
         ));
         let state = AppState {
             groups: Arc::new(groups),
+            media,
             directory: Arc::new(Directory::new(store.clone(), server_name.clone())),
             limits: Arc::new(RateLimits::new(&config.rate_limits)),
             outgoing: Arc::new(crate::outgoing::OutgoingBudget::new(config.limits.ws_unsent_bytes_total)),
@@ -189,6 +196,18 @@ impl Server {
                 }
             })
         };
+        let media_sweeper = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(state.config.media.sweep_interval_ms));
+                loop {
+                    tick.tick().await;
+                    if let Err(error) = state.media.sweep(&state.store).await {
+                        tracing::warn!(%error, "sweeping media failed");
+                    }
+                }
+            })
+        };
         let federation_task = match (federation_listener, tls) {
             (Some(listener), Some(tls)) => Some(tokio::spawn(serve_tls(
                 listener,
@@ -220,6 +239,7 @@ impl Server {
         let result = serve.await;
         trigger.abort();
         sweeper.abort();
+        media_sweeper.abort();
         if let Some(task) = federation_task {
             let _ = task.await;
         }
@@ -259,6 +279,7 @@ pub(crate) fn app(state: AppState) -> Router {
     use parley_spec::v1::groups::{CreateGroup, GroupEvents, GroupSend, ListGroups};
     use parley_spec::v1::keypackages::{ClaimKeyPackages, UploadKeyPackages};
     use parley_spec::v1::keys::{ClaimKeys, GetDeviceList, PutDeviceList, UploadKeys};
+    use parley_spec::v1::media::{CompleteUpload, CreateUpload, DownloadMedia, GetMediaConfig, GetUpload, PutUploadPart};
     use parley_spec::v1::messages::{MarkRead, SendMessage};
     use parley_spec::v1::presence::{GetPresence, ListSubscriptions, SetPrivacy, SubscribePresence};
     use parley_spec::v1::sync::SyncEvents;
@@ -292,6 +313,13 @@ pub(crate) fn app(state: AppState) -> Router {
         .route(GroupEvents::PATH, on(GroupEvents, api::groups::group_events))
         .route(ListGroups::PATH, on(ListGroups, api::groups::list_groups))
         .route(WebSocket::PATH, on(WebSocket, crate::ws::upgrade))
+        .route(GetMediaConfig::PATH, on(GetMediaConfig, api::media::get_config))
+        .route(CreateUpload::PATH, on(CreateUpload, api::media::create_upload))
+        .route(GetUpload::PATH, on(GetUpload, api::media::get_upload))
+        // The body is streamed to the store and its length checked against the part's there.
+        .route(PutUploadPart::PATH, on(PutUploadPart, api::media::put_part).layer(DefaultBodyLimit::disable()))
+        .route(CompleteUpload::PATH, on(CompleteUpload, api::media::complete_upload))
+        .route(DownloadMedia::PATH, on(DownloadMedia, api::media::download))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_ip))
         .route(GetServerKeys::PATH, on(GetServerKeys, server_keys))

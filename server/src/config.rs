@@ -38,6 +38,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// Talking to other homeservers.
     pub federation: FederationConfig,
+    /// Attachments: where they are stored, limits, lifetimes.
+    pub media: MediaConfig,
 }
 
 /// Registration settings.
@@ -282,6 +284,50 @@ pub enum LogFormat {
     Json,
 }
 
+/// Media (attachments; `spec/media.md`). The server stores ciphertext only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Directory of the filesystem store, relative to `data_dir` unless absolute.
+    pub dir: PathBuf,
+    /// Largest file (ciphertext bytes) accepted.
+    pub max_file_bytes: u64,
+    /// Size of every upload part but the last (the unit of parallel and resumed uploads).
+    pub part_bytes: u64,
+    /// Bytes of media one user may hold, uploads in progress included (a file counts once
+    /// for each user who uploaded or forwarded it).
+    pub quota_bytes: u64,
+    /// Uploads one user may have in progress.
+    pub max_pending_uploads: u32,
+    /// An upload not completed within this long is dropped with what it received.
+    pub upload_ttl_ms: u64,
+    /// Lifetime of an upload part URL.
+    pub url_ttl_ms: u64,
+    /// How long a user's reference to a file lasts after their last upload or forward of it.
+    pub retention_ms: u64,
+    /// A file no one references any more is deleted this long after its last reference went.
+    pub grace_ms: u64,
+    /// How often expired uploads, references and unreferenced files are swept.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("media"),
+            max_file_bytes: 2 * 1024 * 1024 * 1024,
+            part_bytes: 8 * 1024 * 1024,
+            quota_bytes: 10 * 1024 * 1024 * 1024,
+            max_pending_uploads: 16,
+            upload_ttl_ms: 24 * 3600 * 1000,
+            url_ttl_ms: 3600 * 1000,
+            retention_ms: 30 * 24 * 3600 * 1000,
+            grace_ms: 3600 * 1000,
+            sweep_interval_ms: 60_000,
+        }
+    }
+}
+
 /// Federation: the HTTPS listener other servers call, discovery, delivery and access control.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -397,6 +443,7 @@ impl Default for Config {
             log: LogConfig::default(),
             runtime: RuntimeConfig::default(),
             federation: FederationConfig::default(),
+            media: MediaConfig::default(),
         }
     }
 }
@@ -591,6 +638,22 @@ impl Config {
             || fed.failed_auth_burst == 0
         {
             return bad("federation limits must be positive (max_txn_bytes at least 64 KiB)");
+        }
+        let media = &self.media;
+        if media.max_file_bytes == 0
+            || media.part_bytes < 64 * 1024
+            || media.max_pending_uploads == 0
+            || media.upload_ttl_ms == 0
+            || media.url_ttl_ms == 0
+            || media.sweep_interval_ms == 0
+        {
+            return bad("media limits must be positive (part_bytes at least 64 KiB)");
+        }
+        if media.max_file_bytes.div_ceil(media.part_bytes) > u64::from(crate::media::MAX_PARTS) {
+            return Err(ConfigError::Invalid(format!(
+                "media.max_file_bytes / media.part_bytes must be at most {} parts",
+                crate::media::MAX_PARTS
+            )));
         }
         // A peer refuses a larger transaction whole: the queue would resend it forever.
         if fed.max_txn_items > MAX_TXN_ITEMS {

@@ -15,6 +15,7 @@ pub(crate) mod error;
 pub(crate) mod federation;
 pub(crate) mod groups;
 pub(crate) mod hub;
+pub(crate) mod media;
 pub(crate) mod messaging;
 pub(crate) mod metrics;
 pub(crate) mod outgoing;

@@ -43,6 +43,9 @@ pub enum Auth {
     /// Another homeserver's request signature (`Authorization: Parley …`, see
     /// `spec/federation.md`).
     ServerSignatures,
+    /// A URL the server signed and handed out (an upload part's `expires` and `sig` query
+    /// parameters, see `spec/media.md`): the URL is its own authorization.
+    SignedUrl,
 }
 
 /// An endpoint of the client or federation API.
@@ -134,7 +137,7 @@ fn is_param(segment: &str) -> bool {
 
 /// Every endpoint of the client API.
 pub fn client_api() -> Vec<Metadata> {
-    use crate::v1::{account, devices, groups, keypackages, keys, messages, presence, sync, ws};
+    use crate::v1::{account, devices, groups, keypackages, keys, media, messages, presence, sync, ws};
     vec![
         Metadata::of::<account::Register>(),
         Metadata::of::<account::Login>(),
@@ -161,6 +164,12 @@ pub fn client_api() -> Vec<Metadata> {
         Metadata::of::<groups::GroupSend>(),
         Metadata::of::<groups::GroupEvents>(),
         Metadata::of::<groups::ListGroups>(),
+        Metadata::of::<media::GetMediaConfig>(),
+        Metadata::of::<media::CreateUpload>(),
+        Metadata::of::<media::GetUpload>(),
+        Metadata::of::<media::PutUploadPart>(),
+        Metadata::of::<media::CompleteUpload>(),
+        Metadata::of::<media::DownloadMedia>(),
     ]
 }
 

@@ -96,6 +96,20 @@ pub enum ErrorCode {
     /// Groups: a commit leaves out proposals the hub accepted in this epoch (a member's request
     /// to leave). Read the group stream, then commit again: the new commit includes them.
     MissingProposals,
+    /// Media: the upload would take the user past their storage quota (`GET /v1/media/config`
+    /// tells the quota and what is used).
+    QuotaExceeded,
+    /// Media: an upload URL whose signature does not verify, or that expired; ask
+    /// `GET /v1/media/uploads/{upload_id}` for fresh ones.
+    UploadUrlInvalid,
+    /// Media: an upload URL used a second time (the part was received already).
+    UploadUrlUsed,
+    /// Media: completing an upload with parts still missing.
+    UploadIncomplete,
+    /// Media: the uploaded bytes do not hash to the declared SHA-256; the upload is dropped.
+    MediaHashMismatch,
+    /// Media: the requested byte range lies outside the file.
+    RangeNotSatisfiable,
 }
 
 impl ErrorCode {
@@ -142,6 +156,12 @@ impl ErrorCode {
             Self::BadMlsMessage => "bad_mls_message",
             Self::NotTheHub => "not_the_hub",
             Self::MissingProposals => "missing_proposals",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::UploadUrlInvalid => "upload_url_invalid",
+            Self::UploadUrlUsed => "upload_url_used",
+            Self::UploadIncomplete => "upload_incomplete",
+            Self::MediaHashMismatch => "media_hash_mismatch",
+            Self::RangeNotSatisfiable => "range_not_satisfiable",
         }
     }
 
@@ -167,6 +187,10 @@ impl ErrorCode {
             Self::EpochConflict | Self::GroupExists | Self::MissingProposals => 409,
             Self::NotAMember | Self::GroupFull | Self::NotTheHub => 403,
             Self::UnknownGroup => 404,
+            Self::QuotaExceeded | Self::UploadUrlInvalid => 403,
+            Self::UploadUrlUsed | Self::UploadIncomplete => 409,
+            Self::MediaHashMismatch => 400,
+            Self::RangeNotSatisfiable => 416,
         }
     }
 }

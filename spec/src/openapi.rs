@@ -23,6 +23,8 @@ use utoipa::OpenApi;
         v1::keys::upload_keys, v1::keys::put_device_list, v1::keys::get_device_list, v1::keys::claim_keys,
         v1::keypackages::upload_keypackages, v1::keypackages::claim_keypackages,
         v1::groups::create_group, v1::groups::group_send, v1::groups::group_events, v1::groups::list_groups,
+        v1::media::get_media_config, v1::media::create_upload, v1::media::get_upload, v1::media::put_upload_part,
+        v1::media::complete_upload, v1::media::download_media,
         fed::transaction::send_transaction, fed::transaction::get_user_devices, fed::claim::claim_keys,
         fed::claim::claim_keypackages, fed::groups::submit_group_message,
         fed::keys::get_server_keys,
@@ -44,6 +46,14 @@ impl utoipa::Modify for BearerAuth {
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
                 "Authorization",
                 "`Parley origin=\"…\",destination=\"…\",key=\"…\",ts=\"…\",sig=\"…\"`: the origin server's signature of the request (spec/federation.md)",
+            ))),
+        );
+        // `?expires=…&sig=…` of an upload URL the server handed out (spec/media.md).
+        components.add_security_scheme(
+            "signed_url",
+            SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
+                "sig",
+                "the server's signature of an upload part URL it handed out, with its `expires` (spec/media.md)",
             ))),
         );
     }
@@ -85,6 +95,7 @@ mod tests {
                     [] => Auth::None,
                     [s] if s == "bearer" => Auth::AccessToken,
                     [s] if s == "server_signatures" => Auth::ServerSignatures,
+                    [s] if s == "signed_url" => Auth::SignedUrl,
                     other => panic!("{path}: unexpected security {other:?}"),
                 };
                 found.insert((method, path.clone(), auth));

@@ -17,6 +17,7 @@ mod groups;
 mod hostile_clients;
 mod keypackages;
 mod keys;
+mod media;
 mod ops;
 mod overload;
 mod presence;

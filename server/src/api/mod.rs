@@ -5,6 +5,7 @@ pub mod account;
 pub mod groups;
 pub mod keypackages;
 pub mod keys;
+pub mod media;
 pub mod messages;
 pub mod presence;
 

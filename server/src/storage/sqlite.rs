@@ -3,12 +3,14 @@
 
 mod groups;
 mod keypackages;
+mod media;
 
 use super::writer::{Bookkeeping, Subscribers, WriteOp, Writer};
 use super::*;
 use crate::config::{Config, Synchronous};
 pub use groups::{GroupDeviceRow, GroupMessageRow, HubUpdate};
 pub use keypackages::{KeyPackageUpload, NewKeyPackage};
+pub use media::{AdmitError, Admitted, UploadLimits, UploadRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions as _, Row as _};
@@ -26,6 +28,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (6, "keypackages", include_str!("../../migrations/sqlite/0006_keypackages.sql")),
     (7, "groups", include_str!("../../migrations/sqlite/0007_groups.sql")),
     (8, "inbox_by_arrival", include_str!("../../migrations/sqlite/0008_inbox_by_arrival.sql")),
+    (9, "media", include_str!("../../migrations/sqlite/0009_media.sql")),
 ];
 
 /// Rows deleted per statement when pruning remembered inbound message ids.

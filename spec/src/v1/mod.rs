@@ -11,6 +11,7 @@ pub mod events;
 pub mod groups;
 pub mod keypackages;
 pub mod keys;
+pub mod media;
 pub mod messages;
 pub mod presence;
 pub mod sync;

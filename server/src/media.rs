@@ -1,0 +1,387 @@
+//! The media store: ciphertext files behind [`object_store`], named by their SHA-256
+//! (`objects/<media id>`), and the parts of uploads in progress (`uploads/<upload id>/<part>`).
+//! Which files exist and who references them is in the database (`storage::sqlite::media`);
+//! this module moves bytes, signs and checks upload URLs, and sweeps what expired.
+//!
+//! An upload's parts arrive in any order, each to a URL this server signed (HMAC-SHA256 with a
+//! key derived from the server's signing key), used once. Completing the upload streams the
+//! parts in order through SHA-256 into one staged object, and only when the hash and size are
+//! the declared ones is it renamed to its final name. Memory stays flat whatever the file size:
+//! bodies and objects are streamed in chunks of [`CHUNK_BYTES`].
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::storage::{Store, UploadRow};
+use axum::body::Body;
+use base64::Engine as _;
+use futures_util::StreamExt as _;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt as _, WriteMultipart};
+use parley_spec::v1::media::{media_id, PartTarget};
+use parley_spec::ErrorCode;
+use sha2::{Digest as _, Sha256};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Most parts of one upload.
+pub const MAX_PARTS: u32 = 10_000;
+
+/// Bytes buffered per write to the object store (and so per upload part or assembly in
+/// progress).
+pub const CHUNK_BYTES: usize = 1024 * 1024;
+
+/// What the signature of an upload URL covers, before the upload id, part and expiry.
+const URL_CONTEXT: &str = "parley media part url v1";
+
+/// Why the media store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    /// The store's directory cannot be created.
+    #[error("media directory {0}: {1}")]
+    Dir(std::path::PathBuf, std::io::Error),
+    /// The object store refused to open.
+    #[error("media store: {0}")]
+    Store(#[from] object_store::Error),
+}
+
+/// The media store of a server.
+pub struct Media {
+    store: Arc<dyn ObjectStore>,
+    url_key: parley_crypto::media::UrlKey,
+    /// The `[media]` settings.
+    pub config: crate::config::MediaConfig,
+    /// Held while a file appears (completion) or disappears (the sweep), so that a file being
+    /// deleted is never one an upload has just completed.
+    lifecycle: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Media {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Media").field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+fn internal(error: object_store::Error) -> Error {
+    Error::Internal(Box::new(error))
+}
+
+/// `objects/<media id>`
+fn object_path(sha256: &[u8; 32]) -> Path {
+    Path::from_iter(["objects", &media_id(sha256)])
+}
+
+fn upload_dir(upload_id: &str) -> Path {
+    Path::from_iter(["uploads", upload_id])
+}
+
+fn part_path(upload_id: &str, part: u32) -> Path {
+    Path::from_iter(["uploads", upload_id, &part.to_string()])
+}
+
+fn assembled_path(upload_id: &str) -> Path {
+    Path::from_iter(["uploads", upload_id, "assembled"])
+}
+
+/// Number of parts of a `size`-byte file cut in `part_bytes` parts.
+pub fn part_count(size: u64, part_bytes: u64) -> u32 {
+    u32::try_from(size.div_ceil(part_bytes)).unwrap_or(u32::MAX)
+}
+
+/// Offset and length of part `part` (from 1) of an upload.
+pub fn part_range(upload: &UploadRow, part: u32) -> Option<Range<u64>> {
+    if part == 0 || part > part_count(upload.size, upload.part_bytes) {
+        return None;
+    }
+    let start = u64::from(part - 1) * upload.part_bytes;
+    Some(start..upload.size.min(start + upload.part_bytes))
+}
+
+/// Whether `id` has the shape of an upload id this server makes (so it is safe in a path).
+pub fn valid_upload_id(id: &str) -> bool {
+    (16..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A new random upload id (128 bits, base64url).
+pub fn new_upload_id() -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+}
+
+impl Media {
+    /// Opens the filesystem store under `config.media.dir` (created owner-only), with fsync:
+    /// a part or file is on disk before the server says it is stored.
+    pub fn open(config: &Config, server_key: &parley_federation::ServerKey) -> std::result::Result<Self, MediaError> {
+        let dir = config.data_dir.join(&config.media.dir);
+        crate::storage::create_data_dir(&dir).map_err(|e| MediaError::Dir(dir.clone(), e))?;
+        let store = LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true).with_automatic_cleanup(true);
+        let url_key = parley_crypto::media::UrlKey::derive(&server_key.key.seed());
+        Ok(Self { store: Arc::new(store), url_key, config: config.media.clone(), lifecycle: tokio::sync::Mutex::new(()) })
+    }
+
+    /// What the signature of a part URL covers.
+    fn url_message(upload_id: &str, part: u32, expires: u64) -> Vec<u8> {
+        format!("{URL_CONTEXT}\n{upload_id}\n{part}\n{expires}").into_bytes()
+    }
+
+    /// A signed URL (a path relative to this server's base URL) for part `part` of an upload,
+    /// valid until `expires` (ms).
+    pub fn part_url(&self, upload_id: &str, part: u32, expires: u64) -> String {
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(self.url_key.sign(&Self::url_message(upload_id, part, expires)));
+        let path = parley_spec::endpoint::segments::<parley_spec::v1::media::PutUploadPart>(&[upload_id, &part.to_string()])
+            .expect("two parameters for two segments") // invariant: the path has two parameters
+            .join("/");
+        format!("/{path}?expires={expires}&sig={sig}")
+    }
+
+    /// Targets for the parts of `upload` not received yet, each URL valid for `url_ttl_ms`
+    /// (never past the upload's own expiry).
+    pub fn targets(&self, upload: &UploadRow) -> Vec<PartTarget> {
+        let now = parley_spec::Timestamp::now().as_millis();
+        let expires = now.saturating_add(self.config.url_ttl_ms).min(u64::try_from(upload.expires_ts).unwrap_or(0));
+        (1..=part_count(upload.size, upload.part_bytes))
+            .filter(|part| upload.received.binary_search(part).is_err())
+            .filter_map(|part| {
+                let range = part_range(upload, part)?;
+                Some(PartTarget::new(part, range.start, range.end - range.start, self.part_url(&upload.id, part, expires)))
+            })
+            .collect()
+    }
+
+    /// Checks a part URL's signature (in constant time) and expiry.
+    pub fn check_part_url(&self, upload_id: &str, part: u32, expires: u64, sig: &str) -> Result<()> {
+        let invalid = |m: &str| Error::new(ErrorCode::UploadUrlInvalid, m);
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| invalid("the signature is not base64url"))?;
+        if !self.url_key.verify(&Self::url_message(upload_id, part, expires), &sig) {
+            return Err(invalid("the upload URL's signature does not verify"));
+        }
+        if parley_spec::Timestamp::now().as_millis() >= expires {
+            return Err(invalid("the upload URL expired; ask for the upload's state to get fresh ones"));
+        }
+        Ok(())
+    }
+
+    /// Streams `body` into part `part` of upload `upload_id`; it must be exactly `len` bytes.
+    /// Nothing is kept of a body that is cut or of the wrong length.
+    pub async fn write_part(&self, upload_id: &str, part: u32, len: u64, body: Body) -> Result<()> {
+        let upload = self.store.put_multipart(&part_path(upload_id, part)).await.map_err(internal)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, CHUNK_BYTES);
+        let mut stream = body.into_data_stream();
+        let mut received = 0u64;
+        let outcome = loop {
+            match stream.next().await {
+                None if received == len => break Ok(()),
+                None => break Err(Error::new(ErrorCode::BadRequest, format!("the part is {len} bytes, {received} were sent"))),
+                Some(Err(error)) => break Err(Error::new(ErrorCode::BadRequest, format!("reading the part failed: {error}"))),
+                Some(Ok(chunk)) => {
+                    received += chunk.len() as u64;
+                    if received > len {
+                        break Err(Error::new(ErrorCode::BadRequest, format!("the part is {len} bytes; more were sent")));
+                    }
+                    writer.put(chunk);
+                    if let Err(error) = writer.wait_for_capacity(2).await {
+                        break Err(internal(error));
+                    }
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => writer.finish().await.map(drop).map_err(internal),
+            Err(error) => {
+                if let Err(abort) = writer.abort().await {
+                    tracing::warn!(%abort, upload_id, part, "discarding a cut upload part failed");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Streams the parts of `upload` in order through SHA-256 into one staged object. False
+    /// (and nothing staged) when they are not the declared size and hash.
+    pub async fn assemble(&self, upload: &UploadRow) -> Result<bool> {
+        let staged = self.store.put_multipart(&assembled_path(&upload.id)).await.map_err(internal)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(staged, CHUNK_BYTES);
+        let mut hasher = Sha256::new();
+        let total = match self.copy_parts(upload, &mut writer, &mut hasher).await {
+            Ok(total) => total,
+            Err(error) => {
+                let _ = writer.abort().await;
+                return Err(internal(error));
+            }
+        };
+        if total != upload.size || hasher.finalize().as_slice() != upload.sha256 {
+            let _ = writer.abort().await;
+            return Ok(false);
+        }
+        writer.finish().await.map_err(internal)?;
+        Ok(true)
+    }
+
+    /// Copies the parts of `upload` in order into `writer` and `hasher`; the bytes copied.
+    async fn copy_parts(
+        &self,
+        upload: &UploadRow,
+        writer: &mut WriteMultipart,
+        hasher: &mut Sha256,
+    ) -> object_store::Result<u64> {
+        let mut total = 0u64;
+        for part in 1..=part_count(upload.size, upload.part_bytes) {
+            let mut stream = self.store.get(&part_path(&upload.id, part)).await?.into_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                hasher.update(&chunk);
+                total += chunk.len() as u64;
+                writer.put(chunk);
+                writer.wait_for_capacity(2).await?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Publishes an assembled upload as its file and records it (the uploader's reference);
+    /// when the file was stored meanwhile by another upload, the staged copy is dropped.
+    pub async fn publish(&self, store: &Store, upload: &UploadRow) -> Result<()> {
+        let _lifecycle = self.lifecycle.lock().await;
+        if store.media_size(&upload.sha256).await?.is_some() {
+            self.store.delete(&assembled_path(&upload.id)).await.map_err(internal)?;
+        } else {
+            self.store.rename(&assembled_path(&upload.id), &object_path(&upload.sha256)).await.map_err(internal)?;
+        }
+        store.finish_upload(upload, self.config.retention_ms).await?;
+        Ok(())
+    }
+
+    /// Deletes what is stored of upload `upload_id` (parts, staged copy).
+    pub async fn discard(&self, upload_id: &str) {
+        let prefix = upload_dir(upload_id);
+        let paths = self.store.list(Some(&prefix)).map(|meta| meta.map(|m| m.location)).boxed();
+        let mut deleted = self.store.delete_stream(paths);
+        while let Some(result) = deleted.next().await {
+            if let Err(error) = result {
+                tracing::warn!(%error, upload_id, "deleting an upload's parts failed");
+            }
+        }
+    }
+
+    /// Opens the stored file `sha256` at `range` (the whole file when `None`).
+    pub async fn read(&self, sha256: &[u8; 32], range: Option<Range<u64>>) -> Result<GetResult> {
+        let options = GetOptions { range: range.map(GetRange::Bounded), ..GetOptions::default() };
+        match self.store.get_opts(&object_path(sha256), options).await {
+            Ok(result) => Ok(result),
+            Err(object_store::Error::NotFound { .. }) => Err(Error::new(ErrorCode::NotFound, "no such media")),
+            Err(error) => Err(internal(error)),
+        }
+    }
+
+    /// Drops expired uploads with their parts, expired references, and the files no one has
+    /// referenced for `grace_ms`; then parts left behind by uploads that are gone.
+    pub async fn sweep(&self, store: &Store) -> std::result::Result<(), Error> {
+        for upload_id in store.expired_uploads().await? {
+            self.discard(&upload_id).await;
+            store.drop_upload(&upload_id).await?;
+        }
+        let lifecycle = self.lifecycle.lock().await;
+        for sha256 in store.sweep_media(self.config.grace_ms).await? {
+            match self.store.delete(&object_path(&sha256)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(error) => tracing::warn!(%error, media_id = media_id(&sha256), "deleting an unreferenced file failed"),
+            }
+        }
+        drop(lifecycle);
+        let listed = self.store.list_with_delimiter(Some(&Path::from("uploads"))).await.map_err(internal)?;
+        for dir in listed.common_prefixes {
+            // An upload whose row is gone (completed, or dropped while a part was still being
+            // written) left these behind.
+            let Some(upload_id) = dir.filename() else { continue };
+            if store.upload(upload_id).await?.is_none() {
+                self.discard(upload_id).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A `Range` header's single byte range resolved against a file of `size` bytes: `None` for
+/// no header or one this server ignores (several ranges, other units: the whole file is
+/// sent), `Some(Err(()))` when it cannot be satisfied.
+pub fn resolve_range(header: Option<&str>, size: u64) -> Option<std::result::Result<Range<u64>, ()>> {
+    let spec = header?.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (first, last) = spec.split_once('-')?;
+    let (first, last) = (first.trim(), last.trim());
+    let range = if first.is_empty() {
+        let suffix: u64 = last.parse().ok()?;
+        if suffix == 0 {
+            return Some(Err(()));
+        }
+        size.saturating_sub(suffix)..size
+    } else {
+        let start: u64 = first.parse().ok()?;
+        let end = match last {
+            "" => size,
+            last => last.parse::<u64>().ok()?.checked_add(1)?.min(size),
+        };
+        if end <= start && !(last.is_empty() && start < size) {
+            return Some(Err(()));
+        }
+        start..end
+    };
+    if range.start >= size || range.is_empty() {
+        return Some(Err(()));
+    }
+    Some(Ok(range))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_resolve_like_rfc_9110() {
+        assert_eq!(resolve_range(None, 100), None);
+        assert_eq!(resolve_range(Some("bytes=0-9"), 100), Some(Ok(0..10)));
+        assert_eq!(resolve_range(Some("bytes=90-"), 100), Some(Ok(90..100)));
+        assert_eq!(resolve_range(Some("bytes=-10"), 100), Some(Ok(90..100)));
+        assert_eq!(resolve_range(Some("bytes=-1000"), 100), Some(Ok(0..100)));
+        assert_eq!(resolve_range(Some("bytes=50-1000"), 100), Some(Ok(50..100)));
+        assert_eq!(resolve_range(Some("bytes=100-"), 100), Some(Err(())));
+        assert_eq!(resolve_range(Some("bytes=10-5"), 100), Some(Err(())));
+        assert_eq!(resolve_range(Some("bytes=-0"), 100), Some(Err(())));
+        // Ignored: several ranges, other units, garbage (the whole file is sent).
+        assert_eq!(resolve_range(Some("bytes=0-1,5-6"), 100), None);
+        assert_eq!(resolve_range(Some("items=0-1"), 100), None);
+        assert_eq!(resolve_range(Some("bytes=a-b"), 100), None);
+    }
+
+    #[test]
+    fn parts_cover_the_file_exactly() {
+        let upload = |size| UploadRow {
+            id: "u".repeat(16),
+            user: 1,
+            sha256: [0; 32],
+            size,
+            part_bytes: 10,
+            expires_ts: 0,
+            received: Vec::new(),
+        };
+        assert_eq!(part_count(25, 10), 3);
+        assert_eq!(part_range(&upload(25), 1), Some(0..10));
+        assert_eq!(part_range(&upload(25), 3), Some(20..25));
+        assert_eq!(part_range(&upload(25), 4), None);
+        assert_eq!(part_range(&upload(25), 0), None);
+        assert_eq!(part_range(&upload(20), 2), Some(10..20));
+        assert_eq!(part_count(20, 10), 2);
+    }
+
+    #[test]
+    fn upload_ids_are_checked_before_they_become_paths() {
+        assert!(valid_upload_id(&new_upload_id()));
+        assert!(!valid_upload_id("../../etc/passwd.."));
+        assert!(!valid_upload_id("short"));
+        assert!(!valid_upload_id(&"a".repeat(65)));
+    }
+}

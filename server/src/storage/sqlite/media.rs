@@ -1,0 +1,317 @@
+//! Media bookkeeping (migration 0009): stored files by ciphertext SHA-256, the users who hold a
+//! reference to each, and uploads in progress with their received parts. The bytes themselves
+//! are in the object store (`crate::media`); these rows say what exists and who pays for it.
+//! Quota checks and the rows they admit are written in one write-locked transaction, so two
+//! concurrent uploads cannot both squeeze under a quota.
+
+use crate::storage::{stored_now, Store, StoreError, UserPk};
+use sqlx::Row as _;
+
+/// An upload in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRow {
+    /// Its id.
+    pub id: String,
+    /// The uploading user.
+    pub user: UserPk,
+    /// The declared SHA-256 of the whole ciphertext.
+    pub sha256: [u8; 32],
+    /// The declared ciphertext size.
+    pub size: u64,
+    /// Size of every part but the last.
+    pub part_bytes: u64,
+    /// When it is dropped if not completed (ms).
+    pub expires_ts: i64,
+    /// Part numbers received, ascending.
+    pub received: Vec<u32>,
+}
+
+/// What asking to upload a file led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admitted {
+    /// The file is stored already; the user now holds a reference to it. Its size.
+    Stored(u64),
+    /// An upload, new or the user's earlier one of the same ciphertext.
+    Upload(UploadRow),
+}
+
+/// Limits an upload request is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimits {
+    /// The user's quota in bytes.
+    pub quota_bytes: u64,
+    /// Uploads a user may have in progress.
+    pub max_pending: u32,
+    /// Lifetime of a new upload (ms).
+    pub upload_ttl_ms: u64,
+    /// Lifetime of a reference from now (ms).
+    pub retention_ms: u64,
+    /// Part size of a new upload.
+    pub part_bytes: u64,
+}
+
+/// Why an upload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    /// The user's quota would be exceeded: (used, quota).
+    #[error("quota exceeded: {0} of {1} bytes used")]
+    Quota(u64, u64),
+    /// The user has too many uploads in progress.
+    #[error("too many uploads in progress")]
+    TooManyUploads,
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn to_u64(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative media size {value}")))
+}
+
+fn to_i64(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Corrupt(format!("media size {value} out of range")))
+}
+
+fn hash_of(bytes: Vec<u8>) -> Result<[u8; 32], StoreError> {
+    bytes.try_into().map_err(|_| StoreError::Corrupt("a media hash is not 32 bytes".into()))
+}
+
+/// Bytes `user` holds: files referenced plus uploads in progress.
+async fn used_bytes(conn: &mut sqlx::SqliteConnection, user: UserPk) -> Result<u64, StoreError> {
+    let used: i64 = sqlx::query_scalar(
+        "SELECT coalesce((SELECT sum(m.size) FROM media_refs r JOIN media m ON m.sha256 = r.sha256 WHERE r.user_id = ?1), 0) \
+         + coalesce((SELECT sum(size) FROM media_uploads WHERE user_id = ?1), 0)",
+    )
+    .bind(user)
+    .fetch_one(conn)
+    .await?;
+    to_u64(used)
+}
+
+/// Gives `user` a reference to the stored file `sha256`, lasting until `expires` (an existing
+/// one is extended).
+async fn reference(conn: &mut sqlx::SqliteConnection, user: UserPk, sha256: &[u8], expires: i64) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO media_refs (user_id, sha256, expires_ts) VALUES (?, ?, ?) \
+         ON CONFLICT (user_id, sha256) DO UPDATE SET expires_ts = max(expires_ts, excluded.expires_ts)",
+    )
+    .bind(user)
+    .bind(sha256)
+    .bind(expires)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE media SET unreferenced_ts = NULL WHERE sha256 = ?").bind(sha256).execute(conn).await?;
+    Ok(())
+}
+
+async fn received_parts(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<Vec<u32>, StoreError> {
+    let parts: Vec<i64> = sqlx::query_scalar("SELECT part FROM media_upload_parts WHERE upload_id = ? ORDER BY part")
+        .bind(id)
+        .fetch_all(conn)
+        .await?;
+    parts.into_iter().map(|p| u32::try_from(p).map_err(|_| StoreError::Corrupt(format!("part number {p}")))).collect()
+}
+
+async fn upload_row(conn: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Result<Option<UploadRow>, StoreError> {
+    let Some(row) =
+        sqlx::query("SELECT user_id, sha256, size, part_bytes, expires_ts FROM media_uploads WHERE id = ? AND expires_ts > ?")
+            .bind(id)
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(UploadRow {
+        id: id.to_owned(),
+        user: row.try_get(0)?,
+        sha256: hash_of(row.try_get(1)?)?,
+        size: to_u64(row.try_get(2)?)?,
+        part_bytes: to_u64(row.try_get(3)?)?,
+        expires_ts: row.try_get(4)?,
+        received: received_parts(conn, id).await?,
+    }))
+}
+
+impl Store {
+    /// Bytes of media `user` holds (files referenced and uploads in progress).
+    pub async fn media_used(&self, user: UserPk) -> Result<u64, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        used_bytes(&mut conn, user).await
+    }
+
+    /// The size of the stored file `sha256`, if it is stored.
+    pub async fn media_size(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StoreError> {
+        let size: Option<i64> =
+            sqlx::query_scalar("SELECT size FROM media WHERE sha256 = ?").bind(&sha256[..]).fetch_optional(&self.pool).await?;
+        size.map(to_u64).transpose()
+    }
+
+    /// Admits `user`'s upload of a `size`-byte ciphertext hashing to `sha256`, in one
+    /// write-locked transaction: a stored file gets a reference (and is charged to the user's
+    /// quota if they held none); the user's pending upload of the same ciphertext is returned
+    /// as it is; otherwise a new upload `new_id` is created within the quota and the limit of
+    /// uploads in progress.
+    pub async fn admit_upload(
+        &self,
+        user: UserPk,
+        sha256: &[u8; 32],
+        size: u64,
+        new_id: &str,
+        limits: UploadLimits,
+    ) -> Result<Admitted, AdmitError> {
+        let now = stored_now()?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::from)?;
+        let expires = now.saturating_add(to_i64(limits.retention_ms)?);
+        let stored: Option<i64> = sqlx::query_scalar("SELECT size FROM media WHERE sha256 = ?")
+            .bind(&sha256[..])
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        if let Some(stored) = stored {
+            let stored = to_u64(stored)?;
+            let held: Option<i64> = sqlx::query_scalar("SELECT 1 FROM media_refs WHERE user_id = ? AND sha256 = ?")
+                .bind(user)
+                .bind(&sha256[..])
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+            if held.is_none() {
+                let used = used_bytes(&mut tx, user).await?;
+                if used.saturating_add(stored) > limits.quota_bytes {
+                    return Err(AdmitError::Quota(used, limits.quota_bytes));
+                }
+            }
+            reference(&mut tx, user, sha256, expires).await?;
+            tx.commit().await.map_err(StoreError::from)?;
+            return Ok(Admitted::Stored(stored));
+        }
+        let pending: Option<String> =
+            sqlx::query_scalar("SELECT id FROM media_uploads WHERE user_id = ? AND sha256 = ? AND size = ? AND expires_ts > ?")
+                .bind(user)
+                .bind(&sha256[..])
+                .bind(to_i64(size)?)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+        if let Some(id) = pending {
+            let row = upload_row(&mut tx, &id, now).await?.ok_or_else(|| StoreError::Corrupt("upload vanished".into()))?;
+            return Ok(Admitted::Upload(row));
+        }
+        let in_progress: i64 = sqlx::query_scalar("SELECT count(*) FROM media_uploads WHERE user_id = ?")
+            .bind(user)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        if in_progress >= i64::from(limits.max_pending) {
+            return Err(AdmitError::TooManyUploads);
+        }
+        let used = used_bytes(&mut tx, user).await?;
+        if used.saturating_add(size) > limits.quota_bytes {
+            return Err(AdmitError::Quota(used, limits.quota_bytes));
+        }
+        let expires_ts = now.saturating_add(to_i64(limits.upload_ttl_ms)?);
+        sqlx::query(
+            "INSERT INTO media_uploads (id, user_id, sha256, size, part_bytes, created_ts, expires_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(new_id)
+        .bind(user)
+        .bind(&sha256[..])
+        .bind(to_i64(size)?)
+        .bind(to_i64(limits.part_bytes)?)
+        .bind(now)
+        .bind(expires_ts)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(Admitted::Upload(UploadRow {
+            id: new_id.to_owned(),
+            user,
+            sha256: *sha256,
+            size,
+            part_bytes: limits.part_bytes,
+            expires_ts,
+            received: Vec::new(),
+        }))
+    }
+
+    /// The unexpired upload `id`, whoever it belongs to.
+    pub async fn upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        upload_row(&mut conn, id, stored_now()?).await
+    }
+
+    /// Records that part `part` of upload `id` was received; false when it was already.
+    pub async fn record_part(&self, id: &str, part: u32) -> Result<bool, StoreError> {
+        let done = sqlx::query("INSERT OR IGNORE INTO media_upload_parts (upload_id, part) VALUES (?, ?)")
+            .bind(id)
+            .bind(part)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Turns the upload `id` into the stored file it declared, referenced by its uploader for
+    /// `retention_ms`, in one transaction. Returns false when the file was stored already
+    /// (another upload of the same ciphertext finished first): the caller's bytes are not
+    /// needed.
+    pub async fn finish_upload(&self, upload: &UploadRow, retention_ms: u64) -> Result<bool, StoreError> {
+        let now = stored_now()?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("DELETE FROM media_upload_parts WHERE upload_id = ?").bind(&upload.id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM media_uploads WHERE id = ?").bind(&upload.id).execute(&mut *tx).await?;
+        let inserted = sqlx::query("INSERT OR IGNORE INTO media (sha256, size, created_ts) VALUES (?, ?, ?)")
+            .bind(&upload.sha256[..])
+            .bind(to_i64(upload.size)?)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        reference(&mut tx, upload.user, &upload.sha256, now.saturating_add(to_i64(retention_ms)?)).await?;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// Forgets the upload `id` and its parts.
+    pub async fn drop_upload(&self, id: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("DELETE FROM media_upload_parts WHERE upload_id = ?").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM media_uploads WHERE id = ?").bind(id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ids of uploads that expired (their rows stay until [`Store::drop_upload`], after the
+    /// caller removed their parts from the object store).
+    pub async fn expired_uploads(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT id FROM media_uploads WHERE expires_ts <= ?")
+            .bind(stored_now()?)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Sweeps references: drops those that expired, marks files left without any as
+    /// unreferenced from now, and deletes the rows of files unreferenced for longer than
+    /// `grace_ms`, returning their hashes (the caller deletes their objects).
+    pub async fn sweep_media(&self, grace_ms: u64) -> Result<Vec<[u8; 32]>, StoreError> {
+        let now = stored_now()?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("DELETE FROM media_refs WHERE expires_ts <= ?").bind(now).execute(&mut *tx).await?;
+        sqlx::query(
+            "UPDATE media SET unreferenced_ts = ? WHERE unreferenced_ts IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM media_refs r WHERE r.sha256 = media.sha256)",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let gone: Vec<Vec<u8>> = sqlx::query_scalar("DELETE FROM media WHERE unreferenced_ts <= ? RETURNING sha256")
+            .bind(now.saturating_sub(to_i64(grace_ms)?))
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        gone.into_iter().map(hash_of).collect()
+    }
+}

@@ -1,0 +1,386 @@
+//! Media on the filesystem store (spec/media.md): parallel part uploads, resume after a cut
+//! connection, dedup, ranged downloads, limits as typed errors, single-use and expiring upload
+//! URLs, expiry and garbage collection, and no plaintext in what the server stores.
+
+use crate::raw;
+use crate::support::T;
+use anyhow::{ensure, Context as _};
+use parley_crypto::media::MediaRef;
+use parley_tests::proxy::{CuttingProxy, Fault};
+use parley_tests::TestServer;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+/// Parts of 64 KiB (the smallest the server allows), so a few hundred KiB make several parts.
+const SMALL_PARTS: &str = "[media]\npart_bytes = 65536\nmax_file_bytes = 100000000\n";
+
+/// A file of `len` bytes, recognisable in raw storage by a repeated marker.
+fn plaintext(len: usize) -> Vec<u8> {
+    b"PLAINTEXT-MARKER-".iter().copied().cycle().take(len).collect()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn sha256_of(media: &MediaRef) -> [u8; 32] {
+    media.sha256.0.as_slice().try_into().expect("32 bytes")
+}
+
+/// `POST /v1/media/uploads`.
+async fn create(base: &str, token: &str, size: usize, sha256: &[u8]) -> anyhow::Result<(u16, Value)> {
+    raw::post(base, "/v1/media/uploads", Some(token), &json!({ "size": size, "sha256": b64(sha256) })).await
+}
+
+/// `PUT`s `bytes` to a part URL (relative to `base`) with a fresh client; the status.
+async fn put(base: &str, url: &str, bytes: Vec<u8>) -> anyhow::Result<u16> {
+    let response = reqwest::Client::new()
+        .put(format!("{base}{url}"))
+        .header("content-type", "application/octet-stream")
+        .body(bytes)
+        .send()
+        .await?;
+    Ok(response.status().as_u16())
+}
+
+/// Uploads every part the state lists, in parallel; fails unless each is stored (204).
+async fn put_parts(base: &str, state: &Value, ciphertext: &[u8]) -> anyhow::Result<usize> {
+    let parts = state["parts"].as_array().context("parts")?;
+    let puts = parts.iter().map(|part| {
+        let offset = part["offset"].as_u64().unwrap_or(0) as usize;
+        let size = part["size"].as_u64().unwrap_or(0) as usize;
+        let url = part["url"].as_str().unwrap_or_default().to_owned();
+        let bytes = ciphertext[offset..offset + size].to_vec();
+        async move { put(base, &url, bytes).await }
+    });
+    for status in futures_util::future::join_all(puts).await {
+        ensure!(status? == 204, "a part was not stored");
+    }
+    Ok(parts.len())
+}
+
+async fn complete(base: &str, token: &str, upload_id: &str) -> anyhow::Result<(u16, Value)> {
+    raw::post(base, &format!("/v1/media/uploads/{upload_id}/complete"), Some(token), &json!({})).await
+}
+
+/// Uploads `ciphertext` whole; the media id.
+async fn upload(base: &str, token: &str, ciphertext: &[u8], sha256: &[u8; 32]) -> anyhow::Result<String> {
+    let (status, state) = create(base, token, ciphertext.len(), sha256).await?;
+    ensure!(status == 201, "create: {status} {state}");
+    put_parts(base, &state, ciphertext).await?;
+    let (status, info) = complete(base, token, state["upload_id"].as_str().context("upload_id")?).await?;
+    ensure!(status == 200, "complete: {status} {info}");
+    Ok(info["media_id"].as_str().context("media_id")?.to_owned())
+}
+
+/// `GET /v1/media/{server}/{id}` with an optional `Range`: status, headers, body.
+async fn download(
+    base: &str,
+    token: &str,
+    media_id: &str,
+    range: Option<&str>,
+) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Vec<u8>)> {
+    let mut request = reqwest::Client::new().get(format!("{base}/v1/media/localhost/{media_id}")).bearer_auth(token);
+    if let Some(range) = range {
+        request = request.header("range", range);
+    }
+    let response = request.send().await?;
+    let (status, headers) = (response.status().as_u16(), response.headers().clone());
+    Ok((status, headers, response.bytes().await?.to_vec()))
+}
+
+/// Every regular file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return found };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// Polls `check` every 50 ms until it holds, for at most `T`.
+async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + T;
+    while !check().await? {
+        ensure!(tokio::time::Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn parts_upload_in_parallel_and_download_whole_and_by_range_with_no_plaintext_stored() -> anyhow::Result<()> {
+    let server = TestServer::start_with(SMALL_PARTS).await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    let bob = raw::register(base, "bob").await?;
+    let file = plaintext(300 * 1024 + 17);
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &file, "application/octet-stream");
+    let sha256 = sha256_of(&media);
+
+    let (status, state) = create(base, &alice.token, ciphertext.len(), &sha256).await?;
+    assert_eq!(status, 201, "{state}");
+    assert_eq!(state["status"], "pending");
+    assert_eq!(state["part_bytes"], 65536);
+    assert_eq!(put_parts(base, &state, &ciphertext).await?, 5);
+    let (status, info) = complete(base, &alice.token, state["upload_id"].as_str().context("upload_id")?).await?;
+    assert_eq!(status, 200, "{info}");
+    let media_id = info["media_id"].as_str().context("media_id")?;
+    assert_eq!(media_id, parley_spec::v1::media::media_id(&sha256));
+    assert_eq!((info["server"].as_str(), info["size"].as_u64()), (Some("localhost"), Some(ciphertext.len() as u64)));
+
+    // Any signed-in user of the server may download it (the key is in the message, not here).
+    let (status, headers, body) = download(base, &bob.token, media_id, None).await?;
+    assert_eq!(status, 200);
+    assert_eq!(headers["accept-ranges"], "bytes");
+    assert!(body == ciphertext, "the download is the uploaded ciphertext");
+    assert_eq!(media.decrypt(&body)?, file);
+
+    let (status, headers, body) = download(base, &bob.token, media_id, Some("bytes=70000-70099")).await?;
+    assert_eq!(status, 206);
+    assert_eq!(headers["content-range"], format!("bytes 70000-70099/{}", ciphertext.len()));
+    assert!(body == ciphertext[70000..70100]);
+    let (status, _, body) = download(base, &bob.token, media_id, Some("bytes=-10")).await?;
+    assert_eq!((status, body.as_slice()), (206, &ciphertext[ciphertext.len() - 10..]));
+    let (status, headers, _) = download(base, &bob.token, media_id, Some(&format!("bytes={}-", ciphertext.len()))).await?;
+    assert_eq!(status, 416);
+    assert_eq!(headers["content-range"], format!("bytes */{}", ciphertext.len()));
+
+    // Without a token: refused. Unknown ids and malformed ones: typed errors.
+    let (status, _) = raw::get(base, &format!("/v1/media/localhost/{media_id}"), None).await?;
+    assert_eq!(status, 401);
+    let (status, body) = raw::get(base, &format!("/v1/media/localhost/{}", "0".repeat(64)), Some(&bob.token)).await?;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+    let (status, body) = raw::get(base, "/v1/media/localhost/..%2F..%2Fserver.key", Some(&bob.token)).await?;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+
+    // The server holds ciphertext only: no stored byte sequence is the file's content.
+    let stored = files_under(&server.data_dir().join("media"));
+    ensure!(!stored.is_empty(), "nothing stored under media/");
+    for path in stored {
+        let bytes = std::fs::read(&path)?;
+        assert!(!bytes.windows(17).any(|w| w == b"PLAINTEXT-MARKER-"), "{} holds plaintext", path.display());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cut_upload_resumes_with_only_the_missing_part() -> anyhow::Result<()> {
+    let server = TestServer::start_with(SMALL_PARTS).await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(200 * 1024), "image/png");
+    let sha256 = sha256_of(&media);
+    let (_, state) = create(base, &alice.token, ciphertext.len(), &sha256).await?;
+    let upload_id = state["upload_id"].as_str().context("upload_id")?.to_owned();
+    let parts = state["parts"].as_array().context("parts")?.clone();
+    assert_eq!(parts.len(), 4);
+
+    // Part 1 goes through a proxy that drops the connection after 2,500 bytes.
+    let proxy = CuttingProxy::start(server.addr, |n| if n == 1 { Fault::CutRequest } else { Fault::Pass }).await?;
+    let proxied = format!("http://127.0.0.1:{}", proxy.port);
+    let url = parts[0]["url"].as_str().context("url")?;
+    let cut = put(&proxied, url, ciphertext[..65536].to_vec()).await;
+    assert!(cut.is_err() || cut.as_ref().is_ok_and(|s| *s != 204), "the cut part was not stored: {cut:?}");
+    assert_eq!(proxy.stats.request_cuts.load(std::sync::atomic::Ordering::SeqCst), 1, "the proxy cut the part");
+    // Parts 2 to 4 arrive whole.
+    for part in &parts[1..] {
+        let (offset, size) = (part["offset"].as_u64().unwrap_or(0) as usize, part["size"].as_u64().unwrap_or(0) as usize);
+        assert_eq!(put(base, part["url"].as_str().unwrap_or_default(), ciphertext[offset..offset + size].to_vec()).await?, 204);
+    }
+    let (status, body) = complete(base, &alice.token, &upload_id).await?;
+    assert_eq!((status, body["code"].as_str()), (409, Some("upload_incomplete")));
+
+    // After a restart of the client (it kept only the upload id, or not even that: creating
+    // the same upload again finds it), the state names the one missing part.
+    let (status, resumed) = raw::get(base, &format!("/v1/media/uploads/{upload_id}"), Some(&alice.token)).await?;
+    assert_eq!(status, 200);
+    assert_eq!(resumed["received"], json!([2, 3, 4]));
+    assert_eq!(
+        resumed["parts"].as_array().map(|p| p.iter().map(|t| t["part"].clone()).collect::<Vec<_>>()),
+        Some(vec![json!(1)])
+    );
+    let (status, again) = create(base, &alice.token, ciphertext.len(), &sha256).await?;
+    assert_eq!((status, again["upload_id"].as_str()), (201, Some(upload_id.as_str())));
+    assert_eq!(put_parts(&proxied, &resumed, &ciphertext).await?, 1, "only the missing part is sent again");
+    let (status, info) = complete(base, &alice.token, &upload_id).await?;
+    assert_eq!(status, 200, "{info}");
+    let (_, _, body) = download(base, &alice.token, info["media_id"].as_str().context("media_id")?, None).await?;
+    assert!(body == ciphertext);
+    Ok(())
+}
+
+#[tokio::test]
+async fn upload_urls_are_single_use_signed_and_expire() -> anyhow::Result<()> {
+    let server = TestServer::start_with(&format!("{SMALL_PARTS}url_ttl_ms = 1500\n")).await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(100 * 1024), "image/png");
+    let (_, state) = create(base, &alice.token, ciphertext.len(), &sha256_of(&media)).await?;
+    let first = state["parts"][0]["url"].as_str().context("url")?.to_owned();
+    let second = state["parts"][1]["url"].as_str().context("url")?.to_owned();
+
+    assert_eq!(put(base, &first, ciphertext[..65536].to_vec()).await?, 204);
+    let reused = reqwest::Client::new().put(format!("{base}{first}")).body(ciphertext[..65536].to_vec()).send().await?;
+    assert_eq!(reused.status().as_u16(), 409);
+    assert_eq!(reused.json::<Value>().await?["code"], "upload_url_used");
+
+    // Another part's signature, or a changed expiry, does not verify.
+    let (path, query) = second.split_once('?').context("query")?;
+    let (_, sig) = query.split_once("&sig=").context("sig")?;
+    let forged = format!("{}?expires=99999999999999&sig={sig}", path);
+    let (status, body) = put_raw(base, &forged, ciphertext[65536..].to_vec()).await?;
+    assert_eq!((status, body["code"].as_str()), (403, Some("upload_url_invalid")));
+    let swapped = format!("{}?{query}", path.replace("/parts/2", "/parts/1"));
+    let (status, body) = put_raw(base, &swapped, ciphertext[..65536].to_vec()).await?;
+    assert_eq!((status, body["code"].as_str()), (403, Some("upload_url_invalid")), "part 1's URL with part 2's signature");
+
+    // Past its expiry the URL is refused; the upload's state hands out a fresh one.
+    let expires: u64 = query.split('&').find_map(|kv| kv.strip_prefix("expires=")).context("expires")?.parse()?;
+    let wait = expires.saturating_sub(parley_spec::Timestamp::now().as_millis()) + 50;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let (status, body) = put_raw(base, &second, ciphertext[65536..].to_vec()).await?;
+    assert_eq!((status, body["code"].as_str()), (403, Some("upload_url_invalid")));
+    let upload_id = state["upload_id"].as_str().context("upload_id")?;
+    let (_, fresh) = raw::get(base, &format!("/v1/media/uploads/{upload_id}"), Some(&alice.token)).await?;
+    assert_eq!(put_parts(base, &fresh, &ciphertext).await?, 1);
+    let (status, _) = complete(base, &alice.token, upload_id).await?;
+    assert_eq!(status, 200);
+    // After completion, no URL of the upload works any more.
+    let (status, _) = put_raw(base, fresh["parts"][0]["url"].as_str().context("url")?, vec![0; 10]).await?;
+    assert_eq!(status, 404);
+    Ok(())
+}
+
+async fn put_raw(base: &str, url: &str, bytes: Vec<u8>) -> anyhow::Result<(u16, Value)> {
+    let response = reqwest::Client::new().put(format!("{base}{url}")).body(bytes).send().await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json::<Value>().await.unwrap_or(Value::Null)))
+}
+
+#[tokio::test]
+async fn the_same_ciphertext_is_stored_once_and_counted_for_each_holder() -> anyhow::Result<()> {
+    let server = TestServer::start_with(SMALL_PARTS).await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    let bob = raw::register(base, "bob").await?;
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(150 * 1024), "video/mp4");
+    let sha256 = sha256_of(&media);
+    let media_id = upload(base, &alice.token, &ciphertext, &sha256).await?;
+    let objects = server.data_dir().join("media/objects");
+    assert_eq!(files_under(&objects).len(), 1);
+
+    // Bob forwards it: the server has it, so he uploads nothing and gets the same reference.
+    let (status, state) = create(base, &bob.token, ciphertext.len(), &sha256).await?;
+    assert_eq!(status, 200, "{state}");
+    assert_eq!(state["status"], "complete");
+    assert_eq!(state["media"]["media_id"], media_id.as_str());
+    assert!(state.get("parts").is_none());
+    assert_eq!(files_under(&objects).len(), 1, "nothing new stored");
+    assert!(files_under(&server.data_dir().join("media/uploads")).is_empty());
+    for who in [&alice, &bob] {
+        let (_, config) = raw::get(base, "/v1/media/config", Some(&who.token)).await?;
+        assert_eq!(config["used_bytes"], ciphertext.len(), "{config}");
+    }
+    // Alice uploading it again is a no-op too, not a second charge.
+    let (status, _) = create(base, &alice.token, ciphertext.len(), &sha256).await?;
+    assert_eq!(status, 200);
+    let (_, config) = raw::get(base, "/v1/media/config", Some(&alice.token)).await?;
+    assert_eq!(config["used_bytes"], ciphertext.len());
+    Ok(())
+}
+
+#[tokio::test]
+async fn limits_quota_and_a_wrong_hash_are_typed_errors() -> anyhow::Result<()> {
+    let server = TestServer::start_with(
+        "[media]\npart_bytes = 65536\nquota_bytes = 250000\nmax_file_bytes = 200000\nmax_pending_uploads = 2\n",
+    )
+    .await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    let hash = [7u8; 32];
+
+    let (status, body) = create(base, &alice.token, 200_001, &hash).await?;
+    assert_eq!((status, body["code"].as_str()), (413, Some("too_large")));
+    let (status, body) = create(base, &alice.token, 0, &hash).await?;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+    let (status, body) = create(base, &alice.token, 10, &[1, 2, 3]).await?;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+    let (status, body) =
+        raw::post(base, "/v1/media/uploads", Some(&alice.token), &json!({ "size": -1, "sha256": b64(&hash) })).await?;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_json")));
+
+    // Uploads in progress count against the quota.
+    let (status, _) = create(base, &alice.token, 150_000, &hash).await?;
+    assert_eq!(status, 201);
+    let (status, body) = create(base, &alice.token, 150_000, &[8u8; 32]).await?;
+    assert_eq!((status, body["code"].as_str()), (403, Some("quota_exceeded")), "{body}");
+    let (status, _) = create(base, &alice.token, 50_000, &[9u8; 32]).await?;
+    assert_eq!(status, 201);
+    let (status, body) = create(base, &alice.token, 10, &[10u8; 32]).await?;
+    assert_eq!((status, body["code"].as_str()), (429, Some("rate_limited")), "too many uploads in progress: {body}");
+
+    // Bytes that do not hash to the declared SHA-256: refused, and the upload is gone.
+    let bob = raw::register(base, "bob").await?;
+    let (ciphertext, _) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(70_000), "image/png");
+    let (_, other) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(70_000), "image/png");
+    let (status, state) = create(base, &bob.token, ciphertext.len(), &sha256_of(&other)).await?;
+    assert_eq!(status, 201);
+    put_parts(base, &state, &ciphertext).await?;
+    let upload_id = state["upload_id"].as_str().context("upload_id")?;
+    let (status, body) = complete(base, &bob.token, upload_id).await?;
+    assert_eq!((status, body["code"].as_str()), (400, Some("media_hash_mismatch")));
+    let (status, _) = raw::get(base, &format!("/v1/media/uploads/{upload_id}"), Some(&bob.token)).await?;
+    assert_eq!(status, 404);
+    assert!(files_under(&server.data_dir().join("media")).is_empty(), "nothing of it is kept");
+    // A part of the wrong length is refused and not recorded.
+    let (status, state) = create(base, &bob.token, ciphertext.len(), &sha256_of(&other)).await?;
+    assert_eq!(status, 201);
+    let (status, body) = put_raw(base, state["parts"][0]["url"].as_str().context("url")?, vec![0; 1000]).await?;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+    // Another user's upload is not found.
+    let (status, _) =
+        raw::get(base, &format!("/v1/media/uploads/{}", state["upload_id"].as_str().unwrap_or("")), Some(&alice.token)).await?;
+    assert_eq!(status, 404);
+    Ok(())
+}
+
+#[tokio::test]
+async fn expired_references_and_uploads_are_swept_with_their_bytes() -> anyhow::Result<()> {
+    let server = TestServer::start_with(&format!(
+        "{SMALL_PARTS}retention_ms = 2000\ngrace_ms = 0\nupload_ttl_ms = 2000\nsweep_interval_ms = 100\n"
+    ))
+    .await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(100_000), "image/png");
+    let media_id = upload(base, &alice.token, &ciphertext, &sha256_of(&media)).await?;
+    let (status, _, _) = download(base, &alice.token, &media_id, None).await?;
+    assert_eq!(status, 200);
+    // An upload left half done.
+    let (other, other_media) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(100_000), "image/png");
+    let (_, state) = create(base, &alice.token, other.len(), &sha256_of(&other_media)).await?;
+    assert_eq!(put(base, state["parts"][0]["url"].as_str().context("url")?, other[..65536].to_vec()).await?, 204);
+
+    let media_dir = server.data_dir().join("media");
+    eventually("the unreferenced file and the expired upload are deleted", || async {
+        let (status, _, _) = download(base, &alice.token, &media_id, None).await?;
+        Ok(status == 404 && files_under(&media_dir).is_empty())
+    })
+    .await?;
+    let (_, config) = raw::get(base, "/v1/media/config", Some(&alice.token)).await?;
+    assert_eq!(config["used_bytes"], 0);
+    Ok(())
+}
