@@ -722,4 +722,17 @@ mod tests {
         let error = config.check().expect_err("one more is refused").to_string();
         assert!(error.contains("federation.max_txn_items"), "{error}");
     }
+
+    #[test]
+    fn media_files_may_not_need_more_parts_than_an_upload_has() {
+        let mut config = Config::default();
+        config.check().expect("the defaults are consistent");
+        config.media.part_bytes = 64 * 1024;
+        let error = config.check().expect_err("2 GiB in 64 KiB parts is 32,768 parts").to_string();
+        assert!(error.contains("media.max_file_bytes"), "{error}");
+        config.media.max_file_bytes = u64::from(crate::media::MAX_PARTS) * 64 * 1024;
+        config.check().expect("exactly the most parts is fine");
+        config.media.part_bytes = 1024;
+        assert!(config.check().is_err(), "parts under 64 KiB are refused");
+    }
 }

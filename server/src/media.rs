@@ -24,6 +24,10 @@ use sha2::{Digest as _, Sha256};
 use std::ops::Range;
 use std::sync::Arc;
 
+/// Bytes read at a time from a file of the filesystem store (object_store's own stream reads
+/// 8 KiB per blocking task).
+const READ_CHUNK_BYTES: usize = 256 * 1024;
+
 /// Most parts of one upload.
 pub const MAX_PARTS: u32 = 10_000;
 
@@ -59,6 +63,39 @@ pub struct Media {
 impl std::fmt::Debug for Media {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Media").field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+/// The bytes of a read, streamed: a file of the filesystem store in [`READ_CHUNK_BYTES`]
+/// reads, any other store as it streams.
+pub fn into_stream(result: GetResult) -> futures_util::stream::BoxStream<'static, object_store::Result<bytes::Bytes>> {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    let range = result.range.clone();
+    match result.payload {
+        object_store::GetResultPayload::File(file, path) => {
+            let opened = async move {
+                let mut file = tokio::fs::File::from_std(file);
+                file.seek(std::io::SeekFrom::Start(range.start)).await?;
+                Ok::<_, std::io::Error>(tokio_util::io::ReaderStream::with_capacity(
+                    file.take(range.end - range.start),
+                    READ_CHUNK_BYTES,
+                ))
+            };
+            futures_util::stream::once(opened)
+                .map(|opened| match opened {
+                    Ok(stream) => stream.boxed(),
+                    Err(error) => futures_util::stream::once(async move { Err(error) }).boxed(),
+                })
+                .flatten()
+                .map(move |chunk| {
+                    chunk.map_err(|source| object_store::Error::Generic {
+                        store: "media",
+                        source: format!("{}: {source}", path.display()).into(),
+                    })
+                })
+                .boxed()
+        }
+        object_store::GetResultPayload::Stream(stream) => stream,
     }
 }
 
@@ -228,7 +265,7 @@ impl Media {
     ) -> object_store::Result<u64> {
         let mut total = 0u64;
         for part in 1..=part_count(upload.size, upload.part_bytes) {
-            let mut stream = self.store.get(&part_path(&upload.id, part)).await?.into_stream();
+            let mut stream = into_stream(self.store.get(&part_path(&upload.id, part)).await?);
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk?;
                 hasher.update(&chunk);

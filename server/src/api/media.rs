@@ -167,7 +167,7 @@ pub async fn download(
     };
     let object = state.media.read(&sha256, range.clone()).await?;
     let length = object.range.end - object.range.start;
-    let stream = object.into_stream();
+    let stream = crate::media::into_stream(object);
     let mut response = Response::new(Body::from_stream(stream));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));

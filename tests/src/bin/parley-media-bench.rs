@@ -1,0 +1,136 @@
+//! Media throughput through one `parleyd` (filesystem store): a file encrypted with
+//! `parley-crypto::media`, uploaded in parallel parts to the server's signed URLs, completed
+//! (the server streams the parts through SHA-256 into the stored file), then downloaded
+//! whole; with the server's resident memory before and its peak after. Prints a table.
+//!
+//! `cargo build --release -p parley-tests --bins && ./target/release/parley-media-bench --mib 1024`
+
+use anyhow::{ensure, Context as _};
+use clap::Parser;
+use futures_util::StreamExt as _;
+use parley_crypto::media::MediaRef;
+use parley_tests::TestServer;
+use serde_json::{json, Value};
+use std::time::Instant;
+
+#[derive(Parser)]
+struct Args {
+    /// File size in MiB (plaintext).
+    #[arg(long, default_value_t = 1024)]
+    mib: usize,
+    /// Parts uploaded at once.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Rounds (a fresh file each; the table has one row per round).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+const CONFIG: &str = "[log]\nfilter = \"warn\"\n[media]\nmax_file_bytes = 8589934592\nquota_bytes = 1099511627776\n";
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("{field} in /proc/{pid}/status"))?;
+    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
+}
+
+/// Resets the peak RSS (`VmHWM`) of `pid` to its current RSS.
+fn reset_peak(pid: u32) -> anyhow::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").context("clear_refs")
+}
+
+async fn json_call(request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    let response = request.send().await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    ensure!(status.is_success(), "{status}: {body}");
+    Ok(body)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let server = TestServer::process_with(CONFIG).await?;
+    let base = server.base_url.clone();
+    let pid = server.pid().context("pid")?;
+    let http = reqwest::Client::new();
+    let session =
+        json_call(http.post(format!("{base}/v1/register")).json(&json!({"username": "bench", "password": "correct horse"})))
+            .await?;
+    let token = session["access_token"].as_str().context("access_token")?.to_owned();
+    println!("parley-media-bench: {} MiB files, {} parts at once, {} rounds", args.mib, args.parallel, args.rounds);
+    println!();
+    println!("| round | upload MB/s (parts) | complete s | upload MB/s (whole) | download MB/s | server RSS before | peak RSS growth |");
+    println!("|---|---|---|---|---|---|---|");
+    for round in 1..=args.rounds {
+        let mut plaintext = vec![0u8; args.mib * 1024 * 1024];
+        plaintext[..8].copy_from_slice(&(round as u64).to_le_bytes());
+        let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext, "application/octet-stream");
+        drop(plaintext);
+        let size = ciphertext.len();
+        let ciphertext = bytes::Bytes::from(ciphertext);
+        let rss_before = status_kib(pid, "VmRSS:")?;
+        reset_peak(pid)?;
+
+        let start = Instant::now();
+        let state = json_call(
+            http.post(format!("{base}/v1/media/uploads"))
+                .bearer_auth(&token)
+                .json(&json!({"size": size, "sha256": media.sha256})),
+        )
+        .await?;
+        let parts = state["parts"].as_array().context("parts")?.clone();
+        let puts = futures_util::stream::iter(parts.into_iter().map(|part| {
+            let (http, base, ciphertext) = (http.clone(), base.clone(), ciphertext.clone());
+            async move {
+                let offset = part["offset"].as_u64().context("offset")? as usize;
+                let len = part["size"].as_u64().context("size")? as usize;
+                let url = part["url"].as_str().context("url")?;
+                let response = http.put(format!("{base}{url}")).body(ciphertext.slice(offset..offset + len)).send().await?;
+                ensure!(response.status().as_u16() == 204, "part: {}", response.status());
+                anyhow::Ok(())
+            }
+        }))
+        .buffer_unordered(args.parallel)
+        .collect::<Vec<_>>()
+        .await;
+        for put in puts {
+            put?;
+        }
+        let parts_done = start.elapsed();
+        let upload_id = state["upload_id"].as_str().context("upload_id")?;
+        let info =
+            json_call(http.post(format!("{base}/v1/media/uploads/{upload_id}/complete")).bearer_auth(&token).json(&json!({})))
+                .await?;
+        let uploaded = start.elapsed();
+        let media_id = info["media_id"].as_str().context("media_id")?;
+
+        let start = Instant::now();
+        let response = http
+            .get(format!("{base}/v1/media/{}/{media_id}", info["server"].as_str().unwrap_or("localhost")))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        ensure!(response.status().is_success(), "download: {}", response.status());
+        let mut response = response;
+        let mut received = 0usize;
+        while let Some(chunk) = response.chunk().await? {
+            received += chunk.len();
+        }
+        let downloaded = start.elapsed();
+        ensure!(received == size, "downloaded {received} of {size} bytes");
+        let peak = status_kib(pid, "VmHWM:")?;
+        let mb = size as f64 / 1e6;
+        println!(
+            "| {round} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} MiB | {:.1} MiB |",
+            mb / parts_done.as_secs_f64(),
+            (uploaded - parts_done).as_secs_f64(),
+            mb / uploaded.as_secs_f64(),
+            mb / downloaded.as_secs_f64(),
+            rss_before as f64 / 1024.0,
+            peak.saturating_sub(rss_before) as f64 / 1024.0,
+        );
+    }
+    Ok(())
+}
