@@ -150,18 +150,23 @@ impl FederationClient {
         serde_json::from_slice(&bytes).map_err(|e| FederationError::BadResponse(e.to_string()))
     }
 
-    async fn request_bytes(
+    /// Sends a request, signed when `sign`; the response whatever its status.
+    async fn send(
         &self,
         destination: &ServerName,
         method: reqwest::Method,
         path_and_query: &str,
         body: Option<Vec<u8>>,
         sign: bool,
-    ) -> Result<Vec<u8>, FederationError> {
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, FederationError> {
         let target = self.discovery.resolve(destination).await?;
         let url = format!("{}{}", target.base_url(), path_and_query);
         let body = body.unwrap_or_default();
         let mut request = self.http.request(method.clone(), &url);
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
         if sign {
             let ts = Timestamp::from_millis(self.signing_clock.next(Timestamp::now().as_millis()));
             let parts = SignedParts::new(method.as_str(), path_and_query, &self.origin, destination, ts, &body);
@@ -170,15 +175,18 @@ impl FederationClient {
         if !body.is_empty() {
             request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
         }
-        let mut response = match request.send().await {
-            Ok(response) => response,
+        match request.send().await {
+            Ok(response) => Ok(response),
             Err(error) => {
                 // The address may have changed: resolve again next time.
                 self.discovery.forget(destination);
-                return Err(FederationError::Transport(error_chain(&error)));
+                Err(FederationError::Transport(error_chain(&error)))
             }
-        };
-        let status = response.status().as_u16();
+        }
+    }
+
+    /// A response's body, at most [`MAX_RESPONSE_BYTES`].
+    async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, FederationError> {
         let mut bytes = Vec::new();
         loop {
             match response.chunk().await {
@@ -188,14 +196,46 @@ impl FederationClient {
                     }
                     bytes.extend_from_slice(&chunk);
                 }
-                Ok(None) => break,
+                Ok(None) => return Ok(bytes),
                 Err(error) => return Err(FederationError::Transport(error_chain(&error))),
             }
         }
+    }
+
+    async fn request_bytes(
+        &self,
+        destination: &ServerName,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        sign: bool,
+    ) -> Result<Vec<u8>, FederationError> {
+        let response = self.send(destination, method, path_and_query, body, sign, None).await?;
+        let status = response.status().as_u16();
+        let bytes = Self::read_body(response).await?;
         if !(200..300).contains(&status) {
             return Err(FederationError::Status { status, body: serde_json::from_slice(&bytes).ok() });
         }
         Ok(bytes)
+    }
+
+    /// A signed `GET` of endpoint `E` whose answer is streamed (media): the response once its
+    /// status is a success, for the caller to read chunk by chunk within `timeout` (which
+    /// replaces the client's own, meant for small requests).
+    pub async fn get_stream<E: Endpoint>(
+        &self,
+        destination: &ServerName,
+        params: &[&str],
+        timeout: Duration,
+    ) -> Result<reqwest::Response, FederationError> {
+        let path = endpoint_path::<E>(params)?;
+        let response = self.send(destination, reqwest::Method::GET, &path, None, true, Some(timeout)).await?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let bytes = Self::read_body(response).await?;
+            return Err(FederationError::Status { status, body: serde_json::from_slice(&bytes).ok() });
+        }
+        Ok(response)
     }
 }
 

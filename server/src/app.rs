@@ -94,7 +94,9 @@ impl Server {
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::default());
         let server_key = Arc::new(parley_federation::ServerKey::load_or_create(&config.data_dir.join("server.key"))?);
-        let media = Arc::new(crate::media::Media::open(&config, &server_key).map_err(|e| OpenError::Media(e.to_string()))?);
+        let media = Arc::new(
+            crate::media::Media::open(&config, &server_key, metrics.clone()).map_err(|e| OpenError::Media(e.to_string()))?,
+        );
         // The writer publishes each commit: its events to the hub (inline), the outbound queues
         // it grew on a channel whose receiver the federation sender takes below.
         let (outbound_tx, outbound_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -309,6 +309,8 @@ pub struct MediaConfig {
     pub grace_ms: u64,
     /// How often expired uploads, references and unreferenced files are swept.
     pub sweep_interval_ms: u64,
+    /// Longest fetch of a file from another server (for a local user's download).
+    pub fetch_timeout_ms: u64,
 }
 
 impl Default for MediaConfig {
@@ -324,6 +326,7 @@ impl Default for MediaConfig {
             retention_ms: 30 * 24 * 3600 * 1000,
             grace_ms: 3600 * 1000,
             sweep_interval_ms: 60_000,
+            fetch_timeout_ms: 600_000,
         }
     }
 }
@@ -646,6 +649,7 @@ impl Config {
             || media.upload_ttl_ms == 0
             || media.url_ttl_ms == 0
             || media.sweep_interval_ms == 0
+            || media.fetch_timeout_ms == 0
         {
             return bad("media limits must be positive (part_bytes at least 64 KiB)");
         }

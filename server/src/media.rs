@@ -10,7 +10,7 @@
 //! bodies and objects are streamed in chunks of [`CHUNK_BYTES`].
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Error, RemoteFailure, Result};
 use crate::storage::{Store, UploadRow};
 use axum::body::Body;
 use base64::Engine as _;
@@ -19,7 +19,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt as _, WriteMultipart};
 use parley_spec::v1::media::{media_id, PartTarget};
-use parley_spec::ErrorCode;
+use parley_spec::{ErrorCode, ServerName};
 use sha2::{Digest as _, Sha256};
 use std::ops::Range;
 use std::sync::Arc;
@@ -58,6 +58,9 @@ pub struct Media {
     /// Held while a file appears (completion) or disappears (the sweep), so that a file being
     /// deleted is never one an upload has just completed.
     lifecycle: tokio::sync::Mutex<()>,
+    /// Files being fetched from other servers: one fetch per file, later askers wait for it.
+    fetching: std::sync::Mutex<std::collections::HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Media {
@@ -147,12 +150,23 @@ pub fn new_upload_id() -> String {
 impl Media {
     /// Opens the filesystem store under `config.media.dir` (created owner-only), with fsync:
     /// a part or file is on disk before the server says it is stored.
-    pub fn open(config: &Config, server_key: &parley_federation::ServerKey) -> std::result::Result<Self, MediaError> {
+    pub fn open(
+        config: &Config,
+        server_key: &parley_federation::ServerKey,
+        metrics: crate::metrics::Metrics,
+    ) -> std::result::Result<Self, MediaError> {
         let dir = config.data_dir.join(&config.media.dir);
         crate::storage::create_data_dir(&dir).map_err(|e| MediaError::Dir(dir.clone(), e))?;
         let store = LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true).with_automatic_cleanup(true);
         let url_key = parley_crypto::media::UrlKey::derive(&server_key.key.seed());
-        Ok(Self { store: Arc::new(store), url_key, config: config.media.clone(), lifecycle: tokio::sync::Mutex::new(()) })
+        Ok(Self {
+            store: Arc::new(store),
+            url_key,
+            config: config.media.clone(),
+            lifecycle: tokio::sync::Mutex::new(()),
+            fetching: Default::default(),
+            metrics,
+        })
     }
 
     /// What the signature of a part URL covers.
@@ -300,6 +314,92 @@ impl Media {
                 tracing::warn!(%error, upload_id, "deleting an upload's parts failed");
             }
         }
+    }
+
+    /// Makes sure the file `sha256` of `server` is here: fetched once over federation (a
+    /// concurrent download of the same file waits for that fetch), streamed through SHA-256
+    /// into the store, and kept for `retention_ms` only when its bytes are the ones the media
+    /// id names.
+    pub async fn fetch_remote(
+        &self,
+        store: &Store,
+        client: &parley_federation::transport::FederationClient,
+        server: &ServerName,
+        sha256: &[u8; 32],
+    ) -> Result<()> {
+        let gate = self.fetching.lock().unwrap_or_else(|e| e.into_inner()).entry(*sha256).or_default().clone();
+        let turn = gate.lock().await;
+        let outcome = match store.media_size(sha256).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => self.fetch_once(store, client, server, sha256).await,
+            Err(error) => Err(error.into()),
+        };
+        drop(turn);
+        let mut fetching = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's and ours: no one else waits on this gate.
+        if Arc::strong_count(&gate) <= 2 {
+            fetching.remove(sha256);
+        }
+        outcome
+    }
+
+    async fn fetch_once(
+        &self,
+        store: &Store,
+        client: &parley_federation::transport::FederationClient,
+        server: &ServerName,
+        sha256: &[u8; 32],
+    ) -> Result<()> {
+        let id = media_id(sha256);
+        let timeout = std::time::Duration::from_millis(self.config.fetch_timeout_ms);
+        let bad = |what: &'static str| Error::Remote { server: server.clone(), failure: RemoteFailure::BadAnswer(what) };
+        let mut response = client
+            .get_stream::<parley_spec::federation::v1::media::GetMedia>(server, &[&id], timeout)
+            .await
+            .map_err(|e| crate::federation::remote::remote_error(server, e))?;
+        if response.content_length().is_some_and(|len| len > self.config.max_file_bytes) {
+            return Err(bad("sent a file larger than this server accepts"));
+        }
+        let staged = Path::from_iter(["fetching", &format!("{id}.{}", new_upload_id())]);
+        let mut writer =
+            WriteMultipart::new_with_chunk_size(self.store.put_multipart(&staged).await.map_err(internal)?, CHUNK_BYTES);
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let failure = loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    total += chunk.len() as u64;
+                    if total > self.config.max_file_bytes {
+                        break Some(bad("sent a file larger than this server accepts"));
+                    }
+                    hasher.update(&chunk);
+                    writer.put(chunk);
+                    if let Err(error) = writer.wait_for_capacity(2).await {
+                        break Some(internal(error));
+                    }
+                }
+                Ok(None) if hasher.clone().finalize().as_slice() == sha256 => break None,
+                Ok(None) => break Some(bad("sent bytes that do not hash to the media id")),
+                Err(error) => {
+                    let error = parley_federation::transport::FederationError::Transport(error.to_string());
+                    break Some(Error::Remote { server: server.clone(), failure: RemoteFailure::Unreachable(Box::new(error)) });
+                }
+            }
+        };
+        if let Some(error) = failure {
+            let _ = writer.abort().await;
+            return Err(error);
+        }
+        writer.finish().await.map_err(internal)?;
+        let _lifecycle = self.lifecycle.lock().await;
+        if store.media_size(sha256).await?.is_some() {
+            self.store.delete(&staged).await.map_err(internal)?;
+        } else {
+            self.store.rename(&staged, &object_path(sha256)).await.map_err(internal)?;
+        }
+        store.cache_media(sha256, total, self.config.retention_ms).await?;
+        self.metrics.media_fetches.inc();
+        Ok(())
     }
 
     /// Opens the stored file `sha256` at `range` (the whole file when `None`).

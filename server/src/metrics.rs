@@ -31,6 +31,8 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// Federation items sent and accepted by their destination.
     pub federation_items_sent: Counter,
+    /// Files fetched from other servers for local users (one fetch per file, however many ask).
+    pub media_fetches: Counter,
     /// Federation items received in new inbound transactions.
     pub federation_items_received: Counter,
     /// Outbound transactions that failed (and will be retried).
@@ -72,6 +74,8 @@ impl Metrics {
         let federation_ephemeral_dropped = Counter::default();
         let federation_txn_seconds = Histogram::new(latency_buckets);
         let federation_txns_sent = Counter::default();
+        let media_fetches = Counter::default();
+        registry.register("media_fetches", "Files fetched from other servers for local users", media_fetches.clone());
         let federation_bytes_sent = Counter::default();
         registry.register("federation_txns_sent", "Outbound transactions accepted", federation_txns_sent.clone());
         registry.register("federation_bytes_sent", "Body bytes of outbound transactions accepted", federation_bytes_sent.clone());
@@ -125,6 +129,7 @@ impl Metrics {
             federation_txn_seconds,
             federation_txns_sent,
             federation_bytes_sent,
+            media_fetches,
         }
     }
 

@@ -176,7 +176,7 @@ pub fn client_api() -> Vec<Metadata> {
 /// Every endpoint of the federation API (served on the federation listener; the server key
 /// document is served on both listeners).
 pub fn federation_api() -> Vec<Metadata> {
-    use crate::federation::v1::{claim, groups, keys, transaction};
+    use crate::federation::v1::{claim, groups, keys, media, transaction};
     vec![
         Metadata::of::<transaction::SendTransaction>(),
         Metadata::of::<transaction::GetUserDevices>(),
@@ -184,6 +184,7 @@ pub fn federation_api() -> Vec<Metadata> {
         Metadata::of::<claim::ClaimKeyPackages>(),
         Metadata::of::<groups::SubmitGroupMessage>(),
         Metadata::of::<keys::GetServerKeys>(),
+        Metadata::of::<media::GetMedia>(),
     ]
 }
 

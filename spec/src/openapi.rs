@@ -27,7 +27,7 @@ use utoipa::OpenApi;
         v1::media::complete_upload, v1::media::download_media,
         fed::transaction::send_transaction, fed::transaction::get_user_devices, fed::claim::claim_keys,
         fed::claim::claim_keypackages, fed::groups::submit_group_message,
-        fed::keys::get_server_keys,
+        fed::keys::get_server_keys, fed::media::get_media,
     ),
     components(schemas(v1::ws::ClientFrame, v1::ws::ServerFrame, crate::ErrorCode)),
     modifiers(&BearerAuth),

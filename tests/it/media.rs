@@ -384,3 +384,50 @@ async fn expired_references_and_uploads_are_swept_with_their_bytes() -> anyhow::
     assert_eq!(config["used_bytes"], 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_user_of_another_server_downloads_through_their_own_which_fetches_once() -> anyhow::Result<()> {
+    use parley_tests::fednet::{Discovery, FedNet};
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], SMALL_PARTS).await?;
+    let a = net.server("a.test").base_url.clone();
+    let b = net.server("b.test").base_url.clone();
+    let alice = raw::register(&a, "alice").await?;
+    let bob = raw::register(&b, "bob").await?;
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(200_000), "image/jpeg");
+    let media_id = upload(&a, &alice.token, &ciphertext, &sha256_of(&media)).await?;
+
+    let fetch = |range: Option<&'static str>, id: String| {
+        let (b, token) = (b.clone(), bob.token.clone());
+        async move {
+            let mut request = reqwest::Client::new().get(format!("{b}/v1/media/a.test/{id}")).bearer_auth(token);
+            if let Some(range) = range {
+                request = request.header("range", range);
+            }
+            let response = request.send().await?;
+            anyhow::Ok((response.status().as_u16(), response.bytes().await?.to_vec()))
+        }
+    };
+    // Two downloads at once: b fetches the file from a once and serves both.
+    let (first, second) = tokio::join!(fetch(None, media_id.clone()), fetch(Some("bytes=1000-1999"), media_id.clone()));
+    let (status, body) = first?;
+    assert_eq!(status, 200);
+    assert!(body == ciphertext, "bob gets alice's ciphertext through b.test");
+    assert_eq!(media.decrypt(&body)?, plaintext(200_000));
+    let (status, body) = second?;
+    assert_eq!((status, body.as_slice()), (206, &ciphertext[1000..2000]));
+    assert_eq!(net.server("b.test").counter("media_fetches").await?, 1, "one fetch for two downloads");
+    // A file a.test does not have: its answer, relayed.
+    let (status, body) = raw::get(&b, &format!("/v1/media/a.test/{}", "ab".repeat(32)), Some(&bob.token)).await?;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{body}");
+
+    // b.test keeps its copy: with a.test down, bob still gets the file.
+    net.server("a.test").stop().await?;
+    let (status, body) = fetch(None, media_id.clone()).await?;
+    assert_eq!(status, 200);
+    assert!(body == ciphertext);
+    assert_eq!(net.server("b.test").counter("media_fetches").await?, 1, "served from b.test's copy");
+    // A file b.test never fetched cannot be had while a.test is down.
+    let (status, body) = raw::get(&b, &format!("/v1/media/a.test/{}", "cd".repeat(32)), Some(&bob.token)).await?;
+    assert_eq!((status, body["code"].as_str()), (502, Some("remote_unavailable")), "{body}");
+    Ok(())
+}

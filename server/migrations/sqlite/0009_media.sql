@@ -1,4 +1,5 @@
--- Media (spec/media.md): files stored by the SHA-256 of their ciphertext, the users who hold a
+-- Media (spec/media.md): files stored by the SHA-256 of their ciphertext (uploaded here, or
+-- fetched from another server for a local user and kept a while), the users who hold a
 -- reference to each (uploaders and forwarders; quota is counted over these), and uploads in
 -- progress with the parts received so far. The bytes live in the object store, not here.
 
@@ -6,6 +7,7 @@ CREATE TABLE media (
     sha256          BLOB PRIMARY KEY NOT NULL,  -- 32 bytes: the media id
     size            INTEGER NOT NULL,
     created_ts      INTEGER NOT NULL,
+    keep_until      INTEGER NOT NULL DEFAULT 0, -- a copy of another server's file is kept until then
     unreferenced_ts INTEGER                     -- when its last reference went; NULL while referenced
 ) WITHOUT ROWID;
 

@@ -12,7 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use parley_spec::v1::media::{media_id, parse_media_id, CreateUploadRequest, MediaConfig, MediaInfo, PartUrlQuery, UploadState};
-use parley_spec::{ErrorCode, Timestamp};
+use parley_spec::{ErrorCode, ServerName, Timestamp};
 
 fn not_found() -> Error {
     Error::new(ErrorCode::NotFound, "no such upload (unknown, expired, completed or another user's)")
@@ -152,10 +152,19 @@ pub async fn download(
 ) -> Result<Response> {
     let sha256 = parse_media_id(&id).ok_or_else(|| Error::new(ErrorCode::BadRequest, "a media id is 64 lowercase hex digits"))?;
     if server != state.server_name.as_str() {
-        return Err(Error::new(ErrorCode::NotFound, "media of other servers cannot be fetched through this one yet"));
+        let server = ServerName::parse(&server).map_err(|e| Error::new(ErrorCode::BadRequest, e.to_string()))?;
+        crate::federation::remote::check_reachable(&state, &server)?;
+        if let (None, Some(federation)) = (state.store.media_size(&sha256).await?, &state.federation) {
+            state.media.fetch_remote(&state.store, &federation.client, &server, &sha256).await?;
+        }
     }
-    let size = state.store.media_size(&sha256).await?.ok_or_else(|| Error::new(ErrorCode::NotFound, "no such media"))?;
-    let requested = resolve_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), size);
+    serve(&state, &sha256, &id, headers.get(header::RANGE).and_then(|v| v.to_str().ok())).await
+}
+
+/// The stored file `sha256` (whose id is `id`), whole or the one `range` asked.
+pub async fn serve(state: &AppState, sha256: &[u8; 32], id: &str, range: Option<&str>) -> Result<Response> {
+    let size = state.store.media_size(sha256).await?.ok_or_else(|| Error::new(ErrorCode::NotFound, "no such media"))?;
+    let requested = resolve_range(range, size);
     let range = match requested {
         Some(Err(())) => {
             let mut response = Error::new(ErrorCode::RangeNotSatisfiable, format!("the file is {size} bytes")).into_response();
@@ -165,7 +174,7 @@ pub async fn download(
         Some(Ok(range)) => Some(range),
         None => None,
     };
-    let object = state.media.read(&sha256, range.clone()).await?;
+    let object = state.media.read(sha256, range.clone()).await?;
     let length = object.range.end - object.range.start;
     let stream = crate::media::into_stream(object);
     let mut response = Response::new(Body::from_stream(stream));

@@ -26,6 +26,7 @@ use parley_spec::error::DeviceRef;
 use parley_spec::federation::v1::claim::{ClaimKeyPackages as FedClaimKeyPackages, ClaimKeys as FedClaimKeys, ClaimRequest};
 use parley_spec::federation::v1::groups::{GroupSubmission, SubmitGroupMessage};
 use parley_spec::federation::v1::keys::GetServerKeys;
+use parley_spec::federation::v1::media::GetMedia;
 use parley_spec::federation::v1::transaction::{
     GetUserDevices, Item, RejectedItem, SendTransaction, SignedMessage, Transaction, TransactionResponse, UserDevices,
     MAX_TXN_ITEMS,
@@ -45,6 +46,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(SendTransaction::PATH, on(SendTransaction, send_transaction))
         .route(GetUserDevices::PATH, on(GetUserDevices, user_devices))
+        .route(GetMedia::PATH, on(GetMedia, get_media))
         .route(FedClaimKeys::PATH, on(FedClaimKeys, claim_keys))
         .route(FedClaimKeyPackages::PATH, on(FedClaimKeyPackages, claim_keypackages))
         .route(
@@ -416,6 +418,17 @@ async fn deliver_ephemeral(state: &AppState, item: Item) {
         Item::Presence(presence) => crate::presence::deliver_remote(state, presence).await,
         _ => {}
     }
+}
+
+/// GET /_parley/federation/v1/media/{media_id}: a file stored here, whole, for the origin's users.
+async fn get_media(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Signed { origin: _, body: NoBody }: Signed<NoBody>,
+) -> Result<axum::response::Response> {
+    let sha256 = parley_spec::v1::media::parse_media_id(&id)
+        .ok_or_else(|| Error::new(ErrorCode::BadRequest, "a media id is 64 lowercase hex digits"))?;
+    crate::api::media::serve(&state, &sha256, &id, None).await
 }
 
 /// GET /_parley/federation/v1/users/{user_id}/devices

@@ -24,7 +24,8 @@ pub fn check_reachable(state: &AppState, server: &ServerName) -> Result<()> {
     }
 }
 
-fn remote_error(server: &ServerName, error: FederationError) -> Error {
+/// What a failed request to `server` means for the client whose request made it.
+pub(crate) fn remote_error(server: &ServerName, error: FederationError) -> Error {
     let failure = match error {
         // Its answer to what was asked (no such user, say), relayed.
         FederationError::Status { status: 404, body } => {

@@ -275,6 +275,23 @@ impl Store {
         Ok(inserted)
     }
 
+    /// Records a copy of another server's file, kept at least `keep_ms` from now (an existing
+    /// row is kept longer, never shorter).
+    pub async fn cache_media(&self, sha256: &[u8; 32], size: u64, keep_ms: u64) -> Result<(), StoreError> {
+        let now = stored_now()?;
+        sqlx::query(
+            "INSERT INTO media (sha256, size, created_ts, keep_until) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (sha256) DO UPDATE SET keep_until = max(keep_until, excluded.keep_until), unreferenced_ts = NULL",
+        )
+        .bind(&sha256[..])
+        .bind(to_i64(size)?)
+        .bind(now)
+        .bind(now.saturating_add(to_i64(keep_ms)?))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Forgets the upload `id` and its parts.
     pub async fn drop_upload(&self, id: &str) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -301,7 +318,7 @@ impl Store {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("DELETE FROM media_refs WHERE expires_ts <= ?").bind(now).execute(&mut *tx).await?;
         sqlx::query(
-            "UPDATE media SET unreferenced_ts = ? WHERE unreferenced_ts IS NULL \
+            "UPDATE media SET unreferenced_ts = ?1 WHERE unreferenced_ts IS NULL AND keep_until <= ?1 \
              AND NOT EXISTS (SELECT 1 FROM media_refs r WHERE r.sha256 = media.sha256)",
         )
         .bind(now)

@@ -3,4 +3,5 @@
 pub mod claim;
 pub mod groups;
 pub mod keys;
+pub mod media;
 pub mod transaction;
