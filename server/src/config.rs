@@ -311,6 +311,50 @@ pub struct MediaConfig {
     pub sweep_interval_ms: u64,
     /// Longest fetch of a file from another server (for a local user's download).
     pub fetch_timeout_ms: u64,
+    /// An S3-compatible store instead of the filesystem (`[media.s3]`): clients then upload
+    /// parts straight to it through presigned URLs.
+    pub s3: Option<S3Config>,
+}
+
+/// An S3-compatible object store.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL, e.g. `https://s3.eu-west-1.amazonaws.com` or `http://127.0.0.1:9000`.
+    pub endpoint: String,
+    /// Region the requests are signed for.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Bucket (must exist).
+    pub bucket: String,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key (never logged).
+    pub secret_access_key: String,
+    /// Allow a plain `http://` endpoint (tests, a store on the same host).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Address the bucket as `bucket.endpoint` instead of `endpoint/bucket`.
+    #[serde(default)]
+    pub virtual_hosted_style: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("allow_http", &self.allow_http)
+            .field("virtual_hosted_style", &self.virtual_hosted_style)
+            .finish()
+    }
 }
 
 impl Default for MediaConfig {
@@ -327,6 +371,7 @@ impl Default for MediaConfig {
             grace_ms: 3600 * 1000,
             sweep_interval_ms: 60_000,
             fetch_timeout_ms: 600_000,
+            s3: None,
         }
     }
 }
@@ -653,6 +698,10 @@ impl Config {
         {
             return bad("media limits must be positive (part_bytes at least 64 KiB)");
         }
+        // S3 refuses a multipart upload whose parts (but the last) are under 5 MiB.
+        if media.s3.is_some() && media.part_bytes < 5 * 1024 * 1024 {
+            return bad("media.part_bytes must be at least 5 MiB (5242880) with an S3 store");
+        }
         if media.max_file_bytes.div_ceil(media.part_bytes) > u64::from(crate::media::MAX_PARTS) {
             return Err(ConfigError::Invalid(format!(
                 "media.max_file_bytes / media.part_bytes must be at most {} parts",
@@ -738,5 +787,26 @@ mod tests {
         config.check().expect("exactly the most parts is fine");
         config.media.part_bytes = 1024;
         assert!(config.check().is_err(), "parts under 64 KiB are refused");
+    }
+
+    #[test]
+    fn parts_for_s3_are_at_least_what_s3_accepts() {
+        let mut config = Config::default();
+        config.media.s3 = Some(S3Config {
+            endpoint: "http://127.0.0.1:9000".into(),
+            region: default_region(),
+            bucket: "media".into(),
+            access_key_id: "key".into(),
+            secret_access_key: "secret".into(),
+            allow_http: true,
+            virtual_hosted_style: false,
+        });
+        config.media.part_bytes = 5 * 1024 * 1024;
+        config.media.max_file_bytes = 1024 * 1024 * 1024;
+        config.check().expect("5 MiB parts are fine");
+        config.media.part_bytes -= 1;
+        let error = config.check().expect_err("S3 refuses smaller parts").to_string();
+        assert!(error.contains("5 MiB"), "{error}");
+        assert!(!format!("{config:?}").contains("secret\""), "the secret is not printed");
     }
 }

@@ -28,6 +28,8 @@ use std::sync::Arc;
 /// 8 KiB per blocking task).
 const READ_CHUNK_BYTES: usize = 256 * 1024;
 
+mod s3;
+
 /// Most parts of one upload.
 pub const MAX_PARTS: u32 = 10_000;
 
@@ -44,6 +46,9 @@ pub enum MediaError {
     /// The store's directory cannot be created.
     #[error("media directory {0}: {1}")]
     Dir(std::path::PathBuf, std::io::Error),
+    /// The S3 store's HTTP client cannot be built.
+    #[error("media store HTTP client: {0}")]
+    Http(String),
     /// The object store refused to open.
     #[error("media store: {0}")]
     Store(#[from] object_store::Error),
@@ -52,6 +57,8 @@ pub enum MediaError {
 /// The media store of a server.
 pub struct Media {
     store: Arc<dyn ObjectStore>,
+    /// The same store when it is S3: presigned URLs and multipart uploads.
+    s3: Option<Arc<object_store::aws::AmazonS3>>,
     url_key: parley_crypto::media::UrlKey,
     /// The `[media]` settings.
     pub config: crate::config::MediaConfig,
@@ -119,6 +126,12 @@ fn part_path(upload_id: &str, part: u32) -> Path {
     Path::from_iter(["uploads", upload_id, &part.to_string()])
 }
 
+/// The object an S3 multipart upload writes: `uploads/<upload id>.upload`, renamed to its
+/// media id once its hash is checked.
+fn upload_object(upload_id: &str) -> Path {
+    Path::from_iter(["uploads", &format!("{upload_id}.upload")])
+}
+
 fn assembled_path(upload_id: &str) -> Path {
     Path::from_iter(["uploads", upload_id, "assembled"])
 }
@@ -155,18 +168,58 @@ impl Media {
         server_key: &parley_federation::ServerKey,
         metrics: crate::metrics::Metrics,
     ) -> std::result::Result<Self, MediaError> {
-        let dir = config.data_dir.join(&config.media.dir);
-        crate::storage::create_data_dir(&dir).map_err(|e| MediaError::Dir(dir.clone(), e))?;
-        let store = LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true).with_automatic_cleanup(true);
+        let (store, s3): (Arc<dyn ObjectStore>, _) = match &config.media.s3 {
+            Some(s3) => {
+                let connector = s3::Connector::new().map_err(|e| MediaError::Http(e.to_string()))?;
+                let store = Arc::new(
+                    object_store::aws::AmazonS3Builder::new()
+                        .with_endpoint(&s3.endpoint)
+                        .with_region(&s3.region)
+                        .with_bucket_name(&s3.bucket)
+                        .with_access_key_id(&s3.access_key_id)
+                        .with_secret_access_key(&s3.secret_access_key)
+                        .with_allow_http(s3.allow_http)
+                        .with_virtual_hosted_style_request(s3.virtual_hosted_style)
+                        .with_http_connector(connector)
+                        .build()?,
+                );
+                (store.clone(), Some(store))
+            }
+            None => {
+                let dir = config.data_dir.join(&config.media.dir);
+                crate::storage::create_data_dir(&dir).map_err(|e| MediaError::Dir(dir.clone(), e))?;
+                (Arc::new(LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true).with_automatic_cleanup(true)), None)
+            }
+        };
         let url_key = parley_crypto::media::UrlKey::derive(&server_key.key.seed());
         Ok(Self {
-            store: Arc::new(store),
+            store,
+            s3,
             url_key,
             config: config.media.clone(),
             lifecycle: tokio::sync::Mutex::new(()),
             fetching: Default::default(),
             metrics,
         })
+    }
+
+    /// Starts what the store needs for a new upload (an S3 multipart upload) and records it;
+    /// `upload` as it is otherwise.
+    pub async fn prepare(&self, store: &Store, mut upload: UploadRow) -> Result<UploadRow> {
+        let Some(s3) = &self.s3 else { return Ok(upload) };
+        if upload.store_upload_id.is_none() {
+            let id = object_store::multipart::MultipartStore::create_multipart(s3.as_ref(), &upload_object(&upload.id))
+                .await
+                .map_err(internal)?;
+            store.set_store_upload_id(&upload.id, &id).await?;
+            upload.store_upload_id = Some(id);
+        }
+        Ok(upload)
+    }
+
+    /// Whether parts go straight to an S3 store (which then tracks them, not this server).
+    pub fn is_s3(&self) -> bool {
+        self.s3.is_some()
     }
 
     /// What the signature of a part URL covers.
@@ -186,17 +239,60 @@ impl Media {
     }
 
     /// Targets for the parts of `upload` not received yet, each URL valid for `url_ttl_ms`
-    /// (never past the upload's own expiry).
-    pub fn targets(&self, upload: &UploadRow) -> Vec<PartTarget> {
+    /// (never past the upload's own expiry): this server's signed URLs, or presigned URLs of
+    /// the S3 multipart upload.
+    pub async fn targets(&self, upload: &UploadRow) -> Result<Vec<PartTarget>> {
         let now = parley_spec::Timestamp::now().as_millis();
         let expires = now.saturating_add(self.config.url_ttl_ms).min(u64::try_from(upload.expires_ts).unwrap_or(0));
-        (1..=part_count(upload.size, upload.part_bytes))
-            .filter(|part| upload.received.binary_search(part).is_err())
-            .filter_map(|part| {
-                let range = part_range(upload, part)?;
-                Some(PartTarget::new(part, range.start, range.end - range.start, self.part_url(&upload.id, part, expires)))
-            })
-            .collect()
+        let mut targets = Vec::new();
+        for part in (1..=part_count(upload.size, upload.part_bytes)).filter(|part| upload.received.binary_search(part).is_err()) {
+            let Some(range) = part_range(upload, part) else { continue };
+            let url = match (&self.s3, &upload.store_upload_id) {
+                (Some(s3), Some(multipart)) => {
+                    use object_store::signer::{SignedUrlOptions, Signer as _};
+                    let options = SignedUrlOptions::default()
+                        .with_query([("partNumber", part.to_string().as_str()), ("uploadId", multipart.as_str())]);
+                    let ttl = std::time::Duration::from_millis(expires.saturating_sub(now).max(1));
+                    s3.signed_url_opts(object_store::signer::Method::PUT, &upload_object(&upload.id), ttl, &options)
+                        .await
+                        .map_err(internal)?
+                        .to_string()
+                }
+                (Some(_), None) => return Err(Error::Unavailable),
+                (None, _) => self.part_url(&upload.id, part, expires),
+            };
+            targets.push(PartTarget::new(part, range.start, range.end - range.start, url));
+        }
+        Ok(targets)
+    }
+
+    /// Completes the S3 multipart upload of `upload` with the parts' ETags, in part order,
+    /// then reads the object back through SHA-256. False (and the object deleted) when it is
+    /// not the declared size and hash; `upload_incomplete` when S3 refuses the parts.
+    pub async fn complete_s3(&self, upload: &UploadRow, etags: Vec<String>) -> Result<bool> {
+        let (Some(s3), Some(multipart)) = (&self.s3, &upload.store_upload_id) else {
+            return Err(Error::internal("not an S3 upload"));
+        };
+        let parts = etags.into_iter().map(|content_id| object_store::multipart::PartId { content_id }).collect();
+        let path = upload_object(&upload.id);
+        if let Err(error) =
+            object_store::multipart::MultipartStore::complete_multipart(s3.as_ref(), &path, multipart, parts).await
+        {
+            return Err(Error::new(ErrorCode::UploadIncomplete, format!("the store refused the parts: {error}")));
+        }
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let mut stream = into_stream(self.store.get(&path).await.map_err(internal)?);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(internal)?;
+            total += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        if total != upload.size || hasher.finalize().as_slice() != upload.sha256 {
+            self.store.delete(&path).await.map_err(internal)?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Checks a part URL's signature (in constant time) and expiry.
@@ -294,14 +390,30 @@ impl Media {
     /// Publishes an assembled upload as its file and records it (the uploader's reference);
     /// when the file was stored meanwhile by another upload, the staged copy is dropped.
     pub async fn publish(&self, store: &Store, upload: &UploadRow) -> Result<()> {
+        let staged = match self.s3 {
+            Some(_) => upload_object(&upload.id),
+            None => assembled_path(&upload.id),
+        };
         let _lifecycle = self.lifecycle.lock().await;
         if store.media_size(&upload.sha256).await?.is_some() {
-            self.store.delete(&assembled_path(&upload.id)).await.map_err(internal)?;
+            self.store.delete(&staged).await.map_err(internal)?;
         } else {
-            self.store.rename(&assembled_path(&upload.id), &object_path(&upload.sha256)).await.map_err(internal)?;
+            self.store.rename(&staged, &object_path(&upload.sha256)).await.map_err(internal)?;
         }
         store.finish_upload(upload, self.config.retention_ms).await?;
         Ok(())
+    }
+
+    /// Aborts the S3 multipart upload behind an upload, if any (its parts go with it).
+    pub async fn abort(&self, upload_id: &str, multipart: Option<&str>) {
+        if let (Some(s3), Some(multipart)) = (&self.s3, multipart) {
+            let multipart = multipart.to_owned();
+            if let Err(error) =
+                object_store::multipart::MultipartStore::abort_multipart(s3.as_ref(), &upload_object(upload_id), &multipart).await
+            {
+                tracing::warn!(%error, upload_id, "aborting an S3 multipart upload failed");
+            }
+        }
     }
 
     /// Deletes what is stored of upload `upload_id` (parts, staged copy).
@@ -415,7 +527,8 @@ impl Media {
     /// Drops expired uploads with their parts, expired references, and the files no one has
     /// referenced for `grace_ms`; then parts left behind by uploads that are gone.
     pub async fn sweep(&self, store: &Store) -> std::result::Result<(), Error> {
-        for upload_id in store.expired_uploads().await? {
+        for (upload_id, multipart) in store.expired_uploads().await? {
+            self.abort(&upload_id, multipart.as_deref()).await;
             self.discard(&upload_id).await;
             store.drop_upload(&upload_id).await?;
         }
@@ -428,6 +541,15 @@ impl Media {
         }
         drop(lifecycle);
         let listed = self.store.list_with_delimiter(Some(&Path::from("uploads"))).await.map_err(internal)?;
+        for object in listed.objects {
+            // An S3 upload completed but never published (the server stopped in between).
+            let Some(upload_id) = object.location.filename().and_then(|name| name.strip_suffix(".upload")) else { continue };
+            if store.upload(upload_id).await?.is_none() {
+                if let Err(error) = self.store.delete(&object.location).await {
+                    tracing::warn!(%error, upload_id, "deleting a left-over upload failed");
+                }
+            }
+        }
         for dir in listed.common_prefixes {
             // An upload whose row is gone (completed, or dropped while a part was still being
             // written) left these behind.
@@ -504,6 +626,7 @@ mod tests {
             part_bytes: 10,
             expires_ts: 0,
             received: Vec::new(),
+            store_upload_id: None,
         };
         assert_eq!(part_count(25, 10), 3);
         assert_eq!(part_range(&upload(25), 1), Some(0..10));

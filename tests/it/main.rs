@@ -18,6 +18,7 @@ mod hostile_clients;
 mod keypackages;
 mod keys;
 mod media;
+mod media_s3;
 mod ops;
 mod overload;
 mod presence;

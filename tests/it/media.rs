@@ -7,35 +7,35 @@ use crate::support::T;
 use anyhow::{ensure, Context as _};
 use parley_crypto::media::MediaRef;
 use parley_tests::proxy::{CuttingProxy, Fault};
+use parley_tests::s3::files_under;
 use parley_tests::TestServer;
 use serde_json::{json, Value};
-use std::path::Path;
 use std::time::Duration;
 
 /// Parts of 64 KiB (the smallest the server allows), so a few hundred KiB make several parts.
-const SMALL_PARTS: &str = "[media]\npart_bytes = 65536\nmax_file_bytes = 100000000\n";
+pub(crate) const SMALL_PARTS: &str = "[media]\npart_bytes = 65536\nmax_file_bytes = 100000000\n";
 
 /// A file of `len` bytes, recognisable in raw storage by a repeated marker.
-fn plaintext(len: usize) -> Vec<u8> {
+pub(crate) fn plaintext(len: usize) -> Vec<u8> {
     b"PLAINTEXT-MARKER-".iter().copied().cycle().take(len).collect()
 }
 
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn sha256_of(media: &MediaRef) -> [u8; 32] {
+pub(crate) fn sha256_of(media: &MediaRef) -> [u8; 32] {
     media.sha256.0.as_slice().try_into().expect("32 bytes")
 }
 
 /// `POST /v1/media/uploads`.
-async fn create(base: &str, token: &str, size: usize, sha256: &[u8]) -> anyhow::Result<(u16, Value)> {
+pub(crate) async fn create(base: &str, token: &str, size: usize, sha256: &[u8]) -> anyhow::Result<(u16, Value)> {
     raw::post(base, "/v1/media/uploads", Some(token), &json!({ "size": size, "sha256": b64(sha256) })).await
 }
 
 /// `PUT`s `bytes` to a part URL (relative to `base`) with a fresh client; the status.
-async fn put(base: &str, url: &str, bytes: Vec<u8>) -> anyhow::Result<u16> {
+pub(crate) async fn put(base: &str, url: &str, bytes: Vec<u8>) -> anyhow::Result<u16> {
     let response = reqwest::Client::new()
         .put(format!("{base}{url}"))
         .header("content-type", "application/octet-stream")
@@ -61,7 +61,7 @@ async fn put_parts(base: &str, state: &Value, ciphertext: &[u8]) -> anyhow::Resu
     Ok(parts.len())
 }
 
-async fn complete(base: &str, token: &str, upload_id: &str) -> anyhow::Result<(u16, Value)> {
+pub(crate) async fn complete(base: &str, token: &str, upload_id: &str) -> anyhow::Result<(u16, Value)> {
     raw::post(base, &format!("/v1/media/uploads/{upload_id}/complete"), Some(token), &json!({})).await
 }
 
@@ -76,7 +76,7 @@ async fn upload(base: &str, token: &str, ciphertext: &[u8], sha256: &[u8; 32]) -
 }
 
 /// `GET /v1/media/{server}/{id}` with an optional `Range`: status, headers, body.
-async fn download(
+pub(crate) async fn download(
     base: &str,
     token: &str,
     media_id: &str,
@@ -91,23 +91,8 @@ async fn download(
     Ok((status, headers, response.bytes().await?.to_vec()))
 }
 
-/// Every regular file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return found };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(files_under(&path));
-        } else {
-            found.push(path);
-        }
-    }
-    found
-}
-
 /// Polls `check` every 50 ms until it holds, for at most `T`.
-async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+pub(crate) async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<bool>>,

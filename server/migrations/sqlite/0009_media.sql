@@ -30,7 +30,8 @@ CREATE TABLE media_uploads (
     size       INTEGER NOT NULL,
     part_bytes INTEGER NOT NULL,
     created_ts INTEGER NOT NULL,
-    expires_ts INTEGER NOT NULL
+    expires_ts INTEGER NOT NULL,
+    store_upload_id TEXT                        -- the S3 multipart upload's id (S3 store only)
 );
 
 CREATE INDEX media_uploads_by_user ON media_uploads (user_id, sha256);

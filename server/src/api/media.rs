@@ -11,7 +11,9 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use parley_spec::v1::media::{media_id, parse_media_id, CreateUploadRequest, MediaConfig, MediaInfo, PartUrlQuery, UploadState};
+use parley_spec::v1::media::{
+    media_id, parse_media_id, CompleteUploadRequest, CreateUploadRequest, MediaConfig, MediaInfo, PartUrlQuery, UploadState,
+};
 use parley_spec::{ErrorCode, ServerName, Timestamp};
 
 fn not_found() -> Error {
@@ -29,9 +31,10 @@ async fn own_upload(state: &AppState, auth: &AuthDevice, id: &str) -> Result<Upl
     }
 }
 
-fn pending(state: &AppState, upload: &UploadRow) -> UploadState {
+async fn pending(state: &AppState, upload: &UploadRow) -> Result<UploadState> {
     let expires = Timestamp::from_millis(u64::try_from(upload.expires_ts).unwrap_or(0));
-    UploadState::pending(upload.id.clone(), upload.part_bytes, upload.received.clone(), state.media.targets(upload), expires)
+    let targets = state.media.targets(upload).await?;
+    Ok(UploadState::pending(upload.id.clone(), upload.part_bytes, upload.received.clone(), targets, expires))
 }
 
 fn info(state: &AppState, sha256: &[u8; 32], size: u64) -> MediaInfo {
@@ -70,7 +73,16 @@ pub async fn create_upload(
     let new_id = crate::media::new_upload_id();
     match state.store.admit_upload(auth.user_pk, &sha256, request.size, &new_id, limits).await {
         Ok(Admitted::Stored(size)) => Ok((StatusCode::OK, axum::Json(UploadState::complete(info(&state, &sha256, size))))),
-        Ok(Admitted::Upload(upload)) => Ok((StatusCode::CREATED, axum::Json(pending(&state, &upload)))),
+        Ok(Admitted::Upload(upload)) => {
+            let upload = match state.media.prepare(&state.store, upload.clone()).await {
+                Ok(upload) => upload,
+                Err(error) => {
+                    state.store.drop_upload(&upload.id).await?;
+                    return Err(error);
+                }
+            };
+            Ok((StatusCode::CREATED, axum::Json(pending(&state, &upload).await?)))
+        }
         Err(AdmitError::Quota(used, quota)) => Err(Error::new(
             ErrorCode::QuotaExceeded,
             format!("{used} of {quota} bytes used; this file needs {} more", request.size),
@@ -90,7 +102,7 @@ pub async fn get_upload(
     Path(id): Path<String>,
 ) -> Result<axum::Json<UploadState>> {
     let upload = own_upload(&state, &auth, &id).await?;
-    Ok(axum::Json(pending(&state, &upload)))
+    Ok(axum::Json(pending(&state, &upload).await?))
 }
 
 /// PUT /v1/media/uploads/{upload_id}/parts/{part}: the URL authorizes the request.
@@ -121,16 +133,34 @@ pub async fn complete_upload(
     State(state): State<AppState>,
     auth: AuthDevice,
     Path(id): Path<String>,
+    Json(request): Json<CompleteUploadRequest>,
 ) -> Result<axum::Json<MediaInfo>> {
     let upload = own_upload(&state, &auth, &id).await?;
     let parts = crate::media::part_count(upload.size, upload.part_bytes);
-    if upload.received.len() != parts as usize {
-        return Err(Error::new(
-            ErrorCode::UploadIncomplete,
-            format!("{} of {parts} parts received; ask for the upload's state to see which are missing", upload.received.len()),
-        ));
-    }
-    if !state.media.assemble(&upload).await? {
+    let whole = if state.media.is_s3() {
+        let mut listed = request.parts;
+        listed.sort_by_key(|p| p.part);
+        let numbers: Vec<u32> = listed.iter().map(|p| p.part).collect();
+        if numbers != (1..=parts).collect::<Vec<_>>() {
+            return Err(Error::new(
+                ErrorCode::UploadIncomplete,
+                format!("list each of the {parts} parts once, with the ETag the store answered"),
+            ));
+        }
+        state.media.complete_s3(&upload, listed.into_iter().map(|p| p.etag).collect()).await?
+    } else {
+        if upload.received.len() != parts as usize {
+            return Err(Error::new(
+                ErrorCode::UploadIncomplete,
+                format!(
+                    "{} of {parts} parts received; ask for the upload's state to see which are missing",
+                    upload.received.len()
+                ),
+            ));
+        }
+        state.media.assemble(&upload).await?
+    };
+    if !whole {
         state.media.discard(&id).await;
         state.store.drop_upload(&id).await?;
         return Err(Error::new(

@@ -185,6 +185,42 @@ impl UploadState {
     }
 }
 
+/// A part uploaded straight to an S3 store, as the store acknowledged it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct UploadedPart {
+    /// Part number, from 1.
+    pub part: u32,
+    /// The `ETag` header of the store's answer to the part's `PUT`.
+    pub etag: String,
+}
+
+impl UploadedPart {
+    /// Builds the description.
+    pub fn new(part: u32, etag: String) -> Self {
+        Self { part, etag }
+    }
+}
+
+/// Body of `POST /v1/media/uploads/{upload_id}/complete`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CompleteUploadRequest {
+    /// With an S3 store (part URLs that are not this server's): every part with its `ETag`.
+    /// Empty with the server's own part URLs (it knows what it received).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<UploadedPart>,
+}
+
+impl CompleteUploadRequest {
+    /// Builds the request.
+    pub fn new(parts: Vec<UploadedPart>) -> Self {
+        Self { parts }
+    }
+}
+
 /// Query of a signed part URL (`PUT /v1/media/uploads/{upload_id}/parts/{part}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -214,7 +250,7 @@ crate::endpoint::endpoint! {
 }
 crate::endpoint::endpoint! {
     /// `POST /v1/media/uploads/{upload_id}/complete`: checks size and hash, stores the file.
-    CompleteUpload: Post "/v1/media/uploads/{upload_id}/complete", AccessToken, () => MediaInfo
+    CompleteUpload: Post "/v1/media/uploads/{upload_id}/complete", AccessToken, CompleteUploadRequest => MediaInfo
 }
 crate::endpoint::endpoint! {
     /// `GET /v1/media/{server}/{media_id}`: the ciphertext, streamed; `Range` supported.
@@ -258,9 +294,10 @@ pub fn put_upload_part() {}
 /// POST /v1/media/uploads/{upload_id}/complete
 #[utoipa::path(post, path = "/v1/media/uploads/{upload_id}/complete", tag = "media", security(("bearer" = [])),
     params(("upload_id" = String, Path, description = "The upload")),
+    request_body = CompleteUploadRequest,
     responses(
         (status = 200, body = MediaInfo),
-        (status = 409, description = "`upload_incomplete`: parts are missing", body = ErrorBody),
+        (status = 409, description = "`upload_incomplete`: parts are missing (or, with an S3 store, a part or ETag is not the store's)", body = ErrorBody),
         (status = 400, description = "`media_hash_mismatch`: the parts do not hash to the declared SHA-256 (the upload is dropped)", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody)))]
 pub fn complete_upload() {}

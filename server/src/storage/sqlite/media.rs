@@ -22,8 +22,10 @@ pub struct UploadRow {
     pub part_bytes: u64,
     /// When it is dropped if not completed (ms).
     pub expires_ts: i64,
-    /// Part numbers received, ascending.
+    /// Part numbers received, ascending (filesystem store; an S3 store receives parts itself).
     pub received: Vec<u32>,
+    /// The S3 multipart upload behind it (S3 store).
+    pub store_upload_id: Option<String>,
 }
 
 /// What asking to upload a file led to.
@@ -114,7 +116,7 @@ async fn received_parts(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<V
 
 async fn upload_row(conn: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Result<Option<UploadRow>, StoreError> {
     let Some(row) =
-        sqlx::query("SELECT user_id, sha256, size, part_bytes, expires_ts FROM media_uploads WHERE id = ? AND expires_ts > ?")
+        sqlx::query("SELECT user_id, sha256, size, part_bytes, expires_ts, store_upload_id FROM media_uploads WHERE id = ? AND expires_ts > ?")
             .bind(id)
             .bind(now)
             .fetch_optional(&mut *conn)
@@ -129,6 +131,7 @@ async fn upload_row(conn: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Re
         size: to_u64(row.try_get(2)?)?,
         part_bytes: to_u64(row.try_get(3)?)?,
         expires_ts: row.try_get(4)?,
+        store_upload_id: row.try_get(5)?,
         received: received_parts(conn, id).await?,
     }))
 }
@@ -234,6 +237,7 @@ impl Store {
             part_bytes: limits.part_bytes,
             expires_ts,
             received: Vec::new(),
+            store_upload_id: None,
         }))
     }
 
@@ -301,10 +305,20 @@ impl Store {
         Ok(())
     }
 
-    /// Ids of uploads that expired (their rows stay until [`Store::drop_upload`], after the
-    /// caller removed their parts from the object store).
-    pub async fn expired_uploads(&self) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT id FROM media_uploads WHERE expires_ts <= ?")
+    /// Records the S3 multipart upload behind upload `id`.
+    pub async fn set_store_upload_id(&self, id: &str, store_upload_id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE media_uploads SET store_upload_id = ? WHERE id = ?")
+            .bind(store_upload_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Uploads that expired, with their S3 multipart ids (their rows stay until
+    /// [`Store::drop_upload`], after the caller removed their parts from the object store).
+    pub async fn expired_uploads(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
+        Ok(sqlx::query_as("SELECT id, store_upload_id FROM media_uploads WHERE expires_ts <= ?")
             .bind(stored_now()?)
             .fetch_all(&self.pool)
             .await?)

@@ -1,0 +1,174 @@
+//! Media on an S3-compatible store (s3s-fs, which checks SigV4 signatures of presigned URLs):
+//! clients upload parts straight to the store through presigned URLs, the server completes
+//! the multipart upload, checks the hash and serves downloads from the store.
+
+use crate::media::{complete, create, download, plaintext, sha256_of};
+use crate::raw;
+use anyhow::{ensure, Context as _};
+use parley_crypto::media::MediaRef;
+use parley_tests::proxy::{CuttingProxy, Fault};
+use parley_tests::s3::{files_under, S3Server};
+use parley_tests::TestServer;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// S3 takes parts of at least 5 MiB (but the last).
+const PART: usize = 5 * 1024 * 1024;
+const S3_PARTS: &str = "[media]\npart_bytes = 5242880\nmax_file_bytes = 100000000\n";
+
+/// `PUT`s `bytes` to a presigned URL, optionally through `via` (a proxy's port) with the
+/// URL's own `Host` (which the signature covers); the status and the `ETag` answered.
+async fn put_presigned(url: &str, bytes: Vec<u8>, via: Option<u16>) -> anyhow::Result<(u16, Option<String>)> {
+    let parsed = reqwest::Url::parse(url)?;
+    let host = format!("{}:{}", parsed.host_str().context("host")?, parsed.port().context("port")?);
+    let mut target = parsed.clone();
+    if let Some(port) = via {
+        target.set_port(Some(port)).map_err(|()| anyhow::anyhow!("port"))?;
+    }
+    let response = reqwest::Client::new().put(target).header("host", host).body(bytes).send().await?;
+    let etag = response.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    Ok((response.status().as_u16(), etag))
+}
+
+/// Uploads the parts `state` lists (in parallel) straight to the store; (part, ETag) pairs.
+async fn put_all(state: &Value, ciphertext: &[u8], skip: &[u64]) -> anyhow::Result<Vec<(u64, String)>> {
+    let parts = state["parts"].as_array().context("parts")?;
+    let puts = parts.iter().filter(|p| !skip.contains(&p["part"].as_u64().unwrap_or(0))).map(|part| {
+        let number = part["part"].as_u64().unwrap_or(0);
+        let offset = part["offset"].as_u64().unwrap_or(0) as usize;
+        let size = part["size"].as_u64().unwrap_or(0) as usize;
+        let url = part["url"].as_str().unwrap_or_default().to_owned();
+        let bytes = ciphertext[offset..offset + size].to_vec();
+        async move {
+            let (status, etag) = put_presigned(&url, bytes, None).await?;
+            ensure!(status == 200, "part {number}: {status}");
+            anyhow::Ok((number, etag.context("ETag")?))
+        }
+    });
+    futures_util::future::join_all(puts).await.into_iter().collect()
+}
+
+async fn complete_with(base: &str, token: &str, upload_id: &str, parts: &[(u64, String)]) -> anyhow::Result<(u16, Value)> {
+    let parts: Vec<Value> = parts.iter().map(|(part, etag)| json!({ "part": part, "etag": etag })).collect();
+    raw::post(base, &format!("/v1/media/uploads/{upload_id}/complete"), Some(token), &json!({ "parts": parts })).await
+}
+
+#[tokio::test]
+async fn parts_go_straight_to_s3_through_presigned_urls_and_the_server_checks_the_file() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let server = TestServer::start_with(&format!("{S3_PARTS}{}", s3.config())).await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    let bob = raw::register(base, "bob").await?;
+    let file = plaintext(3 * PART + 1000);
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &file, "image/png");
+    let sha256 = sha256_of(&media);
+
+    let (status, state) = create(base, &alice.token, ciphertext.len(), &sha256).await?;
+    assert_eq!(status, 201, "{state}");
+    let upload_id = state["upload_id"].as_str().context("upload_id")?.to_owned();
+    let first = state["parts"][0]["url"].as_str().context("url")?.to_owned();
+    assert!(first.starts_with(&s3.endpoint), "a presigned URL of the store: {first}");
+
+    // The store checks the signature: a changed one is refused and stores nothing.
+    let tampered = match first.find("X-Amz-Signature=") {
+        Some(at) => {
+            let (head, sig) = first.split_at(at + "X-Amz-Signature=".len());
+            let flipped = if sig.starts_with('0') { "1" } else { "0" };
+            format!("{head}{flipped}{}", &sig[1..])
+        }
+        None => anyhow::bail!("no signature in {first}"),
+    };
+    // (Refusals are checked with small bodies: the store answers before reading a large one
+    // and closes the connection, which a client sees as a failed send.)
+    let (status, _) = put_presigned(&tampered, ciphertext[..1000].to_vec(), None).await?;
+    assert!((400..500).contains(&status), "a tampered presigned URL is refused: {status}");
+
+    let parts = put_all(&state, &ciphertext, &[]).await?;
+    assert_eq!(parts.len(), 4, "three full parts and the rest");
+    let (status, body) = complete_with(base, &alice.token, &upload_id, &parts[1..]).await?;
+    assert_eq!((status, body["code"].as_str()), (409, Some("upload_incomplete")), "{body}");
+    let (status, info) = complete_with(base, &alice.token, &upload_id, &parts).await?;
+    assert_eq!(status, 200, "{info}");
+    let media_id = info["media_id"].as_str().context("media_id")?.to_owned();
+
+    // The upload is over: its presigned URLs are refused now.
+    let (status, _) = put_presigned(&first, ciphertext[..1000].to_vec(), None).await?;
+    assert!((400..500).contains(&status), "a used presigned URL is refused after completion: {status}");
+
+    let (status, _, body) = download(base, &bob.token, &media_id, None).await?;
+    assert_eq!(status, 200);
+    assert_eq!(media.decrypt(&body)?, file);
+    let (status, _, body) = download(base, &bob.token, &media_id, Some("bytes=5242870-5242889")).await?;
+    assert_eq!((status, body.as_slice()), (206, &ciphertext[PART - 10..PART + 10]));
+
+    // Bob forwards it: stored once.
+    let (status, state) = create(base, &bob.token, ciphertext.len(), &sha256).await?;
+    assert_eq!((status, state["status"].as_str()), (200, Some("complete")));
+    let stored = files_under(&s3.bucket_dir());
+    let objects: Vec<_> = stored.iter().filter(|p| p.to_string_lossy().contains("/objects/")).collect();
+    assert_eq!(objects.len(), 1, "one object for two holders: {stored:?}");
+    for path in &stored {
+        let bytes = std::fs::read(path)?;
+        assert!(!bytes.windows(17).any(|w| w == b"PLAINTEXT-MARKER-"), "{} holds plaintext", path.display());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cut_part_is_sent_again_with_a_fresh_url_once_the_old_one_expired() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let server = TestServer::start_with(&format!("{S3_PARTS}url_ttl_ms = 2000\n{}", s3.config())).await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(2 * PART + 1000), "image/png");
+    let (_, state) = create(base, &alice.token, ciphertext.len(), &sha256_of(&media)).await?;
+    let upload_id = state["upload_id"].as_str().context("upload_id")?.to_owned();
+    let first = state["parts"][0]["url"].as_str().context("url")?.to_owned();
+
+    // Part 1 is cut mid-body by a proxy in front of the store; parts 2 and 3 arrive.
+    let proxy = CuttingProxy::start(([127, 0, 0, 1], s3.port).into(), |_| Fault::CutRequest).await?;
+    let cut = put_presigned(&first, ciphertext[..PART].to_vec(), Some(proxy.port)).await;
+    assert!(cut.as_ref().map_or(true, |(status, _)| *status != 200), "the cut part is not stored: {cut:?}");
+    let mut parts = put_all(&state, &ciphertext, &[1]).await?;
+    let (status, body) = complete_with(base, &alice.token, &upload_id, &parts).await?;
+    assert_eq!((status, body["code"].as_str()), (409, Some("upload_incomplete")));
+
+    // The old URL expires; the upload's state hands out fresh ones, and only part 1 goes again.
+    let expires: u64 =
+        reqwest::Url::parse(&first)?.query_pairs().find(|(k, _)| k == "X-Amz-Expires").context("X-Amz-Expires")?.1.parse()?;
+    tokio::time::sleep(Duration::from_secs(expires) + Duration::from_millis(1100)).await;
+    let (status, _) = put_presigned(&first, ciphertext[..1000].to_vec(), None).await?;
+    assert!((400..500).contains(&status), "an expired presigned URL is refused: {status}");
+    let (status, fresh) = raw::get(base, &format!("/v1/media/uploads/{upload_id}"), Some(&alice.token)).await?;
+    assert_eq!(status, 200);
+    let url = fresh["parts"][0]["url"].as_str().context("url")?;
+    let (status, etag) = put_presigned(url, ciphertext[..PART].to_vec(), None).await?;
+    assert_eq!(status, 200);
+    parts.push((1, etag.context("ETag")?));
+    let (status, info) = complete_with(base, &alice.token, &upload_id, &parts).await?;
+    assert_eq!(status, 200, "{info}");
+    let (_, _, body) = download(base, &alice.token, info["media_id"].as_str().context("media_id")?, None).await?;
+    assert!(body == ciphertext);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bytes_that_do_not_hash_to_the_declared_sha256_are_deleted_from_the_store() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let server = TestServer::start_with(&format!("{S3_PARTS}{}", s3.config())).await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    let (ciphertext, _) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(PART + 1000), "image/png");
+    let (_, other) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(PART + 1000), "image/png");
+    let (_, state) = create(base, &alice.token, ciphertext.len(), &sha256_of(&other)).await?;
+    let parts = put_all(&state, &ciphertext, &[]).await?;
+    let upload_id = state["upload_id"].as_str().context("upload_id")?;
+    let (status, body) = complete_with(base, &alice.token, upload_id, &parts).await?;
+    assert_eq!((status, body["code"].as_str()), (400, Some("media_hash_mismatch")));
+    let left: Vec<_> = files_under(&s3.bucket_dir()).into_iter().filter(|p| !p.to_string_lossy().contains(".s3s")).collect();
+    assert!(left.is_empty(), "nothing of it is kept: {left:?}");
+    let (status, _) = complete(base, &alice.token, upload_id).await?;
+    assert_eq!(status, 404);
+    Ok(())
+}
