@@ -144,7 +144,7 @@ pub async fn complete_upload(
         if numbers != (1..=parts).collect::<Vec<_>>() {
             return Err(Error::new(
                 ErrorCode::UploadIncomplete,
-                format!("list each of the {parts} parts once, with the ETag the store answered"),
+                format!("list each of the {parts} parts once, with the ETag the store answered (got parts {numbers:?})"),
             ));
         }
         state.media.complete_s3(&upload, listed.into_iter().map(|p| p.etag).collect()).await?

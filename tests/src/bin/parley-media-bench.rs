@@ -24,6 +24,10 @@ struct Args {
     /// Rounds (a fresh file each; the table has one row per round).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Store media in an S3-compatible store (s3s-fs on loopback): parts go straight to it
+    /// through presigned URLs, downloads stream from it through the server.
+    #[arg(long)]
+    s3: bool,
 }
 
 const CONFIG: &str = "[log]\nfilter = \"warn\"\n[media]\nmax_file_bytes = 8589934592\nquota_bytes = 1099511627776\n";
@@ -51,7 +55,12 @@ async fn json_call(request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let server = TestServer::process_with(CONFIG).await?;
+    let s3 = match args.s3 {
+        true => Some(parley_tests::s3::S3Server::start().await?),
+        false => None,
+    };
+    let config = format!("{CONFIG}{}", s3.as_ref().map(|s3| s3.config()).unwrap_or_default());
+    let server = TestServer::process_with(&config).await?;
     let base = server.base_url.clone();
     let pid = server.pid().context("pid")?;
     let http = reqwest::Client::new();
@@ -59,7 +68,13 @@ async fn main() -> anyhow::Result<()> {
         json_call(http.post(format!("{base}/v1/register")).json(&json!({"username": "bench", "password": "correct horse"})))
             .await?;
     let token = session["access_token"].as_str().context("access_token")?.to_owned();
-    println!("parley-media-bench: {} MiB files, {} parts at once, {} rounds", args.mib, args.parallel, args.rounds);
+    println!(
+        "parley-media-bench: {} MiB files, {} parts at once, {} rounds, {} store",
+        args.mib,
+        args.parallel,
+        args.rounds,
+        if args.s3 { "S3 (s3s-fs, presigned part URLs)" } else { "filesystem" }
+    );
     println!();
     println!("| round | upload MB/s (parts) | complete s | upload MB/s (whole) | download MB/s | server RSS before | peak RSS growth |");
     println!("|---|---|---|---|---|---|---|");
@@ -86,23 +101,31 @@ async fn main() -> anyhow::Result<()> {
             async move {
                 let offset = part["offset"].as_u64().context("offset")? as usize;
                 let len = part["size"].as_u64().context("size")? as usize;
+                let number = part["part"].as_u64().context("part")?;
                 let url = part["url"].as_str().context("url")?;
-                let response = http.put(format!("{base}{url}")).body(ciphertext.slice(offset..offset + len)).send().await?;
-                ensure!(response.status().as_u16() == 204, "part: {}", response.status());
-                anyhow::Ok(())
+                // The server's own URLs are relative; presigned S3 URLs absolute.
+                let url = if url.starts_with('/') { format!("{base}{url}") } else { url.to_owned() };
+                let response = http.put(url).body(ciphertext.slice(offset..offset + len)).send().await?;
+                ensure!(response.status().is_success(), "part: {}", response.status());
+                let etag = response.headers().get("etag").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                anyhow::Ok(json!({"part": number, "etag": etag}))
             }
         }))
         .buffer_unordered(args.parallel)
         .collect::<Vec<_>>()
         .await;
-        for put in puts {
-            put?;
-        }
+        let mut uploaded_parts = puts.into_iter().collect::<anyhow::Result<Vec<Value>>>()?;
+        uploaded_parts.sort_by_key(|p| p["part"].as_u64());
+        let complete_body = match args.s3 {
+            true => json!({"parts": uploaded_parts}),
+            false => json!({}),
+        };
         let parts_done = start.elapsed();
         let upload_id = state["upload_id"].as_str().context("upload_id")?;
-        let info =
-            json_call(http.post(format!("{base}/v1/media/uploads/{upload_id}/complete")).bearer_auth(&token).json(&json!({})))
-                .await?;
+        let info = json_call(
+            http.post(format!("{base}/v1/media/uploads/{upload_id}/complete")).bearer_auth(&token).json(&complete_body),
+        )
+        .await?;
         let uploaded = start.elapsed();
         let media_id = info["media_id"].as_str().context("media_id")?;
 
