@@ -18,6 +18,7 @@ pub mod keys;
 pub mod media;
 pub mod mls;
 pub mod prekeys;
+pub mod push;
 pub mod ratchet;
 pub mod safety;
 pub mod signing;

@@ -52,6 +52,8 @@ pub(crate) struct AppState {
     pub groups: Arc<crate::groups::Groups>,
     /// The media store.
     pub media: Arc<crate::media::Media>,
+    /// Push wake-ups.
+    pub push: Arc<crate::push::Push>,
 }
 
 /// Why the server could not start.
@@ -75,6 +77,9 @@ pub enum OpenError {
     /// The media store cannot be opened.
     #[error("{0}")]
     Media(String),
+    /// The push client cannot be set up (its extra CA file, say).
+    #[error("push: {0}")]
+    Push(String),
 }
 
 /// A running server's handles that [`Server::run`] needs to shut down cleanly.
@@ -107,6 +112,10 @@ impl Server {
         let (store, writer) = Store::open(&config, metrics.clone(), subscribers).await?;
         let store = Arc::new(store);
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let push = crate::push::start(store.clone(), config.push.clone(), metrics.clone(), shutdown.clone())
+            .await
+            .map_err(OpenError::Push)?;
+        hub.set_push(push.clone());
         let (federation, tls) = if config.federation.enabled {
             let fed = &config.federation;
             let (Some(cert), Some(key)) = (&fed.tls_cert, &fed.tls_key) else {
@@ -153,6 +162,7 @@ impl Server {
         let state = AppState {
             groups: Arc::new(groups),
             media,
+            push,
             directory: Arc::new(Directory::new(store.clone(), server_name.clone())),
             limits: Arc::new(RateLimits::new(&config.rate_limits)),
             outgoing: Arc::new(crate::outgoing::OutgoingBudget::new(config.limits.ws_unsent_bytes_total)),
@@ -284,6 +294,7 @@ pub(crate) fn app(state: AppState) -> Router {
     use parley_spec::v1::media::{CompleteUpload, CreateUpload, DownloadMedia, GetMediaConfig, GetUpload, PutUploadPart};
     use parley_spec::v1::messages::{MarkRead, SendMessage};
     use parley_spec::v1::presence::{GetPresence, ListSubscriptions, SetPrivacy, SubscribePresence};
+    use parley_spec::v1::push::{DeletePusher, GetPusher, SetPusher};
     use parley_spec::v1::sync::SyncEvents;
     use parley_spec::v1::ws::WebSocket;
     let send_limit = state.config.limits.max_send_bytes();
@@ -322,6 +333,9 @@ pub(crate) fn app(state: AppState) -> Router {
         .route(PutUploadPart::PATH, on(PutUploadPart, api::media::put_part).layer(DefaultBodyLimit::disable()))
         .route(CompleteUpload::PATH, on(CompleteUpload, api::media::complete_upload))
         .route(DownloadMedia::PATH, on(DownloadMedia, api::media::download))
+        .route(SetPusher::PATH, on(SetPusher, api::push::set_pusher))
+        .route(GetPusher::PATH, on(GetPusher, api::push::get_pusher))
+        .route(DeletePusher::PATH, on(DeletePusher, api::push::delete_pusher))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_ip))
         .route(GetServerKeys::PATH, on(GetServerKeys, server_keys))

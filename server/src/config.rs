@@ -40,6 +40,8 @@ pub struct Config {
     pub federation: FederationConfig,
     /// Attachments: where they are stored, limits, lifetimes.
     pub media: MediaConfig,
+    /// Push wake-ups for devices without a live connection.
+    pub push: PushConfig,
 }
 
 /// Registration settings.
@@ -284,6 +286,48 @@ pub enum LogFormat {
     Json,
 }
 
+/// Push wake-ups (`spec/push.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// After the first message of a burst for an offline device, wait this long (ms) before
+    /// pushing: the rest of the burst joins the same push.
+    pub delay_ms: u64,
+    /// At most one push per device this often (ms).
+    pub min_interval_ms: u64,
+    /// First retry delay after a failed push (ms); doubles per failure.
+    pub retry_min_ms: u64,
+    /// Longest retry delay (ms).
+    pub retry_max_ms: u64,
+    /// Failed attempts after which a wake-up is given up.
+    pub max_attempts: u32,
+    /// `TTL` header: how long (s) the push service may hold a wake-up for an unreachable device.
+    pub ttl_secs: u64,
+    /// Timeout of one push request (ms).
+    pub request_timeout_ms: u64,
+    /// Allow endpoints on private, loopback and link-local addresses (and plain `http`): for
+    /// tests and push services inside the server's own network only.
+    pub allow_private_addresses: bool,
+    /// PEM file of extra CA certificates trusted for push endpoints (besides the webpki roots).
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            delay_ms: 250,
+            min_interval_ms: 2000,
+            retry_min_ms: 1000,
+            retry_max_ms: 600_000,
+            max_attempts: 20,
+            ttl_secs: 86_400,
+            request_timeout_ms: 10_000,
+            allow_private_addresses: false,
+            extra_ca_file: None,
+        }
+    }
+}
+
 /// Media (attachments; `spec/media.md`). The server stores ciphertext only.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -492,6 +536,7 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             federation: FederationConfig::default(),
             media: MediaConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -707,6 +752,14 @@ impl Config {
                 "media.max_file_bytes / media.part_bytes must be at most {} parts",
                 crate::media::MAX_PARTS
             )));
+        }
+        let push = &self.push;
+        if push.retry_min_ms == 0
+            || push.retry_max_ms < push.retry_min_ms
+            || push.max_attempts == 0
+            || push.request_timeout_ms == 0
+        {
+            return bad("push retry limits must be positive (retry_max_ms at least retry_min_ms)");
         }
         // A peer refuses a larger transaction whole: the queue would resend it forever.
         if fed.max_txn_items > MAX_TXN_ITEMS {

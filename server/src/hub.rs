@@ -136,6 +136,8 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Long-poll sync requests waiting for a device's next event.
     waiters: RwLock<HashMap<DevicePk, Arc<Notify>>>,
+    /// Wakes devices that have no connection when a message reaches them (set once at start).
+    push: std::sync::OnceLock<Arc<crate::push::Push>>,
 }
 
 /// A registered connection: the hub's entry, and the connection's handle on it.
@@ -154,6 +156,9 @@ impl Hub {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let registration = Registration { conn_id, mailbox: Arc::new(Mailbox::new(capacity, unsent)) };
         let old = self.conns.write().unwrap_or_else(|e| e.into_inner()).insert(device, registration.clone());
+        if let Some(push) = self.push.get() {
+            push.connected(device);
+        }
         if let Some(old) = old {
             old.mailbox.close(CloseReason::Replaced);
         }
@@ -189,11 +194,24 @@ impl Hub {
             }
         }
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
+        let push = self.push.get();
         for event in committed {
-            if let Some(entry) = conns.get(&event.device) {
-                entry.mailbox.push_event(event.row);
+            match conns.get(&event.device) {
+                Some(entry) => entry.mailbox.push_event(event.row),
+                // Messages wake an offline device; receipts and notices wait for it.
+                None if event.row.origin.is_some() => {
+                    if let Some(push) = push {
+                        push.wake(event.device);
+                    }
+                }
+                None => {}
             }
         }
+    }
+
+    /// Hands the hub the push service (once, at start).
+    pub fn set_push(&self, push: Arc<crate::push::Push>) {
+        let _ = self.push.set(push);
     }
 
     /// Sends an ephemeral frame to a device if it is connected (dropped when its buffer or

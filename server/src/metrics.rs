@@ -33,6 +33,12 @@ pub struct Metrics {
     pub federation_items_sent: Counter,
     /// Files fetched from other servers for local users (one fetch per file, however many ask).
     pub media_fetches: Counter,
+    /// Push wake-ups the push service accepted.
+    pub pushes_sent: Counter,
+    /// Push attempts that failed and will be retried.
+    pub push_failures: Counter,
+    /// Push registrations dropped because the service said the endpoint is gone.
+    pub push_endpoints_gone: Counter,
     /// Federation items received in new inbound transactions.
     pub federation_items_received: Counter,
     /// Outbound transactions that failed (and will be retried).
@@ -75,6 +81,12 @@ impl Metrics {
         let federation_txn_seconds = Histogram::new(latency_buckets);
         let federation_txns_sent = Counter::default();
         let media_fetches = Counter::default();
+        let pushes_sent = Counter::default();
+        let push_failures = Counter::default();
+        let push_endpoints_gone = Counter::default();
+        registry.register("pushes_sent", "Push wake-ups accepted by push services", pushes_sent.clone());
+        registry.register("push_failures", "Push attempts that failed (retried)", push_failures.clone());
+        registry.register("push_endpoints_gone", "Push registrations dropped on 404/410", push_endpoints_gone.clone());
         registry.register("media_fetches", "Files fetched from other servers for local users", media_fetches.clone());
         let federation_bytes_sent = Counter::default();
         registry.register("federation_txns_sent", "Outbound transactions accepted", federation_txns_sent.clone());
@@ -130,6 +142,9 @@ impl Metrics {
             federation_txns_sent,
             federation_bytes_sent,
             media_fetches,
+            pushes_sent,
+            push_failures,
+            push_endpoints_gone,
         }
     }
 

@@ -137,7 +137,7 @@ fn is_param(segment: &str) -> bool {
 
 /// Every endpoint of the client API.
 pub fn client_api() -> Vec<Metadata> {
-    use crate::v1::{account, devices, groups, keypackages, keys, media, messages, presence, sync, ws};
+    use crate::v1::{account, devices, groups, keypackages, keys, media, messages, presence, push, sync, ws};
     vec![
         Metadata::of::<account::Register>(),
         Metadata::of::<account::Login>(),
@@ -170,6 +170,9 @@ pub fn client_api() -> Vec<Metadata> {
         Metadata::of::<media::PutUploadPart>(),
         Metadata::of::<media::CompleteUpload>(),
         Metadata::of::<media::DownloadMedia>(),
+        Metadata::of::<push::SetPusher>(),
+        Metadata::of::<push::GetPusher>(),
+        Metadata::of::<push::DeletePusher>(),
     ]
 }
 

@@ -22,6 +22,7 @@ mod media_s3;
 mod ops;
 mod overload;
 mod presence;
+mod push;
 mod raw;
 mod receipts;
 mod support;

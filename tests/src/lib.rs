@@ -14,6 +14,7 @@
 pub mod dns;
 pub mod fednet;
 pub mod proxy;
+pub mod push;
 pub mod s3;
 
 use anyhow::{bail, Context as _};

@@ -8,6 +8,7 @@ pub mod keys;
 pub mod media;
 pub mod messages;
 pub mod presence;
+pub mod push;
 
 use crate::error::Error;
 use axum::extract::rejection::JsonRejection;

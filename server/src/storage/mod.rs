@@ -8,7 +8,7 @@
 mod sqlite;
 pub mod writer;
 
-pub use sqlite::{AdmitError, Admitted, UploadLimits, UploadRow};
+pub use sqlite::{AdmitError, Admitted, PushRow, UploadLimits, UploadRow};
 pub use sqlite::{GroupDeviceRow, GroupMessageRow, HubUpdate, KeyPackageUpload, KeyUpload, MessageRoutes, NewKeyPackage, Store};
 pub use writer::{Effects, InboundItem, LiveEvents, MessageOutcome, NewEvent, NewMessage, Outbound, RemoteMessage, Subscribers};
 

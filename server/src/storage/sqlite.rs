@@ -4,6 +4,7 @@
 mod groups;
 mod keypackages;
 mod media;
+mod push;
 
 use super::writer::{Bookkeeping, Subscribers, WriteOp, Writer};
 use super::*;
@@ -11,6 +12,7 @@ use crate::config::{Config, Synchronous};
 pub use groups::{GroupDeviceRow, GroupMessageRow, HubUpdate};
 pub use keypackages::{KeyPackageUpload, NewKeyPackage};
 pub use media::{AdmitError, Admitted, UploadLimits, UploadRow};
+pub use push::PushRow;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions as _, Row as _};
@@ -29,6 +31,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "groups", include_str!("../../migrations/sqlite/0007_groups.sql")),
     (8, "inbox_by_arrival", include_str!("../../migrations/sqlite/0008_inbox_by_arrival.sql")),
     (9, "media", include_str!("../../migrations/sqlite/0009_media.sql")),
+    (10, "push", include_str!("../../migrations/sqlite/0010_push.sql")),
 ];
 
 /// Rows deleted per statement when pruning remembered inbound message ids.

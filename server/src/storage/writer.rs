@@ -784,7 +784,16 @@ async fn delete_devices(
 ) -> Result<(), StoreError> {
     for device in deleted {
         next_seq.remove(device);
-        for table in ["inbox", "one_time_prekeys", "signed_prekeys", "last_resort_prekeys", "device_keys", "keypackages"] {
+        for table in [
+            "inbox",
+            "one_time_prekeys",
+            "signed_prekeys",
+            "last_resort_prekeys",
+            "device_keys",
+            "keypackages",
+            "push_registrations",
+            "push_pending",
+        ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE device = ?")).bind(device).execute(&mut *conn).await?;
         }
         sqlx::query("DELETE FROM devices WHERE id = ?").bind(device).execute(&mut *conn).await?;

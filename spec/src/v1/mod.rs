@@ -14,6 +14,7 @@ pub mod keys;
 pub mod media;
 pub mod messages;
 pub mod presence;
+pub mod push;
 pub mod sync;
 pub mod ws;
 
