@@ -25,6 +25,10 @@ use parley_spec::{
             ClaimKeys, ClaimRequest, ClaimResponse, GetDeviceList, PutDeviceList, SignedDeviceList, UploadKeys,
             UploadKeysRequest, UploadKeysResponse,
         },
+        media::{
+            CompleteUpload, CompleteUploadRequest, CreateUpload, CreateUploadRequest, DownloadMedia, GetMediaConfig, GetUpload,
+            MediaConfig, MediaInfo, UploadState,
+        },
         messages::{MarkRead, ReadRequest, SendMessage, SendRequest, SentResponse},
         presence::{
             GetPresence, ListSubscriptions, PresenceInfo, PrivacySettings, SetPrivacy, SubscribePresence, SubscribeRequest,
@@ -46,6 +50,8 @@ use url::Url;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout for a whole ordinary request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout for one upload part.
+const PART_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Authenticated HTTP access for one device.
 ///
@@ -207,6 +213,53 @@ impl Api {
     /// `GET /v1/groups`: the device's groups with its cursor and the latest position.
     pub async fn groups(&self) -> Result<GroupListResponse, Error> {
         decode(self.request::<ListGroups>(&[])?.send().await?).await
+    }
+
+    /// `GET /v1/media/config`: the server's media limits and this user's quota use.
+    pub async fn media_config(&self) -> Result<MediaConfig, Error> {
+        decode(self.request::<GetMediaConfig>(&[])?.send().await?).await
+    }
+
+    /// `POST /v1/media/uploads`: starts an upload (or finds the file stored already).
+    pub async fn create_upload(&self, req: &CreateUploadRequest) -> Result<UploadState, Error> {
+        decode(self.request::<CreateUpload>(&[])?.json(req).send().await?).await
+    }
+
+    /// `GET /v1/media/uploads/{upload_id}`: what the server holds, and fresh part URLs.
+    pub async fn upload_state(&self, upload_id: &str) -> Result<UploadState, Error> {
+        decode(self.request::<GetUpload>(&[upload_id])?.send().await?).await
+    }
+
+    /// `POST /v1/media/uploads/{upload_id}/complete`.
+    pub async fn complete_upload(&self, upload_id: &str, req: &CompleteUploadRequest) -> Result<MediaInfo, Error> {
+        decode(self.request::<CompleteUpload>(&[upload_id])?.json(req).send().await?).await
+    }
+
+    /// `PUT`s one part to its URL (the server's, relative to the base URL, or a presigned
+    /// store's); the `ETag` the store answered, if any. No access token goes with it: the URL
+    /// authorizes the request.
+    pub async fn put_part(&self, url: &str, bytes: Vec<u8>) -> Result<Option<String>, Error> {
+        let url = self.base.join(url).map_err(|e| Error::InvalidUrl(e.to_string()))?;
+        let resp = self
+            .http
+            .put(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(bytes)
+            .timeout(PART_TIMEOUT)
+            .send()
+            .await?;
+        let resp = check(resp).await?;
+        Ok(resp.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_owned))
+    }
+
+    /// `GET /v1/media/{server}/{media_id}` from byte `from` on: the response, to be read chunk
+    /// by chunk (206 when `from` > 0 and the server honoured it).
+    pub async fn download(&self, server: &str, media_id: &str, from: u64) -> Result<Response, Error> {
+        let mut request = self.request::<DownloadMedia>(&[server, media_id])?.timeout(Duration::from_secs(24 * 3600));
+        if from > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={from}-"));
+        }
+        check(request.send().await?).await
     }
 
     /// A request to endpoint `E` with its path parameters `params`, authenticated.

@@ -37,6 +37,7 @@ pub mod e2ee;
 mod error;
 pub mod groups;
 mod http;
+pub mod media;
 pub mod messenger;
 pub mod store;
 

@@ -330,6 +330,15 @@ impl MediaRef {
         (ciphertext, reference)
     }
 
+    /// Checks a ciphertext's SHA-256 (computed piece by piece) against this reference, in
+    /// constant time.
+    pub fn check_digest(&self, digest: &[u8; 32]) -> Result<(), MediaError> {
+        match self.sha256.0.len() == 32 && bool::from(digest.as_slice().ct_eq(&self.sha256.0)) {
+            true => Ok(()),
+            false => Err(MediaError::HashMismatch),
+        }
+    }
+
     /// The key and nonce prefix.
     pub fn media_key(&self) -> Result<MediaKey, MediaError> {
         MediaKey::from_parts(&self.key.0, &self.nonce_prefix.0)
@@ -348,6 +357,32 @@ impl MediaRef {
         }
         Ok(plaintext)
     }
+}
+
+/// SHA-256 of a ciphertext computed piece by piece, for files too large to hold at once.
+#[derive(Debug, Clone, Default)]
+pub struct CiphertextHasher(Sha256);
+
+impl CiphertextHasher {
+    /// A hasher over nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the next piece.
+    pub fn update(&mut self, piece: &[u8]) {
+        self.0.update(piece);
+    }
+
+    /// The digest of everything added.
+    pub fn finish(self) -> [u8; 32] {
+        self.0.finalize().into()
+    }
+}
+
+/// SHA-256 of `bytes` (an identifier, such as the name of a local transfer's state file).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
 /// The server's key for the upload URLs it hands out: HMAC-SHA256 with a key derived by

@@ -416,3 +416,65 @@ async fn a_user_of_another_server_downloads_through_their_own_which_fetches_once
     assert_eq!((status, body["code"].as_str()), (502, Some("remote_unavailable")), "{body}");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_sdk_resumes_a_cancelled_upload_and_download_and_gets_back_the_same_file() -> anyhow::Result<()> {
+    use parley_sdk::media::{download_file, upload_file, MediaError};
+    use std::ops::ControlFlow;
+    let server = TestServer::start_with(SMALL_PARTS).await?;
+    let session = crate::support::register(&server.base_url, "alice").await?;
+    let api = parley_sdk::Api::new(&session)?;
+    let dir = tempfile::tempdir()?;
+    let source = dir.path().join("photo.jpg");
+    let mut content = plaintext(300 * 1024 + 5);
+    content.extend((0..1000u32).map(|i| (i * 7) as u8));
+    std::fs::write(&source, &content)?;
+    let work = dir.path().join("work");
+
+    // Cancelled once the first part is up: the state stays in the work directory.
+    let mut reports = 0;
+    let cancelled = upload_file(&api, &source, "image/jpeg", &work, 1, |_, _| {
+        reports += 1;
+        if reports > 1 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .await;
+    assert!(matches!(cancelled, Err(MediaError::Cancelled)), "{cancelled:?}");
+    assert_eq!(files_under(&work).len(), 2, "a journal and the ciphertext are kept");
+
+    // The next call sends only what is missing, then the work directory is empty.
+    let mut first = None;
+    let uploaded = upload_file(&api, &source, "image/jpeg", &work, 4, |done, total| {
+        first.get_or_insert((done, total));
+        ControlFlow::Continue(())
+    })
+    .await?;
+    let (already, total) = first.context("progress")?;
+    assert!(already >= 65536 && already < total, "resumed with {already} of {total} bytes up");
+    assert!(files_under(&work).is_empty());
+    assert_eq!(uploaded.server, "localhost");
+    assert_eq!(uploaded.media.size, content.len() as u64);
+
+    // The download, cancelled after its first chunk, resumes with a range and decrypts.
+    let dest = dir.path().join("received.jpg");
+    let cancelled =
+        download_file(&api, &uploaded.server, &uploaded.media_id, &uploaded.media, &dest, |_, _| ControlFlow::Break(())).await;
+    assert!(matches!(cancelled, Err(MediaError::Cancelled)), "{cancelled:?}");
+    assert!(!dest.exists());
+    download_file(&api, &uploaded.server, &uploaded.media_id, &uploaded.media, &dest, |_, _| ControlFlow::Continue(())).await?;
+    assert!(std::fs::read(&dest)? == content, "the same file");
+
+    // Bytes that are not the file are refused, and no destination appears.
+    let partial = dir.path().join("other.parley-download");
+    std::fs::write(&partial, vec![0u8; parley_crypto::media::ciphertext_len(content.len() as u64) as usize])?;
+    let other = dir.path().join("other.jpg");
+    let corrupt =
+        download_file(&api, &uploaded.server, &uploaded.media_id, &uploaded.media, &other, |_, _| ControlFlow::Continue(()))
+            .await;
+    assert!(matches!(corrupt, Err(MediaError::Corrupt(_))), "{corrupt:?}");
+    assert!(!other.exists() && !partial.exists());
+    Ok(())
+}
