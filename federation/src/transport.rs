@@ -211,12 +211,17 @@ impl FederationClient {
         sign: bool,
     ) -> Result<Vec<u8>, FederationError> {
         let response = self.send(destination, method, path_and_query, body, sign, None).await?;
+        Self::read_body(Self::successful(response).await?).await
+    }
+
+    /// The response when its status is a success; otherwise its status and error body.
+    async fn successful(response: reqwest::Response) -> Result<reqwest::Response, FederationError> {
         let status = response.status().as_u16();
-        let bytes = Self::read_body(response).await?;
-        if !(200..300).contains(&status) {
-            return Err(FederationError::Status { status, body: serde_json::from_slice(&bytes).ok() });
+        if (200..300).contains(&status) {
+            return Ok(response);
         }
-        Ok(bytes)
+        let bytes = Self::read_body(response).await?;
+        Err(FederationError::Status { status, body: serde_json::from_slice(&bytes).ok() })
     }
 
     /// A signed `GET` of endpoint `E` whose answer is streamed (media): the response once its
@@ -229,13 +234,7 @@ impl FederationClient {
         timeout: Duration,
     ) -> Result<reqwest::Response, FederationError> {
         let path = endpoint_path::<E>(params)?;
-        let response = self.send(destination, reqwest::Method::GET, &path, None, true, Some(timeout)).await?;
-        let status = response.status().as_u16();
-        if !(200..300).contains(&status) {
-            let bytes = Self::read_body(response).await?;
-            return Err(FederationError::Status { status, body: serde_json::from_slice(&bytes).ok() });
-        }
-        Ok(response)
+        Self::successful(self.send(destination, reqwest::Method::GET, &path, None, true, Some(timeout)).await?).await
     }
 }
 

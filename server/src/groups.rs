@@ -520,8 +520,9 @@ async fn deliver_local(state: &AppState, row: &GroupMessageRow) {
         return;
     }
     let frame = event(row, false).and_then(|event| serde_json::to_vec(&ServerFrame::GroupEvent(event)).ok()).map(Bytes::from);
-    let push = Arc::new(GroupPush { group_id: row.group_id.clone(), seq: row.seq, frame });
-    let joiner = Arc::new(GroupPush { group_id: row.group_id.clone(), seq: row.seq, frame: None });
+    let wakes = row.kind == GroupEventKind::Application;
+    let push = Arc::new(GroupPush { group_id: row.group_id.clone(), seq: row.seq, frame, wakes });
+    let joiner = Arc::new(GroupPush { group_id: row.group_id.clone(), seq: row.seq, frame: None, wakes: true });
     for recipient in recipients {
         let push = if recipient.welcome { joiner.clone() } else { push.clone() };
         state.hub.push_group(recipient.device, push);

@@ -51,6 +51,9 @@ pub struct GroupPush {
     pub seq: parley_spec::GroupSeq,
     /// The frame, if it is the same for every member.
     pub frame: Option<Bytes>,
+    /// Whether it wakes a member device that has no connection (an application message, a
+    /// Welcome); commits and proposals do not.
+    pub wakes: bool,
 }
 
 /// A connection's queue of pushes, filled by the hub (from any thread) and emptied by the
@@ -228,13 +231,18 @@ impl Hub {
     }
 
     /// Hands a group message to a device if it is connected; when its buffer is full it is
-    /// marked lagged and woken, and reads its group streams from the database.
+    /// marked lagged and woken, and reads its group streams from the database. A device with no
+    /// connection gets a push wake-up when the message [`wakes`](GroupPush::wakes).
     pub fn push_group(&self, device: DevicePk, push: Arc<GroupPush>) {
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = conns.get(&device) {
-            if !entry.mailbox.try_push(Push::Group(push)) {
-                entry.mailbox.mark_lagged();
+        let Some(entry) = conns.get(&device) else {
+            if let (true, Some(waker)) = (push.wakes, self.push.get()) {
+                waker.wake(device);
             }
+            return;
+        };
+        if !entry.mailbox.try_push(Push::Group(push)) {
+            entry.mailbox.mark_lagged();
         }
     }
 

@@ -525,7 +525,8 @@ impl Media {
     }
 
     /// Drops expired uploads with their parts, expired references, and the files no one has
-    /// referenced for `grace_ms`; then parts left behind by uploads that are gone.
+    /// referenced for `grace_ms`; then what unfinished fetches and uploads that are gone left
+    /// behind.
     pub async fn sweep(&self, store: &Store) -> std::result::Result<(), Error> {
         for (upload_id, multipart) in store.expired_uploads().await? {
             self.abort(&upload_id, multipart.as_deref()).await;
@@ -540,6 +541,24 @@ impl Media {
             }
         }
         drop(lifecycle);
+        // Copies of other servers' files left by a fetch that never finished (the server
+        // stopped during it): older than twice the longest fetch.
+        let stale_before =
+            i64::try_from(parley_spec::Timestamp::now().as_millis().saturating_sub(2 * self.config.fetch_timeout_ms))
+                .unwrap_or(i64::MAX);
+        let mut fetching = self.store.list(Some(&Path::from("fetching")));
+        while let Some(meta) = fetching.next().await {
+            match meta {
+                Ok(meta) if meta.last_modified.timestamp_millis() < stale_before => {
+                    if let Err(error) = self.store.delete(&meta.location).await {
+                        tracing::warn!(%error, "deleting an abandoned fetch failed");
+                    }
+                }
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(error) => return Err(internal(error)),
+            }
+        }
+        drop(fetching);
         let listed = self.store.list_with_delimiter(Some(&Path::from("uploads"))).await.map_err(internal)?;
         for object in listed.objects {
             // An S3 upload completed but never published (the server stopped in between).

@@ -345,7 +345,7 @@ async fn limits_quota_and_a_wrong_hash_are_typed_errors() -> anyhow::Result<()> 
 #[tokio::test]
 async fn expired_references_and_uploads_are_swept_with_their_bytes() -> anyhow::Result<()> {
     let server = TestServer::start_with(&format!(
-        "{SMALL_PARTS}retention_ms = 2000\ngrace_ms = 0\nupload_ttl_ms = 2000\nsweep_interval_ms = 100\n"
+        "{SMALL_PARTS}retention_ms = 2000\ngrace_ms = 0\nupload_ttl_ms = 2000\nsweep_interval_ms = 100\nfetch_timeout_ms = 1000\n"
     ))
     .await?;
     let base = &server.base_url;
@@ -360,7 +360,12 @@ async fn expired_references_and_uploads_are_swept_with_their_bytes() -> anyhow::
     assert_eq!(put(base, state["parts"][0]["url"].as_str().context("url")?, other[..65536].to_vec()).await?, 204);
 
     let media_dir = server.data_dir().join("media");
-    eventually("the unreferenced file and the expired upload are deleted", || async {
+    // What a fetch from another server left when the server stopped in the middle of it.
+    std::fs::create_dir_all(media_dir.join("fetching"))?;
+    let abandoned = std::fs::File::create(media_dir.join("fetching").join("abandoned.part"))?;
+    abandoned.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))?;
+    drop(abandoned);
+    eventually("the unreferenced file, the expired upload and the abandoned fetch are deleted", || async {
         let (status, _, _) = download(base, &alice.token, &media_id, None).await?;
         Ok(status == 404 && files_under(&media_dir).is_empty())
     })

@@ -157,3 +157,33 @@ async fn a_gone_endpoint_is_dropped_and_pushes_wait_out_an_outage_and_a_restart(
     assert!(service.received_for("bob").len() == 1, "no push after the registration was dropped");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_offline_group_member_is_woken_by_a_group_message() -> anyhow::Result<()> {
+    use parley_sdk::messenger::{Messenger, MessengerEvent};
+    let service = PushService::start().await?;
+    let dir = tempfile::tempdir()?;
+    let server = server_for(&service, dir.path()).await?;
+    let base = &server.base_url;
+    let (alice, _alice_events, _) = Messenger::register(base, &dir.path().join("alice.db"), "alice", support::PASSWORD).await?;
+    let (bob, mut bob_events, _) = Messenger::register(base, &dir.path().join("bob.db"), "bob", support::PASSWORD).await?;
+    let bob_session = bob.session().clone();
+    let (group, _) = alice.create_group("Team", std::slice::from_ref(&bob_session.user_id)).await?;
+    crate::e2ee::next(&mut bob_events, |e| matches!(e, MessengerEvent::GroupJoined { .. }).then_some(())).await?;
+    assert_eq!(set_pusher(base, bob_session.access_token(), &json!({"endpoint": service.endpoint("bob")})).await?, 204);
+
+    // Bob's app closes; a group text wakes his device.
+    bob.close().await;
+    drop(bob_events);
+    drop(bob);
+    eventually("bob is offline", || async {
+        let (_, presence) =
+            crate::raw::get(base, &format!("/v1/presence/{}", bob_session.user_id), Some(bob_session.access_token())).await?;
+        Ok(presence["status"] == "offline")
+    })
+    .await?;
+    alice.send_group_text(&group, "team meeting at ten").await?;
+    let pushes = service.wait_for("bob", 1, WAIT).await?;
+    assert!(pushes[0].body.is_empty(), "no content");
+    Ok(())
+}

@@ -155,7 +155,12 @@ mod tests {
     }
 
     fn push(name: &str, seq: u64, frame: bool) -> Arc<GroupPush> {
-        Arc::new(GroupPush { group_id: group(name), seq: GroupSeq::new(seq), frame: frame.then(|| Bytes::from_static(b"{}")) })
+        Arc::new(GroupPush {
+            group_id: group(name),
+            seq: GroupSeq::new(seq),
+            frame: frame.then(|| Bytes::from_static(b"{}")),
+            wakes: true,
+        })
     }
 
     #[test]
