@@ -3,7 +3,7 @@
 //! service relaying a wake-up sees only ciphertext. The server side is [`PushKeys::encrypt`];
 //! the device side (the SDK, tests) is [`PushReceiver`].
 
-use web_push_native::p256;
+use p256::elliptic_curve::sec1::ToEncodedPoint as _;
 
 /// Length of the device's public key (uncompressed SEC1 point).
 pub const PUBLIC_KEY_LEN: usize = 65;
@@ -85,7 +85,6 @@ impl PushReceiver {
 
     /// The public key to register (`p256dh`, 65 bytes).
     pub fn public_key(&self) -> Vec<u8> {
-        use p256::elliptic_curve::sec1::ToEncodedPoint as _;
         self.secret.public_key().to_encoded_point(false).as_bytes().to_vec()
     }
 
@@ -99,6 +98,98 @@ impl PushReceiver {
         let auth = web_push_native::Auth::clone_from_slice(&self.auth);
         web_push_native::decrypt(body.to_vec(), &self.secret, &auth).map_err(|_| PushError::Crypto)
     }
+}
+
+/// The server's VAPID key (RFC 8292): an ECDSA P-256 key derived from the server's signing-key
+/// seed with HKDF-SHA256, so every process holding that key signs alike and nothing else is
+/// stored. Push services that want it check `Authorization: vapid t=<JWT>, k=<public key>`.
+pub struct VapidKey(p256::ecdsa::SigningKey);
+
+impl std::fmt::Debug for VapidKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VapidKey(..)")
+    }
+}
+
+/// The claims of a VAPID token.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VapidClaims {
+    /// The push service's origin (`https://host[:port]`).
+    pub aud: String,
+    /// Expiry, seconds since the epoch (at most 24 h ahead).
+    pub exp: u64,
+    /// Who runs the server (`mailto:` or `https:`).
+    pub sub: String,
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn unb64url(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).ok()
+}
+
+/// The JOSE header of every VAPID token.
+const VAPID_HEADER: &[u8] = br#"{"typ":"JWT","alg":"ES256"}"#;
+
+impl VapidKey {
+    /// Derives the key from the server signing key's 32-byte seed.
+    pub fn derive(server_seed: &[u8; 32]) -> Self {
+        let hkdf = hkdf::Hkdf::<sha2::Sha256>::new(None, server_seed);
+        let mut counter = 0u8;
+        loop {
+            let mut scalar = zeroize::Zeroizing::new([0u8; 32]);
+            hkdf.expand_multi_info(&[b"parley push vapid key v1", &[counter]], scalar.as_mut_slice())
+                .expect("32 bytes is a valid HKDF-SHA256 output length"); // invariant
+                                                                          // Out of range (probability ~2^-32): derive again with the next counter.
+            if let Ok(key) = p256::ecdsa::SigningKey::from_slice(scalar.as_slice()) {
+                return Self(key);
+            }
+            counter = counter.wrapping_add(1);
+        }
+    }
+
+    /// The public key, uncompressed (65 bytes), as push services and apps take it.
+    pub fn public_key(&self) -> Vec<u8> {
+        self.0.verifying_key().to_encoded_point(false).as_bytes().to_vec()
+    }
+
+    /// The `Authorization` header value for a push to `audience` (the endpoint's origin).
+    pub fn authorization(&self, claims: &VapidClaims) -> String {
+        use p256::ecdsa::signature::Signer as _;
+        let claims = serde_json::to_vec(claims).expect("claims serialize"); // invariant: plain strings and a number
+        let input = format!("{}.{}", b64url(VAPID_HEADER), b64url(&claims));
+        let signature: p256::ecdsa::Signature = self.0.sign(input.as_bytes());
+        format!("vapid t={input}.{}, k={}", b64url(&signature.to_bytes()), b64url(&self.public_key()))
+    }
+}
+
+/// Checks a VAPID `Authorization` header as a push service does: the token's ES256 signature
+/// against the key `k` it names. Returns the key and the claims.
+pub fn verify_vapid(header: &str) -> Option<(Vec<u8>, VapidClaims)> {
+    use p256::ecdsa::signature::Verifier as _;
+    let rest = header.strip_prefix("vapid ")?;
+    let (mut token, mut key) = (None, None);
+    for part in rest.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", value)) => token = Some(value),
+            Some(("k", value)) => key = Some(value),
+            _ => {}
+        }
+    }
+    let key = unb64url(key?)?;
+    let verifying = p256::ecdsa::VerifyingKey::from_sec1_bytes(&key).ok()?;
+    let (input, signature) = token?.rsplit_once('.')?;
+    let signature = p256::ecdsa::Signature::from_slice(&unb64url(signature)?).ok()?;
+    verifying.verify(input.as_bytes(), &signature).ok()?;
+    let (header, claims) = input.split_once('.')?;
+    if unb64url(header)? != VAPID_HEADER {
+        return None;
+    }
+    Some((key, serde_json::from_slice(&unb64url(claims)?).ok()?))
 }
 
 #[cfg(test)]
@@ -118,5 +209,21 @@ mod tests {
         assert!(other.decrypt(&body).is_err());
         assert_eq!(PushKeys::parse(&[4; 65], &[0; 16]), Err(PushError::BadPublicKey));
         assert_eq!(PushKeys::parse(&device.public_key(), &[0; 15]), Err(PushError::BadAuth));
+    }
+
+    #[test]
+    fn vapid_tokens_verify_with_the_key_they_name_and_only_as_signed() {
+        let key = VapidKey::derive(&[9; 32]);
+        assert_eq!(key.public_key(), VapidKey::derive(&[9; 32]).public_key(), "derived alike");
+        assert_ne!(key.public_key(), VapidKey::derive(&[8; 32]).public_key());
+        let claims =
+            VapidClaims { aud: "https://push.example.net".into(), exp: 1_900_000_000, sub: "mailto:ops@a.example".into() };
+        let header = key.authorization(&claims);
+        assert_eq!(verify_vapid(&header), Some((key.public_key(), claims)));
+        let tampered = header.replacen("vapid t=ey", "vapid t=eY", 1);
+        assert_eq!(verify_vapid(&tampered), None);
+        let other = VapidKey::derive(&[8; 32]);
+        let swapped = format!("{}, k={}", header.split(", k=").next().unwrap_or(""), b64url(&other.public_key()));
+        assert_eq!(verify_vapid(&swapped), None, "another key does not verify it");
     }
 }

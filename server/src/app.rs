@@ -112,9 +112,10 @@ impl Server {
         let (store, writer) = Store::open(&config, metrics.clone(), subscribers).await?;
         let store = Arc::new(store);
         let (shutdown_tx, shutdown) = watch::channel(false);
-        let push = crate::push::start(store.clone(), config.push.clone(), metrics.clone(), shutdown.clone())
-            .await
-            .map_err(OpenError::Push)?;
+        let push =
+            crate::push::start(store.clone(), config.push.clone(), metrics.clone(), shutdown.clone(), &server_name, &server_key)
+                .await
+                .map_err(OpenError::Push)?;
         hub.set_push(push.clone());
         let (federation, tls) = if config.federation.enabled {
             let fed = &config.federation;
@@ -294,7 +295,7 @@ pub(crate) fn app(state: AppState) -> Router {
     use parley_spec::v1::media::{CompleteUpload, CreateUpload, DownloadMedia, GetMediaConfig, GetUpload, PutUploadPart};
     use parley_spec::v1::messages::{MarkRead, SendMessage};
     use parley_spec::v1::presence::{GetPresence, ListSubscriptions, SetPrivacy, SubscribePresence};
-    use parley_spec::v1::push::{DeletePusher, GetPusher, SetPusher};
+    use parley_spec::v1::push::{DeletePusher, GetPusher, GetVapidKey, SetPusher};
     use parley_spec::v1::sync::SyncEvents;
     use parley_spec::v1::ws::WebSocket;
     let send_limit = state.config.limits.max_send_bytes();
@@ -336,6 +337,7 @@ pub(crate) fn app(state: AppState) -> Router {
         .route(SetPusher::PATH, on(SetPusher, api::push::set_pusher))
         .route(GetPusher::PATH, on(GetPusher, api::push::get_pusher))
         .route(DeletePusher::PATH, on(DeletePusher, api::push::delete_pusher))
+        .route(GetVapidKey::PATH, on(GetVapidKey, api::push::get_vapid_key))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_ip))
         .route(GetServerKeys::PATH, on(GetServerKeys, server_keys))

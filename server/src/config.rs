@@ -310,6 +310,9 @@ pub struct PushConfig {
     pub allow_private_addresses: bool,
     /// PEM file of extra CA certificates trusted for push endpoints (besides the webpki roots).
     pub extra_ca_file: Option<PathBuf>,
+    /// VAPID `sub` claim: how a push service reaches this server's operator (`mailto:` or
+    /// `https:`). Empty: `https://<server_name>`.
+    pub vapid_subject: String,
 }
 
 impl Default for PushConfig {
@@ -324,6 +327,7 @@ impl Default for PushConfig {
             request_timeout_ms: 10_000,
             allow_private_addresses: false,
             extra_ca_file: None,
+            vapid_subject: String::new(),
         }
     }
 }

@@ -45,6 +45,8 @@ enum Signal {
 pub struct Push {
     registrations: RwLock<HashMap<DevicePk, Registration>>,
     signals: mpsc::UnboundedSender<Signal>,
+    /// The VAPID public key (65 bytes, uncompressed).
+    pub vapid_public_key: Vec<u8>,
 }
 
 impl std::fmt::Debug for Push {
@@ -161,9 +163,9 @@ pub fn client(config: &PushConfig) -> Result<reqwest::Client, String> {
 
 impl Push {
     /// The handle and the receiving end for [`run`].
-    fn new() -> (Self, mpsc::UnboundedReceiver<Signal>) {
+    fn new(vapid_public_key: Vec<u8>) -> (Self, mpsc::UnboundedReceiver<Signal>) {
         let (signals, receiver) = mpsc::unbounded_channel();
-        (Self { registrations: RwLock::default(), signals }, receiver)
+        (Self { registrations: RwLock::default(), signals, vapid_public_key }, receiver)
     }
 
     /// Called for each message committed for a device with no connection.
@@ -218,9 +220,26 @@ enum Outcome {
     Refused,
 }
 
-async fn send(client: &reqwest::Client, registration: &Registration, ttl_secs: u64) -> Outcome {
+/// How pushes are signed (RFC 8292).
+struct Vapid {
+    key: parley_crypto::push::VapidKey,
+    subject: String,
+}
+
+impl Vapid {
+    /// The `Authorization` header for a push to `endpoint`, valid 12 hours.
+    fn authorization(&self, endpoint: &reqwest::Url) -> String {
+        let exp = parley_spec::Timestamp::now().as_millis() / 1000 + 12 * 3600;
+        let claims =
+            parley_crypto::push::VapidClaims { aud: endpoint.origin().ascii_serialization(), exp, sub: self.subject.clone() };
+        self.key.authorization(&claims)
+    }
+}
+
+async fn send(client: &reqwest::Client, vapid: &Vapid, registration: &Registration, ttl_secs: u64) -> Outcome {
     let mut request = client
         .post(registration.endpoint.clone())
+        .header(reqwest::header::AUTHORIZATION, vapid.authorization(&registration.endpoint))
         .header("TTL", ttl_secs.to_string())
         .header("Urgency", "high")
         .header("Topic", "parley-wake");
@@ -260,9 +279,17 @@ pub async fn start(
     config: PushConfig,
     metrics: Metrics,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    server_name: &parley_spec::ServerName,
+    server_key: &parley_federation::ServerKey,
 ) -> Result<Arc<Push>, String> {
     let client = client(&config)?;
-    let (push, signals) = Push::new();
+    let key = parley_crypto::push::VapidKey::derive(&server_key.key.seed());
+    let (push, signals) = Push::new(key.public_key());
+    let subject = match config.vapid_subject.as_str() {
+        "" => format!("https://{}", server_name.host()),
+        subject => subject.to_owned(),
+    };
+    let vapid = Arc::new(Vapid { key, subject });
     let push = Arc::new(push);
     for row in store.pushers().await.map_err(|e| e.to_string())? {
         if let Some(registration) = registration_of(&row, config.allow_private_addresses) {
@@ -270,7 +297,7 @@ pub async fn start(
         }
     }
     let pending = store.pending_pushes().await.map_err(|e| e.to_string())?;
-    let worker = Worker { push: push.clone(), store, config, metrics, client };
+    let worker = Worker { push: push.clone(), store, config, metrics, client, vapid };
     tokio::spawn(worker.run(signals, pending, shutdown));
     Ok(push)
 }
@@ -289,6 +316,7 @@ struct Worker {
     config: PushConfig,
     metrics: Metrics,
     client: reqwest::Client,
+    vapid: Arc<Vapid>,
 }
 
 impl Worker {
@@ -298,7 +326,7 @@ impl Worker {
         pending: Vec<(DevicePk, u32)>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        let Worker { push, store, config, metrics, client } = self;
+        let Worker { push, store, config, metrics, client, vapid } = self;
         let now = Instant::now();
         let mut due: HashMap<DevicePk, Due> =
             pending.into_iter().map(|(device, attempts)| (device, Due { at: now, attempts, in_flight: false })).collect();
@@ -352,8 +380,9 @@ impl Worker {
                         };
                         entry.in_flight = true;
                         let (client, done_tx, device, ttl) = (client.clone(), done_tx.clone(), *device, config.ttl_secs);
+                        let vapid = vapid.clone();
                         tokio::spawn(async move {
-                            let outcome = send(&client, &registration, ttl).await;
+                            let outcome = send(&client, &vapid, &registration, ttl).await;
                             let _ = done_tx.send((device, outcome));
                         });
                     }

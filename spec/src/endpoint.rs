@@ -173,6 +173,7 @@ pub fn client_api() -> Vec<Metadata> {
         Metadata::of::<push::SetPusher>(),
         Metadata::of::<push::GetPusher>(),
         Metadata::of::<push::DeletePusher>(),
+        Metadata::of::<push::GetVapidKey>(),
     ]
 }
 

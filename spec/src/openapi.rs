@@ -25,7 +25,7 @@ use utoipa::OpenApi;
         v1::groups::create_group, v1::groups::group_send, v1::groups::group_events, v1::groups::list_groups,
         v1::media::get_media_config, v1::media::create_upload, v1::media::get_upload, v1::media::put_upload_part,
         v1::media::complete_upload, v1::media::download_media,
-        v1::push::set_pusher, v1::push::get_pusher, v1::push::delete_pusher,
+        v1::push::set_pusher, v1::push::get_pusher, v1::push::delete_pusher, v1::push::get_vapid_key,
         fed::transaction::send_transaction, fed::transaction::get_user_devices, fed::claim::claim_keys,
         fed::claim::claim_keypackages, fed::groups::submit_group_message,
         fed::keys::get_server_keys, fed::media::get_media,

@@ -4,6 +4,7 @@
 
 use crate::media::eventually;
 use crate::support::{self, Device};
+use anyhow::Context as _;
 use parley_crypto::push::PushReceiver;
 use parley_tests::push::PushService;
 use parley_tests::TestServer;
@@ -26,6 +27,11 @@ async fn server_for(service: &PushService, dir: &std::path::Path) -> anyhow::Res
 async fn set_pusher(base: &str, token: &str, body: &Value) -> anyhow::Result<u16> {
     let response = reqwest::Client::new().put(format!("{base}/v1/push")).bearer_auth(token).json(body).send().await?;
     Ok(response.status().as_u16())
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -79,6 +85,15 @@ async fn an_offline_device_gets_one_content_free_push_per_burst_and_an_online_on
     assert_eq!(push.headers.get("content-encoding").map(String::as_str), Some("aes128gcm"));
     assert_eq!(push.headers.get("urgency").map(String::as_str), Some("high"));
     assert!(push.headers.contains_key("ttl"));
+    // Signed with the server's VAPID key (RFC 8292), which the app can ask for.
+    let (vapid_key, claims) =
+        parley_crypto::push::verify_vapid(push.headers.get("authorization").map(String::as_str).unwrap_or_default())
+            .context("a valid VAPID authorization")?;
+    let (_, published) = crate::raw::get(base, "/v1/push/vapid", Some(bob.access_token())).await?;
+    assert_eq!(published["public_key"].as_str(), Some(b64url(&vapid_key).as_str()));
+    assert_eq!(claims.aud, format!("https://localhost:{}", service.port));
+    assert_eq!(claims.sub, "https://localhost");
+    assert!(claims.exp > parley_spec::Timestamp::now().as_millis() / 1000);
     let plaintext = keys.decrypt(&push.body)?;
     assert_eq!(plaintext, b"{\"v\":1}", "a wake-up and nothing else");
     for secret in ["secret", "alice"] {

@@ -9,7 +9,7 @@ use crate::storage::PushRow;
 use axum::extract::State;
 use axum::http::StatusCode;
 use parley_crypto::push::PushKeys;
-use parley_spec::v1::push::{PushSubscriptionKeys, Pusher};
+use parley_spec::v1::push::{PushSubscriptionKeys, Pusher, VapidPublicKey};
 use parley_spec::ErrorCode;
 
 /// PUT /v1/push
@@ -47,4 +47,10 @@ pub async fn delete_pusher(State(state): State<AppState>, auth: AuthDevice) -> R
     state.store.delete_pusher(auth.device_pk).await?;
     state.push.unregister(auth.device_pk);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// GET /v1/push/vapid
+pub async fn get_vapid_key(State(state): State<AppState>, _auth: AuthDevice) -> axum::Json<VapidPublicKey> {
+    use base64::Engine as _;
+    axum::Json(VapidPublicKey::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&state.push.vapid_public_key)))
 }

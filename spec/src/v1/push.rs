@@ -66,6 +66,26 @@ impl Default for WakeUp {
     }
 }
 
+/// Answer to `GET /v1/push/vapid`: the key this server signs its pushes with (RFC 8292), for
+/// the app to give its push distributor (Web Push `applicationServerKey`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[non_exhaustive]
+pub struct VapidPublicKey {
+    /// The P-256 public key, uncompressed (65 bytes), base64url without padding.
+    pub public_key: String,
+}
+
+impl VapidPublicKey {
+    /// Builds the answer.
+    pub fn new(public_key: String) -> Self {
+        Self { public_key }
+    }
+}
+
+crate::endpoint::endpoint! {
+    /// `GET /v1/push/vapid`: this server's VAPID public key.
+    GetVapidKey: Get "/v1/push/vapid", AccessToken, () => VapidPublicKey
+}
 crate::endpoint::endpoint! {
     /// `PUT /v1/push`: sets the calling device's push endpoint (replacing any).
     SetPusher: Put "/v1/push", AccessToken, Pusher => ()
@@ -78,6 +98,11 @@ crate::endpoint::endpoint! {
     /// `DELETE /v1/push`: removes the calling device's push endpoint.
     DeletePusher: Delete "/v1/push", AccessToken, () => ()
 }
+
+/// GET /v1/push/vapid
+#[utoipa::path(get, path = "/v1/push/vapid", tag = "push", security(("bearer" = [])),
+    responses((status = 200, body = VapidPublicKey)))]
+pub fn get_vapid_key() {}
 
 /// PUT /v1/push
 #[utoipa::path(put, path = "/v1/push", tag = "push", security(("bearer" = [])), request_body = Pusher,
