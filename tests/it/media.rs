@@ -422,9 +422,45 @@ async fn a_user_of_another_server_downloads_through_their_own_which_fetches_once
     Ok(())
 }
 
+/// Uploads `source` with the SDK, cancelled once its first part is up (the journal and the
+/// ciphertext stay in `work`), then again: the second call starts with that part counted as
+/// done and leaves `work` empty.
+pub(crate) async fn upload_cancelled_then_resumed(
+    api: &parley_sdk::Api,
+    source: &std::path::Path,
+    mime: &str,
+    work: &std::path::Path,
+    part_bytes: u64,
+) -> anyhow::Result<parley_sdk::media::UploadedFile> {
+    use parley_sdk::media::{upload_file, MediaError};
+    use std::ops::ControlFlow;
+    let mut reports = 0;
+    let cancelled = upload_file(api, source, mime, work, 1, |_, _| {
+        reports += 1;
+        if reports > 1 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .await;
+    ensure!(matches!(cancelled, Err(MediaError::Cancelled)), "the first call is cancelled: {cancelled:?}");
+    ensure!(files_under(work).len() == 2, "a journal and the ciphertext are kept");
+    let mut first = None;
+    let uploaded = upload_file(api, source, mime, work, 4, |done, total| {
+        first.get_or_insert((done, total));
+        ControlFlow::Continue(())
+    })
+    .await?;
+    let (already, total) = first.context("progress")?;
+    ensure!(already >= part_bytes && already < total, "resumed with {already} of {total} bytes up");
+    ensure!(files_under(work).is_empty(), "the work directory is left empty");
+    Ok(uploaded)
+}
+
 #[tokio::test]
 async fn the_sdk_resumes_a_cancelled_upload_and_download_and_gets_back_the_same_file() -> anyhow::Result<()> {
-    use parley_sdk::media::{download_file, upload_file, MediaError};
+    use parley_sdk::media::{download_file, MediaError};
     use std::ops::ControlFlow;
     let server = TestServer::start_with(SMALL_PARTS).await?;
     let session = crate::support::register(&server.base_url, "alice").await?;
@@ -436,30 +472,7 @@ async fn the_sdk_resumes_a_cancelled_upload_and_download_and_gets_back_the_same_
     std::fs::write(&source, &content)?;
     let work = dir.path().join("work");
 
-    // Cancelled once the first part is up: the state stays in the work directory.
-    let mut reports = 0;
-    let cancelled = upload_file(&api, &source, "image/jpeg", &work, 1, |_, _| {
-        reports += 1;
-        if reports > 1 {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    })
-    .await;
-    assert!(matches!(cancelled, Err(MediaError::Cancelled)), "{cancelled:?}");
-    assert_eq!(files_under(&work).len(), 2, "a journal and the ciphertext are kept");
-
-    // The next call sends only what is missing, then the work directory is empty.
-    let mut first = None;
-    let uploaded = upload_file(&api, &source, "image/jpeg", &work, 4, |done, total| {
-        first.get_or_insert((done, total));
-        ControlFlow::Continue(())
-    })
-    .await?;
-    let (already, total) = first.context("progress")?;
-    assert!(already >= 65536 && already < total, "resumed with {already} of {total} bytes up");
-    assert!(files_under(&work).is_empty());
+    let uploaded = upload_cancelled_then_resumed(&api, &source, "image/jpeg", &work, 65536).await?;
     assert_eq!(uploaded.server, "localhost");
     assert_eq!(uploaded.media.size, content.len() as u64);
 

@@ -2,7 +2,7 @@
 //! clients upload parts straight to the store through presigned URLs, the server completes
 //! the multipart upload, checks the hash and serves downloads from the store.
 
-use crate::media::{complete, create, download, plaintext, sha256_of};
+use crate::media::{complete, create, download, plaintext, sha256_of, upload_cancelled_then_resumed};
 use crate::raw;
 use anyhow::{ensure, Context as _};
 use parley_crypto::media::MediaRef;
@@ -175,7 +175,7 @@ async fn bytes_that_do_not_hash_to_the_declared_sha256_are_deleted_from_the_stor
 
 #[tokio::test]
 async fn the_sdk_uploads_to_s3_resumes_from_its_etags_and_downloads_the_same_file() -> anyhow::Result<()> {
-    use parley_sdk::media::{download_file, upload_file, MediaError};
+    use parley_sdk::media::download_file;
     use std::ops::ControlFlow;
     let s3 = S3Server::start().await?;
     let server = TestServer::start_with(&format!("{S3_PARTS}{}", s3.config())).await?;
@@ -187,29 +187,9 @@ async fn the_sdk_uploads_to_s3_resumes_from_its_etags_and_downloads_the_same_fil
     std::fs::write(&source, &content)?;
     let work = dir.path().join("work");
 
-    // One part goes up, then the transfer is cancelled: its ETag is in the journal.
-    let mut reports = 0;
-    let cancelled = upload_file(&api, &source, "video/mp4", &work, 1, |_, _| {
-        reports += 1;
-        if reports > 1 {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    })
-    .await;
-    assert!(matches!(cancelled, Err(MediaError::Cancelled)), "{cancelled:?}");
-
-    // The store tracks the parts, not the server: the SDK skips the one it holds an ETag for.
-    let mut first = None;
-    let uploaded = upload_file(&api, &source, "video/mp4", &work, 2, |done, total| {
-        first.get_or_insert((done, total));
-        ControlFlow::Continue(())
-    })
-    .await?;
-    let (already, total) = first.context("progress")?;
-    assert!(already >= PART as u64 && already < total, "resumed with {already} of {total} bytes up");
-    assert!(files_under(&work).is_empty());
+    // The store tracks the parts, not the server: after a cancel, the SDK skips the part it
+    // holds an ETag for in its journal.
+    let uploaded = upload_cancelled_then_resumed(&api, &source, "video/mp4", &work, PART as u64).await?;
 
     let dest = dir.path().join("received.mp4");
     download_file(&api, &uploaded.server, &uploaded.media_id, &uploaded.media, &dest, |_, _| ControlFlow::Continue(())).await?;

@@ -2,7 +2,7 @@
 //! burst for an offline device, none for an online one, a gone endpoint dropped, and pushes
 //! that wait out a push service outage and a server restart.
 
-use crate::media::eventually;
+use crate::media::{b64, eventually};
 use crate::support::{self, Device};
 use anyhow::Context as _;
 use parley_crypto::push::PushReceiver;
@@ -32,11 +32,6 @@ async fn set_pusher(base: &str, token: &str, body: &Value) -> anyhow::Result<u16
 fn b64url(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn b64(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 #[tokio::test]
