@@ -52,6 +52,7 @@ pub use parley_spec as spec;
 pub use parley_spec::{
     v1::{
         account::{LoginRequest, RegisterRequest, WhoAmIResponse},
+        content::{Attachment, Thumbnail},
         devices::{DeviceInfo, DevicesResponse, UserDevicesResponse},
         events::{InboxEvent, MessageEvent, ReceiptEvent, ReceiptKind, SequencedEvent},
         messages::{Envelope, ReadRequest, SendRequest, SentResponse},

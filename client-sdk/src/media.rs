@@ -14,7 +14,9 @@
 
 use crate::{error::Error, Api};
 use futures_util::StreamExt as _;
-use parley_crypto::media::{CiphertextHasher, MediaDecryptor, MediaEncryptor, MediaRef, CHUNK_SIZE, CIPHERTEXT_CHUNK_SIZE};
+use parley_crypto::media::{
+    CiphertextHasher, MediaDecryptor, MediaEncryptor, MediaRef, MediaRefExt as _, CHUNK_SIZE, CIPHERTEXT_CHUNK_SIZE,
+};
 use parley_spec::v1::media::{CompleteUploadRequest, CreateUploadRequest, UploadStatus, UploadedPart};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -38,6 +40,9 @@ pub enum MediaError {
     /// The progress callback cancelled; a later call resumes.
     #[error("cancelled")]
     Cancelled,
+    /// The file is no longer stored on its server (a forward of an expired file).
+    #[error("the file is no longer stored on its server")]
+    Gone,
     /// The server answered something the protocol does not allow.
     #[error("unexpected answer: {0}")]
     Protocol(&'static str),

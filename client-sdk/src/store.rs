@@ -18,6 +18,7 @@ use parley_crypto::identity::{DeviceIdentity, UserIdentity, VerifiedDeviceList, 
 use parley_crypto::mls::StateChange;
 use parley_crypto::prekeys::PrekeySecret;
 use parley_crypto::PublicKey;
+use parley_spec::v1::content::Attachment;
 use parley_spec::v1::keys::SignedDeviceList;
 use parley_spec::{DeviceId, GroupId, GroupSeq, ServerMsgId, Timestamp, UserId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
@@ -35,6 +36,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, "mls state", include_str!("../migrations/0004_mls_state.sql")),
     (5, "groups", include_str!("../migrations/0005_groups.sql")),
     (6, "group policy", include_str!("../migrations/0006_group_policy.sql")),
+    (7, "files", include_str!("../migrations/0007_files.sql")),
 ];
 
 /// Key-value keys of the device's own keys and of the next one-time prekey id.
@@ -59,8 +61,10 @@ pub struct StoredMessage {
     pub server_msg_id: Option<ServerMsgId>,
     /// Timestamp (ms).
     pub ts: Timestamp,
-    /// Text.
+    /// Text (a file's caption).
     pub body: String,
+    /// The file, for a file message.
+    pub file: Option<Attachment>,
     /// A recipient device acknowledged it.
     pub delivered: bool,
     /// The recipient read it.
@@ -127,7 +131,7 @@ impl Store {
     /// The last `limit` messages with `peer`, oldest first.
     pub async fn history(&self, peer: &UserId, limit: u32) -> Result<Vec<StoredMessage>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, peer, sender, sender_device, client_msg_id, server_msg_id, ts, body, delivered, read FROM \
+            "SELECT id, peer, sender, sender_device, client_msg_id, server_msg_id, ts, body, delivered, read, file FROM \
              (SELECT * FROM messages WHERE peer = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
         )
         .bind(peer.as_str())
@@ -155,6 +159,7 @@ impl Store {
                     body: r.try_get(7).map_err(backend)?,
                     delivered: r.try_get(8).map_err(backend)?,
                     read: r.try_get(9).map_err(backend)?,
+                    file: file_of(r.try_get(10).map_err(backend)?, "message file")?,
                 })
             })
             .collect()
@@ -162,7 +167,7 @@ impl Store {
 
     /// The outbox, oldest first.
     pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
-        let rows = sqlx::query("SELECT client_msg_id, to_user, body FROM outbox ORDER BY seq")
+        let rows = sqlx::query("SELECT client_msg_id, to_user, body, file FROM outbox ORDER BY seq")
             .fetch_all(&self.pool)
             .await
             .map_err(backend)?;
@@ -174,6 +179,7 @@ impl Store {
                     client_msg_id: id.parse().map_err(|_| StoreError::Damaged("outbox message id"))?,
                     to: to.parse().map_err(|_| StoreError::Damaged("outbox recipient"))?,
                     body,
+                    file: file_of(r.try_get(3).map_err(backend)?, "outbox file")?,
                 })
             })
             .collect()
@@ -411,11 +417,12 @@ impl TrustStore for Store {
 
 impl MessageStore for Store {
     async fn enqueue(&self, entry: &OutboxEntry, now: Timestamp) -> Result<(), StoreError> {
-        sqlx::query("INSERT OR IGNORE INTO outbox (client_msg_id, to_user, body, created_ts) VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT OR IGNORE INTO outbox (client_msg_id, to_user, body, created_ts, file) VALUES (?, ?, ?, ?, ?)")
             .bind(entry.client_msg_id.to_string())
             .bind(entry.to.as_str())
             .bind(&entry.body)
             .bind(i64::try_from(now).map_err(backend)?)
+            .bind(file_json(entry.file.as_ref())?)
             .execute(&self.pool)
             .await
             .map_err(backend)?;
@@ -432,7 +439,8 @@ impl MessageStore for Store {
 
     async fn add_message(&self, message: &StoredMessage) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "INSERT OR IGNORE INTO messages (peer, sender, sender_device, client_msg_id, server_msg_id, ts, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO messages (peer, sender, sender_device, client_msg_id, server_msg_id, ts, body, file) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(message.peer.as_str())
         .bind(message.sender.as_str())
@@ -441,6 +449,7 @@ impl MessageStore for Store {
         .bind(message.server_msg_id.map(i64::try_from).transpose().map_err(backend)?)
         .bind(i64::try_from(message.ts).map_err(backend)?)
         .bind(&message.body)
+        .bind(file_json(message.file.as_ref())?)
         .execute(&self.pool)
         .await
         .map_err(backend)?;
@@ -604,8 +613,8 @@ impl GroupStore for Store {
         }
         for message in &changes.messages {
             sqlx::query(
-                "INSERT INTO group_messages (group_id, group_seq, sender, sender_device, client_msg_id, ts, body) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (group_id, sender, client_msg_id) DO UPDATE \
+                "INSERT INTO group_messages (group_id, group_seq, sender, sender_device, client_msg_id, ts, body, file) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (group_id, sender, client_msg_id) DO UPDATE \
                  SET group_seq = excluded.group_seq, ts = excluded.ts WHERE group_seq IS NULL",
             )
             .bind(message.group_id.as_str())
@@ -615,6 +624,7 @@ impl GroupStore for Store {
             .bind(message.client_msg_id.to_string())
             .bind(i64::try_from(message.ts).map_err(backend)?)
             .bind(&message.body)
+            .bind(file_json(message.file.as_ref())?)
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
@@ -664,7 +674,7 @@ impl GroupStore for Store {
 
     async fn group_history(&self, group_id: &GroupId, limit: u32) -> Result<Vec<GroupMessage>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, group_id, group_seq, sender, sender_device, client_msg_id, ts, body FROM \
+            "SELECT id, group_id, group_seq, sender, sender_device, client_msg_id, ts, body, file FROM \
              (SELECT * FROM group_messages WHERE group_id = ? \
               ORDER BY group_seq IS NULL DESC, group_seq DESC, id DESC LIMIT ?) \
              ORDER BY group_seq IS NULL, group_seq, id",
@@ -692,6 +702,7 @@ impl GroupStore for Store {
                     ts: Timestamp::try_from(r.try_get::<i64, _>(6).map_err(backend)?)
                         .map_err(|_| StoreError::Damaged("group message ts"))?,
                     body: r.try_get(7).map_err(backend)?,
+                    file: file_of(r.try_get(8).map_err(backend)?, "group message file")?,
                 })
             })
             .collect()
@@ -699,6 +710,16 @@ impl GroupStore for Store {
 }
 
 /// The key-value key that marks an accepted session start (as earlier versions wrote it).
+/// An attachment column's JSON (`NULL` for a text).
+fn file_json(file: Option<&Attachment>) -> Result<Option<String>, StoreError> {
+    file.map(serde_json::to_string).transpose().map_err(backend)
+}
+
+/// An attachment column's value.
+fn file_of(json: Option<String>, what: &'static str) -> Result<Option<Attachment>, StoreError> {
+    json.map(|json| serde_json::from_str(&json).map_err(|_| StoreError::Damaged(what))).transpose()
+}
+
 fn initial_key(id: &InitialMessageId) -> String {
     let hex: String = id.0.iter().map(|b| format!("{b:02x}")).collect();
     format!("initial:{hex}")
@@ -747,6 +768,15 @@ mod tests {
         ServerMsgId::new(n)
     }
 
+    /// An attachment with every optional field set.
+    fn attachment() -> Attachment {
+        use parley_spec::v1::content::{MediaRef, Thumbnail};
+        let media = MediaRef::from_parts(vec![1; 32], vec![2; 7], vec![3; 32], 1234, "image/png");
+        Attachment::new("x", "03".repeat(32), media)
+            .with_name("cat.png")
+            .with_image((640, 480), Some(Thumbnail::new("image/jpeg", 64, 48, vec![4; 100])))
+    }
+
     fn message_to(peer: &str, client_msg_id: u128, server_msg_id: Option<u64>) -> StoredMessage {
         message(peer, client_msg_id, server_msg_id)
     }
@@ -761,6 +791,7 @@ mod tests {
             server_msg_id: server_msg_id.map(id),
             ts: Timestamp::from_millis(1),
             body: "hi".into(),
+            file: None,
             delivered: false,
             read: false,
         }
@@ -784,7 +815,7 @@ mod tests {
             assert!(!store.add_message(&message("@b:x", 1, None)).await.unwrap(), "deduplicated");
             store.mark_sent(&user("@a:x"), m1, id(99), Timestamp::from_millis(2)).await.unwrap();
             assert_eq!(store.mark_receipt(&b, &user("@a:x"), &[id(99), id(5), id(99)], false).await.unwrap(), [id(99)]);
-            let later = OutboxEntry { client_msg_id: m2, to: b.clone(), body: "later".into() };
+            let later = OutboxEntry { client_msg_id: m2, to: b.clone(), body: "later".into(), file: Some(attachment()) };
             store.enqueue(&later, Timestamp::from_millis(3)).await.unwrap();
             store.mark_initial_message_seen(&InitialMessageId([9; 32])).await.unwrap();
         }
@@ -803,7 +834,10 @@ mod tests {
         assert_eq!(history.len(), 1);
         assert_eq!((history[0].server_msg_id, history[0].delivered, history[0].read), (Some(id(99)), true, false));
         assert!(store.has_server_message(&user("@a:x"), id(99)).await.unwrap());
-        assert_eq!(store.outbox().await.unwrap(), [OutboxEntry { client_msg_id: m2, to: b, body: "later".into() }]);
+        assert_eq!(
+            store.outbox().await.unwrap(),
+            [OutboxEntry { client_msg_id: m2, to: b, body: "later".into(), file: Some(attachment()) }]
+        );
         store.dequeue(m2).await.unwrap();
         assert!(store.outbox().await.unwrap().is_empty());
     }
@@ -969,6 +1003,7 @@ mod tests {
             client_msg_id: Uuid::from_u128(id),
             ts: Timestamp::from_millis(10),
             body: body.into(),
+            file: (id == 2).then(attachment),
         };
         {
             let store = Store::open(&path).await.unwrap();
@@ -998,6 +1033,7 @@ mod tests {
         let history = store.group_history(&group_id, 10).await.unwrap();
         let seen: Vec<_> = history.iter().map(|m| (m.body.as_str(), m.group_seq.map(GroupSeq::get))).collect();
         assert_eq!(seen, [("theirs", Some(2)), ("mine", Some(3))], "in the hub's order; nothing added by a confirmation");
+        assert_eq!((history[0].file.as_ref(), history[1].file.as_ref()), (Some(&attachment()), None));
         let conversations = store.conversations().await.unwrap();
         let ids: Vec<&str> = conversations.iter().map(|c| c.id.as_str()).collect();
         assert_eq!(ids, ["!abc:x", "@b:x"]);

@@ -29,7 +29,7 @@
 //! [`MediaRef`]: key, nonce prefix, SHA-256 of the *ciphertext*, plaintext size and MIME type.
 //! The receiver downloads, checks the SHA-256 (ChaCha20-Poly1305 does not commit to its key, so
 //! the hash is what pins the exact ciphertext the sender meant), and decrypts
-//! ([`MediaRef::decrypt`]).
+//! ([`MediaRefExt::decrypt`]).
 //!
 //! # Streaming caveat
 //!
@@ -40,9 +40,7 @@
 use chacha20poly1305::aead::stream::{DecryptorBE32, EncryptorBE32};
 use chacha20poly1305::aead::KeyInit as _;
 use chacha20poly1305::ChaCha20Poly1305;
-use parley_spec::Base64Bytes;
 use rand::{CryptoRng, RngCore};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -280,77 +278,53 @@ pub fn decrypt(key: &MediaKey, ciphertext: &[u8]) -> Result<Vec<u8>, MediaError>
     Ok(out)
 }
 
-/// What an end-to-end encrypted message carries about an attachment. Unknown fields are
-/// ignored, so later versions can add some (a thumbnail, a file name).
-///
-/// ```json
-/// {"key": "<base64, 32 bytes>", "nonce_prefix": "<base64, 7 bytes>",
-///  "sha256": "<base64, 32 bytes: SHA-256 of the ciphertext>", "size": 1234, "mime": "image/png"}
-/// ```
-///
-/// The key bytes are zeroized when the value is dropped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct MediaRef {
-    /// The ChaCha20-Poly1305 key (32 bytes).
-    pub key: Base64Bytes,
-    /// The STREAM nonce prefix (7 bytes).
-    pub nonce_prefix: Base64Bytes,
-    /// SHA-256 of the ciphertext (32 bytes).
-    pub sha256: Base64Bytes,
-    /// Plaintext size in bytes.
-    pub size: u64,
-    /// MIME type of the plaintext, as the sender declared it.
-    pub mime: String,
-}
+pub use parley_spec::v1::content::MediaRef;
 
-impl Drop for MediaRef {
-    fn drop(&mut self) {
-        self.key.0.zeroize();
-    }
-}
-
-impl MediaRef {
+/// What `parley-crypto` does with a [`MediaRef`] (the wire type lives in `parley-spec`).
+pub trait MediaRefExt: Sized {
     /// Describes a file encrypted under `key`.
-    pub fn new(key: &MediaKey, sha256: [u8; 32], size: u64, mime: impl Into<String>) -> Self {
-        Self {
-            key: key.key.to_vec().into(),
-            nonce_prefix: key.nonce_prefix.to_vec().into(),
-            sha256: sha256.to_vec().into(),
-            size,
-            mime: mime.into(),
-        }
-    }
+    fn new(key: &MediaKey, sha256: [u8; 32], size: u64, mime: impl Into<String>) -> Self;
 
     /// Encrypts `plaintext` under a fresh key and describes it: the ciphertext to upload and
     /// the reference to send.
-    pub fn encrypt(rng: &mut (impl RngCore + CryptoRng), plaintext: &[u8], mime: impl Into<String>) -> (Vec<u8>, Self) {
-        let (ciphertext, key, sha256) = encrypt(rng, plaintext);
-        let reference = Self::new(&key, sha256, plaintext.len() as u64, mime);
-        (ciphertext, reference)
-    }
+    fn encrypt(rng: &mut (impl RngCore + CryptoRng), plaintext: &[u8], mime: impl Into<String>) -> (Vec<u8>, Self);
 
     /// Checks a ciphertext's SHA-256 (computed piece by piece) against this reference, in
     /// constant time.
-    pub fn check_digest(&self, digest: &[u8; 32]) -> Result<(), MediaError> {
+    fn check_digest(&self, digest: &[u8; 32]) -> Result<(), MediaError>;
+
+    /// The key and nonce prefix.
+    fn media_key(&self) -> Result<MediaKey, MediaError>;
+
+    /// Checks the ciphertext against the SHA-256, decrypts it and checks the size.
+    fn decrypt(&self, ciphertext: &[u8]) -> Result<Vec<u8>, MediaError>;
+}
+
+impl MediaRefExt for MediaRef {
+    fn new(key: &MediaKey, sha256: [u8; 32], size: u64, mime: impl Into<String>) -> Self {
+        MediaRef::from_parts(key.key.to_vec(), key.nonce_prefix.to_vec(), sha256.to_vec(), size, mime)
+    }
+
+    fn encrypt(rng: &mut (impl RngCore + CryptoRng), plaintext: &[u8], mime: impl Into<String>) -> (Vec<u8>, Self) {
+        let (ciphertext, key, sha256) = encrypt(rng, plaintext);
+        let reference = <Self as MediaRefExt>::new(&key, sha256, plaintext.len() as u64, mime);
+        (ciphertext, reference)
+    }
+
+    fn check_digest(&self, digest: &[u8; 32]) -> Result<(), MediaError> {
         match self.sha256.0.len() == 32 && bool::from(digest.as_slice().ct_eq(&self.sha256.0)) {
             true => Ok(()),
             false => Err(MediaError::HashMismatch),
         }
     }
 
-    /// The key and nonce prefix.
-    pub fn media_key(&self) -> Result<MediaKey, MediaError> {
+    fn media_key(&self) -> Result<MediaKey, MediaError> {
         MediaKey::from_parts(&self.key.0, &self.nonce_prefix.0)
     }
 
-    /// Checks the ciphertext against the SHA-256, decrypts it and checks the size.
-    pub fn decrypt(&self, ciphertext: &[u8]) -> Result<Vec<u8>, MediaError> {
+    fn decrypt(&self, ciphertext: &[u8]) -> Result<Vec<u8>, MediaError> {
         let key = self.media_key()?;
-        let digest = Sha256::digest(ciphertext);
-        if self.sha256.0.len() != 32 || !bool::from(digest.as_slice().ct_eq(&self.sha256.0)) {
-            return Err(MediaError::HashMismatch);
-        }
+        self.check_digest(&Sha256::digest(ciphertext).into())?;
         let plaintext = decrypt(&key, ciphertext)?;
         if plaintext.len() as u64 != self.size {
             return Err(MediaError::SizeMismatch);

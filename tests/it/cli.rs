@@ -363,3 +363,48 @@ async fn a_group_through_the_cli_is_created_talked_in_set_up_and_left() -> anyho
     assert_eq!(users, [ids[0].as_str(), ids[1].as_str()], "{members:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_file_is_sent_listed_and_downloaded_through_the_cli() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let parley = Parley::new(&server)?;
+    parley.register("alice").await?;
+    parley.register("bob").await?;
+    let files = tempfile::tempdir()?;
+    let source = files.path().join("notes.txt");
+    let content = "line one\nline two\n".repeat(5000);
+    std::fs::write(&source, &content)?;
+
+    let sent = parley.ok("alice", &["send", "bob", "--file", source.to_str().context("path")?, "the", "notes"], "").await?;
+    let client_msg_id = sent[0]["client_msg_id"].as_str().context("client_msg_id")?.to_owned();
+
+    let history = parley.ok("bob", &["history", "alice"], "").await?;
+    ensure!(history.len() == 1, "one message: {history:?}");
+    let message = &history[0];
+    assert_eq!((message["client_msg_id"].as_str(), message["body"].as_str()), (Some(client_msg_id.as_str()), Some("the notes")));
+    assert_eq!(message["file"]["name"], "notes.txt");
+    assert_eq!(message["file"]["mime"], "text/plain");
+    assert_eq!(message["file"]["size"], content.len());
+    ensure!(message["file"].get("key").is_none() && !history[0].to_string().contains("nonce"), "no key material is printed");
+
+    // By a prefix of the id, into a directory: the sender's file name.
+    let prefix = &client_msg_id.replace('-', "")[..8];
+    let out = tempfile::tempdir()?;
+    let saved = parley.ok("bob", &["download", "alice", prefix, "--out", out.path().to_str().context("path")?], "").await?;
+    let path = out.path().join("notes.txt");
+    assert_eq!(saved[0]["path"].as_str(), path.to_str());
+    assert_eq!(std::fs::read_to_string(&path)?, content);
+
+    // Not over an existing file without --force; with it, again.
+    let again = parley.run("bob", &["download", "alice", prefix, "--out", out.path().to_str().context("path")?], "").await?;
+    ensure!(!again.status.success() && again.json_lines()?[0]["code"] == "exists", "{again:?}");
+    let forced = ["download", "alice", prefix, "--out", path.to_str().context("path")?, "--force"];
+    parley.ok("bob", &forced, "").await?;
+    assert_eq!(std::fs::read_to_string(&path)?, content);
+
+    // A message without a file is not found.
+    let (text_id, _) = parley.send("alice", "bob", "just text").await?;
+    let missing = parley.run("bob", &["download", "alice", &text_id], "").await?;
+    ensure!(!missing.status.success() && missing.json_lines()?[0]["code"] == "not_found", "{missing:?}");
+    Ok(())
+}

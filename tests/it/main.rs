@@ -11,6 +11,7 @@ mod e2ee;
 mod federation;
 mod federation_faults;
 mod federation_security;
+mod file_messages;
 mod files;
 mod group_messenger;
 mod groups;

@@ -5,7 +5,7 @@
 use crate::raw;
 use crate::support::T;
 use anyhow::{ensure, Context as _};
-use parley_crypto::media::MediaRef;
+use parley_crypto::media::{MediaRef, MediaRefExt as _};
 use parley_tests::proxy::{CuttingProxy, Fault};
 use parley_tests::s3::files_under;
 use parley_tests::TestServer;

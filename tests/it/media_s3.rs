@@ -5,7 +5,7 @@
 use crate::media::{complete, create, download, plaintext, sha256_of, upload_cancelled_then_resumed};
 use crate::raw;
 use anyhow::{ensure, Context as _};
-use parley_crypto::media::MediaRef;
+use parley_crypto::media::{MediaRef, MediaRefExt as _};
 use parley_tests::proxy::{CuttingProxy, Fault};
 use parley_tests::s3::{files_under, S3Server};
 use parley_tests::TestServer;

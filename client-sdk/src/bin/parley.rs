@@ -15,6 +15,8 @@
 //! parley group create team bob carol    # an end-to-end encrypted group; prints its id
 //! parley send '!abc…:example.org' hi    # a group id (starts with !) works where a user does
 //! parley chats                          # 1:1 and group conversations, latest first
+//! parley send bob --file cat.jpg 'look' # a file, end-to-end encrypted, with a caption
+//! parley download bob 3f2a              # a message's file (by id prefix) into the current dir
 //! ```
 //!
 //! With `--json` every command prints one JSON object per line on stdout. Errors print
@@ -91,13 +93,33 @@ enum Command {
         #[arg(long, env = "PARLEY_PASSWORD", hide_env_values = true)]
         password: Option<String>,
     },
-    /// Send a message and wait until the server has stored it.
+    /// Send a message (or a file) and wait until the server has stored it.
     Send {
         /// The recipient: @name:server, just name for a user of your own server, or a group id
         /// (!id:server).
         user: String,
-        /// The message (words are joined with spaces; default: all of stdin).
+        /// The message (words are joined with spaces; default: all of stdin, or with --file
+        /// no text).
         text: Vec<String>,
+        /// Send this file, end-to-end encrypted (the text is its caption). An interrupted
+        /// upload resumes when the same command runs again.
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+    },
+    /// Download the file of a message (see `history`), decrypt it and check it. An
+    /// interrupted download resumes when the same command runs again.
+    Download {
+        /// The conversation: @name:server, just name, or a group id (!id:server).
+        user: String,
+        /// The message's id (its `client_msg_id`; a unique prefix is enough).
+        message: String,
+        /// Where to write the file (default: its name, in the current directory; a directory
+        /// means that name in it).
+        #[arg(long, short, value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
     },
     /// Fetch new messages, then print the conversation with a user or a group, oldest first.
     History {
@@ -282,7 +304,8 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
     match cli.command {
         Command::Register { username, password } => commands::register(&ctx, &username, password).await,
         Command::Login { username, recovery, password } => commands::login(&ctx, &username, &recovery, password).await,
-        Command::Send { user, text } => commands::send(&ctx, &user, text).await,
+        Command::Send { user, text, file } => commands::send(&ctx, &user, text, file).await,
+        Command::Download { user, message, out, force } => commands::download(&ctx, &user, &message, out, force).await,
         Command::History { user, limit } => commands::history(&ctx, &user, limit).await,
         Command::Chat { user, last } => commands::chat(&ctx, &user, last).await,
         Command::Chats => commands::chats(&ctx).await,
@@ -362,8 +385,23 @@ fn messenger_code(error: &MessengerError) -> String {
         MessengerError::Profile(_) => "profile".to_owned(),
         MessengerError::Group(error) => group_code(error),
         MessengerError::InvalidRequest(_) => "usage".to_owned(),
+        MessengerError::Media(error) => media_code(error),
         _ => "error".to_owned(),
     }
+}
+
+fn media_code(error: &parley_sdk::media::MediaError) -> String {
+    use parley_sdk::media::MediaError;
+    match error {
+        MediaError::Api(error) => return sdk_code(error),
+        MediaError::File(..) => "io",
+        MediaError::Corrupt(_) => "corrupt",
+        MediaError::Cancelled => "cancelled",
+        MediaError::Gone => "media_gone",
+        MediaError::Protocol(_) => "protocol",
+        _ => "error",
+    }
+    .to_owned()
 }
 
 fn group_code(error: &GroupError) -> String {

@@ -12,7 +12,7 @@ use parley_crypto::identity::VerifiedDevice;
 use parley_crypto::ratchet::Session as Ratchet;
 use parley_crypto::x3dh::{self, PrekeyPolicy};
 use parley_spec::error::DeviceRef;
-use parley_spec::v1::content::{Content, TextContent};
+use parley_spec::v1::content::{Attachment, Content, FileContent, TextContent};
 use parley_spec::v1::keys::{ClaimRequest, ClaimResponse};
 use parley_spec::v1::messages::{Envelope, SendRequest, SentResponse};
 use parley_spec::{DeviceId, ErrorCode, Timestamp, UserId};
@@ -26,7 +26,8 @@ pub const MAX_ATTEMPTS: u8 = 3;
 
 /// One outbox entry on its way.
 pub(super) struct SendJob {
-    entry: OutboxEntry,
+    /// Boxed: an entry with a file is large, and jobs move through the pending requests.
+    entry: Box<OutboxEntry>,
     /// Sends made so far that the server answered `devices_mismatch`.
     mismatches: u8,
     /// Users whose device lists must be fetched again before the next send.
@@ -55,6 +56,28 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
     /// Writes a text message to `to` into the history and the outbox (it goes out with the
     /// next [`E2eeMachine::send`] of it). Returns its new id.
     pub async fn enqueue_text(&mut self, to: &UserId, body: &str, now: Timestamp) -> Result<Uuid, E2eeError> {
+        self.enqueue_message(to, body, None, now).await
+    }
+
+    /// Writes a file message (an uploaded file and its caption) to `to` into the history and
+    /// the outbox, as [`E2eeMachine::enqueue_text`] does. Returns its new id.
+    pub async fn enqueue_file(
+        &mut self,
+        to: &UserId,
+        file: Attachment,
+        caption: &str,
+        now: Timestamp,
+    ) -> Result<Uuid, E2eeError> {
+        self.enqueue_message(to, caption, Some(file), now).await
+    }
+
+    async fn enqueue_message(
+        &mut self,
+        to: &UserId,
+        body: &str,
+        file: Option<Attachment>,
+        now: Timestamp,
+    ) -> Result<Uuid, E2eeError> {
         let client_msg_id = new_uuid(&mut self.rng);
         let message = StoredMessage {
             local_id: 0,
@@ -65,11 +88,12 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
             server_msg_id: None,
             ts: now,
             body: body.to_owned(),
+            file: file.clone(),
             delivered: false,
             read: false,
         };
         self.store.add_message(&message).await?;
-        self.store.enqueue(&OutboxEntry { client_msg_id, to: to.clone(), body: body.to_owned() }, now).await?;
+        self.store.enqueue(&OutboxEntry { client_msg_id, to: to.clone(), body: body.to_owned(), file }, now).await?;
         Ok(client_msg_id)
     }
 
@@ -88,7 +112,7 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
             return Ok(Progress::Done(Done::AlreadySending));
         }
         let client_msg_id = entry.client_msg_id;
-        let job = SendJob { entry, mismatches: 0, refresh: Vec::new(), claimed: None };
+        let job = SendJob { entry: Box::new(entry), mismatches: 0, refresh: Vec::new(), claimed: None };
         let result = self.advance(job).await;
         self.settle(client_msg_id, &result);
         result
@@ -157,9 +181,13 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
                 ));
             }
         }
-        let content = Content::Text(TextContent::new(job.entry.client_msg_id, job.entry.to.clone(), job.entry.body.clone()));
-        // A text content is strings and a UUID: its JSON encoding cannot fail.
-        let plaintext = Zeroizing::new(serde_json::to_vec(&content).expect("text content encodes as JSON"));
+        let (id, to, body) = (job.entry.client_msg_id, job.entry.to.clone(), job.entry.body.clone());
+        let content = match &job.entry.file {
+            None => Content::Text(TextContent::new(id, to, body)),
+            Some(file) => Content::File(FileContent::new(id, to, file.clone(), body)),
+        };
+        // A content is strings, numbers and a UUID: its JSON encoding cannot fail.
+        let plaintext = Zeroizing::new(serde_json::to_vec(&content).expect("message content encodes as JSON"));
         let mut claimed = job.claimed.take().unwrap_or_default();
         let mut envelopes = Vec::with_capacity(targets.len());
         for (user, device) in &targets {

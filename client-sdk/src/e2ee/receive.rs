@@ -56,20 +56,25 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
             }
         };
         // MLS: group contents (and group control messages) join this dispatch.
-        let Ok(Content::Text(text)) = serde_json::from_slice::<Content>(&plaintext) else {
-            self.undecryptable(&message, Undecryptable::UnknownContent);
-            return Ok(Progress::Done(Done::Received));
+        let (client_msg_id, to, body, file) = match serde_json::from_slice::<Content>(&plaintext) {
+            Ok(Content::Text(text)) => (text.client_msg_id, text.to, text.body, None),
+            Ok(Content::File(file)) => (file.client_msg_id, file.to, file.caption, Some(file.file)),
+            _ => {
+                self.undecryptable(&message, Undecryptable::UnknownContent);
+                return Ok(Progress::Done(Done::Received));
+            }
         };
-        let peer = if message.sender == self.user_id { text.to.clone() } else { message.sender.clone() };
+        let peer = if message.sender == self.user_id { to } else { message.sender.clone() };
         let stored = StoredMessage {
             local_id: 0,
             peer: peer.clone(),
             sender: message.sender.clone(),
             sender_device: message.sender_device.clone(),
-            client_msg_id: text.client_msg_id,
+            client_msg_id,
             server_msg_id: Some(message.id),
             ts: message.ts,
-            body: text.body,
+            body,
+            file,
             delivered: false,
             read: false,
         };

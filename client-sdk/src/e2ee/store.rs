@@ -57,8 +57,10 @@ pub struct OutboxEntry {
     pub client_msg_id: Uuid,
     /// Recipient.
     pub to: UserId,
-    /// Text.
+    /// Text (a file's caption).
     pub body: String,
+    /// The file, for a file message.
+    pub file: Option<parley_spec::v1::content::Attachment>,
 }
 
 /// A slot of a superseded session (higher is newer).

@@ -51,7 +51,7 @@ use parley_crypto::mls::{
     ErrorKind, Group, Incoming, IncomingCommit, KeyPackage, LeafIndex, Lifetime, Member, MemberChange, MemberLeaf,
 };
 use parley_crypto::mls::{MlsClient, MlsError, PendingJoin};
-use parley_spec::v1::content::{Content, GroupTextContent};
+use parley_spec::v1::content::{Attachment, Content, GroupFileContent, GroupTextContent};
 use parley_spec::v1::groups::{CreateGroupRequest, GroupEvent, GroupEventKind, GroupSendRequest, GroupSentResponse};
 use parley_spec::v1::keypackages::UploadKeyPackagesRequest;
 use parley_spec::{DeviceId, GroupId, GroupSeq, Timestamp, UserId};
@@ -401,8 +401,24 @@ impl<S: GroupStore> GroupMachine<S> {
         body: &str,
         now: Timestamp,
     ) -> Result<GroupSendRequest, GroupError> {
+        self.encrypt_message(group_id, client_msg_id, body, None, now).await
+    }
+
+    /// [`GroupMachine::encrypt_text`] for a text or a file (`body` is then its caption).
+    pub async fn encrypt_message(
+        &mut self,
+        group_id: &GroupId,
+        client_msg_id: Uuid,
+        body: &str,
+        file: Option<Attachment>,
+        now: Timestamp,
+    ) -> Result<GroupSendRequest, GroupError> {
         let mut record = self.active(group_id).await?;
-        let message = self.encrypt(group_id, &Content::GroupText(GroupTextContent::new(client_msg_id, body)))?;
+        let content = match &file {
+            None => Content::GroupText(GroupTextContent::new(client_msg_id, body)),
+            Some(file) => Content::GroupFile(GroupFileContent::new(client_msg_id, file.clone(), body)),
+        };
+        let message = self.encrypt(group_id, &content)?;
         let stored = GroupMessage {
             local_id: 0,
             group_id: group_id.clone(),
@@ -412,6 +428,7 @@ impl<S: GroupStore> GroupMachine<S> {
             client_msg_id,
             ts: now,
             body: body.to_owned(),
+            file,
         };
         record.last_ts = record.last_ts.max(now);
         self.persist(GroupChanges { record: Some(record), messages: vec![stored], ..GroupChanges::default() }).await?;
@@ -606,25 +623,36 @@ impl<S: GroupStore> GroupMachine<S> {
         let mut events = Vec::new();
         let problem = |reason| MessengerEvent::GroupProblem { group_id: group_id.clone(), reason };
         match group.process(&self.client, &event.message.0) {
-            Ok(Incoming::Application { sender, plaintext }) => match serde_json::from_slice::<Content>(&plaintext) {
-                Ok(Content::GroupText(text)) => {
+            Ok(Incoming::Application { sender, plaintext }) => {
+                let posted = match serde_json::from_slice::<Content>(&plaintext) {
+                    Ok(Content::GroupText(text)) => Some((text.client_msg_id, text.body, None)),
+                    Ok(Content::GroupFile(file)) => Some((file.client_msg_id, file.caption, Some(file.file))),
+                    Ok(Content::GroupMeta(meta)) => {
+                        events.extend(self.take_meta(&mut record, sender.leaf.user(), meta));
+                        None
+                    }
+                    _ => {
+                        events.push(problem(GroupProblem::UnknownContent));
+                        None
+                    }
+                };
+                if let Some((client_msg_id, body, file)) = posted {
                     let message = GroupMessage {
                         local_id: 0,
                         group_id: group_id.clone(),
                         group_seq: Some(event.group_seq),
                         sender: sender.leaf.user().clone(),
                         sender_device: sender.leaf.device().clone(),
-                        client_msg_id: text.client_msg_id,
+                        client_msg_id,
                         ts: event.ts,
-                        body: text.body,
+                        body,
+                        file,
                     };
                     record.last_ts = record.last_ts.max(event.ts);
                     events.push(MessengerEvent::GroupMessage(message.clone()));
                     messages.push(message);
                 }
-                Ok(Content::GroupMeta(meta)) => events.extend(self.take_meta(&mut record, sender.leaf.user(), meta)),
-                _ => events.push(problem(GroupProblem::UnknownContent)),
-            },
+            }
             Ok(other) => events.push(problem(GroupProblem::Undecryptable(format!("not an application message: {other:?}")))),
             Err(error) if error.kind() == ErrorKind::BadInput => {
                 events.push(problem(GroupProblem::Undecryptable(error.to_string())));

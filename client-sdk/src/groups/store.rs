@@ -124,8 +124,10 @@ pub struct GroupMessage {
     pub client_msg_id: Uuid,
     /// When the hub stored it (for an unconfirmed own message: when it was written).
     pub ts: Timestamp,
-    /// The text.
+    /// The text (a file's caption).
     pub body: String,
+    /// The file, for a file message.
+    pub file: Option<parley_spec::v1::content::Attachment>,
 }
 
 /// The hub's position and time for one of this device's messages.

@@ -29,6 +29,7 @@ use crate::Error;
 use parley_crypto::identity::VerifiedDeviceList;
 use parley_crypto::mls::KeyPackage;
 use parley_spec::error::DeviceRef;
+use parley_spec::v1::content::Attachment;
 use parley_spec::v1::groups::{GroupEvent, GroupSendRequest, GroupSentResponse};
 use parley_spec::v1::keypackages::ClaimKeyPackagesRequest;
 use parley_spec::v1::keys::MAX_CLAIM_DEVICES;
@@ -108,8 +109,8 @@ impl Drop for GroupGuard<'_> {
 
 /// An application message to send.
 #[derive(Clone, Copy)]
-enum Application<'a> {
-    Text { client_msg_id: Uuid, body: &'a str },
+pub(super) enum Application<'a> {
+    Text { client_msg_id: Uuid, body: &'a str, file: Option<&'a Attachment> },
     Meta,
 }
 
@@ -286,7 +287,7 @@ impl Messenger {
     /// after the next (re)connection ([`flush_group_outbox`](Self::flush_group_outbox)).
     pub async fn send_group_text(&self, group_id: &GroupId, body: &str) -> Result<(Uuid, GroupSeq), MessengerError> {
         let client_msg_id = Uuid::new_v4();
-        let sent = self.send_application(group_id, Application::Text { client_msg_id, body }).await?;
+        let sent = self.send_application(group_id, Application::Text { client_msg_id, body, file: None }).await?;
         let sent = sent.ok_or_else(|| GroupError::InvalidRequest("nothing sent".into()))?;
         self.group_machine().await.message_sent(group_id, &sent).await?;
         Ok((client_msg_id, sent.group_seq))
@@ -346,7 +347,8 @@ impl Messenger {
                 .filter(|m| m.group_seq.is_none() && m.sender_device == me)
                 .collect();
             for message in unsent {
-                let what = Application::Text { client_msg_id: message.client_msg_id, body: &message.body };
+                let what =
+                    Application::Text { client_msg_id: message.client_msg_id, body: &message.body, file: message.file.as_ref() };
                 match self.send_application(&group_id, what).await {
                     Ok(Some(sent)) => {
                         self.group_machine().await.message_sent(&group_id, &sent).await?;
@@ -407,7 +409,7 @@ impl Messenger {
 
     /// Encrypts `what` and submits it, again after catching up when the hub finds its epoch too
     /// old. `None` when there was nothing to send.
-    async fn send_application(
+    pub(super) async fn send_application(
         &self,
         group_id: &GroupId,
         what: Application<'_>,
@@ -416,8 +418,8 @@ impl Messenger {
             let encrypted = {
                 let mut machine = self.group_machine().await;
                 match what {
-                    Application::Text { client_msg_id, body } => {
-                        machine.encrypt_text(group_id, client_msg_id, body, Timestamp::now()).await.map(Some)
+                    Application::Text { client_msg_id, body, file } => {
+                        machine.encrypt_message(group_id, client_msg_id, body, file.cloned(), Timestamp::now()).await.map(Some)
                     }
                     Application::Meta => machine.encrypt_meta(group_id).await,
                 }

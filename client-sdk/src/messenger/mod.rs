@@ -22,12 +22,14 @@
 
 mod devices;
 mod driver;
+mod files;
 mod groups;
 #[cfg(test)]
 mod tests;
 
 pub use crate::e2ee::{MessengerEvent, Undecryptable, Untrust};
 pub use crate::groups::{GroupError, GroupMessage, GroupPolicy, GroupProblem, GroupRecord, GroupState, MetaChange};
+pub use files::{TransferProgress, MAX_THUMBNAIL_BYTES, THUMBNAIL_SIDE};
 pub use groups::{AddReport, DeviceRemoval, MAX_COMMIT_ATTEMPTS};
 
 use crate::e2ee::{AccountStore as _, CryptoError, E2eeError, E2eeMachine, Progress};
@@ -71,6 +73,9 @@ pub enum MessengerError {
     /// A group operation failed.
     #[error(transparent)]
     Group(#[from] GroupError),
+    /// A file transfer failed (a local file, a corrupt download, a cancel).
+    #[error(transparent)]
+    Media(crate::media::MediaError),
     /// The arguments do not make sense (API misuse), such as a device removing itself.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -113,6 +118,8 @@ pub struct Messenger {
 
 struct Inner {
     store: Store,
+    /// Where uploads in progress keep their state (next to the profile).
+    media_dir: std::path::PathBuf,
     session: Session,
     identity_key: PublicKey,
     driver: Driver<Store, OsRng, Network>,
@@ -180,7 +187,7 @@ impl Messenger {
         let store = Store::open(path).await.map_err(Error::from)?;
         let machine = set_up(&store, &session, identity, device, &api).await?;
         api.put_device_list(&list).await?;
-        let (messenger, events) = Self::start(store, session, machine).await?;
+        let (messenger, events) = Self::start(path, store, session, machine).await?;
         Ok((messenger, events, recovery))
     }
 
@@ -214,7 +221,7 @@ impl Messenger {
         let store = Store::open(path).await.map_err(Error::from)?;
         let machine = set_up(&store, &session, identity, device, &api).await?;
         api.put_device_list(&list).await?;
-        Self::start(store, session, machine).await
+        Self::start(path, store, session, machine).await
     }
 
     /// Opens an existing profile and connects, resuming from the stored cursor.
@@ -223,10 +230,15 @@ impl Messenger {
         let json = store.get("session").await.map_err(Error::from)?.ok_or(ProfileError::Missing("session"))?;
         let session: Session = serde_json::from_slice(&json).map_err(|_| ProfileError::Damaged("session"))?;
         let machine = E2eeMachine::open(store.clone(), OsRng, session.user_id.clone(), session.device_id.clone()).await?;
-        Self::start(store, session, machine).await
+        Self::start(path, store, session, machine).await
     }
 
-    async fn start(store: Store, session: Session, machine: Machine) -> Result<(Self, MessengerEvents), MessengerError> {
+    async fn start(
+        path: &Path,
+        store: Store,
+        session: Session,
+        machine: Machine,
+    ) -> Result<(Self, MessengerEvents), MessengerError> {
         let since = match store.get("cursor").await.map_err(Error::from)? {
             Some(bytes) => std::str::from_utf8(&bytes).ok().and_then(|s| s.parse().ok()).map_or(Seq::ZERO, Seq::new),
             None => Seq::ZERO,
@@ -241,6 +253,7 @@ impl Messenger {
         drop(device);
         let inner = Arc::new(Inner {
             store,
+            media_dir: media_dir(path),
             identity_key: machine.identity_key(),
             session,
             driver: Driver::new(machine, network, tx),
@@ -448,6 +461,13 @@ async fn run_outbox(messenger: Weak<Inner>, mut requests: mpsc::UnboundedReceive
         // The caller stopped waiting: the pass counted anyway.
         let _ = done.send(outcome);
     }
+}
+
+/// The media work directory of the profile at `path`: `<profile>.media` next to it.
+fn media_dir(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().map(std::ffi::OsStr::to_os_string).unwrap_or_default();
+    name.push(".media");
+    path.with_file_name(name)
 }
 
 /// Saves the session, creates the E2EE machine for a new device (saving its keys) and uploads

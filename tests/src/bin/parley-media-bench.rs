@@ -8,7 +8,7 @@
 use anyhow::{ensure, Context as _};
 use clap::Parser;
 use futures_util::StreamExt as _;
-use parley_crypto::media::MediaRef;
+use parley_crypto::media::{MediaRef, MediaRefExt as _};
 use parley_tests::TestServer;
 use serde_json::{json, Value};
 use std::time::Instant;

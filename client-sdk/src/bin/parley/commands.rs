@@ -13,11 +13,14 @@ use parley_sdk::e2ee::StoreError;
 use parley_sdk::messenger::{AddReport, GroupMessage, Messenger, MessengerError, MessengerEvent, MessengerEvents};
 use parley_sdk::spec::GroupId;
 use parley_sdk::store::StoredMessage;
+use parley_sdk::Attachment;
 use parley_sdk::{Api, DeviceId, ErrorCode, PresenceStatus, ServerMsgId, Session, UserId};
 use serde_json::json;
 use std::collections::HashSet;
 use std::future::Future;
 use std::io::IsTerminal as _;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 use tokio::time::Instant;
@@ -184,13 +187,22 @@ pub async fn login(ctx: &Ctx, username: &str, recovery: &str, password: Option<S
 }
 
 /// `parley send`.
-pub async fn send(ctx: &Ctx, user: &str, text: Vec<String>) -> anyhow::Result<()> {
-    let body = if text.is_empty() { read_body().await? } else { text.join(" ") };
-    if body.trim().is_empty() {
+pub async fn send(ctx: &Ctx, user: &str, text: Vec<String>, file: Option<PathBuf>) -> anyhow::Result<()> {
+    let body = match (text.is_empty(), &file) {
+        (true, None) => read_body().await?,
+        _ => text.join(" "),
+    };
+    if body.trim().is_empty() && file.is_none() {
         return Err(fail("usage", "the message is empty"));
     }
+    if let Some(path) = &file {
+        let metadata = tokio::fs::metadata(path).await.with_context(|| format!("cannot read {}", path.display()))?;
+        if !metadata.is_file() {
+            return Err(fail("usage", format!("{} is not a file", path.display())));
+        }
+    }
     if is_group(user) {
-        return group_send(ctx, user, &body).await;
+        return group_send(ctx, user, &body, file.as_deref()).await;
     }
     let mut device = ctx.connect().await?;
     let mut watcher = Watcher::quiet(ctx.out.clone());
@@ -199,7 +211,12 @@ pub async fn send(ctx: &Ctx, user: &str, text: Vec<String>) -> anyhow::Result<()
         // What arrived while away goes into the history before the new message.
         ctx.within("fetching new messages", device.messenger.caught_up()).await??;
         ensure_known(ctx, &device.messenger, &to).await?;
-        let sent = send_one(ctx, &device.messenger, &mut device.events, &to, &body, &mut |e| watcher.handle(e)).await?;
+        let attachment = match &file {
+            Some(path) => Some(upload(ctx, &device.messenger, path).await?),
+            None => None,
+        };
+        let messenger = &device.messenger;
+        let sent = send_one(ctx, messenger, &mut device.events, &to, &body, attachment, &mut |e| watcher.handle(e)).await?;
         Ok((to, sent))
     }
     .await;
@@ -297,7 +314,7 @@ async fn chat_loop(ctx: &Ctx, device: &mut Device, peer: &UserId, last: u32, wat
                     continue;
                 }
                 let Device { messenger, events, .. } = &mut *device;
-                match send_one(ctx, messenger, events, peer, text, &mut |e| watcher.handle(e)).await {
+                match send_one(ctx, messenger, events, peer, text, None, &mut |e| watcher.handle(e)).await {
                     Ok((client_msg_id, server_msg_id)) => ctx.out.json_only(
                         json!({ "event": "sent", "client_msg_id": client_msg_id, "server_msg_id": server_msg_id }),
                     ),
@@ -497,14 +514,20 @@ fn group_label(name: Option<&str>, group_id: &GroupId) -> String {
 }
 
 /// `parley send` to a group.
-async fn group_send(ctx: &Ctx, group: &str, body: &str) -> anyhow::Result<()> {
+async fn group_send(ctx: &Ctx, group: &str, body: &str, file: Option<&Path>) -> anyhow::Result<()> {
     let group_id = parse_group(group)?;
     let device = ctx.connect().await?;
     let mut watcher = Watcher::quiet(ctx.out.clone());
     let result: anyhow::Result<_> = async {
         ctx.within("fetching new messages", device.messenger.caught_up()).await??;
         known_group(&device.messenger, &group_id).await?;
-        let sent = ctx.within("sending", device.messenger.send_group_text(&group_id, body)).await?;
+        let sent = match file {
+            Some(path) => {
+                let attachment = upload(ctx, &device.messenger, path).await?;
+                ctx.within("sending", device.messenger.send_group_attachment(&group_id, &attachment, body)).await?
+            }
+            None => ctx.within("sending", device.messenger.send_group_text(&group_id, body)).await?,
+        };
         sent.with_context(|| format!("not sent to {group_id}"))
     }
     .await;
@@ -647,6 +670,7 @@ fn group_message_json(message: &GroupMessage, me: &UserId) -> serde_json::Value 
         "sender_device": message.sender_device,
         "outgoing": outgoing,
         "body": message.body,
+        "file": message.file.as_ref().map(file_json),
         "ts": message.ts,
         "client_msg_id": message.client_msg_id,
         "group_seq": message.group_seq,
@@ -660,7 +684,8 @@ fn group_message_line(message: &GroupMessage, me: &UserId) -> String {
     let who = if &message.sender == me { "you".to_owned() } else { terminal_safe(message.sender.as_str()) };
     let status = if &message.sender == me && message.group_seq.is_none() { "  [unconfirmed]" } else { "" };
     let prefix = format!("{}  {who}: ", format_time(message.ts));
-    format!("{prefix}{}{status}", indent_body(&message.body, prefix.chars().count()))
+    let body = with_file(&message.body, message.file.as_ref(), message.client_msg_id);
+    format!("{prefix}{}{status}", indent_body(&body, prefix.chars().count()))
 }
 
 /// Prints what adding members came to: devices without a KeyPackage or whose KeyPackage was
@@ -977,6 +1002,7 @@ async fn send_one(
     events: &mut MessengerEvents,
     to: &UserId,
     body: &str,
+    file: Option<Attachment>,
     others: &mut dyn FnMut(MessengerEvent),
 ) -> anyhow::Result<(Uuid, ServerMsgId)> {
     let deadline = Instant::now() + ctx.timeout;
@@ -987,7 +1013,13 @@ async fn send_one(
         )
     };
     let before: HashSet<Uuid> = messenger.store().outbox().await?.into_iter().map(|e| e.client_msg_id).collect();
-    let client_msg_id = match tokio::time::timeout_at(deadline, messenger.send_text(to, body)).await {
+    let sending = async {
+        match &file {
+            Some(file) => messenger.send_attachment(to, file.clone(), body).await,
+            None => messenger.send_text(to, body).await,
+        }
+    };
+    let client_msg_id = match tokio::time::timeout_at(deadline, sending).await {
         Err(_) => return Err(fail("timeout", queued())),
         Ok(Ok(id)) => id,
         Ok(Err(error)) => {
@@ -996,7 +1028,7 @@ async fn send_one(
                     .context("not sent yet; the message stays queued and goes out the next time this profile connects"));
             }
             for entry in messenger.store().outbox().await? {
-                if !before.contains(&entry.client_msg_id) && entry.to == *to && entry.body == body {
+                if !before.contains(&entry.client_msg_id) && entry.to == *to && entry.body == body && entry.file == file {
                     messenger.store().dequeue(entry.client_msg_id).await?;
                 }
             }
@@ -1082,6 +1114,7 @@ fn message_json(message: &StoredMessage, me: &UserId, queued: bool) -> serde_jso
         "sender_device": message.sender_device,
         "outgoing": &message.sender == me,
         "body": message.body,
+        "file": message.file.as_ref().map(file_json),
         "ts": message.ts,
         "client_msg_id": message.client_msg_id,
         "server_msg_id": message.server_msg_id,
@@ -1097,7 +1130,184 @@ fn message_line(message: &StoredMessage, me: &UserId, queued: bool) -> String {
     let who = if status.is_some() { "you".to_owned() } else { terminal_safe(message.sender.as_str()) };
     let status = status.map(|s| format!("  [{s}]")).unwrap_or_default();
     let prefix = format!("{}  {who}: ", format_time(message.ts));
-    format!("{prefix}{}{status}", indent_body(&message.body, prefix.chars().count()))
+    let body = with_file(&message.body, message.file.as_ref(), message.client_msg_id);
+    format!("{prefix}{}{status}", indent_body(&body, prefix.chars().count()))
+}
+
+/// An attachment as JSON: what it is, never its key.
+fn file_json(file: &Attachment) -> serde_json::Value {
+    json!({
+        "name": file.name,
+        "mime": file.media.mime,
+        "size": file.media.size,
+        "server": file.server,
+        "media_id": file.media_id,
+        "dimensions": file.dimensions,
+        "thumbnail_bytes": file.thumbnail.as_ref().map(|t| t.data.0.len()),
+    })
+}
+
+/// A message's text for people, with its file (if any) on a line of its own first.
+fn with_file(body: &str, file: Option<&Attachment>, client_msg_id: Uuid) -> String {
+    let Some(file) = file else { return body.to_owned() };
+    let name = file.name.as_deref().map_or_else(|| "(no name)".to_owned(), terminal_safe);
+    let dimensions = file.dimensions.map(|(w, h)| format!(", {w}x{h}")).unwrap_or_default();
+    let id = client_msg_id.simple().to_string();
+    let line = format!(
+        "[file {name}, {}, {}{dimensions}; parley download … {}]",
+        human_bytes(file.media.size),
+        terminal_safe(&file.media.mime),
+        &id[..8]
+    );
+    if body.is_empty() {
+        line
+    } else {
+        format!("{line}\n{body}")
+    }
+}
+
+/// A byte count for people.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A progress bar on stderr for a transfer (none with `--json` or when stderr is not a
+/// terminal); the callback the SDK calls with bytes done and in all.
+fn progress_bar(out: &Out, what: String) -> (indicatif::ProgressBar, impl FnMut(u64, u64) -> ControlFlow<()> + Send) {
+    let bar = if out.is_json() || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(0);
+        let style = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .map(|style| style.progress_chars("=> "))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar
+    };
+    bar.set_message(what);
+    let handle = bar.clone();
+    (bar, move |done, total| {
+        handle.set_length(total);
+        handle.set_position(done);
+        ControlFlow::Continue(())
+    })
+}
+
+/// Uploads `path` with a progress bar: an interrupted upload resumes the next time.
+async fn upload(ctx: &Ctx, messenger: &Messenger, path: &Path) -> anyhow::Result<Attachment> {
+    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let (bar, progress) = progress_bar(&ctx.out, format!("uploading {}", terminal_safe(&name)));
+    let uploaded = messenger.upload(path, progress).await;
+    bar.finish_and_clear();
+    uploaded.map_err(|e| {
+        let hint = if matches!(e, MessengerError::Sdk(ref s) if s.is_transient()) {
+            format!("upload of {} interrupted; run the same command again to resume it", path.display())
+        } else {
+            format!("cannot upload {}", path.display())
+        };
+        anyhow::Error::new(e).context(hint)
+    })
+}
+
+/// `parley download`.
+pub async fn download(ctx: &Ctx, user: &str, message: &str, out: Option<PathBuf>, force: bool) -> anyhow::Result<()> {
+    let prefix = message.trim().to_ascii_lowercase().replace('-', "");
+    if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(fail("usage", format!("{message:?} is not a message id (hex digits, as `history` shows them)")));
+    }
+    let device = ctx.connect().await?;
+    let me = device.me().clone();
+    let mut watcher = Watcher::quiet(ctx.out.clone());
+    let result: anyhow::Result<_> = async {
+        ctx.within("fetching new messages", device.messenger.caught_up()).await??;
+        let files: Vec<(Uuid, Attachment)> = if is_group(user) {
+            let group_id = parse_group(user)?;
+            known_group(&device.messenger, &group_id).await?;
+            let history = device.messenger.group_history(&group_id, u32::MAX).await?;
+            history.into_iter().filter_map(|m| Some((m.client_msg_id, m.file?))).collect()
+        } else {
+            let peer = parse_user(user, &me)?;
+            let history = device.messenger.store().history(&peer, u32::MAX).await?;
+            history.into_iter().filter_map(|m| Some((m.client_msg_id, m.file?))).collect()
+        };
+        let mut matching = files.into_iter().filter(|(id, _)| id.simple().to_string().starts_with(&prefix));
+        let Some((client_msg_id, file)) = matching.next() else {
+            return Err(fail("not_found", format!("no message with a file and id {message} in the conversation with {user}")));
+        };
+        if matching.any(|(id, _)| id != client_msg_id) {
+            return Err(fail("usage", format!("{message} names more than one message; give more of its id")));
+        }
+        let dest = destination(out.as_deref(), &file)?;
+        if !force && tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+            return Err(fail("exists", format!("{} exists; use --force to overwrite it, or --out", dest.display())));
+        }
+        let shown = dest.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let (bar, progress) = progress_bar(&ctx.out, format!("downloading {}", terminal_safe(&shown)));
+        let downloaded = device.messenger.download(&file, &dest, progress).await;
+        bar.finish_and_clear();
+        downloaded.map_err(|e| {
+            let hint = if matches!(e, MessengerError::Sdk(ref s) if s.is_transient()) {
+                "download interrupted; run the same command again to resume it".to_owned()
+            } else {
+                format!("cannot download the file of message {client_msg_id}")
+            };
+            anyhow::Error::new(e).context(hint)
+        })?;
+        Ok((client_msg_id, file, dest))
+    }
+    .await;
+    device.close(ctx.timeout, |e| watcher.handle(e)).await;
+    let (client_msg_id, file, dest) = result?;
+    ctx.out.record(
+        json!({ "client_msg_id": client_msg_id, "path": dest, "size": file.media.size, "mime": file.media.mime }),
+        || format!("Saved {} ({}).", dest.display(), human_bytes(file.media.size)),
+    );
+    Ok(())
+}
+
+/// Where a download goes: `out` (a file, or a directory for the file's own name), or the
+/// file's own name in the current directory. The name a sender chose is reduced to one plain
+/// path component: it cannot point elsewhere.
+fn destination(out: Option<&Path>, file: &Attachment) -> anyhow::Result<PathBuf> {
+    let own_name = || {
+        let name = file.name.as_deref().and_then(|n| Path::new(n).file_name()).and_then(|n| n.to_str()).unwrap_or("");
+        let name: String = name.chars().filter(|c| !c.is_control() && *c != '/' && *c != '\\').collect();
+        let name = name.trim().trim_start_matches('.');
+        if name.is_empty() {
+            let extension = mime_extension(&file.media.mime);
+            format!("parley-{}{extension}", &file.media_id[..file.media_id.len().min(12)])
+        } else {
+            name.to_owned()
+        }
+    };
+    Ok(match out {
+        Some(path) if path.is_dir() => path.join(own_name()),
+        Some(path) => path.to_path_buf(),
+        None => PathBuf::from(own_name()),
+    })
+}
+
+/// A file name extension for a MIME type (with its dot), or none.
+fn mime_extension(mime: &str) -> String {
+    match mime {
+        "image/jpeg" => ".jpg".to_owned(),
+        "image/png" => ".png".to_owned(),
+        "image/gif" => ".gif".to_owned(),
+        "image/webp" => ".webp".to_owned(),
+        "application/pdf" => ".pdf".to_owned(),
+        "text/plain" => ".txt".to_owned(),
+        _ => String::new(),
+    }
 }
 
 /// Handles the messenger's events while a command runs: warnings always (on stderr), and in

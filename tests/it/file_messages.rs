@@ -1,0 +1,157 @@
+//! Files in end-to-end encrypted messages through the SDK (`Messenger::send_file`,
+//! `send_group_file`, `download`): an image crosses servers with a thumbnail made by the sender
+//! and downloads intact through the recipient's own server, a forward re-sends the same
+//! reference, and a group upload cancelled halfway resumes after the profile is reopened,
+//! sending only the parts that were missing.
+
+use crate::e2ee::next;
+use crate::media::SMALL_PARTS;
+use parley_sdk::media::MediaError;
+use parley_sdk::messenger::{Messenger, MessengerError, MessengerEvent, MessengerEvents};
+use parley_sdk::store::StoredMessage;
+use parley_tests::fednet::{Discovery, FedNet};
+use parley_tests::TestServer;
+use rand::RngCore as _;
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+const PASSWORD: &str = "correct horse";
+
+fn go(_: u64, _: u64) -> ControlFlow<()> {
+    ControlFlow::Continue(())
+}
+
+async fn register(server: &TestServer, dir: &Path, name: &str) -> anyhow::Result<(Messenger, MessengerEvents)> {
+    let (messenger, events, _) = Messenger::register(&server.base_url, &dir.join(format!("{name}.db")), name, PASSWORD).await?;
+    Ok((messenger, events))
+}
+
+async fn next_message(events: &mut MessengerEvents) -> anyhow::Result<StoredMessage> {
+    next(events, |e| match e {
+        MessengerEvent::Message(m) => Some(m),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_image_crosses_servers_with_its_thumbnail_and_downloads_intact() -> anyhow::Result<()> {
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], SMALL_PARTS).await?;
+    let dir = tempfile::tempdir()?;
+    let (alice, mut alice_events) = register(net.server("a.test"), dir.path(), "alice").await?;
+    let (bob, mut bob_events) = register(net.server("b.test"), dir.path(), "bob").await?;
+    let (alice_id, bob_id) = (alice.session().user_id.clone(), bob.session().user_id.clone());
+
+    // A 900x600 gradient: several 64 KiB parts as PNG.
+    let photo = dir.path().join("photo.png");
+    image::RgbImage::from_fn(900, 600, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 251) as u8]))
+        .save(&photo)?;
+    let plaintext = std::fs::read(&photo)?;
+    let sent = alice.send_file(&bob_id, &photo, "the view", go).await?;
+
+    let got = next_message(&mut bob_events).await?;
+    assert_eq!((got.client_msg_id, got.sender.clone(), got.body.as_str()), (sent, alice_id.clone(), "the view"));
+    let file = got.file.clone().expect("a file message");
+    assert_eq!((file.server.as_str(), file.name.as_deref()), ("a.test", Some("photo.png")));
+    assert_eq!((file.media.mime.as_str(), file.media.size), ("image/png", plaintext.len() as u64));
+    assert_eq!(file.dimensions, Some((900, 600)));
+    let thumbnail = file.thumbnail.clone().expect("a thumbnail");
+    assert_eq!((thumbnail.mime.as_str(), thumbnail.width, thumbnail.height), ("image/jpeg", 320, 213));
+    let preview = image::load_from_memory(&thumbnail.data.0)?;
+    assert_eq!((preview.width(), preview.height()), (320, 213));
+
+    // Through b.test, which fetches it from a.test over federation.
+    let saved = dir.path().join("bob-got.png");
+    bob.download(&file, &saved, go).await?;
+    assert!(std::fs::read(&saved)? == plaintext, "the download is the file");
+    assert_eq!(bob.store().history(&alice_id, 10).await?[0].file.as_ref(), Some(&file), "the history keeps it");
+    let mine = alice.store().history(&bob_id, 10).await?;
+    assert_eq!((mine[0].client_msg_id, mine[0].file.as_ref()), (sent, Some(&file)));
+
+    // A forward sends the same reference: nothing is uploaded again, and it still opens.
+    let stored =
+        |pool: sqlx::SqlitePool| async move { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM media").fetch_one(&pool).await };
+    assert_eq!(stored(net.server("a.test").db().await?).await?, 1);
+    bob.send_attachment(&alice_id, file.clone(), "").await?;
+    let forwarded = next_message(&mut alice_events).await?;
+    assert_eq!((forwarded.sender, forwarded.body.as_str(), forwarded.file.as_ref()), (bob_id, "", Some(&file)));
+    let again = dir.path().join("alice-got.png");
+    alice.download(forwarded.file.as_ref().expect("file"), &again, go).await?;
+    assert!(std::fs::read(&again)? == plaintext);
+    assert_eq!(stored(net.server("a.test").db().await?).await?, 1, "stored once");
+
+    // An attachment whose media id is not its hash is refused before anything is fetched.
+    let mut forged = file.clone();
+    forged.media_id = "0".repeat(64);
+    let refused = bob.download(&forged, &dir.path().join("forged"), go).await;
+    assert!(matches!(refused, Err(MessengerError::InvalidRequest(_))), "{refused:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_group_upload_cancelled_halfway_resumes_after_a_restart_and_the_members_get_the_file() -> anyhow::Result<()> {
+    let server = TestServer::start_with(SMALL_PARTS).await?;
+    let dir = tempfile::tempdir()?;
+    let (alice, _alice_events) = register(&server, dir.path(), "alice").await?;
+    let (bob, mut bob_events) = register(&server, dir.path(), "bob").await?;
+    let (group, _) = alice.create_group("files", &[bob.session().user_id.clone()]).await?;
+    next(&mut bob_events, |e| matches!(e, MessengerEvent::GroupJoined { .. }).then_some(())).await?;
+
+    // Four parts of 64 KiB (the server's part size here) and a bit.
+    let mut plaintext = vec![0u8; 4 * 65536 + 1000];
+    rand::thread_rng().fill_bytes(&mut plaintext);
+    let report = dir.path().join("report.bin");
+    std::fs::write(&report, &plaintext)?;
+
+    // Cancelled once the first part is up.
+    let cancelled = alice
+        .send_group_file(
+            &group,
+            &report,
+            "q3",
+            |done, _| if done > 0 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) },
+        )
+        .await;
+    assert!(matches!(cancelled, Err(MessengerError::Media(MediaError::Cancelled))), "{cancelled:?}");
+    alice.close().await;
+    drop(alice);
+
+    // The profile reopens (a restarted app): the upload picks up where it stopped.
+    let (alice, _alice_events) = Messenger::open(&dir.path().join("alice.db")).await?;
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    let (id, _) = alice
+        .send_group_file(&group, &report, "q3", move |done, total| {
+            seen.lock().expect("lock").push((done, total));
+            ControlFlow::Continue(())
+        })
+        .await?;
+    let calls = calls.lock().expect("lock").clone();
+    let (first_done, total) = calls[0];
+    assert!(first_done >= 65536, "the part already up is not sent again: {calls:?}");
+    assert_eq!(calls.last().copied(), Some((total, total)));
+
+    let got = next(&mut bob_events, |e| match e {
+        MessengerEvent::GroupMessage(m) => Some(m),
+        _ => None,
+    })
+    .await?;
+    assert_eq!((got.client_msg_id, got.body.as_str()), (id, "q3"));
+    let file = got.file.expect("a file message");
+    assert_eq!(
+        (file.name.as_deref(), file.media.mime.as_str(), file.thumbnail.is_none()),
+        (Some("report.bin"), "application/octet-stream", true)
+    );
+    let saved = dir.path().join("bob-report.bin");
+    bob.download(&file, &saved, go).await?;
+    assert!(std::fs::read(&saved)? == plaintext);
+    // Forwarded 1:1 on the same server: bob's reference is renewed, nothing is stored again.
+    bob.send_attachment(&alice.session().user_id, file.clone(), "fyi").await?;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM media").fetch_one(&server.db().await?).await?;
+    let refs: i64 = sqlx::query_scalar("SELECT count(*) FROM media_refs").fetch_one(&server.db().await?).await?;
+    assert_eq!((stored, refs), (1, 2), "one file, referenced by alice and bob");
+    let history = alice.group_history(&group, 10).await?;
+    assert_eq!(history.iter().filter(|m| m.file.is_some()).count(), 1, "one message, though sent twice over");
+    Ok(())
+}
