@@ -534,7 +534,7 @@ impl Media {
             store.drop_upload(&upload_id).await?;
         }
         let lifecycle = self.lifecycle.lock().await;
-        for sha256 in store.sweep_media(self.config.grace_ms).await? {
+        for sha256 in store.sweep_media(self.config.grace_ms, self.config.retention_ms).await? {
             match self.store.delete(&object_path(&sha256)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(error) => tracing::warn!(%error, media_id = media_id(&sha256), "deleting an unreferenced file failed"),

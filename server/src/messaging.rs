@@ -10,7 +10,7 @@ use bytes::Bytes;
 use parley_spec::error::{DeviceRef, DevicesMismatch};
 use parley_spec::federation::v1::transaction::{FedEnvelope, Item, SignedMessage, TypingItem, UserDevices};
 use parley_spec::v1::events::{InboxEvent, MessageEvent, ReceiptEvent, ReceiptKind};
-use parley_spec::v1::messages::{Envelope, ReadRequest, SendRequest, SentResponse, MAX_READ_IDS};
+use parley_spec::v1::messages::{Envelope, ReadRequest, SendRequest, SentResponse, MAX_MESSAGE_MEDIA, MAX_READ_IDS};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
 use parley_spec::{ErrorCode, Seq, ServerMsgId, Timestamp, UserId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,8 +34,11 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
             ),
         ));
     }
+    let media = message_media(&request.media)?;
     if !request.to.is_of(&state.server_name) {
-        return prepare_remote_send(state, auth, request).await;
+        let mut message = prepare_remote_send(state, auth, request).await?;
+        message.media = media;
+        return Ok(message);
     }
     let recipient = state.directory.user(&request.to).await?.ok_or_else(|| Error::new(ErrorCode::UnknownUser, "no such user"))?;
     let sender = state
@@ -68,7 +71,21 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
         ts,
         events,
         outbound: Vec::new(),
+        media,
     })
+}
+
+/// The files a send names, checked (`spec/media.md` §5).
+fn message_media(ids: &[String]) -> Result<Vec<[u8; 32]>> {
+    if ids.len() > MAX_MESSAGE_MEDIA {
+        return Err(Error::new(ErrorCode::TooLarge, format!("a message names at most {MAX_MESSAGE_MEDIA} files")));
+    }
+    ids.iter()
+        .map(|id| {
+            parley_spec::v1::media::parse_media_id(id)
+                .ok_or_else(|| Error::new(ErrorCode::BadRequest, format!("{id:?} is not a media id")))
+        })
+        .collect()
 }
 
 /// A send to a user of another server: the sender's other devices get inbox events here, the
@@ -129,6 +146,7 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
         ts,
         events,
         outbound,
+        media: Vec::new(),
     })
 }
 

@@ -155,3 +155,53 @@ async fn a_group_upload_cancelled_halfway_resumes_after_a_restart_and_the_member
     assert_eq!(history.iter().filter(|m| m.file.is_some()).count(), 1, "one message, though sent twice over");
     Ok(())
 }
+
+/// Rows of `media` on `server`, by media id.
+async fn has_media(server: &TestServer, media_id: &str) -> anyhow::Result<bool> {
+    let sha256 = parley_spec::v1::media::parse_media_id(media_id).expect("a media id");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM media WHERE sha256 = ?")
+        .bind(sha256.as_slice())
+        .fetch_one(&server.db().await?)
+        .await?;
+    Ok(count == 1)
+}
+
+#[tokio::test]
+async fn a_file_outlives_its_retention_while_a_device_it_was_sent_to_has_not_received_it() -> anyhow::Result<()> {
+    let server =
+        TestServer::start_with(&format!("{SMALL_PARTS}retention_ms = 4000\ngrace_ms = 0\nsweep_interval_ms = 100\n")).await?;
+    let dir = tempfile::tempdir()?;
+    let (alice, _alice_events) = register(&server, dir.path(), "alice").await?;
+    let (bob, bob_events) = register(&server, dir.path(), "bob").await?;
+    let bob_id = bob.session().user_id.clone();
+    // Bob's only device goes offline.
+    bob.close().await;
+    drop((bob, bob_events));
+
+    let path = dir.path().join("held.bin");
+    let mut plaintext = vec![0u8; 100_000];
+    rand::thread_rng().fill_bytes(&mut plaintext);
+    std::fs::write(&path, &plaintext)?;
+    alice.send_file(&bob_id, &path, "", go).await?;
+    let held = alice.store().history(&bob_id, 1).await?[0].file.clone().expect("file").media_id;
+    // The same kind of file, uploaded but never sent: nothing holds it.
+    let loose = dir.path().join("loose.bin");
+    std::fs::write(&loose, &plaintext[..50_000])?;
+    let unsent = alice.upload(&loose, go).await?.media_id;
+
+    // Past the retention, the file no message holds is swept; the held one stays.
+    crate::media::eventually("the file no message holds is swept", || async { Ok(!has_media(&server, &unsent).await?) }).await?;
+    assert!(has_media(&server, &held).await?, "kept for bob's device, which has not received the message");
+
+    // Bob comes back: his device receives the message, acknowledges it, and the hold ends.
+    let (bob, mut bob_events) = Messenger::open(&dir.path().join("bob.db")).await?;
+    let got = next_message(&mut bob_events).await?;
+    let file = got.file.expect("file");
+    assert_eq!(file.media_id, held);
+    bob.download(&file, &dir.path().join("got.bin"), go).await?;
+    assert!(std::fs::read(dir.path().join("got.bin"))? == plaintext);
+    // Delivered, it is kept one more retention period (for the download), then swept.
+    crate::media::eventually("the file is swept after its last retention", || async { Ok(!has_media(&server, &held).await?) })
+        .await?;
+    Ok(())
+}

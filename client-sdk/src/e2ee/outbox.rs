@@ -205,7 +205,10 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
             self.store.save_session(user, device.device_id(), &session.to_bytes()).await?;
             envelopes.push(Envelope::new(user.clone(), device.device_id().clone(), ciphertext));
         }
-        let request = SendRequest::new(job.entry.client_msg_id, job.entry.to.clone(), envelopes);
+        // A file on this user's server is held there until the recipients' devices have the
+        // message (spec/media.md §5).
+        let media = job.entry.file.iter().filter(|f| f.server == self.user_id.server()).map(|f| f.media_id.clone()).collect();
+        let request = SendRequest::new(job.entry.client_msg_id, job.entry.to.clone(), envelopes).with_media(media);
         Ok(Progress::Next(self.request(Pending::Send(job), |id| OutgoingRequest::Send { id, request })))
     }
 

@@ -32,6 +32,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (8, "inbox_by_arrival", include_str!("../../migrations/sqlite/0008_inbox_by_arrival.sql")),
     (9, "media", include_str!("../../migrations/sqlite/0009_media.sql")),
     (10, "push", include_str!("../../migrations/sqlite/0010_push.sql")),
+    (11, "media holds", include_str!("../../migrations/sqlite/0011_media_holds.sql")),
 ];
 
 /// Rows deleted per statement when pruning remembered inbound message ids.
@@ -1071,6 +1072,7 @@ mod tests {
             ts: Timestamp::now(),
             events: vec![NewEvent { device: to, origin: None, payload: Bytes::from(format!("event of {id}")) }],
             outbound: Vec::new(),
+            media: Vec::new(),
         }
     }
 

@@ -130,6 +130,9 @@ pub struct NewMessage {
     pub events: Vec<NewEvent>,
     /// The signed message for each other server with target devices.
     pub outbound: Vec<Outbound>,
+    /// Files (SHA-256) the message carries: each is held while a local device it went to has
+    /// not acknowledged it, if the sender references the file (`spec/media.md` §5).
+    pub media: Vec<[u8; 32]>,
 }
 
 /// A small write done by the writer.
@@ -439,6 +442,8 @@ impl Writer {
         delete_devices(&mut tx, &deleted, next_seq).await?;
         // 5. Inbox events with their sequence numbers (events for unknown devices are dropped).
         let rows = append_inbox(&mut tx, events, next_seq).await?;
+        // 5b. Files the new messages carry, held for the devices they went to.
+        hold_media(&mut tx, &std::mem::take(&mut work.holds), &rows).await?;
         // 6. Acks: raise acked_seq (clamped to what exists) and drop acknowledged entries.
         apply_acks(&mut tx, acks, next_seq, self.keep_history).await?;
         // 7. Last seen.
@@ -616,6 +621,9 @@ async fn insert_messages(
             if matches!(outcome, MessageOutcome::Stored { .. }) {
                 effects.events.extend(message.events);
                 effects.outbound.extend(message.outbound);
+                if !message.media.is_empty() {
+                    work.holds.push((message.id, message.sender_user, message.media));
+                }
             }
             work.message_replies.push((reply, outcome));
         }
@@ -829,6 +837,49 @@ async fn append_inbox(
     Ok(rows)
 }
 
+/// Step 5b: holds each file a new message carries for every local device the message went to
+/// (`media_holds`, released by the media sweep once the device acknowledged past it), if the
+/// sender references the file; a file already marked unreferenced is referenced again.
+async fn hold_media(
+    conn: &mut SqliteConnection,
+    holds: &[(ServerMsgId, UserPk, Vec<[u8; 32]>)],
+    rows: &[(NewEvent, Seq)],
+) -> Result<(), StoreError> {
+    for (id, sender, media) in holds {
+        let targets: Vec<(DevicePk, i64)> = rows
+            .iter()
+            .filter(|(event, _)| event.origin.as_ref().is_some_and(|(_, origin)| origin == id))
+            .map(|(event, seq)| Ok((event.device, i64::try_from(*seq)?)))
+            .collect::<Result<_, StoreError>>()?;
+        for sha256 in media {
+            let referenced: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM media_refs r JOIN media m ON m.sha256 = r.sha256 \
+                 WHERE r.user_id = ? AND r.sha256 = ?)",
+            )
+            .bind(sender)
+            .bind(sha256.as_slice())
+            .fetch_one(&mut *conn)
+            .await?;
+            if !referenced {
+                continue;
+            }
+            for (device, seq) in &targets {
+                sqlx::query("INSERT OR IGNORE INTO media_holds (sha256, device, seq) VALUES (?, ?, ?)")
+                    .bind(sha256.as_slice())
+                    .bind(device)
+                    .bind(seq)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            sqlx::query("UPDATE media SET unreferenced_ts = NULL WHERE sha256 = ?")
+                .bind(sha256.as_slice())
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Step 6: raises each device's `acked_seq` (clamped to what exists) and, unless history is
 /// kept, deletes the entries at or below it.
 async fn apply_acks(
@@ -911,6 +962,8 @@ async fn allocate_seq(
 #[derive(Default)]
 struct Work {
     message_replies: Vec<(Reply<MessageOutcome>, MessageOutcome)>,
+    /// New messages that carry files: (message id, sender, files).
+    holds: Vec<(ServerMsgId, UserPk, Vec<[u8; 32]>)>,
     unit_replies: Vec<Reply<()>>,
     inbound_replies: Vec<(Reply<bool>, bool)>,
     committed: Vec<Committed>,
@@ -956,6 +1009,7 @@ mod tests {
             ts: Timestamp::from_millis(5),
             events: vec![event(3)],
             outbound: vec![outbound("d.test")],
+            media: Vec::new(),
         };
         let mut receipts = effects(2, "c.test");
         receipts.received.push(RemoteMessage { recipient: 1, sender: Arc::from("@carol:c.test"), id: ServerMsgId::new(9) });

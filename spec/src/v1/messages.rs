@@ -41,12 +41,27 @@ pub struct SendRequest {
     pub to: UserId,
     /// One envelope per target device.
     pub envelopes: Vec<Envelope>,
+    /// Media ids of files on the sender's server that the message carries (at most
+    /// [`MAX_MESSAGE_MEDIA`]): the server keeps each file at least until every local device the
+    /// message went to has acknowledged it (`spec/media.md` §5), if the sender holds a
+    /// reference to it. Unknown ids are ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub media: Vec<String>,
 }
+
+/// The most media ids one message may name.
+pub const MAX_MESSAGE_MEDIA: usize = 16;
 
 impl SendRequest {
     /// Builds a send request.
     pub fn new(client_msg_id: Uuid, to: UserId, envelopes: Vec<Envelope>) -> Self {
-        Self { client_msg_id, to, envelopes }
+        Self { client_msg_id, to, envelopes, media: Vec::new() }
+    }
+
+    /// The request naming files it carries (`media`).
+    pub fn with_media(mut self, media: Vec<String>) -> Self {
+        self.media = media;
+        self
     }
 }
 

@@ -324,16 +324,34 @@ impl Store {
             .await?)
     }
 
-    /// Sweeps references: drops those that expired, marks files left without any as
-    /// unreferenced from now, and deletes the rows of files unreferenced for longer than
-    /// `grace_ms`, returning their hashes (the caller deletes their objects).
-    pub async fn sweep_media(&self, grace_ms: u64) -> Result<Vec<[u8; 32]>, StoreError> {
+    /// Sweeps references: drops those that expired and the holds of messages their devices
+    /// acknowledged (a file whose hold ended is kept `retention_ms` from now, for the recipient
+    /// to download it), marks files left without any as unreferenced from now, and deletes the
+    /// rows of files unreferenced for longer than `grace_ms`, returning their hashes (the caller
+    /// deletes their objects).
+    pub async fn sweep_media(&self, grace_ms: u64, retention_ms: u64) -> Result<Vec<[u8; 32]>, StoreError> {
         let now = stored_now()?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("DELETE FROM media_refs WHERE expires_ts <= ?").bind(now).execute(&mut *tx).await?;
+        // A message's hold ends once its device acknowledged past it (or is gone).
+        let released: Vec<Vec<u8>> = sqlx::query_scalar(
+            "DELETE FROM media_holds WHERE NOT EXISTS \
+             (SELECT 1 FROM devices d WHERE d.id = media_holds.device AND d.acked_seq < media_holds.seq) RETURNING sha256",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let keep_until = now.saturating_add(to_i64(retention_ms)?);
+        for sha256 in released.iter().collect::<std::collections::BTreeSet<_>>() {
+            sqlx::query("UPDATE media SET keep_until = max(keep_until, ?) WHERE sha256 = ?")
+                .bind(keep_until)
+                .bind(sha256.as_slice())
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query(
             "UPDATE media SET unreferenced_ts = ?1 WHERE unreferenced_ts IS NULL AND keep_until <= ?1 \
-             AND NOT EXISTS (SELECT 1 FROM media_refs r WHERE r.sha256 = media.sha256)",
+             AND NOT EXISTS (SELECT 1 FROM media_refs r WHERE r.sha256 = media.sha256) \
+             AND NOT EXISTS (SELECT 1 FROM media_holds h WHERE h.sha256 = media.sha256)",
         )
         .bind(now)
         .execute(&mut *tx)
