@@ -362,6 +362,23 @@ pub struct MediaConfig {
     /// An S3-compatible store instead of the filesystem (`[media.s3]`): clients then upload
     /// parts straight to it through presigned URLs.
     pub s3: Option<S3Config>,
+    /// A colder store that files move to once they are old (`[media.cold]`).
+    pub cold: Option<ColdConfig>,
+}
+
+/// A second, colder store (cheaper storage class, another bucket, a slower disk): files move
+/// there `after_ms` after they were stored, and are read from there from then on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColdConfig {
+    /// Age of a file (since it was stored here) at which it moves.
+    pub after_ms: u64,
+    /// A filesystem store (relative to `data_dir` unless absolute) ...
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// ... or an S3-compatible one (exactly one of the two).
+    #[serde(default)]
+    pub s3: Option<S3Config>,
 }
 
 /// An S3-compatible object store.
@@ -420,6 +437,7 @@ impl Default for MediaConfig {
             sweep_interval_ms: 60_000,
             fetch_timeout_ms: 600_000,
             s3: None,
+            cold: None,
         }
     }
 }
@@ -747,6 +765,11 @@ impl Config {
         {
             return bad("media limits must be positive (part_bytes at least 64 KiB)");
         }
+        if let Some(cold) = &media.cold {
+            if cold.dir.is_some() == cold.s3.is_some() {
+                return bad("media.cold needs exactly one of dir and s3");
+            }
+        }
         // S3 refuses a multipart upload whose parts (but the last) are under 5 MiB.
         if media.s3.is_some() && media.part_bytes < 5 * 1024 * 1024 {
             return bad("media.part_bytes must be at least 5 MiB (5242880) with an S3 store");
@@ -844,6 +867,16 @@ mod tests {
         config.check().expect("exactly the most parts is fine");
         config.media.part_bytes = 1024;
         assert!(config.check().is_err(), "parts under 64 KiB are refused");
+    }
+
+    #[test]
+    fn a_cold_store_is_one_store() {
+        let mut config = Config::default();
+        config.media.cold = Some(ColdConfig { after_ms: 1000, dir: None, s3: None });
+        let error = config.check().expect_err("no store").to_string();
+        assert!(error.contains("media.cold"), "{error}");
+        config.media.cold = Some(ColdConfig { after_ms: 1000, dir: Some("cold".into()), s3: None });
+        config.check().expect("a directory");
     }
 
     #[test]

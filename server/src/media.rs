@@ -57,6 +57,8 @@ pub enum MediaError {
 /// The media store of a server.
 pub struct Media {
     store: Arc<dyn ObjectStore>,
+    /// The colder store files move to once they are old (`[media.cold]`).
+    cold: Option<Arc<dyn ObjectStore>>,
     /// The same store when it is S3: presigned URLs and multipart uploads.
     s3: Option<Arc<object_store::aws::AmazonS3>>,
     url_key: parley_crypto::media::UrlKey,
@@ -170,30 +172,20 @@ impl Media {
     ) -> std::result::Result<Self, MediaError> {
         let (store, s3): (Arc<dyn ObjectStore>, _) = match &config.media.s3 {
             Some(s3) => {
-                let connector = s3::Connector::new().map_err(|e| MediaError::Http(e.to_string()))?;
-                let store = Arc::new(
-                    object_store::aws::AmazonS3Builder::new()
-                        .with_endpoint(&s3.endpoint)
-                        .with_region(&s3.region)
-                        .with_bucket_name(&s3.bucket)
-                        .with_access_key_id(&s3.access_key_id)
-                        .with_secret_access_key(&s3.secret_access_key)
-                        .with_allow_http(s3.allow_http)
-                        .with_virtual_hosted_style_request(s3.virtual_hosted_style)
-                        .with_http_connector(connector)
-                        .build()?,
-                );
+                let store = Arc::new(s3_store(s3)?);
                 (store.clone(), Some(store))
             }
-            None => {
-                let dir = config.data_dir.join(&config.media.dir);
-                crate::storage::create_data_dir(&dir).map_err(|e| MediaError::Dir(dir.clone(), e))?;
-                (Arc::new(LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true).with_automatic_cleanup(true)), None)
-            }
+            None => (fs_store(&config.data_dir.join(&config.media.dir))?, None),
+        };
+        let cold: Option<Arc<dyn ObjectStore>> = match &config.media.cold {
+            Some(crate::config::ColdConfig { s3: Some(s3), .. }) => Some(Arc::new(s3_store(s3)?)),
+            Some(crate::config::ColdConfig { dir: Some(dir), .. }) => Some(fs_store(&config.data_dir.join(dir))?),
+            _ => None,
         };
         let url_key = parley_crypto::media::UrlKey::derive(&server_key.key.seed());
         Ok(Self {
             store,
+            cold,
             s3,
             url_key,
             config: config.media.clone(),
@@ -514,14 +506,64 @@ impl Media {
         Ok(())
     }
 
-    /// Opens the stored file `sha256` at `range` (the whole file when `None`).
+    /// Opens the stored file `sha256` at `range` (the whole file when `None`): in the main
+    /// store, or else in the cold one (a file moving is copied there before it leaves the main
+    /// store, so one of the two has it).
     pub async fn read(&self, sha256: &[u8; 32], range: Option<Range<u64>>) -> Result<GetResult> {
-        let options = GetOptions { range: range.map(GetRange::Bounded), ..GetOptions::default() };
-        match self.store.get_opts(&object_path(sha256), options).await {
+        let options = || GetOptions { range: range.clone().map(GetRange::Bounded), ..GetOptions::default() };
+        let path = object_path(sha256);
+        let mut found = self.store.get_opts(&path, options()).await;
+        if let (Err(object_store::Error::NotFound { .. }), Some(cold)) = (&found, &self.cold) {
+            found = cold.get_opts(&path, options()).await;
+        }
+        match found {
             Ok(result) => Ok(result),
             Err(object_store::Error::NotFound { .. }) => Err(Error::new(ErrorCode::NotFound, "no such media")),
             Err(error) => Err(internal(error)),
         }
+    }
+
+    /// Moves files stored longer than `[media.cold] after_ms` to the cold store, a batch at a
+    /// time: copied (streamed), recorded, then removed from the main store.
+    async fn cool(&self, store: &Store) -> std::result::Result<(), Error> {
+        let (Some(cold), Some(config)) = (&self.cold, &self.config.cold) else { return Ok(()) };
+        let cutoff = parley_spec::Timestamp::now().as_millis().saturating_sub(config.after_ms);
+        for sha256 in store.media_to_cool(cutoff, COOL_BATCH).await? {
+            let path = object_path(&sha256);
+            let source = match self.store.get(&path).await {
+                Ok(source) => source,
+                // Deleted meanwhile, or moved before a crash that kept the row from saying so.
+                Err(object_store::Error::NotFound { .. }) => {
+                    let _ = store.mark_cold(&sha256).await?;
+                    continue;
+                }
+                Err(error) => return Err(internal(error)),
+            };
+            let mut writer = WriteMultipart::new_with_chunk_size(cold.put_multipart(&path).await.map_err(internal)?, CHUNK_BYTES);
+            let mut stream = into_stream(source);
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(chunk) => writer.write(&chunk),
+                    Err(error) => {
+                        let _ = writer.abort().await;
+                        return Err(internal(error));
+                    }
+                }
+            }
+            writer.finish().await.map_err(internal)?;
+            // The file is in both stores now: record it, then free the main store. If the sweep
+            // deleted it meanwhile, the copy just made goes too.
+            let lifecycle = self.lifecycle.lock().await;
+            let kept = store.mark_cold(&sha256).await?;
+            let stale = if kept { &self.store } else { cold };
+            match stale.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(error) => tracing::warn!(%error, media_id = media_id(&sha256), "removing a moved file failed"),
+            }
+            drop(lifecycle);
+            self.metrics.media_cooled.inc();
+        }
+        Ok(())
     }
 
     /// Drops expired uploads with their parts, expired references, and the files no one has
@@ -535,12 +577,15 @@ impl Media {
         }
         let lifecycle = self.lifecycle.lock().await;
         for sha256 in store.sweep_media(self.config.grace_ms, self.config.retention_ms).await? {
-            match self.store.delete(&object_path(&sha256)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(error) => tracing::warn!(%error, media_id = media_id(&sha256), "deleting an unreferenced file failed"),
+            for target in std::iter::once(&self.store).chain(self.cold.as_ref()) {
+                match target.delete(&object_path(&sha256)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(error) => tracing::warn!(%error, media_id = media_id(&sha256), "deleting an unreferenced file failed"),
+                }
             }
         }
         drop(lifecycle);
+        self.cool(store).await?;
         // Copies of other servers' files left by a fetch that never finished (the server
         // stopped during it): older than twice the longest fetch.
         let stale_before =
@@ -579,6 +624,31 @@ impl Media {
         }
         Ok(())
     }
+}
+
+/// Files moved to the cold store per sweep.
+const COOL_BATCH: u32 = 64;
+
+/// An S3-compatible store, its HTTP going through the server's own client.
+fn s3_store(s3: &crate::config::S3Config) -> std::result::Result<object_store::aws::AmazonS3, MediaError> {
+    let connector = s3::Connector::new().map_err(|e| MediaError::Http(e.to_string()))?;
+    Ok(object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&s3.endpoint)
+        .with_region(&s3.region)
+        .with_bucket_name(&s3.bucket)
+        .with_access_key_id(&s3.access_key_id)
+        .with_secret_access_key(&s3.secret_access_key)
+        .with_allow_http(s3.allow_http)
+        .with_virtual_hosted_style_request(s3.virtual_hosted_style)
+        .with_http_connector(connector)
+        .build()?)
+}
+
+/// The filesystem store under `dir` (created owner-only), with fsync: a part or file is on disk
+/// before the server says it is stored.
+fn fs_store(dir: &std::path::Path) -> std::result::Result<Arc<dyn ObjectStore>, MediaError> {
+    crate::storage::create_data_dir(dir).map_err(|e| MediaError::Dir(dir.to_path_buf(), e))?;
+    Ok(Arc::new(LocalFileSystem::new_with_prefix(dir)?.with_fsync(true).with_automatic_cleanup(true)))
 }
 
 /// A `Range` header's single byte range resolved against a file of `size` bytes: `None` for

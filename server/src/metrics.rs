@@ -33,6 +33,8 @@ pub struct Metrics {
     pub federation_items_sent: Counter,
     /// Files fetched from other servers for local users (one fetch per file, however many ask).
     pub media_fetches: Counter,
+    /// Files moved to the cold media store.
+    pub media_cooled: Counter,
     /// Push wake-ups the push service accepted.
     pub pushes_sent: Counter,
     /// Push attempts that failed and will be retried.
@@ -81,6 +83,7 @@ impl Metrics {
         let federation_txn_seconds = Histogram::new(latency_buckets);
         let federation_txns_sent = Counter::default();
         let media_fetches = Counter::default();
+        let media_cooled = Counter::default();
         let pushes_sent = Counter::default();
         let push_failures = Counter::default();
         let push_endpoints_gone = Counter::default();
@@ -88,6 +91,7 @@ impl Metrics {
         registry.register("push_failures", "Push attempts that failed (retried)", push_failures.clone());
         registry.register("push_endpoints_gone", "Push registrations dropped on 404/410", push_endpoints_gone.clone());
         registry.register("media_fetches", "Files fetched from other servers for local users", media_fetches.clone());
+        registry.register("media_cooled", "Files moved to the cold media store", media_cooled.clone());
         let federation_bytes_sent = Counter::default();
         registry.register("federation_txns_sent", "Outbound transactions accepted", federation_txns_sent.clone());
         registry.register("federation_bytes_sent", "Body bytes of outbound transactions accepted", federation_bytes_sent.clone());
@@ -142,6 +146,7 @@ impl Metrics {
             federation_txns_sent,
             federation_bytes_sent,
             media_fetches,
+            media_cooled,
             pushes_sent,
             push_failures,
             push_endpoints_gone,

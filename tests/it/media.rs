@@ -496,3 +496,41 @@ async fn the_sdk_resumes_a_cancelled_upload_and_download_and_gets_back_the_same_
     assert!(!other.exists() && !partial.exists());
     Ok(())
 }
+
+#[tokio::test]
+async fn old_files_move_to_the_cold_store_are_served_from_there_and_swept_from_there() -> anyhow::Result<()> {
+    let server = TestServer::start_with(&format!(
+        "{SMALL_PARTS}retention_ms = 3000\ngrace_ms = 0\nsweep_interval_ms = 100\n[media.cold]\nafter_ms = 0\ndir = \"cold-media\"\n"
+    ))
+    .await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    let file = plaintext(200 * 1024 + 5);
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &file, "application/pdf");
+    let media_id = upload(base, &alice.token, &ciphertext, &sha256_of(&media)).await?;
+
+    let (hot, cold) = (server.data_dir().join("media").join("objects"), server.data_dir().join("cold-media"));
+    eventually("the file moves to the cold store", || async {
+        Ok(files_under(&hot).is_empty() && files_under(&cold).len() == 1)
+    })
+    .await?;
+    assert_eq!(server.counter("media_cooled").await?, 1);
+    let stored = std::fs::read(&files_under(&cold)[0])?;
+    assert!(stored == ciphertext, "the cold store holds the same ciphertext");
+    assert!(!stored.windows(17).any(|w| w == b"PLAINTEXT-MARKER-"), "and no plaintext");
+
+    // Served from there, whole and by range.
+    let (status, _, body) = download(base, &alice.token, &media_id, None).await?;
+    assert_eq!(status, 200);
+    assert_eq!(media.decrypt(&body)?, file);
+    let (status, _, body) = download(base, &alice.token, &media_id, Some("bytes=70000-70099")).await?;
+    assert_eq!((status, body.as_slice()), (206, &ciphertext[70000..70100]));
+
+    // Unreferenced, it is deleted from the cold store too.
+    eventually("the expired file leaves the cold store", || async {
+        let (status, _, _) = download(base, &alice.token, &media_id, None).await?;
+        Ok(status == 404 && files_under(&cold).is_empty())
+    })
+    .await?;
+    Ok(())
+}

@@ -33,6 +33,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (9, "media", include_str!("../../migrations/sqlite/0009_media.sql")),
     (10, "push", include_str!("../../migrations/sqlite/0010_push.sql")),
     (11, "media holds", include_str!("../../migrations/sqlite/0011_media_holds.sql")),
+    (12, "media cold", include_str!("../../migrations/sqlite/0012_media_cold.sql")),
 ];
 
 /// Rows deleted per statement when pruning remembered inbound message ids.

@@ -324,6 +324,23 @@ impl Store {
             .await?)
     }
 
+    /// Up to `limit` files stored at or before `cutoff` (ms) that are not in the cold store yet.
+    pub async fn media_to_cool(&self, cutoff: u64, limit: u32) -> Result<Vec<[u8; 32]>, StoreError> {
+        let rows: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT sha256 FROM media WHERE cold = 0 AND created_ts <= ? ORDER BY created_ts LIMIT ?")
+                .bind(to_i64(cutoff)?)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter().map(hash_of).collect()
+    }
+
+    /// Records that a file is in the cold store; false if the file is gone (swept meanwhile).
+    pub async fn mark_cold(&self, sha256: &[u8; 32]) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE media SET cold = 1 WHERE sha256 = ?").bind(sha256.as_slice()).execute(&self.pool).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Sweeps references: drops those that expired and the holds of messages their devices
     /// acknowledged (a file whose hold ended is kept `retention_ms` from now, for the recipient
     /// to download it), marks files left without any as unreferenced from now, and deletes the
