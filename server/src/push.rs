@@ -214,8 +214,9 @@ enum Outcome {
     Sent,
     /// The endpoint is gone (404, 410): drop the registration.
     Gone,
-    /// Try again later (network, timeout, 408, 429, 5xx).
-    Retry,
+    /// Try again later (network, timeout, 408, 429, 5xx), not before the service's
+    /// `Retry-After` if it gave one (in seconds).
+    Retry(Option<Duration>),
     /// Refused for good (other 4xx, a redirect): drop this wake-up.
     Refused,
 }
@@ -257,11 +258,21 @@ async fn send(client: &reqwest::Client, vapid: &Vapid, registration: &Registrati
         Ok(response) => match response.status().as_u16() {
             200..=299 => Outcome::Sent,
             404 | 410 => Outcome::Gone,
-            408 | 429 | 500..=599 => Outcome::Retry,
+            408 | 429 | 500..=599 => Outcome::Retry(retry_after(response.headers())),
             _ => Outcome::Refused,
         },
-        Err(_) => Outcome::Retry,
+        Err(_) => Outcome::Retry(None),
     }
+}
+
+/// The longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// A `Retry-After` header in seconds (RFC 9110 §10.2.3; the HTTP-date form is treated as
+/// absent), at most [`MAX_RETRY_AFTER`].
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 /// A device's wake-up to come.
@@ -405,7 +416,7 @@ impl Worker {
                             due.remove(&device);
                             store.push_done(device).await
                         }
-                        Outcome::Retry => {
+                        Outcome::Retry(after) => {
                             metrics.push_failures.inc();
                             let entry = due.entry(device).or_insert(Due { at: Instant::now(), attempts: 0, in_flight: false });
                             entry.attempts += 1;
@@ -414,7 +425,9 @@ impl Worker {
                                 due.remove(&device);
                                 store.push_done(device).await
                             } else {
-                                entry.at = Instant::now() + backoff(&config, entry.attempts);
+                                // The service's own delay wins over a shorter backoff.
+                                let delay = backoff(&config, entry.attempts).max(after.unwrap_or_default());
+                                entry.at = Instant::now() + delay;
                                 store.push_failed(device).await
                             }
                         }
@@ -457,6 +470,18 @@ mod tests {
             assert!(parse_endpoint(private, true).is_ok(), "{private} when private addresses are allowed");
         }
         assert!(parse_endpoint("https://8.8.8.8/x", false).is_ok());
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_capped() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(reqwest::header::RETRY_AFTER, "120".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(120)));
+        headers.insert(reqwest::header::RETRY_AFTER, "99999999".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
+        headers.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2026 07:28:00 GMT".parse().unwrap());
+        assert_eq!(retry_after(&headers), None, "a date is not honoured");
     }
 
     #[test]

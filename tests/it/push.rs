@@ -197,3 +197,26 @@ async fn an_offline_group_member_is_woken_by_a_group_message() -> anyhow::Result
     assert!(pushes[0].body.is_empty(), "no content");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_push_service_that_asks_to_wait_is_not_retried_before_it_said() -> anyhow::Result<()> {
+    let service = PushService::start().await?;
+    let dir = tempfile::tempdir()?;
+    let server = server_for(&service, dir.path()).await?;
+    let base = server.base_url.clone();
+    let alice = Device::connect(&support::register(&base, "alice").await?).await?;
+    let bob = support::register(&base, "bob").await?;
+    assert_eq!(set_pusher(&base, bob.access_token(), &json!({"endpoint": service.endpoint("bob")})).await?, 204);
+
+    // 429 with Retry-After: 2. The backoff alone (100–400 ms here) would try again sooner.
+    service.answer_retry_after(429, Some(2));
+    alice.send_text(&bob.user_id, "one").await?;
+    service.wait_for("bob", 1, WAIT).await?;
+    let refused_at = std::time::Instant::now();
+    service.answer(201);
+    service.wait_for("bob", 2, WAIT).await?;
+    let waited = refused_at.elapsed();
+    assert!(waited >= Duration::from_millis(1500), "retried after {waited:?}, before the 2 s the service asked for");
+    eventually("the retried push is counted as sent", || async { Ok(server.counter("pushes_sent").await? == 1) }).await?;
+    Ok(())
+}

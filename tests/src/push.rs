@@ -30,6 +30,8 @@ pub struct PushService {
     received: Arc<Mutex<Vec<Received>>>,
     arrived: Arc<tokio::sync::Notify>,
     status: Arc<AtomicU16>,
+    /// A `Retry-After` header (seconds) sent with every answer, when set.
+    retry_after: Arc<Mutex<Option<u64>>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -56,6 +58,7 @@ impl PushService {
             received: Arc::default(),
             arrived: Arc::default(),
             status: Arc::new(AtomicU16::new(201)),
+            retry_after: Arc::default(),
             task: None,
         };
         service.serve(listener);
@@ -67,8 +70,15 @@ impl PushService {
         format!("https://localhost:{}/push/{token}", self.port)
     }
 
+    /// Answers every later request with `status` and, if given, a `Retry-After` in seconds.
+    pub fn answer_retry_after(&self, status: u16, seconds: Option<u64>) {
+        *self.retry_after.lock().unwrap_or_else(|e| e.into_inner()) = seconds;
+        self.status.store(status, Ordering::SeqCst);
+    }
+
     /// Answers every later request with `status`.
     pub fn answer(&self, status: u16) {
+        *self.retry_after.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.status.store(status, Ordering::SeqCst);
     }
 
@@ -116,16 +126,20 @@ impl PushService {
     fn serve(&mut self, listener: tokio::net::TcpListener) {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
         let (received, arrived, status) = (self.received.clone(), self.arrived.clone(), self.status.clone());
+        let retry_after = self.retry_after.clone();
         self.task = Some(tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (acceptor, received, arrived, status) = (acceptor.clone(), received.clone(), arrived.clone(), status.clone());
+                let retry_after = retry_after.clone();
                 tokio::spawn(async move {
                     let Ok(mut stream) = acceptor.accept(tcp).await else { return };
                     let Some(request) = read_request(&mut stream).await else { return };
                     received.lock().unwrap_or_else(|e| e.into_inner()).push(request);
                     arrived.notify_waiters();
                     let code = status.load(Ordering::SeqCst);
-                    let response = format!("HTTP/1.1 {code} Status\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    let after = *retry_after.lock().unwrap_or_else(|e| e.into_inner());
+                    let after = after.map(|s| format!("retry-after: {s}\r\n")).unwrap_or_default();
+                    let response = format!("HTTP/1.1 {code} Status\r\n{after}content-length: 0\r\nconnection: close\r\n\r\n");
                     let _ = stream.write_all(response.as_bytes()).await;
                     let _ = stream.shutdown().await;
                 });
