@@ -37,6 +37,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "groups", include_str!("../migrations/0005_groups.sql")),
     (6, "group policy", include_str!("../migrations/0006_group_policy.sql")),
     (7, "files", include_str!("../migrations/0007_files.sql")),
+    (8, "temporary files", include_str!("../migrations/0008_media_once.sql")),
 ];
 
 /// Key-value keys of the device's own keys and of the next one-time prekey id.
@@ -167,7 +168,7 @@ impl Store {
 
     /// The outbox, oldest first.
     pub async fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
-        let rows = sqlx::query("SELECT client_msg_id, to_user, body, file FROM outbox ORDER BY seq")
+        let rows = sqlx::query("SELECT client_msg_id, to_user, body, file, media_once FROM outbox ORDER BY seq")
             .fetch_all(&self.pool)
             .await
             .map_err(backend)?;
@@ -180,6 +181,7 @@ impl Store {
                     to: to.parse().map_err(|_| StoreError::Damaged("outbox recipient"))?,
                     body,
                     file: file_of(r.try_get(3).map_err(backend)?, "outbox file")?,
+                    media_once: r.try_get(4).map_err(backend)?,
                 })
             })
             .collect()
@@ -417,15 +419,18 @@ impl TrustStore for Store {
 
 impl MessageStore for Store {
     async fn enqueue(&self, entry: &OutboxEntry, now: Timestamp) -> Result<(), StoreError> {
-        sqlx::query("INSERT OR IGNORE INTO outbox (client_msg_id, to_user, body, created_ts, file) VALUES (?, ?, ?, ?, ?)")
-            .bind(entry.client_msg_id.to_string())
-            .bind(entry.to.as_str())
-            .bind(&entry.body)
-            .bind(i64::try_from(now).map_err(backend)?)
-            .bind(file_json(entry.file.as_ref())?)
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO outbox (client_msg_id, to_user, body, created_ts, file, media_once) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(entry.client_msg_id.to_string())
+        .bind(entry.to.as_str())
+        .bind(&entry.body)
+        .bind(i64::try_from(now).map_err(backend)?)
+        .bind(file_json(entry.file.as_ref())?)
+        .bind(entry.media_once)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
         Ok(())
     }
 
@@ -815,7 +820,13 @@ mod tests {
             assert!(!store.add_message(&message("@b:x", 1, None)).await.unwrap(), "deduplicated");
             store.mark_sent(&user("@a:x"), m1, id(99), Timestamp::from_millis(2)).await.unwrap();
             assert_eq!(store.mark_receipt(&b, &user("@a:x"), &[id(99), id(5), id(99)], false).await.unwrap(), [id(99)]);
-            let later = OutboxEntry { client_msg_id: m2, to: b.clone(), body: "later".into(), file: Some(attachment()) };
+            let later = OutboxEntry {
+                client_msg_id: m2,
+                to: b.clone(),
+                body: "later".into(),
+                file: Some(attachment()),
+                media_once: true,
+            };
             store.enqueue(&later, Timestamp::from_millis(3)).await.unwrap();
             store.mark_initial_message_seen(&InitialMessageId([9; 32])).await.unwrap();
         }
@@ -836,7 +847,7 @@ mod tests {
         assert!(store.has_server_message(&user("@a:x"), id(99)).await.unwrap());
         assert_eq!(
             store.outbox().await.unwrap(),
-            [OutboxEntry { client_msg_id: m2, to: b, body: "later".into(), file: Some(attachment()) }]
+            [OutboxEntry { client_msg_id: m2, to: b, body: "later".into(), file: Some(attachment()), media_once: true }]
         );
         store.dequeue(m2).await.unwrap();
         assert!(store.outbox().await.unwrap().is_empty());

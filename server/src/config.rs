@@ -364,6 +364,9 @@ pub struct MediaConfig {
     pub s3: Option<S3Config>,
     /// A colder store that files move to once they are old (`[media.cold]`).
     pub cold: Option<ColdConfig>,
+    /// Honour temporary chats (`SendRequest.media_once`): their files go once every device
+    /// they were sent to downloaded them. Off: such files live by the usual retention.
+    pub temporary: bool,
 }
 
 /// A second, colder store (cheaper storage class, another bucket, a slower disk): files move
@@ -438,6 +441,7 @@ impl Default for MediaConfig {
             fetch_timeout_ms: 600_000,
             s3: None,
             cold: None,
+            temporary: true,
         }
     }
 }

@@ -36,6 +36,8 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
     }
     let media = message_media(&request.media)?;
     if !request.to.is_of(&state.server_name) {
+        // A temporary chat's files follow the usual retention across servers: the other server
+        // fetches on demand, and this one cannot tell when its devices have them.
         let mut message = prepare_remote_send(state, auth, request).await?;
         message.media = media;
         return Ok(message);
@@ -72,6 +74,7 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
         events,
         outbound: Vec::new(),
         media,
+        media_once: request.media_once && state.config.media.temporary,
     })
 }
 
@@ -147,6 +150,7 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
         events,
         outbound,
         media: Vec::new(),
+        media_once: false,
     })
 }
 

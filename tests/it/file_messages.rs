@@ -156,6 +156,11 @@ async fn a_group_upload_cancelled_halfway_resumes_after_a_restart_and_the_member
     Ok(())
 }
 
+/// Rows of `media_holds` on `server`.
+async fn holds(server: &TestServer) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM media_holds").fetch_one(&server.db().await?).await?)
+}
+
 /// Rows of `media` on `server`, by media id.
 async fn has_media(server: &TestServer, media_id: &str) -> anyhow::Result<bool> {
     let sha256 = parley_spec::v1::media::parse_media_id(media_id).expect("a media id");
@@ -203,5 +208,47 @@ async fn a_file_outlives_its_retention_while_a_device_it_was_sent_to_has_not_rec
     // Delivered, it is kept one more retention period (for the download), then swept.
     crate::media::eventually("the file is swept after its last retention", || async { Ok(!has_media(&server, &held).await?) })
         .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_temporary_chats_file_goes_once_every_device_it_went_to_downloaded_it() -> anyhow::Result<()> {
+    let server = TestServer::start_with(&format!("{SMALL_PARTS}grace_ms = 0\nsweep_interval_ms = 100\n")).await?;
+    let dir = tempfile::tempdir()?;
+    let (alice, _alice_events) = register(&server, dir.path(), "alice").await?;
+    let (bob, mut bob_events, recovery) =
+        Messenger::register(&server.base_url, &dir.path().join("bob.db"), "bob", PASSWORD).await?;
+    let (bob2, mut bob2_events) =
+        Messenger::add_device(&server.base_url, &dir.path().join("bob-2.db"), "bob", PASSWORD, &recovery).await?;
+    let bob_id = bob.session().user_id.clone();
+    alice.refresh_devices(&bob_id).await?;
+
+    let path = dir.path().join("secret.bin");
+    let mut plaintext = vec![0u8; 150_000];
+    rand::thread_rng().fill_bytes(&mut plaintext);
+    std::fs::write(&path, &plaintext)?;
+    alice.send_temporary_file(&bob_id, &path, "read once", go).await?;
+    let media_id = alice.store().history(&bob_id, 1).await?[0].file.clone().expect("file").media_id;
+    assert_eq!(holds(&server).await?, 2, "one hold per device of bob");
+
+    // The first device downloads: its hold ends, the file stays for the other one.
+    let file = next_message(&mut bob_events).await?.file.expect("file");
+    bob.download(&file, &dir.path().join("one.bin"), go).await?;
+    crate::media::eventually("the first device's hold ends", || async { Ok(holds(&server).await? == 1) }).await?;
+    assert!(has_media(&server, &media_id).await?, "kept for bob's second device");
+
+    // The second downloads too: the file goes, alice's reference with it.
+    let file = next_message(&mut bob2_events).await?.file.expect("file");
+    bob2.download(&file, &dir.path().join("two.bin"), go).await?;
+    assert!(std::fs::read(dir.path().join("two.bin"))? == plaintext);
+    crate::media::eventually("the file goes once both devices have it", || async { Ok(!has_media(&server, &media_id).await?) })
+        .await?;
+    let refs: i64 = sqlx::query_scalar("SELECT count(*) FROM media_refs").fetch_one(&server.db().await?).await?;
+    assert_eq!(refs, 0);
+    let again = bob.download(&file, &dir.path().join("three.bin"), go).await;
+    assert!(
+        matches!(&again, Err(MessengerError::Sdk(e)) if e.server_code() == Some(parley_sdk::ErrorCode::NotFound)),
+        "{again:?}"
+    );
     Ok(())
 }

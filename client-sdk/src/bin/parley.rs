@@ -105,6 +105,10 @@ enum Command {
         /// upload resumes when the same command runs again.
         #[arg(long, value_name = "PATH")]
         file: Option<PathBuf>,
+        /// A temporary chat's file (1:1, a user of your own server): the server deletes it once
+        /// every device it went to downloaded it.
+        #[arg(long, requires = "file")]
+        temporary: bool,
     },
     /// Download the file of a message (see `history`), decrypt it and check it. An
     /// interrupted download resumes when the same command runs again.
@@ -304,7 +308,7 @@ async fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
     match cli.command {
         Command::Register { username, password } => commands::register(&ctx, &username, password).await,
         Command::Login { username, recovery, password } => commands::login(&ctx, &username, &recovery, password).await,
-        Command::Send { user, text, file } => commands::send(&ctx, &user, text, file).await,
+        Command::Send { user, text, file, temporary } => commands::send(&ctx, &user, text, file, temporary).await,
         Command::Download { user, message, out, force } => commands::download(&ctx, &user, &message, out, force).await,
         Command::History { user, limit } => commands::history(&ctx, &user, limit).await,
         Command::Chat { user, last } => commands::chat(&ctx, &user, last).await,

@@ -56,19 +56,22 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
     /// Writes a text message to `to` into the history and the outbox (it goes out with the
     /// next [`E2eeMachine::send`] of it). Returns its new id.
     pub async fn enqueue_text(&mut self, to: &UserId, body: &str, now: Timestamp) -> Result<Uuid, E2eeError> {
-        self.enqueue_message(to, body, None, now).await
+        self.enqueue_message(to, body, None, false, now).await
     }
 
     /// Writes a file message (an uploaded file and its caption) to `to` into the history and
     /// the outbox, as [`E2eeMachine::enqueue_text`] does. Returns its new id.
+    /// With `once`, the server deletes the file once every device it went to downloaded it
+    /// (a temporary chat).
     pub async fn enqueue_file(
         &mut self,
         to: &UserId,
         file: Attachment,
         caption: &str,
+        once: bool,
         now: Timestamp,
     ) -> Result<Uuid, E2eeError> {
-        self.enqueue_message(to, caption, Some(file), now).await
+        self.enqueue_message(to, caption, Some(file), once, now).await
     }
 
     async fn enqueue_message(
@@ -76,6 +79,7 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
         to: &UserId,
         body: &str,
         file: Option<Attachment>,
+        media_once: bool,
         now: Timestamp,
     ) -> Result<Uuid, E2eeError> {
         let client_msg_id = new_uuid(&mut self.rng);
@@ -93,7 +97,7 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
             read: false,
         };
         self.store.add_message(&message).await?;
-        self.store.enqueue(&OutboxEntry { client_msg_id, to: to.clone(), body: body.to_owned(), file }, now).await?;
+        self.store.enqueue(&OutboxEntry { client_msg_id, to: to.clone(), body: body.to_owned(), file, media_once }, now).await?;
         Ok(client_msg_id)
     }
 
@@ -208,7 +212,8 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
         // A file on this user's server is held there until the recipients' devices have the
         // message (spec/media.md §5).
         let media = job.entry.file.iter().filter(|f| f.server == self.user_id.server()).map(|f| f.media_id.clone()).collect();
-        let request = SendRequest::new(job.entry.client_msg_id, job.entry.to.clone(), envelopes).with_media(media);
+        let request =
+            SendRequest::new(job.entry.client_msg_id, job.entry.to.clone(), envelopes).with_media(media, job.entry.media_once);
         Ok(Progress::Next(self.request(Pending::Send(job), |id| OutgoingRequest::Send { id, request })))
     }
 

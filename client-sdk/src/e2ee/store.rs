@@ -61,6 +61,9 @@ pub struct OutboxEntry {
     pub body: String,
     /// The file, for a file message.
     pub file: Option<parley_spec::v1::content::Attachment>,
+    /// A temporary chat's file: the server deletes it once every device it went to downloaded
+    /// it (`SendRequest.media_once`).
+    pub media_once: bool,
 }
 
 /// A slot of a superseded session (higher is newer).

@@ -72,7 +72,22 @@ impl Messenger {
         progress: impl TransferProgress,
     ) -> Result<Uuid, MessengerError> {
         let file = self.upload(path, progress).await?;
-        self.send_uploaded(to, file, caption).await
+        self.send_uploaded_file(to, file, caption, false).await
+    }
+
+    /// [`Messenger::send_file`] for a temporary chat: the server deletes the file once every
+    /// device it went to (the recipient's and this user's other devices) downloaded it, rather
+    /// than when its retention ends (`spec/media.md` §5; for a user of this server only: for
+    /// another server's user the usual retention applies).
+    pub async fn send_temporary_file(
+        &self,
+        to: &UserId,
+        path: &Path,
+        caption: &str,
+        progress: impl TransferProgress,
+    ) -> Result<Uuid, MessengerError> {
+        let file = self.upload(path, progress).await?;
+        self.send_uploaded_file(to, file, caption, true).await
     }
 
     /// Sends a file uploaded before, again: a forward sends the same attachment, and the
@@ -81,11 +96,20 @@ impl Messenger {
     /// fails with [`MediaError::Gone`] rather than sending a dead reference.
     pub async fn send_attachment(&self, to: &UserId, file: Attachment, caption: &str) -> Result<Uuid, MessengerError> {
         self.renew(&file).await?;
-        self.send_uploaded(to, file, caption).await
+        self.send_uploaded_file(to, file, caption, false).await
     }
 
-    async fn send_uploaded(&self, to: &UserId, file: Attachment, caption: &str) -> Result<Uuid, MessengerError> {
-        let client_msg_id = self.inner.driver.machine().await.enqueue_file(to, file, caption, Timestamp::now()).await?;
+    /// Sends a file this device just uploaded ([`Messenger::upload`]); with `temporary`, as
+    /// [`Messenger::send_temporary_file`] does.
+    pub async fn send_uploaded_file(
+        &self,
+        to: &UserId,
+        file: Attachment,
+        caption: &str,
+        temporary: bool,
+    ) -> Result<Uuid, MessengerError> {
+        let client_msg_id =
+            self.inner.driver.machine().await.enqueue_file(to, file, caption, temporary, Timestamp::now()).await?;
         self.flush(Some(client_msg_id)).await?;
         Ok(client_msg_id)
     }

@@ -6,11 +6,12 @@ use crate::app::AppState;
 use crate::auth::AuthDevice;
 use crate::error::{Error, Result};
 use crate::media::{part_range, resolve_range, valid_upload_id};
-use crate::storage::{AdmitError, Admitted, UploadLimits, UploadRow};
+use crate::storage::{AdmitError, Admitted, DevicePk, UploadLimits, UploadRow};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt as _;
 use parley_spec::v1::media::{
     media_id, parse_media_id, CompleteUploadRequest, CreateUploadRequest, MediaConfig, MediaInfo, PartUrlQuery, UploadState,
 };
@@ -176,7 +177,7 @@ pub async fn complete_upload(
 /// GET /v1/media/{server}/{media_id}
 pub async fn download(
     State(state): State<AppState>,
-    _auth: AuthDevice,
+    auth: AuthDevice,
     Path((server, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response> {
@@ -188,11 +189,19 @@ pub async fn download(
             state.media.fetch_remote(&state.store, &federation.client, &server, &sha256).await?;
         }
     }
-    serve(&state, &sha256, &id, headers.get(header::RANGE).and_then(|v| v.to_str().ok())).await
+    serve(&state, &sha256, &id, headers.get(header::RANGE).and_then(|v| v.to_str().ok()), Some(auth.device_pk)).await
 }
 
-/// The stored file `sha256` (whose id is `id`), whole or the one `range` asked.
-pub async fn serve(state: &AppState, sha256: &[u8; 32], id: &str, range: Option<&str>) -> Result<Response> {
+/// The stored file `sha256` (whose id is `id`), whole or the one `range` asked. A response
+/// that reaches the file's end and is streamed out to its last byte counts as `device`'s
+/// download (temporary chats' files go once every device they went to downloaded them).
+pub async fn serve(
+    state: &AppState,
+    sha256: &[u8; 32],
+    id: &str,
+    range: Option<&str>,
+    device: Option<DevicePk>,
+) -> Result<Response> {
     let size = state.store.media_size(sha256).await?.ok_or_else(|| Error::new(ErrorCode::NotFound, "no such media"))?;
     let requested = resolve_range(range, size);
     let range = match requested {
@@ -206,8 +215,32 @@ pub async fn serve(state: &AppState, sha256: &[u8; 32], id: &str, range: Option<
     };
     let object = state.media.read(sha256, range.clone()).await?;
     let length = object.range.end - object.range.start;
+    let reaches_end = object.range.end == size;
     let stream = crate::media::into_stream(object);
-    let mut response = Response::new(Body::from_stream(stream));
+    let body = match device {
+        Some(device) if reaches_end => {
+            let (store, sha256) = (state.store.clone(), *sha256);
+            let mut left = length;
+            // Recorded once the last byte is handed on (not when the client went away before).
+            Body::from_stream(stream.map(move |chunk| {
+                if let Ok(bytes) = &chunk {
+                    let before = left;
+                    left = left.saturating_sub(bytes.len() as u64);
+                    if before > 0 && left == 0 {
+                        let store = store.clone();
+                        tokio::spawn(async move {
+                            if let Err(error) = store.media_downloaded(&sha256, device).await {
+                                tracing::warn!(%error, "recording a download failed");
+                            }
+                        });
+                    }
+                }
+                chunk
+            }))
+        }
+        _ => Body::from_stream(stream),
+    };
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));

@@ -428,7 +428,7 @@ async fn get_media(
 ) -> Result<axum::response::Response> {
     let sha256 = parley_spec::v1::media::parse_media_id(&id)
         .ok_or_else(|| Error::new(ErrorCode::BadRequest, "a media id is 64 lowercase hex digits"))?;
-    crate::api::media::serve(&state, &sha256, &id, None).await
+    crate::api::media::serve(&state, &sha256, &id, None, None).await
 }
 
 /// GET /_parley/federation/v1/users/{user_id}/devices

@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (10, "push", include_str!("../../migrations/sqlite/0010_push.sql")),
     (11, "media holds", include_str!("../../migrations/sqlite/0011_media_holds.sql")),
     (12, "media cold", include_str!("../../migrations/sqlite/0012_media_cold.sql")),
+    (13, "temporary media", include_str!("../../migrations/sqlite/0013_media_once.sql")),
 ];
 
 /// Rows deleted per statement when pruning remembered inbound message ids.
@@ -1074,6 +1075,7 @@ mod tests {
             events: vec![NewEvent { device: to, origin: None, payload: Bytes::from(format!("event of {id}")) }],
             outbound: Vec::new(),
             media: Vec::new(),
+            media_once: false,
         }
     }
 

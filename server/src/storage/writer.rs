@@ -133,6 +133,9 @@ pub struct NewMessage {
     /// Files (SHA-256) the message carries: each is held while a local device it went to has
     /// not acknowledged it, if the sender references the file (`spec/media.md` §5).
     pub media: Vec<[u8; 32]>,
+    /// A temporary chat's message: its holds last until each device downloaded the file, and
+    /// then the sender's reference goes (only for a message with no remote recipients).
+    pub media_once: bool,
 }
 
 /// A small write done by the writer.
@@ -619,11 +622,12 @@ async fn insert_messages(
                 }
             };
             if matches!(outcome, MessageOutcome::Stored { .. }) {
+                if !message.media.is_empty() {
+                    let once = message.media_once && message.outbound.is_empty();
+                    work.holds.push(Hold { id: message.id, sender: message.sender_user, media: message.media, once });
+                }
                 effects.events.extend(message.events);
                 effects.outbound.extend(message.outbound);
-                if !message.media.is_empty() {
-                    work.holds.push((message.id, message.sender_user, message.media));
-                }
             }
             work.message_replies.push((reply, outcome));
         }
@@ -840,12 +844,8 @@ async fn append_inbox(
 /// Step 5b: holds each file a new message carries for every local device the message went to
 /// (`media_holds`, released by the media sweep once the device acknowledged past it), if the
 /// sender references the file; a file already marked unreferenced is referenced again.
-async fn hold_media(
-    conn: &mut SqliteConnection,
-    holds: &[(ServerMsgId, UserPk, Vec<[u8; 32]>)],
-    rows: &[(NewEvent, Seq)],
-) -> Result<(), StoreError> {
-    for (id, sender, media) in holds {
+async fn hold_media(conn: &mut SqliteConnection, holds: &[Hold], rows: &[(NewEvent, Seq)]) -> Result<(), StoreError> {
+    for Hold { id, sender, media, once } in holds {
         let targets: Vec<(DevicePk, i64)> = rows
             .iter()
             .filter(|(event, _)| event.origin.as_ref().is_some_and(|(_, origin)| origin == id))
@@ -864,10 +864,12 @@ async fn hold_media(
                 continue;
             }
             for (device, seq) in &targets {
-                sqlx::query("INSERT OR IGNORE INTO media_holds (sha256, device, seq) VALUES (?, ?, ?)")
+                sqlx::query("INSERT OR IGNORE INTO media_holds (sha256, device, seq, once, sender) VALUES (?, ?, ?, ?, ?)")
                     .bind(sha256.as_slice())
                     .bind(device)
                     .bind(seq)
+                    .bind(once)
+                    .bind(sender)
                     .execute(&mut *conn)
                     .await?;
             }
@@ -959,11 +961,20 @@ async fn allocate_seq(
     Ok(Some(next))
 }
 
+/// A new message's files, to hold for the devices it went to.
+struct Hold {
+    id: ServerMsgId,
+    sender: UserPk,
+    media: Vec<[u8; 32]>,
+    /// A temporary chat's: held until downloaded, not only until delivered.
+    once: bool,
+}
+
 #[derive(Default)]
 struct Work {
     message_replies: Vec<(Reply<MessageOutcome>, MessageOutcome)>,
-    /// New messages that carry files: (message id, sender, files).
-    holds: Vec<(ServerMsgId, UserPk, Vec<[u8; 32]>)>,
+    /// New messages that carry files.
+    holds: Vec<Hold>,
     unit_replies: Vec<Reply<()>>,
     inbound_replies: Vec<(Reply<bool>, bool)>,
     committed: Vec<Committed>,
@@ -1010,6 +1021,7 @@ mod tests {
             events: vec![event(3)],
             outbound: vec![outbound("d.test")],
             media: Vec::new(),
+            media_once: false,
         };
         let mut receipts = effects(2, "c.test");
         receipts.received.push(RemoteMessage { recipient: 1, sender: Arc::from("@carol:c.test"), id: ServerMsgId::new(9) });

@@ -47,6 +47,11 @@ pub struct SendRequest {
     /// reference to it. Unknown ids are ignored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub media: Vec<String>,
+    /// A temporary chat's message: its `media` go from the server once every local device
+    /// the message went to has downloaded them (`spec/media.md` §5), rather than when their
+    /// references expire. Ignored for a message to another server's user.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub media_once: bool,
 }
 
 /// The most media ids one message may name.
@@ -55,12 +60,13 @@ pub const MAX_MESSAGE_MEDIA: usize = 16;
 impl SendRequest {
     /// Builds a send request.
     pub fn new(client_msg_id: Uuid, to: UserId, envelopes: Vec<Envelope>) -> Self {
-        Self { client_msg_id, to, envelopes, media: Vec::new() }
+        Self { client_msg_id, to, envelopes, media: Vec::new(), media_once: false }
     }
 
-    /// The request naming files it carries (`media`).
-    pub fn with_media(mut self, media: Vec<String>) -> Self {
+    /// The request naming files it carries (`media`); `once` for a temporary chat's files.
+    pub fn with_media(mut self, media: Vec<String>, once: bool) -> Self {
         self.media = media;
+        self.media_once = once;
         self
     }
 }

@@ -187,7 +187,7 @@ pub async fn login(ctx: &Ctx, username: &str, recovery: &str, password: Option<S
 }
 
 /// `parley send`.
-pub async fn send(ctx: &Ctx, user: &str, text: Vec<String>, file: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn send(ctx: &Ctx, user: &str, text: Vec<String>, file: Option<PathBuf>, temporary: bool) -> anyhow::Result<()> {
     let body = match (text.is_empty(), &file) {
         (true, None) => read_body().await?,
         _ => text.join(" "),
@@ -202,6 +202,9 @@ pub async fn send(ctx: &Ctx, user: &str, text: Vec<String>, file: Option<PathBuf
         }
     }
     if is_group(user) {
+        if temporary {
+            return Err(fail("usage", "--temporary is for 1:1 messages"));
+        }
         return group_send(ctx, user, &body, file.as_deref()).await;
     }
     let mut device = ctx.connect().await?;
@@ -216,7 +219,8 @@ pub async fn send(ctx: &Ctx, user: &str, text: Vec<String>, file: Option<PathBuf
             None => None,
         };
         let messenger = &device.messenger;
-        let sent = send_one(ctx, messenger, &mut device.events, &to, &body, attachment, &mut |e| watcher.handle(e)).await?;
+        let outgoing = Outgoing { body: &body, file: attachment, temporary };
+        let sent = send_one(ctx, messenger, &mut device.events, &to, outgoing, &mut |e| watcher.handle(e)).await?;
         Ok((to, sent))
     }
     .await;
@@ -314,7 +318,7 @@ async fn chat_loop(ctx: &Ctx, device: &mut Device, peer: &UserId, last: u32, wat
                     continue;
                 }
                 let Device { messenger, events, .. } = &mut *device;
-                match send_one(ctx, messenger, events, peer, text, None, &mut |e| watcher.handle(e)).await {
+                match send_one(ctx, messenger, events, peer, Outgoing::text(text), &mut |e| watcher.handle(e)).await {
                     Ok((client_msg_id, server_msg_id)) => ctx.out.json_only(
                         json!({ "event": "sent", "client_msg_id": client_msg_id, "server_msg_id": server_msg_id }),
                     ),
@@ -1001,10 +1005,10 @@ async fn send_one(
     messenger: &Messenger,
     events: &mut MessengerEvents,
     to: &UserId,
-    body: &str,
-    file: Option<Attachment>,
+    outgoing: Outgoing<'_>,
     others: &mut dyn FnMut(MessengerEvent),
 ) -> anyhow::Result<(Uuid, ServerMsgId)> {
+    let Outgoing { body, file, temporary } = outgoing;
     let deadline = Instant::now() + ctx.timeout;
     let queued = || {
         format!(
@@ -1015,7 +1019,7 @@ async fn send_one(
     let before: HashSet<Uuid> = messenger.store().outbox().await?.into_iter().map(|e| e.client_msg_id).collect();
     let sending = async {
         match &file {
-            Some(file) => messenger.send_attachment(to, file.clone(), body).await,
+            Some(file) => messenger.send_uploaded_file(to, file.clone(), body, temporary).await,
             None => messenger.send_text(to, body).await,
         }
     };
@@ -1044,6 +1048,20 @@ async fn send_one(
             }
             Ok(Some(other)) => others(other),
         }
+    }
+}
+
+/// A message to send: a text, or a file just uploaded with its caption.
+struct Outgoing<'a> {
+    body: &'a str,
+    file: Option<Attachment>,
+    /// A temporary chat's file (`--temporary`).
+    temporary: bool,
+}
+
+impl<'a> Outgoing<'a> {
+    fn text(body: &'a str) -> Self {
+        Self { body, file: None, temporary: false }
     }
 }
 

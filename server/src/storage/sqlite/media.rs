@@ -4,7 +4,7 @@
 //! Quota checks and the rows they admit are written in one write-locked transaction, so two
 //! concurrent uploads cannot both squeeze under a quota.
 
-use crate::storage::{stored_now, Store, StoreError, UserPk};
+use crate::storage::{stored_now, DevicePk, Store, StoreError, UserPk};
 use sqlx::Row as _;
 
 /// An upload in progress.
@@ -324,6 +324,17 @@ impl Store {
             .await?)
     }
 
+    /// `device` downloaded the whole of file `sha256`: temporary chats' holds on it for that
+    /// device end at the next sweep.
+    pub async fn media_downloaded(&self, sha256: &[u8; 32], device: DevicePk) -> Result<(), StoreError> {
+        sqlx::query("UPDATE media_holds SET fetched = 1 WHERE sha256 = ? AND device = ? AND once = 1")
+            .bind(sha256.as_slice())
+            .bind(device)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Up to `limit` files stored at or before `cutoff` (ms) that are not in the cold store yet.
     pub async fn media_to_cool(&self, cutoff: u64, limit: u32) -> Result<Vec<[u8; 32]>, StoreError> {
         let rows: Vec<Vec<u8>> =
@@ -352,11 +363,29 @@ impl Store {
         sqlx::query("DELETE FROM media_refs WHERE expires_ts <= ?").bind(now).execute(&mut *tx).await?;
         // A message's hold ends once its device acknowledged past it (or is gone).
         let released: Vec<Vec<u8>> = sqlx::query_scalar(
-            "DELETE FROM media_holds WHERE NOT EXISTS \
+            "DELETE FROM media_holds WHERE once = 0 AND NOT EXISTS \
              (SELECT 1 FROM devices d WHERE d.id = media_holds.device AND d.acked_seq < media_holds.seq) RETURNING sha256",
         )
         .fetch_all(&mut *tx)
         .await?;
+        // A temporary chat's hold ends once its device downloaded the file (or is gone); when the
+        // last one of a sender's ended, the sender's reference goes too.
+        let downloaded: Vec<(Vec<u8>, i64)> = sqlx::query_as(
+            "DELETE FROM media_holds WHERE once = 1 AND (fetched = 1 OR NOT EXISTS \
+             (SELECT 1 FROM devices d WHERE d.id = media_holds.device)) RETURNING sha256, sender",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for (sha256, sender) in downloaded.iter().collect::<std::collections::BTreeSet<_>>() {
+            sqlx::query(
+                "DELETE FROM media_refs WHERE user_id = ?1 AND sha256 = ?2 AND NOT EXISTS \
+                 (SELECT 1 FROM media_holds WHERE sha256 = ?2 AND sender = ?1 AND once = 1)",
+            )
+            .bind(sender)
+            .bind(sha256.as_slice())
+            .execute(&mut *tx)
+            .await?;
+        }
         let keep_until = now.saturating_add(to_i64(retention_ms)?);
         for sha256 in released.iter().collect::<std::collections::BTreeSet<_>>() {
             sqlx::query("UPDATE media SET keep_until = max(keep_until, ?) WHERE sha256 = ?")
