@@ -183,9 +183,26 @@ pub async fn submit(
     state: &AppState,
     auth: &AuthDevice,
     group_id: &GroupId,
-    request: GroupSendRequest,
+    mut request: GroupSendRequest,
 ) -> Result<GroupSentResponse> {
     check_size(state, &request)?;
+    // Files on this server the message carries: held here for the local members (never told
+    // to the hub).
+    let media = crate::messaging::message_media(&std::mem::take(&mut request.media))?;
+    let sent = forward_submission(state, auth, group_id, request).await?;
+    if !media.is_empty() && !sent.duplicate {
+        state.store.hold_group_media(auth.user_pk, group_id.as_str(), sent.group_seq, &media).await?;
+    }
+    Ok(sent)
+}
+
+/// [`submit`] once this server took what is its own: to the hub, here or over federation.
+async fn forward_submission(
+    state: &AppState,
+    auth: &AuthDevice,
+    group_id: &GroupId,
+    request: GroupSendRequest,
+) -> Result<GroupSentResponse> {
     let hub = group_id.hub();
     if hub == state.server_name {
         return hub_submit(state, &auth.user_id, &auth.device_id, group_id, request).await;

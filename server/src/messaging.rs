@@ -79,7 +79,7 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
 }
 
 /// The files a send names, checked (`spec/media.md` §5).
-fn message_media(ids: &[String]) -> Result<Vec<[u8; 32]>> {
+pub(crate) fn message_media(ids: &[String]) -> Result<Vec<[u8; 32]>> {
     if ids.len() > MAX_MESSAGE_MEDIA {
         return Err(Error::new(ErrorCode::TooLarge, format!("a message names at most {MAX_MESSAGE_MEDIA} files")));
     }

@@ -252,3 +252,42 @@ async fn a_temporary_chats_file_goes_once_every_device_it_went_to_downloaded_it(
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_group_file_outlives_its_retention_until_every_local_member_device_has_the_message() -> anyhow::Result<()> {
+    let server =
+        TestServer::start_with(&format!("{SMALL_PARTS}retention_ms = 4000\ngrace_ms = 0\nsweep_interval_ms = 100\n")).await?;
+    let dir = tempfile::tempdir()?;
+    let (alice, _alice_events) = register(&server, dir.path(), "alice").await?;
+    let (bob, mut bob_events) = register(&server, dir.path(), "bob").await?;
+    let (group, _) = alice.create_group("files", &[bob.session().user_id.clone()]).await?;
+    next(&mut bob_events, |e| matches!(e, MessengerEvent::GroupJoined { .. }).then_some(())).await?;
+    bob.close().await;
+    drop((bob, bob_events));
+
+    let path = dir.path().join("minutes.bin");
+    let mut plaintext = vec![0u8; 100_000];
+    rand::thread_rng().fill_bytes(&mut plaintext);
+    std::fs::write(&path, &plaintext)?;
+    alice.send_group_file(&group, &path, "minutes", go).await?;
+    let held = alice.group_history(&group, 10).await?.into_iter().find_map(|m| m.file).expect("file").media_id;
+    let loose = dir.path().join("loose.bin");
+    std::fs::write(&loose, &plaintext[..50_000])?;
+    let unsent = alice.upload(&loose, go).await?.media_id;
+
+    crate::media::eventually("the file no message holds is swept", || async { Ok(!has_media(&server, &unsent).await?) }).await?;
+    assert!(has_media(&server, &held).await?, "kept for bob's device, which has not received the group message");
+
+    let (bob, mut bob_events) = Messenger::open(&dir.path().join("bob.db")).await?;
+    let got = next(&mut bob_events, |e| match e {
+        MessengerEvent::GroupMessage(m) => Some(m),
+        _ => None,
+    })
+    .await?;
+    let file = got.file.expect("file");
+    bob.download(&file, &dir.path().join("got.bin"), go).await?;
+    assert!(std::fs::read(dir.path().join("got.bin"))? == plaintext);
+    crate::media::eventually("the file is swept after its last retention", || async { Ok(!has_media(&server, &held).await?) })
+        .await?;
+    Ok(())
+}

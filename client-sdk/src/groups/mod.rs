@@ -419,6 +419,8 @@ impl<S: GroupStore> GroupMachine<S> {
             Some(file) => Content::GroupFile(GroupFileContent::new(client_msg_id, file.clone(), body)),
         };
         let message = self.encrypt(group_id, &content)?;
+        // A file on this user's server is held there until the local members have the message.
+        let media = file.iter().filter(|f| f.server == self.user_id.server()).map(|f| f.media_id.clone()).collect();
         let stored = GroupMessage {
             local_id: 0,
             group_id: group_id.clone(),
@@ -432,7 +434,7 @@ impl<S: GroupStore> GroupMachine<S> {
         };
         record.last_ts = record.last_ts.max(now);
         self.persist(GroupChanges { record: Some(record), messages: vec![stored], ..GroupChanges::default() }).await?;
-        Ok(GroupSendRequest::application(client_msg_id, message))
+        Ok(GroupSendRequest::application(client_msg_id, message).with_media(media))
     }
 
     /// Encrypts the group's metadata and policy for the members, if it has a name and this

@@ -26,8 +26,10 @@ const PARALLEL_PARTS: usize = 4;
 pub const THUMBNAIL_SIDE: u32 = 320;
 /// The largest encoded thumbnail sent (a larger one is sent at lower quality, or not at all).
 pub const MAX_THUMBNAIL_BYTES: usize = 48 * 1024;
-/// The largest image a thumbnail is made of (bytes of the file, and decoded bytes).
+/// The largest image file a thumbnail is made of.
 const MAX_IMAGE_BYTES: u64 = 64 * 1024 * 1024;
+/// The most memory decoding it may take (a 48-megapixel photo decodes to 144 MiB of RGB).
+const MAX_DECODED_BYTES: u64 = 256 * 1024 * 1024;
 
 /// What a progress callback may do: it is called with (bytes done, bytes in all) and may
 /// cancel the transfer ([`ControlFlow::Break`]); a later call resumes it.
@@ -201,7 +203,7 @@ fn thumbnail(path: &Path) -> Result<((u32, u32), Option<Thumbnail>), image::Imag
     }
     let mut reader = image::ImageReader::open(path)?.with_guessed_format()?;
     let mut limits = image::Limits::default();
-    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
     reader.limits(limits);
     let mut decoder = reader.into_decoder()?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);

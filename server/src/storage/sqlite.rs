@@ -35,6 +35,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (11, "media holds", include_str!("../../migrations/sqlite/0011_media_holds.sql")),
     (12, "media cold", include_str!("../../migrations/sqlite/0012_media_cold.sql")),
     (13, "temporary media", include_str!("../../migrations/sqlite/0013_media_once.sql")),
+    (14, "group media holds", include_str!("../../migrations/sqlite/0014_media_group_holds.sql")),
 ];
 
 /// Rows deleted per statement when pruning remembered inbound message ids.

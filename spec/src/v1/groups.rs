@@ -70,12 +70,24 @@ pub struct GroupSendRequest {
     /// With a commit that adds members: its Welcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub welcome: Option<Base64Bytes>,
+    /// Media ids of files on the sender's server that an application message carries (at most
+    /// [`MAX_MESSAGE_MEDIA`](crate::v1::messages::MAX_MESSAGE_MEDIA)): the sender's server keeps
+    /// each until every one of its member devices has the message (`spec/media.md` §5). The
+    /// sender's server does not pass them on to the hub.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub media: Vec<String>,
 }
 
 impl GroupSendRequest {
     /// An application message.
     pub fn application(client_msg_id: Uuid, message: Vec<u8>) -> Self {
-        Self { client_msg_id, message: Base64Bytes(message), group_info: None, welcome: None }
+        Self { client_msg_id, message: Base64Bytes(message), group_info: None, welcome: None, media: Vec::new() }
+    }
+
+    /// The request naming files it carries (`media`).
+    pub fn with_media(mut self, media: Vec<String>) -> Self {
+        self.media = media;
+        self
     }
 
     /// A commit, with the GroupInfo of its epoch and its Welcome if it adds members.
@@ -85,6 +97,7 @@ impl GroupSendRequest {
             message: Base64Bytes(commit),
             group_info: Some(Base64Bytes(group_info)),
             welcome: welcome.map(Base64Bytes),
+            media: Vec::new(),
         }
     }
 }

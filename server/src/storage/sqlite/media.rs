@@ -324,6 +324,39 @@ impl Store {
             .await?)
     }
 
+    /// Holds each file of `media` that `sender` references for the local member devices of
+    /// the group that have not received position `group_seq` yet (`media_group_holds`).
+    pub async fn hold_group_media(
+        &self,
+        sender: UserPk,
+        group_id: &str,
+        group_seq: parley_spec::GroupSeq,
+        media: &[[u8; 32]],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for sha256 in media {
+            let held = sqlx::query(
+                "INSERT OR IGNORE INTO media_group_holds (sha256, group_id, group_seq) SELECT ?1, ?2, ?3 \
+                 WHERE EXISTS (SELECT 1 FROM media_refs r JOIN media m ON m.sha256 = r.sha256 \
+                               WHERE r.user_id = ?4 AND r.sha256 = ?1)",
+            )
+            .bind(sha256.as_slice())
+            .bind(group_id)
+            .bind(i64::try_from(group_seq)?)
+            .bind(sender)
+            .execute(&mut *tx)
+            .await?;
+            if held.rows_affected() == 1 {
+                sqlx::query("UPDATE media SET unreferenced_ts = NULL WHERE sha256 = ?")
+                    .bind(sha256.as_slice())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// `device` downloaded the whole of file `sha256`: temporary chats' holds on it for that
     /// device end at the next sweep.
     pub async fn media_downloaded(&self, sha256: &[u8; 32], device: DevicePk) -> Result<(), StoreError> {
@@ -362,12 +395,22 @@ impl Store {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("DELETE FROM media_refs WHERE expires_ts <= ?").bind(now).execute(&mut *tx).await?;
         // A message's hold ends once its device acknowledged past it (or is gone).
-        let released: Vec<Vec<u8>> = sqlx::query_scalar(
+        let mut released: Vec<Vec<u8>> = sqlx::query_scalar(
             "DELETE FROM media_holds WHERE once = 0 AND NOT EXISTS \
              (SELECT 1 FROM devices d WHERE d.id = media_holds.device AND d.acked_seq < media_holds.seq) RETURNING sha256",
         )
         .fetch_all(&mut *tx)
         .await?;
+        // A group message's hold ends once no local member device still has to receive it.
+        released.extend(
+            sqlx::query_scalar::<_, Vec<u8>>(
+                "DELETE FROM media_group_holds AS h WHERE NOT EXISTS (SELECT 1 FROM group_devices g \
+                 WHERE g.group_id = h.group_id AND g.acked < h.group_seq AND g.from_seq <= h.group_seq \
+                 AND (g.until_seq IS NULL OR g.until_seq >= h.group_seq)) RETURNING sha256",
+            )
+            .fetch_all(&mut *tx)
+            .await?,
+        );
         // A temporary chat's hold ends once its device downloaded the file (or is gone); when the
         // last one of a sender's ended, the sender's reference goes too.
         let downloaded: Vec<(Vec<u8>, i64)> = sqlx::query_as(
@@ -397,7 +440,8 @@ impl Store {
         sqlx::query(
             "UPDATE media SET unreferenced_ts = ?1 WHERE unreferenced_ts IS NULL AND keep_until <= ?1 \
              AND NOT EXISTS (SELECT 1 FROM media_refs r WHERE r.sha256 = media.sha256) \
-             AND NOT EXISTS (SELECT 1 FROM media_holds h WHERE h.sha256 = media.sha256)",
+             AND NOT EXISTS (SELECT 1 FROM media_holds h WHERE h.sha256 = media.sha256) \
+             AND NOT EXISTS (SELECT 1 FROM media_group_holds h WHERE h.sha256 = media.sha256)",
         )
         .bind(now)
         .execute(&mut *tx)
