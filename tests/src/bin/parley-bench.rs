@@ -46,8 +46,8 @@ struct Args {
     /// Offered load of the latency phase, messages per second (all devices together).
     #[arg(long, default_value_t = 5000)]
     rate: u64,
-    /// Idle connections for the memory phase.
-    #[arg(long, default_value_t = 10_000)]
+    /// Idle connections for the memory phase (at least 1).
+    #[arg(long, default_value_t = 10_000, value_parser = at_least_one)]
     idle: usize,
     /// Ciphertext bytes per message.
     #[arg(long, default_value_t = 64)]
@@ -84,6 +84,15 @@ struct Event {
     #[serde(rename = "type")]
     kind: String,
     ciphertext: Option<String>,
+}
+
+/// A count of at least one (`--idle 0` would measure nothing, and divide by it).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[tokio::main]
