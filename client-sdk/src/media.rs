@@ -59,6 +59,12 @@ pub struct UploadedFile {
     pub media: MediaRef,
 }
 
+/// The media ids a message asks its sender's server to hold until the recipients' devices have
+/// it (`spec/media.md` §5): its file's, when the file is on the server of `sender`.
+pub(crate) fn held_media(file: Option<&parley_spec::v1::content::Attachment>, sender: &parley_spec::UserId) -> Vec<String> {
+    file.filter(|f| f.server == sender.server()).map(|f| vec![f.media_id.clone()]).unwrap_or_default()
+}
+
 /// What an upload in progress keeps on disk.
 #[derive(Debug, Serialize, Deserialize)]
 struct UploadJournal {

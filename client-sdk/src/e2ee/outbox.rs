@@ -211,7 +211,7 @@ impl<S: CryptoStore, R: RngCore + CryptoRng + Send> E2eeMachine<S, R> {
         }
         // A file on this user's server is held there until the recipients' devices have the
         // message (spec/media.md §5).
-        let media = job.entry.file.iter().filter(|f| f.server == self.user_id.server()).map(|f| f.media_id.clone()).collect();
+        let media = crate::media::held_media(job.entry.file.as_ref(), &self.user_id);
         let request =
             SendRequest::new(job.entry.client_msg_id, job.entry.to.clone(), envelopes).with_media(media, job.entry.media_once);
         Ok(Progress::Next(self.request(Pending::Send(job), |id| OutgoingRequest::Send { id, request })))

@@ -420,7 +420,7 @@ impl<S: GroupStore> GroupMachine<S> {
         };
         let message = self.encrypt(group_id, &content)?;
         // A file on this user's server is held there until the local members have the message.
-        let media = file.iter().filter(|f| f.server == self.user_id.server()).map(|f| f.media_id.clone()).collect();
+        let media = crate::media::held_media(file.as_ref(), &self.user_id);
         let stored = GroupMessage {
             local_id: 0,
             group_id: group_id.clone(),
