@@ -16,6 +16,8 @@ pub(crate) mod federation;
 pub(crate) mod groups;
 pub(crate) mod hub;
 pub(crate) mod media;
+/// The S3 client the media store uses, for measuring a store without the server (`parley-media-bench`).
+pub use media::{s3_store, MediaError};
 pub(crate) mod messaging;
 pub(crate) mod metrics;
 pub(crate) mod outgoing;

@@ -4,10 +4,14 @@
 //! this module moves bytes, signs and checks upload URLs, and sweeps what expired.
 //!
 //! An upload's parts arrive in any order, each to a URL this server signed (HMAC-SHA256 with a
-//! key derived from the server's signing key), used once. Completing the upload streams the
-//! parts in order through SHA-256 into one staged object, and only when the hash and size are
-//! the declared ones is it renamed to its final name. Memory stays flat whatever the file size:
-//! bodies and objects are streamed in chunks of [`CHUNK_BYTES`].
+//! key derived from the server's signing key), used once. With the filesystem store each part
+//! is written in place, at its offset of the upload's one file (`uploads/<upload id>/data`), so
+//! the bytes are written once; completing the upload reads that file through SHA-256 and, only
+//! when the hash and size are the declared ones, renames it to its final name. A part is claimed
+//! before its first byte is written and an upload completes only while no part is being
+//! written (after which none can start), so the bytes hashed are the bytes published. With S3
+//! the parts go to a multipart upload, completed and read back through SHA-256. Memory stays
+//! flat whatever the file size: bodies and objects are streamed in chunks of [`CHUNK_BYTES`].
 
 use crate::config::Config;
 use crate::error::{Error, RemoteFailure, Result};
@@ -67,6 +71,10 @@ pub struct Media {
     /// Held while a file appears (completion) or disappears (the sweep), so that a file being
     /// deleted is never one an upload has just completed.
     lifecycle: tokio::sync::Mutex<()>,
+    /// The filesystem store's directory (None with S3): parts are written in place there.
+    dir: Option<std::path::PathBuf>,
+    /// Parts being written and uploads being completed (see the module's documentation).
+    writes: Writes,
     /// Files being fetched from other servers: one fetch per file, later askers wait for it.
     fetching: std::sync::Mutex<std::collections::HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     metrics: crate::metrics::Metrics,
@@ -111,6 +119,60 @@ pub fn into_stream(result: GetResult) -> futures_util::stream::BoxStream<'static
     }
 }
 
+/// What is going on with one upload's bytes right now.
+#[derive(Debug, Default)]
+struct UploadWrites {
+    /// Parts being written.
+    parts: std::collections::HashSet<u32>,
+    /// Whether the upload is being completed (no part may start).
+    completing: bool,
+}
+
+type Writes = Arc<std::sync::Mutex<std::collections::HashMap<String, UploadWrites>>>;
+
+fn lock(writes: &Writes) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, UploadWrites>> {
+    writes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A part claimed for writing, released when the last clone is dropped: the request's, and
+/// each write of it still in flight (a request dropped mid-part keeps its part claimed until
+/// its last write landed).
+pub struct PartClaim {
+    writes: Writes,
+    upload_id: String,
+    part: u32,
+}
+
+impl Drop for PartClaim {
+    fn drop(&mut self) {
+        let mut writes = lock(&self.writes);
+        if let Some(upload) = writes.get_mut(&self.upload_id) {
+            upload.parts.remove(&self.part);
+            if upload.parts.is_empty() && !upload.completing {
+                writes.remove(&self.upload_id);
+            }
+        }
+    }
+}
+
+/// An upload being completed: while this lives no part of it can be written. Released when
+/// dropped.
+pub struct Completing {
+    writes: Writes,
+    upload_id: String,
+}
+
+impl Drop for Completing {
+    fn drop(&mut self) {
+        lock(&self.writes).remove(&self.upload_id);
+    }
+}
+
+/// A blocking file operation's outcome.
+fn joined(outcome: std::result::Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<()> {
+    outcome.map_err(Error::internal)?.map_err(Error::internal)
+}
+
 fn internal(error: object_store::Error) -> Error {
     Error::Internal(Box::new(error))
 }
@@ -124,18 +186,15 @@ fn upload_dir(upload_id: &str) -> Path {
     Path::from_iter(["uploads", upload_id])
 }
 
-fn part_path(upload_id: &str, part: u32) -> Path {
-    Path::from_iter(["uploads", upload_id, &part.to_string()])
+/// The file the parts of an upload are written into (filesystem store), at their offsets.
+fn data_path(upload_id: &str) -> Path {
+    Path::from_iter(["uploads", upload_id, "data"])
 }
 
 /// The object an S3 multipart upload writes: `uploads/<upload id>.upload`, renamed to its
 /// media id once its hash is checked.
 fn upload_object(upload_id: &str) -> Path {
     Path::from_iter(["uploads", &format!("{upload_id}.upload")])
-}
-
-fn assembled_path(upload_id: &str) -> Path {
-    Path::from_iter(["uploads", upload_id, "assembled"])
 }
 
 /// Number of parts of a `size`-byte file cut in `part_bytes` parts.
@@ -170,12 +229,15 @@ impl Media {
         server_key: &parley_federation::ServerKey,
         metrics: crate::metrics::Metrics,
     ) -> std::result::Result<Self, MediaError> {
-        let (store, s3): (Arc<dyn ObjectStore>, _) = match &config.media.s3 {
+        let (store, s3, dir): (Arc<dyn ObjectStore>, _, _) = match &config.media.s3 {
             Some(s3) => {
                 let store = Arc::new(s3_store(s3)?);
-                (store.clone(), Some(store))
+                (store.clone(), Some(store), None)
             }
-            None => (fs_store(&config.data_dir.join(&config.media.dir))?, None),
+            None => {
+                let dir = config.data_dir.join(&config.media.dir);
+                (fs_store(&dir)?, None, Some(dir))
+            }
         };
         let cold: Option<Arc<dyn ObjectStore>> = match &config.media.cold {
             Some(crate::config::ColdConfig { s3: Some(s3), .. }) => Some(Arc::new(s3_store(s3)?)),
@@ -190,6 +252,8 @@ impl Media {
             url_key,
             config: config.media.clone(),
             lifecycle: tokio::sync::Mutex::new(()),
+            dir,
+            writes: Default::default(),
             fetching: Default::default(),
             metrics,
         })
@@ -302,16 +366,66 @@ impl Media {
         Ok(())
     }
 
-    /// Streams `body` into part `part` of upload `upload_id`; it must be exactly `len` bytes.
-    /// Nothing is kept of a body that is cut or of the wrong length.
-    pub async fn write_part(&self, upload_id: &str, part: u32, len: u64, body: Body) -> Result<()> {
-        let upload = self.store.put_multipart(&part_path(upload_id, part)).await.map_err(internal)?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, CHUNK_BYTES);
+    /// Claims part `part` of upload `upload_id` for writing: refused while that part is being
+    /// written by another request or the upload is being completed. Take the claim before
+    /// checking that the part was not received yet, and record it before dropping the claim.
+    pub fn claim(&self, upload_id: &str, part: u32) -> Result<Arc<PartClaim>> {
+        let mut writes = lock(&self.writes);
+        let upload = writes.entry(upload_id.to_owned()).or_default();
+        if upload.completing {
+            return Err(Error::new(ErrorCode::UploadUrlUsed, "the upload is being completed"));
+        }
+        if !upload.parts.insert(part) {
+            return Err(Error::new(ErrorCode::UploadUrlUsed, "this part is being received by another request"));
+        }
+        Ok(Arc::new(PartClaim { writes: self.writes.clone(), upload_id: upload_id.to_owned(), part }))
+    }
+
+    /// Marks upload `upload_id` as being completed, so that no part of it is written until the
+    /// returned guard is dropped: `upload_incomplete` while a part is still being written,
+    /// `upload_url_used` while another request completes it.
+    pub fn completing(&self, upload_id: &str) -> Result<Completing> {
+        let mut writes = lock(&self.writes);
+        let upload = writes.entry(upload_id.to_owned()).or_default();
+        if upload.completing {
+            return Err(Error::new(ErrorCode::UploadUrlUsed, "the upload is being completed by another request"));
+        }
+        if !upload.parts.is_empty() {
+            return Err(Error::new(
+                ErrorCode::UploadIncomplete,
+                format!("{} part(s) are still being received; complete once they are in", upload.parts.len()),
+            ));
+        }
+        upload.completing = true;
+        Ok(Completing { writes: self.writes.clone(), upload_id: upload_id.to_owned() })
+    }
+
+    /// Streams `body` into the `claim`ed part (filesystem store) at `range` of the upload's
+    /// file, then fsyncs it. The body must be exactly the range's length; a body that is cut or
+    /// of the wrong length leaves the part not received (its bytes are overwritten when it is
+    /// sent again).
+    pub async fn write_part(&self, claim: &Arc<PartClaim>, range: Range<u64>, body: Body) -> Result<()> {
+        use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+        let Some(dir) = &self.dir else { return Err(Error::internal("parts of an S3 upload go to the store")) };
+        let upload_dir = dir.join("uploads").join(&claim.upload_id);
+        let file = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&upload_dir)?;
+            std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(upload_dir.join("data"))
+        })
+        .await
+        .map_err(Error::internal)?
+        .map_err(Error::internal)?;
+        let file = Arc::new(file);
+        let len = range.end - range.start;
         let mut stream = body.into_data_stream();
+        let mut buffer = bytes::BytesMut::new();
         let mut received = 0u64;
+        let mut offset = range.start;
+        // One write in flight while the next buffer fills; each holds the claim until it landed.
+        let mut writing: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
         let outcome = loop {
-            match stream.next().await {
-                None if received == len => break Ok(()),
+            let end = match stream.next().await {
+                None if received == len => true,
                 None => break Err(Error::new(ErrorCode::BadRequest, format!("the part is {len} bytes, {received} were sent"))),
                 Some(Err(error)) => break Err(Error::new(ErrorCode::BadRequest, format!("reading the part failed: {error}"))),
                 Some(Ok(chunk)) => {
@@ -319,72 +433,67 @@ impl Media {
                     if received > len {
                         break Err(Error::new(ErrorCode::BadRequest, format!("the part is {len} bytes; more were sent")));
                     }
-                    writer.put(chunk);
-                    if let Err(error) = writer.wait_for_capacity(2).await {
-                        break Err(internal(error));
+                    buffer.extend_from_slice(&chunk);
+                    false
+                }
+            };
+            if buffer.len() >= CHUNK_BYTES || (end && !buffer.is_empty()) {
+                if let Some(previous) = writing.take() {
+                    if let Err(error) = joined(previous.await) {
+                        break Err(error);
                     }
                 }
+                let chunk = buffer.split().freeze();
+                let at = offset;
+                offset += chunk.len() as u64;
+                let (file, claim) = (file.clone(), claim.clone());
+                writing = Some(tokio::task::spawn_blocking(move || {
+                    let _claim = claim;
+                    file.write_all_at(&chunk, at)
+                }));
+            }
+            if end {
+                break Ok(());
             }
         };
-        match outcome {
-            Ok(()) => writer.finish().await.map(drop).map_err(internal),
-            Err(error) => {
-                if let Err(abort) = writer.abort().await {
-                    tracing::warn!(%abort, upload_id, part, "discarding a cut upload part failed");
-                }
-                Err(error)
-            }
-        }
+        let last = match writing.take() {
+            Some(last) => joined(last.await),
+            None => Ok(()),
+        };
+        outcome?;
+        last?;
+        joined(tokio::task::spawn_blocking(move || file.sync_data()).await)
     }
 
-    /// Streams the parts of `upload` in order through SHA-256 into one staged object. False
-    /// (and nothing staged) when they are not the declared size and hash.
-    pub async fn assemble(&self, upload: &UploadRow) -> Result<bool> {
-        let staged = self.store.put_multipart(&assembled_path(&upload.id)).await.map_err(internal)?;
-        let mut writer = WriteMultipart::new_with_chunk_size(staged, CHUNK_BYTES);
-        let mut hasher = Sha256::new();
-        let total = match self.copy_parts(upload, &mut writer, &mut hasher).await {
-            Ok(total) => total,
-            Err(error) => {
-                let _ = writer.abort().await;
-                return Err(internal(error));
-            }
+    /// Reads the file of `upload` (filesystem store) through SHA-256: whether it has the
+    /// declared size and hash. Call with the upload [`completing`](Self::completing).
+    pub async fn verify(&self, upload: &UploadRow) -> Result<bool> {
+        let found = match self.store.get(&data_path(&upload.id)).await {
+            Ok(found) => found,
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(error) => return Err(internal(error)),
         };
-        if total != upload.size || hasher.finalize().as_slice() != upload.sha256 {
-            let _ = writer.abort().await;
+        if found.meta.size != upload.size {
             return Ok(false);
         }
-        writer.finish().await.map_err(internal)?;
-        Ok(true)
-    }
-
-    /// Copies the parts of `upload` in order into `writer` and `hasher`; the bytes copied.
-    async fn copy_parts(
-        &self,
-        upload: &UploadRow,
-        writer: &mut WriteMultipart,
-        hasher: &mut Sha256,
-    ) -> object_store::Result<u64> {
+        let mut hasher = Sha256::new();
         let mut total = 0u64;
-        for part in 1..=part_count(upload.size, upload.part_bytes) {
-            let mut stream = into_stream(self.store.get(&part_path(&upload.id, part)).await?);
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
-                hasher.update(&chunk);
-                total += chunk.len() as u64;
-                writer.put(chunk);
-                writer.wait_for_capacity(2).await?;
-            }
+        let mut stream = into_stream(found);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(internal)?;
+            total += chunk.len() as u64;
+            hasher.update(&chunk);
         }
-        Ok(total)
+        Ok(total == upload.size && hasher.finalize().as_slice() == upload.sha256)
     }
 
-    /// Publishes an assembled upload as its file and records it (the uploader's reference);
-    /// when the file was stored meanwhile by another upload, the staged copy is dropped.
+    /// Publishes a verified upload as its file and records it (the uploader's reference);
+    /// when the file was stored meanwhile by another upload, this copy is dropped. Call with
+    /// the upload [`completing`](Self::completing).
     pub async fn publish(&self, store: &Store, upload: &UploadRow) -> Result<()> {
         let staged = match self.s3 {
             Some(_) => upload_object(&upload.id),
-            None => assembled_path(&upload.id),
+            None => data_path(&upload.id),
         };
         let _lifecycle = self.lifecycle.lock().await;
         if store.media_size(&upload.sha256).await?.is_some() {
@@ -408,7 +517,7 @@ impl Media {
         }
     }
 
-    /// Deletes what is stored of upload `upload_id` (parts, staged copy).
+    /// Deletes what is stored of upload `upload_id` (its file of parts).
     pub async fn discard(&self, upload_id: &str) {
         let prefix = upload_dir(upload_id);
         let paths = self.store.list(Some(&prefix)).map(|meta| meta.map(|m| m.location)).boxed();
@@ -630,7 +739,7 @@ impl Media {
 const COOL_BATCH: u32 = 64;
 
 /// An S3-compatible store, its HTTP going through the server's own client.
-fn s3_store(s3: &crate::config::S3Config) -> std::result::Result<object_store::aws::AmazonS3, MediaError> {
+pub fn s3_store(s3: &crate::config::S3Config) -> std::result::Result<object_store::aws::AmazonS3, MediaError> {
     let connector = s3::Connector::new().map_err(|e| MediaError::Http(e.to_string()))?;
     Ok(object_store::aws::AmazonS3Builder::new()
         .with_endpoint(&s3.endpoint)

@@ -249,6 +249,53 @@ async fn upload_urls_are_single_use_signed_and_expire() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn a_part_is_received_by_one_request_at_a_time_and_the_upload_completes_only_when_it_is_in() -> anyhow::Result<()> {
+    let server = TestServer::start_with(SMALL_PARTS).await?;
+    let base = server.base_url.clone();
+    let alice = raw::register(&base, "alice").await?;
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(100 * 1024), "image/png");
+    let (_, state) = create(&base, &alice.token, ciphertext.len(), &sha256_of(&media)).await?;
+    let upload_id = state["upload_id"].as_str().context("upload_id")?.to_owned();
+    let first = state["parts"][0]["url"].as_str().context("url")?.to_owned();
+    let size = state["parts"][0]["size"].as_u64().context("size")? as usize;
+    assert_eq!(put_parts(&base, &json!({"parts": [state["parts"][1].clone()]}), &ciphertext).await?, 1);
+
+    // Part 1 starts arriving and stalls half-way: its file is open on the server.
+    let (feed, body) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let stream = futures_util::stream::unfold(body, |mut body| async move { body.recv().await.map(|chunk| (chunk, body)) });
+    let slow = tokio::spawn({
+        let url = format!("{base}{first}");
+        async move { reqwest::Client::new().put(url).body(reqwest::Body::wrap_stream(stream)).send().await }
+    });
+    feed.send(Ok(ciphertext[..size / 2].to_vec())).await?;
+    let data = server.data_dir().join("media").join("uploads").join(&upload_id).join("data");
+    eventually("part 1's request reached its file", || {
+        let data = data.clone();
+        async move { Ok(data.exists()) }
+    })
+    .await?;
+
+    // Meanwhile the same URL, with other bytes, is refused: nothing it sends lands in the file.
+    let (status, body) = put_raw(&base, &first, vec![0xAA; size]).await?;
+    assert_eq!((status, body["code"].as_str()), (409, Some("upload_url_used")), "{body}");
+    // And the upload cannot complete while its part 1 is missing.
+    let (status, body) = complete(&base, &alice.token, &upload_id).await?;
+    assert_eq!((status, body["code"].as_str()), (409, Some("upload_incomplete")), "{body}");
+
+    feed.send(Ok(ciphertext[size / 2..size].to_vec())).await?;
+    drop(feed);
+    assert_eq!(slow.await??.status().as_u16(), 204);
+    let (status, info) = complete(&base, &alice.token, &upload_id).await?;
+    assert_eq!(status, 200, "{info}");
+    let (_, _, stored) = download(&base, &alice.token, info["media_id"].as_str().context("media_id")?, None).await?;
+    assert!(stored == ciphertext, "the stored file is the first request's bytes");
+    // Once completed, the part's URL writes nothing.
+    let (status, _) = put_raw(&base, &first, vec![0xAA; size]).await?;
+    assert_eq!(status, 404);
+    Ok(())
+}
+
 async fn put_raw(base: &str, url: &str, bytes: Vec<u8>) -> anyhow::Result<(u16, Value)> {
     let response = reqwest::Client::new().put(format!("{base}{url}")).body(bytes).send().await?;
     let status = response.status().as_u16();

@@ -117,15 +117,19 @@ pub async fn put_part(
         return Err(Error::new(ErrorCode::UploadUrlInvalid, "not an upload URL of this server"));
     }
     state.media.check_part_url(&id, part, query.expires, &query.sig)?;
+    // Claimed before the state is read and until the part is recorded: a part is written by
+    // one request at a time, never once received, and never while the upload completes.
+    let claim = state.media.claim(&id, part)?;
     let upload = state.store.upload(&id).await?.ok_or_else(not_found)?;
     let range = part_range(&upload, part).ok_or_else(|| Error::new(ErrorCode::NotFound, "no such part"))?;
     if upload.received.binary_search(&part).is_ok() {
         return Err(Error::new(ErrorCode::UploadUrlUsed, "this part was received already"));
     }
-    state.media.write_part(&id, part, range.end - range.start, body).await?;
+    state.media.write_part(&claim, range, body).await?;
     if !state.store.record_part(&id, part).await? {
         return Err(Error::new(ErrorCode::UploadUrlUsed, "this part was received already"));
     }
+    drop(claim);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -136,6 +140,12 @@ pub async fn complete_upload(
     Path(id): Path<String>,
     Json(request): Json<CompleteUploadRequest>,
 ) -> Result<axum::Json<MediaInfo>> {
+    if !valid_upload_id(&id) {
+        return Err(not_found());
+    }
+    // No part is written from here until the upload is published or dropped (and a second
+    // completion meanwhile is refused).
+    let completing = state.media.completing(&id)?;
     let upload = own_upload(&state, &auth, &id).await?;
     let parts = crate::media::part_count(upload.size, upload.part_bytes);
     let whole = if state.media.is_s3() {
@@ -159,7 +169,7 @@ pub async fn complete_upload(
                 ),
             ));
         }
-        state.media.assemble(&upload).await?
+        state.media.verify(&upload).await?
     };
     if !whole {
         state.media.discard(&id).await;
@@ -171,6 +181,7 @@ pub async fn complete_upload(
     }
     state.media.publish(&state.store, &upload).await?;
     state.media.discard(&id).await;
+    drop(completing);
     Ok(axum::Json(info(&state, &upload.sha256, upload.size)))
 }
 

@@ -1,7 +1,9 @@
 //! Media throughput through one `parleyd` (filesystem store): a file encrypted with
 //! `parley-crypto::media`, uploaded in parallel parts to the server's signed URLs, completed
 //! (the server streams the parts through SHA-256 into the stored file), then downloaded
-//! whole; with the server's resident memory before and its peak after. Prints a table.
+//! whole; with the server's resident memory before and its peak after. Prints a table. With
+//! `--s3`, each round also moves the same file to and from the S3 store directly, with the
+//! server's own S3 client and the same parts, without `parleyd`: what the store alone allows.
 //!
 //! `cargo build --release -p parley-tests --bins && ./target/release/parley-media-bench --mib 1024`
 
@@ -76,8 +78,14 @@ async fn main() -> anyhow::Result<()> {
         if args.s3 { "S3 (s3s-fs, presigned part URLs)" } else { "filesystem" }
     );
     println!();
-    println!("| round | upload MB/s (parts) | complete s | upload MB/s (whole) | download MB/s | server RSS before | peak RSS growth |");
-    println!("|---|---|---|---|---|---|---|");
+    let (alone_head, alone_rule) = match args.s3 {
+        true => (" store alone: upload MB/s | store alone: download MB/s |", "---|---|"),
+        false => ("", ""),
+    };
+    println!(
+        "| round | upload MB/s (parts) | complete s | upload MB/s (whole) | download MB/s | server RSS before | peak RSS growth |{alone_head}"
+    );
+    println!("|---|---|---|---|---|---|---|{alone_rule}");
     for round in 1..=args.rounds {
         let mut plaintext = vec![0u8; args.mib * 1024 * 1024];
         plaintext[..8].copy_from_slice(&(round as u64).to_le_bytes());
@@ -145,8 +153,15 @@ async fn main() -> anyhow::Result<()> {
         ensure!(received == size, "downloaded {received} of {size} bytes");
         let peak = status_kib(pid, "VmHWM:")?;
         let mb = size as f64 / 1e6;
+        let alone = match &s3 {
+            Some(s3) => {
+                let (up, down) = store_alone(s3, &ciphertext, args.parallel).await?;
+                format!(" {:.0} | {:.0} |", mb / up.as_secs_f64(), mb / down.as_secs_f64())
+            }
+            None => String::new(),
+        };
         println!(
-            "| {round} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} MiB | {:.1} MiB |",
+            "| {round} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} MiB | {:.1} MiB |{alone}",
             mb / parts_done.as_secs_f64(),
             (uploaded - parts_done).as_secs_f64(),
             mb / uploaded.as_secs_f64(),
@@ -156,4 +171,46 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The server's default part size.
+const PART_BYTES: usize = 8 * 1024 * 1024;
+
+/// `ciphertext` uploaded to the S3 store directly (a multipart upload of [`PART_BYTES`] parts,
+/// `parallel` at once, completed) and read back whole, with the S3 client `parleyd` uses: the
+/// upload's and the download's durations.
+async fn store_alone(
+    s3: &parley_tests::s3::S3Server,
+    ciphertext: &bytes::Bytes,
+    parallel: usize,
+) -> anyhow::Result<(std::time::Duration, std::time::Duration)> {
+    use object_store::ObjectStoreExt as _;
+    let store = parley_server::s3_store(&parley_server::config::S3Config {
+        endpoint: s3.endpoint.clone(),
+        region: "us-east-1".into(),
+        bucket: parley_tests::s3::BUCKET.into(),
+        access_key_id: parley_tests::s3::ACCESS_KEY.into(),
+        secret_access_key: parley_tests::s3::SECRET_KEY.into(),
+        allow_http: true,
+        virtual_hosted_style: false,
+    })?;
+    let path = object_store::path::Path::from("bench/store-alone");
+    let start = Instant::now();
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(store.put_multipart(&path).await?, PART_BYTES);
+    for offset in (0..ciphertext.len()).step_by(PART_BYTES) {
+        writer.wait_for_capacity(parallel).await?;
+        writer.put(ciphertext.slice(offset..ciphertext.len().min(offset + PART_BYTES)));
+    }
+    writer.finish().await?;
+    let uploaded = start.elapsed();
+    let start = Instant::now();
+    let mut stream = store.get(&path).await?.into_stream();
+    let mut received = 0usize;
+    while let Some(chunk) = stream.next().await {
+        received += chunk?.len();
+    }
+    let downloaded = start.elapsed();
+    ensure!(received == ciphertext.len(), "read back {received} of {} bytes", ciphertext.len());
+    store.delete(&path).await?;
+    Ok((uploaded, downloaded))
 }
