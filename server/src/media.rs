@@ -41,6 +41,10 @@ pub const MAX_PARTS: u32 = 10_000;
 /// progress).
 pub const CHUNK_BYTES: usize = 1024 * 1024;
 
+/// Bytes buffered per part when the server itself writes a file to an S3 store (a fetch from
+/// another server, a move to a cold store): S3 refuses parts under 5 MiB but the last.
+pub const S3_CHUNK_BYTES: usize = 5 * 1024 * 1024;
+
 /// What the signature of an upload URL covers, before the upload id, part and expiry.
 const URL_CONTEXT: &str = "parley media part url v1";
 
@@ -574,8 +578,8 @@ impl Media {
             return Err(bad("sent a file larger than this server accepts"));
         }
         let staged = Path::from_iter(["fetching", &format!("{id}.{}", new_upload_id())]);
-        let mut writer =
-            WriteMultipart::new_with_chunk_size(self.store.put_multipart(&staged).await.map_err(internal)?, CHUNK_BYTES);
+        let chunk = if self.s3.is_some() { S3_CHUNK_BYTES } else { CHUNK_BYTES };
+        let mut writer = WriteMultipart::new_with_chunk_size(self.store.put_multipart(&staged).await.map_err(internal)?, chunk);
         let mut hasher = Sha256::new();
         let mut total = 0u64;
         let failure = loop {
@@ -648,7 +652,8 @@ impl Media {
                 }
                 Err(error) => return Err(internal(error)),
             };
-            let mut writer = WriteMultipart::new_with_chunk_size(cold.put_multipart(&path).await.map_err(internal)?, CHUNK_BYTES);
+            let chunk = if config.s3.is_some() { S3_CHUNK_BYTES } else { CHUNK_BYTES };
+            let mut writer = WriteMultipart::new_with_chunk_size(cold.put_multipart(&path).await.map_err(internal)?, chunk);
             let mut stream = into_stream(source);
             while let Some(chunk) = stream.next().await {
                 match chunk {

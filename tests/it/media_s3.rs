@@ -2,7 +2,7 @@
 //! clients upload parts straight to the store through presigned URLs, the server completes
 //! the multipart upload, checks the hash and serves downloads from the store.
 
-use crate::media::{complete, create, download, plaintext, sha256_of, upload_cancelled_then_resumed};
+use crate::media::{complete, create, download, eventually, plaintext, sha256_of, upload_cancelled_then_resumed};
 use crate::raw;
 use anyhow::{ensure, Context as _};
 use parley_crypto::media::{MediaRef, MediaRefExt as _};
@@ -194,5 +194,133 @@ async fn the_sdk_uploads_to_s3_resumes_from_its_etags_and_downloads_the_same_fil
     let dest = dir.path().join("received.mp4");
     download_file(&api, &uploaded.server, &uploaded.media_id, &uploaded.media, &dest, |_, _| ControlFlow::Continue(())).await?;
     assert!(std::fs::read(&dest)? == content);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_file_on_s3_crosses_into_the_other_servers_own_s3_store() -> anyhow::Result<()> {
+    use parley_tests::fednet::{Discovery, FedNet};
+    let (store_a, store_b) = (S3Server::start().await?, S3Server::start().await?);
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv)], &format!("{S3_PARTS}{}", store_a.config())).await?;
+    net.add("b.test", Discovery::Srv, &format!("{S3_PARTS}{}", store_b.config())).await?;
+    let (a, b) = (net.server("a.test").base_url.clone(), net.server("b.test").base_url.clone());
+    let alice = raw::register(&a, "alice").await?;
+    let bob = raw::register(&b, "bob").await?;
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(PART + 1000), "image/jpeg");
+    let media_id = upload_to_s3(&a, &alice.token, &ciphertext, &sha256_of(&media)).await?;
+
+    // Bob downloads through b.test, which fetches the file from a.test into its own store (in
+    // parts S3 takes: at least 5 MiB but the last).
+    let get = |range: Option<&'static str>| {
+        let mut request = reqwest::Client::new().get(format!("{b}/v1/media/a.test/{media_id}")).bearer_auth(&bob.token);
+        if let Some(range) = range {
+            request = request.header("range", range);
+        }
+        async move {
+            let response = request.send().await?;
+            anyhow::Ok((response.status().as_u16(), response.bytes().await?.to_vec()))
+        }
+    };
+    let (status, body) = get(None).await?;
+    assert_eq!(status, 200);
+    assert!(body == ciphertext, "bob gets alice's ciphertext");
+    let (status, body) = get(Some("bytes=5242870-5242889")).await?;
+    assert_eq!((status, body.as_slice()), (206, &ciphertext[PART - 10..PART + 10]));
+    assert_eq!(objects(&store_b).len(), 1, "b.test keeps its copy in its own store");
+    assert_eq!(net.server("b.test").counter("media_fetches").await?, 1, "fetched once");
+    // With a.test down, b.test still serves its copy.
+    net.server("a.test").stop().await?;
+    assert_eq!(get(None).await?.0, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreferenced_files_and_expired_uploads_leave_the_s3_store() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let short = "retention_ms = 2000\ngrace_ms = 0\nupload_ttl_ms = 2000\nsweep_interval_ms = 100\n";
+    let server = TestServer::start_with(&format!("{S3_PARTS}{short}{}", s3.config())).await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(PART + 1000), "image/jpeg");
+    let media_id = upload_to_s3(base, &alice.token, &ciphertext, &sha256_of(&media)).await?;
+    // An upload left half done: one part in the store's multipart upload.
+    let (_, other) = MediaRef::encrypt(&mut rand::thread_rng(), &plaintext(PART + 1000), "image/png");
+    let (status, half) = create(base, &alice.token, ciphertext.len(), &sha256_of(&other)).await?;
+    assert_eq!(status, 201, "{half}");
+    put_all(&json!({"parts": [half["parts"][0].clone()]}), &ciphertext, &[]).await?;
+
+    let left = || -> Vec<std::path::PathBuf> {
+        files_under(&s3.bucket_dir()).into_iter().filter(|p| !p.to_string_lossy().contains(".s3s")).collect()
+    };
+    let used = || async {
+        let (_, config) = raw::get(base, "/v1/media/config", Some(&alice.token)).await?;
+        anyhow::Ok(config["used_bytes"].as_u64())
+    };
+    let emptied = eventually("the store is empty and nothing counts against the quota", || async {
+        Ok(left().is_empty() && used().await? == Some(0))
+    })
+    .await;
+    ensure!(emptied.is_ok(), "left in the store: {:?}; {:?} bytes used", left(), used().await?);
+    let (status, _, _) = download(base, &alice.token, &media_id, None).await?;
+    assert_eq!(status, 404);
+    // s3s-fs keeps a multipart upload's parts as `<root>/.upload_id-<id>.part-<n>`.
+    let everything = files_under(s3.root.path());
+    ensure!(
+        everything.iter().all(|p| !p.to_string_lossy().contains(".upload")),
+        "the half upload's parts are gone: {everything:?}"
+    );
+    Ok(())
+}
+
+/// The objects (files, not uploads) in a store.
+fn objects(store: &S3Server) -> Vec<std::path::PathBuf> {
+    files_under(&store.bucket_dir()).into_iter().filter(|p| p.to_string_lossy().contains("/objects/")).collect()
+}
+
+/// Uploads `ciphertext` whole through presigned URLs; its media id.
+async fn upload_to_s3(base: &str, token: &str, ciphertext: &[u8], sha256: &[u8; 32]) -> anyhow::Result<String> {
+    let (status, state) = create(base, token, ciphertext.len(), sha256).await?;
+    ensure!(status == 201, "create: {status} {state}");
+    let parts = put_all(&state, ciphertext, &[]).await?;
+    let (status, info) = complete_with(base, token, state["upload_id"].as_str().context("upload_id")?, &parts).await?;
+    ensure!(status == 200, "complete: {status} {info}");
+    Ok(info["media_id"].as_str().context("media_id")?.to_owned())
+}
+
+#[tokio::test]
+async fn old_files_move_from_the_filesystem_to_a_cold_s3_store_and_are_served_from_there() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let cold = s3.config().replace("[media.s3]", "[media.cold.s3]");
+    let server = TestServer::start_with(&format!(
+        "[media]\npart_bytes = 1048576\nmax_file_bytes = 100000000\nsweep_interval_ms = 100\n[media.cold]\nafter_ms = 0\n{cold}"
+    ))
+    .await?;
+    let base = &server.base_url;
+    let alice = raw::register(base, "alice").await?;
+    // Larger than one S3 part, so the move is a multipart upload of parts S3 takes.
+    let file = plaintext(2 * PART + 5);
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &file, "application/pdf");
+    let (status, state) = create(base, &alice.token, ciphertext.len(), &sha256_of(&media)).await?;
+    assert_eq!(status, 201, "{state}");
+    let parts = state["parts"].as_array().context("parts")?;
+    for part in parts {
+        let (offset, size) = (part["offset"].as_u64().unwrap_or(0) as usize, part["size"].as_u64().unwrap_or(0) as usize);
+        let url = format!("{base}{}", part["url"].as_str().context("url")?);
+        let response = reqwest::Client::new().put(url).body(ciphertext[offset..offset + size].to_vec()).send().await?;
+        assert_eq!(response.status().as_u16(), 204);
+    }
+    let (status, info) = complete(base, &alice.token, state["upload_id"].as_str().context("upload_id")?).await?;
+    assert_eq!(status, 200, "{info}");
+    let media_id = info["media_id"].as_str().context("media_id")?.to_owned();
+
+    let hot = server.data_dir().join("media").join("objects");
+    eventually("the file moves to the cold store", || async { Ok(files_under(&hot).is_empty() && objects(&s3).len() == 1) })
+        .await?;
+    assert!(std::fs::read(&objects(&s3)[0])? == ciphertext, "the cold store holds the same ciphertext");
+    let (status, _, body) = download(base, &alice.token, &media_id, None).await?;
+    assert_eq!(status, 200);
+    assert_eq!(media.decrypt(&body)?, file);
+    let (status, _, body) = download(base, &alice.token, &media_id, Some("bytes=5242870-5242889")).await?;
+    assert_eq!((status, body.as_slice()), (206, &ciphertext[PART - 10..PART + 10]));
     Ok(())
 }

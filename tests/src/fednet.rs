@@ -125,7 +125,9 @@ impl FedNet {
         crate::merge_toml(&merged, extra)
     }
 
-    async fn add(&mut self, name: &str, discovery: Discovery, extra: &str) -> anyhow::Result<()> {
+    /// Starts one more server `name` in this federation, with `extra` TOML (its own, for
+    /// servers configured apart: each its own S3 store, say).
+    pub async fn add(&mut self, name: &str, discovery: Discovery, extra: &str) -> anyhow::Result<()> {
         let config = self.config_for(name, discovery, extra)?;
         let server = TestServer::start_as(self.mode, &config).await?;
         let port = server.federation_addr.context("federation listener address")?.port();
