@@ -259,9 +259,9 @@ async fn a_part_is_received_by_one_request_at_a_time_and_the_upload_completes_on
     let upload_id = state["upload_id"].as_str().context("upload_id")?.to_owned();
     let first = state["parts"][0]["url"].as_str().context("url")?.to_owned();
     let size = state["parts"][0]["size"].as_u64().context("size")? as usize;
-    assert_eq!(put_parts(&base, &json!({"parts": [state["parts"][1].clone()]}), &ciphertext).await?, 1);
 
-    // Part 1 starts arriving and stalls half-way: its file is open on the server.
+    // Part 1 starts arriving and stalls half-way: the upload's file, which only this request
+    // can have created, is open on the server.
     let (feed, body) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
     let stream = futures_util::stream::unfold(body, |mut body| async move { body.recv().await.map(|chunk| (chunk, body)) });
     let slow = tokio::spawn({
@@ -283,6 +283,8 @@ async fn a_part_is_received_by_one_request_at_a_time_and_the_upload_completes_on
     let (status, body) = complete(&base, &alice.token, &upload_id).await?;
     assert_eq!((status, body["code"].as_str()), (409, Some("upload_incomplete")), "{body}");
 
+    // Another part goes in meanwhile.
+    assert_eq!(put_parts(&base, &json!({"parts": [state["parts"][1].clone()]}), &ciphertext).await?, 1);
     feed.send(Ok(ciphertext[size / 2..size].to_vec())).await?;
     drop(feed);
     assert_eq!(slow.await??.status().as_u16(), 204);

@@ -45,6 +45,17 @@ pub enum StoreError {
     /// A migration failed.
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database was migrated by a newer parleyd: this one would misread it.
+    #[error(
+        "the database's schema is version {found}, newer than this parleyd knows (up to {known}); \
+         run the parleyd release that migrated it, or a newer one"
+    )]
+    SchemaTooNew {
+        /// The newest migration applied to the database.
+        found: i64,
+        /// The newest migration this build has.
+        known: i64,
+    },
     /// A stored value does not parse as the type it was written from.
     #[error("corrupt value in the database: {0}")]
     Corrupt(String),

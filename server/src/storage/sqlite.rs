@@ -76,6 +76,7 @@ impl Store {
             .statement_cache_capacity(256)
             .disable_statement_logging();
         let pool = SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(options.clone()).await?;
+        refuse_newer_schema(&pool).await?;
         migrator().run(&pool).await?;
         let conn = options.connect().await?;
         let max_id: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM messages").fetch_one(&pool).await?;
@@ -950,6 +951,23 @@ fn make_private(path: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Refuses a database a newer parleyd migrated (sqlx would only say a migration is missing).
+async fn refuse_newer_schema(pool: &SqlitePool) -> Result<(), StoreError> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'")
+            .fetch_one(pool)
+            .await?;
+    if !exists {
+        return Ok(());
+    }
+    let found: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations").fetch_one(pool).await?;
+    let known = MIGRATIONS.last().map_or(0, |(version, _, _)| *version);
+    match found {
+        Some(found) if found > known => Err(StoreError::SchemaTooNew { found, known }),
+        _ => Ok(()),
+    }
+}
+
 fn migrator() -> Migrator {
     let migrations: Vec<Migration> = MIGRATIONS
         .iter()
@@ -1127,6 +1145,28 @@ mod tests {
             [format!("event of {id}"), format!("event of {first_id}"), format!("event of {other_id}")].map(Bytes::from),
             "one event per stored message, none for the repeats"
         );
+    }
+
+    #[tokio::test]
+    async fn a_database_migrated_by_a_newer_parleyd_is_refused_with_both_versions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path()).await;
+        let known = MIGRATIONS.last().map_or(0, |(version, _, _)| *version);
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (?, 'from the future', 1, x'00', 0)",
+        )
+        .bind(known + 1)
+        .execute(&store.pool)
+        .await
+        .expect("a newer migration recorded");
+        drop(store);
+        let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+        let refused = Store::open(&config, crate::metrics::Metrics::new(), Subscribers::default()).await.err();
+        match refused {
+            Some(StoreError::SchemaTooNew { found, known: k }) => assert_eq!((found, k), (known + 1, known)),
+            other => panic!("expected SchemaTooNew, got {other:?}"),
+        }
     }
 
     #[tokio::test]
