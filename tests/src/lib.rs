@@ -13,6 +13,7 @@
 
 pub mod dns;
 pub mod fednet;
+pub mod postgres;
 pub mod proxy;
 pub mod push;
 pub mod s3;
