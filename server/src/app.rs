@@ -80,6 +80,9 @@ pub enum OpenError {
     /// The push client cannot be set up (its extra CA file, say).
     #[error("push: {0}")]
     Push(String),
+    /// Another parleyd runs on the data directory.
+    #[error(transparent)]
+    Locked(#[from] crate::storage::LockError),
 }
 
 /// A running server's handles that [`Server::run`] needs to shut down cleanly.
@@ -89,12 +92,15 @@ pub struct Server {
     writer: tokio::task::JoinHandle<()>,
     shutdown_tx: watch::Sender<bool>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// The data directory's lock, held while the server lives.
+    _lock: std::fs::File,
 }
 
 impl Server {
     /// Opens storage and builds the state.
     pub async fn open(config: Config) -> Result<Self, OpenError> {
         crate::storage::create_data_dir(&config.data_dir).map_err(OpenError::DataDir)?;
+        let lock = crate::storage::lock_data_dir(&config.data_dir)?;
         let server_name = config.server_name.clone();
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::default());
@@ -178,7 +184,7 @@ impl Server {
             server_key,
             federation,
         };
-        Ok(Self { state, writer, shutdown_tx, tls })
+        Ok(Self { state, writer, shutdown_tx, tls, _lock: lock })
     }
 
     /// Serves `listener` until `signal` completes, then closes every WebSocket (1001), waits
@@ -189,7 +195,7 @@ impl Server {
         federation_listener: Option<TcpListener>,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let Server { state, writer, shutdown_tx, tls } = self;
+        let Server { state, writer, shutdown_tx, tls, _lock } = self;
         tokio::spawn(crate::groups::flush_receipts(state.clone()));
         let sweeper = {
             let state = state.clone();

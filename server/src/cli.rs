@@ -45,6 +45,13 @@ enum Command {
     Devnet(crate::devnet::DevnetArgs),
     /// Write a test CA and server certificates into a directory (kept if they exist).
     DevnetCerts(crate::devnet::DevnetCertsArgs),
+    /// Copy this server's SQLite database into an empty PostgreSQL database (the server must
+    /// be stopped); prints the rows copied per table once every count matches.
+    Migrate {
+        /// The PostgreSQL database, e.g. postgres://parley@db.example.org/parley (empty).
+        #[arg(long, value_name = "URL")]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -128,9 +135,30 @@ pub fn main() -> anyhow::Result<()> {
                 println!("{} (restart parleyd to sign with it)", key.key_id);
                 Ok(())
             }
+            Some(Command::Migrate { to }) => {
+                let counts = migrate(&config, &to).await?;
+                let total: i64 = counts.iter().map(|(_, rows)| rows).sum();
+                for (table, rows) in &counts {
+                    println!("{table:<28} {rows:>12}");
+                }
+                println!("{} tables, {total} rows copied; every count matches", counts.len());
+                Ok(())
+            }
             Some(Command::ConfigExample | Command::Devnet(_) | Command::DevnetCerts(_)) => Ok(()),
         }
     })
+}
+
+/// `parleyd migrate --to URL`: copies the stopped server's SQLite database (`config`'s) into
+/// the empty PostgreSQL database at `to`; the rows copied per table. Refused while a server
+/// holds the data directory.
+pub async fn migrate(config: &Config, to: &str) -> anyhow::Result<Vec<(String, i64)>> {
+    let database = config.database_path();
+    if !database.is_file() {
+        anyhow::bail!("no database at {}", database.display());
+    }
+    let _lock = crate::storage::lock_data_dir(&config.data_dir)?;
+    Ok(crate::storage::migrate::sqlite_to_postgres(&config.database_path(), to).await?)
 }
 
 fn read_password() -> anyhow::Result<Zeroizing<String>> {

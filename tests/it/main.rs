@@ -22,6 +22,7 @@ mod media;
 mod media_s3;
 mod ops;
 mod overload;
+mod postgres_migrate;
 mod postgres_schema;
 mod presence;
 mod push;

@@ -186,3 +186,18 @@ async fn the_server_publishes_a_self_signed_key_document_that_survives_restarts(
     assert_eq!(keys, again, "the key is kept in the data directory");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_is_refused_until_the_first_stops() -> anyhow::Result<()> {
+    let mut server = TestServer::start().await?;
+    let config = parley_server::config::Config { data_dir: server.data_dir(), ..Default::default() };
+    let second = parley_server::app::Server::open(config.clone()).await.err().map(|e| e.to_string());
+    assert!(
+        second.as_deref().is_some_and(|e| e.contains("another parleyd uses the data directory")),
+        "a second server on the same directory: {second:?}"
+    );
+    server.stop().await?;
+    let after = parley_server::app::Server::open(config).await;
+    assert!(after.is_ok(), "once the first stopped, the directory is free: {:?}", after.err().map(|e| e.to_string()));
+    Ok(())
+}

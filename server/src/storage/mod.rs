@@ -5,6 +5,7 @@
 //! whatever has queued up in a single transaction ([`writer`], group commit): throughput does
 //! not stop at one fsync per message, and an answer is given only after its commit.
 
+pub mod migrate;
 mod sqlite;
 pub mod writer;
 
@@ -151,4 +152,31 @@ pub fn create_data_dir(path: &std::path::Path) -> std::io::Result<()> {
     }
     #[cfg(not(unix))]
     builder.create(path)
+}
+
+/// Why the data directory cannot be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error("another parleyd uses the data directory {0} (it holds {0}/parleyd.lock); stop it first")]
+    Held(std::path::PathBuf),
+    /// The lock file cannot be opened.
+    #[error("lock file in {0}: {1}")]
+    File(std::path::PathBuf, std::io::Error),
+}
+
+/// Takes the data directory for this process (`<dir>/parleyd.lock`, an exclusive advisory
+/// lock held until the returned file is dropped): one server per directory, and no copy of
+/// the database while a server runs on it.
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, LockError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(dir.join("parleyd.lock")).map_err(|e| LockError::File(dir.to_path_buf(), e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Held(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(LockError::File(dir.to_path_buf(), e)),
+    }
 }
