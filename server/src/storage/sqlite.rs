@@ -237,7 +237,7 @@ impl Store {
         up_to: Option<i64>,
     ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, payload FROM fed_outbound WHERE destination = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            "SELECT seq, payload FROM fed_outbound WHERE destination = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
         )
         .bind(destination.as_str())
         .bind(after.unwrap_or(0))
@@ -250,7 +250,7 @@ impl Store {
 
     /// The transaction in flight to `destination`, if one was being sent.
     pub async fn inflight(&self, destination: &ServerName) -> Result<Option<(String, i64)>, StoreError> {
-        let row = sqlx::query("SELECT txn_id, last_seq FROM fed_inflight WHERE destination = ?")
+        let row = sqlx::query("SELECT txn_id, last_seq FROM fed_inflight WHERE destination = $1")
             .bind(destination.as_str())
             .fetch_optional(&self.pool)
             .await?;
@@ -267,14 +267,14 @@ impl Store {
     /// Forgets inbound transaction ids and message ids received before `before` (ms).
     pub async fn prune_inbound(&self, before: Timestamp) -> Result<u64, StoreError> {
         let before = i64::try_from(before)?;
-        let done = sqlx::query("DELETE FROM fed_inbound_txns WHERE received_ts < ?").bind(before).execute(&self.pool).await?;
+        let done = sqlx::query("DELETE FROM fed_inbound_txns WHERE received_ts < $1").bind(before).execute(&self.pool).await?;
         let mut pruned = done.rows_affected();
         // Message ids pile up fast under load: delete them in slices, so the database's write
         // lock (which the writer needs for every commit) is never held for long.
         loop {
             let done = sqlx::query(
                 "DELETE FROM fed_inbound_messages WHERE (origin, msg_id) IN \
-                 (SELECT origin, msg_id FROM fed_inbound_messages WHERE received_ts < ? LIMIT ?)",
+                 (SELECT origin, msg_id FROM fed_inbound_messages WHERE received_ts < $1 LIMIT $2)",
             )
             .bind(before)
             .bind(PRUNE_SLICE as i64)
@@ -289,7 +289,7 @@ impl Store {
 
     /// The cached devices of a remote user (JSON of `UserDevices`).
     pub async fn remote_devices(&self, user_id: &UserId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT json FROM remote_devices WHERE user_id = ?")
+        Ok(sqlx::query_scalar("SELECT json FROM remote_devices WHERE user_id = $1")
             .bind(user_id.as_str())
             .fetch_optional(&self.pool)
             .await?)
@@ -318,7 +318,7 @@ impl Store {
 
     /// Servers that fetched the devices of local user `user`.
     pub async fn device_list_watchers(&self, user: UserPk) -> Result<Vec<ServerName>, StoreError> {
-        let names: Vec<String> = sqlx::query_scalar("SELECT server FROM device_list_watchers WHERE user_id = ?")
+        let names: Vec<String> = sqlx::query_scalar("SELECT server FROM device_list_watchers WHERE user_id = $1")
             .bind(user)
             .fetch_all(&self.pool)
             .await?;
@@ -349,7 +349,7 @@ impl Store {
     ) -> Result<Vec<InboxRow>, StoreError> {
         use futures_util::TryStreamExt as _;
         let mut rows =
-            sqlx::query("SELECT seq, sender, msg_id, payload FROM inbox WHERE device = ? AND seq > ? ORDER BY seq LIMIT ?")
+            sqlx::query("SELECT seq, sender, msg_id, payload FROM inbox WHERE device = $1 AND seq > $2 ORDER BY seq LIMIT $3")
                 .bind(device)
                 .bind(i64::try_from(after)?)
                 .bind(limit as i64)
@@ -384,7 +384,7 @@ impl Store {
     pub async fn message_routes(&self, ids: &[ServerMsgId]) -> Result<MessageRoutes, StoreError> {
         let rows = sqlx::query(
             "SELECT id, sender_user, recipient FROM messages \
-             WHERE id IN (SELECT value FROM json_each(?1)) AND sender_user IS NOT NULL",
+             WHERE id IN (SELECT value FROM json_each($1)) AND sender_user IS NOT NULL",
         )
         .bind(json_ids(ids))
         .fetch_all(&self.pool)
@@ -406,8 +406,8 @@ impl Store {
         ids: &[ServerMsgId],
     ) -> Result<Vec<ServerMsgId>, StoreError> {
         let found: Vec<i64> = sqlx::query_scalar(
-            "SELECT msg_id FROM remote_messages WHERE recipient = ?1 AND sender = ?2 \
-             AND msg_id IN (SELECT value FROM json_each(?3))",
+            "SELECT msg_id FROM remote_messages WHERE recipient = $1 AND sender = $2 \
+             AND msg_id IN (SELECT value FROM json_each($3))",
         )
         .bind(recipient)
         .bind(sender.as_str())
@@ -420,7 +420,7 @@ impl Store {
     /// The device's acknowledged position.
     pub async fn acked_seq(&self, device: DevicePk) -> Result<Seq, StoreError> {
         let seq: Option<i64> =
-            sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = ?").bind(device).fetch_optional(&self.pool).await?;
+            sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = $1").bind(device).fetch_optional(&self.pool).await?;
         Ok(Seq::try_from(seq.unwrap_or(0))?)
     }
 
@@ -428,15 +428,17 @@ impl Store {
 
     /// Creates a user; `Conflict` when the localpart is taken.
     pub async fn create_user(&self, localpart: &str, password_hash: &str, is_admin: bool) -> Result<UserPk, StoreError> {
-        let result = sqlx::query("INSERT INTO users (localpart, password_hash, created_ts, is_admin) VALUES (?, ?, ?, ?)")
-            .bind(localpart)
-            .bind(password_hash)
-            .bind(stored_now()?)
-            .bind(is_admin)
-            .execute(&self.pool)
-            .await;
+        let result = sqlx::query_scalar(
+            "INSERT INTO users (localpart, password_hash, created_ts, is_admin) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(localpart)
+        .bind(password_hash)
+        .bind(stored_now()?)
+        .bind(i64::from(is_admin))
+        .fetch_one(&self.pool)
+        .await;
         match result {
-            Ok(done) => Ok(done.last_insert_rowid()),
+            Ok(id) => Ok(id),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
             Err(e) => Err(e.into()),
         }
@@ -456,8 +458,8 @@ impl Store {
         if let Some(token_hash) = registration_token {
             let now = stored_now()?;
             let used = sqlx::query(
-                "UPDATE registration_tokens SET uses_left = uses_left - 1 WHERE token_hash = ? \
-                 AND (uses_left IS NULL OR uses_left > 0) AND (expires_ts IS NULL OR expires_ts > ?)",
+                "UPDATE registration_tokens SET uses_left = uses_left - 1 WHERE token_hash = $1 \
+                 AND (uses_left IS NULL OR uses_left > 0) AND (expires_ts IS NULL OR expires_ts > $2)",
             )
             .bind(token_hash)
             .bind(now)
@@ -467,17 +469,18 @@ impl Store {
                 return Err(StoreError::TokenRejected);
             }
         }
-        let user = match sqlx::query("INSERT INTO users (localpart, password_hash, created_ts) VALUES (?, ?, ?)")
-            .bind(localpart)
-            .bind(password_hash)
-            .bind(stored_now()?)
-            .execute(&mut *tx)
-            .await
-        {
-            Ok(done) => done.last_insert_rowid(),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(StoreError::Conflict),
-            Err(e) => return Err(e.into()),
-        };
+        let user =
+            match sqlx::query_scalar("INSERT INTO users (localpart, password_hash, created_ts) VALUES ($1, $2, $3) RETURNING id")
+                .bind(localpart)
+                .bind(password_hash)
+                .bind(stored_now()?)
+                .fetch_one(&mut *tx)
+                .await
+            {
+                Ok(id) => id,
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(StoreError::Conflict),
+                Err(e) => return Err(e.into()),
+            };
         let device = insert_device(&mut tx, user, device_id, display_name, token_hash).await?;
         tx.commit().await?;
         Ok((user, device))
@@ -494,7 +497,7 @@ impl Store {
     ) -> Result<DevicePk, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let count: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = ?").bind(user).fetch_one(&mut *tx).await?;
+            sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = $1").bind(user).fetch_one(&mut *tx).await?;
         if count as usize >= max_devices {
             return Err(StoreError::TooMany);
         }
@@ -505,11 +508,12 @@ impl Store {
 
     /// The user with this localpart.
     pub async fn user_by_localpart(&self, localpart: &str) -> Result<Option<UserRow>, StoreError> {
-        let row =
-            sqlx::query("SELECT id, localpart, password_hash, last_seen_visibility, last_seen_ts FROM users WHERE localpart = ?")
-                .bind(localpart)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query(
+            "SELECT id, localpart, password_hash, last_seen_visibility, last_seen_ts FROM users WHERE localpart = $1",
+        )
+        .bind(localpart)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|row| {
             Ok(UserRow {
                 pk: row.try_get(0)?,
@@ -525,7 +529,7 @@ impl Store {
     /// The device an access token hash belongs to.
     pub async fn auth_by_token(&self, token_hash: &[u8]) -> Result<Option<AuthRow>, StoreError> {
         let row = sqlx::query(
-            "SELECT u.id, u.localpart, d.id, d.device_id FROM devices d JOIN users u ON u.id = d.user_id WHERE d.token_hash = ?",
+            "SELECT u.id, u.localpart, d.id, d.device_id FROM devices d JOIN users u ON u.id = d.user_id WHERE d.token_hash = $1",
         )
         .bind(token_hash)
         .fetch_optional(&self.pool)
@@ -544,7 +548,7 @@ impl Store {
     /// A user's devices, oldest first.
     pub async fn devices_of(&self, user: UserPk) -> Result<Vec<DeviceRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, device_id, display_name, created_ts, last_seen_ts FROM devices WHERE user_id = ? ORDER BY id",
+            "SELECT id, device_id, display_name, created_ts, last_seen_ts FROM devices WHERE user_id = $1 ORDER BY id",
         )
         .bind(user)
         .fetch_all(&self.pool)
@@ -570,7 +574,7 @@ impl Store {
         expires_ts: Option<Timestamp>,
     ) -> Result<(), StoreError> {
         let expires_ts = expires_ts.map(i64::try_from).transpose()?;
-        sqlx::query("INSERT INTO registration_tokens (token_hash, uses_left, expires_ts, created_ts) VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT INTO registration_tokens (token_hash, uses_left, expires_ts, created_ts) VALUES ($1, $2, $3, $4)")
             .bind(token_hash)
             .bind(uses.map(i64::from))
             .bind(expires_ts)
@@ -584,7 +588,7 @@ impl Store {
 
     /// Sets a user's presence visibility.
     pub async fn set_visibility(&self, user: UserPk, visibility: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE users SET last_seen_visibility = ? WHERE id = ?")
+        sqlx::query("UPDATE users SET last_seen_visibility = $1 WHERE id = $2")
             .bind(visibility)
             .bind(user)
             .execute(&self.pool)
@@ -596,7 +600,7 @@ impl Store {
     pub async fn add_contacts(&self, owner: &UserId, contacts: &[UserId]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for contact in contacts {
-            sqlx::query("INSERT OR IGNORE INTO contacts (owner, contact) VALUES (?, ?)")
+            sqlx::query("INSERT INTO contacts (owner, contact) VALUES ($1, $2) ON CONFLICT DO NOTHING")
                 .bind(owner.as_str())
                 .bind(contact.as_str())
                 .execute(&mut *tx)
@@ -615,10 +619,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let current: Vec<String> =
-            sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = ?").bind(owner.as_str()).fetch_all(&mut *tx).await?;
+            sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = $1").bind(owner.as_str()).fetch_all(&mut *tx).await?;
         for contact in current {
             if parse_column(&contact, UserId::parse)?.server() == server.as_str() {
-                sqlx::query("DELETE FROM contacts WHERE owner = ? AND contact = ?")
+                sqlx::query("DELETE FROM contacts WHERE owner = $1 AND contact = $2")
                     .bind(owner.as_str())
                     .bind(&contact)
                     .execute(&mut *tx)
@@ -626,7 +630,7 @@ impl Store {
             }
         }
         for contact in contacts {
-            sqlx::query("INSERT OR IGNORE INTO contacts (owner, contact) VALUES (?, ?)")
+            sqlx::query("INSERT INTO contacts (owner, contact) VALUES ($1, $2) ON CONFLICT DO NOTHING")
                 .bind(owner.as_str())
                 .bind(contact.as_str())
                 .execute(&mut *tx)
@@ -638,7 +642,7 @@ impl Store {
 
     /// The users `owner` subscribed to.
     pub async fn contacts_of(&self, owner: &UserId) -> Result<Vec<UserId>, StoreError> {
-        let contacts: Vec<String> = sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = ? ORDER BY contact")
+        let contacts: Vec<String> = sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = $1 ORDER BY contact")
             .bind(owner.as_str())
             .fetch_all(&self.pool)
             .await?;
@@ -648,7 +652,7 @@ impl Store {
     /// Who subscribed to `contact`, each with whether `contact` has them as a contact too.
     pub async fn subscribers_of(&self, contact: &UserId) -> Result<Vec<(UserId, bool)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT c.owner, EXISTS (SELECT 1 FROM contacts r WHERE r.owner = c.contact AND r.contact = c.owner)              FROM contacts c WHERE c.contact = ?",
+            "SELECT c.owner, EXISTS (SELECT 1 FROM contacts r WHERE r.owner = c.contact AND r.contact = c.owner)              FROM contacts c WHERE c.contact = $1",
         )
         .bind(contact.as_str())
         .fetch_all(&self.pool)
@@ -658,7 +662,7 @@ impl Store {
 
     /// Whether `owner` has `contact` as a contact.
     pub async fn has_contact(&self, owner: &UserId, contact: &UserId) -> Result<bool, StoreError> {
-        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM contacts WHERE owner = ? AND contact = ?")
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM contacts WHERE owner = $1 AND contact = $2")
             .bind(owner.as_str())
             .bind(contact.as_str())
             .fetch_optional(&self.pool)
@@ -701,13 +705,15 @@ impl Store {
     pub async fn upload_keys(&self, device: DevicePk, upload: KeyUpload) -> Result<u32, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         if let Some(json) = &upload.device_keys {
-            let existing: Option<Vec<u8>> =
-                sqlx::query_scalar("SELECT json FROM device_keys WHERE device = ?").bind(device).fetch_optional(&mut *tx).await?;
+            let existing: Option<Vec<u8>> = sqlx::query_scalar("SELECT json FROM device_keys WHERE device = $1")
+                .bind(device)
+                .fetch_optional(&mut *tx)
+                .await?;
             match existing {
                 Some(existing) if &existing != json => return Err(StoreError::Conflict),
                 Some(_) => {}
                 None => {
-                    sqlx::query("INSERT INTO device_keys (device, json) VALUES (?, ?)")
+                    sqlx::query("INSERT INTO device_keys (device, json) VALUES ($1, $2)")
                         .bind(device)
                         .bind(json)
                         .execute(&mut *tx)
@@ -716,14 +722,16 @@ impl Store {
             }
         }
         if let Some(json) = &upload.signed_prekey {
-            sqlx::query("INSERT OR REPLACE INTO signed_prekeys (device, json) VALUES (?, ?)")
+            sqlx::query("INSERT INTO signed_prekeys (device, json) VALUES ($1, $2) ON CONFLICT (device) DO UPDATE SET json = excluded.json")
                 .bind(device)
                 .bind(json)
                 .execute(&mut *tx)
                 .await?;
         }
         if let Some(json) = &upload.last_resort_prekey {
-            sqlx::query("INSERT OR REPLACE INTO last_resort_prekeys (device, json) VALUES (?, ?)")
+            sqlx::query(
+                "INSERT INTO last_resort_prekeys (device, json) VALUES ($1, $2) ON CONFLICT (device) DO UPDATE SET json = excluded.json",
+            )
                 .bind(device)
                 .bind(json)
                 .execute(&mut *tx)
@@ -731,28 +739,30 @@ impl Store {
         }
         for (key_id, public_key) in &upload.one_time_prekeys {
             // Re-uploading a key id keeps the first copy (a retried upload is harmless).
-            sqlx::query("INSERT OR IGNORE INTO one_time_prekeys (device, key_id, public_key) VALUES (?, ?, ?)")
+            sqlx::query("INSERT INTO one_time_prekeys (device, key_id, public_key) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                 .bind(device)
                 .bind(i64::from(*key_id))
                 .bind(public_key)
                 .execute(&mut *tx)
                 .await?;
         }
-        let count: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM one_time_prekeys WHERE device = ?").bind(device).fetch_one(&mut *tx).await?;
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM one_time_prekeys WHERE device = $1")
+            .bind(device)
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(count as u32)
     }
 
     /// The device keys a device uploaded (JSON), if any.
     pub async fn stored_device_keys(&self, device: DevicePk) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT json FROM device_keys WHERE device = ?").bind(device).fetch_optional(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT json FROM device_keys WHERE device = $1").bind(device).fetch_optional(&self.pool).await?)
     }
 
     /// Unclaimed one-time prekeys of a device, and whether it has uploaded device keys.
     pub async fn prekey_count(&self, device: DevicePk) -> Result<(bool, u32), StoreError> {
         let row = sqlx::query(
-            "SELECT EXISTS (SELECT 1 FROM device_keys WHERE device = ?1), (SELECT count(*) FROM one_time_prekeys WHERE device = ?1)",
+            "SELECT EXISTS (SELECT 1 FROM device_keys WHERE device = $1), (SELECT count(*) FROM one_time_prekeys WHERE device = $1)",
         )
         .bind(device)
         .fetch_one(&self.pool)
@@ -768,7 +778,7 @@ impl Store {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query(
             "SELECT k.json, s.json, l.json FROM device_keys k JOIN signed_prekeys s ON s.device = k.device \
-             LEFT JOIN last_resort_prekeys l ON l.device = k.device WHERE k.device = ?",
+             LEFT JOIN last_resort_prekeys l ON l.device = k.device WHERE k.device = $1",
         )
         .bind(device)
         .fetch_optional(&mut *tx)
@@ -776,8 +786,8 @@ impl Store {
         let Some(row) = row else { return Ok(None) };
         let taken = if one_time {
             sqlx::query(
-                "DELETE FROM one_time_prekeys WHERE device = ?1 \
-                 AND key_id = (SELECT min(key_id) FROM one_time_prekeys WHERE device = ?1) RETURNING key_id, public_key",
+                "DELETE FROM one_time_prekeys WHERE device = $1 \
+                 AND key_id = (SELECT min(key_id) FROM one_time_prekeys WHERE device = $1) RETURNING key_id, public_key",
             )
             .bind(device)
             .fetch_optional(&mut *tx)
@@ -789,8 +799,10 @@ impl Store {
             Some(r) => Some((r.try_get::<i64, _>(0)? as u32, r.try_get::<Vec<u8>, _>(1)?)),
             None => None,
         };
-        let remaining: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM one_time_prekeys WHERE device = ?").bind(device).fetch_one(&mut *tx).await?;
+        let remaining: i64 = sqlx::query_scalar("SELECT count(*) FROM one_time_prekeys WHERE device = $1")
+            .bind(device)
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
         let last_resort: Option<Vec<u8>> = row.try_get(2)?;
         Ok(Some(ClaimedKeys {
@@ -806,7 +818,7 @@ impl Store {
     pub async fn put_device_list(&self, user: UserPk, version: u64, json: &[u8]) -> Result<(), StoreError> {
         let version = i64::try_from(version).map_err(|_| StoreError::Conflict)?;
         let done = sqlx::query(
-            "INSERT INTO device_lists (user_id, version, json) VALUES (?1, ?2, ?3) \
+            "INSERT INTO device_lists (user_id, version, json) VALUES ($1, $2, $3) \
              ON CONFLICT (user_id) DO UPDATE SET version = excluded.version, json = excluded.json WHERE excluded.version > device_lists.version",
         )
         .bind(user)
@@ -822,7 +834,7 @@ impl Store {
 
     /// A user's latest signed device list (JSON).
     pub async fn device_list(&self, user: UserPk) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT json FROM device_lists WHERE user_id = ?").bind(user).fetch_optional(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT json FROM device_lists WHERE user_id = $1").bind(user).fetch_optional(&self.pool).await?)
     }
 }
 
@@ -869,17 +881,18 @@ async fn insert_device(
     display_name: Option<&str>,
     token_hash: &[u8],
 ) -> Result<DevicePk, StoreError> {
-    let result =
-        sqlx::query("INSERT INTO devices (user_id, device_id, display_name, token_hash, created_ts) VALUES (?, ?, ?, ?, ?)")
-            .bind(user)
-            .bind(device_id)
-            .bind(display_name)
-            .bind(token_hash)
-            .bind(stored_now()?)
-            .execute(&mut *tx)
-            .await;
+    let result = sqlx::query_scalar(
+        "INSERT INTO devices (user_id, device_id, display_name, token_hash, created_ts) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+    )
+    .bind(user)
+    .bind(device_id)
+    .bind(display_name)
+    .bind(token_hash)
+    .bind(stored_now()?)
+    .fetch_one(&mut *tx)
+    .await;
     match result {
-        Ok(done) => Ok(done.last_insert_rowid()),
+        Ok(id) => Ok(id),
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
         Err(e) => Err(e.into()),
     }
@@ -1154,7 +1167,7 @@ mod tests {
         let known = MIGRATIONS.last().map_or(0, |(version, _, _)| *version);
         sqlx::query(
             "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
-             VALUES (?, 'from the future', 1, x'00', 0)",
+             VALUES ($1, 'from the future', 1, x'00', 0)",
         )
         .bind(known + 1)
         .execute(&store.pool)
@@ -1181,7 +1194,7 @@ mod tests {
         old.run(&pool).await.unwrap();
         // Two devices' rows, written interleaved.
         for (device, seq) in [(2, 1), (1, 1), (2, 2), (1, 2), (2, 3)] {
-            sqlx::query("INSERT INTO inbox (device, seq, sender, msg_id, payload) VALUES (?, ?, ?, ?, ?)")
+            sqlx::query("INSERT INTO inbox (device, seq, sender, msg_id, payload) VALUES ($1, $2, $3, $4, $5)")
                 .bind(device)
                 .bind(seq)
                 .bind((seq == 2).then_some("@carol:b.test"))

@@ -609,7 +609,7 @@ async fn insert_messages(
             let outcome = if all_new {
                 MessageOutcome::Stored { id: message.id, ts: message.ts }
             } else {
-                let row = sqlx::query("SELECT id, ts FROM messages WHERE sender_device = ? AND client_msg_id = ?")
+                let row = sqlx::query("SELECT id, ts FROM messages WHERE sender_device = $1 AND client_msg_id = $2")
                     .bind(message.sender_device)
                     .bind(message.client_msg_id.as_bytes().as_slice())
                     .fetch_one(&mut *conn)
@@ -647,7 +647,7 @@ async fn apply_inbound(
     let mut inbound_items = Vec::new();
     for InboundTxn { origin, txn_id, items, reply } in inbound {
         let done =
-            sqlx::query("INSERT INTO fed_inbound_txns (origin, txn_id, received_ts) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+            sqlx::query("INSERT INTO fed_inbound_txns (origin, txn_id, received_ts) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                 .bind(&origin)
                 .bind(&txn_id)
                 .bind(now)
@@ -698,10 +698,11 @@ async fn apply_inbound(
 async fn record_received(conn: &mut SqliteConnection, received: &[RemoteMessage]) -> Result<(), StoreError> {
     for chunk in statement_chunks(received) {
         let ids: Vec<i64> = chunk.iter().map(|m| i64::try_from(m.id)).collect::<Result<_, _>>()?;
-        let mut query = QueryBuilder::<Sqlite>::new("INSERT OR IGNORE INTO remote_messages (recipient, sender, msg_id) ");
+        let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO remote_messages (recipient, sender, msg_id) ");
         query.push_values(chunk.iter().zip(ids), |mut row, (m, id)| {
             row.push_bind(m.recipient).push_bind(m.sender.as_ref()).push_bind(id);
         });
+        query.push(" ON CONFLICT DO NOTHING");
         query.build().execute(&mut *conn).await?;
     }
     Ok(())
@@ -729,7 +730,11 @@ pub(super) async fn queue_outbound(conn: &mut SqliteConnection, outbound: Vec<Ou
 /// Deletes the items queued for `destination` up to `seq`: a transaction carrying them was
 /// accepted.
 async fn delete_sent(conn: &mut SqliteConnection, destination: &str, seq: i64) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM fed_outbound WHERE destination = ? AND seq <= ?").bind(destination).bind(seq).execute(conn).await?;
+    sqlx::query("DELETE FROM fed_outbound WHERE destination = $1 AND seq <= $2")
+        .bind(destination)
+        .bind(seq)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -748,8 +753,8 @@ async fn apply_fed_state(
                     delete_sent(conn, &destination, done).await?;
                 }
                 sqlx::query(
-                    "INSERT INTO fed_inflight (destination, txn_id, last_seq) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT (destination) DO UPDATE SET txn_id = ?2, last_seq = ?3",
+                    "INSERT INTO fed_inflight (destination, txn_id, last_seq) VALUES ($1, $2, $3) \
+                     ON CONFLICT (destination) DO UPDATE SET txn_id = $2, last_seq = $3",
                 )
                 .bind(destination)
                 .bind(txn_id)
@@ -759,12 +764,12 @@ async fn apply_fed_state(
             }
             FedWrite::Done { destination, last_seq } => {
                 delete_sent(conn, &destination, last_seq).await?;
-                sqlx::query("DELETE FROM fed_inflight WHERE destination = ?").bind(&destination).execute(&mut *conn).await?;
+                sqlx::query("DELETE FROM fed_inflight WHERE destination = $1").bind(&destination).execute(&mut *conn).await?;
             }
             FedWrite::Other(Bookkeeping::RemoteDevices { user, json: Some(json) }) => {
                 sqlx::query(
-                    "INSERT INTO remote_devices (user_id, json, fetched_ts) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT (user_id) DO UPDATE SET json = ?2, fetched_ts = ?3",
+                    "INSERT INTO remote_devices (user_id, json, fetched_ts) VALUES ($1, $2, $3) \
+                     ON CONFLICT (user_id) DO UPDATE SET json = $2, fetched_ts = $3",
                 )
                 .bind(user)
                 .bind(json)
@@ -773,10 +778,10 @@ async fn apply_fed_state(
                 .await?;
             }
             FedWrite::Other(Bookkeeping::RemoteDevices { user, json: None }) => {
-                sqlx::query("DELETE FROM remote_devices WHERE user_id = ?").bind(user).execute(&mut *conn).await?;
+                sqlx::query("DELETE FROM remote_devices WHERE user_id = $1").bind(user).execute(&mut *conn).await?;
             }
             FedWrite::Other(Bookkeeping::Watcher { user, server }) => {
-                sqlx::query("INSERT OR IGNORE INTO device_list_watchers (user_id, server) VALUES (?, ?)")
+                sqlx::query("INSERT INTO device_list_watchers (user_id, server) VALUES ($1, $2) ON CONFLICT DO NOTHING")
                     .bind(user)
                     .bind(server)
                     .execute(&mut *conn)
@@ -806,9 +811,9 @@ async fn delete_devices(
             "push_registrations",
             "push_pending",
         ] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE device = ?")).bind(device).execute(&mut *conn).await?;
+            sqlx::query(&format!("DELETE FROM {table} WHERE device = $1")).bind(device).execute(&mut *conn).await?;
         }
-        sqlx::query("DELETE FROM devices WHERE id = ?").bind(device).execute(&mut *conn).await?;
+        sqlx::query("DELETE FROM devices WHERE id = $1").bind(device).execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -854,7 +859,7 @@ async fn hold_media(conn: &mut SqliteConnection, holds: &[Hold], rows: &[(NewEve
         for sha256 in media {
             let referenced: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM media_refs r JOIN media m ON m.sha256 = r.sha256 \
-                 WHERE r.user_id = ? AND r.sha256 = ?)",
+                 WHERE r.user_id = $1 AND r.sha256 = $2)",
             )
             .bind(sender)
             .bind(sha256.as_slice())
@@ -864,16 +869,16 @@ async fn hold_media(conn: &mut SqliteConnection, holds: &[Hold], rows: &[(NewEve
                 continue;
             }
             for (device, seq) in &targets {
-                sqlx::query("INSERT OR IGNORE INTO media_holds (sha256, device, seq, once, sender) VALUES (?, ?, ?, ?, ?)")
+                sqlx::query("INSERT INTO media_holds (sha256, device, seq, once, sender) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
                     .bind(sha256.as_slice())
                     .bind(device)
                     .bind(seq)
-                    .bind(once)
+                    .bind(i64::from(*once))
                     .bind(sender)
                     .execute(&mut *conn)
                     .await?;
             }
-            sqlx::query("UPDATE media SET unreferenced_ts = NULL WHERE sha256 = ?")
+            sqlx::query("UPDATE media SET unreferenced_ts = NULL WHERE sha256 = $1")
                 .bind(sha256.as_slice())
                 .execute(&mut *conn)
                 .await?;
@@ -924,8 +929,8 @@ async fn apply_acks(
 async fn record_last_seen(conn: &mut SqliteConnection, last_seen: &[(UserPk, DevicePk, Timestamp)]) -> Result<(), StoreError> {
     for (user, device, ts) in last_seen {
         let ts = i64::try_from(*ts)?;
-        sqlx::query("UPDATE users SET last_seen_ts = ? WHERE id = ?").bind(ts).bind(user).execute(&mut *conn).await?;
-        sqlx::query("UPDATE devices SET last_seen_ts = ? WHERE id = ?").bind(ts).bind(device).execute(&mut *conn).await?;
+        sqlx::query("UPDATE users SET last_seen_ts = $1 WHERE id = $2").bind(ts).bind(user).execute(&mut *conn).await?;
+        sqlx::query("UPDATE devices SET last_seen_ts = $1 WHERE id = $2").bind(ts).bind(device).execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -940,7 +945,7 @@ async fn peek_next_seq(
         return Ok(Some(*next));
     }
     let row = sqlx::query(
-        "SELECT max(acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = ?1), 0)) FROM devices WHERE id = ?1",
+        "SELECT max(acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = $1), 0)) FROM devices WHERE id = $1",
     )
     .bind(device)
     .fetch_optional(&mut *tx)

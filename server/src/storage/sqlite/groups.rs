@@ -114,7 +114,7 @@ fn message_row(row: &sqlx::sqlite::SqliteRow, group_id: &GroupId) -> Result<Grou
 /// The local device `device` of `user`, if it exists.
 async fn local_device(conn: &mut sqlx::SqliteConnection, device: &DeviceRef) -> Result<Option<DevicePk>, StoreError> {
     Ok(sqlx::query_scalar(
-        "SELECT d.id FROM devices d JOIN users u ON u.id = d.user_id WHERE u.localpart = ? AND d.device_id = ?",
+        "SELECT d.id FROM devices d JOIN users u ON u.id = d.user_id WHERE u.localpart = $1 AND d.device_id = $2",
     )
     .bind(device.user.localpart())
     .bind(device.device.as_str())
@@ -125,7 +125,7 @@ async fn local_device(conn: &mut sqlx::SqliteConnection, device: &DeviceRef) -> 
 impl Store {
     /// The hub's record of `group`, if this server orders it.
     pub async fn hub_group(&self, group: &GroupId) -> Result<Option<HubRecord>, StoreError> {
-        let row = sqlx::query("SELECT epoch, last_seq, state FROM hub_groups WHERE group_id = ?")
+        let row = sqlx::query("SELECT epoch, last_seq, state FROM hub_groups WHERE group_id = $1")
             .bind(group.as_str())
             .fetch_optional(&self.pool)
             .await?;
@@ -145,7 +145,7 @@ impl Store {
         let now = stored_now()?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let inserted =
-            sqlx::query("INSERT OR IGNORE INTO hub_groups (group_id, epoch, last_seq, state, created_ts) VALUES (?, 0, 0, ?, ?)")
+            sqlx::query("INSERT INTO hub_groups (group_id, epoch, last_seq, state, created_ts) VALUES ($1, 0, 0, $2, $3) ON CONFLICT DO NOTHING")
                 .bind(group.as_str())
                 .bind(state)
                 .bind(now)
@@ -155,7 +155,9 @@ impl Store {
             return Err(StoreError::Conflict);
         }
         sqlx::query(
-            "INSERT OR REPLACE INTO group_devices (group_id, device, from_seq, until_seq, acked) VALUES (?, ?, 0, NULL, 0)",
+            "INSERT INTO group_devices (group_id, device, from_seq, until_seq, acked) VALUES ($1, $2, 0, NULL, 0) \
+             ON CONFLICT (group_id, device) DO UPDATE SET from_seq = excluded.from_seq, until_seq = excluded.until_seq, \
+             acked = excluded.acked",
         )
         .bind(group.as_str())
         .bind(creator)
@@ -175,7 +177,7 @@ impl Store {
         client_msg_id: Uuid,
     ) -> Result<Option<GroupMessageRow>, StoreError> {
         let row = sqlx::query(
-            "SELECT * FROM group_messages WHERE group_id = ? AND sender = ? AND sender_device = ? AND client_msg_id = ?",
+            "SELECT * FROM group_messages WHERE group_id = $1 AND sender = $2 AND sender_device = $3 AND client_msg_id = $4",
         )
         .bind(group.as_str())
         .bind(sender.as_str())
@@ -206,8 +208,9 @@ impl Store {
         let (welcome, tree) = message.welcome.clone().unzip();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let inserted = sqlx::query(
-            "INSERT OR IGNORE INTO group_messages (group_id, group_seq, epoch, kind, sender, sender_device, client_msg_id, \
-             message, ts, welcome, ratchet_tree) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO group_messages (group_id, group_seq, epoch, kind, sender, sender_device, client_msg_id, \
+             message, ts, welcome, ratchet_tree) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(group)
         .bind(position)
@@ -227,7 +230,7 @@ impl Store {
         }
         if let Some(hub) = hub {
             let epoch = i64::try_from(hub.epoch).map_err(|e| corrupt("epoch", e))?;
-            sqlx::query("UPDATE hub_groups SET epoch = ?, last_seq = ?, state = coalesce(?, state) WHERE group_id = ?")
+            sqlx::query("UPDATE hub_groups SET epoch = $1, last_seq = $2, state = coalesce($3, state) WHERE group_id = $4")
                 .bind(epoch)
                 .bind(position)
                 .bind(hub.state)
@@ -238,7 +241,9 @@ impl Store {
         for device in added.iter().filter(|d| d.user.is_of(local)) {
             if let Some(pk) = local_device(&mut tx, device).await? {
                 sqlx::query(
-                    "INSERT OR REPLACE INTO group_devices (group_id, device, from_seq, until_seq, acked) VALUES (?, ?, ?, NULL, ?)",
+                    "INSERT INTO group_devices (group_id, device, from_seq, until_seq, acked) VALUES ($1, $2, $3, NULL, $4) \
+                     ON CONFLICT (group_id, device) DO UPDATE SET from_seq = excluded.from_seq, \
+                     until_seq = excluded.until_seq, acked = excluded.acked",
                 )
                 .bind(group)
                 .bind(pk)
@@ -250,7 +255,7 @@ impl Store {
         }
         for device in removed.iter().filter(|d| d.user.is_of(local)) {
             if let Some(pk) = local_device(&mut tx, device).await? {
-                sqlx::query("UPDATE group_devices SET until_seq = ? WHERE group_id = ? AND device = ? AND until_seq IS NULL")
+                sqlx::query("UPDATE group_devices SET until_seq = $1 WHERE group_id = $2 AND device = $3 AND until_seq IS NULL")
                     .bind(position)
                     .bind(group)
                     .bind(pk)
@@ -267,8 +272,8 @@ impl Store {
     pub async fn group_recipients(&self, group: &GroupId, seq: GroupSeq) -> Result<Vec<Recipient>, StoreError> {
         let position = i64::try_from(seq)?;
         let rows = sqlx::query(
-            "SELECT device, from_seq FROM group_devices WHERE group_id = ? AND from_seq <= ? \
-             AND (until_seq IS NULL OR until_seq >= ?)",
+            "SELECT device, from_seq FROM group_devices WHERE group_id = $1 AND from_seq <= $2 \
+             AND (until_seq IS NULL OR until_seq >= $3)",
         )
         .bind(group.as_str())
         .bind(position)
@@ -281,7 +286,7 @@ impl Store {
     /// The groups of a local device, with its window and cursor in each.
     pub async fn groups_of_device(&self, device: DevicePk) -> Result<Vec<GroupDeviceRow>, StoreError> {
         let rows =
-            sqlx::query("SELECT group_id, from_seq, until_seq, acked FROM group_devices WHERE device = ? ORDER BY group_id")
+            sqlx::query("SELECT group_id, from_seq, until_seq, acked FROM group_devices WHERE device = $1 ORDER BY group_id")
                 .bind(device)
                 .fetch_all(&self.pool)
                 .await?;
@@ -291,11 +296,12 @@ impl Store {
     /// The window and cursor of a local device in one group, if it is (or was, until it
     /// acknowledged its removal) a member.
     pub async fn group_device(&self, group: &GroupId, device: DevicePk) -> Result<Option<GroupDeviceRow>, StoreError> {
-        let row = sqlx::query("SELECT group_id, from_seq, until_seq, acked FROM group_devices WHERE group_id = ? AND device = ?")
-            .bind(group.as_str())
-            .bind(device)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT group_id, from_seq, until_seq, acked FROM group_devices WHERE group_id = $1 AND device = $2")
+                .bind(group.as_str())
+                .bind(device)
+                .fetch_optional(&self.pool)
+                .await?;
         row.as_ref().map(device_row).transpose()
     }
 
@@ -312,7 +318,7 @@ impl Store {
             None => i64::MAX,
         };
         let rows = sqlx::query(
-            "SELECT * FROM group_messages WHERE group_id = ? AND group_seq > ? AND group_seq <= ? ORDER BY group_seq LIMIT ?",
+            "SELECT * FROM group_messages WHERE group_id = $1 AND group_seq > $2 AND group_seq <= $3 ORDER BY group_seq LIMIT $4",
         )
         .bind(group.as_str())
         .bind(i64::try_from(after)?)
@@ -325,7 +331,7 @@ impl Store {
 
     /// The last position this server holds of `group` (0 if none).
     pub async fn latest_group_seq(&self, group: &GroupId) -> Result<GroupSeq, StoreError> {
-        let latest: Option<i64> = sqlx::query_scalar("SELECT max(group_seq) FROM group_messages WHERE group_id = ?")
+        let latest: Option<i64> = sqlx::query_scalar("SELECT max(group_seq) FROM group_messages WHERE group_id = $1")
             .bind(group.as_str())
             .fetch_one(&self.pool)
             .await?;
@@ -424,8 +430,8 @@ impl Store {
         let since = latest.saturating_sub(i64::try_from(window).unwrap_or(i64::MAX));
         Ok(sqlx::query_scalar(
             "SELECT gd.device FROM group_devices gd JOIN devices d ON d.id = gd.device JOIN users u ON u.id = d.user_id \
-             WHERE gd.group_id = ? AND gd.until_seq IS NULL AND ('@' || u.localpart || ':' || ?) IN \
-             (SELECT DISTINCT sender FROM group_messages WHERE group_id = ? AND kind = 'application' AND group_seq > ?)",
+             WHERE gd.group_id = $1 AND gd.until_seq IS NULL AND ('@' || u.localpart || ':' || $2) IN \
+             (SELECT DISTINCT sender FROM group_messages WHERE group_id = $3 AND kind = 'application' AND group_seq > $4)",
         )
         .bind(group.as_str())
         .bind(local.as_str())
@@ -498,7 +504,7 @@ mod tests {
         }
         store.create_hub_group(&a, b"state", 1).await.unwrap();
         store.create_hub_group(&b, b"state", 1).await.unwrap();
-        sqlx::query("UPDATE group_devices SET until_seq = 4 WHERE group_id = ?")
+        sqlx::query("UPDATE group_devices SET until_seq = 4 WHERE group_id = $1")
             .bind(b.as_str())
             .execute(&store.pool)
             .await

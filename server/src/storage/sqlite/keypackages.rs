@@ -56,12 +56,12 @@ impl KeyPackageCount {
 
 /// Deletes `device`'s expired KeyPackages (inside the caller's transaction).
 async fn delete_expired(conn: &mut sqlx::SqliteConnection, device: DevicePk, now: i64) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM keypackages WHERE device = ? AND expires < ?").bind(device).bind(now).execute(conn).await?;
+    sqlx::query("DELETE FROM keypackages WHERE device = $1 AND expires < $2").bind(device).bind(now).execute(conn).await?;
     Ok(())
 }
 
 async fn one_time_count(conn: &mut sqlx::SqliteConnection, device: DevicePk) -> Result<u32, StoreError> {
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM keypackages WHERE device = ? AND is_last_resort = 0")
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM keypackages WHERE device = $1 AND is_last_resort = 0")
         .bind(device)
         .fetch_one(conn)
         .await?;
@@ -78,14 +78,17 @@ impl Store {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let rows = upload.last_resort.iter().map(|kp| (kp, true)).chain(upload.one_time.iter().map(|kp| (kp, false)));
         if upload.last_resort.is_some() {
-            sqlx::query("DELETE FROM keypackages WHERE device = ? AND is_last_resort = 1").bind(device).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM keypackages WHERE device = $1 AND is_last_resort = 1")
+                .bind(device)
+                .execute(&mut *tx)
+                .await?;
         }
         for (key_package, last_resort) in rows {
             sqlx::query(
-                "INSERT OR IGNORE INTO keypackages (device, is_last_resort, reference, bytes, expires) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO keypackages (device, is_last_resort, reference, bytes, expires) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             )
             .bind(device)
-            .bind(last_resort)
+            .bind(i64::from(last_resort))
             .bind(&key_package.reference)
             .bind(&key_package.bytes)
             .bind(i64::try_from(key_package.expires)?)
@@ -104,8 +107,8 @@ impl Store {
     /// Unexpired KeyPackages of a device.
     pub async fn keypackage_count(&self, device: DevicePk) -> Result<KeyPackageCount, StoreError> {
         let row = sqlx::query(
-            "SELECT (SELECT count(*) FROM keypackages WHERE device = ?1 AND is_last_resort = 0 AND expires >= ?2), \
-             EXISTS (SELECT 1 FROM keypackages WHERE device = ?1 AND is_last_resort = 1 AND expires >= ?2)",
+            "SELECT (SELECT count(*) FROM keypackages WHERE device = $1 AND is_last_resort = 0 AND expires >= $2), \
+             EXISTS (SELECT 1 FROM keypackages WHERE device = $1 AND is_last_resort = 1 AND expires >= $2)",
         )
         .bind(device)
         .bind(stored_now()?)
@@ -130,7 +133,7 @@ impl Store {
             true => {
                 sqlx::query_scalar(
                     "DELETE FROM keypackages WHERE id = \
-                     (SELECT id FROM keypackages WHERE device = ? AND is_last_resort = 0 ORDER BY id LIMIT 1) RETURNING bytes",
+                     (SELECT id FROM keypackages WHERE device = $1 AND is_last_resort = 0 ORDER BY id LIMIT 1) RETURNING bytes",
                 )
                 .bind(device)
                 .fetch_optional(&mut *tx)
@@ -140,7 +143,7 @@ impl Store {
         };
         let claimed = match one_time {
             Some(bytes) => Some((bytes, false)),
-            None => sqlx::query_scalar("SELECT bytes FROM keypackages WHERE device = ? AND is_last_resort = 1")
+            None => sqlx::query_scalar("SELECT bytes FROM keypackages WHERE device = $1 AND is_last_resort = 1")
                 .bind(device)
                 .fetch_optional(&mut *tx)
                 .await?

@@ -81,8 +81,8 @@ fn hash_of(bytes: Vec<u8>) -> Result<[u8; 32], StoreError> {
 /// Bytes `user` holds: files referenced plus uploads in progress.
 async fn used_bytes(conn: &mut sqlx::SqliteConnection, user: UserPk) -> Result<u64, StoreError> {
     let used: i64 = sqlx::query_scalar(
-        "SELECT coalesce((SELECT sum(m.size) FROM media_refs r JOIN media m ON m.sha256 = r.sha256 WHERE r.user_id = ?1), 0) \
-         + coalesce((SELECT sum(size) FROM media_uploads WHERE user_id = ?1), 0)",
+        "SELECT coalesce((SELECT sum(m.size) FROM media_refs r JOIN media m ON m.sha256 = r.sha256 WHERE r.user_id = $1), 0) \
+         + coalesce((SELECT sum(size) FROM media_uploads WHERE user_id = $1), 0)",
     )
     .bind(user)
     .fetch_one(conn)
@@ -94,7 +94,7 @@ async fn used_bytes(conn: &mut sqlx::SqliteConnection, user: UserPk) -> Result<u
 /// one is extended).
 async fn reference(conn: &mut sqlx::SqliteConnection, user: UserPk, sha256: &[u8], expires: i64) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO media_refs (user_id, sha256, expires_ts) VALUES (?, ?, ?) \
+        "INSERT INTO media_refs (user_id, sha256, expires_ts) VALUES ($1, $2, $3) \
          ON CONFLICT (user_id, sha256) DO UPDATE SET expires_ts = max(expires_ts, excluded.expires_ts)",
     )
     .bind(user)
@@ -102,12 +102,12 @@ async fn reference(conn: &mut sqlx::SqliteConnection, user: UserPk, sha256: &[u8
     .bind(expires)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("UPDATE media SET unreferenced_ts = NULL WHERE sha256 = ?").bind(sha256).execute(conn).await?;
+    sqlx::query("UPDATE media SET unreferenced_ts = NULL WHERE sha256 = $1").bind(sha256).execute(conn).await?;
     Ok(())
 }
 
 async fn received_parts(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<Vec<u32>, StoreError> {
-    let parts: Vec<i64> = sqlx::query_scalar("SELECT part FROM media_upload_parts WHERE upload_id = ? ORDER BY part")
+    let parts: Vec<i64> = sqlx::query_scalar("SELECT part FROM media_upload_parts WHERE upload_id = $1 ORDER BY part")
         .bind(id)
         .fetch_all(conn)
         .await?;
@@ -116,7 +116,7 @@ async fn received_parts(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<V
 
 async fn upload_row(conn: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Result<Option<UploadRow>, StoreError> {
     let Some(row) =
-        sqlx::query("SELECT user_id, sha256, size, part_bytes, expires_ts, store_upload_id FROM media_uploads WHERE id = ? AND expires_ts > ?")
+        sqlx::query("SELECT user_id, sha256, size, part_bytes, expires_ts, store_upload_id FROM media_uploads WHERE id = $1 AND expires_ts > $2")
             .bind(id)
             .bind(now)
             .fetch_optional(&mut *conn)
@@ -146,7 +146,7 @@ impl Store {
     /// The size of the stored file `sha256`, if it is stored.
     pub async fn media_size(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StoreError> {
         let size: Option<i64> =
-            sqlx::query_scalar("SELECT size FROM media WHERE sha256 = ?").bind(&sha256[..]).fetch_optional(&self.pool).await?;
+            sqlx::query_scalar("SELECT size FROM media WHERE sha256 = $1").bind(&sha256[..]).fetch_optional(&self.pool).await?;
         size.map(to_u64).transpose()
     }
 
@@ -166,14 +166,14 @@ impl Store {
         let now = stored_now()?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::from)?;
         let expires = now.saturating_add(to_i64(limits.retention_ms)?);
-        let stored: Option<i64> = sqlx::query_scalar("SELECT size FROM media WHERE sha256 = ?")
+        let stored: Option<i64> = sqlx::query_scalar("SELECT size FROM media WHERE sha256 = $1")
             .bind(&sha256[..])
             .fetch_optional(&mut *tx)
             .await
             .map_err(StoreError::from)?;
         if let Some(stored) = stored {
             let stored = to_u64(stored)?;
-            let held: Option<i64> = sqlx::query_scalar("SELECT 1 FROM media_refs WHERE user_id = ? AND sha256 = ?")
+            let held: Option<i64> = sqlx::query_scalar("SELECT 1 FROM media_refs WHERE user_id = $1 AND sha256 = $2")
                 .bind(user)
                 .bind(&sha256[..])
                 .fetch_optional(&mut *tx)
@@ -189,20 +189,21 @@ impl Store {
             tx.commit().await.map_err(StoreError::from)?;
             return Ok(Admitted::Stored(stored));
         }
-        let pending: Option<String> =
-            sqlx::query_scalar("SELECT id FROM media_uploads WHERE user_id = ? AND sha256 = ? AND size = ? AND expires_ts > ?")
-                .bind(user)
-                .bind(&sha256[..])
-                .bind(to_i64(size)?)
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(StoreError::from)?;
+        let pending: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM media_uploads WHERE user_id = $1 AND sha256 = $2 AND size = $3 AND expires_ts > $4",
+        )
+        .bind(user)
+        .bind(&sha256[..])
+        .bind(to_i64(size)?)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
         if let Some(id) = pending {
             let row = upload_row(&mut tx, &id, now).await?.ok_or_else(|| StoreError::Corrupt("upload vanished".into()))?;
             return Ok(Admitted::Upload(row));
         }
-        let in_progress: i64 = sqlx::query_scalar("SELECT count(*) FROM media_uploads WHERE user_id = ?")
+        let in_progress: i64 = sqlx::query_scalar("SELECT count(*) FROM media_uploads WHERE user_id = $1")
             .bind(user)
             .fetch_one(&mut *tx)
             .await
@@ -216,7 +217,7 @@ impl Store {
         }
         let expires_ts = now.saturating_add(to_i64(limits.upload_ttl_ms)?);
         sqlx::query(
-            "INSERT INTO media_uploads (id, user_id, sha256, size, part_bytes, created_ts, expires_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO media_uploads (id, user_id, sha256, size, part_bytes, created_ts, expires_ts) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(new_id)
         .bind(user)
@@ -249,7 +250,7 @@ impl Store {
 
     /// Records that part `part` of upload `id` was received; false when it was already.
     pub async fn record_part(&self, id: &str, part: u32) -> Result<bool, StoreError> {
-        let done = sqlx::query("INSERT OR IGNORE INTO media_upload_parts (upload_id, part) VALUES (?, ?)")
+        let done = sqlx::query("INSERT INTO media_upload_parts (upload_id, part) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind(id)
             .bind(part)
             .execute(&self.pool)
@@ -264,9 +265,9 @@ impl Store {
     pub async fn finish_upload(&self, upload: &UploadRow, retention_ms: u64) -> Result<bool, StoreError> {
         let now = stored_now()?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("DELETE FROM media_upload_parts WHERE upload_id = ?").bind(&upload.id).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM media_uploads WHERE id = ?").bind(&upload.id).execute(&mut *tx).await?;
-        let inserted = sqlx::query("INSERT OR IGNORE INTO media (sha256, size, created_ts) VALUES (?, ?, ?)")
+        sqlx::query("DELETE FROM media_upload_parts WHERE upload_id = $1").bind(&upload.id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM media_uploads WHERE id = $1").bind(&upload.id).execute(&mut *tx).await?;
+        let inserted = sqlx::query("INSERT INTO media (sha256, size, created_ts) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
             .bind(&upload.sha256[..])
             .bind(to_i64(upload.size)?)
             .bind(now)
@@ -284,7 +285,7 @@ impl Store {
     pub async fn cache_media(&self, sha256: &[u8; 32], size: u64, keep_ms: u64) -> Result<(), StoreError> {
         let now = stored_now()?;
         sqlx::query(
-            "INSERT INTO media (sha256, size, created_ts, keep_until) VALUES (?1, ?2, ?3, ?4) \
+            "INSERT INTO media (sha256, size, created_ts, keep_until) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (sha256) DO UPDATE SET keep_until = max(keep_until, excluded.keep_until), unreferenced_ts = NULL",
         )
         .bind(&sha256[..])
@@ -299,15 +300,15 @@ impl Store {
     /// Forgets the upload `id` and its parts.
     pub async fn drop_upload(&self, id: &str) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("DELETE FROM media_upload_parts WHERE upload_id = ?").bind(id).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM media_uploads WHERE id = ?").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM media_upload_parts WHERE upload_id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM media_uploads WHERE id = $1").bind(id).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// Records the S3 multipart upload behind upload `id`.
     pub async fn set_store_upload_id(&self, id: &str, store_upload_id: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE media_uploads SET store_upload_id = ? WHERE id = ?")
+        sqlx::query("UPDATE media_uploads SET store_upload_id = $1 WHERE id = $2")
             .bind(store_upload_id)
             .bind(id)
             .execute(&self.pool)
@@ -318,7 +319,7 @@ impl Store {
     /// Uploads that expired, with their S3 multipart ids (their rows stay until
     /// [`Store::drop_upload`], after the caller removed their parts from the object store).
     pub async fn expired_uploads(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
-        Ok(sqlx::query_as("SELECT id, store_upload_id FROM media_uploads WHERE expires_ts <= ?")
+        Ok(sqlx::query_as("SELECT id, store_upload_id FROM media_uploads WHERE expires_ts <= $1")
             .bind(stored_now()?)
             .fetch_all(&self.pool)
             .await?)
@@ -336,9 +337,10 @@ impl Store {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for sha256 in media {
             let held = sqlx::query(
-                "INSERT OR IGNORE INTO media_group_holds (sha256, group_id, group_seq) SELECT ?1, ?2, ?3 \
+                "INSERT INTO media_group_holds (sha256, group_id, group_seq) SELECT $1, $2, $3 \
                  WHERE EXISTS (SELECT 1 FROM media_refs r JOIN media m ON m.sha256 = r.sha256 \
-                               WHERE r.user_id = ?4 AND r.sha256 = ?1)",
+                               WHERE r.user_id = $4 AND r.sha256 = $1) \
+                 ON CONFLICT DO NOTHING",
             )
             .bind(sha256.as_slice())
             .bind(group_id)
@@ -347,7 +349,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             if held.rows_affected() == 1 {
-                sqlx::query("UPDATE media SET unreferenced_ts = NULL WHERE sha256 = ?")
+                sqlx::query("UPDATE media SET unreferenced_ts = NULL WHERE sha256 = $1")
                     .bind(sha256.as_slice())
                     .execute(&mut *tx)
                     .await?;
@@ -360,7 +362,7 @@ impl Store {
     /// `device` downloaded the whole of file `sha256`: temporary chats' holds on it for that
     /// device end at the next sweep.
     pub async fn media_downloaded(&self, sha256: &[u8; 32], device: DevicePk) -> Result<(), StoreError> {
-        sqlx::query("UPDATE media_holds SET fetched = 1 WHERE sha256 = ? AND device = ? AND once = 1")
+        sqlx::query("UPDATE media_holds SET fetched = 1 WHERE sha256 = $1 AND device = $2 AND once = 1")
             .bind(sha256.as_slice())
             .bind(device)
             .execute(&self.pool)
@@ -371,7 +373,7 @@ impl Store {
     /// Up to `limit` files stored at or before `cutoff` (ms) that are not in the cold store yet.
     pub async fn media_to_cool(&self, cutoff: u64, limit: u32) -> Result<Vec<[u8; 32]>, StoreError> {
         let rows: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT sha256 FROM media WHERE cold = 0 AND created_ts <= ? ORDER BY created_ts LIMIT ?")
+            sqlx::query_scalar("SELECT sha256 FROM media WHERE cold = 0 AND created_ts <= $1 ORDER BY created_ts LIMIT $2")
                 .bind(to_i64(cutoff)?)
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
@@ -381,7 +383,7 @@ impl Store {
 
     /// Records that a file is in the cold store; false if the file is gone (swept meanwhile).
     pub async fn mark_cold(&self, sha256: &[u8; 32]) -> Result<bool, StoreError> {
-        let done = sqlx::query("UPDATE media SET cold = 1 WHERE sha256 = ?").bind(sha256.as_slice()).execute(&self.pool).await?;
+        let done = sqlx::query("UPDATE media SET cold = 1 WHERE sha256 = $1").bind(sha256.as_slice()).execute(&self.pool).await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -393,7 +395,7 @@ impl Store {
     pub async fn sweep_media(&self, grace_ms: u64, retention_ms: u64) -> Result<Vec<[u8; 32]>, StoreError> {
         let now = stored_now()?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("DELETE FROM media_refs WHERE expires_ts <= ?").bind(now).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM media_refs WHERE expires_ts <= $1").bind(now).execute(&mut *tx).await?;
         // A message's hold ends once its device acknowledged past it (or is gone).
         let mut released: Vec<Vec<u8>> = sqlx::query_scalar(
             "DELETE FROM media_holds WHERE once = 0 AND NOT EXISTS \
@@ -421,8 +423,8 @@ impl Store {
         .await?;
         for (sha256, sender) in downloaded.iter().collect::<std::collections::BTreeSet<_>>() {
             sqlx::query(
-                "DELETE FROM media_refs WHERE user_id = ?1 AND sha256 = ?2 AND NOT EXISTS \
-                 (SELECT 1 FROM media_holds WHERE sha256 = ?2 AND sender = ?1 AND once = 1)",
+                "DELETE FROM media_refs WHERE user_id = $1 AND sha256 = $2 AND NOT EXISTS \
+                 (SELECT 1 FROM media_holds WHERE sha256 = $2 AND sender = $1 AND once = 1)",
             )
             .bind(sender)
             .bind(sha256.as_slice())
@@ -431,14 +433,14 @@ impl Store {
         }
         let keep_until = now.saturating_add(to_i64(retention_ms)?);
         for sha256 in released.iter().collect::<std::collections::BTreeSet<_>>() {
-            sqlx::query("UPDATE media SET keep_until = max(keep_until, ?) WHERE sha256 = ?")
+            sqlx::query("UPDATE media SET keep_until = max(keep_until, $1) WHERE sha256 = $2")
                 .bind(keep_until)
                 .bind(sha256.as_slice())
                 .execute(&mut *tx)
                 .await?;
         }
         sqlx::query(
-            "UPDATE media SET unreferenced_ts = ?1 WHERE unreferenced_ts IS NULL AND keep_until <= ?1 \
+            "UPDATE media SET unreferenced_ts = $1 WHERE unreferenced_ts IS NULL AND keep_until <= $1 \
              AND NOT EXISTS (SELECT 1 FROM media_refs r WHERE r.sha256 = media.sha256) \
              AND NOT EXISTS (SELECT 1 FROM media_holds h WHERE h.sha256 = media.sha256) \
              AND NOT EXISTS (SELECT 1 FROM media_group_holds h WHERE h.sha256 = media.sha256)",
@@ -446,7 +448,7 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let gone: Vec<Vec<u8>> = sqlx::query_scalar("DELETE FROM media WHERE unreferenced_ts <= ? RETURNING sha256")
+        let gone: Vec<Vec<u8>> = sqlx::query_scalar("DELETE FROM media WHERE unreferenced_ts <= $1 RETURNING sha256")
             .bind(now.saturating_sub(to_i64(grace_ms)?))
             .fetch_all(&mut *tx)
             .await?;

@@ -26,7 +26,7 @@ impl Store {
     pub async fn set_pusher(&self, row: &PushRow) -> Result<(), StoreError> {
         let (p256dh, auth) = row.keys.clone().unzip();
         sqlx::query(
-            "INSERT INTO push_registrations (device, endpoint, p256dh, auth, created_ts) VALUES (?, ?, ?, ?, ?) \
+            "INSERT INTO push_registrations (device, endpoint, p256dh, auth, created_ts) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (device) DO UPDATE SET endpoint = excluded.endpoint, p256dh = excluded.p256dh, auth = excluded.auth, \
              created_ts = excluded.created_ts",
         )
@@ -43,8 +43,8 @@ impl Store {
     /// Removes `device`'s push endpoint and its pending wake-up.
     pub async fn delete_pusher(&self, device: DevicePk) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("DELETE FROM push_registrations WHERE device = ?").bind(device).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM push_pending WHERE device = ?").bind(device).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM push_registrations WHERE device = $1").bind(device).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM push_pending WHERE device = $1").bind(device).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -52,7 +52,7 @@ impl Store {
     /// `device`'s push registration.
     pub async fn pushers_of(&self, device: DevicePk) -> Result<Option<PushRow>, StoreError> {
         let row: Option<StoredPusher> =
-            sqlx::query_as("SELECT device, endpoint, p256dh, auth FROM push_registrations WHERE device = ?")
+            sqlx::query_as("SELECT device, endpoint, p256dh, auth FROM push_registrations WHERE device = $1")
                 .bind(device)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -68,7 +68,7 @@ impl Store {
 
     /// Records that `device` has a wake-up to get (once: a pending one stays as it is).
     pub async fn add_pending_push(&self, device: DevicePk) -> Result<(), StoreError> {
-        sqlx::query("INSERT OR IGNORE INTO push_pending (device, attempts, since_ts) VALUES (?, 0, ?)")
+        sqlx::query("INSERT INTO push_pending (device, attempts, since_ts) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING")
             .bind(device)
             .bind(stored_now()?)
             .execute(&self.pool)
@@ -78,13 +78,13 @@ impl Store {
 
     /// Records a failed attempt at `device`'s wake-up.
     pub async fn push_failed(&self, device: DevicePk) -> Result<(), StoreError> {
-        sqlx::query("UPDATE push_pending SET attempts = attempts + 1 WHERE device = ?").bind(device).execute(&self.pool).await?;
+        sqlx::query("UPDATE push_pending SET attempts = attempts + 1 WHERE device = $1").bind(device).execute(&self.pool).await?;
         Ok(())
     }
 
     /// Forgets `device`'s pending wake-up (sent, or given up).
     pub async fn push_done(&self, device: DevicePk) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM push_pending WHERE device = ?").bind(device).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM push_pending WHERE device = $1").bind(device).execute(&self.pool).await?;
         Ok(())
     }
 
