@@ -202,6 +202,16 @@ async fn registration_rejects_taken_and_invalid_names_and_respects_mode() -> any
     }
     let (status, body) = attempt("carol".into(), "short").await?;
     assert_eq!((status, body["code"].as_str()), (400, Some("invalid_password")));
+    for name in ["phone\u{0}", "two\nlines"] {
+        let (status, body) = post(
+            &server.base_url,
+            "/v1/register",
+            None,
+            &json!({"username": "carol", "password": "correct horse", "device_name": name}),
+        )
+        .await?;
+        assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")), "a device name {name:?}: {body}");
+    }
     let (status, body) = post(&server.base_url, "/v1/register", None, &json!({"username": "dave"})).await?;
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_json")));
     let (status, body) =

@@ -547,6 +547,11 @@ async fn bad_input_from_a_signed_peer_gets_typed_errors_and_the_server_keeps_ser
         let answer = peer.put_send(txn, Some(&signed(txn, body)?), body).await?;
         assert_eq!((answer.0, answer.1["code"].as_str()), (400, Some("bad_json")), "{answer:?}");
     }
+    // A txn_id with a control character (NUL, percent-encoded in the path): 400 bad_request.
+    let nul = "nul%00id";
+    let empty = transaction("a.test", vec![])?;
+    let answer = peer.put_send(nul, Some(&signed(nul, &empty)?), &empty).await?;
+    assert_eq!((answer.0, answer.1["code"].as_str()), (400, Some("bad_request")), "{answer:?}");
     // Larger than twice max_txn_bytes (default 4 MiB): 413 too_large.
     let huge = vec![b' '; 9 * 1024 * 1024];
     let answer = peer.put_send("huge", Some(&signed("huge", &huge)?), &huge).await?;

@@ -34,6 +34,9 @@ fn check_device_name(name: Option<&str>) -> Result<()> {
     if name.is_some_and(|n| n.len() > MAX_DEVICE_NAME_BYTES) {
         return Err(Error::new(ErrorCode::BadRequest, "device_name is longer than 256 bytes"));
     }
+    if name.is_some_and(|n| n.chars().any(char::is_control)) {
+        return Err(Error::new(ErrorCode::BadRequest, "device_name must not contain control characters"));
+    }
     Ok(())
 }
 

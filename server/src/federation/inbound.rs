@@ -227,8 +227,8 @@ async fn send_transaction(
     Path(txn_id): Path<String>,
     Signed { origin, body: txn }: Signed<Transaction>,
 ) -> Result<axum::Json<TransactionResponse>> {
-    if txn_id.is_empty() || txn_id.len() > 128 {
-        return Err(Error::new(ErrorCode::BadRequest, "txn_id must be 1 to 128 characters"));
+    if txn_id.is_empty() || txn_id.len() > 128 || txn_id.chars().any(char::is_control) {
+        return Err(Error::new(ErrorCode::BadRequest, "txn_id must be 1 to 128 characters, none of them a control character"));
     }
     if txn.origin != origin {
         return Err(Error::new(ErrorCode::Forbidden, "the transaction's origin is not the signing server"));
