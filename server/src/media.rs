@@ -132,10 +132,50 @@ struct UploadWrites {
     completing: bool,
 }
 
-type Writes = Arc<std::sync::Mutex<std::collections::HashMap<String, UploadWrites>>>;
+/// How long a part's request, or a completion, waits for another request still writing that
+/// part (or any part) to end: a client resuming at once after it cut a connection finds the
+/// server still writing what the cut request sent, for the moment the server takes to notice.
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Parts being written and uploads being completed, with a signal each time one ends.
+#[derive(Default)]
+struct WritesState {
+    uploads: std::sync::Mutex<std::collections::HashMap<String, UploadWrites>>,
+    ended: tokio::sync::Notify,
+}
+
+type Writes = Arc<WritesState>;
 
 fn lock(writes: &Writes) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, UploadWrites>> {
-    writes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    writes.uploads.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Why a claim or a completion cannot start now.
+enum Busy {
+    /// Another request completes the upload.
+    Completing,
+    /// Parts are being written (by another request, for a part claim: that very part).
+    Writing(usize),
+}
+
+/// Runs `attempt` until it succeeds, waiting for a write or completion to end between tries,
+/// for at most [`CLAIM_WAIT`]; the last refusal then.
+async fn waiting<T>(writes: &Writes, mut attempt: impl FnMut() -> std::result::Result<T, Busy>) -> std::result::Result<T, Busy> {
+    let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+    loop {
+        let ended = writes.ended.notified();
+        tokio::pin!(ended);
+        // Registered before trying, so an end between the try and the wait is not missed.
+        ended.as_mut().enable();
+        match attempt() {
+            Ok(done) => return Ok(done),
+            Err(busy) => {
+                if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                    return Err(busy);
+                }
+            }
+        }
+    }
 }
 
 /// A part claimed for writing, released when the last clone is dropped: the request's, and
@@ -156,6 +196,8 @@ impl Drop for PartClaim {
                 writes.remove(&self.upload_id);
             }
         }
+        drop(writes);
+        self.writes.ended.notify_waiters();
     }
 }
 
@@ -169,6 +211,7 @@ pub struct Completing {
 impl Drop for Completing {
     fn drop(&mut self) {
         lock(&self.writes).remove(&self.upload_id);
+        self.writes.ended.notify_waiters();
     }
 }
 
@@ -370,38 +413,54 @@ impl Media {
         Ok(())
     }
 
-    /// Claims part `part` of upload `upload_id` for writing: refused while that part is being
-    /// written by another request or the upload is being completed. Take the claim before
-    /// checking that the part was not received yet, and record it before dropping the claim.
-    pub fn claim(&self, upload_id: &str, part: u32) -> Result<Arc<PartClaim>> {
-        let mut writes = lock(&self.writes);
-        let upload = writes.entry(upload_id.to_owned()).or_default();
-        if upload.completing {
-            return Err(Error::new(ErrorCode::UploadUrlUsed, "the upload is being completed"));
-        }
-        if !upload.parts.insert(part) {
-            return Err(Error::new(ErrorCode::UploadUrlUsed, "this part is being received by another request"));
-        }
-        Ok(Arc::new(PartClaim { writes: self.writes.clone(), upload_id: upload_id.to_owned(), part }))
+    /// Claims part `part` of upload `upload_id` for writing. While another request writes that
+    /// part or completes the upload, waits for it to end (at most [`CLAIM_WAIT`], then
+    /// `upload_url_used`). Take the claim before checking that the part was not received yet,
+    /// and record it before dropping the claim.
+    pub async fn claim(&self, upload_id: &str, part: u32) -> Result<Arc<PartClaim>> {
+        let claimed = waiting(&self.writes, || {
+            let mut writes = lock(&self.writes);
+            let upload = writes.entry(upload_id.to_owned()).or_default();
+            if upload.completing {
+                return Err(Busy::Completing);
+            }
+            if !upload.parts.insert(part) {
+                return Err(Busy::Writing(1));
+            }
+            Ok(Arc::new(PartClaim { writes: self.writes.clone(), upload_id: upload_id.to_owned(), part }))
+        })
+        .await;
+        claimed.map_err(|busy| match busy {
+            Busy::Completing => Error::new(ErrorCode::UploadUrlUsed, "the upload is being completed"),
+            Busy::Writing(_) => Error::new(ErrorCode::UploadUrlUsed, "this part is being received by another request"),
+        })
     }
 
     /// Marks upload `upload_id` as being completed, so that no part of it is written until the
-    /// returned guard is dropped: `upload_incomplete` while a part is still being written,
-    /// `upload_url_used` while another request completes it.
-    pub fn completing(&self, upload_id: &str) -> Result<Completing> {
-        let mut writes = lock(&self.writes);
-        let upload = writes.entry(upload_id.to_owned()).or_default();
-        if upload.completing {
-            return Err(Error::new(ErrorCode::UploadUrlUsed, "the upload is being completed by another request"));
-        }
-        if !upload.parts.is_empty() {
-            return Err(Error::new(
+    /// returned guard is dropped. While parts are being written or another request completes
+    /// it, waits for them to end (at most [`CLAIM_WAIT`]; then `upload_incomplete`, or
+    /// `upload_url_used` for the other completion).
+    pub async fn completing(&self, upload_id: &str) -> Result<Completing> {
+        let started = waiting(&self.writes, || {
+            let mut writes = lock(&self.writes);
+            let upload = writes.entry(upload_id.to_owned()).or_default();
+            if upload.completing {
+                return Err(Busy::Completing);
+            }
+            if !upload.parts.is_empty() {
+                return Err(Busy::Writing(upload.parts.len()));
+            }
+            upload.completing = true;
+            Ok(Completing { writes: self.writes.clone(), upload_id: upload_id.to_owned() })
+        })
+        .await;
+        started.map_err(|busy| match busy {
+            Busy::Completing => Error::new(ErrorCode::UploadUrlUsed, "the upload is being completed by another request"),
+            Busy::Writing(parts) => Error::new(
                 ErrorCode::UploadIncomplete,
-                format!("{} part(s) are still being received; complete once they are in", upload.parts.len()),
-            ));
-        }
-        upload.completing = true;
-        Ok(Completing { writes: self.writes.clone(), upload_id: upload_id.to_owned() })
+                format!("{parts} part(s) are still being received; complete once they are in"),
+            ),
+        })
     }
 
     /// Streams `body` into the `claim`ed part (filesystem store) at `range` of the upload's

@@ -119,7 +119,7 @@ pub async fn put_part(
     state.media.check_part_url(&id, part, query.expires, &query.sig)?;
     // Claimed before the state is read and until the part is recorded: a part is written by
     // one request at a time, never once received, and never while the upload completes.
-    let claim = state.media.claim(&id, part)?;
+    let claim = state.media.claim(&id, part).await?;
     let upload = state.store.upload(&id).await?.ok_or_else(not_found)?;
     let range = part_range(&upload, part).ok_or_else(|| Error::new(ErrorCode::NotFound, "no such part"))?;
     if upload.received.binary_search(&part).is_ok() {
@@ -145,7 +145,7 @@ pub async fn complete_upload(
     }
     // No part is written from here until the upload is published or dropped (and a second
     // completion meanwhile is refused).
-    let completing = state.media.completing(&id)?;
+    let completing = state.media.completing(&id).await?;
     let upload = own_upload(&state, &auth, &id).await?;
     let parts = crate::media::part_count(upload.size, upload.part_bytes);
     let whole = if state.media.is_s3() {

@@ -662,12 +662,11 @@ impl Store {
 
     /// Whether `owner` has `contact` as a contact.
     pub async fn has_contact(&self, owner: &UserId, contact: &UserId) -> Result<bool, StoreError> {
-        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM contacts WHERE owner = $1 AND contact = $2")
+        Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM contacts WHERE owner = $1 AND contact = $2)")
             .bind(owner.as_str())
             .bind(contact.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(found.is_some())
+            .fetch_one(&self.pool)
+            .await?)
     }
 }
 

@@ -356,7 +356,7 @@ impl Store {
                 row.push_bind(*device).push_bind(*group).push_bind(*acked);
             });
             query.push(
-                ") UPDATE group_devices SET acked = max(acked, (SELECT v.acked FROM v WHERE v.device = group_devices.device \
+                ") UPDATE group_devices SET acked = max(acked, (SELECT max(v.acked) FROM v WHERE v.device = group_devices.device \
                  AND v.group_id = group_devices.group_id)) WHERE (device, group_id) IN (SELECT device, group_id FROM v)",
             );
             query.build().execute(&mut *tx).await?;

@@ -81,8 +81,8 @@ fn hash_of(bytes: Vec<u8>) -> Result<[u8; 32], StoreError> {
 /// Bytes `user` holds: files referenced plus uploads in progress.
 async fn used_bytes(conn: &mut sqlx::SqliteConnection, user: UserPk) -> Result<u64, StoreError> {
     let used: i64 = sqlx::query_scalar(
-        "SELECT coalesce((SELECT sum(m.size) FROM media_refs r JOIN media m ON m.sha256 = r.sha256 WHERE r.user_id = $1), 0) \
-         + coalesce((SELECT sum(size) FROM media_uploads WHERE user_id = $1), 0)",
+        "SELECT CAST(coalesce((SELECT sum(m.size) FROM media_refs r JOIN media m ON m.sha256 = r.sha256 WHERE r.user_id = $1), 0) \
+         + coalesce((SELECT sum(size) FROM media_uploads WHERE user_id = $1), 0) AS BIGINT)",
     )
     .bind(user)
     .fetch_one(conn)
@@ -173,13 +173,13 @@ impl Store {
             .map_err(StoreError::from)?;
         if let Some(stored) = stored {
             let stored = to_u64(stored)?;
-            let held: Option<i64> = sqlx::query_scalar("SELECT 1 FROM media_refs WHERE user_id = $1 AND sha256 = $2")
+            let held: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM media_refs WHERE user_id = $1 AND sha256 = $2)")
                 .bind(user)
                 .bind(&sha256[..])
-                .fetch_optional(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(StoreError::from)?;
-            if held.is_none() {
+            if !held {
                 let used = used_bytes(&mut tx, user).await?;
                 if used.saturating_add(stored) > limits.quota_bytes {
                     return Err(AdmitError::Quota(used, limits.quota_bytes));
