@@ -402,15 +402,21 @@ impl Store {
             if changed.is_empty() {
                 continue;
             }
+            // One row per user (a chunk may name a user twice): the last values, which `old` holds.
+            let mut written = std::collections::HashSet::new();
             let rows = changed
                 .iter()
-                .map(|m| Ok((m.user.as_str(), i64::try_from(m.delivered)?, i64::try_from(m.read)?)))
+                .filter(|m| written.insert(m.user.as_str()))
+                .map(|m| {
+                    let (delivered, read) = old.get(m.user.as_str()).copied().unwrap_or((m.delivered, m.read));
+                    Ok((m.user.as_str(), i64::try_from(delivered)?, i64::try_from(read)?))
+                })
                 .collect::<Result<Vec<_>, StoreError>>()?;
-            let mut write =
-                QueryBuilder::<Sqlite>::new("INSERT OR REPLACE INTO group_markers (group_id, user_id, delivered, read) ");
+            let mut write = QueryBuilder::<Sqlite>::new("INSERT INTO group_markers (group_id, user_id, delivered, read) ");
             write.push_values(rows, |mut row, (user, delivered, read)| {
                 row.push_bind(group.as_str()).push_bind(user).push_bind(delivered).push_bind(read);
             });
+            write.push(" ON CONFLICT (group_id, user_id) DO UPDATE SET delivered = excluded.delivered, read = excluded.read");
             write.build().execute(&mut *tx).await?;
             moved.extend(changed);
         }
@@ -492,6 +498,10 @@ mod tests {
         assert!(store.merge_group_markers(&group, &[marker("u1", 3, 1)]).await.unwrap().is_empty());
         assert_eq!(store.merge_group_markers(&group, &[marker("u1", 4, 9)]).await.unwrap(), vec![marker("u1", 9, 9)]);
         assert_eq!(store.merge_group_markers(&group, &[marker("u2", 7, 0)]).await.unwrap(), vec![marker("u2", 7, 2)]);
+        // A user named twice in one call: both moves are answered, the later values stored.
+        let twice = [marker("v1", 1, 0), marker("v1", 5, 2)];
+        assert_eq!(store.merge_group_markers(&group, &twice).await.unwrap(), vec![marker("v1", 1, 0), marker("v1", 5, 2)]);
+        assert!(store.merge_group_markers(&group, &[marker("v1", 5, 2)]).await.unwrap().is_empty(), "(5, 2) is stored");
     }
 
     #[tokio::test]
