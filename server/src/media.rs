@@ -215,6 +215,19 @@ impl Drop for Completing {
     }
 }
 
+/// Whether the object `found` (streamed through SHA-256) has `upload`'s declared size and hash.
+async fn is_declared(found: GetResult, upload: &UploadRow) -> Result<bool> {
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    let mut stream = into_stream(found);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(internal)?;
+        total += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    Ok(total == upload.size && hasher.finalize().as_slice() == upload.sha256)
+}
+
 /// A blocking file operation's outcome.
 fn joined(outcome: std::result::Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<()> {
     outcome.map_err(Error::internal)?.map_err(Error::internal)
@@ -383,15 +396,7 @@ impl Media {
         {
             return Err(Error::new(ErrorCode::UploadIncomplete, format!("the store refused the parts: {error}")));
         }
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        let mut stream = into_stream(self.store.get(&path).await.map_err(internal)?);
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(internal)?;
-            total += chunk.len() as u64;
-            hasher.update(&chunk);
-        }
-        if total != upload.size || hasher.finalize().as_slice() != upload.sha256 {
+        if !is_declared(self.store.get(&path).await.map_err(internal)?, upload).await? {
             self.store.delete(&path).await.map_err(internal)?;
             return Ok(false);
         }
@@ -539,15 +544,7 @@ impl Media {
         if found.meta.size != upload.size {
             return Ok(false);
         }
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        let mut stream = into_stream(found);
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(internal)?;
-            total += chunk.len() as u64;
-            hasher.update(&chunk);
-        }
-        Ok(total == upload.size && hasher.finalize().as_slice() == upload.sha256)
+        is_declared(found, upload).await
     }
 
     /// Publishes a verified upload as its file and records it (the uploader's reference);
