@@ -226,7 +226,14 @@ pub async fn upload_file(
         let ciphertext = ciphertext.clone();
         async move {
             let bytes = read_range(&ciphertext, part.offset, part.size).await?;
-            let etag = api.put_part(&part.url, bytes).await?;
+            let etag = match api.put_part(&part.url, bytes).await {
+                Ok(etag) => etag,
+                // The server got this part meanwhile: a request of an earlier, cancelled call
+                // that was still on its way when the upload's state was read. Its bytes are
+                // this ciphertext's (completion checks the whole hash), so it is up.
+                Err(e) if e.server_code() == Some(parley_spec::ErrorCode::UploadUrlUsed) => None,
+                Err(e) => return Err(e.into()),
+            };
             Ok::<_, MediaError>((part.part, part.size, etag))
         }
     }))

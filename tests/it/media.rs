@@ -554,6 +554,77 @@ async fn the_sdk_resumes_a_cancelled_upload_and_download_and_gets_back_the_same_
     Ok(())
 }
 
+/// A cancelled call's part request can still be on its way when the next call reads the
+/// upload's state: the server then refuses that call's own PUT of the part (`upload_url_used`),
+/// and the SDK counts the part as up instead of failing the upload.
+#[tokio::test]
+async fn the_sdk_counts_a_part_that_arrived_meanwhile_as_up() -> anyhow::Result<()> {
+    use parley_sdk::media::{upload_file, MediaError};
+    use std::ops::ControlFlow;
+    let server = TestServer::start_with(SMALL_PARTS).await?;
+    let session = crate::support::register(&server.base_url, "alice").await?;
+    let api = parley_sdk::Api::new(&session)?;
+    let dir = tempfile::tempdir()?;
+    let source = dir.path().join("notes.bin");
+    let content = plaintext(3 * 65536 + 17);
+    std::fs::write(&source, &content)?;
+    let work = dir.path().join("work");
+
+    // Created, nothing sent: the journal holds the upload id and the ciphertext's path.
+    let cancelled = upload_file(&api, &source, "application/octet-stream", &work, 2, |_, _| ControlFlow::Break(())).await;
+    ensure!(matches!(cancelled, Err(MediaError::Cancelled)), "{cancelled:?}");
+    let journal = files_under(&work).into_iter().find(|p| p.extension().is_some_and(|e| e == "json")).context("journal")?;
+    let journal: Value = serde_json::from_slice(&std::fs::read(journal)?)?;
+    let upload_id = journal["upload_id"].as_str().context("upload id")?.to_owned();
+    let ciphertext = std::fs::read(journal["ciphertext"].as_str().context("ciphertext path")?)?;
+
+    // Once the next call has read the state (its first progress report), every part arrives
+    // by other requests before its own.
+    let (base, token) = (server.base_url.clone(), session.access_token().to_owned());
+    let mut reports = 0;
+    let uploaded = upload_file(&api, &source, "application/octet-stream", &work, 2, |_, _| {
+        reports += 1;
+        if reports == 1 {
+            let (base, token, upload_id, ciphertext) = (base.clone(), token.clone(), upload_id.clone(), ciphertext.clone());
+            let sent = std::thread::spawn(move || -> anyhow::Result<usize> {
+                tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async move {
+                    let http = reqwest::Client::new();
+                    let state: Value = http
+                        .get(format!("{base}/v1/media/uploads/{upload_id}"))
+                        .bearer_auth(&token)
+                        .send()
+                        .await?
+                        .error_for_status()?
+                        .json()
+                        .await?;
+                    let parts = state["parts"].as_array().context("parts")?;
+                    for part in parts {
+                        let offset = part["offset"].as_u64().context("offset")? as usize;
+                        let size = part["size"].as_u64().context("size")? as usize;
+                        let url = reqwest::Url::parse(&base)?.join(part["url"].as_str().context("url")?)?;
+                        http.put(url).body(ciphertext[offset..offset + size].to_vec()).send().await?.error_for_status()?;
+                    }
+                    Ok(parts.len())
+                })
+            });
+            let sent = sent.join().expect("the sending thread").expect("the parts are sent");
+            assert_eq!(sent, 4, "every part was still missing");
+        }
+        ControlFlow::Continue(())
+    })
+    .await?;
+    assert_eq!(uploaded.media.size, content.len() as u64);
+    ensure!(files_under(&work).is_empty(), "the work directory is left empty");
+
+    let dest = dir.path().join("received.bin");
+    parley_sdk::media::download_file(&api, &uploaded.server, &uploaded.media_id, &uploaded.media, &dest, |_, _| {
+        ControlFlow::Continue(())
+    })
+    .await?;
+    assert!(std::fs::read(&dest)? == content, "the same file");
+    Ok(())
+}
+
 #[tokio::test]
 async fn old_files_move_to_the_cold_store_are_served_from_there_and_swept_from_there() -> anyhow::Result<()> {
     let server = TestServer::start_with(&format!(
