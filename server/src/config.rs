@@ -216,6 +216,12 @@ pub struct PresenceConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    /// A PostgreSQL server to keep the state in (`postgres://user@host:5432/db`, every option
+    /// of libpq's URLs that sqlx reads); unset: the SQLite file `sqlite_file` in `data_dir`.
+    /// Media, the lock file and the certificates stay in `data_dir` either way.
+    pub database_url: Option<String>,
+    /// Connections of the PostgreSQL pool (reads and account writes; the writer has one more).
+    pub postgres_connections: u32,
     /// Database file name under `data_dir`.
     pub sqlite_file: String,
     /// SQLite `synchronous`: `full` (fsync every commit; a commit survives power loss) or
@@ -643,6 +649,8 @@ impl Default for PresenceConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
+            database_url: None,
+            postgres_connections: 16,
             sqlite_file: "parley.db".into(),
             synchronous: Synchronous::Full,
             keep_history: false,

@@ -130,17 +130,13 @@ async fn two_users_with_two_devices_chat_end_to_end_and_the_server_sees_no_plain
     assert_eq!(history(&b2, &alice).await?, reference);
 
     // The server's database (and its write-ahead log) and its logs hold none of the plaintexts.
-    let mut raw = Vec::new();
-    for entry in std::fs::read_dir(server.data_dir())? {
-        let path = entry?.path();
-        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("parley.db")) {
-            raw.extend(std::fs::read(&path)?);
-        }
-    }
-    assert!(raw.len() > 10_000, "read the database files");
+    let raw = server.stored_bytes().await?;
+    assert!(raw.len() > 10_000, "read the database");
     let logs = server.logs();
     for secret in secrets {
         assert!(!contains(&raw, secret.as_bytes()), "plaintext {secret:?} found in the server database");
+        let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+        assert!(!contains(&raw, hex.as_bytes()), "plaintext {secret:?} found in the server database (hex)");
         assert!(!logs.contains(secret), "plaintext {secret:?} found in the server log");
     }
     Ok(())
@@ -183,7 +179,7 @@ async fn a_device_offline_for_500_messages_catches_up_decrypted() -> anyhow::Res
 /// and starts it again (its caches start empty); connected SDKs reconnect by themselves.
 async fn tamper<F, Fut>(server: &mut TestServer, tamper: F) -> anyhow::Result<()>
 where
-    F: FnOnce(sqlx::SqlitePool) -> Fut,
+    F: FnOnce(sqlx::AnyPool) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     server.stop().await?;
@@ -193,15 +189,15 @@ where
     server.restart().await
 }
 
-async fn list_json(db: &sqlx::SqlitePool, localpart: &str) -> anyhow::Result<Vec<u8>> {
-    Ok(sqlx::query_scalar("SELECT l.json FROM device_lists l JOIN users u ON u.id = l.user_id WHERE u.localpart = ?")
+async fn list_json(db: &sqlx::AnyPool, localpart: &str) -> anyhow::Result<Vec<u8>> {
+    Ok(sqlx::query_scalar("SELECT l.json FROM device_lists l JOIN users u ON u.id = l.user_id WHERE u.localpart = $1")
         .bind(localpart)
         .fetch_one(db)
         .await?)
 }
 
-async fn set_list(db: &sqlx::SqlitePool, localpart: &str, version: i64, json: &[u8]) -> anyhow::Result<()> {
-    sqlx::query("UPDATE device_lists SET version = ?, json = ? WHERE user_id = (SELECT id FROM users WHERE localpart = ?)")
+async fn set_list(db: &sqlx::AnyPool, localpart: &str, version: i64, json: &[u8]) -> anyhow::Result<()> {
+    sqlx::query("UPDATE device_lists SET version = $1, json = $2 WHERE user_id = (SELECT id FROM users WHERE localpart = $3)")
         .bind(version)
         .bind(json)
         .bind(localpart)
@@ -255,8 +251,9 @@ async fn a_server_that_injects_a_device_gets_no_message_for_it() -> anyhow::Resu
         list["version"] = serde_json::json!(2);
         set_list(&db, "carol", 2, &serde_json::to_vec(&list)?).await?;
         sqlx::query(
-            "INSERT INTO devices (user_id, device_id, token_hash, created_ts) SELECT id, 'ZZZZEVIL', x'00', 0 FROM users WHERE localpart = 'carol'",
+            "INSERT INTO devices (user_id, device_id, token_hash, created_ts) SELECT id, 'ZZZZEVIL', $1, 0 FROM users WHERE localpart = 'carol'",
         )
+        .bind(vec![0u8])
         .execute(&db)
         .await?;
         Ok(())
@@ -292,7 +289,7 @@ async fn a_server_that_swaps_a_prekey_bundle_is_detected() -> anyhow::Result<()>
                 .fetch_one(&db)
                 .await?;
         let keys = forged.device_keys(&"@dave:localhost".parse()?, &device_id.parse()?);
-        sqlx::query("UPDATE device_keys SET json = ? WHERE device = ?")
+        sqlx::query("UPDATE device_keys SET json = $1 WHERE device = $2")
             .bind(serde_json::to_vec(&keys)?)
             .bind(device)
             .execute(&db)
@@ -325,7 +322,7 @@ async fn tampered_replayed_and_truncated_ciphertexts_are_rejected() -> anyhow::R
         let device: i64 = sqlx::query_scalar("SELECT d.id FROM devices d JOIN users u ON u.id = d.user_id WHERE u.localpart = 'bob'")
             .fetch_one(&db)
             .await?;
-        let all: Vec<(i64, Vec<u8>)> = sqlx::query_as("SELECT seq, payload FROM inbox WHERE device = ? ORDER BY seq").bind(device).fetch_all(&db).await?;
+        let all: Vec<(i64, Vec<u8>)> = sqlx::query_as("SELECT seq, payload FROM inbox WHERE device = $1 ORDER BY seq").bind(device).fetch_all(&db).await?;
         // The last four are "one".."four" (the first message may still be there, unacknowledged).
         anyhow::ensure!(all.len() >= 4, "four queued messages, found {}", all.len());
         let rows = &all[all.len() - 4..];
@@ -343,9 +340,9 @@ async fn tampered_replayed_and_truncated_ciphertexts_are_rejected() -> anyhow::R
         })?;
         let truncated = edit(&rows[2].1, &|b| b.truncate(b.len() / 2))?;
         for (seq, payload) in [(rows[1].0, flipped), (rows[2].0, truncated)] {
-            sqlx::query("UPDATE inbox SET payload = ? WHERE device = ? AND seq = ?").bind(payload).bind(device).bind(seq).execute(&db).await?;
+            sqlx::query("UPDATE inbox SET payload = $1 WHERE device = $2 AND seq = $3").bind(payload).bind(device).bind(seq).execute(&db).await?;
         }
-        sqlx::query("INSERT INTO inbox (device, seq, sender, msg_id, payload) SELECT device, ? , sender, msg_id, payload FROM inbox WHERE device = ? AND seq = ?")
+        sqlx::query("INSERT INTO inbox (device, seq, sender, msg_id, payload) SELECT device, $1 , sender, msg_id, payload FROM inbox WHERE device = $2 AND seq = $3")
             .bind(rows[3].0 + 1)
             .bind(device)
             .bind(rows[0].0)
@@ -445,7 +442,8 @@ async fn a_receipt_by_someone_the_message_did_not_go_to_is_not_applied() -> anyh
     tamper(&mut server, |db| async move {
         sqlx::query(
             "INSERT INTO inbox (device, seq, payload) SELECT d.id, \
-             max(d.acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = d.id), 0)) + 1, ? \
+             CASE WHEN d.acked_seq > coalesce((SELECT max(seq) FROM inbox WHERE device = d.id), 0) THEN d.acked_seq \
+             ELSE coalesce((SELECT max(seq) FROM inbox WHERE device = d.id), 0) END + 1, $1 \
              FROM devices d JOIN users u ON u.id = d.user_id WHERE u.localpart = 'alice'",
         )
         .bind(payload)

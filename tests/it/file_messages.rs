@@ -71,7 +71,7 @@ async fn an_image_crosses_servers_with_its_thumbnail_and_downloads_intact() -> a
 
     // A forward sends the same reference: nothing is uploaded again, and it still opens.
     let stored =
-        |pool: sqlx::SqlitePool| async move { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM media").fetch_one(&pool).await };
+        |pool: sqlx::AnyPool| async move { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM media").fetch_one(&pool).await };
     assert_eq!(stored(net.server("a.test").db().await?).await?, 1);
     bob.send_attachment(&alice_id, file.clone(), "").await?;
     let forwarded = next_message(&mut alice_events).await?;
@@ -164,7 +164,7 @@ async fn holds(server: &TestServer) -> anyhow::Result<i64> {
 /// Rows of `media` on `server`, by media id.
 async fn has_media(server: &TestServer, media_id: &str) -> anyhow::Result<bool> {
     let sha256 = parley_spec::v1::media::parse_media_id(media_id).expect("a media id");
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM media WHERE sha256 = ?")
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM media WHERE sha256 = $1")
         .bind(sha256.as_slice())
         .fetch_one(&server.db().await?)
         .await?;

@@ -5,7 +5,7 @@
 
 use crate::support::{register, Device, PASSWORD, T};
 use anyhow::{ensure, Context as _};
-use parley_tests::TestServer;
+use parley_tests::{Backend, TestServer};
 use sqlx::ConnectOptions as _;
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::Path;
@@ -39,7 +39,7 @@ fn wide_dir(path: &Path) -> anyhow::Result<()> {
 #[tokio::test]
 async fn database_files_are_owner_only_under_umask_022() -> anyhow::Result<()> {
     // An existing 0755 data directory: the files in it are still private.
-    let mut server = TestServer::prepare("")?.with_umask(0o022);
+    let mut server = TestServer::prepare("")?.with_umask(0o022).with_backend(Backend::Sqlite);
     wide_dir(&server.data_dir())?;
     server.restart().await?;
     let alice = register(&server.base_url, "alice").await?;
@@ -51,7 +51,7 @@ async fn database_files_are_owner_only_under_umask_022() -> anyhow::Result<()> {
     }
 
     // A data directory the server creates is private too.
-    let mut fresh = TestServer::prepare("")?.with_umask(0o022);
+    let mut fresh = TestServer::prepare("")?.with_umask(0o022).with_backend(Backend::Sqlite);
     fresh.restart().await?;
     register(&fresh.base_url, "bob").await?;
     assert_eq!(mode(&fresh.data_dir())?, 0o700, "the data directory");
@@ -98,7 +98,7 @@ async fn cli_profile_is_owner_only_in_an_existing_0755_directory() -> anyhow::Re
 
 #[tokio::test]
 async fn a_clean_shutdown_checkpoints_the_wal() -> anyhow::Result<()> {
-    let mut server = TestServer::start().await?;
+    let mut server = TestServer::start_on(Backend::Sqlite, "").await?;
     let alice = register(&server.base_url, "alice").await?;
     let bob = register(&server.base_url, "bob").await?;
     let a1 = Device::connect(&alice).await?;

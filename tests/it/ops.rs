@@ -49,7 +49,11 @@ async fn sigterm_closes_sockets_with_1001_and_keeps_every_sent_message() -> anyh
 
 async fn parleyd(server: &TestServer, args: &[&str], stdin: Option<&str>) -> anyhow::Result<(bool, String, String)> {
     use tokio::io::AsyncWriteExt as _;
-    let mut child = tokio::process::Command::new(parleyd_path())
+    let mut command = tokio::process::Command::new(parleyd_path());
+    if let Some(url) = server.database_url() {
+        command.env("PARLEY__STORAGE__DATABASE_URL", url);
+    }
+    let mut child = command
         .arg("--data-dir")
         .arg(server.data_dir())
         .args(args)

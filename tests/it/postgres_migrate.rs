@@ -7,13 +7,13 @@ use crate::raw;
 use crate::support::T;
 use anyhow::Context as _;
 use parley_tests::postgres::TestDb;
-use parley_tests::TestServer;
+use parley_tests::{Backend, TestServer};
 use serde_json::json;
 use sqlx::Row as _;
 
 #[tokio::test]
 async fn a_stopped_servers_database_moves_to_postgresql_with_every_row_and_its_counters() -> anyhow::Result<()> {
-    let mut server = TestServer::start().await?;
+    let mut server = TestServer::start_on(Backend::Sqlite, "").await?;
     let base = server.base_url.clone();
     let alice = raw::register(&base, "alice").await?;
     let bob = raw::register(&base, "bob").await?;

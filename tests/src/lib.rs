@@ -64,6 +64,26 @@ pub fn parleyd_path() -> &'static Path {
     })
 }
 
+/// Where test servers keep their state: `PARLEY_TEST_BACKEND=postgres` puts every
+/// [`TestServer`] on a fresh PostgreSQL database of its own ([`postgres::TestDb`]); unset or
+/// `sqlite`, on the SQLite file in its data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded SQLite file.
+    Sqlite,
+    /// A PostgreSQL database.
+    Postgres,
+}
+
+/// The backend this test run uses (see [`Backend`]).
+pub fn backend() -> Backend {
+    match std::env::var("PARLEY_TEST_BACKEND").as_deref() {
+        Ok("postgres") => Backend::Postgres,
+        Ok("sqlite") | Ok("") | Err(_) => Backend::Sqlite,
+        Ok(other) => panic!("PARLEY_TEST_BACKEND={other}: expected sqlite or postgres"),
+    }
+}
+
 /// How a [`TestServer`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -114,6 +134,10 @@ pub struct TestServer {
     logged: Arc<tokio::sync::Notify>,
     /// File mode creation mask the process starts with (None: inherited).
     umask: Option<u32>,
+    /// Where it keeps its state ([`backend`] unless set with [`with_backend`](Self::with_backend)).
+    backend: Backend,
+    /// Its PostgreSQL database (with [`Backend::Postgres`]), made at the first start.
+    postgres: Option<postgres::TestDb>,
 }
 
 impl TestServer {
@@ -138,6 +162,14 @@ impl TestServer {
         Self::start_as(Mode::Process, extra).await
     }
 
+    /// Starts an in-process server on `backend`, whatever the run's, with [`TEST_CONFIG`]
+    /// followed by `extra` TOML (see [`with_backend`](Self::with_backend)).
+    pub async fn start_on(backend: Backend, extra: &str) -> anyhow::Result<Self> {
+        let mut server = Self::prepare_as(Mode::InProcess, extra)?.with_backend(backend);
+        server.spawn().await?;
+        Ok(server)
+    }
+
     /// Starts a server of `mode` with [`TEST_CONFIG`] followed by `extra` TOML.
     pub async fn start_as(mode: Mode, extra: &str) -> anyhow::Result<Self> {
         let mut server = Self::prepare_as(mode, extra)?;
@@ -160,12 +192,70 @@ impl TestServer {
         let logs = Arc::new(Mutex::new(String::new()));
         let addr: SocketAddr = "127.0.0.1:0".parse()?;
         let logged = Arc::default();
-        Ok(Self { mode, running: None, base_url: String::new(), addr, federation_addr: None, dir, logs, logged, umask: None })
+        Ok(Self {
+            mode,
+            running: None,
+            base_url: String::new(),
+            addr,
+            federation_addr: None,
+            dir,
+            logs,
+            logged,
+            umask: None,
+            backend: backend(),
+            postgres: None,
+        })
     }
 
     /// How this server runs.
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Keeps its state on `backend` whatever the run's (for tests of one backend's own
+    /// behaviour: SQLite's files, a migration from SQLite). Before the first start.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        assert!(self.running.is_none() && self.postgres.is_none(), "set the backend before the first start");
+        self.backend = backend;
+        self
+    }
+
+    /// Where it keeps its state.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Its PostgreSQL database's URL (with [`Backend::Postgres`], once started): what a
+    /// `parleyd` command run beside it needs as `PARLEY__STORAGE__DATABASE_URL`.
+    pub fn database_url(&self) -> Option<&str> {
+        self.postgres.as_ref().map(|db| db.url.as_str())
+    }
+
+    /// Everything the database holds, as bytes to search for what must not be there: with
+    /// SQLite its files (the database, its write-ahead log); with PostgreSQL every row of every
+    /// table as text (`bytea` values in hex, `\x…`).
+    pub async fn stored_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        let mut raw = Vec::new();
+        if self.postgres.is_none() {
+            for entry in std::fs::read_dir(self.data_dir())? {
+                let path = entry?.path();
+                if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("parley.db")) {
+                    raw.extend(std::fs::read(&path)?);
+                }
+            }
+            return Ok(raw);
+        }
+        let db = self.db().await?;
+        let tables: Vec<String> =
+            sqlx::query_scalar("SELECT tablename::TEXT FROM pg_tables WHERE schemaname = 'public'").fetch_all(&db).await?;
+        for table in tables {
+            let rows: Vec<String> = sqlx::query_scalar(&format!("SELECT t::TEXT FROM \"{table}\" t")).fetch_all(&db).await?;
+            for row in rows {
+                raw.extend(row.into_bytes());
+            }
+        }
+        db.close().await;
+        Ok(raw)
     }
 
     /// Starts the process (at every later start too) with this file mode creation mask (the
@@ -211,29 +301,33 @@ impl TestServer {
         }
     }
 
-    /// The server's database, read-only, while it runs (tests look at what it stored, which
-    /// couples them to the schema: keep such reads here).
-    pub async fn db(&self) -> anyhow::Result<sqlx::SqlitePool> {
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(self.data_dir().join("parley.db"))
-            .read_only(true)
-            .busy_timeout(Duration::from_secs(10));
-        Ok(sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?)
+    /// The server's database while it runs, whichever the backend (tests look at what it
+    /// stored, which couples them to the schema: keep such reads here). Queries use `$N`
+    /// placeholders, which both backends read.
+    pub async fn db(&self) -> anyhow::Result<sqlx::AnyPool> {
+        sqlx::any::install_default_drivers();
+        let url = match &self.postgres {
+            Some(db) => db.url.clone(),
+            None => format!("sqlite://{}?mode=ro", self.data_dir().join("parley.db").display()),
+        };
+        Ok(sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await?)
     }
 
     /// The server's database, writable: for tests that play a malicious server (best done
     /// while it is stopped).
-    pub async fn db_writable(&self) -> anyhow::Result<sqlx::SqlitePool> {
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(self.data_dir().join("parley.db"))
-            .busy_timeout(Duration::from_secs(10));
-        Ok(sqlx::SqlitePool::connect_with(options).await?)
+    pub async fn db_writable(&self) -> anyhow::Result<sqlx::AnyPool> {
+        sqlx::any::install_default_drivers();
+        let url = match &self.postgres {
+            Some(db) => db.url.clone(),
+            None => format!("sqlite://{}?mode=rw", self.data_dir().join("parley.db").display()),
+        };
+        Ok(sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await?)
     }
 
     /// Inbox rows of messages from `sender` (a user id): (rows, distinct message ids).
     pub async fn inbox_rows_from(&self, sender: &str) -> anyhow::Result<(i64, i64)> {
         let db = self.db().await?;
-        let row: (i64, i64) = sqlx::query_as("SELECT count(*), count(DISTINCT msg_id) FROM inbox WHERE sender = ?")
+        let row: (i64, i64) = sqlx::query_as("SELECT count(*), count(DISTINCT msg_id) FROM inbox WHERE sender = $1")
             .bind(sender)
             .fetch_one(&db)
             .await?;
@@ -244,7 +338,7 @@ impl TestServer {
     /// Federation items queued for `destination` and not yet delivered.
     pub async fn queued_for(&self, destination: &str) -> anyhow::Result<i64> {
         let db = self.db().await?;
-        let count = sqlx::query_scalar("SELECT count(*) FROM fed_outbound WHERE destination = ?")
+        let count = sqlx::query_scalar("SELECT count(*) FROM fed_outbound WHERE destination = $1")
             .bind(destination)
             .fetch_one(&db)
             .await?;
@@ -277,6 +371,9 @@ impl TestServer {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
+        if self.backend == Backend::Postgres && self.postgres.is_none() {
+            self.postgres = Some(postgres::TestDb::create().await?);
+        }
         match self.mode {
             Mode::Process => self.spawn_process().await,
             Mode::InProcess => self.spawn_in_process().await,
@@ -291,10 +388,17 @@ impl TestServer {
         struct Flags {
             data_dir: PathBuf,
             listen: SocketAddr,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            storage: Option<Storage>,
+        }
+        #[derive(serde::Serialize)]
+        struct Storage {
+            database_url: String,
         }
         // A test process holds both ends of every connection.
         let _ = rlimit::increase_nofile_limit(u64::MAX);
-        let flags = Flags { data_dir: self.data_dir(), listen: self.addr };
+        let storage = self.postgres.as_ref().map(|db| Storage { database_url: db.url.clone() });
+        let flags = Flags { data_dir: self.data_dir(), listen: self.addr, storage };
         let mut config = parley_server::config::Config::load(Some(&self.dir.path().join("parleyd.toml")), flags)?;
         // Bound here, so the addresses are known before the server runs (and kept on restart).
         let listener = std::net::TcpListener::bind(self.addr).with_context(|| format!("binding {}", self.addr))?;
@@ -387,6 +491,9 @@ impl TestServer {
         };
         if let Some(addr) = self.federation_addr {
             command.env("PARLEY__FEDERATION__LISTEN", addr.to_string());
+        }
+        if let Some(db) = &self.postgres {
+            command.env("PARLEY__STORAGE__DATABASE_URL", &db.url);
         }
         let mut child = command
             .arg("--config")

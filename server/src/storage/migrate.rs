@@ -17,6 +17,9 @@ use std::borrow::Cow;
 /// The PostgreSQL migrations: `(version, description, SQL)`.
 const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/postgres/0001_init.sql"))];
 
+/// The newest PostgreSQL migration this build has.
+pub const POSTGRES_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
 /// The SQLite schema version PostgreSQL's newest migration equals (0001 = SQLite 0001–0014).
 pub const SQLITE_EQUIVALENT: i64 = 14;
 

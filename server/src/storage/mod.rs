@@ -5,6 +5,58 @@
 //! whatever has queued up in a single transaction ([`writer`], group commit): throughput does
 //! not stop at one fsync per message, and an answer is given only after its commit.
 
+/// Runs `$body` once per backend, with `$p` bound to that backend's pool (`&SqlitePool` or
+/// `&PgPool`): the same query text, compiled for each driver. The second form also names, as
+/// `$fns`, that backend's half of the calling module's [`dual!`] items.
+macro_rules! on_pool {
+    ($pool:expr, |$p:ident| $body:expr) => {
+        match $pool {
+            $crate::storage::Pool::Sqlite($p) => $body,
+            $crate::storage::Pool::Postgres($p) => $body,
+        }
+    };
+    ($pool:expr, |$p:ident, $fns:ident| $body:expr) => {
+        match $pool {
+            $crate::storage::Pool::Sqlite($p) => {
+                use on_sqlite as $fns;
+                $body
+            }
+            $crate::storage::Pool::Postgres($p) => {
+                use on_postgres as $fns;
+                $body
+            }
+        }
+    };
+}
+
+/// Compiles `$item`s once per backend, as modules `on_sqlite` and `on_postgres` of the calling
+/// module; in each, `Db` is the driver, `Conn` its connection and `PG` whether it is
+/// PostgreSQL (for the few texts that differ, see the PostgreSQL schema's header, B list).
+macro_rules! dual {
+    ($($item:item)*) => {
+        #[allow(dead_code, unused_imports)]
+        pub(super) mod on_sqlite {
+            use super::*;
+            pub(super) use $crate::storage::writer::on_sqlite as writer_steps;
+            type DbRow = <Db as sqlx::Database>::Row;
+            type Db = sqlx::Sqlite;
+            type Conn = sqlx::SqliteConnection;
+            const PG: bool = false;
+            $($item)*
+        }
+        #[allow(dead_code, unused_imports)]
+        pub(super) mod on_postgres {
+            use super::*;
+            pub(super) use $crate::storage::writer::on_postgres as writer_steps;
+            type DbRow = <Db as sqlx::Database>::Row;
+            type Db = sqlx::Postgres;
+            type Conn = sqlx::PgConnection;
+            const PG: bool = true;
+            $($item)*
+        }
+    };
+}
+
 pub mod migrate;
 mod sqlite;
 pub mod writer;
@@ -127,6 +179,52 @@ pub struct InboxRow {
     pub committed_at: Option<std::time::Instant>,
 }
 
+/// The connections of one backend: the embedded SQLite file, or a PostgreSQL server.
+#[derive(Clone, Debug)]
+pub enum Pool {
+    /// SQLite (WAL).
+    Sqlite(sqlx::SqlitePool),
+    /// PostgreSQL.
+    Postgres(sqlx::PgPool),
+}
+
+impl Pool {
+    /// Whether it is PostgreSQL (for the few query texts that differ).
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+}
+
+/// The advisory lock every PostgreSQL write transaction holds to its commit (the writer's
+/// batches and the pool's read-check-write transactions): what SQLite's `BEGIN IMMEDIATE`
+/// gives, one writer at a time, so no check is raced and `fed_outbound`'s and the inboxes'
+/// sequence numbers become visible in order (the PostgreSQL schema's header, B9).
+const WRITE_LOCK: i64 = 0x5061_726c_6579; // "Parley"
+
+/// A transaction that may write, taken as the backend needs (see [`WRITE_LOCK`]).
+pub(crate) trait BeginWrite {
+    /// The backend.
+    type Db: sqlx::Database;
+    /// Begins it.
+    fn begin_write(&self) -> impl std::future::Future<Output = Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>> + Send;
+}
+
+impl BeginWrite for sqlx::SqlitePool {
+    type Db = sqlx::Sqlite;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl BeginWrite for sqlx::PgPool {
+    type Db = sqlx::Postgres;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITE_LOCK).execute(&mut *tx).await?;
+        Ok(tx)
+    }
+}
+
 /// The current time in its stored form (milliseconds since the epoch).
 fn stored_now() -> Result<i64, StoreError> {
     Ok(i64::try_from(Timestamp::now())?)
@@ -178,5 +276,91 @@ pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, LockError> 
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Held(dir.to_path_buf())),
         Err(std::fs::TryLockError::Error(e)) => Err(LockError::File(dir.to_path_buf(), e)),
+    }
+}
+
+/// Stores for the storage unit tests, on the run's backend: SQLite in the test's directory, or
+/// with `PARLEY_TEST_BACKEND=postgres` a fresh database on the server `PARLEY_TEST_POSTGRES`
+/// names (`scripts/test.sh` sets both), dropped with the [`TestStore`].
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::config::Config;
+
+    /// Whether this run's tests use PostgreSQL.
+    pub fn postgres() -> bool {
+        std::env::var("PARLEY_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+    }
+
+    /// A database of a test's own on the tests' PostgreSQL, dropped with it.
+    pub struct TestDatabase {
+        server: String,
+        name: String,
+    }
+
+    impl Drop for TestDatabase {
+        fn drop(&mut self) {
+            let (server, name) = (self.server.clone(), self.name.clone());
+            // Dropped inside a runtime: the DROP runs on a thread with a runtime of its own.
+            let dropped = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                runtime.block_on(async {
+                    let admin = sqlx::PgPool::connect(&server).await?;
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await?;
+                    admin.close().await;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+                })
+            });
+            if let Ok(Err(error)) = dropped.join() {
+                eprintln!("dropping test database {}: {error}", self.name);
+            }
+        }
+    }
+
+    /// The configuration of a store in `dir` on the run's backend (and its database, to be
+    /// kept as long as the store).
+    pub async fn config(dir: &std::path::Path) -> (Config, Option<TestDatabase>) {
+        let mut config = Config { data_dir: dir.to_path_buf(), ..Config::default() };
+        if !postgres() {
+            return (config, None);
+        }
+        let server = std::env::var("PARLEY_TEST_POSTGRES")
+            .expect("PARLEY_TEST_BACKEND=postgres needs PARLEY_TEST_POSTGRES (scripts/test.sh sets it)");
+        let name = format!("parley_unit_{:016x}", rand::random::<u64>());
+        let admin = sqlx::PgPool::connect(&server).await.expect("connecting to the tests' PostgreSQL");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("CREATE DATABASE");
+        admin.close().await;
+        let mut url = reqwest::Url::parse(&server).expect("PARLEY_TEST_POSTGRES is a URL");
+        url.set_path(&format!("/{name}"));
+        config.storage.database_url = Some(url.to_string());
+        (config, Some(TestDatabase { server, name }))
+    }
+
+    /// An open store and its database.
+    pub struct TestStore {
+        /// The store.
+        pub store: Store,
+        _database: Option<TestDatabase>,
+    }
+
+    impl std::ops::Deref for TestStore {
+        type Target = Store;
+        fn deref(&self) -> &Store {
+            &self.store
+        }
+    }
+
+    /// Opens a store in `dir` on the run's backend, with `tweak` applied to its configuration.
+    pub async fn open_with(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> TestStore {
+        let (mut config, database) = config(dir).await;
+        tweak(&mut config);
+        let store =
+            Store::open(&config, crate::metrics::Metrics::new(), writer::Subscribers::default()).await.expect("store opens").0;
+        TestStore { store, _database: database }
+    }
+
+    /// Opens a store in `dir` on the run's backend.
+    pub async fn open(dir: &std::path::Path) -> TestStore {
+        open_with(dir, |_| {}).await
     }
 }

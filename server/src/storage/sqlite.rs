@@ -6,7 +6,7 @@ mod keypackages;
 mod media;
 mod push;
 
-use super::writer::{Bookkeeping, Subscribers, WriteOp, Writer};
+use super::writer::{Bookkeeping, Subscribers, WriteOp, Writer, WriterConn};
 use super::*;
 use crate::config::{Config, Synchronous};
 pub use groups::{GroupDeviceRow, GroupMessageRow, HubUpdate};
@@ -14,6 +14,7 @@ pub use keypackages::{KeyPackageUpload, NewKeyPackage};
 pub use media::{AdmitError, Admitted, UploadLimits, UploadRow};
 pub use push::PushRow;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions as _, Row as _};
 use std::borrow::Cow;
@@ -43,7 +44,7 @@ const PRUNE_SLICE: u64 = 10_000;
 
 /// The database handle shared by all services.
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
     writer: mpsc::Sender<WriteOp>,
     priority: mpsc::Sender<WriteOp>,
     next_msg_id: AtomicU64,
@@ -57,29 +58,12 @@ impl Store {
         metrics: crate::metrics::Metrics,
         subscribers: Subscribers,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
-        make_private(&config.database_path())?;
-        let options = SqliteConnectOptions::new()
-            .filename(config.database_path())
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match config.storage.synchronous {
-                Synchronous::Full => SqliteSynchronous::Full,
-                Synchronous::Normal => SqliteSynchronous::Normal,
-            })
-            .busy_timeout(BUSY_TIMEOUT)
-            // Checkpoints run in a background task (below), never inside a hot-path commit.
-            .pragma("wal_autocheckpoint", "0")
-            .pragma("journal_size_limit", (64 * 1024 * 1024).to_string())
-            // Statement journals (a multi-row statement's undo, needed to roll back just that
-            // statement) stay in memory: on disk they were 11 % of the writer's time.
-            .pragma("temp_store", "memory")
-            .statement_cache_capacity(256)
-            .disable_statement_logging();
-        let pool = SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(options.clone()).await?;
-        refuse_newer_schema(&pool).await?;
-        migrator().run(&pool).await?;
-        let conn = options.connect().await?;
-        let max_id: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM messages").fetch_one(&pool).await?;
+        let (pool, conn) = match &config.storage.database_url {
+            Some(url) => open_postgres(url, config.storage.postgres_connections).await?,
+            None => open_sqlite(config).await?,
+        };
+        let max_id: i64 =
+            on_pool!(&pool, |p| sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM messages").fetch_one(p).await)?;
         let (tx, rx) = mpsc::channel(config.storage.writer_queue);
         let restart_wal = Arc::new(tokio::sync::Notify::new());
         let (priority_tx, priority) = mpsc::channel(1024);
@@ -117,7 +101,9 @@ impl Store {
                 let _ = stopped.await;
             })
         };
-        tokio::spawn(checkpoints(pool.clone(), restart_wal));
+        if let Pool::Sqlite(pool) = &pool {
+            tokio::spawn(checkpoints(pool.clone(), restart_wal));
+        }
         Ok((
             Self {
                 pool,
@@ -135,6 +121,15 @@ impl Store {
         drop(self);
         if let Err(error) = writer.await {
             tracing::error!(%error, "the writer task failed");
+        }
+    }
+
+    /// The SQLite pool (unit tests, which run on SQLite).
+    #[cfg(test)]
+    pub(crate) fn sqlite_pool(&self) -> &SqlitePool {
+        match &self.pool {
+            Pool::Sqlite(pool) => pool,
+            Pool::Postgres(_) => panic!("not SQLite"),
         }
     }
 
@@ -236,63 +231,72 @@ impl Store {
         after: Option<i64>,
         up_to: Option<i64>,
     ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, payload FROM fed_outbound WHERE destination = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
-        )
-        .bind(destination.as_str())
-        .bind(after.unwrap_or(0))
-        .bind(up_to.unwrap_or(i64::MAX))
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).collect()
+        on_pool!(&self.pool, |pool| {
+            let rows = sqlx::query(
+                "SELECT seq, payload FROM fed_outbound WHERE destination = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+            )
+            .bind(destination.as_str())
+            .bind(after.unwrap_or(0))
+            .bind(up_to.unwrap_or(i64::MAX))
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?;
+            rows.into_iter().map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).collect()
+        })
     }
 
     /// The transaction in flight to `destination`, if one was being sent.
     pub async fn inflight(&self, destination: &ServerName) -> Result<Option<(String, i64)>, StoreError> {
-        let row = sqlx::query("SELECT txn_id, last_seq FROM fed_inflight WHERE destination = $1")
-            .bind(destination.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).transpose()
+        on_pool!(&self.pool, |pool| {
+            let row = sqlx::query("SELECT txn_id, last_seq FROM fed_inflight WHERE destination = $1")
+                .bind(destination.as_str())
+                .fetch_optional(pool)
+                .await?;
+            row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).transpose()
+        })
     }
 
     /// Every destination with queued items (to resume sending after a restart).
     pub async fn outbound_destinations(&self) -> Result<Vec<ServerName>, StoreError> {
-        let names: Vec<String> =
-            sqlx::query_scalar("SELECT DISTINCT destination FROM fed_outbound").fetch_all(&self.pool).await?;
-        names.iter().map(|name| parse_column(name, ServerName::parse)).collect()
+        on_pool!(&self.pool, |pool| {
+            let names: Vec<String> = sqlx::query_scalar("SELECT DISTINCT destination FROM fed_outbound").fetch_all(pool).await?;
+            names.iter().map(|name| parse_column(name, ServerName::parse)).collect()
+        })
     }
 
     /// Forgets inbound transaction ids and message ids received before `before` (ms).
     pub async fn prune_inbound(&self, before: Timestamp) -> Result<u64, StoreError> {
-        let before = i64::try_from(before)?;
-        let done = sqlx::query("DELETE FROM fed_inbound_txns WHERE received_ts < $1").bind(before).execute(&self.pool).await?;
-        let mut pruned = done.rows_affected();
-        // Message ids pile up fast under load: delete them in slices, so the database's write
-        // lock (which the writer needs for every commit) is never held for long.
-        loop {
-            let done = sqlx::query(
-                "DELETE FROM fed_inbound_messages WHERE (origin, msg_id) IN \
+        on_pool!(&self.pool, |pool| {
+            let before = i64::try_from(before)?;
+            let done = sqlx::query("DELETE FROM fed_inbound_txns WHERE received_ts < $1").bind(before).execute(pool).await?;
+            let mut pruned = done.rows_affected();
+            // Message ids pile up fast under load: delete them in slices, so the database's write
+            // lock (which the writer needs for every commit) is never held for long.
+            loop {
+                let done = sqlx::query(
+                    "DELETE FROM fed_inbound_messages WHERE (origin, msg_id) IN \
                  (SELECT origin, msg_id FROM fed_inbound_messages WHERE received_ts < $1 LIMIT $2)",
-            )
-            .bind(before)
-            .bind(PRUNE_SLICE as i64)
-            .execute(&self.pool)
-            .await?;
-            pruned += done.rows_affected();
-            if done.rows_affected() < PRUNE_SLICE {
-                return Ok(pruned);
+                )
+                .bind(before)
+                .bind(PRUNE_SLICE as i64)
+                .execute(pool)
+                .await?;
+                pruned += done.rows_affected();
+                if done.rows_affected() < PRUNE_SLICE {
+                    return Ok(pruned);
+                }
             }
-        }
+        })
     }
 
     /// The cached devices of a remote user (JSON of `UserDevices`).
     pub async fn remote_devices(&self, user_id: &UserId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT json FROM remote_devices WHERE user_id = $1")
-            .bind(user_id.as_str())
-            .fetch_optional(&self.pool)
-            .await?)
+        on_pool!(&self.pool, |pool| {
+            Ok(sqlx::query_scalar("SELECT json FROM remote_devices WHERE user_id = $1")
+                .bind(user_id.as_str())
+                .fetch_optional(pool)
+                .await?)
+        })
     }
 
     /// Caches the devices of a remote user.
@@ -318,11 +322,13 @@ impl Store {
 
     /// Servers that fetched the devices of local user `user`.
     pub async fn device_list_watchers(&self, user: UserPk) -> Result<Vec<ServerName>, StoreError> {
-        let names: Vec<String> = sqlx::query_scalar("SELECT server FROM device_list_watchers WHERE user_id = $1")
-            .bind(user)
-            .fetch_all(&self.pool)
-            .await?;
-        names.iter().map(|name| parse_column(name, ServerName::parse)).collect()
+        on_pool!(&self.pool, |pool| {
+            let names: Vec<String> = sqlx::query_scalar("SELECT server FROM device_list_watchers WHERE user_id = $1")
+                .bind(user)
+                .fetch_all(pool)
+                .await?;
+            names.iter().map(|name| parse_column(name, ServerName::parse)).collect()
+        })
     }
 
     /// Removes a device, its token and its inbox.
@@ -347,29 +353,32 @@ impl Store {
         limit: u32,
         max_bytes: usize,
     ) -> Result<Vec<InboxRow>, StoreError> {
-        use futures_util::TryStreamExt as _;
-        let mut rows =
-            sqlx::query("SELECT seq, sender, msg_id, payload FROM inbox WHERE device = $1 AND seq > $2 ORDER BY seq LIMIT $3")
-                .bind(device)
-                .bind(i64::try_from(after)?)
-                .bind(limit as i64)
-                .fetch(&self.pool);
-        let mut page = Vec::new();
-        let mut bytes = 0;
-        while bytes < max_bytes {
-            let Some(row) = rows.try_next().await? else { break };
-            let sender: Option<String> = row.try_get(1)?;
-            let msg_id: Option<i64> = row.try_get(2)?;
-            let payload: Vec<u8> = row.try_get(3)?;
-            bytes += payload.len();
-            page.push(InboxRow {
-                seq: Seq::try_from(row.try_get::<i64, _>(0)?)?,
-                origin: sender.zip(msg_id.map(ServerMsgId::try_from).transpose()?).map(|(s, id)| (Arc::from(s), id)),
-                payload: Bytes::from(payload),
-                committed_at: None,
-            });
-        }
-        Ok(page)
+        on_pool!(&self.pool, |pool| {
+            use futures_util::TryStreamExt as _;
+            let mut rows = sqlx::query(
+                "SELECT seq, sender, msg_id, payload FROM inbox WHERE device = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            )
+            .bind(device)
+            .bind(i64::try_from(after)?)
+            .bind(limit as i64)
+            .fetch(pool);
+            let mut page = Vec::new();
+            let mut bytes = 0;
+            while bytes < max_bytes {
+                let Some(row) = rows.try_next().await? else { break };
+                let sender: Option<String> = row.try_get(1)?;
+                let msg_id: Option<i64> = row.try_get(2)?;
+                let payload: Vec<u8> = row.try_get(3)?;
+                bytes += payload.len();
+                page.push(InboxRow {
+                    seq: Seq::try_from(row.try_get::<i64, _>(0)?)?,
+                    origin: sender.zip(msg_id.map(ServerMsgId::try_from).transpose()?).map(|(s, id)| (Arc::from(s), id)),
+                    payload: Bytes::from(payload),
+                    committed_at: None,
+                });
+            }
+            Ok(page)
+        })
     }
 
     /// Of `ids`, those of messages that local user `sender` sent to `recipient` (a local or
@@ -382,18 +391,23 @@ impl Store {
     /// Who sent each of `ids` that is a message of a local sender (the user), and to whom. One
     /// query, also for a whole inbound transaction's receipts.
     pub async fn message_routes(&self, ids: &[ServerMsgId]) -> Result<MessageRoutes, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, sender_user, recipient FROM messages \
-             WHERE id IN (SELECT value FROM json_each($1)) AND sender_user IS NOT NULL",
-        )
-        .bind(json_ids(ids))
-        .fetch_all(&self.pool)
-        .await?;
-        let routes = rows
-            .into_iter()
-            .map(|row| Ok((ServerMsgId::try_from(row.try_get::<i64, _>(0)?)?, (row.try_get(1)?, row.try_get(2)?))))
-            .collect::<Result<_, StoreError>>()?;
-        Ok(MessageRoutes(routes))
+        on_pool!(&self.pool, |pool| {
+            let rows = sqlx::query(if self.pool.is_postgres() {
+                "SELECT id, sender_user, recipient FROM messages \
+             WHERE id = ANY(CAST($1 AS BIGINT[])) AND sender_user IS NOT NULL"
+            } else {
+                "SELECT id, sender_user, recipient FROM messages \
+             WHERE id IN (SELECT value FROM json_each($1)) AND sender_user IS NOT NULL"
+            })
+            .bind(id_list(self.pool.is_postgres(), ids))
+            .fetch_all(pool)
+            .await?;
+            let routes = rows
+                .into_iter()
+                .map(|row| Ok((ServerMsgId::try_from(row.try_get::<i64, _>(0)?)?, (row.try_get(1)?, row.try_get(2)?))))
+                .collect::<Result<_, StoreError>>()?;
+            Ok(MessageRoutes(routes))
+        })
     }
 
     /// Of `ids`, those of messages that remote user `sender` sent to local user `recipient`:
@@ -405,43 +419,52 @@ impl Store {
         sender: &UserId,
         ids: &[ServerMsgId],
     ) -> Result<Vec<ServerMsgId>, StoreError> {
-        let found: Vec<i64> = sqlx::query_scalar(
-            "SELECT msg_id FROM remote_messages WHERE recipient = $1 AND sender = $2 \
-             AND msg_id IN (SELECT value FROM json_each($3))",
-        )
-        .bind(recipient)
-        .bind(sender.as_str())
-        .bind(json_ids(ids))
-        .fetch_all(&self.pool)
-        .await?;
-        in_request_order(ids, found)
+        on_pool!(&self.pool, |pool| {
+            let found: Vec<i64> = sqlx::query_scalar(if self.pool.is_postgres() {
+                "SELECT msg_id FROM remote_messages WHERE recipient = $1 AND sender = $2 \
+             AND msg_id = ANY(CAST($3 AS BIGINT[]))"
+            } else {
+                "SELECT msg_id FROM remote_messages WHERE recipient = $1 AND sender = $2 \
+             AND msg_id IN (SELECT value FROM json_each($3))"
+            })
+            .bind(recipient)
+            .bind(sender.as_str())
+            .bind(id_list(self.pool.is_postgres(), ids))
+            .fetch_all(pool)
+            .await?;
+            in_request_order(ids, found)
+        })
     }
 
     /// The device's acknowledged position.
     pub async fn acked_seq(&self, device: DevicePk) -> Result<Seq, StoreError> {
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = $1").bind(device).fetch_optional(&self.pool).await?;
-        Ok(Seq::try_from(seq.unwrap_or(0))?)
+        on_pool!(&self.pool, |pool| {
+            let seq: Option<i64> =
+                sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = $1").bind(device).fetch_optional(pool).await?;
+            Ok(Seq::try_from(seq.unwrap_or(0))?)
+        })
     }
 
     // ---- accounts -------------------------------------------------------------------------
 
     /// Creates a user; `Conflict` when the localpart is taken.
     pub async fn create_user(&self, localpart: &str, password_hash: &str, is_admin: bool) -> Result<UserPk, StoreError> {
-        let result = sqlx::query_scalar(
-            "INSERT INTO users (localpart, password_hash, created_ts, is_admin) VALUES ($1, $2, $3, $4) RETURNING id",
-        )
-        .bind(localpart)
-        .bind(password_hash)
-        .bind(stored_now()?)
-        .bind(i64::from(is_admin))
-        .fetch_one(&self.pool)
-        .await;
-        match result {
-            Ok(id) => Ok(id),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
-            Err(e) => Err(e.into()),
-        }
+        on_pool!(&self.pool, |pool| {
+            let result = sqlx::query_scalar(
+                "INSERT INTO users (localpart, password_hash, created_ts, is_admin) VALUES ($1, $2, $3, $4) RETURNING id",
+            )
+            .bind(localpart)
+            .bind(password_hash)
+            .bind(stored_now()?)
+            .bind(i64::from(is_admin))
+            .fetch_one(pool)
+            .await;
+            match result {
+                Ok(id) => Ok(id),
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
+                Err(e) => Err(e.into()),
+            }
+        })
     }
 
     /// Creates a user and its first device atomically.
@@ -454,36 +477,39 @@ impl Store {
         token_hash: &[u8],
         registration_token: Option<&[u8]>,
     ) -> Result<(UserPk, DevicePk), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(token_hash) = registration_token {
-            let now = stored_now()?;
-            let used = sqlx::query(
-                "UPDATE registration_tokens SET uses_left = uses_left - 1 WHERE token_hash = $1 \
+        on_pool!(&self.pool, |pool, fns| {
+            let mut tx = pool.begin_write().await?;
+            if let Some(token_hash) = registration_token {
+                let now = stored_now()?;
+                let used = sqlx::query(
+                    "UPDATE registration_tokens SET uses_left = uses_left - 1 WHERE token_hash = $1 \
                  AND (uses_left IS NULL OR uses_left > 0) AND (expires_ts IS NULL OR expires_ts > $2)",
-            )
-            .bind(token_hash)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            if used.rows_affected() != 1 {
-                return Err(StoreError::TokenRejected);
+                )
+                .bind(token_hash)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                if used.rows_affected() != 1 {
+                    return Err(StoreError::TokenRejected);
+                }
             }
-        }
-        let user =
-            match sqlx::query_scalar("INSERT INTO users (localpart, password_hash, created_ts) VALUES ($1, $2, $3) RETURNING id")
-                .bind(localpart)
-                .bind(password_hash)
-                .bind(stored_now()?)
-                .fetch_one(&mut *tx)
-                .await
+            let user = match sqlx::query_scalar(
+                "INSERT INTO users (localpart, password_hash, created_ts) VALUES ($1, $2, $3) RETURNING id",
+            )
+            .bind(localpart)
+            .bind(password_hash)
+            .bind(stored_now()?)
+            .fetch_one(&mut *tx)
+            .await
             {
                 Ok(id) => id,
                 Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(StoreError::Conflict),
                 Err(e) => return Err(e.into()),
             };
-        let device = insert_device(&mut tx, user, device_id, display_name, token_hash).await?;
-        tx.commit().await?;
-        Ok((user, device))
+            let device = fns::insert_device(&mut tx, user, device_id, display_name, token_hash).await?;
+            tx.commit().await?;
+            Ok((user, device))
+        })
     }
 
     /// Adds a device to a user unless it already has `max_devices`.
@@ -495,75 +521,83 @@ impl Store {
         token_hash: &[u8],
         max_devices: usize,
     ) -> Result<DevicePk, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let count: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = $1").bind(user).fetch_one(&mut *tx).await?;
-        if count as usize >= max_devices {
-            return Err(StoreError::TooMany);
-        }
-        let device = insert_device(&mut tx, user, device_id, display_name, token_hash).await?;
-        tx.commit().await?;
-        Ok(device)
+        on_pool!(&self.pool, |pool, fns| {
+            let mut tx = pool.begin_write().await?;
+            let count: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = $1").bind(user).fetch_one(&mut *tx).await?;
+            if count as usize >= max_devices {
+                return Err(StoreError::TooMany);
+            }
+            let device = fns::insert_device(&mut tx, user, device_id, display_name, token_hash).await?;
+            tx.commit().await?;
+            Ok(device)
+        })
     }
 
     /// The user with this localpart.
     pub async fn user_by_localpart(&self, localpart: &str) -> Result<Option<UserRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, localpart, password_hash, last_seen_visibility, last_seen_ts FROM users WHERE localpart = $1",
-        )
-        .bind(localpart)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| {
-            Ok(UserRow {
-                pk: row.try_get(0)?,
-                localpart: row.try_get(1)?,
-                password_hash: row.try_get(2)?,
-                visibility: row.try_get(3)?,
-                last_seen_ts: row.try_get::<Option<i64>, _>(4)?.map(Timestamp::try_from).transpose()?,
+        on_pool!(&self.pool, |pool| {
+            let row = sqlx::query(
+                "SELECT id, localpart, password_hash, last_seen_visibility, last_seen_ts FROM users WHERE localpart = $1",
+            )
+            .bind(localpart)
+            .fetch_optional(pool)
+            .await?;
+            row.map(|row| {
+                Ok(UserRow {
+                    pk: row.try_get(0)?,
+                    localpart: row.try_get(1)?,
+                    password_hash: row.try_get(2)?,
+                    visibility: row.try_get(3)?,
+                    last_seen_ts: row.try_get::<Option<i64>, _>(4)?.map(Timestamp::try_from).transpose()?,
+                })
             })
+            .transpose()
         })
-        .transpose()
     }
 
     /// The device an access token hash belongs to.
     pub async fn auth_by_token(&self, token_hash: &[u8]) -> Result<Option<AuthRow>, StoreError> {
-        let row = sqlx::query(
+        on_pool!(&self.pool, |pool| {
+            let row = sqlx::query(
             "SELECT u.id, u.localpart, d.id, d.device_id FROM devices d JOIN users u ON u.id = d.user_id WHERE d.token_hash = $1",
         )
         .bind(token_hash)
-        .fetch_optional(&self.pool)
+        .fetch_optional(pool)
         .await?;
-        row.map(|row| {
-            Ok(AuthRow {
-                user_pk: row.try_get(0)?,
-                localpart: row.try_get(1)?,
-                device_pk: row.try_get(2)?,
-                device_id: row.try_get(3)?,
+            row.map(|row| {
+                Ok(AuthRow {
+                    user_pk: row.try_get(0)?,
+                    localpart: row.try_get(1)?,
+                    device_pk: row.try_get(2)?,
+                    device_id: row.try_get(3)?,
+                })
             })
+            .transpose()
         })
-        .transpose()
     }
 
     /// A user's devices, oldest first.
     pub async fn devices_of(&self, user: UserPk) -> Result<Vec<DeviceRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, device_id, display_name, created_ts, last_seen_ts FROM devices WHERE user_id = $1 ORDER BY id",
-        )
-        .bind(user)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(DeviceRow {
-                    pk: row.try_get(0)?,
-                    device_id: row.try_get(1)?,
-                    display_name: row.try_get(2)?,
-                    created_ts: Timestamp::try_from(row.try_get::<i64, _>(3)?)?,
-                    last_seen_ts: row.try_get::<Option<i64>, _>(4)?.map(Timestamp::try_from).transpose()?,
+        on_pool!(&self.pool, |pool| {
+            let rows = sqlx::query(
+                "SELECT id, device_id, display_name, created_ts, last_seen_ts FROM devices WHERE user_id = $1 ORDER BY id",
+            )
+            .bind(user)
+            .fetch_all(pool)
+            .await?;
+            rows.into_iter()
+                .map(|row| {
+                    Ok(DeviceRow {
+                        pk: row.try_get(0)?,
+                        device_id: row.try_get(1)?,
+                        display_name: row.try_get(2)?,
+                        created_ts: Timestamp::try_from(row.try_get::<i64, _>(3)?)?,
+                        last_seen_ts: row.try_get::<Option<i64>, _>(4)?.map(Timestamp::try_from).transpose()?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
     }
 
     /// Creates a registration token (stored hashed).
@@ -573,41 +607,49 @@ impl Store {
         uses: Option<u32>,
         expires_ts: Option<Timestamp>,
     ) -> Result<(), StoreError> {
-        let expires_ts = expires_ts.map(i64::try_from).transpose()?;
-        sqlx::query("INSERT INTO registration_tokens (token_hash, uses_left, expires_ts, created_ts) VALUES ($1, $2, $3, $4)")
+        on_pool!(&self.pool, |pool| {
+            let expires_ts = expires_ts.map(i64::try_from).transpose()?;
+            sqlx::query(
+                "INSERT INTO registration_tokens (token_hash, uses_left, expires_ts, created_ts) VALUES ($1, $2, $3, $4)",
+            )
             .bind(token_hash)
             .bind(uses.map(i64::from))
             .bind(expires_ts)
             .bind(stored_now()?)
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
-        Ok(())
+            Ok(())
+        })
     }
 
     // ---- presence -------------------------------------------------------------------------
 
     /// Sets a user's presence visibility.
     pub async fn set_visibility(&self, user: UserPk, visibility: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE users SET last_seen_visibility = $1 WHERE id = $2")
-            .bind(visibility)
-            .bind(user)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        on_pool!(&self.pool, |pool| {
+            sqlx::query("UPDATE users SET last_seen_visibility = $1 WHERE id = $2")
+                .bind(visibility)
+                .bind(user)
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
     }
 
     /// Adds contacts (presence subscriptions).
     pub async fn add_contacts(&self, owner: &UserId, contacts: &[UserId]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for contact in contacts {
-            sqlx::query("INSERT INTO contacts (owner, contact) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                .bind(owner.as_str())
-                .bind(contact.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        on_pool!(&self.pool, |pool| {
+            let mut tx = pool.begin_write().await?;
+            for contact in contacts {
+                sqlx::query("INSERT INTO contacts (owner, contact) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                    .bind(owner.as_str())
+                    .bind(contact.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Replaces the contacts on server `server` of a remote `owner` (a remote subscription).
@@ -617,56 +659,66 @@ impl Store {
         server: &ServerName,
         contacts: &[UserId],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let current: Vec<String> =
-            sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = $1").bind(owner.as_str()).fetch_all(&mut *tx).await?;
-        for contact in current {
-            if parse_column(&contact, UserId::parse)?.server() == server.as_str() {
-                sqlx::query("DELETE FROM contacts WHERE owner = $1 AND contact = $2")
+        on_pool!(&self.pool, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let current: Vec<String> = sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = $1")
+                .bind(owner.as_str())
+                .fetch_all(&mut *tx)
+                .await?;
+            for contact in current {
+                if parse_column(&contact, UserId::parse)?.server() == server.as_str() {
+                    sqlx::query("DELETE FROM contacts WHERE owner = $1 AND contact = $2")
+                        .bind(owner.as_str())
+                        .bind(&contact)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            for contact in contacts {
+                sqlx::query("INSERT INTO contacts (owner, contact) VALUES ($1, $2) ON CONFLICT DO NOTHING")
                     .bind(owner.as_str())
-                    .bind(&contact)
+                    .bind(contact.as_str())
                     .execute(&mut *tx)
                     .await?;
             }
-        }
-        for contact in contacts {
-            sqlx::query("INSERT INTO contacts (owner, contact) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                .bind(owner.as_str())
-                .bind(contact.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// The users `owner` subscribed to.
     pub async fn contacts_of(&self, owner: &UserId) -> Result<Vec<UserId>, StoreError> {
-        let contacts: Vec<String> = sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = $1 ORDER BY contact")
-            .bind(owner.as_str())
-            .fetch_all(&self.pool)
-            .await?;
-        contacts.iter().map(|contact| parse_column(contact, UserId::parse)).collect()
+        on_pool!(&self.pool, |pool| {
+            let contacts: Vec<String> = sqlx::query_scalar("SELECT contact FROM contacts WHERE owner = $1 ORDER BY contact")
+                .bind(owner.as_str())
+                .fetch_all(pool)
+                .await?;
+            contacts.iter().map(|contact| parse_column(contact, UserId::parse)).collect()
+        })
     }
 
     /// Who subscribed to `contact`, each with whether `contact` has them as a contact too.
     pub async fn subscribers_of(&self, contact: &UserId) -> Result<Vec<(UserId, bool)>, StoreError> {
-        let rows = sqlx::query(
+        on_pool!(&self.pool, |pool| {
+            let rows = sqlx::query(
             "SELECT c.owner, EXISTS (SELECT 1 FROM contacts r WHERE r.owner = c.contact AND r.contact = c.owner)              FROM contacts c WHERE c.contact = $1",
         )
         .bind(contact.as_str())
-        .fetch_all(&self.pool)
+        .fetch_all(pool)
         .await?;
-        rows.into_iter().map(|row| Ok((parse_column(row.try_get(0)?, UserId::parse)?, row.try_get(1)?))).collect()
+            rows.into_iter().map(|row| Ok((parse_column(row.try_get(0)?, UserId::parse)?, row.try_get(1)?))).collect()
+        })
     }
 
     /// Whether `owner` has `contact` as a contact.
     pub async fn has_contact(&self, owner: &UserId, contact: &UserId) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM contacts WHERE owner = $1 AND contact = $2)")
-            .bind(owner.as_str())
-            .bind(contact.as_str())
-            .fetch_one(&self.pool)
-            .await?)
+        on_pool!(&self.pool, |pool| {
+            Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM contacts WHERE owner = $1 AND contact = $2)")
+                .bind(owner.as_str())
+                .bind(contact.as_str())
+                .fetch_one(pool)
+                .await?)
+        })
     }
 }
 
@@ -702,71 +754,79 @@ impl Store {
     /// Stores uploaded keys; `Conflict` if different device keys were stored before.
     /// Returns the number of unclaimed one-time prekeys.
     pub async fn upload_keys(&self, device: DevicePk, upload: KeyUpload) -> Result<u32, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(json) = &upload.device_keys {
-            let existing: Option<Vec<u8>> = sqlx::query_scalar("SELECT json FROM device_keys WHERE device = $1")
-                .bind(device)
-                .fetch_optional(&mut *tx)
-                .await?;
-            match existing {
-                Some(existing) if &existing != json => return Err(StoreError::Conflict),
-                Some(_) => {}
-                None => {
-                    sqlx::query("INSERT INTO device_keys (device, json) VALUES ($1, $2)")
-                        .bind(device)
-                        .bind(json)
-                        .execute(&mut *tx)
-                        .await?;
+        on_pool!(&self.pool, |pool| {
+            let mut tx = pool.begin_write().await?;
+            if let Some(json) = &upload.device_keys {
+                let existing: Option<Vec<u8>> = sqlx::query_scalar("SELECT json FROM device_keys WHERE device = $1")
+                    .bind(device)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match existing {
+                    Some(existing) if &existing != json => return Err(StoreError::Conflict),
+                    Some(_) => {}
+                    None => {
+                        sqlx::query("INSERT INTO device_keys (device, json) VALUES ($1, $2)")
+                            .bind(device)
+                            .bind(json)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                 }
             }
-        }
-        if let Some(json) = &upload.signed_prekey {
-            sqlx::query("INSERT INTO signed_prekeys (device, json) VALUES ($1, $2) ON CONFLICT (device) DO UPDATE SET json = excluded.json")
+            if let Some(json) = &upload.signed_prekey {
+                sqlx::query("INSERT INTO signed_prekeys (device, json) VALUES ($1, $2) ON CONFLICT (device) DO UPDATE SET json = excluded.json")
                 .bind(device)
                 .bind(json)
                 .execute(&mut *tx)
                 .await?;
-        }
-        if let Some(json) = &upload.last_resort_prekey {
-            sqlx::query(
+            }
+            if let Some(json) = &upload.last_resort_prekey {
+                sqlx::query(
                 "INSERT INTO last_resort_prekeys (device, json) VALUES ($1, $2) ON CONFLICT (device) DO UPDATE SET json = excluded.json",
             )
                 .bind(device)
                 .bind(json)
                 .execute(&mut *tx)
                 .await?;
-        }
-        for (key_id, public_key) in &upload.one_time_prekeys {
-            // Re-uploading a key id keeps the first copy (a retried upload is harmless).
-            sqlx::query("INSERT INTO one_time_prekeys (device, key_id, public_key) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            }
+            for (key_id, public_key) in &upload.one_time_prekeys {
+                // Re-uploading a key id keeps the first copy (a retried upload is harmless).
+                sqlx::query(
+                    "INSERT INTO one_time_prekeys (device, key_id, public_key) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                )
                 .bind(device)
                 .bind(i64::from(*key_id))
                 .bind(public_key)
                 .execute(&mut *tx)
                 .await?;
-        }
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM one_time_prekeys WHERE device = $1")
-            .bind(device)
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(count as u32)
+            }
+            let count: i64 = sqlx::query_scalar("SELECT count(*) FROM one_time_prekeys WHERE device = $1")
+                .bind(device)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(count as u32)
+        })
     }
 
     /// The device keys a device uploaded (JSON), if any.
     pub async fn stored_device_keys(&self, device: DevicePk) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT json FROM device_keys WHERE device = $1").bind(device).fetch_optional(&self.pool).await?)
+        on_pool!(&self.pool, |pool| {
+            Ok(sqlx::query_scalar("SELECT json FROM device_keys WHERE device = $1").bind(device).fetch_optional(pool).await?)
+        })
     }
 
     /// Unclaimed one-time prekeys of a device, and whether it has uploaded device keys.
     pub async fn prekey_count(&self, device: DevicePk) -> Result<(bool, u32), StoreError> {
-        let row = sqlx::query(
+        on_pool!(&self.pool, |pool| {
+            let row = sqlx::query(
             "SELECT EXISTS (SELECT 1 FROM device_keys WHERE device = $1), (SELECT count(*) FROM one_time_prekeys WHERE device = $1)",
         )
         .bind(device)
-        .fetch_one(&self.pool)
+        .fetch_one(pool)
         .await?;
-        Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32))
+            Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32))
+        })
     }
 
     /// Claims a bundle for `device`: its keys and, when `one_time`, one one-time prekey, which
@@ -774,74 +834,85 @@ impl Store {
     /// one. Without a one-time prekey (none left, or not `one_time`) the bundle carries the
     /// last-resort prekey. `None` when the device has not uploaded keys.
     pub async fn claim_keys(&self, device: DevicePk, one_time: bool) -> Result<Option<ClaimedKeys>, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let row = sqlx::query(
-            "SELECT k.json, s.json, l.json FROM device_keys k JOIN signed_prekeys s ON s.device = k.device \
+        on_pool!(&self.pool, |pool| {
+            let mut tx = pool.begin_write().await?;
+            let row = sqlx::query(
+                "SELECT k.json, s.json, l.json FROM device_keys k JOIN signed_prekeys s ON s.device = k.device \
              LEFT JOIN last_resort_prekeys l ON l.device = k.device WHERE k.device = $1",
-        )
-        .bind(device)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let taken = if one_time {
-            sqlx::query(
-                "DELETE FROM one_time_prekeys WHERE device = $1 \
-                 AND key_id = (SELECT min(key_id) FROM one_time_prekeys WHERE device = $1) RETURNING key_id, public_key",
             )
             .bind(device)
             .fetch_optional(&mut *tx)
-            .await?
-        } else {
-            None
-        };
-        let one_time_prekey = match taken {
-            Some(r) => Some((r.try_get::<i64, _>(0)? as u32, r.try_get::<Vec<u8>, _>(1)?)),
-            None => None,
-        };
-        let remaining: i64 = sqlx::query_scalar("SELECT count(*) FROM one_time_prekeys WHERE device = $1")
-            .bind(device)
-            .fetch_one(&mut *tx)
             .await?;
-        tx.commit().await?;
-        let last_resort: Option<Vec<u8>> = row.try_get(2)?;
-        Ok(Some(ClaimedKeys {
-            device_keys: row.try_get(0)?,
-            signed_prekey: row.try_get(1)?,
-            last_resort_prekey: if one_time_prekey.is_none() { last_resort } else { None },
-            one_time_prekey,
-            remaining: remaining as u32,
-        }))
+            let Some(row) = row else { return Ok(None) };
+            let taken = if one_time {
+                sqlx::query(
+                    "DELETE FROM one_time_prekeys WHERE device = $1 \
+                 AND key_id = (SELECT min(key_id) FROM one_time_prekeys WHERE device = $1) RETURNING key_id, public_key",
+                )
+                .bind(device)
+                .fetch_optional(&mut *tx)
+                .await?
+            } else {
+                None
+            };
+            let one_time_prekey = match taken {
+                Some(r) => Some((r.try_get::<i64, _>(0)? as u32, r.try_get::<Vec<u8>, _>(1)?)),
+                None => None,
+            };
+            let remaining: i64 = sqlx::query_scalar("SELECT count(*) FROM one_time_prekeys WHERE device = $1")
+                .bind(device)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            let last_resort: Option<Vec<u8>> = row.try_get(2)?;
+            Ok(Some(ClaimedKeys {
+                device_keys: row.try_get(0)?,
+                signed_prekey: row.try_get(1)?,
+                last_resort_prekey: if one_time_prekey.is_none() { last_resort } else { None },
+                one_time_prekey,
+                remaining: remaining as u32,
+            }))
+        })
     }
 
     /// Stores a user's signed device list if its version is newer; `Conflict` otherwise.
     pub async fn put_device_list(&self, user: UserPk, version: u64, json: &[u8]) -> Result<(), StoreError> {
-        let version = i64::try_from(version).map_err(|_| StoreError::Conflict)?;
-        let done = sqlx::query(
+        on_pool!(&self.pool, |pool| {
+            let version = i64::try_from(version).map_err(|_| StoreError::Conflict)?;
+            let done = sqlx::query(
             "INSERT INTO device_lists (user_id, version, json) VALUES ($1, $2, $3) \
              ON CONFLICT (user_id) DO UPDATE SET version = excluded.version, json = excluded.json WHERE excluded.version > device_lists.version",
         )
         .bind(user)
         .bind(version)
         .bind(json)
-        .execute(&self.pool)
+        .execute(pool)
         .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::Conflict);
-        }
-        Ok(())
+            if done.rows_affected() == 0 {
+                return Err(StoreError::Conflict);
+            }
+            Ok(())
+        })
     }
 
     /// A user's latest signed device list (JSON).
     pub async fn device_list(&self, user: UserPk) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT json FROM device_lists WHERE user_id = $1").bind(user).fetch_optional(&self.pool).await?)
+        on_pool!(&self.pool, |pool| {
+            Ok(sqlx::query_scalar("SELECT json FROM device_lists WHERE user_id = $1").bind(user).fetch_optional(pool).await?)
+        })
     }
 }
 
-/// `ids` as a JSON array for `json_each` (one bound parameter, so one cached statement for any
-/// number of ids). Ids beyond SQLite's integers cannot name a stored message and are left out.
-fn json_ids(ids: &[ServerMsgId]) -> String {
+/// `ids` as one bound parameter, so one cached statement serves any number of ids: a JSON
+/// array for SQLite's `json_each`, an array literal for PostgreSQL's `CAST(… AS BIGINT[])`.
+/// Ids beyond the databases' integers cannot name a stored message and are left out.
+fn id_list(postgres: bool, ids: &[ServerMsgId]) -> String {
     let ids: Vec<String> = ids.iter().filter_map(|id| i64::try_from(*id).ok()).map(|id| id.to_string()).collect();
-    format!("[{}]", ids.join(","))
+    if postgres {
+        format!("{{{}}}", ids.join(","))
+    } else {
+        format!("[{}]", ids.join(","))
+    }
 }
 
 /// Senders and recipients of messages of local senders, by message id
@@ -871,30 +942,6 @@ fn in_request_order(requested: &[ServerMsgId], found: Vec<i64>) -> Result<Vec<Se
     let mut found: std::collections::HashSet<ServerMsgId> =
         found.into_iter().map(ServerMsgId::try_from).collect::<Result<_, _>>()?;
     Ok(requested.iter().copied().filter(|id| found.remove(id)).collect())
-}
-
-async fn insert_device(
-    tx: &mut sqlx::SqliteConnection,
-    user: UserPk,
-    device_id: &str,
-    display_name: Option<&str>,
-    token_hash: &[u8],
-) -> Result<DevicePk, StoreError> {
-    let result = sqlx::query_scalar(
-        "INSERT INTO devices (user_id, device_id, display_name, token_hash, created_ts) VALUES ($1, $2, $3, $4, $5) RETURNING id",
-    )
-    .bind(user)
-    .bind(device_id)
-    .bind(display_name)
-    .bind(token_hash)
-    .bind(stored_now()?)
-    .fetch_one(&mut *tx)
-    .await;
-    match result {
-        Ok(id) => Ok(id),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// How long a connection waits for a lock another holds.
@@ -963,6 +1010,52 @@ fn make_private(path: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The SQLite file in the data directory (created if missing, private to its owner, WAL),
+/// migrated: the pool and the writer's connection.
+async fn open_sqlite(config: &Config) -> Result<(Pool, WriterConn), StoreError> {
+    make_private(&config.database_path())?;
+    let options = SqliteConnectOptions::new()
+        .filename(config.database_path())
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(match config.storage.synchronous {
+            Synchronous::Full => SqliteSynchronous::Full,
+            Synchronous::Normal => SqliteSynchronous::Normal,
+        })
+        .busy_timeout(BUSY_TIMEOUT)
+        // Checkpoints run in a background task (below), never inside a hot-path commit.
+        .pragma("wal_autocheckpoint", "0")
+        .pragma("journal_size_limit", (64 * 1024 * 1024).to_string())
+        // Statement journals (a multi-row statement's undo, needed to roll back just that
+        // statement) stay in memory: on disk they were 11 % of the writer's time.
+        .pragma("temp_store", "memory")
+        .statement_cache_capacity(256)
+        .disable_statement_logging();
+    let pool = SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(options.clone()).await?;
+    refuse_newer_schema(&pool).await?;
+    migrator().run(&pool).await?;
+    let conn = options.connect().await?;
+    Ok((Pool::Sqlite(pool), WriterConn::Sqlite(conn)))
+}
+
+/// The PostgreSQL database at `url`, migrated (`server/migrations/postgres/`): a pool of
+/// `connections` and the writer's own connection.
+async fn open_postgres(url: &str, connections: u32) -> Result<(Pool, WriterConn), StoreError> {
+    let options = url.parse::<PgConnectOptions>()?.statement_cache_capacity(256).disable_statement_logging();
+    let pool = PgPoolOptions::new().max_connections(connections.max(1)).min_connections(1).connect_with(options.clone()).await?;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(&pool).await?;
+    if exists {
+        let found: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations").fetch_one(&pool).await?;
+        let known = super::migrate::POSTGRES_VERSION;
+        if let Some(found) = found.filter(|found| *found > known) {
+            return Err(StoreError::SchemaTooNew { found, known });
+        }
+    }
+    super::migrate::postgres_migrator().run(&pool).await?;
+    let conn = options.connect().await?;
+    Ok((Pool::Postgres(pool), WriterConn::Postgres(conn)))
+}
+
 /// Refuses a database a newer parleyd migrated (sqlx would only say a migration is missing).
 async fn refuse_newer_schema(pool: &SqlitePool) -> Result<(), StoreError> {
     let exists: bool =
@@ -990,25 +1083,46 @@ fn migrator() -> Migrator {
     Migrator { migrations: Cow::Owned(migrations), ignore_missing: false, locking: true, no_tx: false }
 }
 
+dual! {
+pub(super) async fn insert_device(
+    tx: &mut Conn,
+    user: UserPk,
+    device_id: &str,
+    display_name: Option<&str>,
+    token_hash: &[u8],
+) -> Result<DevicePk, StoreError> {
+    let result = sqlx::query_scalar(
+        "INSERT INTO devices (user_id, device_id, display_name, token_hash, created_ts) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+    )
+    .bind(user)
+    .bind(device_id)
+    .bind(display_name)
+    .bind(token_hash)
+    .bind(stored_now()?)
+    .fetch_one(&mut *tx)
+    .await;
+    match result {
+        Ok(id) => Ok(id),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::testing::{self, open, open_with};
     use uuid::Uuid;
-
-    async fn open(dir: &std::path::Path) -> Store {
-        let config = Config { data_dir: dir.to_path_buf(), ..Config::default() };
-        Store::open(&config, crate::metrics::Metrics::new(), Subscribers::default()).await.expect("store opens").0
-    }
 
     fn message(origin: &str, id: u64) -> InboundItem {
         InboundItem { message: Some((Arc::from(origin), ServerMsgId::new(id))), effects: Effects::default() }
     }
 
     async fn remembered(store: &Store) -> Vec<(String, i64)> {
-        sqlx::query_as("SELECT origin, msg_id FROM fed_inbound_messages ORDER BY origin, msg_id")
-            .fetch_all(&store.pool)
+        on_pool!(&store.pool, |pool| sqlx::query_as("SELECT origin, msg_id FROM fed_inbound_messages ORDER BY origin, msg_id")
+            .fetch_all(pool)
             .await
-            .expect("query")
+            .expect("query"))
     }
 
     #[tokio::test]
@@ -1034,10 +1148,7 @@ mod tests {
     #[tokio::test]
     async fn with_a_commit_interval_writes_queued_under_load_wait_for_the_next_commit_and_all_land() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
-        config.storage.commit_interval_us = 200_000;
-        let store =
-            Arc::new(Store::open(&config, crate::metrics::Metrics::new(), Subscribers::default()).await.expect("opens").0);
+        let store = Arc::new(open_with(dir.path(), |config| config.storage.commit_interval_us = 200_000).await);
         let a = ServerName::parse("a.test").unwrap();
         assert!(store.apply_inbound(&a, "t0", vec![message("a.test", 1)]).await.unwrap());
         // Within the interval: these wait for the next commit, together.
@@ -1075,10 +1186,12 @@ mod tests {
     async fn a_stored_name_that_does_not_parse_is_reported_as_corrupt() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path()).await;
-        sqlx::query("INSERT INTO fed_outbound (destination, payload) VALUES ('not a name', x'7b7d')")
-            .execute(&store.pool)
+        on_pool!(&store.pool, |pool| sqlx::query("INSERT INTO fed_outbound (destination, payload) VALUES ('not a name', $1)")
+            .bind(b"{}".to_vec())
+            .execute(pool)
             .await
-            .expect("insert");
+            .expect("insert")
+            .rows_affected());
         assert!(matches!(store.outbound_destinations().await, Err(StoreError::Corrupt(_))));
     }
 
@@ -1120,10 +1233,11 @@ mod tests {
 
     async fn a_repeat_in_the_same_commit(workers: usize) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
-        config.storage.commit_interval_us = 200_000;
-        config.runtime.worker_threads = workers;
-        let store = Store::open(&config, crate::metrics::Metrics::new(), Subscribers::default()).await.expect("opens").0;
+        let store = open_with(dir.path(), |config| {
+            config.storage.commit_interval_us = 200_000;
+            config.runtime.worker_threads = workers;
+        })
+        .await;
         let alice = store.create_user("alice", "hash", false).await.unwrap();
         let alice = (alice, store.create_device(alice, "A", None, b"token-a", 10).await.unwrap());
         let bob = store.create_user("bob", "hash", false).await.unwrap();
@@ -1162,18 +1276,24 @@ mod tests {
     #[tokio::test]
     async fn a_database_migrated_by_a_newer_parleyd_is_refused_with_both_versions() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(dir.path()).await;
-        let known = MIGRATIONS.last().map_or(0, |(version, _, _)| *version);
-        sqlx::query(
+        let (config, _database) = testing::config(dir.path()).await;
+        let store = Store::open(&config, crate::metrics::Metrics::new(), Subscribers::default()).await.expect("opens").0;
+        let known = match store.pool {
+            Pool::Sqlite(_) => MIGRATIONS.last().map_or(0, |(version, _, _)| *version),
+            Pool::Postgres(_) => crate::storage::migrate::POSTGRES_VERSION,
+        };
+        on_pool!(&store.pool, |pool| sqlx::query(
             "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
-             VALUES ($1, 'from the future', 1, x'00', 0)",
+             VALUES ($1, 'from the future', $2, $3, 0)",
         )
         .bind(known + 1)
-        .execute(&store.pool)
+        .bind(true)
+        .bind(vec![0u8])
+        .execute(pool)
         .await
-        .expect("a newer migration recorded");
+        .expect("a newer migration recorded")
+        .rows_affected());
         drop(store);
-        let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
         let refused = Store::open(&config, crate::metrics::Metrics::new(), Subscribers::default()).await.err();
         match refused {
             Some(StoreError::SchemaTooNew { found, known: k }) => assert_eq!((found, k), (known + 1, known)),
@@ -1183,6 +1303,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_inbox_stored_before_the_arrival_order_migration_reads_the_same_after_it() {
+        if testing::postgres() {
+            return; // a migration of the SQLite schema (PostgreSQL starts at its final shape)
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
         let options = SqliteConnectOptions::new().filename(config.database_path()).create_if_missing(true);
@@ -1219,7 +1342,8 @@ mod tests {
             assert_eq!(got, want, "device {device}");
         }
         // The (device, seq) key still holds.
-        let repeat = sqlx::query("INSERT INTO inbox (device, seq, payload) VALUES (1, 2, x'00')").execute(&store.pool).await;
+        let repeat =
+            sqlx::query("INSERT INTO inbox (device, seq, payload) VALUES (1, 2, x'00')").execute(store.sqlite_pool()).await;
         assert!(repeat.is_err(), "a second row at the same (device, seq) is refused");
     }
 }

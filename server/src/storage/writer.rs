@@ -16,7 +16,7 @@
 use super::{DevicePk, InboxRow, StoreError, UserPk};
 use bytes::Bytes;
 use parley_spec::{Seq, ServerMsgId, ServerName, Timestamp};
-use sqlx::{Connection as _, QueryBuilder, Row as _, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{Connection as _, QueryBuilder, Row as _};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -278,10 +278,18 @@ impl WriteOp {
     }
 }
 
+/// The writer's own connection.
+pub(super) enum WriterConn {
+    /// To the SQLite file (WAL).
+    Sqlite(sqlx::SqliteConnection),
+    /// To PostgreSQL.
+    Postgres(sqlx::PgConnection),
+}
+
 pub(super) struct Writer {
-    pub conn: SqliteConnection,
+    pub conn: WriterConn,
     /// The read pool, closed by the writer once it has drained (see [`Writer::close`]).
-    pub pool: SqlitePool,
+    pub pool: super::Pool,
     pub rx: mpsc::Receiver<WriteOp>,
     /// Federation writes, taken before `rx` (see `Store::queue_priority`).
     pub priority: mpsc::Receiver<WriteOp>,
@@ -351,11 +359,12 @@ impl Writer {
     /// waits for readers still on the old frames, at most [`WAL_RESTART_WAIT_MS`]: past that
     /// it gives up until the checkpoint task asks again, rather than hold up commits.
     async fn restart_wal(&mut self) {
+        let WriterConn::Sqlite(conn) = &mut self.conn else { return };
         let checkpoint = async {
-            sqlx::query(&format!("PRAGMA busy_timeout = {WAL_RESTART_WAIT_MS}")).execute(&mut self.conn).await?;
-            let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)").fetch_one(&mut self.conn).await;
+            sqlx::query(&format!("PRAGMA busy_timeout = {WAL_RESTART_WAIT_MS}")).execute(&mut *conn).await?;
+            let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)").fetch_one(&mut *conn).await;
             sqlx::query(&format!("PRAGMA busy_timeout = {}", super::sqlite::BUSY_TIMEOUT.as_millis()))
-                .execute(&mut self.conn)
+                .execute(&mut *conn)
                 .await?;
             done
         };
@@ -369,10 +378,19 @@ impl Writer {
     /// Runs when every handle on the store is gone: closes the pool, folds the WAL back into the
     /// database file and truncates it, and closes the last connection, so a stopped server leaves
     /// one self-contained file (a backup copies just that) and the next start replays nothing.
-    async fn close(mut self) {
-        self.pool.close().await;
-        let checkpoint: Result<(i64, i64, i64), _> =
-            sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&mut self.conn).await;
+    async fn close(self) {
+        let mut conn = match self.conn {
+            WriterConn::Sqlite(conn) => conn,
+            WriterConn::Postgres(conn) => {
+                on_pool!(&self.pool, |pool| pool.close().await);
+                if let Err(error) = conn.close().await {
+                    tracing::warn!(%error, "closing the database connection failed");
+                }
+                return;
+            }
+        };
+        on_pool!(&self.pool, |pool| pool.close().await);
+        let checkpoint: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&mut conn).await;
         match checkpoint {
             Ok((0, _, _)) => tracing::info!("WAL checkpointed"),
             // Another process (`parleyd admin`) has the database open; SQLite folds the WAL
@@ -380,7 +398,7 @@ impl Writer {
             Ok((_, frames, done)) => tracing::warn!(frames, done, "WAL checkpoint incomplete: the database is in use"),
             Err(error) => tracing::warn!(%error, "WAL checkpoint failed"),
         }
-        if let Err(error) = self.conn.close().await {
+        if let Err(error) = conn.close().await {
             tracing::warn!(%error, "closing the database failed");
         }
     }
@@ -416,43 +434,14 @@ impl Writer {
     /// steps in order and commits. Replies are collected into `work`, sent by the caller after
     /// the commit (dropped unanswered if anything fails: the whole batch rolls back).
     async fn apply(&mut self, batch: &mut Vec<WriteOp>, work: &mut Work) -> Result<(), StoreError> {
-        let Plan { messages, effects, inbound, fed_state, deleted, acks, last_seen, replies } = batch.drain(..).collect();
-        work.unit_replies.extend(replies);
+        let mut plan: Plan = batch.drain(..).collect();
+        work.unit_replies.extend(std::mem::take(&mut plan.replies));
         let now = super::stored_now()?;
-        let next_seq = &mut self.next_seq;
-        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
-
-        // 1. Messages: idempotency records; only new messages add their events and items.
-        let stored = insert_messages(&mut tx, messages, work).await?;
-        // Inbox order: new messages' events, then those of the other operations in batch order,
-        // then those of inbound transactions. Outbound order: the other operations' items, then
-        // new messages', then inbound transactions'.
-        let mut events = stored.events;
-        events.extend(effects.events);
-        let mut outbound = effects.outbound;
-        outbound.extend(stored.outbound);
-        let mut received = effects.received;
-        // 2. Inbound federation transactions, and the remote messages they brought.
-        let inbound = apply_inbound(&mut tx, inbound, now, work).await?;
-        events.extend(inbound.events);
-        outbound.extend(inbound.outbound);
-        received.extend(inbound.received);
-        record_received(&mut tx, &received).await?;
-        // 3. Outbound federation items, and the state of transactions in flight.
-        work.destinations = queue_outbound(&mut tx, outbound).await?;
-        apply_fed_state(&mut tx, fed_state, now, work).await?;
-        // 4. Devices removed in this batch lose their inbox, keys and counters.
-        delete_devices(&mut tx, &deleted, next_seq).await?;
-        // 5. Inbox events with their sequence numbers (events for unknown devices are dropped).
-        let rows = append_inbox(&mut tx, events, next_seq).await?;
-        // 5b. Files the new messages carry, held for the devices they went to.
-        hold_media(&mut tx, &std::mem::take(&mut work.holds), &rows).await?;
-        // 6. Acks: raise acked_seq (clamped to what exists) and drop acknowledged entries.
-        apply_acks(&mut tx, acks, next_seq, self.keep_history).await?;
-        // 7. Last seen.
-        record_last_seen(&mut tx, &last_seen).await?;
-
-        tx.commit().await?;
+        let (next_seq, keep_history) = (&mut self.next_seq, self.keep_history);
+        let rows = match &mut self.conn {
+            WriterConn::Sqlite(conn) => on_sqlite::apply_plan(conn, plan, now, next_seq, keep_history, work).await?,
+            WriterConn::Postgres(conn) => on_postgres::apply_plan(conn, plan, now, next_seq, keep_history, work).await?,
+        };
         let committed_at = Some(std::time::Instant::now());
         self.metrics.events_stored.inc_by(rows.len() as u64);
         work.committed = rows
@@ -575,14 +564,87 @@ impl FromIterator<WriteOp> for Plan {
     }
 }
 
+/// A new message's files, to hold for the devices it went to.
+struct Hold {
+    id: ServerMsgId,
+    sender: UserPk,
+    media: Vec<[u8; 32]>,
+    /// A temporary chat's: held until downloaded, not only until delivered.
+    once: bool,
+}
+
+#[derive(Default)]
+struct Work {
+    message_replies: Vec<(Reply<MessageOutcome>, MessageOutcome)>,
+    /// New messages that carry files.
+    holds: Vec<Hold>,
+    unit_replies: Vec<Reply<()>>,
+    inbound_replies: Vec<(Reply<bool>, bool)>,
+    committed: Vec<Committed>,
+    destinations: Vec<ServerName>,
+}
+
+dual! {
+/// Runs `plan`'s SQL steps in order in one transaction and commits; the inbox rows written.
+pub(super) async fn apply_plan(
+    conn: &mut Conn,
+    plan: Plan,
+    now: i64,
+    next_seq: &mut HashMap<DevicePk, Seq>,
+    keep_history: bool,
+    work: &mut Work,
+) -> Result<Vec<(NewEvent, Seq)>, StoreError> {
+    let Plan { messages, effects, inbound, fed_state, deleted, acks, last_seen, replies: _ } = plan;
+    let mut tx = if PG {
+        let mut tx = conn.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(crate::storage::WRITE_LOCK).execute(&mut *tx).await?;
+        tx
+    } else {
+        conn.begin_with("BEGIN IMMEDIATE").await?
+    };
+
+    // 1. Messages: idempotency records; only new messages add their events and items.
+    let stored = insert_messages(&mut tx, messages, work).await?;
+    // Inbox order: new messages' events, then those of the other operations in batch order,
+    // then those of inbound transactions. Outbound order: the other operations' items, then
+    // new messages', then inbound transactions'.
+    let mut events = stored.events;
+    events.extend(effects.events);
+    let mut outbound = effects.outbound;
+    outbound.extend(stored.outbound);
+    let mut received = effects.received;
+    // 2. Inbound federation transactions, and the remote messages they brought.
+    let inbound = apply_inbound(&mut tx, inbound, now, work).await?;
+    events.extend(inbound.events);
+    outbound.extend(inbound.outbound);
+    received.extend(inbound.received);
+    record_received(&mut tx, &received).await?;
+    // 3. Outbound federation items, and the state of transactions in flight.
+    work.destinations = queue_outbound(&mut tx, outbound).await?;
+    apply_fed_state(&mut tx, fed_state, now, work).await?;
+    // 4. Devices removed in this batch lose their inbox, keys and counters.
+    delete_devices(&mut tx, &deleted, next_seq).await?;
+    // 5. Inbox events with their sequence numbers (events for unknown devices are dropped).
+    let rows = append_inbox(&mut tx, events, next_seq).await?;
+    // 5b. Files the new messages carry, held for the devices they went to.
+    hold_media(&mut tx, &std::mem::take(&mut work.holds), &rows).await?;
+    // 6. Acks: raise acked_seq (clamped to what exists) and drop acknowledged entries.
+    apply_acks(&mut tx, acks, next_seq, keep_history).await?;
+    // 7. Last seen.
+    record_last_seen(&mut tx, &last_seen).await?;
+
+    tx.commit().await?;
+    Ok(rows)
+}
+
 /// Step 1: inserts the idempotency records. New messages are answered `Stored` and bring
 /// their events and items; repeats are answered with the original's id and time and bring
 /// nothing. A statement whose every row went in (the common case) needs no more; for one
 /// where some did not, each of its messages is looked up: the row found carries this
 /// message's fresh id only if it is this message's. (Not `RETURNING`: the worker thread hands
 /// each returned row over on its own, a wake-up per message.)
-async fn insert_messages(
-    conn: &mut SqliteConnection,
+pub(super) async fn insert_messages(
+    conn: &mut Conn,
     messages: Vec<(NewMessage, Reply<MessageOutcome>)>,
     work: &mut Work,
 ) -> Result<Effects, StoreError> {
@@ -594,7 +656,7 @@ async fn insert_messages(
         let stored: Vec<(i64, i64)> =
             chunk.iter().map(|(m, _)| Ok((i64::try_from(m.id)?, i64::try_from(m.ts)?))).collect::<Result<_, StoreError>>()?;
         let mut query =
-            QueryBuilder::<Sqlite>::new("INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) ");
+            QueryBuilder::<Db>::new("INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) ");
         query.push_values(chunk.iter().zip(stored), |mut row, ((m, _), (id, ts))| {
             row.push_bind(id)
                 .push_bind(m.sender_device)
@@ -634,12 +696,11 @@ async fn insert_messages(
     }
     Ok(effects)
 }
-
 /// Step 2: each inbound transaction applies once per (origin, txn_id), and each message in
 /// them once per (origin, message id), whatever transaction carries it. Returns the effects of
 /// what applies, in item order.
-async fn apply_inbound(
-    conn: &mut SqliteConnection,
+pub(super) async fn apply_inbound(
+    conn: &mut Conn,
     inbound: Vec<InboundTxn>,
     now: i64,
     work: &mut Work,
@@ -667,7 +728,7 @@ async fn apply_inbound(
         .collect::<Result<_, StoreError>>()?;
     let mut first_seen: HashMap<String, HashSet<ServerMsgId>> = HashMap::new();
     for chunk in statement_chunks(&keys) {
-        let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_inbound_messages (origin, msg_id, received_ts) ");
+        let mut query = QueryBuilder::<Db>::new("INSERT INTO fed_inbound_messages (origin, msg_id, received_ts) ");
         query.push_values(chunk, |mut row, (origin, id)| {
             row.push_bind(*origin).push_bind(*id).push_bind(now);
         });
@@ -693,12 +754,11 @@ async fn apply_inbound(
     }
     Ok(effects)
 }
-
 /// Remembers the messages received from other servers' users (for read-marker checks).
-async fn record_received(conn: &mut SqliteConnection, received: &[RemoteMessage]) -> Result<(), StoreError> {
+pub(super) async fn record_received(conn: &mut Conn, received: &[RemoteMessage]) -> Result<(), StoreError> {
     for chunk in statement_chunks(received) {
         let ids: Vec<i64> = chunk.iter().map(|m| i64::try_from(m.id)).collect::<Result<_, _>>()?;
-        let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO remote_messages (recipient, sender, msg_id) ");
+        let mut query = QueryBuilder::<Db>::new("INSERT INTO remote_messages (recipient, sender, msg_id) ");
         query.push_values(chunk.iter().zip(ids), |mut row, (m, id)| {
             row.push_bind(m.recipient).push_bind(m.sender.as_ref()).push_bind(id);
         });
@@ -707,12 +767,11 @@ async fn record_received(conn: &mut SqliteConnection, received: &[RemoteMessage]
     }
     Ok(())
 }
-
 /// Step 3: appends outbound federation items, in order; returns the destinations whose queue
 /// grew (each once, in order of first appearance).
-pub(super) async fn queue_outbound(conn: &mut SqliteConnection, outbound: Vec<Outbound>) -> Result<Vec<ServerName>, StoreError> {
+pub(in crate::storage) async fn queue_outbound(conn: &mut Conn, outbound: Vec<Outbound>) -> Result<Vec<ServerName>, StoreError> {
     for chunk in statement_chunks(&outbound) {
-        let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO fed_outbound (destination, payload) ");
+        let mut query = QueryBuilder::<Db>::new("INSERT INTO fed_outbound (destination, payload) ");
         query.push_values(chunk, |mut row, item| {
             row.push_bind(item.destination.as_str()).push_bind(item.payload.as_ref());
         });
@@ -726,10 +785,9 @@ pub(super) async fn queue_outbound(conn: &mut SqliteConnection, outbound: Vec<Ou
     }
     Ok(destinations)
 }
-
 /// Deletes the items queued for `destination` up to `seq`: a transaction carrying them was
 /// accepted.
-async fn delete_sent(conn: &mut SqliteConnection, destination: &str, seq: i64) -> Result<(), StoreError> {
+pub(super) async fn delete_sent(conn: &mut Conn, destination: &str, seq: i64) -> Result<(), StoreError> {
     sqlx::query("DELETE FROM fed_outbound WHERE destination = $1 AND seq <= $2")
         .bind(destination)
         .bind(seq)
@@ -737,11 +795,10 @@ async fn delete_sent(conn: &mut SqliteConnection, destination: &str, seq: i64) -
         .await?;
     Ok(())
 }
-
 /// Step 3 (continued): in-flight records, accepted transactions, and the remote-device cache
 /// and watchers.
-async fn apply_fed_state(
-    conn: &mut SqliteConnection,
+pub(super) async fn apply_fed_state(
+    conn: &mut Conn,
     writes: Vec<(FedWrite, Reply<()>)>,
     now: i64,
     work: &mut Work,
@@ -792,10 +849,9 @@ async fn apply_fed_state(
     }
     Ok(())
 }
-
 /// Step 4: removes devices with their inbox, keys and sequence counters.
-async fn delete_devices(
-    conn: &mut SqliteConnection,
+pub(super) async fn delete_devices(
+    conn: &mut Conn,
     deleted: &[DevicePk],
     next_seq: &mut HashMap<DevicePk, Seq>,
 ) -> Result<(), StoreError> {
@@ -817,11 +873,10 @@ async fn delete_devices(
     }
     Ok(())
 }
-
 /// Step 5: appends inbox events in order, each with the next sequence number of its device
 /// (events for unknown devices are dropped); returns the stored events with their numbers.
-async fn append_inbox(
-    conn: &mut SqliteConnection,
+pub(super) async fn append_inbox(
+    conn: &mut Conn,
     events: Vec<NewEvent>,
     next_seq: &mut HashMap<DevicePk, Seq>,
 ) -> Result<Vec<(NewEvent, Seq)>, StoreError> {
@@ -836,7 +891,7 @@ async fn append_inbox(
             .iter()
             .map(|(event, seq)| Ok((i64::try_from(*seq)?, event.origin.as_ref().map(|(_, id)| i64::try_from(*id)).transpose()?)))
             .collect::<Result<_, StoreError>>()?;
-        let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO inbox (device, seq, sender, msg_id, payload) ");
+        let mut query = QueryBuilder::<Db>::new("INSERT INTO inbox (device, seq, sender, msg_id, payload) ");
         query.push_values(chunk.iter().zip(stored), |mut row, ((event, _), (seq, msg_id))| {
             let sender = event.origin.as_ref().map(|(sender, _)| sender.as_ref());
             row.push_bind(event.device).push_bind(seq).push_bind(sender).push_bind(msg_id).push_bind(event.payload.as_ref());
@@ -845,11 +900,10 @@ async fn append_inbox(
     }
     Ok(rows)
 }
-
 /// Step 5b: holds each file a new message carries for every local device the message went to
 /// (`media_holds`, released by the media sweep once the device acknowledged past it), if the
 /// sender references the file; a file already marked unreferenced is referenced again.
-async fn hold_media(conn: &mut SqliteConnection, holds: &[Hold], rows: &[(NewEvent, Seq)]) -> Result<(), StoreError> {
+pub(super) async fn hold_media(conn: &mut Conn, holds: &[Hold], rows: &[(NewEvent, Seq)]) -> Result<(), StoreError> {
     for Hold { id, sender, media, once } in holds {
         let targets: Vec<(DevicePk, i64)> = rows
             .iter()
@@ -886,11 +940,10 @@ async fn hold_media(conn: &mut SqliteConnection, holds: &[Hold], rows: &[(NewEve
     }
     Ok(())
 }
-
 /// Step 6: raises each device's `acked_seq` (clamped to what exists) and, unless history is
 /// kept, deletes the entries at or below it.
-async fn apply_acks(
-    conn: &mut SqliteConnection,
+pub(super) async fn apply_acks(
+    conn: &mut Conn,
     acks: HashMap<DevicePk, Seq>,
     next_seq: &mut HashMap<DevicePk, Seq>,
     keep_history: bool,
@@ -903,14 +956,14 @@ async fn apply_acks(
         }
     }
     for chunk in statement_chunks(&clamped) {
-        let mut query = QueryBuilder::<Sqlite>::new("WITH v(d, s) AS (");
+        let mut query = QueryBuilder::<Db>::new("WITH v(d, s) AS (");
         query.push_values(chunk, |mut row, (device, seq)| {
             row.push_bind(*device).push_bind(*seq);
         });
         query.push(") UPDATE devices SET acked_seq = v.s FROM v WHERE devices.id = v.d AND v.s > devices.acked_seq");
         query.build().execute(&mut *conn).await?;
         if !keep_history {
-            let mut query = QueryBuilder::<Sqlite>::new("WITH v(d, s) AS (");
+            let mut query = QueryBuilder::<Db>::new("WITH v(d, s) AS (");
             query.push_values(chunk, |mut row, (device, seq)| {
                 row.push_bind(*device).push_bind(*seq);
             });
@@ -924,9 +977,8 @@ async fn apply_acks(
     }
     Ok(())
 }
-
 /// Step 7: records when users and devices were last online.
-async fn record_last_seen(conn: &mut SqliteConnection, last_seen: &[(UserPk, DevicePk, Timestamp)]) -> Result<(), StoreError> {
+pub(super) async fn record_last_seen(conn: &mut Conn, last_seen: &[(UserPk, DevicePk, Timestamp)]) -> Result<(), StoreError> {
     for (user, device, ts) in last_seen {
         let ts = i64::try_from(*ts)?;
         sqlx::query("UPDATE users SET last_seen_ts = $1 WHERE id = $2").bind(ts).bind(user).execute(&mut *conn).await?;
@@ -934,19 +986,20 @@ async fn record_last_seen(conn: &mut SqliteConnection, last_seen: &[(UserPk, Dev
     }
     Ok(())
 }
-
 /// The next sequence number of `device` without taking it; `None` if the device is gone.
-async fn peek_next_seq(
+pub(super) async fn peek_next_seq(
     cache: &mut HashMap<DevicePk, Seq>,
-    tx: &mut SqliteConnection,
+    tx: &mut Conn,
     device: DevicePk,
 ) -> Result<Option<Seq>, StoreError> {
     if let Some(next) = cache.get(&device) {
         return Ok(Some(*next));
     }
-    let row = sqlx::query(
-        "SELECT max(acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = $1), 0)) FROM devices WHERE id = $1",
-    )
+    let row = sqlx::query(if PG {
+        "SELECT GREATEST(acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = $1), 0)) FROM devices WHERE id = $1"
+    } else {
+        "SELECT max(acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = $1), 0)) FROM devices WHERE id = $1"
+    })
     .bind(device)
     .fetch_optional(&mut *tx)
     .await?;
@@ -955,36 +1008,15 @@ async fn peek_next_seq(
     cache.insert(device, next);
     Ok(Some(next))
 }
-
-async fn allocate_seq(
+pub(super) async fn allocate_seq(
     cache: &mut HashMap<DevicePk, Seq>,
-    tx: &mut SqliteConnection,
+    tx: &mut Conn,
     device: DevicePk,
 ) -> Result<Option<Seq>, StoreError> {
     let Some(next) = peek_next_seq(cache, tx, device).await? else { return Ok(None) };
     cache.insert(device, next.next());
     Ok(Some(next))
-}
-
-/// A new message's files, to hold for the devices it went to.
-struct Hold {
-    id: ServerMsgId,
-    sender: UserPk,
-    media: Vec<[u8; 32]>,
-    /// A temporary chat's: held until downloaded, not only until delivered.
-    once: bool,
-}
-
-#[derive(Default)]
-struct Work {
-    message_replies: Vec<(Reply<MessageOutcome>, MessageOutcome)>,
-    /// New messages that carry files.
-    holds: Vec<Hold>,
-    unit_replies: Vec<Reply<()>>,
-    inbound_replies: Vec<(Reply<bool>, bool)>,
-    committed: Vec<Committed>,
-    destinations: Vec<ServerName>,
-}
+}}
 
 #[cfg(test)]
 mod tests {

@@ -3,6 +3,7 @@
 //! here. Claims run in one write-locked transaction, so no two claimers ever get the same
 //! one-time KeyPackage.
 
+use crate::storage::BeginWrite as _;
 use crate::storage::{stored_now, DevicePk, Store, StoreError};
 use parley_spec::Timestamp;
 use sqlx::Row as _;
@@ -54,37 +55,24 @@ impl KeyPackageCount {
     }
 }
 
-/// Deletes `device`'s expired KeyPackages (inside the caller's transaction).
-async fn delete_expired(conn: &mut sqlx::SqliteConnection, device: DevicePk, now: i64) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM keypackages WHERE device = $1 AND expires < $2").bind(device).bind(now).execute(conn).await?;
-    Ok(())
-}
-
-async fn one_time_count(conn: &mut sqlx::SqliteConnection, device: DevicePk) -> Result<u32, StoreError> {
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM keypackages WHERE device = $1 AND is_last_resort = 0")
-        .bind(device)
-        .fetch_one(conn)
-        .await?;
-    u32::try_from(count).map_err(|_| StoreError::Corrupt(format!("KeyPackage count {count}")))
-}
-
 impl Store {
     /// Stores `device`'s KeyPackages in one transaction: the last-resort one replaces the
     /// previous; one-time ones are added (one already held is kept once). `TooMany`, and nothing
     /// stored, when the device would then hold more than `max_held` one-time KeyPackages.
     /// Returns the number of unexpired one-time KeyPackages held.
     pub async fn upload_keypackages(&self, device: DevicePk, upload: KeyPackageUpload, max_held: u32) -> Result<u32, StoreError> {
-        let now = stored_now()?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = upload.last_resort.iter().map(|kp| (kp, true)).chain(upload.one_time.iter().map(|kp| (kp, false)));
-        if upload.last_resort.is_some() {
-            sqlx::query("DELETE FROM keypackages WHERE device = $1 AND is_last_resort = 1")
-                .bind(device)
-                .execute(&mut *tx)
-                .await?;
-        }
-        for (key_package, last_resort) in rows {
-            sqlx::query(
+        on_pool!(&self.pool, |pool, fns| {
+            let now = stored_now()?;
+            let mut tx = pool.begin_write().await?;
+            let rows = upload.last_resort.iter().map(|kp| (kp, true)).chain(upload.one_time.iter().map(|kp| (kp, false)));
+            if upload.last_resort.is_some() {
+                sqlx::query("DELETE FROM keypackages WHERE device = $1 AND is_last_resort = 1")
+                    .bind(device)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for (key_package, last_resort) in rows {
+                sqlx::query(
                 "INSERT INTO keypackages (device, is_last_resort, reference, bytes, expires) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             )
             .bind(device)
@@ -94,30 +82,33 @@ impl Store {
             .bind(i64::try_from(key_package.expires)?)
             .execute(&mut *tx)
             .await?;
-        }
-        delete_expired(&mut tx, device, now).await?;
-        let count = one_time_count(&mut tx, device).await?;
-        if count > max_held {
-            return Err(StoreError::TooMany); // the transaction rolls back when dropped
-        }
-        tx.commit().await?;
-        Ok(count)
+            }
+            fns::delete_expired(&mut tx, device, now).await?;
+            let count = fns::one_time_count(&mut tx, device).await?;
+            if count > max_held {
+                return Err(StoreError::TooMany); // the transaction rolls back when dropped
+            }
+            tx.commit().await?;
+            Ok(count)
+        })
     }
 
     /// Unexpired KeyPackages of a device.
     pub async fn keypackage_count(&self, device: DevicePk) -> Result<KeyPackageCount, StoreError> {
-        let row = sqlx::query(
-            "SELECT (SELECT count(*) FROM keypackages WHERE device = $1 AND is_last_resort = 0 AND expires >= $2), \
+        on_pool!(&self.pool, |pool| {
+            let row = sqlx::query(
+                "SELECT (SELECT count(*) FROM keypackages WHERE device = $1 AND is_last_resort = 0 AND expires >= $2), \
              EXISTS (SELECT 1 FROM keypackages WHERE device = $1 AND is_last_resort = 1 AND expires >= $2)",
-        )
-        .bind(device)
-        .bind(stored_now()?)
-        .fetch_one(&self.pool)
-        .await?;
-        let one_time: i64 = row.try_get(0)?;
-        Ok(KeyPackageCount {
-            one_time: u32::try_from(one_time).map_err(|_| StoreError::Corrupt(format!("KeyPackage count {one_time}")))?,
-            last_resort: row.try_get(1)?,
+            )
+            .bind(device)
+            .bind(stored_now()?)
+            .fetch_one(pool)
+            .await?;
+            let one_time: i64 = row.try_get(0)?;
+            Ok(KeyPackageCount {
+                one_time: u32::try_from(one_time).map_err(|_| StoreError::Corrupt(format!("KeyPackage count {one_time}")))?,
+                last_resort: row.try_get(1)?,
+            })
         })
     }
 
@@ -126,45 +117,56 @@ impl Store {
     /// none is left (or not `one_time`), the unexpired last-resort KeyPackage, which stays.
     /// `None` when there is neither.
     pub async fn claim_keypackage(&self, device: DevicePk, one_time: bool) -> Result<Option<ClaimedKeyPackage>, StoreError> {
-        let now = stored_now()?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        delete_expired(&mut tx, device, now).await?;
-        let one_time: Option<Vec<u8>> = match one_time {
-            true => {
-                sqlx::query_scalar(
-                    "DELETE FROM keypackages WHERE id = \
+        on_pool!(&self.pool, |pool, fns| {
+            let now = stored_now()?;
+            let mut tx = pool.begin_write().await?;
+            fns::delete_expired(&mut tx, device, now).await?;
+            let one_time: Option<Vec<u8>> = match one_time {
+                true => {
+                    sqlx::query_scalar(
+                        "DELETE FROM keypackages WHERE id = \
                      (SELECT id FROM keypackages WHERE device = $1 AND is_last_resort = 0 ORDER BY id LIMIT 1) RETURNING bytes",
-                )
-                .bind(device)
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-            false => None,
-        };
-        let claimed = match one_time {
-            Some(bytes) => Some((bytes, false)),
-            None => sqlx::query_scalar("SELECT bytes FROM keypackages WHERE device = $1 AND is_last_resort = 1")
-                .bind(device)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|bytes| (bytes, true)),
-        };
-        let remaining = one_time_count(&mut tx, device).await?;
-        tx.commit().await?;
-        Ok(claimed.map(|(bytes, last_resort)| ClaimedKeyPackage { bytes, last_resort, remaining }))
+                    )
+                    .bind(device)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                }
+                false => None,
+            };
+            let claimed = match one_time {
+                Some(bytes) => Some((bytes, false)),
+                None => sqlx::query_scalar("SELECT bytes FROM keypackages WHERE device = $1 AND is_last_resort = 1")
+                    .bind(device)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|bytes| (bytes, true)),
+            };
+            let remaining = fns::one_time_count(&mut tx, device).await?;
+            tx.commit().await?;
+            Ok(claimed.map(|(bytes, last_resort)| ClaimedKeyPackage { bytes, last_resort, remaining }))
+        })
     }
 }
+
+dual! {
+/// Deletes `device`'s expired KeyPackages (inside the caller's transaction).
+pub(super) async fn delete_expired(conn: &mut Conn, device: DevicePk, now: i64) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM keypackages WHERE device = $1 AND expires < $2").bind(device).bind(now).execute(conn).await?;
+    Ok(())
+}
+pub(super) async fn one_time_count(conn: &mut Conn, device: DevicePk) -> Result<u32, StoreError> {
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM keypackages WHERE device = $1 AND is_last_resort = 0")
+        .bind(device)
+        .fetch_one(conn)
+        .await?;
+    u32::try_from(count).map_err(|_| StoreError::Corrupt(format!("KeyPackage count {count}")))
+}}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::storage::Subscribers;
 
-    async fn open(dir: &std::path::Path) -> Store {
-        let config = Config { data_dir: dir.to_path_buf(), ..Config::default() };
-        Store::open(&config, crate::metrics::Metrics::new(), Subscribers::default()).await.expect("store opens").0
-    }
+    use crate::storage::testing::open;
 
     fn key_package(name: &str, expires: Timestamp) -> NewKeyPackage {
         NewKeyPackage { reference: format!("ref {name}").into_bytes(), bytes: name.as_bytes().to_vec(), expires }
