@@ -1,6 +1,6 @@
 //! The media store: ciphertext files behind [`object_store`], named by their SHA-256
 //! (`objects/<media id>`), and the parts of uploads in progress (`uploads/<upload id>/<part>`).
-//! Which files exist and who references them is in the database (`storage::sqlite::media`);
+//! Which files exist and who references them is in the database (`storage::store::media`);
 //! this module moves bytes, signs and checks upload URLs, and sweeps what expired.
 //!
 //! An upload's parts arrive in any order, each to a URL this server signed (HMAC-SHA256 with a

@@ -7,7 +7,7 @@
 
 /// Runs `$body` once per backend, with `$p` bound to that backend's pool (`&SqlitePool` or
 /// `&PgPool`): the same query text, compiled for each driver. The second form also names, as
-/// `$fns`, that backend's half of the calling module's [`dual!`] items.
+/// `$fns`, that backend's half of the calling module's `dual!` items.
 macro_rules! on_pool {
     ($pool:expr, |$p:ident| $body:expr) => {
         match $pool {
@@ -58,11 +58,11 @@ macro_rules! dual {
 }
 
 pub mod migrate;
-mod sqlite;
+mod store;
 pub mod writer;
 
-pub use sqlite::{AdmitError, Admitted, PushRow, UploadLimits, UploadRow};
-pub use sqlite::{GroupDeviceRow, GroupMessageRow, HubUpdate, KeyPackageUpload, KeyUpload, MessageRoutes, NewKeyPackage, Store};
+pub use store::{AdmitError, Admitted, PushRow, UploadLimits, UploadRow};
+pub use store::{GroupDeviceRow, GroupMessageRow, HubUpdate, KeyPackageUpload, KeyUpload, MessageRoutes, NewKeyPackage, Store};
 pub use writer::{Effects, InboundItem, LiveEvents, MessageOutcome, NewEvent, NewMessage, Outbound, RemoteMessage, Subscribers};
 
 use bytes::Bytes;

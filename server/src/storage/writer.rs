@@ -363,9 +363,7 @@ impl Writer {
         let checkpoint = async {
             sqlx::query(&format!("PRAGMA busy_timeout = {WAL_RESTART_WAIT_MS}")).execute(&mut *conn).await?;
             let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)").fetch_one(&mut *conn).await;
-            sqlx::query(&format!("PRAGMA busy_timeout = {}", super::sqlite::BUSY_TIMEOUT.as_millis()))
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query(&format!("PRAGMA busy_timeout = {}", super::store::BUSY_TIMEOUT.as_millis())).execute(&mut *conn).await?;
             done
         };
         match checkpoint.await {

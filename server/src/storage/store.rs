@@ -1,5 +1,14 @@
-//! The SQLite backend: WAL mode, a small pool for reads and account writes, and the
-//! group-commit [`Writer`](super::writer) for the hot path.
+//! [`Store`] on either backend: SQLite (WAL, a small pool for reads and account writes) or
+//! PostgreSQL (a pool of `storage.postgres_connections`), and on both the group-commit
+//! [`Writer`](super::writer) for the hot path on a connection of its own.
+//!
+//! Each method's SQL is written once and compiled for both drivers (`on_pool!`, and
+//! `dual!` for helpers that take a connection); sqlx binds `$N` placeholders on both, and the
+//! few texts that differ are chosen with [`Pool::is_postgres`] / `PG` (the PostgreSQL
+//! schema's header, B list). Write transactions begin with [`BeginWrite::begin_write`]:
+//! `BEGIN IMMEDIATE` on SQLite, on PostgreSQL a transaction holding one advisory lock, so
+//! read-check-write transactions (device counts, quotas, prekey claims) and the sequence
+//! numbers of `fed_outbound` and the inboxes behave the same on both.
 
 mod groups;
 mod keypackages;
