@@ -3,7 +3,8 @@
 #   1. Every crate's tests, the storage and integration suites on SQLite.
 #   2. The storage and integration suites again on PostgreSQL (PARLEY_TEST_BACKEND=postgres):
 #      the server scripts/postgres.sh finds or starts; each test gets a fresh database.
-# The three runs share one build: same profile, same features.
+# The three runs share one build: each names the whole workspace (as the first does), so
+# the features are unified the same way and nothing is compiled again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,6 @@ cargo test --workspace --locked
 PARLEY_TEST_POSTGRES="${PARLEY_TEST_POSTGRES:-$(bash scripts/postgres.sh)}"
 export PARLEY_TEST_POSTGRES PARLEY_TEST_BACKEND=postgres
 echo "== storage tests on PostgreSQL"
-cargo test --locked -p parley-server --lib storage::
+cargo test --workspace --locked --lib storage::
 echo "== integration tests on PostgreSQL"
-cargo test --locked -p parley-tests --test it
+cargo test --workspace --locked --test it

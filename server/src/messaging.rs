@@ -55,7 +55,7 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
     expected.extend(other_devices(&sender, auth));
     check_targets(&expected, &request.envelopes)?;
 
-    let id = state.store.next_message_id();
+    let id = state.store.next_message_id().await?;
     let ts = Timestamp::now();
     let origin = Some((sender.user_id_arc.clone(), id));
     let mut events = Vec::with_capacity(request.envelopes.len());
@@ -113,7 +113,7 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
         targets = expected(&*crate::federation::remote::devices(state, &request.to, true).await?);
         check_targets(&targets, &request.envelopes)?;
     }
-    let id = state.store.next_message_id();
+    let id = state.store.next_message_id().await?;
     let ts = Timestamp::now();
     let origin = Some((sender.user_id_arc.clone(), id));
     let mut events = Vec::new();

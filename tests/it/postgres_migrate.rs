@@ -84,6 +84,10 @@ async fn a_stopped_servers_database_moves_to_postgresql_with_every_row_and_its_c
     // Not twice into the same database.
     let again = parley_server::cli::migrate(&config, &db.url).await.expect_err("the target is not empty");
     assert!(again.to_string().contains("not empty"), "{again}");
+    let bob_device: i64 =
+        sqlx::query_scalar("SELECT d.id FROM devices d JOIN users u ON u.id = d.user_id WHERE u.localpart = 'bob'")
+            .fetch_one(&sqlite)
+            .await?;
     pg.close().await;
     sqlite.close().await;
 
@@ -91,5 +95,50 @@ async fn a_stopped_servers_database_moves_to_postgresql_with_every_row_and_its_c
     server.restart().await?;
     let session = raw::login(&base, "alice").await?;
     assert!(!session.token.is_empty());
+
+    // The same server (data directory: its key, its files) now runs on PostgreSQL.
+    server.stop().await?;
+    server.move_to_postgres(db)?;
+    server.restart().await?;
+    // Every session still holds, and bob reads on from his cursor the messages he had not
+    // acknowledged, the same events in the same order.
+    let unread: Vec<&Vec<u8>> =
+        from_sqlite.iter().filter(|(device, at, _)| *device == bob_device && *at > seq as i64).map(|(_, _, p)| p).collect();
+    assert_eq!(unread.len(), 20);
+    let mut socket = raw::connect(&base, &bob.token, seq).await.map_err(|s| anyhow::anyhow!("connect on PostgreSQL: {s}"))?;
+    let mut last = seq;
+    for (i, payload) in unread.iter().enumerate() {
+        let event = raw::next_of(&mut socket, "event", T).await?;
+        last = event["seq"].as_u64().context("seq")?;
+        let stored: serde_json::Value = serde_json::from_slice(payload)?;
+        assert_eq!(event["event"], stored, "event {i} after the cursor");
+        assert_eq!(event["event"]["ciphertext"], json!(b64(&[10 + i as u8; 50])));
+    }
+    raw::send_json(&mut socket, &json!({"type": "ack", "seq": last})).await?;
+    // And they keep chatting, both ways: alice's first device (its session held) to bob and
+    // to her device logged in on PostgreSQL with her password (the login on SQLite after the
+    // copy is not in PostgreSQL), and back.
+    let alice_again = raw::login(&base, "alice").await?;
+    let alice_devices = [&alice.device_id, &alice_again.device_id];
+    let envelope = |user: &str, device: &str, text: &[u8]| json!({"user": user, "device": device, "ciphertext": b64(text)});
+    let mut envelopes = vec![envelope(&bob.user_id, &bob.device_id, b"after the move")];
+    envelopes.extend(alice_devices[1..].iter().map(|d| envelope(&alice.user_id, d, b"after the move")));
+    let send = json!({"client_msg_id": uuid::Uuid::new_v4(), "to": bob.user_id, "envelopes": envelopes});
+    let (status, body) = raw::post(&base, "/v1/send", Some(&alice.token), &send).await?;
+    assert_eq!(status, 200, "{body}");
+    let event = raw::next_of(&mut socket, "event", T).await?;
+    assert_eq!(event["seq"].as_u64(), Some(last + 1), "bob's inbox goes on where it was");
+    assert_eq!(event["event"]["ciphertext"], json!(b64(b"after the move")));
+    let envelopes: Vec<_> = alice_devices.iter().map(|d| envelope(&alice.user_id, d, b"got it")).collect();
+    let reply = json!({"client_msg_id": uuid::Uuid::new_v4(), "to": alice.user_id, "envelopes": envelopes});
+    let (status, body) = raw::post(&base, "/v1/send", Some(&bob.token), &reply).await?;
+    assert_eq!(status, 200, "{body}");
+    let mut alice_socket = raw::connect(&base, &alice.token, 0).await.map_err(|s| anyhow::anyhow!("connect: {s}"))?;
+    loop {
+        let event = raw::next_of(&mut alice_socket, "event", T).await?;
+        if event["event"]["ciphertext"] == json!(b64(b"got it")) {
+            break;
+        }
+    }
     Ok(())
 }

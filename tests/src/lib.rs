@@ -220,6 +220,17 @@ impl TestServer {
         self
     }
 
+    /// Runs on `db` from the next [`restart`](Self::restart) on (a server whose SQLite
+    /// database was migrated there). While stopped.
+    pub fn move_to_postgres(&mut self, db: postgres::TestDb) -> anyhow::Result<()> {
+        if self.running.is_some() {
+            bail!("stop the server before moving it");
+        }
+        self.backend = Backend::Postgres;
+        self.postgres = Some(db);
+        Ok(())
+    }
+
     /// Where it keeps its state.
     pub fn backend(&self) -> Backend {
         self.backend

@@ -15,12 +15,16 @@ use sqlx::{ConnectOptions as _, Connection as _, Row as _};
 use std::borrow::Cow;
 
 /// The PostgreSQL migrations: `(version, description, SQL)`.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
+    (2, "message id blocks", include_str!("../../migrations/postgres/0002_message_id_blocks.sql")),
+];
 
 /// The newest PostgreSQL migration this build has.
 pub const POSTGRES_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
-/// The SQLite schema version PostgreSQL's newest migration equals (0001 = SQLite 0001–0014).
+/// The SQLite schema version PostgreSQL's newest migration equals (0001 = SQLite 0001–0014;
+/// 0002 adds only what several workers need).
 pub const SQLITE_EQUIVALENT: i64 = 14;
 
 /// Most bind parameters in one PostgreSQL statement (its limit is 65,535).
@@ -310,6 +314,11 @@ async fn set_sequences(source: &mut SqliteConnection, target: &mut PgConnection)
             .bind(last >= 1)
             .execute(&mut *target)
             .await?;
+    }
+    // Message ids are reserved in blocks (0002): the next block starts past the largest id.
+    let largest: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM messages").fetch_one(&mut *source).await?;
+    if let Some(largest) = largest.filter(|largest| *largest >= 1) {
+        sqlx::query("SELECT setval('message_id_blocks', $1, true)").bind(largest).execute(&mut *target).await?;
     }
     Ok(())
 }

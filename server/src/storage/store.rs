@@ -56,7 +56,19 @@ pub struct Store {
     pool: Pool,
     writer: mpsc::Sender<WriteOp>,
     priority: mpsc::Sender<WriteOp>,
-    next_msg_id: AtomicU64,
+    ids: MessageIds,
+}
+
+/// Ids a PostgreSQL-backed server reserves at once (the `INCREMENT` of `message_id_blocks`).
+const ID_BLOCK: u64 = 1024;
+
+/// Where fresh message ids come from.
+enum MessageIds {
+    /// SQLite (one process per database): a counter from the largest stored id at start.
+    Counter(AtomicU64),
+    /// PostgreSQL: blocks of [`ID_BLOCK`] ids reserved from the sequence `message_id_blocks`,
+    /// so that workers sharing the database never hand out the same id.
+    Blocks { pool: sqlx::PgPool, left: std::sync::Mutex<std::ops::Range<u64>> },
 }
 
 impl Store {
@@ -71,8 +83,13 @@ impl Store {
             Some(url) => open_postgres(url, config.storage.postgres_connections).await?,
             None => open_sqlite(config).await?,
         };
-        let max_id: i64 =
-            on_pool!(&pool, |p| sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM messages").fetch_one(p).await)?;
+        let ids = match &pool {
+            Pool::Sqlite(p) => {
+                let max_id: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM messages").fetch_one(p).await?;
+                MessageIds::Counter(AtomicU64::new(ServerMsgId::try_from(max_id)?.get() + 1))
+            }
+            Pool::Postgres(p) => MessageIds::Blocks { pool: p.clone(), left: std::sync::Mutex::new(0..0) },
+        };
         let (tx, rx) = mpsc::channel(config.storage.writer_queue);
         let restart_wal = Arc::new(tokio::sync::Notify::new());
         let (priority_tx, priority) = mpsc::channel(1024);
@@ -113,15 +130,7 @@ impl Store {
         if let Pool::Sqlite(pool) = &pool {
             tokio::spawn(checkpoints(pool.clone(), restart_wal));
         }
-        Ok((
-            Self {
-                pool,
-                writer: tx,
-                priority: priority_tx,
-                next_msg_id: AtomicU64::new(ServerMsgId::try_from(max_id)?.get() + 1),
-            },
-            handle,
-        ))
+        Ok((Self { pool, writer: tx, priority: priority_tx, ids }, handle))
     }
 
     /// Stops accepting writes and waits until the writer (`writer`, from [`open`](Self::open))
@@ -142,9 +151,22 @@ impl Store {
         }
     }
 
-    /// A fresh, never reused message id.
-    pub fn next_message_id(&self) -> ServerMsgId {
-        ServerMsgId::new(self.next_msg_id.fetch_add(1, Ordering::Relaxed))
+    /// A fresh, never reused message id (on PostgreSQL, never handed out by another worker
+    /// either; a round trip once every [`ID_BLOCK`] ids).
+    pub async fn next_message_id(&self) -> Result<ServerMsgId, StoreError> {
+        let (pool, left) = match &self.ids {
+            MessageIds::Counter(next) => return Ok(ServerMsgId::new(next.fetch_add(1, Ordering::Relaxed))),
+            MessageIds::Blocks { pool, left } => (pool, left),
+        };
+        if let Some(id) = left.lock().unwrap_or_else(|e| e.into_inner()).next() {
+            return Ok(ServerMsgId::new(id));
+        }
+        // Two tasks may both reserve a block here; the one that stores its range last wastes
+        // the other's rest, and no id is handed out twice.
+        let first: i64 = sqlx::query_scalar("SELECT nextval('message_id_blocks')").fetch_one(pool).await?;
+        let first = ServerMsgId::try_from(first)?.get();
+        *left.lock().unwrap_or_else(|e| e.into_inner()) = first + 1..first + ID_BLOCK;
+        Ok(ServerMsgId::new(first))
     }
 
     /// Queues a write. Waits for room when the queue is full (backpressure).
@@ -1216,8 +1238,8 @@ mod tests {
         assert!(matches!(store.inbox_after(device, Seq::new(u64::MAX), 10, usize::MAX).await, Err(StoreError::OutOfRange(_))));
     }
 
-    fn new_message(store: &Store, sender: (UserPk, DevicePk), client_msg_id: Uuid, to: DevicePk) -> NewMessage {
-        let id = store.next_message_id();
+    async fn new_message(store: &Store, sender: (UserPk, DevicePk), client_msg_id: Uuid, to: DevicePk) -> NewMessage {
+        let id = store.next_message_id().await.unwrap();
         NewMessage {
             id,
             sender_device: sender.1,
@@ -1254,14 +1276,14 @@ mod tests {
         let (once, again, other) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
         // An earlier commit: the four below arrive within the interval after it, so they
         // share the next commit (and one multi-row statement).
-        let earlier = store.store_message(new_message(&store, alice, once, bob)).await.unwrap();
-        let first = new_message(&store, alice, again, bob);
+        let earlier = store.store_message(new_message(&store, alice, once, bob).await).await.unwrap();
+        let first = new_message(&store, alice, again, bob).await;
         let (first_id, first_ts) = (first.id, first.ts);
         let replies = [
             store.queue_message(first).await.unwrap(),
-            store.queue_message(new_message(&store, alice, again, bob)).await.unwrap(),
-            store.queue_message(new_message(&store, alice, other, bob)).await.unwrap(),
-            store.queue_message(new_message(&store, alice, once, bob)).await.unwrap(),
+            store.queue_message(new_message(&store, alice, again, bob).await).await.unwrap(),
+            store.queue_message(new_message(&store, alice, other, bob).await).await.unwrap(),
+            store.queue_message(new_message(&store, alice, once, bob).await).await.unwrap(),
         ];
         let mut outcomes = Vec::new();
         for reply in replies {

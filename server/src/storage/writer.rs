@@ -299,7 +299,7 @@ pub(super) struct Writer {
     pub keep_history: bool,
     pub subscribers: Subscribers,
     pub metrics: crate::metrics::Metrics,
-    /// Next sequence number per device (loaded on first use).
+    /// Next sequence number per device (loaded on first use; on PostgreSQL, within a batch only).
     pub next_seq: HashMap<DevicePk, Seq>,
     /// Notified by the checkpoint task when the WAL should start over (see `checkpoints`).
     pub restart_wal: Arc<tokio::sync::Notify>,
@@ -596,6 +596,9 @@ pub(super) async fn apply_plan(
     let mut tx = if PG {
         let mut tx = conn.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(crate::storage::WRITE_LOCK).execute(&mut *tx).await?;
+        // Other workers on this database may have appended to any inbox since this worker's
+        // last batch: sequence numbers are read afresh (under the lock, nothing moves now).
+        next_seq.clear();
         tx
     } else {
         conn.begin_with("BEGIN IMMEDIATE").await?
@@ -878,6 +881,9 @@ pub(super) async fn append_inbox(
     events: Vec<NewEvent>,
     next_seq: &mut HashMap<DevicePk, Seq>,
 ) -> Result<Vec<(NewEvent, Seq)>, StoreError> {
+    if PG {
+        load_next_seqs(conn, next_seq, events.iter().map(|event| event.device)).await?;
+    }
     let mut rows = Vec::with_capacity(events.len());
     for event in events {
         if let Some(seq) = allocate_seq(next_seq, conn, event.device).await? {
@@ -1006,6 +1012,31 @@ pub(super) async fn peek_next_seq(
     cache.insert(device, next);
     Ok(Some(next))
 }
+/// Loads the next sequence numbers of those of `devices` not in `cache`, in one statement
+/// (PostgreSQL, where the cache starts empty at every batch).
+pub(super) async fn load_next_seqs(
+    conn: &mut Conn,
+    cache: &mut HashMap<DevicePk, Seq>,
+    devices: impl Iterator<Item = DevicePk>,
+) -> Result<(), StoreError> {
+    let missing: std::collections::BTreeSet<DevicePk> = devices.filter(|device| !cache.contains_key(device)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = missing.iter().map(|device| device.to_string()).collect();
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT d.id, GREATEST(d.acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = d.id), 0)) \
+         FROM devices d WHERE d.id = ANY(CAST($1 AS BIGINT[]))",
+    )
+    .bind(format!("{{{}}}", list.join(",")))
+    .fetch_all(&mut *conn)
+    .await?;
+    for (device, last) in rows {
+        cache.insert(device, Seq::try_from(last)?.next());
+    }
+    Ok(())
+}
+
 pub(super) async fn allocate_seq(
     cache: &mut HashMap<DevicePk, Seq>,
     tx: &mut Conn,
