@@ -220,6 +220,9 @@ async fn upload_urls_are_single_use_signed_and_expire() -> anyhow::Result<()> {
     assert_eq!(put(base, &first, ciphertext[..65536].to_vec()).await?, 204);
     let reused = reqwest::Client::new().put(format!("{base}{first}")).body(ciphertext[..65536].to_vec()).send().await?;
     assert_eq!(reused.status().as_u16(), 409);
+    // The body may be unread: the connection is not reused (a client that put its next request
+    // on it saw a broken pipe).
+    assert_eq!(reused.headers().get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
     assert_eq!(reused.json::<Value>().await?["code"], "upload_url_used");
 
     // Another part's signature, or a changed expiry, does not verify.

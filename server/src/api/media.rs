@@ -107,7 +107,27 @@ pub async fn get_upload(
 }
 
 /// PUT /v1/media/uploads/{upload_id}/parts/{part}: the URL authorizes the request.
+///
+/// A refusal comes with `Connection: close`: the part's body may be left unread, so the
+/// connection cannot carry another request, and the client must not put one on it (a client
+/// that did saw its next request fail with a broken pipe).
 pub async fn put_part(
+    state: State<AppState>,
+    path: Path<(String, u32)>,
+    query: Query<PartUrlQuery>,
+    body: Body,
+) -> Response {
+    match receive_part(state, path, query, body).await {
+        Ok(status) => status.into_response(),
+        Err(error) => {
+            let mut response = error.into_response();
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
+}
+
+async fn receive_part(
     State(state): State<AppState>,
     Path((id, part)): Path<(String, u32)>,
     Query(query): Query<PartUrlQuery>,
