@@ -83,6 +83,9 @@ pub enum OpenError {
     /// Another parleyd runs on the data directory.
     #[error(transparent)]
     Locked(#[from] crate::storage::LockError),
+    /// The other workers cannot be reached.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// A running server's handles that [`Server::run`] needs to shut down cleanly.
@@ -123,6 +126,9 @@ impl Server {
                 .await
                 .map_err(OpenError::Push)?;
         hub.set_push(push.clone());
+        if let Some(url) = &config.cluster.nats_url {
+            hub.set_relay(crate::cluster::Cluster::connect(url, config.subject_prefix(), &hub).await?);
+        }
         let (federation, tls) = if config.federation.enabled {
             let fed = &config.federation;
             let (Some(cert), Some(key)) = (&fed.tls_cert, &fed.tls_key) else {

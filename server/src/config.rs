@@ -42,6 +42,23 @@ pub struct Config {
     pub media: MediaConfig,
     /// Push wake-ups for devices without a live connection.
     pub push: PushConfig,
+    /// Several workers of this homeserver (one PostgreSQL database, NATS between them).
+    pub cluster: ClusterConfig,
+}
+
+/// Several `parleyd` workers serving one homeserver: they share the PostgreSQL database
+/// (`storage.database_url`) and pass live traffic (events, typing, presence, group messages)
+/// to each other over NATS; the database stays the source of truth.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The NATS server(s) the workers share, comma-separated (`nats://10.0.0.5:4222`); unset:
+    /// this process serves alone.
+    pub nats_url: Option<String>,
+    /// First token of every subject this homeserver uses; empty: `parley_` and the server
+    /// name with its dots as underscores (workers of one homeserver must agree on it; other
+    /// homeservers on the same NATS must not).
+    pub subject_prefix: String,
 }
 
 /// Registration settings.
@@ -569,6 +586,7 @@ impl Default for Config {
             federation: FederationConfig::default(),
             media: MediaConfig::default(),
             push: PushConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -701,6 +719,12 @@ impl Config {
     /// Semantic checks that serde cannot express.
     pub fn check(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.cluster.nats_url.is_some() && self.storage.database_url.is_none() {
+            return bad("cluster.nats_url needs storage.database_url: the workers share one PostgreSQL database");
+        }
+        if self.cluster.subject_prefix.contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace()) {
+            return bad("cluster.subject_prefix is one NATS token: no dots, wildcards or spaces");
+        }
         if self.presence.heartbeat_timeout_ms <= self.presence.heartbeat_interval_ms {
             return bad("presence.heartbeat_timeout_ms must be greater than heartbeat_interval_ms");
         }
@@ -813,6 +837,15 @@ impl Config {
             return bad("federation.one_time_claim_window_ms must be positive");
         }
         Ok(())
+    }
+
+    /// The first token of this homeserver's NATS subjects (see [`ClusterConfig`]).
+    pub fn subject_prefix(&self) -> String {
+        if self.cluster.subject_prefix.is_empty() {
+            format!("parley_{}", self.server_name.as_str().replace(['.', ':'], "_"))
+        } else {
+            self.cluster.subject_prefix.clone()
+        }
     }
 
     /// The database file.

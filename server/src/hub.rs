@@ -141,6 +141,9 @@ pub struct Hub {
     waiters: RwLock<HashMap<DevicePk, Arc<Notify>>>,
     /// Wakes devices that have no connection when a message reaches them (set once at start).
     push: std::sync::OnceLock<Arc<crate::push::Push>>,
+    /// The other workers of this homeserver, if it has several (set once at start): what is
+    /// for a device not connected here goes to them.
+    relay: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// A registered connection: the hub's entry, and the connection's handle on it.
@@ -165,6 +168,11 @@ impl Hub {
         if let Some(old) = old {
             old.mailbox.close(CloseReason::Replaced);
         }
+        if let Some(relay) = self.relay.get() {
+            // An older connection of this device on another worker gives way too.
+            relay.close(device, CloseReason::Replaced);
+            relay.watch(device);
+        }
         registration
     }
 
@@ -173,6 +181,9 @@ impl Hub {
         let mut conns = self.conns.write().unwrap_or_else(|e| e.into_inner());
         if conns.get(&device).is_some_and(|e| e.conn_id == conn_id) {
             conns.remove(&device);
+            if let Some(relay) = self.relay.get() {
+                relay.unwatch(device);
+            }
         }
     }
 
@@ -201,6 +212,12 @@ impl Hub {
         for event in committed {
             match conns.get(&event.device) {
                 Some(entry) => entry.mailbox.push_event(event.row),
+                // Perhaps connected to another worker (which then answers: no push).
+                None if self.relay.get().is_some() => {
+                    if let Some(relay) = self.relay.get() {
+                        relay.event(event.device, &event.row);
+                    }
+                }
                 // Messages wake an offline device; receipts and notices wait for it.
                 None if event.row.origin.is_some() => {
                     if let Some(push) = push {
@@ -217,15 +234,84 @@ impl Hub {
         let _ = self.push.set(push);
     }
 
+    /// Hands the hub the link to the other workers (once, at start).
+    pub fn set_relay(&self, relay: Arc<crate::cluster::Cluster>) {
+        let _ = self.relay.set(relay);
+    }
+
+    /// The link to the other workers, if this homeserver has several.
+    pub fn relay(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.relay.get()
+    }
+
+    /// Wakes `device` by push (no worker holds a connection of it).
+    pub fn wake(&self, device: DevicePk) {
+        if let Some(push) = self.push.get() {
+            push.wake(device);
+        }
+    }
+
+    /// Makes `device`'s connection here, if any, read its inbox and group streams again.
+    pub fn mark_lagged(&self, device: DevicePk) {
+        if let Some(entry) = self.conns.read().unwrap_or_else(|e| e.into_inner()).get(&device) {
+            entry.mailbox.mark_lagged();
+        }
+    }
+
+    /// Makes every connection here read its inbox and group streams again (after relayed
+    /// traffic may have been lost).
+    pub fn mark_all_lagged(&self) {
+        for entry in self.conns.read().unwrap_or_else(|e| e.into_inner()).values() {
+            entry.mailbox.mark_lagged();
+        }
+    }
+
+    /// An event another worker committed, for `device`'s connection here; whether it has one.
+    pub fn local_event(&self, device: DevicePk, row: InboxRow) -> bool {
+        if let Some(notify) = self.waiters.read().unwrap_or_else(|e| e.into_inner()).get(&device) {
+            notify.notify_waiters();
+        }
+        let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = conns.get(&device) else { return false };
+        entry.mailbox.push_event(row);
+        true
+    }
+
+    /// An ephemeral frame from another worker; whether `device` has a connection here.
+    pub fn local_frame(&self, device: DevicePk, frame: Bytes) -> bool {
+        let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = conns.get(&device) else { return false };
+        let bytes = frame.len();
+        if entry.mailbox.unsent.try_reserve(bytes) && !entry.mailbox.try_push(Push::Frame(frame)) {
+            entry.mailbox.unsent.release(bytes);
+        }
+        true
+    }
+
+    /// A group message from another worker; whether `device` has a connection here.
+    pub fn local_group(&self, device: DevicePk, push: Arc<GroupPush>) -> bool {
+        let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = conns.get(&device) else { return false };
+        if !entry.mailbox.try_push(Push::Group(push)) {
+            entry.mailbox.mark_lagged();
+        }
+        true
+    }
+
+    /// Closes `device`'s connection here (asked by another worker); whether it had one.
+    pub fn local_close(&self, device: DevicePk, reason: CloseReason) -> bool {
+        let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = conns.get(&device) else { return false };
+        entry.mailbox.close(reason);
+        true
+    }
+
     /// Sends an ephemeral frame to a device if it is connected (dropped when its buffer or
     /// its budget of unsent bytes is full).
     pub fn send_ephemeral(&self, device: DevicePk, frame: Bytes) {
-        let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = conns.get(&device) {
-            let bytes = frame.len();
-            let mailbox = &entry.mailbox;
-            if mailbox.unsent.try_reserve(bytes) && !mailbox.try_push(Push::Frame(frame)) {
-                mailbox.unsent.release(bytes);
+        if !self.local_frame(device, frame.clone()) {
+            if let Some(relay) = self.relay.get() {
+                relay.frame(device, frame);
             }
         }
     }
@@ -236,7 +322,10 @@ impl Hub {
     pub fn push_group(&self, device: DevicePk, push: Arc<GroupPush>) {
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
         let Some(entry) = conns.get(&device) else {
-            if let (true, Some(waker)) = (push.wakes, self.push.get()) {
+            if let Some(relay) = self.relay.get() {
+                // Perhaps connected to another worker (which then answers: no push).
+                relay.group(device, &push);
+            } else if let (true, Some(waker)) = (push.wakes, self.push.get()) {
                 waker.wake(device);
             }
             return;
@@ -248,9 +337,9 @@ impl Hub {
 
     /// Closes a device's connection.
     pub fn close(&self, device: DevicePk, reason: CloseReason) {
-        let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = conns.get(&device) {
-            entry.mailbox.close(reason);
+        self.local_close(device, reason);
+        if let Some(relay) = self.relay.get() {
+            relay.close(device, reason);
         }
     }
 }

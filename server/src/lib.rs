@@ -8,6 +8,7 @@ pub mod app;
 pub(crate) mod auth;
 pub mod certs;
 pub mod cli;
+pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod devnet;
 pub(crate) mod directory;

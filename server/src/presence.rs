@@ -65,6 +65,40 @@ pub fn visible(visibility: Visibility, viewer_is_contact: bool, viewer_is_target
         }
 }
 
+/// A connection of `user` opened here: whether the user just came online (this was their
+/// first connection here, and no other worker holds one).
+pub async fn connected(state: &AppState, user: UserPk) -> bool {
+    if !state.presence.connected(user) {
+        return false;
+    }
+    let Some(cluster) = state.hub.relay() else { return true };
+    let elsewhere = cluster.online_elsewhere(user).await;
+    cluster.hold_user(user).await;
+    !elsewhere
+}
+
+/// A connection of `user` here closed: whether the user just went offline (it was their last
+/// one here, and no other worker holds one).
+pub async fn disconnected(state: &AppState, user: UserPk) -> bool {
+    if !state.presence.disconnected(user) {
+        return false;
+    }
+    let Some(cluster) = state.hub.relay() else { return true };
+    cluster.release_user(user).await;
+    !cluster.online_elsewhere(user).await
+}
+
+/// Whether any device of `user` is connected, here or to another worker.
+pub async fn is_online(state: &AppState, user: UserPk) -> bool {
+    if state.presence.is_online(user) {
+        return true;
+    }
+    match state.hub.relay() {
+        Some(cluster) => cluster.online_elsewhere(user).await,
+        None => false,
+    }
+}
+
 /// `target`'s presence as `viewer` may see it.
 pub async fn view(state: &AppState, viewer: &UserId, target: &UserEntry) -> Result<PresenceInfo, StoreError> {
     let Some(row) = state.store.user_by_localpart(target.user_id.localpart()).await? else {
@@ -75,7 +109,7 @@ pub async fn view(state: &AppState, viewer: &UserId, target: &UserEntry) -> Resu
     if !visible(visibility, is_contact, viewer == &target.user_id) {
         return Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Hidden, None));
     }
-    if state.presence.is_online(target.pk) {
+    if is_online(state, target.pk).await {
         Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Online, None))
     } else {
         Ok(PresenceInfo::new(target.user_id.clone(), PresenceStatus::Offline, row.last_seen_ts))

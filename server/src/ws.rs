@@ -249,7 +249,7 @@ async fn connection(state: AppState, auth: AuthDevice, since: Seq, socket: WebSo
     let registration = state.hub.register(auth.device_pk, limits.connection_buffer, unsent.clone());
     state.metrics.connections.inc();
     let user_entry = state.directory.local(auth.user_id.localpart()).await.ok().flatten();
-    if state.presence.connected(auth.user_pk) {
+    if presence::connected(&state, auth.user_pk).await {
         if let Some(entry) = &user_entry {
             presence::announce(&state, entry.clone(), true, None);
         }
@@ -288,7 +288,7 @@ async fn connection(state: AppState, auth: AuthDevice, since: Seq, socket: WebSo
     if let Err(error) = Box::pin(state.store.record_last_seen(auth.user_pk, auth.device_pk, ts)).await {
         tracing::warn!(%error, "last-seen not recorded");
     }
-    if state.presence.disconnected(auth.user_pk) {
+    if presence::disconnected(&state, auth.user_pk).await {
         if let Some(entry) = user_entry {
             presence::announce(&state, entry, false, Some(ts));
         }

@@ -13,6 +13,7 @@
 
 pub mod dns;
 pub mod fednet;
+pub mod nats;
 pub mod postgres;
 pub mod proxy;
 pub mod push;
@@ -138,6 +139,8 @@ pub struct TestServer {
     backend: Backend,
     /// Its PostgreSQL database (with [`Backend::Postgres`]), made at the first start.
     postgres: Option<postgres::TestDb>,
+    /// Another server's PostgreSQL database it works on too (a second worker).
+    shared_database: Option<String>,
 }
 
 impl TestServer {
@@ -204,6 +207,7 @@ impl TestServer {
             umask: None,
             backend: backend(),
             postgres: None,
+            shared_database: None,
         })
     }
 
@@ -231,6 +235,21 @@ impl TestServer {
         Ok(())
     }
 
+    /// Makes this (not yet started) server another worker of `first`, which runs: the same
+    /// PostgreSQL database and the same server key (copied into this one's data directory).
+    /// Both need the same `[cluster]` configuration.
+    pub fn worker_of(mut self, first: &TestServer) -> anyhow::Result<Self> {
+        let url = first.database_url().context("the first worker runs on PostgreSQL")?.to_owned();
+        if self.running.is_some() {
+            bail!("make it a worker before it starts");
+        }
+        std::fs::create_dir_all(self.data_dir())?;
+        std::fs::copy(first.data_dir().join("server.key"), self.data_dir().join("server.key"))?;
+        self.backend = Backend::Postgres;
+        self.shared_database = Some(url);
+        Ok(self)
+    }
+
     /// Where it keeps its state.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -239,7 +258,7 @@ impl TestServer {
     /// Its PostgreSQL database's URL (with [`Backend::Postgres`], once started): what a
     /// `parleyd` command run beside it needs as `PARLEY__STORAGE__DATABASE_URL`.
     pub fn database_url(&self) -> Option<&str> {
-        self.postgres.as_ref().map(|db| db.url.as_str())
+        self.postgres.as_ref().map(|db| db.url.as_str()).or(self.shared_database.as_deref())
     }
 
     /// Everything the database holds, as bytes to search for what must not be there: with
@@ -247,7 +266,7 @@ impl TestServer {
     /// table as text (`bytea` values in hex, `\x…`).
     pub async fn stored_bytes(&self) -> anyhow::Result<Vec<u8>> {
         let mut raw = Vec::new();
-        if self.postgres.is_none() {
+        if self.database_url().is_none() {
             for entry in std::fs::read_dir(self.data_dir())? {
                 let path = entry?.path();
                 if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("parley.db")) {
@@ -317,8 +336,8 @@ impl TestServer {
     /// placeholders, which both backends read.
     pub async fn db(&self) -> anyhow::Result<sqlx::AnyPool> {
         sqlx::any::install_default_drivers();
-        let url = match &self.postgres {
-            Some(db) => db.url.clone(),
+        let url = match self.database_url() {
+            Some(url) => url.to_owned(),
             None => format!("sqlite://{}?mode=ro", self.data_dir().join("parley.db").display()),
         };
         Ok(sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await?)
@@ -328,8 +347,8 @@ impl TestServer {
     /// while it is stopped).
     pub async fn db_writable(&self) -> anyhow::Result<sqlx::AnyPool> {
         sqlx::any::install_default_drivers();
-        let url = match &self.postgres {
-            Some(db) => db.url.clone(),
+        let url = match self.database_url() {
+            Some(url) => url.to_owned(),
             None => format!("sqlite://{}?mode=rw", self.data_dir().join("parley.db").display()),
         };
         Ok(sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await?)
@@ -382,7 +401,7 @@ impl TestServer {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        if self.backend == Backend::Postgres && self.postgres.is_none() {
+        if self.backend == Backend::Postgres && self.postgres.is_none() && self.shared_database.is_none() {
             self.postgres = Some(postgres::TestDb::create().await?);
         }
         match self.mode {
@@ -408,7 +427,7 @@ impl TestServer {
         }
         // A test process holds both ends of every connection.
         let _ = rlimit::increase_nofile_limit(u64::MAX);
-        let storage = self.postgres.as_ref().map(|db| Storage { database_url: db.url.clone() });
+        let storage = self.database_url().map(|url| Storage { database_url: url.to_owned() });
         let flags = Flags { data_dir: self.data_dir(), listen: self.addr, storage };
         let mut config = parley_server::config::Config::load(Some(&self.dir.path().join("parleyd.toml")), flags)?;
         // Bound here, so the addresses are known before the server runs (and kept on restart).
@@ -503,8 +522,8 @@ impl TestServer {
         if let Some(addr) = self.federation_addr {
             command.env("PARLEY__FEDERATION__LISTEN", addr.to_string());
         }
-        if let Some(db) = &self.postgres {
-            command.env("PARLEY__STORAGE__DATABASE_URL", &db.url);
+        if let Some(url) = self.database_url() {
+            command.env("PARLEY__STORAGE__DATABASE_URL", url);
         }
         let mut child = command
             .arg("--config")

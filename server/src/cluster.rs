@@ -1,0 +1,359 @@
+//! Several workers of one homeserver (`[cluster] nats_url`): they share the PostgreSQL
+//! database, and each hands the live traffic for devices connected to another worker over
+//! NATS. The database stays the source of truth: an event is relayed only after its commit,
+//! and a worker that missed relayed events (a NATS outage, a subscription still being set up)
+//! has its connections read their inboxes again, which is what a lagged connection does
+//! anyway (`hub::Mailbox`).
+//!
+//! Subjects: `<prefix>.dev.<device pk>`, one per device; a worker subscribes to those of the
+//! devices connected to it, for as long as they are. What goes there (headers, then the body):
+//! - `Parley-Kind: event`, `Parley-Seq`, and for messages `Parley-Sender` / `Parley-Msg-Id`:
+//!   a durable inbox event, the body its JSON;
+//! - `Parley-Kind: frame`: an ephemeral frame (typing, presence), the body the frame;
+//! - `Parley-Kind: group`, `Parley-Group`, `Parley-Group-Seq`, `Parley-Wakes`: a group
+//!   message (the body its frame, or empty when the device reads it from the database);
+//! - `Parley-Kind: close`, `Parley-Reason: replaced | revoked`.
+//!
+//! What would wake a device by push (a message, a group message that wakes) is sent as a NATS
+//! request: the worker holding the device's connection answers, and when none does NATS says
+//! at once that nobody listens, and this worker sends the push.
+//!
+//! Presence: a worker holding a connection of a user listens on `<prefix>.online.<user pk>`
+//! and answers requests there. A user comes online when a worker's first connection of them
+//! finds no other worker answering, and goes offline when the last one closes and, once this
+//! worker stopped listening, no other answers (of two workers losing a user's last
+//! connections at once, the later to ask sees the other gone, so one of them announces it).
+
+use crate::hub::{CloseReason, GroupPush, Hub};
+use crate::storage::{DevicePk, InboxRow};
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use parley_spec::{GroupId, GroupSeq, Seq, ServerMsgId};
+use std::collections::HashMap;
+use std::str::FromStr as _;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Items waiting for the relay task; past this many, new ones are dropped (their devices read
+/// their inboxes when NATS is back: see [`Cluster::connect`]).
+const RELAY_QUEUE: usize = 65_536;
+
+/// How long a worker that asked whether a device is connected somewhere waits for the answer
+/// before it gives up (without a push: a worker that holds the connection is only slow).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the cluster link cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// NATS does not answer.
+    #[error("NATS at {url}: {source}")]
+    Connect {
+        /// The configured URL.
+        url: String,
+        /// What failed.
+        source: async_nats::ConnectError,
+    },
+}
+
+/// What the relay task sends for the hub.
+#[derive(Debug)]
+enum Outgoing {
+    /// An item for one device; `wake` asks first whether any worker holds its connection.
+    Device { device: DevicePk, headers: HeaderMap, body: Bytes, wake: bool },
+}
+
+/// The task answering for a user, and how to stop it.
+type Holder = (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>);
+
+/// This worker's link to the others.
+pub struct Cluster {
+    client: async_nats::Client,
+    prefix: String,
+    /// Marks what this worker sends (`Parley-Worker`), so it ignores its own.
+    worker: String,
+    hub: Weak<Hub>,
+    queue: mpsc::Sender<Outgoing>,
+    /// The subscription task of every device connected here.
+    watches: Mutex<HashMap<DevicePk, tokio::task::AbortHandle>>,
+    /// The task answering for every user with a connection here.
+    online: Mutex<HashMap<crate::storage::UserPk, Holder>>,
+}
+
+impl Cluster {
+    /// Connects to NATS (`nats_url`, comma-separated servers) for `hub`, and starts the relay
+    /// task. After every reconnection every connection here reads its inbox again: events
+    /// relayed meanwhile may be lost, the database has them.
+    pub async fn connect(nats_url: &str, prefix: String, hub: &Arc<Hub>) -> Result<Arc<Self>, ClusterError> {
+        let reconnected = Arc::new(tokio::sync::Notify::new());
+        let on_event = reconnected.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name("parleyd")
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let on_event = on_event.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => on_event.notify_one(),
+                        async_nats::Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
+                        other => tracing::debug!(event = %other, "NATS"),
+                    }
+                }
+            })
+            .connect(nats_url.split(',').map(str::trim).collect::<Vec<_>>().as_slice())
+            .await
+            .map_err(|source| ClusterError::Connect { url: nats_url.to_owned(), source })?;
+        let (queue, items) = mpsc::channel(RELAY_QUEUE);
+        let cluster = Arc::new(Self {
+            client,
+            prefix,
+            worker: format!("{:016x}", rand::random::<u64>()),
+            hub: Arc::downgrade(hub),
+            queue,
+            watches: Mutex::new(HashMap::new()),
+            online: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(cluster.clone().relay(items));
+        let weak = Arc::downgrade(&cluster);
+        tokio::spawn(async move {
+            loop {
+                reconnected.notified().await;
+                let Some(cluster) = weak.upgrade() else { return };
+                tracing::info!("NATS connected; connections read their inboxes");
+                if let Some(hub) = cluster.hub.upgrade() {
+                    hub.mark_all_lagged();
+                }
+            }
+        });
+        tracing::info!(url = nats_url, prefix = %cluster.prefix, "cluster: connected to NATS");
+        Ok(cluster)
+    }
+
+    fn subject(&self, device: DevicePk) -> String {
+        format!("{}.dev.{device}", self.prefix)
+    }
+
+    /// Listens for `device`'s traffic from the other workers while it is connected here. Once
+    /// the subscription stands, the connection reads its inbox again: what was relayed before
+    /// did not reach it.
+    pub fn watch(self: &Arc<Self>, device: DevicePk) {
+        let cluster = self.clone();
+        let task = tokio::spawn(async move {
+            let mut subscription = match cluster.client.subscribe(cluster.subject(device)).await {
+                Ok(subscription) => subscription,
+                Err(error) => {
+                    tracing::warn!(%error, device, "cluster: subscribing failed");
+                    return;
+                }
+            };
+            if cluster.client.flush().await.is_ok() {
+                if let Some(hub) = cluster.hub.upgrade() {
+                    hub.mark_lagged(device);
+                }
+            }
+            while let Some(message) = subscription.next().await {
+                cluster.received(device, message).await;
+            }
+        });
+        let old = self.watches.lock().unwrap_or_else(|e| e.into_inner()).insert(device, task.abort_handle());
+        if let Some(old) = old {
+            old.abort();
+        }
+    }
+
+    /// Stops listening for `device` (its connection here is gone).
+    pub fn unwatch(&self, device: DevicePk) {
+        if let Some(task) = self.watches.lock().unwrap_or_else(|e| e.into_inner()).remove(&device) {
+            task.abort();
+        }
+    }
+
+    /// Whether another worker holds a connection of `user`.
+    pub async fn online_elsewhere(&self, user: crate::storage::UserPk) -> bool {
+        let mut headers = HeaderMap::new();
+        headers.insert("Parley-Worker", self.worker.as_str());
+        let request = async_nats::Request::new().headers(headers).timeout(Some(REQUEST_TIMEOUT));
+        match self.client.send_request(format!("{}.online.{user}", self.prefix), request).await {
+            Ok(_) => true,
+            Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => false,
+            // Unknown (NATS is down, or a worker is too slow to answer): say online, so no
+            // one is announced offline who may not be; the next change corrects it.
+            Err(error) => {
+                tracing::debug!(%error, user, "cluster: no answer about a user");
+                true
+            }
+        }
+    }
+
+    /// Answers for `user` while a connection of theirs is here (the subscription stands when
+    /// this returns).
+    pub async fn hold_user(self: &Arc<Self>, user: crate::storage::UserPk) {
+        let mut subscription = match self.client.subscribe(format!("{}.online.{user}", self.prefix)).await {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                tracing::warn!(%error, user, "cluster: subscribing failed");
+                return;
+            }
+        };
+        let _ = self.client.flush().await;
+        let cluster = self.clone();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    message = subscription.next() => {
+                        let Some(message) = message else { return };
+                        let own = message.headers.as_ref().and_then(|h| h.get("Parley-Worker")).map(|w| w.as_str().to_owned());
+                        if let (Some(reply), false) = (message.reply, own.as_deref() == Some(cluster.worker.as_str())) {
+                            let _ = cluster.client.publish(reply, Bytes::new()).await;
+                        }
+                    }
+                    _ = &mut stopped => {
+                        let _ = subscription.unsubscribe().await;
+                        return;
+                    }
+                }
+            }
+        });
+        let old = self.online.lock().unwrap_or_else(|e| e.into_inner()).insert(user, (stop, task));
+        if let Some((_, old)) = old {
+            old.abort();
+        }
+    }
+
+    /// Stops answering for `user` (no connection of theirs is left here); once this returns
+    /// NATS has dropped the subscription.
+    pub async fn release_user(&self, user: crate::storage::UserPk) {
+        let held = self.online.lock().unwrap_or_else(|e| e.into_inner()).remove(&user);
+        if let Some((stop, task)) = held {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
+        // The server handles commands in order: after the flush's answer, the UNSUB is done.
+        let _ = self.client.flush().await;
+    }
+
+    /// A committed inbox event for a device not connected here.
+    pub fn event(&self, device: DevicePk, row: &InboxRow) {
+        let mut headers = HeaderMap::new();
+        headers.insert("Parley-Kind", "event");
+        headers.insert("Parley-Seq", row.seq.get().to_string());
+        if let Some((sender, id)) = &row.origin {
+            headers.insert("Parley-Sender", sender.as_ref());
+            headers.insert("Parley-Msg-Id", id.get().to_string());
+        }
+        self.enqueue(Outgoing::Device { device, headers, body: row.payload.clone(), wake: row.origin.is_some() });
+    }
+
+    /// An ephemeral frame for a device not connected here.
+    pub fn frame(&self, device: DevicePk, frame: Bytes) {
+        let mut headers = HeaderMap::new();
+        headers.insert("Parley-Kind", "frame");
+        self.enqueue(Outgoing::Device { device, headers, body: frame, wake: false });
+    }
+
+    /// A group message for a member device not connected here.
+    pub fn group(&self, device: DevicePk, push: &GroupPush) {
+        let mut headers = HeaderMap::new();
+        headers.insert("Parley-Kind", "group");
+        headers.insert("Parley-Group", push.group_id.as_str());
+        headers.insert("Parley-Group-Seq", push.seq.get().to_string());
+        headers.insert("Parley-Wakes", if push.wakes { "1" } else { "0" });
+        let body = push.frame.clone().unwrap_or_default();
+        if push.frame.is_none() {
+            headers.insert("Parley-Frame", "none");
+        }
+        self.enqueue(Outgoing::Device { device, headers, body, wake: push.wakes });
+    }
+
+    /// Closes `device`'s connection wherever it is.
+    pub fn close(&self, device: DevicePk, reason: CloseReason) {
+        let mut headers = HeaderMap::new();
+        headers.insert("Parley-Kind", "close");
+        headers.insert(
+            "Parley-Reason",
+            match reason {
+                CloseReason::Replaced => "replaced",
+                CloseReason::Revoked => "revoked",
+            },
+        );
+        self.enqueue(Outgoing::Device { device, headers, body: Bytes::new(), wake: false });
+    }
+
+    fn enqueue(&self, mut item: Outgoing) {
+        let Outgoing::Device { headers, .. } = &mut item;
+        headers.insert("Parley-Worker", self.worker.as_str());
+        if self.queue.try_send(item).is_err() {
+            tracing::warn!("cluster: relay queue full; the devices concerned will read their inboxes");
+        }
+    }
+
+    /// Sends queued items in order; a request (what may wake a device by push) is answered
+    /// on a task of its own, so the queue never waits for a round trip.
+    async fn relay(self: Arc<Self>, mut items: mpsc::Receiver<Outgoing>) {
+        while let Some(Outgoing::Device { device, headers, body, wake }) = items.recv().await {
+            let subject = self.subject(device);
+            if !wake {
+                if let Err(error) = self.client.publish_with_headers(subject, headers, body).await {
+                    tracing::debug!(%error, device, "cluster: publish failed");
+                }
+                continue;
+            }
+            let cluster = self.clone();
+            tokio::spawn(async move {
+                let request = async_nats::Request::new().headers(headers).payload(body).timeout(Some(REQUEST_TIMEOUT));
+                match cluster.client.send_request(subject, request).await {
+                    Ok(_) => {}
+                    Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => {
+                        if let Some(hub) = cluster.hub.upgrade() {
+                            hub.wake(device);
+                        }
+                    }
+                    Err(error) => tracing::debug!(%error, device, "cluster: no answer about a device"),
+                }
+            });
+        }
+    }
+
+    /// Hands what another worker relayed for `device` to its connection here; a request is
+    /// answered when the connection took it (that worker then sends no push).
+    async fn received(&self, device: DevicePk, message: Message) {
+        let Some(hub) = self.hub.upgrade() else { return };
+        let Some(headers) = &message.headers else { return };
+        let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        if header("Parley-Worker").as_deref() == Some(self.worker.as_str()) {
+            return;
+        }
+        let number = |name: &str| header(name).and_then(|v| u64::from_str(&v).ok());
+        let taken = match header("Parley-Kind").as_deref() {
+            Some("event") => {
+                let Some(seq) = number("Parley-Seq") else { return };
+                let origin = header("Parley-Sender")
+                    .zip(number("Parley-Msg-Id"))
+                    .map(|(sender, id)| (Arc::from(sender), ServerMsgId::new(id)));
+                let row = InboxRow { seq: Seq::new(seq), origin, payload: message.payload.clone(), committed_at: None };
+                hub.local_event(device, row)
+            }
+            Some("frame") => hub.local_frame(device, message.payload.clone()),
+            Some("group") => {
+                let (Some(group), Some(seq)) = (header("Parley-Group"), number("Parley-Group-Seq")) else { return };
+                let Ok(group_id) = GroupId::parse(&group) else { return };
+                let frame = (header("Parley-Frame").as_deref() != Some("none")).then(|| message.payload.clone());
+                let wakes = header("Parley-Wakes").as_deref() == Some("1");
+                hub.local_group(device, Arc::new(GroupPush { group_id, seq: GroupSeq::new(seq), frame, wakes }))
+            }
+            Some("close") => {
+                let reason = match header("Parley-Reason").as_deref() {
+                    Some("replaced") => CloseReason::Replaced,
+                    _ => CloseReason::Revoked,
+                };
+                hub.local_close(device, reason)
+            }
+            _ => false,
+        };
+        if let (true, Some(reply)) = (taken, message.reply) {
+            let _ = self.client.publish(reply, Bytes::new()).await;
+        }
+    }
+}
