@@ -44,6 +44,11 @@ const RELAY_QUEUE: usize = 65_536;
 /// before it gives up (without a push: a worker that holds the connection is only slow).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a connection's opening or closing waits on NATS for presence (asking the other
+/// workers, or making sure its own subscription stands or is gone): bounded, so a NATS outage
+/// slows connections down by at most this, never stops them.
+const PRESENCE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Why the cluster link cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -173,7 +178,7 @@ impl Cluster {
     pub async fn online_elsewhere(&self, user: crate::storage::UserPk) -> bool {
         let mut headers = HeaderMap::new();
         headers.insert("Parley-Worker", self.worker.as_str());
-        let request = async_nats::Request::new().headers(headers).timeout(Some(REQUEST_TIMEOUT));
+        let request = async_nats::Request::new().headers(headers).timeout(Some(PRESENCE_TIMEOUT));
         match self.client.send_request(format!("{}.online.{user}", self.prefix), request).await {
             Ok(_) => true,
             Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => false,
@@ -196,7 +201,7 @@ impl Cluster {
                 return;
             }
         };
-        let _ = self.client.flush().await;
+        let _ = tokio::time::timeout(PRESENCE_TIMEOUT, self.client.flush()).await;
         let cluster = self.clone();
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
@@ -231,7 +236,7 @@ impl Cluster {
             let _ = task.await;
         }
         // The server handles commands in order: after the flush's answer, the UNSUB is done.
-        let _ = self.client.flush().await;
+        let _ = tokio::time::timeout(PRESENCE_TIMEOUT, self.client.flush()).await;
     }
 
     /// A committed inbox event for a device not connected here.

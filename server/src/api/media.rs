@@ -111,12 +111,7 @@ pub async fn get_upload(
 /// A refusal comes with `Connection: close`: the part's body may be left unread, so the
 /// connection cannot carry another request, and the client must not put one on it (a client
 /// that did saw its next request fail with a broken pipe).
-pub async fn put_part(
-    state: State<AppState>,
-    path: Path<(String, u32)>,
-    query: Query<PartUrlQuery>,
-    body: Body,
-) -> Response {
+pub async fn put_part(state: State<AppState>, path: Path<(String, u32)>, query: Query<PartUrlQuery>, body: Body) -> Response {
     match receive_part(state, path, query, body).await {
         Ok(status) => status.into_response(),
         Err(error) => {
