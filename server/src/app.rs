@@ -162,6 +162,9 @@ impl Server {
                 shutdown.clone(),
             )
             .await?;
+            if let Some(cluster) = hub.relay() {
+                sender.join_cluster(cluster.clone());
+            }
             (Some(Arc::new(crate::federation::Federation::new(fed.clone(), client, sender))), Some(tls))
         } else {
             (None, None)

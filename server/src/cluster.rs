@@ -67,6 +67,8 @@ pub enum ClusterError {
 enum Outgoing {
     /// An item for one device; `wake` asks first whether any worker holds its connection.
     Device { device: DevicePk, headers: HeaderMap, body: Bytes, wake: bool },
+    /// Federation destinations whose queues a commit here grew (one per line).
+    FedWake { headers: HeaderMap, body: Bytes },
 }
 
 /// The task answering for a user, and how to stop it.
@@ -286,8 +288,40 @@ impl Cluster {
         self.enqueue(Outgoing::Device { device, headers, body: Bytes::new(), wake: false });
     }
 
+    /// Tells the other workers that a commit here grew these federation queues (the holder of
+    /// a destination's lease sends them).
+    pub fn fed_wake(&self, destinations: &[parley_spec::ServerName]) {
+        let body: Vec<&str> = destinations.iter().map(|d| d.as_str()).collect();
+        self.enqueue(Outgoing::FedWake { headers: HeaderMap::new(), body: Bytes::from(body.join("\n")) });
+    }
+
+    /// Calls `wake` for every destination another worker's commit grew.
+    pub fn on_fed_wake(self: &Arc<Self>, wake: impl Fn(parley_spec::ServerName) + Send + Sync + 'static) {
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            let mut subscription = match cluster.client.subscribe(format!("{}.fed", cluster.prefix)).await {
+                Ok(subscription) => subscription,
+                Err(error) => {
+                    tracing::warn!(%error, "cluster: subscribing to federation wake-ups failed");
+                    return;
+                }
+            };
+            while let Some(message) = subscription.next().await {
+                let own = message.headers.as_ref().and_then(|h| h.get("Parley-Worker")).map(|w| w.as_str().to_owned());
+                if own.as_deref() == Some(cluster.worker.as_str()) {
+                    continue;
+                }
+                for name in String::from_utf8_lossy(&message.payload).lines() {
+                    if let Ok(destination) = parley_spec::ServerName::parse(name) {
+                        wake(destination);
+                    }
+                }
+            }
+        });
+    }
+
     fn enqueue(&self, mut item: Outgoing) {
-        let Outgoing::Device { headers, .. } = &mut item;
+        let (Outgoing::Device { headers, .. } | Outgoing::FedWake { headers, .. }) = &mut item;
         headers.insert("Parley-Worker", self.worker.as_str());
         if self.queue.try_send(item).is_err() {
             tracing::warn!("cluster: relay queue full; the devices concerned will read their inboxes");
@@ -297,7 +331,16 @@ impl Cluster {
     /// Sends queued items in order; a request (what may wake a device by push) is answered
     /// on a task of its own, so the queue never waits for a round trip.
     async fn relay(self: Arc<Self>, mut items: mpsc::Receiver<Outgoing>) {
-        while let Some(Outgoing::Device { device, headers, body, wake }) = items.recv().await {
+        while let Some(item) = items.recv().await {
+            let (device, headers, body, wake) = match item {
+                Outgoing::Device { device, headers, body, wake } => (device, headers, body, wake),
+                Outgoing::FedWake { headers, body } => {
+                    if let Err(error) = self.client.publish_with_headers(format!("{}.fed", self.prefix), headers, body).await {
+                        tracing::debug!(%error, "cluster: publish failed");
+                    }
+                    continue;
+                }
+            };
             let subject = self.subject(device);
             if !wake {
                 if let Err(error) = self.client.publish_with_headers(subject, headers, body).await {

@@ -16,13 +16,20 @@
 //! their sleeps use, so `tokio::time::pause()` moves both. The wall clock only dates
 //! transactions (`origin_ts`).
 //!
+//! Several workers (PostgreSQL): a destination's task sends only while it holds the
+//! destination's lease ([`DestinationLeases`]), retrying every [`LEASE_RETRY`] until then; a
+//! worker that dies loses its leases with its database connection, and the others take its
+//! destinations over. Commits of one worker wake the other workers' tasks over NATS
+//! ([`crate::cluster::Cluster::fed_wake`]), so the holder of a destination learns of items
+//! other workers queued.
+//!
 //! Shutdown: every task here stops at the shutdown signal, wherever it waits (the in-flight
 //! record makes that safe), and so lets go of the store: the writer can then drain and stop.
 
 use crate::config::FederationConfig;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::storage::{Outbound, Store, StoreError};
+use crate::storage::{DestinationLeases, Outbound, Store, StoreError};
 use bytes::Bytes;
 use parley_federation::queue::{
     Action, Batch, DestinationQueue, InflightRecord, Load, QueueConfig, QueuedItem, TxnResult, Write,
@@ -37,6 +44,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
+
+/// How often a worker asks again for a destination's lease another worker holds: the most a
+/// takeover waits once the holder is gone.
+const LEASE_RETRY: Duration = Duration::from_secs(1);
 
 /// An item for `destination`'s queue.
 pub fn outbound(destination: &ServerName, item: &Item) -> Result<Outbound> {
@@ -77,6 +88,9 @@ struct Inner {
     metrics: Metrics,
     txn_prefix: String,
     destinations: Mutex<HashMap<ServerName, Arc<Destination>>>,
+    /// With several workers: the destination leases, and the link that wakes the others.
+    leases: Option<Arc<DestinationLeases>>,
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// Handle to the per-destination sender tasks. Cheap to clone.
@@ -100,14 +114,24 @@ impl Sender {
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, StoreError> {
         let queued = store.outbound_destinations().await?;
-        let sender = Self {
-            inner: Arc::new(Inner { store, shutdown, client, config, metrics, txn_prefix, destinations: Mutex::default() }),
-        };
+        let leases = store.destination_leases().await?.map(Arc::new);
+        let cluster = std::sync::OnceLock::new();
+        let inner =
+            Inner { store, shutdown, client, config, metrics, txn_prefix, destinations: Mutex::default(), leases, cluster };
+        let sender = Self { inner: Arc::new(inner) };
         for destination in queued {
             sender.wake(&destination);
         }
         tokio::spawn(follow_commits(sender.clone(), outbound));
         Ok(sender)
+    }
+
+    /// Works with the other workers of this homeserver (once, right after [`start`](Self::start)):
+    /// tells them of the queues this worker's commits grow, and hears of theirs.
+    pub fn join_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let woken = self.clone();
+        cluster.on_fed_wake(move |destination| woken.wake(&destination));
+        let _ = self.inner.cluster.set(cluster);
     }
 
     fn destination(&self, server: &ServerName) -> Arc<Destination> {
@@ -125,7 +149,12 @@ impl Sender {
         tokio::spawn(async move {
             // Stopping drops the task wherever it waits; the in-flight record makes that safe.
             tokio::select! {
-                _ = run(inner, server, handle) => {}
+                _ = async {
+                    if let Some(leases) = inner.leases.clone() {
+                        take_lease(&leases, &server).await;
+                    }
+                    run(inner, server, handle).await
+                } => {}
                 _ = shutdown.wait_for(|stop| *stop) => {}
             }
         });
@@ -172,9 +201,30 @@ async fn follow_commits(sender: Sender, mut outbound: mpsc::UnboundedReceiver<Ve
             _ = shutdown.wait_for(|stop| *stop) => None,
         };
         let Some(grown) = grown else { return };
+        if let Some(cluster) = sender.inner.cluster.get() {
+            cluster.fed_wake(&grown);
+        }
         for destination in grown {
             sender.wake(&destination);
         }
+    }
+}
+
+/// Waits until this worker holds `destination`'s lease.
+async fn take_lease(leases: &DestinationLeases, destination: &ServerName) {
+    let mut waited = false;
+    loop {
+        match leases.try_take(destination).await {
+            Ok(true) => {
+                if waited {
+                    tracing::info!(destination = %destination, "took the destination over from another worker");
+                }
+                return;
+            }
+            Ok(false) => waited = true,
+            Err(error) => tracing::warn!(destination = %destination, %error, "taking the destination's lease failed"),
+        }
+        tokio::time::sleep(LEASE_RETRY).await;
     }
 }
 

@@ -61,7 +61,7 @@ pub mod migrate;
 mod store;
 pub mod writer;
 
-pub use store::{AdmitError, Admitted, PushRow, UploadLimits, UploadRow};
+pub use store::{AdmitError, Admitted, DestinationLeases, PushRow, UploadLimits, UploadRow};
 pub use store::{GroupDeviceRow, GroupMessageRow, HubUpdate, KeyPackageUpload, KeyUpload, MessageRoutes, NewKeyPackage, Store};
 pub use writer::{Effects, InboundItem, LiveEvents, MessageOutcome, NewEvent, NewMessage, Outbound, RemoteMessage, Subscribers};
 

@@ -59,6 +59,30 @@ pub struct Store {
     ids: MessageIds,
 }
 
+/// First key of the advisory locks that are federation destination leases (the second is the
+/// destination's `hashtext`; two names with one hash share a lease, which only serializes
+/// their senders).
+const LEASE_CLASS: i32 = 0x5046_4544; // "PFED"
+
+/// Exclusive senders per federation destination among the workers sharing a PostgreSQL
+/// database (see [`Store::destination_leases`]).
+pub struct DestinationLeases {
+    conn: tokio::sync::Mutex<sqlx::PgConnection>,
+}
+
+impl DestinationLeases {
+    /// Takes `destination`'s lease unless another worker holds it; whether this one has it now.
+    /// It is held until the process ends (its connection closes).
+    pub async fn try_take(&self, destination: &ServerName) -> Result<bool, StoreError> {
+        let mut conn = self.conn.lock().await;
+        Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+            .bind(LEASE_CLASS)
+            .bind(destination.as_str())
+            .fetch_one(&mut *conn)
+            .await?)
+    }
+}
+
 /// Ids a PostgreSQL-backed server reserves at once (the `INCREMENT` of `message_id_blocks`).
 const ID_BLOCK: u64 = 1024;
 
@@ -140,6 +164,16 @@ impl Store {
         if let Err(error) = writer.await {
             tracing::error!(%error, "the writer task failed");
         }
+    }
+
+    /// The leases of federation destinations, when workers may share this database
+    /// (PostgreSQL): a connection of its own, on which each sender holds a session-level
+    /// advisory lock per destination. A worker that dies loses its connection and with it its
+    /// leases, so another worker takes its destinations over. `None` on SQLite (one process).
+    pub async fn destination_leases(&self) -> Result<Option<DestinationLeases>, StoreError> {
+        let Pool::Postgres(pool) = &self.pool else { return Ok(None) };
+        let conn = pool.connect_options().connect().await?;
+        Ok(Some(DestinationLeases { conn: tokio::sync::Mutex::new(conn) }))
     }
 
     /// The SQLite pool (unit tests, which run on SQLite).
