@@ -2,6 +2,7 @@
 //! connected to different workers chat as on one server.
 
 use crate::support::{login, register, Device};
+use anyhow::Context as _;
 use parley_sdk::{Api, Event, PresenceStatus, ReceiptKind};
 use parley_tests::nats::NatsServer;
 use parley_tests::{Backend, Mode, TestServer};
@@ -198,5 +199,52 @@ async fn a_worker_killed_under_load_its_devices_go_on_at_the_other_and_lose_noth
         sqlx::query_as("SELECT count(*), count(DISTINCT client_msg_id) FROM messages").fetch_one(&db).await?;
     assert_eq!((rows, distinct), (300, 300));
     db.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_workers_federation_destination_is_taken_over_and_its_queue_delivered_once() -> anyhow::Result<()> {
+    use crate::support::{raw_receiver, receive_texts, send_texts};
+    use parley_tests::fednet::{Discovery, FedNet};
+    let nats = NatsServer::start().await?;
+    let mut net = FedNet::start_as(Mode::Process, &[("b.test", Discovery::Srv)], "").await?;
+    let config = net.config_for("a.test", Discovery::Srv, &format!("[cluster]\nnats_url = \"{}\"\n", nats.url()))?;
+    // Worker one of a.test, a process to be SIGKILLed, sends to b.test first: it holds the lease.
+    let one = TestServer::prepare_as(Mode::Process, &config)?.with_backend(Backend::Postgres);
+    net.add_server("a.test", Discovery::Srv, one).await?;
+    let alice = register(&net.server("a.test").base_url, "alice").await?;
+    let bob = register(&net.server("b.test").base_url, "bob").await?;
+    let a1 = Device::connect(&alice).await?;
+    let template = crate::support::envelopes(&alice, &bob.user_id, b"x").await?;
+    send_texts(&a1, &bob.user_id, &template, &["first".to_owned()]).await?;
+    let mut b1 = raw_receiver(&bob).await?;
+    assert_eq!(receive_texts(&mut b1, 1).await?, ["first"]);
+    drop(b1);
+    drop(a1);
+
+    // Worker two; b.test goes down, and alice queues 100 messages there through worker two.
+    let mut two = TestServer::prepare_as(Mode::InProcess, &config)?.worker_of(net.server("a.test"))?;
+    two.restart().await?;
+    net.server("b.test").stop().await?;
+    let on_two = parley_sdk::Session::new(&two.base_url, alice.user_id.clone(), alice.device_id.clone(), alice.access_token());
+    let a2 = Device::connect(&on_two).await?;
+    let texts: Vec<String> = (0..100).map(|i| format!("queued {i:03}")).collect();
+    send_texts(&a2, &bob.user_id, &template, &texts).await?;
+    assert_eq!(two.queued_for("b.test").await?, 100);
+
+    // Worker one dies holding the lease; b.test comes back: worker two takes b.test over and
+    // delivers the queue, each message once. (a.test's address now leads to worker two, as a
+    // load balancer in front of the workers would: b.test fetches a.test's key from there.)
+    net.server("a.test").kill().await?;
+    let port = two.federation_addr.context("worker two's federation listener")?.port();
+    net.dns.remove("_parley._tcp.a.test").await?;
+    net.dns.add_srv("_parley._tcp.a.test", 10, 10, port, "a.test").await?;
+    net.server("b.test").restart().await?;
+    let mut b1 = raw_receiver(&bob).await?;
+    let mut expected = vec!["first".to_owned()];
+    expected.extend(texts);
+    assert_eq!(receive_texts(&mut b1, 101).await?, expected);
+    two.wait_for_log(&["took the destination over", "b.test"], std::time::Duration::from_secs(5)).await?;
+    assert_eq!(net.server("b.test").inbox_rows_from(alice.user_id.as_str()).await?, (101, 101));
     Ok(())
 }

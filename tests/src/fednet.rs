@@ -129,7 +129,14 @@ impl FedNet {
     /// servers configured apart: each its own S3 store, say).
     pub async fn add(&mut self, name: &str, discovery: Discovery, extra: &str) -> anyhow::Result<()> {
         let config = self.config_for(name, discovery, extra)?;
-        let server = TestServer::start_as(self.mode, &config).await?;
+        let server = TestServer::prepare_as(self.mode, &config)?;
+        self.add_server(name, discovery, server).await
+    }
+
+    /// Starts `server` (prepared with [`config_for`](Self::config_for)`(name, …)`, not yet
+    /// running) as the server `name` of this federation.
+    pub async fn add_server(&mut self, name: &str, discovery: Discovery, mut server: TestServer) -> anyhow::Result<()> {
+        server.restart().await?;
         let port = server.federation_addr.context("federation listener address")?.port();
         let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
         match discovery {
