@@ -248,3 +248,38 @@ async fn a_killed_workers_federation_destination_is_taken_over_and_its_queue_del
     assert_eq!(net.server("b.test").inbox_rows_from(alice.user_id.as_str()).await?, (101, 101));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_group_spread_over_two_workers_gets_every_message() -> anyhow::Result<()> {
+    use crate::e2ee::next;
+    use parley_sdk::messenger::{Messenger, MessengerEvent, MessengerEvents};
+    let nats = NatsServer::start().await?;
+    let (one, two) = two_workers(&nats, "").await?;
+    let dir = tempfile::tempdir()?;
+    let join = |base: String, name: &'static str| {
+        let path = dir.path().join(format!("{name}.db"));
+        async move { Messenger::register(&base, &path, name, crate::support::PASSWORD).await }
+    };
+    let (alice, mut alice_events, _) = join(one.base_url.clone(), "alice").await?; // worker one
+    let (bob, mut bob_events, _) = join(two.base_url.clone(), "bob").await?; // worker two
+    let (carol, mut carol_events, _) = join(two.base_url.clone(), "carol").await?; // worker two
+    async fn text(events: &mut MessengerEvents) -> anyhow::Result<(String, String)> {
+        next(events, |e| match e {
+            MessengerEvent::GroupMessage(m) => Some((m.sender.to_string(), m.body)),
+            _ => None,
+        })
+        .await
+    }
+    let (group, _) = alice.create_group("spread", &[bob.session().user_id.clone(), carol.session().user_id.clone()]).await?;
+    for events in [&mut bob_events, &mut carol_events] {
+        next(events, |e| matches!(e, MessengerEvent::GroupJoined { .. }).then_some(())).await?;
+    }
+    alice.send_group_text(&group, "from worker one").await?;
+    let from_one = ("@alice:localhost".to_owned(), "from worker one".to_owned());
+    assert_eq!(text(&mut bob_events).await?, from_one);
+    assert_eq!(text(&mut carol_events).await?, from_one);
+    bob.send_group_text(&group, "from worker two").await?;
+    assert_eq!(text(&mut carol_events).await?, ("@bob:localhost".to_owned(), "from worker two".to_owned()));
+    assert_eq!(text(&mut alice_events).await?, ("@bob:localhost".to_owned(), "from worker two".to_owned()));
+    Ok(())
+}
