@@ -6,6 +6,11 @@
 //! cargo run --release -p parley-tests --bin parley-bench -- --federation --devices 1000 --seconds 10
 //! ```
 //!
+//! The database is the tests' backend: SQLite, or with `PARLEY_TEST_BACKEND=postgres` a fresh
+//! PostgreSQL database (`scripts/postgres.sh`). `--workers 2` runs two workers of one
+//! homeserver on one PostgreSQL database with NATS between them (`scripts/nats.sh`), devices
+//! alternating between them, so every message is sent at one worker and delivered at the other.
+//!
 //! With `--federation`, two servers (`a.test`, `b.test`, HTTPS with a test CA, found through a
 //! real DNS server's SRV records) each host half of the devices, and every device sends to a
 //! device on the other server: each message crosses the federation queue and transactions.
@@ -58,6 +63,9 @@ struct Args {
     /// Skip the saturation phase (measure only the offered load of --rate).
     #[arg(long)]
     no_saturation: bool,
+    /// Workers of the homeserver: 2 puts both on PostgreSQL with NATS between them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    workers: u8,
 }
 
 const BENCH_CONFIG: &str = "[storage]\nsynchronous = \"full\"\n[log]\nfilter = \"warn\"\n";
@@ -108,13 +116,42 @@ async fn main() -> anyhow::Result<()> {
     if args.federation {
         return federation(&args, epoch).await;
     }
-    let server = TestServer::process_with(BENCH_CONFIG).await?;
-    let accounts = register_all(&server.base_url, args.devices, "u").await?;
-    let servers = [(server.base_url.clone(), server.pid().context("pid")?)];
+    // Kept until the end: the workers and NATS.
+    let mut running = Vec::new();
+    let mut nats = None;
+    let (accounts, servers) = if args.workers == 2 {
+        let server = parley_tests::nats::NatsServer::start().await?;
+        let config = format!("{BENCH_CONFIG}[cluster]\nnats_url = \"{}\"\n", server.url());
+        nats = Some(server);
+        let mut one = TestServer::prepare_as(parley_tests::Mode::Process, &config)?.with_backend(parley_tests::Backend::Postgres);
+        one.restart().await?;
+        let mut two = TestServer::prepare_as(parley_tests::Mode::Process, &config)?.worker_of(&one)?;
+        two.restart().await?;
+        let mut accounts = register_all(&one.base_url, args.devices, "u").await?;
+        for account in accounts.iter_mut().skip(1).step_by(2) {
+            account.base = two.base_url.clone();
+        }
+        let servers = vec![(one.base_url.clone(), one.pid().context("pid")?), (two.base_url.clone(), two.pid().context("pid")?)];
+        running.extend([one, two]);
+        (accounts, servers)
+    } else {
+        let server = TestServer::process_with(BENCH_CONFIG).await?;
+        let accounts = register_all(&server.base_url, args.devices, "u").await?;
+        let servers = vec![(server.base_url.clone(), server.pid().context("pid")?)];
+        running.push(server);
+        (accounts, servers)
+    };
+    println!(
+        "backend: {:?}, {} worker(s){}",
+        running[0].backend(),
+        args.workers,
+        if args.workers == 2 { ", devices alternating: every message crosses workers over NATS" } else { "" }
+    );
     let n = accounts.len();
     let saturation = relay_phase(&servers, &accounts, |i| (i + 1) % n, &args, Load::Saturate(args.window), epoch).await?;
     let latency = relay_phase(&servers, &accounts, |i| (i + 1) % n, &args, Load::Rate(args.rate), epoch).await?;
-    drop(server);
+    drop(running);
+    drop(nats);
 
     let idle = idle_phase(args.idle).await?;
 
