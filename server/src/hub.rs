@@ -208,23 +208,21 @@ impl Hub {
             }
         }
         let conns = self.conns.read().unwrap_or_else(|e| e.into_inner());
-        let push = self.push.get();
+        let (push, relay) = (self.push.get(), self.relay.get());
         for event in committed {
             match conns.get(&event.device) {
                 Some(entry) => entry.mailbox.push_event(event.row),
-                // Perhaps connected to another worker (which then answers: no push).
-                None if self.relay.get().is_some() => {
-                    if let Some(relay) = self.relay.get() {
-                        relay.event(event.device, &event.row);
+                None => match relay {
+                    // Perhaps connected to another worker (which then answers: no push).
+                    Some(relay) => relay.event(event.device, &event.row),
+                    // Messages wake an offline device; receipts and notices wait for it.
+                    None if event.row.origin.is_some() => {
+                        if let Some(push) = push {
+                            push.wake(event.device);
+                        }
                     }
-                }
-                // Messages wake an offline device; receipts and notices wait for it.
-                None if event.row.origin.is_some() => {
-                    if let Some(push) = push {
-                        push.wake(event.device);
-                    }
-                }
-                None => {}
+                    None => {}
+                },
             }
         }
     }

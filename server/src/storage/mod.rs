@@ -201,7 +201,13 @@ impl Pool {
 /// sequence numbers become visible in order (the PostgreSQL schema's header, B9).
 const WRITE_LOCK: i64 = 0x5061_726c_6579; // "Parley"
 
-/// A transaction that may write, taken as the backend needs (see [`WRITE_LOCK`]).
+/// Takes [`WRITE_LOCK`] for the PostgreSQL transaction `conn` is in (held to its end).
+async fn lock_writes(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITE_LOCK).execute(conn).await?;
+    Ok(())
+}
+
+/// A transaction that may write, taken from a pool as the backend needs (see [`WRITE_LOCK`]).
 pub(crate) trait BeginWrite {
     /// The backend.
     type Db: sqlx::Database;
@@ -220,7 +226,31 @@ impl BeginWrite for sqlx::PgPool {
     type Db = sqlx::Postgres;
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
         let mut tx = self.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITE_LOCK).execute(&mut *tx).await?;
+        lock_writes(&mut tx).await?;
+        Ok(tx)
+    }
+}
+
+/// The same on a connection of its own (the writer's).
+pub(crate) trait BeginWriteOn {
+    /// The backend.
+    type Db: sqlx::Database;
+    /// Begins it.
+    fn begin_write(&mut self) -> impl std::future::Future<Output = Result<sqlx::Transaction<'_, Self::Db>, sqlx::Error>> + Send;
+}
+
+impl BeginWriteOn for sqlx::SqliteConnection {
+    type Db = sqlx::Sqlite;
+    async fn begin_write(&mut self) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, sqlx::Error> {
+        sqlx::Connection::begin_with(self, "BEGIN IMMEDIATE").await
+    }
+}
+
+impl BeginWriteOn for sqlx::PgConnection {
+    type Db = sqlx::Postgres;
+    async fn begin_write(&mut self) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+        let mut tx = sqlx::Connection::begin(self).await?;
+        lock_writes(&mut tx).await?;
         Ok(tx)
     }
 }

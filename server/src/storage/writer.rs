@@ -593,16 +593,12 @@ pub(super) async fn apply_plan(
     work: &mut Work,
 ) -> Result<Vec<(NewEvent, Seq)>, StoreError> {
     let Plan { messages, effects, inbound, fed_state, deleted, acks, last_seen, replies: _ } = plan;
-    let mut tx = if PG {
-        let mut tx = conn.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(crate::storage::WRITE_LOCK).execute(&mut *tx).await?;
+    let mut tx = crate::storage::BeginWriteOn::begin_write(conn).await?;
+    if PG {
         // Other workers on this database may have appended to any inbox since this worker's
         // last batch: sequence numbers are read afresh (under the lock, nothing moves now).
         next_seq.clear();
-        tx
-    } else {
-        conn.begin_with("BEGIN IMMEDIATE").await?
-    };
+    }
 
     // 1. Messages: idempotency records; only new messages add their events and items.
     let stored = insert_messages(&mut tx, messages, work).await?;
