@@ -12,6 +12,18 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release -p parley-server --bin parleyd --locked \
     && cp target/release/parleyd /usr/local/bin/parleyd
 
+# The S3-compatible store of docker-compose.cluster.yml: s3s-fs from crates.io, the server the
+# tests use (`docker build --target s3 -t parley-s3:dev .`; compose builds it).
+FROM rust:1.95-bookworm AS s3s-fs
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    cargo install s3s-fs --version 0.14.1 --features binary --locked --root /opt/s3s-fs
+
+FROM debian:bookworm-slim AS s3
+COPY --from=s3s-fs /opt/s3s-fs/bin/s3s-fs /usr/local/bin/s3s-fs
+EXPOSE 9000
+ENTRYPOINT ["s3s-fs"]
+
+# The parleyd image (the default target: the last stage).
 FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \

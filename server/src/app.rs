@@ -44,7 +44,7 @@ pub(crate) struct AppState {
     pub metrics: Metrics,
     /// Becomes true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
-    /// This server's signing key (federation), kept in `data_dir/server.key`.
+    /// This server's signing key (federation), kept in `Config::server_key_file`.
     pub server_key: Arc<parley_federation::ServerKey>,
     /// Federation (None when disabled).
     pub federation: Option<Arc<crate::federation::Federation>>,
@@ -107,7 +107,7 @@ impl Server {
         let server_name = config.server_name.clone();
         let metrics = Metrics::new();
         let hub = Arc::new(Hub::default());
-        let server_key = Arc::new(parley_federation::ServerKey::load_or_create(&config.data_dir.join("server.key"))?);
+        let server_key = Arc::new(parley_federation::ServerKey::load_or_create(&config.server_key_path())?);
         let media = Arc::new(
             crate::media::Media::open(&config, &server_key, metrics.clone()).map_err(|e| OpenError::Media(e.to_string()))?,
         );

@@ -45,6 +45,8 @@ enum Command {
     Devnet(crate::devnet::DevnetArgs),
     /// Write a test CA and server certificates into a directory (kept if they exist).
     DevnetCerts(crate::devnet::DevnetCertsArgs),
+    /// Spread TCP connections over several workers of one homeserver (round robin).
+    Proxy(crate::proxy::ProxyArgs),
     /// Copy this server's SQLite database into an empty PostgreSQL database (the server must
     /// be stopped); prints the rows copied per table once every count matches.
     Migrate {
@@ -102,6 +104,7 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Devnet(args)) => return crate::devnet::main(args),
         Some(Command::DevnetCerts(args)) => return crate::devnet::certs_main(args),
+        Some(Command::Proxy(args)) => return crate::proxy::main(args),
         _ => {}
     }
     let overrides = Overrides { data_dir: cli.data_dir.clone(), listen: cli.listen, server_name: cli.server_name.clone() };
@@ -131,7 +134,7 @@ pub fn main() -> anyhow::Result<()> {
             }
             Some(Command::Admin(Admin::RotateServerKey)) => {
                 let now = parley_spec::Timestamp::now();
-                let key = parley_federation::ServerKey::rotate(&config.data_dir.join("server.key"), now)?;
+                let key = parley_federation::ServerKey::rotate(&config.server_key_path(), now)?;
                 println!("{} (restart parleyd to sign with it)", key.key_id);
                 Ok(())
             }
@@ -144,7 +147,7 @@ pub fn main() -> anyhow::Result<()> {
                 println!("{} tables, {total} rows copied; every count matches", counts.len());
                 Ok(())
             }
-            Some(Command::ConfigExample | Command::Devnet(_) | Command::DevnetCerts(_)) => Ok(()),
+            Some(Command::ConfigExample | Command::Devnet(_) | Command::DevnetCerts(_) | Command::Proxy(_)) => Ok(()),
         }
     })
 }

@@ -20,6 +20,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the database, the server key and media live.
     pub data_dir: PathBuf,
+    /// The server's signing key (federation signatures; media URL and push keys derive from
+    /// it), relative to `data_dir` unless absolute; made when missing. The workers of one
+    /// homeserver must all read the same key.
+    pub server_key_file: PathBuf,
     /// Who may register.
     pub registration: RegistrationConfig,
     /// Password hashing.
@@ -575,6 +579,7 @@ impl Default for Config {
             server_name: ServerName::parse("localhost").expect("a valid server name"),
             listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
             data_dir: PathBuf::from("data"),
+            server_key_file: PathBuf::from("server.key"),
             registration: RegistrationConfig::default(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
@@ -851,6 +856,11 @@ impl Config {
     /// The database file.
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join(&self.storage.sqlite_file)
+    }
+
+    /// The server key's file ([`Config::server_key_file`] under `data_dir` unless absolute).
+    pub fn server_key_path(&self) -> PathBuf {
+        self.data_dir.join(&self.server_key_file)
     }
 }
 

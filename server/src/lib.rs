@@ -23,6 +23,7 @@ pub(crate) mod messaging;
 pub(crate) mod metrics;
 pub(crate) mod outgoing;
 pub(crate) mod presence;
+pub(crate) mod proxy;
 pub(crate) mod push;
 pub(crate) mod ratelimit;
 pub(crate) mod storage;

@@ -948,6 +948,11 @@ pub(super) async fn apply_acks(
     next_seq: &mut HashMap<DevicePk, Seq>,
     keep_history: bool,
 ) -> Result<(), StoreError> {
+    if PG {
+        // One statement for the batch, not one per acknowledging device (the cache starts
+        // empty at every PostgreSQL batch).
+        load_next_seqs(conn, next_seq, acks.keys().copied()).await?;
+    }
     let mut clamped = Vec::with_capacity(acks.len());
     for (device, seq) in acks {
         if let Some(next) = peek_next_seq(next_seq, conn, device).await? {

@@ -141,9 +141,10 @@ async fn main() -> anyhow::Result<()> {
         running.push(server);
         (accounts, servers)
     };
+    let running_backend = running[0].backend();
     println!(
         "backend: {:?}, {} worker(s){}",
-        running[0].backend(),
+        running_backend,
         args.workers,
         if args.workers == 2 { ", devices alternating: every message crosses workers over NATS" } else { "" }
     );
@@ -175,6 +176,16 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "| {name}: server CPU / load generator CPU / mean group commit / ops per commit | {:.2} / {:.2} cores / {:.2} ms / {:.0} |",
             phase.server_cores, phase.client_cores, phase.commit_ms, phase.batch
+        );
+    }
+    // PostgreSQL and NATS: every such process on the machine (on SQLite, whatever else runs).
+    for (name, phase) in [("saturation", &saturation), ("latency phase", &latency)] {
+        println!(
+            "| {name}: PostgreSQL CPU / NATS CPU / server CPU per 1,000 msgs/s / PostgreSQL CPU per 1,000 msgs/s | {:.2} / {:.2} cores / {:.3} / {:.3} cores |",
+            phase.postgres_cores,
+            phase.nats_cores,
+            phase.server_cores / phase.delivered_per_sec * 1000.0,
+            phase.postgres_cores / phase.delivered_per_sec * 1000.0
         );
     }
     println!(
@@ -323,6 +334,9 @@ struct PhaseResult {
     server_cores: f64,
     /// Load generator CPU used, in cores.
     client_cores: f64,
+    /// PostgreSQL's and NATS's CPU, in cores (every such process on the machine).
+    postgres_cores: f64,
+    nats_cores: f64,
 }
 
 /// Sums and counts of the writer's histograms, and the server's CPU time, at one moment.
@@ -332,6 +346,9 @@ struct ServerSample {
     commit_count: f64,
     batch_sum: f64,
     cpu_secs: f64,
+    /// CPU seconds of every `postgres` and every `nats-server` process on the machine.
+    postgres_secs: f64,
+    nats_secs: f64,
 }
 
 /// The sum over `servers` (base URL, pid).
@@ -347,7 +364,20 @@ async fn sample(servers: &[(String, u32)]) -> anyhow::Result<ServerSample> {
         total.batch_sum += value("parley_store_batch_operations_sum");
         total.cpu_secs += sample_cpu(*pid)?;
     }
+    (total.postgres_secs, total.nats_secs) = (cpu_of_command("postgres"), cpu_of_command("nats-server"));
     Ok(total)
+}
+
+/// CPU seconds used so far by every process whose command name is `comm` (processes that
+/// ended meanwhile are missed: PostgreSQL's backends live as long as the pool's connections).
+fn cpu_of_command(comm: &str) -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm))
+        .filter_map(|pid| sample_cpu(pid).ok())
+        .sum()
 }
 
 /// User + system CPU seconds of a process (Linux, 100 ticks per second).
@@ -452,6 +482,8 @@ async fn relay_phase(
         batch: (after.batch_sum - before.batch_sum) / commits,
         server_cores: (after.cpu_secs - before.cpu_secs) / elapsed,
         client_cores: (own_after - own_before) / elapsed,
+        postgres_cores: (after.postgres_secs - before.postgres_secs) / elapsed,
+        nats_cores: (after.nats_secs - before.nats_secs) / elapsed,
     })
 }
 
