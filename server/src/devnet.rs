@@ -167,7 +167,10 @@ pub fn plan(args: &DevnetArgs) -> anyhow::Result<Vec<Node>> {
         bail!("--servers must be at least 1");
     }
     if args.workers > 1 && (args.postgres.is_none() || args.nats.is_none()) {
-        bail!("--workers {} needs --postgres and --nats: the workers of a server share its database and talk over NATS", args.workers);
+        bail!(
+            "--workers {} needs --postgres and --nats: the workers of a server share its database and talk over NATS",
+            args.workers
+        );
     }
     if args.nats.is_some() && args.postgres.is_none() {
         bail!("--nats needs --postgres");
@@ -191,8 +194,11 @@ pub fn plan(args: &DevnetArgs) -> anyhow::Result<Vec<Node>> {
             let database_url = args.postgres.as_deref().map(|url| database_url(url, federation_port)).transpose()?;
             let workers = (0..usize::from(args.workers))
                 .map(|w| {
-                    let (name, data_dir) =
-                        if several { (format!("server{i}-{w}"), dir.join(i.to_string()).join(format!("worker{w}"))) } else { (format!("server{i}"), dir.join(i.to_string())) };
+                    let (name, data_dir) = if several {
+                        (format!("server{i}-{w}"), dir.join(i.to_string()).join(format!("worker{w}")))
+                    } else {
+                        (format!("server{i}"), dir.join(i.to_string()))
+                    };
                     Worker { index: w, config: dir.join(format!("{name}.toml")), log: dir.join(format!("{name}.log")), data_dir }
                 })
                 .collect();
@@ -341,8 +347,9 @@ pub fn config_toml(node: &Node, worker: &Worker, ca: &Path, nats: Option<&str>) 
 /// Creates the servers' PostgreSQL databases that do not exist yet.
 async fn create_databases(admin_url: &str, nodes: &[Node]) -> anyhow::Result<()> {
     use sqlx::Connection as _;
-    let mut admin =
-        sqlx::PgConnection::connect(admin_url).await.with_context(|| format!("connecting to PostgreSQL at --postgres {admin_url}"))?;
+    let mut admin = sqlx::PgConnection::connect(admin_url)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at --postgres {admin_url}"))?;
     for node in nodes {
         let Some(url) = &node.database_url else { continue };
         let name = url::Url::parse(url)?.path().trim_start_matches('/').to_owned();
@@ -350,7 +357,10 @@ async fn create_databases(admin_url: &str, nodes: &[Node]) -> anyhow::Result<()>
             sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1").bind(&name).fetch_optional(&mut admin).await?;
         if exists.is_none() {
             // The name is ours (parley_devnet_<port>): no quoting issue.
-            sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.with_context(|| format!("creating database {name}"))?;
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .with_context(|| format!("creating database {name}"))?;
         }
     }
     admin.close().await?;
@@ -451,8 +461,9 @@ async fn start_proxies(nodes: &[Node], running: &[Running]) -> anyhow::Result<to
         let clients = workers.iter().map(|w| w.client.to_string()).collect();
         let federations = workers.iter().filter_map(|w| w.federation).map(|a| a.to_string()).collect();
         for (address, backends) in [(node.client, clients), (node.federation, federations)] {
-            let listener =
-                tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding {address} (proxy of server {})", node.index))?;
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding {address} (proxy of server {})", node.index))?;
             proxies.spawn(crate::proxy::serve(listener, backends));
         }
     }
@@ -478,7 +489,8 @@ fn spawn(exe: &Path, worker: &Worker) -> anyhow::Result<(Child, tokio::sync::one
             command.env_remove(key);
         }
     }
-    let mut child = command.spawn().with_context(|| format!("starting {} serve --config {}", exe.display(), worker.config.display()))?;
+    let mut child =
+        command.spawn().with_context(|| format!("starting {} serve --config {}", exe.display(), worker.config.display()))?;
     let stdout = child.stdout.take().context("stdout")?;
     let (ready, listening) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -490,7 +502,8 @@ fn spawn(exe: &Path, worker: &Worker) -> anyhow::Result<(Child, tokio::sync::one
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             let _ = writeln!(log, "{line}");
-            let address = |prefix: &str| line.strip_prefix(prefix).and_then(|rest| rest.split(' ').next()?.parse::<SocketAddr>().ok());
+            let address =
+                |prefix: &str| line.strip_prefix(prefix).and_then(|rest| rest.split(' ').next()?.parse::<SocketAddr>().ok());
             if let Some(address) = address(FEDERATION_LISTENING) {
                 federation = Some(address);
             } else if let Some(client) = address(LISTENING) {
@@ -958,7 +971,18 @@ mod tests {
             yaml.lines().filter(|l| l.starts_with("  ") && !l.starts_with("   ") && l.ends_with(':')).map(str::trim).collect();
         assert_eq!(
             services,
-            ["certs:", "postgres:", "nats:", "s3:", "parley-worker1:", "parley-worker2:", "parley:", "certs:", "postgres:", "s3:"]
+            [
+                "certs:",
+                "postgres:",
+                "nats:",
+                "s3:",
+                "parley-worker1:",
+                "parley-worker2:",
+                "parley:",
+                "certs:",
+                "postgres:",
+                "s3:"
+            ]
         );
         // Every worker waits for what it needs and shares the certificate volume read-only.
         assert_eq!(yaml.matches("      - certs:/certs:ro\n").count(), 2);
@@ -968,7 +992,9 @@ mod tests {
              \"0.0.0.0:8448=parley-worker1:8448,parley-worker2:8448\"]"
         ));
         // The proxy's routes parse as `parleyd proxy` will parse them.
-        for route in ["0.0.0.0:8008=parley-worker1:8008,parley-worker2:8008", "0.0.0.0:8448=parley-worker1:8448,parley-worker2:8448"] {
+        for route in
+            ["0.0.0.0:8008=parley-worker1:8008,parley-worker2:8008", "0.0.0.0:8448=parley-worker1:8448,parley-worker2:8448"]
+        {
             crate::proxy::Route::parse(route).unwrap();
         }
         // The store's credentials and bucket are the workers'.

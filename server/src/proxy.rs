@@ -127,7 +127,8 @@ mod tests {
         let route = Route::parse("0.0.0.0:8008=worker1:8008,10.0.0.2:8008").unwrap();
         assert_eq!(route.listen, SocketAddr::from(([0, 0, 0, 0], 8008)));
         assert_eq!(route.backends, ["worker1:8008", "10.0.0.2:8008"]);
-        for bad in ["0.0.0.0:8008", "nonsense=w:1", "0.0.0.0:8008=w", "0.0.0.0:8008=w:0", "0.0.0.0:8008=:80", "0.0.0.0:8008=w:1,"] {
+        for bad in ["0.0.0.0:8008", "nonsense=w:1", "0.0.0.0:8008=w", "0.0.0.0:8008=w:0", "0.0.0.0:8008=:80", "0.0.0.0:8008=w:1,"]
+        {
             assert!(Route::parse(bad).is_err(), "{bad}");
         }
     }

@@ -52,6 +52,8 @@ async fn start_devnet(args: &[String], dir: &Path) -> anyhow::Result<(Child, Str
     })
     .await
     .context("devnet did not come up within 90 s")??;
+    // Keep reading: devnet prints on its way out, and a closed pipe would fail it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok((child, printed))
 }
 
@@ -69,7 +71,8 @@ async fn devnet_starts_federating_servers_that_users_chat_across() -> anyhow::Re
     let dir = tempfile::tempdir()?;
     let federation = free_ports(2)?;
     let client = free_ports(2)?;
-    let args = ["--servers", "2", "--base-port", &federation.to_string(), "--client-base-port", &client.to_string()].map(str::to_owned);
+    let args =
+        ["--servers", "2", "--base-port", &federation.to_string(), "--client-base-port", &client.to_string()].map(str::to_owned);
     let (child, printed) = start_devnet(&args, &dir.path().join("net")).await?;
     assert!(printed.contains(&format!("localhost:{}", federation + 1)), "{printed}");
 
@@ -89,7 +92,7 @@ async fn devnet_starts_federating_servers_that_users_chat_across() -> anyhow::Re
 /// The client API address a worker printed in its log.
 fn worker_address(log: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
-    let line = text.lines().find_map(|l| l.strip_prefix("parleyd listening on ")).context("no listening line")?;
+    let line = text.lines().find_map(|l| l.strip_prefix("parleyd listening on http://")).context("no listening line")?;
     Ok(line.split(' ').next().context("address")?.to_owned())
 }
 

@@ -324,3 +324,32 @@ async fn old_files_move_from_the_filesystem_to_a_cold_s3_store_and_are_served_fr
     assert_eq!((status, body.as_slice()), (206, &ciphertext[PART - 10..PART + 10]));
     Ok(())
 }
+
+/// Two workers of one homeserver (one PostgreSQL database, one server key) on one S3 store:
+/// an upload created at one worker is completed at the other, and the file is served by both.
+#[tokio::test]
+async fn two_workers_share_the_s3_store() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let config = format!("{S3_PARTS}{}", s3.config());
+    let one = TestServer::start_on(parley_tests::Backend::Postgres, &config).await?;
+    let mut two = TestServer::prepare_as(parley_tests::Mode::InProcess, &config)?.worker_of(&one)?;
+    two.restart().await?;
+    let alice = raw::register(&one.base_url, "alice").await?;
+    let bob = raw::register(&two.base_url, "bob").await?;
+    let file = plaintext(PART + 1000);
+    let (ciphertext, media) = MediaRef::encrypt(&mut rand::thread_rng(), &file, "image/png");
+
+    let (status, state) = create(&one.base_url, &alice.token, ciphertext.len(), &sha256_of(&media)).await?;
+    assert_eq!(status, 201, "{state}");
+    let upload_id = state["upload_id"].as_str().context("upload_id")?.to_owned();
+    let parts = put_all(&state, &ciphertext, &[]).await?;
+    let (status, info) = complete_with(&two.base_url, &alice.token, &upload_id, &parts).await?;
+    assert_eq!(status, 200, "completed at the other worker: {info}");
+    let media_id = info["media_id"].as_str().context("media_id")?.to_owned();
+    for base in [&one.base_url, &two.base_url] {
+        let (status, _, body) = download(base, &bob.token, &media_id, None).await?;
+        assert_eq!(status, 200);
+        assert_eq!(media.decrypt(&body)?, file);
+    }
+    Ok(())
+}
