@@ -104,19 +104,9 @@ struct DropDatabases {
 
 impl Drop for DropDatabases {
     fn drop(&mut self) {
-        let (admin, names) = (self.admin.clone(), std::mem::take(&mut self.names));
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(async {
-                let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&admin).await?;
-                for name in names {
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&pool).await?;
-                }
-                pool.close().await;
-                anyhow::Ok(())
-            })
-        })
-        .join();
+        if let Err(error) = parley_tests::postgres::drop_databases(&self.admin, &self.names) {
+            eprintln!("dropping {:?} failed: {error}", self.names);
+        }
     }
 }
 

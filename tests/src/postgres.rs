@@ -66,21 +66,28 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        // Dropped inside a runtime, perhaps a current-thread one: the DROP runs on a thread of
-        // its own, with a runtime of its own.
-        let (server, name) = (self.server.clone(), self.name.clone());
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(async {
-                let admin = PgPoolOptions::new().max_connections(1).connect(&server).await?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await?;
-                admin.close().await;
-                anyhow::Ok(())
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
+        if drop_databases(&self.server, std::slice::from_ref(&self.name)).is_err() {
             eprintln!("dropping test database {} failed", self.name);
         }
     }
+}
+
+/// Drops the databases `names` on the PostgreSQL at `server` (connections and all). Callable
+/// from `Drop` inside a runtime, even a current-thread one: the drops run on a thread of their
+/// own, with a runtime of their own.
+pub fn drop_databases(server: &str, names: &[String]) -> anyhow::Result<()> {
+    let (server, names) = (server.to_owned(), names.to_vec());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let admin = PgPoolOptions::new().max_connections(1).connect(&server).await?;
+            for name in names {
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await?;
+            }
+            admin.close().await;
+            anyhow::Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the drop thread panicked"))?
 }
