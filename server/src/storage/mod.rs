@@ -195,13 +195,15 @@ impl Pool {
     }
 }
 
-/// The advisory lock every PostgreSQL write transaction holds to its commit (the writer's
-/// batches and the pool's read-check-write transactions): what SQLite's `BEGIN IMMEDIATE`
-/// gives, one writer at a time, so no check is raced and `fed_outbound`'s and the inboxes'
-/// sequence numbers become visible in order (the PostgreSQL schema's header, B9).
+/// The advisory lock every PostgreSQL write transaction holds to its commit: the pool's
+/// read-check-write transactions hold it exclusively, what SQLite's `BEGIN IMMEDIATE` gives,
+/// one at a time, so no check is raced and `fed_outbound`'s sequence numbers become visible in
+/// order (the PostgreSQL schema's header, B9). The writers' batches (one per worker) hold it
+/// shared: they run beside each other, and each locks the queues and devices it adds to
+/// (`writer::rows::BatchRows::lock_batch`), which orders what they write.
 const WRITE_LOCK: i64 = 0x5061_726c_6579; // "Parley"
 
-/// Takes [`WRITE_LOCK`] for the PostgreSQL transaction `conn` is in (held to its end).
+/// Takes [`WRITE_LOCK`] exclusively for the PostgreSQL transaction `conn` is in (held to its end).
 async fn lock_writes(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITE_LOCK).execute(conn).await?;
     Ok(())
@@ -231,7 +233,8 @@ impl BeginWrite for sqlx::PgPool {
     }
 }
 
-/// The same on a connection of its own (the writer's).
+/// The same on a connection of its own (the writer's; on PostgreSQL it holds [`WRITE_LOCK`]
+/// shared).
 pub(crate) trait BeginWriteOn {
     /// The backend.
     type Db: sqlx::Database;
@@ -250,7 +253,7 @@ impl BeginWriteOn for sqlx::PgConnection {
     type Db = sqlx::Postgres;
     async fn begin_write(&mut self) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
         let mut tx = sqlx::Connection::begin(self).await?;
-        lock_writes(&mut tx).await?;
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(WRITE_LOCK).execute(&mut *tx).await?;
         Ok(tx)
     }
 }

@@ -22,6 +22,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+mod rows;
+use rows::{BatchRows as _, InboxInsert, MessageRow};
+
 /// Longest wait of a WAL restart for readers, in milliseconds.
 const WAL_RESTART_WAIT_MS: u64 = 20;
 
@@ -596,7 +599,7 @@ pub(super) async fn apply_plan(
     let mut tx = crate::storage::BeginWriteOn::begin_write(conn).await?;
     if PG {
         // Other workers on this database may have appended to any inbox since this worker's
-        // last batch: sequence numbers are read afresh (under the lock, nothing moves now).
+        // last batch: sequence numbers are read afresh, once the devices are locked (below).
         next_seq.clear();
     }
 
@@ -616,6 +619,17 @@ pub(super) async fn apply_plan(
     outbound.extend(inbound.outbound);
     received.extend(inbound.received);
     record_received(&mut tx, &received).await?;
+    if PG {
+        // Beside another worker's batch (both hold the write lock shared): lock the queues and
+        // devices this batch adds to, then read the devices' sequence numbers (see
+        // `BatchRows::lock_batch`). Removed, acknowledging and last-seen devices too: their
+        // rows are written below. Everything before this point is ordered by unique keys.
+        let destinations = outbound.iter().map(|item| rows::destination_lock(&item.destination)).collect();
+        let devices = events.iter().map(|event| event.device);
+        let devices = devices.chain(deleted.iter().copied()).chain(acks.keys().copied());
+        tx.lock_batch(destinations, devices.chain(last_seen.iter().map(|(_, device, _)| *device)).collect()).await?;
+        load_next_seqs(&mut tx, next_seq, events.iter().map(|event| event.device).chain(acks.keys().copied())).await?;
+    }
     // 3. Outbound federation items, and the state of transactions in flight.
     work.destinations = queue_outbound(&mut tx, outbound).await?;
     apply_fed_state(&mut tx, fed_state, now, work).await?;
@@ -627,7 +641,9 @@ pub(super) async fn apply_plan(
     hold_media(&mut tx, &std::mem::take(&mut work.holds), &rows).await?;
     // 6. Acks: raise acked_seq (clamped to what exists) and drop acknowledged entries.
     apply_acks(&mut tx, acks, next_seq, keep_history).await?;
-    // 7. Last seen.
+    // 7. Last seen (by user: another worker's batch takes the rows in the same order).
+    let mut last_seen = last_seen;
+    last_seen.sort_by_key(|(user, _, _)| *user);
     record_last_seen(&mut tx, &last_seen).await?;
 
     tx.commit().await?;
@@ -636,60 +652,45 @@ pub(super) async fn apply_plan(
 
 /// Step 1: inserts the idempotency records. New messages are answered `Stored` and bring
 /// their events and items; repeats are answered with the original's id and time and bring
-/// nothing. A statement whose every row went in (the common case) needs no more; for one
-/// where some did not, each of its messages is looked up: the row found carries this
-/// message's fresh id only if it is this message's. (Not `RETURNING`: the worker thread hands
-/// each returned row over on its own, a wake-up per message.)
+/// nothing. When every row went in (the common case) nothing more is needed; when some did
+/// not, each message of the batch is looked up: the row found carries this message's fresh id
+/// only if it is this message's. (Not `RETURNING`: SQLite's worker thread hands each returned
+/// row over on its own, a wake-up per message.)
 pub(super) async fn insert_messages(
     conn: &mut Conn,
     messages: Vec<(NewMessage, Reply<MessageOutcome>)>,
     work: &mut Work,
 ) -> Result<Effects, StoreError> {
     let mut effects = Effects::default();
-    let lens: Vec<usize> = statement_chunks(&messages).map(<[_]>::len).collect();
-    let mut messages = messages.into_iter();
-    for len in lens {
-        let chunk: Vec<_> = messages.by_ref().take(len).collect();
-        let stored: Vec<(i64, i64)> =
-            chunk.iter().map(|(m, _)| Ok((i64::try_from(m.id)?, i64::try_from(m.ts)?))).collect::<Result<_, StoreError>>()?;
-        let mut query =
-            QueryBuilder::<Db>::new("INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) ");
-        query.push_values(chunk.iter().zip(stored), |mut row, ((m, _), (id, ts))| {
-            row.push_bind(id)
-                .push_bind(m.sender_device)
-                .push_bind(m.sender_user)
-                .push_bind(m.client_msg_id.as_bytes().as_slice())
-                .push_bind(m.recipient.as_str())
-                .push_bind(ts);
-        });
-        query.push(" ON CONFLICT DO NOTHING");
-        let all_new = query.build().execute(&mut *conn).await?.rows_affected() == len as u64;
-        for (message, reply) in chunk {
-            let outcome = if all_new {
-                MessageOutcome::Stored { id: message.id, ts: message.ts }
+    let all_new = {
+        let rows: Vec<MessageRow<'_>> = messages.iter().map(MessageRow::new).collect::<Result<_, _>>()?;
+        conn.insert_messages(&rows).await? == rows.len() as u64
+    };
+    for (message, reply) in messages {
+        let outcome = if all_new {
+            MessageOutcome::Stored { id: message.id, ts: message.ts }
+        } else {
+            let row = sqlx::query("SELECT id, ts FROM messages WHERE sender_device = $1 AND client_msg_id = $2")
+                .bind(message.sender_device)
+                .bind(message.client_msg_id.as_bytes().as_slice())
+                .fetch_one(&mut *conn)
+                .await?;
+            let id = ServerMsgId::try_from(row.try_get::<i64, _>(0)?)?;
+            if id == message.id {
+                MessageOutcome::Stored { id, ts: message.ts }
             } else {
-                let row = sqlx::query("SELECT id, ts FROM messages WHERE sender_device = $1 AND client_msg_id = $2")
-                    .bind(message.sender_device)
-                    .bind(message.client_msg_id.as_bytes().as_slice())
-                    .fetch_one(&mut *conn)
-                    .await?;
-                let id = ServerMsgId::try_from(row.try_get::<i64, _>(0)?)?;
-                if id == message.id {
-                    MessageOutcome::Stored { id, ts: message.ts }
-                } else {
-                    MessageOutcome::Duplicate { id, ts: Timestamp::try_from(row.try_get::<i64, _>(1)?)? }
-                }
-            };
-            if matches!(outcome, MessageOutcome::Stored { .. }) {
-                if !message.media.is_empty() {
-                    let once = message.media_once && message.outbound.is_empty();
-                    work.holds.push(Hold { id: message.id, sender: message.sender_user, media: message.media, once });
-                }
-                effects.events.extend(message.events);
-                effects.outbound.extend(message.outbound);
+                MessageOutcome::Duplicate { id, ts: Timestamp::try_from(row.try_get::<i64, _>(1)?)? }
             }
-            work.message_replies.push((reply, outcome));
+        };
+        if matches!(outcome, MessageOutcome::Stored { .. }) {
+            if !message.media.is_empty() {
+                let once = message.media_once && message.outbound.is_empty();
+                work.holds.push(Hold { id: message.id, sender: message.sender_user, media: message.media, once });
+            }
+            effects.events.extend(message.events);
+            effects.outbound.extend(message.outbound);
         }
+        work.message_replies.push((reply, outcome));
     }
     Ok(effects)
 }
@@ -877,27 +878,15 @@ pub(super) async fn append_inbox(
     events: Vec<NewEvent>,
     next_seq: &mut HashMap<DevicePk, Seq>,
 ) -> Result<Vec<(NewEvent, Seq)>, StoreError> {
-    if PG {
-        load_next_seqs(conn, next_seq, events.iter().map(|event| event.device)).await?;
-    }
     let mut rows = Vec::with_capacity(events.len());
     for event in events {
         if let Some(seq) = allocate_seq(next_seq, conn, event.device).await? {
             rows.push((event, seq));
         }
     }
-    for chunk in statement_chunks(&rows) {
-        let stored: Vec<(i64, Option<i64>)> = chunk
-            .iter()
-            .map(|(event, seq)| Ok((i64::try_from(*seq)?, event.origin.as_ref().map(|(_, id)| i64::try_from(*id)).transpose()?)))
-            .collect::<Result<_, StoreError>>()?;
-        let mut query = QueryBuilder::<Db>::new("INSERT INTO inbox (device, seq, sender, msg_id, payload) ");
-        query.push_values(chunk.iter().zip(stored), |mut row, ((event, _), (seq, msg_id))| {
-            let sender = event.origin.as_ref().map(|(sender, _)| sender.as_ref());
-            row.push_bind(event.device).push_bind(seq).push_bind(sender).push_bind(msg_id).push_bind(event.payload.as_ref());
-        });
-        query.build().execute(&mut *conn).await?;
-    }
+    let inserts: Vec<InboxInsert<'_>> = rows.iter().map(InboxInsert::new).collect::<Result<_, _>>()?;
+    conn.insert_inbox(&inserts).await?;
+    drop(inserts);
     Ok(rows)
 }
 /// Step 5b: holds each file a new message carries for every local device the message went to
@@ -948,11 +937,6 @@ pub(super) async fn apply_acks(
     next_seq: &mut HashMap<DevicePk, Seq>,
     keep_history: bool,
 ) -> Result<(), StoreError> {
-    if PG {
-        // One statement for the batch, not one per acknowledging device (the cache starts
-        // empty at every PostgreSQL batch).
-        load_next_seqs(conn, next_seq, acks.keys().copied()).await?;
-    }
     let mut clamped = Vec::with_capacity(acks.len());
     for (device, seq) in acks {
         if let Some(next) = peek_next_seq(next_seq, conn, device).await? {
@@ -960,26 +944,7 @@ pub(super) async fn apply_acks(
             clamped.push((device, i64::try_from(seq.min(Seq::new(next.get() - 1)))?));
         }
     }
-    for chunk in statement_chunks(&clamped) {
-        let mut query = QueryBuilder::<Db>::new("WITH v(d, s) AS (");
-        query.push_values(chunk, |mut row, (device, seq)| {
-            row.push_bind(*device).push_bind(*seq);
-        });
-        query.push(") UPDATE devices SET acked_seq = v.s FROM v WHERE devices.id = v.d AND v.s > devices.acked_seq");
-        query.build().execute(&mut *conn).await?;
-        if !keep_history {
-            let mut query = QueryBuilder::<Db>::new("WITH v(d, s) AS (");
-            query.push_values(chunk, |mut row, (device, seq)| {
-                row.push_bind(*device).push_bind(*seq);
-            });
-            // Driven by `v` through the primary key: cost follows the rows deleted, not the batch.
-            query.push(
-                ") DELETE FROM inbox WHERE (device, seq) IN \
-                 (SELECT i.device, i.seq FROM v JOIN inbox i ON i.device = v.d AND i.seq <= v.s)",
-            );
-            query.build().execute(&mut *conn).await?;
-        }
-    }
+    conn.raise_acked(&clamped, !keep_history).await?;
     Ok(())
 }
 /// Step 7: records when users and devices were last online.
@@ -1014,7 +979,10 @@ pub(super) async fn peek_next_seq(
     Ok(Some(next))
 }
 /// Loads the next sequence numbers of those of `devices` not in `cache`, in one statement
-/// (PostgreSQL, where the cache starts empty at every batch).
+/// (PostgreSQL, where the cache starts empty at every batch). Rows above `acked_seq` are never
+/// deleted, so the largest is among them (or there is none and `acked_seq` is the last): the
+/// index scan stops there instead of walking back through the entries of rows deleted since
+/// the last vacuum.
 pub(super) async fn load_next_seqs(
     conn: &mut Conn,
     cache: &mut HashMap<DevicePk, Seq>,
@@ -1026,7 +994,7 @@ pub(super) async fn load_next_seqs(
     }
     let list: Vec<String> = missing.iter().map(|device| device.to_string()).collect();
     let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT d.id, GREATEST(d.acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = d.id), 0)) \
+        "SELECT d.id, GREATEST(d.acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = d.id AND seq > d.acked_seq), 0)) \
          FROM devices d WHERE d.id = ANY(CAST($1 AS BIGINT[]))",
     )
     .bind(format!("{{{}}}", list.join(",")))

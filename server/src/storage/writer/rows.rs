@@ -1,0 +1,234 @@
+//! The writer's multi-row statements, which differ by backend in more than their text.
+//!
+//! SQLite takes the rows of a step as `VALUES` lists, at most [`ROWS_PER_STATEMENT`] rows per
+//! statement in power-of-two sizes (see [`statement_chunks`]). PostgreSQL takes them as one
+//! array per column (`unnest`): one statement per step whatever the row count, five or six
+//! parameters instead of thousands, and one plan, kept with the connection's statement. On
+//! PostgreSQL the writer also locks what the batch writes before it writes it (see
+//! [`BatchRows::lock_batch`]), so that two workers' batches commit in parallel.
+
+use super::{statement_chunks, MessageOutcome, NewEvent, NewMessage, Reply};
+use crate::storage::{DevicePk, StoreError};
+use parley_spec::{Seq, ServerName};
+use sqlx::QueryBuilder;
+
+/// A new message's idempotency record, as stored.
+pub(super) struct MessageRow<'a> {
+    pub message: &'a NewMessage,
+    /// Its id and time, as stored.
+    pub id: i64,
+    pub ts: i64,
+}
+
+impl<'a> MessageRow<'a> {
+    pub fn new((message, _): &'a (NewMessage, Reply<MessageOutcome>)) -> Result<Self, StoreError> {
+        Ok(Self { message, id: i64::try_from(message.id)?, ts: i64::try_from(message.ts)? })
+    }
+}
+
+/// An inbox row, as stored.
+pub(super) struct InboxInsert<'a> {
+    pub event: &'a NewEvent,
+    pub seq: i64,
+    pub msg_id: Option<i64>,
+}
+
+impl<'a> InboxInsert<'a> {
+    pub fn new((event, seq): &'a (NewEvent, Seq)) -> Result<Self, StoreError> {
+        let msg_id = event.origin.as_ref().map(|(_, id)| i64::try_from(*id)).transpose()?;
+        Ok(Self { event, seq: i64::try_from(*seq)?, msg_id })
+    }
+
+    fn sender(&self) -> Option<&'a str> {
+        self.event.origin.as_ref().map(|(sender, _)| sender.as_ref())
+    }
+}
+
+/// The key of the advisory lock that orders the commits adding to `destination`'s outbound
+/// queue (see [`BatchRows::lock_batch`]): the first eight bytes of a SHA-256 of its name. Two
+/// names that share a key only share a lock.
+pub(super) fn destination_lock(destination: &ServerName) -> i64 {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new().chain_update(b"parley fed_outbound ").chain_update(destination.as_str()).finalize();
+    let key = i64::from_be_bytes(digest[..8].try_into().expect("eight bytes"));
+    // Never the database-wide lock's key, which the batch holds shared.
+    if key == crate::storage::WRITE_LOCK {
+        key ^ 1
+    } else {
+        key
+    }
+}
+
+/// The writer's multi-row steps on one backend.
+pub(super) trait BatchRows {
+    /// Inserts idempotency records (those already stored are skipped); the rows inserted.
+    async fn insert_messages(&mut self, rows: &[MessageRow<'_>]) -> Result<u64, StoreError>;
+    /// Appends inbox rows.
+    async fn insert_inbox(&mut self, rows: &[InboxInsert<'_>]) -> Result<(), StoreError>;
+    /// Raises each device's `acked_seq` to the given position (never lowers it) and, with
+    /// `delete`, deletes its inbox rows at or below it.
+    async fn raise_acked(&mut self, acks: &[(DevicePk, i64)], delete: bool) -> Result<(), StoreError>;
+    /// Takes, to the end of the transaction, the locks that let another worker's batch run
+    /// beside this one: each destination's queue lock (its items then become visible in the
+    /// order of their sequence numbers), then each device's row (its inbox rows likewise, and
+    /// its sequence numbers are read after the last writer committed), both in ascending key
+    /// order so that two batches never wait on each other in a cycle. No-op on SQLite, where
+    /// the batch holds the database's one write lock from its `BEGIN IMMEDIATE`.
+    async fn lock_batch(&mut self, destinations: Vec<i64>, devices: Vec<DevicePk>) -> Result<(), StoreError>;
+}
+
+impl BatchRows for sqlx::SqliteConnection {
+    async fn insert_messages(&mut self, rows: &[MessageRow<'_>]) -> Result<u64, StoreError> {
+        let mut inserted = 0;
+        for chunk in statement_chunks(rows) {
+            let mut query = QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) ",
+            );
+            query.push_values(chunk, |mut row, MessageRow { message: m, id, ts }| {
+                row.push_bind(*id)
+                    .push_bind(m.sender_device)
+                    .push_bind(m.sender_user)
+                    .push_bind(m.client_msg_id.as_bytes().as_slice())
+                    .push_bind(m.recipient.as_str())
+                    .push_bind(*ts);
+            });
+            query.push(" ON CONFLICT DO NOTHING");
+            inserted += query.build().execute(&mut *self).await?.rows_affected();
+        }
+        Ok(inserted)
+    }
+
+    async fn insert_inbox(&mut self, rows: &[InboxInsert<'_>]) -> Result<(), StoreError> {
+        for chunk in statement_chunks(rows) {
+            let mut query = QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO inbox (device, seq, sender, msg_id, payload) ");
+            query.push_values(chunk, |mut row, insert| {
+                row.push_bind(insert.event.device)
+                    .push_bind(insert.seq)
+                    .push_bind(insert.sender())
+                    .push_bind(insert.msg_id)
+                    .push_bind(insert.event.payload.as_ref());
+            });
+            query.build().execute(&mut *self).await?;
+        }
+        Ok(())
+    }
+
+    async fn raise_acked(&mut self, acks: &[(DevicePk, i64)], delete: bool) -> Result<(), StoreError> {
+        for chunk in statement_chunks(acks) {
+            let mut query = QueryBuilder::<sqlx::Sqlite>::new("WITH v(d, s) AS (");
+            query.push_values(chunk, |mut row, (device, seq)| {
+                row.push_bind(*device).push_bind(*seq);
+            });
+            query.push(") UPDATE devices SET acked_seq = v.s FROM v WHERE devices.id = v.d AND v.s > devices.acked_seq");
+            query.build().execute(&mut *self).await?;
+            if delete {
+                let mut query = QueryBuilder::<sqlx::Sqlite>::new("WITH v(d, s) AS (");
+                query.push_values(chunk, |mut row, (device, seq)| {
+                    row.push_bind(*device).push_bind(*seq);
+                });
+                // Driven by `v` through the primary key: cost follows the rows deleted, not the batch.
+                query.push(
+                    ") DELETE FROM inbox WHERE (device, seq) IN \
+                     (SELECT i.device, i.seq FROM v JOIN inbox i ON i.device = v.d AND i.seq <= v.s)",
+                );
+                query.build().execute(&mut *self).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn lock_batch(&mut self, _destinations: Vec<i64>, _devices: Vec<DevicePk>) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl BatchRows for sqlx::PgConnection {
+    async fn insert_messages(&mut self, rows: &[MessageRow<'_>]) -> Result<u64, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(
+            "INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) \
+             SELECT * FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BYTEA[], $5::TEXT[], $6::BIGINT[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(rows.iter().map(|row| row.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.message.sender_device).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.message.sender_user).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.message.client_msg_id.as_bytes().as_slice()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.message.recipient.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.ts).collect::<Vec<_>>())
+        .execute(&mut *self)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn insert_inbox(&mut self, rows: &[InboxInsert<'_>]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO inbox (device, seq, sender, msg_id, payload) \
+             SELECT * FROM unnest($1::BIGINT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::BYTEA[])",
+        )
+        .bind(rows.iter().map(|row| row.event.device).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.seq).collect::<Vec<_>>())
+        .bind(rows.iter().map(InboxInsert::sender).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.msg_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|row| row.event.payload.as_ref()).collect::<Vec<_>>())
+        .execute(&mut *self)
+        .await?;
+        Ok(())
+    }
+
+    async fn raise_acked(&mut self, acks: &[(DevicePk, i64)], delete: bool) -> Result<(), StoreError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let devices: Vec<DevicePk> = acks.iter().map(|(device, _)| *device).collect();
+        let seqs: Vec<i64> = acks.iter().map(|(_, seq)| *seq).collect();
+        if delete {
+            // Only above the previous position (deleted before it moves): below it lie the
+            // index entries of rows deleted earlier that vacuum has not removed yet, hundreds
+            // per device under load, which `seq <= s` alone would walk through every time.
+            sqlx::query(
+                "DELETE FROM inbox USING unnest($1::BIGINT[], $2::BIGINT[]) AS v(d, s) JOIN devices ON devices.id = v.d \
+                 WHERE inbox.device = v.d AND inbox.seq > devices.acked_seq AND inbox.seq <= v.s",
+            )
+            .bind(&devices)
+            .bind(&seqs)
+            .execute(&mut *self)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE devices SET acked_seq = v.s FROM unnest($1::BIGINT[], $2::BIGINT[]) AS v(d, s) \
+             WHERE devices.id = v.d AND v.s > devices.acked_seq",
+        )
+        .bind(&devices)
+        .bind(&seqs)
+        .execute(&mut *self)
+        .await?;
+        Ok(())
+    }
+
+    async fn lock_batch(&mut self, mut destinations: Vec<i64>, mut devices: Vec<DevicePk>) -> Result<(), StoreError> {
+        destinations.sort_unstable();
+        destinations.dedup();
+        devices.sort_unstable();
+        devices.dedup();
+        if !destinations.is_empty() {
+            // `unnest` yields the keys in array order: ascending.
+            sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::BIGINT[]) AS k")
+                .bind(&destinations)
+                .execute(&mut *self)
+                .await?;
+        }
+        if !devices.is_empty() {
+            sqlx::query("SELECT id FROM devices WHERE id = ANY($1::BIGINT[]) ORDER BY id FOR UPDATE")
+                .bind(&devices)
+                .execute(&mut *self)
+                .await?;
+        }
+        Ok(())
+    }
+}
