@@ -127,7 +127,13 @@ impl Server {
                 .map_err(OpenError::Push)?;
         hub.set_push(push.clone());
         if let Some(url) = &config.cluster.nats_url {
-            hub.set_relay(crate::cluster::Cluster::connect(url, config.subject_prefix(), &hub).await?);
+            let cluster = crate::cluster::Cluster::connect(url, config.subject_prefix(), &hub).await?;
+            let (store, push, allow_private) = (store.clone(), push.clone(), config.push.allow_private_addresses);
+            cluster.on_pusher_changed(move |device| {
+                let (store, push) = (store.clone(), push.clone());
+                tokio::spawn(async move { push.reload(&store, device, allow_private).await });
+            });
+            hub.set_relay(cluster);
         }
         let (federation, tls) = if config.federation.enabled {
             let fed = &config.federation;

@@ -84,8 +84,8 @@ enum Outgoing {
     Event { device: DevicePk, row: InboxRow },
     /// An item for one device; `wake` asks first whether any worker holds its connection.
     Device { device: DevicePk, headers: HeaderMap, body: Bytes, wake: bool },
-    /// Federation destinations whose queues a commit here grew (one per line).
-    FedWake { headers: HeaderMap, body: Bytes },
+    /// News for every other worker, on `<prefix>.<topic>`.
+    Broadcast { topic: &'static str, headers: HeaderMap, body: Bytes },
 }
 
 /// The task answering for a user, and how to stop it.
@@ -319,36 +319,62 @@ impl Cluster {
     /// a destination's lease sends them).
     pub fn fed_wake(&self, destinations: &[parley_spec::ServerName]) {
         let body: Vec<&str> = destinations.iter().map(|d| d.as_str()).collect();
-        self.enqueue(Outgoing::FedWake { headers: HeaderMap::new(), body: Bytes::from(body.join("\n")) });
+        self.enqueue(Outgoing::Broadcast { topic: "fed", headers: HeaderMap::new(), body: Bytes::from(body.join("\n")) });
     }
 
     /// Calls `wake` for every destination another worker's commit grew.
     pub fn on_fed_wake(self: &Arc<Self>, wake: impl Fn(parley_spec::ServerName) + Send + Sync + 'static) {
+        self.on_broadcast("fed", move |body| {
+            for name in String::from_utf8_lossy(body).lines() {
+                if let Ok(destination) = parley_spec::ServerName::parse(name) {
+                    wake(destination);
+                }
+            }
+        });
+    }
+
+    /// Tells the other workers that `device`'s push registration changed here (each keeps
+    /// the registrations in memory, read at start).
+    pub fn pusher_changed(&self, device: DevicePk) {
+        self.enqueue(Outgoing::Broadcast {
+            topic: "pusher",
+            headers: HeaderMap::new(),
+            body: Bytes::copy_from_slice(&device.to_be_bytes()),
+        });
+    }
+
+    /// Calls `reload` for every device whose push registration another worker changed.
+    pub fn on_pusher_changed(self: &Arc<Self>, reload: impl Fn(DevicePk) + Send + Sync + 'static) {
+        self.on_broadcast("pusher", move |body| {
+            if let Ok(device) = body.try_into() {
+                reload(DevicePk::from_be_bytes(device));
+            }
+        });
+    }
+
+    /// Calls `handle` with the body of every message another worker publishes on
+    /// `<prefix>.<topic>`.
+    fn on_broadcast(self: &Arc<Self>, topic: &'static str, handle: impl Fn(&[u8]) + Send + Sync + 'static) {
         let cluster = self.clone();
         tokio::spawn(async move {
-            let mut subscription = match cluster.client.subscribe(format!("{}.fed", cluster.prefix)).await {
+            let mut subscription = match cluster.client.subscribe(format!("{}.{topic}", cluster.prefix)).await {
                 Ok(subscription) => subscription,
                 Err(error) => {
-                    tracing::warn!(%error, "cluster: subscribing to federation wake-ups failed");
+                    tracing::warn!(%error, topic, "cluster: subscribing failed");
                     return;
                 }
             };
             while let Some(message) = subscription.next().await {
                 let own = message.headers.as_ref().and_then(|h| h.get("Parley-Worker")).map(|w| w.as_str().to_owned());
-                if own.as_deref() == Some(cluster.worker.as_str()) {
-                    continue;
-                }
-                for name in String::from_utf8_lossy(&message.payload).lines() {
-                    if let Ok(destination) = parley_spec::ServerName::parse(name) {
-                        wake(destination);
-                    }
+                if own.as_deref() != Some(cluster.worker.as_str()) {
+                    handle(&message.payload);
                 }
             }
         });
     }
 
     fn enqueue(&self, mut item: Outgoing) {
-        if let Outgoing::Device { headers, .. } | Outgoing::FedWake { headers, .. } = &mut item {
+        if let Outgoing::Device { headers, .. } | Outgoing::Broadcast { headers, .. } = &mut item {
             headers.insert("Parley-Worker", self.worker.as_str());
         }
         if self.queue.try_send(item).is_err() {
@@ -398,8 +424,8 @@ impl Cluster {
         let (device, headers, body, wake) = match item {
             Outgoing::Device { device, headers, body, wake } => (device, headers, body, wake),
             Outgoing::Event { .. } => return,
-            Outgoing::FedWake { headers, body } => {
-                if let Err(error) = self.client.publish_with_headers(format!("{}.fed", self.prefix), headers, body).await {
+            Outgoing::Broadcast { topic, headers, body } => {
+                if let Err(error) = self.client.publish_with_headers(format!("{}.{topic}", self.prefix), headers, body).await {
                     tracing::debug!(%error, "cluster: publish failed");
                 }
                 return;

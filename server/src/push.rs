@@ -192,6 +192,18 @@ impl Push {
         self.registrations.write().unwrap_or_else(|e| e.into_inner()).remove(&device);
     }
 
+    /// Reads `device`'s registration again (another worker changed it).
+    pub async fn reload(&self, store: &Store, device: DevicePk, allow_private: bool) {
+        match store.pushers_of(device).await {
+            Ok(Some(row)) => match registration_of(&row, allow_private) {
+                Some(registration) => self.register(device, registration),
+                None => self.unregister(device),
+            },
+            Ok(None) => self.unregister(device),
+            Err(error) => tracing::warn!(%error, device, "reading a changed push registration failed"),
+        }
+    }
+
     fn registration(&self, device: DevicePk) -> Option<Registration> {
         self.registrations.read().unwrap_or_else(|e| e.into_inner()).get(&device).cloned()
     }

@@ -283,3 +283,64 @@ async fn a_group_spread_over_two_workers_gets_every_message() -> anyhow::Result<
     assert_eq!(text(&mut alice_events).await?, ("@bob:localhost".to_owned(), "from worker two".to_owned()));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_device_that_left_the_worker_its_events_went_to_is_woken_by_push_and_reads_them_at_the_other() -> anyhow::Result<()> {
+    let service = parley_tests::push::PushService::start().await?;
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("push-ca.pem");
+    std::fs::write(&ca, &service.ca_pem)?;
+    let push = format!(
+        "[push]\ndelay_ms = 100\nmin_interval_ms = 0\nallow_private_addresses = true\nextra_ca_file = \"{}\"\n",
+        ca.display()
+    );
+    let nats = NatsServer::start().await?;
+    let (one, two) = two_workers(&nats, &push).await?;
+    let alice = register(&one.base_url, "alice").await?;
+    let bob = register(&two.base_url, "bob").await?;
+    let endpoint = serde_json::json!({ "endpoint": service.endpoint("bob") });
+    let status = reqwest::Client::new()
+        .put(format!("{}/v1/push", two.base_url))
+        .bearer_auth(bob.access_token())
+        .json(&endpoint)
+        .send()
+        .await?
+        .status();
+    assert_eq!(status, 204);
+    let a1 = Device::connect(&alice).await?; // on worker one
+    let mut b1 = Device::connect(&bob).await?; // on worker two
+
+    // Worker two answers for bob's device: worker one learns where it is, and what follows
+    // goes there in batches.
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        sent.push(a1.send_text(&bob.user_id, &format!("m{i}")).await?.server_msg_id);
+        assert_eq!(b1.next_message().await?.id, sent[i]);
+    }
+    assert!(service.received_for("bob").is_empty(), "online: no push");
+
+    // Bob's device goes. The next message goes to worker two, which no longer has it: worker one
+    // then finds nobody holds it, and wakes it by push.
+    let cursor = b1.conn.cursor();
+    b1.conn.close().await;
+    let db = one.db().await?;
+    crate::media::eventually("bob's disconnection is handled", || async {
+        let seen: Option<i64> = sqlx::query_scalar("SELECT last_seen_ts FROM devices WHERE device_id = $1")
+            .bind(bob.device_id.as_str())
+            .fetch_one(&db)
+            .await?;
+        Ok(seen.is_some())
+    })
+    .await?;
+    db.close().await;
+    let after = a1.send_text(&bob.user_id, "are you there?").await?;
+    service.wait_for("bob", 1, std::time::Duration::from_secs(20)).await?;
+
+    // It comes back on worker one and finds the message there; a next one arrives live.
+    let on_one = parley_sdk::Session::new(&one.base_url, bob.user_id.clone(), bob.device_id.clone(), bob.access_token());
+    let mut b2 = Device::connect_with(&on_one, parley_sdk::ConnectOptions::since(cursor)).await?;
+    assert_eq!(b2.next_message().await?.id, after.server_msg_id);
+    let live = a1.send_text(&bob.user_id, "welcome back").await?;
+    assert_eq!(b2.next_message().await?.id, live.server_msg_id);
+    Ok(())
+}

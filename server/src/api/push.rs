@@ -28,6 +28,9 @@ pub async fn set_pusher(State(state): State<AppState>, auth: AuthDevice, Json(pu
         PushRow { device: auth.device_pk, endpoint: endpoint.to_string(), keys: pusher.keys.map(|k| (k.p256dh.0, k.auth.0)) };
     state.store.set_pusher(&row).await?;
     state.push.register(auth.device_pk, Registration { endpoint, keys });
+    if let Some(cluster) = state.hub.relay() {
+        cluster.pusher_changed(auth.device_pk);
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -46,6 +49,9 @@ pub async fn get_pusher(State(state): State<AppState>, auth: AuthDevice) -> Resu
 pub async fn delete_pusher(State(state): State<AppState>, auth: AuthDevice) -> Result<StatusCode> {
     state.store.delete_pusher(auth.device_pk).await?;
     state.push.unregister(auth.device_pk);
+    if let Some(cluster) = state.hub.relay() {
+        cluster.pusher_changed(auth.device_pk);
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
