@@ -619,6 +619,18 @@ pub(super) async fn apply_plan(
     outbound.extend(inbound.outbound);
     received.extend(inbound.received);
     record_received(&mut tx, &received).await?;
+    if PG && !keep_history {
+        // Acknowledged rows go before the devices are locked, which keeps the part of the batch
+        // that another worker's batch may wait for short. Safe unlocked: a device acknowledges
+        // only rows committed before it received them, and only its own connection sends its
+        // acknowledgements. (A client acknowledging past what it received loses its own rows
+        // early, as it would anyway; one committed meanwhile by another worker then stays below
+        // `acked_seq`, deleted with the device.)
+        // (A position past every i64 acknowledges everything: it is clamped below.)
+        let acked: Vec<(DevicePk, i64)> =
+            acks.iter().map(|(device, seq)| (*device, i64::try_from(*seq).unwrap_or(i64::MAX))).collect();
+        tx.delete_acked(&acked).await?;
+    }
     if PG {
         // Beside another worker's batch (both hold the write lock shared): lock the queues and
         // devices this batch adds to, then read the devices' sequence numbers (see
@@ -944,7 +956,11 @@ pub(super) async fn apply_acks(
             clamped.push((device, i64::try_from(seq.min(Seq::new(next.get() - 1)))?));
         }
     }
-    conn.raise_acked(&clamped, !keep_history).await?;
+    conn.raise_acked(&clamped).await?;
+    if !PG && !keep_history {
+        // (On PostgreSQL done before the batch locks its devices: see `apply_plan`.)
+        conn.delete_acked(&clamped).await?;
+    }
     Ok(())
 }
 /// Step 7: records when users and devices were last online.

@@ -65,9 +65,11 @@ pub(super) trait BatchRows {
     async fn insert_messages(&mut self, rows: &[MessageRow<'_>]) -> Result<u64, StoreError>;
     /// Appends inbox rows.
     async fn insert_inbox(&mut self, rows: &[InboxInsert<'_>]) -> Result<(), StoreError>;
-    /// Raises each device's `acked_seq` to the given position (never lowers it) and, with
-    /// `delete`, deletes its inbox rows at or below it.
-    async fn raise_acked(&mut self, acks: &[(DevicePk, i64)], delete: bool) -> Result<(), StoreError>;
+    /// Raises each device's `acked_seq` to the given position (never lowers it).
+    async fn raise_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError>;
+    /// Deletes each device's inbox rows at or below the given position (in the transaction
+    /// that raises its `acked_seq` there).
+    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError>;
     /// Takes, to the end of the transaction, the locks that let another worker's batch run
     /// beside this one: each destination's queue lock (its items then become visible in the
     /// order of their sequence numbers), then each device's row (its inbox rows likewise, and
@@ -113,7 +115,7 @@ impl BatchRows for sqlx::SqliteConnection {
         Ok(())
     }
 
-    async fn raise_acked(&mut self, acks: &[(DevicePk, i64)], delete: bool) -> Result<(), StoreError> {
+    async fn raise_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
         for chunk in statement_chunks(acks) {
             let mut query = QueryBuilder::<sqlx::Sqlite>::new("WITH v(d, s) AS (");
             query.push_values(chunk, |mut row, (device, seq)| {
@@ -121,18 +123,22 @@ impl BatchRows for sqlx::SqliteConnection {
             });
             query.push(") UPDATE devices SET acked_seq = v.s FROM v WHERE devices.id = v.d AND v.s > devices.acked_seq");
             query.build().execute(&mut *self).await?;
-            if delete {
-                let mut query = QueryBuilder::<sqlx::Sqlite>::new("WITH v(d, s) AS (");
-                query.push_values(chunk, |mut row, (device, seq)| {
-                    row.push_bind(*device).push_bind(*seq);
-                });
-                // Driven by `v` through the primary key: cost follows the rows deleted, not the batch.
-                query.push(
-                    ") DELETE FROM inbox WHERE (device, seq) IN \
-                     (SELECT i.device, i.seq FROM v JOIN inbox i ON i.device = v.d AND i.seq <= v.s)",
-                );
-                query.build().execute(&mut *self).await?;
-            }
+        }
+        Ok(())
+    }
+
+    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
+        for chunk in statement_chunks(acks) {
+            let mut query = QueryBuilder::<sqlx::Sqlite>::new("WITH v(d, s) AS (");
+            query.push_values(chunk, |mut row, (device, seq)| {
+                row.push_bind(*device).push_bind(*seq);
+            });
+            // Driven by `v` through the primary key: cost follows the rows deleted, not the batch.
+            query.push(
+                ") DELETE FROM inbox WHERE (device, seq) IN \
+                 (SELECT i.device, i.seq FROM v JOIN inbox i ON i.device = v.d AND i.seq <= v.s)",
+            );
+            query.build().execute(&mut *self).await?;
         }
         Ok(())
     }
@@ -181,25 +187,30 @@ impl BatchRows for sqlx::PgConnection {
         Ok(())
     }
 
-    async fn raise_acked(&mut self, acks: &[(DevicePk, i64)], delete: bool) -> Result<(), StoreError> {
+    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
         if acks.is_empty() {
             return Ok(());
         }
-        let devices: Vec<DevicePk> = acks.iter().map(|(device, _)| *device).collect();
-        let seqs: Vec<i64> = acks.iter().map(|(_, seq)| *seq).collect();
-        if delete {
-            // Only above the previous position (deleted before it moves): below it lie the
-            // index entries of rows deleted earlier that vacuum has not removed yet, hundreds
-            // per device under load, which `seq <= s` alone would walk through every time.
-            sqlx::query(
-                "DELETE FROM inbox USING unnest($1::BIGINT[], $2::BIGINT[]) AS v(d, s) JOIN devices ON devices.id = v.d \
-                 WHERE inbox.device = v.d AND inbox.seq > devices.acked_seq AND inbox.seq <= v.s",
-            )
-            .bind(&devices)
-            .bind(&seqs)
-            .execute(&mut *self)
-            .await?;
+        let (devices, seqs): (Vec<DevicePk>, Vec<i64>) = acks.iter().copied().unzip();
+        // Only above the previous position (so before it moves): below it lie the index
+        // entries of rows deleted earlier that vacuum has not removed yet, hundreds per device
+        // under load, which `seq <= s` alone would walk through every time.
+        sqlx::query(
+            "DELETE FROM inbox USING unnest($1::BIGINT[], $2::BIGINT[]) AS v(d, s) JOIN devices ON devices.id = v.d \
+             WHERE inbox.device = v.d AND inbox.seq > devices.acked_seq AND inbox.seq <= v.s",
+        )
+        .bind(&devices)
+        .bind(&seqs)
+        .execute(&mut *self)
+        .await?;
+        Ok(())
+    }
+
+    async fn raise_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
+        if acks.is_empty() {
+            return Ok(());
         }
+        let (devices, seqs): (Vec<DevicePk>, Vec<i64>) = acks.iter().copied().unzip();
         sqlx::query(
             "UPDATE devices SET acked_seq = v.s FROM unnest($1::BIGINT[], $2::BIGINT[]) AS v(d, s) \
              WHERE devices.id = v.d AND v.s > devices.acked_seq",
