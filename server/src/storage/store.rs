@@ -1272,6 +1272,37 @@ mod tests {
         assert!(matches!(store.inbox_after(device, Seq::new(u64::MAX), 10, usize::MAX).await, Err(StoreError::OutOfRange(_))));
     }
 
+    #[tokio::test]
+    async fn events_committed_with_an_acknowledgement_of_everything_follow_it() {
+        // After a commit, writes queued within the interval share the next commit: here an
+        // acknowledgement of the whole inbox and a new event for the same device.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(open_with(dir.path(), |config| config.storage.commit_interval_us = 200_000).await);
+        let user = store.create_user("alice", "hash", false).await.unwrap();
+        let device = store.create_device(user, "DEV", None, b"token", 10).await.unwrap();
+        let event = |text: &str| Effects {
+            events: vec![NewEvent { device, origin: None, payload: Bytes::from(text.to_owned()) }],
+            ..Effects::default()
+        };
+        for text in ["one", "two", "three"] {
+            store.append(event(text)).await.unwrap();
+        }
+        let (ack, append) = {
+            let (a, b) = (store.clone(), store.clone());
+            let four = event("four");
+            (
+                tokio::spawn(async move { a.ack(device, Seq::new(3), Effects::default()).await }),
+                tokio::spawn(async move { b.append(four).await }),
+            )
+        };
+        ack.await.expect("task").unwrap();
+        append.await.expect("task").unwrap();
+        assert_eq!(store.acked_seq(device).await.unwrap(), Seq::new(3));
+        let rows = store.inbox_after(device, Seq::new(3), 10, usize::MAX).await.unwrap();
+        let rows: Vec<(u64, &[u8])> = rows.iter().map(|row| (row.seq.get(), row.payload.as_ref())).collect();
+        assert_eq!(rows, [(4, b"four".as_slice())], "the new event after the acknowledged ones, never a number used before");
+    }
+
     async fn new_message(store: &Store, sender: (UserPk, DevicePk), client_msg_id: Uuid, to: DevicePk) -> NewMessage {
         let id = store.next_message_id().await.unwrap();
         NewMessage {

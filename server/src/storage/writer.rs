@@ -619,6 +619,7 @@ pub(super) async fn apply_plan(
     outbound.extend(inbound.outbound);
     received.extend(inbound.received);
     record_received(&mut tx, &received).await?;
+    let mut acked_away = Vec::new();
     if PG && !keep_history {
         // Acknowledged rows go before the devices are locked, which keeps the part of the batch
         // that another worker's batch may wait for short. Safe unlocked: a device acknowledges
@@ -629,7 +630,7 @@ pub(super) async fn apply_plan(
         // (A position past every i64 acknowledges everything: it is clamped below.)
         let acked: Vec<(DevicePk, i64)> =
             acks.iter().map(|(device, seq)| (*device, i64::try_from(*seq).unwrap_or(i64::MAX))).collect();
-        tx.delete_acked(&acked).await?;
+        acked_away = tx.delete_acked(&acked).await?;
     }
     if PG {
         // Beside another worker's batch (both hold the write lock shared): lock the queues and
@@ -641,6 +642,13 @@ pub(super) async fn apply_plan(
         let devices = devices.chain(deleted.iter().copied()).chain(acks.keys().copied());
         tx.lock_batch(destinations, devices.chain(last_seen.iter().map(|(_, device, _)| *device)).collect()).await?;
         load_next_seqs(&mut tx, next_seq, events.iter().map(|event| event.device).chain(acks.keys().copied())).await?;
+        // What was just deleted no longer counts in that read: new rows go above it all the same.
+        for (device, last) in acked_away {
+            if let Some(next) = next_seq.get_mut(&device) {
+                let after = Seq::try_from(last)?.next();
+                *next = (*next).max(after);
+            }
+        }
     }
     // 3. Outbound federation items, and the state of transactions in flight.
     work.destinations = queue_outbound(&mut tx, outbound).await?;

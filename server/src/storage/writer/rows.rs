@@ -68,8 +68,10 @@ pub(super) trait BatchRows {
     /// Raises each device's `acked_seq` to the given position (never lowers it).
     async fn raise_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError>;
     /// Deletes each device's inbox rows at or below the given position (in the transaction
-    /// that raises its `acked_seq` there).
-    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError>;
+    /// that raises its `acked_seq` there). On PostgreSQL, where it runs before the batch
+    /// reads its sequence numbers, it returns the largest seq deleted per device: the batch's
+    /// new rows go above it.
+    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<Vec<(DevicePk, i64)>, StoreError>;
     /// Takes, to the end of the transaction, the locks that let another worker's batch run
     /// beside this one: each destination's queue lock (its items then become visible in the
     /// order of their sequence numbers), then each device's row (its inbox rows likewise, and
@@ -127,7 +129,7 @@ impl BatchRows for sqlx::SqliteConnection {
         Ok(())
     }
 
-    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
+    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<Vec<(DevicePk, i64)>, StoreError> {
         for chunk in statement_chunks(acks) {
             let mut query = QueryBuilder::<sqlx::Sqlite>::new("WITH v(d, s) AS (");
             query.push_values(chunk, |mut row, (device, seq)| {
@@ -140,7 +142,8 @@ impl BatchRows for sqlx::SqliteConnection {
             );
             query.build().execute(&mut *self).await?;
         }
-        Ok(())
+        // Runs after the batch's rows are numbered: nobody needs what it deleted.
+        Ok(Vec::new())
     }
 
     async fn lock_batch(&mut self, _destinations: Vec<i64>, _devices: Vec<DevicePk>) -> Result<(), StoreError> {
@@ -187,23 +190,26 @@ impl BatchRows for sqlx::PgConnection {
         Ok(())
     }
 
-    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
+    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<Vec<(DevicePk, i64)>, StoreError> {
         if acks.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let (devices, seqs): (Vec<DevicePk>, Vec<i64>) = acks.iter().copied().unzip();
         // Only above the previous position (so before it moves): below it lie the index
         // entries of rows deleted earlier that vacuum has not removed yet, hundreds per device
         // under load, which `seq <= s` alone would walk through every time.
-        sqlx::query(
-            "DELETE FROM inbox USING unnest($1::BIGINT[], $2::BIGINT[]) AS v(d, s) JOIN devices ON devices.id = v.d \
-             WHERE inbox.device = v.d AND inbox.seq > devices.acked_seq AND inbox.seq <= v.s",
+        let deleted = sqlx::query_as(
+            "WITH gone AS (DELETE FROM inbox USING unnest($1::BIGINT[], $2::BIGINT[]) AS v(d, s) \
+             JOIN devices ON devices.id = v.d \
+             WHERE inbox.device = v.d AND inbox.seq > devices.acked_seq AND inbox.seq <= v.s \
+             RETURNING inbox.device, inbox.seq) \
+             SELECT device, max(seq) FROM gone GROUP BY device",
         )
         .bind(&devices)
         .bind(&seqs)
-        .execute(&mut *self)
+        .fetch_all(&mut *self)
         .await?;
-        Ok(())
+        Ok(deleted)
     }
 
     async fn raise_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
