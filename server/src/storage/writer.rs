@@ -626,8 +626,8 @@ pub(super) async fn apply_plan(
         // only rows committed before it received them, and only its own connection sends its
         // acknowledgements. (A client acknowledging past what it received loses its own rows
         // early, as it would anyway; one committed meanwhile by another worker then stays below
-        // `acked_seq`, deleted with the device.)
-        // (A position past every i64 acknowledges everything: it is clamped below.)
+        // `acked_seq`, deleted with the device. A position past every i64 acknowledges
+        // everything; `apply_acks` clamps what is stored.)
         let acked: Vec<(DevicePk, i64)> =
             acks.iter().map(|(device, seq)| (*device, i64::try_from(*seq).unwrap_or(i64::MAX))).collect();
         acked_away = tx.delete_acked(&acked).await?;
@@ -906,7 +906,6 @@ pub(super) async fn append_inbox(
     }
     let inserts: Vec<InboxInsert<'_>> = rows.iter().map(InboxInsert::new).collect::<Result<_, _>>()?;
     conn.insert_inbox(&inserts).await?;
-    drop(inserts);
     Ok(rows)
 }
 /// Step 5b: holds each file a new message carries for every local device the message went to
