@@ -16,6 +16,20 @@ async fn two_workers(nats: &NatsServer, extra: &str) -> anyhow::Result<(TestServ
     Ok((first, second))
 }
 
+/// Waits until the closed connection of device `device_id` was handled (its last-seen time,
+/// written when it goes, is stored).
+async fn disconnection_handled(server: &TestServer, device_id: &str) -> anyhow::Result<()> {
+    let db = server.db().await?;
+    crate::media::eventually("the disconnection is handled", || async {
+        let seen: Option<i64> =
+            sqlx::query_scalar("SELECT last_seen_ts FROM devices WHERE device_id = $1").bind(device_id).fetch_one(&db).await?;
+        Ok(seen.is_some())
+    })
+    .await?;
+    db.close().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn users_on_different_workers_chat_with_receipts_typing_and_presence() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
@@ -59,16 +73,7 @@ async fn users_on_different_workers_chat_with_receipts_typing_and_presence() -> 
     // Presence follows bob's devices on both workers: his device on worker one goes, and he
     // stays online (worker two holds b1); then b1 goes too, and he is offline.
     b2.conn.close().await;
-    let db = one.db().await?;
-    crate::media::eventually("b2's disconnection is handled", || async {
-        let seen: Option<i64> = sqlx::query_scalar("SELECT last_seen_ts FROM devices WHERE device_id = $1")
-            .bind(bob_on_one.device_id.as_str())
-            .fetch_one(&db)
-            .await?;
-        Ok(seen.is_some())
-    })
-    .await?;
-    db.close().await;
+    disconnection_handled(&one, bob_on_one.device_id.as_str()).await?;
     assert_eq!(Api::new(&alice)?.presence(&bob.user_id).await?.status, PresenceStatus::Online, "b1 holds on");
     let marker = b1.send_text(&alice.user_id, "still here").await?;
     let arrived = a1
@@ -323,16 +328,7 @@ async fn a_device_that_left_the_worker_its_events_went_to_is_woken_by_push_and_r
     // then finds nobody holds it, and wakes it by push.
     let cursor = b1.conn.cursor();
     b1.conn.close().await;
-    let db = one.db().await?;
-    crate::media::eventually("bob's disconnection is handled", || async {
-        let seen: Option<i64> = sqlx::query_scalar("SELECT last_seen_ts FROM devices WHERE device_id = $1")
-            .bind(bob.device_id.as_str())
-            .fetch_one(&db)
-            .await?;
-        Ok(seen.is_some())
-    })
-    .await?;
-    db.close().await;
+    disconnection_handled(&one, bob.device_id.as_str()).await?;
     let after = a1.send_text(&bob.user_id, "are you there?").await?;
     service.wait_for("bob", 1, std::time::Duration::from_secs(20)).await?;
 
