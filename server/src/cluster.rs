@@ -398,7 +398,7 @@ impl Cluster {
                             batches.entry(worker).or_default().push((device, row));
                             continue;
                         }
-                        Outgoing::Event { device, row }
+                        self.device_event(device, &row)
                     }
                     other => other,
                 };
@@ -415,12 +415,8 @@ impl Cluster {
         }
     }
 
-    /// Sends one item on its own (an inbox event in its per-device form).
+    /// Sends one item on its own (`relay` turns inbox events into their per-device form first).
     async fn send(self: &Arc<Self>, item: Outgoing) {
-        let item = match item {
-            Outgoing::Event { device, row } => self.device_event(device, &row),
-            other => other,
-        };
         let (device, headers, body, wake) = match item {
             Outgoing::Device { device, headers, body, wake } => (device, headers, body, wake),
             Outgoing::Event { .. } => return,
