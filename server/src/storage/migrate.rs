@@ -18,13 +18,14 @@ use std::borrow::Cow;
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
     (2, "message id blocks", include_str!("../../migrations/postgres/0002_message_id_blocks.sql")),
+    (3, "inbox heads", include_str!("../../migrations/postgres/0003_inbox_heads.sql")),
 ];
 
 /// The newest PostgreSQL migration this build has.
 pub const POSTGRES_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// The SQLite schema version PostgreSQL's newest migration equals (0001 = SQLite 0001–0014;
-/// 0002 adds only what several workers need).
+/// 0002 and 0003 add only what several workers need).
 pub const SQLITE_EQUIVALENT: i64 = 14;
 
 /// Most bind parameters in one PostgreSQL statement (its limit is 65,535).
@@ -137,6 +138,7 @@ pub async fn sqlite_to_postgres(sqlite: &std::path::Path, url: &str) -> Result<C
     let mut txn = target.begin().await?;
     let counts = copy_tables(&mut source, &mut txn).await?;
     set_sequences(&mut source, &mut txn).await?;
+    fill_inbox_heads(&mut txn).await?;
     txn.commit().await?;
     target.close().await?;
     sqlx::query("COMMIT").execute(&mut source).await?;
@@ -320,5 +322,17 @@ async fn set_sequences(source: &mut SqliteConnection, target: &mut PgConnection)
     if let Some(largest) = largest.filter(|largest| *largest >= 1) {
         sqlx::query("SELECT setval('message_id_blocks', $1, true)").bind(largest).execute(&mut *target).await?;
     }
+    Ok(())
+}
+
+/// Gives every copied device its inbox head (0003), which SQLite does not keep: the largest
+/// seq its inbox holds, or its `acked_seq` when that is larger (acknowledged rows are gone).
+async fn fill_inbox_heads(target: &mut PgConnection) -> Result<(), MigrateError> {
+    sqlx::query(
+        "INSERT INTO inbox_heads (device, last_seq) \
+         SELECT d.id, GREATEST(d.acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = d.id), 0)) FROM devices d",
+    )
+    .execute(&mut *target)
+    .await?;
     Ok(())
 }

@@ -199,7 +199,7 @@ impl Pool {
 /// read-check-write transactions hold it exclusively, what SQLite's `BEGIN IMMEDIATE` gives,
 /// one at a time, so no check is raced and `fed_outbound`'s sequence numbers become visible in
 /// order (the PostgreSQL schema's header, B9). The writers' batches (one per worker) hold it
-/// shared: they run beside each other, and each locks the queues and devices it adds to
+/// shared: they run beside each other, and each locks the queues and inboxes it adds to
 /// (`writer::rows::BatchRows::lock_batch`), which orders what they write.
 const WRITE_LOCK: i64 = 0x5061_726c_6579; // "Parley"
 

@@ -185,6 +185,15 @@ impl Store {
         }
     }
 
+    /// The PostgreSQL pool, if that is the backend (unit tests).
+    #[cfg(test)]
+    pub(crate) fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
+        match &self.pool {
+            Pool::Sqlite(_) => None,
+            Pool::Postgres(pool) => Some(pool),
+        }
+    }
+
     /// A fresh, never reused message id (on PostgreSQL, never handed out by another worker
     /// either; a round trip once every [`ID_BLOCK`] ids).
     pub async fn next_message_id(&self) -> Result<ServerMsgId, StoreError> {
@@ -1166,11 +1175,17 @@ pub(super) async fn insert_device(
     .bind(stored_now()?)
     .fetch_one(&mut *tx)
     .await;
-    match result {
-        Ok(id) => Ok(id),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
-        Err(e) => Err(e.into()),
+    let id = match result {
+        Ok(id) => id,
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(StoreError::Conflict),
+        Err(e) => return Err(e.into()),
+    };
+    if PG {
+        // Its inbox head, which the writers' batches lock and number its inbox from
+        // (PostgreSQL migration 0003).
+        sqlx::query("INSERT INTO inbox_heads (device, last_seq) VALUES ($1, 0)").bind(id).execute(&mut *tx).await?;
     }
+    Ok(id)
 }}
 
 #[cfg(test)]

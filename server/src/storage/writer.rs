@@ -599,7 +599,7 @@ pub(super) async fn apply_plan(
     let mut tx = crate::storage::BeginWriteOn::begin_write(conn).await?;
     if PG {
         // Other workers on this database may have appended to any inbox since this worker's
-        // last batch: sequence numbers are read afresh, once the devices are locked (below).
+        // last batch: sequence numbers are read afresh, once the inboxes are locked (below).
         next_seq.clear();
     }
 
@@ -619,35 +619,33 @@ pub(super) async fn apply_plan(
     outbound.extend(inbound.outbound);
     received.extend(inbound.received);
     record_received(&mut tx, &received).await?;
-    let mut acked_away = Vec::new();
     if PG && !keep_history {
-        // Acknowledged rows go before the devices are locked, which keeps the part of the batch
+        // Acknowledged rows go before the inboxes are locked, which keeps the part of the batch
         // that another worker's batch may wait for short. Safe unlocked: a device acknowledges
         // only rows committed before it received them, and only its own connection sends its
         // acknowledgements. (A client acknowledging past what it received loses its own rows
         // early, as it would anyway; one committed meanwhile by another worker then stays below
         // `acked_seq`, deleted with the device. A position past every i64 acknowledges
         // everything; `apply_acks` clamps what is stored.)
-        let acked: Vec<(DevicePk, i64)> =
+        let mut acked: Vec<(DevicePk, i64)> =
             acks.iter().map(|(device, seq)| (*device, i64::try_from(*seq).unwrap_or(i64::MAX))).collect();
-        acked_away = tx.delete_acked(&acked).await?;
+        acked.sort_unstable();
+        tx.delete_acked(&acked).await?;
     }
     if PG {
-        // Beside another worker's batch (both hold the write lock shared): lock the queues and
-        // devices this batch adds to, then read the devices' sequence numbers (see
-        // `BatchRows::lock_batch`). Removed, acknowledging and last-seen devices too: their
-        // rows are written below. Everything before this point is ordered by unique keys.
+        // Beside another worker's batch (both hold the write lock shared): lock the queues this
+        // batch adds to and the inbox heads of the devices it appends to or removes, which
+        // number its rows (see `BatchRows::lock_batch`). Everything before this point is
+        // ordered by unique keys. Acknowledging devices' heads are read unlocked: what they
+        // may acknowledge was committed before they received it, so the committed head bounds
+        // it whatever another worker appends meanwhile.
         let destinations = outbound.iter().map(|item| rows::destination_lock(&item.destination)).collect();
-        let devices = events.iter().map(|event| event.device);
-        let devices = devices.chain(deleted.iter().copied()).chain(acks.keys().copied());
-        tx.lock_batch(destinations, devices.chain(last_seen.iter().map(|(_, device, _)| *device)).collect()).await?;
-        load_next_seqs(&mut tx, next_seq, events.iter().map(|event| event.device).chain(acks.keys().copied())).await?;
-        // What was just deleted no longer counts in that read: new rows go above it all the same.
-        for (device, last) in acked_away {
-            if let Some(next) = next_seq.get_mut(&device) {
-                let after = Seq::try_from(last)?.next();
-                *next = (*next).max(after);
-            }
+        let devices = events.iter().map(|event| event.device).chain(deleted.iter().copied());
+        let mut heads = tx.lock_batch(destinations, devices.collect()).await?;
+        let locked: HashSet<DevicePk> = heads.iter().map(|(device, _)| *device).collect();
+        heads.extend(tx.read_heads(acks.keys().copied().filter(|device| !locked.contains(device)).collect()).await?);
+        for (device, last) in heads {
+            next_seq.insert(device, Seq::try_from(last)?.next());
         }
     }
     // 3. Outbound federation items, and the state of transactions in flight.
@@ -657,6 +655,17 @@ pub(super) async fn apply_plan(
     delete_devices(&mut tx, &deleted, next_seq).await?;
     // 5. Inbox events with their sequence numbers (events for unknown devices are dropped).
     let rows = append_inbox(&mut tx, events, next_seq).await?;
+    if PG {
+        let appended: HashSet<DevicePk> = rows.iter().map(|(event, _)| event.device).collect();
+        let mut heads = Vec::with_capacity(appended.len());
+        for device in appended {
+            if let Some(next) = next_seq.get(&device) {
+                heads.push((device, i64::try_from(Seq::new(next.get() - 1))?));
+            }
+        }
+        heads.sort_unstable();
+        tx.advance_heads(&heads).await?;
+    }
     // 5b. Files the new messages carry, held for the devices they went to.
     hold_media(&mut tx, &std::mem::take(&mut work.holds), &rows).await?;
     // 6. Acks: raise acked_seq (clamped to what exists) and drop acknowledged entries.
@@ -963,6 +972,9 @@ pub(super) async fn apply_acks(
             clamped.push((device, i64::try_from(seq.min(Seq::new(next.get() - 1)))?));
         }
     }
+    // In device order: two workers acknowledging for one device (its connection moving from
+    // one to the other) then take its row in the same order.
+    clamped.sort_unstable();
     conn.raise_acked(&clamped).await?;
     if !PG && !keep_history {
         // (On PostgreSQL done before the batch locks its devices: see `apply_plan`.)
@@ -988,11 +1000,12 @@ pub(super) async fn peek_next_seq(
     if let Some(next) = cache.get(&device) {
         return Ok(Some(*next));
     }
-    let row = sqlx::query(if PG {
-        "SELECT GREATEST(acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = $1), 0)) FROM devices WHERE id = $1"
-    } else {
-        "SELECT max(acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = $1), 0)) FROM devices WHERE id = $1"
-    })
+    if PG {
+        // The batch read the heads of every device it appends to or acknowledges for: one
+        // without a head is gone.
+        return Ok(None);
+    }
+    let row = sqlx::query("SELECT max(acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = $1), 0)) FROM devices WHERE id = $1")
     .bind(device)
     .fetch_optional(&mut *tx)
     .await?;
@@ -1001,34 +1014,6 @@ pub(super) async fn peek_next_seq(
     cache.insert(device, next);
     Ok(Some(next))
 }
-/// Loads the next sequence numbers of those of `devices` not in `cache`, in one statement
-/// (PostgreSQL, where the cache starts empty at every batch). Rows above `acked_seq` are never
-/// deleted, so the largest is among them (or there is none and `acked_seq` is the last): the
-/// index scan stops there instead of walking back through the entries of rows deleted since
-/// the last vacuum.
-pub(super) async fn load_next_seqs(
-    conn: &mut Conn,
-    cache: &mut HashMap<DevicePk, Seq>,
-    devices: impl Iterator<Item = DevicePk>,
-) -> Result<(), StoreError> {
-    let missing: std::collections::BTreeSet<DevicePk> = devices.filter(|device| !cache.contains_key(device)).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let list: Vec<String> = missing.iter().map(|device| device.to_string()).collect();
-    let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT d.id, GREATEST(d.acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = d.id AND seq > d.acked_seq), 0)) \
-         FROM devices d WHERE d.id = ANY(CAST($1 AS BIGINT[]))",
-    )
-    .bind(format!("{{{}}}", list.join(",")))
-    .fetch_all(&mut *conn)
-    .await?;
-    for (device, last) in rows {
-        cache.insert(device, Seq::try_from(last)?.next());
-    }
-    Ok(())
-}
-
 pub(super) async fn allocate_seq(
     cache: &mut HashMap<DevicePk, Seq>,
     tx: &mut Conn,
@@ -1189,5 +1174,72 @@ mod tests {
         // Whatever the count, the texts used are among ten sizes.
         let all: HashSet<usize> = (0..3000).flat_map(sizes).collect();
         assert!(all.iter().all(|size| size.is_power_of_two() && *size <= ROWS_PER_STATEMENT), "{all:?}");
+    }
+
+    /// Waits until some transaction waits for a lock.
+    async fn someone_waits_for_a_lock(pool: &sqlx::PgPool) {
+        let waiting = async {
+            loop {
+                let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                    .fetch_one(pool)
+                    .await
+                    .expect("pg_locks");
+                if waiting > 0 {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting).await.expect("the append waits for the lock");
+    }
+
+    #[tokio::test]
+    async fn on_postgres_a_device_acknowledges_while_another_worker_appends_to_its_inbox() {
+        // Two workers' batches: one (here a transaction of the test's) is appending to a
+        // device's inbox; the worker holding that device's connection commits its
+        // acknowledgement meanwhile, and its own append to the inbox waits for the other's
+        // rows and goes above them. (SQLite: one writer, nothing to test.)
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(crate::storage::testing::open(dir.path()).await);
+        let Some(pool) = store.postgres_pool() else { return };
+        let user = store.create_user("alice", "hash", false).await.unwrap();
+        let device = store.create_device(user, "DEV", None, b"token", 10).await.unwrap();
+        let event = |text: &str| Effects {
+            events: vec![NewEvent { device, origin: None, payload: Bytes::from(text.to_owned()) }],
+            ..Effects::default()
+        };
+        for text in ["one", "two", "three"] {
+            store.append(event(text)).await.unwrap();
+        }
+
+        // The other worker's batch, as far as its inbox row.
+        let mut conn = pool.acquire().await.unwrap();
+        let mut other = crate::storage::BeginWriteOn::begin_write(&mut *conn).await.unwrap();
+        let heads = other.lock_batch(Vec::new(), vec![device]).await.unwrap();
+        assert_eq!(heads, [(device, 3)]);
+        sqlx::query("INSERT INTO inbox (device, seq, payload) VALUES ($1, 4, 'four')")
+            .bind(device)
+            .execute(&mut *other)
+            .await
+            .unwrap();
+        other.advance_heads(&[(device, 4)]).await.unwrap();
+
+        tokio::time::timeout(std::time::Duration::from_secs(10), store.ack(device, Seq::new(3), Effects::default()))
+            .await
+            .expect("the acknowledgement does not wait for the other worker's batch")
+            .unwrap();
+        assert_eq!(store.acked_seq(device).await.unwrap(), Seq::new(3));
+
+        let append = tokio::spawn({
+            let five = event("five");
+            let store = store.clone();
+            async move { store.append(five).await }
+        });
+        someone_waits_for_a_lock(pool).await;
+        other.commit().await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), append).await.expect("appended").expect("task").unwrap();
+        let rows = store.inbox_after(device, Seq::new(3), 10, usize::MAX).await.unwrap();
+        let rows: Vec<(u64, &[u8])> = rows.iter().map(|row| (row.seq.get(), row.payload.as_ref())).collect();
+        assert_eq!(rows, [(4, b"four".as_slice()), (5, b"five".as_slice())]);
     }
 }

@@ -68,17 +68,23 @@ pub(super) trait BatchRows {
     /// Raises each device's `acked_seq` to the given position (never lowers it).
     async fn raise_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError>;
     /// Deletes each device's inbox rows at or below the given position (in the transaction
-    /// that raises its `acked_seq` there). On PostgreSQL, where it runs before the batch
-    /// reads its sequence numbers, it returns the largest seq deleted per device: the batch's
-    /// new rows go above it.
-    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<Vec<(DevicePk, i64)>, StoreError>;
+    /// that raises its `acked_seq` there).
+    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError>;
     /// Takes, to the end of the transaction, the locks that let another worker's batch run
-    /// beside this one: each destination's queue lock (its items then become visible in the
-    /// order of their sequence numbers), then each device's row (its inbox rows likewise, and
-    /// its sequence numbers are read after the last writer committed), both in ascending key
-    /// order so that two batches never wait on each other in a cycle. No-op on SQLite, where
-    /// the batch holds the database's one write lock from its `BEGIN IMMEDIATE`.
-    async fn lock_batch(&mut self, destinations: Vec<i64>, devices: Vec<DevicePk>) -> Result<(), StoreError>;
+    /// beside this one: each destination queue's advisory lock (its items then become visible
+    /// in the order of their sequence numbers), then the inbox head (PostgreSQL migration
+    /// 0003) of each device the batch appends to or removes (its inbox rows likewise), both in
+    /// ascending key order so that two batches never wait on each other in a cycle. Returns
+    /// those heads: each device's last seq, as the last writer to it committed it (a device
+    /// without one is gone). Not the `devices` rows: a device's acknowledgements and last-seen
+    /// time are written by the worker holding its connection, and must not wait for the
+    /// workers appending to its inbox. No-op on SQLite, where the batch holds the database's
+    /// one write lock from its `BEGIN IMMEDIATE`.
+    async fn lock_batch(&mut self, destinations: Vec<i64>, devices: Vec<DevicePk>) -> Result<Vec<(DevicePk, i64)>, StoreError>;
+    /// The inbox heads of `devices`, unlocked (PostgreSQL; none on SQLite).
+    async fn read_heads(&mut self, devices: Vec<DevicePk>) -> Result<Vec<(DevicePk, i64)>, StoreError>;
+    /// Moves locked inbox heads to the last seq this batch gave (PostgreSQL; no-op on SQLite).
+    async fn advance_heads(&mut self, heads: &[(DevicePk, i64)]) -> Result<(), StoreError>;
 }
 
 impl BatchRows for sqlx::SqliteConnection {
@@ -129,7 +135,7 @@ impl BatchRows for sqlx::SqliteConnection {
         Ok(())
     }
 
-    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<Vec<(DevicePk, i64)>, StoreError> {
+    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
         for chunk in statement_chunks(acks) {
             let mut query = QueryBuilder::<sqlx::Sqlite>::new("WITH v(d, s) AS (");
             query.push_values(chunk, |mut row, (device, seq)| {
@@ -142,11 +148,18 @@ impl BatchRows for sqlx::SqliteConnection {
             );
             query.build().execute(&mut *self).await?;
         }
-        // Runs after the batch's rows are numbered: nobody needs what it deleted.
+        Ok(())
+    }
+
+    async fn lock_batch(&mut self, _destinations: Vec<i64>, _devices: Vec<DevicePk>) -> Result<Vec<(DevicePk, i64)>, StoreError> {
         Ok(Vec::new())
     }
 
-    async fn lock_batch(&mut self, _destinations: Vec<i64>, _devices: Vec<DevicePk>) -> Result<(), StoreError> {
+    async fn read_heads(&mut self, _devices: Vec<DevicePk>) -> Result<Vec<(DevicePk, i64)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn advance_heads(&mut self, _heads: &[(DevicePk, i64)]) -> Result<(), StoreError> {
         Ok(())
     }
 }
@@ -190,26 +203,24 @@ impl BatchRows for sqlx::PgConnection {
         Ok(())
     }
 
-    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<Vec<(DevicePk, i64)>, StoreError> {
+    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
         if acks.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let (devices, seqs): (Vec<DevicePk>, Vec<i64>) = acks.iter().copied().unzip();
         // Only above the previous position (so before it moves): below it lie the index
         // entries of rows deleted earlier that vacuum has not removed yet, hundreds per device
         // under load, which `seq <= s` alone would walk through every time.
-        let deleted = sqlx::query_as(
-            "WITH gone AS (DELETE FROM inbox USING unnest($1::BIGINT[], $2::BIGINT[]) AS v(d, s) \
+        sqlx::query(
+            "DELETE FROM inbox USING unnest($1::BIGINT[], $2::BIGINT[]) AS v(d, s) \
              JOIN devices ON devices.id = v.d \
-             WHERE inbox.device = v.d AND inbox.seq > devices.acked_seq AND inbox.seq <= v.s \
-             RETURNING inbox.device, inbox.seq) \
-             SELECT device, max(seq) FROM gone GROUP BY device",
+             WHERE inbox.device = v.d AND inbox.seq > devices.acked_seq AND inbox.seq <= v.s",
         )
         .bind(&devices)
         .bind(&seqs)
-        .fetch_all(&mut *self)
+        .execute(&mut *self)
         .await?;
-        Ok(deleted)
+        Ok(())
     }
 
     async fn raise_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
@@ -228,7 +239,11 @@ impl BatchRows for sqlx::PgConnection {
         Ok(())
     }
 
-    async fn lock_batch(&mut self, mut destinations: Vec<i64>, mut devices: Vec<DevicePk>) -> Result<(), StoreError> {
+    async fn lock_batch(
+        &mut self,
+        mut destinations: Vec<i64>,
+        mut devices: Vec<DevicePk>,
+    ) -> Result<Vec<(DevicePk, i64)>, StoreError> {
         destinations.sort_unstable();
         destinations.dedup();
         devices.sort_unstable();
@@ -240,12 +255,41 @@ impl BatchRows for sqlx::PgConnection {
                 .execute(&mut *self)
                 .await?;
         }
-        if !devices.is_empty() {
-            sqlx::query("SELECT id FROM devices WHERE id = ANY($1::BIGINT[]) ORDER BY id FOR UPDATE")
-                .bind(&devices)
-                .execute(&mut *self)
-                .await?;
+        if devices.is_empty() {
+            return Ok(Vec::new());
         }
+        let heads = sqlx::query_as(
+            "SELECT device, last_seq FROM inbox_heads WHERE device = ANY($1::BIGINT[]) ORDER BY device FOR UPDATE",
+        )
+        .bind(&devices)
+        .fetch_all(&mut *self)
+        .await?;
+        Ok(heads)
+    }
+
+    async fn read_heads(&mut self, devices: Vec<DevicePk>) -> Result<Vec<(DevicePk, i64)>, StoreError> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let heads = sqlx::query_as("SELECT device, last_seq FROM inbox_heads WHERE device = ANY($1::BIGINT[])")
+            .bind(&devices)
+            .fetch_all(&mut *self)
+            .await?;
+        Ok(heads)
+    }
+
+    async fn advance_heads(&mut self, heads: &[(DevicePk, i64)]) -> Result<(), StoreError> {
+        if heads.is_empty() {
+            return Ok(());
+        }
+        let (devices, seqs): (Vec<DevicePk>, Vec<i64>) = heads.iter().copied().unzip();
+        sqlx::query(
+            "UPDATE inbox_heads SET last_seq = v.s FROM unnest($1::BIGINT[], $2::BIGINT[]) AS v(d, s) WHERE inbox_heads.device = v.d",
+        )
+        .bind(&devices)
+        .bind(&seqs)
+        .execute(&mut *self)
+        .await?;
         Ok(())
     }
 }
