@@ -320,6 +320,24 @@ pub(crate) mod testing {
     use super::*;
     use crate::config::Config;
 
+    /// One inbox event for `device` whose payload is `text`.
+    pub fn event(device: DevicePk, text: &str) -> Effects {
+        Effects {
+            events: vec![NewEvent { device, origin: None, payload: bytes::Bytes::from(text.to_owned()) }],
+            ..Effects::default()
+        }
+    }
+
+    /// Alice's one device, its inbox holding "one", "two" and "three" at 1–3.
+    pub async fn device_with_three_events(store: &Store) -> DevicePk {
+        let user = store.create_user("alice", "hash", false).await.unwrap();
+        let device = store.create_device(user, "DEV", None, b"token", 10).await.unwrap();
+        for text in ["one", "two", "three"] {
+            store.append(event(device, text)).await.unwrap();
+        }
+        device
+    }
+
     /// Whether this run's tests use PostgreSQL.
     pub fn postgres() -> bool {
         std::env::var("PARLEY_TEST_BACKEND").is_ok_and(|b| b == "postgres")

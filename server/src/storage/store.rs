@@ -1293,15 +1293,8 @@ mod tests {
         // acknowledgement of the whole inbox and a new event for the same device.
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(open_with(dir.path(), |config| config.storage.commit_interval_us = 200_000).await);
-        let user = store.create_user("alice", "hash", false).await.unwrap();
-        let device = store.create_device(user, "DEV", None, b"token", 10).await.unwrap();
-        let event = |text: &str| Effects {
-            events: vec![NewEvent { device, origin: None, payload: Bytes::from(text.to_owned()) }],
-            ..Effects::default()
-        };
-        for text in ["one", "two", "three"] {
-            store.append(event(text)).await.unwrap();
-        }
+        let device = crate::storage::testing::device_with_three_events(&store).await;
+        let event = |text: &str| crate::storage::testing::event(device, text);
         let (ack, append) = {
             let (a, b) = (store.clone(), store.clone());
             let four = event("four");

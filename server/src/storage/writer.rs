@@ -1202,15 +1202,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(crate::storage::testing::open(dir.path()).await);
         let Some(pool) = store.postgres_pool() else { return };
-        let user = store.create_user("alice", "hash", false).await.unwrap();
-        let device = store.create_device(user, "DEV", None, b"token", 10).await.unwrap();
-        let event = |text: &str| Effects {
-            events: vec![NewEvent { device, origin: None, payload: Bytes::from(text.to_owned()) }],
-            ..Effects::default()
-        };
-        for text in ["one", "two", "three"] {
-            store.append(event(text)).await.unwrap();
-        }
+        let device = crate::storage::testing::device_with_three_events(&store).await;
+        let event = |text: &str| crate::storage::testing::event(device, text);
 
         // The other worker's batch, as far as its inbox row.
         let mut conn = pool.acquire().await.unwrap();
