@@ -1005,7 +1005,9 @@ pub(super) async fn peek_next_seq(
         // without a head is gone.
         return Ok(None);
     }
-    let row = sqlx::query("SELECT max(acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = $1), 0)) FROM devices WHERE id = $1")
+    let row = sqlx::query(
+        "SELECT max(acked_seq, coalesce((SELECT max(seq) FROM inbox WHERE device = $1), 0)) FROM devices WHERE id = $1",
+    )
     .bind(device)
     .fetch_optional(&mut *tx)
     .await?;

@@ -87,6 +87,20 @@ pub(super) trait BatchRows {
     async fn advance_heads(&mut self, heads: &[(DevicePk, i64)]) -> Result<(), StoreError>;
 }
 
+/// Runs `statement` on SQLite over `(device, seq)` pairs, given to it as the table
+/// `v(d, s)` (`WITH v(d, s) AS (VALUES …)`), in statements of at most [`ROWS_PER_STATEMENT`] pairs.
+async fn for_each_pair(conn: &mut sqlx::SqliteConnection, pairs: &[(DevicePk, i64)], statement: &str) -> Result<(), StoreError> {
+    for chunk in statement_chunks(pairs) {
+        let mut query = QueryBuilder::<sqlx::Sqlite>::new("WITH v(d, s) AS (");
+        query.push_values(chunk, |mut row, (device, seq)| {
+            row.push_bind(*device).push_bind(*seq);
+        });
+        query.push(") ").push(statement);
+        query.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 impl BatchRows for sqlx::SqliteConnection {
     async fn insert_messages(&mut self, rows: &[MessageRow<'_>]) -> Result<u64, StoreError> {
         let mut inserted = 0;
@@ -124,31 +138,18 @@ impl BatchRows for sqlx::SqliteConnection {
     }
 
     async fn raise_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
-        for chunk in statement_chunks(acks) {
-            let mut query = QueryBuilder::<sqlx::Sqlite>::new("WITH v(d, s) AS (");
-            query.push_values(chunk, |mut row, (device, seq)| {
-                row.push_bind(*device).push_bind(*seq);
-            });
-            query.push(") UPDATE devices SET acked_seq = v.s FROM v WHERE devices.id = v.d AND v.s > devices.acked_seq");
-            query.build().execute(&mut *self).await?;
-        }
-        Ok(())
+        for_each_pair(self, acks, "UPDATE devices SET acked_seq = v.s FROM v WHERE devices.id = v.d AND v.s > devices.acked_seq")
+            .await
     }
 
     async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
-        for chunk in statement_chunks(acks) {
-            let mut query = QueryBuilder::<sqlx::Sqlite>::new("WITH v(d, s) AS (");
-            query.push_values(chunk, |mut row, (device, seq)| {
-                row.push_bind(*device).push_bind(*seq);
-            });
-            // Driven by `v` through the primary key: cost follows the rows deleted, not the batch.
-            query.push(
-                ") DELETE FROM inbox WHERE (device, seq) IN \
-                 (SELECT i.device, i.seq FROM v JOIN inbox i ON i.device = v.d AND i.seq <= v.s)",
-            );
-            query.build().execute(&mut *self).await?;
-        }
-        Ok(())
+        // Driven by `v` through the primary key: cost follows the rows deleted, not the batch.
+        for_each_pair(
+            self,
+            acks,
+            "DELETE FROM inbox WHERE (device, seq) IN (SELECT i.device, i.seq FROM v JOIN inbox i ON i.device = v.d AND i.seq <= v.s)",
+        )
+        .await
     }
 
     async fn lock_batch(&mut self, _destinations: Vec<i64>, _devices: Vec<DevicePk>) -> Result<Vec<(DevicePk, i64)>, StoreError> {
