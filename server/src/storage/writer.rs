@@ -36,7 +36,8 @@ const PRIORITY_BATCH_CLIENT_OPS: usize = 256;
 const ROWS_PER_STATEMENT: usize = 512;
 
 /// Splits `rows` into slices whose lengths are powers of two, at most [`ROWS_PER_STATEMENT`],
-/// largest first. A multi-row statement's SQL depends on its row count; with these sizes the
+/// largest first (the federation steps; the message path pads instead, see
+/// `rows::PaddedStatement`). A multi-row statement's SQL depends on its row count; with these sizes the
 /// writer uses at most ten texts per statement, which stay in the connection's statement cache
 /// instead of being parsed and planned again for every batch (measured: 8 % of the writer's
 /// time when every batch had its own row count).
