@@ -92,7 +92,7 @@ pub(super) trait BatchRows {
 /// in the count (`statement_chunks`). Each statement is a round trip to the connection's
 /// thread (two thread switches; on one core, the runtime's and that thread's), so a batch of
 /// 30 rows took four where it now takes one. Its texts, one per size, are built once.
-pub(super) struct PaddedStatement {
+struct PaddedStatement {
     /// Everything before the first row (ends with `VALUES `).
     head: &'static str,
     /// Values per row.
@@ -101,6 +101,9 @@ pub(super) struct PaddedStatement {
     tail: &'static str,
     texts: [std::sync::OnceLock<String>; PADDED_SIZES],
 }
+
+/// A SQLite statement with its arguments, as `sqlx::query` builds it.
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
 /// Statement sizes: 1, 2, 4 … [`ROWS_PER_STATEMENT`].
 const PADDED_SIZES: usize = ROWS_PER_STATEMENT.ilog2() as usize + 1;
@@ -124,10 +127,7 @@ impl PaddedStatement {
         &self,
         conn: &mut sqlx::SqliteConnection,
         rows: &[T],
-        bind: impl for<'q> Fn(
-            sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-            &'q T,
-        ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+        bind: impl for<'q> Fn(SqliteQuery<'q>, &'q T) -> SqliteQuery<'q>,
     ) -> Result<u64, StoreError> {
         let mut changed = 0;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
@@ -173,10 +173,7 @@ static DELETE_ACKED: PaddedStatement = PaddedStatement::new(
     ") DELETE FROM inbox WHERE (device, seq) IN (SELECT i.device, i.seq FROM v JOIN inbox i ON i.device = v.d AND i.seq <= v.s)",
 );
 
-fn bind_pair<'q>(
-    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-    (device, seq): &'q (DevicePk, i64),
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+fn bind_pair<'q>(query: SqliteQuery<'q>, (device, seq): &'q (DevicePk, i64)) -> SqliteQuery<'q> {
     query.bind(*device).bind(*seq)
 }
 
