@@ -37,10 +37,10 @@ const ROWS_PER_STATEMENT: usize = 512;
 
 /// Splits `rows` into slices whose lengths are powers of two, at most [`ROWS_PER_STATEMENT`],
 /// largest first (the federation steps; the message path pads instead, see
-/// `rows::PaddedStatement`). A multi-row statement's SQL depends on its row count; with these sizes the
-/// writer uses at most ten texts per statement, which stay in the connection's statement cache
-/// instead of being parsed and planned again for every batch (measured: 8 % of the writer's
-/// time when every batch had its own row count).
+/// `rows::PaddedStatement`). A multi-row statement's SQL depends on its row count; with these
+/// sizes the writer uses at most ten texts per statement, which stay in the connection's
+/// statement cache instead of being parsed and planned again for every batch (measured: 8 % of
+/// the writer's time when every batch had its own row count).
 fn statement_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
     std::iter::from_fn(move || {
         if rows.is_empty() {
