@@ -237,7 +237,9 @@ async fn a_file_on_s3_crosses_into_the_other_servers_own_s3_store() -> anyhow::R
 #[tokio::test]
 async fn unreferenced_files_and_expired_uploads_leave_the_s3_store() -> anyhow::Result<()> {
     let s3 = S3Server::start().await?;
-    let short = "retention_ms = 2000\ngrace_ms = 0\nupload_ttl_ms = 2000\nsweep_interval_ms = 100\n";
+    // The upload lives 5 s: its presigned URLs last that long at most (S3 counts whole seconds),
+    // and a loaded machine can take more than 1 s between the upload's creation and its PUT.
+    let short = "retention_ms = 2000\ngrace_ms = 0\nupload_ttl_ms = 5000\nsweep_interval_ms = 100\n";
     let server = TestServer::start_with(&format!("{S3_PARTS}{short}{}", s3.config())).await?;
     let base = &server.base_url;
     let alice = raw::register(base, "alice").await?;

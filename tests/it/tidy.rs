@@ -44,7 +44,8 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 
 #[test]
 fn spec_and_crypto_do_no_io() {
-    let io = ["tokio", "axum", "hyper", "reqwest", "sqlx", "hickory-resolver", "tokio-tungstenite", "rustls", "tracing"];
+    let io =
+        ["tokio", "axum", "hyper", "reqwest", "sqlx", "rusqlite", "hickory-resolver", "tokio-tungstenite", "rustls", "tracing"];
     for krate in ["spec", "crypto"] {
         let found: Vec<&str> = io.iter().copied().filter(|d| deps(krate).contains(*d)).collect();
         assert!(found.is_empty(), "{krate}/ depends on I/O crates {found:?}");
@@ -79,6 +80,8 @@ fn sql_lives_in_the_server_the_sdk_store_and_the_tests() {
     // The server's storage and the SDK's profile store are SQLite by design; tests read the
     // server's database to check what it stored.
     assert_eq!(dependents("sqlx"), set(&["server", "client-sdk", "tests"]));
+    // The server's writer drives its own SQLite connection directly (`storage::writer::sqlite`).
+    assert_eq!(dependents("rusqlite"), set(&["server"]));
 }
 
 #[test]

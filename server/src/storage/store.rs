@@ -117,6 +117,12 @@ impl Store {
         let (tx, rx) = mpsc::channel(config.storage.writer_queue);
         let restart_wal = Arc::new(tokio::sync::Notify::new());
         let (priority_tx, priority) = mpsc::channel(1024);
+        // On SQLite the writer runs on a thread of its own: it executes each commit there in one
+        // call, blocking in its fsync while the connections' runtime goes on. On PostgreSQL too
+        // with several workers (each statement is a round trip to the server, and on the workers
+        // every answer waited behind the connections' tasks); with one worker (one core) it runs
+        // on that runtime, where a thread of its own added a wake-up of that thread per answer.
+        let own_thread = matches!(conn, WriterConn::Sqlite(_)) || config.runtime.workers() > 1;
         let writer = Writer {
             conn,
             pool: pool.clone(),
@@ -130,12 +136,7 @@ impl Store {
             next_seq: Default::default(),
             restart_wal: restart_wal.clone(),
         };
-        // With several workers, the writer runs on a thread of its own: each of its statements
-        // is a round trip to the connection's thread, and on the workers every answer waited
-        // behind the connections' tasks (commits took several times their work at saturation).
-        // With one worker (one core), it runs on that runtime: a thread of its own would add a
-        // wake-up of the other thread for each answer, which measured dearer there.
-        let handle = if config.runtime.workers() == 1 {
+        let handle = if !own_thread {
             tokio::spawn(writer.run())
         } else {
             let (stopped_tx, stopped) = oneshot::channel::<()>();
@@ -1108,7 +1109,7 @@ async fn open_sqlite(config: &Config) -> Result<(Pool, WriterConn), StoreError> 
     let pool = SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(options.clone()).await?;
     refuse_newer_schema(&pool).await?;
     migrator().run(&pool).await?;
-    let conn = options.connect().await?;
+    let conn = super::writer::SqliteConnection::open(&config.database_path(), config.storage.synchronous, BUSY_TIMEOUT)?;
     Ok((Pool::Sqlite(pool), WriterConn::Sqlite(conn)))
 }
 

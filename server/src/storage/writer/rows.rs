@@ -1,13 +1,12 @@
-//! The writer's multi-row statements, which differ by backend in more than their text.
+//! The PostgreSQL writer's multi-row statements (SQLite's writer runs prepared single-row
+//! statements on its own thread: see `sqlite`).
 //!
-//! SQLite takes the rows of a step as a `VALUES` list padded to a power of two, one statement
-//! per [`ROWS_PER_STATEMENT`] rows (see [`PaddedStatement`]). PostgreSQL takes them as one
-//! array per column (`unnest`): one statement per step whatever the row count, five or six
-//! parameters instead of thousands, and one plan, kept with the connection's statement. On
-//! PostgreSQL the writer also locks what the batch writes before it writes it (see
-//! [`BatchRows::lock_batch`]), so that two workers' batches commit in parallel.
+//! PostgreSQL takes the rows of a step as one array per column (`unnest`): one statement per
+//! step whatever the row count, five or six parameters instead of thousands, and one plan,
+//! kept with the connection's statement. The writer also locks what the batch writes before it
+//! writes it (see [`BatchRows::lock_batch`]), so that two workers' batches commit in parallel.
 
-use super::{MessageOutcome, NewEvent, NewMessage, Reply, ROWS_PER_STATEMENT};
+use super::{MessageOutcome, NewEvent, NewMessage, Reply};
 use crate::storage::{DevicePk, StoreError};
 use parley_spec::{Seq, ServerName};
 
@@ -77,156 +76,13 @@ pub(super) trait BatchRows {
     /// those heads: each device's last seq, as the last writer to it committed it (a device
     /// without one is gone). Not the `devices` rows: a device's acknowledgements and last-seen
     /// time are written by the worker holding its connection, and must not wait for the
-    /// workers appending to its inbox. No-op on SQLite, where the batch holds the database's
-    /// one write lock from its `BEGIN IMMEDIATE`.
+    /// workers appending to its inbox. (SQLite's one writer needs none: its batch holds the
+    /// database's one write lock from its `BEGIN IMMEDIATE`.)
     async fn lock_batch(&mut self, destinations: Vec<i64>, devices: Vec<DevicePk>) -> Result<Vec<(DevicePk, i64)>, StoreError>;
-    /// The inbox heads of `devices`, unlocked (PostgreSQL; none on SQLite).
+    /// The inbox heads of `devices`, unlocked.
     async fn read_heads(&mut self, devices: Vec<DevicePk>) -> Result<Vec<(DevicePk, i64)>, StoreError>;
-    /// Moves locked inbox heads to the last seq this batch gave (PostgreSQL; no-op on SQLite).
+    /// Moves locked inbox heads to the last seq this batch gave.
     async fn advance_heads(&mut self, heads: &[(DevicePk, i64)]) -> Result<(), StoreError>;
-}
-
-/// A multi-row SQLite statement taking its rows as a `VALUES` list padded with rows of NULLs
-/// to a power of two (at most [`ROWS_PER_STATEMENT`]), which the statement skips: one
-/// statement per step for up to that many rows, where exact row counts took one per bit set
-/// in the count (`statement_chunks`). Each statement is a round trip to the connection's
-/// thread (two thread switches; on one core, the runtime's and that thread's), so a batch of
-/// 30 rows took four where it now takes one. Its texts, one per size, are built once.
-struct PaddedStatement {
-    /// Everything before the first row (ends with `VALUES `).
-    head: &'static str,
-    /// Values per row.
-    columns: usize,
-    /// Everything after the last row; skips the rows whose first value is NULL.
-    tail: &'static str,
-    texts: [std::sync::OnceLock<String>; PADDED_SIZES],
-}
-
-/// A SQLite statement with its arguments, as `sqlx::query` builds it.
-type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
-
-/// Statement sizes: 1, 2, 4 … [`ROWS_PER_STATEMENT`].
-const PADDED_SIZES: usize = ROWS_PER_STATEMENT.ilog2() as usize + 1;
-
-impl PaddedStatement {
-    const fn new(head: &'static str, columns: usize, tail: &'static str) -> Self {
-        Self { head, columns, tail, texts: [const { std::sync::OnceLock::new() }; PADDED_SIZES] }
-    }
-
-    /// The text for `size` rows, a power of two.
-    fn text(&self, size: usize) -> &str {
-        self.texts[size.ilog2() as usize].get_or_init(|| {
-            let row = format!("({})", vec!["?"; self.columns].join(", "));
-            format!("{}{}{}", self.head, vec![row; size].join(", "), self.tail)
-        })
-    }
-
-    /// Runs the statement over `rows`, in statements of [`ROWS_PER_STATEMENT`] rows and a
-    /// last one padded; `bind` binds one row's `columns` values. The rows changed.
-    async fn run<T>(
-        &self,
-        conn: &mut sqlx::SqliteConnection,
-        rows: &[T],
-        bind: impl for<'q> Fn(SqliteQuery<'q>, &'q T) -> SqliteQuery<'q>,
-    ) -> Result<u64, StoreError> {
-        let mut changed = 0;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let size = chunk.len().next_power_of_two();
-            let mut query = sqlx::query(self.text(size));
-            for row in chunk {
-                query = bind(query, row);
-            }
-            for _ in 0..(size - chunk.len()) * self.columns {
-                query = query.bind(None::<i64>);
-            }
-            changed += query.execute(&mut *conn).await?.rows_affected();
-        }
-        Ok(changed)
-    }
-}
-
-static INSERT_MESSAGES: PaddedStatement = PaddedStatement::new(
-    "INSERT INTO messages (id, sender_device, sender_user, client_msg_id, recipient, ts) \
-     SELECT column1, column2, column3, column4, column5, column6 FROM (VALUES ",
-    6,
-    ") WHERE column1 IS NOT NULL ON CONFLICT DO NOTHING",
-);
-
-static INSERT_INBOX: PaddedStatement = PaddedStatement::new(
-    "INSERT INTO inbox (device, seq, sender, msg_id, payload) \
-     SELECT column1, column2, column3, column4, column5 FROM (VALUES ",
-    5,
-    ") WHERE column1 IS NOT NULL",
-);
-
-/// `(device, seq)` pairs as the table `v(d, s)`; a padding row's NULL device matches no row.
-static RAISE_ACKED: PaddedStatement = PaddedStatement::new(
-    "WITH v(d, s) AS (VALUES ",
-    2,
-    ") UPDATE devices SET acked_seq = v.s FROM v WHERE devices.id = v.d AND v.s > devices.acked_seq",
-);
-
-/// Driven by `v` through the primary key: cost follows the rows deleted, not the batch.
-static DELETE_ACKED: PaddedStatement = PaddedStatement::new(
-    "WITH v(d, s) AS (VALUES ",
-    2,
-    ") DELETE FROM inbox WHERE (device, seq) IN (SELECT i.device, i.seq FROM v JOIN inbox i ON i.device = v.d AND i.seq <= v.s)",
-);
-
-fn bind_pair<'q>(query: SqliteQuery<'q>, (device, seq): &'q (DevicePk, i64)) -> SqliteQuery<'q> {
-    query.bind(*device).bind(*seq)
-}
-
-impl BatchRows for sqlx::SqliteConnection {
-    async fn insert_messages(&mut self, rows: &[MessageRow<'_>]) -> Result<u64, StoreError> {
-        INSERT_MESSAGES
-            .run(self, rows, |query, MessageRow { message: m, id, ts }| {
-                query
-                    .bind(*id)
-                    .bind(m.sender_device)
-                    .bind(m.sender_user)
-                    .bind(m.client_msg_id.as_bytes().as_slice())
-                    .bind(m.recipient.as_str())
-                    .bind(*ts)
-            })
-            .await
-    }
-
-    async fn insert_inbox(&mut self, rows: &[InboxInsert<'_>]) -> Result<(), StoreError> {
-        INSERT_INBOX
-            .run(self, rows, |query, insert| {
-                query
-                    .bind(insert.event.device)
-                    .bind(insert.seq)
-                    .bind(insert.sender())
-                    .bind(insert.msg_id)
-                    .bind(insert.event.payload.as_ref())
-            })
-            .await?;
-        Ok(())
-    }
-
-    async fn raise_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
-        RAISE_ACKED.run(self, acks, bind_pair).await?;
-        Ok(())
-    }
-
-    async fn delete_acked(&mut self, acks: &[(DevicePk, i64)]) -> Result<(), StoreError> {
-        DELETE_ACKED.run(self, acks, bind_pair).await?;
-        Ok(())
-    }
-
-    async fn lock_batch(&mut self, _destinations: Vec<i64>, _devices: Vec<DevicePk>) -> Result<Vec<(DevicePk, i64)>, StoreError> {
-        Ok(Vec::new())
-    }
-
-    async fn read_heads(&mut self, _devices: Vec<DevicePk>) -> Result<Vec<(DevicePk, i64)>, StoreError> {
-        Ok(Vec::new())
-    }
-
-    async fn advance_heads(&mut self, _heads: &[(DevicePk, i64)]) -> Result<(), StoreError> {
-        Ok(())
-    }
 }
 
 impl BatchRows for sqlx::PgConnection {
@@ -356,31 +212,5 @@ impl BatchRows for sqlx::PgConnection {
         .execute(&mut *self)
         .await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sqlx::Connection as _;
-
-    static INSERT_T: PaddedStatement =
-        PaddedStatement::new("INSERT INTO t (a, b) SELECT column1, column2 FROM (VALUES ", 2, ") WHERE column1 IS NOT NULL");
-
-    #[tokio::test]
-    async fn padded_statements_write_every_row_once_in_order_and_no_padding() {
-        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:").await.unwrap();
-        sqlx::query("CREATE TABLE t (n INTEGER PRIMARY KEY, a INTEGER NOT NULL, b TEXT)").execute(&mut conn).await.unwrap();
-        for count in [0usize, 1, 3, 4, 5, 511, 512, 513, 1100] {
-            sqlx::query("DELETE FROM t").execute(&mut conn).await.unwrap();
-            let rows: Vec<(i64, String)> = (0..count).map(|i| (i as i64, format!("row {i}"))).collect();
-            let changed = INSERT_T.run(&mut conn, &rows, |query, (a, b)| query.bind(*a).bind(b.as_str())).await.unwrap();
-            assert_eq!(changed, count as u64, "{count} rows");
-            let stored: Vec<(i64, String)> = sqlx::query_as("SELECT a, b FROM t ORDER BY n").fetch_all(&mut conn).await.unwrap();
-            assert_eq!(stored, rows, "every row once, in order, for {count}");
-        }
-        // One text per power of two up to the statement size.
-        let built = INSERT_T.texts.iter().filter(|text| text.get().is_some()).count();
-        assert!(built <= PADDED_SIZES && INSERT_T.texts[PADDED_SIZES - 1].get().is_some());
     }
 }
