@@ -153,7 +153,7 @@ impl Store {
             })
         };
         if let Pool::Sqlite(pool) = &pool {
-            tokio::spawn(checkpoints(pool.clone(), restart_wal));
+            tokio::spawn(checkpoints(pool.clone(), Duration::from_millis(config.storage.checkpoint_interval_ms), restart_wal));
         }
         Ok((Self { pool, writer: tx, priority: priority_tx, ids }, handle))
     }
@@ -1025,7 +1025,8 @@ pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// WAL frames past which the writer is asked to start the WAL over (16 MiB of 4 KiB pages).
 const WAL_RESTART_FRAMES: i64 = 4096;
 
-/// Copies the WAL back into the database file ten times a second, on a pool connection, so
+/// Copies the WAL back into the database file every `interval` (`storage.checkpoint_interval_ms`,
+/// 25 ms by default), on a pool connection, so
 /// the writer's commits never pay for copying. PASSIVE never blocks the writer, but SQLite
 /// starts the WAL over only when a write begins after a checkpoint that copied everything,
 /// which under steady writes (one every few ms) almost never happens: the WAL would grow to
@@ -1034,8 +1035,8 @@ const WAL_RESTART_FRAMES: i64 = 4096;
 /// WAL is past [`WAL_RESTART_FRAMES`] and copied, `restart_wal` asks the writer to finish the
 /// job between two commits, or at once when it is idle (a RESTART checkpoint: the few frames
 /// left, then the next commit writes the WAL from its start, over blocks already allocated).
-async fn checkpoints(pool: SqlitePool, restart_wal: Arc<tokio::sync::Notify>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+async fn checkpoints(pool: SqlitePool, interval: Duration, restart_wal: Arc<tokio::sync::Notify>) {
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
