@@ -579,6 +579,16 @@ struct Hold {
     once: bool,
 }
 
+impl Hold {
+    /// The devices the message went to, with the inbox position of its event in each.
+    fn targets(&self, rows: &[(NewEvent, Seq)]) -> Result<Vec<(DevicePk, i64)>, StoreError> {
+        rows.iter()
+            .filter(|(event, _)| event.origin.as_ref().is_some_and(|(_, origin)| *origin == self.id))
+            .map(|(event, seq)| Ok((event.device, i64::try_from(*seq)?)))
+            .collect()
+    }
+}
+
 #[derive(Default)]
 struct Work {
     message_replies: Vec<(Reply<MessageOutcome>, MessageOutcome)>,
@@ -588,6 +598,28 @@ struct Work {
     inbound_replies: Vec<(Reply<bool>, bool)>,
     committed: Vec<Committed>,
     destinations: Vec<ServerName>,
+}
+
+impl Work {
+    /// Step 1's result for one message (both writers): its answer after the commit and, when
+    /// it was stored now, its events, federation items and file holds.
+    fn settle_message(
+        &mut self,
+        effects: &mut Effects,
+        message: NewMessage,
+        reply: Reply<MessageOutcome>,
+        outcome: MessageOutcome,
+    ) {
+        if matches!(outcome, MessageOutcome::Stored { .. }) {
+            if !message.media.is_empty() {
+                let once = message.media_once && message.outbound.is_empty();
+                self.holds.push(Hold { id: message.id, sender: message.sender_user, media: message.media, once });
+            }
+            effects.events.extend(message.events);
+            effects.outbound.extend(message.outbound);
+        }
+        self.message_replies.push((reply, outcome));
+    }
 }
 
 dual! {

@@ -139,15 +139,7 @@ pub(super) async fn insert_messages(
                 MessageOutcome::Duplicate { id, ts: Timestamp::try_from(row.try_get::<i64, _>(1)?)? }
             }
         };
-        if matches!(outcome, MessageOutcome::Stored { .. }) {
-            if !message.media.is_empty() {
-                let once = message.media_once && message.outbound.is_empty();
-                work.holds.push(Hold { id: message.id, sender: message.sender_user, media: message.media, once });
-            }
-            effects.events.extend(message.events);
-            effects.outbound.extend(message.outbound);
-        }
-        work.message_replies.push((reply, outcome));
+        work.settle_message(&mut effects, message, reply, outcome);
     }
     Ok(effects)
 }
@@ -322,12 +314,9 @@ pub(super) async fn append_inbox(
 /// (`media_holds`, released by the media sweep once the device acknowledged past it), if the
 /// sender references the file; a file already marked unreferenced is referenced again.
 pub(super) async fn hold_media(conn: &mut Conn, holds: &[Hold], rows: &[(NewEvent, Seq)]) -> Result<(), StoreError> {
-    for Hold { id, sender, media, once } in holds {
-        let targets: Vec<(DevicePk, i64)> = rows
-            .iter()
-            .filter(|(event, _)| event.origin.as_ref().is_some_and(|(_, origin)| origin == id))
-            .map(|(event, seq)| Ok((event.device, i64::try_from(*seq)?)))
-            .collect::<Result<_, StoreError>>()?;
+    for hold in holds {
+        let targets = hold.targets(rows)?;
+        let Hold { id: _, sender, media, once } = hold;
         for sha256 in media {
             let referenced: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM media_refs r JOIN media m ON m.sha256 = r.sha256 \

@@ -147,15 +147,7 @@ fn insert_messages(
                 .query_row(params![message.sender_device, client_msg_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
             MessageOutcome::Duplicate { id: ServerMsgId::try_from(id)?, ts: Timestamp::try_from(ts)? }
         };
-        if new {
-            if !message.media.is_empty() {
-                let once = message.media_once && message.outbound.is_empty();
-                work.holds.push(Hold { id: message.id, sender: message.sender_user, media: message.media, once });
-            }
-            effects.events.extend(message.events);
-            effects.outbound.extend(message.outbound);
-        }
-        work.message_replies.push((reply, outcome));
+        work.settle_message(&mut effects, message, reply, outcome);
     }
     Ok(effects)
 }
@@ -319,12 +311,9 @@ fn append_inbox(
 /// (`media_holds`, released by the media sweep once the device acknowledged past it), if the
 /// sender references the file; a file already marked unreferenced is referenced again.
 fn hold_media(tx: &rusqlite::Transaction<'_>, holds: &[Hold], rows: &[(NewEvent, Seq)]) -> Result<(), StoreError> {
-    for Hold { id, sender, media, once } in holds {
-        let targets: Vec<(DevicePk, i64)> = rows
-            .iter()
-            .filter(|(event, _)| event.origin.as_ref().is_some_and(|(_, origin)| origin == id))
-            .map(|(event, seq)| Ok((event.device, i64::try_from(*seq)?)))
-            .collect::<Result<_, StoreError>>()?;
+    for hold in holds {
+        let targets = hold.targets(rows)?;
+        let Hold { id: _, sender, media, once } = hold;
         for sha256 in media {
             let referenced: bool = tx
                 .prepare_cached(
