@@ -136,9 +136,7 @@ impl Store {
             next_seq: Default::default(),
             restart_wal: restart_wal.clone(),
         };
-        let handle = if !own_thread {
-            tokio::spawn(writer.run())
-        } else {
+        let handle = if own_thread {
             let (stopped_tx, stopped) = oneshot::channel::<()>();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(StoreError::WriterStart)?;
             std::thread::Builder::new()
@@ -151,6 +149,8 @@ impl Store {
             tokio::spawn(async move {
                 let _ = stopped.await;
             })
+        } else {
+            tokio::spawn(writer.run())
         };
         if let Pool::Sqlite(pool) = &pool {
             tokio::spawn(checkpoints(pool.clone(), Duration::from_millis(config.storage.checkpoint_interval_ms), restart_wal));
@@ -1022,6 +1022,9 @@ fn in_request_order(requested: &[ServerMsgId], found: Vec<i64>) -> Result<Vec<Se
 /// How long a connection waits for a lock another holds.
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Bytes of WAL that SQLite keeps after a checkpoint truncates it (both connection kinds).
+pub(super) const JOURNAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
+
 /// WAL frames past which the writer is asked to start the WAL over (16 MiB of 4 KiB pages).
 const WAL_RESTART_FRAMES: i64 = 4096;
 
@@ -1101,13 +1104,13 @@ async fn open_sqlite(config: &Config) -> Result<(Pool, WriterConn), StoreError> 
         .busy_timeout(BUSY_TIMEOUT)
         // Checkpoints run in a background task (below), never inside a hot-path commit.
         .pragma("wal_autocheckpoint", "0")
-        .pragma("journal_size_limit", (64 * 1024 * 1024).to_string())
+        .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT.to_string())
         // Statement journals (a multi-row statement's undo, needed to roll back just that
         // statement) stay in memory: on disk they were 11 % of the writer's time.
         .pragma("temp_store", "memory")
         .statement_cache_capacity(256)
         .disable_statement_logging();
-    let pool = SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(options.clone()).await?;
+    let pool = SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(options).await?;
     refuse_newer_schema(&pool).await?;
     migrator().run(&pool).await?;
     let conn = super::writer::SqliteConnection::open(&config.database_path(), config.storage.synchronous, BUSY_TIMEOUT)?;

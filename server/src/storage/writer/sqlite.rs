@@ -5,13 +5,14 @@
 //! switches each (on one core, the runtime's and that thread's) and its arguments boxed on
 //! the way: a commit of `BEGIN`, four steps and `COMMIT` cost twelve switches. Here the
 //! writer's thread runs the statements itself, row by row through prepared statements kept in
-//! the connection's cache (SQLite runs a cached insert in about a microsecond, so multi-row
-//! texts buy nothing), and blocks in the commit's fsync while the connections' runtime goes on.
+//! the connection's cache (with no round trip per statement, multi-row texts buy nothing), and
+//! blocks in the commit's fsync while the connections' runtime goes on.
 //! The steps and their order are those of the PostgreSQL writer (`apply_plan` in the parent
 //! module); only how each reaches the database differs.
 
 use super::{Effects, FedWrite, Hold, InboundTxn, MessageOutcome, NewEvent, NewMessage, Plan, RemoteMessage, Reply, Work};
 use crate::config::Synchronous;
+use crate::storage::store::JOURNAL_SIZE_LIMIT;
 use crate::storage::{DevicePk, StoreError};
 use parley_spec::{Seq, ServerMsgId, ServerName, Timestamp};
 use rusqlite::{params, OptionalExtension as _, TransactionBehavior};
@@ -47,9 +48,8 @@ impl Connection {
             "PRAGMA synchronous = {synchronous};
              PRAGMA foreign_keys = ON;
              PRAGMA wal_autocheckpoint = 0;
-             PRAGMA journal_size_limit = {};
-             PRAGMA temp_store = MEMORY;",
-            64 * 1024 * 1024
+             PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT};
+             PRAGMA temp_store = MEMORY;"
         ))?;
         Ok(Self { conn })
     }
@@ -60,20 +60,21 @@ impl Connection {
         self.conn.busy_timeout(wait)?;
         let done = self.checkpoint("RESTART");
         self.conn.busy_timeout(busy_timeout)?;
-        Ok(done? == 0)
+        Ok(done?.0 == 0)
     }
 
     /// Folds the WAL back into the database file and truncates it, then closes the connection.
     /// `(busy, frames, copied)` of the checkpoint.
     pub fn close(self) -> Result<(i64, i64, i64), StoreError> {
-        let done = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)));
+        let done = self.checkpoint("TRUNCATE");
         self.conn.close().map_err(|(_, error)| error)?;
-        Ok(done?)
+        done
     }
 
-    /// `busy` of a `wal_checkpoint(mode)`: 0 when it completed.
-    fn checkpoint(&self, mode: &str) -> Result<i64, StoreError> {
-        Ok(self.conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| row.get(0))?)
+    /// `(busy, frames, copied)` of a `wal_checkpoint(mode)`: `busy` is 0 when it completed.
+    fn checkpoint(&self, mode: &str) -> Result<(i64, i64, i64), StoreError> {
+        let sql = format!("PRAGMA wal_checkpoint({mode})");
+        Ok(self.conn.query_row(&sql, [], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?)
     }
 
     /// Runs `plan`'s steps in order in one transaction and commits; the inbox rows written.
