@@ -315,10 +315,14 @@ impl Conn {
         let mut shutdown = self.state.shutdown.clone();
         let mut room = self.state.outgoing.room();
         let mut sends: FuturesOrdered<SendFuture> = FuturesOrdered::new();
+        // Waited on across turns of the loop rather than made anew in each (each new one would
+        // join and leave its `Notify`'s waiters, under a lock, on every frame).
+        let mut shutting_down = std::pin::pin!(shutdown.changed());
+        let mut woken = std::pin::pin!(registration.mailbox.woken());
         loop {
             let step = tokio::select! {
                 biased;
-                _ = shutdown.changed() => Err(Stop::Close(close::GOING_AWAY, "server shutting down")),
+                _ = &mut shutting_down => Err(Stop::Close(close::GOING_AWAY, "server shutting down")),
                 done = write_done(&mut self.out.writing) => match self.out.finished(done) {
                     Ok(bytes) => {
                         self.unsent.release(bytes);
@@ -329,7 +333,10 @@ impl Conn {
                 Some(done) = sends.next(), if !sends.is_empty() => self.answer_send(done),
                 // Pushes queued (taken below, with whatever else is ready), or live events
                 // left in the inbox.
-                _ = registration.mailbox.woken() => Ok(()),
+                () = &mut woken => {
+                    woken.set(registration.mailbox.woken());
+                    Ok(())
+                }
                 frame = stream.next() => match frame {
                     Some(Ok(message)) => Box::pin(self.on_message(message, &mut sends)).await,
                     Some(Err(error)) => Err(classify(error)),
@@ -558,7 +565,7 @@ impl Conn {
             Message::Ping(_) | Message::Pong(_) => return Ok(()),
             Message::Close(_) => return Err(Stop::Gone),
         };
-        let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
+        let frame = match ClientFrame::from_json(text.as_str()) {
             Ok(frame) => frame,
             Err(error) => return self.error(FrameRef::of_malformed(text.as_str()), frame_error(text.as_str(), &error)),
         };
@@ -627,11 +634,26 @@ impl Conn {
     }
 
     /// Acknowledges up to `seq` (at most what this connection sent): delivered receipts go to
-    /// the senders, and the inbox entries are released, in the background.
+    /// the senders, and the inbox entries are released, without waiting for the commit. The
+    /// receipts are made here when every sender's devices are in the directory's cache (the
+    /// usual case), in a task of their own when one must be read.
     fn ack(&mut self, seq: Seq) {
         let acked = self.window.ack(seq);
         let seq = acked.seq;
         let origins: Vec<Origin> = acked.origins.into_iter().flatten().collect();
+        let cached = messaging::receipts(&self.state, &self.auth, ReceiptKind::Delivered, origins.iter().cloned());
+        match cached.now_or_never() {
+            Some(Ok(receipts)) => {
+                self.state.store.ack_later(self.auth.device_pk, seq, receipts);
+                return;
+            }
+            // Dropped while it reads the directory (it has no other effect): again, waiting.
+            None => {}
+            Some(Err(error)) => {
+                tracing::warn!(%error, "ack not recorded; the events will be redelivered");
+                return;
+            }
+        }
         let state = self.state.clone();
         let auth = self.auth.clone();
         tokio::spawn(async move {

@@ -253,6 +253,25 @@ impl Store {
         Self::wait(rx).await
     }
 
+    /// Queues an acknowledgement (as [`Store::ack`]) without waiting for its commit: a
+    /// connection acknowledges as it reads, and what a failed commit did not record is
+    /// delivered again (the writer logs the failure). When the writer's queue is full, the
+    /// acknowledgement waits for room in a task of its own.
+    pub fn ack_later(self: &Arc<Self>, device: DevicePk, seq: Seq, receipts: Effects) {
+        let (reply, _) = oneshot::channel();
+        match self.writer.try_send(WriteOp::Ack { device, seq, receipts, reply }) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(op)) => {
+                let store = self.clone();
+                tokio::spawn(async move {
+                    if store.queue(op).await.is_err() {
+                        tracing::warn!("ack not recorded: the store is closing; the events will be redelivered");
+                    }
+                });
+            }
+        }
+    }
+
     /// Appends events to inboxes and items to outbound queues, in one commit.
     pub async fn append(&self, effects: Effects) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();

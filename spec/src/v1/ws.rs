@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+mod tagged;
+
 /// Query of the WebSocket upgrade.
 #[derive(Clone, Default, Serialize, Deserialize, IntoParams)]
 #[non_exhaustive]
