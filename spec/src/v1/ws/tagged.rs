@@ -88,13 +88,10 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipType<A> {
         loop {
             match self.0.next_key::<Key<'de>>()? {
                 None => return Ok(None),
-                Some(Key::Borrowed("type")) => {
+                Some(key) if key.as_str() == "type" => {
                     self.0.next_value::<IgnoredAny>()?;
                 }
                 Some(Key::Borrowed(key)) => return seed.deserialize(BorrowedStrDeserializer::new(key)).map(Some),
-                Some(Key::Owned(key)) if key == "type" => {
-                    self.0.next_value::<IgnoredAny>()?;
-                }
                 Some(Key::Owned(key)) => return seed.deserialize(StringDeserializer::new(key)).map(Some),
             }
         }
@@ -113,6 +110,15 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipType<A> {
 enum Key<'de> {
     Borrowed(&'de str),
     Owned(String),
+}
+
+impl Key<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Key::Borrowed(key) => key,
+            Key::Owned(key) => key,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Key<'de> {
