@@ -758,9 +758,8 @@ fn frame_error(text: &str, error: &serde_json::Error) -> Error {
         #[serde(rename = "type")]
         kind: String,
     }
-    const KNOWN: &[&str] = &["send", "ack", "read", "typing", "ping", "group_ack", "group_read"];
     match serde_json::from_str::<Tag>(text) {
-        Ok(tag) if !KNOWN.contains(&tag.kind.as_str()) => {
+        Ok(tag) if !ClientFrame::TYPES.contains(&tag.kind.as_str()) => {
             let mut kind = tag.kind;
             kind.truncate(64);
             Error::new(ErrorCode::UnknownFrame, format!("unknown frame type {kind:?}"))

@@ -12,10 +12,10 @@ use serde::Deserialize;
 use std::borrow::Cow;
 use std::fmt;
 
-/// The variants' names, as the derived `Deserialize` reports them.
-const VARIANTS: &[&str] = &["send", "ack", "read", "typing", "ping", "group_ack", "group_read"];
-
 impl ClientFrame {
+    /// The frames' `type`s, in the order of the variants.
+    pub const TYPES: &'static [&'static str] = &["send", "ack", "read", "typing", "ping", "group_ack", "group_read"];
+
     /// Parses a client frame from its JSON text: the same frames as its `Deserialize` (the
     /// same variants, fields and refusals: unknown fields, unknown types, a missing `type`),
     /// with less work. Tested against it.
@@ -34,7 +34,7 @@ impl ClientFrame {
             "ping" => Self::Ping(untagged::<PingFrame>(text)?),
             "group_ack" => Self::GroupAck(untagged::<GroupAckFrame>(text)?),
             "group_read" => Self::GroupRead(untagged::<GroupAckFrame>(text)?),
-            other => return Err(de::Error::unknown_variant(other, VARIANTS)),
+            other => return Err(de::Error::unknown_variant(other, Self::TYPES)),
         })
     }
 }
