@@ -760,8 +760,8 @@ fn frame_error(text: &str, error: &serde_json::Error) -> Error {
     }
     match serde_json::from_str::<Tag>(text) {
         Ok(tag) if !ClientFrame::TYPES.contains(&tag.kind.as_str()) => {
-            let mut kind = tag.kind;
-            kind.truncate(64);
+            // Cut by characters: a byte count could fall inside one (a panic).
+            let kind: String = tag.kind.chars().take(64).collect();
             Error::new(ErrorCode::UnknownFrame, format!("unknown frame type {kind:?}"))
         }
         _ => Error::new(ErrorCode::BadFrame, format!("malformed frame: {error}")),
@@ -776,5 +776,22 @@ fn classify(error: axum::Error) -> Stop {
         Some(WsError::Protocol(_)) => Stop::Close(close::POLICY, "protocol error"),
         Some(WsError::Utf8(_)) => Stop::Close(close::INVALID_DATA, "invalid UTF-8"),
         _ => Stop::Gone,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_frame_type_is_answered_cut_to_64_characters_whatever_they_are() {
+        // Its 64th byte falls inside a two-byte character.
+        let kind = format!("a{}", "é".repeat(100));
+        let text = format!(r#"{{"type":"{kind}"}}"#);
+        let error = ClientFrame::from_json(&text).unwrap_err();
+        let body = frame_error(&text, &error).into_body();
+        assert_eq!(body.code, ErrorCode::UnknownFrame);
+        let shown: String = kind.chars().take(64).collect();
+        assert_eq!(body.message, format!("unknown frame type {shown:?}"));
     }
 }
