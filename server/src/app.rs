@@ -23,9 +23,22 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Everything a handler needs. Cheap to clone.
+/// Everything a handler needs: one shared allocation, so a clone is one reference count (each
+/// WebSocket's task holds one, and axum clones it for every request). Its fields are read
+/// through `Deref`.
 #[derive(Clone)]
-pub(crate) struct AppState {
+pub(crate) struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+pub(crate) struct Shared {
     pub config: Arc<Config>,
     /// This server's name (`config.server_name`).
     pub server_name: ServerName,
@@ -181,7 +194,7 @@ impl Server {
             group_acks,
             Duration::from_millis(config.limits.group_ack_interval_ms),
         ));
-        let state = AppState {
+        let state = AppState(Arc::new(Shared {
             groups: Arc::new(groups),
             media,
             push,
@@ -198,7 +211,7 @@ impl Server {
             shutdown,
             server_key,
             federation,
-        };
+        }));
         Ok(Self { state, writer, shutdown_tx, tls, _lock: lock })
     }
 

@@ -248,8 +248,10 @@ async fn connection(state: AppState, auth: AuthDevice, since: Seq, socket: WebSo
     let out = Out::new(sink, Duration::from_millis(limits.ws_write_timeout_ms));
     let registration = state.hub.register(auth.device_pk, limits.connection_buffer, unsent.clone());
     state.metrics.connections.inc();
-    let user_entry = state.directory.local(auth.user_id.localpart()).await.ok().flatten();
-    if presence::connected(&state, auth.user_pk).await {
+    // The lookups below (and presence's at the end) are boxed: awaited inline, their futures
+    // would be part of the connection's task for its whole life, idle or not.
+    let user_entry = Box::pin(state.directory.local(auth.user_id.localpart())).await.ok().flatten();
+    if Box::pin(presence::connected(&state, auth.user_pk)).await {
         if let Some(entry) = &user_entry {
             presence::announce(&state, entry.clone(), true, None);
         }
@@ -288,7 +290,7 @@ async fn connection(state: AppState, auth: AuthDevice, since: Seq, socket: WebSo
     if let Err(error) = Box::pin(state.store.record_last_seen(auth.user_pk, auth.device_pk, ts)).await {
         tracing::warn!(%error, "last-seen not recorded");
     }
-    if presence::disconnected(&state, auth.user_pk).await {
+    if Box::pin(presence::disconnected(&state, auth.user_pk)).await {
         if let Some(entry) = user_entry {
             presence::announce(&state, entry, false, Some(ts));
         }
