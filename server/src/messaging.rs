@@ -12,8 +12,8 @@ use parley_spec::federation::v1::transaction::{FedEnvelope, Item, SignedMessage,
 use parley_spec::v1::events::{InboxEvent, MessageEvent, ReceiptEvent, ReceiptKind};
 use parley_spec::v1::messages::{Envelope, ReadRequest, SendRequest, SentResponse, MAX_MESSAGE_MEDIA, MAX_READ_IDS};
 use parley_spec::v1::ws::{ServerFrame, TypingNotice};
-use parley_spec::{ErrorCode, Seq, ServerMsgId, Timestamp, UserId};
-use std::collections::{BTreeMap, BTreeSet};
+use parley_spec::{DeviceId, ErrorCode, Seq, ServerMsgId, Timestamp, UserId};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Checks a send against the limits and the current devices, and builds what to store:
@@ -51,16 +51,17 @@ pub async fn prepare_send(state: &AppState, auth: &AuthDevice, request: SendRequ
 
     // Expected targets: every device of the recipient and every other device of the sender
     // (never the sending device itself, also for a note to self).
-    let mut expected: BTreeMap<DeviceRef, i64> = other_devices(&recipient, auth).collect();
-    expected.extend(other_devices(&sender, auth));
-    check_targets(&expected, &request.envelopes)?;
+    let mut expected: Vec<Target<'_, i64>> = other_devices(&recipient, auth).collect();
+    if recipient.pk != sender.pk {
+        expected.extend(other_devices(&sender, auth));
+    }
+    let devices = match_targets(&expected, &request.envelopes)?;
 
     let id = state.store.next_message_id().await?;
     let ts = Timestamp::now();
     let origin = Some((sender.user_id_arc.clone(), id));
     let mut events = Vec::with_capacity(request.envelopes.len());
-    for envelope in request.envelopes {
-        let device = expected[&DeviceRef::new(envelope.user, envelope.device)];
+    for (envelope, device) in request.envelopes.into_iter().zip(devices) {
         let payload = message_event(auth, &request.to, id, ts, envelope.ciphertext.0)?;
         events.push(NewEvent { device, origin: origin.clone(), payload });
     }
@@ -100,26 +101,22 @@ async fn prepare_remote_send(state: &AppState, auth: &AuthDevice, request: SendR
         .local(auth.user_id.localpart())
         .await?
         .ok_or_else(|| Error::new(ErrorCode::UnknownToken, "the sending account no longer exists"))?;
-    // The recipient's devices as their server last told us (`None`: no local device), and the
-    // sender's other devices here.
-    let expected = |remote: &UserDevices| -> BTreeMap<DeviceRef, Option<i64>> {
-        let theirs = remote.devices.iter().map(|id| (DeviceRef::new(request.to.clone(), id.clone()), None));
-        theirs.chain(other_devices(&sender, auth).map(|(target, pk)| (target, Some(pk)))).collect()
-    };
     let remote = crate::federation::remote::devices(state, &request.to, false).await?;
-    let mut targets = expected(&remote);
-    if check_targets(&targets, &request.envelopes).is_err() {
-        // Our copy of the remote devices may be stale: ask their server once.
-        targets = expected(&*crate::federation::remote::devices(state, &request.to, true).await?);
-        check_targets(&targets, &request.envelopes)?;
-    }
+    let targets = match match_targets(&remote_targets(&request.to, &remote, &sender, auth), &request.envelopes) {
+        Ok(targets) => targets,
+        Err(_) => {
+            // Our copy of the remote devices may be stale: ask their server once.
+            let remote = crate::federation::remote::devices(state, &request.to, true).await?;
+            match_targets(&remote_targets(&request.to, &remote, &sender, auth), &request.envelopes)?
+        }
+    };
     let id = state.store.next_message_id().await?;
     let ts = Timestamp::now();
     let origin = Some((sender.user_id_arc.clone(), id));
     let mut events = Vec::new();
     let mut envelopes = Vec::new();
-    for envelope in request.envelopes {
-        match targets[&DeviceRef::new(envelope.user, envelope.device.clone())] {
+    for (envelope, target) in request.envelopes.into_iter().zip(targets) {
+        match target {
             Some(device) => {
                 let payload = message_event(auth, &request.to, id, ts, envelope.ciphertext.0)?;
                 events.push(NewEvent { device, origin: origin.clone(), payload });
@@ -160,30 +157,58 @@ fn message_event(auth: &AuthDevice, to: &UserId, id: ServerMsgId, ts: Timestamp,
     to_bytes(&InboxEvent::Message(event))
 }
 
+/// A device a send must address: its owner, its id, and what the send needs of it.
+type Target<'a, T> = (&'a UserId, &'a DeviceId, T);
+
 /// `user`'s devices other than the sending one, as send targets.
-fn other_devices<'a>(user: &'a UserEntry, auth: &'a AuthDevice) -> impl Iterator<Item = (DeviceRef, i64)> + 'a {
-    user.devices
-        .iter()
-        .filter(|(pk, _)| *pk != auth.device_pk)
-        .map(|(pk, id)| (DeviceRef::new(user.user_id.clone(), id.clone()), *pk))
+fn other_devices<'a>(user: &'a UserEntry, auth: &'a AuthDevice) -> impl Iterator<Item = Target<'a, i64>> + 'a {
+    user.devices.iter().filter(|(pk, _)| *pk != auth.device_pk).map(|(pk, id)| (&user.user_id, id, *pk))
 }
 
-/// `devices_mismatch` unless the envelopes address exactly the `expected` devices, once each.
-fn check_targets<T>(expected: &BTreeMap<DeviceRef, T>, envelopes: &[Envelope]) -> Result<()> {
-    let mut seen = BTreeSet::new();
+/// A send to another server's user `to`: their devices as their server last told us (`None`:
+/// no local device), and the sender's other devices here.
+fn remote_targets<'a>(
+    to: &'a UserId,
+    remote: &'a UserDevices,
+    sender: &'a UserEntry,
+    auth: &'a AuthDevice,
+) -> Vec<Target<'a, Option<i64>>> {
+    let mut theirs: Vec<Target<'a, Option<i64>>> = remote.devices.iter().map(|id| (to, id, None)).collect();
+    // Their server's list, taken as a set.
+    theirs.sort_unstable_by(|a, b| a.1.cmp(b.1));
+    theirs.dedup_by(|a, b| a.1 == b.1);
+    theirs.extend(other_devices(sender, auth).map(|(user, id, pk)| (user, id, Some(pk))));
+    theirs
+}
+
+/// What each envelope's device is to the send, in envelope order; `devices_mismatch` unless
+/// the envelopes address exactly the `expected` devices (distinct), once each. Compared in
+/// place, without copying an id: both lists are a few devices long (a send has at most twice
+/// `limits.max_devices_per_user` envelopes), and this runs for every message.
+fn match_targets<T: Copy>(expected: &[Target<'_, T>], envelopes: &[Envelope]) -> Result<Vec<T>> {
+    let mut seen = vec![false; expected.len()];
+    let mut found = Vec::with_capacity(envelopes.len());
     let mut extra = Vec::new();
     for envelope in envelopes {
-        let target = DeviceRef::new(envelope.user.clone(), envelope.device.clone());
-        if !expected.contains_key(&target) || !seen.insert(target.clone()) {
-            extra.push(target);
+        match expected.iter().position(|(user, device, _)| **user == envelope.user && **device == envelope.device) {
+            Some(at) if !seen[at] => {
+                seen[at] = true;
+                found.push(expected[at].2);
+            }
+            _ => extra.push(DeviceRef::new(envelope.user.clone(), envelope.device.clone())),
         }
     }
-    let missing: Vec<DeviceRef> = expected.keys().filter(|t| !seen.contains(*t)).cloned().collect();
-    if missing.is_empty() && extra.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::DevicesMismatch(DevicesMismatch::new(missing, extra)))
+    if extra.is_empty() && seen.iter().all(|seen| *seen) {
+        return Ok(found);
     }
+    let mut missing: Vec<DeviceRef> = expected
+        .iter()
+        .zip(&seen)
+        .filter(|(_, seen)| !**seen)
+        .map(|((user, device, _), _)| DeviceRef::new((*user).clone(), (*device).clone()))
+        .collect();
+    missing.sort();
+    Err(Error::DevicesMismatch(DevicesMismatch::new(missing, extra)))
 }
 
 /// The `sent` answer for a store outcome.
@@ -345,4 +370,31 @@ pub async fn typing(state: &AppState, auth: &AuthDevice, to: &UserId, typing: bo
 /// JSON bytes of an event or frame.
 pub(crate) fn to_bytes<T: serde::Serialize>(value: &T) -> Result<Bytes> {
     serde_json::to_vec(value).map(Bytes::from).map_err(Error::internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(user: &UserId, device: &str) -> Envelope {
+        Envelope::new(user.clone(), DeviceId::parse(device).unwrap(), Vec::new())
+    }
+
+    #[test]
+    fn envelopes_match_their_devices_in_order_and_a_mismatch_names_the_missing_and_extra_ones() {
+        let bob = UserId::parse("@bob:a.example").unwrap();
+        let alice = UserId::parse("@alice:a.example").unwrap();
+        let ids: Vec<DeviceId> = ["B1", "B2", "A2"].iter().map(|id| DeviceId::parse(id).unwrap()).collect();
+        let expected = [(&bob, &ids[0], 10), (&bob, &ids[1], 11), (&alice, &ids[2], 20)];
+
+        let found = match_targets(&expected, &[envelope(&alice, "A2"), envelope(&bob, "B2"), envelope(&bob, "B1")]).unwrap();
+        assert_eq!(found, vec![20, 11, 10]);
+
+        // B1 twice (the second is extra), an unknown device, B2 and A2 missing (sorted).
+        let sent = [envelope(&bob, "B1"), envelope(&bob, "B1"), envelope(&bob, "B9")];
+        let Err(Error::DevicesMismatch(mismatch)) = match_targets(&expected, &sent) else { panic!("a mismatch expected") };
+        let names = |refs: &[DeviceRef]| refs.iter().map(|r| format!("{} {}", r.user, r.device)).collect::<Vec<_>>();
+        assert_eq!(names(&mismatch.missing), ["@alice:a.example A2", "@bob:a.example B2"]);
+        assert_eq!(names(&mismatch.extra), ["@bob:a.example B1", "@bob:a.example B9"]);
+    }
 }
