@@ -11,20 +11,28 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::Child;
 
 /// `count` consecutive free loopback ports. The devnet names servers by port, so the ports must
-/// be known before it starts: the OS picks the first, the rest are checked free (a small race
-/// with other processes remains, as with any fixed port).
+/// be known before it starts. They are drawn at random below the kernel's ephemeral range
+/// (`ip_local_port_range`), from which port-0 binds and outgoing connections take theirs: a
+/// port that was free when checked here could otherwise be taken by another test's connection
+/// before the devnet binds it (seen once in CI: the devnet exited at start). Only another
+/// fixed-port user can still race it.
 fn free_ports(count: u16) -> anyhow::Result<u16> {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        if first.checked_add(count).is_none() {
-            continue;
-        }
+    use rand::Rng as _;
+    const LOWEST: u16 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    anyhow::ensure!(ephemeral > LOWEST + count, "the ephemeral port range starts at {ephemeral}");
+    let mut rng = rand::thread_rng();
+    for _ in 0..200 {
+        let first = rng.gen_range(LOWEST..ephemeral - count);
         let held: Result<Vec<_>, _> = (first..first + count).map(|p| std::net::TcpListener::bind(("127.0.0.1", p))).collect();
         if held.is_ok() {
             return Ok(first);
         }
     }
-    anyhow::bail!("no {count} consecutive free ports")
+    anyhow::bail!("no {count} consecutive free ports below {ephemeral}")
 }
 
 /// Starts `parleyd devnet` with `args` in `dir` and waits for its instructions (returned).
@@ -48,10 +56,17 @@ async fn start_devnet(args: &[String], dir: &Path) -> anyhow::Result<(Child, Str
                 return anyhow::Ok(());
             }
         }
-        anyhow::bail!("devnet exited early:\n{printed}")
+        anyhow::Ok(())
     })
     .await
     .context("devnet did not come up within 90 s")??;
+    if !printed.contains("Ctrl-C stops the servers") {
+        let mut errors = String::new();
+        if let Some(mut stderr) = child.stderr.take() {
+            tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut errors).await?;
+        }
+        anyhow::bail!("devnet exited early:\n{printed}\n{errors}");
+    }
     // Keep reading: devnet prints on its way out, and a closed pipe would fail it.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok((child, printed))
