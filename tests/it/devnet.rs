@@ -48,19 +48,20 @@ async fn start_devnet(args: &[String], dir: &Path) -> anyhow::Result<(Child, Str
         .spawn()?;
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
     let mut printed = String::new();
-    tokio::time::timeout(Duration::from_secs(90), async {
+    // Whether it came up (false: its output ended first).
+    let up = tokio::time::timeout(Duration::from_secs(90), async {
         while let Some(line) = lines.next_line().await? {
             printed.push_str(&line);
             printed.push('\n');
             if line.contains("Ctrl-C stops the servers") {
-                return anyhow::Ok(());
+                return anyhow::Ok(true);
             }
         }
-        anyhow::Ok(())
+        anyhow::Ok(false)
     })
     .await
     .context("devnet did not come up within 90 s")??;
-    if !printed.contains("Ctrl-C stops the servers") {
+    if !up {
         let mut errors = String::new();
         if let Some(mut stderr) = child.stderr.take() {
             tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut errors).await?;
