@@ -15,7 +15,7 @@ mod keypackages;
 mod media;
 mod push;
 
-use super::writer::{Bookkeeping, Subscribers, WriteOp, Writer, WriterConn};
+use super::writer::{Bookkeeping, Settle, Subscribers, WriteOp, Writer, WriterConn};
 use super::*;
 use crate::config::{Config, Synchronous};
 pub use groups::{GroupDeviceRow, GroupMessageRow, HubUpdate};
@@ -123,6 +123,12 @@ impl Store {
         // every answer waited behind the connections' tasks); with one worker (one core) it runs
         // on that runtime, where a thread of its own added a wake-up of that thread per answer.
         let own_thread = matches!(conn, WriterConn::Sqlite(_)) || config.runtime.workers() > 1;
+        let (settle, settled) = if own_thread {
+            let (commits, handed) = mpsc::unbounded_channel();
+            (Settle::Handoff(commits), Some(tokio::spawn(super::writer::settle(handed, subscribers))))
+        } else {
+            (Settle::Inline(subscribers), None)
+        };
         let writer = Writer {
             conn,
             pool: pool.clone(),
@@ -131,7 +137,7 @@ impl Store {
             max_batch: config.storage.max_batch,
             commit_interval: Duration::from_micros(config.storage.commit_interval_us),
             keep_history: config.storage.keep_history,
-            subscribers,
+            settle,
             metrics,
             next_seq: Default::default(),
             restart_wal: restart_wal.clone(),
@@ -148,6 +154,10 @@ impl Store {
                 .map_err(StoreError::WriterStart)?;
             tokio::spawn(async move {
                 let _ = stopped.await;
+                // The last commits' answers and events, settled.
+                if let Some(settled) = settled {
+                    let _ = settled.await;
+                }
             })
         } else {
             tokio::spawn(writer.run())

@@ -10,8 +10,11 @@
 //!
 //! After each commit, and only then, the writer answers the batch's operations and publishes
 //! what the commit made durable to its [`Subscribers`], in commit order: the inbox events to
-//! live delivery (called in the writer task, so a live event costs no task switch), and the
-//! outbound queues that grew on a channel (their drainer is built after the store).
+//! live delivery, and the outbound queues that grew on a channel (their drainer is built after
+//! the store). When the writer has a thread of its own, it hands each commit's answers and
+//! events to one task on the connections' runtime ([`Settle::Handoff`]), which wakes the
+//! waiting connections from there: one cross-thread wake-up per commit instead of one per
+//! waiting connection (each a write to the runtime's eventfd and often a switch of threads).
 
 use super::{DevicePk, InboxRow, StoreError, UserPk};
 use bytes::Bytes;
@@ -204,8 +207,9 @@ pub struct Committed {
     pub row: InboxRow,
 }
 
-/// Receives the inbox events of each commit, in the writer task, right after the commit and
-/// in commit order. It must not block or wait: the next batch waits for it.
+/// Receives the inbox events of each commit, right after the commit and in commit order (in
+/// the writer's task, or in the task that settles its commits: see [`Settle`]). It must not
+/// block or wait: the next commits wait for it.
 pub trait LiveEvents: Send + Sync {
     /// `events` are durable (answers for the commit have been sent).
     fn committed(&self, events: Vec<Committed>);
@@ -214,8 +218,7 @@ pub trait LiveEvents: Send + Sync {
 /// Who hears about commits, fixed when the store opens; a missing subscriber hears nothing.
 #[derive(Default)]
 pub struct Subscribers {
-    /// Live delivery of durable inbox events (the hub). Called in the writer task: a live
-    /// event reaches its connection without a hop through another task.
+    /// Live delivery of durable inbox events (the hub), called right after each commit.
     pub events: Option<Arc<dyn LiveEvents>>,
     /// The outbound queues (named by destination server) a commit added items to, one message
     /// per commit that grew any. A channel rather than a call, so that its receiver can go to
@@ -237,6 +240,52 @@ impl Subscribers {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// What a commit made durable and whom to tell: answers to its operations, in batch order
+/// within each kind, and what to publish.
+pub(super) struct Settled {
+    message_replies: Vec<(Reply<MessageOutcome>, MessageOutcome)>,
+    unit_replies: Vec<Reply<()>>,
+    inbound_replies: Vec<(Reply<bool>, bool)>,
+    committed: Vec<Committed>,
+    destinations: Vec<ServerName>,
+}
+
+impl Settled {
+    /// Answers the operations, then publishes the commit.
+    fn tell(self, subscribers: &Subscribers) {
+        for (reply, outcome) in self.message_replies {
+            let _ = reply.send(Ok(outcome));
+        }
+        for reply in self.unit_replies {
+            let _ = reply.send(Ok(()));
+        }
+        for (reply, new) in self.inbound_replies {
+            let _ = reply.send(Ok(new));
+        }
+        subscribers.publish(self.committed, self.destinations);
+    }
+}
+
+/// Where the writer settles its commits.
+pub(super) enum Settle {
+    /// In the writer's task (the writer runs on the connections' runtime).
+    Inline(Subscribers),
+    /// On the connections' runtime, by [`settle`], in commit order (the writer has a thread of
+    /// its own).
+    Handoff(mpsc::UnboundedSender<Settled>),
+}
+
+/// Settles, on the runtime it is spawned on, the commits a writer on its own thread hands
+/// over, in commit order; returns when the writer has stopped and everything is settled.
+pub(super) async fn settle(mut commits: mpsc::UnboundedReceiver<Settled>, subscribers: Subscribers) {
+    let mut ready = Vec::new();
+    while commits.recv_many(&mut ready, 64).await > 0 {
+        for settled in ready.drain(..) {
+            settled.tell(&subscribers);
+        }
+    }
+}
 
 /// One queued write. Every `reply` is answered after the commit that made the write durable.
 pub enum WriteOp {
@@ -316,7 +365,8 @@ pub(super) struct Writer {
     /// Shortest time between the starts of two commits (see `storage.commit_interval_us`).
     pub commit_interval: std::time::Duration,
     pub keep_history: bool,
-    pub subscribers: Subscribers,
+    /// Where answers and events go after each commit.
+    pub settle: Settle,
     pub metrics: crate::metrics::Metrics,
     /// Next sequence number per device (loaded on first use; on PostgreSQL, within a batch only).
     pub next_seq: HashMap<DevicePk, Seq>,
@@ -412,18 +462,21 @@ impl Writer {
         let mut work = Work::default();
         match self.apply(batch, &mut work).await {
             Ok(()) => {
-                let committed = std::mem::take(&mut work.committed);
-                for (reply, outcome) in work.message_replies.drain(..) {
-                    let _ = reply.send(Ok(outcome));
+                let settled = Settled {
+                    message_replies: std::mem::take(&mut work.message_replies),
+                    unit_replies: std::mem::take(&mut work.unit_replies),
+                    inbound_replies: std::mem::take(&mut work.inbound_replies),
+                    committed: std::mem::take(&mut work.committed),
+                    destinations: std::mem::take(&mut work.destinations),
+                };
+                match &self.settle {
+                    Settle::Inline(subscribers) => settled.tell(subscribers),
+                    Settle::Handoff(commits) => {
+                        // Fails only once the runtime is gone (the process is stopping): the
+                        // answers are dropped, as with a failed batch.
+                        let _ = commits.send(settled);
+                    }
                 }
-                for reply in work.unit_replies.drain(..) {
-                    let _ = reply.send(Ok(()));
-                }
-                for (reply, new) in work.inbound_replies.drain(..) {
-                    let _ = reply.send(Ok(new));
-                }
-                let destinations = std::mem::take(&mut work.destinations);
-                self.subscribers.publish(committed, destinations);
             }
             Err(error) => {
                 // Dropping the replies answers every operation of the batch with `Unavailable`.
