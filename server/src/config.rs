@@ -157,6 +157,11 @@ pub struct LimitsConfig {
     /// Group receipt markers that moved are sent to the group's hub (and by the hub to the
     /// participating servers) at most this often, in one batch per group (milliseconds).
     pub group_receipt_interval_ms: u64,
+    /// A connection's acknowledgements are written at most this often (milliseconds): one that
+    /// comes after a quiet interval at once, those that follow within the interval together at
+    /// its end, with one `delivered` receipt per sender device. A crash forgets at most this
+    /// much of them (the device then gets those events again). 0 writes every `ack` at once.
+    pub ack_interval_ms: u64,
     /// Events sent to a connection but not yet acknowledged; beyond it delivery pauses until an `ack`.
     pub max_unacked_events: usize,
     /// A WebSocket write (or flush) that makes no progress for this long closes the connection:
@@ -640,6 +645,7 @@ impl Default for LimitsConfig {
             max_group_message_bytes: 4 * 1024 * 1024,
             group_ack_interval_ms: 200,
             group_receipt_interval_ms: 1000,
+            ack_interval_ms: 1000,
             max_unacked_events: 4096,
             ws_write_timeout_ms: 10_000,
             ws_unsent_bytes: 1024 * 1024,
@@ -760,6 +766,9 @@ impl Config {
         }
         if self.storage.max_batch == 0 || self.storage.writer_queue == 0 {
             return bad("storage.max_batch and storage.writer_queue must be positive");
+        }
+        if self.limits.ack_interval_ms > 60_000 {
+            return bad("limits.ack_interval_ms must be at most 60000");
         }
         if !(1..=60_000).contains(&self.storage.checkpoint_interval_ms) {
             return bad("storage.checkpoint_interval_ms must be between 1 and 60000");
@@ -908,6 +917,21 @@ mod tests {
         assert_eq!(config.listen.port(), 0);
         std::fs::write(&file, "bogus_key = 1\n").unwrap();
         assert!(Config::load(Some(&file), serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn an_ack_interval_over_a_minute_is_refused() {
+        let mut config = Config::default();
+        for (ms, ok) in [(0, true), (60_000, true), (60_001, false)] {
+            config.limits.ack_interval_ms = ms;
+            match config.check() {
+                Ok(()) => assert!(ok, "{ms} ms accepted"),
+                Err(error) => {
+                    assert!(!ok, "{ms} ms refused: {error}");
+                    assert!(error.to_string().contains("limits.ack_interval_ms"), "{error}");
+                }
+            }
+        }
     }
 
     #[test]

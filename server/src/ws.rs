@@ -8,6 +8,7 @@
 //! `DeliveryWindow` (`ws/window.rs`, no I/O); this file does the reading, the byte budgets
 //! and the writing.
 
+mod acks;
 mod groups;
 mod window;
 
@@ -19,6 +20,7 @@ use crate::messaging;
 use crate::outgoing::{OverBudget, Unsent};
 use crate::presence;
 use crate::storage::{InboxRow, MessageOutcome, Origin, StoreError};
+use acks::AckBatch;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
@@ -236,6 +238,8 @@ struct Conn {
     /// What to send next; for each event sent and not acknowledged, for messages, (sender,
     /// id) for the delivered receipt.
     window: DeliveryWindow<Option<Origin>>,
+    /// Acknowledgements on their way to the writer.
+    acks: AckBatch<Origin>,
     /// The device's group streams.
     groups: groups::GroupStreams,
     last_activity: Instant,
@@ -263,12 +267,15 @@ async fn connection(state: AppState, auth: AuthDevice, since: Seq, socket: WebSo
         out,
         unsent,
         window: DeliveryWindow::new(since, limits.max_unacked_events),
+        acks: AckBatch::new(Duration::from_millis(limits.ack_interval_ms)),
         groups: groups::GroupStreams::new(),
         last_activity: Instant::now(),
     };
     // Boxed, as every path taken once or rarely (the backlog, closing): an idle connection's
     // task then holds only the loop's state.
     let stop = Box::pin(conn.run(&mut stream, &registration)).await;
+    // What was acknowledged here, written whatever ended the connection.
+    conn.write_acks();
     let reason = match stop {
         Stop::Close(code, reason) => {
             // The close frame goes after what is queued, within the write deadline; a peer
@@ -321,7 +328,17 @@ impl Conn {
         // join and leave its `Notify`'s waiters, under a lock, on every frame).
         let mut shutting_down = std::pin::pin!(shutdown.changed());
         let mut woken = std::pin::pin!(registration.mailbox.woken());
+        // Armed while acknowledgements are gathered (see `acks`).
+        let mut acks_due = std::pin::pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
+        let mut acks_armed = None;
         loop {
+            let due = self.acks.due();
+            if due != acks_armed {
+                if let Some(at) = due {
+                    acks_due.as_mut().reset(at);
+                }
+                acks_armed = due;
+            }
             let step = tokio::select! {
                 biased;
                 _ = &mut shutting_down => Err(Stop::Close(close::GOING_AWAY, "server shutting down")),
@@ -346,6 +363,10 @@ impl Conn {
                 },
                 // The writer made room for live events left in the inbox.
                 _ = room.changed(), if self.window.is_behind() => Ok(()),
+                () = &mut acks_due, if acks_armed.is_some() => {
+                    self.write_acks();
+                    Ok(())
+                }
                 _ = heartbeat.tick() => {
                     if self.last_activity.elapsed() > timeout {
                         Err(Stop::Close(close::POLICY, "heartbeat timeout"))
@@ -635,14 +656,22 @@ impl Conn {
         }
     }
 
-    /// Acknowledges up to `seq` (at most what this connection sent): delivered receipts go to
-    /// the senders, and the inbox entries are released, without waiting for the commit. The
-    /// receipts are made here when every sender's devices are in the directory's cache (the
-    /// usual case), in a task of their own when one must be read.
+    /// Acknowledges up to `seq` (at most what this connection sent), now or with the next
+    /// batch (see `acks`).
     fn ack(&mut self, seq: Seq) {
         let acked = self.window.ack(seq);
-        let seq = acked.seq;
-        let origins: Vec<Origin> = acked.origins.into_iter().flatten().collect();
+        let origins = acked.origins.into_iter().flatten().collect();
+        if self.acks.add(acked.seq, origins, tokio::time::Instant::now()) {
+            self.write_acks();
+        }
+    }
+
+    /// Hands the gathered acknowledgements to the writer: delivered receipts go to the
+    /// senders, and the inbox entries are released, without waiting for the commit. The
+    /// receipts are made here when every sender's devices are in the directory's cache (the
+    /// usual case), in a task of their own when one must be read.
+    fn write_acks(&mut self) {
+        let Some((seq, origins)) = self.acks.take(tokio::time::Instant::now()) else { return };
         let cached = messaging::receipts(&self.state, &self.auth, ReceiptKind::Delivered, origins.iter().cloned());
         match cached.now_or_never() {
             Some(Ok(receipts)) => {

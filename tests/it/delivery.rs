@@ -255,6 +255,48 @@ async fn caught_up_comes_after_the_whole_backlog_even_beyond_the_unacknowledged_
     Ok(())
 }
 
+/// The next message of a manually acknowledging device, acknowledged: its id.
+async fn confirm_next(device: &mut Device) -> anyhow::Result<ServerMsgId> {
+    let id = device.next_message().await?.id;
+    let seq = device.next(|e| if let Event::Checkpoint { seq } = e { Some(seq) } else { None }).await?;
+    device.conn.confirm(seq);
+    Ok(id)
+}
+
+#[tokio::test]
+async fn acks_within_the_interval_make_one_receipt_and_a_quiet_ack_is_written_at_once() -> anyhow::Result<()> {
+    // An interval far longer than the test: what is gathered can only leave when bob's
+    // connection closes.
+    let server = TestServer::start_with("[limits]\nack_interval_ms = 60000\n").await?;
+    let base = &server.base_url;
+    let alice = register(base, "alice").await?;
+    let bob = register(base, "bob").await?;
+    let mut a1 = Device::connect(&alice).await?;
+    let manual = ConnectOptions { manual_ack: true, ..ConnectOptions::default() };
+    let mut b1 = Device::connect_with(&bob, manual).await?;
+
+    // The first ack of the connection: written at once, its receipt arrives while bob is on.
+    let first = a1.send_text(&bob.user_id, "one").await?.server_msg_id;
+    assert_eq!(confirm_next(&mut b1).await?, first);
+    let receipt = a1.next_receipt(ReceiptKind::Delivered).await?;
+    assert_eq!(receipt.message_ids, vec![first]);
+
+    // Two more, each acknowledged on its own within the interval: gathered, and written as
+    // one receipt for both when the connection closes.
+    let second = a1.send_text(&bob.user_id, "two").await?.server_msg_id;
+    assert_eq!(confirm_next(&mut b1).await?, second);
+    let third = a1.send_text(&bob.user_id, "three").await?.server_msg_id;
+    assert_eq!(confirm_next(&mut b1).await?, third);
+    b1.conn.close().await;
+    let receipt = a1.next_receipt(ReceiptKind::Delivered).await?;
+    assert_eq!(receipt.message_ids, vec![second, third], "one receipt for both acks");
+
+    // Written: a new connection from bob's last position gets nothing again.
+    let replay = Api::new(&bob)?.sync(Seq::ZERO, 0, None).await?;
+    assert!(replay.events.is_empty(), "acknowledged entries released: {:?}", replay.events);
+    Ok(())
+}
+
 #[tokio::test]
 async fn with_manual_acks_nothing_is_released_until_the_application_confirms() -> anyhow::Result<()> {
     let server = TestServer::start().await?;
