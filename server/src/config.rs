@@ -919,34 +919,32 @@ mod tests {
         assert!(Config::load(Some(&file), serde_json::json!({})).is_err());
     }
 
-    #[test]
-    fn an_ack_interval_over_a_minute_is_refused() {
+    /// Sets `key` to each value with `set` and checks that exactly those marked `false` are
+    /// refused, by an error that names `key`.
+    fn check_interval(key: &str, set: impl Fn(&mut Config, u64), cases: &[(u64, bool)]) {
         let mut config = Config::default();
-        for (ms, ok) in [(0, true), (60_000, true), (60_001, false)] {
-            config.limits.ack_interval_ms = ms;
+        for &(ms, ok) in cases {
+            set(&mut config, ms);
             match config.check() {
-                Ok(()) => assert!(ok, "{ms} ms accepted"),
+                Ok(()) => assert!(ok, "{key} = {ms} accepted"),
                 Err(error) => {
-                    assert!(!ok, "{ms} ms refused: {error}");
-                    assert!(error.to_string().contains("limits.ack_interval_ms"), "{error}");
+                    assert!(!ok, "{key} = {ms} refused: {error}");
+                    assert!(error.to_string().contains(key), "{error}");
                 }
             }
         }
     }
 
     #[test]
+    fn an_ack_interval_over_a_minute_is_refused() {
+        let cases = [(0, true), (60_000, true), (60_001, false)];
+        check_interval("limits.ack_interval_ms", |c, ms| c.limits.ack_interval_ms = ms, &cases);
+    }
+
+    #[test]
     fn a_checkpoint_interval_outside_1_ms_to_a_minute_is_refused() {
-        let mut config = Config::default();
-        for (ms, ok) in [(0, false), (1, true), (60_000, true), (60_001, false)] {
-            config.storage.checkpoint_interval_ms = ms;
-            match config.check() {
-                Ok(()) => assert!(ok, "{ms} ms accepted"),
-                Err(error) => {
-                    assert!(!ok, "{ms} ms refused: {error}");
-                    assert!(error.to_string().contains("storage.checkpoint_interval_ms"), "{error}");
-                }
-            }
-        }
+        let cases = [(0, false), (1, true), (60_000, true), (60_001, false)];
+        check_interval("storage.checkpoint_interval_ms", |c, ms| c.storage.checkpoint_interval_ms = ms, &cases);
     }
 
     #[test]
