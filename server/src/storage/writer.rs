@@ -241,48 +241,22 @@ impl Subscribers {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-/// What a commit made durable and whom to tell: answers to its operations, in batch order
-/// within each kind, and what to publish.
-pub(super) struct Settled {
-    message_replies: Vec<(Reply<MessageOutcome>, MessageOutcome)>,
-    unit_replies: Vec<Reply<()>>,
-    inbound_replies: Vec<(Reply<bool>, bool)>,
-    committed: Vec<Committed>,
-    destinations: Vec<ServerName>,
-}
-
-impl Settled {
-    /// Answers the operations, then publishes the commit.
-    fn tell(self, subscribers: &Subscribers) {
-        for (reply, outcome) in self.message_replies {
-            let _ = reply.send(Ok(outcome));
-        }
-        for reply in self.unit_replies {
-            let _ = reply.send(Ok(()));
-        }
-        for (reply, new) in self.inbound_replies {
-            let _ = reply.send(Ok(new));
-        }
-        subscribers.publish(self.committed, self.destinations);
-    }
-}
-
 /// Where the writer settles its commits.
 pub(super) enum Settle {
     /// In the writer's task (the writer runs on the connections' runtime).
     Inline(Subscribers),
     /// On the connections' runtime, by [`settle`], in commit order (the writer has a thread of
     /// its own).
-    Handoff(mpsc::UnboundedSender<Settled>),
+    Handoff(mpsc::UnboundedSender<Work>),
 }
 
 /// Settles, on the runtime it is spawned on, the commits a writer on its own thread hands
 /// over, in commit order; returns when the writer has stopped and everything is settled.
-pub(super) async fn settle(mut commits: mpsc::UnboundedReceiver<Settled>, subscribers: Subscribers) {
+pub(super) async fn settle(mut commits: mpsc::UnboundedReceiver<Work>, subscribers: Subscribers) {
     let mut ready = Vec::new();
     while commits.recv_many(&mut ready, 64).await > 0 {
-        for settled in ready.drain(..) {
-            settled.tell(&subscribers);
+        for work in ready.drain(..) {
+            work.tell(&subscribers);
         }
     }
 }
@@ -461,23 +435,14 @@ impl Writer {
     async fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
         let mut work = Work::default();
         match self.apply(batch, &mut work).await {
-            Ok(()) => {
-                let settled = Settled {
-                    message_replies: std::mem::take(&mut work.message_replies),
-                    unit_replies: std::mem::take(&mut work.unit_replies),
-                    inbound_replies: std::mem::take(&mut work.inbound_replies),
-                    committed: std::mem::take(&mut work.committed),
-                    destinations: std::mem::take(&mut work.destinations),
-                };
-                match &self.settle {
-                    Settle::Inline(subscribers) => settled.tell(subscribers),
-                    Settle::Handoff(commits) => {
-                        // Fails only once the runtime is gone (the process is stopping): the
-                        // answers are dropped, as with a failed batch.
-                        let _ = commits.send(settled);
-                    }
+            Ok(()) => match &self.settle {
+                Settle::Inline(subscribers) => work.tell(subscribers),
+                Settle::Handoff(commits) => {
+                    // Fails only once the runtime is gone (the process is stopping): the
+                    // answers are dropped, as with a failed batch.
+                    let _ = commits.send(work);
                 }
-            }
+            },
             Err(error) => {
                 // Dropping the replies answers every operation of the batch with `Unavailable`.
                 tracing::error!(%error, "batch failed; rolled back");
@@ -642,8 +607,10 @@ impl Hold {
     }
 }
 
+/// What applying a batch produced: the answers to its operations (in batch order within each
+/// kind) and what to publish, settled once the commit is durable ([`Work::tell`]).
 #[derive(Default)]
-struct Work {
+pub(super) struct Work {
     message_replies: Vec<(Reply<MessageOutcome>, MessageOutcome)>,
     /// New messages that carry files.
     holds: Vec<Hold>,
@@ -654,6 +621,20 @@ struct Work {
 }
 
 impl Work {
+    /// Answers the operations, then publishes the commit.
+    fn tell(self, subscribers: &Subscribers) {
+        for (reply, outcome) in self.message_replies {
+            let _ = reply.send(Ok(outcome));
+        }
+        for reply in self.unit_replies {
+            let _ = reply.send(Ok(()));
+        }
+        for (reply, new) in self.inbound_replies {
+            let _ = reply.send(Ok(new));
+        }
+        subscribers.publish(self.committed, self.destinations);
+    }
+
     /// Step 1's result for one message (both writers): its answer after the commit and, when
     /// it was stored now, its events, federation items and file holds.
     fn settle_message(

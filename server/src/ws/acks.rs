@@ -42,11 +42,7 @@ impl<O> AckBatch<O> {
     /// interval since the last write has passed, or the batch is full).
     pub(crate) fn add(&mut self, seq: Seq, origins: Vec<O>, now: Instant) -> bool {
         self.pending = Some(self.pending.map_or(seq, |pending| pending.max(seq)));
-        if self.origins.is_empty() {
-            self.origins = origins;
-        } else {
-            self.origins.extend(origins);
-        }
+        self.origins.extend(origins);
         self.interval.is_zero()
             || self.origins.len() >= MAX_GATHERED
             || self.last_write.is_none_or(|last| now >= last + self.interval)
