@@ -135,6 +135,8 @@ pub struct TestServer {
     logged: Arc<tokio::sync::Notify>,
     /// File mode creation mask the process starts with (None: inherited).
     umask: Option<u32>,
+    /// Environment variables the process starts with, besides the inherited ones.
+    env: Vec<(String, String)>,
     /// Where it keeps its state ([`backend`] unless set with [`with_backend`](Self::with_backend)).
     backend: Backend,
     /// Its PostgreSQL database (with [`Backend::Postgres`]), made at the first start.
@@ -205,6 +207,7 @@ impl TestServer {
             logs,
             logged,
             umask: None,
+            env: Vec::new(),
             backend: backend(),
             postgres: None,
             shared_database: None,
@@ -293,6 +296,14 @@ impl TestServer {
     pub fn with_umask(mut self, umask: u32) -> Self {
         assert_eq!(self.mode, Mode::Process, "a file mode creation mask needs a parleyd process");
         self.umask = Some(umask);
+        self
+    }
+
+    /// Starts the process (at every later start too) with `key` set to `value` in its
+    /// environment (a `parleyd` process only).
+    pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        assert_eq!(self.mode, Mode::Process, "an environment needs a parleyd process");
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -519,6 +530,7 @@ impl TestServer {
             }
             None => Command::new(binary),
         };
+        command.envs(self.env.iter().map(|(key, value)| (key, value)));
         if let Some(addr) = self.federation_addr {
             command.env("PARLEY__FEDERATION__LISTEN", addr.to_string());
         }
