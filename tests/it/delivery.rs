@@ -255,10 +255,15 @@ async fn caught_up_comes_after_the_whole_backlog_even_beyond_the_unacknowledged_
     Ok(())
 }
 
+/// The position of the next checkpoint a manually acknowledging device is told of.
+async fn next_checkpoint(device: &mut Device) -> anyhow::Result<Seq> {
+    device.next(|e| if let Event::Checkpoint { seq } = e { Some(seq) } else { None }).await
+}
+
 /// The next message of a manually acknowledging device, acknowledged: its id.
 async fn confirm_next(device: &mut Device) -> anyhow::Result<ServerMsgId> {
     let id = device.next_message().await?.id;
-    let seq = device.next(|e| if let Event::Checkpoint { seq } = e { Some(seq) } else { None }).await?;
+    let seq = next_checkpoint(device).await?;
     device.conn.confirm(seq);
     Ok(id)
 }
@@ -310,7 +315,7 @@ async fn with_manual_acks_nothing_is_released_until_the_application_confirms() -
     // Received but never confirmed (the application "crashed" before storing it).
     let mut b1 = Device::connect_with(&bob, manual()).await?;
     assert_eq!(b1.next_message().await?.id, sent.server_msg_id);
-    let seq = b1.next(|e| if let Event::Checkpoint { seq } = e { Some(seq) } else { None }).await?;
+    let seq = next_checkpoint(&mut b1).await?;
     b1.conn.close().await;
 
     // A new connection from the start gets it again; this time it is confirmed.
