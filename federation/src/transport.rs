@@ -8,8 +8,10 @@ use parley_spec::error::ErrorBody;
 use parley_spec::federation::v1::keys::{GetServerKeys, ServerKeys};
 use parley_spec::{ServerName, Timestamp};
 use serde::de::DeserializeOwned;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Largest response body read from another server.
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
@@ -59,6 +61,35 @@ pub struct FederationClient {
     discovery: Discovery,
     http: reqwest::Client,
     signing_clock: Arc<SigningClock>,
+    turns: Arc<Turns>,
+    timeout: Duration,
+}
+
+/// How many requests may be in flight to one destination at a time (and so how many
+/// connections it gets from us): a burst of requests (every user's first message after a
+/// restart asks for a remote user's devices) waits its turn on a few kept-alive connections
+/// rather than opening a TLS connection each, which both servers pay for in CPU.
+#[derive(Debug)]
+struct Turns {
+    per_destination: usize,
+    destinations: Mutex<BTreeMap<ServerName, Arc<Semaphore>>>,
+}
+
+/// Destinations remembered before those with nothing in flight are forgotten.
+const TURNS_KEPT: usize = 1024;
+
+impl Turns {
+    /// A turn for a request to `destination`, once one is free.
+    async fn take(&self, destination: &ServerName) -> OwnedSemaphorePermit {
+        let semaphore = {
+            let mut destinations = self.destinations.lock().unwrap_or_else(|e| e.into_inner());
+            if destinations.len() >= TURNS_KEPT && !destinations.contains_key(destination) {
+                destinations.retain(|_, semaphore| Arc::strong_count(semaphore) > 1);
+            }
+            destinations.entry(destination.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.per_destination))).clone()
+        };
+        semaphore.acquire_owned().await.expect("the semaphore is never closed")
+    }
 }
 
 /// The times requests are signed at: the wall clock in milliseconds, but never the same value
@@ -82,12 +113,14 @@ impl SigningClock {
 }
 
 impl FederationClient {
-    /// A client signing as `origin` with `key`.
+    /// A client signing as `origin` with `key`; at most `per_destination` requests in flight
+    /// to one destination (streamed responses not counted), the others wait their turn.
     pub fn new(
         origin: ServerName,
         key: Arc<ServerKey>,
         discovery: Discovery,
         timeout: Duration,
+        per_destination: usize,
     ) -> Result<Self, FederationError> {
         let http = discovery
             .client_builder()
@@ -97,7 +130,8 @@ impl FederationClient {
             .user_agent(concat!("parleyd/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| FederationError::Transport(e.to_string()))?;
-        Ok(Self { origin, key, discovery, http, signing_clock: Arc::default() })
+        let turns = Arc::new(Turns { per_destination: per_destination.max(1), destinations: Mutex::default() });
+        Ok(Self { origin, key, discovery, http, signing_clock: Arc::default(), turns, timeout })
     }
 
     /// The discovery in use.
@@ -210,8 +244,15 @@ impl FederationClient {
         body: Option<Vec<u8>>,
         sign: bool,
     ) -> Result<Vec<u8>, FederationError> {
-        let response = self.send(destination, method, path_and_query, body, sign, None).await?;
-        Self::read_body(Self::successful(response).await?).await
+        // Waiting for a turn counts against the request's timeout.
+        let exchange = async {
+            let _turn = self.turns.take(destination).await;
+            let response = self.send(destination, method, path_and_query, body, sign, None).await?;
+            Self::read_body(Self::successful(response).await?).await
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(FederationError::Transport("timed out waiting for the destination".into())))
     }
 
     /// The response when its status is a success; otherwise its status and error body.

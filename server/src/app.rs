@@ -167,9 +167,14 @@ impl Server {
                 extra_roots,
             })
             .map_err(|e| OpenError::Federation(e.to_string()))?;
-            let client =
-                parley_federation::transport::FederationClient::new(server_name.clone(), server_key.clone(), discovery, timeout)
-                    .map_err(|e| OpenError::Federation(e.to_string()))?;
+            let client = parley_federation::transport::FederationClient::new(
+                server_name.clone(),
+                server_key.clone(),
+                discovery,
+                timeout,
+                fed.max_requests_per_destination,
+            )
+            .map_err(|e| OpenError::Federation(e.to_string()))?;
             let prefix = server_key.key_id.trim_start_matches("ed25519:").to_owned();
             let sender = crate::federation::sender::Sender::start(
                 store.clone(),
@@ -260,6 +265,7 @@ impl Server {
                 listener,
                 tls,
                 crate::federation::inbound::router(state.clone()),
+                state.metrics.clone(),
                 state.shutdown.clone(),
             ))),
             _ => None,
@@ -407,7 +413,13 @@ async fn limit_ip(
 }
 
 /// Serves the federation router over TLS until shutdown.
-async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router, mut shutdown: watch::Receiver<bool>) {
+async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     loop {
@@ -428,9 +440,13 @@ async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
         let router = router.clone();
         let builder = builder.clone();
         let mut shutdown = shutdown.clone();
+        let accepted = metrics.federation_connections_accepted.clone();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
+                Ok(Ok(stream)) => {
+                    accepted.inc();
+                    stream
+                }
                 Ok(Err(error)) => {
                     tracing::debug!(%peer, %error, "federation TLS handshake failed");
                     return;

@@ -536,6 +536,10 @@ pub struct FederationConfig {
     pub presence_interval_ms: u64,
     /// Timeout of one request to another server.
     pub request_timeout_ms: u64,
+    /// Requests in flight to one other server at a time, and so the connections this server
+    /// opens to it (media downloads not counted); more wait their turn within
+    /// `request_timeout_ms`.
+    pub max_requests_per_destination: usize,
     /// Inbound transaction ids, and the (origin, id) of inbound messages, are remembered this
     /// long (a repeat within it is ignored).
     pub txn_retention_ms: u64,
@@ -575,6 +579,7 @@ impl Default for FederationConfig {
             drop_ephemeral_after_ms: 60_000,
             presence_interval_ms: 500,
             request_timeout_ms: 30_000,
+            max_requests_per_destination: 32,
             txn_retention_ms: 7 * 24 * 3600 * 1000,
             one_time_claims_per_server: 10,
             one_time_claims_per_user: 3,
@@ -810,6 +815,7 @@ impl Config {
             || fed.origin_burst == 0
             || fed.failed_auth_per_minute == 0
             || fed.failed_auth_burst == 0
+            || fed.max_requests_per_destination == 0
         {
             return bad("federation limits must be positive (max_txn_bytes at least 64 KiB)");
         }

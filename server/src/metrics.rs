@@ -53,6 +53,8 @@ pub struct Metrics {
     pub federation_txns_sent: Counter,
     /// Body bytes of the outbound transactions accepted by their destination.
     pub federation_bytes_sent: Counter,
+    /// Connections other servers opened to the federation listener (TLS handshakes completed).
+    pub federation_connections_accepted: Counter,
 }
 
 impl Default for Metrics {
@@ -93,6 +95,12 @@ impl Metrics {
         registry.register("media_fetches", "Files fetched from other servers for local users", media_fetches.clone());
         registry.register("media_cooled", "Files moved to the cold media store", media_cooled.clone());
         let federation_bytes_sent = Counter::default();
+        let federation_connections_accepted = Counter::default();
+        registry.register(
+            "federation_connections_accepted",
+            "Connections other servers opened to the federation listener (TLS handshakes completed)",
+            federation_connections_accepted.clone(),
+        );
         registry.register("federation_txns_sent", "Outbound transactions accepted", federation_txns_sent.clone());
         registry.register("federation_bytes_sent", "Body bytes of outbound transactions accepted", federation_bytes_sent.clone());
         registry.register(
@@ -145,6 +153,7 @@ impl Metrics {
             federation_txn_seconds,
             federation_txns_sent,
             federation_bytes_sent,
+            federation_connections_accepted,
             media_fetches,
             media_cooled,
             pushes_sent,

@@ -123,6 +123,26 @@ fn numbered(count: usize) -> Vec<String> {
     (0..count).map(|i| format!("message {i:04}")).collect()
 }
 
+/// A burst of requests to one server waits its turn on a few connections: 40 concurrent
+/// device lookups with `max_requests_per_destination = 2` all succeed, over at most 2 new
+/// connections (without the limit, each opened its own: a TLS handshake on both servers).
+#[tokio::test]
+async fn a_burst_of_requests_to_one_server_shares_a_bounded_number_of_connections() -> anyhow::Result<()> {
+    let mut net = FedNet::start(&[("b.test", Discovery::Srv)], "").await?;
+    net.add("a.test", Discovery::Srv, "[federation]\nmax_requests_per_destination = 2\n").await?;
+    let alice = support::register(&net.server("a.test").base_url, "alice").await?;
+    let bob = support::register(&net.server("b.test").base_url, "bob").await?;
+    let api = parley_sdk::Api::new(&alice)?;
+    let before = net.server("b.test").counter("federation_connections_accepted").await?;
+    let lookups = (0..40).map(|_| api.user_devices(&bob.user_id));
+    for answer in futures_util::future::join_all(lookups).await {
+        assert_eq!(answer?.devices, vec![bob.device_id.clone()]);
+    }
+    let opened = net.server("b.test").counter("federation_connections_accepted").await? - before;
+    assert!((1..=2).contains(&opened), "40 lookups opened {opened} connections to b.test");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_destination_that_was_down_gets_all_1000_messages_in_order_exactly_once() -> anyhow::Result<()> {
     let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;

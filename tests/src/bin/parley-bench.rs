@@ -66,6 +66,10 @@ struct Args {
     /// Workers of the homeserver: 2 puts both on PostgreSQL with NATS between them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     workers: u8,
+    /// Also print each phase's send→receive latency by when the message was sent, in 500 ms
+    /// buckets from the start of its warm-up: where in the phase the tail comes from.
+    #[arg(long)]
+    timeline: bool,
 }
 
 const BENCH_CONFIG: &str = "[storage]\nsynchronous = \"full\"\n[log]\nfilter = \"warn\"\n";
@@ -406,6 +410,7 @@ async fn relay_phase(
     let delivered = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let phase_start = epoch.elapsed().as_nanos() as u64;
     let stop_at = Instant::now() + Duration::from_secs(1 + args.seconds); // 1 s warm-up
     let mut tasks = Vec::with_capacity(n);
     for (i, socket) in sockets.into_iter().enumerate() {
@@ -465,6 +470,10 @@ async fn relay_phase(
         latencies.extend(received);
         sent_latencies.extend(answered);
     }
+    if args.timeline {
+        print_timeline(&latencies, phase_start);
+    }
+    let mut latencies: Vec<u64> = latencies.into_iter().map(|(_, latency)| latency).collect();
     latencies.sort_unstable();
     sent_latencies.sort_unstable();
     let percentile = |values: &[u64], p: f64| {
@@ -487,6 +496,23 @@ async fn relay_phase(
     })
 }
 
+/// Send→receive latency (`(sent, latency)` in ns since the epoch) by send time, in 500 ms
+/// buckets from `start`: count, p50, p99, max.
+fn print_timeline(latencies: &[(u64, u64)], start: u64) {
+    const BUCKET: u64 = 500_000_000;
+    let mut buckets: std::collections::BTreeMap<u64, Vec<u64>> = std::collections::BTreeMap::new();
+    for &(sent, latency) in latencies {
+        buckets.entry(sent.saturating_sub(start) / BUCKET).or_default().push(latency);
+    }
+    println!("| sent at (s) | received | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|");
+    for (bucket, mut values) in buckets {
+        values.sort_unstable();
+        let at = |p: f64| values[((values.len() as f64 * p) as usize).min(values.len() - 1)] as f64 / 1e6;
+        println!("| {:.1} | {} | {:.1} | {:.1} | {:.1} |", bucket as f64 * 0.5, values.len(), at(0.5), at(0.99), at(1.0));
+    }
+}
+
 /// One device: sends (windowed or paced), receives, acks; returns the latencies (ns) it measured.
 #[allow(clippy::too_many_arguments)]
 async fn device_loop(
@@ -502,7 +528,7 @@ async fn device_loop(
     delivered: Arc<AtomicU64>,
     sent: Arc<AtomicU64>,
     measuring: Arc<std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
+) -> anyhow::Result<(Vec<(u64, u64)>, Vec<u64>)> {
     let (mut sink, mut stream) = socket.split();
     let mut latencies = Vec::new();
     let mut sent_latencies = Vec::new();
@@ -582,7 +608,7 @@ async fn device_loop(
                                     let sent_ns = u64::from_le_bytes(bytes[..8].try_into()?);
                                     if measuring.load(Ordering::Relaxed) {
                                         delivered.fetch_add(1, Ordering::Relaxed);
-                                        latencies.push((epoch.elapsed().as_nanos() as u64).saturating_sub(sent_ns));
+                                        latencies.push((sent_ns, (epoch.elapsed().as_nanos() as u64).saturating_sub(sent_ns)));
                                     }
                                 }
                             }
