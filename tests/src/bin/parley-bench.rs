@@ -476,9 +476,6 @@ async fn relay_phase(
     let mut latencies: Vec<u64> = latencies.into_iter().map(|(_, latency)| latency).collect();
     latencies.sort_unstable();
     sent_latencies.sort_unstable();
-    let percentile = |values: &[u64], p: f64| {
-        values.get(((values.len() as f64 * p) as usize).min(values.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1e6
-    };
     let pct = |p: f64| percentile(&latencies, p);
     Ok(PhaseResult {
         delivered_per_sec: delivered_n as f64 / elapsed,
@@ -496,6 +493,11 @@ async fn relay_phase(
     })
 }
 
+/// The `p` quantile of sorted nanoseconds, in milliseconds (0 for none).
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1e6
+}
+
 /// Send→receive latency (`(sent, latency)` in ns since the epoch) by send time, in 500 ms
 /// buckets from `start`: count, p50, p99, max.
 fn print_timeline(latencies: &[(u64, u64)], start: u64) {
@@ -508,7 +510,7 @@ fn print_timeline(latencies: &[(u64, u64)], start: u64) {
     println!("|---|---|---|---|---|");
     for (bucket, mut values) in buckets {
         values.sort_unstable();
-        let at = |p: f64| values[((values.len() as f64 * p) as usize).min(values.len() - 1)] as f64 / 1e6;
+        let at = |p: f64| percentile(&values, p);
         println!("| {:.1} | {} | {:.1} | {:.1} | {:.1} |", bucket as f64 * 0.5, values.len(), at(0.5), at(0.99), at(1.0));
     }
 }
