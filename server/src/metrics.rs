@@ -49,6 +49,9 @@ pub struct Metrics {
     pub federation_ephemeral_dropped: Counter,
     /// Seconds from sending an outbound transaction to its answer.
     pub federation_txn_seconds: Histogram,
+    /// Seconds from the commit that queued the oldest item of an outbound transaction to the
+    /// destination accepting it (how far behind the queue runs).
+    pub federation_queue_wait_seconds: Histogram,
     /// Outbound transactions accepted by their destination (federation requests per item).
     pub federation_txns_sent: Counter,
     /// Body bytes of the outbound transactions accepted by their destination.
@@ -83,6 +86,7 @@ impl Metrics {
         let federation_txn_failures = Counter::default();
         let federation_ephemeral_dropped = Counter::default();
         let federation_txn_seconds = Histogram::new(latency_buckets);
+        let federation_queue_wait_seconds = Histogram::new(latency_buckets);
         let federation_txns_sent = Counter::default();
         let media_fetches = Counter::default();
         let media_cooled = Counter::default();
@@ -120,6 +124,11 @@ impl Metrics {
             federation_ephemeral_dropped.clone(),
         );
         registry.register("federation_txn_seconds", "Round trip of one outbound transaction", federation_txn_seconds.clone());
+        registry.register(
+            "federation_queue_wait_seconds",
+            "From the commit that queued the oldest item of an outbound transaction to its acceptance",
+            federation_queue_wait_seconds.clone(),
+        );
         registry.register("ws_connections", "Open WebSocket connections", connections.clone());
         registry.register("messages_stored", "Messages accepted and stored", messages_stored.clone());
         registry.register("inbox_events_stored", "Inbox events made durable", events_stored.clone());
@@ -151,6 +160,7 @@ impl Metrics {
             federation_txn_failures,
             federation_ephemeral_dropped,
             federation_txn_seconds,
+            federation_queue_wait_seconds,
             federation_txns_sent,
             federation_bytes_sent,
             federation_connections_accepted,

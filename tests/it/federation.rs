@@ -143,6 +143,44 @@ async fn a_burst_of_requests_to_one_server_shares_a_bounded_number_of_connection
     Ok(())
 }
 
+/// Waits until `server`'s queue-wait histogram counts more than `count` transactions; its
+/// count and sum then.
+async fn next_queue_wait(server: &TestServer, count: u64) -> anyhow::Result<(u64, f64)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = server.histogram("federation_queue_wait_seconds").await?;
+        if seen.0 > count {
+            return Ok(seen);
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no transaction accepted within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How far behind the outbound queue runs is measured: a message queued while its
+/// destination is down counts its whole wait once the destination accepts it.
+#[tokio::test]
+async fn the_outbound_queue_wait_spans_the_time_a_destination_was_down() -> anyhow::Result<()> {
+    let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
+    let (alice, bob) = pair(&mut net).await?;
+    let bob_id = bob.session.user_id.clone();
+    let bob_session = bob.session.clone();
+    drop(bob);
+    alice.send_text(&bob_id, "while b.test is up").await?;
+    let (count, sum) = next_queue_wait(net.server("a.test"), 0).await?;
+    net.server("b.test").stop().await?;
+    alice.send_text(&bob_id, "queued while b.test is down").await?;
+    let down = Duration::from_secs(2);
+    tokio::time::sleep(down).await; // the outage under test, not a wait for an event
+    net.server("b.test").restart().await?;
+    let mut bob = crate::support::raw_receiver(&bob_session).await?;
+    assert_eq!(receive_in_order(&mut bob, 2).await?.last().map(String::as_str), Some("queued while b.test is down"));
+    let (after_count, after_sum) = next_queue_wait(net.server("a.test"), count).await?;
+    assert_eq!(after_count, count + 1, "one transaction carried the queued message");
+    assert!(after_sum - sum >= down.as_secs_f64(), "waited {:.3} s, b.test was down for 2 s", after_sum - sum);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_destination_that_was_down_gets_all_1000_messages_in_order_exactly_once() -> anyhow::Result<()> {
     let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;

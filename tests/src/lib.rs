@@ -403,6 +403,17 @@ impl TestServer {
         Ok(line[metric.len()..].trim().parse::<f64>()? as u64)
     }
 
+    /// A histogram of the server's Prometheus metrics (`parley_<name>`): its count and sum.
+    pub async fn histogram(&self, name: &str) -> anyhow::Result<(u64, f64)> {
+        let text = reqwest::get(format!("{}/metrics", self.base_url)).await?.text().await?;
+        let value = |suffix: &str| -> anyhow::Result<f64> {
+            let metric = format!("parley_{name}_{suffix} ");
+            let line = text.lines().find(|l| l.starts_with(&metric)).with_context(|| format!("no {metric} in /metrics"))?;
+            Ok(line[metric.len()..].trim().parse::<f64>()?)
+        };
+        Ok((value("count")? as u64, value("sum")?))
+    }
+
     /// The OS process id (a `parleyd` process only; `None` in-process).
     pub fn pid(&self) -> Option<u32> {
         match &self.running {

@@ -66,6 +66,9 @@ struct Destination {
     /// Locked only for a synchronous step, never across I/O.
     queue: Mutex<DestinationQueue<OsRng>>,
     wake: Notify,
+    /// When the oldest commit that queued items not yet loaded into a transaction was heard
+    /// of (for `federation_queue_wait_seconds`; unknown for items queued before a restart).
+    queued_since: Mutex<Option<Instant>>,
 }
 
 impl Destination {
@@ -141,7 +144,7 @@ impl Sender {
         }
         let server = server.clone();
         let queue = DestinationQueue::new(queue_config(&self.inner.config), self.inner.txn_prefix.clone(), OsRng);
-        let destination = Arc::new(Destination { queue: Mutex::new(queue), wake: Notify::new() });
+        let destination = Arc::new(Destination { queue: Mutex::new(queue), wake: Notify::new(), queued_since: Mutex::new(None) });
         destinations.insert(server.clone(), destination.clone());
         let inner = self.inner.clone();
         let mut shutdown = self.inner.shutdown.clone();
@@ -163,7 +166,9 @@ impl Sender {
 
     /// New items were committed for `destination`.
     pub fn wake(&self, destination: &ServerName) {
-        self.destination(destination).notify(DestinationQueue::on_new_items);
+        let destination = self.destination(destination);
+        destination.queued_since.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(Instant::now);
+        destination.notify(DestinationQueue::on_new_items);
     }
 
     /// Queues a typing or presence item in memory (coalesced: a newer presence of the same
@@ -233,6 +238,9 @@ async fn take_lease(leases: &DestinationLeases, destination: &ServerName) {
 async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination>) {
     let name = server.as_str();
     let store = &inner.store;
+    // When the oldest item of the transaction being formed or sent was queued (see
+    // `Destination::queued_since`): carried across retries until the destination accepts.
+    let mut oldest: Option<Instant> = None;
     loop {
         let (action, dropped) = destination.with(|queue| (queue.poll(now()), queue.take_dropped()));
         if dropped > 0 {
@@ -257,7 +265,17 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
                 destination.with(|queue| queue.on_inflight(record));
             }),
             Action::Load(Load::Items { after, up_to, limit }) => {
-                store.outbound_batch(&server, limit.unwrap_or(usize::MAX >> 1), after, up_to).await.map(|rows| {
+                let limit = limit.unwrap_or(usize::MAX >> 1);
+                // Taken before the read: a commit heard of later may hold items this read
+                // misses, and counts for the next transaction.
+                let since = destination.queued_since.lock().unwrap_or_else(|e| e.into_inner()).take();
+                oldest = oldest.into_iter().chain(since).min();
+                store.outbound_batch(&server, limit, after, up_to).await.map(|rows| {
+                    if rows.len() >= limit {
+                        // A full batch leaves items behind, queued no later than these.
+                        let mut queued_since = destination.queued_since.lock().unwrap_or_else(|e| e.into_inner());
+                        *queued_since = queued_since.iter().copied().chain(since).min();
+                    }
                     let items = rows.into_iter().map(|(seq, payload)| QueuedItem { seq, payload }).collect();
                     destination.with(|queue| queue.on_items(items));
                 })
@@ -272,7 +290,12 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
                 written.map(|()| destination.with(DestinationQueue::on_written))
             }
             Action::Send(batch) => {
-                send(&inner, &server, &destination, batch).await;
+                let durable = !batch.durable.is_empty();
+                if send(&inner, &server, &destination, batch).await && durable {
+                    if let Some(queued) = oldest.take() {
+                        inner.metrics.federation_queue_wait_seconds.observe(queued.elapsed().as_secs_f64());
+                    }
+                }
                 Ok(())
             }
         };
@@ -283,8 +306,8 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
     }
 }
 
-/// Sends one transaction and reports the answer to the queue.
-async fn send(inner: &Inner, server: &ServerName, destination: &Destination, batch: Batch) {
+/// Sends one transaction and reports the answer to the queue; whether it was accepted.
+async fn send(inner: &Inner, server: &ServerName, destination: &Destination, batch: Batch) -> bool {
     let name = server.as_str();
     let items = batch.len();
     let body = transaction_body(inner.client.origin(), &batch);
@@ -305,6 +328,7 @@ async fn send(inner: &Inner, server: &ServerName, destination: &Destination, bat
                 tracing::info!(destination = %name, "destination reachable again");
             }
             destination.with(|queue| queue.on_result(TxnResult::Accepted, now()));
+            true
         }
         Err(error) => {
             inner.metrics.federation_txn_failures.inc();
@@ -319,6 +343,7 @@ async fn send(inner: &Inner, server: &ServerName, destination: &Destination, bat
                 (queue.failures(), queue.retry_at().map(|at| at.saturating_duration_since(now)).unwrap_or_default())
             });
             tracing::debug!(destination = %name, failures, delay_ms = delay.as_millis() as u64, "backing off");
+            false
         }
     }
 }
