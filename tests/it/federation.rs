@@ -100,6 +100,13 @@ async fn users_on_three_servers_chat_end_to_end_with_receipts_typing_and_presenc
     Ok(())
 }
 
+/// Alice's device on `a.test`, and bob on `b.test` registered but not connected: his id and
+/// session.
+async fn alice_and_offline_bob(net: &mut FedNet) -> anyhow::Result<(Device, parley_sdk::UserId, parley_sdk::Session)> {
+    let (alice, bob) = pair(net).await?;
+    Ok((alice, bob.session.user_id.clone(), bob.session.clone()))
+}
+
 /// Raw devices (no E2EE) on `a.test` and `b.test`.
 async fn pair(net: &mut FedNet) -> anyhow::Result<(Device, Device)> {
     let a = support::register(&net.server("a.test").base_url, "alice").await?;
@@ -146,15 +153,9 @@ async fn a_burst_of_requests_to_one_server_shares_a_bounded_number_of_connection
 /// Waits until `server`'s queue-wait histogram counts more than `count` transactions; its
 /// count and sum then.
 async fn next_queue_wait(server: &TestServer, count: u64) -> anyhow::Result<(u64, f64)> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen = server.histogram("federation_queue_wait_seconds").await?;
-        if seen.0 > count {
-            return Ok(seen);
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no transaction accepted within 60 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let wait = || server.histogram("federation_queue_wait_seconds");
+    crate::media::eventually("a transaction accepted", || async { Ok(wait().await?.0 > count) }).await?;
+    wait().await
 }
 
 /// How far behind the outbound queue runs is measured: a message queued while its
@@ -162,10 +163,7 @@ async fn next_queue_wait(server: &TestServer, count: u64) -> anyhow::Result<(u64
 #[tokio::test]
 async fn the_outbound_queue_wait_spans_the_time_a_destination_was_down() -> anyhow::Result<()> {
     let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
-    let (alice, bob) = pair(&mut net).await?;
-    let bob_id = bob.session.user_id.clone();
-    let bob_session = bob.session.clone();
-    drop(bob);
+    let (alice, bob_id, bob_session) = alice_and_offline_bob(&mut net).await?;
     alice.send_text(&bob_id, "while b.test is up").await?;
     let (count, sum) = next_queue_wait(net.server("a.test"), 0).await?;
     net.server("b.test").stop().await?;
@@ -184,10 +182,7 @@ async fn the_outbound_queue_wait_spans_the_time_a_destination_was_down() -> anyh
 #[tokio::test]
 async fn a_destination_that_was_down_gets_all_1000_messages_in_order_exactly_once() -> anyhow::Result<()> {
     let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
-    let (alice, bob) = pair(&mut net).await?;
-    let bob_id = bob.session.user_id.clone();
-    let bob_session = bob.session.clone();
-    drop(bob);
+    let (alice, bob_id, bob_session) = alice_and_offline_bob(&mut net).await?;
     // Alice's server learns bob's devices while b.test is up, and keeps them.
     support::envelopes(&alice.session, &bob_id, b"x").await?;
     net.server("b.test").stop().await?;
