@@ -52,6 +52,10 @@ pub struct Metrics {
     /// Seconds from the commit that queued the oldest item of an outbound transaction to the
     /// destination accepting it (how far behind the queue runs).
     pub federation_queue_wait_seconds: Histogram,
+    /// Seconds an outbound queue's read of its items took.
+    pub federation_queue_read_seconds: Histogram,
+    /// Seconds an outbound queue's write (in-flight record, or items done) took to commit.
+    pub federation_queue_write_seconds: Histogram,
     /// Outbound transactions accepted by their destination (federation requests per item).
     pub federation_txns_sent: Counter,
     /// Body bytes of the outbound transactions accepted by their destination.
@@ -87,6 +91,8 @@ impl Metrics {
         let federation_ephemeral_dropped = Counter::default();
         let federation_txn_seconds = Histogram::new(latency_buckets);
         let federation_queue_wait_seconds = Histogram::new(latency_buckets);
+        let federation_queue_read_seconds = Histogram::new(latency_buckets);
+        let federation_queue_write_seconds = Histogram::new(latency_buckets);
         let federation_txns_sent = Counter::default();
         let media_fetches = Counter::default();
         let media_cooled = Counter::default();
@@ -129,6 +135,16 @@ impl Metrics {
             "From the commit that queued the oldest item of an outbound transaction to its acceptance",
             federation_queue_wait_seconds.clone(),
         );
+        registry.register(
+            "federation_queue_read_seconds",
+            "An outbound queue's read of the items of its next transaction",
+            federation_queue_read_seconds.clone(),
+        );
+        registry.register(
+            "federation_queue_write_seconds",
+            "An outbound queue's write (in-flight record or items done), to its commit",
+            federation_queue_write_seconds.clone(),
+        );
         registry.register("ws_connections", "Open WebSocket connections", connections.clone());
         registry.register("messages_stored", "Messages accepted and stored", messages_stored.clone());
         registry.register("inbox_events_stored", "Inbox events made durable", events_stored.clone());
@@ -161,6 +177,8 @@ impl Metrics {
             federation_ephemeral_dropped,
             federation_txn_seconds,
             federation_queue_wait_seconds,
+            federation_queue_read_seconds,
+            federation_queue_write_seconds,
             federation_txns_sent,
             federation_bytes_sent,
             federation_connections_accepted,

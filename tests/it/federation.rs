@@ -159,13 +159,19 @@ async fn next_queue_wait(server: &TestServer, count: u64) -> anyhow::Result<(u64
 }
 
 /// How far behind the outbound queue runs is measured: a message queued while its
-/// destination is down counts its whole wait once the destination accepts it.
+/// destination is down counts its whole wait once the destination accepts it. The queue's
+/// reads and writes are timed too.
 #[tokio::test]
 async fn the_outbound_queue_wait_spans_the_time_a_destination_was_down() -> anyhow::Result<()> {
     let mut net = FedNet::start(&[("a.test", Discovery::Srv), ("b.test", Discovery::Srv)], "").await?;
     let (alice, bob_id, bob_session) = alice_and_offline_bob(&mut net).await?;
     alice.send_text(&bob_id, "while b.test is up").await?;
     let (count, sum) = next_queue_wait(net.server("a.test"), 0).await?;
+    // Each transaction accepted was read from the queue and recorded in flight first.
+    for step in ["federation_queue_read_seconds", "federation_queue_write_seconds"] {
+        let (steps, _) = net.server("a.test").histogram(step).await?;
+        assert!(steps >= count, "{steps} of {step} for {count} transactions");
+    }
     net.server("b.test").stop().await?;
     alice.send_text(&bob_id, "queued while b.test is down").await?;
     let down = Duration::from_secs(2);

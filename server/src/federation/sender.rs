@@ -270,7 +270,10 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
                 // misses, and counts for the next transaction.
                 let since = destination.queued_since.lock().unwrap_or_else(|e| e.into_inner()).take();
                 oldest = oldest.into_iter().chain(since).min();
-                store.outbound_batch(&server, limit, after, up_to).await.map(|rows| {
+                let started = Instant::now();
+                let read = store.outbound_batch(&server, limit, after, up_to).await;
+                inner.metrics.federation_queue_read_seconds.observe(started.elapsed().as_secs_f64());
+                read.map(|rows| {
                     if rows.len() >= limit {
                         // A full batch leaves items behind, queued no later than these.
                         let mut queued_since = destination.queued_since.lock().unwrap_or_else(|e| e.into_inner());
@@ -281,12 +284,14 @@ async fn run(inner: Arc<Inner>, server: ServerName, destination: Arc<Destination
                 })
             }
             Action::Write(write) => {
+                let started = Instant::now();
                 let written = match write {
                     Write::Inflight { txn_id, last_seq, done_up_to } => {
                         store.txn_inflight(&server, &txn_id, last_seq, done_up_to).await
                     }
                     Write::Done { up_to } => store.txn_done(&server, up_to).await,
                 };
+                inner.metrics.federation_queue_write_seconds.observe(started.elapsed().as_secs_f64());
                 written.map(|()| destination.with(DestinationQueue::on_written))
             }
             Action::Send(batch) => {
