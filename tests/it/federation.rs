@@ -172,16 +172,28 @@ async fn the_outbound_queue_wait_spans_the_time_a_destination_was_down() -> anyh
         let (steps, _) = net.server("a.test").histogram(step).await?;
         assert!(steps >= count, "{steps} of {step} for {count} transactions");
     }
+    let failures = net.server("a.test").counter("federation_txn_failures").await?;
     net.server("b.test").stop().await?;
     alice.send_text(&bob_id, "queued while b.test is down").await?;
-    let down = Duration::from_secs(2);
-    tokio::time::sleep(down).await; // the outage under test, not a wait for an event
+    // Queued (committed) by now, so its wait started no later than this.
+    let queued = std::time::Instant::now();
+    let a = net.server("a.test");
+    crate::media::eventually("a transaction failed against the stopped b.test", || async {
+        Ok(a.counter("federation_txn_failures").await? > failures)
+    })
+    .await?;
     net.server("b.test").restart().await?;
+    let down = queued.elapsed();
     let mut bob = crate::support::raw_receiver(&bob_session).await?;
     assert_eq!(receive_in_order(&mut bob, 2).await?.last().map(String::as_str), Some("queued while b.test is down"));
     let (after_count, after_sum) = next_queue_wait(net.server("a.test"), count).await?;
     assert_eq!(after_count, count + 1, "one transaction carried the queued message");
-    assert!(after_sum - sum >= down.as_secs_f64(), "waited {:.3} s, b.test was down for 2 s", after_sum - sum);
+    assert!(
+        after_sum - sum >= down.as_secs_f64(),
+        "waited {:.3} s, b.test was down for at least {:.3} s after it was queued",
+        after_sum - sum,
+        down.as_secs_f64()
+    );
     Ok(())
 }
 
