@@ -397,21 +397,26 @@ impl TestServer {
 
     /// A counter of the server's Prometheus metrics (`parley_<name>_total`).
     pub async fn counter(&self, name: &str) -> anyhow::Result<u64> {
-        let text = reqwest::get(format!("{}/metrics", self.base_url)).await?.text().await?;
-        let metric = format!("parley_{name}_total ");
-        let line = text.lines().find(|l| l.starts_with(&metric)).with_context(|| format!("no {metric} in /metrics"))?;
-        Ok(line[metric.len()..].trim().parse::<f64>()? as u64)
+        let [total] = self.metric_values(name, ["total"]).await?;
+        Ok(total as u64)
     }
 
     /// A histogram of the server's Prometheus metrics (`parley_<name>`): its count and sum.
     pub async fn histogram(&self, name: &str) -> anyhow::Result<(u64, f64)> {
+        let [count, sum] = self.metric_values(name, ["count", "sum"]).await?;
+        Ok((count as u64, sum))
+    }
+
+    /// The values of `parley_<name>_<suffix>` for each suffix, from one read of `/metrics`.
+    async fn metric_values<const N: usize>(&self, name: &str, suffixes: [&str; N]) -> anyhow::Result<[f64; N]> {
         let text = reqwest::get(format!("{}/metrics", self.base_url)).await?.text().await?;
-        let value = |suffix: &str| -> anyhow::Result<f64> {
+        let mut values = [0.0; N];
+        for (value, suffix) in values.iter_mut().zip(suffixes) {
             let metric = format!("parley_{name}_{suffix} ");
             let line = text.lines().find(|l| l.starts_with(&metric)).with_context(|| format!("no {metric} in /metrics"))?;
-            Ok(line[metric.len()..].trim().parse::<f64>()?)
-        };
-        Ok((value("count")? as u64, value("sum")?))
+            *value = line[metric.len()..].trim().parse::<f64>()?;
+        }
+        Ok(values)
     }
 
     /// The OS process id (a `parleyd` process only; `None` in-process).
